@@ -1,0 +1,7 @@
+//! Pure decisions of the Aeferalow gateway.
+//!
+//! Everything here is plain Rust with no nginx and no tokio dependency, so it
+//! runs under `cargo test`: the nginx module and the sidecar are thin I/O
+//! layers around these types.
+
+pub mod error;

@@ -1,0 +1,28 @@
+//! The `afr` command: one binary for operators.
+//!
+//! - `afr key …`   manages `keys.toml` (module issue),
+//! - `afr serve`   runs the sidecar behind nginx (sidecar issue),
+//! - `afr usage …` reports recorded usage (sidecar issue).
+
+use clap::{Parser, Subcommand};
+
+mod key_cli;
+
+#[derive(Parser)]
+#[command(name = "afr", version, about = "Aeferalow gateway: sidecar, keys and usage")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Create, list and disable API keys in a keys.toml file.
+    Key(key_cli::KeyArgs),
+}
+
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().command {
+        Command::Key(args) => key_cli::run(args),
+    }
+}
