@@ -5,3 +5,4 @@
 //! layers around these types.
 
 pub mod error;
+pub mod usage;
