@@ -5,4 +5,6 @@
 //! layers around these types.
 
 pub mod error;
+pub mod keys;
+pub mod ratelimit;
 pub mod usage;
