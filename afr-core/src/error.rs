@@ -56,7 +56,8 @@ mod tests {
 
     #[test]
     fn serializes_openai_shape() {
-        let body = ErrorBody::new("invalid_request_error", None, "bad \"x\"").with_param("temperature");
+        let body =
+            ErrorBody::new("invalid_request_error", None, "bad \"x\"").with_param("temperature");
         let v: serde_json::Value = serde_json::from_str(&body.to_json()).unwrap();
         assert_eq!(v["error"]["message"], "bad \"x\"");
         assert_eq!(v["error"]["type"], "invalid_request_error");

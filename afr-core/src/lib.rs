@@ -4,7 +4,12 @@
 //! runs under `cargo test`: the nginx module and the sidecar are thin I/O
 //! layers around these types.
 
+pub mod breaker;
+pub mod config;
 pub mod error;
 pub mod keys;
 pub mod ratelimit;
+pub mod route;
+pub mod sse;
 pub mod usage;
+pub mod validate;

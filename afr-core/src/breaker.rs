@@ -1,0 +1,286 @@
+//! The circuit breaker per provider (design §4) as a pure state machine.
+//!
+//! The breaker is fed outcomes (`on_success`, `on_failure`) and asked for
+//! admission with the current time as a parameter, so tests drive it with a
+//! synthetic clock and never sleep. Closed counts consecutive failures; at
+//! `failures` it opens for `cooldown`; after that the first admission becomes
+//! the single half-open probe, whose outcome closes or reopens it.
+
+use std::time::{Duration, Instant};
+
+/// When a breaker opens and how long it stays open.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BreakerPolicy {
+    /// Consecutive failures that open the breaker (at least 1).
+    pub failures: u32,
+    /// How long an open breaker rejects requests before a probe is allowed.
+    pub cooldown: Duration,
+}
+
+impl Default for BreakerPolicy {
+    fn default() -> Self {
+        BreakerPolicy {
+            failures: 5,
+            cooldown: Duration::from_secs(30),
+        }
+    }
+}
+
+/// The observable state, for metrics and logs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BreakerState {
+    /// Requests flow; failures are counted.
+    Closed,
+    /// Requests are rejected until the cooldown ends.
+    Open,
+    /// One probe request decides whether to close or reopen.
+    HalfOpen,
+}
+
+impl BreakerState {
+    /// Gauge value: 0 closed, 1 half-open, 2 open.
+    pub fn as_gauge(self) -> i64 {
+        match self {
+            BreakerState::Closed => 0,
+            BreakerState::HalfOpen => 1,
+            BreakerState::Open => 2,
+        }
+    }
+}
+
+/// The answer to "may I send a request to this provider now?".
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admission {
+    /// Closed breaker: go ahead.
+    Allowed,
+    /// Half-open: this request is the single probe; report its outcome.
+    Probe,
+    /// Open (or a probe is in flight): skip this provider.
+    Rejected {
+        /// Time until a probe may be admitted.
+        retry_after: Duration,
+    },
+}
+
+impl Admission {
+    /// Whether the request may be sent.
+    pub fn is_admitted(self) -> bool {
+        !matches!(self, Admission::Rejected { .. })
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Inner {
+    Closed { failures: u32 },
+    Open { until: Instant },
+    HalfOpen { probing: bool },
+}
+
+/// A circuit breaker for one provider.
+#[derive(Debug, Clone)]
+pub struct Breaker {
+    policy: BreakerPolicy,
+    inner: Inner,
+}
+
+/// Retry-After reported while a probe is in flight: the probe's outcome is
+/// unknown, so a short wait is the honest answer.
+const PROBE_IN_FLIGHT_RETRY: Duration = Duration::from_secs(1);
+
+impl Breaker {
+    /// A closed breaker with the given policy.
+    pub fn new(policy: BreakerPolicy) -> Self {
+        Breaker {
+            policy: BreakerPolicy {
+                failures: policy.failures.max(1),
+                cooldown: policy.cooldown,
+            },
+            inner: Inner::Closed { failures: 0 },
+        }
+    }
+
+    /// The policy in force.
+    pub fn policy(&self) -> BreakerPolicy {
+        self.policy
+    }
+
+    /// Replaces the policy (config reload) without forgetting the state.
+    pub fn set_policy(&mut self, policy: BreakerPolicy) {
+        self.policy = BreakerPolicy {
+            failures: policy.failures.max(1),
+            cooldown: policy.cooldown,
+        };
+    }
+
+    /// The state as seen at `now` (an open breaker past its cooldown reads as half-open).
+    pub fn state(&self, now: Instant) -> BreakerState {
+        match self.inner {
+            Inner::Closed { .. } => BreakerState::Closed,
+            Inner::Open { until } if now >= until => BreakerState::HalfOpen,
+            Inner::Open { .. } => BreakerState::Open,
+            Inner::HalfOpen { .. } => BreakerState::HalfOpen,
+        }
+    }
+
+    /// Asks to send one request at `now`. A `Probe` answer must be followed by
+    /// `on_success`, `on_failure` or `on_abandon`.
+    pub fn admit(&mut self, now: Instant) -> Admission {
+        match self.inner {
+            Inner::Closed { .. } => Admission::Allowed,
+            Inner::Open { until } if now >= until => {
+                self.inner = Inner::HalfOpen { probing: true };
+                Admission::Probe
+            }
+            Inner::Open { until } => Admission::Rejected {
+                retry_after: until - now,
+            },
+            Inner::HalfOpen { probing: false } => {
+                self.inner = Inner::HalfOpen { probing: true };
+                Admission::Probe
+            }
+            Inner::HalfOpen { probing: true } => Admission::Rejected {
+                retry_after: PROBE_IN_FLIGHT_RETRY,
+            },
+        }
+    }
+
+    /// The provider answered well: close the breaker.
+    pub fn on_success(&mut self) {
+        self.inner = Inner::Closed { failures: 0 };
+    }
+
+    /// The provider failed (connect error, timeout, 429, 5xx, broken stream).
+    pub fn on_failure(&mut self, now: Instant) {
+        self.inner = match self.inner {
+            Inner::Closed { failures } if failures + 1 < self.policy.failures => Inner::Closed {
+                failures: failures + 1,
+            },
+            Inner::Closed { .. } | Inner::HalfOpen { .. } => Inner::Open {
+                until: now + self.policy.cooldown,
+            },
+            // A late failure from a request admitted before the breaker opened
+            // must not extend the cooldown.
+            open @ Inner::Open { .. } => open,
+        };
+    }
+
+    /// A probe ended without a verdict (the client went away): let the next
+    /// request probe instead.
+    pub fn on_abandon(&mut self) {
+        if let Inner::HalfOpen { probing: true } = self.inner {
+            self.inner = Inner::HalfOpen { probing: false };
+        }
+    }
+
+    /// Time until a request could be admitted; zero when one could be now.
+    pub fn retry_after(&self, now: Instant) -> Duration {
+        match self.inner {
+            Inner::Open { until } if now < until => until - now,
+            Inner::HalfOpen { probing: true } => PROBE_IN_FLIGHT_RETRY,
+            _ => Duration::ZERO,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy() -> BreakerPolicy {
+        BreakerPolicy {
+            failures: 3,
+            cooldown: Duration::from_secs(30),
+        }
+    }
+
+    #[test]
+    fn opens_after_n_consecutive_failures() {
+        let t0 = Instant::now();
+        let mut b = Breaker::new(policy());
+        for _ in 0..2 {
+            assert_eq!(b.admit(t0), Admission::Allowed);
+            b.on_failure(t0);
+        }
+        assert_eq!(b.state(t0), BreakerState::Closed);
+        b.on_failure(t0);
+        assert_eq!(b.state(t0), BreakerState::Open);
+        assert_eq!(
+            b.admit(t0 + Duration::from_secs(10)),
+            Admission::Rejected {
+                retry_after: Duration::from_secs(20)
+            }
+        );
+    }
+
+    #[test]
+    fn success_resets_the_count() {
+        let t0 = Instant::now();
+        let mut b = Breaker::new(policy());
+        b.on_failure(t0);
+        b.on_failure(t0);
+        b.on_success();
+        b.on_failure(t0);
+        b.on_failure(t0);
+        assert_eq!(b.state(t0), BreakerState::Closed);
+    }
+
+    #[test]
+    fn half_open_admits_a_single_probe_then_closes_on_success() {
+        let t0 = Instant::now();
+        let mut b = Breaker::new(policy());
+        (0..3).for_each(|_| b.on_failure(t0));
+        let t1 = t0 + Duration::from_secs(30);
+        assert_eq!(b.state(t1), BreakerState::HalfOpen);
+        assert_eq!(b.admit(t1), Admission::Probe);
+        assert!(!b.admit(t1).is_admitted());
+        b.on_success();
+        assert_eq!(b.admit(t1), Admission::Allowed);
+        assert_eq!(b.state(t1), BreakerState::Closed);
+    }
+
+    #[test]
+    fn failed_probe_reopens_for_a_full_cooldown() {
+        let t0 = Instant::now();
+        let mut b = Breaker::new(policy());
+        (0..3).for_each(|_| b.on_failure(t0));
+        let t1 = t0 + Duration::from_secs(31);
+        assert_eq!(b.admit(t1), Admission::Probe);
+        b.on_failure(t1);
+        assert_eq!(b.state(t1), BreakerState::Open);
+        assert_eq!(b.retry_after(t1), Duration::from_secs(30));
+    }
+
+    #[test]
+    fn abandoned_probe_lets_the_next_request_probe() {
+        let t0 = Instant::now();
+        let mut b = Breaker::new(policy());
+        (0..3).for_each(|_| b.on_failure(t0));
+        let t1 = t0 + Duration::from_secs(30);
+        assert_eq!(b.admit(t1), Admission::Probe);
+        b.on_abandon();
+        assert_eq!(b.admit(t1), Admission::Probe);
+    }
+
+    #[test]
+    fn late_failures_do_not_extend_an_open_cooldown() {
+        let t0 = Instant::now();
+        let mut b = Breaker::new(policy());
+        (0..3).for_each(|_| b.on_failure(t0));
+        b.on_failure(t0 + Duration::from_secs(20));
+        assert_eq!(
+            b.retry_after(t0 + Duration::from_secs(20)),
+            Duration::from_secs(10)
+        );
+    }
+
+    #[test]
+    fn policy_of_zero_failures_behaves_as_one() {
+        let t0 = Instant::now();
+        let mut b = Breaker::new(BreakerPolicy {
+            failures: 0,
+            cooldown: Duration::from_secs(1),
+        });
+        b.on_failure(t0);
+        assert_eq!(b.state(t0), BreakerState::Open);
+    }
+}

@@ -1,0 +1,513 @@
+//! The sidecar configuration (design §6): listen address, shared secret,
+//! providers, the model catalogue with its routes, breaker and usage settings.
+//!
+//! Parsing is strict (`deny_unknown_fields`, human durations such as `"30s"`)
+//! and followed by an explicit [`SidecarConfig::validate`] step whose errors
+//! name the config path, e.g. `models.gpt-4o-mini.routes[1]: unknown provider "azur"`.
+
+use indexmap::IndexMap;
+use serde::Deserialize;
+use serde_json::{Map, Value};
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// One configuration error, naming where it is.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{path}: {message}")]
+pub struct ConfigError {
+    /// Dotted path in the file (`models.gpt-4o-mini.routes[1]`), or the file for syntax errors.
+    pub path: String,
+    /// What is wrong.
+    pub message: String,
+}
+
+impl ConfigError {
+    fn new(path: impl Into<String>, message: impl Into<String>) -> Self {
+        ConfigError {
+            path: path.into(),
+            message: message.into(),
+        }
+    }
+}
+
+/// The whole sidecar config file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SidecarConfig {
+    /// The listener nginx talks to.
+    #[serde(default)]
+    pub server: ServerConfig,
+    /// The admin listener (`/metrics`, `/healthz`).
+    #[serde(default)]
+    pub admin: AdminConfig,
+    /// Circuit breaker policy, shared by all providers.
+    #[serde(default)]
+    pub breaker: BreakerConfig,
+    /// The usage store.
+    #[serde(default)]
+    pub usage: UsageConfig,
+    /// Upstream providers by name.
+    pub providers: IndexMap<String, ProviderConfig>,
+    /// The model catalogue, in the order `GET /v1/models` lists it.
+    pub models: IndexMap<String, ModelConfig>,
+}
+
+/// `[server]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    /// `unix:/path/to.sock` or a loopback `host:port`.
+    #[serde(default = "default_listen")]
+    pub listen: String,
+    /// The shared secret nginx sends in `X-Afr-Secret` (prefer `secret_env`).
+    #[serde(default)]
+    pub secret: Option<String>,
+    /// Environment variable holding the shared secret.
+    #[serde(default)]
+    pub secret_env: Option<String>,
+    /// Largest request body accepted, in bytes (larger: 413).
+    #[serde(default = "default_max_body")]
+    pub max_body_bytes: usize,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            listen: default_listen(),
+            secret: None,
+            secret_env: None,
+            max_body_bytes: default_max_body(),
+        }
+    }
+}
+
+fn default_listen() -> String {
+    "unix:/run/afr/sidecar.sock".into()
+}
+
+fn default_max_body() -> usize {
+    1024 * 1024
+}
+
+/// Where a listener binds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Listen {
+    /// A unix domain socket path.
+    Unix(PathBuf),
+    /// A loopback TCP address.
+    Tcp(SocketAddr),
+}
+
+impl fmt::Display for Listen {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Listen::Unix(p) => write!(f, "unix:{}", p.display()),
+            Listen::Tcp(a) => write!(f, "{a}"),
+        }
+    }
+}
+
+/// Parses `unix:/path` or a loopback `ip:port` (the sidecar trusts only nginx, design §7).
+pub fn parse_listen(s: &str) -> Result<Listen, String> {
+    if let Some(path) = s.strip_prefix("unix:") {
+        if path.is_empty() {
+            return Err("unix socket path is empty".into());
+        }
+        return Ok(Listen::Unix(PathBuf::from(path)));
+    }
+    let addr: SocketAddr = s
+        .parse()
+        .map_err(|_| format!("{s:?} is neither \"unix:/path\" nor an \"ip:port\" address"))?;
+    if !addr.ip().is_loopback() {
+        return Err(format!(
+            "{addr} is not a loopback address; the sidecar must only be reachable by nginx"
+        ));
+    }
+    Ok(Listen::Tcp(addr))
+}
+
+/// `[admin]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    /// Loopback address for `/metrics` and `/healthz`; empty disables it.
+    #[serde(default = "default_admin_listen")]
+    pub listen: String,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig {
+            listen: default_admin_listen(),
+        }
+    }
+}
+
+fn default_admin_listen() -> String {
+    "127.0.0.1:9464".into()
+}
+
+/// `[breaker]` (design §4 defaults).
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BreakerConfig {
+    /// Consecutive failures that open a provider's breaker.
+    #[serde(default = "default_failures")]
+    pub failures: u32,
+    /// How long an open breaker stays open.
+    #[serde(default = "default_cooldown", with = "humantime_serde")]
+    pub cooldown: Duration,
+}
+
+impl Default for BreakerConfig {
+    fn default() -> Self {
+        BreakerConfig {
+            failures: default_failures(),
+            cooldown: default_cooldown(),
+        }
+    }
+}
+
+fn default_failures() -> u32 {
+    5
+}
+
+fn default_cooldown() -> Duration {
+    Duration::from_secs(30)
+}
+
+/// `[usage]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UsageConfig {
+    /// SQLite database file.
+    #[serde(default = "default_usage_path")]
+    pub path: PathBuf,
+}
+
+impl Default for UsageConfig {
+    fn default() -> Self {
+        UsageConfig {
+            path: default_usage_path(),
+        }
+    }
+}
+
+fn default_usage_path() -> PathBuf {
+    PathBuf::from("/var/lib/afr/usage.db")
+}
+
+/// Wire format a provider speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ProviderKind {
+    /// OpenAI and compatible APIs (vLLM, Ollama, Groq, OpenRouter, the mock).
+    Openai,
+    /// Azure OpenAI (deployment URLs, `api-version`, `api-key`).
+    Azure,
+    /// Anthropic Messages API.
+    Anthropic,
+}
+
+/// `[providers.NAME]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProviderConfig {
+    /// Wire format.
+    pub kind: ProviderKind,
+    /// Base URL, e.g. `https://api.openai.com/v1`.
+    pub base_url: String,
+    /// Environment variable holding the provider API key (never logged).
+    #[serde(default)]
+    pub api_key_env: Option<String>,
+    /// Azure `api-version` query parameter.
+    #[serde(default)]
+    pub api_version: Option<String>,
+    /// Timeouts.
+    #[serde(default)]
+    pub timeouts: Timeouts,
+}
+
+/// Per-provider timeouts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Timeouts {
+    /// TCP + TLS connect.
+    #[serde(default = "default_connect", with = "humantime_serde")]
+    pub connect: Duration,
+    /// From sending the request to the response headers (and, for streams, the first event).
+    #[serde(default = "default_first_byte", with = "humantime_serde")]
+    pub first_byte: Duration,
+    /// Longest silence between two stream chunks.
+    #[serde(default = "default_idle", with = "humantime_serde")]
+    pub idle: Duration,
+    /// The whole exchange.
+    #[serde(default = "default_total", with = "humantime_serde")]
+    pub total: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Timeouts {
+            connect: default_connect(),
+            first_byte: default_first_byte(),
+            idle: default_idle(),
+            total: default_total(),
+        }
+    }
+}
+
+fn default_connect() -> Duration {
+    Duration::from_secs(5)
+}
+fn default_first_byte() -> Duration {
+    Duration::from_secs(60)
+}
+fn default_idle() -> Duration {
+    Duration::from_secs(60)
+}
+fn default_total() -> Duration {
+    Duration::from_secs(600)
+}
+
+/// Model tier shown in `GET /v1/models`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
+pub enum Tier {
+    /// Fastest response, simple tasks.
+    Fast,
+    /// Balance of speed and intelligence.
+    Smart,
+    /// Most capable.
+    Pro,
+}
+
+/// `[models.ID]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelConfig {
+    /// Tier.
+    pub tier: Tier,
+    /// One-line description.
+    pub description: String,
+    /// `owned_by` in the models list.
+    #[serde(default = "default_owned_by")]
+    pub owned_by: String,
+    /// `created` (Unix seconds) in the models list.
+    #[serde(default)]
+    pub created: u64,
+    /// Ordered routes; the first is preferred.
+    pub routes: Vec<RouteConfig>,
+}
+
+fn default_owned_by() -> String {
+    "aeferalow".into()
+}
+
+/// One `(provider, upstream model)` route with its parameter adaptations.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteConfig {
+    /// Provider name from `[providers]`.
+    pub provider: String,
+    /// Model name sent upstream.
+    pub model: String,
+    /// Fields removed before sending (e.g. `temperature` for models accepting only the default).
+    #[serde(default)]
+    pub drop: Vec<String>,
+    /// Fields renamed (e.g. `max_tokens = "max_completion_tokens"`).
+    #[serde(default)]
+    pub rename: IndexMap<String, String>,
+    /// Numeric fields clamped into a range (applied after `rename`).
+    #[serde(default)]
+    pub clamp: IndexMap<String, Clamp>,
+}
+
+/// A numeric range for [`RouteConfig::clamp`].
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Clamp {
+    /// Lower bound.
+    #[serde(default)]
+    pub min: Option<f64>,
+    /// Upper bound.
+    #[serde(default)]
+    pub max: Option<f64>,
+}
+
+impl RouteConfig {
+    /// Adapts a validated body to what this route's upstream model accepts:
+    /// drop, then rename, then clamp; finally sets `model` to the upstream name.
+    pub fn adapt(&self, body: &mut Map<String, Value>) {
+        for field in &self.drop {
+            body.remove(field);
+        }
+        for (from, to) in &self.rename {
+            if let Some(v) = body.remove(from) {
+                // The client's own value for the new name wins.
+                body.entry(to.clone()).or_insert(v);
+            }
+        }
+        for (field, range) in &self.clamp {
+            if let Some(Value::Number(n)) = body.get(field) {
+                let is_int = n.is_u64() || n.is_i64();
+                if let Some(mut v) = n.as_f64() {
+                    if let Some(min) = range.min {
+                        v = v.max(min);
+                    }
+                    if let Some(max) = range.max {
+                        v = v.min(max);
+                    }
+                    let clamped = if is_int {
+                        Value::from(v.round() as i64)
+                    } else {
+                        Value::from(v)
+                    };
+                    body.insert(field.clone(), clamped);
+                }
+            }
+        }
+        body.insert("model".into(), Value::String(self.model.clone()));
+    }
+}
+
+impl SidecarConfig {
+    /// Parses and validates TOML text; `origin` (the file path) prefixes syntax errors.
+    pub fn parse(text: &str, origin: &str) -> Result<Self, Vec<ConfigError>> {
+        let config: SidecarConfig = toml::from_str(text).map_err(|e| {
+            vec![ConfigError::new(
+                origin,
+                e.to_string().trim_end().to_owned(),
+            )]
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks what serde cannot: references between sections, addresses, ranges.
+    pub fn validate(&self) -> Result<(), Vec<ConfigError>> {
+        let mut errors = Vec::new();
+        if let Err(e) = parse_listen(&self.server.listen) {
+            errors.push(ConfigError::new("server.listen", e));
+        }
+        match (&self.server.secret, &self.server.secret_env) {
+            (Some(_), Some(_)) => errors.push(ConfigError::new("server", "set either secret or secret_env, not both")),
+            (None, None) => errors.push(ConfigError::new(
+                "server",
+                "a shared secret is required: set secret_env (or secret) to match nginx's afr_upstream_secret",
+            )),
+            (Some(s), None) if s.len() < 16 => {
+                errors.push(ConfigError::new("server.secret", "must be at least 16 characters"))
+            }
+            _ => {}
+        }
+        if self.server.max_body_bytes == 0 {
+            errors.push(ConfigError::new(
+                "server.max_body_bytes",
+                "must be positive",
+            ));
+        }
+        if !self.admin.listen.is_empty() {
+            match parse_listen(&self.admin.listen) {
+                Ok(Listen::Tcp(_)) => {}
+                Ok(Listen::Unix(_)) => errors.push(ConfigError::new(
+                    "admin.listen",
+                    "must be a loopback ip:port",
+                )),
+                Err(e) => errors.push(ConfigError::new("admin.listen", e)),
+            }
+        }
+        if self.breaker.failures == 0 {
+            errors.push(ConfigError::new("breaker.failures", "must be at least 1"));
+        }
+        for (name, p) in &self.providers {
+            let path = format!("providers.{name}");
+            if !(p.base_url.starts_with("http://") || p.base_url.starts_with("https://")) {
+                errors.push(ConfigError::new(
+                    format!("{path}.base_url"),
+                    format!("{:?} must start with http:// or https://", p.base_url),
+                ));
+            }
+            if p.kind == ProviderKind::Azure && p.api_version.is_none() {
+                errors.push(ConfigError::new(
+                    format!("{path}.api_version"),
+                    "required for kind = \"azure\" (e.g. \"2024-10-21\")",
+                ));
+            }
+            let t = p.timeouts;
+            for (field, d) in [
+                ("connect", t.connect),
+                ("first_byte", t.first_byte),
+                ("idle", t.idle),
+                ("total", t.total),
+            ] {
+                if d.is_zero() {
+                    errors.push(ConfigError::new(
+                        format!("{path}.timeouts.{field}"),
+                        "must be positive",
+                    ));
+                }
+            }
+        }
+        if self.models.is_empty() {
+            errors.push(ConfigError::new("models", "the catalogue is empty"));
+        }
+        for (id, m) in &self.models {
+            if m.routes.is_empty() {
+                errors.push(ConfigError::new(
+                    format!("models.{id}.routes"),
+                    "needs at least one route",
+                ));
+            }
+            for (i, r) in m.routes.iter().enumerate() {
+                let path = format!("models.{id}.routes[{i}]");
+                if !self.providers.contains_key(&r.provider) {
+                    errors.push(ConfigError::new(
+                        &path,
+                        format!("unknown provider {:?}", r.provider),
+                    ));
+                }
+                for (field, c) in &r.clamp {
+                    if let (Some(lo), Some(hi)) = (c.min, c.max) {
+                        if lo > hi {
+                            errors.push(ConfigError::new(
+                                format!("{path}.clamp.{field}"),
+                                "min is greater than max",
+                            ));
+                        }
+                    }
+                }
+            }
+        }
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(errors)
+        }
+    }
+
+    /// The `GET /v1/models` body for a key (`allowed = None`: every model).
+    pub fn models_list(&self, allowed: Option<&[String]>) -> Value {
+        let data: Vec<Value> = self
+            .models
+            .iter()
+            .filter(|(id, _)| allowed.is_none_or(|list| list.iter().any(|m| m == *id)))
+            .map(|(id, m)| {
+                serde_json::json!({
+                    "id": id,
+                    "object": "model",
+                    "created": m.created,
+                    "owned_by": m.owned_by,
+                    "tier": m.tier,
+                    "description": m.description,
+                })
+            })
+            .collect();
+        serde_json::json!({ "object": "list", "data": data })
+    }
+}
+
+#[cfg(test)]
+#[path = "config_tests.rs"]
+mod tests;

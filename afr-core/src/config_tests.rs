@@ -1,0 +1,152 @@
+//! Tests of config parsing, validation messages and route adaptations.
+
+use super::*;
+
+const SHIPPED: &str = include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/../conf/sidecar.toml"));
+
+const MINIMAL: &str = r#"
+[server]
+listen = "127.0.0.1:0"
+secret = "0123456789abcdef"
+[providers.mock]
+kind = "openai"
+base_url = "http://127.0.0.1:1"
+[models.m]
+tier = "Fast"
+description = "d"
+[[models.m.routes]]
+provider = "mock"
+model = "up"
+"#;
+
+fn errors(text: &str) -> Vec<String> {
+    SidecarConfig::parse(text, "test.toml")
+        .expect_err("should be rejected")
+        .iter()
+        .map(ToString::to_string)
+        .collect()
+}
+
+#[test]
+fn shipped_config_is_valid_and_lists_the_default_catalogue_in_order() {
+    let config = SidecarConfig::parse(SHIPPED, "conf/sidecar.toml").unwrap();
+    let ids: Vec<&str> = config.models.keys().map(String::as_str).collect();
+    assert_eq!(ids, ["gpt-5-mini", "gpt-4o-mini", "gpt-5-chat"]);
+    let tiers: Vec<Tier> = config.models.values().map(|m| m.tier).collect();
+    assert_eq!(tiers, [Tier::Fast, Tier::Smart, Tier::Pro]);
+    assert_eq!(config.breaker.cooldown, Duration::from_secs(30));
+    assert_eq!(
+        config.providers["openai"].timeouts.total,
+        Duration::from_secs(600)
+    );
+    assert_eq!(
+        parse_listen(&config.server.listen).unwrap(),
+        Listen::Unix("/run/afr/sidecar.sock".into())
+    );
+}
+
+#[test]
+fn shipped_gpt5_routes_turn_defaults_into_what_gpt5_accepts() {
+    let config = SidecarConfig::parse(SHIPPED, "conf/sidecar.toml").unwrap();
+    let req = crate::validate::validate_chat(
+        br#"{"model":"gpt-5-mini","messages":[{"role":"user","content":"hi"}]}"#,
+    )
+    .unwrap();
+    let mut body = req.body;
+    config.models["gpt-5-mini"].routes[0].adapt(&mut body);
+    assert!(!body.contains_key("temperature"));
+    assert!(!body.contains_key("max_tokens"));
+    assert_eq!(body["max_completion_tokens"], 4096);
+    assert_eq!(body["model"], "gpt-5-mini");
+}
+
+#[test]
+fn clamp_keeps_integers_integral() {
+    let config = SidecarConfig::parse(SHIPPED, "conf/sidecar.toml").unwrap();
+    let mut body = serde_json::json!({"max_tokens": 100000, "temperature": 1.7})
+        .as_object()
+        .unwrap()
+        .clone();
+    config.models["gpt-4o-mini"].routes[2].adapt(&mut body);
+    assert_eq!(body["max_tokens"], 64000);
+    assert!(body["max_tokens"].is_i64());
+    assert_eq!(body["temperature"], 1.0);
+    assert_eq!(body["model"], "claude-haiku-4-5");
+}
+
+#[test]
+fn rename_keeps_the_clients_own_value() {
+    let route: RouteConfig = toml::from_str(
+        r#"provider = "p"
+model = "m"
+rename = { max_tokens = "max_completion_tokens" }"#,
+    )
+    .unwrap();
+    let mut body = serde_json::json!({"max_tokens": 1, "max_completion_tokens": 2})
+        .as_object()
+        .unwrap()
+        .clone();
+    route.adapt(&mut body);
+    assert_eq!(body["max_completion_tokens"], 2);
+    assert!(!body.contains_key("max_tokens"));
+}
+
+#[test]
+fn unknown_provider_names_the_route_path() {
+    let text = MINIMAL.replace("provider = \"mock\"", "provider = \"azur\"");
+    assert_eq!(
+        errors(&text),
+        [r#"models.m.routes[0]: unknown provider "azur""#]
+    );
+}
+
+#[test]
+fn unknown_fields_are_rejected_with_the_file_name() {
+    let text = MINIMAL.replace("[server]", "[server]\nlisten_port = 3");
+    let errs = errors(&text);
+    assert!(errs[0].starts_with("test.toml: "), "{errs:?}");
+    assert!(errs[0].contains("listen_port"), "{errs:?}");
+}
+
+#[test]
+fn bad_durations_are_rejected() {
+    let text = format!("{MINIMAL}\n[breaker]\ncooldown = \"soon\"\n");
+    assert!(errors(&text)[0].contains("cooldown"));
+}
+
+#[test]
+fn non_loopback_listen_is_rejected() {
+    let text = MINIMAL.replace("127.0.0.1:0", "0.0.0.0:8080");
+    assert!(errors(&text)[0].starts_with("server.listen: "));
+}
+
+#[test]
+fn secret_is_required_and_azure_needs_an_api_version() {
+    let text = MINIMAL
+        .replace("secret = \"0123456789abcdef\"", "")
+        .replace("kind = \"openai\"", "kind = \"azure\"");
+    let errs = errors(&text);
+    assert!(
+        errs.iter()
+            .any(|e| e.starts_with("server: a shared secret is required")),
+        "{errs:?}"
+    );
+    assert!(
+        errs.iter()
+            .any(|e| e.starts_with("providers.mock.api_version")),
+        "{errs:?}"
+    );
+}
+
+#[test]
+fn models_list_filters_by_allow_list() {
+    let config = SidecarConfig::parse(SHIPPED, "conf/sidecar.toml").unwrap();
+    let all = config.models_list(None);
+    assert_eq!(all["object"], "list");
+    assert_eq!(all["data"].as_array().unwrap().len(), 3);
+    assert_eq!(all["data"][0]["tier"], "Fast");
+    assert_eq!(all["data"][0]["object"], "model");
+    let some = config.models_list(Some(&["gpt-5-chat".to_string()]));
+    assert_eq!(some["data"].as_array().unwrap().len(), 1);
+    assert_eq!(some["data"][0]["id"], "gpt-5-chat");
+}

@@ -1,0 +1,188 @@
+//! The route plan of one request (design §4): walk a model's ordered routes,
+//! skip providers whose breaker rejects, stop at the first success or at a
+//! non-retryable answer, and say at the end whether everything failed (500)
+//! or everything was open (503 with `Retry-After`).
+//!
+//! Admission is asked lazily, one route at a time, so a half-open provider's
+//! single probe is only taken when that route is really about to be tried.
+
+use crate::breaker::Admission;
+use std::time::Duration;
+
+/// How the plan ended when no route answered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Exhausted {
+    /// No route was admitted: every breaker was open.
+    AllOpen {
+        /// Seconds until the first breaker half-opens (at least 1), for `Retry-After`.
+        retry_after_secs: u64,
+    },
+    /// At least one route was tried and all tried routes failed.
+    AllFailed {
+        /// Indexes of the routes tried, in order.
+        tried: Vec<usize>,
+    },
+}
+
+/// The state of one request's walk over its routes.
+#[derive(Debug, Clone)]
+pub struct RoutePlan {
+    routes: usize,
+    next: usize,
+    tried: Vec<usize>,
+    min_retry: Option<Duration>,
+}
+
+impl RoutePlan {
+    /// A plan over `routes` ordered routes.
+    pub fn new(routes: usize) -> Self {
+        RoutePlan {
+            routes,
+            next: 0,
+            tried: Vec::new(),
+            min_retry: None,
+        }
+    }
+
+    /// The next route to try, asking `admit(index)` for each candidate in
+    /// order and skipping rejected ones. `None` when the routes are used up.
+    pub fn next_route(
+        &mut self,
+        mut admit: impl FnMut(usize) -> Admission,
+    ) -> Option<(usize, Admission)> {
+        while self.next < self.routes {
+            let index = self.next;
+            self.next += 1;
+            match admit(index) {
+                Admission::Rejected { retry_after } => {
+                    self.min_retry =
+                        Some(self.min_retry.map_or(retry_after, |m| m.min(retry_after)));
+                }
+                admitted => {
+                    self.tried.push(index);
+                    return Some((index, admitted));
+                }
+            }
+        }
+        None
+    }
+
+    /// Routes tried so far, in order.
+    pub fn tried(&self) -> &[usize] {
+        &self.tried
+    }
+
+    /// Whether a failover happened (more than one route tried).
+    pub fn failed_over(&self) -> bool {
+        self.tried.len() > 1
+    }
+
+    /// The verdict once `next_route` returned `None`.
+    pub fn exhausted(&self) -> Exhausted {
+        if self.tried.is_empty() {
+            let wait = self.min_retry.unwrap_or(Duration::from_secs(1));
+            // Round up so a client that waits Retry-After finds the breaker half-open.
+            let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+            Exhausted::AllOpen {
+                retry_after_secs: secs.max(1),
+            }
+        } else {
+            Exhausted::AllFailed {
+                tried: self.tried.clone(),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rejected(ms: u64) -> Admission {
+        Admission::Rejected {
+            retry_after: Duration::from_millis(ms),
+        }
+    }
+
+    #[test]
+    fn tries_routes_in_order() {
+        let mut plan = RoutePlan::new(3);
+        assert_eq!(
+            plan.next_route(|_| Admission::Allowed),
+            Some((0, Admission::Allowed))
+        );
+        assert_eq!(
+            plan.next_route(|_| Admission::Allowed),
+            Some((1, Admission::Allowed))
+        );
+        assert!(plan.failed_over());
+        assert_eq!(
+            plan.next_route(|_| Admission::Probe),
+            Some((2, Admission::Probe))
+        );
+        assert_eq!(plan.next_route(|_| Admission::Allowed), None);
+        assert_eq!(
+            plan.exhausted(),
+            Exhausted::AllFailed {
+                tried: vec![0, 1, 2]
+            }
+        );
+    }
+
+    #[test]
+    fn skips_open_breakers() {
+        let mut plan = RoutePlan::new(3);
+        let admit = |i: usize| {
+            if i == 1 {
+                Admission::Allowed
+            } else {
+                rejected(500)
+            }
+        };
+        assert_eq!(plan.next_route(admit), Some((1, Admission::Allowed)));
+        assert_eq!(plan.next_route(admit), None);
+        assert_eq!(plan.exhausted(), Exhausted::AllFailed { tried: vec![1] });
+    }
+
+    #[test]
+    fn all_open_reports_the_earliest_half_open_rounded_up() {
+        let mut plan = RoutePlan::new(2);
+        let admit = |i: usize| {
+            if i == 0 {
+                rejected(29_100)
+            } else {
+                rejected(12_001)
+            }
+        };
+        assert_eq!(plan.next_route(admit), None);
+        assert_eq!(
+            plan.exhausted(),
+            Exhausted::AllOpen {
+                retry_after_secs: 13
+            }
+        );
+    }
+
+    #[test]
+    fn all_open_is_at_least_one_second() {
+        let mut plan = RoutePlan::new(1);
+        assert_eq!(plan.next_route(|_| rejected(0)), None);
+        assert_eq!(
+            plan.exhausted(),
+            Exhausted::AllOpen {
+                retry_after_secs: 1
+            }
+        );
+    }
+
+    #[test]
+    fn admission_is_asked_lazily() {
+        let mut plan = RoutePlan::new(3);
+        let mut asked = Vec::new();
+        plan.next_route(|i| {
+            asked.push(i);
+            Admission::Allowed
+        });
+        assert_eq!(asked, vec![0]);
+    }
+}

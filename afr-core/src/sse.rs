@@ -1,0 +1,226 @@
+//! Server-Sent Events framing for passthrough, and what the gateway reads
+//! from an OpenAI `chat.completion.chunk` (usage, content, errors).
+//!
+//! Why not an SSE crate: the crates we looked at (`eventsource-stream`,
+//! `sse-stream`) decode events into strings and drop the original bytes, but
+//! the contract is to forward each upstream event *byte for byte* as soon as
+//! its terminating blank line arrives. [`EventFramer`] therefore only finds
+//! event boundaries (per the WHATWG grammar: lines end in `\n`, `\r\n` or
+//! `\r`; an empty line ends an event) and hands back the raw bytes, and
+//! [`event_data`] decodes the `data` field the way the OpenAI SDKs do.
+
+use serde::Deserialize;
+
+/// Splits a byte stream into complete SSE events, keeping their exact bytes.
+///
+/// A `\r` at the very end of the buffered bytes is held back until the next
+/// byte shows whether it is half of a `\r\n`; OpenAI-format streams use `\n`.
+#[derive(Debug, Default)]
+pub struct EventFramer {
+    buf: Vec<u8>,
+    /// Where scanning resumes; everything before it belongs to the unfinished event.
+    scanned: usize,
+    /// Start of the line being scanned.
+    line_start: usize,
+}
+
+impl EventFramer {
+    /// An empty framer.
+    pub fn new() -> Self {
+        EventFramer::default()
+    }
+
+    /// Appends bytes received from upstream.
+    pub fn push(&mut self, bytes: &[u8]) {
+        self.buf.extend_from_slice(bytes);
+    }
+
+    /// Bytes buffered that do not yet form a complete event.
+    pub fn pending(&self) -> &[u8] {
+        &self.buf
+    }
+
+    /// The next complete event (including its terminating blank line), if any.
+    pub fn next_event(&mut self) -> Option<Vec<u8>> {
+        let mut i = self.scanned;
+        while i < self.buf.len() {
+            let end_len = match self.buf[i] {
+                b'\n' => 1,
+                b'\r' if i + 1 == self.buf.len() => break,
+                b'\r' if self.buf[i + 1] == b'\n' => 2,
+                b'\r' => 1,
+                _ => {
+                    i += 1;
+                    continue;
+                }
+            };
+            let empty_line = i == self.line_start;
+            i += end_len;
+            self.line_start = i;
+            if empty_line {
+                let event = self.buf.drain(..i).collect();
+                self.scanned = 0;
+                self.line_start = 0;
+                return Some(event);
+            }
+        }
+        self.scanned = i;
+        None
+    }
+}
+
+/// The `data` of one raw event, as the OpenAI SDKs decode it: `data:` lines
+/// joined with `\n`, one leading space stripped, comments ignored. `None`
+/// when the event has no `data` line.
+pub fn event_data(raw: &[u8]) -> Option<String> {
+    let text = String::from_utf8_lossy(raw);
+    let mut data: Option<String> = None;
+    for line in text.split(['\n', '\r']) {
+        let (field, value) = match line.find(':') {
+            Some(0) => continue,
+            Some(pos) => (&line[..pos], &line[pos + 1..]),
+            None => (line, ""),
+        };
+        if field != "data" {
+            continue;
+        }
+        let value = value.strip_prefix(' ').unwrap_or(value);
+        match data.as_mut() {
+            Some(d) => {
+                d.push('\n');
+                d.push_str(value);
+            }
+            None => data = Some(value.to_owned()),
+        }
+    }
+    data
+}
+
+/// The `event` field of one raw event, if it has one (Anthropic streams do).
+pub fn event_name(raw: &[u8]) -> Option<String> {
+    let text = String::from_utf8_lossy(raw);
+    text.split(['\n', '\r']).find_map(|line| {
+        let value = line.strip_prefix("event:")?;
+        Some(value.strip_prefix(' ').unwrap_or(value).to_owned())
+    })
+}
+
+/// Token counts from a provider's `usage` object.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+pub struct TokenUsage {
+    /// Prompt tokens.
+    #[serde(default)]
+    pub prompt_tokens: u64,
+    /// Completion tokens.
+    #[serde(default)]
+    pub completion_tokens: u64,
+    /// Total tokens.
+    #[serde(default)]
+    pub total_tokens: u64,
+}
+
+/// What the gateway needs to know about one OpenAI-format stream event.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ChunkInfo {
+    /// `data: [DONE]`.
+    pub done: bool,
+    /// The chunk's `usage`, when it is an object.
+    pub usage: Option<TokenUsage>,
+    /// A usage-only chunk (`"choices":[]` and a usage object): the one the
+    /// gateway strips when it, not the client, asked for `include_usage`.
+    pub usage_only: bool,
+    /// Characters of generated content (for estimating tokens of a cut stream).
+    pub content_chars: usize,
+    /// An `{"error":…}` event.
+    pub error: bool,
+}
+
+#[derive(Deserialize)]
+struct ChunkWire {
+    #[serde(default)]
+    choices: Option<Vec<ChoiceWire>>,
+    #[serde(default)]
+    usage: Option<TokenUsage>,
+    #[serde(default)]
+    error: Option<serde::de::IgnoredAny>,
+}
+
+#[derive(Deserialize)]
+struct ChoiceWire {
+    #[serde(default)]
+    delta: Option<DeltaWire>,
+}
+
+#[derive(Deserialize)]
+struct DeltaWire {
+    #[serde(default)]
+    content: Option<String>,
+    #[serde(default)]
+    reasoning_content: Option<String>,
+}
+
+/// Reads one raw OpenAI-format event. Unparseable data yields a default
+/// (all-false) answer: the gateway forwards what it does not understand.
+pub fn inspect_chunk(raw: &[u8]) -> ChunkInfo {
+    let Some(data) = event_data(raw) else {
+        return ChunkInfo::default();
+    };
+    if data.trim() == "[DONE]" {
+        return ChunkInfo {
+            done: true,
+            ..ChunkInfo::default()
+        };
+    }
+    let Ok(chunk) = serde_json::from_str::<ChunkWire>(&data) else {
+        return ChunkInfo::default();
+    };
+    let content_chars = chunk
+        .choices
+        .iter()
+        .flatten()
+        .filter_map(|c| c.delta.as_ref())
+        .map(|d| {
+            d.content.as_deref().map_or(0, |s| s.chars().count())
+                + d.reasoning_content
+                    .as_deref()
+                    .map_or(0, |s| s.chars().count())
+        })
+        .sum();
+    ChunkInfo {
+        done: false,
+        usage_only: chunk.usage.is_some() && chunk.choices.as_ref().is_some_and(|c| c.is_empty()),
+        usage: chunk.usage,
+        content_chars,
+        error: chunk.error.is_some(),
+    }
+}
+
+/// Removes the `"usage":null` member the provider adds to every chunk when
+/// `include_usage` is set, for a client that did not ask for it: it then sees
+/// the chunks exactly as the provider sends them without `include_usage`
+/// (fixture `openai-chat-stream-no-usage.sse`). Inside JSON strings a quote is
+/// always escaped, so the unescaped pattern can only be a member.
+pub fn strip_null_usage(raw: &[u8]) -> Vec<u8> {
+    const PATTERNS: [&[u8]; 3] = [b",\"usage\":null", b"\"usage\":null,", b", \"usage\": null"];
+    let mut out = raw.to_vec();
+    for pattern in PATTERNS {
+        while let Some(pos) = find(&out, pattern) {
+            out.drain(pos..pos + pattern.len());
+        }
+    }
+    out
+}
+
+fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack.windows(needle.len()).position(|w| w == needle)
+}
+
+/// The `data: {"error":…}` event that ends a stream the gateway cannot finish
+/// (no `event:` line: older OpenAI SDKs mis-parse named events).
+pub fn error_event(body_json: &str) -> Vec<u8> {
+    format!("data: {body_json}\n\n").into_bytes()
+}
+
+#[cfg(test)]
+#[path = "sse_tests.rs"]
+mod tests;

@@ -1,0 +1,145 @@
+//! Tests of SSE framing against the recorded fixtures, plus property tests.
+
+use super::*;
+use proptest::prelude::*;
+
+const WITH_USAGE: &[u8] = include_bytes!(concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/../tests/fixtures/openai-chat-stream.sse"
+));
+const NO_USAGE: &[u8] = include_bytes!(concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/../tests/fixtures/openai-chat-stream-no-usage.sse"
+));
+const VARIANT_2024: &[u8] = include_bytes!(concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/../tests/fixtures/openai-chat-stream-2024-variant.sse"
+));
+const ANTHROPIC: &[u8] = include_bytes!(concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/../tests/fixtures/anthropic-messages-stream.sse"
+));
+
+fn frame_all(input: &[u8], split: &[usize]) -> (Vec<Vec<u8>>, Vec<u8>) {
+    let mut framer = EventFramer::new();
+    let mut events = Vec::new();
+    let mut last = 0;
+    for &cut in split.iter().chain(std::iter::once(&input.len())) {
+        let cut = cut.clamp(last, input.len());
+        framer.push(&input[last..cut]);
+        last = cut;
+        while let Some(e) = framer.next_event() {
+            events.push(e);
+        }
+    }
+    (events, framer.pending().to_vec())
+}
+
+#[test]
+fn frames_the_recorded_stream_into_its_events() {
+    let (events, rest) = frame_all(WITH_USAGE, &[]);
+    assert_eq!(events.len(), 14);
+    assert!(rest.is_empty());
+    assert_eq!(events.concat(), WITH_USAGE);
+    assert!(inspect_chunk(&events[13]).done);
+    let usage = inspect_chunk(&events[12]);
+    assert!(usage.usage_only);
+    assert_eq!(
+        usage.usage,
+        Some(TokenUsage {
+            prompt_tokens: 26,
+            completion_tokens: 10,
+            total_tokens: 36
+        })
+    );
+    assert!(!inspect_chunk(&events[11]).usage_only);
+    assert!(inspect_chunk(&events[1]).content_chars > 0);
+}
+
+#[test]
+fn stripping_usage_gives_the_stream_without_include_usage() {
+    let (events, _) = frame_all(WITH_USAGE, &[]);
+    let stripped: Vec<u8> = events
+        .iter()
+        .filter(|e| !inspect_chunk(e).usage_only)
+        .flat_map(|e| strip_null_usage(e))
+        .collect();
+    assert_eq!(stripped, NO_USAGE);
+}
+
+#[test]
+fn tolerates_the_2024_shape_without_null_usage() {
+    let (events, rest) = frame_all(VARIANT_2024, &[]);
+    assert!(rest.is_empty());
+    assert_eq!(events.concat(), VARIANT_2024);
+    assert!(events.iter().any(|e| inspect_chunk(e).usage.is_some()));
+    assert_eq!(strip_null_usage(&events[0]), events[0]);
+}
+
+#[test]
+fn reads_anthropic_event_names_and_data() {
+    let (events, _) = frame_all(ANTHROPIC, &[]);
+    assert_eq!(event_name(&events[0]).as_deref(), Some("message_start"));
+    assert!(event_data(&events[0]).is_some_and(|d| d.starts_with("{\"type\":\"message_start\"")));
+}
+
+#[test]
+fn decodes_data_like_the_sdks() {
+    assert_eq!(
+        event_data(b": comment\ndata:a\ndata: b\n\n").as_deref(),
+        Some("a\nb")
+    );
+    assert_eq!(event_data(b"event: x\n\n"), None);
+    assert_eq!(event_data(b"data\r\n\r\n").as_deref(), Some(""));
+}
+
+#[test]
+fn handles_crlf_and_cr_line_ends() {
+    let input = b"data: 1\r\n\r\ndata: 2\r\rdata: 3\n\n";
+    let (events, rest) = frame_all(input, &[8, 9, 10, 11]);
+    assert_eq!(
+        events,
+        vec![
+            b"data: 1\r\n\r\n".to_vec(),
+            b"data: 2\r\r".to_vec(),
+            b"data: 3\n\n".to_vec()
+        ]
+    );
+    assert!(rest.is_empty());
+}
+
+#[test]
+fn error_event_has_no_event_line() {
+    assert_eq!(
+        error_event("{\"error\":{}}"),
+        b"data: {\"error\":{}}\n\n".to_vec()
+    );
+    assert!(inspect_chunk(&error_event("{\"error\":{\"message\":\"x\"}}")).error);
+}
+
+proptest! {
+    /// However the bytes are split into reads, the same events come out and
+    /// together they are the input, byte for byte.
+    #[test]
+    fn framing_is_independent_of_read_boundaries(mut cuts in proptest::collection::vec(0usize..WITH_USAGE.len(), 0..40)) {
+        cuts.sort_unstable();
+        let (whole, _) = frame_all(WITH_USAGE, &[]);
+        let (split, rest) = frame_all(WITH_USAGE, &cuts);
+        prop_assert_eq!(&split, &whole);
+        prop_assert!(rest.is_empty());
+    }
+
+    /// Arbitrary input never panics, and events plus pending bytes reassemble the input.
+    #[test]
+    fn framing_loses_no_bytes(input in proptest::collection::vec(prop_oneof![Just(b'\n'), Just(b'\r'), Just(b'd'), any::<u8>()], 0..300),
+                              mut cuts in proptest::collection::vec(0usize..300, 0..10)) {
+        cuts.sort_unstable();
+        let (events, rest) = frame_all(&input, &cuts);
+        let mut joined = events.concat();
+        joined.extend_from_slice(&rest);
+        prop_assert_eq!(joined, input);
+        for e in &events {
+            prop_assert!(e.ends_with(b"\n") || e.ends_with(b"\r"));
+        }
+    }
+}
