@@ -1,0 +1,321 @@
+// The docs site and the playground in a real browser (Debian's chromium, driven by
+// playwright-core) against the whole gateway that `scripts/run` starts: nginx with the
+// module, the sidecar and the mock provider.
+//
+//   cd tests && npm ci && node --test web/
+//
+// AFR_WEB_URL=http://127.0.0.1:PORT AFR_WEB_KEY=afr_… runs the same tests against a
+// gateway that is already running (no start, no key creation; the bad-key and stop
+// tests then depend on that gateway's mock too).
+// Screenshots go to target/web-artifacts/.
+
+import { after, before, describe, test } from 'node:test';
+import assert from 'node:assert/strict';
+import { execFile, spawn } from 'node:child_process';
+import fs from 'node:fs';
+import net from 'node:net';
+import os from 'node:os';
+import path from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { promisify } from 'node:util';
+import { chromium } from 'playwright-core';
+
+const exec = promisify(execFile);
+const REPO = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../..');
+const ARTIFACTS = path.join(REPO, 'target', 'web-artifacts');
+const CHROMIUM = process.env.AFR_CHROMIUM || '/usr/bin/chromium';
+const KEY_RE = /afr_[A-Za-z0-9]{32,}/;
+// Well-formed (afr_ + 40 base62) but never issued: the module must answer 401.
+const UNKNOWN_KEY = `afr_${'Z9'.repeat(20)}`;
+
+let origin;
+let key;
+let afrHome = null;
+let browser;
+
+function freePort() {
+  return new Promise((resolve, reject) => {
+    const srv = net.createServer();
+    srv.unref();
+    srv.on('error', reject);
+    srv.listen(0, '127.0.0.1', () => {
+      const { port } = srv.address();
+      srv.close(() => resolve(port));
+    });
+  });
+}
+
+/** Runs a command to completion, its output kept for the assertion message. */
+function run(cmd, args, env) {
+  return new Promise((resolve, reject) => {
+    const child = spawn(cmd, args, { cwd: REPO, env: { ...process.env, ...env }, stdio: ['ignore', 'pipe', 'pipe'] });
+    let out = '';
+    child.stdout.on('data', (d) => { out += d; });
+    child.stderr.on('data', (d) => { out += d; });
+    child.on('error', reject);
+    child.on('close', (code) => {
+      if (code === 0) resolve(out);
+      else reject(new Error(`${cmd} ${args.join(' ')} exited ${code}:\n${out}`));
+    });
+  });
+}
+
+/** Waits until the gateway knows the key (keys.toml is hot-reloaded within 2 s). */
+async function waitForKey(secret, deadlineMs = 15000) {
+  const end = Date.now() + deadlineMs;
+  let last = '';
+  while (Date.now() < end) {
+    try {
+      const res = await fetch(`${origin}/v1/models`, { headers: { Authorization: `Bearer ${secret}` } });
+      if (res.ok) return;
+      last = `${res.status} ${await res.text()}`;
+    } catch (err) {
+      last = err.message;
+    }
+    await new Promise((r) => setTimeout(r, 200));
+  }
+  throw new Error(`gateway did not accept the new key in time: ${last}`);
+}
+
+async function newKey(id, extra = []) {
+  const afr = path.join(REPO, 'target', 'release', 'afr');
+  const { stdout } = await exec(afr, ['key', 'new', '--id', id, '--name', `web test ${id}`, ...extra,
+    '--file', path.join(afrHome, 'keys.toml')]);
+  const m = KEY_RE.exec(stdout);
+  assert.ok(m, `afr key new printed no key: ${stdout}`);
+  return m[0];
+}
+
+/** A page that records console errors and uncaught exceptions. */
+async function openPage(urlPath) {
+  const page = await browser.newPage();
+  const problems = [];
+  page.on('console', (msg) => {
+    if (msg.type() === 'error') problems.push(`console: ${msg.text()}`);
+  });
+  page.on('pageerror', (err) => problems.push(`pageerror: ${err.message}`));
+  page.on('requestfailed', (req) => {
+    // An aborted stream (the Stop button) is expected to fail; nothing else is.
+    if (!req.url().includes('/v1/chat/completions')) problems.push(`requestfailed: ${req.url()}`);
+  });
+  await page.goto(`${origin}${urlPath}`, { waitUntil: 'load' });
+  return { page, problems };
+}
+
+/** Enters the key in the playground and waits for the live model list. */
+async function playgroundWithKey(secret) {
+  const opened = await openPage('/playground');
+  const { page } = opened;
+  await page.fill('#api-key', secret);
+  await page.dispatchEvent('#api-key', 'change');
+  await page.waitForSelector('#model[data-source="live"]', { timeout: 10000 });
+  return opened;
+}
+
+/** Records every change of the last assistant reply's length, with timestamps. */
+async function watchReply(page) {
+  await page.evaluate(() => {
+    window.__growth = [];
+    const conv = document.getElementById('conversation');
+    new MutationObserver(() => {
+      const replies = conv.querySelectorAll('.msg.assistant .content');
+      const last = replies[replies.length - 1];
+      if (!last) return;
+      const len = last.textContent.length;
+      const g = window.__growth;
+      if (!g.length || g[g.length - 1].len !== len) g.push({ t: performance.now(), len });
+    }).observe(conv, { subtree: true, childList: true, characterData: true });
+  });
+}
+
+async function lastReply(page) {
+  return page.evaluate(() => {
+    const msgs = document.querySelectorAll('#conversation .msg.assistant');
+    const m = msgs[msgs.length - 1];
+    return m ? { state: m.dataset.state, text: m.querySelector('.content').textContent, note: m.querySelector('.note')?.textContent ?? null } : null;
+  });
+}
+
+async function sendMessage(page, text, { maxTokens } = {}) {
+  if (maxTokens !== undefined) await page.fill('#max-tokens', String(maxTokens));
+  await page.fill('#message', text);
+  await page.click('#send');
+}
+
+before(async () => {
+  fs.mkdirSync(ARTIFACTS, { recursive: true });
+  assert.ok(fs.existsSync(CHROMIUM), `${CHROMIUM} is missing: apt-get install chromium`);
+  if (process.env.AFR_WEB_URL) {
+    origin = process.env.AFR_WEB_URL.replace(/\/$/, '');
+    key = process.env.AFR_WEB_KEY;
+    assert.ok(key, 'AFR_WEB_URL needs AFR_WEB_KEY');
+  } else {
+    afrHome = fs.mkdtempSync(path.join(os.tmpdir(), 'afr-web-'));
+    const port = await freePort();
+    origin = `http://127.0.0.1:${port}`;
+    await run(path.join(REPO, 'scripts', 'run'), ['--detach'], { AFR_HOME: afrHome, AFR_PORT: String(port) });
+    key = await newKey('web-tests');
+    await waitForKey(key);
+  }
+  browser = await chromium.launch({
+    executablePath: CHROMIUM,
+    headless: true,
+    args: ['--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
+      '--disable-background-networking', '--disable-component-update', '--disable-sync'],
+  });
+}, { timeout: 30 * 60 * 1000 });
+
+after(async () => {
+  await browser?.close();
+  if (afrHome) {
+    await run(path.join(REPO, 'scripts', 'run'), ['--stop'], { AFR_HOME: afrHome }).catch((err) => {
+      console.error(err.message);
+    });
+    fs.rmSync(afrHome, { recursive: true, force: true });
+  }
+}, { timeout: 60 * 1000 });
+
+describe('docs site', () => {
+  for (const [urlPath, heading] of [['/', /OpenAI-compatible/], ['/docs', /Documentation/], ['/playground', /Playground/]]) {
+    test(`${urlPath} loads with no console errors`, async () => {
+      const { page, problems } = await openPage(urlPath);
+      assert.match(await page.textContent('h1'), heading);
+      // Give module scripts a moment to run and report.
+      await page.waitForLoadState('networkidle');
+      assert.deepEqual(problems, []);
+      if (urlPath === '/docs') {
+        for (const id of ['overview', 'authentication', 'chat-completions', 'models', 'streaming', 'rate-limits', 'errors']) {
+          assert.ok(await page.isVisible(`#${id}`), `docs section #${id}`);
+        }
+        // Examples name this host's base URL, and every example has a copy button.
+        assert.equal(await page.textContent('#overview ~ .table-wrap [data-base-url]'), `${origin}/v1`);
+        const pres = await page.$$eval('pre', (els) => els.length);
+        const buttons = await page.$$eval('pre + .copy-btn', (els) => els.length);
+        assert.ok(pres > 10);
+        assert.equal(buttons, pres);
+        await page.screenshot({ path: path.join(ARTIFACTS, 'docs.png'), fullPage: true });
+      }
+      await page.close();
+    });
+  }
+
+  test('docs Models section loads the live list with a key', async () => {
+    const { page, problems } = await openPage('/docs');
+    await page.fill('#models-key', key);
+    await page.click('#models-form button[type="submit"]');
+    await page.waitForSelector('#models-table[data-source="live"]', { timeout: 10000 });
+    const ids = await page.$$eval('#models-table tbody code', (els) => els.map((e) => e.textContent));
+    const live = await (await fetch(`${origin}/v1/models`, { headers: { Authorization: `Bearer ${key}` } })).json();
+    assert.deepEqual(ids, live.data.map((m) => m.id));
+    assert.ok(ids.length > 0);
+    assert.deepEqual(problems, []);
+    await page.close();
+  });
+});
+
+describe('playground', () => {
+  test('the model list is filled from GET /v1/models', async () => {
+    const { page, problems } = await playgroundWithKey(key);
+    const options = await page.$$eval('#model option', (els) => els.map((e) => e.value));
+    const live = await (await fetch(`${origin}/v1/models`, { headers: { Authorization: `Bearer ${key}` } })).json();
+    assert.deepEqual(options, live.data.map((m) => m.id));
+    assert.ok(!page.url().includes(key), 'the key must never be in the URL');
+    assert.deepEqual(problems, []);
+    await page.close();
+  });
+
+  test('a message streams a multi-chunk reply, growing over time', async () => {
+    const { page, problems } = await playgroundWithKey(key);
+    await watchReply(page);
+    await sendMessage(page, 'Tell me about nginx.');
+    // Mid-stream: some text shown while the reply is still streaming.
+    await page.waitForFunction(() => {
+      const m = [...document.querySelectorAll('#conversation .msg.assistant')].pop();
+      return m && m.dataset.state === 'streaming' && m.querySelector('.content').textContent.length > 0;
+    }, null, { timeout: 15000 });
+    await page.waitForFunction(() => {
+      const m = [...document.querySelectorAll('#conversation .msg.assistant')].pop();
+      return m && m.dataset.state !== 'streaming' && m.dataset.state !== 'waiting';
+    }, null, { timeout: 30000 });
+
+    const reply = await lastReply(page);
+    assert.equal(reply.state, 'done', `reply ended as ${reply.state}: ${reply.note}`);
+    assert.ok(reply.text.length > 0);
+    const growth = await page.evaluate(() => window.__growth);
+    const lengths = growth.map((g) => g.len).filter((n) => n > 0);
+    assert.ok(lengths.length >= 3, `reply should grow in at least 3 steps, saw ${JSON.stringify(growth)}`);
+    for (let i = 1; i < lengths.length; i++) assert.ok(lengths[i] > lengths[i - 1], 'reply only grows');
+    const nonEmpty = growth.filter((g) => g.len > 0);
+    const spread = nonEmpty[nonEmpty.length - 1].t - nonEmpty[0].t;
+    assert.ok(spread >= 50, `growth should be spread over time, not one paint (${spread} ms)`);
+
+    // Stats of the last response.
+    assert.match(await page.textContent('#stat-status'), /^200/);
+    assert.match(await page.textContent('#stat-ttft'), /\d+(\.\d+)? m?s/);
+    assert.match(await page.textContent('#stat-latency'), /\d+(\.\d+)? m?s/);
+    assert.match(await page.textContent('#stat-tokens'), /\d+ prompt \+ \d+ completion = \d+/);
+    assert.match(await page.textContent('#rl-limit'), /^\d+$/);
+    assert.match(await page.textContent('#rl-remaining'), /^\d+$/);
+    assert.match(await page.textContent('#rl-reset'), /^\d{10}/);
+
+    // Multi-turn: a second message goes out with the first exchange, then Clear empties.
+    await sendMessage(page, 'And in one sentence?');
+    await page.waitForFunction(() => document.querySelectorAll('#conversation .msg.assistant[data-state="done"]').length === 2, null, { timeout: 30000 });
+    assert.equal(await page.$$eval('#conversation .msg', (els) => els.length), 4);
+    await page.click('#clear');
+    assert.equal(await page.$$eval('#conversation .msg', (els) => els.length), 0);
+    assert.deepEqual(problems, []);
+    await page.close();
+  });
+
+  test('an unknown key shows the 401 message and what to do', async () => {
+    const direct = await fetch(`${origin}/v1/chat/completions`, {
+      method: 'POST',
+      headers: { Authorization: `Bearer ${UNKNOWN_KEY}`, 'Content-Type': 'application/json' },
+      body: JSON.stringify({ model: 'gpt-4o-mini', messages: [{ role: 'user', content: 'hi' }] }),
+    });
+    assert.equal(direct.status, 401);
+    const expected = (await direct.json()).error.message;
+
+    const page = await browser.newPage();
+    await page.goto(`${origin}/playground`);
+    await page.fill('#api-key', UNKNOWN_KEY);
+    await sendMessage(page, 'Hello?');
+    await page.waitForSelector('#error:not([hidden])', { timeout: 10000 });
+    const box = await page.textContent('#error');
+    assert.match(box, /401 Unauthorized/);
+    assert.equal(await page.textContent('#error .error-message'), expected);
+    assert.match(await page.textContent('#error .error-advice'), /Check your API key/);
+    // The rejected turn is handed back for a retry, not kept in the conversation.
+    assert.equal(await page.inputValue('#message'), 'Hello?');
+    assert.equal(await page.$$eval('#conversation .msg', (els) => els.length), 0);
+    await page.close();
+  });
+
+  test('Stop ends a long stream', async () => {
+    const { page, problems } = await playgroundWithKey(key);
+    await watchReply(page);
+    await sendMessage(page, 'Write a very long essay.', { maxTokens: 4000 });
+    await page.waitForFunction(() => {
+      const m = [...document.querySelectorAll('#conversation .msg.assistant')].pop();
+      return m && m.dataset.state === 'streaming' && m.querySelector('.content').textContent.length > 0;
+    }, null, { timeout: 15000 });
+    await page.screenshot({ path: path.join(ARTIFACTS, 'playground-streaming.png'), fullPage: true });
+    assert.equal((await lastReply(page)).state, 'streaming', 'screenshot taken mid-stream');
+    await page.click('#stop');
+    await page.waitForFunction(() => {
+      const m = [...document.querySelectorAll('#conversation .msg.assistant')].pop();
+      return m.dataset.state !== 'streaming';
+    }, null, { timeout: 5000 });
+    const stopped = await lastReply(page);
+    assert.equal(stopped.state, 'stopped', 'the stream must end by Stop, not by itself');
+    assert.equal(stopped.note, 'Stopped.');
+    assert.ok(await page.isEnabled('#send'));
+    assert.ok(await page.isDisabled('#stop'));
+    // Nothing more arrives after Stop.
+    await page.waitForTimeout(500);
+    assert.equal((await lastReply(page)).text, stopped.text);
+    assert.deepEqual(problems, []);
+    await page.close();
+  });
+});
