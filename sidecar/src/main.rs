@@ -7,6 +7,7 @@
 use clap::{Parser, Subcommand};
 
 mod key_cli;
+mod usage;
 
 #[derive(Parser)]
 #[command(name = "afr", version, about = "Aeferalow gateway: sidecar, keys and usage")]
@@ -19,10 +20,13 @@ struct Cli {
 enum Command {
     /// Create, list and disable API keys in a keys.toml file.
     Key(key_cli::KeyArgs),
+    /// Report recorded usage by key, model, provider and day.
+    Usage(usage::cli::UsageArgs),
 }
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Key(args) => key_cli::run(args),
+        Command::Usage(args) => usage::cli::run(args),
     }
 }

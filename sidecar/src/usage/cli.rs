@@ -1,0 +1,343 @@
+//! `afr usage`: sums of recorded usage as an aligned table, or JSON for
+//! scripts. Reads the database only; never creates or migrates it.
+//!
+//! The database is `--db`, else the `[usage] path` of `--config`, else
+//! [`DEFAULT_DB`].
+
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use serde_json::json;
+
+use super::time_arg::{format_ms, now_ms, parse_time_arg};
+use super::{GroupBy, UsageQuery, UsageReader, UsageRow};
+
+/// The database used when neither `--db` nor `--config` is given (and the
+/// sidecar's default when its config names none).
+pub const DEFAULT_DB: &str = "afr-usage.db";
+
+/// Report recorded usage, summed by key, model, provider and/or day.
+#[derive(Debug, Clone, clap::Args)]
+pub struct UsageArgs {
+    /// The usage database [default: the config's [usage] path, else ./afr-usage.db]
+    #[arg(long, value_name = "PATH", conflicts_with = "config")]
+    pub db: Option<PathBuf>,
+    /// Read the database path from this sidecar config's `[usage] path`
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Only this key id
+    #[arg(long, value_name = "ID")]
+    pub key: Option<String>,
+    /// Only this model
+    #[arg(long, value_name = "MODEL")]
+    pub model: Option<String>,
+    /// From this time on: a duration ago (24h, 7d), an RFC 3339 time, or a date
+    #[arg(long, value_name = "WHEN")]
+    pub since: Option<String>,
+    /// Before this time (same forms as --since)
+    #[arg(long, value_name = "WHEN")]
+    pub until: Option<String>,
+    /// Group by these columns, comma-separated [default: key,model]
+    #[arg(long, value_name = "key|model|provider|day", value_delimiter = ',')]
+    pub by: Vec<GroupBy>,
+    /// Print JSON instead of a table
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Runs `afr usage`.
+pub fn run(args: UsageArgs) -> anyhow::Result<()> {
+    let now = now_ms();
+    let query = build_query(&args, now)?;
+    let path = db_path(args.db.as_deref(), args.config.as_deref())?;
+    let reader = UsageReader::open(&path)?;
+    let rows = reader.query(&query)?;
+    let mut out = io::stdout().lock();
+    if args.json {
+        let body = json!({
+            "object": "list",
+            "since": query.since_ms.map(format_ms),
+            "until": query.until_ms.map(format_ms),
+            "by": query.group_by,
+            "data": rows,
+        });
+        serde_json::to_writer_pretty(&mut out, &body)?;
+        writeln!(out)?;
+    } else {
+        out.write_all(render_table(&query.group_by, &rows).as_bytes())?;
+    }
+    Ok(())
+}
+
+/// The [`UsageQuery`] the flags ask for, relative times read against `now_ms`.
+pub fn build_query(args: &UsageArgs, now_ms: i64) -> anyhow::Result<UsageQuery> {
+    let time = |flag: &str, value: &Option<String>| -> anyhow::Result<Option<i64>> {
+        value
+            .as_deref()
+            .map(|v| parse_time_arg(v, now_ms).with_context(|| format!("--{flag}")))
+            .transpose()
+    };
+    let since_ms = time("since", &args.since)?;
+    let until_ms = time("until", &args.until)?;
+    if let (Some(since), Some(until)) = (since_ms, until_ms) {
+        anyhow::ensure!(
+            since < until,
+            "--since ({}) must be before --until ({})",
+            format_ms(since),
+            format_ms(until)
+        );
+    }
+    let mut group_by = Vec::new();
+    for g in &args.by {
+        if !group_by.contains(g) {
+            group_by.push(*g);
+        }
+    }
+    if group_by.is_empty() {
+        group_by = vec![GroupBy::Key, GroupBy::Model];
+    }
+    Ok(UsageQuery {
+        key_id: args.key.clone(),
+        model: args.model.clone(),
+        since_ms,
+        until_ms,
+        group_by,
+    })
+}
+
+/// The database to read: `--db`, else `[usage] path` from `--config`
+/// (relative to the config file's folder), else [`DEFAULT_DB`].
+pub fn db_path(db: Option<&Path>, config: Option<&Path>) -> anyhow::Result<PathBuf> {
+    if let Some(db) = db {
+        return Ok(db.to_owned());
+    }
+    let Some(config) = config else {
+        return Ok(PathBuf::from(DEFAULT_DB));
+    };
+    let text =
+        std::fs::read_to_string(config).with_context(|| format!("reading {}", config.display()))?;
+    Ok(usage_path_from_config(&text, config)?.unwrap_or_else(|| PathBuf::from(DEFAULT_DB)))
+}
+
+/// `[usage] path` of a sidecar config, read leniently: every other table and
+/// key is ignored, so the CLI keeps working as the config grows.
+fn usage_path_from_config(text: &str, config: &Path) -> anyhow::Result<Option<PathBuf>> {
+    let doc: toml::Table = text
+        .parse()
+        .with_context(|| format!("{}: not valid TOML", config.display()))?;
+    let Some(usage) = doc.get("usage") else {
+        return Ok(None);
+    };
+    let path = usage
+        .as_table()
+        .with_context(|| format!("{}: usage: expected a table", config.display()))?
+        .get("path");
+    let Some(path) = path else {
+        return Ok(None);
+    };
+    let path = path
+        .as_str()
+        .with_context(|| format!("{}: usage.path: expected a string", config.display()))?;
+    let path = PathBuf::from(path);
+    Ok(Some(match config.parent() {
+        Some(dir) if path.is_relative() => dir.join(path),
+        _ => path,
+    }))
+}
+
+/// An aligned table: group columns left-aligned, counts right-aligned, and a
+/// total line when there is more than one row. Hand-written because it is a
+/// dozen lines; a table crate would bring more than it saves.
+pub fn render_table(group_by: &[GroupBy], rows: &[UsageRow]) -> String {
+    if rows.is_empty() {
+        return "no usage recorded for this selection\n".to_owned();
+    }
+    let mut header: Vec<String> = group_by.iter().map(|g| g.as_str().to_uppercase()).collect();
+    let counts = [
+        "REQUESTS",
+        "PROMPT",
+        "COMPLETION",
+        "TOTAL",
+        "ESTIMATED",
+        "ERRORS",
+    ];
+    header.extend(counts.iter().map(|s| (*s).to_owned()));
+    let line = |groups: Vec<String>, row: &UsageRow| -> Vec<String> {
+        let mut cells = groups;
+        cells.extend(
+            [
+                row.requests,
+                row.prompt_tokens,
+                row.completion_tokens,
+                row.total_tokens,
+                row.estimated_requests,
+                row.errors,
+            ]
+            .iter()
+            .map(u64::to_string),
+        );
+        cells
+    };
+    let mut lines = vec![header];
+    let mut total = UsageRow::default();
+    for row in rows {
+        let groups = group_by
+            .iter()
+            .map(|g| match row.group(*g) {
+                Some("") => "-".to_owned(),
+                Some(v) => v.to_owned(),
+                None => String::new(),
+            })
+            .collect();
+        lines.push(line(groups, row));
+        total.requests += row.requests;
+        total.prompt_tokens += row.prompt_tokens;
+        total.completion_tokens += row.completion_tokens;
+        total.total_tokens += row.total_tokens;
+        total.estimated_requests += row.estimated_requests;
+        total.errors += row.errors;
+    }
+    if rows.len() > 1 && !group_by.is_empty() {
+        let mut groups = vec![String::new(); group_by.len()];
+        groups[0] = "(total)".to_owned();
+        lines.push(line(groups, &total));
+    }
+    let columns = lines[0].len();
+    let widths: Vec<usize> = (0..columns)
+        .map(|c| {
+            lines
+                .iter()
+                .map(|l| l[c].chars().count())
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    let mut out = String::new();
+    for cells in &lines {
+        let mut text = String::new();
+        for (c, cell) in cells.iter().enumerate() {
+            if c > 0 {
+                text.push_str("  ");
+            }
+            let pad = widths[c] - cell.chars().count();
+            if c < group_by.len() {
+                text.push_str(cell);
+                text.push_str(&" ".repeat(pad));
+            } else {
+                text.push_str(&" ".repeat(pad));
+                text.push_str(cell);
+            }
+        }
+        out.push_str(text.trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: UsageArgs,
+    }
+
+    fn args(argv: &[&str]) -> UsageArgs {
+        let mut full = vec!["afr-usage"];
+        full.extend_from_slice(argv);
+        Cli::try_parse_from(full).expect("parse").args
+    }
+
+    const NOW: i64 = 1_795_600_800_000;
+
+    #[test]
+    fn flags_become_a_query() {
+        let a = args(&[
+            "--key",
+            "k",
+            "--model",
+            "m",
+            "--since",
+            "24h",
+            "--by",
+            "day,model,day",
+        ]);
+        let q = build_query(&a, NOW).expect("query");
+        assert_eq!(q.key_id.as_deref(), Some("k"));
+        assert_eq!(q.model.as_deref(), Some("m"));
+        assert_eq!(q.since_ms, Some(NOW - 86_400_000));
+        assert_eq!(q.until_ms, None);
+        assert_eq!(q.group_by, vec![GroupBy::Day, GroupBy::Model]);
+        let q = build_query(&args(&[]), NOW).expect("default");
+        assert_eq!(q.group_by, vec![GroupBy::Key, GroupBy::Model]);
+    }
+
+    #[test]
+    fn bad_flags_say_which() {
+        let e = build_query(&args(&["--since", "soon"]), NOW).expect_err("since");
+        assert!(
+            format!("{e:#}").starts_with("--since: `soon` is not a time"),
+            "{e:#}"
+        );
+        let e = build_query(&args(&["--since", "1h", "--until", "2h"]), NOW).expect_err("range");
+        assert!(e.to_string().contains("must be before --until"), "{e}");
+        let cli = Cli::try_parse_from(["x", "--by", "tier"]);
+        assert!(cli.is_err());
+        let cli = Cli::try_parse_from(["x", "--db", "a", "--config", "b"]);
+        assert!(cli.is_err());
+    }
+
+    #[test]
+    fn config_usage_path_is_read_leniently() {
+        let cfg = Path::new("/etc/afr/sidecar.toml");
+        let text = "listen = 'x'\n[usage]\npath = 'usage.db'\nflush_ms = 50\n[other]\nz = 1\n";
+        assert_eq!(
+            usage_path_from_config(text, cfg).expect("ok"),
+            Some(PathBuf::from("/etc/afr/usage.db"))
+        );
+        let abs = "[usage]\npath = '/var/lib/afr/u.db'\n";
+        assert_eq!(
+            usage_path_from_config(abs, cfg).expect("ok"),
+            Some(PathBuf::from("/var/lib/afr/u.db"))
+        );
+        assert_eq!(usage_path_from_config("a = 1", cfg).expect("ok"), None);
+        assert!(usage_path_from_config("[usage]\npath = 3\n", cfg).is_err());
+        assert!(usage_path_from_config("[usage", cfg).is_err());
+        assert_eq!(
+            db_path(None, None).expect("default"),
+            PathBuf::from(DEFAULT_DB)
+        );
+    }
+
+    #[test]
+    fn table_is_aligned_with_a_total() {
+        let rows = [
+            UsageRow {
+                model: Some("gpt-4o-mini".into()),
+                requests: 12,
+                total_tokens: 1200,
+                ..UsageRow::default()
+            },
+            UsageRow {
+                model: Some("m".into()),
+                requests: 3,
+                total_tokens: 7,
+                errors: 1,
+                ..UsageRow::default()
+            },
+        ];
+        let table = render_table(&[GroupBy::Model], &rows);
+        let lines: Vec<&str> = table.lines().collect();
+        assert_eq!(lines.len(), 4, "{table}");
+        assert!(lines[0].starts_with("MODEL        REQUESTS"), "{table}");
+        assert!(lines[3].starts_with("(total)"), "{table}");
+        // Right-aligned counts end in the same column.
+        let ends: Vec<usize> = lines.iter().map(|l| l.len()).collect();
+        assert!(ends.iter().all(|e| *e == ends[0]), "{table}");
+        assert!(render_table(&[], &[]).contains("no usage"));
+    }
+}

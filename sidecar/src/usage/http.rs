@@ -1,0 +1,232 @@
+//! `GET /v1/usage`: a key reads its own usage, by model and UTC day by
+//! default. The sidecar owns the route; this file turns the query string into
+//! a [`UsageQuery`] and the rows into the response body.
+//!
+//! ```text
+//! GET /v1/usage?since=24h&until=2026-11-25T12:00:00Z&model=gpt-4o-mini&by=model,day
+//! ```
+//!
+//! | parameter | meaning |
+//! |---|---|
+//! | `since`, `until` | a duration ago (`24h`, `7d`), an RFC 3339 time, or a date; `until` is exclusive |
+//! | `model` | only this model |
+//! | `by` | comma-separated `model`, `provider`, `day` (default `model,day`) |
+//!
+//! The key is always the caller's (`X-Afr-Key-Id`); there is no parameter
+//! for it.
+
+use serde_json::{json, Value};
+
+use super::query::GroupByError;
+use super::time_arg::{format_ms, parse_time_arg, TimeArgError};
+use super::{GroupBy, UsageQuery, UsageRow};
+
+/// The grouping when the client names none.
+pub const DEFAULT_GROUP_BY: [GroupBy; 2] = [GroupBy::Model, GroupBy::Day];
+
+/// A query string `GET /v1/usage` refuses; maps to a 400 OpenAI error whose
+/// `param` is [`UsageParamError::param`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum UsageParamError {
+    /// A parameter this endpoint does not have.
+    #[error("unknown query parameter `{0}`: expected since, until, model or by")]
+    Unknown(String),
+    /// The same parameter twice.
+    #[error("query parameter `{0}` given more than once")]
+    Repeated(String),
+    /// `since` or `until` is not a time.
+    #[error("{param}: {source}")]
+    Time {
+        /// `since` or `until`.
+        param: &'static str,
+        /// What was wrong.
+        source: TimeArgError,
+    },
+    /// `by` names something else than model, provider or day.
+    #[error("by: `{0}` is not a grouping here: expected model, provider or day")]
+    By(String),
+    /// `model` is empty.
+    #[error("model: must not be empty")]
+    EmptyModel,
+    /// `since` is not before `until`.
+    #[error("since: must be before until")]
+    EmptyRange,
+}
+
+impl UsageParamError {
+    /// The query parameter at fault, for the OpenAI error's `param`.
+    pub fn param(&self) -> &str {
+        match self {
+            UsageParamError::Unknown(name) | UsageParamError::Repeated(name) => name,
+            UsageParamError::Time { param, .. } => param,
+            UsageParamError::By(_) => "by",
+            UsageParamError::EmptyModel => "model",
+            UsageParamError::EmptyRange => "since",
+        }
+    }
+}
+
+/// Parses the query string of `GET /v1/usage` (with or without the leading
+/// `?`, percent-encoded or not) for the key `key_id`, reading relative times
+/// against `now_ms` (Unix milliseconds).
+pub fn parse_query_string(
+    query: &str,
+    key_id: &str,
+    now_ms: i64,
+) -> Result<UsageQuery, UsageParamError> {
+    let query = query.strip_prefix('?').unwrap_or(query);
+    let mut q = UsageQuery {
+        key_id: Some(key_id.to_owned()),
+        ..UsageQuery::default()
+    };
+    let mut seen: Vec<String> = Vec::new();
+    let mut by: Option<Vec<GroupBy>> = None;
+    for (name, value) in form_urlencoded::parse(query.as_bytes()) {
+        if seen.iter().any(|s| *s == name) {
+            return Err(UsageParamError::Repeated(name.into_owned()));
+        }
+        seen.push(name.to_string());
+        match name.as_ref() {
+            "since" => q.since_ms = Some(time_param("since", &value, now_ms)?),
+            "until" => q.until_ms = Some(time_param("until", &value, now_ms)?),
+            "model" if value.trim().is_empty() => return Err(UsageParamError::EmptyModel),
+            "model" => q.model = Some(value.trim().to_owned()),
+            "by" => by = Some(parse_by(&value)?),
+            _ => return Err(UsageParamError::Unknown(name.into_owned())),
+        }
+    }
+    if let (Some(since), Some(until)) = (q.since_ms, q.until_ms) {
+        if since >= until {
+            return Err(UsageParamError::EmptyRange);
+        }
+    }
+    q.group_by = by.unwrap_or_else(|| DEFAULT_GROUP_BY.to_vec());
+    Ok(q)
+}
+
+fn time_param(param: &'static str, value: &str, now_ms: i64) -> Result<i64, UsageParamError> {
+    parse_time_arg(value, now_ms).map_err(|source| UsageParamError::Time { param, source })
+}
+
+fn parse_by(value: &str) -> Result<Vec<GroupBy>, UsageParamError> {
+    value
+        .split(',')
+        .filter(|part| !part.trim().is_empty())
+        .map(|part| match part.parse::<GroupBy>() {
+            Ok(GroupBy::Key) | Err(GroupByError(_)) => Err(UsageParamError::By(part.to_owned())),
+            Ok(g) => Ok(g),
+        })
+        .collect()
+}
+
+/// The response body of `GET /v1/usage` for `key_id`:
+///
+/// ```json
+/// {"object": "list", "key_id": "team-a",
+///  "since": "2026-11-24T10:00:00Z", "until": null,
+///  "data": [{"model": "gpt-4o-mini", "day": "2026-11-25", "requests": 3,
+///            "prompt_tokens": 30, "completion_tokens": 60, "total_tokens": 90,
+///            "estimated_requests": 0, "errors": 0, "truncated": 0}]}
+/// ```
+///
+/// `since`/`until` are RFC 3339 or `null` when open; each `data` item has
+/// the fields of the grouping asked for plus the sums of [`UsageRow`].
+pub fn render_key_usage(key_id: &str, q: &UsageQuery, rows: &[UsageRow]) -> Value {
+    let data: Vec<Value> = rows
+        .iter()
+        .map(|row| {
+            // The key is the caller's; repeating it in every item says nothing.
+            let mut row = row.clone();
+            row.key_id = None;
+            serde_json::to_value(row).unwrap_or(Value::Null)
+        })
+        .collect();
+    json!({
+        "object": "list",
+        "key_id": key_id,
+        "since": q.since_ms.map(format_ms),
+        "until": q.until_ms.map(format_ms),
+        "data": data,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const NOW: i64 = 1_795_600_800_000;
+
+    #[test]
+    fn defaults_to_own_key_by_model_and_day() {
+        for qs in ["", "?"] {
+            let q = parse_query_string(qs, "team-a", NOW).expect("parse");
+            assert_eq!(q.key_id.as_deref(), Some("team-a"));
+            assert_eq!(q.group_by, DEFAULT_GROUP_BY.to_vec());
+            assert_eq!((q.since_ms, q.until_ms, q.model), (None, None, None));
+        }
+    }
+
+    #[test]
+    fn parses_every_parameter_percent_encoded() {
+        let q = parse_query_string(
+            "?since=24h&until=2026-11-25T11%3A00%3A00%2B01%3A00&model=gpt-4o%2Dmini&by=provider,day",
+            "k",
+            NOW,
+        )
+        .expect("parse");
+        assert_eq!(q.since_ms, Some(NOW - 86_400_000));
+        assert_eq!(q.until_ms, Some(NOW));
+        assert_eq!(q.model.as_deref(), Some("gpt-4o-mini"));
+        assert_eq!(q.group_by, vec![GroupBy::Provider, GroupBy::Day]);
+    }
+
+    #[test]
+    fn errors_name_their_parameter() {
+        let cases = [
+            ("key=other", "key"),
+            ("foo=1", "foo"),
+            ("since=1h&since=2h", "since"),
+            ("since=yesterday", "since"),
+            ("until=soon", "until"),
+            ("by=tier", "by"),
+            ("by=key", "by"),
+            ("model=", "model"),
+            ("since=1h&until=2h", "since"),
+        ];
+        for (qs, param) in cases {
+            let e = parse_query_string(qs, "k", NOW).expect_err(qs);
+            assert_eq!(e.param(), param, "{qs}: {e}");
+            assert!(!e.to_string().is_empty());
+        }
+    }
+
+    #[test]
+    fn renders_the_list_shape() {
+        let q = UsageQuery {
+            key_id: Some("k".into()),
+            since_ms: Some(NOW),
+            group_by: DEFAULT_GROUP_BY.to_vec(),
+            ..UsageQuery::default()
+        };
+        let rows = [UsageRow {
+            key_id: Some("k".into()),
+            model: Some("m".into()),
+            day: Some("2026-11-25".into()),
+            requests: 1,
+            prompt_tokens: 2,
+            completion_tokens: 3,
+            total_tokens: 5,
+            ..UsageRow::default()
+        }];
+        let v = render_key_usage("k", &q, &rows);
+        assert_eq!(v["object"], "list");
+        assert_eq!(v["key_id"], "k");
+        assert_eq!(v["since"], "2026-11-25T10:00:00Z");
+        assert!(v["until"].is_null());
+        let item = &v["data"][0];
+        assert_eq!(item["model"], "m");
+        assert_eq!(item["day"], "2026-11-25");
+        assert_eq!(item["total_tokens"], 5);
+        assert!(item.get("key_id").is_none());
+    }
+}

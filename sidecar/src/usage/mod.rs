@@ -1,0 +1,108 @@
+//! The usage store (design §5): every request's [`UsageRecord`] lands in an
+//! embedded SQLite database, written off the request path, and is read back by
+//! `afr usage` and `GET /v1/usage`.
+//!
+//! How the sidecar uses it:
+//!
+//! ```text
+//! let store = Store::open(&config.usage.path)?;      // creates or migrates the schema
+//! let recorder = store.recorder();                   // Clone + Send + Sync, one per task
+//! recorder.record(rec);                              // never blocks, never drops
+//! let reader = store.reader();                       // for GET /v1/usage (blocking: use spawn_blocking)
+//! store.shutdown()?;                                 // on SIGTERM/SIGINT: every recorded row is durable
+//! ```
+//!
+//! - [`store`]: [`Store`], [`Recorder`] and the writer thread that batches
+//!   records into transactions.
+//! - [`query`]: [`UsageQuery`] (filters and grouping), [`UsageRow`] (the sums)
+//!   and [`UsageReader`], the read side, also used by the CLI without a writer.
+//! - [`http`]: the `GET /v1/usage` query string and response body.
+//! - [`cli`]: `afr usage`.
+//!
+//! The code uses only `super::` paths so the integration tests can compile the
+//! module on its own (the `afr` crate has no library target).
+//!
+//! [`UsageRecord`]: afr_core::usage::UsageRecord
+
+// The serve side (Store, Recorder, http) is used by `afr serve`, and the
+// integration tests compile this module without all of its callers.
+#![allow(dead_code)]
+
+pub mod cli;
+pub mod http;
+pub mod query;
+mod schema;
+pub mod store;
+mod time_arg;
+
+pub use query::{GroupBy, UsageQuery, UsageReader, UsageRow};
+#[allow(unused_imports)] // until `afr serve` names them
+pub use store::{Recorder, ShutdownReport, Store, StoreOptions};
+
+use std::path::PathBuf;
+
+/// Everything that can go wrong opening, writing or reading the usage database.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// SQLite could not open the file.
+    #[error("usage store {path}: cannot open: {source}")]
+    Open {
+        /// The database path.
+        path: PathBuf,
+        /// SQLite's reason.
+        source: rusqlite::Error,
+    },
+    /// A read-only open found no database (the CLI never creates one).
+    #[error("usage store {path}: no such database (has `afr serve` recorded anything yet?)")]
+    Missing {
+        /// The database path.
+        path: PathBuf,
+    },
+    /// The file was written by a newer `afr` whose schema this one does not know.
+    #[error("usage store {path}: schema version {found} is newer than this afr knows ({known})")]
+    TooNew {
+        /// The database path.
+        path: PathBuf,
+        /// `PRAGMA user_version` found in the file.
+        found: i64,
+        /// The newest version this build knows.
+        known: i64,
+    },
+    /// A reader found a file older than this build's schema; only the writer migrates.
+    #[error("usage store {path}: schema version {found} is older than this afr's ({known}); start `afr serve` once to migrate it")]
+    TooOld {
+        /// The database path.
+        path: PathBuf,
+        /// `PRAGMA user_version` found in the file.
+        found: i64,
+        /// The version this build reads.
+        known: i64,
+    },
+    /// Creating or migrating the schema failed.
+    #[error("usage store {path}: migrating to schema version {version}: {source}")]
+    Migrate {
+        /// The database path.
+        path: PathBuf,
+        /// The version being applied.
+        version: i64,
+        /// SQLite's reason.
+        source: rusqlite::Error,
+    },
+    /// A query failed.
+    #[error("usage store: query failed: {0}")]
+    Query(#[source] rusqlite::Error),
+    /// The writer thread could not be started.
+    #[error("usage store: cannot start the writer thread: {0}")]
+    Spawn(#[source] std::io::Error),
+    /// Shutdown could not write every pending record (they are reported, not silently lost).
+    #[error("usage store: {unwritten} record(s) could not be written at shutdown: {reason}")]
+    Unflushed {
+        /// How many records are not in the database.
+        unwritten: usize,
+        /// The last SQLite error.
+        reason: String,
+    },
+    /// The writer thread panicked.
+    #[error("usage store: the writer thread panicked")]
+    WriterPanicked,
+}

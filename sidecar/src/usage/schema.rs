@@ -1,0 +1,183 @@
+//! The database schema and its migrations, versioned by `PRAGMA user_version`.
+//!
+//! A migration is appended to [`MIGRATIONS`], never edited: version N is the
+//! state after the first N entries ran. Opening a file with a newer version
+//! fails instead of guessing.
+
+use std::path::Path;
+use std::time::Duration;
+
+use rusqlite::{Connection, OpenFlags};
+
+use super::StoreError;
+
+/// Ordered migrations; index 0 takes a fresh file to version 1.
+const MIGRATIONS: &[&str] = &[
+    // v1: one row per request, columns as in `afr_core::usage::UsageRecord`.
+    "CREATE TABLE usage (
+        id                INTEGER PRIMARY KEY,
+        ts_ms             INTEGER NOT NULL,
+        request_id        TEXT    NOT NULL,
+        key_id            TEXT    NOT NULL,
+        model             TEXT    NOT NULL,
+        provider          TEXT    NOT NULL,
+        upstream_model    TEXT    NOT NULL,
+        prompt_tokens     INTEGER NOT NULL,
+        completion_tokens INTEGER NOT NULL,
+        total_tokens      INTEGER NOT NULL,
+        token_source      TEXT    NOT NULL,
+        latency_ms        INTEGER NOT NULL,
+        ttft_ms           INTEGER,
+        status            INTEGER NOT NULL,
+        stream            INTEGER NOT NULL,
+        truncated         INTEGER NOT NULL
+    );
+    CREATE INDEX usage_key_ts ON usage (key_id, ts_ms);
+    CREATE INDEX usage_ts ON usage (ts_ms);",
+];
+
+/// The schema version this build writes.
+pub(super) const VERSION: i64 = MIGRATIONS.len() as i64;
+
+/// How long a connection waits on another's lock (a CLI reader, a checkpoint)
+/// before SQLite reports `SQLITE_BUSY`.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Opens (creating if needed) the database for writing: WAL journal,
+/// `synchronous=NORMAL` (a commit survives a crash of the process; the
+/// checkpoint at shutdown makes it survive power loss too), schema migrated.
+pub(super) fn open_writer(path: &Path) -> Result<Connection, StoreError> {
+    let open_err = |source| StoreError::Open {
+        path: path.to_owned(),
+        source,
+    };
+    let mut conn = Connection::open(path).map_err(open_err)?;
+    conn.busy_timeout(BUSY_TIMEOUT).map_err(open_err)?;
+    // journal_mode answers with a row, so it is read rather than executed.
+    conn.query_row("PRAGMA journal_mode = WAL", [], |_| Ok(()))
+        .map_err(open_err)?;
+    conn.execute_batch("PRAGMA synchronous = NORMAL;")
+        .map_err(open_err)?;
+    migrate(&mut conn, path)?;
+    Ok(conn)
+}
+
+/// Opens an existing database for reading only; never creates a file.
+pub(super) fn open_reader(path: &Path) -> Result<Connection, StoreError> {
+    if !path.exists() {
+        return Err(StoreError::Missing {
+            path: path.to_owned(),
+        });
+    }
+    let open_err = |source| StoreError::Open {
+        path: path.to_owned(),
+        source,
+    };
+    // Read-write without create lets SQLite use the WAL index even when the
+    // writer is not running; an operator without write access still gets a
+    // plain read-only connection.
+    let conn = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .or_else(|_| {
+        Connection::open_with_flags(
+            path,
+            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+    })
+    .map_err(open_err)?;
+    conn.busy_timeout(BUSY_TIMEOUT).map_err(open_err)?;
+    conn.execute_batch("PRAGMA query_only = ON;")
+        .map_err(open_err)?;
+    let found = user_version(&conn).map_err(open_err)?;
+    if found > VERSION {
+        return Err(StoreError::TooNew {
+            path: path.to_owned(),
+            found,
+            known: VERSION,
+        });
+    }
+    if found < VERSION {
+        return Err(StoreError::TooOld {
+            path: path.to_owned(),
+            found,
+            known: VERSION,
+        });
+    }
+    Ok(conn)
+}
+
+fn user_version(conn: &Connection) -> rusqlite::Result<i64> {
+    conn.query_row("PRAGMA user_version", [], |row| row.get(0))
+}
+
+/// Applies every migration past the file's `user_version`, each in its own
+/// transaction together with the version bump.
+fn migrate(conn: &mut Connection, path: &Path) -> Result<(), StoreError> {
+    let found = user_version(conn).map_err(|source| StoreError::Open {
+        path: path.to_owned(),
+        source,
+    })?;
+    if found > VERSION {
+        return Err(StoreError::TooNew {
+            path: path.to_owned(),
+            found,
+            known: VERSION,
+        });
+    }
+    for (index, sql) in MIGRATIONS.iter().enumerate().skip(found.max(0) as usize) {
+        let version = index as i64 + 1;
+        let migrate_err = |source| StoreError::Migrate {
+            path: path.to_owned(),
+            version,
+            source,
+        };
+        let tx = conn.transaction().map_err(migrate_err)?;
+        tx.execute_batch(sql).map_err(migrate_err)?;
+        tx.pragma_update(None, "user_version", version)
+            .map_err(migrate_err)?;
+        tx.commit().map_err(migrate_err)?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fresh_file_gets_current_version_and_reopens() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("u.db");
+        let conn = open_writer(&path).expect("open");
+        assert_eq!(user_version(&conn).expect("version"), VERSION);
+        drop(conn);
+        let conn = open_writer(&path).expect("reopen");
+        assert_eq!(user_version(&conn).expect("version"), VERSION);
+        open_reader(&path).expect("reader");
+    }
+
+    #[test]
+    fn newer_file_is_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("u.db");
+        let conn = open_writer(&path).expect("open");
+        conn.pragma_update(None, "user_version", VERSION + 1)
+            .expect("bump");
+        drop(conn);
+        assert!(matches!(open_writer(&path), Err(StoreError::TooNew { .. })));
+        assert!(matches!(open_reader(&path), Err(StoreError::TooNew { .. })));
+    }
+
+    #[test]
+    fn reader_never_creates() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("absent.db");
+        assert!(matches!(
+            open_reader(&path),
+            Err(StoreError::Missing { .. })
+        ));
+        assert!(!path.exists());
+    }
+}

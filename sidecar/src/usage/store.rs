@@ -1,0 +1,462 @@
+//! [`Store`] owns the database and one writer thread; [`Recorder`] is the
+//! cheap handle the request path uses to hand it records.
+//!
+//! Why a thread and an unbounded channel: `record` runs on tokio workers, so it
+//! must neither wait for SQLite nor for a full queue (a bounded channel would
+//! either block a worker or drop a record, and design §5 allows neither). The
+//! queue's size is watched instead ([`Recorder::pending`]) and is tiny in
+//! practice: one writer commits tens of thousands of rows a second, far more
+//! than the gateway serves. Records are grouped into one transaction per batch
+//! (up to [`StoreOptions::max_batch_rows`] rows or
+//! [`StoreOptions::max_batch_delay`] after the first one), through one cached
+//! prepared statement. A batch SQLite refuses (disk full, lock held too long)
+//! stays in memory and is retried; it is never discarded while the store runs.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{mpsc, Arc};
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+use afr_core::usage::{TokenSource, UsageRecord};
+use rusqlite::{params, Connection};
+
+use super::query::UsageReader;
+use super::{schema, StoreError, UsageQuery, UsageRow};
+
+/// Tuning of the writer; [`Default`] is what `afr serve` uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StoreOptions {
+    /// Most rows in one transaction.
+    pub max_batch_rows: usize,
+    /// Longest a record waits for its batch to fill before it is written.
+    pub max_batch_delay: Duration,
+    /// Pause before retrying a batch SQLite refused.
+    pub retry_delay: Duration,
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        Self {
+            max_batch_rows: 512,
+            max_batch_delay: Duration::from_millis(50),
+            retry_delay: Duration::from_secs(1),
+        }
+    }
+}
+
+/// What the writer thread is asked to do, in queue order.
+enum Msg {
+    Record(UsageRecord),
+    /// Write everything queued before this message, then answer.
+    Flush(mpsc::SyncSender<Result<(), String>>),
+    /// Write everything queued, checkpoint the WAL and stop.
+    Shutdown,
+}
+
+/// Counters shared by the store, its recorders and the writer.
+#[derive(Debug, Default)]
+struct Counters {
+    /// Records accepted by [`Recorder::record`] and not yet committed.
+    pending: AtomicU64,
+    /// Rows committed since the store was opened.
+    written: AtomicU64,
+    /// Records refused because the store had already shut down.
+    refused: AtomicU64,
+}
+
+/// The usage database: one writer thread plus a read connection.
+///
+/// Dropping a `Store` without [`Store::shutdown`] still flushes (and logs any
+/// failure); call `shutdown` to learn the outcome.
+pub struct Store {
+    path: PathBuf,
+    tx: mpsc::Sender<Msg>,
+    writer: Option<JoinHandle<Result<WriterStats, StoreError>>>,
+    counters: Arc<Counters>,
+    reader: UsageReader,
+}
+
+/// Hands records to the writer thread. Cheap to clone; `Send + Sync`.
+#[derive(Clone)]
+pub struct Recorder {
+    tx: mpsc::Sender<Msg>,
+    counters: Arc<Counters>,
+}
+
+/// What [`Store::shutdown`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ShutdownReport {
+    /// Rows committed since the store was opened.
+    pub written: u64,
+    /// Transactions committed since the store was opened.
+    pub transactions: u64,
+    /// Records that arrived after shutdown had begun and were not written.
+    pub late: u64,
+}
+
+/// Totals kept by the writer thread.
+#[derive(Debug, Clone, Copy, Default)]
+struct WriterStats {
+    transactions: u64,
+}
+
+impl Store {
+    /// Opens or creates the database at `path` (schema created or migrated,
+    /// WAL mode) and starts the writer thread with [`StoreOptions::default`].
+    pub fn open(path: &Path) -> Result<Store, StoreError> {
+        Self::open_with(path, StoreOptions::default())
+    }
+
+    /// [`Store::open`] with explicit batching options.
+    pub fn open_with(path: &Path, options: StoreOptions) -> Result<Store, StoreError> {
+        let conn = schema::open_writer(path)?;
+        let reader = UsageReader::open(path)?;
+        let counters = Arc::new(Counters::default());
+        let (tx, rx) = mpsc::channel();
+        let writer = Writer {
+            conn,
+            batch: Vec::with_capacity(options.max_batch_rows),
+            options,
+            counters: Arc::clone(&counters),
+            retry_at: None,
+            last_error: None,
+            stats: WriterStats::default(),
+        };
+        let handle = thread::Builder::new()
+            .name("afr-usage-writer".into())
+            .spawn(move || writer.run(&rx))
+            .map_err(StoreError::Spawn)?;
+        Ok(Store {
+            path: path.to_owned(),
+            tx,
+            writer: Some(handle),
+            counters,
+            reader,
+        })
+    }
+
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// A handle for the request path.
+    pub fn recorder(&self) -> Recorder {
+        Recorder {
+            tx: self.tx.clone(),
+            counters: Arc::clone(&self.counters),
+        }
+    }
+
+    /// A read handle (clone it freely) for `GET /v1/usage`. Its calls block
+    /// on SQLite: run them in `tokio::task::spawn_blocking`.
+    pub fn reader(&self) -> UsageReader {
+        self.reader.clone()
+    }
+
+    /// Sums of the rows matching `q`; rows still queued are not seen (see
+    /// [`Store::flush`]). Blocking.
+    pub fn query(&self, q: &UsageQuery) -> Result<Vec<UsageRow>, StoreError> {
+        self.reader.query(q)
+    }
+
+    /// Blocks until every record handed to a recorder before this call is
+    /// committed. Not needed for durability (the writer commits on its own
+    /// within [`StoreOptions::max_batch_delay`]); useful before a query that
+    /// must see them.
+    pub fn flush(&self) -> Result<(), StoreError> {
+        let (ack, answer) = mpsc::sync_channel(1);
+        let unflushed = |reason: String| StoreError::Unflushed {
+            unwritten: self.counters.pending.load(Ordering::Relaxed) as usize,
+            reason,
+        };
+        self.tx
+            .send(Msg::Flush(ack))
+            .map_err(|_| StoreError::WriterPanicked)?;
+        match answer.recv() {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(reason)) => Err(unflushed(reason)),
+            Err(_) => Err(StoreError::WriterPanicked),
+        }
+    }
+
+    /// Writes every pending record, checkpoints the WAL into the database
+    /// file and joins the writer thread. When it returns `Ok`, every record
+    /// recorded before the call is durable. Call it once the server stopped
+    /// taking requests; records arriving later are logged and counted in
+    /// [`ShutdownReport::late`]. Blocking (from async code:
+    /// `spawn_blocking(move || store.shutdown())`).
+    pub fn shutdown(mut self) -> Result<ShutdownReport, StoreError> {
+        self.stop()
+    }
+
+    fn stop(&mut self) -> Result<ShutdownReport, StoreError> {
+        let Some(handle) = self.writer.take() else {
+            return Err(StoreError::WriterPanicked);
+        };
+        // A send error means the writer is gone already; join tells why.
+        let _ = self.tx.send(Msg::Shutdown);
+        let stats = handle.join().map_err(|_| StoreError::WriterPanicked)??;
+        let late = self.counters.pending.swap(0, Ordering::AcqRel);
+        if late > 0 {
+            tracing::error!(
+                late,
+                "usage store: records arrived after shutdown began and were not written"
+            );
+        }
+        Ok(ShutdownReport {
+            written: self.counters.written.load(Ordering::Acquire),
+            transactions: stats.transactions,
+            late,
+        })
+    }
+}
+
+impl Drop for Store {
+    fn drop(&mut self) {
+        if self.writer.is_some() {
+            if let Err(e) = self.stop() {
+                tracing::error!(error = %e, "usage store: flush on drop failed");
+            }
+        }
+    }
+}
+
+impl Recorder {
+    /// Queues `rec` for the writer. Never blocks, never drops a record while
+    /// the store runs; after [`Store::shutdown`] the record is logged and
+    /// counted instead.
+    pub fn record(&self, rec: UsageRecord) {
+        self.counters.pending.fetch_add(1, Ordering::AcqRel);
+        if let Err(mpsc::SendError(msg)) = self.tx.send(Msg::Record(rec)) {
+            self.counters.pending.fetch_sub(1, Ordering::AcqRel);
+            self.counters.refused.fetch_add(1, Ordering::Relaxed);
+            if let Msg::Record(rec) = msg {
+                tracing::error!(
+                    request_id = %rec.request_id,
+                    key_id = %rec.key_id,
+                    total_tokens = rec.total_tokens,
+                    "usage store is shut down; usage record not stored"
+                );
+            }
+        }
+    }
+
+    /// Records accepted and not yet committed (a gauge for `/metrics`).
+    pub fn pending(&self) -> u64 {
+        self.counters.pending.load(Ordering::Relaxed)
+    }
+
+    /// Records refused because the store had shut down.
+    pub fn refused(&self) -> u64 {
+        self.counters.refused.load(Ordering::Relaxed)
+    }
+}
+
+/// What ended a round of collecting records.
+enum Control {
+    /// The batch is full or its delay passed.
+    Write,
+    Flush(mpsc::SyncSender<Result<(), String>>),
+    Shutdown,
+}
+
+/// The writer thread's state.
+struct Writer {
+    conn: Connection,
+    batch: Vec<UsageRecord>,
+    options: StoreOptions,
+    counters: Arc<Counters>,
+    /// Set after a failed commit: no new attempt before this instant.
+    retry_at: Option<Instant>,
+    last_error: Option<String>,
+    stats: WriterStats,
+}
+
+const INSERT: &str = "INSERT INTO usage (ts_ms, request_id, key_id, model, provider,
+    upstream_model, prompt_tokens, completion_tokens, total_tokens, token_source,
+    latency_ms, ttft_ms, status, stream, truncated)
+    VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)";
+
+/// How often shutdown retries a batch SQLite refuses before giving up.
+const SHUTDOWN_ATTEMPTS: u32 = 5;
+
+impl Writer {
+    fn run(mut self, rx: &mpsc::Receiver<Msg>) -> Result<WriterStats, StoreError> {
+        loop {
+            let control = self.collect(rx);
+            self.try_write();
+            match control {
+                Control::Write => {}
+                Control::Flush(ack) => {
+                    let answer = match &self.last_error {
+                        Some(e) if !self.batch.is_empty() => Err(e.clone()),
+                        _ => Ok(()),
+                    };
+                    // The asker may have given up waiting; nothing to do then.
+                    let _ = ack.send(answer);
+                }
+                Control::Shutdown => return self.finish(rx),
+            }
+        }
+    }
+
+    /// Gathers records until the batch is full, its delay passed, or a
+    /// control message arrives.
+    fn collect(&mut self, rx: &mpsc::Receiver<Msg>) -> Control {
+        // An empty batch waits for work; a batch kept from a failed commit
+        // only waits until its retry is due.
+        let first = match self.retry_at {
+            Some(at) if !self.batch.is_empty() => {
+                rx.recv_timeout(at.saturating_duration_since(Instant::now()))
+            }
+            _ => rx.recv().map_err(|_| mpsc::RecvTimeoutError::Disconnected),
+        };
+        let mut msg = match first {
+            Ok(msg) => msg,
+            Err(mpsc::RecvTimeoutError::Timeout) => return Control::Write,
+            // Every sender is gone, the store included: nothing more can come.
+            Err(mpsc::RecvTimeoutError::Disconnected) => return Control::Shutdown,
+        };
+        let deadline = Instant::now() + self.options.max_batch_delay;
+        loop {
+            match msg {
+                Msg::Record(rec) => self.batch.push(rec),
+                Msg::Flush(ack) => return Control::Flush(ack),
+                Msg::Shutdown => return Control::Shutdown,
+            }
+            if self.batch.len() >= self.options.max_batch_rows {
+                return Control::Write;
+            }
+            msg = match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+                Ok(msg) => msg,
+                Err(mpsc::RecvTimeoutError::Timeout) => return Control::Write,
+                Err(mpsc::RecvTimeoutError::Disconnected) => return Control::Shutdown,
+            };
+        }
+    }
+
+    /// Commits the batch unless a retry is not yet due; on failure keeps it.
+    fn try_write(&mut self) {
+        if self.batch.is_empty() || self.retry_at.is_some_and(|at| Instant::now() < at) {
+            return;
+        }
+        match self.commit() {
+            Ok(()) => {
+                if self.last_error.take().is_some() {
+                    tracing::info!("usage store: writing again");
+                }
+                self.retry_at = None;
+            }
+            Err(e) => {
+                tracing::error!(
+                    error = %e,
+                    pending = self.batch.len(),
+                    "usage store: commit failed; keeping the batch and retrying"
+                );
+                self.last_error = Some(e.to_string());
+                self.retry_at = Some(Instant::now() + self.options.retry_delay);
+            }
+        }
+    }
+
+    /// One transaction for the whole batch; the batch is cleared only once
+    /// the commit succeeded.
+    fn commit(&mut self) -> rusqlite::Result<()> {
+        let tx = self.conn.transaction()?;
+        {
+            let mut insert = tx.prepare_cached(INSERT)?;
+            for rec in &self.batch {
+                insert.execute(params![
+                    rec.ts_ms,
+                    rec.request_id,
+                    rec.key_id,
+                    rec.model,
+                    rec.provider,
+                    rec.upstream_model,
+                    saturating_i64(rec.prompt_tokens),
+                    saturating_i64(rec.completion_tokens),
+                    saturating_i64(rec.total_tokens),
+                    token_source_str(rec.token_source),
+                    saturating_i64(rec.latency_ms),
+                    rec.ttft_ms.map(saturating_i64),
+                    rec.status,
+                    rec.stream,
+                    rec.truncated,
+                ])?;
+            }
+        }
+        tx.commit()?;
+        let rows = self.batch.len() as u64;
+        self.batch.clear();
+        self.stats.transactions += 1;
+        self.counters.written.fetch_add(rows, Ordering::AcqRel);
+        self.counters.pending.fetch_sub(rows, Ordering::AcqRel);
+        Ok(())
+    }
+
+    /// Drains the queue, commits with a few retries, checkpoints the WAL.
+    fn finish(mut self, rx: &mpsc::Receiver<Msg>) -> Result<WriterStats, StoreError> {
+        let mut acks = Vec::new();
+        while let Ok(msg) = rx.try_recv() {
+            match msg {
+                Msg::Record(rec) => self.batch.push(rec),
+                Msg::Flush(ack) => acks.push(ack),
+                Msg::Shutdown => {}
+            }
+        }
+        let mut attempts = 0;
+        while !self.batch.is_empty() {
+            match self.commit() {
+                Ok(()) => self.last_error = None,
+                Err(e) => {
+                    attempts += 1;
+                    tracing::error!(error = %e, attempts, "usage store: final commit failed");
+                    self.last_error = Some(e.to_string());
+                    if attempts >= SHUTDOWN_ATTEMPTS {
+                        break;
+                    }
+                    thread::sleep(self.options.retry_delay.min(Duration::from_millis(200)));
+                }
+            }
+        }
+        let outcome = match self.last_error.take() {
+            Some(reason) if !self.batch.is_empty() => Err(reason),
+            _ => Ok(()),
+        };
+        for ack in acks {
+            let _ = ack.send(outcome.clone());
+        }
+        if let Err(reason) = outcome {
+            let unwritten = self.batch.len();
+            self.counters
+                .pending
+                .fetch_sub(unwritten as u64, Ordering::AcqRel);
+            return Err(StoreError::Unflushed { unwritten, reason });
+        }
+        // Moves the WAL into the main file (with fsync) so the rows survive
+        // a power loss too, and leaves no -wal file behind.
+        if let Err(e) = self
+            .conn
+            .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
+        {
+            tracing::warn!(error = %e, "usage store: WAL checkpoint at shutdown failed");
+        }
+        Ok(self.stats)
+    }
+}
+
+/// SQLite integers are i64; counts beyond that are clamped, not wrapped.
+fn saturating_i64(n: u64) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+/// The `token_source` column's spelling, the same as the serde form.
+pub(super) fn token_source_str(source: TokenSource) -> &'static str {
+    match source {
+        TokenSource::Provider => "provider",
+        TokenSource::Estimated => "estimated",
+        TokenSource::None => "none",
+    }
+}

@@ -1,0 +1,338 @@
+//! The usage store end to end on a real SQLite file: many threads recording,
+//! shutdown flushing what is pending, reopening, and the sums queries return.
+
+#[allow(unused_imports)]
+#[path = "../src/usage/mod.rs"]
+mod usage;
+
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use afr_core::usage::{TokenSource, UsageRecord};
+use usage::store::StoreOptions;
+use usage::{GroupBy, Store, StoreError, UsageQuery, UsageReader};
+
+/// 2026-11-25T10:00:00Z
+const T0: i64 = 1_795_600_800_000;
+const DAY: i64 = 86_400_000;
+
+fn record(i: u64, key: &str, model: &str, ts_ms: i64) -> UsageRecord {
+    UsageRecord {
+        ts_ms,
+        request_id: format!("req-{key}-{i}"),
+        key_id: key.to_owned(),
+        model: model.to_owned(),
+        provider: "mock".to_owned(),
+        upstream_model: format!("{model}-upstream"),
+        prompt_tokens: 10,
+        completion_tokens: 20,
+        total_tokens: 30,
+        token_source: TokenSource::Provider,
+        latency_ms: 5,
+        ttft_ms: Some(1),
+        status: 200,
+        stream: i.is_multiple_of(2),
+        truncated: false,
+    }
+}
+
+fn total(reader: &UsageReader, q: &UsageQuery) -> u64 {
+    reader
+        .query(q)
+        .expect("query")
+        .iter()
+        .map(|r| r.requests)
+        .sum()
+}
+
+#[test]
+fn many_threads_record_exactly_n_rows() {
+    const THREADS: u64 = 8;
+    const PER_THREAD: u64 = 2_500;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("usage.db");
+    let store = Store::open(&path).expect("open");
+    let recorder = store.recorder();
+    let workers: Vec<_> = (0..THREADS)
+        .map(|t| {
+            let recorder = recorder.clone();
+            thread::spawn(move || {
+                let key = format!("key-{t}");
+                for i in 0..PER_THREAD {
+                    recorder.record(record(i, &key, "gpt-4o-mini", T0));
+                }
+            })
+        })
+        .collect();
+    for w in workers {
+        w.join().expect("worker");
+    }
+    let report = store.shutdown().expect("shutdown");
+    assert_eq!(report.written, THREADS * PER_THREAD);
+    assert_eq!(report.late, 0);
+    assert!(report.transactions >= 1);
+    assert_eq!(recorder.pending(), 0);
+
+    let reader = UsageReader::open(&path).expect("reopen");
+    let rows = reader
+        .query(&UsageQuery {
+            group_by: vec![GroupBy::Key],
+            ..UsageQuery::default()
+        })
+        .expect("query");
+    assert_eq!(rows.len(), THREADS as usize);
+    for row in &rows {
+        assert_eq!(row.requests, PER_THREAD);
+        assert_eq!(row.total_tokens, PER_THREAD * 30);
+    }
+    // Every request id landed once: no loss, no duplicate.
+    let conn = rusqlite::Connection::open(&path).expect("raw open");
+    let distinct: i64 = conn
+        .query_row("SELECT COUNT(DISTINCT request_id) FROM usage", [], |r| {
+            r.get(0)
+        })
+        .expect("distinct");
+    assert_eq!(distinct as u64, THREADS * PER_THREAD);
+    // The shutdown checkpoint leaves no WAL content behind.
+    let wal = dir.path().join("usage.db-wal");
+    assert!(!wal.exists() || std::fs::metadata(&wal).expect("wal").len() == 0);
+}
+
+#[test]
+fn shutdown_flushes_a_batch_still_waiting() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("usage.db");
+    // The batch would wait an hour and hold a million rows: only shutdown
+    // can write it.
+    let options = StoreOptions {
+        max_batch_rows: 1_000_000,
+        max_batch_delay: Duration::from_secs(3600),
+        ..StoreOptions::default()
+    };
+    let store = Store::open_with(&path, options).expect("open");
+    let recorder = store.recorder();
+    for i in 0..1_000 {
+        recorder.record(record(i, "k", "m", T0));
+    }
+    assert_eq!(total(&store.reader(), &UsageQuery::default()), 0);
+    assert_eq!(recorder.pending(), 1_000);
+    let started = Instant::now();
+    let report = store.shutdown().expect("shutdown");
+    assert!(started.elapsed() < Duration::from_secs(10));
+    assert_eq!(report.written, 1_000);
+    assert_eq!(report.transactions, 1);
+    let reader = UsageReader::open(&path).expect("reopen");
+    assert_eq!(total(&reader, &UsageQuery::default()), 1_000);
+}
+
+#[test]
+fn dropping_the_store_flushes_too() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("usage.db");
+    let options = StoreOptions {
+        max_batch_delay: Duration::from_secs(3600),
+        ..StoreOptions::default()
+    };
+    let store = Store::open_with(&path, options).expect("open");
+    let recorder = store.recorder();
+    for i in 0..10 {
+        recorder.record(record(i, "k", "m", T0));
+    }
+    drop(store);
+    let reader = UsageReader::open(&path).expect("reopen");
+    assert_eq!(total(&reader, &UsageQuery::default()), 10);
+    // The store is gone: a late record is refused and counted, not a panic.
+    recorder.record(record(99, "k", "m", T0));
+    assert_eq!(recorder.refused(), 1);
+    assert_eq!(recorder.pending(), 0);
+}
+
+#[test]
+fn rows_survive_reopening_the_writer() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("usage.db");
+    for round in 0..3 {
+        let store = Store::open(&path).expect("open");
+        store.recorder().record(record(round, "k", "m", T0));
+        store.shutdown().expect("shutdown");
+    }
+    let store = Store::open(&path).expect("open again");
+    assert_eq!(total(&store.reader(), &UsageQuery::default()), 3);
+}
+
+#[test]
+fn queries_filter_and_group() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = Store::open(&dir.path().join("usage.db")).expect("open");
+    let rec = store.recorder();
+    rec.record(record(1, "a", "small", T0 - DAY));
+    rec.record(record(2, "a", "small", T0));
+    rec.record(record(3, "a", "large", T0 + 1));
+    let mut failed = record(4, "b", "small", T0 + 2);
+    failed.status = 502;
+    failed.prompt_tokens = 0;
+    failed.completion_tokens = 0;
+    failed.total_tokens = 0;
+    failed.token_source = TokenSource::None;
+    failed.provider = String::new();
+    rec.record(failed);
+    let mut cut = record(5, "b", "small", T0 + 3);
+    cut.token_source = TokenSource::Estimated;
+    cut.truncated = true;
+    rec.record(cut);
+    store.flush().expect("flush");
+
+    let by_key_model = store
+        .query(&UsageQuery {
+            group_by: vec![GroupBy::Key, GroupBy::Model],
+            ..UsageQuery::default()
+        })
+        .expect("query");
+    let summary: Vec<(&str, &str, u64, u64)> = by_key_model
+        .iter()
+        .map(|r| {
+            (
+                r.key_id.as_deref().unwrap_or("?"),
+                r.model.as_deref().unwrap_or("?"),
+                r.requests,
+                r.total_tokens,
+            )
+        })
+        .collect();
+    assert_eq!(
+        summary,
+        vec![
+            ("a", "large", 1, 30),
+            ("a", "small", 2, 60),
+            ("b", "small", 2, 30)
+        ]
+    );
+    let b = &by_key_model[2];
+    assert_eq!((b.errors, b.estimated_requests, b.truncated), (1, 1, 1));
+
+    let days = store
+        .query(&UsageQuery {
+            key_id: Some("a".into()),
+            model: Some("small".into()),
+            group_by: vec![GroupBy::Model, GroupBy::Day],
+            ..UsageQuery::default()
+        })
+        .expect("days");
+    let days: Vec<(&str, u64)> = days
+        .iter()
+        .map(|r| (r.day.as_deref().unwrap_or("?"), r.requests))
+        .collect();
+    assert_eq!(days, vec![("2026-11-24", 1), ("2026-11-25", 1)]);
+
+    let window = UsageQuery {
+        since_ms: Some(T0),
+        until_ms: Some(T0 + 2),
+        ..UsageQuery::default()
+    };
+    assert_eq!(total(&store.reader(), &window), 2);
+
+    let providers = store
+        .query(&UsageQuery {
+            group_by: vec![GroupBy::Provider],
+            ..UsageQuery::default()
+        })
+        .expect("providers");
+    assert_eq!(providers[0].provider.as_deref(), Some(""));
+    assert_eq!(providers[1].provider.as_deref(), Some("mock"));
+    assert!(store
+        .query(&UsageQuery {
+            key_id: Some("nobody".into()),
+            ..UsageQuery::default()
+        })
+        .expect("empty")
+        .is_empty());
+    store.shutdown().expect("shutdown");
+}
+
+#[test]
+fn recorders_work_from_tokio_tasks_and_http_renders() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = Store::open(&dir.path().join("usage.db")).expect("open");
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let recorder = Arc::new(store.recorder());
+    runtime.block_on(async {
+        let tasks: Vec<_> = (0..100)
+            .map(|i| {
+                let recorder = Arc::clone(&recorder);
+                tokio::spawn(async move { recorder.record(record(i, "k", "m", T0)) })
+            })
+            .collect();
+        for t in tasks {
+            t.await.expect("task");
+        }
+    });
+    store.flush().expect("flush");
+    let reader = store.reader();
+    let q = usage::http::parse_query_string("?since=2026-11-25&by=model,day", "k", T0)
+        .expect("query string");
+    let rows = runtime
+        .block_on(async { tokio::task::spawn_blocking(move || reader.query(&q)).await })
+        .expect("join")
+        .expect("query");
+    let q = usage::http::parse_query_string("?since=2026-11-25&by=model,day", "k", T0)
+        .expect("query string");
+    let body = usage::http::render_key_usage("k", &q, &rows);
+    assert_eq!(body["data"][0]["requests"], 100);
+    assert_eq!(body["data"][0]["day"], "2026-11-25");
+    assert_eq!(body["since"], "2026-11-25T00:00:00Z");
+    store.shutdown().expect("shutdown");
+}
+
+#[test]
+fn open_reports_the_path() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("no/such/dir/usage.db");
+    let err = Store::open(&path).err().expect("must fail");
+    assert!(matches!(err, StoreError::Open { .. }));
+    assert!(err.to_string().contains("no/such/dir/usage.db"), "{err}");
+}
+
+/// Write throughput, recorded from 4 threads. Run with
+/// `cargo test --release -p afr-sidecar --test usage_store -- --ignored --nocapture`.
+#[test]
+#[ignore = "benchmark"]
+fn write_throughput() {
+    const THREADS: u64 = 4;
+    const PER_THREAD: u64 = 100_000;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("usage.db");
+    let store = Store::open(&path).expect("open");
+    let recorder = store.recorder();
+    let started = Instant::now();
+    let workers: Vec<_> = (0..THREADS)
+        .map(|t| {
+            let recorder = recorder.clone();
+            thread::spawn(move || {
+                let key = format!("key-{t}");
+                for i in 0..PER_THREAD {
+                    recorder.record(record(i, &key, "gpt-4o-mini", T0 + i as i64));
+                }
+            })
+        })
+        .collect();
+    for w in workers {
+        w.join().expect("worker");
+    }
+    let enqueued = started.elapsed();
+    let report = store.shutdown().expect("shutdown");
+    let elapsed = started.elapsed();
+    let n = THREADS * PER_THREAD;
+    assert_eq!(report.written, n);
+    println!(
+        "usage store: {n} rows in {:.2?} = {:.0} rows/s written ({} transactions, {:.0} ns/record() call)",
+        elapsed,
+        n as f64 / elapsed.as_secs_f64(),
+        report.transactions,
+        enqueued.as_nanos() as f64 / n as f64 * THREADS as f64,
+    );
+}
