@@ -1,0 +1,228 @@
+//! Anthropic Messages API: `POST /v1/messages` bodies and streams shaped like
+//! the recorded fixtures (`anthropic-messages-response.json`,
+//! `anthropic-messages-stream.sse`), including the real quirks a parser must
+//! survive: an `event:` line on every event, a `ping`, JSON objects padded with
+//! spaces before their final `}`, and `message_delta.usage` repeating
+//! `input_tokens` next to the cumulative `output_tokens`.
+
+use bytes::Bytes;
+use hyper::header::{HeaderValue, CONTENT_TYPE};
+use hyper::Response;
+use serde_json::Value;
+
+use crate::conn::MockBody;
+use crate::faults::ANTHROPIC_STREAM_ERROR;
+use crate::reply::{self, Finish, Reply};
+use crate::server::Ctx;
+use crate::stream::{self, StreamCtx, StreamPlan};
+
+const CACHE_ZEROES: &str = r#""cache_creation_input_tokens":0,"cache_read_input_tokens":0"#;
+
+/// Checks what the real API rejects and a translator could get wrong; the
+/// error names the offending field.
+pub fn validate(body: &Value) -> Result<(), (&'static str, &'static str)> {
+    if !body.get("model").is_some_and(Value::is_string) {
+        return Err(("model: Field required", "model"));
+    }
+    match body.get("max_tokens").and_then(Value::as_u64) {
+        Some(n) if n >= 1 => {}
+        Some(_) => {
+            return Err((
+                "max_tokens: must be greater than or equal to 1",
+                "max_tokens",
+            ))
+        }
+        None => return Err(("max_tokens: Field required", "max_tokens")),
+    }
+    let Some(messages) = body.get("messages").and_then(Value::as_array) else {
+        return Err(("messages: Field required", "messages"));
+    };
+    for m in messages {
+        match m.get("role").and_then(Value::as_str) {
+            Some("user" | "assistant") => {}
+            Some("system") => return Err((
+                "messages: Unexpected role \"system\". The Messages API accepts a top-level `system` parameter, not \"system\" as an input message role.",
+                "messages",
+            )),
+            _ => return Err(("messages: Input tag found using 'role' does not match any of the expected tags: 'user', 'assistant'", "messages")),
+        }
+    }
+    Ok(())
+}
+
+fn json_str(s: &str) -> String {
+    serde_json::to_string(s).unwrap_or_else(|_| "\"\"".to_owned())
+}
+
+fn stop_reason(r: &Reply) -> &'static str {
+    match r.finish {
+        Finish::Stop => "end_turn",
+        Finish::Length => "max_tokens",
+    }
+}
+
+/// Answers a Messages request (already authorized and past fault injection).
+pub fn respond(ctx: Ctx, body: &Value) -> Response<MockBody> {
+    let reply = reply::build(body, body.get("system"), ctx.knobs.chunks);
+    let model = json_str(
+        body.get("model")
+            .and_then(Value::as_str)
+            .unwrap_or("claude-haiku-4-5"),
+    );
+    let id = format!("msg_afrmock{:016}", ctx.id_seq);
+    let (p, c) = (reply.prompt_tokens, reply.completion_tokens());
+    let stream = body.get("stream").and_then(Value::as_bool) == Some(true);
+    let mut resp = if stream {
+        let plan = stream_plan(&reply, &id, &model);
+        let body = stream::spawn(
+            plan,
+            StreamCtx {
+                knobs: ctx.knobs.clone(),
+                entry: ctx.entry.clone(),
+                state: ctx.state.clone(),
+                reset: ctx.reset.clone(),
+            },
+        );
+        let mut resp = Response::new(body);
+        resp.headers_mut().insert(
+            CONTENT_TYPE,
+            HeaderValue::from_static("text/event-stream; charset=utf-8"),
+        );
+        resp
+    } else {
+        let out = format!(
+            r#"{{"model":{model},"id":"{id}","type":"message","role":"assistant","content":[{{"type":"text","text":{}}}],"stop_reason":"{}","stop_sequence":null,"usage":{{"input_tokens":{p},{CACHE_ZEROES},"cache_creation":{{"ephemeral_5m_input_tokens":0,"ephemeral_1h_input_tokens":0}},"output_tokens":{c},"service_tier":"standard","inference_geo":"not_available"}}}}"#,
+            json_str(&reply.text()),
+            stop_reason(&reply),
+        );
+        ctx.finish(200);
+        let mut resp = Response::new(MockBody::full(out));
+        resp.headers_mut()
+            .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        resp
+    };
+    let h = resp.headers_mut();
+    if let Ok(v) = HeaderValue::from_str(&ctx.request_id) {
+        h.insert("request-id", v);
+    }
+    h.insert("x-mock-prompt-tokens", p.into());
+    h.insert("x-mock-completion-tokens", c.into());
+    resp
+}
+
+/// One event, with Anthropic's space padding before the data's final `}`.
+fn event(name: &str, json: &str, pad: usize) -> Bytes {
+    let (body, last) = json.split_at(json.len().saturating_sub(1));
+    Bytes::from(format!("event: {name}\ndata: {body}{:pad$}{last}\n\n", ""))
+}
+
+fn stream_plan(reply: &Reply, id: &str, model: &str) -> StreamPlan {
+    let (p, c) = (reply.prompt_tokens, reply.completion_tokens());
+    let head = vec![
+        event(
+            "message_start",
+            &format!(
+                r#"{{"type":"message_start","message":{{"model":{model},"id":"{id}","type":"message","role":"assistant","content":[],"stop_reason":null,"stop_sequence":null,"usage":{{"input_tokens":{p},{CACHE_ZEROES},"cache_creation":{{"ephemeral_5m_input_tokens":0,"ephemeral_1h_input_tokens":0}},"output_tokens":1,"service_tier":"standard","inference_geo":"not_available"}}}}}}"#
+            ),
+            3,
+        ),
+        event(
+            "content_block_start",
+            r#"{"type":"content_block_start","index":0,"content_block":{"type":"text","text":""}}"#,
+            11,
+        ),
+        Bytes::from_static(b"event: ping\ndata: {\"type\": \"ping\"}\n\n"),
+    ];
+    let content = reply
+        .pieces
+        .iter()
+        .enumerate()
+        .map(|(i, piece)| {
+            event(
+                "content_block_delta",
+                &format!(
+                    r#"{{"type":"content_block_delta","index":0,"delta":{{"type":"text_delta","text":{}}}}}"#,
+                    json_str(piece)
+                ),
+                1 + i % 9,
+            )
+        })
+        .collect();
+    let tail = vec![
+        event(
+            "content_block_stop",
+            r#"{"type":"content_block_stop","index":0}"#,
+            6,
+        ),
+        event(
+            "message_delta",
+            &format!(
+                r#"{{"type":"message_delta","delta":{{"stop_reason":"{}","stop_sequence":null}},"usage":{{"input_tokens":{p},{CACHE_ZEROES},"output_tokens":{c}}}}}"#,
+                stop_reason(reply)
+            ),
+            7,
+        ),
+        event("message_stop", r#"{"type":"message_stop"}"#, 15),
+    ];
+    StreamPlan {
+        head,
+        content,
+        tail,
+        error_event: Bytes::from_static(ANTHROPIC_STREAM_ERROR.as_bytes()),
+        malformed_event: Bytes::from_static(
+            b"event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"index\":0,\"delta\":{\"type\":\"text_delta\",\"text\":\"trunc\n\n",
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn stream_has_fixture_sequence_and_padding() {
+        let body =
+            json!({"system":"Be brief.","messages":[{"role":"user","content":"It is 20°C"}]});
+        let r = reply::build(&body, body.get("system"), None);
+        let plan = stream_plan(&r, "msg_x", "\"claude-haiku-4-5\"");
+        let all: Vec<&Bytes> = plan
+            .head
+            .iter()
+            .chain(&plan.content)
+            .chain(&plan.tail)
+            .collect();
+        let names: Vec<&str> = all
+            .iter()
+            .map(|b| {
+                let s = std::str::from_utf8(b).unwrap();
+                s.lines().next().unwrap().strip_prefix("event: ").unwrap()
+            })
+            .collect();
+        assert_eq!(names[..3], ["message_start", "content_block_start", "ping"]);
+        assert_eq!(
+            names[names.len() - 3..],
+            ["content_block_stop", "message_delta", "message_stop"]
+        );
+        assert_eq!(names.len(), 3 + 6 + 3);
+        let s = std::str::from_utf8(all[1]).unwrap();
+        assert!(s.contains("\"\"}           }\n\n"), "{s}");
+        let md = std::str::from_utf8(all[all.len() - 2]).unwrap();
+        let data: Value =
+            serde_json::from_str(md.lines().nth(1).unwrap().strip_prefix("data: ").unwrap())
+                .unwrap();
+        assert_eq!(data["usage"]["output_tokens"], 6);
+        assert_eq!(data["usage"]["input_tokens"], 3 + 4);
+    }
+
+    #[test]
+    fn validation_names_the_field() {
+        let ok = json!({"model":"m","max_tokens":5,"messages":[{"role":"user","content":"x"}]});
+        assert!(validate(&ok).is_ok());
+        let mut bad = ok.clone();
+        bad.as_object_mut().unwrap().remove("max_tokens");
+        assert_eq!(validate(&bad).unwrap_err().1, "max_tokens");
+        let bad = json!({"model":"m","max_tokens":5,"messages":[{"role":"system","content":"x"}]});
+        assert!(validate(&bad).unwrap_err().0.contains("top-level `system`"));
+    }
+}

@@ -1,0 +1,153 @@
+//! Fault-injection knobs: the per-instance defaults (CLI flags or
+//! `POST /_mock/config`) overlaid with per-request `X-Mock-*` headers.
+//!
+//! Instance-level knobs are the primary mechanism for failover tests, because a
+//! gateway does not necessarily forward client `X-Mock-*` headers upstream.
+
+use hyper::HeaderMap;
+use serde::{Deserialize, Serialize};
+
+/// Every fault knob. A request's effective knobs are the instance's knobs with
+/// any `X-Mock-*` header of the same name overriding the field.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::Args)]
+#[serde(default, deny_unknown_fields)]
+pub struct Knobs {
+    /// Delay before the response headers, in milliseconds (`X-Mock-Latency-Ms`).
+    #[arg(long, default_value_t = 0)]
+    pub latency_ms: u64,
+    /// Streams: delay between the role chunk and the first content delta;
+    /// non-streaming: added to the latency (`X-Mock-Ttft-Ms`).
+    #[arg(long, default_value_t = 0)]
+    pub ttft_ms: u64,
+    /// Number of content deltas, which is also the completion token count;
+    /// unset means one per word of the reply (`X-Mock-Chunks`).
+    #[arg(long)]
+    pub chunks: Option<u32>,
+    /// Delay between consecutive content deltas, in milliseconds
+    /// (`X-Mock-Chunk-Interval-Ms`).
+    #[arg(long, default_value_t = 0)]
+    pub chunk_interval_ms: u64,
+    /// Always answer with this HTTP status and the provider's error body for it
+    /// (`X-Mock-Status`).
+    #[arg(long)]
+    pub status: Option<u16>,
+    /// Percentage (0–100) of requests that fail with `fail_status`
+    /// (`X-Mock-Fail-Percent`). Deterministic pseudo-random sequence per instance.
+    #[arg(long, default_value_t = 0)]
+    pub fail_percent: u8,
+    /// Status used by `fail_percent` and `fail_first`; default 500
+    /// (`X-Mock-Fail-Status`).
+    #[arg(long)]
+    pub fail_status: Option<u16>,
+    /// The first N API requests after start (or after `POST /_mock/config`)
+    /// fail with `fail_status`. Instance-level only.
+    #[arg(long, default_value_t = 0)]
+    pub fail_first: u32,
+    /// Streams: abort the TCP connection (RST) after this many content deltas;
+    /// non-streaming: any value resets the connection instead of answering
+    /// (`X-Mock-Reset-After-Chunks`).
+    #[arg(long)]
+    pub reset_after_chunks: Option<u32>,
+    /// Streams: send the provider's mid-stream error event after this many
+    /// content deltas and end the stream (`X-Mock-Error-After-Chunks`).
+    #[arg(long)]
+    pub error_after_chunks: Option<u32>,
+    /// Streams: insert one event whose data is truncated JSON after the first
+    /// content delta (`X-Mock-Malformed-Sse`: `1`/`true`).
+    #[arg(long)]
+    pub malformed_sse: bool,
+}
+
+/// A header value that is not a valid value for its knob.
+#[derive(Debug)]
+pub struct BadKnobHeader(pub &'static str);
+
+impl Knobs {
+    /// The status a failure injected by `fail_percent`/`fail_first` uses.
+    pub fn fail_status(&self) -> u16 {
+        self.fail_status.unwrap_or(500)
+    }
+
+    /// This instance's knobs overridden by the request's `X-Mock-*` headers.
+    pub fn with_headers(&self, headers: &HeaderMap) -> Result<Knobs, BadKnobHeader> {
+        let mut k = self.clone();
+        // Fast path: benchmarks send no knob headers at all.
+        if !headers.keys().any(|n| n.as_str().starts_with("x-mock-")) {
+            return Ok(k);
+        }
+        if let Some(v) = num(headers, "x-mock-latency-ms")? {
+            k.latency_ms = v;
+        }
+        if let Some(v) = num(headers, "x-mock-ttft-ms")? {
+            k.ttft_ms = v;
+        }
+        if let Some(v) = num(headers, "x-mock-chunks")? {
+            k.chunks = Some(v);
+        }
+        if let Some(v) = num(headers, "x-mock-chunk-interval-ms")? {
+            k.chunk_interval_ms = v;
+        }
+        if let Some(v) = num(headers, "x-mock-status")? {
+            k.status = Some(v);
+        }
+        if let Some(v) = num::<u8>(headers, "x-mock-fail-percent")? {
+            k.fail_percent = v.min(100);
+        }
+        if let Some(v) = num(headers, "x-mock-fail-status")? {
+            k.fail_status = Some(v);
+        }
+        if let Some(v) = num(headers, "x-mock-reset-after-chunks")? {
+            k.reset_after_chunks = Some(v);
+        }
+        if let Some(v) = num(headers, "x-mock-error-after-chunks")? {
+            k.error_after_chunks = Some(v);
+        }
+        if let Some(v) = headers.get("x-mock-malformed-sse") {
+            k.malformed_sse = match v.as_bytes() {
+                b"1" | b"true" | b"yes" => true,
+                b"0" | b"false" | b"no" => false,
+                _ => return Err(BadKnobHeader("x-mock-malformed-sse")),
+            };
+        }
+        Ok(k)
+    }
+}
+
+fn num<T: std::str::FromStr>(
+    headers: &HeaderMap,
+    name: &'static str,
+) -> Result<Option<T>, BadKnobHeader> {
+    match headers.get(name) {
+        None => Ok(None),
+        Some(v) => v
+            .to_str()
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .map(Some)
+            .ok_or(BadKnobHeader(name)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn headers_override_instance_knobs() {
+        let base = Knobs {
+            latency_ms: 5,
+            status: Some(503),
+            ..Knobs::default()
+        };
+        let mut h = HeaderMap::new();
+        h.insert("x-mock-chunks", "3".parse().unwrap());
+        h.insert("x-mock-malformed-sse", "true".parse().unwrap());
+        let k = base.with_headers(&h).unwrap();
+        assert_eq!(k.chunks, Some(3));
+        assert!(k.malformed_sse);
+        assert_eq!(k.latency_ms, 5);
+        assert_eq!(k.status, Some(503));
+        h.insert("x-mock-status", "abc".parse().unwrap());
+        assert!(base.with_headers(&h).is_err());
+    }
+}

@@ -1,0 +1,338 @@
+//! Request routing: the provider endpoints (auth, latency, injected faults,
+//! then the wire-format module) and the `/_mock/*` control endpoints.
+
+use std::convert::Infallible;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Limited};
+use hyper::body::Incoming;
+use hyper::header::{HeaderValue, CONTENT_TYPE};
+use hyper::{HeaderMap, Method, Request, Response, StatusCode};
+use serde_json::Value;
+
+use crate::conn::MockBody;
+use crate::faults::{self, Api, FailureState};
+use crate::knobs::Knobs;
+use crate::log::{Entry, Outcome, RequestLog};
+use crate::{anthropic, openai};
+
+/// Largest request body the mock reads.
+const MAX_BODY: usize = 32 << 20;
+
+/// One mock instance: its settings, runtime knobs, failure state and log.
+pub struct State {
+    api_key: Option<String>,
+    knobs: RwLock<Arc<Knobs>>,
+    failures: FailureState,
+    ids: AtomicU64,
+    /// The request log.
+    pub log: RequestLog,
+}
+
+impl State {
+    /// A new instance with its default knobs.
+    pub fn new(api_key: Option<String>, knobs: Knobs, log_capacity: usize) -> Self {
+        let failures = FailureState::default();
+        failures.reset(&knobs);
+        State {
+            api_key,
+            knobs: RwLock::new(Arc::new(knobs)),
+            failures,
+            ids: AtomicU64::new(0),
+            log: RequestLog::new(log_capacity),
+        }
+    }
+
+    fn knobs(&self) -> Arc<Knobs> {
+        self.knobs.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    fn set_knobs(&self, k: Knobs) {
+        self.failures.reset(&k);
+        *self.knobs.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(k);
+    }
+}
+
+/// Everything a wire-format module needs to answer one request.
+pub struct Ctx {
+    /// The instance.
+    pub state: Arc<State>,
+    /// The request's effective knobs.
+    pub knobs: Knobs,
+    /// The request's log entry.
+    pub entry: Arc<Entry>,
+    /// The connection's reset flag.
+    pub reset: Arc<AtomicBool>,
+    /// Value of the provider's request-id header.
+    pub request_id: String,
+    /// Per-instance number for response ids (never reset).
+    pub id_seq: u64,
+}
+
+impl Ctx {
+    /// Records a complete (non-streamed) answer.
+    pub fn finish(&self, status: u16) {
+        let mut p = self.entry.progress();
+        p.status = Some(status);
+        p.outcome = Outcome::Completed;
+    }
+}
+
+/// Seconds since the Unix epoch.
+pub fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// Marks the request as cancelled by the client if hyper drops the handler
+/// before it returned (the connection closed while we were waiting).
+struct DisconnectGuard<'a> {
+    state: &'a State,
+    entry: &'a Entry,
+    armed: bool,
+}
+
+impl Drop for DisconnectGuard<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            self.state.log.client_disconnected(self.entry);
+        }
+    }
+}
+
+fn json(status: StatusCode, v: &Value) -> Response<MockBody> {
+    let mut r = Response::new(MockBody::full(v.to_string()));
+    *r.status_mut() = status;
+    r.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    r
+}
+
+enum Route {
+    OpenAi,
+    Azure(String),
+    Anthropic,
+    Models,
+    Unknown,
+}
+
+fn route(method: &Method, path: &str) -> Route {
+    match (method, path) {
+        (&Method::POST, "/v1/chat/completions" | "/openai/v1/chat/completions") => Route::OpenAi,
+        (&Method::POST, "/v1/messages") => Route::Anthropic,
+        (&Method::GET, "/v1/models" | "/openai/v1/models") => Route::Models,
+        (&Method::POST, p) => match p
+            .strip_prefix("/openai/deployments/")
+            .and_then(|r| r.strip_suffix("/chat/completions"))
+        {
+            Some(dep) if !dep.is_empty() && !dep.contains('/') => Route::Azure(dep.to_owned()),
+            _ => Route::Unknown,
+        },
+        _ => Route::Unknown,
+    }
+}
+
+fn header<'a>(h: &'a HeaderMap, name: &str) -> Option<&'a [u8]> {
+    h.get(name).map(HeaderValue::as_bytes)
+}
+
+fn bearer_ok(h: &HeaderMap, key: &str) -> bool {
+    header(h, "authorization")
+        .and_then(|v| v.strip_prefix(b"Bearer "))
+        .is_some_and(|v| v == key.as_bytes())
+}
+
+/// The hyper service: one call per request.
+pub async fn handle(
+    state: Arc<State>,
+    reset: Arc<AtomicBool>,
+    req: Request<Incoming>,
+) -> Result<Response<MockBody>, Infallible> {
+    if let Some(ctl) = req.uri().path().strip_prefix("/_mock/") {
+        return Ok(control(&state, ctl.to_owned(), req).await);
+    }
+    let route = route(req.method(), req.uri().path());
+    let (parts, incoming) = req.into_parts();
+    let body = match Limited::new(incoming, MAX_BODY).collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(_) => Bytes::new(),
+    };
+    let api = match route {
+        Route::Anthropic => Api::Anthropic,
+        Route::Azure(_) => Api::Azure,
+        _ => Api::OpenAi,
+    };
+    let log_api = match route {
+        Route::Models => "models",
+        Route::Unknown => "unknown",
+        _ => api.name(),
+    };
+    let entry = state.log.record(log_api, &parts, body.clone());
+    let mut guard = DisconnectGuard {
+        state: &state,
+        entry: &entry,
+        armed: true,
+    };
+    let id_seq = state.ids.fetch_add(1, Ordering::Relaxed) + 1;
+    let request_id = format!("req_afrmock{id_seq:016}");
+    let resp = answer(
+        &state, &entry, route, api, &parts, &body, reset, request_id, id_seq,
+    )
+    .await;
+    {
+        let mut p = entry.progress();
+        if p.status.is_none() {
+            p.status = Some(resp.status().as_u16());
+        }
+        if !p.stream && p.outcome == Outcome::InFlight {
+            p.outcome = Outcome::Completed;
+        }
+    }
+    guard.armed = false;
+    Ok(resp)
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn answer(
+    state: &Arc<State>,
+    entry: &Arc<Entry>,
+    route: Route,
+    api: Api,
+    parts: &hyper::http::request::Parts,
+    body: &Bytes,
+    reset: Arc<AtomicBool>,
+    request_id: String,
+    id_seq: u64,
+) -> Response<MockBody> {
+    let h = &parts.headers;
+    let knobs = match state.knobs().with_headers(h) {
+        Ok(k) => k,
+        Err(bad) => {
+            let msg = format!("afr-mock: invalid {} header", bad.0);
+            return faults::invalid_request(api, &msg, None, &request_id);
+        }
+    };
+    if knobs.latency_ms > 0 {
+        tokio::time::sleep(Duration::from_millis(knobs.latency_ms)).await;
+    }
+    // Authentication, as each provider does it.
+    if let Some(key) = &state.api_key {
+        let ok = match (&route, api) {
+            (_, Api::Anthropic) => header(h, "x-api-key") == Some(key.as_bytes()),
+            (Route::Azure(_), _) => {
+                header(h, "api-key") == Some(key.as_bytes()) || bearer_ok(h, key)
+            }
+            _ if parts.uri.path().starts_with("/openai/") => {
+                header(h, "api-key") == Some(key.as_bytes()) || bearer_ok(h, key)
+            }
+            _ => bearer_ok(h, key),
+        };
+        if !ok {
+            return faults::error_response(api, 401, "", &request_id);
+        }
+    }
+    match route {
+        Route::Models => return openai::models(),
+        Route::Unknown => {
+            let msg = format!("Invalid URL ({} {})", parts.method, parts.uri.path());
+            let v = serde_json::json!({"error": {"message": msg, "type": "invalid_request_error", "param": null, "code": null}});
+            return json(StatusCode::NOT_FOUND, &v);
+        }
+        Route::Azure(_)
+            if !parts
+                .uri
+                .query()
+                .is_some_and(|q| q.contains("api-version=")) =>
+        {
+            return faults::error_response(Api::Azure, 404, "", &request_id);
+        }
+        _ => {}
+    }
+    if api == Api::Anthropic && h.get("anthropic-version").is_none() {
+        return faults::invalid_request(
+            api,
+            "anthropic-version: header is required",
+            None,
+            &request_id,
+        );
+    }
+    let parsed: Value = match serde_json::from_slice(body) {
+        Ok(v @ Value::Object(_)) => v,
+        _ => {
+            let msg = "We could not parse the JSON body of your request. (HINT: This likely means you aren't using your HTTP library correctly. The OpenAI API expects a JSON payload, but what was sent was not valid JSON.)";
+            return faults::invalid_request(api, msg, None, &request_id);
+        }
+    };
+    let model = parsed.get("model").and_then(Value::as_str).unwrap_or("");
+    if let Some(status) = state.failures.injected_status(&knobs) {
+        return faults::error_response(api, status, model, &request_id);
+    }
+    let valid = match api {
+        Api::Anthropic => anthropic::validate(&parsed),
+        _ => openai::validate(&parsed, api == Api::Azure),
+    };
+    if let Err((msg, param)) = valid {
+        return faults::invalid_request(api, msg, Some(param), &request_id);
+    }
+    let stream = parsed.get("stream").and_then(Value::as_bool) == Some(true);
+    if !stream {
+        if knobs.ttft_ms > 0 {
+            tokio::time::sleep(Duration::from_millis(knobs.ttft_ms)).await;
+        }
+        if knobs.reset_after_chunks.is_some() {
+            // hyper's first write fails and the connection closes with a RST.
+            reset.store(true, Ordering::Relaxed);
+            entry.progress().outcome = Outcome::Reset;
+            return Response::new(MockBody::full(Bytes::new()));
+        }
+    }
+    let ctx = Ctx {
+        state: state.clone(),
+        knobs,
+        entry: entry.clone(),
+        reset,
+        request_id,
+        id_seq,
+    };
+    match route {
+        Route::Anthropic => anthropic::respond(ctx, &parsed),
+        Route::Azure(dep) => openai::respond(ctx, &parsed, Api::Azure, Some(&dep)),
+        _ => openai::respond(ctx, &parsed, Api::OpenAi, None),
+    }
+}
+
+async fn control(state: &State, what: String, req: Request<Incoming>) -> Response<MockBody> {
+    match (req.method().clone(), what.as_str()) {
+        (Method::GET, "requests") => json(StatusCode::OK, &state.log.to_json()),
+        (Method::DELETE, "requests") => {
+            state.log.clear();
+            json(StatusCode::OK, &serde_json::json!({"cleared": true}))
+        }
+        (Method::GET, "config") => json(StatusCode::OK, &serde_json::json!(*state.knobs())),
+        (Method::POST | Method::PUT, "config") => {
+            let body = match Limited::new(req.into_body(), 1 << 20).collect().await {
+                Ok(b) => b.to_bytes(),
+                Err(_) => Bytes::new(),
+            };
+            match serde_json::from_slice::<Knobs>(&body) {
+                Ok(k) => {
+                    state.set_knobs(k);
+                    json(StatusCode::OK, &serde_json::json!(*state.knobs()))
+                }
+                Err(e) => json(
+                    StatusCode::BAD_REQUEST,
+                    &serde_json::json!({"error": {"message": format!("afr-mock: bad config: {e}"), "type": "invalid_request_error", "param": null, "code": null}}),
+                ),
+            }
+        }
+        (Method::GET, "health") => json(StatusCode::OK, &serde_json::json!({"ok": true})),
+        _ => json(
+            StatusCode::NOT_FOUND,
+            &serde_json::json!({"error": {"message": "afr-mock: unknown control endpoint", "type": "invalid_request_error", "param": null, "code": null}}),
+        ),
+    }
+}

@@ -1,0 +1,160 @@
+//! The stream producer shared by every wire format: it paces pre-built SSE
+//! events (latency is applied before, TTFT and chunk interval here), injects
+//! the stream faults, and notices a client that went away.
+
+use std::io;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::sync::mpsc;
+
+use crate::conn::{MockBody, StreamItem};
+use crate::knobs::Knobs;
+use crate::log::{Entry, Outcome, RequestLog};
+use crate::server::State;
+
+/// A stream's events, already framed: sent as one HTTP chunk each.
+pub struct StreamPlan {
+    /// Events before the content (role chunk; message_start, content_block_start, ping).
+    pub head: Vec<Bytes>,
+    /// One event per content piece.
+    pub content: Vec<Bytes>,
+    /// Events after the content (finish, usage, `[DONE]`; block stop, message_delta, message_stop).
+    pub tail: Vec<Bytes>,
+    /// The provider's mid-stream error event (`error_after_chunks`).
+    pub error_event: Bytes,
+    /// An event whose data is cut-off JSON (`malformed_sse`).
+    pub malformed_event: Bytes,
+}
+
+/// What the producer needs besides the plan.
+pub struct StreamCtx {
+    /// Effective knobs of the request.
+    pub knobs: Knobs,
+    /// The request's log entry.
+    pub entry: Arc<Entry>,
+    /// The instance, for the log's stream counters.
+    pub state: Arc<State>,
+    /// The connection's reset flag.
+    pub reset: Arc<AtomicBool>,
+}
+
+enum Step {
+    Go,
+    ClientGone,
+}
+
+async fn pause(tx: &mpsc::Sender<StreamItem>, ms: u64) -> Step {
+    if ms == 0 {
+        return Step::Go;
+    }
+    tokio::select! {
+        _ = tokio::time::sleep(Duration::from_millis(ms)) => Step::Go,
+        _ = tx.closed() => Step::ClientGone,
+    }
+}
+
+async fn send(tx: &mpsc::Sender<StreamItem>, b: &Bytes) -> Step {
+    match tx.send(Ok(b.clone())).await {
+        Ok(()) => Step::Go,
+        Err(_) => Step::ClientGone,
+    }
+}
+
+/// Starts the producer task and returns the body it feeds.
+pub fn spawn(plan: StreamPlan, ctx: StreamCtx) -> MockBody {
+    let (tx, rx) = mpsc::channel(16);
+    ctx.state.log.stream_started();
+    {
+        let mut p = ctx.entry.progress();
+        p.stream = true;
+        p.status = Some(200);
+    }
+    tokio::spawn(async move {
+        let outcome = produce(&plan, &ctx, &tx).await;
+        let log: &RequestLog = &ctx.state.log;
+        match outcome {
+            Outcome::ClientDisconnected => log.client_disconnected(&ctx.entry),
+            o => {
+                let mut p = ctx.entry.progress();
+                if p.outcome == Outcome::InFlight {
+                    p.outcome = o;
+                }
+            }
+        }
+        log.stream_ended();
+    });
+    MockBody::Channel(rx)
+}
+
+async fn produce(plan: &StreamPlan, ctx: &StreamCtx, tx: &mpsc::Sender<StreamItem>) -> Outcome {
+    let k = &ctx.knobs;
+    for ev in &plan.head {
+        if let Step::ClientGone = send(tx, ev).await {
+            return Outcome::ClientDisconnected;
+        }
+    }
+    let n = plan.content.len();
+    for i in 0..=n {
+        let sent = i as u32;
+        if k.malformed_sse && (i == 1 || (n == 0 && i == 0)) {
+            if let Step::ClientGone = send(tx, &plan.malformed_event).await {
+                return Outcome::ClientDisconnected;
+            }
+        }
+        if k.reset_after_chunks
+            .is_some_and(|r| r == sent || (i == n && r > sent))
+        {
+            // Let hyper take and flush what was sent so far, or the RST would
+            // discard it with the write buffer (bounded: ~100 ms at most).
+            for _ in 0..100 {
+                if tx.capacity() == tx.max_capacity() {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            if let Step::ClientGone = pause(tx, 5).await {
+                return Outcome::ClientDisconnected;
+            }
+            ctx.reset.store(true, Ordering::Relaxed);
+            let _ = tx
+                .send(Err(io::Error::new(
+                    io::ErrorKind::ConnectionReset,
+                    "afr-mock: reset_after_chunks",
+                )))
+                .await;
+            return Outcome::Reset;
+        }
+        if k.error_after_chunks
+            .is_some_and(|r| r == sent || (i == n && r > sent))
+        {
+            if let Step::ClientGone = send(tx, &plan.error_event).await {
+                return Outcome::ClientDisconnected;
+            }
+            return Outcome::Completed;
+        }
+        if i == n {
+            break;
+        }
+        let wait = if i == 0 {
+            k.ttft_ms
+        } else {
+            k.chunk_interval_ms
+        };
+        if let Step::ClientGone = pause(tx, wait).await {
+            return Outcome::ClientDisconnected;
+        }
+        if let Step::ClientGone = send(tx, &plan.content[i]).await {
+            return Outcome::ClientDisconnected;
+        }
+        ctx.entry.progress().chunks_sent = sent + 1;
+    }
+    for ev in &plan.tail {
+        if let Step::ClientGone = send(tx, ev).await {
+            return Outcome::ClientDisconnected;
+        }
+    }
+    Outcome::Completed
+}
