@@ -1,29 +1,32 @@
 //! `afr usage`: sums of recorded usage as an aligned table, or JSON for
 //! scripts. Reads the database only; never creates or migrates it.
 //!
-//! The database is `--db`, else the `[usage] path` of `--config`, else
-//! [`DEFAULT_DB`].
+//! The database is the one `afr serve` writes: `--db`, else the `[usage]
+//! path` of `--config` (or of [`DEFAULT_CONFIG`] when it exists), else the
+//! sidecar's default (`/var/lib/afr/usage.db`). A relative path is taken from
+//! the current directory, as `afr serve` does.
 
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 
+use afr_core::config::UsageConfig;
 use anyhow::Context;
 use serde_json::json;
 
 use super::time_arg::{format_ms, now_ms, parse_time_arg};
 use super::{GroupBy, UsageQuery, UsageReader, UsageRow};
 
-/// The database used when neither `--db` nor `--config` is given (and the
-/// sidecar's default when its config names none).
-pub const DEFAULT_DB: &str = "afr-usage.db";
+/// The config `afr serve` runs with (conf/afr-sidecar.service); read when
+/// neither `--db` nor `--config` is given and it exists.
+pub const DEFAULT_CONFIG: &str = "/etc/afr/sidecar.toml";
 
 /// Report recorded usage, summed by key, model, provider and/or day.
 #[derive(Debug, Clone, clap::Args)]
 pub struct UsageArgs {
-    /// The usage database [default: the config's [usage] path, else ./afr-usage.db]
+    /// The usage database [default: [usage] path of the config, else /var/lib/afr/usage.db]
     #[arg(long, value_name = "PATH", conflicts_with = "config")]
     pub db: Option<PathBuf>,
-    /// Read the database path from this sidecar config's `[usage] path`
+    /// Take the database path from this sidecar config's [usage] path [default: /etc/afr/sidecar.toml if present]
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
     /// Only this key id
@@ -50,7 +53,11 @@ pub struct UsageArgs {
 pub fn run(args: UsageArgs) -> anyhow::Result<()> {
     let now = now_ms();
     let query = build_query(&args, now)?;
-    let path = db_path(args.db.as_deref(), args.config.as_deref())?;
+    let path = db_path(
+        args.db.as_deref(),
+        args.config.as_deref(),
+        Path::new(DEFAULT_CONFIG),
+    )?;
     let reader = UsageReader::open(&path)?;
     let rows = reader.query(&query)?;
     let mut out = io::stdout().lock();
@@ -106,22 +113,28 @@ pub fn build_query(args: &UsageArgs, now_ms: i64) -> anyhow::Result<UsageQuery> 
     })
 }
 
-/// The database to read: `--db`, else `[usage] path` from `--config`
-/// (relative to the config file's folder), else [`DEFAULT_DB`].
-pub fn db_path(db: Option<&Path>, config: Option<&Path>) -> anyhow::Result<PathBuf> {
+/// The database to read: `db`, else `[usage] path` of `config`, else of
+/// `default_config` when that file exists, else the sidecar's default path.
+pub fn db_path(
+    db: Option<&Path>,
+    config: Option<&Path>,
+    default_config: &Path,
+) -> anyhow::Result<PathBuf> {
     if let Some(db) = db {
         return Ok(db.to_owned());
     }
-    let Some(config) = config else {
-        return Ok(PathBuf::from(DEFAULT_DB));
+    let config = match config {
+        Some(config) => config,
+        None if default_config.exists() => default_config,
+        None => return Ok(UsageConfig::default().path),
     };
-    let text =
-        std::fs::read_to_string(config).with_context(|| format!("reading {}", config.display()))?;
-    Ok(usage_path_from_config(&text, config)?.unwrap_or_else(|| PathBuf::from(DEFAULT_DB)))
+    let text = std::fs::read_to_string(config)
+        .with_context(|| format!("reading {} (or pass --db PATH)", config.display()))?;
+    Ok(usage_path_from_config(&text, config)?.unwrap_or_else(|| UsageConfig::default().path))
 }
 
 /// `[usage] path` of a sidecar config, read leniently: every other table and
-/// key is ignored, so the CLI keeps working as the config grows.
+/// key is ignored, so the CLI keeps working whatever else the file holds.
 fn usage_path_from_config(text: &str, config: &Path) -> anyhow::Result<Option<PathBuf>> {
     let doc: toml::Table = text
         .parse()
@@ -139,11 +152,7 @@ fn usage_path_from_config(text: &str, config: &Path) -> anyhow::Result<Option<Pa
     let path = path
         .as_str()
         .with_context(|| format!("{}: usage.path: expected a string", config.display()))?;
-    let path = PathBuf::from(path);
-    Ok(Some(match config.parent() {
-        Some(dir) if path.is_relative() => dir.join(path),
-        _ => path,
-    }))
+    Ok(Some(PathBuf::from(path)))
 }
 
 /// An aligned table: group columns left-aligned, counts right-aligned, and a
@@ -297,19 +306,39 @@ mod tests {
         let text = "listen = 'x'\n[usage]\npath = 'usage.db'\nflush_ms = 50\n[other]\nz = 1\n";
         assert_eq!(
             usage_path_from_config(text, cfg).expect("ok"),
-            Some(PathBuf::from("/etc/afr/usage.db"))
-        );
-        let abs = "[usage]\npath = '/var/lib/afr/u.db'\n";
-        assert_eq!(
-            usage_path_from_config(abs, cfg).expect("ok"),
-            Some(PathBuf::from("/var/lib/afr/u.db"))
+            Some(PathBuf::from("usage.db"))
         );
         assert_eq!(usage_path_from_config("a = 1", cfg).expect("ok"), None);
+        assert_eq!(usage_path_from_config("[usage]\n", cfg).expect("ok"), None);
         assert!(usage_path_from_config("[usage]\npath = 3\n", cfg).is_err());
+        assert!(usage_path_from_config("usage = 1\n", cfg).is_err());
         assert!(usage_path_from_config("[usage", cfg).is_err());
+    }
+
+    #[test]
+    fn db_path_prefers_db_then_config_then_defaults() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cfg = dir.path().join("sidecar.toml");
+        std::fs::write(&cfg, "[usage]\npath = '/srv/u.db'\n").expect("write");
+        let absent = dir.path().join("absent.toml");
+        let sidecar_default = UsageConfig::default().path;
+        let db = Path::new("x.db");
+        assert_eq!(db_path(Some(db), Some(&cfg), &cfg).expect("db"), db);
         assert_eq!(
-            db_path(None, None).expect("default"),
-            PathBuf::from(DEFAULT_DB)
+            db_path(None, Some(&cfg), &absent).expect("cfg"),
+            Path::new("/srv/u.db")
+        );
+        assert_eq!(
+            db_path(None, None, &cfg).expect("default cfg"),
+            Path::new("/srv/u.db")
+        );
+        assert_eq!(db_path(None, None, &absent).expect("none"), sidecar_default);
+        let e = db_path(None, Some(&absent), &cfg).expect_err("missing config");
+        assert!(e.to_string().contains("absent.toml"), "{e}");
+        let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("../conf/sidecar.toml");
+        assert_eq!(
+            db_path(None, Some(&shipped), &absent).expect("shipped"),
+            Path::new("/var/lib/afr/usage.db")
         );
     }
 
