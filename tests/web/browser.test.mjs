@@ -27,6 +27,11 @@ const CHROMIUM = process.env.AFR_CHROMIUM || '/usr/bin/chromium';
 const KEY_RE = /afr_[A-Za-z0-9]{32,}/;
 // Well-formed (afr_ + 40 base62) but never issued: the module must answer 401.
 const UNKNOWN_KEY = `afr_${'Z9'.repeat(20)}`;
+const CHUNK_INTERVAL_MS = 40;
+// About 20 words: a reply of about 23 deltas, about a second long.
+const SHORT_MESSAGE = 'Tell me, in a few friendly words, what an nginx module does and why a gateway would want one there.';
+// 400 words: a reply of about 16 s, far longer than the Stop test waits.
+const LONG_MESSAGE = Array.from({ length: 400 }, (_, i) => `word${i}`).join(' ');
 
 let origin;
 let key;
@@ -153,7 +158,13 @@ before(async () => {
     afrHome = fs.mkdtempSync(path.join(os.tmpdir(), 'afr-web-'));
     const port = await freePort();
     origin = `http://127.0.0.1:${port}`;
-    await run(path.join(REPO, 'scripts', 'run'), ['--detach'], { AFR_HOME: afrHome, AFR_PORT: String(port) });
+    // The mock streams one delta per word of "Mock reply to: <message>"; spacing them out
+    // lets the test see the reply grow, and a long message makes a long stream to stop.
+    await run(path.join(REPO, 'scripts', 'run'), ['--detach'], {
+      AFR_HOME: afrHome,
+      AFR_PORT: String(port),
+      AFR_MOCK_ARGS: `--chunk-interval-ms ${CHUNK_INTERVAL_MS}`,
+    });
     key = await newKey('web-tests');
     await waitForKey(key);
   }
@@ -227,7 +238,7 @@ describe('playground', () => {
   test('a message streams a multi-chunk reply, growing over time', async () => {
     const { page, problems } = await playgroundWithKey(key);
     await watchReply(page);
-    await sendMessage(page, 'Tell me about nginx.');
+    await sendMessage(page, SHORT_MESSAGE);
     // Mid-stream: some text shown while the reply is still streaming.
     await page.waitForFunction(() => {
       const m = [...document.querySelectorAll('#conversation .msg.assistant')].pop();
@@ -259,7 +270,7 @@ describe('playground', () => {
     assert.match(await page.textContent('#rl-reset'), /^\d{10}/);
 
     // Multi-turn: a second message goes out with the first exchange, then Clear empties.
-    await sendMessage(page, 'And in one sentence?');
+    await sendMessage(page, 'And once more, in one short sentence please?');
     await page.waitForFunction(() => document.querySelectorAll('#conversation .msg.assistant[data-state="done"]').length === 2, null, { timeout: 30000 });
     assert.equal(await page.$$eval('#conversation .msg', (els) => els.length), 4);
     await page.click('#clear');
@@ -292,10 +303,25 @@ describe('playground', () => {
     await page.close();
   });
 
+  test('over the rate limit shows when the window resets', { skip: !process.env.AFR_WEB_URL ? false : 'needs scripts/run (creates a key)' }, async () => {
+    const limited = await newKey('web-rpm1', ['--rpm', '1']);
+    await waitForKey(limited); // the key's one request of this minute
+    const page = await browser.newPage();
+    await page.goto(`${origin}/playground/`);
+    await page.fill('#api-key', limited);
+    await sendMessage(page, 'One more?');
+    await page.waitForSelector('#error:not([hidden])', { timeout: 10000 });
+    assert.match(await page.textContent('#error'), /429 Too Many Requests/);
+    assert.match(await page.textContent('#error .error-advice'), /The window resets in \d+ s \(at /);
+    assert.equal(await page.textContent('#rl-limit'), '1');
+    assert.equal(await page.textContent('#rl-remaining'), '0');
+    await page.close();
+  });
+
   test('Stop ends a long stream', async () => {
     const { page, problems } = await playgroundWithKey(key);
     await watchReply(page);
-    await sendMessage(page, 'Write a very long essay.', { maxTokens: 4000 });
+    await sendMessage(page, LONG_MESSAGE);
     await page.waitForFunction(() => {
       const m = [...document.querySelectorAll('#conversation .msg.assistant')].pop();
       return m && m.dataset.state === 'streaming' && m.querySelector('.content').textContent.length > 0;

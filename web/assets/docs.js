@@ -36,7 +36,7 @@ async function refresh(key) {
   } catch (err) {
     status.classList.add('error');
     status.textContent = err.status
-      ? `Could not load models: ${err.status} ${err.message}. ${adviceFor(err)}`
+      ? `Could not load models: ${err.status} ${err.message.replace(/\.$/, '')}. ${adviceFor(err)}`
       : `Could not reach the gateway: ${err.message}.`;
   }
 }

@@ -114,6 +114,8 @@ export function adviceFor(err) {
       return 'Check your API key: it must be the whole afr_… secret your operator gave you, sent as "Authorization: Bearer afr_…".';
     case 403:
       return 'This key is disabled or expired (the message says which). Ask the operator of this gateway to re-enable or renew it.';
+    case 413:
+      return 'The request is too large for the gateway. Shorten the conversation (or clear it) and send again.';
     case 429: {
       if (wait === null) return 'Rate limit reached for this key. Wait for the window to reset and send again.';
       const at = new Date(Date.now() + wait * 1000).toLocaleTimeString();
