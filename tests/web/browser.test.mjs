@@ -91,6 +91,15 @@ async function newKey(id, extra = []) {
   return m[0];
 }
 
+/** The mock provider's origin, read from the sidecar config scripts/run wrote. */
+function mockOrigin() {
+  if (!afrHome) return null;
+  const file = path.join(afrHome, 'sidecar.toml');
+  if (!fs.existsSync(file)) return null;
+  const m = /https?:\/\/127\.0\.0\.1:(\d+)/.exec(fs.readFileSync(file, 'utf8'));
+  return m ? `http://127.0.0.1:${m[1]}` : null;
+}
+
 /** A page that records console errors and uncaught exceptions. */
 async function openPage(urlPath) {
   const page = await browser.newPage();
@@ -270,7 +279,9 @@ describe('playground', () => {
     assert.match(await page.textContent('#rl-reset'), /^\d{10}/);
 
     // Multi-turn: a second message goes out with the first exchange, then Clear empties.
-    await sendMessage(page, 'And once more, in one short sentence please?');
+    // Keyboard: Enter in the message box sends.
+    await page.fill('#message', 'And once more, in one short sentence please?');
+    await page.press('#message', 'Enter');
     await page.waitForFunction(() => document.querySelectorAll('#conversation .msg.assistant[data-state="done"]').length === 2, null, { timeout: 30000 });
     assert.equal(await page.$$eval('#conversation .msg', (els) => els.length), 4);
     await page.click('#clear');
@@ -315,6 +326,41 @@ describe('playground', () => {
     assert.match(await page.textContent('#error .error-advice'), /The window resets in \d+ s \(at /);
     assert.equal(await page.textContent('#rl-limit'), '1');
     assert.equal(await page.textContent('#rl-remaining'), '0');
+    await page.close();
+  });
+
+  test('an error event mid-stream shows the error and keeps the partial reply', async (t) => {
+    const mock = mockOrigin();
+    if (!mock) {
+      t.skip('mock provider address unknown (AFR_WEB_URL mode, or no sidecar.toml)');
+      return;
+    }
+    const config = async (knobs) => {
+      const res = await fetch(`${mock}/_mock/config`, {
+        method: 'POST', headers: { 'Content-Type': 'application/json' }, body: JSON.stringify(knobs),
+      });
+      assert.ok(res.ok, `POST /_mock/config: ${res.status}`);
+    };
+    const { page, problems } = await playgroundWithKey(key);
+    await config({ chunk_interval_ms: CHUNK_INTERVAL_MS, error_after_chunks: 3 });
+    try {
+      await sendMessage(page, SHORT_MESSAGE);
+      await page.waitForFunction(() => {
+        const m = [...document.querySelectorAll('#conversation .msg.assistant')].pop();
+        return m && !['waiting', 'streaming'].includes(m.dataset.state);
+      }, null, { timeout: 15000 });
+    } finally {
+      await config({ chunk_interval_ms: CHUNK_INTERVAL_MS });
+    }
+    const reply = await lastReply(page);
+    assert.equal(reply.state, 'error');
+    assert.ok(reply.text.length > 0, 'the deltas before the error stay visible');
+    assert.match(reply.note, /Incomplete/);
+    assert.ok(await page.isVisible('#error'));
+    assert.match(await page.textContent('#error'), /The stream failed/);
+    assert.ok((await page.textContent('#error .error-message')).length > 0);
+    assert.match(await page.textContent('#error .error-advice'), /incomplete/);
+    assert.deepEqual(problems, []);
     await page.close();
   });
 
