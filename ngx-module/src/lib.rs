@@ -1,1 +1,96 @@
-//! placeholder
+//! `ngx_http_afr_module`: decides inside nginx, before any body is read, who
+//! may reach the gateway — `afr_` API keys in the access phase, exact per-key
+//! rate limits in a shared-memory zone, `X-RateLimit-*` on every response of an
+//! authenticated request.
+//!
+//! This file is only the module table and worker start-up; each nginx concern
+//! has its own file: [`conf`] (directives), [`access`] (access-phase handler),
+//! [`zone`] (shared-memory counters), [`reload`] (per-worker key table and its
+//! hot reload), [`filter`] (per-request state and the header filter). The
+//! decisions themselves live in `afr-core`.
+
+use std::ptr::addr_of;
+
+use ngx::core::Status;
+use ngx::ffi::{
+    ngx_conf_t, ngx_cycle_t, ngx_http_module_t, ngx_int_t, ngx_module_t, NGX_HTTP_MODULE,
+};
+use ngx::http::{HttpModule, HttpModuleLocationConf, HttpModuleMainConf};
+
+mod access;
+mod conf;
+mod filter;
+mod reload;
+mod zone;
+
+/// The module's type, carrying its configuration types.
+pub(crate) struct AfrModule;
+
+impl HttpModule for AfrModule {
+    fn module() -> &'static ngx_module_t {
+        // SAFETY: the module table is a static that nginx only writes while
+        // loading configuration, never concurrently with this read.
+        unsafe { &*addr_of!(ngx_http_afr_module) }
+    }
+
+    unsafe extern "C" fn postconfiguration(cf: *mut ngx_conf_t) -> ngx_int_t {
+        // SAFETY: nginx calls postconfiguration with a valid `cf`.
+        let cf = unsafe { &mut *cf };
+        if conf::check_complete(cf).is_err()
+            || access::register(cf).is_err()
+            || filter::register().is_err()
+        {
+            return Status::NGX_ERROR.into();
+        }
+        Status::NGX_OK.into()
+    }
+}
+
+// SAFETY: `MainConf` is what `create_main_conf` allocates for this module.
+unsafe impl HttpModuleMainConf for AfrModule {
+    type MainConf = conf::MainConf;
+}
+
+// SAFETY: `LocConf` is what `create_loc_conf` allocates for this module.
+unsafe impl HttpModuleLocationConf for AfrModule {
+    type LocationConf = conf::LocConf;
+}
+
+static NGX_HTTP_AFR_MODULE_CTX: ngx_http_module_t = ngx_http_module_t {
+    preconfiguration: None,
+    postconfiguration: Some(AfrModule::postconfiguration),
+    create_main_conf: Some(AfrModule::create_main_conf),
+    init_main_conf: None,
+    create_srv_conf: None,
+    merge_srv_conf: None,
+    create_loc_conf: Some(AfrModule::create_loc_conf),
+    merge_loc_conf: Some(AfrModule::merge_loc_conf),
+};
+
+ngx::ngx_modules!(ngx_http_afr_module);
+
+/// The nginx module table entry.
+#[used]
+#[allow(non_upper_case_globals)]
+pub static mut ngx_http_afr_module: ngx_module_t = ngx_module_t {
+    ctx: addr_of!(NGX_HTTP_AFR_MODULE_CTX) as _,
+    // SAFETY: the command table is a static array terminated by an empty entry.
+    commands: unsafe { &raw mut conf::COMMANDS[0] },
+    type_: NGX_HTTP_MODULE as _,
+    init_process: Some(init_process),
+    ..ngx_module_t::default()
+};
+
+/// Worker start-up: installs this cycle's key table and starts the watcher
+/// that hot-reloads the keys file.
+extern "C" fn init_process(cycle: *mut ngx_cycle_t) -> ngx_int_t {
+    // SAFETY: nginx calls init_process with the worker's valid cycle.
+    let cycle = unsafe { &*cycle };
+    if let Some(mcf) = AfrModule::main_conf(cycle) {
+        if let (Some(path), Some(table)) = (&mcf.keys_path, &mcf.keys) {
+            reload::install(table.clone());
+            reload::watch(path.clone(), mcf.keys_stamp, mcf.reload_interval);
+        }
+    }
+    Status::NGX_OK.into()
+}

@@ -1,0 +1,251 @@
+//! The access-phase handler: `Authorization: Bearer afr_…` → key → limit.
+//!
+//! A refused request gets its OpenAI error body right here (401/403/429, JSON)
+//! and never reaches the upstream. An admitted one has its identity headers
+//! rewritten: the client's `Authorization` and any `X-Afr-*` it sent are
+//! dropped, and `X-Afr-Key-Id`, `X-Afr-Models`, `X-Afr-Secret` are set, so a
+//! plain `proxy_pass` forwards exactly what the sidecar trusts.
+
+use std::ptr::{self, addr_of_mut};
+
+use afr_core::error::ErrorBody;
+use afr_core::keys::{bearer_token, rate_limited_body, Denial};
+use afr_core::ratelimit::Verdict;
+use ngx::core::{Buffer, Pool, Status};
+use ngx::ffi::{
+    ngx_array_push, ngx_cached_time, ngx_chain_t, ngx_conf_t, ngx_http_discard_request_body,
+    ngx_http_finalize_request, ngx_http_handler_pt, ngx_http_output_filter,
+    ngx_http_phases_NGX_HTTP_ACCESS_PHASE, ngx_http_request_t, ngx_http_send_header, ngx_int_t,
+    ngx_list_part_t, ngx_palloc, ngx_table_elt_t, NGX_LOG_ERR,
+};
+use ngx::http::{HttpModuleLocationConf, HttpModuleMainConf, NgxHttpCoreModule};
+use ngx::ngx_log_error;
+
+use crate::filter::{self, copy_str, list_iter, push_header, RequestState};
+use crate::{reload, zone::ZoneCtx, AfrModule};
+
+/// Adds the handler to the access phase.
+pub fn register(cf: &mut ngx_conf_t) -> Result<(), ()> {
+    let cmcf = NgxHttpCoreModule::main_conf_mut(cf).ok_or(())?;
+    // SAFETY: the phase array holds `ngx_http_handler_pt`s; push returns a
+    // slot for one or null.
+    unsafe {
+        let h = ngx_array_push(&mut cmcf.phases[ngx_http_phases_NGX_HTTP_ACCESS_PHASE as usize].handlers)
+            .cast::<ngx_http_handler_pt>();
+        if h.is_null() {
+            return Err(());
+        }
+        *h = Some(access_handler);
+    }
+    Ok(())
+}
+
+/// Current time from nginx's cached clock: (Unix ms, Unix s).
+fn now() -> (u64, i64) {
+    // SAFETY: ngx_cached_time always points at a valid slot, updated by the
+    // worker's own thread between events.
+    let t = unsafe { ptr::read_volatile(ngx_cached_time) };
+    (t.sec as u64 * 1000 + t.msec as u64, t.sec as i64)
+}
+
+enum Outcome {
+    Refuse(Denial),
+    Limited(Verdict),
+    Admit { verdict: Verdict, id: String, models: Option<String> },
+    Internal(&'static str),
+}
+
+unsafe extern "C" fn access_handler(r: *mut ngx_http_request_t) -> ngx_int_t {
+    // SAFETY: nginx calls phase handlers with a valid request.
+    let req = unsafe { &mut *r };
+    let Some(lcf) = AfrModule::location_conf(req) else {
+        return Status::NGX_DECLINED.into();
+    };
+    if lcf.enable != Some(true) || r != req.main {
+        return Status::NGX_DECLINED.into();
+    }
+    // SAFETY: `r` is a valid main request.
+    if let Some(state) = unsafe { filter::get_state(r) } {
+        // Internal redirect of a request we already admitted and counted.
+        if state.admitted {
+            return Status::NGX_DECLINED.into();
+        }
+    }
+    let Some(mcf) = AfrModule::main_conf(req) else {
+        return Status::NGX_DECLINED.into();
+    };
+    // SAFETY: `afr_zone` stored a ZoneCtx pointer in the zone's data.
+    let Some(zone) = (unsafe { mcf.zone.as_ref() }).and_then(|z| unsafe { z.data.cast::<ZoneCtx>().as_ref() }) else {
+        return send_error(r, 500, &internal_body("rate-limit zone missing"), None);
+    };
+
+    let outcome = decide(r, zone);
+    match outcome {
+        Outcome::Refuse(d) => send_error(r, d.status(), &d.body(), None),
+        Outcome::Internal(why) => send_error(r, 500, &internal_body(why), None),
+        Outcome::Limited(v) => {
+            // SAFETY: `r` is a valid main request.
+            if unsafe { filter::set_state(r, RequestState { admitted: false, rate: v }) }.is_err() {
+                return Status::NGX_ERROR.into();
+            }
+            send_error(r, 429, &rate_limited_body(v.limit), Some(v.retry_after_secs()))
+        }
+        Outcome::Admit { verdict, id, models } => {
+            // SAFETY: `r` is a valid main request in the access phase.
+            let ok = unsafe {
+                filter::set_state(r, RequestState { admitted: true, rate: verdict }).is_ok()
+                    && rewrite_identity(r, &id, models.as_deref(), lcf.secret.as_deref()).is_ok()
+            };
+            if ok {
+                Status::NGX_DECLINED.into()
+            } else {
+                Status::NGX_ERROR.into()
+            }
+        }
+    }
+}
+
+fn internal_body(why: &str) -> ErrorBody {
+    ErrorBody::new("server_error", Some("internal_error"), format!("Gateway error: {why}."))
+}
+
+fn decide(r: *mut ngx_http_request_t, zone: &ZoneCtx) -> Outcome {
+    let mut auth: Option<&[u8]> = None;
+    // SAFETY: the request's header list is valid and not modified here.
+    for h in unsafe { list_iter(addr_of_mut!((*r).headers_in.headers)) } {
+        // SAFETY: list elements are initialised table entries.
+        let (key, value) = unsafe { ((*h).key.as_bytes(), (*h).value.as_bytes()) };
+        if key.eq_ignore_ascii_case(b"authorization") {
+            if auth.is_some() {
+                return Outcome::Refuse(Denial::Malformed);
+            }
+            auth = Some(value);
+        }
+    }
+    let token = match auth.map(bearer_token) {
+        None => return Outcome::Refuse(Denial::Missing),
+        Some(Err(d)) => return Outcome::Refuse(d),
+        Some(Ok(t)) => t,
+    };
+    let (now_ms, now_s) = now();
+    let found = reload::resolve(token, |entry| {
+        let entry = entry.ok_or(Denial::Unknown)?;
+        entry.check(now_s)?;
+        Ok((entry.id.clone(), entry.rpm, entry.models_header()))
+    });
+    let (id, rpm, models) = match found {
+        None => return Outcome::Internal("no key table loaded"),
+        Some(Err(d)) => return Outcome::Refuse(d),
+        Some(Ok(k)) => k,
+    };
+    match zone.hit(id.as_bytes(), rpm, now_ms) {
+        Err(_) => {
+            // SAFETY: the request's log is valid.
+            let log = unsafe { (*(*r).connection).log };
+            ngx_log_error!(NGX_LOG_ERR, log, "afr: could not count key \"{id}\": zone is full");
+            Outcome::Internal("rate-limit zone is full")
+        }
+        Ok(v) if !v.admitted => Outcome::Limited(v),
+        Ok(verdict) => Outcome::Admit { verdict, id, models },
+    }
+}
+
+/// Replaces the request's header list with one that has no `Authorization`
+/// and no client `X-Afr-*`, plus our identity headers.
+///
+/// # Safety
+/// `r` must be a valid request in the access phase.
+unsafe fn rewrite_identity(
+    r: *mut ngx_http_request_t,
+    id: &str,
+    models: Option<&str>,
+    secret: Option<&str>,
+) -> Result<(), ()> {
+    // SAFETY: per the contract; the old elements stay allocated in the request
+    // pool, so pointers nginx kept into them (host, user_agent…) stay valid.
+    unsafe {
+        let list = addr_of_mut!((*r).headers_in.headers);
+        let kept: Vec<ngx_table_elt_t> = list_iter(list)
+            .filter(|&h| {
+                let k = (*h).key.as_bytes();
+                !(k.eq_ignore_ascii_case(b"authorization") || (k.len() >= 6 && k[..6].eq_ignore_ascii_case(b"x-afr-")))
+            })
+            .map(|h| *h)
+            .collect();
+        let pool = (*r).pool;
+        let n = kept.len() + 3;
+        let elts = ngx_palloc(pool, n * std::mem::size_of::<ngx_table_elt_t>());
+        if elts.is_null() {
+            return Err(());
+        }
+        // ngx_list_init, which is a static inline function in C.
+        (*list).part = ngx_list_part_t { elts, nelts: 0, next: ptr::null_mut() };
+        (*list).last = addr_of_mut!((*list).part);
+        (*list).size = std::mem::size_of::<ngx_table_elt_t>();
+        (*list).nalloc = n;
+        (*list).pool = pool;
+        for h in kept {
+            let slot = ngx::ffi::ngx_list_push(list).cast::<ngx_table_elt_t>();
+            if slot.is_null() {
+                return Err(());
+            }
+            slot.write(h);
+        }
+        (*r).headers_in.authorization = ptr::null_mut();
+        push_header(pool, list, "X-Afr-Key-Id", id.as_bytes())?;
+        if let Some(m) = models {
+            push_header(pool, list, "X-Afr-Models", m.as_bytes())?;
+        }
+        if let Some(s) = secret {
+            push_header(pool, list, "X-Afr-Secret", s.as_bytes())?;
+        }
+    }
+    Ok(())
+}
+
+/// Sends an OpenAI error response and finalizes the request.
+fn send_error(r: *mut ngx_http_request_t, status: u16, body: &ErrorBody, retry_after: Option<u64>) -> ngx_int_t {
+    let json = body.to_json();
+    // SAFETY: `r` is a valid main request whose header was not sent; every
+    // buffer comes from its pool and lives as long as the request.
+    unsafe {
+        let (ok, error): (ngx_int_t, ngx_int_t) = (Status::NGX_OK.into(), Status::NGX_ERROR.into());
+        let rc = ngx_http_discard_request_body(r);
+        if rc != ok {
+            return rc;
+        }
+        let req = &mut *r;
+        let pool = req.pool;
+        req.headers_out.status = status as _;
+        let Ok(ct) = copy_str(pool, b"application/json") else {
+            return Status::NGX_ERROR.into();
+        };
+        req.headers_out.content_type = ct;
+        req.headers_out.content_type_len = ct.len;
+        req.headers_out.content_type_lowcase = ptr::null_mut();
+        req.headers_out.content_length_n = json.len() as _;
+        let headers = addr_of_mut!(req.headers_out.headers);
+        if let Some(secs) = retry_after {
+            if push_header(pool, headers, "Retry-After", secs.to_string().as_bytes()).is_err() {
+                return Status::NGX_ERROR.into();
+            }
+        }
+        if status == 401 && push_header(pool, headers, "WWW-Authenticate", b"Bearer").is_err() {
+            return Status::NGX_ERROR.into();
+        }
+        let rc = ngx_http_send_header(r);
+        if rc == error || rc > ok || req.header_only() != 0 {
+            ngx_http_finalize_request(r, rc);
+            return Status::NGX_DONE.into();
+        }
+        let Some(mut buf) = Pool::from_ngx_pool(pool).create_buffer_from_str(&json) else {
+            return Status::NGX_ERROR.into();
+        };
+        buf.set_last_buf(true);
+        buf.set_last_in_chain(true);
+        let mut chain = ngx_chain_t { buf: buf.as_ngx_buf_mut(), next: ptr::null_mut() };
+        let rc = ngx_http_output_filter(r, &mut chain);
+        ngx_http_finalize_request(r, rc);
+        Status::NGX_DONE.into()
+    }
+}

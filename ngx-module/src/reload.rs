@@ -1,0 +1,174 @@
+//! The worker's key table and its hot reload.
+//!
+//! Each worker holds the current [`KeyTable`] and a bounded moka cache of
+//! resolved tokens (hits and misses), so a flood of random keys costs one hash
+//! and one probe each and cannot grow memory. A task on nginx's own event loop
+//! stats the keys file every `afr_reload_interval`; when it changed, a plain OS
+//! thread parses it (a 100 000-key file takes longer than a request may wait)
+//! and the task swaps the result in on the event loop: the swap is a pointer
+//! store plus a fresh cache. A broken file is logged with file, line and field
+//! and the previous table stays. Old tables are dropped off the event loop too.
+
+use std::cell::RefCell;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::{self, TryRecvError};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use afr_core::keys::{KeyEntry, KeyTable};
+use ngx::ffi::{NGX_LOG_ERR, NGX_LOG_NOTICE};
+use ngx::ngx_log_error;
+
+/// Resolved tokens kept per worker (hits and misses alike).
+const CACHE_CAPACITY: u64 = 16_384;
+/// How often a running parse is polled for its result.
+const PARSE_POLL: Duration = Duration::from_millis(5);
+
+/// What identifies one version of the keys file.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FileStamp {
+    mtime_ns: i128,
+    size: u64,
+    ino: u64,
+}
+
+impl FileStamp {
+    /// The stamp of `path` now, `None` when it cannot be stat'ed.
+    pub fn of(path: &Path) -> Option<FileStamp> {
+        let m = std::fs::metadata(path).ok()?;
+        Some(FileStamp {
+            mtime_ns: i128::from(m.mtime()) * 1_000_000_000 + i128::from(m.mtime_nsec()),
+            size: m.size(),
+            ino: m.ino(),
+        })
+    }
+}
+
+struct WorkerKeys {
+    table: Arc<KeyTable>,
+    cache: moka::sync::Cache<Box<[u8]>, Option<u32>>,
+}
+
+impl WorkerKeys {
+    fn new(table: Arc<KeyTable>) -> Self {
+        WorkerKeys {
+            table,
+            cache: moka::sync::Cache::new(CACHE_CAPACITY),
+        }
+    }
+}
+
+thread_local! {
+    // nginx runs requests and our task on one thread per worker.
+    static KEYS: RefCell<Option<WorkerKeys>> = const { RefCell::new(None) };
+}
+
+/// Makes `table` this worker's key table, with an empty cache.
+pub fn install(table: Arc<KeyTable>) {
+    let old = KEYS.with(|k| k.borrow_mut().replace(WorkerKeys::new(table)));
+    if let Some(old) = old {
+        // Freeing 100 000 entries takes milliseconds: not on the event loop.
+        drop_off_loop(old);
+    }
+}
+
+/// Looks `token` up (cache first, then one SHA-256 and one probe) and hands
+/// the key, if any, to `f`. `None` when no table is installed.
+pub fn resolve<R>(token: &[u8], f: impl FnOnce(Option<&KeyEntry>) -> R) -> Option<R> {
+    KEYS.with(|k| {
+        let keys = k.borrow();
+        let keys = keys.as_ref()?;
+        let index = match keys.cache.get(token) {
+            Some(hit) => hit,
+            None => {
+                let found = keys.table.find(token);
+                keys.cache.insert(token.into(), found);
+                found
+            }
+        };
+        Some(f(index.and_then(|i| keys.table.get(i))))
+    })
+}
+
+fn drop_off_loop<T: Send + 'static>(value: T) {
+    // If no thread can be started the closure, and the value, drop here.
+    let _ = spawn_quiet(move || drop(value));
+}
+
+/// Spawns a thread with every signal blocked, so nginx's signal handlers keep
+/// running on the worker's main thread only.
+fn spawn_quiet(f: impl FnOnce() + Send + 'static) -> std::io::Result<()> {
+    // SAFETY: sigset_t is plain data; sigfillset/pthread_sigmask only write to
+    // the sets we pass. The mask is restored right after the spawn, and the new
+    // thread inherits the blocked mask.
+    unsafe {
+        let mut all: libc::sigset_t = std::mem::zeroed();
+        let mut old: libc::sigset_t = std::mem::zeroed();
+        libc::sigfillset(&mut all);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &all, &mut old);
+        let r = std::thread::Builder::new().name("afr-keys".into()).spawn(f);
+        libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut());
+        r.map(|_| ())
+    }
+}
+
+/// Starts this worker's watcher of the keys file.
+pub fn watch(path: PathBuf, stamp: Option<FileStamp>, interval: Duration) {
+    ngx::async_::spawn(watch_loop(path, stamp, interval)).detach();
+}
+
+async fn watch_loop(path: PathBuf, mut seen: Option<FileStamp>, interval: Duration) {
+    loop {
+        ngx::async_::sleep(interval).await;
+        let now = FileStamp::of(&path);
+        if now == seen || now.is_none() {
+            // Unchanged, or mid-replace (rename): look again next tick.
+            continue;
+        }
+        seen = now;
+        let (tx, rx) = mpsc::channel();
+        let p = path.clone();
+        let started = spawn_quiet(move || {
+            let t0 = Instant::now();
+            let result = KeyTable::load(&p);
+            let _ = tx.send((result, t0.elapsed()));
+        });
+        if let Err(e) = started {
+            log(NGX_LOG_ERR, &format!("afr: cannot start keys parser thread: {e}"));
+            continue;
+        }
+        let (result, took) = loop {
+            ngx::async_::sleep(PARSE_POLL).await;
+            match rx.try_recv() {
+                Ok(done) => break done,
+                Err(TryRecvError::Empty) => continue,
+                Err(TryRecvError::Disconnected) => return,
+            }
+        };
+        match result {
+            Ok(table) => {
+                let t0 = Instant::now();
+                let n = table.len();
+                install(Arc::new(table));
+                log(
+                    NGX_LOG_NOTICE,
+                    &format!(
+                        "afr: loaded {n} keys from {} (parsed in {} ms, swapped in {} us)",
+                        path.display(),
+                        took.as_millis(),
+                        t0.elapsed().as_micros()
+                    ),
+                );
+            }
+            Err(e) => {
+                let n = KEYS.with(|k| k.borrow().as_ref().map_or(0, |w| w.table.len()));
+                log(NGX_LOG_ERR, &format!("afr: {e}; keeping the previous keys ({n} keys)"));
+            }
+        }
+    }
+}
+
+fn log(level: u32, msg: &str) {
+    ngx_log_error!(level, ngx::log::ngx_cycle_log().as_ptr(), "{msg}");
+}
