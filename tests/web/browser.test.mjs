@@ -233,6 +233,27 @@ describe('docs site', () => {
   });
 });
 
+describe('accessibility (axe-core: WCAG 2 A/AA, contrast included)', () => {
+  const axeSource = fs.readFileSync(path.join(REPO, 'tests/node_modules/axe-core/axe.min.js'), 'utf8');
+  for (const urlPath of ['/', '/docs/', '/playground/']) {
+    for (const colorScheme of ['light', 'dark']) {
+      test(`${urlPath} in the ${colorScheme} scheme has no violations`, async () => {
+        const context = await browser.newContext({ colorScheme });
+        const page = await context.newPage();
+        await page.goto(`${origin}${urlPath}`, { waitUntil: 'networkidle' });
+        await page.addScriptTag({ content: axeSource });
+        const violations = await page.evaluate(async () => {
+          // eslint-disable-next-line no-undef
+          const r = await axe.run(document, { runOnly: ['wcag2a', 'wcag2aa', 'wcag21a', 'wcag21aa'] });
+          return r.violations.map((v) => `${v.id} (${v.impact}): ${v.nodes.slice(0, 3).map((n) => n.target.join(' ')).join(', ')}`);
+        });
+        assert.deepEqual(violations, []);
+        await context.close();
+      });
+    }
+  }
+});
+
 describe('playground', () => {
   test('the model list is filled from GET /v1/models', async () => {
     const { page, problems } = await playgroundWithKey(key);
