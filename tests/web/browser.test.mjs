@@ -335,7 +335,7 @@ describe('playground', () => {
     await page.close();
   });
 
-  test('over the rate limit shows when the window resets', { skip: !process.env.AFR_WEB_URL ? false : 'needs scripts/run (creates a key)' }, async () => {
+  test('over the rate limit shows when to send again', { skip: !process.env.AFR_WEB_URL ? false : 'needs scripts/run (creates a key)' }, async () => {
     const limited = await newKey('web-rpm1', ['--rpm', '1']);
     await waitForKey(limited); // the key's one request of this minute
     const page = await browser.newPage();
@@ -344,7 +344,7 @@ describe('playground', () => {
     await sendMessage(page, 'One more?');
     await page.waitForSelector('#error:not([hidden])', { timeout: 10000 });
     assert.match(await page.textContent('#error'), /429 Too Many Requests/);
-    assert.match(await page.textContent('#error .error-advice'), /The window resets in \d+ s \(at /);
+    assert.match(await page.textContent('#error .error-advice'), /You can send again in \d+ s \(at /);
     assert.equal(await page.textContent('#rl-limit'), '1');
     assert.equal(await page.textContent('#rl-remaining'), '0');
     await page.close();

@@ -84,7 +84,10 @@ export async function fetchModels(key, signal) {
   }));
 }
 
-/** Seconds until a rate-limit window resets, from Retry-After or X-RateLimit-Reset. */
+/**
+ * Seconds to wait before retrying: Retry-After when the gateway sent it (exact for a 429,
+ * since the window slides), else the time until X-RateLimit-Reset.
+ */
 export function retryAfterSeconds(headers, now = Date.now()) {
   const retryAfter = headers.get('Retry-After');
   if (retryAfter !== null && retryAfter.trim() !== '' && !Number.isNaN(Number(retryAfter))) {
@@ -117,9 +120,9 @@ export function adviceFor(err) {
     case 413:
       return 'The request is too large for the gateway. Shorten the conversation (or clear it) and send again.';
     case 429: {
-      if (wait === null) return 'Rate limit reached for this key. Wait for the window to reset and send again.';
+      if (wait === null) return 'Rate limit reached for this key. Wait a little and send again.';
       const at = new Date(Date.now() + wait * 1000).toLocaleTimeString();
-      return `Rate limit reached for this key. The window resets in ${wait} s (at ${at}); send again then.`;
+      return `Rate limit reached for this key. You can send again in ${wait} s (at ${at}).`;
     }
     case 500:
       return 'Every provider for this model failed. Try again in a moment or pick another model.';
