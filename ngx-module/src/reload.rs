@@ -28,7 +28,10 @@ const PARSE_POLL: Duration = Duration::from_millis(5);
 /// What identifies one version of the keys file.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct FileStamp {
-    mtime_ns: i128,
+    // No 128-bit fields: nginx pools align to 8 bytes only, and this lives in
+    // the pool-allocated main conf.
+    mtime_s: i64,
+    mtime_ns: i64,
     size: u64,
     ino: u64,
 }
@@ -38,7 +41,8 @@ impl FileStamp {
     pub fn of(path: &Path) -> Option<FileStamp> {
         let m = std::fs::metadata(path).ok()?;
         Some(FileStamp {
-            mtime_ns: i128::from(m.mtime()) * 1_000_000_000 + i128::from(m.mtime_nsec()),
+            mtime_s: m.mtime(),
+            mtime_ns: m.mtime_nsec(),
             size: m.size(),
             ino: m.ino(),
         })
