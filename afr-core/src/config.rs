@@ -487,24 +487,42 @@ impl SidecarConfig {
         }
     }
 
-    /// The `GET /v1/models` body for a key (`allowed = None`: every model).
-    pub fn models_list(&self, allowed: Option<&[String]>) -> Value {
-        let data: Vec<Value> = self
+    /// The `GET /v1/models` body for a key (`allowed = None`: every model),
+    /// with its fields in OpenAI's order.
+    pub fn models_list(&self, allowed: Option<&[String]>) -> String {
+        #[derive(serde::Serialize)]
+        struct Entry<'a> {
+            id: &'a str,
+            object: &'static str,
+            created: u64,
+            owned_by: &'a str,
+            tier: Tier,
+            description: &'a str,
+        }
+        #[derive(serde::Serialize)]
+        struct List<'a> {
+            object: &'static str,
+            data: Vec<Entry<'a>>,
+        }
+        let data = self
             .models
             .iter()
             .filter(|(id, _)| allowed.is_none_or(|list| list.iter().any(|m| m == *id)))
-            .map(|(id, m)| {
-                serde_json::json!({
-                    "id": id,
-                    "object": "model",
-                    "created": m.created,
-                    "owned_by": m.owned_by,
-                    "tier": m.tier,
-                    "description": m.description,
-                })
+            .map(|(id, m)| Entry {
+                id,
+                object: "model",
+                created: m.created,
+                owned_by: &m.owned_by,
+                tier: m.tier,
+                description: &m.description,
             })
             .collect();
-        serde_json::json!({ "object": "list", "data": data })
+        // Serializing plain strings and numbers cannot fail.
+        serde_json::to_string(&List {
+            object: "list",
+            data,
+        })
+        .unwrap_or_default()
     }
 }
 

@@ -7,10 +7,16 @@
 use clap::{Parser, Subcommand};
 
 mod key_cli;
+mod providers;
+mod serve;
 mod usage;
 
 #[derive(Parser)]
-#[command(name = "afr", version, about = "Aeferalow gateway: sidecar, keys and usage")]
+#[command(
+    name = "afr",
+    version,
+    about = "Aeferalow gateway: sidecar, keys and usage"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -20,6 +26,8 @@ struct Cli {
 enum Command {
     /// Create, list and disable API keys in a keys.toml file.
     Key(key_cli::KeyArgs),
+    /// Run the sidecar behind nginx.
+    Serve(serve::ServeArgs),
     /// Report recorded usage by key, model, provider and day.
     Usage(usage::cli::UsageArgs),
 }
@@ -27,6 +35,7 @@ enum Command {
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Key(args) => key_cli::run(args),
+        Command::Serve(args) => serve::run(args),
         Command::Usage(args) => usage::cli::run(args),
     }
 }

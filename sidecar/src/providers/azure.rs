@@ -1,0 +1,82 @@
+//! Azure OpenAI: OpenAI's wire format at a deployment URL with an
+//! `api-version` query parameter and an `api-key` header
+//! (tests/fixtures/azure-openai-notes.md). The route's `model` names the deployment.
+
+use super::{
+    body_usage, openai_status_error, send_error, sse_events, Provider, ProviderError, Reply,
+    UpstreamCall,
+};
+use afr_core::config::{ProviderConfig, Timeouts};
+use async_trait::async_trait;
+use serde_json::Value;
+
+/// An Azure OpenAI resource.
+pub struct Azure {
+    base_url: String,
+    api_version: String,
+    api_key: Option<String>,
+    timeouts: Timeouts,
+    client: reqwest::Client,
+}
+
+impl Azure {
+    /// A provider posting to `{base_url}/openai/deployments/{model}/chat/completions`.
+    pub fn new(
+        _name: &str,
+        config: &ProviderConfig,
+        api_key: Option<String>,
+        client: reqwest::Client,
+    ) -> Self {
+        Azure {
+            base_url: config.base_url.trim_end_matches('/').to_owned(),
+            api_version: config.api_version.clone().unwrap_or_default(),
+            api_key,
+            timeouts: config.timeouts,
+            client,
+        }
+    }
+}
+
+#[async_trait]
+impl Provider for Azure {
+    fn timeouts(&self) -> Timeouts {
+        self.timeouts
+    }
+
+    async fn chat(&self, call: UpstreamCall) -> Result<Reply, ProviderError> {
+        let deployment = call
+            .body
+            .get("model")
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_owned();
+        let url = format!(
+            "{}/openai/deployments/{deployment}/chat/completions",
+            self.base_url
+        );
+        let body =
+            serde_json::to_vec(&call.body).map_err(|e| ProviderError::Protocol(e.to_string()))?;
+        let mut request = self
+            .client
+            .post(url)
+            .query(&[("api-version", self.api_version.as_str())])
+            .header(http::header::CONTENT_TYPE, "application/json")
+            .header("x-request-id", &call.request_id)
+            .body(body);
+        if let Some(key) = &self.api_key {
+            request = request.header("api-key", key);
+        }
+        let response = request.send().await.map_err(send_error)?;
+        if !response.status().is_success() {
+            return Err(openai_status_error(response).await);
+        }
+        if call.stream {
+            return Ok(Reply::Stream(sse_events(response)));
+        }
+        let body = response.bytes().await.map_err(|e| {
+            ProviderError::Connect(format!("reading the body: {}", e.without_url()))
+        })?;
+        let usage = body_usage(&body);
+        Ok(Reply::Complete { body, usage })
+    }
+}

@@ -1,0 +1,308 @@
+//! `POST /v1/chat/completions`: validate, walk the model's route plan with
+//! failover and breakers, then answer with the provider's body or relay its
+//! stream (see `relay`).
+//!
+//! A stream commits to a provider only once its first event arrived; before
+//! that any failure moves on to the next route, after it a failure ends the
+//! stream with an error event.
+
+use crate::providers::{ProviderError, Reply, UpstreamCall};
+use crate::serve::error::{json_response, Body, GatewayError};
+use crate::serve::relay::{self, StreamStart};
+use crate::serve::state::{BreakerTicket, Gateway, Runtime};
+use afr_core::breaker::Admission;
+use afr_core::route::{Exhausted, RoutePlan};
+use afr_core::sse::TokenUsage;
+use afr_core::usage::{TokenSource, UsageRecord};
+use afr_core::validate::{check_model, validate_chat, ChatRequest};
+use bytes::Bytes;
+use futures_util::StreamExt;
+use http::{Response, StatusCode};
+use serde_json::Value;
+use std::sync::Arc;
+use std::time::Instant;
+use tokio::time::timeout_at;
+
+/// Who is asking, as nginx told us.
+pub struct Caller {
+    /// Gateway request id.
+    pub request_id: String,
+    /// The key's id (`X-Afr-Key-Id`).
+    pub key_id: String,
+    /// The key's model allow-list (`X-Afr-Models`); `None`: every model.
+    pub allowed: Option<Vec<String>>,
+    /// When the request arrived.
+    pub started: Instant,
+    /// Arrival as Unix milliseconds.
+    pub ts_ms: i64,
+}
+
+/// Handles one chat completion; never fails (errors become responses).
+pub async fn chat_completions(
+    gateway: Arc<Gateway>,
+    runtime: Arc<Runtime>,
+    caller: Caller,
+    body: Bytes,
+) -> Response<Body> {
+    let request = match validate_chat(&body) {
+        Ok(r) => r,
+        Err(invalid) => return reject(&gateway, &caller, "", GatewayError::Invalid(invalid)),
+    };
+    let in_catalogue = runtime.config.models.contains_key(&request.model);
+    if let Err(invalid) = check_model(&request.model, in_catalogue, caller.allowed.as_deref()) {
+        return reject(
+            &gateway,
+            &caller,
+            &request.model,
+            GatewayError::Invalid(invalid),
+        );
+    }
+    route(gateway, runtime, caller, request).await
+}
+
+/// A usage record for this request with no provider yet.
+fn usage_record(caller: &Caller, model: &str, stream: bool) -> UsageRecord {
+    UsageRecord {
+        ts_ms: caller.ts_ms,
+        request_id: caller.request_id.clone(),
+        key_id: caller.key_id.clone(),
+        model: model.to_owned(),
+        provider: String::new(),
+        upstream_model: String::new(),
+        prompt_tokens: 0,
+        completion_tokens: 0,
+        total_tokens: 0,
+        token_source: TokenSource::None,
+        latency_ms: 0,
+        ttft_ms: None,
+        status: 0,
+        stream,
+        truncated: false,
+    }
+}
+
+/// Answers with an error before any provider was involved (no usage row: the
+/// request never reached a model).
+fn reject(gateway: &Gateway, caller: &Caller, model: &str, error: GatewayError) -> Response<Body> {
+    let status = error.status().as_u16();
+    tracing::info!(request_id = %caller.request_id, key_id = %caller.key_id, status, error = %error, "rejected");
+    gateway
+        .metrics
+        .request(model, "", status, caller.started.elapsed());
+    error.into_response(&caller.request_id)
+}
+
+/// Records the usage row and metrics of a request that ended with `status`.
+pub(crate) fn finish(gateway: &Gateway, mut record: UsageRecord, started: Instant, status: u16) {
+    let latency = started.elapsed();
+    record.status = status;
+    record.latency_ms = latency.as_millis() as u64;
+    gateway
+        .metrics
+        .request(&record.model, &record.provider, status, latency);
+    if record.token_source != TokenSource::None {
+        gateway.metrics.tokens(
+            &record.model,
+            &record.provider,
+            record.prompt_tokens,
+            record.completion_tokens,
+        );
+    }
+    if let Some(recorder) = &gateway.recorder {
+        recorder.record(record);
+    }
+}
+
+/// Fills token counts from a provider's usage.
+pub(crate) fn apply_usage(record: &mut UsageRecord, usage: Option<TokenUsage>) {
+    if let Some(u) = usage {
+        record.prompt_tokens = u.prompt_tokens;
+        record.completion_tokens = u.completion_tokens;
+        record.total_tokens = if u.total_tokens > 0 {
+            u.total_tokens
+        } else {
+            u.prompt_tokens + u.completion_tokens
+        };
+        record.token_source = TokenSource::Provider;
+    }
+}
+
+async fn route(
+    gateway: Arc<Gateway>,
+    runtime: Arc<Runtime>,
+    caller: Caller,
+    request: ChatRequest,
+) -> Response<Body> {
+    let Some(model) = runtime.config.models.get(&request.model) else {
+        return reject(
+            &gateway,
+            &caller,
+            &request.model,
+            GatewayError::NotFound(request.model.clone()),
+        );
+    };
+    let mut record = usage_record(&caller, &request.model, request.stream);
+    let mut body = request.body;
+    // Ask for usage on every stream; strip it again unless the client asked (design §5).
+    let strip_usage = request.stream && !request.include_usage;
+    if strip_usage {
+        let options = body
+            .entry("stream_options")
+            .or_insert_with(|| Value::Object(Default::default()));
+        if let Value::Object(o) = options {
+            o.insert("include_usage".into(), Value::Bool(true));
+        }
+    }
+    let prompt_chars = estimate_prompt_chars(&body);
+
+    let mut plan = RoutePlan::new(model.routes.len());
+    let mut last_provider = String::new();
+    loop {
+        let next = plan.next_route(|i| {
+            let name = &model.routes[i].provider;
+            if !runtime.providers.contains_key(name) {
+                // Disabled (no API key): never admitted, never counted.
+                return Admission::Rejected {
+                    retry_after: runtime.config.breaker.cooldown,
+                };
+            }
+            gateway.admit(name, Instant::now())
+        });
+        let Some((index, _)) = next else { break };
+        let route = &model.routes[index];
+        let Some(provider) = runtime.providers.get(&route.provider) else {
+            continue;
+        };
+        if !last_provider.is_empty() {
+            gateway.metrics.failover(&request.model, &last_provider);
+        }
+        last_provider = route.provider.clone();
+        record.provider = route.provider.clone();
+        record.upstream_model = route.model.clone();
+
+        let ticket = BreakerTicket::new(gateway.clone(), &route.provider);
+        let mut call_body = body.clone();
+        route.adapt(&mut call_body);
+        let timeouts = provider.timeouts();
+        let attempt_start = tokio::time::Instant::now();
+        let deadline = attempt_start + timeouts.total;
+        let first_byte = (attempt_start + timeouts.first_byte).min(deadline);
+        let call = UpstreamCall {
+            body: call_body,
+            stream: request.stream,
+            request_id: caller.request_id.clone(),
+        };
+        let outcome = match timeout_at(first_byte, provider.chat(call)).await {
+            Ok(r) => r,
+            Err(_) => Err(ProviderError::Timeout("first_byte")),
+        };
+        let reply = match outcome {
+            Ok(reply) => reply,
+            Err(error) if error.is_retryable() => {
+                tracing::warn!(request_id = %caller.request_id, provider = %route.provider, error = %error, "provider failed; trying the next route");
+                ticket.failure();
+                continue;
+            }
+            Err(error) => {
+                // The provider is healthy; the request is at fault.
+                ticket.success();
+                let gw_error = GatewayError::Upstream {
+                    provider: route.provider.clone(),
+                    error,
+                };
+                let status = gw_error.status().as_u16();
+                tracing::info!(request_id = %caller.request_id, provider = %route.provider, status, error = %gw_error, "provider refused the request");
+                finish(&gateway, record, caller.started, status);
+                return gw_error.into_response(&caller.request_id);
+            }
+        };
+        match reply {
+            Reply::Complete { body, usage } => {
+                ticket.success();
+                apply_usage(&mut record, usage);
+                finish(&gateway, record, caller.started, 200);
+                return json_response(StatusCode::OK, body, &caller.request_id);
+            }
+            Reply::Stream(mut events) => {
+                let first = match timeout_at(first_byte, events.next()).await {
+                    Ok(Some(Ok(event))) => event,
+                    Ok(Some(Err(error))) => {
+                        tracing::warn!(request_id = %caller.request_id, provider = %route.provider, error = %error, "stream failed before its first event; trying the next route");
+                        ticket.failure();
+                        continue;
+                    }
+                    Ok(None) => {
+                        tracing::warn!(request_id = %caller.request_id, provider = %route.provider, "stream ended before its first event; trying the next route");
+                        ticket.failure();
+                        continue;
+                    }
+                    Err(_) => {
+                        tracing::warn!(request_id = %caller.request_id, provider = %route.provider, "no first event within first_byte; trying the next route");
+                        ticket.failure();
+                        continue;
+                    }
+                };
+                ticket.success();
+                let ttft = caller.started.elapsed();
+                record.ttft_ms = Some(ttft.as_millis() as u64);
+                gateway.metrics.ttft(&request.model, &route.provider, ttft);
+                return relay::respond(StreamStart {
+                    gateway: gateway.clone(),
+                    provider: route.provider.clone(),
+                    first,
+                    events,
+                    strip_usage,
+                    idle: timeouts.idle,
+                    deadline,
+                    record,
+                    started: caller.started,
+                    prompt_chars,
+                    request_id: caller.request_id.clone(),
+                });
+            }
+        }
+    }
+
+    let error = match plan.exhausted() {
+        Exhausted::AllOpen { retry_after_secs } => GatewayError::AllOpen {
+            model: request.model.clone(),
+            retry_after_secs,
+        },
+        Exhausted::AllFailed { tried } => {
+            let tried: Vec<&str> = tried
+                .iter()
+                .map(|&i| model.routes[i].provider.as_str())
+                .collect();
+            tracing::error!(request_id = %caller.request_id, model = %request.model, tried = ?tried, "every provider failed");
+            GatewayError::AllFailed {
+                model: request.model.clone(),
+            }
+        }
+    };
+    let status = error.status().as_u16();
+    finish(&gateway, record, caller.started, status);
+    error.into_response(&caller.request_id)
+}
+
+/// Characters of prompt text, for estimating tokens of a stream cut short
+/// before the provider's usage arrived.
+fn estimate_prompt_chars(body: &serde_json::Map<String, Value>) -> usize {
+    body.get("messages")
+        .and_then(Value::as_array)
+        .map(|messages| {
+            messages
+                .iter()
+                .map(|m| match m.get("content") {
+                    Some(Value::String(s)) => s.chars().count(),
+                    Some(other) => other.to_string().len(),
+                    None => 0,
+                })
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+/// Rough tokens for `chars` characters (about four per token for English).
+pub(crate) fn estimate_tokens(chars: usize) -> u64 {
+    chars.div_ceil(4) as u64
+}

@@ -1,0 +1,221 @@
+//! Every way a request can fail, each knowing its HTTP status, mapped to
+//! exactly one OpenAI error body here and nowhere else.
+
+use crate::providers::ProviderError;
+use afr_core::error::ErrorBody;
+use afr_core::validate::Invalid;
+use bytes::Bytes;
+use http::{HeaderValue, Response, StatusCode};
+use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::{BodyExt, Full};
+use std::convert::Infallible;
+
+/// The response body type of every sidecar answer.
+pub type Body = UnsyncBoxBody<Bytes, Infallible>;
+
+/// A request the sidecar answers with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayError {
+    /// No or wrong `X-Afr-Secret`: the request did not come through nginx.
+    #[error("missing or wrong X-Afr-Secret")]
+    Unauthenticated,
+    /// No such endpoint.
+    #[error("unknown endpoint {0}")]
+    NotFound(String),
+    /// Endpoint exists, method does not.
+    #[error("method {0} not allowed")]
+    MethodNotAllowed(String),
+    /// The body exceeds `server.max_body_bytes`.
+    #[error("request body larger than {0} bytes")]
+    TooLarge(usize),
+    /// Validation failed (400 with `param`).
+    #[error("invalid request: {}", .0.message)]
+    Invalid(Invalid),
+    /// A provider's non-retryable 4xx, returned to the client.
+    #[error("provider {provider} refused the request")]
+    Upstream {
+        /// Provider name (logged, not sent).
+        provider: String,
+        /// The provider's error.
+        error: ProviderError,
+    },
+    /// Every route was tried and failed.
+    #[error("all providers failed for {model}")]
+    AllFailed {
+        /// The catalogue model.
+        model: String,
+    },
+    /// Every route's breaker is open.
+    #[error("all providers for {model} are unavailable (circuit open)")]
+    AllOpen {
+        /// The catalogue model.
+        model: String,
+        /// Seconds until the first breaker half-opens.
+        retry_after_secs: u64,
+    },
+    /// The client's body could not be read.
+    #[error("reading the request body: {0}")]
+    BodyRead(String),
+    /// The usage store is not available or failed.
+    #[error("usage store: {0}")]
+    Usage(String),
+}
+
+impl GatewayError {
+    /// The HTTP status this error is answered with.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            GatewayError::Unauthenticated => StatusCode::UNAUTHORIZED,
+            GatewayError::NotFound(_) => StatusCode::NOT_FOUND,
+            GatewayError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
+            GatewayError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            GatewayError::Invalid(_) | GatewayError::BodyRead(_) => StatusCode::BAD_REQUEST,
+            GatewayError::Upstream { error, .. } => match error {
+                ProviderError::Status { status, .. } => {
+                    StatusCode::from_u16(*status).unwrap_or(StatusCode::BAD_REQUEST)
+                }
+                _ => StatusCode::BAD_GATEWAY,
+            },
+            GatewayError::AllFailed { .. } | GatewayError::Usage(_) => {
+                StatusCode::INTERNAL_SERVER_ERROR
+            }
+            GatewayError::AllOpen { .. } => StatusCode::SERVICE_UNAVAILABLE,
+        }
+    }
+
+    /// The OpenAI error object for this error. Never contains a secret:
+    /// upstream messages are only relayed for a provider's 4xx about the
+    /// request itself (credential errors are failed over, never relayed).
+    pub fn body(&self) -> ErrorBody {
+        match self {
+            GatewayError::Unauthenticated => ErrorBody::new(
+                "invalid_request_error",
+                Some("invalid_api_key"),
+                "This request did not come through the gateway's nginx (missing or wrong shared secret).",
+            ),
+            GatewayError::NotFound(path) => ErrorBody::new(
+                "invalid_request_error",
+                Some("unknown_url"),
+                format!("Unknown request URL: {path}."),
+            ),
+            GatewayError::MethodNotAllowed(method) => ErrorBody::new(
+                "invalid_request_error",
+                Some("method_not_allowed"),
+                format!("Method {method} is not allowed for this URL."),
+            ),
+            GatewayError::TooLarge(limit) => ErrorBody::new(
+                "invalid_request_error",
+                Some("request_too_large"),
+                format!("The request body is larger than the limit of {limit} bytes."),
+            ),
+            GatewayError::Invalid(invalid) => invalid.to_error_body(),
+            GatewayError::BodyRead(_) => ErrorBody::new(
+                "invalid_request_error",
+                None,
+                "The request body could not be read.",
+            ),
+            GatewayError::Upstream { error, .. } => upstream_body(error),
+            GatewayError::AllFailed { model } => ErrorBody::new(
+                "server_error",
+                Some("upstream_failed"),
+                format!("Every provider for the model '{model}' failed; please retry later."),
+            ),
+            GatewayError::AllOpen { model, .. } => ErrorBody::new(
+                "server_error",
+                Some("providers_unavailable"),
+                format!("Every provider for the model '{model}' is temporarily unavailable; please retry later."),
+            ),
+            GatewayError::Usage(_) => ErrorBody::new(
+                "server_error",
+                None,
+                "Usage data is temporarily unavailable.",
+            ),
+        }
+    }
+
+    /// The full HTTP response (JSON body, `x-request-id`, `Retry-After` where it applies).
+    pub fn into_response(self, request_id: &str) -> Response<Body> {
+        let mut response = json_response(self.status(), self.body().to_json(), request_id);
+        if let GatewayError::AllOpen {
+            retry_after_secs, ..
+        } = self
+        {
+            response.headers_mut().insert(
+                http::header::RETRY_AFTER,
+                HeaderValue::from(retry_after_secs),
+            );
+        }
+        response
+    }
+}
+
+/// Maps a provider's 4xx to the OpenAI error shape; `type` and `code` are
+/// kept when they are ones the OpenAI SDKs know.
+fn upstream_body(error: &ProviderError) -> ErrorBody {
+    let ProviderError::Status {
+        status,
+        message,
+        kind,
+        param,
+        code,
+    } = error
+    else {
+        return ErrorBody::new(
+            "server_error",
+            None,
+            "The provider's answer could not be read.",
+        );
+    };
+    let kind = match kind.as_deref() {
+        Some("invalid_request_error") => "invalid_request_error",
+        Some("not_found_error") => "not_found_error",
+        Some("rate_limit_error" | "requests" | "tokens") => "rate_limit_error",
+        Some("insufficient_quota") => "insufficient_quota",
+        _ if *status == 404 => "not_found_error",
+        _ => "invalid_request_error",
+    };
+    const KNOWN_CODES: [&str; 10] = [
+        "model_not_found",
+        "context_length_exceeded",
+        "content_filter",
+        "invalid_value",
+        "invalid_type",
+        "unsupported_parameter",
+        "unsupported_value",
+        "missing_required_parameter",
+        "string_above_max_length",
+        "rate_limit_exceeded",
+    ];
+    let code = code
+        .as_deref()
+        .and_then(|c| KNOWN_CODES.iter().copied().find(|k| *k == c));
+    let body = ErrorBody::new(kind, code, message.clone());
+    match param {
+        Some(p) => body.with_param(p.clone()),
+        None => body,
+    }
+}
+
+/// A JSON response with the gateway's standard headers.
+pub fn json_response(
+    status: StatusCode,
+    json: impl Into<Bytes>,
+    request_id: &str,
+) -> Response<Body> {
+    let mut response = Response::new(full(json.into()));
+    *response.status_mut() = status;
+    let headers = response.headers_mut();
+    headers.insert(
+        http::header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    if let Ok(id) = HeaderValue::from_str(request_id) {
+        headers.insert("x-request-id", id);
+    }
+    response
+}
+
+/// A complete body.
+pub fn full(bytes: Bytes) -> Body {
+    Full::new(bytes).boxed_unsync()
+}

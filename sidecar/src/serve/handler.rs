@@ -1,0 +1,143 @@
+//! The HTTP front of the sidecar: checks nginx's shared secret, reads the
+//! key's identity from the module's headers, and dispatches by path.
+
+use crate::serve::chat::{chat_completions, Caller};
+use crate::serve::error::{json_response, Body, GatewayError};
+use crate::serve::state::Gateway;
+use crate::usage::http::{parse_query_string, render_key_usage};
+use afr_core::validate::Invalid;
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Limited};
+use hyper::body::Incoming;
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use subtle::ConstantTimeEq;
+
+/// Handles one request from nginx.
+pub async fn handle(
+    gateway: Arc<Gateway>,
+    request: Request<Incoming>,
+) -> Result<Response<Body>, Infallible> {
+    let started = Instant::now();
+    let request_id = request_id(&request);
+    let runtime = gateway.runtime.load_full();
+
+    let secret = request
+        .headers()
+        .get("x-afr-secret")
+        .map(|v| v.as_bytes())
+        .unwrap_or_default();
+    if !bool::from(secret.ct_eq(&runtime.secret)) {
+        tracing::warn!(request_id = %request_id, path = %request.uri().path(), has_header = !secret.is_empty(), "refused: missing or wrong X-Afr-Secret");
+        return Ok(GatewayError::Unauthenticated.into_response(&request_id));
+    }
+    let caller = Caller {
+        request_id: request_id.clone(),
+        key_id: header(&request, "x-afr-key-id").unwrap_or("-").to_owned(),
+        allowed: header(&request, "x-afr-models").map(|list| {
+            list.split(',')
+                .map(str::trim)
+                .filter(|m| !m.is_empty())
+                .map(str::to_owned)
+                .collect()
+        }),
+        started,
+        ts_ms: unix_ms(),
+    };
+
+    let path = request.uri().path().to_owned();
+    let response = match (request.method(), path.as_str()) {
+        (&Method::POST, "/v1/chat/completions") => {
+            let limit = runtime.config.server.max_body_bytes;
+            match read_body(request, limit).await {
+                Ok(body) => chat_completions(gateway, runtime, caller, body).await,
+                Err(e) => e.into_response(&request_id),
+            }
+        }
+        (&Method::GET, "/v1/models") => {
+            let list = runtime.config.models_list(caller.allowed.as_deref());
+            json_response(StatusCode::OK, list, &request_id)
+        }
+        (&Method::GET, "/v1/usage") => {
+            usage(&gateway, &caller, request.uri().query().unwrap_or("")).await
+        }
+        (method, "/v1/chat/completions" | "/v1/models" | "/v1/usage") => {
+            GatewayError::MethodNotAllowed(method.to_string()).into_response(&request_id)
+        }
+        _ => GatewayError::NotFound(path).into_response(&request_id),
+    };
+    Ok(response)
+}
+
+/// Reuses nginx's request id when it sends a sane one, else makes one.
+fn request_id(request: &Request<Incoming>) -> String {
+    match header(request, "x-request-id") {
+        Some(id)
+            if !id.is_empty() && id.len() <= 128 && id.bytes().all(|b| b.is_ascii_graphic()) =>
+        {
+            id.to_owned()
+        }
+        _ => format!("req_{}", uuid::Uuid::new_v4().simple()),
+    }
+}
+
+fn header<'a>(request: &'a Request<Incoming>, name: &str) -> Option<&'a str> {
+    request.headers().get(name).and_then(|v| v.to_str().ok())
+}
+
+fn unix_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// Reads the whole body, refusing more than `limit` bytes with 413.
+async fn read_body(request: Request<Incoming>, limit: usize) -> Result<Bytes, GatewayError> {
+    let declared = request
+        .headers()
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Err(GatewayError::TooLarge(limit));
+    }
+    match Limited::new(request.into_body(), limit).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(GatewayError::TooLarge(limit)),
+        Err(e) => Err(GatewayError::BodyRead(e.to_string())),
+    }
+}
+
+/// `GET /v1/usage`: the calling key's own usage.
+async fn usage(gateway: &Gateway, caller: &Caller, query: &str) -> Response<Body> {
+    let q = match parse_query_string(query, &caller.key_id, caller.ts_ms) {
+        Ok(q) => q,
+        Err(e) => {
+            let invalid = Invalid {
+                param: Some(e.param().to_owned()),
+                message: e.to_string(),
+                code: None,
+            };
+            return GatewayError::Invalid(invalid).into_response(&caller.request_id);
+        }
+    };
+    let Some(reader) = gateway.reader.clone() else {
+        return GatewayError::Usage("no usage store".into()).into_response(&caller.request_id);
+    };
+    let query = q.clone();
+    let rows = tokio::task::spawn_blocking(move || reader.query(&query)).await;
+    match rows {
+        Ok(Ok(rows)) => {
+            let body = render_key_usage(&caller.key_id, &q, &rows);
+            json_response(StatusCode::OK, body.to_string(), &caller.request_id)
+        }
+        Ok(Err(e)) => {
+            tracing::error!(request_id = %caller.request_id, error = %e, "usage query failed");
+            GatewayError::Usage(e.to_string()).into_response(&caller.request_id)
+        }
+        Err(e) => GatewayError::Usage(e.to_string()).into_response(&caller.request_id),
+    }
+}

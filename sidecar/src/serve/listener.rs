@@ -1,0 +1,153 @@
+//! Accept loops: the main listener (unix socket or loopback TCP) and the admin
+//! listener (`/metrics`, `/healthz`). HTTP/1.1 with keep-alive; `TCP_NODELAY`
+//! on every accepted TCP socket (headers and body go out in separate writes,
+//! and Nagle against delayed ACK would stall each response ~40 ms).
+
+use crate::serve::error::{full, json_response, Body};
+use crate::serve::handler::handle;
+use crate::serve::state::Gateway;
+use afr_core::config::Listen;
+use http::{HeaderValue, Request, Response, StatusCode};
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use hyper_util::server::graceful::{GracefulShutdown, Watcher};
+use std::convert::Infallible;
+use std::sync::Arc;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, UnixListener};
+use tokio::sync::watch;
+
+/// A bound listener.
+pub enum Bound {
+    /// Loopback TCP.
+    Tcp(TcpListener),
+    /// Unix domain socket (its path removed on drop by `serve`).
+    Unix(UnixListener, std::path::PathBuf),
+}
+
+impl Bound {
+    /// Binds `listen`, replacing a stale unix socket file.
+    pub async fn bind(listen: &Listen) -> std::io::Result<Bound> {
+        match listen {
+            Listen::Tcp(addr) => Ok(Bound::Tcp(TcpListener::bind(addr).await?)),
+            Listen::Unix(path) => {
+                if std::fs::symlink_metadata(path).is_ok() {
+                    std::fs::remove_file(path)?;
+                }
+                Ok(Bound::Unix(UnixListener::bind(path)?, path.clone()))
+            }
+        }
+    }
+
+    /// The bound TCP port, if TCP.
+    pub fn port(&self) -> Option<u16> {
+        match self {
+            Bound::Tcp(l) => l.local_addr().ok().map(|a| a.port()),
+            Bound::Unix(..) => None,
+        }
+    }
+}
+
+/// Serves the main API until `stop` turns true, then waits for open
+/// connections (in-flight requests and streams) to finish.
+pub async fn serve_api(bound: Bound, gateway: Arc<Gateway>, mut stop: watch::Receiver<bool>) {
+    let graceful = GracefulShutdown::new();
+    loop {
+        tokio::select! {
+            _ = stop.changed() => break,
+            accepted = accept(&bound) => match accepted {
+                Ok(Accepted::Tcp(stream)) => spawn_api(TokioIo::new(stream), &gateway, graceful.watcher()),
+                Ok(Accepted::Unix(stream)) => spawn_api(TokioIo::new(stream), &gateway, graceful.watcher()),
+                Err(e) => {
+                    tracing::error!(error = %e, "accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                }
+            },
+        }
+    }
+    if let Bound::Unix(_, path) = &bound {
+        let _ = std::fs::remove_file(path);
+    }
+    drop(bound);
+    graceful.shutdown().await;
+}
+
+enum Accepted {
+    Tcp(tokio::net::TcpStream),
+    Unix(tokio::net::UnixStream),
+}
+
+async fn accept(bound: &Bound) -> std::io::Result<Accepted> {
+    match bound {
+        Bound::Tcp(l) => {
+            let (stream, _) = l.accept().await?;
+            stream.set_nodelay(true)?;
+            Ok(Accepted::Tcp(stream))
+        }
+        Bound::Unix(l, _) => Ok(Accepted::Unix(l.accept().await?.0)),
+    }
+}
+
+fn spawn_api<I>(io: TokioIo<I>, gateway: &Arc<Gateway>, watcher: Watcher)
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let gateway = gateway.clone();
+    let service = service_fn(move |request| handle(gateway.clone(), request));
+    let connection = http1::Builder::new()
+        .keep_alive(true)
+        .serve_connection(io, service);
+    tokio::spawn(async move {
+        if let Err(e) = watcher.watch(connection).await {
+            tracing::debug!(error = %e, "connection ended with an error");
+        }
+    });
+}
+
+/// Serves `/metrics` and `/healthz` until `stop` turns true.
+pub async fn serve_admin(
+    listener: TcpListener,
+    gateway: Arc<Gateway>,
+    mut stop: watch::Receiver<bool>,
+) {
+    loop {
+        tokio::select! {
+            _ = stop.changed() => break,
+            accepted = listener.accept() => {
+                let Ok((stream, _)) = accepted else { continue };
+                let _ = stream.set_nodelay(true);
+                let gateway = gateway.clone();
+                let service = service_fn(move |request| admin(gateway.clone(), request));
+                tokio::spawn(async move {
+                    let _ = http1::Builder::new().serve_connection(TokioIo::new(stream), service).await;
+                });
+            }
+        }
+    }
+}
+
+async fn admin(
+    gateway: Arc<Gateway>,
+    request: Request<Incoming>,
+) -> Result<Response<Body>, Infallible> {
+    Ok(match request.uri().path() {
+        "/metrics" => {
+            let mut response = Response::new(full(gateway.metrics.encode().into()));
+            response.headers_mut().insert(
+                http::header::CONTENT_TYPE,
+                HeaderValue::from_static(
+                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                ),
+            );
+            response
+        }
+        "/healthz" => json_response(StatusCode::OK, r#"{"status":"ok"}"#, "-"),
+        _ => {
+            let mut response = Response::new(full("not found\n".into()));
+            *response.status_mut() = StatusCode::NOT_FOUND;
+            response
+        }
+    })
+}

@@ -1,0 +1,184 @@
+//! Prometheus metrics (served on the admin listener): requests by
+//! model/provider/status, latency and time-to-first-token histograms, tokens,
+//! breaker state and failovers. Labels carry names and key ids, never secrets.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+use std::time::Duration;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RequestLabels {
+    model: String,
+    provider: String,
+    status: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ModelLabels {
+    model: String,
+    provider: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TokenLabels {
+    model: String,
+    provider: String,
+    kind: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ProviderLabels {
+    provider: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct FailoverLabels {
+    model: String,
+    from: String,
+}
+
+/// All sidecar metrics, cheap to update from any task.
+pub struct Metrics {
+    registry: Registry,
+    requests: Family<RequestLabels, Counter>,
+    latency: Family<ModelLabels, Histogram>,
+    ttft: Family<ModelLabels, Histogram>,
+    tokens: Family<TokenLabels, Counter>,
+    breaker: Family<ProviderLabels, Gauge>,
+    failovers: Family<FailoverLabels, Counter>,
+}
+
+fn latency_histogram() -> Histogram {
+    // 0.5 ms … ~16 s: gateway overhead through long generations.
+    Histogram::new(exponential_buckets(0.0005, 2.0, 16))
+}
+
+impl Metrics {
+    /// Registers every metric.
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("afr");
+        let requests = Family::<RequestLabels, Counter>::default();
+        registry.register(
+            "requests",
+            "Requests by model, provider and HTTP status",
+            requests.clone(),
+        );
+        let latency = Family::<ModelLabels, Histogram>::new_with_constructor(
+            latency_histogram as fn() -> Histogram,
+        );
+        registry.register(
+            "request_duration_seconds",
+            "Time until the response was complete",
+            latency.clone(),
+        );
+        let ttft = Family::<ModelLabels, Histogram>::new_with_constructor(
+            latency_histogram as fn() -> Histogram,
+        );
+        registry.register(
+            "time_to_first_token_seconds",
+            "Streams: time until the first event was sent",
+            ttft.clone(),
+        );
+        let tokens = Family::<TokenLabels, Counter>::default();
+        registry.register(
+            "tokens",
+            "Tokens by model, provider and kind (prompt, completion)",
+            tokens.clone(),
+        );
+        let breaker = Family::<ProviderLabels, Gauge>::default();
+        registry.register(
+            "breaker_state",
+            "Circuit breaker per provider: 0 closed, 1 half-open, 2 open",
+            breaker.clone(),
+        );
+        let failovers = Family::<FailoverLabels, Counter>::default();
+        registry.register(
+            "failovers",
+            "Requests moved to the next route, by the provider that failed",
+            failovers.clone(),
+        );
+        Metrics {
+            registry,
+            requests,
+            latency,
+            ttft,
+            tokens,
+            breaker,
+            failovers,
+        }
+    }
+
+    /// Counts one finished request and its latency.
+    pub fn request(&self, model: &str, provider: &str, status: u16, latency: Duration) {
+        self.requests
+            .get_or_create(&RequestLabels {
+                model: model.to_owned(),
+                provider: provider.to_owned(),
+                status: status.to_string(),
+            })
+            .inc();
+        if !provider.is_empty() {
+            self.latency
+                .get_or_create(&ModelLabels {
+                    model: model.to_owned(),
+                    provider: provider.to_owned(),
+                })
+                .observe(latency.as_secs_f64());
+        }
+    }
+
+    /// Records a stream's time to first token.
+    pub fn ttft(&self, model: &str, provider: &str, ttft: Duration) {
+        self.ttft
+            .get_or_create(&ModelLabels {
+                model: model.to_owned(),
+                provider: provider.to_owned(),
+            })
+            .observe(ttft.as_secs_f64());
+    }
+
+    /// Adds token counts.
+    pub fn tokens(&self, model: &str, provider: &str, prompt: u64, completion: u64) {
+        for (kind, n) in [("prompt", prompt), ("completion", completion)] {
+            self.tokens
+                .get_or_create(&TokenLabels {
+                    model: model.to_owned(),
+                    provider: provider.to_owned(),
+                    kind: kind.to_owned(),
+                })
+                .inc_by(n);
+        }
+    }
+
+    /// Sets a provider's breaker gauge.
+    pub fn breaker_state(&self, provider: &str, state: afr_core::breaker::BreakerState) {
+        self.breaker
+            .get_or_create(&ProviderLabels {
+                provider: provider.to_owned(),
+            })
+            .set(state.as_gauge());
+    }
+
+    /// Counts one failover away from `from`.
+    pub fn failover(&self, model: &str, from: &str) {
+        self.failovers
+            .get_or_create(&FailoverLabels {
+                model: model.to_owned(),
+                from: from.to_owned(),
+            })
+            .inc();
+    }
+
+    /// The text exposition format.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &self.registry) {
+            tracing::error!(error = %e, "encoding metrics failed");
+        }
+        out
+    }
+}

@@ -1,0 +1,164 @@
+//! `afr serve`: the sidecar behind nginx (design §2–§7). Reads its config,
+//! opens the usage store, listens on the configured socket, serves until
+//! SIGTERM/SIGINT, then drains open connections and flushes usage.
+//!
+//! - [`handler`]: secret check and dispatch; [`chat`]: route plan and failover;
+//!   [`relay`]: stream passthrough and the usage tap; [`error`]: the one
+//!   mapping from errors to OpenAI bodies; [`state`]: config snapshot and
+//!   breakers; [`listener`], [`reload`], [`metrics`].
+
+pub mod chat;
+pub mod error;
+pub mod handler;
+pub mod listener;
+pub mod metrics;
+pub mod relay;
+pub mod reload;
+pub mod state;
+
+use crate::usage::Store;
+use afr_core::config::{parse_listen, Listen};
+use anyhow::Context;
+use listener::Bound;
+use state::{Gateway, Runtime};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// `afr serve` arguments.
+#[derive(clap::Args)]
+pub struct ServeArgs {
+    /// The sidecar config file.
+    #[arg(long, default_value = "/etc/afr/sidecar.toml")]
+    pub config: PathBuf,
+    /// Write the main listener's TCP port here once bound (for tests with port 0).
+    #[arg(long)]
+    pub port_file: Option<PathBuf>,
+    /// Write the admin listener's TCP port here once bound.
+    #[arg(long)]
+    pub admin_port_file: Option<PathBuf>,
+    /// Worker threads (default: one per CPU).
+    #[arg(long)]
+    pub threads: Option<usize>,
+}
+
+/// How long open connections may take to finish after SIGTERM.
+const DRAIN: Duration = Duration::from_secs(20);
+
+/// Runs the sidecar until SIGTERM/SIGINT.
+pub fn run(args: ServeArgs) -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("AFR_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    builder.enable_all();
+    if let Some(n) = args.threads {
+        builder.worker_threads(n.max(1));
+    }
+    builder
+        .build()
+        .context("starting the async runtime")?
+        .block_on(serve(args))
+}
+
+async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let runtime = Runtime::load(&args.config).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let listen = parse_listen(&runtime.config.server.listen)
+        .map_err(|e| anyhow::anyhow!("server.listen: {e}"))?;
+    let admin_listen = runtime.config.admin.listen.clone();
+    let usage_path = runtime.config.usage.path.clone();
+    if let Some(dir) = usage_path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let store = Store::open(&usage_path)
+        .with_context(|| format!("usage.path: {}", usage_path.display()))?;
+    let gateway = Arc::new(Gateway::new(
+        runtime,
+        args.config.clone(),
+        Some(store.recorder()),
+        Some(store.reader()),
+    ));
+
+    let bound = Bound::bind(&listen)
+        .await
+        .with_context(|| format!("server.listen: binding {listen}"))?;
+    if let (Some(file), Some(port)) = (&args.port_file, bound.port()) {
+        std::fs::write(file, port.to_string())
+            .with_context(|| format!("writing {}", file.display()))?;
+    }
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let admin = if admin_listen.is_empty() {
+        None
+    } else {
+        let Listen::Tcp(addr) =
+            parse_listen(&admin_listen).map_err(|e| anyhow::anyhow!("admin.listen: {e}"))?
+        else {
+            anyhow::bail!("admin.listen: must be a loopback ip:port");
+        };
+        let l = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("admin.listen: binding {addr}"))?;
+        if let Some(file) = &args.admin_port_file {
+            let port = l.local_addr()?.port();
+            std::fs::write(file, port.to_string())
+                .with_context(|| format!("writing {}", file.display()))?;
+        }
+        Some(tokio::spawn(listener::serve_admin(
+            l,
+            gateway.clone(),
+            stop_rx.clone(),
+        )))
+    };
+    let _watcher = match reload::watch(gateway.clone()) {
+        Ok(w) => Some(w),
+        Err(e) => {
+            tracing::error!(error = %e, config = %args.config.display(), "cannot watch the config; hot reload is off");
+            None
+        }
+    };
+    tracing::info!(listen = %listen, admin = %admin_listen, config = %args.config.display(), "afr serve started");
+    let api = tokio::spawn(listener::serve_api(bound, gateway.clone(), stop_rx));
+
+    shutdown_signal().await;
+    tracing::info!("shutting down: no new connections; waiting for open ones");
+    let _ = stop_tx.send(true);
+    if tokio::time::timeout(DRAIN, api).await.is_err() {
+        tracing::warn!("connections still open after {DRAIN:?}; closing them");
+    }
+    if let Some(admin) = admin {
+        admin.abort();
+    }
+    // Usage taps finish as their streams end; give the last ones a moment.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    drop(gateway);
+    let report = tokio::task::spawn_blocking(move || store.shutdown())
+        .await
+        .context("usage store shutdown")??;
+    tracing::info!(
+        written = report.written,
+        late = report.late,
+        "usage store flushed; bye"
+    );
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot listen for SIGTERM");
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}

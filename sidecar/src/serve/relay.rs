@@ -1,0 +1,254 @@
+//! Relaying a committed stream to the client: each upstream event is sent as
+//! soon as it arrives, bytes unchanged, and teed to the usage tap over a
+//! channel so token accounting never sits on the forwarding path.
+//!
+//! When the gateway (not the client) asked for `include_usage`, the usage-only
+//! chunk is dropped and the `"usage":null` members removed, so the client sees
+//! exactly what the provider sends without `include_usage`. A client that asked
+//! for it gets every byte unchanged.
+//!
+//! A failure after the first event ends the stream with
+//! `data: {"error":{...}}` (never a silent truncation). Dropping the body
+//! (client disconnect) drops the upstream stream, which cancels the request.
+
+use crate::providers::{EventStream, ProviderError};
+use crate::serve::chat::{apply_usage, estimate_tokens, finish};
+use crate::serve::error::Body;
+use crate::serve::state::Gateway;
+use afr_core::error::ErrorBody;
+use afr_core::sse::{error_event, inspect_chunk, strip_null_usage, TokenUsage};
+use afr_core::usage::{TokenSource, UsageRecord};
+use bytes::Bytes;
+use futures_util::StreamExt;
+use http::{HeaderValue, Response};
+use http_body_util::{BodyExt, StreamBody};
+use hyper::body::Frame;
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
+
+/// A stream whose first event has arrived.
+pub struct StreamStart {
+    /// Shared state (breakers, metrics, usage).
+    pub gateway: Arc<Gateway>,
+    /// The provider committed to.
+    pub provider: String,
+    /// The first event.
+    pub first: Bytes,
+    /// The rest.
+    pub events: EventStream,
+    /// Whether the gateway added `include_usage` (strip it again).
+    pub strip_usage: bool,
+    /// Longest gap between events.
+    pub idle: Duration,
+    /// End of the provider's total timeout.
+    pub deadline: tokio::time::Instant,
+    /// The usage row so far.
+    pub record: UsageRecord,
+    /// When the request arrived.
+    pub started: Instant,
+    /// Prompt size for estimates.
+    pub prompt_chars: usize,
+    /// Gateway request id.
+    pub request_id: String,
+}
+
+enum Tap {
+    Event(Bytes),
+    Failed,
+}
+
+struct Relay {
+    gateway: Arc<Gateway>,
+    provider: String,
+    first: Option<Bytes>,
+    events: Option<EventStream>,
+    strip_usage: bool,
+    idle: Duration,
+    deadline: tokio::time::Instant,
+    tap: mpsc::UnboundedSender<Tap>,
+    request_id: String,
+    done: bool,
+}
+
+/// Builds the `text/event-stream` response and starts the usage tap.
+pub fn respond(start: StreamStart) -> Response<Body> {
+    let (tap_tx, tap_rx) = mpsc::unbounded_channel();
+    tokio::spawn(tap(
+        tap_rx,
+        start.gateway.clone(),
+        start.record,
+        start.started,
+        start.prompt_chars,
+    ));
+    let relay = Relay {
+        gateway: start.gateway,
+        provider: start.provider,
+        first: Some(start.first),
+        events: Some(start.events),
+        strip_usage: start.strip_usage,
+        idle: start.idle,
+        deadline: start.deadline,
+        tap: tap_tx,
+        request_id: start.request_id.clone(),
+        done: false,
+    };
+    let stream = futures_util::stream::unfold(relay, |mut relay| async move {
+        let bytes = relay.next_frame().await?;
+        Some((Ok::<_, Infallible>(Frame::data(bytes)), relay))
+    });
+    let mut response = Response::new(BodyExt::boxed_unsync(StreamBody::new(stream)));
+    let headers = response.headers_mut();
+    headers.insert(
+        http::header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream; charset=utf-8"),
+    );
+    headers.insert(
+        http::header::CACHE_CONTROL,
+        HeaderValue::from_static("no-cache"),
+    );
+    // nginx must pass each event on at once even where proxy_buffering is on.
+    headers.insert("x-accel-buffering", HeaderValue::from_static("no"));
+    if let Ok(id) = HeaderValue::from_str(&start.request_id) {
+        headers.insert("x-request-id", id);
+    }
+    response
+}
+
+impl Relay {
+    /// The next bytes for the client, or `None` when the stream is over.
+    async fn next_frame(&mut self) -> Option<Bytes> {
+        loop {
+            if self.done {
+                return None;
+            }
+            let event = match self.first.take() {
+                Some(first) => Ok(first),
+                None => self.next_upstream().await,
+            };
+            let raw = match event {
+                Ok(raw) => raw,
+                Err(error) => return Some(self.fail(error)),
+            };
+            // The tap sees every event, including the ones stripped below.
+            let _ = self.tap.send(Tap::Event(raw.clone()));
+            if raw.starts_with(b"data: [DONE]") {
+                self.done = true;
+                self.drain_upstream();
+                return Some(raw);
+            }
+            if raw.starts_with(b"data: {\"error\"") {
+                // The provider's own error event: forward it and end.
+                tracing::warn!(request_id = %self.request_id, provider = %self.provider, "provider sent an error event mid-stream");
+                self.gateway.report(&self.provider, Some(false));
+                let _ = self.tap.send(Tap::Failed);
+                self.done = true;
+                return Some(raw);
+            }
+            if self.strip_usage {
+                if looks_usage_only(&raw) {
+                    continue;
+                }
+                if contains(&raw, b"\"usage\":null") || contains(&raw, b"\"usage\": null") {
+                    return Some(Bytes::from(strip_null_usage(&raw)));
+                }
+            }
+            return Some(raw);
+        }
+    }
+
+    async fn next_upstream(&mut self) -> Result<Bytes, ProviderError> {
+        let Some(events) = self.events.as_mut() else {
+            return Err(ProviderError::Protocol("stream already closed".into()));
+        };
+        let idle_end = tokio::time::Instant::now() + self.idle;
+        let (until, which) = if idle_end < self.deadline {
+            (idle_end, "idle")
+        } else {
+            (self.deadline, "total")
+        };
+        match tokio::time::timeout_at(until, events.next()).await {
+            Err(_) => Err(ProviderError::Timeout(which)),
+            Ok(None) => Err(ProviderError::Protocol(
+                "the provider closed the stream before [DONE]".into(),
+            )),
+            Ok(Some(r)) => r,
+        }
+    }
+
+    /// Ends the stream after a provider failure with an OpenAI error event.
+    fn fail(&mut self, error: ProviderError) -> Bytes {
+        tracing::warn!(request_id = %self.request_id, provider = %self.provider, error = %error, "stream failed after its first event");
+        self.gateway.report(&self.provider, Some(false));
+        let _ = self.tap.send(Tap::Failed);
+        self.done = true;
+        self.events = None;
+        let body = ErrorBody::new(
+            "server_error",
+            Some("stream_interrupted"),
+            "The provider failed while streaming the response; the output is incomplete.",
+        );
+        Bytes::from(error_event(&body.to_json()))
+    }
+
+    /// Reads the upstream to its end in the background so its connection
+    /// goes back to the pool instead of being closed.
+    fn drain_upstream(&mut self) {
+        if let Some(mut events) = self.events.take() {
+            tokio::spawn(async move {
+                let _ = tokio::time::timeout(Duration::from_secs(5), async {
+                    while events.next().await.is_some() {}
+                })
+                .await;
+            });
+        }
+    }
+}
+
+/// A usage-only chunk (`"choices":[]` with a usage object), found without parsing.
+fn looks_usage_only(raw: &[u8]) -> bool {
+    contains(raw, b"\"choices\":[]") && contains(raw, b"\"usage\":{")
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+/// The usage tap: reads every event off the forwarding path and writes the
+/// usage row once the stream is over (finished, failed or dropped by the client).
+async fn tap(
+    mut rx: mpsc::UnboundedReceiver<Tap>,
+    gateway: Arc<Gateway>,
+    mut record: UsageRecord,
+    started: Instant,
+    prompt_chars: usize,
+) {
+    let mut usage: Option<TokenUsage> = None;
+    let mut content_chars = 0usize;
+    let mut done = false;
+    let mut failed = false;
+    while let Some(message) = rx.recv().await {
+        match message {
+            Tap::Event(raw) => {
+                let info = inspect_chunk(&raw);
+                done |= info.done;
+                content_chars += info.content_chars;
+                if info.usage.is_some() {
+                    usage = info.usage;
+                }
+            }
+            Tap::Failed => failed = true,
+        }
+    }
+    record.truncated = failed || !done;
+    if usage.is_some() {
+        apply_usage(&mut record, usage);
+    } else if content_chars > 0 || record.truncated {
+        record.prompt_tokens = estimate_tokens(prompt_chars);
+        record.completion_tokens = estimate_tokens(content_chars);
+        record.total_tokens = record.prompt_tokens + record.completion_tokens;
+        record.token_source = TokenSource::Estimated;
+    }
+    finish(&gateway, record, started, 200);
+}

@@ -1,0 +1,230 @@
+//! The sidecar's shared state: the config snapshot in force (swapped whole on
+//! reload), the providers built from it, the breakers (which outlive reloads),
+//! metrics and the usage store handles.
+
+use crate::providers::{self, Provider};
+use crate::serve::metrics::Metrics;
+use crate::usage::{Recorder, UsageReader};
+use afr_core::breaker::{Admission, Breaker, BreakerPolicy};
+use afr_core::config::{ConfigError, SidecarConfig};
+use arc_swap::ArcSwap;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Instant;
+
+/// One loaded configuration with everything built from it.
+pub struct Runtime {
+    /// The parsed, validated config.
+    pub config: SidecarConfig,
+    /// The shared secret nginx must send.
+    pub secret: Vec<u8>,
+    /// Enabled providers by name (those whose API key variable is set, or that need none).
+    pub providers: HashMap<String, Arc<dyn Provider>>,
+}
+
+/// Why a config could not be loaded; every line names the file or a config path.
+#[derive(Debug, thiserror::Error)]
+#[error("{}", .0.join("\n"))]
+pub struct LoadError(pub Vec<String>);
+
+impl Runtime {
+    /// Reads, parses and validates the config at `path`, resolving secrets from the environment.
+    pub fn load(path: &Path) -> Result<Runtime, LoadError> {
+        let origin = path.display().to_string();
+        let text =
+            std::fs::read_to_string(path).map_err(|e| LoadError(vec![format!("{origin}: {e}")]))?;
+        let config = SidecarConfig::parse(&text, &origin).map_err(|errs| {
+            LoadError(
+                errs.iter()
+                    .map(|e: &ConfigError| format!("{origin}: {e}"))
+                    .collect(),
+            )
+        })?;
+        let secret = match (&config.server.secret, &config.server.secret_env) {
+            (Some(s), _) => s.clone(),
+            (None, Some(var)) => match std::env::var(var) {
+                Ok(s) if s.len() >= 16 => s,
+                Ok(_) => {
+                    return Err(LoadError(vec![format!(
+                        "{origin}: server.secret_env: ${var} must hold at least 16 characters"
+                    )]))
+                }
+                Err(_) => {
+                    return Err(LoadError(vec![format!(
+                        "{origin}: server.secret_env: environment variable {var} is not set"
+                    )]))
+                }
+            },
+            (None, None) => {
+                return Err(LoadError(vec![format!(
+                    "{origin}: server: a shared secret is required"
+                )]))
+            }
+        };
+        let mut built = HashMap::new();
+        let mut errors = Vec::new();
+        for (name, p) in &config.providers {
+            let api_key = match &p.api_key_env {
+                Some(var) => match std::env::var(var) {
+                    Ok(key) if !key.is_empty() => Some(key),
+                    _ => {
+                        tracing::warn!(provider = %name, variable = %var, "provider disabled: its API key variable is not set");
+                        continue;
+                    }
+                },
+                None => None,
+            };
+            match providers::build(name, p, api_key) {
+                Ok(provider) => {
+                    built.insert(name.clone(), provider);
+                }
+                Err(e) => errors.push(format!("{origin}: providers.{name}: {e}")),
+            }
+        }
+        if !errors.is_empty() {
+            return Err(LoadError(errors));
+        }
+        Ok(Runtime {
+            config,
+            secret: secret.into_bytes(),
+            providers: built,
+        })
+    }
+
+    /// The breaker policy this config asks for.
+    pub fn breaker_policy(&self) -> BreakerPolicy {
+        BreakerPolicy {
+            failures: self.config.breaker.failures,
+            cooldown: self.config.breaker.cooldown,
+        }
+    }
+}
+
+/// Everything a request handler needs.
+pub struct Gateway {
+    /// The config in force.
+    pub runtime: ArcSwap<Runtime>,
+    /// Where the config was read from.
+    pub config_path: PathBuf,
+    breakers: Mutex<HashMap<String, Breaker>>,
+    /// Metrics.
+    pub metrics: Metrics,
+    /// Usage writer.
+    pub recorder: Option<Recorder>,
+    /// Usage reader for `GET /v1/usage`.
+    pub reader: Option<UsageReader>,
+}
+
+impl Gateway {
+    /// A gateway serving `runtime`.
+    pub fn new(
+        runtime: Runtime,
+        config_path: PathBuf,
+        recorder: Option<Recorder>,
+        reader: Option<UsageReader>,
+    ) -> Self {
+        let gateway = Gateway {
+            runtime: ArcSwap::from_pointee(runtime),
+            config_path,
+            breakers: Mutex::new(HashMap::new()),
+            metrics: Metrics::new(),
+            recorder,
+            reader,
+        };
+        gateway.sync_breakers();
+        gateway
+    }
+
+    /// Installs a newly loaded config; breaker states carry over by provider name.
+    pub fn install(&self, runtime: Runtime) {
+        self.runtime.store(Arc::new(runtime));
+        self.sync_breakers();
+    }
+
+    fn sync_breakers(&self) {
+        let runtime = self.runtime.load();
+        let policy = runtime.breaker_policy();
+        let now = Instant::now();
+        let mut breakers = self.lock();
+        breakers.retain(|name, _| runtime.config.providers.contains_key(name));
+        for name in runtime.config.providers.keys() {
+            let breaker = breakers
+                .entry(name.clone())
+                .or_insert_with(|| Breaker::new(policy));
+            breaker.set_policy(policy);
+            self.metrics.breaker_state(name, breaker.state(now));
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, HashMap<String, Breaker>> {
+        // A panic while holding this lock cannot leave a breaker half-updated
+        // (every update is a single assignment), so a poisoned map is still sound.
+        self.breakers.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Asks `provider`'s breaker for admission at `now`.
+    pub fn admit(&self, provider: &str, now: Instant) -> Admission {
+        let policy = self.runtime.load().breaker_policy();
+        let mut breakers = self.lock();
+        let breaker = breakers
+            .entry(provider.to_owned())
+            .or_insert_with(|| Breaker::new(policy));
+        let admission = breaker.admit(now);
+        self.metrics.breaker_state(provider, breaker.state(now));
+        admission
+    }
+
+    /// Reports an outcome for `provider`: `Some(true)` success, `Some(false)` failure, `None` abandoned probe.
+    pub fn report(&self, provider: &str, outcome: Option<bool>) {
+        let now = Instant::now();
+        let mut breakers = self.lock();
+        if let Some(breaker) = breakers.get_mut(provider) {
+            match outcome {
+                Some(true) => breaker.on_success(),
+                Some(false) => breaker.on_failure(now),
+                None => breaker.on_abandon(),
+            }
+            self.metrics.breaker_state(provider, breaker.state(now));
+        }
+    }
+}
+
+/// A breaker admission that must be settled; dropping it unsettled (the
+/// client went away mid-attempt) releases a half-open probe.
+pub struct BreakerTicket {
+    gateway: Arc<Gateway>,
+    provider: String,
+    settled: bool,
+}
+
+impl BreakerTicket {
+    /// A ticket for an admitted attempt on `provider`.
+    pub fn new(gateway: Arc<Gateway>, provider: &str) -> Self {
+        BreakerTicket {
+            gateway,
+            provider: provider.to_owned(),
+            settled: false,
+        }
+    }
+
+    /// The provider answered well.
+    pub fn success(mut self) {
+        self.settled = true;
+        self.gateway.report(&self.provider, Some(true));
+    }
+
+    /// The provider failed.
+    pub fn failure(mut self) {
+        self.settled = true;
+        self.gateway.report(&self.provider, Some(false));
+    }
+}
+
+impl Drop for BreakerTicket {
+    fn drop(&mut self) {
+        if !self.settled {
+            self.gateway.report(&self.provider, None);
+        }
+    }
+}
