@@ -4,6 +4,7 @@
 //! runs under `cargo test`: the nginx module and the sidecar are thin I/O
 //! layers around these types.
 
+pub mod anthropic;
 pub mod breaker;
 pub mod config;
 pub mod error;
