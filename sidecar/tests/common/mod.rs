@@ -1,0 +1,323 @@
+//! Test harness: the real `afr` binary and real `afr-mock` instances on
+//! loopback port 0, each in its own temporary directory, killed on drop.
+
+#![allow(dead_code)]
+
+use serde_json::{json, Value};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// The shared secret every test sidecar requires.
+pub const SECRET: &str = "test-secret-0123456789abcdef";
+
+/// Path of `afr-mock`, built next to `afr` (building it if this test run did not).
+pub fn mock_bin() -> PathBuf {
+    let afr = PathBuf::from(env!("CARGO_BIN_EXE_afr"));
+    let dir = afr.parent().expect("afr has a directory").to_path_buf();
+    let mock = dir.join("afr-mock");
+    if !mock.exists() {
+        let mut cmd = Command::new(env!("CARGO"));
+        cmd.args(["build", "-q", "-p", "afr-mock"]);
+        if dir.ends_with("release") {
+            cmd.arg("--release");
+        }
+        let status = cmd.status().expect("running cargo build -p afr-mock");
+        assert!(status.success(), "building afr-mock failed");
+    }
+    mock
+}
+
+fn wait_for_file(path: &Path, child: &mut Child, what: &str) -> u16 {
+    let start = Instant::now();
+    loop {
+        if let Ok(text) = std::fs::read_to_string(path) {
+            if let Ok(port) = text.trim().parse() {
+                return port;
+            }
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!("{what} exited during start-up: {status}");
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "{what} did not start"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// One `afr-mock` process.
+pub struct Mock {
+    child: Child,
+    /// Its port.
+    pub port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl Mock {
+    /// Starts a mock with extra CLI flags (fault knobs).
+    pub fn start(args: &[&str]) -> Mock {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let port_file = dir.path().join("port");
+        let mut child = Command::new(mock_bin())
+            .args(["--listen", "127.0.0.1:0", "--port-file"])
+            .arg(&port_file)
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawning afr-mock");
+        let port = wait_for_file(&port_file, &mut child, "afr-mock");
+        Mock {
+            child,
+            port,
+            _dir: dir,
+        }
+    }
+
+    /// `http://127.0.0.1:PORT`.
+    pub fn base(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// The request log.
+    pub async fn log(&self) -> Value {
+        reqwest::get(format!("{}/_mock/requests", self.base()))
+            .await
+            .expect("mock log")
+            .json()
+            .await
+            .expect("mock log json")
+    }
+
+    /// API requests the mock received.
+    pub async fn requests(&self) -> Vec<Value> {
+        self.log().await["requests"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    /// Replaces the instance knobs (`{}` makes it healthy).
+    pub async fn set(&self, knobs: Value) {
+        let r = reqwest::Client::new()
+            .post(format!("{}/_mock/config", self.base()))
+            .json(&knobs)
+            .send()
+            .await
+            .expect("mock config");
+        assert!(
+            r.status().is_success(),
+            "mock config refused: {}",
+            r.status()
+        );
+    }
+}
+
+impl Drop for Mock {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `[providers.NAME]` of kind openai pointing at `base` (`…/v1` appended).
+pub fn openai_provider(name: &str, base: &str, extra: &str) -> String {
+    format!("[providers.{name}]\nkind = \"openai\"\nbase_url = \"{base}/v1\"\n{extra}\n")
+}
+
+/// Timeouts table for a provider (append right after its block).
+pub fn timeouts(name: &str, first_byte: &str, idle: &str) -> String {
+    format!("[providers.{name}.timeouts]\nconnect = \"1s\"\nfirst_byte = \"{first_byte}\"\nidle = \"{idle}\"\ntotal = \"30s\"\n")
+}
+
+/// `[models.ID]` with routes `(provider, upstream model)`.
+pub fn model(id: &str, routes: &[(&str, &str)]) -> String {
+    let mut s = format!("[models.{id}]\ntier = \"Smart\"\ndescription = \"test model {id}\"\n");
+    for (provider, upstream) in routes {
+        s.push_str(&format!(
+            "[[models.{id}.routes]]\nprovider = \"{provider}\"\nmodel = \"{upstream}\"\n"
+        ));
+    }
+    s
+}
+
+/// One `afr serve` process.
+pub struct Sidecar {
+    child: Option<Child>,
+    /// Main listener port.
+    pub port: u16,
+    /// Admin listener port.
+    pub admin_port: u16,
+    /// Its directory (config, usage db, log).
+    pub dir: tempfile::TempDir,
+    /// A client for it.
+    pub client: reqwest::Client,
+}
+
+impl Sidecar {
+    /// Starts a sidecar whose config is the standard header plus `body`
+    /// (providers and models) and `breaker` settings.
+    pub fn start(body: &str) -> Sidecar {
+        Self::start_with(body, 5, "30s")
+    }
+
+    /// Like `start` with a breaker policy.
+    pub fn start_with(body: &str, failures: u32, cooldown: &str) -> Sidecar {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config = Self::config_text(dir.path(), body, failures, cooldown);
+        std::fs::write(dir.path().join("sidecar.toml"), config).expect("writing config");
+        let log = std::fs::File::create(dir.path().join("sidecar.log")).expect("log file");
+        let mut child = Command::new(env!("CARGO_BIN_EXE_afr"))
+            .arg("serve")
+            .arg("--config")
+            .arg(dir.path().join("sidecar.toml"))
+            .arg("--port-file")
+            .arg(dir.path().join("port"))
+            .arg("--admin-port-file")
+            .arg(dir.path().join("admin.port"))
+            .args(["--threads", "2"])
+            .env("AFR_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawning afr serve");
+        let port = wait_for_file(&dir.path().join("port"), &mut child, "afr serve");
+        let admin_port = wait_for_file(
+            &dir.path().join("admin.port"),
+            &mut child,
+            "afr serve admin",
+        );
+        Sidecar {
+            child: Some(child),
+            port,
+            admin_port,
+            dir,
+            client: reqwest::Client::new(),
+        }
+    }
+
+    /// The full config text for `body`.
+    pub fn config_text(dir: &Path, body: &str, failures: u32, cooldown: &str) -> String {
+        format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\nsecret = \"{SECRET}\"\nmax_body_bytes = 65536\n\
+             [admin]\nlisten = \"127.0.0.1:0\"\n\
+             [usage]\npath = \"{}\"\n\
+             [breaker]\nfailures = {failures}\ncooldown = \"{cooldown}\"\n{body}",
+            dir.join("usage.db").display()
+        )
+    }
+
+    /// `http://127.0.0.1:PORT{path}`.
+    pub fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.port)
+    }
+
+    /// A request as nginx would send it for key `test-key`.
+    pub fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+        self.client
+            .request(method, self.url(path))
+            .header("X-Afr-Secret", SECRET)
+            .header("X-Afr-Key-Id", "test-key")
+    }
+
+    /// `POST /v1/chat/completions` with a JSON body.
+    pub async fn chat(&self, body: Value) -> reqwest::Response {
+        self.request(reqwest::Method::POST, "/v1/chat/completions")
+            .json(&body)
+            .send()
+            .await
+            .expect("sidecar answered")
+    }
+
+    /// `/metrics` text.
+    pub async fn metrics(&self) -> String {
+        reqwest::get(format!("http://127.0.0.1:{}/metrics", self.admin_port))
+            .await
+            .expect("metrics")
+            .text()
+            .await
+            .expect("metrics text")
+    }
+
+    /// The sidecar's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("sidecar.log")).unwrap_or_default()
+    }
+
+    /// Sends SIGTERM and waits for the exit status.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("running");
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(child.id().to_string())
+            .status();
+        let start = Instant::now();
+        loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                return status;
+            }
+            if start.elapsed() > Duration::from_secs(30) {
+                let _ = child.kill();
+                panic!("afr serve did not exit after SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Sidecar {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// A minimal valid chat body for `model`.
+pub fn chat_body(model: &str, stream: bool) -> Value {
+    json!({"model": model, "stream": stream, "messages": [{"role": "user", "content": "hello there"}]})
+}
+
+/// A loopback port with nothing listening on it.
+pub fn closed_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    l.local_addr().expect("addr").port()
+}
+
+/// Splits an SSE body into events (each with its blank line).
+pub fn events(body: &str) -> Vec<String> {
+    body.split_inclusive("\n\n").map(str::to_owned).collect()
+}
+
+/// Replaces per-request values the mock generates (ids, timestamps) so two
+/// streams of the same request can be compared byte for byte.
+pub fn normalize(body: &str) -> String {
+    let mut out = String::with_capacity(body.len());
+    let mut rest = body;
+    while let Some(pos) = rest.find("chatcmpl-") {
+        out.push_str(&rest[..pos]);
+        out.push_str("chatcmpl-ID");
+        rest = &rest[pos + 9..];
+        let end = rest
+            .find(|c: char| !c.is_ascii_alphanumeric())
+            .unwrap_or(rest.len());
+        rest = &rest[end..];
+    }
+    out.push_str(rest);
+    let mut result = String::with_capacity(out.len());
+    let mut rest = out.as_str();
+    while let Some(pos) = rest.find("\"created\":") {
+        result.push_str(&rest[..pos]);
+        result.push_str("\"created\":0");
+        rest = &rest[pos + 10..];
+        let end = rest
+            .find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(rest.len());
+        rest = &rest[end..];
+    }
+    result.push_str(rest);
+    result
+}
