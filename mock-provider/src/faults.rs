@@ -61,8 +61,12 @@ impl FailureState {
 
     /// The error status to inject into this request, if any.
     pub fn injected_status(&self, k: &Knobs) -> Option<u16> {
-        if let Some(s) = k.status {
-            return Some(s);
+        // A status below 400 (e.g. `X-Mock-Status: 200`) overrides an
+        // instance-level failure with a normal answer.
+        match k.status {
+            Some(s) if s >= 400 => return Some(s),
+            Some(_) => return None,
+            None => {}
         }
         if self
             .fail_first_left
