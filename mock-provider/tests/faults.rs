@@ -41,6 +41,12 @@ async fn instance_status_and_runtime_config() {
         post(&mock, &[], &chat(false, false, "x")).await.status(),
         503
     );
+    let healthy = post(&mock, &[("X-Mock-Status", "200")], &chat(false, false, "x")).await;
+    assert_eq!(
+        healthy.status(),
+        200,
+        "a status below 400 cancels the instance's"
+    );
     let c = reqwest::Client::new();
     let r = c
         .post(mock.url("/_mock/config"))
