@@ -195,6 +195,41 @@ pub fn inspect_chunk(raw: &[u8]) -> ChunkInfo {
     }
 }
 
+/// Whether an event is stream preamble: a chunk that carries no content yet
+/// (the role announcement: every delta holds only `role` and empty
+/// `content`/`refusal`, no `finish_reason`, no usage). The gateway holds such
+/// events back and may still fail over, because no content has reached the client.
+pub fn is_preamble(raw: &[u8]) -> bool {
+    let Some(data) = event_data(raw) else {
+        // Comments and blank keep-alives carry nothing either.
+        return true;
+    };
+    let Ok(serde_json::Value::Object(chunk)) = serde_json::from_str::<serde_json::Value>(&data)
+    else {
+        return false;
+    };
+    if chunk.get("usage").is_some_and(|u| !u.is_null()) || chunk.contains_key("error") {
+        return false;
+    }
+    let Some(choices) = chunk.get("choices").and_then(|c| c.as_array()) else {
+        return false;
+    };
+    !choices.is_empty()
+        && choices.iter().all(|choice| {
+            choice.get("finish_reason").is_none_or(|f| f.is_null())
+                && choice
+                    .get("delta")
+                    .and_then(|d| d.as_object())
+                    .is_some_and(|delta| {
+                        delta.iter().all(|(k, v)| match k.as_str() {
+                            "role" => true,
+                            "content" | "refusal" => v.is_null() || v.as_str() == Some(""),
+                            _ => v.is_null(),
+                        })
+                    })
+        })
+}
+
 /// Removes the `"usage":null` member the provider adds to every chunk when
 /// `include_usage` is set, for a client that did not ask for it: it then sees
 /// the chunks exactly as the provider sends them without `include_usage`

@@ -84,6 +84,20 @@ fn reads_anthropic_event_names_and_data() {
 }
 
 #[test]
+fn only_the_role_chunk_is_preamble() {
+    let (events, _) = frame_all(WITH_USAGE, &[]);
+    assert!(is_preamble(&events[0]));
+    assert!(events[1..].iter().all(|e| !is_preamble(e)));
+    assert!(is_preamble(b": keep-alive\n\n"));
+    assert!(!is_preamble(b"data: [DONE]\n\n"));
+    assert!(!is_preamble(b"data: {\"error\":{}}\n\n"));
+    let tool = br#"data: {"choices":[{"index":0,"delta":{"role":"assistant","tool_calls":[{"index":0}]},"finish_reason":null}]}
+
+"#;
+    assert!(!is_preamble(tool));
+}
+
+#[test]
 fn decodes_data_like_the_sdks() {
     assert_eq!(
         event_data(b": comment\ndata:a\ndata: b\n\n").as_deref(),

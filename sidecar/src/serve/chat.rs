@@ -2,9 +2,10 @@
 //! failover and breakers, then answer with the provider's body or relay its
 //! stream (see `relay`).
 //!
-//! A stream commits to a provider only once its first event arrived; before
-//! that any failure moves on to the next route, after it a failure ends the
-//! stream with an error event.
+//! A stream commits to a provider only once its first content event arrived
+//! (the content-free role chunk before it is held back); before that any
+//! failure moves on to the next route, after it a failure ends the stream
+//! with an error event.
 
 use crate::providers::{ProviderError, Reply, UpstreamCall};
 use crate::serve::error::{json_response, Body, GatewayError};
@@ -12,7 +13,7 @@ use crate::serve::relay::{self, StreamStart};
 use crate::serve::state::{BreakerTicket, Gateway, Runtime};
 use afr_core::breaker::Admission;
 use afr_core::route::{Exhausted, RoutePlan};
-use afr_core::sse::TokenUsage;
+use afr_core::sse::{is_preamble, TokenUsage};
 use afr_core::usage::{TokenSource, UsageRecord};
 use afr_core::validate::{check_model, validate_chat, ChatRequest};
 use bytes::Bytes;
@@ -22,6 +23,9 @@ use serde_json::Value;
 use std::sync::Arc;
 use std::time::Instant;
 use tokio::time::timeout_at;
+
+/// Preamble events held back at most before a stream commits anyway.
+const MAX_HELD_EVENTS: usize = 8;
 
 /// Who is asking, as nginx told us.
 pub struct Caller {
@@ -224,24 +228,28 @@ async fn route(
                 return json_response(StatusCode::OK, body, &caller.request_id);
             }
             Reply::Stream(mut events) => {
-                let first = match timeout_at(first_byte, events.next()).await {
-                    Ok(Some(Ok(event))) => event,
-                    Ok(Some(Err(error))) => {
-                        tracing::warn!(request_id = %caller.request_id, provider = %route.provider, error = %error, "stream failed before its first event; trying the next route");
-                        ticket.failure();
-                        continue;
-                    }
-                    Ok(None) => {
-                        tracing::warn!(request_id = %caller.request_id, provider = %route.provider, "stream ended before its first event; trying the next route");
-                        ticket.failure();
-                        continue;
-                    }
-                    Err(_) => {
-                        tracing::warn!(request_id = %caller.request_id, provider = %route.provider, "no first event within first_byte; trying the next route");
-                        ticket.failure();
-                        continue;
+                // Hold the content-free preamble (the role chunk): until content
+                // arrives nothing has reached the client and failover is clean.
+                let mut held = Vec::new();
+                let committed = loop {
+                    match timeout_at(first_byte, events.next()).await {
+                        Ok(Some(Ok(event))) => {
+                            let preamble = is_preamble(&event);
+                            held.push(event);
+                            if !preamble || held.len() >= MAX_HELD_EVENTS {
+                                break Ok(());
+                            }
+                        }
+                        Ok(Some(Err(error))) => break Err(error.to_string()),
+                        Ok(None) => break Err("the stream ended before any content".into()),
+                        Err(_) => break Err("no content within the first_byte timeout".into()),
                     }
                 };
+                if let Err(reason) = committed {
+                    tracing::warn!(request_id = %caller.request_id, provider = %route.provider, error = %reason, "stream failed before its first content; trying the next route");
+                    ticket.failure();
+                    continue;
+                }
                 ticket.success();
                 let ttft = caller.started.elapsed();
                 record.ttft_ms = Some(ttft.as_millis() as u64);
@@ -249,7 +257,7 @@ async fn route(
                 return relay::respond(StreamStart {
                     gateway: gateway.clone(),
                     provider: route.provider.clone(),
-                    first,
+                    first: held,
                     events,
                     strip_usage,
                     idle: timeouts.idle,

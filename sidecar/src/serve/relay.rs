@@ -7,7 +7,7 @@
 //! exactly what the provider sends without `include_usage`. A client that asked
 //! for it gets every byte unchanged.
 //!
-//! A failure after the first event ends the stream with
+//! A failure after the first content event ends the stream with
 //! `data: {"error":{...}}` (never a silent truncation). Dropping the body
 //! (client disconnect) drops the upstream stream, which cancels the request.
 
@@ -28,14 +28,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 
-/// A stream whose first event has arrived.
+/// A stream whose first content event has arrived.
 pub struct StreamStart {
     /// Shared state (breakers, metrics, usage).
     pub gateway: Arc<Gateway>,
     /// The provider committed to.
     pub provider: String,
-    /// The first event.
-    pub first: Bytes,
+    /// The events received before committing (preamble and the first content event).
+    pub first: Vec<Bytes>,
     /// The rest.
     pub events: EventStream,
     /// Whether the gateway added `include_usage` (strip it again).
@@ -62,7 +62,7 @@ enum Tap {
 struct Relay {
     gateway: Arc<Gateway>,
     provider: String,
-    first: Option<Bytes>,
+    first: std::collections::VecDeque<Bytes>,
     events: Option<EventStream>,
     strip_usage: bool,
     idle: Duration,
@@ -85,7 +85,7 @@ pub fn respond(start: StreamStart) -> Response<Body> {
     let relay = Relay {
         gateway: start.gateway,
         provider: start.provider,
-        first: Some(start.first),
+        first: start.first.into(),
         events: Some(start.events),
         strip_usage: start.strip_usage,
         idle: start.idle,
@@ -123,7 +123,7 @@ impl Relay {
             if self.done {
                 return None;
             }
-            let event = match self.first.take() {
+            let event = match self.first.pop_front() {
                 Some(first) => Ok(first),
                 None => self.next_upstream().await,
             };
@@ -179,7 +179,7 @@ impl Relay {
 
     /// Ends the stream after a provider failure with an OpenAI error event.
     fn fail(&mut self, error: ProviderError) -> Bytes {
-        tracing::warn!(request_id = %self.request_id, provider = %self.provider, error = %error, "stream failed after its first event");
+        tracing::warn!(request_id = %self.request_id, provider = %self.provider, error = %error, "stream failed after its first content");
         self.gateway.report(&self.provider, Some(false));
         let _ = self.tap.send(Tap::Failed);
         self.done = true;
