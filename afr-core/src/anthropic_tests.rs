@@ -360,3 +360,39 @@ fn tool_use_stream_becomes_tool_call_deltas() {
     assert_eq!(c[5]["choices"][0]["finish_reason"], "tool_calls");
     assert_eq!(t.usage().unwrap().completion_tokens, 20);
 }
+
+mod prop {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// An Anthropic stream carrying `pieces` as text deltas, framed as SSE.
+    fn stream_of(pieces: &[String]) -> String {
+        let mut s = String::from("event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"id\":\"msg_p\",\"model\":\"m\",\"usage\":{\"input_tokens\":3,\"output_tokens\":1}}   }\n\nevent: ping\ndata: {\"type\": \"ping\"}\n\n");
+        for p in pieces {
+            let data = json!({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": p}});
+            s.push_str(&format!("event: content_block_delta\ndata: {data}  \n\n"));
+        }
+        s.push_str(&format!("event: message_delta\ndata: {{\"type\":\"message_delta\",\"delta\":{{\"stop_reason\":\"end_turn\"}},\"usage\":{{\"output_tokens\":{}}}}}\n\nevent: message_stop\ndata: {{\"type\":\"message_stop\"}}\n\n", pieces.len()));
+        s
+    }
+
+    proptest! {
+        #[test]
+        fn any_text_survives_any_split(
+            pieces in proptest::collection::vec("[a-z °\"\\\\\n{}é😀]{0,12}", 0..8),
+            cuts in proptest::collection::vec(0usize..4000, 0..6),
+        ) {
+            let input = stream_of(&pieces);
+            let mut cuts: Vec<usize> = cuts.into_iter().filter(|c| *c <= input.len()).collect();
+            cuts.sort_unstable();
+            let items = translate(&input, true, &cuts);
+            prop_assert_eq!(items.last(), Some(&StreamItem::Done));
+            let c = chunks(&items);
+            let text: String = c.iter().filter_map(|c| c["choices"][0]["delta"]["content"].as_str()).collect();
+            prop_assert_eq!(text, pieces.concat());
+            let usage = &c.last().unwrap()["usage"];
+            prop_assert_eq!(usage["completion_tokens"].as_u64(), Some(pieces.len() as u64));
+            prop_assert_eq!(usage["prompt_tokens"].as_u64(), Some(3));
+        }
+    }
+}
