@@ -1,6 +1,7 @@
 """Hot reload of keys.toml (within 2 s, no stale cache), broken files, `nginx -t`."""
 
 import os
+from pathlib import Path
 import signal
 
 from conftest import Gateway, Key, keys_toml, wait_for
@@ -90,3 +91,11 @@ def test_nginx_t_rejects_afr_without_zone(flavour, tmp_path, upstream):
     gw.conf.write_text(gw.render().replace("afr_zone afr:1m;", "afr_zone afr;"))
     r = gw.run("-t")
     assert r.returncode != 0 and "expected name:size" in r.stderr
+
+
+def test_shipped_example_keys_file_is_valid(flavour, tmp_path, upstream):
+    tmp_path.chmod(0o755)
+    example = (Path(__file__).resolve().parents[2] / "conf/keys.toml").read_text()
+    gw = Gateway(flavour, tmp_path / "example", upstream, example)
+    r = gw.run("-t")
+    assert r.returncode == 0, r.stderr
