@@ -19,7 +19,51 @@ use serde_json::{json, Value};
 
 use super::query::GroupByError;
 use super::time_arg::{format_ms, parse_time_arg, TimeArgError};
-use super::{GroupBy, UsageQuery, UsageRow};
+use super::{GroupBy, StoreError, UsageQuery, UsageReader, UsageRow};
+
+/// Why `GET /v1/usage` failed: the client's query string (400) or the store (500).
+#[derive(Debug, thiserror::Error)]
+pub enum KeyUsageError {
+    /// The query string; see [`UsageParamError::param`].
+    #[error(transparent)]
+    Param(#[from] UsageParamError),
+    /// The database; the message names no key or secret, only the store.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl KeyUsageError {
+    /// The HTTP status to answer with.
+    pub fn status(&self) -> u16 {
+        match self {
+            KeyUsageError::Param(_) => 400,
+            KeyUsageError::Store(_) => 500,
+        }
+    }
+
+    /// The query parameter at fault, for the OpenAI error's `param`.
+    pub fn param(&self) -> Option<&str> {
+        match self {
+            KeyUsageError::Param(e) => Some(e.param()),
+            KeyUsageError::Store(_) => None,
+        }
+    }
+}
+
+/// The whole endpoint for the key `key_id`: parses `query` (the request's
+/// query string), sums its usage and renders the body. Blocks on SQLite, so
+/// the sidecar runs it in `spawn_blocking`; `now_ms` is
+/// [`super::time_arg::now_ms`] outside tests.
+pub fn key_usage(
+    reader: &UsageReader,
+    key_id: &str,
+    query: &str,
+    now_ms: i64,
+) -> Result<Value, KeyUsageError> {
+    let q = parse_query_string(query, key_id, now_ms)?;
+    let rows = reader.query(&q)?;
+    Ok(render_key_usage(key_id, &q, &rows))
+}
 
 /// The grouping when the client names none.
 pub const DEFAULT_GROUP_BY: [GroupBy; 2] = [GroupBy::Model, GroupBy::Day];

@@ -8,7 +8,8 @@
 //! let store = Store::open(&config.usage.path)?;      // creates or migrates the schema
 //! let recorder = store.recorder();                   // Clone + Send + Sync, one per task
 //! recorder.record(rec);                              // never blocks, never drops
-//! let reader = store.reader();                       // for GET /v1/usage (blocking: use spawn_blocking)
+//! let reader = store.reader();                       // for GET /v1/usage:
+//! spawn_blocking(move || http::key_usage(&reader, key_id, query, time_arg::now_ms()))
 //! store.shutdown()?;                                 // on SIGTERM/SIGINT: every recorded row is durable
 //! ```
 //!
@@ -16,7 +17,10 @@
 //!   records into transactions.
 //! - [`query`]: [`UsageQuery`] (filters and grouping), [`UsageRow`] (the sums)
 //!   and [`UsageReader`], the read side, also used by the CLI without a writer.
-//! - [`http`]: the `GET /v1/usage` query string and response body.
+//! - [`http`]: `GET /v1/usage`: [`http::key_usage`] (blocking) turns the
+//!   caller's key id and query string into the response body, or an error
+//!   that knows its HTTP status and `param`.
+//! - [`time_arg`]: `24h` / RFC 3339 / date arguments, and the clock.
 //! - [`cli`]: `afr usage`.
 //!
 //! The code uses only `super::` paths so the integration tests can compile the
@@ -33,7 +37,7 @@ pub mod http;
 pub mod query;
 mod schema;
 pub mod store;
-mod time_arg;
+pub mod time_arg;
 
 pub use query::{GroupBy, UsageQuery, UsageReader, UsageRow};
 #[allow(unused_imports)] // until `afr serve` names them

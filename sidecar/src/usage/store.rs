@@ -4,17 +4,22 @@
 //! Why a thread and an unbounded channel: `record` runs on tokio workers, so it
 //! must neither wait for SQLite nor for a full queue (a bounded channel would
 //! either block a worker or drop a record, and design §5 allows neither). The
-//! queue's size is watched instead ([`Recorder::pending`]) and is tiny in
-//! practice: one writer commits tens of thousands of rows a second, far more
-//! than the gateway serves. Records are grouped into one transaction per batch
-//! (up to [`StoreOptions::max_batch_rows`] rows or
+//! queue is bounded by watching it instead: [`Recorder::pending`] is a gauge
+//! for `/metrics`, and a warning is logged when it passes [`PENDING_WARN`]. It
+//! stays tiny in practice: one writer commits hundreds of thousands of rows a
+//! second, far more than the gateway serves. Records are grouped into one
+//! transaction per batch (up to [`StoreOptions::max_batch_rows`] rows or
 //! [`StoreOptions::max_batch_delay`] after the first one), through one cached
 //! prepared statement. A batch SQLite refuses (disk full, lock held too long)
 //! stays in memory and is retried; it is never discarded while the store runs.
+//!
+//! Shutdown closes a gate first, so every record is either in the queue ahead
+//! of the shutdown message (and written) or refused with a log line: none can
+//! slip into the queue after the writer's last look at it.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{mpsc, Arc};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{mpsc, Arc, RwLock};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
@@ -23,6 +28,10 @@ use rusqlite::{params, Connection};
 
 use super::query::UsageReader;
 use super::{schema, StoreError, UsageQuery, UsageRow};
+
+/// Queued records past which a warning is logged (about 25 MB of records):
+/// the database is not keeping up, or refuses writes.
+pub const PENDING_WARN: u64 = 100_000;
 
 /// Tuning of the writer; [`Default`] is what `afr serve` uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -54,15 +63,30 @@ enum Msg {
     Shutdown,
 }
 
-/// Counters shared by the store, its recorders and the writer.
-#[derive(Debug, Default)]
-struct Counters {
-    /// Records accepted by [`Recorder::record`] and not yet committed.
-    pending: AtomicU64,
-    /// Rows committed since the store was opened.
+/// State shared by the store, its recorders and the writer.
+#[derive(Debug)]
+struct Shared {
+    /// `true` while records are accepted. Recorders hold the read side only
+    /// for one channel send; shutdown takes the write side once to close it.
+    open: RwLock<bool>,
+    /// Records queued.
+    accepted: AtomicU64,
+    /// Rows committed.
     written: AtomicU64,
-    /// Records refused because the store had already shut down.
+    /// Records refused because the store had shut down.
     refused: AtomicU64,
+    /// Whether the [`PENDING_WARN`] warning was logged since the queue last
+    /// drained below half of it.
+    warned: AtomicBool,
+}
+
+impl Shared {
+    fn pending(&self) -> u64 {
+        let written = self.written.load(Ordering::Acquire);
+        self.accepted
+            .load(Ordering::Acquire)
+            .saturating_sub(written)
+    }
 }
 
 /// The usage database: one writer thread plus a read connection.
@@ -73,7 +97,7 @@ pub struct Store {
     path: PathBuf,
     tx: mpsc::Sender<Msg>,
     writer: Option<JoinHandle<Result<WriterStats, StoreError>>>,
-    counters: Arc<Counters>,
+    shared: Arc<Shared>,
     reader: UsageReader,
 }
 
@@ -81,7 +105,7 @@ pub struct Store {
 #[derive(Clone)]
 pub struct Recorder {
     tx: mpsc::Sender<Msg>,
-    counters: Arc<Counters>,
+    shared: Arc<Shared>,
 }
 
 /// What [`Store::shutdown`] did.
@@ -91,8 +115,6 @@ pub struct ShutdownReport {
     pub written: u64,
     /// Transactions committed since the store was opened.
     pub transactions: u64,
-    /// Records that arrived after shutdown had begun and were not written.
-    pub late: u64,
 }
 
 /// Totals kept by the writer thread.
@@ -112,13 +134,19 @@ impl Store {
     pub fn open_with(path: &Path, options: StoreOptions) -> Result<Store, StoreError> {
         let conn = schema::open_writer(path)?;
         let reader = UsageReader::open(path)?;
-        let counters = Arc::new(Counters::default());
+        let shared = Arc::new(Shared {
+            open: RwLock::new(true),
+            accepted: AtomicU64::new(0),
+            written: AtomicU64::new(0),
+            refused: AtomicU64::new(0),
+            warned: AtomicBool::new(false),
+        });
         let (tx, rx) = mpsc::channel();
         let writer = Writer {
             conn,
             batch: Vec::with_capacity(options.max_batch_rows),
             options,
-            counters: Arc::clone(&counters),
+            shared: Arc::clone(&shared),
             retry_at: None,
             last_error: None,
             stats: WriterStats::default(),
@@ -131,7 +159,7 @@ impl Store {
             path: path.to_owned(),
             tx,
             writer: Some(handle),
-            counters,
+            shared,
             reader,
         })
     }
@@ -145,7 +173,7 @@ impl Store {
     pub fn recorder(&self) -> Recorder {
         Recorder {
             tx: self.tx.clone(),
-            counters: Arc::clone(&self.counters),
+            shared: Arc::clone(&self.shared),
         }
     }
 
@@ -167,25 +195,25 @@ impl Store {
     /// must see them.
     pub fn flush(&self) -> Result<(), StoreError> {
         let (ack, answer) = mpsc::sync_channel(1);
-        let unflushed = |reason: String| StoreError::Unflushed {
-            unwritten: self.counters.pending.load(Ordering::Relaxed) as usize,
-            reason,
-        };
         self.tx
             .send(Msg::Flush(ack))
             .map_err(|_| StoreError::WriterPanicked)?;
         match answer.recv() {
             Ok(Ok(())) => Ok(()),
-            Ok(Err(reason)) => Err(unflushed(reason)),
+            Ok(Err(reason)) => Err(StoreError::Unflushed {
+                unwritten: usize::try_from(self.shared.pending()).unwrap_or(usize::MAX),
+                reason,
+            }),
             Err(_) => Err(StoreError::WriterPanicked),
         }
     }
 
-    /// Writes every pending record, checkpoints the WAL into the database
-    /// file and joins the writer thread. When it returns `Ok`, every record
-    /// recorded before the call is durable. Call it once the server stopped
-    /// taking requests; records arriving later are logged and counted in
-    /// [`ShutdownReport::late`]. Blocking (from async code:
+    /// Stops taking records, writes every pending one, checkpoints the WAL
+    /// into the database file and joins the writer thread. When it returns
+    /// `Ok`, every record whose [`Recorder::record`] call returned before
+    /// this call began is durable; records racing with it are either written
+    /// or refused with a log line, never lost silently. Call it once the
+    /// server stopped taking requests. Blocking (from async code:
     /// `spawn_blocking(move || store.shutdown())`).
     pub fn shutdown(mut self) -> Result<ShutdownReport, StoreError> {
         self.stop()
@@ -195,20 +223,15 @@ impl Store {
         let Some(handle) = self.writer.take() else {
             return Err(StoreError::WriterPanicked);
         };
+        // A recorder that panicked holding the gate cannot have left it half
+        // written: it only ever reads the flag.
+        *self.shared.open.write().unwrap_or_else(|p| p.into_inner()) = false;
         // A send error means the writer is gone already; join tells why.
         let _ = self.tx.send(Msg::Shutdown);
         let stats = handle.join().map_err(|_| StoreError::WriterPanicked)??;
-        let late = self.counters.pending.swap(0, Ordering::AcqRel);
-        if late > 0 {
-            tracing::error!(
-                late,
-                "usage store: records arrived after shutdown began and were not written"
-            );
-        }
         Ok(ShutdownReport {
-            written: self.counters.written.load(Ordering::Acquire),
+            written: self.shared.written.load(Ordering::Acquire),
             transactions: stats.transactions,
-            late,
         })
     }
 }
@@ -224,33 +247,56 @@ impl Drop for Store {
 }
 
 impl Recorder {
-    /// Queues `rec` for the writer. Never blocks, never drops a record while
-    /// the store runs; after [`Store::shutdown`] the record is logged and
-    /// counted instead.
+    /// Queues `rec` for the writer. Never waits for SQLite or for queue
+    /// space, never drops a record while the store runs; after
+    /// [`Store::shutdown`] began, the record is logged and counted in
+    /// [`Recorder::refused`] instead.
     pub fn record(&self, rec: UsageRecord) {
-        self.counters.pending.fetch_add(1, Ordering::AcqRel);
-        if let Err(mpsc::SendError(msg)) = self.tx.send(Msg::Record(rec)) {
-            self.counters.pending.fetch_sub(1, Ordering::AcqRel);
-            self.counters.refused.fetch_add(1, Ordering::Relaxed);
-            if let Msg::Record(rec) = msg {
-                tracing::error!(
-                    request_id = %rec.request_id,
-                    key_id = %rec.key_id,
-                    total_tokens = rec.total_tokens,
-                    "usage store is shut down; usage record not stored"
-                );
+        let refused = {
+            let open = self.shared.open.read().unwrap_or_else(|p| p.into_inner());
+            if !*open {
+                Some(rec)
+            } else {
+                match self.tx.send(Msg::Record(rec)) {
+                    Ok(()) => {
+                        self.shared.accepted.fetch_add(1, Ordering::AcqRel);
+                        let pending = self.shared.pending();
+                        if pending >= PENDING_WARN
+                            && !self.shared.warned.swap(true, Ordering::Relaxed)
+                        {
+                            tracing::warn!(
+                                pending,
+                                "usage store: records are queueing up; is the database writable?"
+                            );
+                        }
+                        None
+                    }
+                    // Only a writer thread that died drops the receiver early.
+                    Err(mpsc::SendError(Msg::Record(rec))) => Some(rec),
+                    Err(mpsc::SendError(_)) => None,
+                }
             }
+        };
+        if let Some(rec) = refused {
+            self.shared.refused.fetch_add(1, Ordering::Relaxed);
+            tracing::error!(
+                request_id = %rec.request_id,
+                key_id = %rec.key_id,
+                model = %rec.model,
+                total_tokens = rec.total_tokens,
+                "usage store is shut down; usage record not stored"
+            );
         }
     }
 
-    /// Records accepted and not yet committed (a gauge for `/metrics`).
+    /// Records queued and not yet committed (a gauge for `/metrics`).
     pub fn pending(&self) -> u64 {
-        self.counters.pending.load(Ordering::Relaxed)
+        self.shared.pending()
     }
 
     /// Records refused because the store had shut down.
     pub fn refused(&self) -> u64 {
-        self.counters.refused.load(Ordering::Relaxed)
+        self.shared.refused.load(Ordering::Relaxed)
     }
 }
 
@@ -267,7 +313,7 @@ struct Writer {
     conn: Connection,
     batch: Vec<UsageRecord>,
     options: StoreOptions,
-    counters: Arc<Counters>,
+    shared: Arc<Shared>,
     /// Set after a failed commit: no new attempt before this instant.
     retry_at: Option<Instant>,
     last_error: Option<String>,
@@ -391,8 +437,10 @@ impl Writer {
         let rows = self.batch.len() as u64;
         self.batch.clear();
         self.stats.transactions += 1;
-        self.counters.written.fetch_add(rows, Ordering::AcqRel);
-        self.counters.pending.fetch_sub(rows, Ordering::AcqRel);
+        self.shared.written.fetch_add(rows, Ordering::AcqRel);
+        if self.shared.pending() < PENDING_WARN / 2 {
+            self.shared.warned.store(false, Ordering::Relaxed);
+        }
         Ok(())
     }
 
@@ -429,11 +477,10 @@ impl Writer {
             let _ = ack.send(outcome.clone());
         }
         if let Err(reason) = outcome {
-            let unwritten = self.batch.len();
-            self.counters
-                .pending
-                .fetch_sub(unwritten as u64, Ordering::AcqRel);
-            return Err(StoreError::Unflushed { unwritten, reason });
+            return Err(StoreError::Unflushed {
+                unwritten: self.batch.len(),
+                reason,
+            });
         }
         // Moves the WAL into the main file (with fsync) so the rows survive
         // a power loss too, and leaves no -wal file behind.
