@@ -1,12 +1,26 @@
-//! Anthropic Messages API, translated both ways by `afr_core::anthropic`.
+//! Anthropic Messages API, translated both ways by `afr_core::anthropic`:
+//! OpenAI request → Messages request, Messages response or event stream →
+//! `chat.completion` or `chat.completion.chunk` events, errors → OpenAI shape.
 
-use super::{Provider, ProviderError, Reply, UpstreamCall};
+use super::{send_error, sse_events, EventStream, Provider, ProviderError, Reply, UpstreamCall};
+use afr_core::anthropic::{
+    error_to_openai, request_to_anthropic, response_to_openai, StreamTranslator, TranslateError,
+    ANTHROPIC_VERSION,
+};
 use afr_core::config::{ProviderConfig, Timeouts};
 use async_trait::async_trait;
+use bytes::Bytes;
+use futures_util::StreamExt;
+use serde_json::Value;
+use std::collections::VecDeque;
+use std::time::{SystemTime, UNIX_EPOCH};
 
 /// An Anthropic endpoint.
 pub struct Anthropic {
+    url: String,
+    api_key: Option<String>,
     timeouts: Timeouts,
+    client: reqwest::Client,
 }
 
 impl Anthropic {
@@ -14,12 +28,35 @@ impl Anthropic {
     pub fn new(
         _name: &str,
         config: &ProviderConfig,
-        _api_key: Option<String>,
-        _client: reqwest::Client,
+        api_key: Option<String>,
+        client: reqwest::Client,
     ) -> Self {
         Anthropic {
+            url: format!("{}/messages", config.base_url.trim_end_matches('/')),
+            api_key,
             timeouts: config.timeouts,
+            client,
         }
+    }
+}
+
+fn now_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+fn translate_error(e: TranslateError) -> ProviderError {
+    match e {
+        TranslateError::InvalidRequest { param, message } => ProviderError::Status {
+            status: 400,
+            message,
+            kind: Some("invalid_request_error".into()),
+            param,
+            code: None,
+        },
+        TranslateError::MalformedResponse(m) => ProviderError::Protocol(m),
     }
 }
 
@@ -29,9 +66,104 @@ impl Provider for Anthropic {
         self.timeouts
     }
 
-    async fn chat(&self, _call: UpstreamCall) -> Result<Reply, ProviderError> {
-        Err(ProviderError::Protocol(
-            "anthropic translation is not wired yet".into(),
-        ))
+    async fn chat(&self, call: UpstreamCall) -> Result<Reply, ProviderError> {
+        let include_usage = call
+            .body
+            .get("stream_options")
+            .and_then(|o| o.get("include_usage"))
+            .and_then(Value::as_bool)
+            .unwrap_or(false);
+        let model = call
+            .body
+            .get("model")
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_owned();
+        let request =
+            request_to_anthropic(&Value::Object(call.body), &model).map_err(translate_error)?;
+        let body =
+            serde_json::to_vec(&request).map_err(|e| ProviderError::Protocol(e.to_string()))?;
+        let mut builder = self
+            .client
+            .post(&self.url)
+            .header(http::header::CONTENT_TYPE, "application/json")
+            .header("anthropic-version", ANTHROPIC_VERSION)
+            .header("x-request-id", &call.request_id)
+            .body(body);
+        if let Some(key) = &self.api_key {
+            builder = builder.header("x-api-key", key);
+        }
+        let response = builder.send().await.map_err(send_error)?;
+        let status = response.status().as_u16();
+        if !response.status().is_success() {
+            let body = response.bytes().await.map_err(|e| {
+                ProviderError::Connect(format!("reading the error body: {}", e.without_url()))
+            })?;
+            let error = error_to_openai(status, &body).body;
+            return Err(ProviderError::Status {
+                status,
+                message: error.message,
+                kind: Some(error.kind.to_owned()),
+                param: error.param,
+                code: error.code.map(str::to_owned),
+            });
+        }
+        if call.stream {
+            return Ok(Reply::Stream(translate_stream(
+                sse_events(response),
+                include_usage,
+            )));
+        }
+        let body = response.bytes().await.map_err(|e| {
+            ProviderError::Connect(format!("reading the body: {}", e.without_url()))
+        })?;
+        let translated = response_to_openai(&body, now_secs()).map_err(translate_error)?;
+        Ok(Reply::Complete {
+            body: Bytes::from(translated.body),
+            usage: Some(translated.usage),
+        })
     }
+}
+
+/// Anthropic events → OpenAI `chat.completion.chunk` events.
+fn translate_stream(upstream: EventStream, include_usage: bool) -> EventStream {
+    struct State {
+        upstream: EventStream,
+        translator: StreamTranslator,
+        ready: VecDeque<Bytes>,
+        ended: bool,
+    }
+    let state = State {
+        upstream,
+        translator: StreamTranslator::new(include_usage, now_secs()),
+        ready: VecDeque::new(),
+        ended: false,
+    };
+    futures_util::stream::unfold(state, |mut s| async move {
+        loop {
+            if let Some(event) = s.ready.pop_front() {
+                return Some((Ok(event), s));
+            }
+            if s.ended {
+                return None;
+            }
+            let items = match s.upstream.next().await {
+                Some(Ok(raw)) => s.translator.push_raw(&raw),
+                Some(Err(e)) => {
+                    s.ended = true;
+                    return Some((Err(e), s));
+                }
+                None => {
+                    s.ended = true;
+                    s.translator.finish()
+                }
+            };
+            s.ready
+                .extend(items.iter().map(|item| Bytes::from(item.to_sse())));
+            if s.translator.is_finished() {
+                s.ended = true;
+            }
+        }
+    })
+    .boxed()
 }

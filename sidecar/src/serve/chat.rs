@@ -233,6 +233,12 @@ async fn route(
                 let mut held = Vec::new();
                 let committed = loop {
                     match timeout_at(first_byte, events.next()).await {
+                        Ok(Some(Ok(event))) if event.starts_with(b"data: {\"error\"") => {
+                            break Err(format!(
+                                "error event before any content: {}",
+                                String::from_utf8_lossy(&event).trim()
+                            ));
+                        }
                         Ok(Some(Ok(event))) => {
                             let preamble = is_preamble(&event);
                             held.push(event);
