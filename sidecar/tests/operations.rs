@@ -1,0 +1,172 @@
+//! Operations: config hot reload within 2 s, a broken config keeps the old
+//! one and is logged with its config path, start-up errors name the path,
+//! `/metrics` and `/healthz` on the admin listener.
+
+mod common;
+
+use common::*;
+use serde_json::Value;
+use std::time::{Duration, Instant};
+
+async fn model_ids(sidecar: &Sidecar) -> Vec<String> {
+    let v: Value = sidecar
+        .request(reqwest::Method::GET, "/v1/models")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    v["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+#[tokio::test]
+async fn config_edits_apply_within_two_seconds_and_broken_files_are_rejected() {
+    let mock = Mock::start(&[]);
+    let provider = openai_provider("mock", &mock.base(), "");
+    let sidecar = Sidecar::start(&format!("{provider}{}", model("a", &[("mock", "x")])));
+    let path = sidecar.dir.path().join("sidecar.toml");
+    assert_eq!(model_ids(&sidecar).await, ["a"]);
+
+    // A valid edit, written the way editors do (new file renamed over the old).
+    let text = Sidecar::config_text(
+        sidecar.dir.path(),
+        &format!(
+            "{provider}{}{}",
+            model("a", &[("mock", "x")]),
+            model("b", &[("mock", "y")])
+        ),
+        5,
+        "30s",
+    );
+    std::fs::write(sidecar.dir.path().join("new.toml"), &text).unwrap();
+    std::fs::rename(sidecar.dir.path().join("new.toml"), &path).unwrap();
+    let start = Instant::now();
+    while model_ids(&sidecar).await != ["a", "b"] {
+        assert!(
+            start.elapsed() < Duration::from_secs(2),
+            "reload took over 2 s"
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert_eq!(sidecar.chat(chat_body("b", false)).await.status(), 200);
+
+    // A broken edit: logged with the path, the previous config stays.
+    let broken = text.replace(
+        "provider = \"mock\"\nmodel = \"y\"",
+        "provider = \"azur\"\nmodel = \"y\"",
+    );
+    std::fs::write(&path, broken).unwrap();
+    let start = Instant::now();
+    while !sidecar.log().contains("unknown provider") {
+        assert!(
+            start.elapsed() < Duration::from_secs(2),
+            "no error logged: {}",
+            sidecar.log()
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    let log = sidecar.log();
+    assert!(
+        log.contains(r#"models.b.routes[0]: unknown provider \"azur\""#)
+            || log.contains(r#"models.b.routes[0]: unknown provider "azur""#),
+        "{log}"
+    );
+    assert!(log.contains(&path.display().to_string()), "{log}");
+    assert_eq!(model_ids(&sidecar).await, ["a", "b"]);
+    assert_eq!(sidecar.chat(chat_body("b", false)).await.status(), 200);
+}
+
+#[test]
+fn start_up_config_errors_name_the_path_and_exit_non_zero() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("sidecar.toml");
+    let body = format!(
+        "{}{}",
+        openai_provider("mock", "http://127.0.0.1:9", ""),
+        model("gpt-4o-mini", &[("mock", "x"), ("azur", "y")])
+    );
+    std::fs::write(&path, Sidecar::config_text(dir.path(), &body, 5, "30s")).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_afr"))
+        .arg("serve")
+        .arg("--config")
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(r#"models.gpt-4o-mini.routes[1]: unknown provider "azur""#),
+        "{stderr}"
+    );
+    assert!(stderr.contains(&path.display().to_string()), "{stderr}");
+
+    std::fs::write(&path, "[server]\nlisten_on = 1\n").unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_afr"))
+        .arg("serve")
+        .arg("--config")
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("listen_on"));
+}
+
+#[tokio::test]
+async fn metrics_and_health_are_on_the_admin_listener() {
+    let mock = Mock::start(&["--chunks", "3"]);
+    let body = format!(
+        "{}{}",
+        openai_provider("mock", &mock.base(), ""),
+        model("m", &[("mock", "x")])
+    );
+    let sidecar = Sidecar::start(&body);
+    assert_eq!(sidecar.chat(chat_body("m", false)).await.status(), 200);
+    let _ = sidecar
+        .chat(chat_body("m", true))
+        .await
+        .text()
+        .await
+        .unwrap();
+    let health = reqwest::get(format!("http://127.0.0.1:{}/healthz", sidecar.admin_port))
+        .await
+        .unwrap();
+    assert_eq!(health.status(), 200);
+    // The API listener does not serve metrics (and wants the secret anyway).
+    assert_eq!(
+        sidecar
+            .request(reqwest::Method::GET, "/metrics")
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        404
+    );
+    let start = Instant::now();
+    loop {
+        let m = sidecar.metrics().await;
+        if m.contains("afr_requests_total{model=\"m\",provider=\"mock\",status=\"200\"} 2") {
+            assert!(m.contains("afr_request_duration_seconds_bucket"), "{m}");
+            assert!(
+                m.contains(
+                    "afr_time_to_first_token_seconds_count{model=\"m\",provider=\"mock\"} 1"
+                ),
+                "{m}"
+            );
+            assert!(
+                m.contains("afr_tokens_total{model=\"m\",provider=\"mock\",kind=\"prompt\"}"),
+                "{m}"
+            );
+            assert!(m.contains("afr_breaker_state{provider=\"mock\"} 0"), "{m}");
+            assert!(!m.contains(SECRET));
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(2), "{m}");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
