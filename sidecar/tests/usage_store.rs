@@ -169,6 +169,62 @@ fn shutdown_under_load_writes_or_refuses_every_record() {
 }
 
 #[test]
+fn a_refused_commit_keeps_its_rows_until_the_database_takes_them() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("usage.db");
+    let options = StoreOptions {
+        busy_timeout: Duration::from_millis(10),
+        retry_delay: Duration::from_millis(20),
+        ..StoreOptions::default()
+    };
+    let store = Store::open_with(&path, options).expect("open");
+    let recorder = store.recorder();
+    // Another writer holds the database's write lock.
+    let blocker = rusqlite::Connection::open(&path).expect("blocker");
+    blocker.execute_batch("BEGIN IMMEDIATE").expect("lock");
+    for i in 0..10 {
+        recorder.record(record(i, "k", "m", T0));
+    }
+    let err = store.flush().expect_err("locked");
+    assert!(
+        matches!(err, StoreError::Unflushed { unwritten: 10, .. }),
+        "{err}"
+    );
+    assert_eq!(recorder.pending(), 10);
+    blocker.execute_batch("ROLLBACK").expect("unlock");
+    store.flush().expect("flush after unlock");
+    assert_eq!(recorder.pending(), 0);
+    assert_eq!(total(&store.reader(), &UsageQuery::default()), 10);
+
+    // Still locked at shutdown: the rows are saved beside the database.
+    blocker
+        .execute_batch("BEGIN IMMEDIATE")
+        .expect("lock again");
+    recorder.record(record(10, "k", "m", T0));
+    recorder.record(record(11, "k", "m", T0));
+    let err = store.shutdown().expect_err("locked at shutdown");
+    assert!(
+        matches!(err, StoreError::Spilled { unwritten: 2, .. }),
+        "{err}"
+    );
+    assert!(err.to_string().contains("2 record(s)"), "{err}");
+    let spill = usage::spill::spill_path(&path);
+    assert!(spill.exists());
+    blocker.execute_batch("ROLLBACK").expect("unlock");
+    drop(blocker);
+
+    // The next start imports them and removes the file.
+    let store = Store::open(&path).expect("reopen");
+    assert!(!spill.exists());
+    assert_eq!(total(&store.reader(), &UsageQuery::default()), 12);
+    let report = store.shutdown().expect("shutdown");
+    assert_eq!(
+        report.written, 0,
+        "imported rows are not this run's records"
+    );
+}
+
+#[test]
 fn dropping_the_store_flushes_too() {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("usage.db");

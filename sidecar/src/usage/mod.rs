@@ -17,6 +17,8 @@
 //!   records into transactions.
 //! - [`query`]: [`UsageQuery`] (filters and grouping), [`UsageRow`] (the sums)
 //!   and [`UsageReader`], the read side, also used by the CLI without a writer.
+//! - `spill`: records SQLite still refused at shutdown are saved beside the
+//!   database and imported by the next [`Store::open`].
 //! - [`http`]: `GET /v1/usage`: [`http::key_usage`] (blocking) turns the
 //!   caller's key id and query string into the response body, or an error
 //!   that knows its HTTP status and `param`.
@@ -36,6 +38,7 @@ pub mod cli;
 pub mod http;
 pub mod query;
 mod schema;
+pub mod spill;
 pub mod store;
 pub mod time_arg;
 
@@ -105,6 +108,21 @@ pub enum StoreError {
         unwritten: usize,
         /// The last SQLite error.
         reason: String,
+    },
+    /// Shutdown could not write some records to SQLite and saved them to a
+    /// file instead; the next [`Store::open`] imports it.
+    #[error(
+        "usage store: {unwritten} record(s) could not be written at shutdown ({reason}); \
+         saved to {} and imported at the next start",
+        spill.display()
+    )]
+    Spilled {
+        /// How many records are in the spill file rather than the database.
+        unwritten: usize,
+        /// The last SQLite error.
+        reason: String,
+        /// The spill file.
+        spill: PathBuf,
     },
     /// The writer thread panicked.
     #[error("usage store: the writer thread panicked")]

@@ -27,7 +27,7 @@ use afr_core::usage::{TokenSource, UsageRecord};
 use rusqlite::{params, Connection};
 
 use super::query::UsageReader;
-use super::{schema, StoreError, UsageQuery, UsageRow};
+use super::{schema, spill, StoreError, UsageQuery, UsageRow};
 
 /// Queued records past which a warning is logged (about 25 MB of records):
 /// the database is not keeping up, or refuses writes.
@@ -42,6 +42,8 @@ pub struct StoreOptions {
     pub max_batch_delay: Duration,
     /// Pause before retrying a batch SQLite refused.
     pub retry_delay: Duration,
+    /// How long one commit waits for a lock another connection holds.
+    pub busy_timeout: Duration,
 }
 
 impl Default for StoreOptions {
@@ -50,6 +52,7 @@ impl Default for StoreOptions {
             max_batch_rows: 512,
             max_batch_delay: Duration::from_millis(50),
             retry_delay: Duration::from_secs(1),
+            busy_timeout: Duration::from_secs(5),
         }
     }
 }
@@ -133,6 +136,11 @@ impl Store {
     /// [`Store::open`] with explicit batching options.
     pub fn open_with(path: &Path, options: StoreOptions) -> Result<Store, StoreError> {
         let conn = schema::open_writer(path)?;
+        conn.busy_timeout(options.busy_timeout)
+            .map_err(|source| StoreError::Open {
+                path: path.to_owned(),
+                source,
+            })?;
         let reader = UsageReader::open(path)?;
         let shared = Arc::new(Shared {
             open: RwLock::new(true),
@@ -142,7 +150,8 @@ impl Store {
             warned: AtomicBool::new(false),
         });
         let (tx, rx) = mpsc::channel();
-        let writer = Writer {
+        let mut writer = Writer {
+            path: path.to_owned(),
             conn,
             batch: Vec::with_capacity(options.max_batch_rows),
             options,
@@ -151,6 +160,7 @@ impl Store {
             last_error: None,
             stats: WriterStats::default(),
         };
+        writer.import_spilled();
         let handle = thread::Builder::new()
             .name("afr-usage-writer".into())
             .spawn(move || writer.run(&rx))
@@ -310,6 +320,8 @@ enum Control {
 
 /// The writer thread's state.
 struct Writer {
+    /// The database file (the spill file sits beside it).
+    path: PathBuf,
     conn: Connection,
     batch: Vec<UsageRecord>,
     options: StoreOptions,
@@ -336,6 +348,10 @@ impl Writer {
             match control {
                 Control::Write => {}
                 Control::Flush(ack) => {
+                    // Someone is waiting: retry a refused batch now.
+                    if self.retry_at.take().is_some() {
+                        self.try_write();
+                    }
                     let answer = match &self.last_error {
                         Some(e) if !self.batch.is_empty() => Err(e.clone()),
                         _ => Ok(()),
@@ -444,6 +460,37 @@ impl Writer {
         Ok(())
     }
 
+    /// Imports the records an earlier shutdown saved to the spill file. A
+    /// failure is logged and leaves the file for the next start.
+    fn import_spilled(&mut self) {
+        let records = match spill::read_spilled(&self.path) {
+            Ok(records) if records.is_empty() => return,
+            Ok(records) => records,
+            Err(e) => {
+                tracing::error!(error = %e, "usage store: cannot read the spill file");
+                return;
+            }
+        };
+        let count = records.len();
+        self.batch = records;
+        let outcome = self.commit();
+        // Imported rows are not this run's: keep the counters about records.
+        self.shared.written.store(0, Ordering::Release);
+        self.stats = WriterStats::default();
+        match outcome.map_err(|e| e.to_string()).and_then(|()| {
+            spill::remove_spilled(&self.path).map_err(|e| format!("removing it: {e}"))
+        }) {
+            Ok(()) => tracing::info!(
+                count,
+                "usage store: imported records saved at the last shutdown"
+            ),
+            Err(e) => {
+                self.batch.clear();
+                tracing::error!(error = %e, "usage store: importing the spill file failed; kept for the next start");
+            }
+        }
+    }
+
     /// Drains the queue, commits with a few retries, checkpoints the WAL.
     fn finish(mut self, rx: &mpsc::Receiver<Msg>) -> Result<WriterStats, StoreError> {
         let mut acks = Vec::new();
@@ -477,9 +524,17 @@ impl Writer {
             let _ = ack.send(outcome.clone());
         }
         if let Err(reason) = outcome {
-            return Err(StoreError::Unflushed {
-                unwritten: self.batch.len(),
-                reason,
+            let unwritten = self.batch.len();
+            return Err(match spill::spill(&self.path, &self.batch) {
+                Ok(spill) => StoreError::Spilled {
+                    unwritten,
+                    reason,
+                    spill,
+                },
+                Err(e) => StoreError::Unflushed {
+                    unwritten,
+                    reason: format!("{reason}; saving them to a file failed too: {e}"),
+                },
             });
         }
         // Moves the WAL into the main file (with fsync) so the rows survive
