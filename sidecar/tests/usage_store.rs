@@ -397,24 +397,27 @@ fn open_reports_the_path() {
     assert!(err.to_string().contains("no/such/dir/usage.db"), "{err}");
 }
 
-/// Write throughput, recorded from 4 threads. Run with
+/// Write throughput, recorded from `AFR_BENCH_THREADS` threads (4). Run with
 /// `cargo test --release -p afr-sidecar --test usage_store -- --ignored --nocapture`.
 #[test]
 #[ignore = "benchmark"]
 fn write_throughput() {
-    const THREADS: u64 = 4;
-    const PER_THREAD: u64 = 100_000;
+    let threads: u64 = std::env::var("AFR_BENCH_THREADS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(4);
+    let per_thread = 400_000 / threads.max(1);
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("usage.db");
     let store = Store::open(&path).expect("open");
     let recorder = store.recorder();
     let started = Instant::now();
-    let workers: Vec<_> = (0..THREADS)
+    let workers: Vec<_> = (0..threads)
         .map(|t| {
             let recorder = recorder.clone();
             thread::spawn(move || {
                 let key = format!("key-{t}");
-                for i in 0..PER_THREAD {
+                for i in 0..per_thread {
                     recorder.record(record(i, &key, "gpt-4o-mini", T0 + i as i64));
                 }
             })
@@ -426,13 +429,13 @@ fn write_throughput() {
     let enqueued = started.elapsed();
     let report = store.shutdown().expect("shutdown");
     let elapsed = started.elapsed();
-    let n = THREADS * PER_THREAD;
+    let n = threads * per_thread;
     assert_eq!(report.written, n);
     println!(
         "usage store: {n} rows in {:.2?} = {:.0} rows/s written ({} transactions, {:.0} ns/record() call)",
         elapsed,
         n as f64 / elapsed.as_secs_f64(),
         report.transactions,
-        enqueued.as_nanos() as f64 / n as f64 * THREADS as f64,
+        enqueued.as_nanos() as f64 / n as f64 * threads as f64,
     );
 }

@@ -344,14 +344,14 @@ impl Writer {
     fn run(mut self, rx: &mpsc::Receiver<Msg>) -> Result<WriterStats, StoreError> {
         loop {
             let control = self.collect(rx);
+            if matches!(control, Control::Flush(_)) {
+                // Someone is waiting: retry a refused batch now.
+                self.retry_at = None;
+            }
             self.try_write();
             match control {
                 Control::Write => {}
                 Control::Flush(ack) => {
-                    // Someone is waiting: retry a refused batch now.
-                    if self.retry_at.take().is_some() {
-                        self.try_write();
-                    }
                     let answer = match &self.last_error {
                         Some(e) if !self.batch.is_empty() => Err(e.clone()),
                         _ => Ok(()),
