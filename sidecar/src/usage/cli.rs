@@ -23,10 +23,10 @@ pub const DEFAULT_CONFIG: &str = "/etc/afr/sidecar.toml";
 /// Report recorded usage, summed by key, model, provider and/or day.
 #[derive(Debug, Clone, clap::Args)]
 pub struct UsageArgs {
-    /// The usage database [default: [usage] path of the config, else /var/lib/afr/usage.db]
+    /// The usage database [default: usage.path of the config, else /var/lib/afr/usage.db]
     #[arg(long, value_name = "PATH", conflicts_with = "config")]
     pub db: Option<PathBuf>,
-    /// Take the database path from this sidecar config's [usage] path [default: /etc/afr/sidecar.toml if present]
+    /// Take the database path from usage.path in this sidecar config [default: /etc/afr/sidecar.toml if present]
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
     /// Only this key id

@@ -17,7 +17,7 @@
 //!   records into transactions.
 //! - [`query`]: [`UsageQuery`] (filters and grouping), [`UsageRow`] (the sums)
 //!   and [`UsageReader`], the read side, also used by the CLI without a writer.
-//! - `spill`: records SQLite still refused at shutdown are saved beside the
+//! - [`spill`]: records SQLite still refused at shutdown are saved beside the
 //!   database and imported by the next [`Store::open`].
 //! - [`http`]: `GET /v1/usage`: [`http::key_usage`] (blocking) turns the
 //!   caller's key id and query string into the response body, or an error
@@ -30,8 +30,9 @@
 //!
 //! [`UsageRecord`]: afr_core::usage::UsageRecord
 
-// The serve side (Store, Recorder, http) is used by `afr serve`, and the
-// integration tests compile this module without all of its callers.
+// This is the store's whole API (flush, query, gauges, key_usage) while the
+// binary calls only part of it, and the integration tests compile the module
+// without the binary's callers.
 #![allow(dead_code)]
 
 pub mod cli;
