@@ -170,3 +170,47 @@ async fn metrics_and_health_are_on_the_admin_listener() {
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
 }
+
+#[tokio::test]
+async fn serves_on_a_unix_socket() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("sidecar.sock");
+    let body = format!(
+        "{}{}",
+        openai_provider("mock", "http://127.0.0.1:9", ""),
+        model("m", &[("mock", "x")])
+    );
+    let text = Sidecar::config_text(dir.path(), &body, 5, "30s").replace(
+        "listen = \"127.0.0.1:0\"\nsecret",
+        &format!("listen = \"unix:{}\"\nsecret", socket.display()),
+    );
+    std::fs::write(dir.path().join("sidecar.toml"), text).unwrap();
+    let admin_file = dir.path().join("admin.port");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_afr"))
+        .arg("serve")
+        .arg("--config")
+        .arg(dir.path().join("sidecar.toml"))
+        .arg("--admin-port-file")
+        .arg(&admin_file)
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    while !admin_file.exists() {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "afr serve did not start"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut stream = tokio::net::UnixStream::connect(&socket).await.unwrap();
+    let request = format!("GET /v1/models HTTP/1.1\r\nHost: afr\r\nX-Afr-Secret: {SECRET}\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).await.unwrap();
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(answer.starts_with("HTTP/1.1 200 OK"), "{answer}");
+    assert!(answer.contains("\"id\":\"m\""), "{answer}");
+}

@@ -85,14 +85,17 @@ fn usage_record(caller: &Caller, model: &str, stream: bool) -> UsageRecord {
     }
 }
 
-/// Answers with an error before any provider was involved (no usage row: the
-/// request never reached a model).
+/// Answers with an error before any provider was involved. The request still
+/// gets its usage row (no provider, no tokens) so a key's rejected calls show.
 fn reject(gateway: &Gateway, caller: &Caller, model: &str, error: GatewayError) -> Response<Body> {
     let status = error.status().as_u16();
     tracing::info!(request_id = %caller.request_id, key_id = %caller.key_id, status, error = %error, "rejected");
-    gateway
-        .metrics
-        .request(model, "", status, caller.started.elapsed());
+    finish(
+        gateway,
+        usage_record(caller, model, false),
+        caller.started,
+        status,
+    );
     error.into_response(&caller.request_id)
 }
 

@@ -53,6 +53,10 @@ pub enum GatewayError {
         /// Seconds until the first breaker half-opens.
         retry_after_secs: u64,
     },
+    /// A committed stream broke; ends the stream as an error event (the
+    /// status line, 200, is already sent).
+    #[error("stream interrupted: {0}")]
+    StreamInterrupted(String),
     /// The client's body could not be read.
     #[error("reading the request body: {0}")]
     BodyRead(String),
@@ -76,6 +80,7 @@ impl GatewayError {
                 }
                 _ => StatusCode::BAD_GATEWAY,
             },
+            GatewayError::StreamInterrupted(_) => StatusCode::BAD_GATEWAY,
             GatewayError::AllFailed { .. } | GatewayError::Usage(_) => {
                 StatusCode::INTERNAL_SERVER_ERROR
             }
@@ -124,6 +129,11 @@ impl GatewayError {
                 "server_error",
                 Some("providers_unavailable"),
                 format!("Every provider for the model '{model}' is temporarily unavailable; please retry later."),
+            ),
+            GatewayError::StreamInterrupted(_) => ErrorBody::new(
+                "server_error",
+                Some("stream_interrupted"),
+                "The provider failed while streaming the response; the output is incomplete.",
             ),
             GatewayError::Usage(_) => ErrorBody::new(
                 "server_error",

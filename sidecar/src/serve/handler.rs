@@ -21,7 +21,7 @@ pub async fn handle(
     request: Request<Incoming>,
 ) -> Result<Response<Body>, Infallible> {
     let started = Instant::now();
-    let request_id = request_id(&request);
+    let request_id = request_id();
     let runtime = gateway.runtime.load_full();
 
     let secret = request
@@ -71,16 +71,10 @@ pub async fn handle(
     Ok(response)
 }
 
-/// Reuses nginx's request id when it sends a sane one, else makes one.
-fn request_id(request: &Request<Incoming>) -> String {
-    match header(request, "x-request-id") {
-        Some(id)
-            if !id.is_empty() && id.len() <= 128 && id.bytes().all(|b| b.is_ascii_graphic()) =>
-        {
-            id.to_owned()
-        }
-        _ => format!("req_{}", uuid::Uuid::new_v4().simple()),
-    }
+/// A fresh id for every request: ids in client-supplied headers are not
+/// trusted to be unique, and usage rows are keyed by this one.
+fn request_id() -> String {
+    format!("req_{}", uuid::Uuid::new_v4().simple())
 }
 
 fn header<'a>(request: &'a Request<Incoming>, name: &str) -> Option<&'a str> {

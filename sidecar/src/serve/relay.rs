@@ -13,9 +13,8 @@
 
 use crate::providers::{EventStream, ProviderError};
 use crate::serve::chat::{apply_usage, estimate_tokens, finish};
-use crate::serve::error::Body;
+use crate::serve::error::{Body, GatewayError};
 use crate::serve::state::Gateway;
-use afr_core::error::ErrorBody;
 use afr_core::sse::{error_event, inspect_chunk, strip_null_usage, TokenUsage};
 use afr_core::usage::{TokenSource, UsageRecord};
 use bytes::Bytes;
@@ -184,11 +183,7 @@ impl Relay {
         let _ = self.tap.send(Tap::Failed);
         self.done = true;
         self.events = None;
-        let body = ErrorBody::new(
-            "server_error",
-            Some("stream_interrupted"),
-            "The provider failed while streaming the response; the output is incomplete.",
-        );
+        let body = GatewayError::StreamInterrupted(error.to_string()).body();
         Bytes::from(error_event(&body.to_json()))
     }
 
