@@ -5,8 +5,9 @@
 //   cd tests && npm ci && node --test web/
 //
 // AFR_WEB_URL=http://127.0.0.1:PORT AFR_WEB_KEY=afr_… runs the same tests against a
-// gateway that is already running (no start, no key creation; the bad-key and stop
-// tests then depend on that gateway's mock too).
+// gateway that is already running; add that gateway's AFR_HOME to also run the tests that
+// create keys or set the mock's knobs (without AFR_HOME they are skipped). Set the mock's
+// chunk_interval_ms yourself then (POST /_mock/config), or replies come in one paint.
 // Screenshots go to target/web-artifacts/.
 
 import { after, before, describe, test } from 'node:test';
@@ -35,7 +36,10 @@ const LONG_MESSAGE = Array.from({ length: 400 }, (_, i) => `word${i}`).join(' ')
 
 let origin;
 let key;
+/** The runtime directory of the gateway under test (keys.toml, sidecar.toml), if known. */
 let afrHome = null;
+/** Whether this file started the gateway (and so stops it). */
+let ownStack = false;
 let browser;
 
 function freePort() {
@@ -65,21 +69,24 @@ function run(cmd, args, env) {
   });
 }
 
-/** Waits until the gateway knows the key (keys.toml is hot-reloaded within 2 s). */
-async function waitForKey(secret, deadlineMs = 15000) {
+/**
+ * Waits until the gateway answers GET /v1/models with `status` for the key (keys.toml is
+ * hot-reloaded within 2 s). A 200 uses one request of the key's rate limit.
+ */
+async function waitForKey(secret, status = 200, deadlineMs = 15000) {
   const end = Date.now() + deadlineMs;
   let last = '';
   while (Date.now() < end) {
     try {
       const res = await fetch(`${origin}/v1/models`, { headers: { Authorization: `Bearer ${secret}` } });
-      if (res.ok) return;
+      if (res.status === status) return;
       last = `${res.status} ${await res.text()}`;
     } catch (err) {
       last = err.message;
     }
     await new Promise((r) => setTimeout(r, 200));
   }
-  throw new Error(`gateway did not accept the new key in time: ${last}`);
+  throw new Error(`gateway did not answer ${status} for the new key in time: ${last}`);
 }
 
 async function newKey(id, extra = []) {
@@ -91,12 +98,17 @@ async function newKey(id, extra = []) {
   return m[0];
 }
 
+// Evaluated when tests are declared, before the `before` hook runs.
+function afrHomeKnown() {
+  return !process.env.AFR_WEB_URL || Boolean(process.env.AFR_HOME);
+}
+
 /** The mock provider's origin, read from the sidecar config scripts/run wrote. */
 function mockOrigin() {
   if (!afrHome) return null;
   const file = path.join(afrHome, 'sidecar.toml');
   if (!fs.existsSync(file)) return null;
-  const m = /https?:\/\/127\.0\.0\.1:(\d+)/.exec(fs.readFileSync(file, 'utf8'));
+  const m = /base_url\s*=\s*"http:\/\/127\.0\.0\.1:(\d+)/.exec(fs.readFileSync(file, 'utf8'));
   return m ? `http://127.0.0.1:${m[1]}` : null;
 }
 
@@ -163,8 +175,10 @@ before(async () => {
     origin = process.env.AFR_WEB_URL.replace(/\/$/, '');
     key = process.env.AFR_WEB_KEY;
     assert.ok(key, 'AFR_WEB_URL needs AFR_WEB_KEY');
+    afrHome = process.env.AFR_HOME || null;
   } else {
     afrHome = fs.mkdtempSync(path.join(os.tmpdir(), 'afr-web-'));
+    ownStack = true;
     const port = await freePort();
     origin = `http://127.0.0.1:${port}`;
     // The mock streams one delta per word of "Mock reply to: <message>"; spacing them out
@@ -187,7 +201,7 @@ before(async () => {
 
 after(async () => {
   await browser?.close();
-  if (afrHome) {
+  if (ownStack) {
     await run(path.join(REPO, 'scripts', 'run'), ['--stop'], { AFR_HOME: afrHome }).catch((err) => {
       console.error(err.message);
     });
@@ -335,7 +349,21 @@ describe('playground', () => {
     await page.close();
   });
 
-  test('over the rate limit shows when to send again', { skip: !process.env.AFR_WEB_URL ? false : 'needs scripts/run (creates a key)' }, async () => {
+  test('an expired key shows the 403 message and what to do', { skip: afrHomeKnown() ? false : 'needs AFR_HOME (creates a key)' }, async () => {
+    const expired = await newKey('web-expired', ['--expires', '2020-01-01T00:00:00Z']);
+    await waitForKey(expired, 403);
+    const page = await browser.newPage();
+    await page.goto(`${origin}/playground/`);
+    await page.fill('#api-key', expired);
+    await sendMessage(page, 'Still there?');
+    await page.waitForSelector('#error:not([hidden])', { timeout: 10000 });
+    assert.match(await page.textContent('#error'), /403 Forbidden/);
+    assert.match(await page.textContent('#error .error-message'), /expired/);
+    assert.match(await page.textContent('#error .error-advice'), /disabled or expired/);
+    await page.close();
+  });
+
+  test('over the rate limit shows when to send again', { skip: afrHomeKnown() ? false : 'needs AFR_HOME (creates a key)' }, async () => {
     const limited = await newKey('web-rpm1', ['--rpm', '1']);
     await waitForKey(limited); // the key's one request of this minute
     const page = await browser.newPage();
