@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 
 use afr_core::config::UsageConfig;
 use anyhow::Context;
-use serde_json::json;
+use serde::Serialize;
 
 use super::time_arg::{format_ms, now_ms, parse_time_arg};
 use super::{GroupBy, UsageQuery, UsageReader, UsageRow};
@@ -62,13 +62,13 @@ pub fn run(args: UsageArgs) -> anyhow::Result<()> {
     let rows = reader.query(&query)?;
     let mut out = io::stdout().lock();
     if args.json {
-        let body = json!({
-            "object": "list",
-            "since": query.since_ms.map(format_ms),
-            "until": query.until_ms.map(format_ms),
-            "by": query.group_by,
-            "data": rows,
-        });
+        let body = JsonReport {
+            object: "list",
+            since: query.since_ms.map(format_ms),
+            until: query.until_ms.map(format_ms),
+            by: &query.group_by,
+            data: &rows,
+        };
         serde_json::to_writer_pretty(&mut out, &body)?;
         writeln!(out)?;
     } else {
@@ -77,12 +77,23 @@ pub fn run(args: UsageArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `afr usage --json`, fields in this order (a struct rather than a
+/// `serde_json::Value`, whose map would sort them).
+#[derive(Serialize)]
+struct JsonReport<'a> {
+    object: &'static str,
+    since: Option<String>,
+    until: Option<String>,
+    by: &'a [GroupBy],
+    data: &'a [UsageRow],
+}
+
 /// The [`UsageQuery`] the flags ask for, relative times read against `now_ms`.
 pub fn build_query(args: &UsageArgs, now_ms: i64) -> anyhow::Result<UsageQuery> {
     let time = |flag: &str, value: &Option<String>| -> anyhow::Result<Option<i64>> {
         value
             .as_deref()
-            .map(|v| parse_time_arg(v, now_ms).with_context(|| format!("--{flag}")))
+            .map(|v| parse_time_arg(v, now_ms).map_err(|e| anyhow::anyhow!("--{flag}: {e}")))
             .transpose()
     };
     let since_ms = time("since", &args.since)?;
