@@ -1,12 +1,325 @@
-//! `afr key new|list|disable`: edits keys.toml (owned by the module issue).
+//! `afr key new|list|disable`: manages the keys file that the nginx module
+//! reads (format in `afr_core::keys`).
+//!
+//! Secrets come from the OS CSPRNG, are printed once and never stored: the file
+//! gets only their SHA-256. Every edit is validated with the same parser the
+//! module uses and written atomically (temp file + rename), so a running nginx
+//! never hot-reloads a half-written or invalid file. Edits keep the operator's
+//! comments and layout (`new` appends, `disable` edits one value in place).
 
-use clap::Args;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use afr_core::keys::{format_hash, KeyTable, MIN_TOKEN_CHARS, TOKEN_PREFIX};
+use anyhow::{bail, Context};
+use clap::{Args, Subcommand};
+
+/// Base62 characters after `afr_` in a new key (~256 bits of entropy).
+const TOKEN_CHARS: usize = 43;
+const BASE62: &[u8] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
 
 /// Arguments of `afr key`.
 #[derive(Args)]
-pub struct KeyArgs {}
+pub struct KeyArgs {
+    /// The keys file to read and edit.
+    #[arg(long, global = true, default_value = "keys.toml")]
+    file: PathBuf,
+    #[command(subcommand)]
+    command: KeyCommand,
+}
+
+#[derive(Subcommand)]
+enum KeyCommand {
+    /// Create a key, append it to the file and print its secret once.
+    New {
+        /// Stable identifier (sent upstream as X-Afr-Key-Id; shown in logs and usage).
+        #[arg(long)]
+        id: String,
+        /// Human-readable label.
+        #[arg(long)]
+        name: String,
+        /// Requests per minute (default: the file's [defaults] rpm, else 60).
+        #[arg(long)]
+        rpm: Option<u32>,
+        /// Expiry as an RFC 3339 date-time, e.g. 2027-01-01T00:00:00Z.
+        #[arg(long)]
+        expires: Option<String>,
+        /// Comma-separated model allow-list (default: every model).
+        #[arg(long, value_delimiter = ',')]
+        models: Option<Vec<String>>,
+    },
+    /// List the keys in the file (never secrets: they are not stored).
+    List,
+    /// Disable a key by id (takes effect within 2 s on a running nginx).
+    Disable {
+        /// The key's id.
+        id: String,
+    },
+}
 
 /// Runs `afr key …`.
-pub fn run(_args: KeyArgs) -> anyhow::Result<()> {
-    anyhow::bail!("afr key: not implemented yet")
+pub fn run(args: KeyArgs) -> anyhow::Result<()> {
+    match args.command {
+        KeyCommand::New {
+            id,
+            name,
+            rpm,
+            expires,
+            models,
+        } => {
+            let token = generate_token()?;
+            let entry = NewKey {
+                id: &id,
+                name: &name,
+                rpm,
+                expires: expires.as_deref(),
+                models: models.as_deref(),
+            };
+            add_key(&args.file, &entry, &token)?;
+            println!("{token}");
+            eprintln!(
+                "afr: key \"{id}\" added to {}. The secret above is shown only once: store it now.",
+                args.file.display()
+            );
+            Ok(())
+        }
+        KeyCommand::List => {
+            let table = load(&args.file, &read_existing(&args.file)?)?;
+            print!("{}", render_list(&table));
+            Ok(())
+        }
+        KeyCommand::Disable { id } => {
+            disable_key(&args.file, &id)?;
+            eprintln!("afr: key \"{id}\" disabled in {}", args.file.display());
+            Ok(())
+        }
+    }
+}
+
+/// Fields of a key being created.
+struct NewKey<'a> {
+    id: &'a str,
+    name: &'a str,
+    rpm: Option<u32>,
+    expires: Option<&'a str>,
+    models: Option<&'a [String]>,
+}
+
+/// `afr_` + 43 base62 characters from the OS CSPRNG (rejection sampling, so
+/// every character is uniform).
+fn generate_token() -> anyhow::Result<String> {
+    let mut out = String::with_capacity(TOKEN_PREFIX.len() + TOKEN_CHARS);
+    out.push_str(TOKEN_PREFIX);
+    let mut buf = [0u8; 64];
+    while out.len() < TOKEN_PREFIX.len() + TOKEN_CHARS {
+        getrandom::getrandom(&mut buf)
+            .map_err(|e| anyhow::anyhow!("reading the OS random number generator: {e}"))?;
+        for &b in &buf {
+            // 248 = 4 · 62: bytes above it would bias the first characters.
+            if b < 248 && out.len() < TOKEN_PREFIX.len() + TOKEN_CHARS {
+                out.push(BASE62[usize::from(b % 62)] as char);
+            }
+        }
+    }
+    debug_assert!(out.len() - TOKEN_PREFIX.len() >= MIN_TOKEN_CHARS);
+    Ok(out)
+}
+
+fn read_existing(path: &Path) -> anyhow::Result<String> {
+    match std::fs::read_to_string(path) {
+        Ok(t) => Ok(t),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(String::new()),
+        Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+    }
+}
+
+fn load(path: &Path, text: &str) -> anyhow::Result<KeyTable> {
+    Ok(KeyTable::parse(&path.display().to_string(), text)?)
+}
+
+fn quote(s: &str) -> String {
+    toml_edit::Value::from(s).to_string().trim().to_owned()
+}
+
+fn entry_toml(k: &NewKey<'_>, token: &str) -> String {
+    let mut s = format!(
+        "[[key]]\nid = {}\nname = {}\nhash = {}\n",
+        quote(k.id),
+        quote(k.name),
+        quote(&format_hash(token.as_bytes()))
+    );
+    if let Some(rpm) = k.rpm {
+        s.push_str(&format!("rpm = {rpm}\n"));
+    }
+    s.push_str("enabled = true\n");
+    if let Some(e) = k.expires {
+        s.push_str(&format!("expires = {}\n", quote(e)));
+    }
+    if let Some(m) = k.models {
+        let list: Vec<String> = m.iter().map(|x| quote(x.trim())).collect();
+        s.push_str(&format!("models = [{}]\n", list.join(", ")));
+    }
+    s
+}
+
+fn add_key(path: &Path, k: &NewKey<'_>, token: &str) -> anyhow::Result<()> {
+    let old = read_existing(path)?;
+    load(path, &old).context("the keys file is invalid; fix it before adding keys")?;
+    let mut text = old;
+    if !text.is_empty() && !text.ends_with('\n') {
+        text.push('\n');
+    }
+    if !text.is_empty() {
+        text.push('\n');
+    }
+    text.push_str(&entry_toml(k, token));
+    load(path, &text)?;
+    write_atomically(path, &text)
+}
+
+fn disable_key(path: &Path, id: &str) -> anyhow::Result<()> {
+    let text = read_existing(path)?;
+    load(path, &text)?;
+    let mut doc: toml_edit::DocumentMut = text
+        .parse()
+        .with_context(|| format!("parsing {}", path.display()))?;
+    let keys = doc
+        .get_mut("key")
+        .and_then(|k| k.as_array_of_tables_mut())
+        .with_context(|| format!("{} has no [[key]] entries", path.display()))?;
+    let Some(entry) = keys
+        .iter_mut()
+        .find(|t| t.get("id").and_then(|v| v.as_str()) == Some(id))
+    else {
+        bail!("no key with id \"{id}\" in {}", path.display());
+    };
+    entry["enabled"] = toml_edit::value(false);
+    let new_text = doc.to_string();
+    load(path, &new_text)?;
+    write_atomically(path, &new_text)
+}
+
+/// Writes beside the target and renames over it, keeping the old file's mode.
+fn write_atomically(path: &Path, text: &str) -> anyhow::Result<()> {
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let name = path
+        .file_name()
+        .context("the keys file path has no file name")?
+        .to_string_lossy();
+    let tmp = dir.join(format!(".{name}.afr-tmp-{}", std::process::id()));
+    let result = (|| {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(text.as_bytes())?;
+        f.sync_all()?;
+        if let Ok(meta) = std::fs::metadata(path) {
+            std::fs::set_permissions(&tmp, meta.permissions())?;
+        }
+        std::fs::rename(&tmp, path)
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result.with_context(|| format!("writing {}", path.display()))
+}
+
+fn render_list(table: &KeyTable) -> String {
+    let mut out = format!(
+        "{:<24} {:<28} {:>7} {:<8} {:<20} MODELS\n",
+        "ID", "NAME", "RPM", "ENABLED", "EXPIRES"
+    );
+    for k in table.entries() {
+        let expires = k
+            .expires
+            .and_then(|t| time::OffsetDateTime::from_unix_timestamp(t).ok())
+            .and_then(|t| {
+                t.format(&time::format_description::well_known::Rfc3339)
+                    .ok()
+            })
+            .unwrap_or_else(|| "-".to_owned());
+        out.push_str(&format!(
+            "{:<24} {:<28} {:>7} {:<8} {:<20} {}\n",
+            k.id,
+            k.name,
+            k.rpm,
+            if k.enabled { "yes" } else { "no" },
+            expires,
+            k.models_header().unwrap_or_else(|| "*".to_owned())
+        ));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn new_key<'a>(id: &'a str, models: Option<&'a [String]>) -> NewKey<'a> {
+        NewKey {
+            id,
+            name: "A \"quoted\" name",
+            rpm: Some(5),
+            expires: Some("2030-01-01T00:00:00Z"),
+            models,
+        }
+    }
+
+    #[test]
+    fn tokens_are_well_formed_and_distinct() {
+        let a = generate_token().unwrap();
+        let b = generate_token().unwrap();
+        assert!(afr_core::keys::is_well_formed(a.as_bytes()));
+        assert_eq!(a.len(), 4 + TOKEN_CHARS);
+        assert_ne!(a, b);
+    }
+
+    #[test]
+    fn new_list_disable_round_trip() {
+        let dir = std::env::temp_dir().join(format!("afr-key-cli-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("keys.toml");
+        std::fs::write(&path, "# operator comment\n[defaults]\nrpm = 30\n").unwrap();
+        let models = vec!["gpt-5-mini".to_owned(), "gpt-4o-mini".to_owned()];
+        add_key(
+            &path,
+            &new_key("a", Some(&models)),
+            "afr_0123456789abcdefghijABCDEFGHIJxyzXYZ",
+        )
+        .unwrap();
+        add_key(
+            &path,
+            &NewKey {
+                rpm: None,
+                expires: None,
+                ..new_key("b", None)
+            },
+            &generate_token().unwrap(),
+        )
+        .unwrap();
+        let dup = add_key(&path, &new_key("a", None), &generate_token().unwrap()).unwrap_err();
+        assert!(format!("{dup:#}").contains("duplicate id"), "{dup:#}");
+
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(text.starts_with("# operator comment\n"));
+        assert!(!text.contains("afr_0123"), "secret must not be stored");
+        let table = KeyTable::parse("k", &text).unwrap();
+        assert!(table
+            .find(b"afr_0123456789abcdefghijABCDEFGHIJxyzXYZ")
+            .is_some());
+        assert_eq!(table.entries()[1].rpm, 30);
+        let listing = render_list(&table);
+        assert!(
+            listing.contains("gpt-5-mini,gpt-4o-mini") && listing.contains("2030-01-01T00:00:00Z")
+        );
+
+        disable_key(&path, "a").unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        let table = KeyTable::parse("k", &text).unwrap();
+        assert!(!table.entries()[0].enabled && table.entries()[1].enabled);
+        assert!(text.starts_with("# operator comment\n"));
+        assert!(disable_key(&path, "nope").is_err());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }
