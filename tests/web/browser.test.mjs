@@ -178,6 +178,8 @@ before(async () => {
     afrHome = process.env.AFR_HOME || null;
   } else {
     afrHome = fs.mkdtempSync(path.join(os.tmpdir(), 'afr-web-'));
+    // nginx's workers (not root) read keys.toml here on hot reload; mkdtemp makes it 0700.
+    fs.chmodSync(afrHome, 0o755);
     ownStack = true;
     const port = await freePort();
     origin = `http://127.0.0.1:${port}`;
@@ -420,6 +422,11 @@ describe('playground', () => {
     await page.waitForFunction(() => {
       const m = [...document.querySelectorAll('#conversation .msg.assistant')].pop();
       return m && m.dataset.state === 'streaming' && m.querySelector('.content').textContent.length > 0;
+    }, null, { timeout: 15000 });
+    // A few words in, still far from the end of the 400-word reply.
+    await page.waitForFunction(() => {
+      const m = [...document.querySelectorAll('#conversation .msg.assistant')].pop();
+      return m.querySelector('.content').textContent.length > 40;
     }, null, { timeout: 15000 });
     await page.screenshot({ path: path.join(ARTIFACTS, 'playground-streaming.png'), fullPage: true });
     assert.equal((await lastReply(page)).state, 'streaming', 'screenshot taken mid-stream');
