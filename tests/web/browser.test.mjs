@@ -89,7 +89,9 @@ async function waitForKey(secret, status = 200, deadlineMs = 15000) {
   throw new Error(`gateway did not answer ${status} for the new key in time: ${last}`);
 }
 
-async function newKey(id, extra = []) {
+async function newKey(name, extra = []) {
+  // Unique per run, so a reused AFR_HOME keeps working.
+  const id = `${name}-${Date.now().toString(36)}`;
   const afr = path.join(REPO, 'target', 'release', 'afr');
   const { stdout } = await exec(afr, ['key', 'new', '--id', id, '--name', `web test ${id}`, ...extra,
     '--file', path.join(afrHome, 'keys.toml')]);
@@ -443,6 +445,18 @@ describe('playground', () => {
     // Nothing more arrives after Stop.
     await page.waitForTimeout(500);
     assert.equal((await lastReply(page)).text, stopped.text);
+    // And the gateway cancelled the upstream request (the mock saw the client go).
+    const mock = mockOrigin();
+    if (mock) {
+      let outcome = null;
+      for (let i = 0; i < 30 && outcome !== 'client_disconnected'; i++) {
+        const log = await (await fetch(`${mock}/_mock/requests`)).json();
+        const streams = log.requests.filter((r) => r.stream && JSON.stringify(r.body).includes('word399'));
+        outcome = streams.length ? streams[streams.length - 1].outcome : null;
+        if (outcome !== 'client_disconnected') await new Promise((r) => setTimeout(r, 100));
+      }
+      assert.equal(outcome, 'client_disconnected', 'Stop must cancel the upstream stream');
+    }
     assert.deepEqual(problems, []);
     await page.close();
   });
