@@ -222,7 +222,7 @@ describe('docs site', () => {
       await page.waitForLoadState('networkidle');
       assert.deepEqual(problems, []);
       if (urlPath === '/docs') {
-        for (const id of ['overview', 'authentication', 'chat-completions', 'models', 'streaming', 'rate-limits', 'errors']) {
+        for (const id of ['overview', 'authentication', 'chat-completions', 'models', 'streaming', 'rate-limits', 'usage', 'errors']) {
           assert.ok(await page.isVisible(`#${id}`), `docs section #${id}`);
         }
         // Examples name this host's base URL, and every example has a copy button.
