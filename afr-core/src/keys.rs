@@ -22,7 +22,6 @@
 
 use std::collections::HashMap;
 use std::fmt;
-use std::ops::Range;
 use std::path::Path;
 
 use serde::Deserialize;
@@ -30,6 +29,8 @@ use sha2::{Digest, Sha256};
 use toml::Spanned;
 
 use crate::error::ErrorBody;
+
+mod fast;
 
 /// Every client key starts with this.
 pub const TOKEN_PREFIX: &str = "afr_";
@@ -245,6 +246,77 @@ struct RawKey {
     models: Option<Spanned<Vec<String>>>,
 }
 
+/// A value and the byte offset where it starts, from either parser.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Val<T> {
+    v: T,
+    at: usize,
+}
+
+impl<T> Val<T> {
+    fn from_spanned(s: Spanned<T>) -> Self {
+        let at = s.span().start;
+        Val {
+            v: s.into_inner(),
+            at,
+        }
+    }
+}
+
+/// One `[[key]]` table before validation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Entry {
+    at: usize,
+    id: Val<String>,
+    name: Val<String>,
+    hash: Val<String>,
+    rpm: Option<Val<i64>>,
+    enabled: Option<bool>,
+    expires: Option<Val<String>>,
+    models: Option<Val<Vec<String>>>,
+}
+
+/// A keys file before validation.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+struct Document {
+    default_rpm: Option<Val<i64>>,
+    keys: Vec<Entry>,
+}
+
+impl From<RawFile> for Document {
+    fn from(raw: RawFile) -> Self {
+        Document {
+            default_rpm: raw.defaults.and_then(|d| d.rpm).map(Val::from_spanned),
+            keys: raw
+                .key
+                .into_iter()
+                .map(|spanned| {
+                    let at = spanned.span().start;
+                    let k = spanned.into_inner();
+                    Entry {
+                        at,
+                        id: Val::from_spanned(k.id),
+                        name: Val::from_spanned(k.name),
+                        hash: Val::from_spanned(k.hash),
+                        rpm: k.rpm.map(Val::from_spanned),
+                        enabled: k.enabled,
+                        expires: k.expires.map(|e| {
+                            let at = e.span().start;
+                            let v = match e.into_inner() {
+                                toml::Value::String(s) => s,
+                                toml::Value::Datetime(d) => d.to_string(),
+                                _ => String::new(), // rejected by validation
+                            };
+                            Val { v, at }
+                        }),
+                        models: k.models.map(Val::from_spanned),
+                    }
+                })
+                .collect(),
+        }
+    }
+}
+
 struct Locator<'a> {
     file: &'a str,
     text: &'a str,
@@ -272,15 +344,10 @@ impl<'a> Locator<'a> {
         self.newlines.partition_point(|&nl| nl < offset) + 1
     }
 
-    fn err(
-        &self,
-        span: Range<usize>,
-        field: impl Into<String>,
-        message: impl Into<String>,
-    ) -> KeyFileError {
+    fn err(&self, at: usize, field: impl Into<String>, message: impl Into<String>) -> KeyFileError {
         KeyFileError {
             file: self.file.to_owned(),
-            line: Some(self.line_of(span.start)),
+            line: Some(self.line_of(at)),
             field: field.into(),
             message: message.into(),
         }
@@ -337,32 +404,34 @@ impl KeyTable {
     /// Parses and validates the text of a keys file named `file`.
     pub fn parse(file: &str, text: &str) -> Result<KeyTable, KeyFileError> {
         let loc = Locator::new(file, text);
-        let raw: RawFile = toml::from_str(text).map_err(|e| {
-            let span = e.span().unwrap_or(0..0);
-            let message = e.message().trim().replace('\n', "; ");
-            let mut err = loc.err(span.clone(), loc.field_at(span.start), message);
-            if e.span().is_none() {
-                err.line = None;
-            }
-            err
-        })?;
+        let doc = match fast::parse(text) {
+            Some(doc) => doc,
+            None => Document::from(toml::from_str::<RawFile>(text).map_err(|e| {
+                let at = e.span().map_or(0, |s| s.start);
+                let message = e.message().trim().replace('\n', "; ");
+                let mut err = loc.err(at, loc.field_at(at), message);
+                if e.span().is_none() {
+                    err.line = None;
+                }
+                err
+            })?),
+        };
 
-        let default_rpm = match raw.defaults.and_then(|d| d.rpm) {
-            Some(r) => check_rpm(&loc, &r, "defaults.rpm")?,
+        let default_rpm = match &doc.default_rpm {
+            Some(r) => check_rpm(&loc, r, "defaults.rpm")?,
             None => DEFAULT_RPM,
         };
 
         let mut table = KeyTable {
-            entries: Vec::with_capacity(raw.key.len()),
-            by_hash: HashMap::with_capacity(raw.key.len()),
+            entries: Vec::with_capacity(doc.keys.len()),
+            by_hash: HashMap::with_capacity(doc.keys.len()),
         };
-        let mut ids: HashMap<String, usize> = HashMap::with_capacity(raw.key.len());
-        for (i, spanned) in raw.key.into_iter().enumerate() {
-            let line = loc.line_of(spanned.span().start);
-            let k = spanned.into_inner();
+        let mut ids: HashMap<String, usize> = HashMap::with_capacity(doc.keys.len());
+        for (i, k) in doc.keys.into_iter().enumerate() {
+            let line = loc.line_of(k.at);
             let f = |name: &str| format!("key[{}].{name}", i + 1);
 
-            let id = k.id.get_ref();
+            let id = &k.id.v;
             if id.is_empty()
                 || id.len() > MAX_ID_LEN
                 || !id
@@ -370,22 +439,22 @@ impl KeyTable {
                     .all(|b| b.is_ascii_alphanumeric() || b"._-:@".contains(&b))
             {
                 return Err(loc.err(
-                    k.id.span(),
+                    k.id.at,
                     f("id"),
                     format!("must be 1-{MAX_ID_LEN} characters of A-Z a-z 0-9 . _ - : @"),
                 ));
             }
             if let Some(first) = ids.insert(id.clone(), line) {
                 return Err(loc.err(
-                    k.id.span(),
+                    k.id.at,
                     f("id"),
                     format!("duplicate id \"{id}\" (first defined at line {first})"),
                 ));
             }
 
-            let hash = parse_hash(k.hash.get_ref()).ok_or_else(|| {
+            let hash = parse_hash(&k.hash.v).ok_or_else(|| {
                 loc.err(
-                    k.hash.span(),
+                    k.hash.at,
                     f("hash"),
                     "must be \"sha256:\" followed by 64 hex digits",
                 )
@@ -393,7 +462,7 @@ impl KeyTable {
             if let Some(&other) = table.by_hash.get(&hash) {
                 let first = &table.entries[other as usize];
                 return Err(loc.err(
-                    k.hash.span(),
+                    k.hash.at,
                     f("hash"),
                     format!(
                         "duplicate hash: same secret as key \"{}\" (line {})",
@@ -407,9 +476,9 @@ impl KeyTable {
                 None => default_rpm,
             };
             let expires = match &k.expires {
-                Some(v) => Some(parse_expires(v.get_ref()).ok_or_else(|| {
+                Some(v) => Some(parse_expires(&v.v).ok_or_else(|| {
                     loc.err(
-                        v.span(),
+                        v.at,
                         f("expires"),
                         "must be an RFC 3339 date-time with offset, e.g. \"2027-01-01T00:00:00Z\"",
                     )
@@ -418,18 +487,16 @@ impl KeyTable {
             };
             let models = match k.models {
                 Some(m) => {
-                    let span = m.span();
-                    let list = m.into_inner();
-                    if let Some(bad) = list.iter().find(|s| {
+                    if let Some(bad) = m.v.iter().find(|s| {
                         s.is_empty() || !s.bytes().all(|b| b.is_ascii_graphic() && b != b',')
                     }) {
                         return Err(loc.err(
-                            span,
+                            m.at,
                             f("models"),
                             format!("invalid model name {bad:?}: must be non-empty, printable, without commas or spaces"),
                         ));
                     }
-                    Some(list)
+                    Some(m.v)
                 }
                 None => None,
             };
@@ -437,8 +504,8 @@ impl KeyTable {
             let index = table.entries.len() as u32;
             table.by_hash.insert(hash, index);
             table.entries.push(KeyEntry {
-                id: k.id.into_inner(),
-                name: k.name.into_inner(),
+                id: k.id.v,
+                name: k.name.v,
                 hash,
                 rpm,
                 enabled: k.enabled.unwrap_or(true),
@@ -481,11 +548,11 @@ impl KeyTable {
     }
 }
 
-fn check_rpm(loc: &Locator<'_>, r: &Spanned<i64>, field: &str) -> Result<u32, KeyFileError> {
-    match *r.get_ref() {
+fn check_rpm(loc: &Locator<'_>, r: &Val<i64>, field: &str) -> Result<u32, KeyFileError> {
+    match r.v {
         v @ 1..=MAX_RPM => Ok(v as u32),
         v => Err(loc.err(
-            r.span(),
+            r.at,
             field,
             format!("must be between 1 and {MAX_RPM}, got {v}"),
         )),
@@ -499,14 +566,9 @@ fn parse_hash(s: &str) -> Option<TokenHash> {
     Some(out)
 }
 
-fn parse_expires(v: &toml::Value) -> Option<i64> {
-    let text = match v {
-        toml::Value::String(s) => s.clone(),
-        toml::Value::Datetime(d) => d.to_string(),
-        _ => return None,
-    };
+fn parse_expires(text: &str) -> Option<i64> {
     let t =
-        time::OffsetDateTime::parse(&text, &time::format_description::well_known::Rfc3339).ok()?;
+        time::OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339).ok()?;
     Some(t.unix_timestamp())
 }
 
@@ -677,6 +739,10 @@ mod timing {
         let v: toml::Table = toml::from_str(&text).unwrap();
         eprintln!("plain toml::Table: {:?}", t.elapsed());
         drop(v);
+        let t = std::time::Instant::now();
+        let d = fast::parse(&text).unwrap();
+        eprintln!("fast path reader: {:?}", t.elapsed());
+        drop(d);
         let t0 = std::time::Instant::now();
         let table = KeyTable::parse("k", &text).unwrap();
         let took = t0.elapsed();
