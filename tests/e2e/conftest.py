@@ -79,7 +79,11 @@ class Gateway:
         assert m, out.stdout + out.stderr
         key = m.group(0)
         if wait:
-            self.wait_key_state(key, lambda s: s != 401)
+            # Each worker re-reads the file on its own 1 s timer: once one worker knows the
+            # key, the others know it within another interval.
+            status, _ = self.wait_key_state(key, lambda s: s != 401)
+            assert status != 401, "new key not picked up within 2.5 s"
+            time.sleep(1.1)
         return key
 
     def wait_key_state(self, key: str, ok, timeout: float = 2.5) -> tuple[int, float]:

@@ -54,6 +54,9 @@ export async function startGateway({ mockArgs } = {}) {
         if (r.status !== 401) break;
         await new Promise((res) => setTimeout(res, 50));
       }
+      // Each nginx worker re-reads keys.toml on its own 1 s timer: once one worker knows
+      // the key, the others know it within another interval.
+      await new Promise((res) => setTimeout(res, 1100));
       return key;
     },
     stop() {

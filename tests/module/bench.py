@@ -1,0 +1,129 @@
+#!/usr/bin/env python3
+"""Benchmarks of ngx_http_afr_module (not a test: prints numbers, asserts nothing).
+
+    python3 tests/module/bench.py [system|vendored] [--seconds 5]
+
+Needs wrk. Measures, side by side in one nginx:
+  - requests/s of an `afr on` location vs the same location `afr off`
+    (static file; `return` would run before the access phase),
+  - 401 (unknown key) and 429 (over limit) rejections vs a static `return 401`,
+  - reload of a 100 000-key file: parse time, swap time on the event loop, and
+    the worst request latency while the file is rewritten, vs without reloads.
+"""
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from conftest import FLAVOURS, Gateway, Key, free_port, keys_toml  # noqa: E402
+
+
+def wrk(url, header, seconds, conns=64, threads=2):
+    cmd = ["wrk", f"-t{threads}", f"-c{conns}", f"-d{seconds}s", "--latency"]
+    if header:
+        cmd += ["-H", header]
+    out = subprocess.run(cmd + [url], capture_output=True, text=True, timeout=seconds + 30).stdout
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+    mx = re.search(r"Latency\s+\S+\s+\S+\s+(\S+)", out).group(1)
+    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    return rps, mx, int(non2xx.group(1)) if non2xx else 0, out
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("flavour", nargs="?", default="system", choices=sorted(FLAVOURS))
+    ap.add_argument("--seconds", type=int, default=5)
+    ap.add_argument("--keys", type=int, default=100_000)
+    args = ap.parse_args()
+    nginx, module = FLAVOURS[args.flavour]
+    tmp = Path(tempfile.mkdtemp(prefix="afr-bench-"))
+    tmp.chmod(0o755)
+    (tmp / "gw/html/on").mkdir(parents=True)
+    (tmp / "gw/html/on/index.html").write_text("ok\n")
+    (tmp / "gw/html/off").mkdir(parents=True)
+    (tmp / "gw/html/off/index.html").write_text("ok\n")
+    port = free_port()
+    bench_server = f"""
+    server {{
+        listen 127.0.0.1:{port};
+        root {tmp}/gw/html;
+        open_file_cache max=100;
+        location /on/ {{ afr on; }}
+        location /off/ {{ afr off; }}
+        location = /static401 {{ afr off; return 401 '{{"error":{{}}}}'; }}
+    }}"""
+    good = Key("bench", rpm=10_000_000)
+    limited = Key("limited", rpm=1)
+    gw = Gateway((args.flavour, nginx, module), tmp / "gw", 9, [good, limited], extra_http=bench_server)
+    gw.start()
+    base = f"http://127.0.0.1:{port}"
+    s = args.seconds
+    try:
+        print(f"nginx {args.flavour}, 2 workers, wrk -t2 -c64 -d{s}s, keep-alive, same 2 cores")
+        rows = [
+            ("afr off, static file", f"{base}/off/", None),
+            ("afr on, valid key, static file", f"{base}/on/", f"Authorization: Bearer {good.token}"),
+            ("static `return 401`", f"{base}/static401", None),
+            ("afr 401, unknown key", f"{base}/on/", "Authorization: Bearer afr_" + "u" * 40),
+            ("afr 401, no key", f"{base}/on/", None),
+            ("afr 429, over limit", f"{base}/on/", f"Authorization: Bearer {limited.token}"),
+        ]
+        results = {}
+        for name, url, header in rows:
+            rps, mx, non2xx, _ = wrk(url, header, s)
+            results[name] = rps
+            print(f"  {name:34s} {rps:10.0f} req/s   max latency {mx:>8s}   non-2xx {non2xx}")
+        print(f"  ratio on/off:            {results['afr on, valid key, static file'] / results['afr off, static file']:.2f}")
+        print(f"  ratio 401/static 401:    {results['afr 401, unknown key'] / results['static `return 401`']:.2f}")
+        print(f"  ratio 429/static 401:    {results['afr 429, over limit'] / results['static `return 401`']:.2f}")
+
+        # Reload of a large file.
+        big = [good] + [Key(f"user-{i:06d}", token=f"afr_{i:040d}") for i in range(args.keys - 1)]
+        text = keys_toml(big)
+        print(f"\nreload: {args.keys} keys, {len(text) / 1e6:.1f} MB")
+        hdr = f"Authorization: Bearer {good.token}"
+        _, base_max, _, _ = wrk(f"{base}/on/", hdr, s, conns=8)
+        done = threading.Event()
+
+        def rewrite():
+            n = 0
+            while not done.is_set():
+                gw.write_keys(text if n % 2 == 0 else text + "\n# touched\n")
+                n += 1
+                time.sleep(1.5)
+
+        t = threading.Thread(target=rewrite)
+        t.start()
+        rps, reload_max, non2xx, _ = wrk(f"{base}/on/", hdr, s * 2, conns=8)
+        done.set()
+        t.join()
+        time.sleep(1.5)
+        loads = re.findall(r"loaded (\d+) keys .* parsed in (\d+) ms, swapped in (\d+) us", gw.log())
+        big_loads = [(int(p), int(sw)) for n, p, sw in loads if int(n) == args.keys]
+        if big_loads:
+            parse = sorted(p for p, _ in big_loads)
+            swap = sorted(sw for _, sw in big_loads)
+            print(f"  reloads seen by workers: {len(big_loads)}")
+            print(f"  parse (off the event loop): median {parse[len(parse) // 2]} ms, max {parse[-1]} ms")
+            print(f"  swap on the event loop:     median {swap[len(swap) // 2]} us, max {swap[-1]} us")
+        print(f"  worst request latency, 8 conns: {base_max} without reloads, {reload_max} while reloading ({rps:.0f} req/s, non-2xx {non2xx})")
+        first = time.monotonic()
+        gw.write_keys([good])
+        print(f"  (file write {1000 * (time.monotonic() - first):.1f} ms)")
+    finally:
+        gw.stop()
+        gw.assert_no_crash()
+        print(f"\nlogs in {tmp}")
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONDONTWRITEBYTECODE", "1")
+    sys.exit(main())
