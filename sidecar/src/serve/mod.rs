@@ -15,6 +15,7 @@ pub mod metrics;
 pub mod relay;
 pub mod reload;
 pub mod state;
+pub mod usage_sink;
 
 use crate::usage::Store;
 use afr_core::config::{parse_listen, Listen};
@@ -77,10 +78,11 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     }
     let store = Store::open(&usage_path)
         .with_context(|| format!("usage.path: {}", usage_path.display()))?;
+    let (sink, sink_closer) = usage_sink::UsageSink::start(store.recorder());
     let gateway = Arc::new(Gateway::new(
         runtime,
         args.config.clone(),
-        Some(store.recorder()),
+        Some(sink),
         Some(store.reader()),
     ));
 
@@ -136,6 +138,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     // Usage taps finish as their streams end; give the last ones a moment.
     tokio::time::sleep(Duration::from_millis(50)).await;
     drop(gateway);
+    sink_closer.close().await;
     let report = tokio::task::spawn_blocking(move || store.shutdown())
         .await
         .context("usage store shutdown")??;

@@ -4,7 +4,8 @@
 
 use crate::providers::{self, Provider};
 use crate::serve::metrics::Metrics;
-use crate::usage::{Recorder, UsageReader};
+use crate::serve::usage_sink::UsageSink;
+use crate::usage::UsageReader;
 use afr_core::breaker::{Admission, Breaker, BreakerPolicy};
 use afr_core::config::{ConfigError, SidecarConfig};
 use arc_swap::ArcSwap;
@@ -111,7 +112,7 @@ pub struct Gateway {
     /// Metrics.
     pub metrics: Metrics,
     /// Usage writer.
-    pub recorder: Option<Recorder>,
+    pub recorder: Option<UsageSink>,
     /// Usage reader for `GET /v1/usage`.
     pub reader: Option<UsageReader>,
 }
@@ -121,7 +122,7 @@ impl Gateway {
     pub fn new(
         runtime: Runtime,
         config_path: PathBuf,
-        recorder: Option<Recorder>,
+        recorder: Option<UsageSink>,
         reader: Option<UsageReader>,
     ) -> Self {
         let gateway = Gateway {
