@@ -272,6 +272,25 @@ describe('accessibility (axe-core: WCAG 2 A/AA, contrast included)', () => {
   }
 });
 
+describe('responsive', () => {
+  for (const urlPath of ['/', '/docs/', '/playground/']) {
+    test(`${urlPath} fits a 360 px wide screen`, async () => {
+      const context = await browser.newContext({ viewport: { width: 360, height: 740 } });
+      const page = await context.newPage();
+      await page.goto(`${origin}${urlPath}`, { waitUntil: 'networkidle' });
+      // Wide code and tables scroll inside their own boxes; the page itself must not.
+      const { scrollWidth, innerWidth } = await page.evaluate(() => ({
+        scrollWidth: document.documentElement.scrollWidth, innerWidth: window.innerWidth,
+      }));
+      assert.ok(scrollWidth <= innerWidth, `page is ${scrollWidth} px wide in a ${innerWidth} px viewport`);
+      if (urlPath === '/docs/') {
+        await page.screenshot({ path: path.join(ARTIFACTS, 'docs-mobile.png') });
+      }
+      await context.close();
+    });
+  }
+});
+
 describe('playground', () => {
   test('the model list is filled from GET /v1/models', async () => {
     const { page, problems } = await playgroundWithKey(key);

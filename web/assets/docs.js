@@ -1,7 +1,7 @@
 // Docs page: the Models table, refreshed live from GET /v1/models once the reader
 // gives a key (the endpoint needs one). Until then it shows the default catalogue.
 
-import { adviceFor, fetchModels, storedKey, storeKey } from './site.js';
+import { adviceFor, fetchModels, labelTableCells, storedKey, storeKey } from './site.js';
 
 const form = document.getElementById('models-form');
 const input = document.getElementById('models-key');
@@ -31,6 +31,7 @@ async function refresh(key) {
       return tr;
     });
     tbody.replaceChildren(...rows);
+    labelTableCells(tbody.closest('.table-wrap'));
     tbody.closest('table').dataset.source = 'live';
     status.textContent = `Live list from this gateway: ${models.length} model${models.length === 1 ? '' : 's'}.`;
   } catch (err) {

@@ -260,6 +260,21 @@ function fillHostAddresses() {
   for (const el of document.querySelectorAll('[data-origin]')) el.textContent = location.origin;
 }
 
+/** Labels each cell of a table with a header row with its column, for narrow screens. */
+export function labelTableCells(root = document) {
+  for (const table of root.querySelectorAll('table')) {
+    const heads = [...table.querySelectorAll('thead th')].map((th) => th.textContent.trim());
+    if (!heads.length) continue;
+    table.classList.add('stack');
+    for (const tr of table.querySelectorAll('tbody tr')) {
+      [...tr.children].forEach((td, i) => {
+        if (heads[i]) td.dataset.label = heads[i];
+      });
+    }
+  }
+}
+
 fillHostAddresses();
 setUpTabs();
 addCopyButtons();
+labelTableCells();
