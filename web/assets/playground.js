@@ -269,7 +269,8 @@ async function send() {
   const t0 = performance.now();
   let firstToken = null;
   let usage = null;
-  let outcome = 'ended'; // done | stopped | error | ended (no [DONE])
+  // done | stopped | error (mid-reply) | ended (no [DONE]) | rejected (HTTP error) | unreachable
+  let outcome = 'ended';
   let content = '';
 
   try {
@@ -322,8 +323,12 @@ async function send() {
     } else if (err instanceof SyntaxError) {
       outcome = 'error';
       showError({ status: undefined, error: { message: `The gateway sent a malformed event: ${err.message}` } });
-    } else {
+    } else if (reply.wrap.dataset.state === 'streaming') {
       outcome = 'error';
+      showProblem(`The connection to the gateway broke during the reply (${err.message}). The reply is incomplete; send the message again.`);
+    } else {
+      outcome = 'unreachable';
+      el.status.textContent = '— (no response)';
       showProblem(`Could not reach the gateway (${err.message}). Check your connection and that the gateway is running, then send again.`);
     }
   } finally {
@@ -341,13 +346,13 @@ async function send() {
   reply.wrap.dataset.state = outcome;
   if (myEpoch !== epoch) return; // cleared meanwhile
 
-  if (outcome === 'rejected') {
-    // Nothing reached the model: take the turn back so it can be fixed and sent again.
+  if (outcome === 'rejected' || outcome === 'unreachable') {
+    // No reply started: take the turn back so it can be fixed and sent again.
     user.wrap.remove();
     reply.wrap.remove();
     el.message.value = text;
     if (!el.conversation.querySelector('.msg')) resetConversationView();
-    el.announce.textContent = 'The request was rejected.';
+    el.announce.textContent = outcome === 'rejected' ? 'The request was rejected.' : 'The gateway could not be reached.';
     return;
   }
   history.push({ role: 'user', content: text });
