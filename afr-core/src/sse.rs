@@ -195,6 +195,29 @@ pub fn inspect_chunk(raw: &[u8]) -> ChunkInfo {
     }
 }
 
+/// `data: [DONE]` (with or without the space), found without parsing JSON.
+pub fn is_done(raw: &[u8]) -> bool {
+    raw.len() <= 32 && event_data(raw).is_some_and(|d| d.trim() == "[DONE]")
+}
+
+/// An `{"error":…}` event, found from its first bytes.
+pub fn is_error_event(raw: &[u8]) -> bool {
+    let Some(rest) = raw.strip_prefix(b"data:") else {
+        return false;
+    };
+    let rest = rest.strip_prefix(b" ").unwrap_or(rest);
+    rest.starts_with(b"{\"error\"")
+}
+
+/// The usage-only chunk (`"choices":[]` and a usage object). Cheap for the
+/// common case: chunks without a non-null `usage` are rejected by a byte
+/// search; only a candidate is parsed.
+pub fn is_usage_only(raw: &[u8]) -> bool {
+    find(raw, b"\"usage\"").is_some()
+        && find(raw, b"\"usage\":null").is_none()
+        && inspect_chunk(raw).usage_only
+}
+
 /// Whether an event is stream preamble: a chunk that carries no content yet
 /// (the role announcement: every delta holds only `role` and empty
 /// `content`/`refusal`, no `finish_reason`, no usage). The gateway holds such

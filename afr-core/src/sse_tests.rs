@@ -84,6 +84,21 @@ fn reads_anthropic_event_names_and_data() {
 }
 
 #[test]
+fn classifies_done_error_and_usage_only_events() {
+    let (events, _) = frame_all(WITH_USAGE, &[]);
+    assert!(is_done(&events[13]));
+    assert!(is_done(b"data:[DONE]\n\n"));
+    assert!(!is_done(&events[0]));
+    assert!(is_usage_only(&events[12]));
+    assert_eq!(events.iter().filter(|e| is_usage_only(e)).count(), 1);
+    let spaced = b"data: {\"choices\": [], \"usage\": {\"prompt_tokens\": 1}}\n\n";
+    assert!(is_usage_only(spaced));
+    assert!(is_error_event(b"data: {\"error\":{}}\n\n"));
+    assert!(is_error_event(b"data:{\"error\":{}}\n\n"));
+    assert!(!is_error_event(&events[1]));
+}
+
+#[test]
 fn only_the_role_chunk_is_preamble() {
     let (events, _) = frame_all(WITH_USAGE, &[]);
     assert!(is_preamble(&events[0]));

@@ -13,7 +13,7 @@ use crate::serve::relay::{self, StreamStart};
 use crate::serve::state::{BreakerTicket, Gateway, Runtime};
 use afr_core::breaker::Admission;
 use afr_core::route::{Exhausted, RoutePlan};
-use afr_core::sse::{is_preamble, TokenUsage};
+use afr_core::sse::{is_error_event, is_preamble, TokenUsage};
 use afr_core::usage::{TokenSource, UsageRecord};
 use afr_core::validate::{check_model, validate_chat, ChatRequest};
 use bytes::Bytes;
@@ -236,7 +236,7 @@ async fn route(
                 let mut held = Vec::new();
                 let committed = loop {
                     match timeout_at(first_byte, events.next()).await {
-                        Ok(Some(Ok(event))) if event.starts_with(b"data: {\"error\"") => {
+                        Ok(Some(Ok(event))) if is_error_event(&event) => {
                             break Err(format!(
                                 "error event before any content: {}",
                                 String::from_utf8_lossy(&event).trim()

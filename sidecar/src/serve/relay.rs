@@ -15,7 +15,10 @@ use crate::providers::{EventStream, ProviderError};
 use crate::serve::chat::{apply_usage, estimate_tokens, finish};
 use crate::serve::error::{Body, GatewayError};
 use crate::serve::state::Gateway;
-use afr_core::sse::{error_event, inspect_chunk, strip_null_usage, TokenUsage};
+use afr_core::sse::{
+    error_event, inspect_chunk, is_done, is_error_event, is_usage_only, strip_null_usage,
+    TokenUsage,
+};
 use afr_core::usage::{TokenSource, UsageRecord};
 use bytes::Bytes;
 use futures_util::StreamExt;
@@ -132,12 +135,12 @@ impl Relay {
             };
             // The tap sees every event, including the ones stripped below.
             let _ = self.tap.send(Tap::Event(raw.clone()));
-            if raw.starts_with(b"data: [DONE]") {
+            if is_done(&raw) {
                 self.done = true;
                 self.drain_upstream();
                 return Some(raw);
             }
-            if raw.starts_with(b"data: {\"error\"") {
+            if is_error_event(&raw) {
                 // The provider's own error event: forward it and end.
                 tracing::warn!(request_id = %self.request_id, provider = %self.provider, "provider sent an error event mid-stream");
                 self.gateway.report(&self.provider, Some(false));
@@ -146,7 +149,7 @@ impl Relay {
                 return Some(raw);
             }
             if self.strip_usage {
-                if looks_usage_only(&raw) {
+                if is_usage_only(&raw) {
                     continue;
                 }
                 if contains(&raw, b"\"usage\":null") || contains(&raw, b"\"usage\": null") {
@@ -199,11 +202,6 @@ impl Relay {
             });
         }
     }
-}
-
-/// A usage-only chunk (`"choices":[]` with a usage object), found without parsing.
-fn looks_usage_only(raw: &[u8]) -> bool {
-    contains(raw, b"\"choices\":[]") && contains(raw, b"\"usage\":{")
 }
 
 fn contains(haystack: &[u8], needle: &[u8]) -> bool {
