@@ -292,12 +292,74 @@ describe('responsive', () => {
 });
 
 describe('playground', () => {
-  test('the model list is filled from GET /v1/models', async () => {
+  test('the model list is filled from GET /v1/models; the key stays in the tab', async () => {
     const { page, problems } = await playgroundWithKey(key);
+    const urls = [];
+    page.on('request', (req) => urls.push(req.url()));
     const options = await page.$$eval('#model option', (els) => els.map((e) => e.value));
     const live = await (await fetch(`${origin}/v1/models`, { headers: { Authorization: `Bearer ${key}` } })).json();
     assert.deepEqual(options, live.data.map((m) => m.id));
-    assert.ok(!page.url().includes(key), 'the key must never be in the URL');
+    assert.ok(options.length > 0);
+
+    // Survives a reload of the tab (sessionStorage), and lives nowhere else.
+    await page.reload({ waitUntil: 'load' });
+    await page.waitForSelector('#model[data-source="live"]', { timeout: 10000 });
+    assert.equal(await page.inputValue('#api-key'), key);
+    assert.equal(await page.evaluate(() => localStorage.length), 0);
+    assert.deepEqual(await page.context().cookies(), []);
+    assert.ok(urls.length > 0 && urls.every((u) => !u.includes(key)), 'the key must never be in a URL');
+    assert.deepEqual(problems, []);
+
+    // Forget key empties the field and the tab's storage.
+    await page.click('#forget-key');
+    assert.equal(await page.inputValue('#api-key'), '');
+    assert.equal(await page.evaluate(() => sessionStorage.length), 0);
+    await page.close();
+  });
+
+  test('settings outside the contract ranges are refused before sending', async () => {
+    const { page } = await playgroundWithKey(key);
+    let posts = 0;
+    page.on('request', (req) => { if (req.method() === 'POST') posts++; });
+    for (const [field, value, message] of [
+      ['#temperature', '2.5', /Temperature must be a number from 0.0 to 2.0/],
+      ['#temperature', '-0.1', /Temperature must be a number from 0.0 to 2.0/],
+      ['#max-tokens', '0', /Max tokens must be a positive whole number/],
+      ['#max-tokens', '1.5', /Max tokens must be a positive whole number/],
+    ]) {
+      await page.fill('#temperature', '0.7');
+      await page.fill('#max-tokens', '');
+      await page.fill(field, value);
+      await sendMessage(page, 'Hi');
+      await page.waitForSelector('#error:not([hidden])');
+      assert.match(await page.textContent('#error'), message);
+    }
+    assert.equal(posts, 0);
+    await page.close();
+  });
+
+  test('system prompt, temperature and max_tokens reach the provider', async (t) => {
+    const mock = mockOrigin();
+    if (!mock) {
+      t.skip('mock provider address unknown');
+      return;
+    }
+    const { page, problems } = await playgroundWithKey(key);
+    await page.fill('#system-prompt', 'You are terse.');
+    await page.fill('#temperature', '1.3');
+    await page.fill('#max-tokens', '3');
+    await sendMessage(page, 'Count to ten for me please');
+    await page.waitForSelector('#conversation .msg.assistant[data-state="done"]', { timeout: 15000 });
+    // The mock cuts its reply to max_tokens pieces and reports that many completion tokens.
+    assert.equal((await lastReply(page)).text, 'Mock reply to:');
+    assert.match(await page.textContent('#stat-tokens'), /\+ 3 completion =/);
+    const log = await (await fetch(`${mock}/_mock/requests`)).json();
+    const sent = log.requests.filter((r) => JSON.stringify(r.body).includes('Count to ten for me please')).pop();
+    assert.ok(sent, 'the mock saw the request');
+    assert.deepEqual(sent.body.messages[0], { role: 'system', content: 'You are terse.' });
+    assert.equal(sent.body.temperature, 1.3);
+    // gpt-4o-mini's route keeps max_tokens as is (gpt-5 routes rename it).
+    assert.equal(sent.body.max_tokens ?? sent.body.max_completion_tokens, 3);
     assert.deepEqual(problems, []);
     await page.close();
   });
