@@ -7,8 +7,10 @@
 //! ```text
 //! cargo run --release --example loadgen -- rate URL RATE SECONDS [HEADER:VALUE ...]
 //! cargo run --release --example loadgen -- streams URL COUNT HOLD_SECONDS [HEADER:VALUE ...]
+//! cargo run --release --example loadgen -- ttft URL RATE SECONDS [HEADER:VALUE ...]
 //! ```
 //! `rate` posts a non-streaming chat body and prints p50/p90/p99/p99.9/max;
+//! `ttft` schedules streams at RATE and measures until the first content delta;
 //! `streams` opens COUNT concurrent streams, holds them HOLD_SECONDS (measure
 //! RSS meanwhile) and prints time-to-first-byte percentiles.
 
@@ -60,7 +62,37 @@ fn request(
     r
 }
 
-async fn rate(url: String, rate: u64, seconds: u64, headers: Vec<(String, String)>) {
+/// One request; the moment it counts as answered (non-stream: whole body;
+/// stream: first content delta, the rest is then drained).
+async fn one(
+    client: &reqwest::Client,
+    url: &str,
+    headers: &[(String, String)],
+    stream: bool,
+) -> Option<Instant> {
+    let r = request(client, url, headers, stream).send().await.ok()?;
+    if !r.status().is_success() {
+        return None;
+    }
+    if !stream {
+        r.bytes().await.ok()?;
+        return Some(Instant::now());
+    }
+    let mut body = r.bytes_stream();
+    let mut seen = Vec::new();
+    while let Some(Ok(chunk)) = body.next().await {
+        seen.extend_from_slice(&chunk);
+        if seen.windows(21).any(|w| w == b"\"delta\":{\"content\":\"") {
+            let at = Instant::now();
+            // Read the rest so the connection is reused.
+            while body.next().await.is_some() {}
+            return Some(at);
+        }
+    }
+    None
+}
+
+async fn rate(url: String, rate: u64, seconds: u64, headers: Vec<(String, String)>, stream: bool) {
     let client = reqwest::Client::builder()
         .tcp_nodelay(true)
         .pool_max_idle_per_host(MAX_IN_FLIGHT)
@@ -95,15 +127,14 @@ async fn rate(url: String, rate: u64, seconds: u64, headers: Vec<(String, String
             errors.clone(),
         );
         tasks.push(tokio::spawn(async move {
-            let ok = match request(&client, &url, &headers, false).send().await {
-                Ok(r) if r.status().is_success() => r.bytes().await.is_ok(),
-                _ => false,
-            };
-            let micros = scheduled.elapsed().as_micros() as u64;
-            if ok {
-                results.lock().map(|mut v| v.push(micros)).ok();
-            } else {
-                errors.lock().map(|mut e| *e += 1).ok();
+            match one(&client, &url, &headers, stream).await {
+                Some(at) => {
+                    let micros = at.saturating_duration_since(scheduled).as_micros() as u64;
+                    results.lock().map(|mut v| v.push(micros)).ok();
+                }
+                None => {
+                    errors.lock().map(|mut e| *e += 1).ok();
+                }
             }
             drop(permit);
         }));
@@ -186,7 +217,7 @@ fn parse_headers(args: &[String]) -> Vec<(String, String)> {
 #[tokio::main]
 async fn main() {
     let args: Vec<String> = std::env::args().collect();
-    let usage = "usage: loadgen rate URL RATE SECONDS [H:V...] | loadgen streams URL COUNT HOLD_SECONDS [H:V...]";
+    let usage = "usage: loadgen rate|ttft URL RATE SECONDS [H:V...] | loadgen streams URL COUNT HOLD_SECONDS [H:V...]";
     if args.len() < 5 {
         eprintln!("{usage}");
         std::process::exit(2);
@@ -195,7 +226,8 @@ async fn main() {
     let secs: u64 = args[4].parse().unwrap_or(0).min(300);
     let headers = parse_headers(&args[5..]);
     match args[1].as_str() {
-        "rate" => rate(args[2].clone(), n.min(100_000), secs, headers).await,
+        "rate" => rate(args[2].clone(), n.min(100_000), secs, headers, false).await,
+        "ttft" => rate(args[2].clone(), n.min(100_000), secs, headers, true).await,
         "streams" => streams(args[2].clone(), n.min(10_000) as usize, secs, headers).await,
         _ => {
             eprintln!("{usage}");
