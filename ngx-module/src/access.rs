@@ -30,8 +30,10 @@ pub fn register(cf: &mut ngx_conf_t) -> Result<(), ()> {
     // SAFETY: the phase array holds `ngx_http_handler_pt`s; push returns a
     // slot for one or null.
     unsafe {
-        let h = ngx_array_push(&mut cmcf.phases[ngx_http_phases_NGX_HTTP_ACCESS_PHASE as usize].handlers)
-            .cast::<ngx_http_handler_pt>();
+        let h = ngx_array_push(
+            &mut cmcf.phases[ngx_http_phases_NGX_HTTP_ACCESS_PHASE as usize].handlers,
+        )
+        .cast::<ngx_http_handler_pt>();
         if h.is_null() {
             return Err(());
         }
@@ -51,7 +53,11 @@ fn now() -> (u64, i64) {
 enum Outcome {
     Refuse(Denial),
     Limited(Verdict),
-    Admit { verdict: Verdict, id: String, models: Option<String> },
+    Admit {
+        verdict: Verdict,
+        id: String,
+        models: Option<String>,
+    },
     Internal(&'static str),
 }
 
@@ -75,7 +81,9 @@ unsafe extern "C" fn access_handler(r: *mut ngx_http_request_t) -> ngx_int_t {
         return Status::NGX_DECLINED.into();
     };
     // SAFETY: `afr_zone` stored a ZoneCtx pointer in the zone's data.
-    let Some(zone) = (unsafe { mcf.zone.as_ref() }).and_then(|z| unsafe { z.data.cast::<ZoneCtx>().as_ref() }) else {
+    let Some(zone) =
+        (unsafe { mcf.zone.as_ref() }).and_then(|z| unsafe { z.data.cast::<ZoneCtx>().as_ref() })
+    else {
         return send_error(r, 500, &internal_body("rate-limit zone missing"), None);
     };
 
@@ -85,15 +93,41 @@ unsafe extern "C" fn access_handler(r: *mut ngx_http_request_t) -> ngx_int_t {
         Outcome::Internal(why) => send_error(r, 500, &internal_body(why), None),
         Outcome::Limited(v) => {
             // SAFETY: `r` is a valid main request.
-            if unsafe { filter::set_state(r, RequestState { admitted: false, rate: v }) }.is_err() {
+            if unsafe {
+                filter::set_state(
+                    r,
+                    RequestState {
+                        admitted: false,
+                        rate: v,
+                    },
+                )
+            }
+            .is_err()
+            {
                 return Status::NGX_ERROR.into();
             }
-            send_error(r, 429, &rate_limited_body(v.limit), Some(v.retry_after_secs()))
+            send_error(
+                r,
+                429,
+                &rate_limited_body(v.limit),
+                Some(v.retry_after_secs()),
+            )
         }
-        Outcome::Admit { verdict, id, models } => {
+        Outcome::Admit {
+            verdict,
+            id,
+            models,
+        } => {
             // SAFETY: `r` is a valid main request in the access phase.
             let ok = unsafe {
-                filter::set_state(r, RequestState { admitted: true, rate: verdict }).is_ok()
+                filter::set_state(
+                    r,
+                    RequestState {
+                        admitted: true,
+                        rate: verdict,
+                    },
+                )
+                .is_ok()
                     && rewrite_identity(r, &id, models.as_deref(), lcf.secret.as_deref()).is_ok()
             };
             if ok {
@@ -106,7 +140,11 @@ unsafe extern "C" fn access_handler(r: *mut ngx_http_request_t) -> ngx_int_t {
 }
 
 fn internal_body(why: &str) -> ErrorBody {
-    ErrorBody::new("server_error", Some("internal_error"), format!("Gateway error: {why}."))
+    ErrorBody::new(
+        "server_error",
+        Some("internal_error"),
+        format!("Gateway error: {why}."),
+    )
 }
 
 fn decide(r: *mut ngx_http_request_t, zone: &ZoneCtx) -> Outcome {
@@ -142,11 +180,19 @@ fn decide(r: *mut ngx_http_request_t, zone: &ZoneCtx) -> Outcome {
         Err(_) => {
             // SAFETY: the request's log is valid.
             let log = unsafe { (*(*r).connection).log };
-            ngx_log_error!(NGX_LOG_ERR, log, "afr: could not count key \"{id}\": zone is full");
+            ngx_log_error!(
+                NGX_LOG_ERR,
+                log,
+                "afr: could not count key \"{id}\": zone is full"
+            );
             Outcome::Internal("rate-limit zone is full")
         }
         Ok(v) if !v.admitted => Outcome::Limited(v),
-        Ok(verdict) => Outcome::Admit { verdict, id, models },
+        Ok(verdict) => Outcome::Admit {
+            verdict,
+            id,
+            models,
+        },
     }
 }
 
@@ -168,7 +214,8 @@ unsafe fn rewrite_identity(
         let kept: Vec<ngx_table_elt_t> = list_iter(list)
             .filter(|&h| {
                 let k = (*h).key.as_bytes();
-                !(k.eq_ignore_ascii_case(b"authorization") || (k.len() >= 6 && k[..6].eq_ignore_ascii_case(b"x-afr-")))
+                !(k.eq_ignore_ascii_case(b"authorization")
+                    || (k.len() >= 6 && k[..6].eq_ignore_ascii_case(b"x-afr-")))
             })
             .map(|h| *h)
             .collect();
@@ -179,7 +226,11 @@ unsafe fn rewrite_identity(
             return Err(());
         }
         // ngx_list_init, which is a static inline function in C.
-        (*list).part = ngx_list_part_t { elts, nelts: 0, next: ptr::null_mut() };
+        (*list).part = ngx_list_part_t {
+            elts,
+            nelts: 0,
+            next: ptr::null_mut(),
+        };
         (*list).last = addr_of_mut!((*list).part);
         (*list).size = std::mem::size_of::<ngx_table_elt_t>();
         (*list).nalloc = n;
@@ -204,7 +255,12 @@ unsafe fn rewrite_identity(
 }
 
 /// Sends an OpenAI error response and finalizes the request.
-fn send_error(r: *mut ngx_http_request_t, status: u16, body: &ErrorBody, retry_after: Option<u64>) -> ngx_int_t {
+fn send_error(
+    r: *mut ngx_http_request_t,
+    status: u16,
+    body: &ErrorBody,
+    retry_after: Option<u64>,
+) -> ngx_int_t {
     let json = body.to_json();
     // SAFETY: `r` is a valid main request whose header was not sent; every
     // buffer comes from its pool and lives as long as the request.
@@ -243,7 +299,10 @@ fn send_error(r: *mut ngx_http_request_t, status: u16, body: &ErrorBody, retry_a
         };
         buf.set_last_buf(true);
         buf.set_last_in_chain(true);
-        let mut chain = ngx_chain_t { buf: buf.as_ngx_buf_mut(), next: ptr::null_mut() };
+        let mut chain = ngx_chain_t {
+            buf: buf.as_ngx_buf_mut(),
+            next: ptr::null_mut(),
+        };
         let rc = ngx_http_output_filter(r, &mut chain);
         ngx_http_finalize_request(r, rc);
         Status::NGX_DONE.into()

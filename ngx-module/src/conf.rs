@@ -86,16 +86,36 @@ const HTTP_ANY: u32 = NGX_HTTP_MAIN_CONF | NGX_HTTP_SRV_CONF | NGX_HTTP_LOC_CONF
 
 /// The directive table referenced by the module table.
 pub static mut COMMANDS: [ngx_command_t; 6] = [
-    command(ngx_string!("afr_keys"), NGX_HTTP_MAIN_CONF | NGX_CONF_TAKE1, set_keys, NGX_HTTP_MAIN_CONF_OFFSET),
-    command(ngx_string!("afr_zone"), NGX_HTTP_MAIN_CONF | NGX_CONF_TAKE1, set_zone, NGX_HTTP_MAIN_CONF_OFFSET),
+    command(
+        ngx_string!("afr_keys"),
+        NGX_HTTP_MAIN_CONF | NGX_CONF_TAKE1,
+        set_keys,
+        NGX_HTTP_MAIN_CONF_OFFSET,
+    ),
+    command(
+        ngx_string!("afr_zone"),
+        NGX_HTTP_MAIN_CONF | NGX_CONF_TAKE1,
+        set_zone,
+        NGX_HTTP_MAIN_CONF_OFFSET,
+    ),
     command(
         ngx_string!("afr_reload_interval"),
         NGX_HTTP_MAIN_CONF | NGX_CONF_TAKE1,
         set_reload_interval,
         NGX_HTTP_MAIN_CONF_OFFSET,
     ),
-    command(ngx_string!("afr"), HTTP_ANY | NGX_CONF_FLAG, set_enable, NGX_HTTP_LOC_CONF_OFFSET),
-    command(ngx_string!("afr_upstream_secret"), HTTP_ANY | NGX_CONF_TAKE1, set_secret, NGX_HTTP_LOC_CONF_OFFSET),
+    command(
+        ngx_string!("afr"),
+        HTTP_ANY | NGX_CONF_FLAG,
+        set_enable,
+        NGX_HTTP_LOC_CONF_OFFSET,
+    ),
+    command(
+        ngx_string!("afr_upstream_secret"),
+        HTTP_ANY | NGX_CONF_TAKE1,
+        set_secret,
+        NGX_HTTP_LOC_CONF_OFFSET,
+    ),
     ngx_command_t::empty(),
 ];
 
@@ -129,11 +149,18 @@ fn emerg(cf: *mut ngx_conf_t, msg: &str) -> *mut c_char {
 fn str_arg(cf: *mut ngx_conf_t, directive: &str, value: &ngx_str_t) -> Result<String, *mut c_char> {
     match std::str::from_utf8(value.as_bytes()) {
         Ok(s) => Ok(s.to_owned()),
-        Err(_) => Err(emerg(cf, &format!("\"{directive}\" value is not valid UTF-8"))),
+        Err(_) => Err(emerg(
+            cf,
+            &format!("\"{directive}\" value is not valid UTF-8"),
+        )),
     }
 }
 
-extern "C" fn set_keys(cf: *mut ngx_conf_t, _cmd: *mut ngx_command_t, conf: *mut c_void) -> *mut c_char {
+extern "C" fn set_keys(
+    cf: *mut ngx_conf_t,
+    _cmd: *mut ngx_command_t,
+    conf: *mut c_void,
+) -> *mut c_char {
     // SAFETY: `conf` is this module's main conf (NGX_HTTP_MAIN_CONF_OFFSET).
     let mcf = unsafe { &mut *conf.cast::<MainConf>() };
     if mcf.keys_path.is_some() {
@@ -162,7 +189,11 @@ extern "C" fn set_keys(cf: *mut ngx_conf_t, _cmd: *mut ngx_command_t, conf: *mut
     }
 }
 
-extern "C" fn set_zone(cf: *mut ngx_conf_t, _cmd: *mut ngx_command_t, conf: *mut c_void) -> *mut c_char {
+extern "C" fn set_zone(
+    cf: *mut ngx_conf_t,
+    _cmd: *mut ngx_command_t,
+    conf: *mut c_void,
+) -> *mut c_char {
     // SAFETY: `conf` is this module's main conf (NGX_HTTP_MAIN_CONF_OFFSET).
     let mcf = unsafe { &mut *conf.cast::<MainConf>() };
     if !mcf.zone.is_null() {
@@ -172,9 +203,15 @@ extern "C" fn set_zone(cf: *mut ngx_conf_t, _cmd: *mut ngx_command_t, conf: *mut
     let arg = unsafe { arg1(cf) };
     let bytes = arg.as_bytes();
     let Some(colon) = bytes.iter().position(|&b| b == b':').filter(|&i| i > 0) else {
-        return emerg(cf, &format!("invalid afr_zone \"{arg}\": expected name:size, e.g. afr:10m"));
+        return emerg(
+            cf,
+            &format!("invalid afr_zone \"{arg}\": expected name:size, e.g. afr:10m"),
+        );
     };
-    let mut name = ngx_str_t { len: colon, data: arg.data };
+    let mut name = ngx_str_t {
+        len: colon,
+        data: arg.data,
+    };
     let mut size_str = ngx_str_t {
         len: arg.len - colon - 1,
         // SAFETY: `colon` < len, so the offset stays inside the argument.
@@ -186,7 +223,10 @@ extern "C" fn set_zone(cf: *mut ngx_conf_t, _cmd: *mut ngx_command_t, conf: *mut
         return emerg(cf, &format!("invalid afr_zone size \"{size_str}\""));
     }
     if size < MIN_ZONE_SIZE {
-        return emerg(cf, &format!("afr_zone \"{name}\" is too small: at least 32k"));
+        return emerg(
+            cf,
+            &format!("afr_zone \"{name}\" is too small: at least 32k"),
+        );
     }
     // SAFETY: `cf` and its pool are valid while parsing.
     let pool = unsafe { Pool::from_ngx_pool((*cf).pool) };
@@ -197,7 +237,12 @@ extern "C" fn set_zone(cf: *mut ngx_conf_t, _cmd: *mut ngx_command_t, conf: *mut
     // SAFETY: `cf` is valid, `name` points into the argument; the tag is this
     // module, so a reload with the same name and size finds and reuses the zone.
     let zone = unsafe {
-        ngx_shared_memory_add(cf, &mut name, size as usize, (&raw mut crate::ngx_http_afr_module).cast())
+        ngx_shared_memory_add(
+            cf,
+            &mut name,
+            size as usize,
+            (&raw mut crate::ngx_http_afr_module).cast(),
+        )
     };
     // SAFETY: a non-null return is a valid zone entry of this cycle.
     let Some(zone_ref) = (unsafe { zone.as_mut() }) else {
@@ -212,7 +257,11 @@ extern "C" fn set_zone(cf: *mut ngx_conf_t, _cmd: *mut ngx_command_t, conf: *mut
     NGX_CONF_OK
 }
 
-extern "C" fn set_reload_interval(cf: *mut ngx_conf_t, _cmd: *mut ngx_command_t, conf: *mut c_void) -> *mut c_char {
+extern "C" fn set_reload_interval(
+    cf: *mut ngx_conf_t,
+    _cmd: *mut ngx_command_t,
+    conf: *mut c_void,
+) -> *mut c_char {
     // SAFETY: `conf` is this module's main conf (NGX_HTTP_MAIN_CONF_OFFSET).
     let mcf = unsafe { &mut *conf.cast::<MainConf>() };
     // SAFETY: afr_reload_interval takes one argument.
@@ -226,7 +275,11 @@ extern "C" fn set_reload_interval(cf: *mut ngx_conf_t, _cmd: *mut ngx_command_t,
     NGX_CONF_OK
 }
 
-extern "C" fn set_enable(cf: *mut ngx_conf_t, _cmd: *mut ngx_command_t, conf: *mut c_void) -> *mut c_char {
+extern "C" fn set_enable(
+    cf: *mut ngx_conf_t,
+    _cmd: *mut ngx_command_t,
+    conf: *mut c_void,
+) -> *mut c_char {
     // SAFETY: `conf` is this module's location conf (NGX_HTTP_LOC_CONF_OFFSET).
     let lcf = unsafe { &mut *conf.cast::<LocConf>() };
     if lcf.enable.is_some() {
@@ -237,7 +290,14 @@ extern "C" fn set_enable(cf: *mut ngx_conf_t, _cmd: *mut ngx_command_t, conf: *m
     let on = match arg.as_bytes() {
         v if v.eq_ignore_ascii_case(b"on") => true,
         v if v.eq_ignore_ascii_case(b"off") => false,
-        _ => return emerg(cf, &format!("invalid value \"{arg}\" in \"afr\" directive, it must be \"on\" or \"off\"")),
+        _ => {
+            return emerg(
+                cf,
+                &format!(
+                    "invalid value \"{arg}\" in \"afr\" directive, it must be \"on\" or \"off\""
+                ),
+            )
+        }
     };
     lcf.enable = Some(on);
     if on {
@@ -249,7 +309,11 @@ extern "C" fn set_enable(cf: *mut ngx_conf_t, _cmd: *mut ngx_command_t, conf: *m
     NGX_CONF_OK
 }
 
-extern "C" fn set_secret(cf: *mut ngx_conf_t, _cmd: *mut ngx_command_t, conf: *mut c_void) -> *mut c_char {
+extern "C" fn set_secret(
+    cf: *mut ngx_conf_t,
+    _cmd: *mut ngx_command_t,
+    conf: *mut c_void,
+) -> *mut c_char {
     // SAFETY: `conf` is this module's location conf (NGX_HTTP_LOC_CONF_OFFSET).
     let lcf = unsafe { &mut *conf.cast::<LocConf>() };
     if lcf.secret.is_some() {
@@ -262,7 +326,10 @@ extern "C" fn set_secret(cf: *mut ngx_conf_t, _cmd: *mut ngx_command_t, conf: *m
         Err(e) => return e,
     };
     if secret.is_empty() || !secret.bytes().all(|b| b.is_ascii_graphic() || b == b' ') {
-        return emerg(cf, "\"afr_upstream_secret\" must be non-empty printable ASCII");
+        return emerg(
+            cf,
+            "\"afr_upstream_secret\" must be non-empty printable ASCII",
+        );
     }
     lcf.secret = Some(secret);
     NGX_CONF_OK
@@ -274,7 +341,10 @@ pub fn check_complete(cf: &mut ngx_conf_t) -> Result<(), ()> {
         return Ok(());
     };
     if mcf.used && (mcf.keys.is_none() || mcf.zone.is_null()) {
-        emerg(cf, "\"afr on\" requires both \"afr_keys\" and \"afr_zone\" in the http block");
+        emerg(
+            cf,
+            "\"afr on\" requires both \"afr_keys\" and \"afr_zone\" in the http block",
+        );
         return Err(());
     }
     Ok(())

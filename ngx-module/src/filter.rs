@@ -54,7 +54,7 @@ unsafe extern "C" fn state_marker(data: *mut c_void) {
 
 fn is_marker(handler: Option<unsafe extern "C" fn(*mut c_void)>) -> bool {
     let marker: unsafe extern "C" fn(*mut c_void) = state_marker;
-    handler.is_some_and(|h| h as *const () as usize == marker as *const () as usize)
+    handler.is_some_and(|h| std::ptr::eq(h as *const (), marker as *const ()))
 }
 
 /// Records `state` for the request (and its internal redirects).
@@ -132,9 +132,24 @@ pub unsafe fn add_rate_headers(r: *mut ngx_http_request_t, v: &Verdict) -> Resul
             }
         }
         let pool = (*r).pool;
-        push_header(pool, headers, "X-RateLimit-Limit", v.limit.to_string().as_bytes())?;
-        push_header(pool, headers, "X-RateLimit-Remaining", v.remaining.to_string().as_bytes())?;
-        push_header(pool, headers, "X-RateLimit-Reset", v.reset_unix.to_string().as_bytes())?;
+        push_header(
+            pool,
+            headers,
+            "X-RateLimit-Limit",
+            v.limit.to_string().as_bytes(),
+        )?;
+        push_header(
+            pool,
+            headers,
+            "X-RateLimit-Remaining",
+            v.remaining.to_string().as_bytes(),
+        )?;
+        push_header(
+            pool,
+            headers,
+            "X-RateLimit-Reset",
+            v.reset_unix.to_string().as_bytes(),
+        )?;
     }
     Ok(())
 }
@@ -143,7 +158,12 @@ pub unsafe fn add_rate_headers(r: *mut ngx_http_request_t, v: &Verdict) -> Resul
 ///
 /// # Safety
 /// `pool` and `list` must be valid and belong to the same request.
-pub unsafe fn push_header(pool: *mut ngx_pool_t, list: *mut ngx_list_t, name: &str, value: &[u8]) -> Result<(), ()> {
+pub unsafe fn push_header(
+    pool: *mut ngx_pool_t,
+    list: *mut ngx_list_t,
+    name: &str,
+    value: &[u8],
+) -> Result<(), ()> {
     // SAFETY: the list holds ngx_table_elt_t; zeroing covers every nginx
     // version's layout (1.23+ adds `next`, which must be null).
     unsafe {
@@ -164,8 +184,9 @@ pub unsafe fn push_header(pool: *mut ngx_pool_t, list: *mut ngx_list_t, name: &s
 
 /// nginx's header-name hash (`ngx_hash(key, c)` over the lowercased name).
 pub fn header_hash(name: &[u8]) -> ngx::ffi::ngx_uint_t {
-    name.iter()
-        .fold(0 as ngx::ffi::ngx_uint_t, |h, &c| h.wrapping_mul(31).wrapping_add(c.to_ascii_lowercase() as _))
+    name.iter().fold(0 as ngx::ffi::ngx_uint_t, |h, &c| {
+        h.wrapping_mul(31).wrapping_add(c.to_ascii_lowercase() as _)
+    })
 }
 
 /// Copies bytes into `pool` as an `ngx_str_t`.
@@ -180,7 +201,10 @@ pub unsafe fn copy_str(pool: *mut ngx_pool_t, bytes: &[u8]) -> Result<ngx_str_t,
             return Err(());
         }
         ptr::copy_nonoverlapping(bytes.as_ptr(), data, bytes.len());
-        Ok(ngx_str_t { len: bytes.len(), data })
+        Ok(ngx_str_t {
+            len: bytes.len(),
+            data,
+        })
     }
 }
 

@@ -139,7 +139,10 @@ async fn watch_loop(path: PathBuf, mut seen: Option<FileStamp>, interval: Durati
             let _ = tx.send((result, t0.elapsed()));
         });
         if let Err(e) = started {
-            log(NGX_LOG_ERR, &format!("afr: cannot start keys parser thread: {e}"));
+            log(
+                NGX_LOG_ERR,
+                &format!("afr: cannot start keys parser thread: {e}"),
+            );
             continue;
         }
         let (result, took) = loop {
@@ -167,7 +170,10 @@ async fn watch_loop(path: PathBuf, mut seen: Option<FileStamp>, interval: Durati
             }
             Err(e) => {
                 let n = KEYS.with(|k| k.borrow().as_ref().map_or(0, |w| w.table.len()));
-                log(NGX_LOG_ERR, &format!("afr: {e}; keeping the previous keys ({n} keys)"));
+                log(
+                    NGX_LOG_ERR,
+                    &format!("afr: {e}; keeping the previous keys ({n} keys)"),
+                );
             }
         }
     }

@@ -17,8 +17,9 @@ use afr_core::ratelimit::{RateWindow, Verdict};
 use ngx::core::Status;
 use ngx::ffi::{
     ngx_int_t, ngx_queue_t, ngx_rbt_red, ngx_rbtree_delete, ngx_rbtree_init, ngx_rbtree_insert,
-    ngx_rbtree_key_t, ngx_rbtree_node_t, ngx_rbtree_t, ngx_shm_zone_t, ngx_shmtx_lock, ngx_shmtx_unlock,
-    ngx_slab_alloc, ngx_slab_alloc_locked, ngx_slab_free_locked, ngx_slab_pool_t, NGX_LOG_WARN,
+    ngx_rbtree_key_t, ngx_rbtree_node_t, ngx_rbtree_t, ngx_shm_zone_t, ngx_shmtx_lock,
+    ngx_shmtx_unlock, ngx_slab_alloc, ngx_slab_alloc_locked, ngx_slab_free_locked, ngx_slab_pool_t,
+    NGX_LOG_WARN,
 };
 use ngx::ngx_log_error;
 
@@ -35,7 +36,11 @@ pub struct ZoneCtx {
 impl ZoneCtx {
     /// A handle for the zone `name`, bound to memory by [`init_zone`].
     pub fn new(name: String) -> Self {
-        ZoneCtx { name, sh: ptr::null_mut(), pool: ptr::null_mut() }
+        ZoneCtx {
+            name,
+            sh: ptr::null_mut(),
+            pool: ptr::null_mut(),
+        }
     }
 }
 
@@ -61,7 +66,9 @@ impl Node {
     /// `node` must point to a live node allocated by [`ZoneCtx::hit`].
     unsafe fn id<'a>(node: *const Node) -> &'a [u8] {
         // SAFETY: the id bytes were copied right after the struct at allocation.
-        unsafe { std::slice::from_raw_parts(node.cast::<u8>().add(size_of::<Node>()), (*node).id_len) }
+        unsafe {
+            std::slice::from_raw_parts(node.cast::<u8>().add(size_of::<Node>()), (*node).id_len)
+        }
     }
 
     /// # Safety
@@ -109,7 +116,11 @@ pub extern "C" fn init_zone(zone: *mut ngx_shm_zone_t, old_data: *mut c_void) ->
     }
     // SAFETY: `sh` is a fresh allocation large enough for `Shared`.
     unsafe {
-        ngx_rbtree_init(addr_of_mut!((*sh).rbtree), addr_of_mut!((*sh).sentinel), Some(insert_node));
+        ngx_rbtree_init(
+            addr_of_mut!((*sh).rbtree),
+            addr_of_mut!((*sh).sentinel),
+            Some(insert_node),
+        );
         let lru = addr_of_mut!((*sh).lru);
         (*lru).prev = lru;
         (*lru).next = lru;
@@ -135,7 +146,11 @@ unsafe extern "C" fn insert_node(
             } else {
                 Node::id(node.cast()) < Node::id(temp.cast())
             };
-            let next = if go_left { addr_of_mut!((*temp).left) } else { addr_of_mut!((*temp).right) };
+            let next = if go_left {
+                addr_of_mut!((*temp).left)
+            } else {
+                addr_of_mut!((*temp).right)
+            };
             if *next == sentinel {
                 *next = node;
                 break;
@@ -197,7 +212,13 @@ impl ZoneCtx {
 
     /// # Safety
     /// The caller holds the slab mutex.
-    unsafe fn hit_locked(&self, hash: ngx_rbtree_key_t, id: &[u8], limit: u32, now_ms: u64) -> (Option<Verdict>, usize) {
+    unsafe fn hit_locked(
+        &self,
+        hash: ngx_rbtree_key_t,
+        id: &[u8],
+        limit: u32,
+        now_ms: u64,
+    ) -> (Option<Verdict>, usize) {
         // SAFETY: the caller holds the mutex; all pointers belong to this zone.
         unsafe {
             let sh = self.sh;
@@ -225,7 +246,11 @@ impl ZoneCtx {
             ptr::write_bytes(node, 0, 1);
             (*node).rb.key = hash;
             (*node).id_len = id.len();
-            ptr::copy_nonoverlapping(id.as_ptr(), mem.cast::<u8>().add(size_of::<Node>()), id.len());
+            ptr::copy_nonoverlapping(
+                id.as_ptr(),
+                mem.cast::<u8>().add(size_of::<Node>()),
+                id.len(),
+            );
             ngx_rbtree_insert(addr_of_mut!((*sh).rbtree), addr_of_mut!((*node).rb));
             queue_insert_head(addr_of_mut!((*sh).lru), addr_of_mut!((*node).lru));
             (Some((*node).window.hit(limit, now_ms)), evicted)
@@ -241,7 +266,11 @@ impl ZoneCtx {
             let mut n = (*self.sh).rbtree.root;
             while n != sentinel {
                 if hash != (*n).key {
-                    n = if hash < (*n).key { (*n).left } else { (*n).right };
+                    n = if hash < (*n).key {
+                        (*n).left
+                    } else {
+                        (*n).right
+                    };
                     continue;
                 }
                 match id.cmp(Node::id(n.cast())) {
