@@ -160,6 +160,9 @@ class Gateway:
 
 
 def start_gateway(home: Path, extra_env: dict | None = None) -> tuple[Gateway, subprocess.CompletedProcess]:
+    # pytest's tmp dirs are 0700; nginx's workers (an unprivileged user when we are root)
+    # must reach keys.toml and the sidecar socket inside.
+    home.chmod(0o755)
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k not in ("OPENAI_API_KEY", "ANTHROPIC_API_KEY")}
     env.update(AFR_HOME=str(home), AFR_PORT=str(port))
