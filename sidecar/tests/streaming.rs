@@ -238,3 +238,38 @@ async fn client_disconnect_cancels_the_upstream_request() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+#[tokio::test]
+async fn client_gone_before_the_answer_cancels_upstream_and_records_499() {
+    let mock = Mock::start(&["--latency-ms", "1500"]);
+    let sidecar = single(&mock, "5s");
+    let r = sidecar
+        .request(reqwest::Method::POST, "/v1/chat/completions")
+        .json(&chat_body("m", false))
+        .timeout(Duration::from_millis(300))
+        .send()
+        .await;
+    assert!(r.is_err(), "the client gave up first");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let usage: Value = sidecar
+            .request(reqwest::Method::GET, "/v1/usage?by=model")
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if usage["data"][0]["truncated"] == 1 {
+            assert_eq!(usage["data"][0]["requests"], 1);
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no row for the abandoned request: {usage}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let log = mock.log().await;
+    assert_ne!(log["requests"][0]["outcome"], "completed", "{log}");
+}

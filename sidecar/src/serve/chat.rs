@@ -71,6 +71,18 @@ fn usage_record(caller: &Caller, model: &str, stream: bool) -> UsageRecord {
         request_id: caller.request_id.clone(),
         key_id: caller.key_id.clone(),
         model: model.to_owned(),
+        stream,
+        ..blank_record()
+    }
+}
+
+/// A record with nothing in it yet.
+fn blank_record() -> UsageRecord {
+    UsageRecord {
+        ts_ms: 0,
+        request_id: String::new(),
+        key_id: String::new(),
+        model: String::new(),
         provider: String::new(),
         upstream_model: String::new(),
         prompt_tokens: 0,
@@ -80,7 +92,7 @@ fn usage_record(caller: &Caller, model: &str, stream: bool) -> UsageRecord {
         latency_ms: 0,
         ttft_ms: None,
         status: 0,
-        stream,
+        stream: false,
         truncated: false,
     }
 }
@@ -148,7 +160,11 @@ async fn route(
             GatewayError::NotFound(request.model.clone()),
         );
     };
-    let mut record = usage_record(&caller, &request.model, request.stream);
+    let mut pending = PendingUsage {
+        gateway: gateway.clone(),
+        record: Some(usage_record(&caller, &request.model, request.stream)),
+        started: caller.started,
+    };
     let mut body = request.body;
     // Ask for usage on every stream; strip it again unless the client asked (design §5).
     let strip_usage = request.stream && !request.include_usage;
@@ -184,8 +200,10 @@ async fn route(
             gateway.metrics.failover(&request.model, &last_provider);
         }
         last_provider = route.provider.clone();
-        record.provider = route.provider.clone();
-        record.upstream_model = route.model.clone();
+        if let Some(record) = pending.record.as_mut() {
+            record.provider = route.provider.clone();
+            record.upstream_model = route.model.clone();
+        }
 
         let ticket = BreakerTicket::new(gateway.clone(), &route.provider);
         let mut call_body = body.clone();
@@ -219,13 +237,14 @@ async fn route(
                 };
                 let status = gw_error.status().as_u16();
                 tracing::info!(request_id = %caller.request_id, provider = %route.provider, status, error = %gw_error, "provider refused the request");
-                finish(&gateway, record, caller.started, status);
+                finish(&gateway, pending.take(), caller.started, status);
                 return gw_error.into_response(&caller.request_id);
             }
         };
         match reply {
             Reply::Complete { body, usage } => {
                 ticket.success();
+                let mut record = pending.take();
                 apply_usage(&mut record, usage);
                 finish(&gateway, record, caller.started, 200);
                 return json_response(StatusCode::OK, body, &caller.request_id);
@@ -261,6 +280,7 @@ async fn route(
                 }
                 ticket.success();
                 let ttft = caller.started.elapsed();
+                let mut record = pending.take();
                 record.ttft_ms = Some(ttft.as_millis() as u64);
                 gateway.metrics.ttft(&request.model, &route.provider, ttft);
                 return relay::respond(StreamStart {
@@ -297,8 +317,35 @@ async fn route(
         }
     };
     let status = error.status().as_u16();
-    finish(&gateway, record, caller.started, status);
+    finish(&gateway, pending.take(), caller.started, status);
     error.into_response(&caller.request_id)
+}
+
+/// The usage row of a request still being routed. If the client goes away
+/// first (hyper drops the handler), it is recorded on drop with status 499,
+/// nginx's "client closed request", flagged truncated.
+struct PendingUsage {
+    gateway: Arc<Gateway>,
+    record: Option<UsageRecord>,
+    started: Instant,
+}
+
+impl PendingUsage {
+    /// The record, now owned by whoever finishes the request.
+    fn take(&mut self) -> UsageRecord {
+        // Each path takes it exactly once; a blank row beats a panic.
+        self.record.take().unwrap_or_else(blank_record)
+    }
+}
+
+impl Drop for PendingUsage {
+    fn drop(&mut self) {
+        if let Some(mut record) = self.record.take() {
+            record.truncated = true;
+            tracing::info!(request_id = %record.request_id, "client went away before the answer");
+            finish(&self.gateway, record, self.started, 499);
+        }
+    }
 }
 
 /// Characters of prompt text, for estimating tokens of a stream cut short
