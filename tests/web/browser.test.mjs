@@ -237,6 +237,26 @@ describe('docs site', () => {
     });
   }
 
+  test('example tabs switch by keyboard, and Copy copies the example shown', async () => {
+    const context = await browser.newContext();
+    await context.grantPermissions(['clipboard-read', 'clipboard-write'], { origin });
+    const page = await context.newPage();
+    await page.goto(`${origin}/docs/`, { waitUntil: 'load' });
+    const set = page.locator('#chat-completions ~ .tabs').first();
+    await set.locator('[role="tab"][aria-selected="true"]').focus();
+    await page.keyboard.press('ArrowRight');
+    assert.equal(await set.locator('[role="tab"][aria-selected="true"]').textContent(), 'JavaScript');
+    // The choice applies to every example on the page.
+    const selected = await page.$$eval('[role="tab"][aria-selected="true"]', (els) => [...new Set(els.map((e) => e.textContent))]);
+    assert.deepEqual(selected, ['JavaScript']);
+    const panel = set.locator('[role="tabpanel"]:not([hidden])');
+    await panel.locator('.copy-btn').click();
+    const copied = await page.evaluate(() => navigator.clipboard.readText());
+    assert.equal(copied, await panel.locator('pre').textContent());
+    assert.match(copied, new RegExp(`baseURL: '${origin}/v1'`));
+    await context.close();
+  });
+
   test('docs Models section loads the live list with a key', async () => {
     const { page, problems } = await openPage('/docs');
     await page.fill('#models-key', key);
