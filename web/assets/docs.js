@@ -33,7 +33,7 @@ async function refresh(key) {
     tbody.replaceChildren(...rows);
     labelTableCells(tbody.closest('.table-wrap'));
     tbody.closest('table').dataset.source = 'live';
-    status.textContent = `Live list from this gateway: ${models.length} model${models.length === 1 ? '' : 's'}.`;
+    status.textContent = `Live list for your key: ${models.length} model${models.length === 1 ? '' : 's'}.`;
   } catch (err) {
     status.classList.add('error');
     status.textContent = err.status

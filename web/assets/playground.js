@@ -84,7 +84,7 @@ async function loadModels() {
     const models = await fetchModels(key, ctrl.signal);
     fillModels(models);
     el.model.dataset.source = 'live';
-    el.modelsStatus.textContent = `${models.length} model${models.length === 1 ? '' : 's'} from this gateway.`;
+    el.modelsStatus.textContent = `${models.length} model${models.length === 1 ? '' : 's'} available to this key.`;
   } catch (err) {
     if (err.name === 'AbortError') return;
     el.modelsStatus.textContent = err instanceof GatewayError
