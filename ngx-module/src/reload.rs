@@ -22,6 +22,10 @@ use ngx::ngx_log_error;
 
 /// Resolved tokens kept per worker (hits and misses alike).
 const CACHE_CAPACITY: u64 = 16_384;
+/// Niceness of the parser thread.
+const PARSE_NICE: libc::c_int = 10;
+/// How long a parser thread waits to take the replaced table off the event loop.
+const DROP_WAIT: Duration = Duration::from_secs(30);
 /// How often a running parse is polled for its result.
 const PARSE_POLL: Duration = Duration::from_millis(5);
 
@@ -68,13 +72,9 @@ thread_local! {
     static KEYS: RefCell<Option<WorkerKeys>> = const { RefCell::new(None) };
 }
 
-/// Makes `table` this worker's key table, with an empty cache.
+/// Makes `table` this worker's key table, with an empty cache (start-up).
 pub fn install(table: Arc<KeyTable>) {
-    let old = KEYS.with(|k| k.borrow_mut().replace(WorkerKeys::new(table)));
-    if let Some(old) = old {
-        // Freeing 100 000 entries takes milliseconds: not on the event loop.
-        drop_off_loop(old);
-    }
+    KEYS.with(|k| *k.borrow_mut() = Some(WorkerKeys::new(table)));
 }
 
 /// Looks `token` up (cache first, then one SHA-256 and one probe) and hands
@@ -95,14 +95,17 @@ pub fn resolve<R>(token: &[u8], f: impl FnOnce(Option<&KeyEntry>) -> R) -> Optio
     })
 }
 
-fn drop_off_loop<T: Send + 'static>(value: T) {
-    // If no thread can be started the closure, and the value, drop here.
-    let _ = spawn_quiet(move || drop(value));
-}
-
 /// Spawns a thread with every signal blocked, so nginx's signal handlers keep
-/// running on the worker's main thread only.
+/// running on the worker's main thread only. The thread lowers its own
+/// priority: on a busy machine a parse must not take CPU time from the event
+/// loops serving requests.
 fn spawn_quiet(f: impl FnOnce() + Send + 'static) -> std::io::Result<()> {
+    let body = move || {
+        // SAFETY: setpriority on the calling thread's own id (Linux applies
+        // PRIO_PROCESS with a thread id to that thread only); failure is harmless.
+        unsafe { libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, PARSE_NICE) };
+        f()
+    };
     // SAFETY: sigset_t is plain data; sigfillset/pthread_sigmask only write to
     // the sets we pass. The mask is restored right after the spawn, and the new
     // thread inherits the blocked mask.
@@ -111,7 +114,9 @@ fn spawn_quiet(f: impl FnOnce() + Send + 'static) -> std::io::Result<()> {
         let mut old: libc::sigset_t = std::mem::zeroed();
         libc::sigfillset(&mut all);
         libc::pthread_sigmask(libc::SIG_BLOCK, &all, &mut old);
-        let r = std::thread::Builder::new().name("afr-keys".into()).spawn(f);
+        let r = std::thread::Builder::new()
+            .name("afr-keys".into())
+            .spawn(body);
         libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut());
         r.map(|_| ())
     }
@@ -133,10 +138,16 @@ async fn watch_loop(path: PathBuf, mut seen: Option<FileStamp>, interval: Durati
         seen = now;
         let (tx, rx) = mpsc::channel();
         let p = path.clone();
+        // The parser builds the whole new state (table and empty cache), so
+        // the event loop only swaps a pointer; it then takes the replaced state
+        // back and frees it (100 000 entries take milliseconds to free).
         let started = spawn_quiet(move || {
             let t0 = Instant::now();
-            let result = KeyTable::load(&p);
-            let _ = tx.send((result, t0.elapsed()));
+            let result = KeyTable::load(&p).map(|t| WorkerKeys::new(Arc::new(t)));
+            let (old_tx, old_rx) = mpsc::channel::<WorkerKeys>();
+            if tx.send((result, t0.elapsed(), old_tx)).is_ok() {
+                drop(old_rx.recv_timeout(DROP_WAIT));
+            }
         });
         if let Err(e) = started {
             log(
@@ -145,35 +156,47 @@ async fn watch_loop(path: PathBuf, mut seen: Option<FileStamp>, interval: Durati
             );
             continue;
         }
-        let (result, took) = loop {
+        let parsed = loop {
             ngx::async_::sleep(PARSE_POLL).await;
             match rx.try_recv() {
-                Ok(done) => break done,
+                Ok(done) => break Some(done),
                 Err(TryRecvError::Empty) => continue,
-                Err(TryRecvError::Disconnected) => return,
+                Err(TryRecvError::Disconnected) => break None,
             }
         };
-        match result {
-            Ok(table) => {
+        match parsed {
+            Some((Ok(keys), took, old_tx)) => {
                 let t0 = Instant::now();
-                let n = table.len();
-                install(Arc::new(table));
+                let n = keys.table.len();
+                let old = KEYS.with(|k| k.borrow_mut().replace(keys));
+                let swapped = t0.elapsed();
+                if let Some(old) = old {
+                    // If the parser is gone the value comes back and drops here.
+                    drop(old_tx.send(old));
+                }
                 log(
                     NGX_LOG_NOTICE,
                     &format!(
                         "afr: loaded {n} keys from {} (parsed in {} ms, swapped in {} us)",
                         path.display(),
                         took.as_millis(),
-                        t0.elapsed().as_micros()
+                        swapped.as_micros()
                     ),
                 );
             }
-            Err(e) => {
+            Some((Err(e), _, _)) => {
                 let n = KEYS.with(|k| k.borrow().as_ref().map_or(0, |w| w.table.len()));
                 log(
                     NGX_LOG_ERR,
                     &format!("afr: {e}; keeping the previous keys ({n} keys)"),
                 );
+            }
+            None => {
+                log(
+                    NGX_LOG_ERR,
+                    "afr: keys parser thread died; keeping the previous keys",
+                );
+                seen = None; // try again next tick
             }
         }
     }

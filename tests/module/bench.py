@@ -25,10 +25,22 @@ sys.path.insert(0, str(Path(__file__).parent))
 from conftest import FLAVOURS, Gateway, Key, free_port, keys_toml  # noqa: E402
 
 
-def wrk(url, header, seconds, conns=64, threads=2):
+RANDOM_KEYS_LUA = """
+local chars = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
+request = function()
+  local t = {}
+  for i = 1, 40 do local n = math.random(1, 62); t[i] = chars:sub(n, n) end
+  return wrk.format(nil, nil, {["Authorization"] = "Bearer afr_" .. table.concat(t)})
+end
+"""
+
+
+def wrk(url, header, seconds, conns=64, threads=2, script=None):
     cmd = ["wrk", f"-t{threads}", f"-c{conns}", f"-d{seconds}s", "--latency"]
     if header:
         cmd += ["-H", header]
+    if script:
+        cmd += ["-s", str(script)]
     out = subprocess.run(cmd + [url], capture_output=True, text=True, timeout=seconds + 30).stdout
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
     mx = re.search(r"Latency\s+\S+\s+\S+\s+(\S+)", out).group(1)
@@ -59,6 +71,8 @@ def main():
         location /off/ {{ afr off; }}
         location = /static401 {{ afr off; return 401 '{{"error":{{}}}}'; }}
     }}"""
+    lua = tmp / "random-keys.lua"
+    lua.write_text(RANDOM_KEYS_LUA)
     good = Key("bench", rpm=10_000_000)
     limited = Key("limited", rpm=1)
     gw = Gateway((args.flavour, nginx, module), tmp / "gw", 9, [good, limited], extra_http=bench_server)
@@ -76,13 +90,20 @@ def main():
             ("afr 429, over limit", f"{base}/on/", f"Authorization: Bearer {limited.token}"),
         ]
         results = {}
+        rows += [
+            ("static `return 401`, wrk+lua", f"{base}/static401", "lua"),
+            ("afr 401, random key per request", f"{base}/on/", "lua"),
+        ]
         for name, url, header in rows:
-            rps, mx, non2xx, _ = wrk(url, header, s)
+            script = lua if header == "lua" else None
+            rps, mx, non2xx, _ = wrk(url, None if script else header, s, script=script)
             results[name] = rps
             print(f"  {name:34s} {rps:10.0f} req/s   max latency {mx:>8s}   non-2xx {non2xx}")
         print(f"  ratio on/off:            {results['afr on, valid key, static file'] / results['afr off, static file']:.2f}")
         print(f"  ratio 401/static 401:    {results['afr 401, unknown key'] / results['static `return 401`']:.2f}")
         print(f"  ratio 429/static 401:    {results['afr 429, over limit'] / results['static `return 401`']:.2f}")
+        flood = results["afr 401, random key per request"] / results["static `return 401`, wrk+lua"]
+        print(f"  ratio random-key 401/static 401 (both via lua): {flood:.2f}")
 
         # Reload of a large file.
         big = [good] + [Key(f"user-{i:06d}", token=f"afr_{i:040d}") for i in range(args.keys - 1)]
@@ -105,7 +126,7 @@ def main():
         done.set()
         t.join()
         time.sleep(1.5)
-        loads = re.findall(r"loaded (\d+) keys .* parsed in (\d+) ms, swapped in (\d+) us", gw.log())
+        loads = re.findall(r"loaded (\d+) keys .*?parsed in (\d+) ms, swapped in (\d+) us", gw.log())
         big_loads = [(int(p), int(sw)) for n, p, sw in loads if int(n) == args.keys]
         if big_loads:
             parse = sorted(p for p, _ in big_loads)
