@@ -496,7 +496,8 @@ describe('playground', () => {
       assert.ok(res.ok, `POST /_mock/config: ${res.status}`);
     };
     const { page, problems } = await playgroundWithKey(key);
-    await config({ chunk_interval_ms: CHUNK_INTERVAL_MS, error_after_chunks: 3 });
+    const before = await (await fetch(`${mock}/_mock/config`)).json();
+    await config({ ...before, error_after_chunks: 3 });
     try {
       await sendMessage(page, SHORT_MESSAGE);
       await page.waitForFunction(() => {
@@ -504,7 +505,7 @@ describe('playground', () => {
         return m && !['waiting', 'streaming'].includes(m.dataset.state);
       }, null, { timeout: 15000 });
     } finally {
-      await config({ chunk_interval_ms: CHUNK_INTERVAL_MS });
+      await config(before);
     }
     const reply = await lastReply(page);
     assert.equal(reply.state, 'error');
