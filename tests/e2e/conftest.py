@@ -12,7 +12,9 @@ import os
 import re
 import signal
 import socket
+import shutil
 import subprocess
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -159,10 +161,18 @@ class Gateway:
         subprocess.run([str(REPO / "scripts/run"), "--stop"], env=self.env, capture_output=True, timeout=60)
 
 
-def start_gateway(home: Path, extra_env: dict | None = None) -> tuple[Gateway, subprocess.CompletedProcess]:
-    # pytest's tmp dirs are 0700; nginx's workers (an unprivileged user when we are root)
-    # must reach keys.toml and the sidecar socket inside.
+def runtime_dir(name: str) -> Path:
+    """A fresh runtime directory nginx's workers can reach.
+
+    pytest's tmp dirs sit under 0700 parents; when the tests run as root, nginx's
+    workers run as an unprivileged user and must reach keys.toml and the sidecar
+    socket, so the directory lives directly in the system temp dir, mode 0755."""
+    home = Path(tempfile.mkdtemp(prefix=f"afr-{name}-"))
     home.chmod(0o755)
+    return home
+
+
+def start_gateway(home: Path, extra_env: dict | None = None) -> tuple[Gateway, subprocess.CompletedProcess]:
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k not in ("OPENAI_API_KEY", "ANTHROPIC_API_KEY")}
     env.update(AFR_HOME=str(home), AFR_PORT=str(port))
@@ -177,7 +187,9 @@ def start_gateway(home: Path, extra_env: dict | None = None) -> tuple[Gateway, s
 
 @pytest.fixture(scope="session")
 def gateway(tmp_path_factory):
-    g, out = start_gateway(tmp_path_factory.mktemp("afr-home"))
+    home = runtime_dir("e2e")
+    g, out = start_gateway(home)
     assert g.demo_key, "the first run prints a demo key:\n" + out.stdout
     yield g
     g.stop()
+    shutil.rmtree(home, ignore_errors=True)

@@ -8,16 +8,15 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import signal
+import shutil
 import subprocess
-import threading
 import time
 import tomllib
 
 import openai
 import pytest
 
-from conftest import AFR, REPO, http, mock_tokens, start_gateway
+from conftest import AFR, REPO, http, mock_tokens, runtime_dir, start_gateway
 
 _spec = importlib.util.spec_from_file_location("sidecar_config", REPO / "scripts" / "sidecar-config.py")
 sidecar_config = importlib.util.module_from_spec(_spec)
@@ -27,11 +26,13 @@ MESSAGES = [{"role": "user", "content": "ping the gateway"}]
 
 
 @pytest.fixture(scope="module")
-def gw(tmp_path_factory):
-    g, _ = start_gateway(tmp_path_factory.mktemp("afr-stack"))
+def gw():
+    home = runtime_dir("stack")
+    g, _ = start_gateway(home)
     g.original_config = (g.home / "sidecar.toml").read_text()
     yield g
     g.stop()
+    shutil.rmtree(home, ignore_errors=True)
 
 
 @pytest.fixture
