@@ -206,7 +206,12 @@ async fn route(
         }
 
         let ticket = BreakerTicket::new(gateway.clone(), &route.provider);
-        let mut call_body = body.clone();
+        // The last route gets the body itself; earlier ones a copy to adapt.
+        let mut call_body = if index + 1 == model.routes.len() {
+            std::mem::take(&mut body)
+        } else {
+            body.clone()
+        };
         route.adapt(&mut call_body);
         let timeouts = provider.timeouts();
         let attempt_start = tokio::time::Instant::now();

@@ -11,7 +11,8 @@ use http::{Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use std::convert::Infallible;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use subtle::ConstantTimeEq;
 
@@ -72,9 +73,14 @@ pub async fn handle(
 }
 
 /// A fresh id for every request: ids in client-supplied headers are not
-/// trusted to be unique, and usage rows are keyed by this one.
+/// trusted to be unique, and usage rows are keyed by this one. A random
+/// per-process prefix and a counter: unique without a syscall per request.
 fn request_id() -> String {
-    format!("req_{}", uuid::Uuid::new_v4().simple())
+    static PREFIX: OnceLock<u64> = OnceLock::new();
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let prefix = PREFIX.get_or_init(|| uuid::Uuid::new_v4().as_u64_pair().0);
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    format!("req_{prefix:016x}{n:016x}")
 }
 
 fn header<'a>(request: &'a Request<Incoming>, name: &str) -> Option<&'a str> {
