@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from conftest import FLAVOURS, Gateway, Key, free_port, keys_toml  # noqa: E402
+from afr_nginx import FLAVOURS, Gateway, Key, free_port, keys_toml  # noqa: E402
 
 
 RANDOM_KEYS_LUA = """
@@ -53,6 +53,7 @@ def main():
     ap.add_argument("flavour", nargs="?", default="system", choices=sorted(FLAVOURS))
     ap.add_argument("--seconds", type=int, default=5)
     ap.add_argument("--keys", type=int, default=100_000)
+    ap.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args()
     nginx, module = FLAVOURS[args.flavour]
     tmp = Path(tempfile.mkdtemp(prefix="afr-bench-"))
@@ -80,7 +81,7 @@ def main():
     base = f"http://127.0.0.1:{port}"
     s = args.seconds
     try:
-        print(f"nginx {args.flavour}, 2 workers, wrk -t2 -c64 -d{s}s, keep-alive, same 2 cores")
+        print(f"nginx {args.flavour}, 2 workers, wrk -t2 -c64 -d{s}s, keep-alive, same 2 cores, median of {args.rounds}")
         rows = [
             ("afr off, static file", f"{base}/off/", None),
             ("afr on, valid key, static file", f"{base}/on/", f"Authorization: Bearer {good.token}"),
@@ -89,16 +90,25 @@ def main():
             ("afr 401, no key", f"{base}/on/", None),
             ("afr 429, over limit", f"{base}/on/", f"Authorization: Bearer {limited.token}"),
         ]
-        results = {}
         rows += [
             ("static `return 401`, wrk+lua", f"{base}/static401", "lua"),
             ("afr 401, random key per request", f"{base}/on/", "lua"),
         ]
-        for name, url, header in rows:
-            script = lua if header == "lua" else None
-            rps, mx, non2xx, _ = wrk(url, None if script else header, s, script=script)
+        samples = {name: [] for name, _, _ in rows}
+        # Interleaved rounds, median per row: the machine is shared, so
+        # compared rows should see the same background load.
+        for _ in range(args.rounds):
+            for name, url, header in rows:
+                script = lua if header == "lua" else None
+                rps, _, non2xx, _ = wrk(url, None if script else header, s, script=script)
+                samples[name].append((rps, non2xx))
+        results = {}
+        for name, _, _ in rows:
+            runs = sorted(samples[name])
+            rps, non2xx = runs[len(runs) // 2]
             results[name] = rps
-            print(f"  {name:34s} {rps:10.0f} req/s   max latency {mx:>8s}   non-2xx {non2xx}")
+            spread = f"{runs[0][0]:.0f}-{runs[-1][0]:.0f}"
+            print(f"  {name:34s} {rps:8.0f} req/s median (range {spread:>13s})  non-2xx {non2xx}")
         print(f"  ratio on/off:            {results['afr on, valid key, static file'] / results['afr off, static file']:.2f}")
         print(f"  ratio 401/static 401:    {results['afr 401, unknown key'] / results['static `return 401`']:.2f}")
         print(f"  ratio 429/static 401:    {results['afr 429, over limit'] / results['static `return 401`']:.2f}")

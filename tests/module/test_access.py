@@ -3,7 +3,7 @@
 import http.client
 import time
 
-from conftest import UPSTREAM_SECRET, Key
+from afr_nginx import UPSTREAM_SECRET, Key
 
 
 def assert_openai_error(resp, status, type_, code):

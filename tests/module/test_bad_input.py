@@ -2,7 +2,7 @@
 
 import random
 
-from conftest import Key
+from afr_nginx import Key
 
 
 def get(path, *header_lines):

@@ -5,7 +5,7 @@ import http.client
 import threading
 import time
 
-from conftest import Key
+from afr_nginx import Key
 
 
 def away_from_window_boundary(margin=8):

@@ -4,7 +4,7 @@ import os
 from pathlib import Path
 import signal
 
-from conftest import Gateway, Key, keys_toml, wait_for
+from afr_nginx import Gateway, Key, keys_toml, wait_for
 
 RELOAD_WITHIN = 2.0
 
