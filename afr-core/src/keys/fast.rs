@@ -11,7 +11,7 @@
 //! test below checks that both readers agree on every document the fast one
 //! accepts.
 
-use super::{Document, Entry, Val};
+use super::document::{Document, Entry, Val};
 
 enum Value {
     Str(String),
@@ -207,7 +207,7 @@ fn parse_str(s: &str) -> Option<(String, &str)> {
 
 #[cfg(test)]
 mod tests {
-    use super::super::RawFile;
+    use super::super::document::RawFile;
     use super::*;
     use proptest::prelude::*;
 
