@@ -20,6 +20,9 @@ use std::time::{Duration, Instant};
 
 const MAX_IN_FLIGHT: usize = 4096;
 
+/// How a content delta starts in OpenAI-format chunks (the role chunk has `"role"` first).
+const CONTENT: &[u8] = b"\"delta\":{\"content\":\"";
+
 fn body(stream: bool) -> String {
     format!(
         r#"{{"model":"gpt-4o-mini","stream":{stream},"messages":[{{"role":"user","content":"hello there"}}]}}"#
@@ -82,7 +85,7 @@ async fn one(
     let mut seen = Vec::new();
     while let Some(Ok(chunk)) = body.next().await {
         seen.extend_from_slice(&chunk);
-        if seen.windows(21).any(|w| w == b"\"delta\":{\"content\":\"") {
+        if seen.windows(CONTENT.len()).any(|w| w == CONTENT) {
             let at = Instant::now();
             // Read the rest so the connection is reused.
             while body.next().await.is_some() {}
