@@ -7,6 +7,7 @@
 //! plain `proxy_pass` forwards exactly what the sidecar trusts.
 
 use std::ptr::{self, addr_of_mut};
+use std::sync::OnceLock;
 
 use afr_core::error::ErrorBody;
 use afr_core::keys::{bearer_token, rate_limited_body, Denial};
@@ -84,13 +85,18 @@ unsafe extern "C" fn access_handler(r: *mut ngx_http_request_t) -> ngx_int_t {
     let Some(zone) =
         (unsafe { mcf.zone.as_ref() }).and_then(|z| unsafe { z.data.cast::<ZoneCtx>().as_ref() })
     else {
-        return send_error(r, 500, &internal_body("rate-limit zone missing"), None);
+        return send_error(
+            r,
+            500,
+            &internal_body("rate-limit zone missing").to_json(),
+            None,
+        );
     };
 
     let outcome = decide(r, zone);
     match outcome {
-        Outcome::Refuse(d) => send_error(r, d.status(), &d.body(), None),
-        Outcome::Internal(why) => send_error(r, 500, &internal_body(why), None),
+        Outcome::Refuse(d) => send_error(r, d.status(), denial_json(d), None),
+        Outcome::Internal(why) => send_error(r, 500, &internal_body(why).to_json(), None),
         Outcome::Limited(v) => {
             // SAFETY: `r` is a valid main request.
             if unsafe {
@@ -109,7 +115,7 @@ unsafe extern "C" fn access_handler(r: *mut ngx_http_request_t) -> ngx_int_t {
             send_error(
                 r,
                 429,
-                &rate_limited_body(v.limit),
+                &rate_limited_body(v.limit).to_json(),
                 Some(v.retry_after_secs()),
             )
         }
@@ -254,14 +260,37 @@ unsafe fn rewrite_identity(
     Ok(())
 }
 
+/// The JSON body of a refusal, serialized once per process: an invalid-key
+/// flood should cost what nginx's own `return 401` costs.
+fn denial_json(d: Denial) -> &'static str {
+    static BODIES: OnceLock<[String; 5]> = OnceLock::new();
+    let all = BODIES.get_or_init(|| {
+        [
+            Denial::Missing,
+            Denial::Malformed,
+            Denial::Unknown,
+            Denial::Disabled,
+            Denial::Expired,
+        ]
+        .map(|d| d.body().to_json())
+    });
+    let i = match d {
+        Denial::Missing => 0,
+        Denial::Malformed => 1,
+        Denial::Unknown => 2,
+        Denial::Disabled => 3,
+        Denial::Expired => 4,
+    };
+    &all[i]
+}
+
 /// Sends an OpenAI error response and finalizes the request.
 fn send_error(
     r: *mut ngx_http_request_t,
     status: u16,
-    body: &ErrorBody,
+    json: &str,
     retry_after: Option<u64>,
 ) -> ngx_int_t {
-    let json = body.to_json();
     // SAFETY: `r` is a valid main request whose header was not sent; every
     // buffer comes from its pool and lives as long as the request.
     unsafe {
@@ -294,7 +323,7 @@ fn send_error(
             ngx_http_finalize_request(r, rc);
             return Status::NGX_DONE.into();
         }
-        let Some(mut buf) = Pool::from_ngx_pool(pool).create_buffer_from_str(&json) else {
+        let Some(mut buf) = Pool::from_ngx_pool(pool).create_buffer_from_str(json) else {
             return Status::NGX_ERROR.into();
         };
         buf.set_last_buf(true);
