@@ -1,7 +1,7 @@
 // Starts the whole gateway with `scripts/run --detach` on a free loopback port, for
 // Node tests (the official openai SDK, the browser tests). Stops it with `--stop`.
 import { execFileSync, spawnSync } from 'node:child_process';
-import { mkdtempSync } from 'node:fs';
+import { chmodSync, mkdtempSync, rmSync } from 'node:fs';
 import { createServer } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join, dirname } from 'node:path';
@@ -25,6 +25,9 @@ export function freePort() {
 /** Starts a stack; returns {base, home, demoKey, env, newKey(id, ...args), stop()}. */
 export async function startGateway({ mockArgs } = {}) {
   const home = mkdtempSync(join(tmpdir(), 'afr-node-'));
+  // mkdtemp makes it 0700; as root, nginx's workers run unprivileged and must reach
+  // keys.toml and the sidecar socket inside.
+  chmodSync(home, 0o755);
   const port = await freePort();
   const env = { ...process.env, AFR_HOME: home, AFR_PORT: String(port) };
   delete env.OPENAI_API_KEY;
@@ -61,6 +64,7 @@ export async function startGateway({ mockArgs } = {}) {
     },
     stop() {
       spawnSync(join(REPO, 'scripts', 'run'), ['--stop'], { env, timeout: 60_000 });
+      rmSync(home, { recursive: true, force: true });
     },
   };
 }
