@@ -49,6 +49,7 @@ export async function startGateway({ mockArgs } = {}) {
     async newKey(id, ...args) {
       const out = execFileSync(AFR, ['key', 'new', '--id', id, '--name', `node ${id}`, ...args, '--file', keysFile], {
         encoding: 'utf8',
+        stdio: ['ignore', 'pipe', 'pipe'],
       });
       const key = out.match(KEY_RE)[0];
       const deadline = Date.now() + 3000;
