@@ -21,7 +21,7 @@ use ngx::ffi::{
 };
 
 use crate::AfrModule;
-use ngx::http::HttpModule;
+use ngx::http::{HttpModule, HttpModuleMainConf};
 
 /// What the access phase decided for a request.
 #[derive(Clone, Copy)]
@@ -103,7 +103,10 @@ pub unsafe fn get_state(r: *mut ngx_http_request_t) -> Option<RequestState> {
 unsafe extern "C" fn header_filter(r: *mut ngx_http_request_t) -> ngx_int_t {
     // SAFETY: nginx calls header filters with a valid request.
     unsafe {
-        if r == (*r).main {
+        // Only main requests answer the client, and only configurations that
+        // use `afr` anywhere can have state to look for.
+        let used = AfrModule::main_conf(&*r).is_some_and(|m| m.used);
+        if used && r == (*r).main {
             if let Some(state) = get_state(r) {
                 if add_rate_headers(r, &state.rate).is_err() {
                     return Status::NGX_ERROR.into();
