@@ -43,8 +43,13 @@ pub struct FileStamp {
 impl FileStamp {
     /// The stamp of `path` now, `None` when it cannot be stat'ed.
     pub fn of(path: &Path) -> Option<FileStamp> {
-        let m = std::fs::metadata(path).ok()?;
-        Some(FileStamp {
+        Self::stat(path).ok()
+    }
+
+    /// The stamp of `path` now, or why it cannot be stat'ed.
+    fn stat(path: &Path) -> std::io::Result<FileStamp> {
+        let m = std::fs::metadata(path)?;
+        Ok(FileStamp {
             mtime_s: m.mtime(),
             mtime_ns: m.mtime_nsec(),
             size: m.size(),
@@ -128,11 +133,33 @@ pub fn watch(path: PathBuf, stamp: Option<FileStamp>, interval: Duration) {
 }
 
 async fn watch_loop(path: PathBuf, mut seen: Option<FileStamp>, interval: Duration) {
+    // Consecutive ticks the file could not be stat'ed, to tell an editor's
+    // rename (gone for one tick) from a real problem worth one log line.
+    let mut unreadable_ticks = 0u32;
     loop {
         ngx::async_::sleep(interval).await;
-        let now = FileStamp::of(&path);
-        if now == seen || now.is_none() {
-            // Unchanged, or mid-replace (rename): look again next tick.
+        let now = match FileStamp::stat(&path) {
+            Ok(stamp) => {
+                unreadable_ticks = 0;
+                Some(stamp)
+            }
+            Err(e) => {
+                unreadable_ticks += 1;
+                if unreadable_ticks == 2 {
+                    // A worker runs as nginx's `user`: a file or directory only
+                    // root can read is the usual cause.
+                    log(
+                        NGX_LOG_ERR,
+                        &format!(
+                            "afr: cannot stat keys file {}: {e}; keeping the previous keys",
+                            path.display()
+                        ),
+                    );
+                }
+                continue;
+            }
+        };
+        if now == seen {
             continue;
         }
         seen = now;

@@ -99,3 +99,15 @@ def test_shipped_example_keys_file_is_valid(flavour, tmp_path, upstream):
     gw = Gateway(flavour, tmp_path / "example", upstream, example)
     r = gw.run("-t")
     assert r.returncode == 0, r.stderr
+
+
+def test_missing_keys_file_is_logged_and_previous_table_stays(gateway):
+    k = Key("survivor")
+    gw = gateway([k])
+    gw.keys_path.unlink()
+    assert wait_for(lambda: "cannot stat keys file" in gw.log(), RELOAD_WITHIN + 2), gw.log()
+    assert f"{gw.keys_path}" in gw.log()
+    assert {gw.request("/", k.auth).status for _ in range(10)} == {200}
+    other = Key("back")
+    gw.write_keys([k, other])
+    assert status_becomes(gw, other, 200), gw.log()
