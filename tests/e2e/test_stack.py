@@ -269,3 +269,28 @@ def test_usage_reports_exactly_the_mock_token_counts(gw):
         e = http_rows.setdefault(r["model"], [0, 0, 0])
         e[0] += r["requests"]; e[1] += r["prompt_tokens"]; e[2] += r["completion_tokens"]
     assert http_rows == expected
+
+
+def test_readme_operator_commands(gw):
+    """The key and usage commands exactly as README.md shows them."""
+    kid = f"team-a-{time.time_ns() % 10**8}"
+    keys = str(gw.keys_file)
+    key = gw.new_key(kid, "--rpm", "120", "--models", "gpt-5-mini,gpt-4o-mini")
+    gw.client(key).chat.completions.create(model="gpt-5-mini", messages=MESSAGES)
+    listing = gw.afr("key", "list", "--file", keys).stdout
+    assert kid in listing and "120" in listing and key not in listing
+    conf = str(gw.home / "sidecar.toml")
+
+    def usage_rows():
+        out = gw.afr("usage", "--config", conf, "--key", kid, "--by", "day", "--json").stdout
+        return json.loads(out)["data"]
+
+    assert wait_until(lambda: usage_rows() and usage_rows()[0]["requests"] == 1)
+    table = gw.afr("usage", "--config", conf, "--since", "24h", "--by", "key,model").stdout
+    assert kid in table and "gpt-5-mini" in table
+    status, _, body = http("GET", gw.base + "/v1/usage?since=24h&by=model,day", headers={"Authorization": f"Bearer {key}"})
+    assert status == 200 and json.loads(body)["data"][0]["model"] == "gpt-5-mini"
+
+    gw.afr("key", "disable", kid, "--file", keys)
+    status, _ = gw.wait_key_state(key, lambda s: s == 403)
+    assert status == 403
