@@ -1,10 +1,12 @@
 //! The circuit breaker per provider (design §4) as a pure state machine.
 //!
-//! The breaker is fed outcomes (`on_success`, `on_failure`) and asked for
-//! admission with the current time as a parameter, so tests drive it with a
-//! synthetic clock and never sleep. Closed counts consecutive failures; at
-//! `failures` it opens for `cooldown`; after that the first admission becomes
-//! the single half-open probe, whose outcome closes or reopens it.
+//! The breaker is asked for admission and then fed each admitted request's
+//! [`Outcome`] together with the [`Admission`] it got, with the current time
+//! as a parameter, so tests drive it with a synthetic clock and never sleep.
+//! Closed counts consecutive failures; at `failures` it opens for `cooldown`;
+//! after that the first admission becomes the single half-open probe, and only
+//! the probe's outcome closes or reopens it. Requests admitted while closed
+//! that end after it opened (long streams) change nothing.
 
 use std::time::{Duration, Instant};
 
@@ -69,6 +71,17 @@ impl Admission {
     }
 }
 
+/// How an admitted request ended, as far as the provider's health goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// The provider answered (2xx, or a 4xx that is the client's fault).
+    Success,
+    /// Connect error, timeout, 429, 5xx, or a stream that broke.
+    Failure,
+    /// No verdict: the client went away first.
+    Abandoned,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Inner {
     Closed { failures: u32 },
@@ -122,8 +135,8 @@ impl Breaker {
         }
     }
 
-    /// Asks to send one request at `now`. A `Probe` answer must be followed by
-    /// `on_success`, `on_failure` or `on_abandon`.
+    /// Asks to send one request at `now`. An admitted request must later be
+    /// [settled](Breaker::settle) with this answer.
     pub fn admit(&mut self, now: Instant) -> Admission {
         match self.inner {
             Inner::Closed { .. } => Admission::Allowed,
@@ -144,32 +157,41 @@ impl Breaker {
         }
     }
 
-    /// The provider answered well: close the breaker.
-    pub fn on_success(&mut self) {
-        self.inner = Inner::Closed { failures: 0 };
-    }
-
-    /// The provider failed (connect error, timeout, 429, 5xx, broken stream).
-    pub fn on_failure(&mut self, now: Instant) {
-        self.inner = match self.inner {
-            Inner::Closed { failures } if failures + 1 < self.policy.failures => Inner::Closed {
-                failures: failures + 1,
-            },
-            Inner::Closed { .. } | Inner::HalfOpen { .. } => Inner::Open {
-                until: now + self.policy.cooldown,
-            },
-            // A late failure from a request admitted before the breaker opened
-            // must not extend the cooldown.
-            open @ Inner::Open { .. } => open,
+    /// Settles one admitted request: `admission` is what [`Breaker::admit`]
+    /// answered for it, `outcome` how it ended.
+    pub fn settle(&mut self, admission: Admission, outcome: Outcome, now: Instant) {
+        self.inner = match (admission, self.inner, outcome) {
+            // Only the probe decides a half-open breaker.
+            (Admission::Probe, Inner::HalfOpen { probing: true }, Outcome::Success) => {
+                Inner::Closed { failures: 0 }
+            }
+            (Admission::Probe, Inner::HalfOpen { probing: true }, Outcome::Failure) => {
+                Inner::Open {
+                    until: now + self.policy.cooldown,
+                }
+            }
+            // The client went away mid-probe: let the next request probe.
+            (Admission::Probe, Inner::HalfOpen { probing: true }, Outcome::Abandoned) => {
+                Inner::HalfOpen { probing: false }
+            }
+            (Admission::Allowed, Inner::Closed { .. }, Outcome::Success) => {
+                Inner::Closed { failures: 0 }
+            }
+            (Admission::Allowed, Inner::Closed { failures }, Outcome::Failure) => {
+                if failures + 1 < self.policy.failures {
+                    Inner::Closed {
+                        failures: failures + 1,
+                    }
+                } else {
+                    Inner::Open {
+                        until: now + self.policy.cooldown,
+                    }
+                }
+            }
+            // A straggler admitted before the breaker opened must neither close
+            // it, extend its cooldown, nor release someone else's probe.
+            (_, inner, _) => inner,
         };
-    }
-
-    /// A probe ended without a verdict (the client went away): let the next
-    /// request probe instead.
-    pub fn on_abandon(&mut self) {
-        if let Inner::HalfOpen { probing: true } = self.inner {
-            self.inner = Inner::HalfOpen { probing: false };
-        }
     }
 
     /// Time until a request could be admitted; zero when one could be now.
@@ -186,6 +208,11 @@ impl Breaker {
 mod tests {
     use super::*;
 
+    fn fail(b: &mut Breaker, now: Instant) {
+        let a = b.admit(now);
+        b.settle(a, Outcome::Failure, now);
+    }
+
     fn policy() -> BreakerPolicy {
         BreakerPolicy {
             failures: 3,
@@ -199,10 +226,10 @@ mod tests {
         let mut b = Breaker::new(policy());
         for _ in 0..2 {
             assert_eq!(b.admit(t0), Admission::Allowed);
-            b.on_failure(t0);
+            b.settle(Admission::Allowed, Outcome::Failure, t0);
         }
         assert_eq!(b.state(t0), BreakerState::Closed);
-        b.on_failure(t0);
+        fail(&mut b, t0);
         assert_eq!(b.state(t0), BreakerState::Open);
         assert_eq!(
             b.admit(t0 + Duration::from_secs(10)),
@@ -216,11 +243,11 @@ mod tests {
     fn success_resets_the_count() {
         let t0 = Instant::now();
         let mut b = Breaker::new(policy());
-        b.on_failure(t0);
-        b.on_failure(t0);
-        b.on_success();
-        b.on_failure(t0);
-        b.on_failure(t0);
+        fail(&mut b, t0);
+        fail(&mut b, t0);
+        b.settle(Admission::Allowed, Outcome::Success, t0);
+        fail(&mut b, t0);
+        fail(&mut b, t0);
         assert_eq!(b.state(t0), BreakerState::Closed);
     }
 
@@ -228,12 +255,12 @@ mod tests {
     fn half_open_admits_a_single_probe_then_closes_on_success() {
         let t0 = Instant::now();
         let mut b = Breaker::new(policy());
-        (0..3).for_each(|_| b.on_failure(t0));
+        (0..3).for_each(|_| fail(&mut b, t0));
         let t1 = t0 + Duration::from_secs(30);
         assert_eq!(b.state(t1), BreakerState::HalfOpen);
         assert_eq!(b.admit(t1), Admission::Probe);
         assert!(!b.admit(t1).is_admitted());
-        b.on_success();
+        b.settle(Admission::Probe, Outcome::Success, t1);
         assert_eq!(b.admit(t1), Admission::Allowed);
         assert_eq!(b.state(t1), BreakerState::Closed);
     }
@@ -242,10 +269,10 @@ mod tests {
     fn failed_probe_reopens_for_a_full_cooldown() {
         let t0 = Instant::now();
         let mut b = Breaker::new(policy());
-        (0..3).for_each(|_| b.on_failure(t0));
+        (0..3).for_each(|_| fail(&mut b, t0));
         let t1 = t0 + Duration::from_secs(31);
         assert_eq!(b.admit(t1), Admission::Probe);
-        b.on_failure(t1);
+        b.settle(Admission::Probe, Outcome::Failure, t1);
         assert_eq!(b.state(t1), BreakerState::Open);
         assert_eq!(b.retry_after(t1), Duration::from_secs(30));
     }
@@ -254,19 +281,41 @@ mod tests {
     fn abandoned_probe_lets_the_next_request_probe() {
         let t0 = Instant::now();
         let mut b = Breaker::new(policy());
-        (0..3).for_each(|_| b.on_failure(t0));
+        (0..3).for_each(|_| fail(&mut b, t0));
         let t1 = t0 + Duration::from_secs(30);
         assert_eq!(b.admit(t1), Admission::Probe);
-        b.on_abandon();
+        b.settle(Admission::Probe, Outcome::Abandoned, t1);
         assert_eq!(b.admit(t1), Admission::Probe);
+    }
+
+    #[test]
+    fn stragglers_admitted_while_closed_do_not_touch_a_half_open_breaker() {
+        let t0 = Instant::now();
+        let mut b = Breaker::new(policy());
+        let straggler = b.admit(t0); // a long stream admitted while closed
+        (0..3).for_each(|_| fail(&mut b, t0));
+        let t1 = t0 + Duration::from_secs(30);
+        assert_eq!(b.admit(t1), Admission::Probe);
+        // The straggler's client leaves: the probe stays the only one in flight.
+        b.settle(straggler, Outcome::Abandoned, t1);
+        assert!(!b.admit(t1).is_admitted());
+        // Its late success must not close the breaker while the probe decides.
+        b.settle(straggler, Outcome::Success, t1);
+        assert_eq!(b.state(t1), BreakerState::HalfOpen);
+        b.settle(Admission::Probe, Outcome::Failure, t1);
+        assert_eq!(b.state(t1), BreakerState::Open);
     }
 
     #[test]
     fn late_failures_do_not_extend_an_open_cooldown() {
         let t0 = Instant::now();
         let mut b = Breaker::new(policy());
-        (0..3).for_each(|_| b.on_failure(t0));
-        b.on_failure(t0 + Duration::from_secs(20));
+        (0..3).for_each(|_| fail(&mut b, t0));
+        b.settle(
+            Admission::Allowed,
+            Outcome::Failure,
+            t0 + Duration::from_secs(20),
+        );
         assert_eq!(
             b.retry_after(t0 + Duration::from_secs(20)),
             Duration::from_secs(10)
@@ -280,7 +329,7 @@ mod tests {
             failures: 0,
             cooldown: Duration::from_secs(1),
         });
-        b.on_failure(t0);
+        fail(&mut b, t0);
         assert_eq!(b.state(t0), BreakerState::Open);
     }
 }

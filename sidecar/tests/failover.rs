@@ -11,11 +11,15 @@ use serde_json::Value;
 
 /// A sidecar whose model `m` routes to `bad` first and a healthy mock second.
 fn pair(bad_base: &str) -> (Mock, Sidecar) {
+    pair_with(bad_base, &timeouts("bad", "400ms", "400ms"))
+}
+
+fn pair_with(bad_base: &str, bad_timeouts: &str) -> (Mock, Sidecar) {
     let good = Mock::start(&[]);
     let body = format!(
         "{}{}{}{}{}",
         openai_provider("bad", bad_base, ""),
-        timeouts("bad", "400ms", "400ms"),
+        bad_timeouts,
         openai_provider("good", &good.base(), ""),
         model("m", &[("bad", "bad-model"), ("good", "good-model")]),
         "",
@@ -77,14 +81,32 @@ async fn fails_over_on_upstream_credential_errors() {
 }
 
 #[tokio::test]
-async fn fails_over_on_first_byte_timeout() {
+async fn stream_fails_over_on_first_byte_timeout() {
     let bad = Mock::start(&["--latency-ms", "3000"]);
     let (good, sidecar) = pair(&bad.base());
-    for stream in [false, true] {
-        let start = std::time::Instant::now();
-        assert_served_by_good(&sidecar, &good, stream, "timeout").await;
-        assert!(start.elapsed() < std::time::Duration::from_millis(2500));
-    }
+    let start = std::time::Instant::now();
+    assert_served_by_good(&sidecar, &good, true, "timeout").await;
+    assert!(start.elapsed() < std::time::Duration::from_millis(2500));
+}
+
+#[tokio::test]
+async fn non_streaming_answer_is_bounded_by_total_not_first_byte() {
+    // An OpenAI-style provider sends headers only once the whole completion is
+    // generated: a slow answer within `total` is served, not cut off at
+    // `first_byte` and paid for twice.
+    let slow = Mock::start(&["--latency-ms", "800"]);
+    let (good, sidecar) = pair(&slow.base());
+    let r = sidecar.chat(chat_body("m", false)).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(slow.requests().await.len(), 1);
+    assert!(good.requests().await.is_empty(), "not failed over");
+
+    let stuck = Mock::start(&["--latency-ms", "3000"]);
+    let total = "[providers.bad.timeouts]\nconnect = \"1s\"\nfirst_byte = \"400ms\"\nidle = \"400ms\"\ntotal = \"500ms\"\n";
+    let (good, sidecar) = pair_with(&stuck.base(), total);
+    let start = std::time::Instant::now();
+    assert_served_by_good(&sidecar, &good, false, "total timeout").await;
+    assert!(start.elapsed() < std::time::Duration::from_millis(2500));
 }
 
 #[tokio::test]

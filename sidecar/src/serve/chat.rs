@@ -54,12 +54,14 @@ pub async fn chat_completions(
     };
     let in_catalogue = runtime.config.models.contains_key(&request.model);
     if let Err(invalid) = check_model(&request.model, in_catalogue, caller.allowed.as_deref()) {
-        return reject(
-            &gateway,
-            &caller,
-            &request.model,
-            GatewayError::Invalid(invalid),
-        );
+        // A name outside the catalogue is the client's free text: it must not
+        // become a metrics label or a usage row of its own (unbounded series).
+        let label = if in_catalogue {
+            request.model.as_str()
+        } else {
+            ""
+        };
+        return reject(&gateway, &caller, label, GatewayError::Invalid(invalid));
     }
     route(gateway, runtime, caller, request).await
 }
@@ -191,7 +193,9 @@ async fn route(
             }
             gateway.admit(name, Instant::now())
         });
-        let Some((index, _)) = next else { break };
+        let Some((index, admission)) = next else {
+            break;
+        };
         let route = &model.routes[index];
         let Some(provider) = runtime.providers.get(&route.provider) else {
             continue;
@@ -205,7 +209,7 @@ async fn route(
             record.upstream_model = route.model.clone();
         }
 
-        let ticket = BreakerTicket::new(gateway.clone(), &route.provider);
+        let ticket = BreakerTicket::new(gateway.clone(), &route.provider, admission);
         // The last route gets the body itself; earlier ones a copy to adapt.
         let mut call_body = if index + 1 == model.routes.len() {
             std::mem::take(&mut body)
@@ -222,9 +226,18 @@ async fn route(
             stream: request.stream,
             request_id: caller.request_id.clone(),
         };
-        let outcome = match timeout_at(first_byte, provider.chat(call)).await {
+        // A stream must start within `first_byte`; a non-streaming answer only
+        // arrives once the whole completion is generated, so `total` bounds it
+        // (a `first_byte` cap would cut off, retry elsewhere and pay twice for
+        // every long completion).
+        let (limit, which) = if request.stream {
+            (first_byte, "first_byte")
+        } else {
+            (deadline, "total")
+        };
+        let outcome = match timeout_at(limit, provider.chat(call)).await {
             Ok(r) => r,
-            Err(_) => Err(ProviderError::Timeout("first_byte")),
+            Err(_) => Err(ProviderError::Timeout(which)),
         };
         let reply = match outcome {
             Ok(reply) => reply,

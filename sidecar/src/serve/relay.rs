@@ -15,6 +15,7 @@ use crate::providers::{EventStream, ProviderError};
 use crate::serve::chat::{apply_usage, estimate_tokens, finish};
 use crate::serve::error::{Body, GatewayError};
 use crate::serve::state::Gateway;
+use afr_core::breaker::{Admission, Outcome};
 use afr_core::sse::{
     error_event, inspect_chunk, is_done, is_error_event, is_usage_only, strip_null_usage,
     TokenUsage,
@@ -143,7 +144,10 @@ impl Relay {
             if is_error_event(&raw) {
                 // The provider's own error event: forward it and end.
                 tracing::warn!(request_id = %self.request_id, provider = %self.provider, "provider sent an error event mid-stream");
-                self.gateway.report(&self.provider, Some(false));
+                // The attempt's ticket settled when the stream committed; a later
+                // break counts like a request admitted while closed.
+                self.gateway
+                    .settle(&self.provider, Admission::Allowed, Outcome::Failure);
                 let _ = self.tap.send(Tap::Failed);
                 self.done = true;
                 return Some(raw);
@@ -182,7 +186,10 @@ impl Relay {
     /// Ends the stream after a provider failure with an OpenAI error event.
     fn fail(&mut self, error: ProviderError) -> Bytes {
         tracing::warn!(request_id = %self.request_id, provider = %self.provider, error = %error, "stream failed after its first content");
-        self.gateway.report(&self.provider, Some(false));
+        // The attempt's ticket settled when the stream committed; a later
+        // break counts like a request admitted while closed.
+        self.gateway
+            .settle(&self.provider, Admission::Allowed, Outcome::Failure);
         let _ = self.tap.send(Tap::Failed);
         self.done = true;
         self.events = None;

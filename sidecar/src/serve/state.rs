@@ -6,7 +6,7 @@ use crate::providers::{self, Provider};
 use crate::serve::metrics::Metrics;
 use crate::serve::usage_sink::UsageSink;
 use crate::usage::UsageReader;
-use afr_core::breaker::{Admission, Breaker, BreakerPolicy};
+use afr_core::breaker::{Admission, Breaker, BreakerPolicy, Outcome};
 use afr_core::config::{ConfigError, SidecarConfig};
 use arc_swap::ArcSwap;
 use std::collections::HashMap;
@@ -176,56 +176,59 @@ impl Gateway {
         admission
     }
 
-    /// Reports an outcome for `provider`: `Some(true)` success, `Some(false)` failure, `None` abandoned probe.
-    pub fn report(&self, provider: &str, outcome: Option<bool>) {
+    /// Settles one admitted request to `provider` (see [`Breaker::settle`]).
+    pub fn settle(&self, provider: &str, admission: Admission, outcome: Outcome) {
         let now = Instant::now();
         let mut breakers = self.lock();
         if let Some(breaker) = breakers.get_mut(provider) {
-            match outcome {
-                Some(true) => breaker.on_success(),
-                Some(false) => breaker.on_failure(now),
-                None => breaker.on_abandon(),
-            }
+            breaker.settle(admission, outcome, now);
             self.metrics.breaker_state(provider, breaker.state(now));
         }
     }
 }
 
 /// A breaker admission that must be settled; dropping it unsettled (the
-/// client went away mid-attempt) releases a half-open probe.
+/// client went away mid-attempt) reports it abandoned, which releases a
+/// half-open probe and changes nothing else.
 pub struct BreakerTicket {
     gateway: Arc<Gateway>,
     provider: String,
+    admission: Admission,
     settled: bool,
 }
 
 impl BreakerTicket {
-    /// A ticket for an admitted attempt on `provider`.
-    pub fn new(gateway: Arc<Gateway>, provider: &str) -> Self {
+    /// A ticket for an attempt on `provider` that `admission` let through.
+    pub fn new(gateway: Arc<Gateway>, provider: &str, admission: Admission) -> Self {
         BreakerTicket {
             gateway,
             provider: provider.to_owned(),
+            admission,
             settled: false,
         }
     }
 
     /// The provider answered well.
-    pub fn success(mut self) {
-        self.settled = true;
-        self.gateway.report(&self.provider, Some(true));
+    pub fn success(self) {
+        self.settle(Outcome::Success);
     }
 
     /// The provider failed.
-    pub fn failure(mut self) {
+    pub fn failure(self) {
+        self.settle(Outcome::Failure);
+    }
+
+    fn settle(mut self, outcome: Outcome) {
         self.settled = true;
-        self.gateway.report(&self.provider, Some(false));
+        self.gateway.settle(&self.provider, self.admission, outcome);
     }
 }
 
 impl Drop for BreakerTicket {
     fn drop(&mut self) {
         if !self.settled {
-            self.gateway.report(&self.provider, None);
+            self.gateway
+                .settle(&self.provider, self.admission, Outcome::Abandoned);
         }
     }
 }
