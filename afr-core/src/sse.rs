@@ -220,7 +220,8 @@ pub fn is_usage_only(raw: &[u8]) -> bool {
 
 /// Whether an event is stream preamble: a chunk that carries no content yet
 /// (the role announcement: every delta holds only `role` and empty
-/// `content`/`refusal`, no `finish_reason`, no usage). The gateway holds such
+/// `content`/`refusal`, no `finish_reason`, no usage; or Azure's prompt-filter
+/// annotation with `"choices":[]` and no usage). The gateway holds such
 /// events back and may still fail over, because no content has reached the client.
 pub fn is_preamble(raw: &[u8]) -> bool {
     let Some(data) = event_data(raw) else {
@@ -237,20 +238,21 @@ pub fn is_preamble(raw: &[u8]) -> bool {
     let Some(choices) = chunk.get("choices").and_then(|c| c.as_array()) else {
         return false;
     };
-    !choices.is_empty()
-        && choices.iter().all(|choice| {
-            choice.get("finish_reason").is_none_or(|f| f.is_null())
-                && choice
-                    .get("delta")
-                    .and_then(|d| d.as_object())
-                    .is_some_and(|delta| {
-                        delta.iter().all(|(k, v)| match k.as_str() {
-                            "role" => true,
-                            "content" | "refusal" => v.is_null() || v.as_str() == Some(""),
-                            _ => v.is_null(),
-                        })
+    // An empty `choices` without usage is an annotation chunk (Azure's
+    // `prompt_filter_results` comes first): nothing the client reads as content.
+    choices.iter().all(|choice| {
+        choice.get("finish_reason").is_none_or(|f| f.is_null())
+            && choice
+                .get("delta")
+                .and_then(|d| d.as_object())
+                .is_some_and(|delta| {
+                    delta.iter().all(|(k, v)| match k.as_str() {
+                        "role" => true,
+                        "content" | "refusal" => v.is_null() || v.as_str() == Some(""),
+                        _ => v.is_null(),
                     })
-        })
+                })
+    })
 }
 
 /// Removes the `"usage":null` member the provider adds to every chunk when

@@ -113,6 +113,21 @@ fn only_the_role_chunk_is_preamble() {
 }
 
 #[test]
+fn azure_prompt_filter_annotation_is_preamble() {
+    // The first event of an Azure stream (tests/fixtures/azure-openai-notes.md): no
+    // content yet, so a provider failing right after it may still be failed over.
+    let annotation = br#"data: {"choices":[],"created":0,"id":"","model":"","object":"","prompt_filter_results":[{"prompt_index":0,"content_filter_results":{"hate":{"filtered":false,"severity":"safe"}}}]}
+
+"#;
+    assert!(is_preamble(annotation));
+    let usage =
+        br#"data: {"choices":[],"usage":{"prompt_tokens":1,"completion_tokens":2,"total_tokens":3}}
+
+"#;
+    assert!(!is_preamble(usage));
+}
+
+#[test]
 fn decodes_data_like_the_sdks() {
     assert_eq!(
         event_data(b": comment\ndata:a\ndata: b\n\n").as_deref(),
