@@ -69,7 +69,9 @@ impl ProviderError {
     pub fn is_retryable(&self) -> bool {
         match self {
             ProviderError::Status { status, .. } => {
-                matches!(*status, 401 | 403 | 408 | 429 | 500..=599)
+                // 3xx: redirects are not followed (a provider key must never be
+                // replayed to another host), so one means a misconfigured base_url.
+                matches!(*status, 300..=399 | 401 | 403 | 408 | 429 | 500..=599)
             }
             _ => true,
         }
@@ -141,6 +143,9 @@ fn http_client(timeouts: Timeouts) -> anyhow::Result<reqwest::Client> {
         .tcp_nodelay(true)
         .pool_idle_timeout(std::time::Duration::from_secs(90))
         .pool_max_idle_per_host(1024)
+        // reqwest strips only Authorization/Cookie on a cross-host redirect:
+        // `api-key` / `x-api-key` would follow it, and a POST would turn into a GET.
+        .redirect(reqwest::redirect::Policy::none())
         .build()?)
 }
 
