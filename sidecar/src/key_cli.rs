@@ -216,6 +216,14 @@ fn write_atomically(path: &Path, text: &str) -> anyhow::Result<()> {
         f.sync_all()?;
         if let Ok(meta) = std::fs::metadata(path) {
             std::fs::set_permissions(&tmp, meta.permissions())?;
+            // Keep the owner and group too: a `root:www-data 0640` file rewritten
+            // by `sudo afr key new` must stay readable by nginx's workers. Only
+            // root may give a file away; anyone else already owns what they write.
+            use std::os::unix::fs::MetadataExt;
+            match std::os::unix::fs::fchown(&f, Some(meta.uid()), Some(meta.gid())) {
+                Err(e) if e.kind() != std::io::ErrorKind::PermissionDenied => return Err(e),
+                _ => {}
+            }
         }
         std::fs::rename(&tmp, path)
     })();
