@@ -66,6 +66,11 @@ def main() -> int:
     cfg["server"].pop("secret_env", None)
     cfg["server"]["listen"] = f"unix:{a.home}/sidecar.sock"
     cfg["server"]["secret"] = a.secret
+    if os.geteuid() == 0:
+        # As root, nginx's workers run as an unprivileged user of another group.
+        # Whoever can connect still needs the shared secret (the trust boundary,
+        # as for a loopback TCP listener), so the socket may be world-connectable.
+        cfg["server"]["socket_mode"] = "0666"
     cfg["admin"]["listen"] = f"127.0.0.1:{a.admin_port}"
     cfg["usage"]["path"] = f"{a.home}/usage.db"
 

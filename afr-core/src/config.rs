@@ -70,6 +70,24 @@ pub struct ServerConfig {
     /// Largest request body accepted, in bytes (larger: 413).
     #[serde(default = "default_max_body")]
     pub max_body_bytes: usize,
+    /// Permissions of the unix socket, octal (`"0660"`: owner and group, so
+    /// nginx's workers connect when the sidecar runs with nginx's group).
+    #[serde(default = "default_socket_mode")]
+    pub socket_mode: String,
+}
+
+impl ServerConfig {
+    /// `socket_mode` as permission bits (validated by [`SidecarConfig::validate`]).
+    pub fn socket_mode_bits(&self) -> Result<u32, String> {
+        let digits = self.socket_mode.trim_start_matches("0o");
+        match u32::from_str_radix(digits, 8) {
+            Ok(bits) if bits <= 0o777 && !digits.is_empty() => Ok(bits),
+            _ => Err(format!(
+                "\"{}\" is not an octal file mode such as \"0660\"",
+                self.socket_mode
+            )),
+        }
+    }
 }
 
 impl Default for ServerConfig {
@@ -79,8 +97,13 @@ impl Default for ServerConfig {
             secret: None,
             secret_env: None,
             max_body_bytes: default_max_body(),
+            socket_mode: default_socket_mode(),
         }
     }
+}
+
+fn default_socket_mode() -> String {
+    "0660".into()
 }
 
 fn default_listen() -> String {
@@ -401,6 +424,9 @@ impl SidecarConfig {
                 errors.push(ConfigError::new("server.secret", "must be at least 16 characters"))
             }
             _ => {}
+        }
+        if let Err(e) = self.server.socket_mode_bits() {
+            errors.push(ConfigError::new("server.socket_mode", e));
         }
         if self.server.max_body_bytes == 0 {
             errors.push(ConfigError::new(

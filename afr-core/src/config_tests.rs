@@ -121,6 +121,25 @@ fn non_loopback_listen_is_rejected() {
 }
 
 #[test]
+fn socket_mode_is_octal_and_defaults_to_owner_and_group() {
+    let ok = SidecarConfig::parse(MINIMAL, "test.toml").expect("valid");
+    assert_eq!(ok.server.socket_mode_bits(), Ok(0o660));
+    let text = MINIMAL.replace("[server]\n", "[server]\nsocket_mode = \"0666\"\n");
+    let wide = SidecarConfig::parse(&text, "test.toml").expect("valid");
+    assert_eq!(wide.server.socket_mode_bits(), Ok(0o666));
+    for bad in ["rw-rw----", "0999", "07777", ""] {
+        let text = MINIMAL.replace(
+            "[server]\n",
+            &format!("[server]\nsocket_mode = \"{bad}\"\n"),
+        );
+        assert!(
+            errors(&text)[0].starts_with("server.socket_mode: "),
+            "{bad}"
+        );
+    }
+}
+
+#[test]
 fn secret_is_required_and_azure_needs_an_api_version() {
     let text = MINIMAL
         .replace("secret = \"0123456789abcdef\"", "")

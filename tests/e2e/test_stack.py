@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import shutil
 import subprocess
 import time
@@ -175,10 +174,9 @@ def test_sidecar_down_is_openai_503_and_recovers_within_1s(gw, key):
         gw.client(key).models.list()
 
     log = open(gw.home / "logs" / "sidecar.log", "ab")
-    # The same umask scripts/run gives it, so nginx's workers may connect to the socket.
     p = subprocess.Popen(
         [str(AFR), "serve", "--config", str(gw.home / "sidecar.toml")],
-        stdout=log, stderr=log, start_new_session=True, preexec_fn=lambda: os.umask(0),
+        stdout=log, stderr=log, start_new_session=True,
     )
     with open(gw.home / "pids", "a") as f:
         f.write(f"sidecar {p.pid}\n")

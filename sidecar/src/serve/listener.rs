@@ -28,15 +28,19 @@ pub enum Bound {
 }
 
 impl Bound {
-    /// Binds `listen`, replacing a stale unix socket file.
-    pub async fn bind(listen: &Listen) -> std::io::Result<Bound> {
+    /// Binds `listen`, replacing a stale unix socket file and giving a new
+    /// one the permissions `socket_mode`.
+    pub async fn bind(listen: &Listen, socket_mode: u32) -> std::io::Result<Bound> {
         match listen {
             Listen::Tcp(addr) => Ok(Bound::Tcp(TcpListener::bind(addr).await?)),
             Listen::Unix(path) => {
                 if std::fs::symlink_metadata(path).is_ok() {
                     std::fs::remove_file(path)?;
                 }
-                Ok(Bound::Unix(UnixListener::bind(path)?, path.clone()))
+                let listener = UnixListener::bind(path)?;
+                use std::os::unix::fs::PermissionsExt;
+                std::fs::set_permissions(path, std::fs::Permissions::from_mode(socket_mode))?;
+                Ok(Bound::Unix(listener, path.clone()))
             }
         }
     }

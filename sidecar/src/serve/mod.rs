@@ -71,6 +71,11 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let runtime = Runtime::load(&args.config).map_err(|e| anyhow::anyhow!("{e}"))?;
     let listen = parse_listen(&runtime.config.server.listen)
         .map_err(|e| anyhow::anyhow!("server.listen: {e}"))?;
+    let socket_mode = runtime
+        .config
+        .server
+        .socket_mode_bits()
+        .map_err(|e| anyhow::anyhow!("server.socket_mode: {e}"))?;
     let admin_listen = runtime.config.admin.listen.clone();
     let usage_path = runtime.config.usage.path.clone();
     if let Some(dir) = usage_path.parent().filter(|d| !d.as_os_str().is_empty()) {
@@ -86,7 +91,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         Some(store.reader()),
     ));
 
-    let bound = Bound::bind(&listen)
+    let bound = Bound::bind(&listen, socket_mode)
         .await
         .with_context(|| format!("server.listen: binding {listen}"))?;
     if let (Some(file), Some(port)) = (&args.port_file, bound.port()) {
