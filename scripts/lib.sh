@@ -28,6 +28,12 @@ ensure_apt() {
   as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 }
 
+# ensure_cmd CMD PKG: installs PKG when CMD is not on PATH (a toolchain installed another
+# way, e.g. pyenv or nvm, is left alone).
+ensure_cmd() {
+  command -v "$1" >/dev/null 2>&1 || ensure_apt "$2"
+}
+
 # free_port: prints a TCP port on 127.0.0.1 that nothing listens on.
 free_port() {
   python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
