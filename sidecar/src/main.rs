@@ -32,10 +32,19 @@ enum Command {
     Usage(usage::cli::UsageArgs),
 }
 
-fn main() -> anyhow::Result<()> {
-    match Cli::parse().command {
+fn main() -> std::process::ExitCode {
+    let result = match Cli::parse().command {
         Command::Key(args) => key_cli::run(args),
         Command::Serve(args) => serve::run(args),
         Command::Usage(args) => usage::cli::run(args),
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            // One line with the whole cause chain, as an operator reads it; no
+            // backtrace even when RUST_BACKTRACE is set for other programs.
+            eprintln!("afr: error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
     }
 }
