@@ -195,3 +195,29 @@ async fn all_routes_failing_gives_500_without_secrets() {
     );
     assert!(sidecar.log().contains("every provider failed"));
 }
+
+#[tokio::test]
+async fn model_without_an_enabled_provider_is_a_500_not_a_retry_forever() {
+    // The provider's key variable is unset, so it is disabled at start: that is
+    // the operator's configuration, not a breaker that will half-open.
+    let mock = Mock::start(&[]);
+    let body = format!(
+        "{}{}",
+        openai_provider(
+            "p",
+            &mock.base(),
+            "api_key_env = \"AFR_TEST_KEY_NEVER_SET\""
+        ),
+        model("m", &[("p", "x")]),
+    );
+    let sidecar = Sidecar::start(&body);
+    let r = sidecar.chat(chat_body("m", false)).await;
+    assert_eq!(r.status(), 500);
+    assert!(r.headers().get("retry-after").is_none());
+    let v: Value = serde_json::from_str(&r.text().await.unwrap()).unwrap();
+    assert_eq!(v["error"]["code"], "no_provider");
+    assert!(mock.requests().await.is_empty());
+    assert!(sidecar
+        .log()
+        .contains("no route of this model has an enabled provider"));
+}

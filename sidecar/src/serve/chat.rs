@@ -162,6 +162,23 @@ async fn route(
             GatewayError::NotFound(request.model.clone()),
         );
     };
+    if !model
+        .routes
+        .iter()
+        .any(|r| runtime.providers.contains_key(&r.provider))
+    {
+        // Without this, every route reads as "breaker open" and clients would
+        // be told to retry in 30 s forever.
+        tracing::error!(request_id = %caller.request_id, model = %request.model, "no route of this model has an enabled provider: set the api_key_env variables its providers name");
+        return reject(
+            &gateway,
+            &caller,
+            &request.model,
+            GatewayError::NoProvider {
+                model: request.model.clone(),
+            },
+        );
+    }
     let mut pending = PendingUsage {
         gateway: gateway.clone(),
         record: Some(usage_record(&caller, &request.model, request.stream)),

@@ -45,6 +45,13 @@ pub enum GatewayError {
         /// The catalogue model.
         model: String,
     },
+    /// No route of the model has an enabled provider (its API key variable is
+    /// unset): a configuration problem, not a transient one.
+    #[error("no enabled provider for {model}")]
+    NoProvider {
+        /// The catalogue model.
+        model: String,
+    },
     /// Every route's breaker is open.
     #[error("all providers for {model} are unavailable (circuit open)")]
     AllOpen {
@@ -81,9 +88,9 @@ impl GatewayError {
                 _ => StatusCode::BAD_GATEWAY,
             },
             GatewayError::StreamInterrupted(_) => StatusCode::BAD_GATEWAY,
-            GatewayError::AllFailed { .. } | GatewayError::Usage(_) => {
-                StatusCode::INTERNAL_SERVER_ERROR
-            }
+            GatewayError::AllFailed { .. }
+            | GatewayError::NoProvider { .. }
+            | GatewayError::Usage(_) => StatusCode::INTERNAL_SERVER_ERROR,
             GatewayError::AllOpen { .. } => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
@@ -124,6 +131,11 @@ impl GatewayError {
                 "server_error",
                 Some("upstream_failed"),
                 format!("Every provider for the model '{model}' failed; please retry later."),
+            ),
+            GatewayError::NoProvider { model } => ErrorBody::new(
+                "server_error",
+                Some("no_provider"),
+                format!("No provider is configured for the model '{model}'; contact the gateway's operator."),
             ),
             GatewayError::AllOpen { model, .. } => ErrorBody::new(
                 "server_error",
