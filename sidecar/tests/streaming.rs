@@ -273,3 +273,48 @@ async fn client_gone_before_the_answer_cancels_upstream_and_records_499() {
     let log = mock.log().await;
     assert_ne!(log["requests"][0]["outcome"], "completed", "{log}");
 }
+
+#[tokio::test]
+async fn route_dropping_stream_options_still_streams_and_estimates_usage() {
+    // For upstreams that reject `stream_options` (some vLLM/Ollama builds, old Azure
+    // api-versions) a route declares `drop = ["stream_options"]`; the gateway then
+    // counts tokens itself and flags them as estimated.
+    let mock = Mock::start(&["--chunks", "6"]);
+    let body = format!(
+        "{}{}[models.m]\ntier = \"Smart\"\ndescription = \"d\"\n[[models.m.routes]]\nprovider = \"mock\"\nmodel = \"up-model\"\ndrop = [\"stream_options\"]\n",
+        openai_provider("mock", &mock.base(), ""),
+        timeouts("mock", "2s", "5s"),
+    );
+    let sidecar = Sidecar::start(&body);
+    let text = sidecar
+        .chat(chat_body("m", true))
+        .await
+        .text()
+        .await
+        .unwrap();
+    assert!(text.ends_with("data: [DONE]\n\n"), "{text}");
+    assert!(!text.contains("\"usage\""), "{text}");
+    let sent = &mock.requests().await[0];
+    assert!(sent["body"].get("stream_options").is_none(), "{sent}");
+    let mut rows = Value::Null;
+    for _ in 0..100 {
+        rows = sidecar
+            .request(reqwest::Method::GET, "/v1/usage?by=model")
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if rows["data"][0]["requests"] == 1 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(rows["data"][0]["requests"], 1, "{rows}");
+    assert_eq!(rows["data"][0]["estimated_requests"], 1, "{rows}");
+    assert!(
+        rows["data"][0]["completion_tokens"].as_u64().unwrap() > 0,
+        "{rows}"
+    );
+}
