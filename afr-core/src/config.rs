@@ -74,6 +74,10 @@ pub struct ServerConfig {
     /// nginx's workers connect when the sidecar runs with nginx's group).
     #[serde(default = "default_socket_mode")]
     pub socket_mode: String,
+    /// How long open requests and streams may run on after SIGTERM; then they
+    /// are cut (and recorded as cut short) so the usage store can flush.
+    #[serde(default = "default_shutdown_grace", with = "humantime_serde")]
+    pub shutdown_grace: Duration,
 }
 
 impl ServerConfig {
@@ -98,12 +102,17 @@ impl Default for ServerConfig {
             secret_env: None,
             max_body_bytes: default_max_body(),
             socket_mode: default_socket_mode(),
+            shutdown_grace: default_shutdown_grace(),
         }
     }
 }
 
 fn default_socket_mode() -> String {
     "0660".into()
+}
+
+fn default_shutdown_grace() -> Duration {
+    Duration::from_secs(20)
 }
 
 fn default_listen() -> String {

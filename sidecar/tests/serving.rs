@@ -286,3 +286,39 @@ async fn sigterm_drains_and_flushes_usage() {
         "{text}"
     );
 }
+
+#[tokio::test]
+async fn sigterm_cuts_streams_still_open_after_the_grace_and_records_them() {
+    // A 10 s stream is still running when SIGTERM's grace (500 ms) ends: the
+    // sidecar cuts it, records it as cut short, flushes and exits promptly.
+    let mock = Mock::start(&["--chunks", "100", "--chunk-interval-ms", "100"]);
+    let body = format!(
+        "{}{}",
+        openai_provider("mock", &mock.base(), ""),
+        model("m", &[("mock", "up")]),
+    );
+    let mut sidecar = Sidecar::start_with_server(&body, 5, "30s", "shutdown_grace = \"500ms\"");
+    let r = sidecar.chat(chat_body("m", true)).await;
+    assert_eq!(r.status(), 200);
+    let mut body = r.bytes_stream();
+    use futures_util::StreamExt;
+    let first = body.next().await.expect("a first chunk").expect("bytes");
+    assert!(!first.is_empty());
+    let start = std::time::Instant::now();
+    let status = sidecar.terminate();
+    assert!(status.success(), "{status}");
+    assert!(
+        start.elapsed() < std::time::Duration::from_secs(5),
+        "exited {:?} after SIGTERM",
+        start.elapsed()
+    );
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_afr"))
+        .args(["usage", "--json", "--by", "model", "--db"])
+        .arg(sidecar.dir.path().join("usage.db"))
+        .output()
+        .unwrap();
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+    assert_eq!(v["data"][0]["requests"], 1, "{v}");
+    assert_eq!(v["data"][0]["truncated"], 1, "{v}");
+    assert!(sidecar.log().contains("closing them"), "{}", sidecar.log());
+}

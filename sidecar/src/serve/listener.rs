@@ -15,9 +15,11 @@ use hyper_util::rt::TokioIo;
 use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use std::convert::Infallible;
 use std::sync::Arc;
+use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::watch;
+use tokio::task::JoinSet;
 
 /// A bound listener.
 pub enum Bound {
@@ -54,19 +56,29 @@ impl Bound {
     }
 }
 
-/// Serves the main API until `stop` turns true, then waits for open
-/// connections (in-flight requests and streams) to finish.
-pub async fn serve_api(bound: Bound, gateway: Arc<Gateway>, mut stop: watch::Receiver<bool>) {
+/// Serves the main API until `stop` turns true, then lets open connections
+/// (in-flight requests and streams) finish for up to `grace`; whatever is still
+/// open then is cut, which records its usage as cut short. Returns once every
+/// connection task has ended.
+pub async fn serve_api(
+    bound: Bound,
+    gateway: Arc<Gateway>,
+    mut stop: watch::Receiver<bool>,
+    grace: Duration,
+) {
     let graceful = GracefulShutdown::new();
+    let mut connections = JoinSet::new();
     loop {
         tokio::select! {
             _ = stop.changed() => break,
+            // Reap finished connections so the set stays as small as the load.
+            Some(_) = connections.join_next(), if !connections.is_empty() => {}
             accepted = accept(&bound) => match accepted {
-                Ok(Accepted::Tcp(stream)) => spawn_api(TokioIo::new(stream), &gateway, graceful.watcher()),
-                Ok(Accepted::Unix(stream)) => spawn_api(TokioIo::new(stream), &gateway, graceful.watcher()),
+                Ok(Accepted::Tcp(stream)) => spawn_api(&mut connections, TokioIo::new(stream), &gateway, graceful.watcher()),
+                Ok(Accepted::Unix(stream)) => spawn_api(&mut connections, TokioIo::new(stream), &gateway, graceful.watcher()),
                 Err(e) => {
                     tracing::error!(error = %e, "accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    tokio::time::sleep(Duration::from_millis(50)).await;
                 }
             },
         }
@@ -75,7 +87,17 @@ pub async fn serve_api(bound: Bound, gateway: Arc<Gateway>, mut stop: watch::Rec
         let _ = std::fs::remove_file(path);
     }
     drop(bound);
-    graceful.shutdown().await;
+    if tokio::time::timeout(grace, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            open = connections.len(),
+            "connections still open after {grace:?}; closing them (usage recorded as cut short)"
+        );
+        connections.abort_all();
+    }
+    while connections.join_next().await.is_some() {}
 }
 
 enum Accepted {
@@ -94,8 +116,12 @@ async fn accept(bound: &Bound) -> std::io::Result<Accepted> {
     }
 }
 
-fn spawn_api<I>(io: TokioIo<I>, gateway: &Arc<Gateway>, watcher: Watcher)
-where
+fn spawn_api<I>(
+    connections: &mut JoinSet<()>,
+    io: TokioIo<I>,
+    gateway: &Arc<Gateway>,
+    watcher: Watcher,
+) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let gateway = gateway.clone();
@@ -103,7 +129,7 @@ where
     let connection = http1::Builder::new()
         .keep_alive(true)
         .serve_connection(io, service);
-    tokio::spawn(async move {
+    connections.spawn(async move {
         if let Err(e) = watcher.watch(connection).await {
             tracing::debug!(error = %e, "connection ended with an error");
         }

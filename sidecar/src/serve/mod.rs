@@ -43,9 +43,6 @@ pub struct ServeArgs {
     pub threads: Option<usize>,
 }
 
-/// How long open connections may take to finish after SIGTERM.
-const DRAIN: Duration = Duration::from_secs(20);
-
 /// Runs the sidecar until SIGTERM/SIGINT.
 pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     tracing_subscriber::fmt()
@@ -129,14 +126,14 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         }
     };
     tracing::info!(listen = %listen, admin = %admin_listen, config = %args.config.display(), "afr serve started");
-    let api = tokio::spawn(listener::serve_api(bound, gateway.clone(), stop_rx));
+    let grace = gateway.runtime.load().config.server.shutdown_grace;
+    let api = tokio::spawn(listener::serve_api(bound, gateway.clone(), stop_rx, grace));
 
     shutdown_signal().await;
     tracing::info!("shutting down: no new connections; waiting for open ones");
     let _ = stop_tx.send(true);
-    if tokio::time::timeout(DRAIN, api).await.is_err() {
-        tracing::warn!("connections still open after {DRAIN:?}; closing them");
-    }
+    // serve_api ends by itself within `grace`, cutting what is still open.
+    let _ = api.await;
     if let Some(admin) = admin {
         admin.abort();
     }

@@ -165,8 +165,22 @@ impl Sidecar {
 
     /// Like `start` with a breaker policy.
     pub fn start_with(body: &str, failures: u32, cooldown: &str) -> Sidecar {
+        Self::start_with_server(body, failures, cooldown, "")
+    }
+
+    /// Like `start_with`, with extra `[server]` lines.
+    pub fn start_with_server(
+        body: &str,
+        failures: u32,
+        cooldown: &str,
+        server_extra: &str,
+    ) -> Sidecar {
         let dir = tempfile::tempdir().expect("tempdir");
-        let config = Self::config_text(dir.path(), body, failures, cooldown);
+        let config = Self::config_text(dir.path(), body, failures, cooldown).replacen(
+            "[server]\n",
+            &format!("[server]\n{server_extra}\n"),
+            1,
+        );
         std::fs::write(dir.path().join("sidecar.toml"), config).expect("writing config");
         let log = std::fs::File::create(dir.path().join("sidecar.log")).expect("log file");
         let mut child = Command::new(env!("CARGO_BIN_EXE_afr"))
