@@ -82,6 +82,49 @@ async fn config_edits_apply_within_two_seconds_and_broken_files_are_rejected() {
     assert_eq!(sidecar.chat(chat_body("b", false)).await.status(), 200);
 }
 
+#[tokio::test]
+async fn config_behind_a_swapped_symlink_is_reloaded() {
+    // The Kubernetes ConfigMap layout: sidecar.toml -> ..data/sidecar.toml and
+    // ..data -> a versioned directory, swapped atomically on update. The change
+    // event names `..data`, not the config file.
+    use std::os::unix::fs::symlink;
+    let mock = Mock::start(&[]);
+    let provider = openai_provider("mock", &mock.base(), "");
+    let sidecar = Sidecar::start(&format!("{provider}{}", model("a", &[("mock", "x")])));
+    let dir = sidecar.dir.path();
+    let version = |name: &str, models: &str| {
+        let text = Sidecar::config_text(dir, &format!("{provider}{models}"), 5, "30s");
+        std::fs::create_dir(dir.join(name)).unwrap();
+        std::fs::write(dir.join(name).join("sidecar.toml"), text).unwrap();
+    };
+    version("..v1", &model("a", &[("mock", "x")]));
+    symlink("..v1", dir.join("..data")).unwrap();
+    symlink("..data/sidecar.toml", dir.join("link.toml")).unwrap();
+    std::fs::rename(dir.join("link.toml"), dir.join("sidecar.toml")).unwrap();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(model_ids(&sidecar).await, ["a"]);
+
+    version(
+        "..v2",
+        &format!(
+            "{}{}",
+            model("a", &[("mock", "x")]),
+            model("b", &[("mock", "y")])
+        ),
+    );
+    symlink("..v2", dir.join("..data_tmp")).unwrap();
+    std::fs::rename(dir.join("..data_tmp"), dir.join("..data")).unwrap();
+    let start = Instant::now();
+    while model_ids(&sidecar).await != ["a", "b"] {
+        assert!(
+            start.elapsed() < Duration::from_secs(3),
+            "symlink swap not picked up: {}",
+            sidecar.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 #[test]
 fn start_up_config_errors_name_the_path_and_exit_non_zero() {
     let dir = tempfile::tempdir().unwrap();

@@ -11,6 +11,15 @@ use tokio::sync::mpsc;
 
 /// Changes closer together than this are applied once.
 const DEBOUNCE: Duration = Duration::from_millis(100);
+/// How often the resolved config file is stat'ed, besides the change events.
+const POLL: Duration = Duration::from_secs(1);
+
+/// What identifies one version of the config file (following symlinks).
+fn stamp(path: &std::path::Path) -> Option<(std::time::SystemTime, u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(path).ok()?;
+    Some((m.modified().ok()?, m.len(), m.ino()))
+}
 
 /// Starts watching; the returned watcher must be kept alive.
 pub fn watch(gateway: Arc<Gateway>) -> notify::Result<notify::RecommendedWatcher> {
@@ -37,9 +46,28 @@ pub fn watch(gateway: Arc<Gateway>) -> notify::Result<notify::RecommendedWatcher
     })?;
     watcher.watch(&dir, RecursiveMode::NonRecursive)?;
     tokio::spawn(async move {
-        while rx.recv().await.is_some() {
-            tokio::time::sleep(DEBOUNCE).await;
-            while rx.try_recv().is_ok() {}
+        // Events name the file that changed; a swap of a symlink somewhere on
+        // the way to the config (a Kubernetes ConfigMap's `..data`) names
+        // another one. A once-a-second stat of what the path resolves to
+        // catches those.
+        let mut seen = stamp(&gateway.config_path);
+        let mut poll = tokio::time::interval(POLL);
+        loop {
+            tokio::select! {
+                event = rx.recv() => {
+                    if event.is_none() {
+                        break;
+                    }
+                    tokio::time::sleep(DEBOUNCE).await;
+                    while rx.try_recv().is_ok() {}
+                }
+                _ = poll.tick() => {
+                    if stamp(&gateway.config_path) == seen {
+                        continue;
+                    }
+                }
+            }
+            seen = stamp(&gateway.config_path);
             let path = gateway.config_path.clone();
             let old_listen = gateway.runtime.load().config.server.listen.clone();
             match tokio::task::spawn_blocking(move || Runtime::load(&path)).await {
