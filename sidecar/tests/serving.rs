@@ -227,21 +227,9 @@ async fn usage_rows_are_recorded_and_readable_by_the_key() {
     let r = sidecar.chat(chat_body("gpt-4o-mini", true)).await;
     assert_eq!(r.status(), 200);
     let _ = r.text().await.unwrap();
-    let mut rows = Value::Null;
-    for _ in 0..100 {
-        rows = sidecar
-            .request(reqwest::Method::GET, "/v1/usage?by=model")
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        if rows["data"][0]["requests"] == 2 {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
+    let rows = sidecar
+        .usage_by_model_until(|row| row["requests"] == 2)
+        .await;
     assert_eq!(rows["data"][0]["requests"], 2, "{rows}");
     assert_eq!(rows["data"][0]["model"], "gpt-4o-mini");
     assert!(rows["data"][0]["total_tokens"].as_u64().unwrap() > 0);

@@ -221,22 +221,13 @@ async fn client_disconnect_cancels_the_upstream_request() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     // The cut stream still gets its usage row, flagged truncated.
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        let usage: Value = sidecar
-            .request(reqwest::Method::GET, "/v1/usage?by=model")
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        if usage["data"][0]["truncated"] == 1 {
-            break;
-        }
-        assert!(Instant::now() < deadline, "no truncated usage row: {usage}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let usage = sidecar
+        .usage_by_model_until(|row| row["truncated"] == 1)
+        .await;
+    assert_eq!(
+        usage["data"][0]["truncated"], 1,
+        "no truncated usage row: {usage}"
+    );
 }
 
 #[tokio::test]
@@ -250,26 +241,14 @@ async fn client_gone_before_the_answer_cancels_upstream_and_records_499() {
         .send()
         .await;
     assert!(r.is_err(), "the client gave up first");
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        let usage: Value = sidecar
-            .request(reqwest::Method::GET, "/v1/usage?by=model")
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        if usage["data"][0]["truncated"] == 1 {
-            assert_eq!(usage["data"][0]["requests"], 1);
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no row for the abandoned request: {usage}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let usage = sidecar
+        .usage_by_model_until(|row| row["truncated"] == 1)
+        .await;
+    assert_eq!(
+        usage["data"][0]["truncated"], 1,
+        "no row for the abandoned request: {usage}"
+    );
+    assert_eq!(usage["data"][0]["requests"], 1);
     let log = mock.log().await;
     assert_ne!(log["requests"][0]["outcome"], "completed", "{log}");
 }
@@ -296,21 +275,9 @@ async fn route_dropping_stream_options_still_streams_and_estimates_usage() {
     assert!(!text.contains("\"usage\""), "{text}");
     let sent = &mock.requests().await[0];
     assert!(sent["body"].get("stream_options").is_none(), "{sent}");
-    let mut rows = Value::Null;
-    for _ in 0..100 {
-        rows = sidecar
-            .request(reqwest::Method::GET, "/v1/usage?by=model")
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        if rows["data"][0]["requests"] == 1 {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
+    let rows = sidecar
+        .usage_by_model_until(|row| row["requests"] == 1)
+        .await;
     assert_eq!(rows["data"][0]["requests"], 1, "{rows}");
     assert_eq!(rows["data"][0]["estimated_requests"], 1, "{rows}");
     assert!(

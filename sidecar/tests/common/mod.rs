@@ -236,6 +236,26 @@ impl Sidecar {
             .header("X-Afr-Key-Id", "test-key")
     }
 
+    /// Polls `GET /v1/usage?by=model` (usage is written in batches) until
+    /// `done` holds for its first row, for up to 5 s; returns the last body.
+    pub async fn usage_by_model_until(&self, done: impl Fn(&Value) -> bool) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let usage: Value = self
+                .request(reqwest::Method::GET, "/v1/usage?by=model")
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            if done(&usage["data"][0]) || Instant::now() >= deadline {
+                return usage;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// `POST /v1/chat/completions` with a JSON body.
     pub async fn chat(&self, body: Value) -> reqwest::Response {
         self.request(reqwest::Method::POST, "/v1/chat/completions")
