@@ -14,7 +14,7 @@ use crate::conn::MockBody;
 use crate::faults::ANTHROPIC_STREAM_ERROR;
 use crate::reply::{self, Finish, Reply};
 use crate::server::Ctx;
-use crate::stream::{self, StreamCtx, StreamPlan};
+use crate::stream::StreamPlan;
 
 const CACHE_ZEROES: &str = r#""cache_creation_input_tokens":0,"cache_read_input_tokens":0"#;
 
@@ -74,21 +74,7 @@ pub fn respond(ctx: Ctx, body: &Value) -> Response<MockBody> {
     let stream = body.get("stream").and_then(Value::as_bool) == Some(true);
     let mut resp = if stream {
         let plan = stream_plan(&reply, &id, &model);
-        let body = stream::spawn(
-            plan,
-            StreamCtx {
-                knobs: ctx.knobs.clone(),
-                entry: ctx.entry.clone(),
-                state: ctx.state.clone(),
-                reset: ctx.reset.clone(),
-            },
-        );
-        let mut resp = Response::new(body);
-        resp.headers_mut().insert(
-            CONTENT_TYPE,
-            HeaderValue::from_static("text/event-stream; charset=utf-8"),
-        );
-        resp
+        ctx.stream_response(plan)
     } else {
         let out = format!(
             r#"{{"model":{model},"id":"{id}","type":"message","role":"assistant","content":[{{"type":"text","text":{}}}],"stop_reason":"{}","stop_sequence":null,"usage":{{"input_tokens":{p},{CACHE_ZEROES},"cache_creation":{{"ephemeral_5m_input_tokens":0,"ephemeral_1h_input_tokens":0}},"output_tokens":{c},"service_tier":"standard","inference_geo":"not_available"}}}}"#,

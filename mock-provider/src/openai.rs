@@ -17,7 +17,7 @@ use crate::conn::MockBody;
 use crate::faults::{Api, OPENAI_STREAM_ERROR};
 use crate::reply::{self, Finish, Reply};
 use crate::server::{unix_now, Ctx};
-use crate::stream::{self, StreamCtx, StreamPlan};
+use crate::stream::StreamPlan;
 
 const MODELS: &str = include_str!("../../tests/fixtures/openai-models-list.json");
 const FINGERPRINT: &str = "fp_afrmock01";
@@ -88,22 +88,7 @@ pub fn respond(ctx: Ctx, body: &Value, api: Api, deployment: Option<&str>) -> Re
             obfuscation,
             azure,
         );
-        ctx.entry.progress().status = Some(200);
-        let body = stream::spawn(
-            plan,
-            StreamCtx {
-                knobs: ctx.knobs.clone(),
-                entry: ctx.entry.clone(),
-                state: ctx.state.clone(),
-                reset: ctx.reset.clone(),
-            },
-        );
-        let mut resp = Response::new(body);
-        resp.headers_mut().insert(
-            CONTENT_TYPE,
-            HeaderValue::from_static("text/event-stream; charset=utf-8"),
-        );
-        resp
+        ctx.stream_response(plan)
     } else {
         let text = json_str(&reply.text());
         let mut out = format!(

@@ -17,6 +17,7 @@ use crate::conn::MockBody;
 use crate::faults::{self, Api, FailureState};
 use crate::knobs::Knobs;
 use crate::log::{Entry, Outcome, RequestLog};
+use crate::stream::{self, StreamCtx, StreamPlan};
 use crate::{anthropic, openai};
 
 /// Largest request body the mock reads.
@@ -73,6 +74,26 @@ pub struct Ctx {
 }
 
 impl Ctx {
+    /// A `text/event-stream` 200 whose events `plan` produces, honouring the
+    /// request's stream knobs.
+    pub fn stream_response(&self, plan: StreamPlan) -> Response<MockBody> {
+        let body = stream::spawn(
+            plan,
+            StreamCtx {
+                knobs: self.knobs.clone(),
+                entry: self.entry.clone(),
+                state: self.state.clone(),
+                reset: self.reset.clone(),
+            },
+        );
+        let mut resp = Response::new(body);
+        resp.headers_mut().insert(
+            CONTENT_TYPE,
+            HeaderValue::from_static("text/event-stream; charset=utf-8"),
+        );
+        resp
+    }
+
     /// Records a complete (non-streamed) answer.
     pub fn finish(&self, status: u16) {
         let mut p = self.entry.progress();
