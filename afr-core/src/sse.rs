@@ -69,6 +69,13 @@ impl EventFramer {
     }
 }
 
+/// Whether an event has any `data:` line (a comment-only keep-alive has none).
+pub fn has_data(raw: &[u8]) -> bool {
+    // Without allocating: this runs on events the gateway only wants to skip.
+    raw.split(|&b| b == b'\n' || b == b'\r')
+        .any(|line| line == b"data" || line.starts_with(b"data:"))
+}
+
 /// The `data` of one raw event, as the OpenAI SDKs decode it: `data:` lines
 /// joined with `\n`, one leading space stripped, comments ignored. `None`
 /// when the event has no `data` line.

@@ -187,3 +187,19 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn keep_alive_comments_have_no_data_and_events_do() {
+    for raw in [
+        &b": keep-alive\n\n"[..],
+        b": OPENROUTER PROCESSING\r\n\r\n",
+        b"\n\n",
+    ] {
+        assert!(!has_data(raw));
+        assert_eq!(event_data(raw), None);
+    }
+    let (events, _) = frame_all(WITH_USAGE, &[]);
+    assert!(events.iter().all(|e| has_data(e)));
+    assert!(has_data(b": note\ndata: {}\n\n"));
+    assert!(has_data(b"data\n\n"));
+}

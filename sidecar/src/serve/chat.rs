@@ -13,7 +13,7 @@ use crate::serve::relay::{self, StreamStart};
 use crate::serve::state::{BreakerTicket, Gateway, Runtime};
 use afr_core::breaker::Admission;
 use afr_core::route::{Exhausted, RoutePlan};
-use afr_core::sse::{event_data, is_error_event, is_preamble, TokenUsage};
+use afr_core::sse::{has_data, is_error_event, is_preamble, TokenUsage};
 use afr_core::usage::{TokenSource, UsageRecord};
 use afr_core::validate::{check_model, validate_chat, ChatRequest};
 use bytes::Bytes;
@@ -297,7 +297,7 @@ async fn route(
                             ));
                         }
                         Ok(Some(Ok(event))) => {
-                            if event_data(&event).is_none() {
+                            if !has_data(&event) {
                                 // A keep-alive comment (e.g. OpenRouter's
                                 // ": OPENROUTER PROCESSING") carries nothing for the
                                 // client; it must not use up the held-event budget
