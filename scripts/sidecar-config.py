@@ -85,6 +85,7 @@ def main() -> int:
 
     mock_port = ""
     if enabled:
+        served = {}
         for name, model in cfg["models"].items():
             routes = [r for r in model["routes"] if r["provider"] in enabled]
             if not routes and "anthropic" in enabled:
@@ -92,8 +93,8 @@ def main() -> int:
             if not routes:
                 print(f"scripts/run: no configured provider serves {name}; it is left out", file=sys.stderr)
                 continue
-            model["routes"] = routes
-        cfg["models"] = {k: m for k, m in cfg["models"].items() if m["routes"] and m["routes"][0]["provider"] in enabled}
+            served[name] = dict(model, routes=routes)
+        cfg["models"] = served
         cfg["providers"] = enabled
         desc = ", ".join(enabled)
     else:

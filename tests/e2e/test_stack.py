@@ -56,8 +56,10 @@ def write_config(gw, mutate) -> None:
     path.with_suffix(".tmp").replace(path)
 
 
-def route_smart_model(gw, providers: dict[str, str], failures: int = 5, cooldown: str = "30s") -> None:
-    """Routes gpt-4o-mini through the given providers (name -> mock URL) in order."""
+def route_smart_model(gw, client, providers: dict[str, str], failures: int = 5, cooldown: str = "30s") -> None:
+    """Routes gpt-4o-mini through the given providers (name -> mock URL) in order and
+    returns once a request has reached the first of them: the sidecar's config reload
+    has landed (until then the default mock answers)."""
 
     def mutate(cfg):
         cfg["breaker"] = {"failures": failures, "cooldown": cooldown}
@@ -66,6 +68,16 @@ def route_smart_model(gw, providers: dict[str, str], failures: int = 5, cooldown
         cfg["models"]["gpt-4o-mini"]["routes"] = [{"provider": n, "model": "gpt-4o-mini"} for n in providers]
 
     write_config(gw, mutate)
+    first = next(iter(providers.values()))
+
+    def reached_first():
+        try:
+            client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
+        except openai.APIError:
+            pass
+        return bool(gw.mock_requests(first))
+
+    assert wait_until(reached_first, timeout=4), "the sidecar did not pick up its new config"
 
 
 def wait_until(pred, timeout=3.0, step=0.05):
@@ -90,10 +102,8 @@ def test_failover_primary_down_client_never_notices(gw, two_mocks):
     kid = f"st-fo-{time.time_ns() % 10**10}"
     key = gw.new_key(kid, "--rpm", "1000")
     gw.mock_config(primary, status=503)
-    route_smart_model(gw, {"primary": primary, "secondary": secondary})
     client = gw.client(key)
-    # The config reload lands within 2 s; until then the default mock answers.
-    assert wait_until(lambda: client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES) and gw.mock_requests(primary))
+    route_smart_model(gw, client, {"primary": primary, "secondary": secondary})
     gw.clear_mock_requests(primary)
     gw.clear_mock_requests(secondary)
 
@@ -117,9 +127,8 @@ def test_all_providers_failed_is_500_without_secrets(gw, key, two_mocks):
     primary, secondary = two_mocks
     gw.mock_config(primary, status=500)
     gw.mock_config(secondary, status=502)
-    route_smart_model(gw, {"primary": primary, "secondary": secondary}, failures=100)
     client = gw.client(key)
-    assert wait_until(lambda: gw.mock_requests(secondary) or (_try(client) and False), timeout=4)
+    route_smart_model(gw, client, {"primary": primary, "secondary": secondary}, failures=100)
     with pytest.raises(openai.InternalServerError) as e:
         client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
     assert e.value.status_code == 500
@@ -129,21 +138,12 @@ def test_all_providers_failed_is_500_without_secrets(gw, key, two_mocks):
     assert e.value.response.headers["x-ratelimit-limit"] == "1000"
 
 
-def _try(client):
-    try:
-        client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
-    except openai.APIError:
-        pass
-    return True
-
-
 def test_all_breakers_open_is_503_with_retry_after(gw, key, two_mocks):
     primary, secondary = two_mocks
     gw.mock_config(primary, status=503)
     gw.mock_config(secondary, status=503)
-    route_smart_model(gw, {"primary": primary, "secondary": secondary}, failures=2, cooldown="30s")
     client = gw.client(key)
-    assert wait_until(lambda: gw.mock_requests(primary) or (_try(client) and False), timeout=4)
+    route_smart_model(gw, client, {"primary": primary, "secondary": secondary}, failures=2, cooldown="30s")
     seen = []
     for _ in range(6):
         try:
