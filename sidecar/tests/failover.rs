@@ -118,12 +118,7 @@ async fn stream_fails_over_when_content_is_late() {
     let start = std::time::Instant::now();
     assert_served_by_good(&sidecar, &good, true, "late content").await;
     assert!(start.elapsed() < std::time::Duration::from_millis(2500));
-    let text = sidecar
-        .chat(chat_body("m", true))
-        .await
-        .text()
-        .await
-        .unwrap();
+    let text = sidecar.chat_text(chat_body("m", true)).await;
     assert_eq!(
         text.matches("\"role\":\"assistant\"").count(),
         1,

@@ -134,12 +134,7 @@ async fn anthropic_errors_are_mapped_and_overload_fails_over() {
 async fn anthropic_error_event_mid_stream_ends_the_stream() {
     let mock = Mock::start(&["--chunks", "5", "--error-after-chunks", "2"]);
     let sidecar = sidecar_for(anthropic_provider("p", &mock.base()));
-    let text = sidecar
-        .chat(chat_body("m", true))
-        .await
-        .text()
-        .await
-        .unwrap();
+    let text = sidecar.chat_text(chat_body("m", true)).await;
     let last = events(&text).pop().unwrap();
     assert!(last.starts_with("data: {\"error\""), "{text}");
     assert!(!text.contains("event:"));
@@ -155,12 +150,7 @@ async fn azure_uses_deployment_urls_api_version_and_api_key() {
         r.json::<Value>().await.unwrap()["object"],
         "chat.completion"
     );
-    let text = sidecar
-        .chat(chat_body("m", true))
-        .await
-        .text()
-        .await
-        .unwrap();
+    let text = sidecar.chat_text(chat_body("m", true)).await;
     assert!(text.ends_with("data: [DONE]\n\n"), "{text}");
     let sent = &mock.requests().await[0];
     assert_eq!(sent["headers"]["api-key"], "azure-test-key");

@@ -69,12 +69,7 @@ async fn stream_with_include_usage_is_passed_through_byte_for_byte() {
 async fn include_usage_is_injected_and_stripped_when_the_client_did_not_ask() {
     let mock = Mock::start(&["--chunks", "6"]);
     let sidecar = single(&mock, "5s");
-    let via_gateway = sidecar
-        .chat(chat_body("m", true))
-        .await
-        .text()
-        .await
-        .unwrap();
+    let via_gateway = sidecar.chat_text(chat_body("m", true)).await;
     let sent = &mock.requests().await[0];
     assert_eq!(
         sent["body"]["stream_options"]["include_usage"], true,
@@ -164,12 +159,7 @@ async fn provider_reset_mid_stream_ends_with_an_error_event() {
 async fn provider_error_event_mid_stream_is_forwarded_and_ends_the_stream() {
     let mock = Mock::start(&["--chunks", "6", "--error-after-chunks", "3"]);
     let sidecar = single(&mock, "5s");
-    let text = sidecar
-        .chat(chat_body("m", true))
-        .await
-        .text()
-        .await
-        .unwrap();
+    let text = sidecar.chat_text(chat_body("m", true)).await;
     let last = events(&text).pop().unwrap();
     assert!(last.starts_with("data: {\"error\""), "{text}");
     assert!(!text.contains("[DONE]"));
@@ -180,12 +170,7 @@ async fn idle_timeout_mid_stream_ends_with_an_error_event() {
     let mock = Mock::start(&["--chunks", "5", "--chunk-interval-ms", "1500"]);
     let sidecar = single(&mock, "300ms");
     let start = Instant::now();
-    let text = sidecar
-        .chat(chat_body("m", true))
-        .await
-        .text()
-        .await
-        .unwrap();
+    let text = sidecar.chat_text(chat_body("m", true)).await;
     assert!(
         start.elapsed() < Duration::from_millis(1400),
         "{:?}",
@@ -265,12 +250,7 @@ async fn route_dropping_stream_options_still_streams_and_estimates_usage() {
         timeouts("mock", "2s", "5s"),
     );
     let sidecar = Sidecar::start(&body);
-    let text = sidecar
-        .chat(chat_body("m", true))
-        .await
-        .text()
-        .await
-        .unwrap();
+    let text = sidecar.chat_text(chat_body("m", true)).await;
     assert!(text.ends_with("data: [DONE]\n\n"), "{text}");
     assert!(!text.contains("\"usage\""), "{text}");
     let sent = &mock.requests().await[0];

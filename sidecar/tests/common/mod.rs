@@ -256,6 +256,11 @@ impl Sidecar {
         }
     }
 
+    /// The whole response body of `POST /v1/chat/completions` as text.
+    pub async fn chat_text(&self, body: Value) -> String {
+        self.chat(body).await.text().await.unwrap()
+    }
+
     /// `POST /v1/chat/completions` with a JSON body.
     pub async fn chat(&self, body: Value) -> reqwest::Response {
         self.request(reqwest::Method::POST, "/v1/chat/completions")
