@@ -5,9 +5,10 @@
 //! and followed by an explicit [`SidecarConfig::validate`] step whose errors
 //! name the config path, e.g. `models.gpt-4o-mini.routes[1]: unknown provider "azur"`.
 
+use crate::splice::Splice;
 use indexmap::IndexMap;
 use serde::Deserialize;
-use serde_json::{Map, Value};
+use serde_json::Value;
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -371,36 +372,42 @@ pub struct Clamp {
 impl RouteConfig {
     /// Adapts a validated body to what this route's upstream model accepts:
     /// drop, then rename, then clamp; finally sets `model` to the upstream name.
-    pub fn adapt(&self, body: &mut Map<String, Value>) {
+    /// Members it does not touch keep the client's bytes.
+    pub fn adapt(&self, body: &mut Splice<'_>) {
         for field in &self.drop {
             body.remove(field);
         }
         for (from, to) in &self.rename {
-            if let Some(v) = body.remove(from) {
-                // The client's own value for the new name wins.
-                body.entry(to.clone()).or_insert(v);
-            }
+            body.rename(from, to);
         }
         for (field, range) in &self.clamp {
-            if let Some(Value::Number(n)) = body.get(field) {
-                let is_int = n.is_u64() || n.is_i64();
-                if let Some(mut v) = n.as_f64() {
-                    if let Some(min) = range.min {
-                        v = v.max(min);
-                    }
-                    if let Some(max) = range.max {
-                        v = v.min(max);
-                    }
-                    let clamped = if is_int {
-                        Value::from(v.round() as i64)
-                    } else {
-                        Value::from(v)
-                    };
-                    body.insert(field.clone(), clamped);
-                }
+            if let Some(clamped) = body.get(field).and_then(|raw| range.apply(raw)) {
+                body.set(field, clamped);
             }
         }
-        body.insert("model".into(), Value::String(self.model.clone()));
+        let model = serde_json::to_vec(&self.model).unwrap_or_else(|_| b"\"\"".to_vec());
+        body.set("model", model);
+    }
+}
+
+impl Clamp {
+    /// The clamped JSON text of the number `raw`, or `None` when it is not a
+    /// number or already in range (its bytes then stay as the client wrote them).
+    fn apply(&self, raw: &[u8]) -> Option<Vec<u8>> {
+        let Ok(Value::Number(n)) = serde_json::from_slice::<Value>(raw) else {
+            return None;
+        };
+        let v = n.as_f64()?;
+        let clamped = v.max(self.min.unwrap_or(v)).min(self.max.unwrap_or(v));
+        if clamped == v {
+            return None;
+        }
+        let text = if n.is_u64() || n.is_i64() {
+            (clamped.round() as i64).to_string()
+        } else {
+            Value::from(clamped).to_string()
+        };
+        Some(text.into_bytes())
     }
 }
 

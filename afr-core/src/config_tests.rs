@@ -45,15 +45,20 @@ fn shipped_config_is_valid_and_lists_the_default_catalogue_in_order() {
     );
 }
 
+/// The body `route` sends for `src`, parsed back for inspection.
+fn adapted(route: &RouteConfig, src: &str) -> serde_json::Map<String, serde_json::Value> {
+    let mut body = crate::splice::Splice::parse(src.as_bytes()).unwrap();
+    route.adapt(&mut body);
+    serde_json::from_slice(&body.finish()).unwrap()
+}
+
 #[test]
 fn shipped_gpt5_routes_turn_defaults_into_what_gpt5_accepts() {
     let config = SidecarConfig::parse(SHIPPED, "conf/sidecar.toml").unwrap();
-    let req = crate::validate::validate_chat(
-        br#"{"model":"gpt-5-mini","messages":[{"role":"user","content":"hi"}]}"#,
-    )
-    .unwrap();
-    let mut body = req.body;
-    config.models["gpt-5-mini"].routes[0].adapt(&mut body);
+    let src = br#"{"model":"gpt-5-mini","messages":[{"role":"user","content":"hi"}]}"#;
+    let req = crate::validate::validate_chat(src).unwrap();
+    let sent = req.upstream_body(src, &config.models["gpt-5-mini"].routes[0], false);
+    let body: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&sent).unwrap();
     assert!(!body.contains_key("temperature"));
     assert!(!body.contains_key("max_tokens"));
     assert_eq!(body["max_completion_tokens"], 4096);
@@ -63,15 +68,25 @@ fn shipped_gpt5_routes_turn_defaults_into_what_gpt5_accepts() {
 #[test]
 fn clamp_keeps_integers_integral() {
     let config = SidecarConfig::parse(SHIPPED, "conf/sidecar.toml").unwrap();
-    let mut body = serde_json::json!({"max_tokens": 100000, "temperature": 1.7})
-        .as_object()
-        .unwrap()
-        .clone();
-    config.models["gpt-4o-mini"].routes[2].adapt(&mut body);
+    let route = &config.models["gpt-4o-mini"].routes[2];
+    let body = adapted(route, r#"{"max_tokens": 100000, "temperature": 1.7}"#);
     assert_eq!(body["max_tokens"], 64000);
     assert!(body["max_tokens"].is_i64());
     assert_eq!(body["temperature"], 1.0);
     assert_eq!(body["model"], "claude-haiku-4-5");
+}
+
+#[test]
+fn clamp_leaves_in_range_literals_as_written() {
+    let route: RouteConfig = toml::from_str(
+        r#"provider = "p"
+model = "m"
+clamp = { temperature = { max = 1.0 } }"#,
+    )
+    .unwrap();
+    let mut body = crate::splice::Splice::parse(br#"{"temperature":5e-1,"model":"x"}"#).unwrap();
+    route.adapt(&mut body);
+    assert_eq!(body.finish(), br#"{"temperature":5e-1,"model":"m"}"#);
 }
 
 #[test]
@@ -82,11 +97,7 @@ model = "m"
 rename = { max_tokens = "max_completion_tokens" }"#,
     )
     .unwrap();
-    let mut body = serde_json::json!({"max_tokens": 1, "max_completion_tokens": 2})
-        .as_object()
-        .unwrap()
-        .clone();
-    route.adapt(&mut body);
+    let body = adapted(&route, r#"{"max_tokens": 1, "max_completion_tokens": 2}"#);
     assert_eq!(body["max_completion_tokens"], 2);
     assert!(!body.contains_key("max_tokens"));
 }

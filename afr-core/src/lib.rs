@@ -11,6 +11,7 @@ pub mod error;
 pub mod keys;
 pub mod ratelimit;
 pub mod route;
+pub mod splice;
 pub mod sse;
 pub mod usage;
 pub mod validate;

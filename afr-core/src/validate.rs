@@ -1,9 +1,18 @@
 //! Validation of `POST /v1/chat/completions` bodies (design §3): every
-//! rejection names the field at fault in `param`, defaults are filled in, and
-//! fields the gateway does not know pass through untouched.
+//! rejection names the field at fault in `param`, and the body the provider
+//! gets is the client's own bytes with only the gateway's edits spliced in
+//! (filled defaults, route adaptations, `stream_options.include_usage`).
+//!
+//! Validation reads a borrowed view of the bytes ([`crate::splice`]): only the
+//! fields the gateway reads are decoded, and a key repeated where the gateway
+//! reads is a 400, so the gateway and the provider can never read different values.
 
+use crate::config::RouteConfig;
 use crate::error::ErrorBody;
-use serde_json::{Map, Value};
+use crate::splice::{members, ObjectError, ObjectSpans, Splice};
+use serde_json::value::RawValue;
+use serde_json::Value;
+use std::borrow::Cow;
 
 /// Default `temperature` when the client sends none (design §3).
 pub const DEFAULT_TEMPERATURE: f64 = 0.7;
@@ -20,7 +29,8 @@ const ROLES: [&str; 6] = [
     "function",
 ];
 
-/// A request that passed validation.
+/// A request that passed validation. The body itself stays with the caller
+/// (the client's bytes); this holds what the gateway read from it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ChatRequest {
     /// The catalogue model asked for.
@@ -29,8 +39,46 @@ pub struct ChatRequest {
     pub stream: bool,
     /// Whether the client itself asked for `stream_options.include_usage`.
     pub include_usage: bool,
-    /// The whole body with defaults filled in.
-    pub body: Map<String, Value>,
+    /// Whether `temperature` is absent or null (the default is filled in).
+    pub fill_temperature: bool,
+    /// Whether neither `max_tokens` nor `max_completion_tokens` is set (the
+    /// default `max_tokens` is filled in).
+    pub fill_max_tokens: bool,
+    /// Characters of prompt text, for estimating the tokens of a stream cut
+    /// short before the provider's usage arrived.
+    pub prompt_chars: usize,
+    /// Where the body's top-level members lie.
+    pub spans: ObjectSpans,
+}
+
+impl ChatRequest {
+    /// The body for one route: `src` (the validated bytes) with the defaults
+    /// filled in, `stream_options.include_usage` set when `ask_usage`, and the
+    /// route's adaptations applied. Everything else is the client's bytes.
+    pub fn upstream_body(&self, src: &[u8], route: &RouteConfig, ask_usage: bool) -> Vec<u8> {
+        let mut body = self.spans.edit(src);
+        if self.fill_temperature {
+            body.set("temperature", DEFAULT_TEMPERATURE.to_string().into_bytes());
+        }
+        if self.fill_max_tokens {
+            body.set("max_tokens", DEFAULT_MAX_TOKENS.to_string().into_bytes());
+        }
+        if ask_usage {
+            let options = body
+                .get("stream_options")
+                .and_then(|raw| Splice::parse(raw).ok())
+                .map(|mut options| {
+                    options.set("include_usage", b"true".to_vec());
+                    options.finish()
+                });
+            body.set(
+                "stream_options",
+                options.unwrap_or_else(|| br#"{"include_usage":true}"#.to_vec()),
+            );
+        }
+        route.adapt(&mut body);
+        body.finish()
+    }
 }
 
 /// A 400 answer: the message and the field at fault.
@@ -61,24 +109,63 @@ impl Invalid {
             None => body,
         }
     }
+
+    /// The rejection of an object at `path` (`""`: the body) that did not parse.
+    fn object(path: &str, error: ObjectError) -> Self {
+        let at = |key: &str| {
+            if path.is_empty() {
+                key.to_owned()
+            } else {
+                format!("{path}.{key}")
+            }
+        };
+        match error {
+            ObjectError::Syntax(e) => Invalid {
+                param: None,
+                message: format!("We could not parse the JSON body of your request: {e}"),
+                code: None,
+            },
+            ObjectError::NotObject => Invalid {
+                param: (!path.is_empty()).then(|| path.to_owned()),
+                message: if path.is_empty() {
+                    "The request body must be a JSON object.".into()
+                } else {
+                    format!("Invalid type for '{path}': expected an object.")
+                },
+                code: None,
+            },
+            ObjectError::Duplicate(key) => {
+                let param = at(&key);
+                Invalid::field(
+                    param.clone(),
+                    format!(
+                        "Invalid body: the key '{param}' appears more than once; send it once."
+                    ),
+                )
+            }
+        }
+    }
 }
 
-/// Parses and validates a chat completions body, filling in the defaults.
-pub fn validate_chat(bytes: &[u8]) -> Result<ChatRequest, Invalid> {
-    let value: Value = serde_json::from_slice(bytes).map_err(|e| Invalid {
-        param: None,
-        message: format!("We could not parse the JSON body of your request: {e}"),
-        code: None,
-    })?;
-    let Value::Object(mut body) = value else {
-        return Err(Invalid {
-            param: None,
-            message: "The request body must be a JSON object.".into(),
-            code: None,
-        });
-    };
+/// The top-level members of a body as (key, raw value) pairs.
+type Members<'a> = [(Cow<'a, str>, &'a RawValue)];
 
-    let model = match body.get("model") {
+fn find<'a>(members: &Members<'a>, key: &str) -> Option<&'a RawValue> {
+    members.iter().find(|(k, _)| k == key).map(|(_, v)| *v)
+}
+
+/// Decodes a small field the gateway reads.
+fn value(raw: &RawValue) -> Value {
+    // The raw text is valid JSON (it came out of the parser), so this holds.
+    serde_json::from_str(raw.get()).unwrap_or(Value::Null)
+}
+
+/// Validates a chat completions body and records what the gateway read.
+pub fn validate_chat(bytes: &[u8]) -> Result<ChatRequest, Invalid> {
+    let body = members(bytes).map_err(|e| Invalid::object("", e))?;
+    let field = |key: &str| find(&body, key).map(value);
+
+    let model = match field("model") {
         None | Some(Value::Null) => {
             return Err(Invalid::field(
                 "model",
@@ -91,64 +178,70 @@ pub fn validate_chat(bytes: &[u8]) -> Result<ChatRequest, Invalid> {
                 "Invalid 'model': must not be empty.",
             ))
         }
-        Some(Value::String(s)) => s.clone(),
-        Some(other) => return Err(type_error("model", "a string", other)),
+        Some(Value::String(s)) => s,
+        Some(other) => return Err(type_error("model", "a string", &other)),
     };
 
-    check_messages(body.get("messages"))?;
+    let prompt_chars = check_messages(find(&body, "messages"))?;
 
-    let stream = match body.get("stream") {
+    let stream = match field("stream") {
         None | Some(Value::Null) => false,
-        Some(Value::Bool(b)) => *b,
-        Some(other) => return Err(type_error("stream", "a boolean", other)),
+        Some(Value::Bool(b)) => b,
+        Some(other) => return Err(type_error("stream", "a boolean", &other)),
     };
 
-    let include_usage = match body.get("stream_options") {
-        None | Some(Value::Null) => false,
-        Some(Value::Object(opts)) => match opts.get("include_usage") {
-            None | Some(Value::Null) => false,
-            Some(Value::Bool(b)) => *b,
-            Some(other) => {
-                return Err(type_error(
-                    "stream_options.include_usage",
-                    "a boolean",
-                    other,
-                ))
+    let include_usage = match find(&body, "stream_options") {
+        None => false,
+        Some(raw) if raw.get() == "null" => false,
+        Some(raw) if raw.get().starts_with('{') => {
+            let options =
+                members(raw.get().as_bytes()).map_err(|e| Invalid::object("stream_options", e))?;
+            match find(&options, "include_usage").map(value) {
+                None | Some(Value::Null) => false,
+                Some(Value::Bool(b)) => b,
+                Some(other) => {
+                    return Err(type_error(
+                        "stream_options.include_usage",
+                        "a boolean",
+                        &other,
+                    ))
+                }
             }
-        },
-        Some(other) => return Err(type_error("stream_options", "an object", other)),
+        }
+        Some(raw) => return Err(type_error("stream_options", "an object", &value(raw))),
     };
 
-    match body.get("temperature") {
-        None | Some(Value::Null) => {
-            body.insert("temperature".into(), Value::from(DEFAULT_TEMPERATURE));
-        }
-        Some(Value::Number(n)) => match n.as_f64() {
-            Some(t) if (0.0..=2.0).contains(&t) => {}
-            _ => {
-                return Err(Invalid::field(
+    let fill_temperature = match find(&body, "temperature") {
+        None => true,
+        Some(raw) => match value(raw) {
+            Value::Null => true,
+            Value::Number(n) => match n.as_f64() {
+                Some(t) if (0.0..=2.0).contains(&t) => false,
+                _ => return Err(Invalid::field(
                     "temperature",
                     format!(
-                    "Invalid 'temperature': {n} is out of range; expected a number from 0 to 2."
-                ),
-                ))
-            }
+                        "Invalid 'temperature': {} is out of range; expected a number from 0 to 2.",
+                        raw.get()
+                    ),
+                )),
+            },
+            other => return Err(type_error("temperature", "a number", &other)),
         },
-        Some(other) => return Err(type_error("temperature", "a number", other)),
-    }
+    };
 
     let has_completion_limit = check_positive_int(&body, "max_completion_tokens")?;
-    if !check_positive_int(&body, "max_tokens")? && !has_completion_limit {
-        // A client that set max_completion_tokens chose its limit; adding
-        // max_tokens next to it would be a contradiction upstream.
-        body.insert("max_tokens".into(), Value::from(DEFAULT_MAX_TOKENS));
-    }
+    // A client that set max_completion_tokens chose its limit; adding
+    // max_tokens next to it would be a contradiction upstream.
+    let fill_max_tokens = !check_positive_int(&body, "max_tokens")? && !has_completion_limit;
 
     Ok(ChatRequest {
         model,
         stream,
         include_usage,
-        body,
+        fill_temperature,
+        fill_max_tokens,
+        prompt_chars,
+        spans: ObjectSpans::new(bytes, &body),
     })
 }
 
@@ -177,30 +270,31 @@ pub fn check_model(
 }
 
 /// Validates `field` as a positive integer when present; `Ok(true)` if it is set.
-fn check_positive_int(body: &Map<String, Value>, field: &str) -> Result<bool, Invalid> {
-    match body.get(field) {
+fn check_positive_int(body: &Members<'_>, field: &str) -> Result<bool, Invalid> {
+    match find(body, field).map(value) {
         None | Some(Value::Null) => Ok(false),
         Some(Value::Number(n)) if n.as_u64().is_some_and(|v| v > 0) => Ok(true),
         Some(other) => Err(Invalid::field(
             field,
             format!(
                 "Invalid '{field}': expected a positive integer, got {}.",
-                describe(other)
+                describe(&other)
             ),
         )),
     }
 }
 
-fn check_messages(messages: Option<&Value>) -> Result<(), Invalid> {
-    let list = match messages {
-        None | Some(Value::Null) => {
-            return Err(Invalid::field(
-                "messages",
-                "Missing required parameter: 'messages'.",
-            ))
-        }
-        Some(Value::Array(list)) => list,
-        Some(other) => return Err(type_error("messages", "an array", other)),
+/// A string borrowed from the body when it has no escapes.
+#[derive(serde::Deserialize)]
+struct Text<'a>(#[serde(borrow)] Cow<'a, str>);
+
+/// Validates `messages`; returns the characters of their text.
+fn check_messages(messages: Option<&RawValue>) -> Result<usize, Invalid> {
+    let list: Vec<&RawValue> = match messages {
+        None => return Err(missing("messages")),
+        Some(raw) if raw.get() == "null" => return Err(missing("messages")),
+        Some(raw) => serde_json::from_str(raw.get())
+            .map_err(|_| type_error("messages", "an array", &value(raw)))?,
     };
     if list.is_empty() {
         return Err(Invalid::field(
@@ -208,52 +302,49 @@ fn check_messages(messages: Option<&Value>) -> Result<(), Invalid> {
             "Invalid 'messages': empty array. Expected an array with minimum length 1.",
         ));
     }
+    let mut chars = 0;
     for (i, message) in list.iter().enumerate() {
-        let Value::Object(m) = message else {
-            return Err(type_error(&format!("messages[{i}]"), "an object", message));
-        };
-        let role = match m.get("role") {
-            Some(Value::String(r)) if ROLES.contains(&r.as_str()) => r.as_str(),
+        let path = format!("messages[{i}]");
+        if !message.get().starts_with('{') {
+            return Err(type_error(&path, "an object", &value(message)));
+        }
+        let m = members(message.get().as_bytes()).map_err(|e| Invalid::object(&path, e))?;
+        let role = match find(&m, "role").map(value) {
+            Some(Value::String(r)) if ROLES.contains(&r.as_str()) => r,
             Some(Value::String(r)) => {
                 return Err(Invalid::field(
-                    format!("messages[{i}].role"),
-                    format!("Invalid 'messages[{i}].role': '{r}' is not one of {ROLES:?}."),
+                    format!("{path}.role"),
+                    format!("Invalid '{path}.role': '{r}' is not one of {ROLES:?}."),
                 ))
             }
-            None | Some(Value::Null) => {
-                return Err(Invalid::field(
-                    format!("messages[{i}].role"),
-                    format!("Missing required parameter: 'messages[{i}].role'."),
-                ))
-            }
-            Some(other) => {
-                return Err(type_error(
-                    &format!("messages[{i}].role"),
-                    "a string",
-                    other,
-                ))
-            }
+            None | Some(Value::Null) => return Err(missing(&format!("{path}.role"))),
+            Some(other) => return Err(type_error(&format!("{path}.role"), "a string", &other)),
         };
-        match m.get("content") {
-            Some(Value::String(_)) | Some(Value::Array(_)) => {}
-            // An assistant turn that only calls tools carries no content.
-            None | Some(Value::Null) if role == "assistant" => {}
-            None => {
-                return Err(Invalid::field(
-                    format!("messages[{i}].content"),
-                    format!("Missing required parameter: 'messages[{i}].content'."),
-                ))
+        let content = find(&m, "content");
+        match content.map(|c| c.get().as_bytes()[0]) {
+            Some(b'"') => {
+                let text: Text = serde_json::from_str(content.map_or("\"\"", |c| c.get()))
+                    .map_err(|e| Invalid::field(format!("{path}.content"), e.to_string()))?;
+                chars += text.0.chars().count();
             }
-            Some(other) => {
+            Some(b'[') => chars += content.map_or(0, |c| c.get().len()),
+            // An assistant turn that only calls tools carries no content.
+            None | Some(b'n') if role == "assistant" => {}
+            None => return Err(missing(&format!("{path}.content"))),
+            Some(_) => {
                 return Err(type_error(
-                    &format!("messages[{i}].content"),
+                    &format!("{path}.content"),
                     "a string or an array of content parts",
-                    other,
+                    &content.map(value).unwrap_or(Value::Null),
                 ))
             }
         }
     }
-    Ok(())
+    Ok(chars)
+}
+
+fn missing(param: &str) -> Invalid {
+    Invalid::field(param, format!("Missing required parameter: '{param}'."))
 }
 
 fn type_error(param: &str, expected: &str, got: &Value) -> Invalid {
@@ -367,16 +458,27 @@ mod tests {
         }
     }
 
+    /// What a route with no adaptations sends for `body`.
+    fn sent(body: &str, ask_usage: bool) -> String {
+        let route: RouteConfig = toml::from_str("provider = \"p\"\nmodel = \"up\"").unwrap();
+        let req = validate_chat(body.as_bytes()).unwrap();
+        String::from_utf8(req.upstream_body(body.as_bytes(), &route, ask_usage)).unwrap()
+    }
+
     #[test]
-    fn fills_defaults_and_keeps_unknown_fields() {
-        let body = format!(r#"{{"model":"m",{MSG},"seed":42,"tools":[{{"type":"function"}}]}}"#);
+    fn fills_defaults_and_keeps_everything_else_byte_for_byte() {
+        let body = format!(
+            r#"{{"model":"m", {MSG},"seed":123456789012345678901234567890,"x":1e-7,"y":-0,"s":"\u00e9","tools":[{{"type":"function"}}],"response_format":{{"type":"json_schema","json_schema":{{"schema":{{"properties":{{"zeta":{{}},"alpha":{{}}}}}}}}}}}}"#
+        );
         let req = validate_chat(body.as_bytes()).unwrap();
         assert_eq!(req.model, "m");
         assert!(!req.stream);
-        assert_eq!(req.body["temperature"], 0.7);
-        assert_eq!(req.body["max_tokens"], 4096);
-        assert_eq!(req.body["seed"], 42);
-        assert_eq!(req.body["tools"][0]["type"], "function");
+        assert!(req.fill_temperature && req.fill_max_tokens);
+        let expected = format!(
+            "{},\"temperature\":0.7,\"max_tokens\":4096}}",
+            body[..body.len() - 1].replace(r#""model":"m""#, r#""model":"up""#)
+        );
+        assert_eq!(sent(&body, false), expected);
     }
 
     #[test]
@@ -385,16 +487,78 @@ mod tests {
             r#"{{"model":"m",{MSG},"temperature":0,"max_tokens":5,"stream":true,"stream_options":{{"include_usage":true}}}}"#
         );
         let req = validate_chat(body.as_bytes()).unwrap();
-        assert_eq!(req.body["temperature"], 0);
-        assert_eq!(req.body["max_tokens"], 5);
+        assert!(!req.fill_temperature && !req.fill_max_tokens);
         assert!(req.stream && req.include_usage);
+        assert_eq!(sent(&body, false), body.replace(r#""m""#, r#""up""#));
+    }
+
+    #[test]
+    fn null_defaults_are_filled_in_place() {
+        let body = format!(r#"{{"temperature":null,"model":"m",{MSG},"max_tokens":null}}"#);
+        assert_eq!(
+            sent(&body, false),
+            format!(r#"{{"temperature":0.7,"model":"up",{MSG},"max_tokens":4096}}"#)
+        );
+    }
+
+    #[test]
+    fn include_usage_is_added_beside_the_clients_stream_options() {
+        let plain =
+            format!(r#"{{"model":"m",{MSG},"max_tokens":5,"temperature":1,"stream":true}}"#);
+        assert_eq!(
+            sent(&plain, true),
+            format!(
+                r#"{{"model":"up",{MSG},"max_tokens":5,"temperature":1,"stream":true,"stream_options":{{"include_usage":true}}}}"#
+            )
+        );
+        let own = format!(
+            r#"{{"model":"m",{MSG},"max_tokens":5,"temperature":1,"stream":true,"stream_options":{{"x":1, "include_usage":false}}}}"#
+        );
+        assert!(sent(&own, true).ends_with(r#""stream_options":{"x":1, "include_usage":true}}"#));
+    }
+
+    #[test]
+    fn duplicate_keys_where_the_gateway_reads_are_refused() {
+        for (body, param) in [
+            (format!(r#"{{"model":"a",{MSG},"model":"b"}}"#), "model"),
+            (
+                format!(r#"{{"model":"a",{MSG},"max_tokens":1,"max_tokens":99999}}"#),
+                "max_tokens",
+            ),
+            (
+                format!(
+                    r#"{{"model":"a",{MSG},"stream_options":{{"include_usage":true,"include_usage":false}}}}"#
+                ),
+                "stream_options.include_usage",
+            ),
+            (
+                r#"{"model":"a","messages":[{"role":"user","role":"system","content":"x"}]}"#
+                    .to_string(),
+                "messages[0].role",
+            ),
+        ] {
+            let invalid = validate_chat(body.as_bytes()).expect_err(&body);
+            assert_eq!(invalid.param.as_deref(), Some(param), "{body}");
+            assert!(
+                invalid.message.contains("more than once"),
+                "{}",
+                invalid.message
+            );
+        }
     }
 
     #[test]
     fn max_completion_tokens_suppresses_the_max_tokens_default() {
         let body = format!(r#"{{"model":"m",{MSG},"max_completion_tokens":9}}"#);
         let req = validate_chat(body.as_bytes()).unwrap();
-        assert!(!req.body.contains_key("max_tokens"));
+        assert!(!req.fill_max_tokens);
+        assert!(!sent(&body, false).contains("max_tokens\""));
+    }
+
+    #[test]
+    fn prompt_chars_count_decoded_text() {
+        let body = r#"{"model":"m","messages":[{"role":"user","content":"h\u00e9"},{"role":"user","content":[1]}]}"#;
+        assert_eq!(validate_chat(body.as_bytes()).unwrap().prompt_chars, 2 + 3);
     }
 
     #[test]

@@ -83,6 +83,9 @@ impl Entry {
             "path": self.path,
             "headers": headers,
             "body": body,
+            // The exact bytes, for tests of byte-faithful forwarding (the
+            // parsed `body` above reorders keys and rounds big numbers).
+            "raw_body": String::from_utf8_lossy(&self.body),
             "received_ms": self.received_ms,
             "status": p.status,
             "stream": p.stream,

@@ -72,6 +72,22 @@ async fn anthropic_non_streaming_is_translated_both_ways() {
 }
 
 #[tokio::test]
+async fn anthropic_translation_keeps_the_clients_schema_property_order() {
+    let mock = Mock::start(&[]);
+    let sidecar = sidecar_for(anthropic_provider("p", &mock.base()));
+    let body = r#"{"model":"m","messages":[{"role":"user","content":"hi"}],"tools":[{"type":"function","function":{"name":"f","parameters":{"type":"object","properties":{"zeta":{"type":"string"},"alpha":{"type":"string"},"mid":{"type":"integer"}}}}}]}"#;
+    assert_eq!(sidecar.chat_raw(body).await.status(), 200);
+    let sent = mock.requests().await[0]["raw_body"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(
+        sent.contains(r#""properties":{"zeta":{"type":"string"},"alpha":{"type":"string"},"mid":{"type":"integer"}}"#),
+        "{sent}"
+    );
+}
+
+#[tokio::test]
 async fn anthropic_streams_become_openai_chunks() {
     let mock = Mock::start(&["--chunks", "5"]);
     let sidecar = sidecar_for(anthropic_provider("p", &mock.base()));

@@ -217,6 +217,67 @@ async fn non_streaming_answers_pass_through_with_defaults_filled_and_unknown_fie
     assert!(!headers.contains_key("x-afr-key-id"));
 }
 
+/// A structured-output body whose schema lists `zeta` before `alpha`, with
+/// number literals and escapes a parse-and-reserialise would change, and
+/// fields the gateway has never heard of.
+const FAITHFUL: &str = "{\"model\": \"gpt-4o-mini\",\n \"messages\":[{\"role\":\"user\",\"content\":\"caf\\u00e9 \\/ \\\"q\\\"\"}],\n \"response_format\":{\"type\":\"json_schema\",\"json_schema\":{\"name\":\"s\",\"strict\":true,\"schema\":{\"type\":\"object\",\"properties\":{\"zeta\":{\"type\":\"string\"},\"alpha\":{\"type\":\"number\"}},\"required\":[\"zeta\",\"alpha\"]}}},\n \"seed\": 123456789012345678901234567890, \"top_p\":1e-7, \"presence_penalty\":-0, \"x_vendor\":{\"b\":1,\"a\":[2.50]}}";
+
+#[tokio::test]
+async fn the_provider_gets_the_clients_bytes_with_only_the_gateways_edits() {
+    let (mock, sidecar) = one_model();
+    assert_eq!(sidecar.chat_raw(FAITHFUL).await.status(), 200);
+    let sent = mock.requests().await[0]["raw_body"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    // Byte for byte, plus the two defaults the gateway owns at the end.
+    let expected = format!(
+        "{},\"temperature\":0.7,\"max_tokens\":4096}}",
+        &FAITHFUL[..FAITHFUL.len() - 1]
+    );
+    assert_eq!(sent, expected);
+    assert!(sent.find("\"zeta\"").unwrap() < sent.find("\"alpha\"").unwrap());
+}
+
+#[tokio::test]
+async fn a_streamed_body_keeps_its_bytes_beside_the_usage_request() {
+    let (mock, sidecar) = one_model();
+    let body = FAITHFUL.replacen("{", "{\"stream\":true, ", 1);
+    let r = sidecar.chat_raw(&body).await;
+    assert_eq!(r.status(), 200);
+    let _ = r.text().await.unwrap();
+    let sent = mock.requests().await[0]["raw_body"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let expected = format!(
+        "{},\"temperature\":0.7,\"max_tokens\":4096,\"stream_options\":{{\"include_usage\":true}}}}",
+        &body[..body.len() - 1]
+    );
+    assert_eq!(sent, expected);
+}
+
+#[tokio::test]
+async fn a_duplicate_key_the_gateway_reads_is_a_400_and_never_reaches_a_provider() {
+    let (mock, sidecar) = one_model();
+    let r = sidecar
+        .chat_raw(r#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hi"}],"model":"gpt-5-mini"}"#)
+        .await;
+    assert_eq!(r.status(), 400);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["error"]["param"], "model");
+    assert_eq!(v["error"]["type"], "invalid_request_error");
+    let r = sidecar
+        .chat_raw(r#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hi"}],"max_tokens":1,"max_tokens":100000000}"#)
+        .await;
+    assert_eq!(r.status(), 400);
+    assert_eq!(
+        r.json::<Value>().await.unwrap()["error"]["param"],
+        "max_tokens"
+    );
+    assert!(mock.requests().await.is_empty());
+}
+
 #[tokio::test]
 async fn usage_rows_are_recorded_and_readable_by_the_key() {
     let (_mock, sidecar) = one_model();

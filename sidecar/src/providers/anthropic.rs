@@ -67,20 +67,18 @@ impl Provider for Anthropic {
     }
 
     async fn chat(&self, call: UpstreamCall) -> Result<Reply, ProviderError> {
-        let include_usage = call
-            .body
+        // Translation rebuilds the body; serde_json keeps each object's key
+        // order (`preserve_order`), so tool and response schemas keep the
+        // client's property order.
+        let openai: Value = serde_json::from_slice(&call.body)
+            .map_err(|e| ProviderError::Protocol(format!("re-reading the request: {e}")))?;
+        let include_usage = openai
             .get("stream_options")
             .and_then(|o| o.get("include_usage"))
             .and_then(Value::as_bool)
             .unwrap_or(false);
-        let model = call
-            .body
-            .get("model")
-            .and_then(Value::as_str)
-            .unwrap_or_default()
-            .to_owned();
         let request =
-            request_to_anthropic(&Value::Object(call.body), &model).map_err(translate_error)?;
+            request_to_anthropic(&openai, &call.upstream_model).map_err(translate_error)?;
         let body =
             serde_json::to_vec(&request).map_err(|e| ProviderError::Protocol(e.to_string()))?;
         let mut builder = self

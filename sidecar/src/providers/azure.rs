@@ -8,7 +8,6 @@ use super::{
 };
 use afr_core::config::{ProviderConfig, Timeouts};
 use async_trait::async_trait;
-use serde_json::Value;
 
 /// An Azure OpenAI resource.
 pub struct Azure {
@@ -44,25 +43,17 @@ impl Provider for Azure {
     }
 
     async fn chat(&self, call: UpstreamCall) -> Result<Reply, ProviderError> {
-        let deployment = call
-            .body
-            .get("model")
-            .and_then(Value::as_str)
-            .unwrap_or_default()
-            .to_owned();
         let url = format!(
-            "{}/openai/deployments/{deployment}/chat/completions",
-            self.base_url
+            "{}/openai/deployments/{}/chat/completions",
+            self.base_url, call.upstream_model
         );
-        let body =
-            serde_json::to_vec(&call.body).map_err(|e| ProviderError::Protocol(e.to_string()))?;
         let mut request = self
             .client
             .post(url)
             .query(&[("api-version", self.api_version.as_str())])
             .header(http::header::CONTENT_TYPE, "application/json")
             .header("x-request-id", &call.request_id)
-            .body(body);
+            .body(call.body);
         if let Some(key) = &self.api_key {
             request = request.header("api-key", key);
         }

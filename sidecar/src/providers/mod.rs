@@ -11,7 +11,7 @@ use afr_core::sse::TokenUsage;
 use async_trait::async_trait;
 use bytes::Bytes;
 use futures_util::stream::BoxStream;
-use serde_json::{Map, Value};
+use serde_json::Value;
 use std::sync::Arc;
 
 mod anthropic;
@@ -100,8 +100,11 @@ impl ProviderError {
 
 /// One request as sent upstream.
 pub struct UpstreamCall {
-    /// The adapted body (upstream `model` already set).
-    pub body: Map<String, Value>,
+    /// The body to send: the client's bytes with the gateway's edits
+    /// (upstream `model` already set).
+    pub body: Bytes,
+    /// The route's upstream model name (the `model` in `body`).
+    pub upstream_model: String,
     /// Whether to stream.
     pub stream: bool,
     /// The gateway request id, forwarded for correlation.

@@ -40,14 +40,12 @@ impl Provider for OpenAi {
     }
 
     async fn chat(&self, call: UpstreamCall) -> Result<Reply, ProviderError> {
-        let body =
-            serde_json::to_vec(&call.body).map_err(|e| ProviderError::Protocol(e.to_string()))?;
         let mut request = self
             .client
             .post(&self.url)
             .header(http::header::CONTENT_TYPE, "application/json")
             .header("x-request-id", &call.request_id)
-            .body(body);
+            .body(call.body);
         if let Some(key) = &self.api_key {
             request = request.bearer_auth(key);
         }

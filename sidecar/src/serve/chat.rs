@@ -19,7 +19,6 @@ use afr_core::validate::{check_model, validate_chat, ChatRequest};
 use bytes::Bytes;
 use futures_util::StreamExt;
 use http::{Response, StatusCode};
-use serde_json::Value;
 use std::sync::Arc;
 use std::time::Instant;
 use tokio::time::timeout_at;
@@ -63,7 +62,7 @@ pub async fn chat_completions(
         };
         return reject(&gateway, &caller, label, GatewayError::Invalid(invalid));
     }
-    route(gateway, runtime, caller, request).await
+    route(gateway, runtime, caller, request, body).await
 }
 
 /// A usage record for this request with no provider yet.
@@ -153,6 +152,7 @@ async fn route(
     runtime: Arc<Runtime>,
     caller: Caller,
     request: ChatRequest,
+    client_body: Bytes,
 ) -> Response<Body> {
     let Some(model) = runtime.config.models.get(&request.model) else {
         return reject(
@@ -184,18 +184,8 @@ async fn route(
         record: Some(usage_record(&caller, &request.model, request.stream)),
         started: caller.started,
     };
-    let mut body = request.body;
     // Ask for usage on every stream; strip it again unless the client asked (design §5).
     let strip_usage = request.stream && !request.include_usage;
-    if strip_usage {
-        let options = body
-            .entry("stream_options")
-            .or_insert_with(|| Value::Object(Default::default()));
-        if let Value::Object(o) = options {
-            o.insert("include_usage".into(), Value::Bool(true));
-        }
-    }
-    let prompt_chars = estimate_prompt_chars(&body);
 
     let mut plan = RoutePlan::new(model.routes.len());
     let mut last_provider = String::new();
@@ -227,19 +217,14 @@ async fn route(
         }
 
         let ticket = BreakerTicket::new(gateway.clone(), &route.provider, admission);
-        // The last route gets the body itself; earlier ones a copy to adapt.
-        let mut call_body = if index + 1 == model.routes.len() {
-            std::mem::take(&mut body)
-        } else {
-            body.clone()
-        };
-        route.adapt(&mut call_body);
         let timeouts = provider.timeouts();
         let attempt_start = tokio::time::Instant::now();
         let deadline = attempt_start + timeouts.total;
         let first_byte = (attempt_start + timeouts.first_byte).min(deadline);
         let call = UpstreamCall {
-            body: call_body,
+            // The client's bytes with only the gateway's own edits (design §3).
+            body: Bytes::from(request.upstream_body(&client_body, route, strip_usage)),
+            upstream_model: route.model.clone(),
             stream: request.stream,
             request_id: caller.request_id.clone(),
         };
@@ -335,7 +320,7 @@ async fn route(
                     deadline,
                     record,
                     started: caller.started,
-                    prompt_chars,
+                    prompt_chars: request.prompt_chars,
                     request_id: caller.request_id.clone(),
                 });
             }
@@ -388,24 +373,6 @@ impl Drop for PendingUsage {
             finish(&self.gateway, record, self.started, 499);
         }
     }
-}
-
-/// Characters of prompt text, for estimating tokens of a stream cut short
-/// before the provider's usage arrived.
-fn estimate_prompt_chars(body: &serde_json::Map<String, Value>) -> usize {
-    body.get("messages")
-        .and_then(Value::as_array)
-        .map(|messages| {
-            messages
-                .iter()
-                .map(|m| match m.get("content") {
-                    Some(Value::String(s)) => s.chars().count(),
-                    Some(other) => other.to_string().len(),
-                    None => 0,
-                })
-                .sum()
-        })
-        .unwrap_or(0)
 }
 
 /// Rough tokens for `chars` characters (about four per token for English).

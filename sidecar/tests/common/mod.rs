@@ -270,6 +270,16 @@ impl Sidecar {
             .expect("sidecar answered")
     }
 
+    /// `POST /v1/chat/completions` with `body` sent exactly as given.
+    pub async fn chat_raw(&self, body: &str) -> reqwest::Response {
+        self.request(reqwest::Method::POST, "/v1/chat/completions")
+            .header("content-type", "application/json")
+            .body(body.to_owned())
+            .send()
+            .await
+            .expect("sidecar answered")
+    }
+
     /// `/metrics` text.
     pub async fn metrics(&self) -> String {
         reqwest::get(format!("http://127.0.0.1:{}/metrics", self.admin_port))
