@@ -17,6 +17,9 @@ pub enum Exhausted {
         /// Seconds until the first breaker half-opens (at least 1), for `Retry-After`.
         retry_after_secs: u64,
     },
+    /// No route can serve this request at all (e.g. `n > 1` with only
+    /// Anthropic routes): the client's request is at fault, no provider was called.
+    Unservable,
     /// At least one route was tried and all tried routes failed.
     AllFailed {
         /// Indexes of the routes tried, in order.
@@ -45,15 +48,20 @@ impl RoutePlan {
     }
 
     /// The next route to try, asking `admit(index)` for each candidate in
-    /// order and skipping rejected ones. `None` when the routes are used up.
-    pub fn next_route(
+    /// order and skipping rejected ones. `admit` answers `None` for a route
+    /// that cannot serve the request (no breaker is asked; it is no outcome).
+    /// `None` when the routes are used up.
+    pub fn next_route<A: Into<Option<Admission>>>(
         &mut self,
-        mut admit: impl FnMut(usize) -> Admission,
+        mut admit: impl FnMut(usize) -> A,
     ) -> Option<(usize, Admission)> {
         while self.next < self.routes {
             let index = self.next;
             self.next += 1;
-            match admit(index) {
+            let Some(admission) = admit(index).into() else {
+                continue;
+            };
+            match admission {
                 Admission::Rejected { retry_after } => {
                     self.min_retry =
                         Some(self.min_retry.map_or(retry_after, |m| m.min(retry_after)));
@@ -80,7 +88,9 @@ impl RoutePlan {
     /// The verdict once `next_route` returned `None`.
     pub fn exhausted(&self) -> Exhausted {
         if self.tried.is_empty() {
-            let wait = self.min_retry.unwrap_or(Duration::from_secs(1));
+            let Some(wait) = self.min_retry else {
+                return Exhausted::Unservable;
+            };
             // Round up so a client that waits Retry-After finds the breaker half-open.
             let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
             Exhausted::AllOpen {
@@ -171,6 +181,29 @@ mod tests {
             plan.exhausted(),
             Exhausted::AllOpen {
                 retry_after_secs: 1
+            }
+        );
+    }
+
+    #[test]
+    fn routes_that_cannot_serve_are_skipped_without_a_verdict_of_their_own() {
+        let mut plan = RoutePlan::new(3);
+        let admit = |i: usize| (i == 2).then_some(Admission::Allowed);
+        assert_eq!(plan.next_route(admit), Some((2, Admission::Allowed)));
+        assert_eq!(plan.next_route(admit), None);
+        assert_eq!(plan.exhausted(), Exhausted::AllFailed { tried: vec![2] });
+
+        let mut plan = RoutePlan::new(2);
+        assert_eq!(plan.next_route(|_| None), None);
+        assert_eq!(plan.exhausted(), Exhausted::Unservable);
+
+        // One route cannot serve, the other is open: retrying later helps.
+        let mut plan = RoutePlan::new(2);
+        assert_eq!(plan.next_route(|i| (i == 1).then(|| rejected(2_000))), None);
+        assert_eq!(
+            plan.exhausted(),
+            Exhausted::AllOpen {
+                retry_after_secs: 2
             }
         );
     }

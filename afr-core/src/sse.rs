@@ -116,14 +116,20 @@ pub fn event_name(raw: &[u8]) -> Option<String> {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
 pub struct TokenUsage {
     /// Prompt tokens.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_zero")]
     pub prompt_tokens: u64,
     /// Completion tokens.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_zero")]
     pub completion_tokens: u64,
     /// Total tokens.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_zero")]
     pub total_tokens: u64,
+}
+
+/// Some OpenAI-compatible servers send `"completion_tokens": null` (e.g. for
+/// a prompt-only answer); that is zero, not a reason to lose the whole usage.
+fn null_as_zero<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<u64, D::Error> {
+    Ok(Option::<u64>::deserialize(deserializer)?.unwrap_or(0))
 }
 
 /// What the gateway needs to know about one OpenAI-format stream event.

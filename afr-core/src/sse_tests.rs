@@ -203,3 +203,11 @@ fn keep_alive_comments_have_no_data_and_events_do() {
     assert!(has_data(b": note\ndata: {}\n\n"));
     assert!(has_data(b"data\n\n"));
 }
+
+#[test]
+fn null_token_counts_are_zero_not_a_lost_usage() {
+    let chunk = b"data: {\"choices\":[],\"usage\":{\"prompt_tokens\":7,\"completion_tokens\":null,\"total_tokens\":null}}\n\n";
+    let usage = inspect_chunk(chunk).usage.expect("usage is read");
+    assert_eq!(usage.prompt_tokens, 7);
+    assert_eq!(usage.completion_tokens, 0);
+}

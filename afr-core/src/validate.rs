@@ -217,13 +217,15 @@ pub fn validate_chat(bytes: &[u8]) -> Result<ChatRequest, Invalid> {
             Value::Null => true,
             Value::Number(n) => match n.as_f64() {
                 Some(t) if (0.0..=2.0).contains(&t) => false,
-                _ => return Err(Invalid::field(
-                    "temperature",
-                    format!(
+                _ => {
+                    return Err(Invalid::field(
+                        "temperature",
+                        format!(
                         "Invalid 'temperature': {} is out of range; expected a number from 0 to 2.",
                         raw.get()
                     ),
-                )),
+                    ))
+                }
             },
             other => return Err(type_error("temperature", "a number", &other)),
         },

@@ -87,6 +87,59 @@ async fn anthropic_translation_keeps_the_clients_schema_property_order() {
     );
 }
 
+/// A model whose first route is Anthropic and whose second is OpenAI-compatible.
+fn anthropic_then_openai(anthropic: &Mock, openai: &Mock) -> Sidecar {
+    std::env::set_var("AFR_TEST_ANTHROPIC_KEY", "anthropic-test-key");
+    Sidecar::start_with(
+        &format!(
+            "{}{}{}",
+            anthropic_provider("a", &anthropic.base()),
+            openai_provider("o", &openai.base(), ""),
+            model("m", &[("a", "claude-x"), ("o", "gpt-x")]),
+        ),
+        1,
+        "60s",
+    )
+}
+
+#[tokio::test]
+async fn a_request_a_route_cannot_serve_skips_it_before_dispatch() {
+    let anthropic = Mock::start(&[]);
+    let openai = Mock::start(&[]);
+    let sidecar = anthropic_then_openai(&anthropic, &openai);
+    for body in [
+        json!({"model": "m", "n": 2, "messages": [{"role": "user", "content": "hi"}]}),
+        json!({"model": "m", "messages": [{"role": "function", "name": "f", "content": "{}"}]}),
+    ] {
+        let r = sidecar.chat(body.clone()).await;
+        assert_eq!(r.status(), 200, "{body}");
+    }
+    assert!(
+        anthropic.requests().await.is_empty(),
+        "never sent to Anthropic"
+    );
+    assert_eq!(openai.requests().await.len(), 2);
+    // The refusal was no outcome: the Anthropic breaker is still closed and
+    // failover counted nothing (its threshold here is one failure).
+    assert_eq!(sidecar.chat(chat_body("m", false)).await.status(), 200);
+    assert_eq!(anthropic.requests().await.len(), 1);
+    assert!(!sidecar.metrics().await.contains("afr_failovers_total{"));
+}
+
+#[tokio::test]
+async fn a_request_no_route_can_serve_is_a_400_naming_the_field() {
+    let mock = Mock::start(&[]);
+    let sidecar = sidecar_for(anthropic_provider("p", &mock.base()));
+    let r = sidecar
+        .chat(json!({"model": "m", "n": 3, "messages": [{"role": "user", "content": "hi"}]}))
+        .await;
+    assert_eq!(r.status(), 400);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["error"]["param"], "n", "{v}");
+    assert_eq!(v["error"]["type"], "invalid_request_error");
+    assert!(mock.requests().await.is_empty());
+}
+
 #[tokio::test]
 async fn anthropic_streams_become_openai_chunks() {
     let mock = Mock::start(&["--chunks", "5"]);

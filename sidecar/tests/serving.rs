@@ -167,6 +167,16 @@ async fn oversized_bodies_get_413() {
     let v: Value = r.json().await.unwrap();
     assert!(v["error"]["message"].as_str().unwrap().contains("65536"));
     assert!(mock.requests().await.is_empty());
+    // Refused before the body was read, and still one row and one metric.
+    let usage = sidecar
+        .usage_by_model_until(|row| row["requests"] == 1)
+        .await;
+    assert_eq!(usage["data"][0]["requests"], 1, "{usage}");
+    let metrics = sidecar.metrics().await;
+    assert!(
+        metrics.contains("afr_requests_total{model=\"\",provider=\"\",status=\"413\"} 1"),
+        "{metrics}"
+    );
 }
 
 #[tokio::test]

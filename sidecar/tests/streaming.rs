@@ -163,6 +163,17 @@ async fn provider_error_event_mid_stream_is_forwarded_and_ends_the_stream() {
     let last = events(&text).pop().unwrap();
     assert!(last.starts_with("data: {\"error\""), "{text}");
     assert!(!text.contains("[DONE]"));
+    // Usage and metrics say the stream was interrupted, not a plain 200.
+    let usage = sidecar
+        .usage_by_model_until(|row| row["truncated"] == 1)
+        .await;
+    assert_eq!(usage["data"][0]["truncated"], 1, "{usage}");
+    let metrics = sidecar.metrics().await;
+    assert!(
+        metrics.contains("afr_requests_total{model=\"m\",provider=\"mock\",status=\"502\"} 1"),
+        "{metrics}"
+    );
+    assert!(!metrics.contains("status=\"200\""), "{metrics}");
 }
 
 #[tokio::test]

@@ -8,6 +8,7 @@ use afr_core::anthropic::{
     ANTHROPIC_VERSION,
 };
 use afr_core::config::{ProviderConfig, Timeouts};
+use afr_core::validate::Invalid;
 use async_trait::async_trait;
 use bytes::Bytes;
 use futures_util::StreamExt;
@@ -47,17 +48,9 @@ fn now_secs() -> u64 {
         .unwrap_or(0)
 }
 
-fn translate_error(e: TranslateError) -> ProviderError {
-    match e {
-        TranslateError::InvalidRequest { param, message } => ProviderError::Status {
-            status: 400,
-            message,
-            kind: Some("invalid_request_error".into()),
-            param,
-            code: None,
-        },
-        TranslateError::MalformedResponse(m) => ProviderError::Protocol(m),
-    }
+/// A response that could not be translated: the provider's answer is at fault.
+fn malformed(e: TranslateError) -> ProviderError {
+    ProviderError::Protocol(e.to_string())
 }
 
 #[async_trait]
@@ -66,21 +59,45 @@ impl Provider for Anthropic {
         self.timeouts
     }
 
-    async fn chat(&self, call: UpstreamCall) -> Result<Reply, ProviderError> {
+    fn prepare(&self, mut call: UpstreamCall) -> Result<UpstreamCall, Invalid> {
         // Translation rebuilds the body; serde_json keeps each object's key
         // order (`preserve_order`), so tool and response schemas keep the
         // client's property order.
-        let openai: Value = serde_json::from_slice(&call.body)
-            .map_err(|e| ProviderError::Protocol(format!("re-reading the request: {e}")))?;
-        let include_usage = openai
+        let openai: Value = serde_json::from_slice(&call.body).map_err(|e| Invalid {
+            param: None,
+            message: format!("We could not parse the JSON body of your request: {e}"),
+            code: None,
+        })?;
+        call.include_usage = openai
             .get("stream_options")
             .and_then(|o| o.get("include_usage"))
             .and_then(Value::as_bool)
             .unwrap_or(false);
-        let request =
-            request_to_anthropic(&openai, &call.upstream_model).map_err(translate_error)?;
-        let body =
-            serde_json::to_vec(&request).map_err(|e| ProviderError::Protocol(e.to_string()))?;
+        let request = request_to_anthropic(&openai, &call.upstream_model).map_err(|e| match e {
+            TranslateError::InvalidRequest { param, message } => Invalid {
+                param,
+                message,
+                code: None,
+            },
+            other => Invalid {
+                param: None,
+                message: other.to_string(),
+                code: None,
+            },
+        })?;
+        call.body = serde_json::to_vec(&request)
+            .map(Bytes::from)
+            .map_err(|e| Invalid {
+                param: None,
+                message: e.to_string(),
+                code: None,
+            })?;
+        Ok(call)
+    }
+
+    async fn chat(&self, call: UpstreamCall) -> Result<Reply, ProviderError> {
+        let include_usage = call.include_usage;
+        let body = call.body;
         let mut builder = self
             .client
             .post(&self.url)
@@ -115,7 +132,7 @@ impl Provider for Anthropic {
         let body = response.bytes().await.map_err(|e| {
             ProviderError::Connect(format!("reading the body: {}", e.without_url()))
         })?;
-        let translated = response_to_openai(&body, now_secs()).map_err(translate_error)?;
+        let translated = response_to_openai(&body, now_secs()).map_err(malformed)?;
         Ok(Reply::Complete {
             body: Bytes::from(translated.body),
             usage: Some(translated.usage),

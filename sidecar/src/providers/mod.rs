@@ -8,6 +8,7 @@
 
 use afr_core::config::{ProviderConfig, ProviderKind, Timeouts};
 use afr_core::sse::TokenUsage;
+use afr_core::validate::Invalid;
 use async_trait::async_trait;
 use bytes::Bytes;
 use futures_util::stream::BoxStream;
@@ -105,6 +106,8 @@ pub struct UpstreamCall {
     pub body: Bytes,
     /// The route's upstream model name (the `model` in `body`).
     pub upstream_model: String,
+    /// Whether a stream's last chunk must carry usage (the body asks for it).
+    pub include_usage: bool,
     /// Whether to stream.
     pub stream: bool,
     /// The gateway request id, forwarded for correlation.
@@ -117,8 +120,16 @@ pub trait Provider: Send + Sync {
     /// Its timeouts.
     fn timeouts(&self) -> Timeouts;
 
-    /// Sends one chat completion. For streams, returns once the response
-    /// headers arrived; events then come from the stream.
+    /// Turns the OpenAI-shaped call into what this provider is sent. A
+    /// request the provider cannot serve (an Anthropic route asked for
+    /// `n > 1`) is refused here, before any breaker admits it: that refusal
+    /// is the gateway's own, never a provider outcome.
+    fn prepare(&self, call: UpstreamCall) -> Result<UpstreamCall, Invalid> {
+        Ok(call)
+    }
+
+    /// Sends one prepared chat completion. For streams, returns once the
+    /// response headers arrived; events then come from the stream.
     async fn chat(&self, call: UpstreamCall) -> Result<Reply, ProviderError>;
 }
 

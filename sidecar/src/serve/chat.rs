@@ -8,13 +8,13 @@
 //! with an error event.
 
 use crate::providers::{ProviderError, Reply, UpstreamCall};
+use crate::serve::accounting::Accounting;
 use crate::serve::error::{json_response, Body, GatewayError};
 use crate::serve::relay::{self, StreamStart};
 use crate::serve::state::{BreakerTicket, Gateway, Runtime};
 use afr_core::breaker::Admission;
 use afr_core::route::{Exhausted, RoutePlan};
-use afr_core::sse::{has_data, is_error_event, is_preamble, TokenUsage};
-use afr_core::usage::{TokenSource, UsageRecord};
+use afr_core::sse::{has_data, is_error_event, is_preamble};
 use afr_core::validate::{check_model, validate_chat, ChatRequest};
 use bytes::Bytes;
 use futures_util::StreamExt;
@@ -41,124 +41,52 @@ pub struct Caller {
 }
 
 /// Handles one chat completion; never fails (errors become responses).
+/// `usage` is the request's accounting, which ends with it whatever happens.
 pub async fn chat_completions(
     gateway: Arc<Gateway>,
     runtime: Arc<Runtime>,
     caller: Caller,
+    mut usage: Accounting,
     body: Bytes,
 ) -> Response<Body> {
     let request = match validate_chat(&body) {
         Ok(r) => r,
-        Err(invalid) => return reject(&gateway, &caller, "", GatewayError::Invalid(invalid)),
+        Err(invalid) => return reject(&caller, usage, GatewayError::Invalid(invalid)),
     };
     let in_catalogue = runtime.config.models.contains_key(&request.model);
-    if let Err(invalid) = check_model(&request.model, in_catalogue, caller.allowed.as_deref()) {
+    if in_catalogue {
         // A name outside the catalogue is the client's free text: it must not
         // become a metrics label or a usage row of its own (unbounded series).
-        let label = if in_catalogue {
-            request.model.as_str()
-        } else {
-            ""
-        };
-        return reject(&gateway, &caller, label, GatewayError::Invalid(invalid));
+        usage.record().model = request.model.clone();
     }
-    route(gateway, runtime, caller, request, body).await
+    usage.record().stream = request.stream;
+    if let Err(invalid) = check_model(&request.model, in_catalogue, caller.allowed.as_deref()) {
+        return reject(&caller, usage, GatewayError::Invalid(invalid));
+    }
+    route(gateway, runtime, caller, usage, request, body).await
 }
 
-/// A usage record for this request with no provider yet.
-fn usage_record(caller: &Caller, model: &str, stream: bool) -> UsageRecord {
-    UsageRecord {
-        ts_ms: caller.ts_ms,
-        request_id: caller.request_id.clone(),
-        key_id: caller.key_id.clone(),
-        model: model.to_owned(),
-        stream,
-        ..blank_record()
-    }
-}
-
-/// A record with nothing in it yet.
-fn blank_record() -> UsageRecord {
-    UsageRecord {
-        ts_ms: 0,
-        request_id: String::new(),
-        key_id: String::new(),
-        model: String::new(),
-        provider: String::new(),
-        upstream_model: String::new(),
-        prompt_tokens: 0,
-        completion_tokens: 0,
-        total_tokens: 0,
-        token_source: TokenSource::None,
-        latency_ms: 0,
-        ttft_ms: None,
-        status: 0,
-        stream: false,
-        truncated: false,
-    }
-}
-
-/// Answers with an error before any provider was involved. The request still
+/// Answers with an error no provider was involved in. The request still
 /// gets its usage row (no provider, no tokens) so a key's rejected calls show.
-fn reject(gateway: &Gateway, caller: &Caller, model: &str, error: GatewayError) -> Response<Body> {
+pub fn reject(caller: &Caller, usage: Accounting, error: GatewayError) -> Response<Body> {
     let status = error.status().as_u16();
     tracing::info!(request_id = %caller.request_id, key_id = %caller.key_id, status, error = %error, "rejected");
-    finish(
-        gateway,
-        usage_record(caller, model, false),
-        caller.started,
-        status,
-    );
+    usage.finish(status);
     error.into_response(&caller.request_id)
-}
-
-/// Records the usage row and metrics of a request that ended with `status`.
-pub(crate) fn finish(gateway: &Gateway, mut record: UsageRecord, started: Instant, status: u16) {
-    let latency = started.elapsed();
-    record.status = status;
-    record.latency_ms = latency.as_millis() as u64;
-    gateway
-        .metrics
-        .request(&record.model, &record.provider, status, latency);
-    if record.token_source != TokenSource::None {
-        gateway.metrics.tokens(
-            &record.model,
-            &record.provider,
-            record.prompt_tokens,
-            record.completion_tokens,
-        );
-    }
-    if let Some(recorder) = &gateway.recorder {
-        recorder.record(record);
-    }
-}
-
-/// Fills token counts from a provider's usage.
-pub(crate) fn apply_usage(record: &mut UsageRecord, usage: Option<TokenUsage>) {
-    if let Some(u) = usage {
-        record.prompt_tokens = u.prompt_tokens;
-        record.completion_tokens = u.completion_tokens;
-        record.total_tokens = if u.total_tokens > 0 {
-            u.total_tokens
-        } else {
-            u.prompt_tokens + u.completion_tokens
-        };
-        record.token_source = TokenSource::Provider;
-    }
 }
 
 async fn route(
     gateway: Arc<Gateway>,
     runtime: Arc<Runtime>,
     caller: Caller,
+    mut usage: Accounting,
     request: ChatRequest,
     client_body: Bytes,
 ) -> Response<Body> {
     let Some(model) = runtime.config.models.get(&request.model) else {
         return reject(
-            &gateway,
             &caller,
-            &request.model,
+            usage,
             GatewayError::NotFound(request.model.clone()),
         );
     };
@@ -170,64 +98,68 @@ async fn route(
         // Without this, every route reads as "breaker open" and clients would
         // be told to retry in 30 s forever.
         tracing::error!(request_id = %caller.request_id, model = %request.model, "no route of this model has an enabled provider: set the api_key_env variables its providers name");
-        return reject(
-            &gateway,
-            &caller,
-            &request.model,
-            GatewayError::NoProvider {
-                model: request.model.clone(),
-            },
-        );
+        let error = GatewayError::NoProvider {
+            model: request.model.clone(),
+        };
+        return reject(&caller, usage, error);
     }
-    let mut pending = PendingUsage {
-        gateway: gateway.clone(),
-        record: Some(usage_record(&caller, &request.model, request.stream)),
-        started: caller.started,
-    };
     // Ask for usage on every stream; strip it again unless the client asked (design §5).
     let strip_usage = request.stream && !request.include_usage;
 
     let mut plan = RoutePlan::new(model.routes.len());
     let mut last_provider = String::new();
+    // The first refusal by a route that cannot serve this request (the
+    // gateway's own, before dispatch), answered if no route can.
+    let mut refusal = None;
+    let mut prepared = None;
     loop {
         let next = plan.next_route(|i| {
-            let name = &model.routes[i].provider;
-            if !runtime.providers.contains_key(name) {
+            let route = &model.routes[i];
+            let Some(provider) = runtime.providers.get(&route.provider) else {
                 // Disabled (no API key): never admitted, never counted.
-                return Admission::Rejected {
+                return Some(Admission::Rejected {
                     retry_after: runtime.config.breaker.cooldown,
-                };
+                });
+            };
+            let call = UpstreamCall {
+                // The client's bytes with only the gateway's own edits (design §3).
+                body: Bytes::from(request.upstream_body(&client_body, route, strip_usage)),
+                upstream_model: route.model.clone(),
+                include_usage: request.stream,
+                stream: request.stream,
+                request_id: caller.request_id.clone(),
+            };
+            match provider.prepare(call) {
+                Ok(call) => prepared = Some(call),
+                Err(invalid) => {
+                    tracing::info!(request_id = %caller.request_id, provider = %route.provider, reason = %invalid.message, "route cannot serve this request; skipped");
+                    refusal.get_or_insert(invalid);
+                    return None;
+                }
             }
-            gateway.admit(name, Instant::now())
+            Some(gateway.admit(&route.provider, Instant::now()))
         });
         let Some((index, admission)) = next else {
             break;
         };
         let route = &model.routes[index];
-        let Some(provider) = runtime.providers.get(&route.provider) else {
+        let (Some(provider), Some(call)) =
+            (runtime.providers.get(&route.provider), prepared.take())
+        else {
             continue;
         };
         if !last_provider.is_empty() {
             gateway.metrics.failover(&request.model, &last_provider);
         }
         last_provider = route.provider.clone();
-        if let Some(record) = pending.record.as_mut() {
-            record.provider = route.provider.clone();
-            record.upstream_model = route.model.clone();
-        }
+        usage.record().provider = route.provider.clone();
+        usage.record().upstream_model = route.model.clone();
 
         let ticket = BreakerTicket::new(gateway.clone(), &route.provider, admission);
         let timeouts = provider.timeouts();
         let attempt_start = tokio::time::Instant::now();
         let deadline = attempt_start + timeouts.total;
         let first_byte = (attempt_start + timeouts.first_byte).min(deadline);
-        let call = UpstreamCall {
-            // The client's bytes with only the gateway's own edits (design §3).
-            body: Bytes::from(request.upstream_body(&client_body, route, strip_usage)),
-            upstream_model: route.model.clone(),
-            stream: request.stream,
-            request_id: caller.request_id.clone(),
-        };
         // A stream must start within `first_byte`; a non-streaming answer only
         // arrives once the whole completion is generated, so `total` bounds it
         // (a `first_byte` cap would cut off, retry elsewhere and pay twice for
@@ -257,16 +189,18 @@ async fn route(
                 };
                 let status = gw_error.status().as_u16();
                 tracing::info!(request_id = %caller.request_id, provider = %route.provider, status, error = %gw_error, "provider refused the request");
-                finish(&gateway, pending.take(), caller.started, status);
+                usage.finish(status);
                 return gw_error.into_response(&caller.request_id);
             }
         };
         match reply {
-            Reply::Complete { body, usage } => {
+            Reply::Complete {
+                body,
+                usage: tokens,
+            } => {
                 ticket.success();
-                let mut record = pending.take();
-                apply_usage(&mut record, usage);
-                finish(&gateway, record, caller.started, 200);
+                usage.apply_usage(tokens);
+                usage.finish(200);
                 return json_response(StatusCode::OK, body, &caller.request_id);
             }
             Reply::Stream(mut events) => {
@@ -307,8 +241,7 @@ async fn route(
                 }
                 ticket.success();
                 let ttft = caller.started.elapsed();
-                let mut record = pending.take();
-                record.ttft_ms = Some(ttft.as_millis() as u64);
+                usage.record().ttft_ms = Some(ttft.as_millis() as u64);
                 gateway.metrics.ttft(&request.model, &route.provider, ttft);
                 return relay::respond(StreamStart {
                     gateway: gateway.clone(),
@@ -318,8 +251,7 @@ async fn route(
                     strip_usage,
                     idle: timeouts.idle,
                     deadline,
-                    record,
-                    started: caller.started,
+                    usage,
                     prompt_chars: request.prompt_chars,
                     request_id: caller.request_id.clone(),
                 });
@@ -331,6 +263,12 @@ async fn route(
         Exhausted::AllOpen { retry_after_secs } => GatewayError::AllOpen {
             model: request.model.clone(),
             retry_after_secs,
+        },
+        Exhausted::Unservable => match refusal {
+            Some(invalid) => GatewayError::Invalid(invalid),
+            None => GatewayError::NoProvider {
+                model: request.model.clone(),
+            },
         },
         Exhausted::AllFailed { tried } => {
             let tried: Vec<&str> = tried
@@ -344,38 +282,6 @@ async fn route(
         }
     };
     let status = error.status().as_u16();
-    finish(&gateway, pending.take(), caller.started, status);
+    usage.finish(status);
     error.into_response(&caller.request_id)
-}
-
-/// The usage row of a request still being routed. If the client goes away
-/// first (hyper drops the handler), it is recorded on drop with status 499,
-/// nginx's "client closed request", flagged truncated.
-struct PendingUsage {
-    gateway: Arc<Gateway>,
-    record: Option<UsageRecord>,
-    started: Instant,
-}
-
-impl PendingUsage {
-    /// The record, now owned by whoever finishes the request.
-    fn take(&mut self) -> UsageRecord {
-        // Each path takes it exactly once; a blank row beats a panic.
-        self.record.take().unwrap_or_else(blank_record)
-    }
-}
-
-impl Drop for PendingUsage {
-    fn drop(&mut self) {
-        if let Some(mut record) = self.record.take() {
-            record.truncated = true;
-            tracing::info!(request_id = %record.request_id, "client went away before the answer");
-            finish(&self.gateway, record, self.started, 499);
-        }
-    }
-}
-
-/// Rough tokens for `chars` characters (about four per token for English).
-pub(crate) fn estimate_tokens(chars: usize) -> u64 {
-    chars.div_ceil(4) as u64
 }

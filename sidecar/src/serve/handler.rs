@@ -1,7 +1,8 @@
 //! The HTTP front of the sidecar: checks nginx's shared secret, reads the
 //! key's identity from the module's headers, and dispatches by path.
 
-use crate::serve::chat::{chat_completions, Caller};
+use crate::serve::accounting::Accounting;
+use crate::serve::chat::{chat_completions, reject, Caller};
 use crate::serve::error::{json_response, Body, GatewayError};
 use crate::serve::state::Gateway;
 use crate::usage::http::{parse_query_string, render_key_usage};
@@ -51,10 +52,18 @@ pub async fn handle(
     let path = request.uri().path().to_owned();
     let response = match (request.method(), path.as_str()) {
         (&Method::POST, "/v1/chat/completions") => {
+            // From here on the request owns one usage row, whatever happens.
+            let usage = Accounting::new(
+                gateway.clone(),
+                &caller.request_id,
+                &caller.key_id,
+                caller.started,
+                caller.ts_ms,
+            );
             let limit = runtime.config.server.max_body_bytes;
             match read_body(request, limit).await {
-                Ok(body) => chat_completions(gateway, runtime, caller, body).await,
-                Err(e) => e.into_response(&request_id),
+                Ok(body) => chat_completions(gateway, runtime, caller, usage, body).await,
+                Err(e) => reject(&caller, usage, e),
             }
         }
         (&Method::GET, "/v1/models") => {

@@ -7,6 +7,7 @@
 //!   mapping from errors to OpenAI bodies; [`state`]: config snapshot and
 //!   breakers; [`listener`], [`reload`], [`metrics`].
 
+pub mod accounting;
 pub mod chat;
 pub mod error;
 pub mod handler;

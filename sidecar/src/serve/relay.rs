@@ -12,7 +12,7 @@
 //! (client disconnect) drops the upstream stream, which cancels the request.
 
 use crate::providers::{EventStream, ProviderError};
-use crate::serve::chat::{apply_usage, estimate_tokens, finish};
+use crate::serve::accounting::{Accounting, CLIENT_CLOSED};
 use crate::serve::error::{Body, GatewayError};
 use crate::serve::state::Gateway;
 use afr_core::breaker::{Admission, Outcome};
@@ -20,7 +20,6 @@ use afr_core::sse::{
     error_event, inspect_chunk, is_done, is_error_event, is_usage_only, strip_null_usage,
     TokenUsage,
 };
-use afr_core::usage::{TokenSource, UsageRecord};
 use bytes::Bytes;
 use futures_util::StreamExt;
 use http::{HeaderValue, Response};
@@ -28,7 +27,7 @@ use http_body_util::{BodyExt, StreamBody};
 use hyper::body::Frame;
 use std::convert::Infallible;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tokio::sync::mpsc;
 
 /// A stream whose first content event has arrived.
@@ -47,10 +46,8 @@ pub struct StreamStart {
     pub idle: Duration,
     /// End of the provider's total timeout.
     pub deadline: tokio::time::Instant,
-    /// The usage row so far.
-    pub record: UsageRecord,
-    /// When the request arrived.
-    pub started: Instant,
+    /// The request's accounting, finished by the usage tap.
+    pub usage: Accounting,
     /// Prompt size for estimates.
     pub prompt_chars: usize,
     /// Gateway request id.
@@ -78,13 +75,7 @@ struct Relay {
 /// Builds the `text/event-stream` response and starts the usage tap.
 pub fn respond(start: StreamStart) -> Response<Body> {
     let (tap_tx, tap_rx) = mpsc::unbounded_channel();
-    tokio::spawn(tap(
-        tap_rx,
-        start.gateway.clone(),
-        start.record,
-        start.started,
-        start.prompt_chars,
-    ));
+    tokio::spawn(tap(tap_rx, start.usage, start.prompt_chars));
     let relay = Relay {
         gateway: start.gateway,
         provider: start.provider,
@@ -215,16 +206,12 @@ fn contains(haystack: &[u8], needle: &[u8]) -> bool {
     haystack.windows(needle.len()).any(|w| w == needle)
 }
 
-/// The usage tap: reads every event off the forwarding path and writes the
-/// usage row once the stream is over (finished, failed or dropped by the client).
-async fn tap(
-    mut rx: mpsc::UnboundedReceiver<Tap>,
-    gateway: Arc<Gateway>,
-    mut record: UsageRecord,
-    started: Instant,
-    prompt_chars: usize,
-) {
-    let mut usage: Option<TokenUsage> = None;
+/// The usage tap: reads every event off the forwarding path and finishes the
+/// request's accounting once the stream is over: 200 when it reached
+/// `[DONE]`, 502 when the provider broke it (the client got an error event),
+/// 499 when the client went away first — the last two flagged truncated.
+async fn tap(mut rx: mpsc::UnboundedReceiver<Tap>, mut usage: Accounting, prompt_chars: usize) {
+    let mut tokens: Option<TokenUsage> = None;
     let mut content_chars = 0usize;
     let mut done = false;
     let mut failed = false;
@@ -235,20 +222,27 @@ async fn tap(
                 done |= info.done;
                 content_chars += info.content_chars;
                 if info.usage.is_some() {
-                    usage = info.usage;
+                    tokens = info.usage;
                 }
             }
             Tap::Failed => failed = true,
         }
     }
-    record.truncated = failed || !done;
-    if usage.is_some() {
-        apply_usage(&mut record, usage);
-    } else if content_chars > 0 || record.truncated {
-        record.prompt_tokens = estimate_tokens(prompt_chars);
-        record.completion_tokens = estimate_tokens(content_chars);
-        record.total_tokens = record.prompt_tokens + record.completion_tokens;
-        record.token_source = TokenSource::Estimated;
+    let truncated = failed || !done;
+    usage.record().truncated = truncated;
+    if tokens.is_some() {
+        usage.apply_usage(tokens);
+    } else if content_chars > 0 || truncated {
+        usage.estimate(prompt_chars, content_chars);
     }
-    finish(&gateway, record, started, 200);
+    let status = if failed {
+        GatewayError::StreamInterrupted(String::new())
+            .status()
+            .as_u16()
+    } else if !done {
+        CLIENT_CLOSED
+    } else {
+        200
+    };
+    usage.finish(status);
 }
