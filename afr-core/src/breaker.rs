@@ -6,7 +6,9 @@
 //! Closed counts consecutive failures; at `failures` it opens for `cooldown`;
 //! after that the first admission becomes the single half-open probe, and only
 //! the probe's outcome closes or reopens it. Requests admitted while closed
-//! that end after it opened (long streams) change nothing.
+//! that end after it opened (long streams) change nothing. A failure whose
+//! answer said when to come back (`Retry-After`) keeps the breaker it opens
+//! open for that long instead of the cooldown.
 
 use std::time::{Duration, Instant};
 
@@ -78,9 +80,23 @@ pub enum Outcome {
     Success,
     /// Connect error, timeout, 429, 5xx, or a stream that broke.
     Failure,
-    /// No verdict: the client went away first.
-    Abandoned,
+    /// A failure whose answer said when to come back (`Retry-After` on a 429
+    /// or 503): counted like [`Outcome::Failure`], and if it opens the breaker,
+    /// the breaker stays open for `retry_after` (shorter or longer than the
+    /// cooldown, at most [`MAX_PROVIDER_RETRY_AFTER`]).
+    Throttled {
+        /// The wait the provider asked for.
+        retry_after: Duration,
+    },
+    /// No verdict on the provider's health: the client went away first, or
+    /// the provider answered but its first content outlasted `first_content`
+    /// (a reasoning model thinking is not a provider failure).
+    Neutral,
 }
+
+/// The longest a provider's `Retry-After` keeps its breaker open: a wrong or
+/// far-off value (a daily quota) is re-probed at this pace, one request each.
+pub const MAX_PROVIDER_RETRY_AFTER: Duration = Duration::from_secs(600);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Inner {
@@ -160,32 +176,34 @@ impl Breaker {
     /// Settles one admitted request: `admission` is what [`Breaker::admit`]
     /// answered for it, `outcome` how it ended.
     pub fn settle(&mut self, admission: Admission, outcome: Outcome, now: Instant) {
+        let open = |cooldown: Duration| Inner::Open {
+            until: now + cooldown,
+        };
+        let open_for = match outcome {
+            Outcome::Throttled { retry_after } => retry_after.min(MAX_PROVIDER_RETRY_AFTER),
+            _ => self.policy.cooldown,
+        };
+        let failed = matches!(outcome, Outcome::Failure | Outcome::Throttled { .. });
         self.inner = match (admission, self.inner, outcome) {
             // Only the probe decides a half-open breaker.
             (Admission::Probe, Inner::HalfOpen { probing: true }, Outcome::Success) => {
                 Inner::Closed { failures: 0 }
             }
-            (Admission::Probe, Inner::HalfOpen { probing: true }, Outcome::Failure) => {
-                Inner::Open {
-                    until: now + self.policy.cooldown,
-                }
-            }
-            // The client went away mid-probe: let the next request probe.
-            (Admission::Probe, Inner::HalfOpen { probing: true }, Outcome::Abandoned) => {
+            (Admission::Probe, Inner::HalfOpen { probing: true }, _) if failed => open(open_for),
+            // No verdict mid-probe: let the next request probe.
+            (Admission::Probe, Inner::HalfOpen { probing: true }, Outcome::Neutral) => {
                 Inner::HalfOpen { probing: false }
             }
             (Admission::Allowed, Inner::Closed { .. }, Outcome::Success) => {
                 Inner::Closed { failures: 0 }
             }
-            (Admission::Allowed, Inner::Closed { failures }, Outcome::Failure) => {
+            (Admission::Allowed, Inner::Closed { failures }, _) if failed => {
                 if failures + 1 < self.policy.failures {
                     Inner::Closed {
                         failures: failures + 1,
                     }
                 } else {
-                    Inner::Open {
-                        until: now + self.policy.cooldown,
-                    }
+                    open(open_for)
                 }
             }
             // A straggler admitted before the breaker opened must neither close
@@ -278,14 +296,78 @@ mod tests {
     }
 
     #[test]
-    fn abandoned_probe_lets_the_next_request_probe() {
+    fn neutral_probe_lets_the_next_request_probe() {
         let t0 = Instant::now();
         let mut b = Breaker::new(policy());
         (0..3).for_each(|_| fail(&mut b, t0));
         let t1 = t0 + Duration::from_secs(30);
         assert_eq!(b.admit(t1), Admission::Probe);
-        b.settle(Admission::Probe, Outcome::Abandoned, t1);
+        b.settle(Admission::Probe, Outcome::Neutral, t1);
         assert_eq!(b.admit(t1), Admission::Probe);
+    }
+
+    #[test]
+    fn neutral_outcomes_neither_count_nor_reset_failures() {
+        let t0 = Instant::now();
+        let mut b = Breaker::new(policy());
+        fail(&mut b, t0);
+        fail(&mut b, t0);
+        // A thinking model's first_content expiry between two failures.
+        b.settle(Admission::Allowed, Outcome::Neutral, t0);
+        assert_eq!(b.state(t0), BreakerState::Closed);
+        fail(&mut b, t0);
+        assert_eq!(b.state(t0), BreakerState::Open);
+    }
+
+    fn throttled(secs: u64) -> Outcome {
+        Outcome::Throttled {
+            retry_after: Duration::from_secs(secs),
+        }
+    }
+
+    #[test]
+    fn retry_after_sets_how_long_the_breaker_stays_open() {
+        for (asked, open_for) in [(5, 5), (90, 90), (86_400, 600)] {
+            let t0 = Instant::now();
+            let mut b = Breaker::new(policy());
+            fail(&mut b, t0);
+            fail(&mut b, t0);
+            let a = b.admit(t0);
+            b.settle(a, throttled(asked), t0);
+            let until = t0 + Duration::from_secs(open_for);
+            assert_eq!(b.retry_after(t0), Duration::from_secs(open_for), "{asked}");
+            assert_eq!(
+                b.state(until - Duration::from_millis(1)),
+                BreakerState::Open
+            );
+            assert_eq!(b.admit(until), Admission::Probe, "{asked}");
+        }
+    }
+
+    #[test]
+    fn throttled_counts_as_a_failure_and_a_throttled_probe_reopens_for_its_retry_after() {
+        let t0 = Instant::now();
+        let mut b = Breaker::new(policy());
+        for _ in 0..2 {
+            let a = b.admit(t0);
+            b.settle(a, throttled(1), t0);
+        }
+        assert_eq!(b.state(t0), BreakerState::Closed);
+        fail(&mut b, t0); // a plain failure opens for the cooldown
+        assert_eq!(b.retry_after(t0), Duration::from_secs(30));
+        let t1 = t0 + Duration::from_secs(30);
+        assert_eq!(b.admit(t1), Admission::Probe);
+        b.settle(Admission::Probe, throttled(4), t1);
+        assert_eq!(b.retry_after(t1), Duration::from_secs(4));
+    }
+
+    #[test]
+    fn a_late_retry_after_does_not_move_an_open_breaker() {
+        let t0 = Instant::now();
+        let mut b = Breaker::new(policy());
+        (0..3).for_each(|_| fail(&mut b, t0));
+        b.settle(Admission::Allowed, throttled(300), t0);
+        assert_eq!(b.retry_after(t0), Duration::from_secs(30));
     }
 
     #[test]
@@ -297,7 +379,7 @@ mod tests {
         let t1 = t0 + Duration::from_secs(30);
         assert_eq!(b.admit(t1), Admission::Probe);
         // The straggler's client leaves: the probe stays the only one in flight.
-        b.settle(straggler, Outcome::Abandoned, t1);
+        b.settle(straggler, Outcome::Neutral, t1);
         assert!(!b.admit(t1).is_admitted());
         // Its late success must not close the breaker while the probe decides.
         b.settle(straggler, Outcome::Success, t1);

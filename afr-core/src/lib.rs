@@ -10,6 +10,7 @@ pub mod config;
 pub mod error;
 pub mod keys;
 pub mod ratelimit;
+pub mod retry_after;
 pub mod route;
 pub mod splice;
 pub mod sse;

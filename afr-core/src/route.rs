@@ -1,12 +1,15 @@
 //! The route plan of one request (design §4): walk a model's ordered routes,
 //! skip providers whose breaker rejects, stop at the first success or at a
-//! non-retryable answer, and say at the end whether everything failed (500)
-//! or everything was open (503 with `Retry-After`).
+//! non-retryable answer, and say at the end whether everything failed (500),
+//! every route that answered was rate limited (429 with the shortest
+//! `Retry-After` the providers gave) or everything was open (503 with
+//! `Retry-After`).
 //!
 //! Admission is asked lazily, one route at a time, so a half-open provider's
 //! single probe is only taken when that route is really about to be tried.
 
 use crate::breaker::Admission;
+use crate::retry_after::ceil_secs;
 use std::time::Duration;
 
 /// How the plan ended when no route answered.
@@ -25,6 +28,26 @@ pub enum Exhausted {
         /// Indexes of the routes tried, in order.
         tried: Vec<usize>,
     },
+    /// Every route tried answered 429 (the others were open): the client may
+    /// retry, like after a provider's own 429.
+    AllRateLimited {
+        /// Indexes of the routes tried, in order.
+        tried: Vec<usize>,
+        /// The shortest `Retry-After` the providers gave; `None` if none gave one.
+        retry_after: Option<Duration>,
+    },
+}
+
+/// How a tried route failed, as far as the plan's verdict goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RouteFailure {
+    /// The provider answered 429, with its `Retry-After` if it gave one.
+    RateLimited {
+        /// The wait the provider asked for.
+        retry_after: Option<Duration>,
+    },
+    /// Anything else that moves on to the next route.
+    Other,
 }
 
 /// The state of one request's walk over its routes.
@@ -34,6 +57,8 @@ pub struct RoutePlan {
     next: usize,
     tried: Vec<usize>,
     min_retry: Option<Duration>,
+    rate_limited: usize,
+    min_rate_retry: Option<Duration>,
 }
 
 impl RoutePlan {
@@ -44,6 +69,8 @@ impl RoutePlan {
             next: 0,
             tried: Vec::new(),
             min_retry: None,
+            rate_limited: 0,
+            min_rate_retry: None,
         }
     }
 
@@ -75,6 +102,16 @@ impl RoutePlan {
         None
     }
 
+    /// Records how the route last returned by `next_route` failed.
+    pub fn failed(&mut self, failure: RouteFailure) {
+        if let RouteFailure::RateLimited { retry_after } = failure {
+            self.rate_limited += 1;
+            if let Some(wait) = retry_after {
+                self.min_rate_retry = Some(self.min_rate_retry.map_or(wait, |m| m.min(wait)));
+            }
+        }
+    }
+
     /// Routes tried so far, in order.
     pub fn tried(&self) -> &[usize] {
         &self.tried
@@ -92,9 +129,13 @@ impl RoutePlan {
                 return Exhausted::Unservable;
             };
             // Round up so a client that waits Retry-After finds the breaker half-open.
-            let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
             Exhausted::AllOpen {
-                retry_after_secs: secs.max(1),
+                retry_after_secs: ceil_secs(wait).max(1),
+            }
+        } else if self.rate_limited == self.tried.len() {
+            Exhausted::AllRateLimited {
+                tried: self.tried.clone(),
+                retry_after: self.min_rate_retry,
             }
         } else {
             Exhausted::AllFailed {
@@ -183,6 +224,60 @@ mod tests {
                 retry_after_secs: 1
             }
         );
+    }
+
+    fn rate_limited(secs: Option<u64>) -> RouteFailure {
+        RouteFailure::RateLimited {
+            retry_after: secs.map(Duration::from_secs),
+        }
+    }
+
+    #[test]
+    fn every_route_rate_limited_gives_the_shortest_retry_after() {
+        let mut plan = RoutePlan::new(4);
+        let admit = |i: usize| {
+            if i == 2 {
+                rejected(1_000) // open: skipped, no answer of its own
+            } else {
+                Admission::Allowed
+            }
+        };
+        for wait in [Some(20), None, Some(7)] {
+            assert!(plan.next_route(admit).is_some());
+            plan.failed(rate_limited(wait));
+        }
+        assert_eq!(plan.next_route(admit), None);
+        assert_eq!(
+            plan.exhausted(),
+            Exhausted::AllRateLimited {
+                tried: vec![0, 1, 3],
+                retry_after: Some(Duration::from_secs(7)),
+            }
+        );
+    }
+
+    #[test]
+    fn rate_limited_without_retry_after_has_none() {
+        let mut plan = RoutePlan::new(1);
+        plan.next_route(|_| Admission::Allowed);
+        plan.failed(rate_limited(None));
+        assert_eq!(
+            plan.exhausted(),
+            Exhausted::AllRateLimited {
+                tried: vec![0],
+                retry_after: None,
+            }
+        );
+    }
+
+    #[test]
+    fn one_other_failure_among_429s_is_a_plain_failure() {
+        let mut plan = RoutePlan::new(2);
+        plan.next_route(|_| Admission::Allowed);
+        plan.failed(rate_limited(Some(3)));
+        plan.next_route(|_| Admission::Allowed);
+        plan.failed(RouteFailure::Other);
+        assert_eq!(plan.exhausted(), Exhausted::AllFailed { tried: vec![0, 1] });
     }
 
     #[test]

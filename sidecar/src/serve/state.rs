@@ -188,7 +188,7 @@ impl Gateway {
 }
 
 /// A breaker admission that must be settled; dropping it unsettled (the
-/// client went away mid-attempt) reports it abandoned, which releases a
+/// client went away mid-attempt) settles it neutral, which releases a
 /// half-open probe and changes nothing else.
 pub struct BreakerTicket {
     gateway: Arc<Gateway>,
@@ -228,7 +228,7 @@ impl Drop for BreakerTicket {
     fn drop(&mut self) {
         if !self.settled {
             self.gateway
-                .settle(&self.provider, self.admission, Outcome::Abandoned);
+                .settle(&self.provider, self.admission, Outcome::Neutral);
         }
     }
 }
