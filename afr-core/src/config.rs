@@ -79,6 +79,17 @@ pub struct ServerConfig {
     /// are cut (and recorded as cut short) so the usage store can flush.
     #[serde(default = "default_shutdown_grace", with = "humantime_serde")]
     pub shutdown_grace: Duration,
+    /// How long a healthy stream (the provider answered 200) is held back
+    /// waiting for its first content before it commits anyway: until then a
+    /// failure can still move to the next route; after it the client has its
+    /// headers and is not left in silence while a reasoning model thinks.
+    #[serde(default = "default_stream_hold", with = "humantime_serde")]
+    pub stream_hold: Duration,
+    /// Longest silence toward the client on a committed stream before an SSE
+    /// comment (`: keep-alive`) is sent, so proxies and load balancers with an
+    /// idle timeout (AWS ALB: 60 s) keep the connection.
+    #[serde(default = "default_stream_keepalive", with = "humantime_serde")]
+    pub stream_keepalive: Duration,
 }
 
 impl ServerConfig {
@@ -104,8 +115,18 @@ impl Default for ServerConfig {
             max_body_bytes: default_max_body(),
             socket_mode: default_socket_mode(),
             shutdown_grace: default_shutdown_grace(),
+            stream_hold: default_stream_hold(),
+            stream_keepalive: default_stream_keepalive(),
         }
     }
+}
+
+fn default_stream_hold() -> Duration {
+    Duration::from_secs(3)
+}
+
+fn default_stream_keepalive() -> Duration {
+    Duration::from_secs(15)
 }
 
 fn default_socket_mode() -> String {
@@ -270,9 +291,16 @@ pub struct Timeouts {
     /// TCP + TLS connect.
     #[serde(default = "default_connect", with = "humantime_serde")]
     pub connect: Duration,
-    /// From sending the request to the response headers (and, for streams, the first event).
+    /// From sending the request to the response headers: the provider has
+    /// answered. Bounds a stream and a half-open probe; a non-streaming answer
+    /// (headers only once the completion is generated) is bounded by `total`.
     #[serde(default = "default_first_byte", with = "humantime_serde")]
     pub first_byte: Duration,
+    /// From sending the request to a stream's first content event. Generous:
+    /// a provider that answered and is still silent is a reasoning model
+    /// thinking, so an expiry is never failed over nor held against its breaker.
+    #[serde(default = "default_first_content", with = "humantime_serde")]
+    pub first_content: Duration,
     /// Longest silence between two stream chunks.
     #[serde(default = "default_idle", with = "humantime_serde")]
     pub idle: Duration,
@@ -286,6 +314,7 @@ impl Default for Timeouts {
         Timeouts {
             connect: default_connect(),
             first_byte: default_first_byte(),
+            first_content: default_first_content(),
             idle: default_idle(),
             total: default_total(),
         }
@@ -297,6 +326,9 @@ fn default_connect() -> Duration {
 }
 fn default_first_byte() -> Duration {
     Duration::from_secs(60)
+}
+fn default_first_content() -> Duration {
+    Duration::from_secs(600)
 }
 fn default_idle() -> Duration {
     Duration::from_secs(60)
@@ -444,6 +476,12 @@ impl SidecarConfig {
         if let Err(e) = self.server.socket_mode_bits() {
             errors.push(ConfigError::new("server.socket_mode", e));
         }
+        if self.server.stream_keepalive.is_zero() {
+            errors.push(ConfigError::new(
+                "server.stream_keepalive",
+                "must be positive",
+            ));
+        }
         if self.server.max_body_bytes == 0 {
             errors.push(ConfigError::new(
                 "server.max_body_bytes",
@@ -481,6 +519,7 @@ impl SidecarConfig {
             for (field, d) in [
                 ("connect", t.connect),
                 ("first_byte", t.first_byte),
+                ("first_content", t.first_content),
                 ("idle", t.idle),
                 ("total", t.total),
             ] {

@@ -182,3 +182,24 @@ fn models_list_filters_by_allow_list() {
     assert_eq!(some["data"].as_array().unwrap().len(), 1);
     assert_eq!(some["data"][0]["id"], "gpt-5-chat");
 }
+
+#[test]
+fn stream_pacing_and_first_content_have_generous_defaults_and_must_be_positive() {
+    let config = SidecarConfig::parse(MINIMAL, "test.toml").expect("valid");
+    assert_eq!(config.server.stream_hold, Duration::from_secs(3));
+    assert_eq!(config.server.stream_keepalive, Duration::from_secs(15));
+    assert_eq!(
+        config.providers["mock"].timeouts.first_content,
+        Duration::from_secs(600)
+    );
+    let text = MINIMAL.replace(
+        "[server]\n",
+        "[server]\nstream_keepalive = \"0s\"\nstream_hold = \"0s\"\n",
+    );
+    assert_eq!(errors(&text), ["server.stream_keepalive: must be positive"]);
+    let text = format!("{MINIMAL}[providers.mock.timeouts]\nfirst_content = \"0s\"\n");
+    assert_eq!(
+        errors(&text),
+        ["providers.mock.timeouts.first_content: must be positive"]
+    );
+}

@@ -5,6 +5,7 @@
 //! layers around these types.
 
 pub mod anthropic;
+pub mod attempt;
 pub mod breaker;
 pub mod config;
 pub mod error;

@@ -40,9 +40,7 @@ pub fn ceil_secs(wait: Duration) -> u64 {
 
 /// Whole milliseconds for a `retry-after-ms` header, rounded up.
 pub fn ceil_millis(wait: Duration) -> u64 {
-    let ms = wait.as_millis();
-    let ms = ms + u128::from(wait.subsec_nanos() % 1_000_000 > 0);
-    u64::try_from(ms).unwrap_or(u64::MAX)
+    u64::try_from(wait.as_nanos().div_ceil(1_000_000)).unwrap_or(u64::MAX)
 }
 
 #[cfg(test)]
