@@ -39,6 +39,11 @@ pub struct Knobs {
     /// (`X-Mock-Fail-Status`).
     #[arg(long)]
     pub fail_status: Option<u16>,
+    /// `Retry-After` header value sent with every injected error status
+    /// (seconds or an HTTP-date; replaces Azure's own `1` on a 429)
+    /// (`X-Mock-Retry-After`).
+    #[arg(long)]
+    pub retry_after: Option<String>,
     /// The first N API requests after start (or after `POST /_mock/config`)
     /// fail with `fail_status`. Instance-level only.
     #[arg(long, default_value_t = 0)]
@@ -95,6 +100,12 @@ impl Knobs {
         }
         if let Some(v) = num(headers, "x-mock-fail-status")? {
             k.fail_status = Some(v);
+        }
+        if let Some(v) = headers.get("x-mock-retry-after") {
+            let v = v
+                .to_str()
+                .map_err(|_| BadKnobHeader("x-mock-retry-after"))?;
+            k.retry_after = Some(v.to_owned());
         }
         if let Some(v) = num(headers, "x-mock-reset-after-chunks")? {
             k.reset_after_chunks = Some(v);

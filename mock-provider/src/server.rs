@@ -290,7 +290,15 @@ async fn answer(
     };
     let model = parsed.get("model").and_then(Value::as_str).unwrap_or("");
     if let Some(status) = state.failures.injected_status(&knobs) {
-        return faults::error_response(api, status, model, &request_id);
+        let mut resp = faults::error_response(api, status, model, &request_id);
+        if let Some(v) = knobs
+            .retry_after
+            .as_deref()
+            .and_then(|v| HeaderValue::from_str(v).ok())
+        {
+            resp.headers_mut().insert(hyper::header::RETRY_AFTER, v);
+        }
+        return resp;
     }
     let valid = match api {
         Api::Anthropic => anthropic::validate(&parsed),

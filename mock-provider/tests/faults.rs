@@ -35,6 +35,24 @@ async fn status_header_gives_real_shaped_errors() {
 }
 
 #[tokio::test]
+async fn retry_after_knob_sets_the_header_of_injected_errors() {
+    let mock = Mock::start(&["--status", "429", "--retry-after", "7"]);
+    let resp = post(&mock, &[], &chat(false, false, "x")).await;
+    assert_eq!(resp.status(), 429);
+    assert_eq!(resp.headers()["retry-after"], "7");
+    let date = "Wed, 21 Oct 2026 07:28:00 GMT";
+    let resp = post(
+        &mock,
+        &[("X-Mock-Retry-After", date)],
+        &chat(false, false, "x"),
+    )
+    .await;
+    assert_eq!(resp.headers()["retry-after"], date);
+    let healthy = post(&mock, &[("X-Mock-Status", "200")], &chat(false, false, "x")).await;
+    assert!(healthy.headers().get("retry-after").is_none());
+}
+
+#[tokio::test]
 async fn instance_status_and_runtime_config() {
     let mock = Mock::start(&["--status", "503"]);
     assert_eq!(
