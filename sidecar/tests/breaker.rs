@@ -86,3 +86,32 @@ async fn client_4xx_does_not_count_against_the_breaker() {
     }
     assert_eq!(mock.requests().await.len(), 5);
 }
+
+#[tokio::test]
+async fn half_open_probe_to_a_silent_provider_is_bounded_by_first_byte() {
+    // A provider that accepts TCP and never answers must not hold the breaker
+    // half-open (every other request refused) for `total`, even when the probe
+    // is a non-streaming request, which `total` bounds otherwise.
+    let mock = Mock::start(&["--status", "500"]);
+    let body = format!(
+        "{}[providers.p.timeouts]\nconnect = \"1s\"\nfirst_byte = \"500ms\"\nidle = \"500ms\"\ntotal = \"60s\"\n{}",
+        openai_provider("p", &mock.base(), ""),
+        model("m", &[("p", "x")])
+    );
+    let sidecar = Sidecar::start_with(&body, 1, "2s");
+    assert_eq!(sidecar.chat(chat_body("m", false)).await.status(), 500);
+    mock.set(serde_json::json!({"latency_ms": 600_000})).await;
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+
+    let probe = tokio::time::timeout(Duration::from_secs(20), sidecar.chat(chat_body("m", false)))
+        .await
+        .expect("the probe is bounded by first_byte, not total");
+    assert_eq!(probe.status(), 500);
+    assert_eq!(mock.requests().await.len(), 2);
+    // Reopened by the failed probe, not stuck half-open.
+    assert!(sidecar
+        .metrics()
+        .await
+        .contains("afr_breaker_state{provider=\"p\"} 2"));
+    assert_eq!(sidecar.chat(chat_body("m", false)).await.status(), 503);
+}

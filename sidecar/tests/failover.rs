@@ -110,20 +110,66 @@ async fn non_streaming_answer_is_bounded_by_total_not_first_byte() {
 }
 
 #[tokio::test]
-async fn stream_fails_over_when_content_is_late() {
-    // Headers and the role chunk arrive at once, but no content within
-    // first_byte: nothing the client can see has been sent, so fail over.
-    let bad = Mock::start(&["--ttft-ms", "3000", "--chunks", "3"]);
+async fn stream_fails_over_when_it_breaks_before_content() {
+    // Headers and the role chunk arrive, then the connection is reset before
+    // any content: nothing the client can see has been sent, so fail over.
+    // (Late content is not a failure: see tests/thinking.rs.)
+    let bad = Mock::start(&["--reset-after-chunks", "0", "--chunks", "3"]);
     let (good, sidecar) = pair(&bad.base());
-    let start = std::time::Instant::now();
-    assert_served_by_good(&sidecar, &good, true, "late content").await;
-    assert!(start.elapsed() < std::time::Duration::from_millis(2500));
     let text = sidecar.chat_text(chat_body("m", true)).await;
+    assert!(text.ends_with("data: [DONE]\n\n"), "{text}");
     assert_eq!(
         text.matches("\"role\":\"assistant\"").count(),
         1,
         "one role chunk, from one provider: {text}"
     );
+    assert_eq!(good.requests().await.len(), 1);
+}
+
+#[tokio::test]
+async fn every_route_answering_429_gives_429_with_the_shortest_retry_after() {
+    let a = Mock::start(&["--status", "429", "--retry-after", "7"]);
+    let b = Mock::start(&["--status", "429", "--retry-after", "3"]);
+    let body = format!(
+        "{}{}{}",
+        openai_provider("a", &a.base(), ""),
+        openai_provider("b", &b.base(), ""),
+        model("m", &[("a", "x"), ("b", "y")]),
+    );
+    let sidecar = Sidecar::start_with(&body, 2, "30s");
+    for stream in [false, true] {
+        let r = sidecar.chat(chat_body("m", stream)).await;
+        assert_eq!(r.status(), 429, "stream={stream}");
+        assert_eq!(r.headers()["retry-after"], "3");
+        assert_eq!(r.headers()["retry-after-ms"], "3000");
+        assert!(r.headers().contains_key("x-request-id"));
+        let v: Value = r.json().await.unwrap();
+        assert_eq!(v["error"]["type"], "rate_limit_error", "{v}");
+        assert_eq!(v["error"]["code"], "rate_limit_exceeded", "{v}");
+    }
+    assert_eq!(a.requests().await.len(), 2);
+    assert_eq!(b.requests().await.len(), 2);
+    // Two failures opened both breakers, each for its provider's Retry-After
+    // rather than the 30 s cooldown: the earliest half-opens in 3 s.
+    let r = sidecar.chat(chat_body("m", false)).await;
+    assert_eq!(r.status(), 503);
+    assert_eq!(r.headers()["retry-after"], "3");
+}
+
+#[tokio::test]
+async fn a_429_among_other_failures_is_still_a_500() {
+    let a = Mock::start(&["--status", "429", "--retry-after", "3"]);
+    let b = Mock::start(&["--status", "503"]);
+    let body = format!(
+        "{}{}{}",
+        openai_provider("a", &a.base(), ""),
+        openai_provider("b", &b.base(), ""),
+        model("m", &[("a", "x"), ("b", "y")]),
+    );
+    let sidecar = Sidecar::start(&body);
+    let r = sidecar.chat(chat_body("m", false)).await;
+    assert_eq!(r.status(), 500);
+    assert!(r.headers().get("retry-after").is_none());
 }
 
 #[tokio::test]

@@ -2,7 +2,9 @@
 //! OpenAI request → Messages request, Messages response or event stream →
 //! `chat.completion` or `chat.completion.chunk` events, errors → OpenAI shape.
 
-use super::{send_error, sse_events, EventStream, Provider, ProviderError, Reply, UpstreamCall};
+use super::{
+    retry_after, send_error, sse_events, EventStream, Provider, ProviderError, Reply, UpstreamCall,
+};
 use afr_core::anthropic::{
     error_to_openai, request_to_anthropic, response_to_openai, StreamTranslator, TranslateError,
     ANTHROPIC_VERSION,
@@ -111,6 +113,7 @@ impl Provider for Anthropic {
         let response = builder.send().await.map_err(send_error)?;
         let status = response.status().as_u16();
         if !response.status().is_success() {
+            let wait = retry_after(response.headers());
             let body = response.bytes().await.map_err(|e| {
                 ProviderError::Connect(format!("reading the error body: {}", e.without_url()))
             })?;
@@ -121,6 +124,7 @@ impl Provider for Anthropic {
                 kind: Some(error.kind.to_owned()),
                 param: error.param,
                 code: error.code.map(str::to_owned),
+                retry_after: wait,
             });
         }
         if call.stream {

@@ -6,7 +6,9 @@
 //! which knows where the first byte, the gaps between chunks and the total
 //! deadline fall; connect is set on each provider's own HTTP client.
 
+use afr_core::breaker::Outcome;
 use afr_core::config::{ProviderConfig, ProviderKind, Timeouts};
+use afr_core::route::RouteFailure;
 use afr_core::sse::TokenUsage;
 use afr_core::validate::Invalid;
 use async_trait::async_trait;
@@ -14,6 +16,7 @@ use bytes::Bytes;
 use futures_util::stream::BoxStream;
 use serde_json::Value;
 use std::sync::Arc;
+use std::time::{Duration, SystemTime};
 
 mod anthropic;
 mod azure;
@@ -57,6 +60,8 @@ pub enum ProviderError {
         param: Option<String>,
         /// OpenAI error `code`.
         code: Option<String>,
+        /// The wait the provider asked for (`retry-after-ms` / `Retry-After`).
+        retry_after: Option<Duration>,
     },
     /// The provider's answer could not be read (bad JSON, malformed stream).
     #[error("protocol: {0}")]
@@ -78,8 +83,38 @@ impl ProviderError {
         }
     }
 
-    /// Builds a status error from a body in the OpenAI error shape (or anything else).
-    pub fn from_openai_body(status: u16, body: &[u8]) -> Self {
+    /// How the route plan sees this failure: a 429 (with the provider's
+    /// wait) may end in a 429 to the client, anything else in a 500.
+    pub fn route_failure(&self) -> RouteFailure {
+        match self {
+            ProviderError::Status {
+                status: 429,
+                retry_after,
+                ..
+            } => RouteFailure::RateLimited {
+                retry_after: *retry_after,
+            },
+            _ => RouteFailure::Other,
+        }
+    }
+
+    /// How a retryable failure settles the provider's breaker: a provider
+    /// that said when to come back keeps its breaker open that long.
+    pub fn breaker_outcome(&self) -> Outcome {
+        match self {
+            ProviderError::Status {
+                retry_after: Some(retry_after),
+                ..
+            } => Outcome::Throttled {
+                retry_after: *retry_after,
+            },
+            _ => Outcome::Failure,
+        }
+    }
+
+    /// Builds a status error from a body in the OpenAI error shape (or
+    /// anything else) and the wait the response asked for.
+    pub fn from_openai_body(status: u16, body: &[u8], retry_after: Option<Duration>) -> Self {
         let parsed: Option<Value> = serde_json::from_slice(body).ok();
         let error = parsed.as_ref().and_then(|v| v.get("error"));
         let field = |name: &str| {
@@ -95,6 +130,7 @@ impl ProviderError {
             kind: field("type"),
             param: field("param"),
             code: field("code"),
+            retry_after,
         }
     }
 }
@@ -250,8 +286,19 @@ pub(crate) fn sse_events(
 /// Reads an error response into a [`ProviderError`] in the OpenAI shape.
 pub(crate) async fn openai_status_error(response: reqwest::Response) -> ProviderError {
     let status = response.status().as_u16();
+    let wait = retry_after(response.headers());
     match response.bytes().await {
-        Ok(body) => ProviderError::from_openai_body(status, &body),
+        Ok(body) => ProviderError::from_openai_body(status, &body, wait),
         Err(e) => ProviderError::Connect(format!("reading the error body: {}", e.without_url())),
     }
+}
+
+/// The wait an error response asked for (`retry-after-ms`, `Retry-After`).
+pub(crate) fn retry_after(headers: &http::HeaderMap) -> Option<Duration> {
+    let value = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+    afr_core::retry_after::parse(
+        value("retry-after-ms"),
+        value(http::header::RETRY_AFTER.as_str()),
+        SystemTime::now(),
+    )
 }

@@ -52,6 +52,16 @@ impl Accounting {
         &mut self.record
     }
 
+    /// Records the time to first token of a stream whose first content
+    /// reached the client `at`.
+    pub fn first_content(&mut self, at: Instant) {
+        let ttft = at.saturating_duration_since(self.started);
+        self.record.ttft_ms = Some(ttft.as_millis() as u64);
+        self.gateway
+            .metrics
+            .ttft(&self.record.model, &self.record.provider, ttft);
+    }
+
     /// Fills token counts from a provider's usage.
     pub fn apply_usage(&mut self, usage: Option<TokenUsage>) {
         if let Some(u) = usage {

@@ -2,18 +2,21 @@
 //! failover and breakers, then answer with the provider's body or relay its
 //! stream (see `relay`).
 //!
-//! A stream commits to a provider only once its first content event arrived
-//! (the content-free role chunk before it is held back); before that any
-//! failure moves on to the next route, after it a failure ends the stream
-//! with an error event.
+//! A stream commits to a provider once its first content event arrived (the
+//! content-free role chunk before it is held back) or, for a provider that
+//! answered 200 and is still thinking, after `server.stream_hold`; before
+//! that any failure moves on to the next route, after it a failure ends the
+//! stream with an error event. How long each phase may take is decided by
+//! `afr_core::attempt`.
 
 use crate::providers::{ProviderError, Reply, UpstreamCall};
 use crate::serve::accounting::Accounting;
 use crate::serve::error::{json_response, Body, GatewayError};
 use crate::serve::relay::{self, StreamStart};
 use crate::serve::state::{BreakerTicket, Gateway, Runtime};
-use afr_core::breaker::Admission;
-use afr_core::route::{Exhausted, RoutePlan};
+use afr_core::attempt::{Attempt, Holding};
+use afr_core::breaker::{Admission, Outcome};
+use afr_core::route::{Exhausted, RouteFailure, RoutePlan};
 use afr_core::sse::{has_data, is_error_event, is_preamble};
 use afr_core::validate::{check_model, validate_chat, ChatRequest};
 use bytes::Bytes;
@@ -156,28 +159,24 @@ async fn route(
         usage.record().upstream_model = route.model.clone();
 
         let ticket = BreakerTicket::new(gateway.clone(), &route.provider, admission);
-        let timeouts = provider.timeouts();
-        let attempt_start = tokio::time::Instant::now();
-        let deadline = attempt_start + timeouts.total;
-        let first_byte = (attempt_start + timeouts.first_byte).min(deadline);
-        // A stream must start within `first_byte`; a non-streaming answer only
-        // arrives once the whole completion is generated, so `total` bounds it
-        // (a `first_byte` cap would cut off, retry elsewhere and pay twice for
-        // every long completion).
-        let (limit, which) = if request.stream {
-            (first_byte, "first_byte")
-        } else {
-            (deadline, "total")
-        };
-        let outcome = match timeout_at(limit, provider.chat(call)).await {
+        let server = &runtime.config.server;
+        let attempt = Attempt::new(
+            &provider.timeouts(),
+            server.stream_hold,
+            server.stream_keepalive,
+            Instant::now(),
+        );
+        let (answer_by, expiry) = attempt.answer_by(request.stream, admission == Admission::Probe);
+        let outcome = match timeout_at(answer_by.into(), provider.chat(call)).await {
             Ok(r) => r,
-            Err(_) => Err(ProviderError::Timeout(which)),
+            Err(_) => Err(ProviderError::Timeout(expiry.limit.as_str())),
         };
         let reply = match outcome {
             Ok(reply) => reply,
             Err(error) if error.is_retryable() => {
                 tracing::warn!(request_id = %caller.request_id, provider = %route.provider, error = %error, "provider failed; trying the next route");
-                ticket.failure();
+                plan.failed(error.route_failure());
+                ticket.settle(error.breaker_outcome());
                 continue;
             }
             Err(error) => {
@@ -206,9 +205,12 @@ async fn route(
             Reply::Stream(mut events) => {
                 // Hold the content-free preamble (the role chunk): until content
                 // arrives nothing has reached the client and failover is clean.
+                // A healthy answer commits after the hold even without content,
+                // so the client has its headers while a reasoning model thinks.
+                let (hold_end, at_hold_end) = attempt.holding(Instant::now());
                 let mut held = Vec::new();
-                let committed = loop {
-                    match timeout_at(first_byte, events.next()).await {
+                let held_up = loop {
+                    match timeout_at(hold_end.into(), events.next()).await {
                         Ok(Some(Ok(event))) if is_error_event(&event) => {
                             break Err(format!(
                                 "error event before any content: {}",
@@ -226,31 +228,43 @@ async fn route(
                             let preamble = is_preamble(&event);
                             held.push(event);
                             if !preamble || held.len() >= MAX_HELD_EVENTS {
-                                break Ok(());
+                                break Ok(Holding::Commit);
                             }
                         }
                         Ok(Some(Err(error))) => break Err(error.to_string()),
                         Ok(None) => break Err("the stream ended before any content".into()),
-                        Err(_) => break Err("no content within the first_byte timeout".into()),
+                        Err(_) => break Ok(at_hold_end),
                     }
                 };
-                if let Err(reason) = committed {
-                    tracing::warn!(request_id = %caller.request_id, provider = %route.provider, error = %reason, "stream failed before its first content; trying the next route");
-                    ticket.failure();
-                    continue;
+                match held_up {
+                    Err(reason) => {
+                        tracing::warn!(request_id = %caller.request_id, provider = %route.provider, error = %reason, "stream failed before its first content; trying the next route");
+                        plan.failed(RouteFailure::Other);
+                        ticket.failure();
+                        continue;
+                    }
+                    Ok(Holding::Expire(expiry)) => {
+                        // Answered but slow (a hold longer than first_content):
+                        // no failover, no verdict on the provider.
+                        ticket.settle(Outcome::Neutral);
+                        let error = GatewayError::ContentTimeout {
+                            limit: expiry.limit.as_str(),
+                            timeout: expiry.timeout,
+                        };
+                        tracing::warn!(request_id = %caller.request_id, provider = %route.provider, error = %error, "provider answered but sent no content in time; not retried");
+                        usage.finish(error.status().as_u16());
+                        return error.into_response(&caller.request_id);
+                    }
+                    Ok(Holding::Commit) => {}
                 }
                 ticket.success();
-                let ttft = caller.started.elapsed();
-                usage.record().ttft_ms = Some(ttft.as_millis() as u64);
-                gateway.metrics.ttft(&request.model, &route.provider, ttft);
                 return relay::respond(StreamStart {
                     gateway: gateway.clone(),
                     provider: route.provider.clone(),
                     first: held,
                     events,
                     strip_usage,
-                    idle: timeouts.idle,
-                    deadline,
+                    attempt,
                     usage,
                     prompt_chars: request.prompt_chars,
                     request_id: caller.request_id.clone(),
@@ -264,6 +278,17 @@ async fn route(
             model: request.model.clone(),
             retry_after_secs,
         },
+        Exhausted::AllRateLimited { tried, retry_after } => {
+            let tried: Vec<&str> = tried
+                .iter()
+                .map(|&i| model.routes[i].provider.as_str())
+                .collect();
+            tracing::warn!(request_id = %caller.request_id, model = %request.model, tried = ?tried, retry_after = ?retry_after, "every provider answered 429");
+            GatewayError::RateLimited {
+                model: request.model.clone(),
+                retry_after,
+            }
+        }
         Exhausted::Unservable => match refusal {
             Some(invalid) => GatewayError::Invalid(invalid),
             None => GatewayError::NoProvider {

@@ -3,12 +3,14 @@
 
 use crate::providers::ProviderError;
 use afr_core::error::ErrorBody;
+use afr_core::retry_after;
 use afr_core::validate::Invalid;
 use bytes::Bytes;
 use http::{HeaderValue, Response, StatusCode};
 use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Full};
 use std::convert::Infallible;
+use std::time::Duration;
 
 /// The response body type of every sidecar answer.
 pub type Body = UnsyncBoxBody<Bytes, Infallible>;
@@ -52,6 +54,26 @@ pub enum GatewayError {
         /// The catalogue model.
         model: String,
     },
+    /// Every route tried answered 429 (the others were open): the client may
+    /// retry, like after a provider's own 429.
+    #[error("all providers for {model} are rate limited")]
+    RateLimited {
+        /// The catalogue model.
+        model: String,
+        /// The shortest wait the providers asked for.
+        retry_after: Option<Duration>,
+    },
+    /// The provider answered but sent no content within `first_content` (or
+    /// `total`): a reasoning model thinking too long, not a provider failure,
+    /// so nothing was failed over. Before the stream committed this is the
+    /// response; after, the error event that ends the stream.
+    #[error("no content within the {limit} timeout of {timeout:?}")]
+    ContentTimeout {
+        /// The timeout's config name (`first_content` or `total`).
+        limit: &'static str,
+        /// Its value.
+        timeout: Duration,
+    },
     /// Every route's breaker is open.
     #[error("all providers for {model} are unavailable (circuit open)")]
     AllOpen {
@@ -88,6 +110,8 @@ impl GatewayError {
                 _ => StatusCode::BAD_GATEWAY,
             },
             GatewayError::StreamInterrupted(_) => StatusCode::BAD_GATEWAY,
+            GatewayError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+            GatewayError::ContentTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             GatewayError::AllFailed { .. }
             | GatewayError::NoProvider { .. }
             | GatewayError::Usage(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -142,6 +166,19 @@ impl GatewayError {
                 Some("providers_unavailable"),
                 format!("Every provider for the model '{model}' is temporarily unavailable; please retry later."),
             ),
+            GatewayError::RateLimited { model, .. } => ErrorBody::new(
+                "rate_limit_error",
+                Some("rate_limit_exceeded"),
+                format!("Every provider for the model '{model}' is rate limiting requests; please retry after the time in the Retry-After header."),
+            ),
+            GatewayError::ContentTimeout { timeout, .. } => ErrorBody::new(
+                "server_error",
+                Some("timeout"),
+                format!(
+                    "The provider accepted the request but produced no output within {}; the request was not retried.",
+                    humantime::format_duration(*timeout)
+                ),
+            ),
             GatewayError::StreamInterrupted(_) => ErrorBody::new(
                 "server_error",
                 Some("stream_interrupted"),
@@ -158,14 +195,36 @@ impl GatewayError {
     /// The full HTTP response (JSON body, `x-request-id`, `Retry-After` where it applies).
     pub fn into_response(self, request_id: &str) -> Response<Body> {
         let mut response = json_response(self.status(), self.body().to_json(), request_id);
-        if let GatewayError::AllOpen {
-            retry_after_secs, ..
-        } = self
-        {
-            response.headers_mut().insert(
-                http::header::RETRY_AFTER,
-                HeaderValue::from(retry_after_secs),
-            );
+        let headers = response.headers_mut();
+        match self {
+            GatewayError::AllOpen {
+                retry_after_secs, ..
+            } => {
+                headers.insert(
+                    http::header::RETRY_AFTER,
+                    HeaderValue::from(retry_after_secs),
+                );
+            }
+            GatewayError::RateLimited {
+                retry_after: Some(wait),
+                ..
+            } => {
+                // The SDKs read the exact `retry-after-ms` first.
+                headers.insert(
+                    http::header::RETRY_AFTER,
+                    HeaderValue::from(retry_after::ceil_secs(wait)),
+                );
+                headers.insert(
+                    "retry-after-ms",
+                    HeaderValue::from(retry_after::ceil_millis(wait)),
+                );
+            }
+            GatewayError::ContentTimeout { .. } => {
+                // The provider is healthy and slow: the SDKs' automatic retry
+                // of a 5xx would only think, and bill, that long again.
+                headers.insert("x-should-retry", HeaderValue::from_static("false"));
+            }
+            _ => {}
         }
         response
     }
@@ -180,6 +239,7 @@ fn upstream_body(error: &ProviderError) -> ErrorBody {
         kind,
         param,
         code,
+        ..
     } = error
     else {
         return ErrorBody::new(

@@ -80,7 +80,7 @@ impl Metrics {
         );
         registry.register(
             "time_to_first_token_seconds",
-            "Streams: time until the first event was sent",
+            "Streams: time until the first content event was sent",
             ttft.clone(),
         );
         let tokens = Family::<TokenLabels, Counter>::default();

@@ -7,18 +7,23 @@
 //! exactly what the provider sends without `include_usage`. A client that asked
 //! for it gets every byte unchanged.
 //!
-//! A failure after the first content event ends the stream with
-//! `data: {"error":{...}}` (never a silent truncation). Dropping the body
-//! (client disconnect) drops the upstream stream, which cancels the request.
+//! A failure after the stream committed ends it with `data: {"error":{...}}`
+//! (never a silent truncation). A stream that committed before its first
+//! content (a reasoning model thinking) waits for it up to `first_content`;
+//! through any silence longer than `server.stream_keepalive` the client gets
+//! an SSE comment, which the SDKs skip and which is never forwarded to the
+//! usage tap. Dropping the body (client disconnect) drops the upstream
+//! stream, which cancels the request.
 
 use crate::providers::{EventStream, ProviderError};
 use crate::serve::accounting::{Accounting, CLIENT_CLOSED};
 use crate::serve::error::{Body, GatewayError};
 use crate::serve::state::Gateway;
+use afr_core::attempt::{Attempt, Expiry, Wake};
 use afr_core::breaker::{Admission, Outcome};
 use afr_core::sse::{
-    error_event, inspect_chunk, is_done, is_error_event, is_usage_only, strip_null_usage,
-    TokenUsage,
+    error_event, has_data, inspect_chunk, is_done, is_error_event, is_preamble, is_usage_only,
+    strip_null_usage, TokenUsage,
 };
 use bytes::Bytes;
 use futures_util::StreamExt;
@@ -27,25 +32,29 @@ use http_body_util::{BodyExt, StreamBody};
 use hyper::body::Frame;
 use std::convert::Infallible;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 
-/// A stream whose first content event has arrived.
+/// The comment sent through a silence on a committed stream: SSE clients
+/// (the OpenAI SDKs among them) drop lines starting with `:`.
+const KEEP_ALIVE: &[u8] = b": keep-alive\n\n";
+
+/// A stream that committed: its first content event arrived, or its
+/// provider answered and the hold ended.
 pub struct StreamStart {
     /// Shared state (breakers, metrics, usage).
     pub gateway: Arc<Gateway>,
     /// The provider committed to.
     pub provider: String,
-    /// The events received before committing (preamble and the first content event).
+    /// The events received before committing (preamble and, if it came, the
+    /// first content event).
     pub first: Vec<Bytes>,
     /// The rest.
     pub events: EventStream,
     /// Whether the gateway added `include_usage` (strip it again).
     pub strip_usage: bool,
-    /// Longest gap between events.
-    pub idle: Duration,
-    /// End of the provider's total timeout.
-    pub deadline: tokio::time::Instant,
+    /// The attempt's timeouts and pacing.
+    pub attempt: Attempt,
     /// The request's accounting, finished by the usage tap.
     pub usage: Accounting,
     /// Prompt size for estimates.
@@ -56,7 +65,20 @@ pub struct StreamStart {
 
 enum Tap {
     Event(Bytes),
-    Failed,
+    /// The first content event went to the client at this time (its time
+    /// to first token).
+    FirstContent(Instant),
+    /// The stream ended with the gateway's error event; the status to record.
+    Failed(u16),
+}
+
+/// What waiting on the upstream gave.
+enum Next {
+    Event(Bytes),
+    KeepAlive,
+    Failed(ProviderError),
+    /// The provider answered but sent no content in time (not its failure).
+    NoContent(Expiry),
 }
 
 struct Relay {
@@ -65,8 +87,12 @@ struct Relay {
     first: std::collections::VecDeque<Bytes>,
     events: Option<EventStream>,
     strip_usage: bool,
-    idle: Duration,
-    deadline: tokio::time::Instant,
+    attempt: Attempt,
+    content_seen: bool,
+    /// When the last upstream event arrived (idle is measured from it).
+    last_event: Instant,
+    /// When the client was last sent anything (keep-alives are measured from it).
+    last_sent: Instant,
     tap: mpsc::UnboundedSender<Tap>,
     request_id: String,
     done: bool,
@@ -76,20 +102,24 @@ struct Relay {
 pub fn respond(start: StreamStart) -> Response<Body> {
     let (tap_tx, tap_rx) = mpsc::unbounded_channel();
     tokio::spawn(tap(tap_rx, start.usage, start.prompt_chars));
+    let now = Instant::now();
     let relay = Relay {
         gateway: start.gateway,
         provider: start.provider,
         first: start.first.into(),
         events: Some(start.events),
         strip_usage: start.strip_usage,
-        idle: start.idle,
-        deadline: start.deadline,
+        attempt: start.attempt,
+        content_seen: false,
+        last_event: now,
+        last_sent: now,
         tap: tap_tx,
         request_id: start.request_id.clone(),
         done: false,
     };
     let stream = futures_util::stream::unfold(relay, |mut relay| async move {
         let bytes = relay.next_frame().await?;
+        relay.last_sent = Instant::now();
         Some((Ok::<_, Infallible>(Frame::data(bytes)), relay))
     });
     let mut response = Response::new(BodyExt::boxed_unsync(StreamBody::new(stream)));
@@ -117,14 +147,20 @@ impl Relay {
             if self.done {
                 return None;
             }
-            let event = match self.first.pop_front() {
-                Some(first) => Ok(first),
+            let next = match self.first.pop_front() {
+                Some(first) => Next::Event(first),
                 None => self.next_upstream().await,
             };
-            let raw = match event {
-                Ok(raw) => raw,
-                Err(error) => return Some(self.fail(error)),
+            let raw = match next {
+                Next::Event(raw) => raw,
+                Next::KeepAlive => return Some(Bytes::from_static(KEEP_ALIVE)),
+                Next::Failed(error) => return Some(self.fail(error)),
+                Next::NoContent(expiry) => return Some(self.no_content(expiry)),
             };
+            if !self.content_seen && has_data(&raw) && !is_preamble(&raw) {
+                self.content_seen = true;
+                let _ = self.tap.send(Tap::FirstContent(Instant::now()));
+            }
             // The tap sees every event, including the ones stripped below.
             let _ = self.tap.send(Tap::Event(raw.clone()));
             if is_done(&raw) {
@@ -139,7 +175,7 @@ impl Relay {
                 // break counts like a request admitted while closed.
                 self.gateway
                     .settle(&self.provider, Admission::Allowed, Outcome::Failure);
-                let _ = self.tap.send(Tap::Failed);
+                let _ = self.tap.send(Tap::Failed(interrupted_status()));
                 self.done = true;
                 return Some(raw);
             }
@@ -155,23 +191,49 @@ impl Relay {
         }
     }
 
-    async fn next_upstream(&mut self) -> Result<Bytes, ProviderError> {
+    /// The next upstream event, or a keep-alive due before it, or why the
+    /// wait ended (deadlines from [`Attempt::committed`]).
+    async fn next_upstream(&mut self) -> Next {
         let Some(events) = self.events.as_mut() else {
-            return Err(ProviderError::Protocol("stream already closed".into()));
+            return Next::Failed(ProviderError::Protocol("stream already closed".into()));
         };
-        let idle_end = tokio::time::Instant::now() + self.idle;
-        let (until, which) = if idle_end < self.deadline {
-            (idle_end, "idle")
-        } else {
-            (self.deadline, "total")
-        };
-        match tokio::time::timeout_at(until, events.next()).await {
-            Err(_) => Err(ProviderError::Timeout(which)),
-            Ok(None) => Err(ProviderError::Protocol(
+        let (until, wake) =
+            self.attempt
+                .committed(self.content_seen, self.last_event, self.last_sent);
+        // `next()` is cancel-safe: a keep-alive that wins loses no event.
+        match tokio::time::timeout_at(until.into(), events.next()).await {
+            Ok(Some(Ok(event))) => {
+                self.last_event = Instant::now();
+                Next::Event(event)
+            }
+            Ok(Some(Err(error))) => Next::Failed(error),
+            Ok(None) => Next::Failed(ProviderError::Protocol(
                 "the provider closed the stream before [DONE]".into(),
             )),
-            Ok(Some(r)) => r,
+            Err(_) => match wake {
+                Wake::KeepAlive => Next::KeepAlive,
+                Wake::Expire(expiry) if expiry.provider_fault => {
+                    Next::Failed(ProviderError::Timeout(expiry.limit.as_str()))
+                }
+                Wake::Expire(expiry) => Next::NoContent(expiry),
+            },
         }
+    }
+
+    /// Ends a stream whose provider answered but never started its content
+    /// (a reasoning model past `first_content`): an error event for the
+    /// client, and no verdict on the provider, whose breaker ticket settled
+    /// when the stream committed.
+    fn no_content(&mut self, expiry: Expiry) -> Bytes {
+        let error = GatewayError::ContentTimeout {
+            limit: expiry.limit.as_str(),
+            timeout: expiry.timeout,
+        };
+        tracing::warn!(request_id = %self.request_id, provider = %self.provider, error = %error, "provider answered but sent no content in time; ending the stream");
+        let _ = self.tap.send(Tap::Failed(error.status().as_u16()));
+        self.done = true;
+        self.events = None;
+        Bytes::from(error_event(&error.body().to_json()))
     }
 
     /// Ends the stream after a provider failure with an OpenAI error event.
@@ -181,7 +243,7 @@ impl Relay {
         // break counts like a request admitted while closed.
         self.gateway
             .settle(&self.provider, Admission::Allowed, Outcome::Failure);
-        let _ = self.tap.send(Tap::Failed);
+        let _ = self.tap.send(Tap::Failed(interrupted_status()));
         self.done = true;
         self.events = None;
         let body = GatewayError::StreamInterrupted(error.to_string()).body();
@@ -202,6 +264,13 @@ impl Relay {
     }
 }
 
+/// The status recorded for a stream the provider broke after it committed.
+fn interrupted_status() -> u16 {
+    GatewayError::StreamInterrupted(String::new())
+        .status()
+        .as_u16()
+}
+
 fn contains(haystack: &[u8], needle: &[u8]) -> bool {
     haystack.windows(needle.len()).any(|w| w == needle)
 }
@@ -209,12 +278,13 @@ fn contains(haystack: &[u8], needle: &[u8]) -> bool {
 /// The usage tap: reads every event off the forwarding path and finishes the
 /// request's accounting once the stream is over: 200 when it reached
 /// `[DONE]`, 502 when the provider broke it (the client got an error event),
-/// 499 when the client went away first — the last two flagged truncated.
+/// 504 when its first content never came, 499 when the client went away
+/// first — all but the first flagged truncated.
 async fn tap(mut rx: mpsc::UnboundedReceiver<Tap>, mut usage: Accounting, prompt_chars: usize) {
     let mut tokens: Option<TokenUsage> = None;
     let mut content_chars = 0usize;
     let mut done = false;
-    let mut failed = false;
+    let mut failed = None;
     while let Some(message) = rx.recv().await {
         match message {
             Tap::Event(raw) => {
@@ -225,20 +295,19 @@ async fn tap(mut rx: mpsc::UnboundedReceiver<Tap>, mut usage: Accounting, prompt
                     tokens = info.usage;
                 }
             }
-            Tap::Failed => failed = true,
+            Tap::FirstContent(at) => usage.first_content(at),
+            Tap::Failed(status) => failed = Some(status),
         }
     }
-    let truncated = failed || !done;
+    let truncated = failed.is_some() || !done;
     usage.record().truncated = truncated;
     if tokens.is_some() {
         usage.apply_usage(tokens);
     } else if content_chars > 0 || truncated {
         usage.estimate(prompt_chars, content_chars);
     }
-    let status = if failed {
-        GatewayError::StreamInterrupted(String::new())
-            .status()
-            .as_u16()
+    let status = if let Some(status) = failed {
+        status
     } else if !done {
         CLIENT_CLOSED
     } else {

@@ -218,7 +218,8 @@ impl BreakerTicket {
         self.settle(Outcome::Failure);
     }
 
-    fn settle(mut self, outcome: Outcome) {
+    /// Settles the attempt with `outcome`.
+    pub fn settle(mut self, outcome: Outcome) {
         self.settled = true;
         self.gateway.settle(&self.provider, self.admission, outcome);
     }
