@@ -239,14 +239,32 @@ pub struct UsageConfig {
     /// SQLite database file.
     #[serde(default = "default_usage_path")]
     pub path: PathBuf,
+    /// Records queued for the database past which new ones go to the spill
+    /// file (`<path>-unwritten.jsonl`).
+    #[serde(default = "default_queue_max")]
+    pub queue_max: u64,
+    /// Largest spill file, in bytes; records past it are dropped and counted
+    /// in `afr_usage_dropped_total`.
+    #[serde(default = "default_spill_max_bytes")]
+    pub spill_max_bytes: u64,
 }
 
 impl Default for UsageConfig {
     fn default() -> Self {
         UsageConfig {
             path: default_usage_path(),
+            queue_max: default_queue_max(),
+            spill_max_bytes: default_spill_max_bytes(),
         }
     }
+}
+
+fn default_queue_max() -> u64 {
+    100_000
+}
+
+fn default_spill_max_bytes() -> u64 {
+    256 * 1024 * 1024
 }
 
 fn default_usage_path() -> PathBuf {

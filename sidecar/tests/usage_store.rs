@@ -168,20 +168,44 @@ fn shutdown_under_load_writes_or_refuses_every_record() {
     assert_eq!(recorder.pending(), 0);
 }
 
-#[test]
-fn a_refused_commit_keeps_its_rows_until_the_database_takes_them() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let path = dir.path().join("usage.db");
-    let options = StoreOptions {
+/// Options for a database another connection locks: short lock waits so the
+/// tests do not wait seconds for each refusal.
+fn lockable() -> StoreOptions {
+    StoreOptions {
         busy_timeout: Duration::from_millis(10),
         retry_delay: Duration::from_millis(20),
+        shutdown_busy_timeout: Duration::from_millis(10),
         ..StoreOptions::default()
-    };
-    let store = Store::open_with(&path, options).expect("open");
+    }
+}
+
+/// Request ids of the records in the spill file.
+fn spilled_ids(db: &std::path::Path) -> Vec<String> {
+    std::fs::read_to_string(usage::spill::spill_path(db))
+        .unwrap_or_default()
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<UsageRecord>(l)
+                .expect("a record per line")
+                .request_id
+        })
+        .collect()
+}
+
+/// Holds the database's write lock like another process would.
+fn lock(path: &std::path::Path) -> rusqlite::Connection {
+    let blocker = rusqlite::Connection::open(path).expect("blocker");
+    blocker.execute_batch("BEGIN EXCLUSIVE").expect("lock");
+    blocker
+}
+
+#[test]
+fn a_locked_database_spills_at_runtime_and_takes_every_row_back_once_released() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("usage.db");
+    let store = Store::open_with(&path, lockable()).expect("open");
     let recorder = store.recorder();
-    // Another writer holds the database's write lock.
-    let blocker = rusqlite::Connection::open(&path).expect("blocker");
-    blocker.execute_batch("BEGIN IMMEDIATE").expect("lock");
+    let blocker = lock(&path);
     for i in 0..10 {
         recorder.record(record(i, "k", "m", T0));
     }
@@ -190,16 +214,20 @@ fn a_refused_commit_keeps_its_rows_until_the_database_takes_them() {
         matches!(err, StoreError::Unflushed { unwritten: 10, .. }),
         "{err}"
     );
-    assert_eq!(recorder.pending(), 10);
+    // Not kept in memory: on disk, synced, while the lock lasts.
+    assert_eq!(recorder.pending(), 0);
+    assert_eq!(spilled_ids(&path).len(), 10);
+    assert_eq!(recorder.spilled(), 10);
     blocker.execute_batch("ROLLBACK").expect("unlock");
     store.flush().expect("flush after unlock");
-    assert_eq!(recorder.pending(), 0);
+    assert!(
+        !usage::spill::spill_path(&path).exists(),
+        "imported, then removed"
+    );
     assert_eq!(total(&store.reader(), &UsageQuery::default()), 10);
 
-    // Still locked at shutdown: the rows are saved beside the database.
-    blocker
-        .execute_batch("BEGIN IMMEDIATE")
-        .expect("lock again");
+    // Still locked at shutdown: the rows wait in the spill file.
+    let blocker = lock(&path);
     recorder.record(record(10, "k", "m", T0));
     recorder.record(record(11, "k", "m", T0));
     let err = store.shutdown().expect_err("locked at shutdown");
@@ -208,20 +236,115 @@ fn a_refused_commit_keeps_its_rows_until_the_database_takes_them() {
         "{err}"
     );
     assert!(err.to_string().contains("2 record(s)"), "{err}");
-    let spill = usage::spill::spill_path(&path);
-    assert!(spill.exists());
+    assert_eq!(spilled_ids(&path), ["req-k-10", "req-k-11"]);
     blocker.execute_batch("ROLLBACK").expect("unlock");
     drop(blocker);
 
-    // The next start imports them and removes the file.
+    // The next start imports them and removes the file: each row once.
     let store = Store::open(&path).expect("reopen");
-    assert!(!spill.exists());
+    assert!(!usage::spill::spill_path(&path).exists());
     assert_eq!(total(&store.reader(), &UsageQuery::default()), 12);
     let report = store.shutdown().expect("shutdown");
     assert_eq!(
         report.written, 0,
         "imported rows are not this run's records"
     );
+}
+
+#[test]
+fn a_spill_file_imported_twice_keeps_one_row_each() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("usage.db");
+    let spill = usage::spill::spill_path(&path);
+    let store = Store::open_with(&path, lockable()).expect("open");
+    let blocker = lock(&path);
+    for i in 0..5 {
+        store.recorder().record(record(i, "k", "m", T0));
+    }
+    assert!(store.shutdown().is_err(), "locked: spilled");
+    drop(blocker);
+    let saved = std::fs::read(&spill).expect("spill file");
+
+    // A crash after the import committed, before the file was removed: the
+    // next start finds the same file again.
+    drop(Store::open(&path).expect("first import"));
+    assert!(!spill.exists());
+    std::fs::write(&spill, &saved).expect("put it back");
+    let store = Store::open(&path).expect("second import");
+    assert!(!spill.exists());
+    assert_eq!(total(&store.reader(), &UsageQuery::default()), 5);
+}
+
+#[test]
+fn past_its_bound_the_queue_spills_and_past_the_cap_records_are_dropped_and_counted() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("usage.db");
+    let line = serde_json::to_string(&record(100, "k", "m", T0))
+        .expect("json")
+        .len() as u64
+        + 1;
+    let options = StoreOptions {
+        max_batch_rows: 1,
+        // The writer waits on the lock for as long as the test holds it.
+        busy_timeout: Duration::from_secs(60),
+        max_pending: 10,
+        spill_max_bytes: line * 20,
+        ..StoreOptions::default()
+    };
+    let store = Store::open_with(&path, options).expect("open");
+    let recorder = store.recorder();
+    let blocker = lock(&path);
+    let started = Instant::now();
+    for i in 100..200 {
+        recorder.record(record(i, "k", "m", T0));
+    }
+    // The writer is stuck on the lock: only the bound's worth is in memory,
+    // the spill file took about 20 (lines differ by a byte or so), and the
+    // rest was dropped.
+    assert!(recorder.pending() <= 10, "{}", recorder.pending());
+    assert!(
+        (19..=21).contains(&recorder.spilled()),
+        "{}",
+        recorder.spilled()
+    );
+    assert!(recorder.dropped() >= 60, "{}", recorder.dropped());
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "record never waits for SQLite"
+    );
+    blocker.execute_batch("ROLLBACK").expect("unlock");
+    drop(blocker);
+    let dropped = recorder.dropped();
+    store.shutdown().expect("shutdown");
+    assert_eq!(recorder.stats().dropped, dropped);
+    let reader = UsageReader::open(&path).expect("reopen");
+    assert_eq!(
+        total(&reader, &UsageQuery::default()) + dropped,
+        100,
+        "every record is in the database or counted as dropped"
+    );
+}
+
+#[test]
+fn shutdown_with_the_database_locked_for_good_is_bounded_and_keeps_every_row() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("usage.db");
+    // The default lock waits, as `afr serve` runs.
+    let store = Store::open(&path).expect("open");
+    let recorder = store.recorder();
+    let _blocker = lock(&path);
+    for i in 0..1_000 {
+        recorder.record(record(i, "k", "m", T0));
+    }
+    let started = Instant::now();
+    let err = store.shutdown().expect_err("locked");
+    let took = started.elapsed();
+    let o = StoreOptions::default();
+    // At most: a commit already waiting, the last one, then spilling.
+    let bound = o.busy_timeout + o.shutdown_busy_timeout * 2 + Duration::from_secs(3);
+    assert!(took < bound, "shutdown took {took:?}");
+    assert!(matches!(err, StoreError::Spilled { .. }), "{err}");
+    assert_eq!(spilled_ids(&path).len(), 1_000);
 }
 
 #[test]

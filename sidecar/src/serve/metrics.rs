@@ -1,11 +1,14 @@
 //! Prometheus metrics (served on the admin listener): requests by
 //! model/provider/status, latency and time-to-first-token histograms, tokens,
-//! breaker state and failovers. Labels carry names and key ids, never secrets.
+//! breaker state and failovers, and the usage store's queue, spill and drops.
+//! Labels carry names and key ids, never secrets.
 
-use prometheus_client::encoding::EncodeLabelSet;
-use prometheus_client::metrics::counter::Counter;
+use crate::usage::Recorder;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
 use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 use std::time::Duration;
@@ -173,6 +176,13 @@ impl Metrics {
             .inc();
     }
 
+    /// Exports the usage store's counters (read at each scrape):
+    /// `afr_usage_pending`, `afr_usage_spilled_total`, `afr_usage_dropped_total`.
+    pub fn track_usage_store(&mut self, recorder: Recorder) {
+        self.registry
+            .register_collector(Box::new(UsageStoreCollector(recorder)));
+    }
+
     /// The text exposition format.
     pub fn encode(&self) -> String {
         let mut out = String::new();
@@ -180,5 +190,42 @@ impl Metrics {
             tracing::error!(error = %e, "encoding metrics failed");
         }
         out
+    }
+}
+
+/// Reads the usage store's counters at scrape time.
+struct UsageStoreCollector(Recorder);
+
+impl std::fmt::Debug for UsageStoreCollector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("UsageStoreCollector")
+    }
+}
+
+impl Collector for UsageStoreCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let stats = self.0.stats();
+        let pending = ConstGauge::new(i64::try_from(stats.pending).unwrap_or(i64::MAX));
+        pending.encode(encoder.encode_descriptor(
+            "usage_pending",
+            "Usage records queued for the database",
+            None,
+            pending.metric_type(),
+        )?)?;
+        let spilled = ConstCounter::new(stats.spilled);
+        spilled.encode(encoder.encode_descriptor(
+            "usage_spilled",
+            "Usage records written to the spill file because SQLite refused them or the queue was full",
+            None,
+            spilled.metric_type(),
+        )?)?;
+        let dropped = ConstCounter::new(stats.dropped);
+        dropped.encode(encoder.encode_descriptor(
+            "usage_dropped",
+            "Usage records lost: SQLite refused them and the spill file was full or unwritable",
+            None,
+            dropped.metric_type(),
+        )?)?;
+        Ok(())
     }
 }

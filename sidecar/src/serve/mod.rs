@@ -18,7 +18,7 @@ pub mod reload;
 pub mod state;
 pub mod usage_sink;
 
-use crate::usage::Store;
+use crate::usage::{Store, StoreOptions};
 use afr_core::config::{parse_listen, Listen};
 use anyhow::Context;
 use listener::Bound;
@@ -26,6 +26,10 @@ use state::{Gateway, Runtime};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
+
+/// How long shutdown waits for the usage taps of cut streams; they have
+/// nothing left to wait for, so this only bounds a bug.
+const TAP_WAIT: Duration = Duration::from_secs(2);
 
 /// `afr serve` arguments.
 #[derive(clap::Args)]
@@ -79,15 +83,22 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     if let Some(dir) = usage_path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
-    let store = Store::open(&usage_path)
+    let options = StoreOptions {
+        max_pending: runtime.config.usage.queue_max,
+        spill_max_bytes: runtime.config.usage.spill_max_bytes,
+        ..StoreOptions::default()
+    };
+    let store = Store::open_with(&usage_path, options)
         .with_context(|| format!("usage.path: {}", usage_path.display()))?;
     let (sink, sink_closer) = usage_sink::UsageSink::start(store.recorder());
-    let gateway = Arc::new(Gateway::new(
+    let mut gateway = Gateway::new(
         runtime,
         args.config.clone(),
         Some(sink),
         Some(store.reader()),
-    ));
+    );
+    gateway.metrics.track_usage_store(store.recorder());
+    let gateway = Arc::new(gateway);
 
     let bound = Bound::bind(&listen, socket_mode)
         .await
@@ -138,8 +149,18 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     if let Some(admin) = admin {
         admin.abort();
     }
-    // Usage taps finish as their streams end; give the last ones a moment.
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    // Every connection is gone, so every stream's tap has its last event:
+    // wait for them to write their rows before the sink closes.
+    gateway.taps.close();
+    if tokio::time::timeout(TAP_WAIT, gateway.taps.wait())
+        .await
+        .is_err()
+    {
+        tracing::error!(
+            open = gateway.taps.len(),
+            "usage taps still running after {TAP_WAIT:?}; their rows are lost"
+        );
+    }
     drop(gateway);
     sink_closer.close().await;
     let report = tokio::task::spawn_blocking(move || store.shutdown())

@@ -101,7 +101,11 @@ struct Relay {
 /// Builds the `text/event-stream` response and starts the usage tap.
 pub fn respond(start: StreamStart) -> Response<Body> {
     let (tap_tx, tap_rx) = mpsc::unbounded_channel();
-    tokio::spawn(tap(tap_rx, start.usage, start.prompt_chars));
+    // Tracked, so shutdown waits for the row of a stream it cut.
+    start
+        .gateway
+        .taps
+        .spawn(tap(tap_rx, start.usage, start.prompt_chars));
     let now = Instant::now();
     let relay = Relay {
         gateway: start.gateway,

@@ -13,6 +13,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
+use tokio_util::task::TaskTracker;
 
 /// One loaded configuration with everything built from it.
 pub struct Runtime {
@@ -115,6 +116,9 @@ pub struct Gateway {
     pub recorder: Option<UsageSink>,
     /// Usage reader for `GET /v1/usage`.
     pub reader: Option<UsageReader>,
+    /// The usage taps of streams still being relayed; shutdown waits for
+    /// them so a stream cut at the end of the grace still gets its row.
+    pub taps: TaskTracker,
 }
 
 impl Gateway {
@@ -132,6 +136,7 @@ impl Gateway {
             metrics: Metrics::new(),
             recorder,
             reader,
+            taps: TaskTracker::new(),
         };
         gateway.sync_breakers();
         gateway

@@ -7,18 +7,19 @@
 //! ```text
 //! let store = Store::open(&config.usage.path)?;      // creates or migrates the schema
 //! let recorder = store.recorder();                   // Clone + Send + Sync, one per task
-//! recorder.record(rec);                              // never blocks, never drops
+//! recorder.record(rec);                              // never blocks; spills past its bound
 //! let reader = store.reader();                       // for GET /v1/usage:
 //! spawn_blocking(move || http::key_usage(&reader, key_id, query, time_arg::now_ms()))
-//! store.shutdown()?;                                 // on SIGTERM/SIGINT: every recorded row is durable
+//! store.shutdown()?;                                 // on SIGTERM/SIGINT: every row in the db or the spill file
 //! ```
 //!
 //! - [`store`]: [`Store`], [`Recorder`] and the writer thread that batches
 //!   records into transactions.
 //! - [`query`]: [`UsageQuery`] (filters and grouping), [`UsageRow`] (the sums)
 //!   and [`UsageReader`], the read side, also used by the CLI without a writer.
-//! - [`spill`]: records SQLite still refused at shutdown are saved beside the
-//!   database and imported by the next [`Store::open`].
+//! - [`spill`]: records SQLite refuses (or past the queue's bound) are
+//!   appended to a capped file beside the database and imported, exactly
+//!   once, when SQLite takes writes again or at the next [`Store::open`].
 //! - [`http`]: `GET /v1/usage`: [`http::key_usage`] (blocking) turns the
 //!   caller's key id and query string into the response body, or an error
 //!   that knows its HTTP status and `param`.
@@ -45,7 +46,7 @@ pub mod time_arg;
 
 pub use query::{GroupBy, UsageQuery, UsageReader, UsageRow};
 #[allow(unused_imports)] // until `afr serve` names them
-pub use store::{Recorder, ShutdownReport, Store, StoreOptions};
+pub use store::{Recorder, ShutdownReport, Store, StoreOptions, UsageStats};
 
 use std::path::PathBuf;
 
@@ -110,11 +111,11 @@ pub enum StoreError {
         /// The last SQLite error.
         reason: String,
     },
-    /// Shutdown could not write some records to SQLite and saved them to a
+    /// At shutdown SQLite still refused writes: records wait in the spill
     /// file instead; the next [`Store::open`] imports it.
     #[error(
-        "usage store: {unwritten} record(s) could not be written at shutdown ({reason}); \
-         saved to {} and imported at the next start",
+        "usage store: {unwritten} record(s) could not be written to the database ({reason}); \
+         they are in {} and imported at the next start",
         spill.display()
     )]
     Spilled {

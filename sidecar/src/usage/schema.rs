@@ -34,6 +34,14 @@ const MIGRATIONS: &[&str] = &[
     );
     CREATE INDEX usage_key_ts ON usage (key_id, ts_ms);
     CREATE INDEX usage_ts ON usage (ts_ms);",
+    // v2: one row per request id, so importing a spill file twice (a crash
+    // between the import's commit and the file's removal) cannot count a
+    // request twice; writes use INSERT OR IGNORE. A v1 file may already hold
+    // duplicates (a spill file imported twice): the first row of each stays.
+    // Empty ids (a record that lost its request) are not deduplicated.
+    "DELETE FROM usage WHERE request_id <> '' AND id NOT IN
+        (SELECT MIN(id) FROM usage WHERE request_id <> '' GROUP BY request_id);
+    CREATE UNIQUE INDEX usage_request_id ON usage (request_id) WHERE request_id <> '';",
 ];
 
 /// The schema version this build writes.
@@ -168,6 +176,61 @@ mod tests {
         drop(conn);
         assert!(matches!(open_writer(&path), Err(StoreError::TooNew { .. })));
         assert!(matches!(open_reader(&path), Err(StoreError::TooNew { .. })));
+    }
+
+    #[test]
+    fn v1_file_with_duplicate_request_ids_keeps_the_first_of_each() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("u.db");
+        let conn = Connection::open(&path).expect("open");
+        conn.execute_batch(MIGRATIONS[0]).expect("v1");
+        conn.pragma_update(None, "user_version", 1)
+            .expect("version");
+        let insert = |id: &str, tokens: i64| {
+            conn.execute(
+                "INSERT INTO usage (ts_ms, request_id, key_id, model, provider, upstream_model,
+                 prompt_tokens, completion_tokens, total_tokens, token_source, latency_ms,
+                 status, stream, truncated)
+                 VALUES (1, ?1, 'k', 'm', 'p', 'u', 0, 0, ?2, 'none', 0, 200, 0, 0)",
+                rusqlite::params![id, tokens],
+            )
+            .expect("insert");
+        };
+        // A spill file imported twice by v1, and two rows without an id.
+        for (id, tokens) in [
+            ("a", 1),
+            ("b", 2),
+            ("a", 3),
+            ("b", 4),
+            ("c", 5),
+            ("", 6),
+            ("", 7),
+        ] {
+            insert(id, tokens);
+        }
+        drop(conn);
+        let conn = open_writer(&path).expect("migrate");
+        let rows: Vec<(String, i64)> = conn
+            .prepare("SELECT request_id, total_tokens FROM usage ORDER BY id")
+            .expect("prepare")
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+            .expect("query")
+            .collect::<Result<_, _>>()
+            .expect("rows");
+        let expected: Vec<(String, i64)> = [("a", 1), ("b", 2), ("c", 5), ("", 6), ("", 7)]
+            .iter()
+            .map(|(id, t)| (id.to_string(), *t))
+            .collect();
+        assert_eq!(rows, expected);
+        // The index now refuses a second row for an id.
+        let again = conn.execute(
+            "INSERT INTO usage (ts_ms, request_id, key_id, model, provider, upstream_model,
+             prompt_tokens, completion_tokens, total_tokens, token_source, latency_ms,
+             status, stream, truncated)
+             VALUES (1, 'a', 'k', 'm', 'p', 'u', 0, 0, 0, 'none', 0, 200, 0, 0)",
+            [],
+        );
+        assert!(again.is_err());
     }
 
     #[test]

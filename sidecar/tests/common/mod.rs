@@ -175,41 +175,67 @@ impl Sidecar {
         cooldown: &str,
         server_extra: &str,
     ) -> Sidecar {
+        Self::start_with_sections(body, failures, cooldown, server_extra, "")
+    }
+
+    /// Like `start_with`, with extra `[server]` and `[usage]` lines.
+    pub fn start_with_sections(
+        body: &str,
+        failures: u32,
+        cooldown: &str,
+        server_extra: &str,
+        usage_extra: &str,
+    ) -> Sidecar {
         let dir = tempfile::tempdir().expect("tempdir");
-        let config = Self::config_text(dir.path(), body, failures, cooldown).replacen(
-            "[server]\n",
-            &format!("[server]\n{server_extra}\n"),
-            1,
-        );
+        let config = Self::config_text(dir.path(), body, failures, cooldown)
+            .replacen("[server]\n", &format!("[server]\n{server_extra}\n"), 1)
+            .replacen("[usage]\n", &format!("[usage]\n{usage_extra}\n"), 1);
         std::fs::write(dir.path().join("sidecar.toml"), config).expect("writing config");
-        let log = std::fs::File::create(dir.path().join("sidecar.log")).expect("log file");
+        let mut sidecar = Sidecar {
+            child: None,
+            port: 0,
+            admin_port: 0,
+            dir,
+            client: reqwest::Client::new(),
+        };
+        sidecar.spawn();
+        sidecar
+    }
+
+    /// Starts `afr serve` again in the same directory (same config, same
+    /// usage database) after [`Sidecar::terminate`].
+    pub fn restart(&mut self) {
+        assert!(self.child.is_none(), "terminate it first");
+        self.spawn();
+    }
+
+    fn spawn(&mut self) {
+        let dir = self.dir.path();
+        for file in ["port", "admin.port"] {
+            let _ = std::fs::remove_file(dir.join(file));
+        }
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join("sidecar.log"))
+            .expect("log file");
         let mut child = Command::new(env!("CARGO_BIN_EXE_afr"))
             .arg("serve")
             .arg("--config")
-            .arg(dir.path().join("sidecar.toml"))
+            .arg(dir.join("sidecar.toml"))
             .arg("--port-file")
-            .arg(dir.path().join("port"))
+            .arg(dir.join("port"))
             .arg("--admin-port-file")
-            .arg(dir.path().join("admin.port"))
+            .arg(dir.join("admin.port"))
             .args(["--threads", "2"])
             .env("AFR_LOG", "info")
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
             .expect("spawning afr serve");
-        let port = wait_for_file(&dir.path().join("port"), &mut child, "afr serve");
-        let admin_port = wait_for_file(
-            &dir.path().join("admin.port"),
-            &mut child,
-            "afr serve admin",
-        );
-        Sidecar {
-            child: Some(child),
-            port,
-            admin_port,
-            dir,
-            client: reqwest::Client::new(),
-        }
+        self.port = wait_for_file(&dir.join("port"), &mut child, "afr serve");
+        self.admin_port = wait_for_file(&dir.join("admin.port"), &mut child, "afr serve admin");
+        self.child = Some(child);
     }
 
     /// The full config text for `body`.
