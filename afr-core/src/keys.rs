@@ -251,7 +251,7 @@ impl KeyTable {
         };
 
         let default_rpm = match &doc.default_rpm {
-            Some(r) => check_rpm(&loc, r, "defaults.rpm")?,
+            Some(r) => rpm_field(&loc, r, "defaults.rpm")?,
             None => DEFAULT_RPM,
         };
 
@@ -265,18 +265,7 @@ impl KeyTable {
             let f = |name: &str| format!("key[{}].{name}", i + 1);
 
             let id = &k.id.v;
-            if id.is_empty()
-                || id.len() > MAX_ID_LEN
-                || !id
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b"._-:@".contains(&b))
-            {
-                return Err(loc.err(
-                    k.id.at,
-                    f("id"),
-                    format!("must be 1-{MAX_ID_LEN} characters of A-Z a-z 0-9 . _ - : @"),
-                ));
-            }
+            check_id(id).map_err(|message| loc.err(k.id.at, f("id"), message))?;
             if let Some(first) = ids.insert(id.clone(), line) {
                 return Err(loc.err(
                     k.id.at,
@@ -305,29 +294,19 @@ impl KeyTable {
             }
 
             let rpm = match &k.rpm {
-                Some(r) => check_rpm(&loc, r, &f("rpm"))?,
+                Some(r) => rpm_field(&loc, r, &f("rpm"))?,
                 None => default_rpm,
             };
             let expires = match &k.expires {
-                Some(v) => Some(parse_expires(&v.v).ok_or_else(|| {
-                    loc.err(
-                        v.at,
-                        f("expires"),
-                        "must be an RFC 3339 date-time with offset, e.g. \"2027-01-01T00:00:00Z\"",
-                    )
-                })?),
+                Some(v) => Some(
+                    check_expires(&v.v).map_err(|message| loc.err(v.at, f("expires"), message))?,
+                ),
                 None => None,
             };
             let models = match k.models {
                 Some(m) => {
-                    if let Some(bad) = m.v.iter().find(|s| {
-                        s.is_empty() || !s.bytes().all(|b| b.is_ascii_graphic() && b != b',')
-                    }) {
-                        return Err(loc.err(
-                            m.at,
-                            f("models"),
-                            format!("invalid model name {bad:?}: must be non-empty, printable, without commas or spaces"),
-                        ));
+                    if let Some(message) = m.v.iter().find_map(|s| check_model(s).err()) {
+                        return Err(loc.err(m.at, f("models"), message));
                     }
                     Some(m.v)
                 }
@@ -381,14 +360,52 @@ impl KeyTable {
     }
 }
 
-fn check_rpm(loc: &Locator<'_>, r: &Val<i64>, field: &str) -> Result<u32, KeyFileError> {
-    match r.v {
+fn rpm_field(loc: &Locator<'_>, r: &Val<i64>, field: &str) -> Result<u32, KeyFileError> {
+    check_rpm(r.v).map_err(|message| loc.err(r.at, field, message))
+}
+
+// The checks below are the keys file's rules for one value, shared with
+// `afr key new` so a key is refused before its secret exists, never after.
+
+/// Checks a key id: 1-128 characters of `A-Z a-z 0-9 . _ - : @`.
+pub fn check_id(id: &str) -> Result<(), String> {
+    let ok = !id.is_empty()
+        && id.len() <= MAX_ID_LEN
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-:@".contains(&b));
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "must be 1-{MAX_ID_LEN} characters of A-Z a-z 0-9 . _ - : @"
+        ))
+    }
+}
+
+/// Checks a requests-per-minute limit (1 to 10 000 000).
+pub fn check_rpm(rpm: i64) -> Result<u32, String> {
+    match rpm {
         v @ 1..=MAX_RPM => Ok(v as u32),
-        v => Err(loc.err(
-            r.at,
-            field,
-            format!("must be between 1 and {MAX_RPM}, got {v}"),
-        )),
+        v => Err(format!("must be between 1 and {MAX_RPM}, got {v}")),
+    }
+}
+
+/// Parses an expiry (RFC 3339 with offset) into unix seconds.
+pub fn check_expires(text: &str) -> Result<i64, String> {
+    parse_expires(text).ok_or_else(|| {
+        "must be an RFC 3339 date-time with offset, e.g. \"2027-01-01T00:00:00Z\"".to_owned()
+    })
+}
+
+/// Checks one model name of an allow-list (it travels in a comma-separated header).
+pub fn check_model(name: &str) -> Result<(), String> {
+    if name.is_empty() || !name.bytes().all(|b| b.is_ascii_graphic() && b != b',') {
+        Err(format!(
+            "invalid model name {name:?}: must be non-empty, printable, without commas or spaces"
+        ))
+    } else {
+        Ok(())
     }
 }
 

@@ -10,7 +10,7 @@
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use afr_core::keys::{format_hash, KeyTable, MIN_TOKEN_CHARS, TOKEN_PREFIX};
+use afr_core::keys::{self, format_hash, KeyTable, MIN_TOKEN_CHARS, TOKEN_PREFIX};
 use anyhow::{bail, Context};
 use clap::{Args, Subcommand};
 
@@ -67,7 +67,6 @@ pub fn run(args: KeyArgs) -> anyhow::Result<()> {
             expires,
             models,
         } => {
-            let token = generate_token()?;
             let entry = NewKey {
                 id: &id,
                 name: &name,
@@ -75,6 +74,10 @@ pub fn run(args: KeyArgs) -> anyhow::Result<()> {
                 expires: expires.as_deref(),
                 models: models.as_deref(),
             };
+            // Everything that can refuse the key is checked before its
+            // secret exists: an error never follows a printed secret.
+            check_new_key(&args.file, &entry)?;
+            let token = generate_token()?;
             add_key(&args.file, &entry, &token)?;
             println!("{token}");
             eprintln!(
@@ -103,6 +106,32 @@ struct NewKey<'a> {
     rpm: Option<u32>,
     expires: Option<&'a str>,
     models: Option<&'a [String]>,
+}
+
+/// Checks the arguments of `afr key new` with the keys file's own rules
+/// (`afr_core::keys`), and the file they go into, naming the flag at fault.
+fn check_new_key(path: &Path, k: &NewKey<'_>) -> anyhow::Result<()> {
+    keys::check_id(k.id).map_err(|e| anyhow::anyhow!("--id {:?}: {e}", k.id))?;
+    if let Some(rpm) = k.rpm {
+        keys::check_rpm(i64::from(rpm)).map_err(|e| anyhow::anyhow!("--rpm: {e}"))?;
+    }
+    if let Some(expires) = k.expires {
+        keys::check_expires(expires).map_err(|e| anyhow::anyhow!("--expires: {e}"))?;
+    }
+    for m in k.models.unwrap_or_default() {
+        keys::check_model(m.trim()).map_err(|e| anyhow::anyhow!("--models: {e}"))?;
+    }
+    let table = load(path, &read_existing(path)?)
+        .context("the keys file is invalid; fix it before adding keys")?;
+    if let Some(other) = table.entries().iter().find(|e| e.id == k.id) {
+        bail!(
+            "--id: a key with id \"{}\" already exists ({}:{})",
+            k.id,
+            path.display(),
+            other.line
+        );
+    }
+    Ok(())
 }
 
 /// `afr_` + 43 base62 characters from the OS CSPRNG (rejection sampling, so
