@@ -159,7 +159,11 @@ fn shutdown_under_load_writes_or_refuses_every_record() {
     let sent: u64 = workers.into_iter().map(|w| w.join().expect("worker")).sum();
     let reader = UsageReader::open(&path).expect("reopen");
     let stored = total(&reader, &UsageQuery::default());
-    assert_eq!(stored, report.written);
+    // Four threads outpace the writer, so the queue may pass its bound: those
+    // records went through the spill file and were imported before the end.
+    assert_eq!(stored, report.written + recorder.spilled());
+    assert_eq!(recorder.dropped(), 0);
+    assert!(!usage::spill::spill_path(&path).exists());
     assert_eq!(
         stored + recorder.refused(),
         sent,

@@ -446,12 +446,8 @@ impl Writer {
             match control {
                 Control::Write => {}
                 Control::Flush(ack) => {
-                    let answer = match &self.refusal {
-                        Some(refusal) => Err(refusal.reason.clone()),
-                        None => Ok(()),
-                    };
                     // The asker may have given up waiting; nothing to do then.
-                    let _ = ack.send(answer);
+                    let _ = ack.send(self.outcome());
                 }
                 Control::Shutdown => return self.finish(rx),
             }
@@ -496,33 +492,49 @@ impl Writer {
     /// Commits the batch, or spills it while SQLite refuses writes; once
     /// SQLite takes writes again, imports the spill file.
     fn write(&mut self) {
-        if self
-            .refusal
-            .as_ref()
-            .is_some_and(|r| Instant::now() < r.retry_at)
-        {
+        let now = Instant::now();
+        if self.refusal.as_ref().is_some_and(|r| now < r.retry_at) {
             self.spill_batch();
             return;
         }
+        let mut took_writes = false;
         if !self.batch.is_empty() {
             if let Err(e) = self.commit() {
                 self.refuse(&e);
                 self.spill_batch();
                 return;
             }
+            took_writes = true;
         }
-        if self.refusal.is_some() || self.shared.spill.records() > 0 {
+        if self.shared.spill.records() > 0 {
             match self.import_spilled() {
                 Ok(count) => {
-                    if self.refusal.take().is_some() {
-                        tracing::info!(
-                            count,
-                            "usage store: writing again; spilled records imported"
-                        );
-                    }
+                    took_writes |= count > 0;
+                    tracing::info!(count, "usage store: spilled records imported");
                 }
-                Err(e) => self.refuse(&e),
+                Err(e) => {
+                    self.refuse(&e);
+                    return;
+                }
             }
+        }
+        if took_writes {
+            if self.refusal.take().is_some() {
+                tracing::info!("usage store: SQLite takes writes again");
+            }
+        } else if let Some(refusal) = &mut self.refusal {
+            // Nothing was written, so nothing proved the refusal over: keep
+            // it (and spilling) until a write succeeds.
+            refusal.retry_at = now + self.options.retry_delay;
+        }
+    }
+
+    /// `Err` while records wait in the spill file.
+    fn outcome(&self) -> Result<(), String> {
+        match (self.shared.spill.records(), &self.refusal) {
+            (0, _) => Ok(()),
+            (_, Some(refusal)) => Err(refusal.reason.clone()),
+            (n, None) => Err(format!("{n} record(s) wait in the spill file")),
         }
     }
 
@@ -605,10 +617,7 @@ impl Writer {
         if let Err(e) = self.shared.spill.sync() {
             tracing::error!(error = %e, "usage store: syncing the spill file failed");
         }
-        let outcome = match &self.refusal {
-            Some(refusal) => Err(refusal.reason.clone()),
-            None => Ok(()),
-        };
+        let outcome = self.outcome();
         for ack in acks {
             let _ = ack.send(outcome.clone());
         }
@@ -618,6 +627,11 @@ impl Writer {
                 reason,
                 spill: self.shared.spill.path().to_owned(),
             });
+        }
+        if self.refusal.is_some() {
+            // Every record was written or dropped (and counted); a
+            // checkpoint would only wait for the lock again.
+            return Ok(self.stats);
         }
         // Moves the WAL into the main file (with fsync) so the rows survive
         // a power loss too, and leaves no -wal file behind.
