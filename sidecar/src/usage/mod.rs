@@ -13,8 +13,8 @@
 //! store.shutdown()?;                                 // on SIGTERM/SIGINT: every row in the db or the spill file
 //! ```
 //!
-//! - [`store`]: [`Store`], [`Recorder`] and the writer thread that batches
-//!   records into transactions.
+//! - [`store`]: [`Store`], [`Recorder`], the queue's bound and the spill
+//!   policy; `writer`: the thread that batches records into transactions.
 //! - [`query`]: [`UsageQuery`] (filters and grouping), [`UsageRow`] (the sums)
 //!   and [`UsageReader`], the read side, also used by the CLI without a writer.
 //! - [`spill`]: records SQLite refuses (or past the queue's bound) are
@@ -43,6 +43,7 @@ mod schema;
 pub mod spill;
 pub mod store;
 pub mod time_arg;
+mod writer;
 
 pub use query::{GroupBy, UsageQuery, UsageReader, UsageRow};
 #[allow(unused_imports)] // until `afr serve` names them

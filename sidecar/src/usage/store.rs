@@ -29,11 +29,11 @@ use std::sync::{mpsc, Arc, RwLock};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
-use afr_core::usage::{TokenSource, UsageRecord};
-use rusqlite::{params, Connection};
+use afr_core::usage::UsageRecord;
 
 use super::query::UsageReader;
 use super::spill::{Appended, Spill};
+use super::writer::Writer;
 use super::{schema, StoreError, UsageQuery, UsageRow};
 
 /// Tuning of the writer; [`Default`] is what `afr serve` uses unless
@@ -73,7 +73,7 @@ impl Default for StoreOptions {
 }
 
 /// What the writer thread is asked to do, in queue order.
-enum Msg {
+pub(super) enum Msg {
     Record(UsageRecord),
     /// Write everything queued before this message, then answer.
     Flush(mpsc::SyncSender<Result<(), String>>),
@@ -83,40 +83,40 @@ enum Msg {
 
 /// State shared by the store, its recorders and the writer.
 #[derive(Debug)]
-struct Shared {
+pub(super) struct Shared {
     /// `true` while records are accepted. Recorders hold the read side for
     /// one channel send or spill append; shutdown takes the write side once
     /// to close it.
-    open: RwLock<bool>,
+    pub(super) open: RwLock<bool>,
     /// [`StoreOptions::max_pending`].
-    max_pending: u64,
+    pub(super) max_pending: u64,
     /// Records queued for the writer.
-    accepted: AtomicU64,
+    pub(super) accepted: AtomicU64,
     /// Queued records the writer is done with (written, spilled or dropped).
-    drained: AtomicU64,
+    pub(super) drained: AtomicU64,
     /// Records committed to the database by this run.
-    written: AtomicU64,
+    pub(super) written: AtomicU64,
     /// Records appended to the spill file by this run.
-    spilled: AtomicU64,
+    pub(super) spilled: AtomicU64,
     /// Records lost: the spill file was full or could not be written.
-    dropped: AtomicU64,
+    pub(super) dropped: AtomicU64,
     /// Records refused because the store had shut down.
-    refused: AtomicU64,
+    pub(super) refused: AtomicU64,
     /// Whether the "queue full" warning was logged since the queue last
     /// drained below half of its bound.
-    warned: AtomicBool,
-    spill: Spill,
+    pub(super) warned: AtomicBool,
+    pub(super) spill: Spill,
 }
 
 impl Shared {
-    fn pending(&self) -> u64 {
+    pub(super) fn pending(&self) -> u64 {
         let drained = self.drained.load(Ordering::Acquire);
         self.accepted
             .load(Ordering::Acquire)
             .saturating_sub(drained)
     }
 
-    fn count(&self, appended: Appended) {
+    pub(super) fn count(&self, appended: Appended) {
         self.spilled.fetch_add(appended.spilled, Ordering::AcqRel);
         self.dropped.fetch_add(appended.dropped, Ordering::AcqRel);
     }
@@ -165,8 +165,8 @@ pub struct ShutdownReport {
 
 /// Totals kept by the writer thread.
 #[derive(Debug, Clone, Copy, Default)]
-struct WriterStats {
-    transactions: u64,
+pub(super) struct WriterStats {
+    pub(super) transactions: u64,
 }
 
 impl Store {
@@ -199,14 +199,7 @@ impl Store {
             spill: Spill::new(path, options.spill_max_bytes),
         });
         let (tx, rx) = mpsc::channel();
-        let mut writer = Writer {
-            conn,
-            batch: Vec::with_capacity(options.max_batch_rows),
-            options,
-            shared: Arc::clone(&shared),
-            refusal: None,
-            stats: WriterStats::default(),
-        };
+        let mut writer = Writer::new(conn, options, Arc::clone(&shared));
         match writer.import_spilled() {
             Ok(0) => {}
             Ok(count) => tracing::info!(
@@ -401,289 +394,5 @@ impl Recorder {
             spilled: self.spilled(),
             dropped: self.dropped(),
         }
-    }
-}
-
-/// What ended a round of collecting records.
-enum Control {
-    /// The batch is full, its delay passed, or a retry of SQLite is due.
-    Write,
-    Flush(mpsc::SyncSender<Result<(), String>>),
-    Shutdown,
-}
-
-/// SQLite refused a write: why, and when to try it again.
-struct Refusal {
-    reason: String,
-    retry_at: Instant,
-}
-
-/// The writer thread's state.
-struct Writer {
-    conn: Connection,
-    batch: Vec<UsageRecord>,
-    options: StoreOptions,
-    shared: Arc<Shared>,
-    /// Set while SQLite refuses writes; batches go to the spill file.
-    refusal: Option<Refusal>,
-    stats: WriterStats,
-}
-
-const INSERT: &str = "INSERT OR IGNORE INTO usage (ts_ms, request_id, key_id, model, provider,
-    upstream_model, prompt_tokens, completion_tokens, total_tokens, token_source,
-    latency_ms, ttft_ms, status, stream, truncated)
-    VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)";
-
-impl Writer {
-    fn run(mut self, rx: &mpsc::Receiver<Msg>) -> Result<WriterStats, StoreError> {
-        loop {
-            let control = self.collect(rx);
-            if let (Control::Flush(_), Some(refusal)) = (&control, &mut self.refusal) {
-                // Someone is waiting: try SQLite again now.
-                refusal.retry_at = Instant::now();
-            }
-            self.write();
-            match control {
-                Control::Write => {}
-                Control::Flush(ack) => {
-                    // The asker may have given up waiting; nothing to do then.
-                    let _ = ack.send(self.outcome());
-                }
-                Control::Shutdown => return self.finish(rx),
-            }
-        }
-    }
-
-    /// Gathers records until the batch is full, its delay passed, a retry of
-    /// a refusing SQLite is due, or a control message arrives.
-    fn collect(&mut self, rx: &mpsc::Receiver<Msg>) -> Control {
-        let first = match &self.refusal {
-            // Even without traffic, a refusing database is retried (and the
-            // spill file imported) once it takes writes again.
-            Some(refusal) => {
-                rx.recv_timeout(refusal.retry_at.saturating_duration_since(Instant::now()))
-            }
-            None => rx.recv().map_err(|_| mpsc::RecvTimeoutError::Disconnected),
-        };
-        let mut msg = match first {
-            Ok(msg) => msg,
-            Err(mpsc::RecvTimeoutError::Timeout) => return Control::Write,
-            // Every sender is gone, the store included: nothing more can come.
-            Err(mpsc::RecvTimeoutError::Disconnected) => return Control::Shutdown,
-        };
-        let deadline = Instant::now() + self.options.max_batch_delay;
-        loop {
-            match msg {
-                Msg::Record(rec) => self.batch.push(rec),
-                Msg::Flush(ack) => return Control::Flush(ack),
-                Msg::Shutdown => return Control::Shutdown,
-            }
-            if self.batch.len() >= self.options.max_batch_rows {
-                return Control::Write;
-            }
-            msg = match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
-                Ok(msg) => msg,
-                Err(mpsc::RecvTimeoutError::Timeout) => return Control::Write,
-                Err(mpsc::RecvTimeoutError::Disconnected) => return Control::Shutdown,
-            };
-        }
-    }
-
-    /// Commits the batch, or spills it while SQLite refuses writes; once
-    /// SQLite takes writes again, imports the spill file.
-    fn write(&mut self) {
-        let now = Instant::now();
-        if self.refusal.as_ref().is_some_and(|r| now < r.retry_at) {
-            self.spill_batch();
-            return;
-        }
-        let mut took_writes = false;
-        if !self.batch.is_empty() {
-            if let Err(e) = self.commit() {
-                self.refuse(&e);
-                self.spill_batch();
-                return;
-            }
-            took_writes = true;
-        }
-        if self.shared.spill.records() > 0 {
-            match self.import_spilled() {
-                Ok(count) => {
-                    took_writes |= count > 0;
-                    tracing::info!(count, "usage store: spilled records imported");
-                }
-                Err(e) => {
-                    self.refuse(&e);
-                    return;
-                }
-            }
-        }
-        if took_writes {
-            if self.refusal.take().is_some() {
-                tracing::info!("usage store: SQLite takes writes again");
-            }
-        } else if let Some(refusal) = &mut self.refusal {
-            // Nothing was written, so nothing proved the refusal over: keep
-            // it (and spilling) until a write succeeds.
-            refusal.retry_at = now + self.options.retry_delay;
-        }
-    }
-
-    /// `Err` while records wait in the spill file.
-    fn outcome(&self) -> Result<(), String> {
-        match (self.shared.spill.records(), &self.refusal) {
-            (0, _) => Ok(()),
-            (_, Some(refusal)) => Err(refusal.reason.clone()),
-            (n, None) => Err(format!("{n} record(s) wait in the spill file")),
-        }
-    }
-
-    /// Notes that SQLite refused a write; logs the first refusal of a run of them.
-    fn refuse(&mut self, error: &dyn std::fmt::Display) {
-        let reason = error.to_string();
-        if self.refusal.is_none() {
-            tracing::error!(
-                error = %reason,
-                file = %self.shared.spill.path().display(),
-                "usage store: SQLite refuses writes; records go to the spill file until it takes them again"
-            );
-        } else {
-            tracing::debug!(error = %reason, "usage store: SQLite still refuses writes");
-        }
-        self.refusal = Some(Refusal {
-            reason,
-            retry_at: Instant::now() + self.options.retry_delay,
-        });
-    }
-
-    /// Moves the batch to the spill file (synced: these records are in no
-    /// other place).
-    fn spill_batch(&mut self) {
-        if self.batch.is_empty() {
-            return;
-        }
-        let appended = self.shared.spill.append(&self.batch, true, Instant::now());
-        self.shared.count(appended);
-        self.shared
-            .drained
-            .fetch_add(self.batch.len() as u64, Ordering::AcqRel);
-        self.batch.clear();
-    }
-
-    /// One transaction for the whole batch; the batch is cleared only once
-    /// the commit succeeded.
-    fn commit(&mut self) -> rusqlite::Result<()> {
-        insert_all(&mut self.conn, &self.batch)?;
-        let rows = self.batch.len() as u64;
-        self.batch.clear();
-        self.stats.transactions += 1;
-        self.shared.written.fetch_add(rows, Ordering::AcqRel);
-        self.shared.drained.fetch_add(rows, Ordering::AcqRel);
-        if self.shared.pending() < self.shared.max_pending / 2 {
-            self.shared.warned.store(false, Ordering::Relaxed);
-        }
-        Ok(())
-    }
-
-    /// Imports the spill file (records of an earlier run, or of this one
-    /// while SQLite refused writes); it is removed only after the commit.
-    fn import_spilled(&mut self) -> Result<usize, String> {
-        let shared = Arc::clone(&self.shared);
-        let conn = &mut self.conn;
-        shared.spill.import(|records| insert_all(conn, records))
-    }
-
-    /// Drains the queue, makes one bounded attempt at SQLite, spills what it
-    /// refuses, checkpoints the WAL.
-    fn finish(mut self, rx: &mpsc::Receiver<Msg>) -> Result<WriterStats, StoreError> {
-        let mut acks = Vec::new();
-        while let Ok(msg) = rx.try_recv() {
-            match msg {
-                Msg::Record(rec) => self.batch.push(rec),
-                Msg::Flush(ack) => acks.push(ack),
-                Msg::Shutdown => {}
-            }
-        }
-        // Shutdown must end inside the orchestrator's grace period even when
-        // another process holds the database's lock for good.
-        if let Err(e) = self.conn.busy_timeout(self.options.shutdown_busy_timeout) {
-            tracing::warn!(error = %e, "usage store: cannot shorten the lock wait for shutdown");
-        }
-        if let Some(refusal) = &mut self.refusal {
-            // One last try: the lock may be gone by now.
-            refusal.retry_at = Instant::now();
-        }
-        self.write();
-        if let Err(e) = self.shared.spill.sync() {
-            tracing::error!(error = %e, "usage store: syncing the spill file failed");
-        }
-        let outcome = self.outcome();
-        for ack in acks {
-            let _ = ack.send(outcome.clone());
-        }
-        if let Err(reason) = outcome {
-            return Err(StoreError::Spilled {
-                unwritten: usize::try_from(self.shared.spill.records()).unwrap_or(usize::MAX),
-                reason,
-                spill: self.shared.spill.path().to_owned(),
-            });
-        }
-        if self.refusal.is_some() {
-            // Every record was written or dropped (and counted); a
-            // checkpoint would only wait for the lock again.
-            return Ok(self.stats);
-        }
-        // Moves the WAL into the main file (with fsync) so the rows survive
-        // a power loss too, and leaves no -wal file behind.
-        if let Err(e) = self
-            .conn
-            .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
-        {
-            tracing::warn!(error = %e, "usage store: WAL checkpoint at shutdown failed");
-        }
-        Ok(self.stats)
-    }
-}
-
-/// Inserts `records` in one transaction; rows whose request id is already
-/// stored are skipped (a spill file imported again).
-fn insert_all(conn: &mut Connection, records: &[UsageRecord]) -> rusqlite::Result<()> {
-    let tx = conn.transaction()?;
-    {
-        let mut insert = tx.prepare_cached(INSERT)?;
-        for rec in records {
-            insert.execute(params![
-                rec.ts_ms,
-                rec.request_id,
-                rec.key_id,
-                rec.model,
-                rec.provider,
-                rec.upstream_model,
-                saturating_i64(rec.prompt_tokens),
-                saturating_i64(rec.completion_tokens),
-                saturating_i64(rec.total_tokens),
-                token_source_str(rec.token_source),
-                saturating_i64(rec.latency_ms),
-                rec.ttft_ms.map(saturating_i64),
-                rec.status,
-                rec.stream,
-                rec.truncated,
-            ])?;
-        }
-    }
-    tx.commit()
-}
-
-/// SQLite integers are i64; counts beyond that are clamped, not wrapped.
-fn saturating_i64(n: u64) -> i64 {
-    i64::try_from(n).unwrap_or(i64::MAX)
-}
-
-/// The `token_source` column's spelling, the same as the serde form.
-pub(super) fn token_source_str(source: TokenSource) -> &'static str {
-    match source {
-        TokenSource::Provider => "provider",
-        TokenSource::Estimated => "estimated",
-        TokenSource::None => "none",
     }
 }
