@@ -70,28 +70,33 @@ def test_rerun_keeps_keys_and_usage_and_ctrl_c_stops_everything():
         shutil.rmtree(home, ignore_errors=True)
 
 
-def test_ctrl_c_stops_everything_when_stdout_is_piped_through_tee():
-    """`scripts/run | tee run.log`, then Ctrl-C: the SIGINT reaches tee too, which dies
-    first; the script's cleanup must still stop nginx, the sidecar and the mock (its
-    first echo into the dead pipe used to kill it with SIGPIPE, leaving them running)."""
+@pytest.mark.parametrize("stderr_too", [False, True], ids=["stdout", "stdout-and-stderr"])
+def test_ctrl_c_stops_everything_when_output_is_piped_through_tee(stderr_too):
+    """`scripts/run | tee run.log` (or `2>&1 | tee`), then Ctrl-C: the SIGINT reaches tee
+    too, which dies first; the script's cleanup must still stop nginx, the sidecar and
+    the mock (its first echo into the dead pipe used to kill it with SIGPIPE, leaving
+    them running)."""
     home = runtime_dir("tee")
+    log = home / "run.log"
     env = {k: v for k, v in os.environ.items() if k not in ("OPENAI_API_KEY", "ANTHROPIC_API_KEY")}
     env.update(AFR_HOME=str(home), AFR_PORT=str(free_port()))
     try:
-        run = subprocess.Popen([str(REPO / "scripts/run")], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        tee = subprocess.Popen(["tee", str(home / "run.log")], stdin=run.stdout, stdout=subprocess.DEVNULL)
+        run = subprocess.Popen([str(REPO / "scripts/run")], env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT if stderr_too else subprocess.PIPE, text=True)
+        tee = subprocess.Popen(["tee", str(log)], stdin=run.stdout, stdout=subprocess.DEVNULL)
         run.stdout.close()
-        err = ""
+        seen = ""
         deadline = time.monotonic() + 300
-        while "press Ctrl-C to stop" not in err and time.monotonic() < deadline:
-            line = run.stderr.readline()
-            if not line:
-                break
-            err += line
-        assert "press Ctrl-C to stop" in err, err
+        while "press Ctrl-C to stop" not in seen and time.monotonic() < deadline and run.poll() is None:
+            if stderr_too:
+                time.sleep(0.1)
+                seen = log.read_text() if log.exists() else ""
+            else:
+                seen += run.stderr.readline()
+        assert "press Ctrl-C to stop" in seen, seen
         pids = [int(line.split()[1]) for line in (home / "pids").read_text().splitlines()]
         assert len(pids) == 3 and all(alive(p) for p in pids)
-        assert "Aeferalow gateway is running" in (home / "run.log").read_text()
+        assert "Aeferalow gateway is running" in log.read_text()
 
         # A terminal's Ctrl-C signals the whole pipeline; tee is gone before the trap runs.
         tee.send_signal(signal.SIGINT)
@@ -99,7 +104,7 @@ def test_ctrl_c_stops_everything_when_stdout_is_piped_through_tee():
         run.send_signal(signal.SIGINT)
         run.wait(timeout=60)
         assert not any(alive(p) for p in pids), "Ctrl-C stops nginx, the sidecar and the mock"
-        assert run.returncode == 0, run.stderr.read()
+        assert run.returncode == 0
     finally:
         subprocess.run([str(REPO / "scripts/run"), "--stop"], env={**os.environ, "AFR_HOME": str(home)}, capture_output=True)
         shutil.rmtree(home, ignore_errors=True)
