@@ -98,6 +98,11 @@ pub enum Outcome {
 /// far-off value (a daily quota) is re-probed at this pace, one request each.
 pub const MAX_PROVIDER_RETRY_AFTER: Duration = Duration::from_secs(600);
 
+/// The shortest: `Retry-After: 0` (or a date in the past) would open the
+/// breaker until now, so every 429 probe reopened it for nothing and the
+/// breaker never rejected a request.
+pub const MIN_PROVIDER_RETRY_AFTER: Duration = Duration::from_secs(1);
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Inner {
     Closed { failures: u32 },
@@ -180,7 +185,9 @@ impl Breaker {
             until: now + cooldown,
         };
         let open_for = match outcome {
-            Outcome::Throttled { retry_after } => retry_after.min(MAX_PROVIDER_RETRY_AFTER),
+            Outcome::Throttled { retry_after } => {
+                retry_after.clamp(MIN_PROVIDER_RETRY_AFTER, MAX_PROVIDER_RETRY_AFTER)
+            }
             _ => self.policy.cooldown,
         };
         let failed = matches!(outcome, Outcome::Failure | Outcome::Throttled { .. });
@@ -327,7 +334,7 @@ mod tests {
 
     #[test]
     fn retry_after_sets_how_long_the_breaker_stays_open() {
-        for (asked, open_for) in [(5, 5), (90, 90), (86_400, 600)] {
+        for (asked, open_for) in [(0, 1), (5, 5), (90, 90), (86_400, 600)] {
             let t0 = Instant::now();
             let mut b = Breaker::new(policy());
             fail(&mut b, t0);

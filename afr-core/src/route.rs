@@ -8,7 +8,7 @@
 //! Admission is asked lazily, one route at a time, so a half-open provider's
 //! single probe is only taken when that route is really about to be tried.
 
-use crate::breaker::Admission;
+use crate::breaker::{Admission, MIN_PROVIDER_RETRY_AFTER};
 use crate::retry_after::ceil_secs;
 use std::time::Duration;
 
@@ -107,6 +107,8 @@ impl RoutePlan {
         if let RouteFailure::RateLimited { retry_after } = failure {
             self.rate_limited += 1;
             if let Some(wait) = retry_after {
+                // A client told `Retry-After: 0` retries at once into the same 429s.
+                let wait = wait.max(MIN_PROVIDER_RETRY_AFTER);
                 self.min_rate_retry = Some(self.min_rate_retry.map_or(wait, |m| m.min(wait)));
             }
         }
@@ -252,6 +254,21 @@ mod tests {
             Exhausted::AllRateLimited {
                 tried: vec![0, 1, 3],
                 retry_after: Some(Duration::from_secs(7)),
+            }
+        );
+    }
+
+    #[test]
+    fn a_zero_retry_after_is_never_passed_on_as_retry_now() {
+        let mut plan = RoutePlan::new(1);
+        assert!(plan.next_route(|_| Admission::Allowed).is_some());
+        plan.failed(rate_limited(Some(0)));
+        assert_eq!(plan.next_route(|_| Admission::Allowed), None);
+        assert_eq!(
+            plan.exhausted(),
+            Exhausted::AllRateLimited {
+                tried: vec![0],
+                retry_after: Some(Duration::from_secs(1)),
             }
         );
     }

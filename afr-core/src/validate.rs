@@ -154,18 +154,28 @@ fn find<'a>(members: &Members<'a>, key: &str) -> Option<&'a RawValue> {
     members.iter().find(|(k, _)| k == key).map(|(_, v)| *v)
 }
 
-/// Decodes a small field the gateway reads.
-fn value(raw: &RawValue) -> Value {
-    // The raw text is valid JSON (it came out of the parser), so this holds.
-    serde_json::from_str(raw.get()).unwrap_or(Value::Null)
+/// Decodes a small field the gateway reads. The text is valid JSON, but a
+/// number may still be out of range (`1e999`): that is the client's error,
+/// never a value to treat as absent.
+fn value(param: &str, raw: &RawValue) -> Result<Value, Invalid> {
+    serde_json::from_str(raw.get()).map_err(|e| {
+        let text: String = raw.get().chars().take(40).collect();
+        Invalid::field(
+            param,
+            format!("Invalid '{param}': {text} cannot be read ({e})."),
+        )
+    })
+}
+
+/// The decoded value of `key`, if present.
+fn field(members: &Members<'_>, key: &str, param: &str) -> Result<Option<Value>, Invalid> {
+    find(members, key).map(|raw| value(param, raw)).transpose()
 }
 
 /// Validates a chat completions body and records what the gateway read.
 pub fn validate_chat(bytes: &[u8]) -> Result<ChatRequest, Invalid> {
     let body = members(bytes).map_err(|e| Invalid::object("", e))?;
-    let field = |key: &str| find(&body, key).map(value);
-
-    let model = match field("model") {
+    let model = match field(&body, "model", "model")? {
         None | Some(Value::Null) => {
             return Err(Invalid::field(
                 "model",
@@ -184,7 +194,7 @@ pub fn validate_chat(bytes: &[u8]) -> Result<ChatRequest, Invalid> {
 
     let prompt_chars = check_messages(find(&body, "messages"))?;
 
-    let stream = match field("stream") {
+    let stream = match field(&body, "stream", "stream")? {
         None | Some(Value::Null) => false,
         Some(Value::Bool(b)) => b,
         Some(other) => return Err(type_error("stream", "a boolean", &other)),
@@ -196,7 +206,7 @@ pub fn validate_chat(bytes: &[u8]) -> Result<ChatRequest, Invalid> {
         Some(raw) if raw.get().starts_with('{') => {
             let options =
                 members(raw.get().as_bytes()).map_err(|e| Invalid::object("stream_options", e))?;
-            match find(&options, "include_usage").map(value) {
+            match field(&options, "include_usage", "stream_options.include_usage")? {
                 None | Some(Value::Null) => false,
                 Some(Value::Bool(b)) => b,
                 Some(other) => {
@@ -208,12 +218,18 @@ pub fn validate_chat(bytes: &[u8]) -> Result<ChatRequest, Invalid> {
                 }
             }
         }
-        Some(raw) => return Err(type_error("stream_options", "an object", &value(raw))),
+        Some(raw) => {
+            return Err(type_error(
+                "stream_options",
+                "an object",
+                &value("stream_options", raw)?,
+            ))
+        }
     };
 
     let fill_temperature = match find(&body, "temperature") {
         None => true,
-        Some(raw) => match value(raw) {
+        Some(raw) => match value("temperature", raw)? {
             Value::Null => true,
             Value::Number(n) => match n.as_f64() {
                 Some(t) if (0.0..=2.0).contains(&t) => false,
@@ -273,7 +289,7 @@ pub fn check_model(
 
 /// Validates `field` as a positive integer when present; `Ok(true)` if it is set.
 fn check_positive_int(body: &Members<'_>, field: &str) -> Result<bool, Invalid> {
-    match find(body, field).map(value) {
+    match self::field(body, field, field)? {
         None | Some(Value::Null) => Ok(false),
         Some(Value::Number(n)) if n.as_u64().is_some_and(|v| v > 0) => Ok(true),
         Some(other) => Err(Invalid::field(
@@ -295,8 +311,10 @@ fn check_messages(messages: Option<&RawValue>) -> Result<usize, Invalid> {
     let list: Vec<&RawValue> = match messages {
         None => return Err(missing("messages")),
         Some(raw) if raw.get() == "null" => return Err(missing("messages")),
-        Some(raw) => serde_json::from_str(raw.get())
-            .map_err(|_| type_error("messages", "an array", &value(raw)))?,
+        Some(raw) => serde_json::from_str(raw.get()).map_err(|_| match value("messages", raw) {
+            Ok(other) => type_error("messages", "an array", &other),
+            Err(invalid) => invalid,
+        })?,
     };
     if list.is_empty() {
         return Err(Invalid::field(
@@ -308,10 +326,11 @@ fn check_messages(messages: Option<&RawValue>) -> Result<usize, Invalid> {
     for (i, message) in list.iter().enumerate() {
         let path = format!("messages[{i}]");
         if !message.get().starts_with('{') {
-            return Err(type_error(&path, "an object", &value(message)));
+            return Err(type_error(&path, "an object", &value(&path, message)?));
         }
         let m = members(message.get().as_bytes()).map_err(|e| Invalid::object(&path, e))?;
-        let role = match find(&m, "role").map(value) {
+        let role_param = format!("{path}.role");
+        let role = match field(&m, "role", &role_param)? {
             Some(Value::String(r)) if ROLES.contains(&r.as_str()) => r,
             Some(Value::String(r)) => {
                 return Err(Invalid::field(
@@ -337,7 +356,10 @@ fn check_messages(messages: Option<&RawValue>) -> Result<usize, Invalid> {
                 return Err(type_error(
                     &format!("{path}.content"),
                     "a string or an array of content parts",
-                    &content.map(value).unwrap_or(Value::Null),
+                    &content
+                        .map(|c| value(&format!("{path}.content"), c))
+                        .transpose()?
+                        .unwrap_or(Value::Null),
                 ))
             }
         }
@@ -445,6 +467,24 @@ mod tests {
             (
                 format!(r#"{{"model":"m",{MSG},"stream":"yes"}}"#),
                 Some("stream"),
+            ),
+            // Valid JSON, but no f64 holds it: never read as absent (which
+            // would fill the default while the provider gets 1e999).
+            (
+                format!(r#"{{"model":"m",{MSG},"temperature":1e999}}"#),
+                Some("temperature"),
+            ),
+            (
+                format!(r#"{{"model":"m",{MSG},"max_tokens":1e999}}"#),
+                Some("max_tokens"),
+            ),
+            (
+                format!(r#"{{"model":"m",{MSG},"stream":-1e999}}"#),
+                Some("stream"),
+            ),
+            (
+                r#"{"model":"m","messages":[{"role":"user","content":1e999}]}"#.into(),
+                Some("messages[0].content"),
             ),
             (
                 format!(r#"{{"model":"m",{MSG},"stream_options":1}}"#),

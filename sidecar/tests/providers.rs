@@ -127,6 +127,29 @@ async fn a_request_a_route_cannot_serve_skips_it_before_dispatch() {
 }
 
 #[tokio::test]
+async fn a_disabled_route_beside_one_that_cannot_serve_is_still_a_400_not_retry_later() {
+    let mock = Mock::start(&[]);
+    std::env::set_var("AFR_TEST_ANTHROPIC_KEY", "anthropic-test-key");
+    std::env::remove_var("AFR_TEST_NEVER_SET_KEY");
+    let sidecar = Sidecar::start(&format!(
+        "{}{}{}",
+        anthropic_provider("a", &mock.base()),
+        openai_provider(
+            "o",
+            &mock.base(),
+            "api_key_env = \"AFR_TEST_NEVER_SET_KEY\"\n"
+        ),
+        model("m", &[("a", "claude-x"), ("o", "gpt-x")]),
+    ));
+    let r = sidecar
+        .chat(json!({"model": "m", "n": 2, "messages": [{"role": "user", "content": "hi"}]}))
+        .await;
+    assert_eq!(r.status(), 400);
+    assert_eq!(r.json::<Value>().await.unwrap()["error"]["param"], "n");
+    assert!(mock.requests().await.is_empty());
+}
+
+#[tokio::test]
 async fn a_request_no_route_can_serve_is_a_400_naming_the_field() {
     let mock = Mock::start(&[]);
     let sidecar = sidecar_for(anthropic_provider("p", &mock.base()));

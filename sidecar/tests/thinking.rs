@@ -193,3 +193,36 @@ async fn first_content_expiry_before_commit_is_a_504_not_a_failover() {
         .await;
     assert_eq!(usage["data"][0]["requests"], 1, "{usage}");
 }
+
+#[tokio::test]
+async fn a_stream_committed_by_the_hold_is_no_verdict_on_the_provider() {
+    let thinker = Mock::start(&[]);
+    let good = Mock::start(&[]);
+    let body = format!(
+        "{}{}{}",
+        openai_provider("think", &thinker.base(), ""),
+        openai_provider("good", &good.base(), ""),
+        model("m", &[("think", "reasoner"), ("good", "good-model")]),
+    );
+    // Two consecutive failures open the breaker.
+    let sidecar = Sidecar::start_with_server(&body, 2, "30s", PACING);
+    let breaker_open = || async {
+        sidecar
+            .metrics()
+            .await
+            .contains("afr_breaker_state{provider=\"think\"} 2")
+    };
+
+    thinker.set(serde_json::json!({"status": 500})).await;
+    assert_eq!(sidecar.chat(chat_body("m", true)).await.status(), 200);
+    // Answered, then silent past the hold: committed before any content.
+    thinker.set(serde_json::json!({"ttft_ms": 1000})).await;
+    let text = read_stream(sidecar.chat(chat_body("m", true)).await).await;
+    assert!(text.ends_with("data: [DONE]\n\n"), "{text}");
+    assert!(!breaker_open().await);
+    // Had the hold-commit counted as a success, this failure would be the
+    // first in a row again and the breaker would stay closed.
+    thinker.set(serde_json::json!({"status": 500})).await;
+    assert_eq!(sidecar.chat(chat_body("m", true)).await.status(), 200);
+    assert!(breaker_open().await, "{}", sidecar.metrics().await);
+}

@@ -119,10 +119,10 @@ async fn route(
         let next = plan.next_route(|i| {
             let route = &model.routes[i];
             let Some(provider) = runtime.providers.get(&route.provider) else {
-                // Disabled (no API key): never admitted, never counted.
-                return Some(Admission::Rejected {
-                    retry_after: runtime.config.breaker.cooldown,
-                });
+                // Disabled (no API key): it cannot serve anything, and must not
+                // read as "open, retry in 30 s" (a model with only disabled
+                // routes is answered `no_provider` above).
+                return None;
             };
             let call = UpstreamCall {
                 // The client's bytes with only the gateway's own edits (design §3).
@@ -209,6 +209,7 @@ async fn route(
                 // so the client has its headers while a reasoning model thinks.
                 let (hold_end, at_hold_end) = attempt.holding(Instant::now());
                 let mut held = Vec::new();
+                let mut content_held = false;
                 let held_up = loop {
                     match timeout_at(hold_end.into(), events.next()).await {
                         Ok(Some(Ok(event))) if is_error_event(&event) => {
@@ -225,9 +226,9 @@ async fn route(
                                 // and commit the stream before any content.
                                 continue;
                             }
-                            let preamble = is_preamble(&event);
+                            content_held = !is_preamble(&event);
                             held.push(event);
-                            if !preamble || held.len() >= MAX_HELD_EVENTS {
+                            if content_held || held.len() >= MAX_HELD_EVENTS {
                                 break Ok(Holding::Commit);
                             }
                         }
@@ -257,11 +258,19 @@ async fn route(
                     }
                     Ok(Holding::Commit) => {}
                 }
-                ticket.success();
+                if content_held {
+                    ticket.success();
+                } else {
+                    // Committed by the hold, before any content: the provider
+                    // answered, but a success now would reset its failure count
+                    // (or close it, as a probe) while it may never send content.
+                    ticket.settle(Outcome::Neutral);
+                }
                 return relay::respond(StreamStart {
                     gateway: gateway.clone(),
                     provider: route.provider.clone(),
                     first: held,
+                    content_held,
                     events,
                     strip_usage,
                     attempt,

@@ -49,6 +49,9 @@ pub struct StreamStart {
     /// The events received before committing (preamble and, if it came, the
     /// first content event).
     pub first: Vec<Bytes>,
+    /// Whether the last of `first` is the first content event (already
+    /// classified while holding: not parsed again here).
+    pub content_held: bool,
     /// The rest.
     pub events: EventStream,
     /// Whether the gateway added `include_usage` (strip it again).
@@ -88,6 +91,7 @@ struct Relay {
     events: Option<EventStream>,
     strip_usage: bool,
     attempt: Attempt,
+    content_held: bool,
     content_seen: bool,
     /// When the last upstream event arrived (idle is measured from it).
     last_event: Instant,
@@ -114,6 +118,7 @@ pub fn respond(start: StreamStart) -> Response<Body> {
         events: Some(start.events),
         strip_usage: start.strip_usage,
         attempt: start.attempt,
+        content_held: start.content_held,
         content_seen: false,
         last_event: now,
         last_sent: now,
@@ -151,9 +156,9 @@ impl Relay {
             if self.done {
                 return None;
             }
-            let next = match self.first.pop_front() {
-                Some(first) => Next::Event(first),
-                None => self.next_upstream().await,
+            let (next, held) = match self.first.pop_front() {
+                Some(first) => (Next::Event(first), true),
+                None => (self.next_upstream().await, false),
             };
             let raw = match next {
                 Next::Event(raw) => raw,
@@ -161,7 +166,14 @@ impl Relay {
                 Next::Failed(error) => return Some(self.fail(error)),
                 Next::NoContent(expiry) => return Some(self.no_content(expiry)),
             };
-            if !self.content_seen && has_data(&raw) && !is_preamble(&raw) {
+            let is_content = || {
+                if held {
+                    self.content_held && self.first.is_empty()
+                } else {
+                    has_data(&raw) && !is_preamble(&raw)
+                }
+            };
+            if !self.content_seen && is_content() {
                 self.content_seen = true;
                 let _ = self.tap.send(Tap::FirstContent(Instant::now()));
             }
