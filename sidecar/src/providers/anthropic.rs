@@ -3,8 +3,8 @@
 //! `chat.completion` or `chat.completion.chunk` events, errors → OpenAI shape.
 
 use super::{
-    read_error_body, read_success_body, retry_after, send_error, sse_events, EventStream,
-    Provider, ProviderError, Reply, UpstreamCall,
+    read_error_body, read_success_body, retry_after, send_error, sse_events, EventStream, Provider,
+    ProviderError, Reply, UpstreamCall,
 };
 use afr_core::anthropic::{
     error_to_openai, request_to_anthropic, response_to_openai, StreamTranslator, TranslateError,
