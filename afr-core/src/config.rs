@@ -629,6 +629,8 @@ impl SidecarConfig {
         for (field, d) in [
             ("breaker.cooldown", self.breaker.cooldown),
             ("server.shutdown_grace", self.server.shutdown_grace),
+            ("server.stream_hold", self.server.stream_hold),
+            ("server.stream_keepalive", self.server.stream_keepalive),
         ] {
             if let Err(e) = check_duration(d) {
                 errors.push(ConfigError::new(field, e));

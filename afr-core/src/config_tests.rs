@@ -204,6 +204,7 @@ fn stream_pacing_and_first_content_have_generous_defaults_and_must_be_positive()
     );
 }
 
+#[test]
 fn syntax_errors_give_line_column_and_key_but_never_the_source_line() {
     // An unterminated string on the secret's line: `toml`'s own Display
     // would print that line, secret included, into the log.
@@ -250,11 +251,17 @@ fn absurd_durations_are_errors_naming_the_path() {
         "{MINIMAL}[providers.mock.timeouts]\ntotal = \"500000000 years\"\nidle = \"300000000000 years\"\n\
          [breaker]\ncooldown = \"1000 years\"\n"
     );
+    let text = text.replace(
+        "[server]\n",
+        "[server]\nstream_hold = \"2 years\"\nstream_keepalive = \"300000000000 years\"\n",
+    );
     let errs = errors(&text);
     assert_eq!(
         errs,
         [
             "breaker.cooldown: 1000years is longer than the limit of 1year",
+            "server.stream_hold: 2years is longer than the limit of 1year",
+            "server.stream_keepalive: 300000000000years is longer than the limit of 1year",
             "providers.mock.timeouts.idle: 300000000000years is longer than the limit of 1year",
             "providers.mock.timeouts.total: 500000000years is longer than the limit of 1year",
         ]

@@ -381,6 +381,16 @@ pub(crate) async fn openai_status_error(response: reqwest::Response) -> Provider
     }
 }
 
+/// The wait an error response asked for (`retry-after-ms`, `Retry-After`).
+pub(crate) fn retry_after(headers: &http::HeaderMap) -> Option<Duration> {
+    let value = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+    afr_core::retry_after::parse(
+        value("retry-after-ms"),
+        value(http::header::RETRY_AFTER.as_str()),
+        SystemTime::now(),
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -452,14 +462,4 @@ mod tests {
         assert!(shown.contains("provided: sk-***."), "{shown}");
         assert!(!shown.contains("AbCd0123"), "{shown}");
     }
-}
-
-/// The wait an error response asked for (`retry-after-ms`, `Retry-After`).
-pub(crate) fn retry_after(headers: &http::HeaderMap) -> Option<Duration> {
-    let value = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
-    afr_core::retry_after::parse(
-        value("retry-after-ms"),
-        value(http::header::RETRY_AFTER.as_str()),
-        SystemTime::now(),
-    )
 }
