@@ -193,7 +193,7 @@ fn translate(input: &str, include_usage: bool, cuts: &[usize]) -> Vec<StreamItem
     for &cut in cuts.iter().chain(std::iter::once(&bytes.len())) {
         framer.push(&bytes[last..cut]);
         last = cut;
-        while let Some(raw) = framer.next_event() {
+        while let Some(raw) = framer.next_event().expect("events fit the limit") {
             out.extend(t.push_raw(&raw));
         }
     }
@@ -252,7 +252,7 @@ fn without_include_usage_there_is_no_usage_key_or_chunk() {
     let mut t = StreamTranslator::new(false, 0);
     let mut f = EventFramer::new();
     f.push(STREAM.as_bytes());
-    while let Some(raw) = f.next_event() {
+    while let Some(raw) = f.next_event().expect("events fit the limit") {
         t.push_raw(&raw);
     }
     assert_eq!(t.usage().map(|u| u.total_tokens), Some(808));

@@ -300,6 +300,16 @@ pub struct ProviderConfig {
     /// Timeouts.
     #[serde(default)]
     pub timeouts: Timeouts,
+    /// Offer HTTP/2 (negotiated by ALPN over TLS). Off by default: one HTTP/2
+    /// connection carries every request, and past the server's
+    /// concurrent-stream limit further requests wait instead of opening a
+    /// second connection; HTTP/1.1 uses a pool of keep-alive connections.
+    #[serde(default)]
+    pub http2: bool,
+    /// PEM file of CA certificates trusted for this provider besides the
+    /// built-in roots (a private CA in front of a self-hosted model server).
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
 }
 
 /// Per-provider timeouts.
@@ -461,13 +471,110 @@ impl Clamp {
     }
 }
 
+/// Longest duration any setting accepts. Durations are added to clock
+/// readings (deadlines, breaker cooldowns), and `Instant + Duration` panics on
+/// overflow: `"300000000000 years"` parses, then crashed the first request.
+/// Nothing the gateway times is meant to last longer than this.
+pub const MAX_DURATION: Duration = Duration::from_secs(31_557_600); // humantime's "1 year"
+
+/// A duration no longer than [`MAX_DURATION`].
+fn check_duration(d: Duration) -> Result<(), String> {
+    if d > MAX_DURATION {
+        return Err(format!(
+            "{} is longer than the limit of {}",
+            humantime::format_duration(d),
+            humantime::format_duration(MAX_DURATION)
+        ));
+    }
+    Ok(())
+}
+
+/// A TOML syntax or type error as `line L, column C: table.key: message`,
+/// without the source line the `toml` crate's own `Display` quotes: that line
+/// may hold a secret (`secret = "…`). Only the key is taken from the text
+/// (keys are names, never values). Anything key-shaped in the message (serde
+/// quotes values it could not read) is masked too.
+pub fn describe_toml_error(
+    text: &str,
+    span: Option<std::ops::Range<usize>>,
+    message: &str,
+) -> String {
+    let message = without_values(&crate::redact::mask_secrets(message.trim())).replace('\n', "; ");
+    let Some(at) = span.map(|s| s.start.min(text.len())) else {
+        return message;
+    };
+    let before = text.get(..at).unwrap_or(text);
+    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+    let line = before.matches('\n').count() + 1;
+    let column = before[line_start..].chars().count() + 1;
+    // The key whose value is at fault: what precedes `=` on this line, under
+    // the last `[table]` header above it.
+    let key = before[line_start..]
+        .split_once('=')
+        .map(|(key, _)| key.trim())
+        .filter(|key| !key.is_empty() && !key.starts_with('#'));
+    let table = before[..line_start]
+        .lines()
+        .rev()
+        .map(str::trim)
+        .find(|l| l.starts_with('['))
+        .map(|header| {
+            header
+                .trim_start_matches('[')
+                .split(']')
+                .next()
+                .unwrap_or("")
+                .trim()
+        });
+    match (table, key) {
+        (Some(table), Some(key)) if !table.is_empty() => {
+            format!("line {line}, column {column}: {table}.{key}: {message}")
+        }
+        (_, Some(key)) => format!("line {line}, column {column}: {key}: {message}"),
+        _ => format!("line {line}, column {column}: {message}"),
+    }
+}
+
+/// serde's type errors quote the value they rejected (`invalid type: integer
+/// `1234…`, expected a string`): for `secret = 1234…` written without quotes
+/// that value is the secret. The key and position say enough without it.
+fn without_values(message: &str) -> String {
+    let mut out = String::with_capacity(message.len());
+    let mut rest = message;
+    loop {
+        let found = ["string \"", "integer `", "floating point `"]
+            .iter()
+            .filter_map(|kind| rest.find(kind).map(|at| (at, *kind)))
+            .min();
+        let Some((at, kind)) = found else {
+            out.push_str(rest);
+            return out;
+        };
+        let (word, open) = kind.split_at(kind.len() - 1);
+        out.push_str(&rest[..at]);
+        out.push_str(word.trim_end());
+        let value = &rest[at + kind.len()..];
+        // serde prints strings Debug-escaped: the first unescaped quote closes it.
+        let mut escaped = false;
+        let close = value.char_indices().find(|&(_, c)| {
+            let closes = !escaped && c.to_string() == open;
+            escaped = !escaped && c == '\\';
+            closes
+        });
+        match close {
+            Some((end, _)) => rest = &value[end + 1..],
+            None => return out,
+        }
+    }
+}
+
 impl SidecarConfig {
     /// Parses and validates TOML text; `origin` (the file path) prefixes syntax errors.
     pub fn parse(text: &str, origin: &str) -> Result<Self, Vec<ConfigError>> {
         let config: SidecarConfig = toml::from_str(text).map_err(|e| {
             vec![ConfigError::new(
                 origin,
-                e.to_string().trim_end().to_owned(),
+                describe_toml_error(text, e.span(), e.message()),
             )]
         })?;
         config.validate()?;
@@ -519,6 +626,16 @@ impl SidecarConfig {
         if self.breaker.failures == 0 {
             errors.push(ConfigError::new("breaker.failures", "must be at least 1"));
         }
+        for (field, d) in [
+            ("breaker.cooldown", self.breaker.cooldown),
+            ("server.shutdown_grace", self.server.shutdown_grace),
+            ("server.stream_hold", self.server.stream_hold),
+            ("server.stream_keepalive", self.server.stream_keepalive),
+        ] {
+            if let Err(e) = check_duration(d) {
+                errors.push(ConfigError::new(field, e));
+            }
+        }
         for (name, p) in &self.providers {
             let path = format!("providers.{name}");
             if !(p.base_url.starts_with("http://") || p.base_url.starts_with("https://")) {
@@ -541,11 +658,11 @@ impl SidecarConfig {
                 ("idle", t.idle),
                 ("total", t.total),
             ] {
+                let field = format!("{path}.timeouts.{field}");
                 if d.is_zero() {
-                    errors.push(ConfigError::new(
-                        format!("{path}.timeouts.{field}"),
-                        "must be positive",
-                    ));
+                    errors.push(ConfigError::new(field, "must be positive"));
+                } else if let Err(e) = check_duration(d) {
+                    errors.push(ConfigError::new(field, e));
                 }
             }
         }

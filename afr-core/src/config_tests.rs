@@ -203,3 +203,73 @@ fn stream_pacing_and_first_content_have_generous_defaults_and_must_be_positive()
         ["providers.mock.timeouts.first_content: must be positive"]
     );
 }
+
+#[test]
+fn syntax_errors_give_line_column_and_key_but_never_the_source_line() {
+    // An unterminated string on the secret's line: `toml`'s own Display
+    // would print that line, secret included, into the log.
+    let text = MINIMAL.replace(
+        "secret = \"0123456789abcdef\"",
+        "secret = \"0123456789abcdef-SeCrEt",
+    );
+    assert_eq!(
+        errors(&text),
+        ["test.toml: line 4, column 34: server.secret: invalid basic string"]
+    );
+    // serde's type errors quote the rejected value: a secret written
+    // without quotes, or a key pasted into the wrong field.
+    for (line, expected) in [
+        (
+            "secret = 12345678901234567",
+            "server.secret: invalid type: integer, expected a string",
+        ),
+        (
+            "secret = 1.5e30",
+            "server.secret: invalid type: floating point, expected a string",
+        ),
+        (
+            "secret = \"0123456789abcdef\"\nmax_body_bytes = \"sk-proj-0123\\\"456789`abcdef\"",
+            "server.max_body_bytes: invalid type: string, expected usize",
+        ),
+    ] {
+        let text = MINIMAL.replace("secret = \"0123456789abcdef\"", line);
+        let errs = errors(&text);
+        assert_eq!(errs.len(), 1);
+        assert!(errs[0].ends_with(expected), "{errs:?}");
+        assert!(!errs[0].contains("456789"), "{errs:?}");
+    }
+    let text = format!("{MINIMAL}\n[breaker]\ncooldown = \"soon\"\n");
+    assert_eq!(
+        errors(&text),
+        ["test.toml: line 16, column 12: breaker.cooldown: invalid value: string, expected a duration"]
+    );
+}
+
+#[test]
+fn absurd_durations_are_errors_naming_the_path() {
+    let text = format!(
+        "{MINIMAL}[providers.mock.timeouts]\ntotal = \"500000000 years\"\nidle = \"300000000000 years\"\n\
+         [breaker]\ncooldown = \"1000 years\"\n"
+    );
+    let text = text.replace(
+        "[server]\n",
+        "[server]\nstream_hold = \"2 years\"\nstream_keepalive = \"300000000000 years\"\n",
+    );
+    let errs = errors(&text);
+    assert_eq!(
+        errs,
+        [
+            "breaker.cooldown: 1000years is longer than the limit of 1year",
+            "server.stream_hold: 2years is longer than the limit of 1year",
+            "server.stream_keepalive: 300000000000years is longer than the limit of 1year",
+            "providers.mock.timeouts.idle: 300000000000years is longer than the limit of 1year",
+            "providers.mock.timeouts.total: 500000000years is longer than the limit of 1year",
+        ]
+    );
+    let text = format!("{MINIMAL}[providers.mock.timeouts]\ntotal = \"1 year\"\n");
+    let config = SidecarConfig::parse(&text, "test.toml").expect("a year is accepted");
+    // What validation lets through can always be added to a clock reading.
+    assert!(std::time::Instant::now()
+        .checked_add(config.providers["mock"].timeouts.total)
+        .is_some());
+}

@@ -241,7 +241,9 @@ impl KeyTable {
             Some(doc) => doc,
             None => Document::from(toml::from_str::<RawFile>(text).map_err(|e| {
                 let at = e.span().map_or(0, |s| s.start);
-                let message = e.message().trim().replace('\n', "; ");
+                // serde quotes a value it could not read: a plaintext key
+                // pasted into the wrong field must not reach `nginx -t` or a log.
+                let message = crate::redact::mask_secrets(e.message().trim()).replace('\n', "; ");
                 let mut err = loc.err(at, loc.field_at(at), message);
                 if e.span().is_none() {
                     err.line = None;
@@ -471,6 +473,19 @@ mod tests {
         assert!(KeyTable::parse("k", "").unwrap().is_empty());
         let t = KeyTable::parse("k", &entry("a", TOKEN, "")).unwrap();
         assert_eq!(t.entries()[0].rpm, 60);
+    }
+
+    #[test]
+    fn errors_never_quote_a_pasted_key_or_its_line() {
+        // The plaintext key pasted where a boolean belongs, and on an unterminated line.
+        for extra in [
+            format!("enabled = \"{TOKEN}\""),
+            format!("name2 = \"{TOKEN}"),
+        ] {
+            let e = err(&entry("a", TOKEN, &extra));
+            assert!(e.starts_with("keys.toml:5: "), "{e}");
+            assert!(!e.contains(&TOKEN[4..]), "{e}");
+        }
     }
 
     #[test]

@@ -11,6 +11,7 @@ pub mod config;
 pub mod error;
 pub mod keys;
 pub mod ratelimit;
+pub mod redact;
 pub mod retry_after;
 pub mod route;
 pub mod splice;

@@ -11,37 +11,109 @@
 
 use serde::Deserialize;
 
+/// Largest SSE event the gateway buffers, in bytes. Real events are a few
+/// hundred bytes (a delta) to a few kilobytes (Azure's filter annotations); a
+/// provider that never sends the blank line must not grow memory without bound.
+pub const MAX_EVENT_BYTES: usize = 1 << 20;
+
+/// An event grew past the framer's limit before its terminating blank line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("an SSE event exceeds {limit} bytes")]
+pub struct EventTooLarge {
+    /// The limit in force.
+    pub limit: usize,
+}
+
 /// Splits a byte stream into complete SSE events, keeping their exact bytes.
 ///
 /// A `\r` at the very end of the buffered bytes is held back until the next
 /// byte shows whether it is half of a `\r\n`; OpenAI-format streams use `\n`.
-#[derive(Debug, Default)]
+///
+/// Work is linear in the bytes pushed: each byte is scanned once, copied once
+/// into its event, and moved at most once more when handed-out bytes are
+/// dropped from the front of the buffer (only when they are at least half of
+/// it, so a chunk holding many events never shifts its tail per event).
+#[derive(Debug)]
 pub struct EventFramer {
     buf: Vec<u8>,
-    /// Where scanning resumes; everything before it belongs to the unfinished event.
+    /// Start of the unfinished event: bytes before it were handed out.
+    start: usize,
+    /// Where scanning resumes; everything from `start` to it belongs to the unfinished event.
     scanned: usize,
     /// Start of the line being scanned.
     line_start: usize,
+    /// Largest event accepted.
+    max_event: usize,
+    /// An event was too large: the stream is unusable from there on.
+    failed: bool,
+    /// Bytes moved by compaction, for the linear-work test.
+    #[cfg(test)]
+    moved: usize,
+}
+
+impl Default for EventFramer {
+    fn default() -> Self {
+        EventFramer::with_max_event(MAX_EVENT_BYTES)
+    }
 }
 
 impl EventFramer {
-    /// An empty framer.
+    /// An empty framer accepting events of up to [`MAX_EVENT_BYTES`].
     pub fn new() -> Self {
         EventFramer::default()
     }
 
-    /// Appends bytes received from upstream.
+    /// An empty framer accepting events of up to `max_event` bytes.
+    pub fn with_max_event(max_event: usize) -> Self {
+        EventFramer {
+            buf: Vec::new(),
+            start: 0,
+            scanned: 0,
+            line_start: 0,
+            max_event,
+            failed: false,
+            #[cfg(test)]
+            moved: 0,
+        }
+    }
+
+    /// Appends bytes received from upstream (dropped once an event was too large).
     pub fn push(&mut self, bytes: &[u8]) {
+        if self.failed {
+            return;
+        }
+        let rest = self.buf.len() - self.start;
+        if self.start > 0 && self.start >= rest {
+            // Moves `rest` bytes, no more than the `start` bytes dropped for
+            // good: compaction costs at most one move per byte ever pushed.
+            self.buf.drain(..self.start);
+            #[cfg(test)]
+            {
+                self.moved += rest;
+            }
+            self.scanned -= self.start;
+            self.line_start -= self.start;
+            self.start = 0;
+        }
         self.buf.extend_from_slice(bytes);
     }
 
     /// Bytes buffered that do not yet form a complete event.
     pub fn pending(&self) -> &[u8] {
-        &self.buf
+        &self.buf[self.start..]
     }
 
     /// The next complete event (including its terminating blank line), if any.
-    pub fn next_event(&mut self) -> Option<Vec<u8>> {
+    ///
+    /// Fails, and keeps failing, once the unfinished event (or a complete one)
+    /// is longer than the framer's limit.
+    pub fn next_event(&mut self) -> Result<Option<Vec<u8>>, EventTooLarge> {
+        let too_large = EventTooLarge {
+            limit: self.max_event,
+        };
+        if self.failed {
+            return Err(too_large);
+        }
         let mut i = self.scanned;
         while i < self.buf.len() {
             let end_len = match self.buf[i] {
@@ -58,14 +130,22 @@ impl EventFramer {
             i += end_len;
             self.line_start = i;
             if empty_line {
-                let event = self.buf.drain(..i).collect();
-                self.scanned = 0;
-                self.line_start = 0;
-                return Some(event);
+                self.scanned = i;
+                if i - self.start > self.max_event {
+                    self.failed = true;
+                    return Err(too_large);
+                }
+                let event = self.buf[self.start..i].to_vec();
+                self.start = i;
+                return Ok(Some(event));
             }
         }
         self.scanned = i;
-        None
+        if self.buf.len() - self.start > self.max_event {
+            self.failed = true;
+            return Err(too_large);
+        }
+        Ok(None)
     }
 }
 

@@ -22,17 +22,33 @@ const ANTHROPIC: &[u8] = include_bytes!(concat!(
 
 fn frame_all(input: &[u8], split: &[usize]) -> (Vec<Vec<u8>>, Vec<u8>) {
     let mut framer = EventFramer::new();
+    let (events, failed) = frame_with(&mut framer, input, split);
+    assert_eq!(failed, None);
+    (events, framer.pending().to_vec())
+}
+
+/// Pushes `input` cut at `split`, taking every complete event after each
+/// push; stops at the first error.
+fn frame_with(
+    framer: &mut EventFramer,
+    input: &[u8],
+    split: &[usize],
+) -> (Vec<Vec<u8>>, Option<EventTooLarge>) {
     let mut events = Vec::new();
     let mut last = 0;
     for &cut in split.iter().chain(std::iter::once(&input.len())) {
         let cut = cut.clamp(last, input.len());
         framer.push(&input[last..cut]);
         last = cut;
-        while let Some(e) = framer.next_event() {
-            events.push(e);
+        loop {
+            match framer.next_event() {
+                Ok(Some(e)) => events.push(e),
+                Ok(None) => break,
+                Err(e) => return (events, Some(e)),
+            }
         }
     }
-    (events, framer.pending().to_vec())
+    (events, None)
 }
 
 #[test]
@@ -184,6 +200,117 @@ proptest! {
         prop_assert_eq!(joined, input);
         for e in &events {
             prop_assert!(e.ends_with(b"\n") || e.ends_with(b"\r"));
+        }
+    }
+}
+
+#[test]
+fn an_event_without_its_blank_line_fails_at_the_limit() {
+    let mut framer = EventFramer::with_max_event(64);
+    framer.push(b"data: ok\n\n");
+    assert_eq!(framer.next_event(), Ok(Some(b"data: ok\n\n".to_vec())));
+    framer.push(&[b'x'; 64]);
+    assert_eq!(
+        framer.next_event(),
+        Ok(None),
+        "64 bytes pending is the limit"
+    );
+    framer.push(b"x");
+    assert_eq!(framer.next_event(), Err(EventTooLarge { limit: 64 }));
+    // A provider that keeps sending: nothing more is buffered, the error stays.
+    framer.push(&[b'x'; 1000]);
+    framer.push(b"\n\ndata: late\n\n");
+    assert!(framer.pending().len() <= 65);
+    assert_eq!(framer.next_event(), Err(EventTooLarge { limit: 64 }));
+}
+
+#[test]
+fn a_complete_event_over_the_limit_fails_too() {
+    let mut framer = EventFramer::with_max_event(10);
+    framer.push(b"data: 0123456789\n\ndata: 1\n\n");
+    assert_eq!(framer.next_event(), Err(EventTooLarge { limit: 10 }));
+    assert_eq!(framer.next_event(), Err(EventTooLarge { limit: 10 }));
+    let mut exact = EventFramer::with_max_event(10);
+    exact.push(b"data: 12\n\n");
+    assert_eq!(exact.next_event(), Ok(Some(b"data: 12\n\n".to_vec())));
+}
+
+#[test]
+fn a_read_holding_many_events_is_not_shifted_per_event() {
+    // One read of 10 000 events: handing each out must not move the ones
+    // behind it (that is quadratic: ~10 000²/2 events' worth of bytes).
+    let event = b"data: {\"choices\":[{\"delta\":{\"content\":\"x\"}}]}\n\n";
+    let input = event.repeat(10_000);
+    let mut framer = EventFramer::new();
+    let (events, failed) = frame_with(&mut framer, &input, &[]);
+    assert_eq!((events.len(), failed), (10_000, None));
+    assert!(
+        framer.moved <= input.len(),
+        "moved {} bytes for {} pushed",
+        framer.moved,
+        input.len()
+    );
+}
+
+proptest! {
+    /// Whatever the events and reads, compaction moves no more bytes than
+    /// were pushed (so framing is linear in the stream's length), and with
+    /// a limit the framer never buffers an unfinished event past it.
+    #[test]
+    fn framing_work_and_memory_are_bounded(
+        sizes in proptest::collection::vec(0usize..200, 0..60),
+        mut cuts in proptest::collection::vec(0usize..12_000, 0..60),
+        limit in 1usize..250,
+    ) {
+        let input: Vec<u8> = sizes
+            .iter()
+            .flat_map(|&n| {
+                let mut e = b"data: ".to_vec();
+                e.extend(vec![b'x'; n]);
+                e.extend_from_slice(b"\n\n");
+                e
+            })
+            .collect();
+        cuts.sort_unstable();
+        let mut framer = EventFramer::with_max_event(limit);
+        let mut last = 0;
+        let mut events = Vec::new();
+        let mut failed = false;
+        for &cut in cuts.iter().chain(std::iter::once(&input.len())) {
+            let cut = cut.clamp(last, input.len());
+            framer.push(&input[last..cut]);
+            last = cut;
+            loop {
+                match framer.next_event() {
+                    Ok(Some(e)) => events.push(e),
+                    Ok(None) => {
+                        prop_assert!(framer.pending().len() <= limit);
+                        break;
+                    }
+                    Err(_) => {
+                        failed = true;
+                        break;
+                    }
+                }
+            }
+            if failed {
+                break;
+            }
+        }
+        prop_assert!(framer.moved <= input.len());
+        prop_assert!(events.iter().all(|e| e.len() <= limit));
+        let first_too_large = sizes.iter().position(|&n| n + 8 > limit);
+        match first_too_large {
+            // Every event fits: all come out, byte for byte.
+            None => {
+                prop_assert!(!failed);
+                prop_assert_eq!(events.concat(), input);
+            }
+            // The first one that does not ends the stream, with the ones before it out.
+            Some(i) => {
+                prop_assert!(failed);
+                prop_assert_eq!(events.len(), i);
+            }
         }
     }
 }

@@ -46,6 +46,8 @@ pub struct Entry {
     /// Which wire format answered (`openai`, `azure`, `anthropic`, `models`, `unknown`).
     pub api: &'static str,
     method: String,
+    /// `HTTP/1.1` or `HTTP/2.0`: which protocol the client spoke.
+    version: String,
     path: String,
     headers: Vec<(String, String)>,
     body: Bytes,
@@ -80,6 +82,7 @@ impl Entry {
             "seq": self.seq,
             "api": self.api,
             "method": self.method,
+            "version": self.version,
             "path": self.path,
             "headers": headers,
             "body": body,
@@ -136,6 +139,7 @@ impl RequestLog {
             seq,
             api,
             method: req.method.as_str().to_owned(),
+            version: format!("{:?}", req.version),
             path: req
                 .uri
                 .path_and_query()

@@ -15,6 +15,13 @@
 //!
 //! Auth is only checked when `--api-key` is given.
 //!
+//! # TLS
+//! `--tls-listen ADDR` adds a TLS listener serving the same endpoints over
+//! HTTP/1.1 or HTTP/2 (by ALPN, as real providers do), with HTTP/2 limited to
+//! `--h2-max-streams` concurrent streams (default 100). Its certificate is
+//! signed by a CA made at start-up, written as PEM to `--tls-ca-file`; the
+//! bound port goes to `--tls-port-file`. See the [`tls`] module.
+//!
 //! # Faults
 //! Instance knobs come from CLI flags and `POST /_mock/config`; each can be
 //! overridden per request by a header: `--latency-ms`/`X-Mock-Latency-Ms`,
@@ -31,7 +38,7 @@
 //!   knobs (JSON with the snake_case knob names; omitted fields take their
 //!   defaults, so `{}` makes the instance healthy; restarts `fail_first`).
 //! - `GET /_mock/requests`: `{"total","in_flight_streams","client_disconnects","requests":[…]}`;
-//!   each request has `seq, api, method, path, headers, body, status, stream,
+//!   each request has `seq, api, method, version, path, headers, body, status, stream,
 //!   chunks_sent, outcome (in_flight|completed|client_disconnected|reset),
 //!   client_disconnected, connection_closed_mid_stream`.
 //! - `DELETE /_mock/requests`: clears the log and the counters.
@@ -49,6 +56,7 @@ mod openai;
 mod reply;
 mod server;
 mod stream;
+mod tls;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -78,6 +86,19 @@ struct Cli {
     /// Requests kept in the log (0 keeps only counters).
     #[arg(long, default_value_t = 10_000)]
     log_capacity: usize,
+    /// Also serve TLS (HTTP/1.1 and HTTP/2 by ALPN) on this address.
+    #[arg(long)]
+    tls_listen: Option<SocketAddr>,
+    /// Write the TLS listener's port to this file once listening.
+    #[arg(long, requires = "tls_listen")]
+    tls_port_file: Option<PathBuf>,
+    /// Write the PEM certificate of the CA that signed the TLS listener's
+    /// certificate to this file (before the port files are written).
+    #[arg(long, requires = "tls_listen")]
+    tls_ca_file: Option<PathBuf>,
+    /// HTTP/2 concurrent-stream limit of the TLS listener (real providers: 100 or so).
+    #[arg(long, default_value_t = 100)]
+    h2_max_streams: u32,
     /// Tokio worker threads (default: one per core).
     #[arg(long)]
     threads: Option<usize>,
@@ -107,17 +128,43 @@ fn main() -> std::process::ExitCode {
     }
 }
 
+/// Writes `text` to `path` through a rename, so a polling test never reads a partial file.
+fn write_whole(path: &std::path::Path, text: &str) -> std::io::Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text)?;
+    std::fs::rename(&tmp, path)
+}
+
 async fn run(cli: Cli) -> std::io::Result<()> {
+    let state = Arc::new(server::State::new(cli.api_key, cli.knobs, cli.log_capacity));
+    // The TLS side first: once the plain port file exists, both are ready.
+    let _tls = match cli.tls_listen {
+        Some(tls_addr) => {
+            let identity = tls::identity()?;
+            if let Some(path) = &cli.tls_ca_file {
+                write_whole(path, &identity.ca_pem)?;
+            }
+            let listener = TcpListener::bind(tls_addr).await?;
+            let addr = listener.local_addr()?;
+            if let Some(path) = &cli.tls_port_file {
+                write_whole(path, &addr.port().to_string())?;
+            }
+            println!("afr-mock listening on {addr} (TLS)");
+            Some(AbortOnDrop(tokio::spawn(tls::serve(
+                listener,
+                identity.config,
+                state.clone(),
+                cli.h2_max_streams,
+            ))))
+        }
+        None => None,
+    };
     let listener = TcpListener::bind(cli.listen).await?;
     let addr = listener.local_addr()?;
     if let Some(path) = &cli.port_file {
-        // Write then rename so a polling test never reads a partial file.
-        let tmp = path.with_extension("tmp");
-        std::fs::write(&tmp, addr.port().to_string())?;
-        std::fs::rename(&tmp, path)?;
+        write_whole(path, &addr.port().to_string())?;
     }
     println!("afr-mock listening on {addr}");
-    let state = Arc::new(server::State::new(cli.api_key, cli.knobs, cli.log_capacity));
     let mut http = http1::Builder::new();
     http.keep_alive(true).timer(TokioTimer::new());
     let http = Arc::new(http);
@@ -147,5 +194,14 @@ async fn run(cli: Cli) -> std::io::Result<()> {
             let svc = service_fn(move |req| server::handle(state.clone(), reset.clone(), req));
             let _ = http.serve_connection(io, svc).await;
         });
+    }
+}
+
+/// Stops a spawned task when dropped (the TLS accept loop ends with `run`).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }

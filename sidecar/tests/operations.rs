@@ -252,3 +252,112 @@ async fn serves_on_a_unix_socket() {
     assert!(answer.starts_with("HTTP/1.1 200 OK"), "{answer}");
     assert!(answer.contains("\"id\":\"m\""), "{answer}");
 }
+
+#[test]
+fn absurd_durations_stop_start_up_naming_the_path() {
+    // `Instant + 300000000000 years` overflows: before validation capped
+    // durations, this config started and every request to the provider
+    // panicked where its deadline is computed.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("sidecar.toml");
+    let body = format!(
+        "{}[providers.mock.timeouts]\ntotal = \"300000000000 years\"\n{}",
+        openai_provider("mock", "http://127.0.0.1:9", ""),
+        model("m", &[("mock", "x")])
+    );
+    std::fs::write(&path, Sidecar::config_text(dir.path(), &body, 5, "30s")).unwrap();
+    let mut serve = std::process::Command::new(env!("CARGO_BIN_EXE_afr"));
+    serve.arg("serve").arg("--config").arg(&path);
+    let stderr = refused_start_up(serve, dir.path());
+    assert!(
+        stderr.contains(
+            "providers.mock.timeouts.total: 300000000000years is longer than the limit of 1year"
+        ),
+        "{stderr}"
+    );
+}
+
+/// Runs `afr serve` expecting it to exit with an error within 10 s (a
+/// sidecar that starts instead is killed, failing the test); returns stderr.
+fn refused_start_up(mut serve: std::process::Command, dir: &std::path::Path) -> String {
+    let log = dir.join("refused.log");
+    let mut child = serve
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break Some(status);
+        }
+        if start.elapsed() > Duration::from_secs(10) {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let stderr = std::fs::read_to_string(&log).unwrap_or_default();
+    match status {
+        Some(status) => assert!(!status.success(), "{stderr}"),
+        None => panic!("afr serve started instead of refusing: {stderr}"),
+    }
+    stderr
+}
+
+#[test]
+fn a_file_at_the_socket_path_is_never_deleted() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("sidecar.sock");
+    let body = format!(
+        "{}{}",
+        openai_provider("mock", "http://127.0.0.1:9", ""),
+        model("m", &[("mock", "x")])
+    );
+    let text = Sidecar::config_text(dir.path(), &body, 5, "30s").replace(
+        "listen = \"127.0.0.1:0\"\nsecret",
+        &format!("listen = \"unix:{}\"\nsecret", socket.display()),
+    );
+    std::fs::write(dir.path().join("sidecar.toml"), text).unwrap();
+    let serve = || {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_afr"));
+        cmd.arg("serve")
+            .arg("--config")
+            .arg(dir.path().join("sidecar.toml"))
+            .arg("--admin-port-file")
+            .arg(dir.path().join("admin.port"));
+        cmd
+    };
+
+    // A regular file (say, server.listen pointing at the usage database by mistake).
+    std::fs::write(&socket, "precious data\n").unwrap();
+    let stderr = refused_start_up(serve(), dir.path());
+    assert!(
+        stderr.contains(&format!(
+            "{} exists and is not a socket; not removing it",
+            socket.display()
+        )),
+        "{stderr}"
+    );
+    assert_eq!(std::fs::read_to_string(&socket).unwrap(), "precious data\n");
+
+    // A stale socket left by a crashed sidecar is still replaced.
+    std::fs::remove_file(&socket).unwrap();
+    drop(std::os::unix::net::UnixListener::bind(&socket).unwrap());
+    assert!(socket.exists());
+    let mut child = serve().stderr(std::process::Stdio::null()).spawn().unwrap();
+    let start = Instant::now();
+    while !dir.path().join("admin.port").exists() {
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!("afr serve exited: {status}");
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "afr serve did not start"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}

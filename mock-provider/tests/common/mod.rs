@@ -102,7 +102,7 @@ pub fn events(bytes: &[u8]) -> Vec<Event> {
     let mut f = EventFramer::new();
     f.push(bytes);
     let mut out = Vec::new();
-    while let Some(raw) = f.next_event() {
+    while let Some(raw) = f.next_event().expect("events fit the limit") {
         out.push(Event {
             name: event_name(&raw),
             data: event_data(&raw).unwrap_or_default(),

@@ -3,13 +3,15 @@
 //! `chat.completion` or `chat.completion.chunk` events, errors → OpenAI shape.
 
 use super::{
-    retry_after, send_error, sse_events, EventStream, Provider, ProviderError, Reply, UpstreamCall,
+    read_error_body, read_success_body, retry_after, send_error, sse_events, EventStream, Provider,
+    ProviderError, Reply, UpstreamCall,
 };
 use afr_core::anthropic::{
     error_to_openai, request_to_anthropic, response_to_openai, StreamTranslator, TranslateError,
     ANTHROPIC_VERSION,
 };
 use afr_core::config::{ProviderConfig, Timeouts};
+use afr_core::redact::mask_secrets;
 use afr_core::validate::Invalid;
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -114,13 +116,12 @@ impl Provider for Anthropic {
         let status = response.status().as_u16();
         if !response.status().is_success() {
             let wait = retry_after(response.headers());
-            let body = response.bytes().await.map_err(|e| {
-                ProviderError::Connect(format!("reading the error body: {}", e.without_url()))
-            })?;
+            let body = read_error_body(response).await?;
             let error = error_to_openai(status, &body).body;
             return Err(ProviderError::Status {
                 status,
-                message: error.message,
+                // Logged and possibly sent to the client: no echoed credential.
+                message: mask_secrets(&error.message).into_owned(),
                 kind: Some(error.kind.to_owned()),
                 param: error.param,
                 code: error.code.map(str::to_owned),
@@ -133,9 +134,7 @@ impl Provider for Anthropic {
                 include_usage,
             )));
         }
-        let body = response.bytes().await.map_err(|e| {
-            ProviderError::Connect(format!("reading the body: {}", e.without_url()))
-        })?;
+        let body = read_success_body(response).await?;
         let translated = response_to_openai(&body, now_secs()).map_err(malformed)?;
         Ok(Reply::Complete {
             body: Bytes::from(translated.body),

@@ -3,8 +3,8 @@
 //! (tests/fixtures/azure-openai-notes.md). The route's `model` names the deployment.
 
 use super::{
-    body_usage, openai_status_error, send_error, sse_events, Provider, ProviderError, Reply,
-    UpstreamCall,
+    body_usage, openai_status_error, read_success_body, send_error, sse_events, Provider,
+    ProviderError, Reply, UpstreamCall,
 };
 use afr_core::config::{ProviderConfig, Timeouts};
 use async_trait::async_trait;
@@ -64,9 +64,7 @@ impl Provider for Azure {
         if call.stream {
             return Ok(Reply::Stream(sse_events(response)));
         }
-        let body = response.bytes().await.map_err(|e| {
-            ProviderError::Connect(format!("reading the body: {}", e.without_url()))
-        })?;
+        let body = read_success_body(response).await?;
         let usage = body_usage(&body);
         Ok(Reply::Complete { body, usage })
     }

@@ -8,6 +8,7 @@
 
 use afr_core::breaker::Outcome;
 use afr_core::config::{ProviderConfig, ProviderKind, Timeouts};
+use afr_core::redact::mask_secrets;
 use afr_core::route::RouteFailure;
 use afr_core::sse::TokenUsage;
 use afr_core::validate::Invalid;
@@ -125,7 +126,10 @@ impl ProviderError {
         };
         ProviderError::Status {
             status,
+            // Providers echo credentials back ("Incorrect API key provided: sk-…"),
+            // and this message is logged and may reach the client.
             message: field("message")
+                .map(|m| mask_secrets(&m).into_owned())
                 .unwrap_or_else(|| format!("the provider answered with status {status}")),
             kind: field("type"),
             param: field("param"),
@@ -175,7 +179,7 @@ pub fn build(
     config: &ProviderConfig,
     api_key: Option<String>,
 ) -> anyhow::Result<Arc<dyn Provider>> {
-    let client = http_client(config.timeouts)?;
+    let client = http_client(config)?;
     let provider: Arc<dyn Provider> = match config.kind {
         ProviderKind::Openai => Arc::new(openai::OpenAi::new(name, config, api_key, client)),
         ProviderKind::Azure => Arc::new(azure::Azure::new(name, config, api_key, client)),
@@ -187,16 +191,38 @@ pub fn build(
 }
 
 /// A pooled keep-alive client with TCP_NODELAY and the provider's connect timeout.
-fn http_client(timeouts: Timeouts) -> anyhow::Result<reqwest::Client> {
-    Ok(reqwest::Client::builder()
-        .connect_timeout(timeouts.connect)
+///
+/// HTTP/1.1 unless the provider sets `http2 = true` (design §4): over TLS,
+/// reqwest would otherwise negotiate h2 by ALPN and put every request on one
+/// connection, and hyper never opens a second one when the server's
+/// concurrent-stream limit (100 at most providers) is reached — further
+/// streams queue until `first_byte` expires and fail over.
+fn http_client(config: &ProviderConfig) -> anyhow::Result<reqwest::Client> {
+    let mut builder = reqwest::Client::builder()
+        .connect_timeout(config.timeouts.connect)
         .tcp_nodelay(true)
         .pool_idle_timeout(std::time::Duration::from_secs(90))
         .pool_max_idle_per_host(1024)
         // reqwest strips only Authorization/Cookie on a cross-host redirect:
         // `api-key` / `x-api-key` would follow it, and a POST would turn into a GET.
-        .redirect(reqwest::redirect::Policy::none())
-        .build()?)
+        .redirect(reqwest::redirect::Policy::none());
+    if !config.http2 {
+        builder = builder.http1_only();
+    }
+    if let Some(path) = &config.ca_file {
+        let pem = std::fs::read(path)
+            .map_err(|e| anyhow::anyhow!("ca_file: cannot read {}: {e}", path.display()))?;
+        let certs = reqwest::Certificate::from_pem_bundle(&pem)
+            .map_err(|e| anyhow::anyhow!("ca_file: {}: {e}", path.display()))?;
+        if certs.is_empty() {
+            anyhow::bail!("ca_file: {} holds no PEM certificate", path.display());
+        }
+        // Added to the built-in roots: the private CA is trusted besides them.
+        for cert in certs {
+            builder = builder.add_root_certificate(cert);
+        }
+    }
+    Ok(builder.build()?)
 }
 
 /// Maps a reqwest failure on send to a provider error.
@@ -220,7 +246,55 @@ pub(crate) fn body_usage(body: &[u8]) -> Option<TokenUsage> {
         .and_then(|w| w.usage)
 }
 
+/// Largest success body read from a provider (a non-streamed completion).
+/// Chat completions are kilobytes; this bounds a broken or hostile upstream.
+pub(crate) const MAX_BODY_BYTES: usize = 32 << 20;
+
+/// Largest error body read from a provider: real ones are under a kilobyte,
+/// a proxy's HTML error page a few.
+pub(crate) const MAX_ERROR_BODY_BYTES: usize = 256 << 10;
+
+/// Reads a whole response body of at most `limit` bytes. Over the limit is a
+/// protocol error (retryable), found before more than `limit` bytes are held.
+pub(crate) async fn read_body(
+    response: reqwest::Response,
+    limit: usize,
+    what: &str,
+) -> Result<Bytes, ProviderError> {
+    use http_body_util::{BodyExt, LengthLimitError, Limited};
+    match Limited::new(reqwest::Body::from(response), limit)
+        .collect()
+        .await
+    {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(e) if e.is::<LengthLimitError>() => Err(ProviderError::Protocol(format!(
+            "the {what} is longer than {limit} bytes"
+        ))),
+        Err(e) => {
+            let detail = match e.downcast::<reqwest::Error>() {
+                Ok(e) => e.without_url().to_string(),
+                Err(e) => e.to_string(),
+            };
+            Err(ProviderError::Connect(format!(
+                "reading the {what}: {detail}"
+            )))
+        }
+    }
+}
+
+/// Reads a success body (a non-streamed answer).
+pub(crate) async fn read_success_body(response: reqwest::Response) -> Result<Bytes, ProviderError> {
+    read_body(response, MAX_BODY_BYTES, "body").await
+}
+
+/// Reads an error body.
+pub(crate) async fn read_error_body(response: reqwest::Response) -> Result<Bytes, ProviderError> {
+    read_body(response, MAX_ERROR_BODY_BYTES, "error body").await
+}
+
 /// Turns a streaming response body into its SSE events, byte for byte.
+/// An event longer than [`afr_core::sse::MAX_EVENT_BYTES`] ends the stream
+/// with a protocol error (a failover while nothing was sent to the client).
 pub(crate) fn sse_events(
     response: reqwest::Response,
 ) -> BoxStream<'static, Result<Bytes, ProviderError>> {
@@ -233,17 +307,22 @@ pub(crate) fn sse_events(
         framer: EventFramer,
         ready: VecDeque<Bytes>,
         finished: bool,
+        failed: Option<ProviderError>,
     }
     let state = State {
         body: response.bytes_stream().boxed(),
         framer: EventFramer::new(),
         ready: VecDeque::new(),
         finished: false,
+        failed: None,
     };
     futures_util::stream::unfold(state, |mut s| async move {
         loop {
             if let Some(event) = s.ready.pop_front() {
                 return Some((Ok(event), s));
+            }
+            if let Some(error) = s.failed.take() {
+                return Some((Err(error), s));
             }
             if s.finished {
                 return None;
@@ -251,8 +330,17 @@ pub(crate) fn sse_events(
             match s.body.next().await {
                 Some(Ok(bytes)) => {
                     s.framer.push(&bytes);
-                    while let Some(event) = s.framer.next_event() {
-                        s.ready.push_back(Bytes::from(event));
+                    loop {
+                        match s.framer.next_event() {
+                            Ok(Some(event)) => s.ready.push_back(Bytes::from(event)),
+                            Ok(None) => break,
+                            Err(e) => {
+                                // Events framed before it go out first; then the error.
+                                s.finished = true;
+                                s.failed = Some(ProviderError::Protocol(e.to_string()));
+                                break;
+                            }
+                        }
                     }
                 }
                 Some(Err(e)) => {
@@ -287,9 +375,9 @@ pub(crate) fn sse_events(
 pub(crate) async fn openai_status_error(response: reqwest::Response) -> ProviderError {
     let status = response.status().as_u16();
     let wait = retry_after(response.headers());
-    match response.bytes().await {
+    match read_error_body(response).await {
         Ok(body) => ProviderError::from_openai_body(status, &body, wait),
-        Err(e) => ProviderError::Connect(format!("reading the error body: {}", e.without_url())),
+        Err(e) => e,
     }
 }
 
@@ -301,4 +389,77 @@ pub(crate) fn retry_after(headers: &http::HeaderMap) -> Option<Duration> {
         value(http::header::RETRY_AFTER.as_str()),
         SystemTime::now(),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures_util::StreamExt;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    const CHUNK: usize = 64 << 10;
+
+    /// A response whose body is `total` bytes of `fill` in 64 KiB chunks,
+    /// produced lazily; `pulled` counts the bytes the reader took.
+    fn endless(status: u16, fill: u8, total: usize, pulled: Arc<AtomicUsize>) -> reqwest::Response {
+        let chunks = futures_util::stream::iter(0..total / CHUNK).map(move |_| {
+            pulled.fetch_add(CHUNK, Ordering::Relaxed);
+            Ok::<_, std::io::Error>(Bytes::from(vec![fill; CHUNK]))
+        });
+        let response = http::Response::builder()
+            .status(status)
+            .body(reqwest::Body::wrap_stream(chunks))
+            .expect("a valid response");
+        reqwest::Response::from(response)
+    }
+
+    #[tokio::test]
+    async fn an_oversized_error_body_is_a_retryable_protocol_error_read_no_further() {
+        let pulled = Arc::new(AtomicUsize::new(0));
+        let error = openai_status_error(endless(500, b' ', 64 << 20, pulled.clone())).await;
+        assert!(matches!(error, ProviderError::Protocol(_)), "{error}");
+        assert!(error.is_retryable());
+        assert!(pulled.load(Ordering::Relaxed) <= MAX_ERROR_BODY_BYTES + CHUNK);
+    }
+
+    #[tokio::test]
+    async fn an_oversized_success_body_is_a_protocol_error_read_no_further() {
+        let pulled = Arc::new(AtomicUsize::new(0));
+        let Err(error) = read_success_body(endless(200, b' ', 256 << 20, pulled.clone())).await
+        else {
+            panic!("a body over the limit was read whole");
+        };
+        assert!(matches!(error, ProviderError::Protocol(_)), "{error}");
+        assert!(pulled.load(Ordering::Relaxed) <= MAX_BODY_BYTES + CHUNK);
+        let small = read_success_body(endless(200, b'x', CHUNK, Arc::default()))
+            .await
+            .expect("under the limit");
+        assert_eq!(small.len(), CHUNK);
+    }
+
+    #[tokio::test]
+    async fn an_event_that_never_ends_fails_the_stream_at_the_limit() {
+        let pulled = Arc::new(AtomicUsize::new(0));
+        let mut events = sse_events(endless(200, b'x', 64 << 20, pulled.clone()));
+        match events.next().await {
+            Some(Err(ProviderError::Protocol(message))) => {
+                assert!(message.contains("exceeds"), "{message}")
+            }
+            other => panic!(
+                "expected a protocol error, got {:?}",
+                other.map(|r| r.map(|_| ()))
+            ),
+        }
+        assert!(events.next().await.is_none());
+        assert!(pulled.load(Ordering::Relaxed) <= afr_core::sse::MAX_EVENT_BYTES + CHUNK);
+    }
+
+    #[test]
+    fn provider_messages_lose_echoed_keys() {
+        let body = br#"{"error":{"message":"Incorrect API key provided: sk-proj-AbCd0123456789EfGh. You can find your API key at https://platform.openai.com/account/api-keys.","type":"invalid_request_error","param":null,"code":"invalid_api_key"}}"#;
+        let error = ProviderError::from_openai_body(401, body, None);
+        let shown = error.to_string();
+        assert!(shown.contains("provided: sk-***."), "{shown}");
+        assert!(!shown.contains("AbCd0123"), "{shown}");
+    }
 }

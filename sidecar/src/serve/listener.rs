@@ -31,12 +31,24 @@ pub enum Bound {
 
 impl Bound {
     /// Binds `listen`, replacing a stale unix socket file and giving a new
-    /// one the permissions `socket_mode`.
+    /// one the permissions `socket_mode`. Anything else at the socket path (a
+    /// regular file, a directory, a symlink) is left alone and fails the bind:
+    /// a typo in `server.listen` must not delete an operator's file.
     pub async fn bind(listen: &Listen, socket_mode: u32) -> std::io::Result<Bound> {
         match listen {
             Listen::Tcp(addr) => Ok(Bound::Tcp(TcpListener::bind(addr).await?)),
             Listen::Unix(path) => {
-                if std::fs::symlink_metadata(path).is_ok() {
+                if let Ok(meta) = std::fs::symlink_metadata(path) {
+                    use std::os::unix::fs::FileTypeExt;
+                    if !meta.file_type().is_socket() {
+                        return Err(std::io::Error::new(
+                            std::io::ErrorKind::AlreadyExists,
+                            format!(
+                                "{} exists and is not a socket; not removing it (move it away or choose another path)",
+                                path.display()
+                            ),
+                        ));
+                    }
                     std::fs::remove_file(path)?;
                 }
                 let listener = UnixListener::bind(path)?;

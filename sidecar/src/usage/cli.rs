@@ -147,9 +147,15 @@ pub fn db_path(
 /// `[usage] path` of a sidecar config, read leniently: every other table and
 /// key is ignored, so the CLI keeps working whatever else the file holds.
 fn usage_path_from_config(text: &str, config: &Path) -> anyhow::Result<Option<PathBuf>> {
-    let doc: toml::Table = text
-        .parse()
-        .with_context(|| format!("{}: not valid TOML", config.display()))?;
+    // Not `with_context`: the toml error's Display quotes the offending source
+    // line, which may be `secret = "…"`.
+    let doc: toml::Table = text.parse().map_err(|e: toml::de::Error| {
+        anyhow::anyhow!(
+            "{}: not valid TOML: {}",
+            config.display(),
+            afr_core::config::describe_toml_error(text, e.span(), e.message())
+        )
+    })?;
     let Some(usage) = doc.get("usage") else {
         return Ok(None);
     };
@@ -294,6 +300,18 @@ mod tests {
         assert_eq!(q.group_by, vec![GroupBy::Day, GroupBy::Model]);
         let q = build_query(&args(&[]), NOW).expect("default");
         assert_eq!(q.group_by, vec![GroupBy::Key, GroupBy::Model]);
+    }
+
+    #[test]
+    fn a_config_syntax_error_does_not_quote_the_secret_line() {
+        let text = "[server]\nsecret = \"s3cr3t-Value-0123456789\n[usage]\npath = \"/x.db\"\n";
+        let e = usage_path_from_config(text, Path::new("sidecar.toml")).expect_err("invalid");
+        let shown = format!("{e:#}");
+        assert!(
+            shown.starts_with("sidecar.toml: not valid TOML: line 2, column "),
+            "{shown}"
+        );
+        assert!(!shown.contains("s3cr3t"), "{shown}");
     }
 
     #[test]

@@ -52,28 +52,69 @@ pub struct Mock {
     child: Child,
     /// Its port.
     pub port: u16,
-    _dir: tempfile::TempDir,
+    /// Its TLS listener's port (`start_tls`).
+    pub tls_port: Option<u16>,
+    dir: tempfile::TempDir,
 }
 
 impl Mock {
     /// Starts a mock with extra CLI flags (fault knobs).
     pub fn start(args: &[&str]) -> Mock {
+        Self::spawn(args, false)
+    }
+
+    /// Starts a mock that also serves TLS (HTTP/1.1 and h2 by ALPN, h2 with
+    /// `--h2-max-streams`, 100 unless `args` say otherwise), its CA in `ca_file()`.
+    pub fn start_tls(args: &[&str]) -> Mock {
+        Self::spawn(args, true)
+    }
+
+    fn spawn(args: &[&str], tls: bool) -> Mock {
         let dir = tempfile::tempdir().expect("tempdir");
         let port_file = dir.path().join("port");
-        let mut child = Command::new(mock_bin())
-            .args(["--listen", "127.0.0.1:0", "--port-file"])
-            .arg(&port_file)
+        let mut cmd = Command::new(mock_bin());
+        cmd.args(["--listen", "127.0.0.1:0", "--port-file"])
+            .arg(&port_file);
+        if tls {
+            cmd.args(["--tls-listen", "127.0.0.1:0", "--tls-port-file"])
+                .arg(dir.path().join("tls.port"))
+                .arg("--tls-ca-file")
+                .arg(dir.path().join("ca.pem"));
+        }
+        let mut child = cmd
             .args(args)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .expect("spawning afr-mock");
+        // The mock writes the TLS port file before the plain one.
         let port = wait_for_file(&port_file, &mut child, "afr-mock");
+        let tls_port = tls.then(|| {
+            std::fs::read_to_string(dir.path().join("tls.port"))
+                .expect("tls port file")
+                .trim()
+                .parse()
+                .expect("tls port")
+        });
         Mock {
             child,
             port,
-            _dir: dir,
+            tls_port,
+            dir,
         }
+    }
+
+    /// `https://localhost:TLS_PORT` (`start_tls`).
+    pub fn tls_base(&self) -> String {
+        format!(
+            "https://localhost:{}",
+            self.tls_port.expect("started with TLS")
+        )
+    }
+
+    /// The PEM file of the CA that signed the TLS listener's certificate.
+    pub fn ca_file(&self) -> PathBuf {
+        self.dir.path().join("ca.pem")
     }
 
     /// `http://127.0.0.1:PORT`.

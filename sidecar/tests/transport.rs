@@ -1,0 +1,140 @@
+//! How the sidecar reaches providers (design §4): an HTTP/1.1 keep-alive pool
+//! by default, HTTP/2 only when a provider opts in, a private CA trusted
+//! through `ca_file`. The mock serves TLS with ALPN and an HTTP/2
+//! concurrent-stream limit of 100, as real providers do.
+
+mod common;
+
+use common::*;
+use serde_json::json;
+use tokio::task::JoinSet;
+
+/// A TLS provider trusting the mock's CA, with room for a slow machine.
+fn tls_provider(name: &str, mock: &Mock, extra: &str) -> String {
+    format!(
+        "[providers.{name}]\nkind = \"openai\"\nbase_url = \"{}/v1\"\nca_file = \"{}\"\n{extra}\n\
+         [providers.{name}.timeouts]\nconnect = \"10s\"\nfirst_byte = \"3s\"\nidle = \"10s\"\ntotal = \"60s\"\n",
+        mock.tls_base(),
+        mock.ca_file().display()
+    )
+}
+
+async fn versions(mock: &Mock) -> Vec<String> {
+    mock.requests()
+        .await
+        .iter()
+        .map(|r| r["version"].as_str().unwrap_or_default().to_owned())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_hundred_concurrent_streams_through_one_tls_provider_all_complete() {
+    // Each stream lasts ~5 s, longer than first_byte (3 s): over one h2
+    // connection limited to 100 streams, streams 101–300 would wait for a
+    // slot until first_byte expired.
+    let mock = Mock::start_tls(&["--chunks", "10", "--chunk-interval-ms", "500"]);
+    let sidecar = Sidecar::start(&format!(
+        "{}{}",
+        tls_provider("upstream", &mock, ""),
+        model("m", &[("upstream", "up")])
+    ));
+    let mut streams = JoinSet::new();
+    for i in 0..300 {
+        let request = sidecar
+            .request(reqwest::Method::POST, "/v1/chat/completions")
+            .json(&json!({"model": "m", "stream": true,
+                          "messages": [{"role": "user", "content": format!("stream {i}")}]}));
+        streams.spawn(async move {
+            let response = request.send().await.expect("sidecar answers");
+            let status = response.status().as_u16();
+            (status, response.text().await.unwrap_or_default())
+        });
+    }
+    let mut failed = Vec::new();
+    while let Some(joined) = streams.join_next().await {
+        let (status, text) = joined.expect("stream task");
+        let complete = status == 200
+            && text.ends_with("data: [DONE]\n\n")
+            && !text.contains("\"error\"")
+            && text.matches("\"content\":\"").count() > 10;
+        if !complete {
+            failed.push(format!(
+                "{status}: {}",
+                text.chars().take(200).collect::<String>()
+            ));
+        }
+    }
+    assert!(
+        failed.is_empty(),
+        "{} of 300 streams failed, e.g. {}",
+        failed.len(),
+        failed[0]
+    );
+    let versions = versions(&mock).await;
+    assert_eq!(versions.len(), 300);
+    assert!(versions.iter().all(|v| v == "HTTP/1.1"), "{versions:?}");
+}
+
+#[tokio::test]
+async fn http2_is_spoken_only_with_providers_that_opt_in() {
+    let mock = Mock::start_tls(&[]);
+    let sidecar = Sidecar::start(&format!(
+        "{}{}{}{}",
+        tls_provider("pooled", &mock, ""),
+        tls_provider("multiplexed", &mock, "http2 = true"),
+        model("h1", &[("pooled", "up")]),
+        model("h2", &[("multiplexed", "up")]),
+    ));
+    for model in ["h1", "h2"] {
+        let text = sidecar
+            .chat_text(json!({"model": model, "messages": [{"role": "user", "content": "hi"}]}))
+            .await;
+        assert!(text.contains("chat.completion"), "{model}: {text}");
+    }
+    assert_eq!(versions(&mock).await, ["HTTP/1.1", "HTTP/2.0"]);
+}
+
+#[tokio::test]
+async fn a_private_ca_is_trusted_only_through_ca_file() {
+    let mock = Mock::start_tls(&[]);
+    let untrusting = format!(
+        "[providers.plain]\nkind = \"openai\"\nbase_url = \"{}/v1\"\n",
+        mock.tls_base()
+    );
+    let sidecar = Sidecar::start(&format!("{untrusting}{}", model("m", &[("plain", "up")])));
+    let response = sidecar
+        .chat(json!({"model": "m", "messages": [{"role": "user", "content": "hi"}]}))
+        .await;
+    assert_eq!(response.status(), 500, "the mock's CA is not a public root");
+    assert!(mock.requests().await.is_empty());
+}
+
+#[test]
+fn an_unreadable_ca_file_is_a_start_up_error_naming_the_provider() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("sidecar.toml");
+    let missing = dir.path().join("no-such-ca.pem");
+    let not_pem = dir.path().join("not.pem");
+    std::fs::write(&not_pem, "just text\n").unwrap();
+    for (ca, expected) in [
+        (&missing, "providers.p: ca_file: cannot read"),
+        (&not_pem, "providers.p: ca_file: "),
+    ] {
+        let body = format!(
+            "[providers.p]\nkind = \"openai\"\nbase_url = \"https://localhost:9/v1\"\nca_file = \"{}\"\n{}",
+            ca.display(),
+            model("m", &[("p", "up")])
+        );
+        std::fs::write(&path, Sidecar::config_text(dir.path(), &body, 5, "30s")).unwrap();
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_afr"))
+            .arg("serve")
+            .arg("--config")
+            .arg(&path)
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains(expected), "{stderr}");
+        assert!(stderr.contains(&ca.display().to_string()), "{stderr}");
+    }
+}
