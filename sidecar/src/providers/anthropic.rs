@@ -116,7 +116,7 @@ impl Provider for Anthropic {
         let status = response.status().as_u16();
         if !response.status().is_success() {
             let wait = retry_after(response.headers());
-            let body = read_error_body(response).await?;
+            let body = read_error_body(response).await;
             let error = error_to_openai(status, &body).body;
             return Err(ProviderError::Status {
                 status,

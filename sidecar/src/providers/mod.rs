@@ -288,8 +288,16 @@ pub(crate) async fn read_success_body(response: reqwest::Response) -> Result<Byt
 }
 
 /// Reads an error body.
-pub(crate) async fn read_error_body(response: reqwest::Response) -> Result<Bytes, ProviderError> {
-    read_body(response, MAX_ERROR_BODY_BYTES, "error body").await
+pub(crate) async fn read_error_body(response: reqwest::Response) -> Bytes {
+    // The status decides what the error means (a 400 stays the client's, a
+    // 503 is failed over); a body too long or cut short only loses the
+    // provider's wording, never the status.
+    read_body(response, MAX_ERROR_BODY_BYTES, "error body")
+        .await
+        .unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "provider error body unreadable; answering by its status");
+            Bytes::new()
+        })
 }
 
 /// Turns a streaming response body into its SSE events, byte for byte.
@@ -375,10 +383,8 @@ pub(crate) fn sse_events(
 pub(crate) async fn openai_status_error(response: reqwest::Response) -> ProviderError {
     let status = response.status().as_u16();
     let wait = retry_after(response.headers());
-    match read_error_body(response).await {
-        Ok(body) => ProviderError::from_openai_body(status, &body, wait),
-        Err(e) => e,
-    }
+    let body = read_error_body(response).await;
+    ProviderError::from_openai_body(status, &body, wait)
 }
 
 /// The wait an error response asked for (`retry-after-ms`, `Retry-After`).
@@ -414,12 +420,17 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn an_oversized_error_body_is_a_retryable_protocol_error_read_no_further() {
-        let pulled = Arc::new(AtomicUsize::new(0));
-        let error = openai_status_error(endless(500, b' ', 64 << 20, pulled.clone())).await;
-        assert!(matches!(error, ProviderError::Protocol(_)), "{error}");
-        assert!(error.is_retryable());
-        assert!(pulled.load(Ordering::Relaxed) <= MAX_ERROR_BODY_BYTES + CHUNK);
+    async fn an_oversized_error_body_keeps_its_status_and_is_read_no_further() {
+        for (status, retryable) in [(500, true), (400, false)] {
+            let pulled = Arc::new(AtomicUsize::new(0));
+            let error = openai_status_error(endless(status, b' ', 64 << 20, pulled.clone())).await;
+            assert!(
+                matches!(error, ProviderError::Status { status: s, .. } if s == status),
+                "{error}"
+            );
+            assert_eq!(error.is_retryable(), retryable, "{status}");
+            assert!(pulled.load(Ordering::Relaxed) <= MAX_ERROR_BODY_BYTES + CHUNK);
+        }
     }
 
     #[tokio::test]
