@@ -213,17 +213,7 @@ async fn metrics_and_health_are_on_the_admin_listener() {
 async fn serves_on_a_unix_socket() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let dir = tempfile::tempdir().unwrap();
-    let socket = dir.path().join("sidecar.sock");
-    let body = format!(
-        "{}{}",
-        openai_provider("mock", "http://127.0.0.1:9", ""),
-        model("m", &[("mock", "x")])
-    );
-    let text = Sidecar::config_text(dir.path(), &body, 5, "30s").replace(
-        "listen = \"127.0.0.1:0\"\nsecret",
-        &format!("listen = \"unix:{}\"\nsecret", socket.display()),
-    );
-    std::fs::write(dir.path().join("sidecar.toml"), text).unwrap();
+    let socket = write_unix_socket_config(dir.path());
     let admin_file = dir.path().join("admin.port");
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_afr"))
         .arg("serve")
@@ -309,17 +299,7 @@ fn refused_start_up(mut serve: std::process::Command, dir: &std::path::Path) -> 
 #[test]
 fn a_file_at_the_socket_path_is_never_deleted() {
     let dir = tempfile::tempdir().unwrap();
-    let socket = dir.path().join("sidecar.sock");
-    let body = format!(
-        "{}{}",
-        openai_provider("mock", "http://127.0.0.1:9", ""),
-        model("m", &[("mock", "x")])
-    );
-    let text = Sidecar::config_text(dir.path(), &body, 5, "30s").replace(
-        "listen = \"127.0.0.1:0\"\nsecret",
-        &format!("listen = \"unix:{}\"\nsecret", socket.display()),
-    );
-    std::fs::write(dir.path().join("sidecar.toml"), text).unwrap();
+    let socket = write_unix_socket_config(dir.path());
     let serve = || {
         let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_afr"));
         cmd.arg("serve")
@@ -360,4 +340,20 @@ fn a_file_at_the_socket_path_is_never_deleted() {
     }
     let _ = child.kill();
     let _ = child.wait();
+}
+
+/// Writes `dir/sidecar.toml` listening on `dir/sidecar.sock`; returns the socket path.
+fn write_unix_socket_config(dir: &std::path::Path) -> std::path::PathBuf {
+    let socket = dir.join("sidecar.sock");
+    let body = format!(
+        "{}{}",
+        openai_provider("mock", "http://127.0.0.1:9", ""),
+        model("m", &[("mock", "x")])
+    );
+    let text = Sidecar::config_text(dir, &body, 5, "30s").replace(
+        "listen = \"127.0.0.1:0\"\nsecret",
+        &format!("listen = \"unix:{}\"\nsecret", socket.display()),
+    );
+    std::fs::write(dir.join("sidecar.toml"), text).unwrap();
+    socket
 }
