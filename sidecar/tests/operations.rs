@@ -135,14 +135,7 @@ fn start_up_config_errors_name_the_path_and_exit_non_zero() {
         model("gpt-4o-mini", &[("mock", "x"), ("azur", "y")])
     );
     std::fs::write(&path, Sidecar::config_text(dir.path(), &body, 5, "30s")).unwrap();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_afr"))
-        .arg("serve")
-        .arg("--config")
-        .arg(&path)
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stderr = serve_refuses(&path);
     assert!(
         stderr.contains(r#"models.gpt-4o-mini.routes[1]: unknown provider "azur""#),
         "{stderr}"
@@ -150,14 +143,7 @@ fn start_up_config_errors_name_the_path_and_exit_non_zero() {
     assert!(stderr.contains(&path.display().to_string()), "{stderr}");
 
     std::fs::write(&path, "[server]\nlisten_on = 1\n").unwrap();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_afr"))
-        .arg("serve")
-        .arg("--config")
-        .arg(&path)
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("listen_on"));
+    assert!(serve_refuses(&path).contains("listen_on"));
 }
 
 #[tokio::test]
@@ -256,44 +242,13 @@ fn absurd_durations_stop_start_up_naming_the_path() {
         model("m", &[("mock", "x")])
     );
     std::fs::write(&path, Sidecar::config_text(dir.path(), &body, 5, "30s")).unwrap();
-    let mut serve = std::process::Command::new(env!("CARGO_BIN_EXE_afr"));
-    serve.arg("serve").arg("--config").arg(&path);
-    let stderr = refused_start_up(serve, dir.path());
+    let stderr = serve_refuses(&path);
     assert!(
         stderr.contains(
             "providers.mock.timeouts.total: 300000000000years is longer than the limit of 1year"
         ),
         "{stderr}"
     );
-}
-
-/// Runs `afr serve` expecting it to exit with an error within 10 s (a
-/// sidecar that starts instead is killed, failing the test); returns stderr.
-fn refused_start_up(mut serve: std::process::Command, dir: &std::path::Path) -> String {
-    let log = dir.join("refused.log");
-    let mut child = serve
-        .stdout(std::process::Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
-    let start = Instant::now();
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break Some(status);
-        }
-        if start.elapsed() > Duration::from_secs(10) {
-            let _ = child.kill();
-            let _ = child.wait();
-            break None;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    let stderr = std::fs::read_to_string(&log).unwrap_or_default();
-    match status {
-        Some(status) => assert!(!status.success(), "{stderr}"),
-        None => panic!("afr serve started instead of refusing: {stderr}"),
-    }
-    stderr
 }
 
 #[test]

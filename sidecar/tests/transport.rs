@@ -126,14 +126,7 @@ fn an_unreadable_ca_file_is_a_start_up_error_naming_the_provider() {
             model("m", &[("p", "up")])
         );
         std::fs::write(&path, Sidecar::config_text(dir.path(), &body, 5, "30s")).unwrap();
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_afr"))
-            .arg("serve")
-            .arg("--config")
-            .arg(&path)
-            .output()
-            .unwrap();
-        assert!(!out.status.success());
-        let stderr = String::from_utf8_lossy(&out.stderr);
+        let stderr = serve_refuses(&path);
         assert!(stderr.contains(expected), "{stderr}");
         assert!(stderr.contains(&ca.display().to_string()), "{stderr}");
     }

@@ -437,3 +437,40 @@ pub fn normalize(body: &str) -> String {
     result.push_str(rest);
     result
 }
+
+/// Runs `afr serve` expecting it to exit with an error within 10 s (a
+/// sidecar that starts instead is killed, failing the test); returns stderr,
+/// kept in `dir/refused.log`.
+pub fn refused_start_up(mut serve: std::process::Command, dir: &Path) -> String {
+    let log = dir.join("refused.log");
+    let mut child = serve
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break Some(status);
+        }
+        if start.elapsed() > Duration::from_secs(10) {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let stderr = std::fs::read_to_string(&log).unwrap_or_default();
+    match status {
+        Some(status) => assert!(!status.success(), "{stderr}"),
+        None => panic!("afr serve started instead of refusing: {stderr}"),
+    }
+    stderr
+}
+
+/// `afr serve --config config`, expected to refuse to start; returns stderr.
+pub fn serve_refuses(config: &Path) -> String {
+    let mut serve = Command::new(env!("CARGO_BIN_EXE_afr"));
+    serve.arg("serve").arg("--config").arg(config);
+    refused_start_up(serve, config.parent().unwrap_or(Path::new(".")))
+}
