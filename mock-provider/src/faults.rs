@@ -49,6 +49,8 @@ impl Api {
 pub struct FailureState {
     fail_first_left: AtomicU32,
     rng: AtomicU64,
+    /// Requests seen since the last reset, for `fail_every`.
+    seen: AtomicU64,
 }
 
 impl FailureState {
@@ -57,6 +59,7 @@ impl FailureState {
         self.fail_first_left
             .store(knobs.fail_first, Ordering::Relaxed);
         self.rng.store(0, Ordering::Relaxed);
+        self.seen.store(0, Ordering::Relaxed);
     }
 
     /// The error status to inject into this request, if any.
@@ -74,6 +77,12 @@ impl FailureState {
             .is_ok()
         {
             return Some(k.fail_status());
+        }
+        if k.fail_every > 0 {
+            let n = self.seen.fetch_add(1, Ordering::Relaxed);
+            if n % u64::from(k.fail_every) == 0 {
+                return Some(k.fail_status());
+            }
         }
         if k.fail_percent > 0 {
             // splitmix64 over a counter: cheap, lock-free, reproducible per run.
@@ -267,6 +276,20 @@ mod tests {
             .filter(|_| f.injected_status(&k).is_some())
             .count();
         assert!((200..400).contains(&fails), "{fails}");
+    }
+
+    #[test]
+    fn fail_every_flaps() {
+        let f = FailureState::default();
+        let k = Knobs {
+            fail_every: 2,
+            ..Knobs::default()
+        };
+        f.reset(&k);
+        let seq: Vec<bool> = (0..6).map(|_| f.injected_status(&k).is_some()).collect();
+        assert_eq!(seq, [true, false, true, false, true, false]);
+        f.reset(&k);
+        assert_eq!(f.injected_status(&k), Some(500));
     }
 
     #[test]

@@ -61,6 +61,37 @@ pub struct Knobs {
     /// content delta (`X-Mock-Malformed-Sse`: `1`/`true`).
     #[arg(long)]
     pub malformed_sse: bool,
+    /// Request 1, 1+N, 1+2N, … after start (or after `POST /_mock/config`)
+    /// fails with `fail_status`: a flapping provider (`2`: every other
+    /// request). Instance-level only.
+    #[arg(long, default_value_t = 0)]
+    pub fail_every: u32,
+    /// Abort the TCP connection (RST) before any byte of the response,
+    /// streaming or not (`X-Mock-Reset-Before-Response`: `1`/`true`).
+    #[arg(long)]
+    pub reset_before_response: bool,
+    /// Streams: end the stream cleanly (last chunk, no RST) after this many
+    /// content deltas, without the finish chunk, usage or `[DONE]`
+    /// (`X-Mock-End-After-Chunks`).
+    #[arg(long)]
+    pub end_after_chunks: Option<u32>,
+    /// Send the response headers, then nothing: no body, no event, the
+    /// connection kept open until the client leaves (`X-Mock-Stall-After-Headers`).
+    #[arg(long)]
+    pub stall_after_headers: bool,
+    /// Send the response body one byte at a time, this many milliseconds
+    /// apart (`X-Mock-Drip-Ms`).
+    #[arg(long, default_value_t = 0)]
+    pub drip_ms: u64,
+    /// Answer 200 with a reply this many bytes long, generated as it is sent:
+    /// non-streaming, one `chat.completion` whose content has that size;
+    /// streaming, a first content delta of that size (`X-Mock-Body-Bytes`).
+    #[arg(long)]
+    pub body_bytes: Option<u64>,
+    /// Answer 200 with an HTML page (`text/html`) instead of JSON or SSE, as a
+    /// captive portal or a misrouted proxy does (`X-Mock-Non-Json`: `1`/`true`).
+    #[arg(long)]
+    pub non_json: bool,
 }
 
 /// A header value that is not a valid value for its knob.
@@ -113,14 +144,37 @@ impl Knobs {
         if let Some(v) = num(headers, "x-mock-error-after-chunks")? {
             k.error_after_chunks = Some(v);
         }
-        if let Some(v) = headers.get("x-mock-malformed-sse") {
-            k.malformed_sse = match v.as_bytes() {
-                b"1" | b"true" | b"yes" => true,
-                b"0" | b"false" | b"no" => false,
-                _ => return Err(BadKnobHeader("x-mock-malformed-sse")),
-            };
+        if let Some(v) = flag(headers, "x-mock-malformed-sse")? {
+            k.malformed_sse = v;
+        }
+        if let Some(v) = flag(headers, "x-mock-reset-before-response")? {
+            k.reset_before_response = v;
+        }
+        if let Some(v) = num(headers, "x-mock-end-after-chunks")? {
+            k.end_after_chunks = Some(v);
+        }
+        if let Some(v) = flag(headers, "x-mock-stall-after-headers")? {
+            k.stall_after_headers = v;
+        }
+        if let Some(v) = num(headers, "x-mock-drip-ms")? {
+            k.drip_ms = v;
+        }
+        if let Some(v) = num(headers, "x-mock-body-bytes")? {
+            k.body_bytes = Some(v);
+        }
+        if let Some(v) = flag(headers, "x-mock-non-json")? {
+            k.non_json = v;
         }
         Ok(k)
+    }
+}
+
+fn flag(headers: &HeaderMap, name: &'static str) -> Result<Option<bool>, BadKnobHeader> {
+    match headers.get(name).map(|v| v.as_bytes()) {
+        None => Ok(None),
+        Some(b"1" | b"true" | b"yes") => Ok(Some(true)),
+        Some(b"0" | b"false" | b"no") => Ok(Some(false)),
+        Some(_) => Err(BadKnobHeader(name)),
     }
 }
 

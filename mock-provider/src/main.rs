@@ -30,7 +30,12 @@
 //! `--fail-percent`/`X-Mock-Fail-Percent`, `--fail-status`/`X-Mock-Fail-Status`,
 //! `--reset-after-chunks`/`X-Mock-Reset-After-Chunks`,
 //! `--error-after-chunks`/`X-Mock-Error-After-Chunks`,
-//! `--malformed-sse`/`X-Mock-Malformed-Sse`, and instance-only `--fail-first`.
+//! `--malformed-sse`/`X-Mock-Malformed-Sse`,
+//! `--reset-before-response`/`X-Mock-Reset-Before-Response`,
+//! `--end-after-chunks`/`X-Mock-End-After-Chunks`,
+//! `--stall-after-headers`/`X-Mock-Stall-After-Headers`, `--drip-ms`/`X-Mock-Drip-Ms`,
+//! `--body-bytes`/`X-Mock-Body-Bytes`, `--non-json`/`X-Mock-Non-Json`, and
+//! instance-only `--fail-first` and `--fail-every`.
 //! See [`knobs::Knobs`] for their meaning.
 //!
 //! # Control API

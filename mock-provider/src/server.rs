@@ -308,6 +308,16 @@ async fn answer(
         return faults::invalid_request(api, msg, Some(param), &request_id);
     }
     let stream = parsed.get("stream").and_then(Value::as_bool) == Some(true);
+    if knobs.reset_before_response {
+        reset.store(true, Ordering::Relaxed);
+        entry.progress().outcome = Outcome::Reset;
+        return Response::new(MockBody::full(Bytes::new()));
+    }
+    let drip_ms = knobs.drip_ms;
+    if let Some(resp) = broken_answer(&knobs, stream, model) {
+        entry.progress().stream = stream;
+        return dripped(resp, drip_ms);
+    }
     if !stream {
         if knobs.ttft_ms > 0 {
             tokio::time::sleep(Duration::from_millis(knobs.ttft_ms)).await;
@@ -327,11 +337,111 @@ async fn answer(
         request_id,
         id_seq,
     };
-    match route {
+    let resp = match route {
         Route::Anthropic => anthropic::respond(ctx, &parsed),
         Route::Azure(dep) => openai::respond(ctx, &parsed, Api::Azure, Some(&dep)),
         _ => openai::respond(ctx, &parsed, Api::OpenAi, None),
+    };
+    dripped(resp, drip_ms)
+}
+
+/// The 200 answers that are not a well-formed reply (`non_json`,
+/// `stall_after_headers`, `body_bytes`), or `None` for a normal answer.
+fn broken_answer(k: &Knobs, stream: bool, model: &str) -> Option<Response<MockBody>> {
+    let content_type = if stream {
+        "text/event-stream; charset=utf-8"
+    } else {
+        "application/json"
+    };
+    let (body, content_type) = if k.non_json {
+        (
+            MockBody::full(Bytes::from_static(
+                b"<html><head><title>502 Bad Gateway</title></head><body>upstream unavailable</body></html>\n",
+            )),
+            "text/html",
+        )
+    } else if k.stall_after_headers {
+        let (tx, rx) = tokio::sync::mpsc::channel(1);
+        // Holds the body open, silent, until the client leaves.
+        tokio::spawn(async move { tx.closed().await });
+        (MockBody::Channel(rx), content_type)
+    } else if let Some(size) = k.body_bytes {
+        let model = serde_json::to_string(model).unwrap_or_else(|_| "\"\"".to_owned());
+        let (head, tail) = if stream {
+            (
+                format!("data: {{\"id\":\"chatcmpl-afrmockbig\",\"object\":\"chat.completion.chunk\",\"created\":0,\"model\":{model},\"choices\":[{{\"index\":0,\"delta\":{{\"content\":\""),
+                "\"},\"finish_reason\":null}]}\n\ndata: [DONE]\n\n".to_owned(),
+            )
+        } else {
+            (
+                format!("{{\"id\":\"chatcmpl-afrmockbig\",\"object\":\"chat.completion\",\"created\":0,\"model\":{model},\"choices\":[{{\"index\":0,\"message\":{{\"role\":\"assistant\",\"content\":\""),
+                "\"},\"finish_reason\":\"stop\"}],\"usage\":{\"prompt_tokens\":1,\"completion_tokens\":1,\"total_tokens\":2}}".to_owned(),
+            )
+        };
+        (huge(head, size, tail), content_type)
+    } else {
+        return None;
+    };
+    let mut resp = Response::new(body);
+    resp.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+    Some(resp)
+}
+
+/// A body of `head`, `size` bytes of filler, then `tail`, generated while it
+/// is sent so a 50 MB answer costs the mock no 50 MB buffer.
+fn huge(head: String, size: u64, tail: String) -> MockBody {
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tokio::spawn(async move {
+        const PIECE: usize = 64 << 10;
+        let filler = Bytes::from(vec![b'x'; PIECE]);
+        if tx.send(Ok(Bytes::from(head))).await.is_err() {
+            return;
+        }
+        let mut left = size;
+        while left > 0 {
+            let n = left.min(PIECE as u64) as usize;
+            if tx.send(Ok(filler.slice(..n))).await.is_err() {
+                return;
+            }
+            left -= n as u64;
+        }
+        let _ = tx.send(Ok(Bytes::from(tail))).await;
+    });
+    MockBody::Channel(rx)
+}
+
+/// `resp` with its body sent one byte at a time, `ms` apart (`drip_ms`).
+fn dripped(resp: Response<MockBody>, ms: u64) -> Response<MockBody> {
+    if ms == 0 {
+        return resp;
     }
+    let (parts, mut inner) = resp.into_parts();
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    tokio::spawn(async move {
+        while let Some(frame) = inner.frame().await {
+            let data = match frame {
+                Ok(f) => match f.into_data() {
+                    Ok(d) => d,
+                    Err(_) => continue,
+                },
+                Err(e) => {
+                    let _ = tx.send(Err(e)).await;
+                    return;
+                }
+            };
+            for i in 0..data.len() {
+                if tx.send(Ok(data.slice(i..=i))).await.is_err() {
+                    return;
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_millis(ms)) => {}
+                    _ = tx.closed() => return,
+                }
+            }
+        }
+    });
+    Response::from_parts(parts, MockBody::Channel(rx))
 }
 
 async fn control(state: &State, what: String, req: Request<Incoming>) -> Response<MockBody> {

@@ -135,6 +135,12 @@ async fn produce(plan: &StreamPlan, ctx: &StreamCtx, tx: &mpsc::Sender<StreamIte
             }
             return Outcome::Completed;
         }
+        if k.end_after_chunks
+            .is_some_and(|r| r == sent || (i == n && r > sent))
+        {
+            // A clean end (last chunk, FIN) with no finish, usage or [DONE].
+            return Outcome::Completed;
+        }
         if i == n {
             break;
         }

@@ -279,3 +279,118 @@ async fn request_log_records_headers_body_and_client_disconnects() {
     assert_eq!(log["total"], 0);
     assert_eq!(log["requests"], json!([]));
 }
+
+#[tokio::test]
+async fn broken_answers_for_the_gateway_fault_matrix() {
+    let mock = Mock::start(&[]);
+    // A clean end after 2 deltas: no finish chunk, no [DONE], no RST.
+    let r = post(
+        &mock,
+        &[("X-Mock-End-After-Chunks", "2")],
+        &chat(true, false, "a b c d"),
+    )
+    .await;
+    let (bytes, failed) = read_all(r).await;
+    assert!(!failed, "a clean end, not a reset");
+    let ev = events(&bytes);
+    assert_eq!(ev.len(), 3, "role + 2 deltas: {ev:?}");
+    assert!(ev.iter().all(|e| e.data != "[DONE]"));
+    // Reset before any response byte, streaming too.
+    for stream in [true, false] {
+        let err = reqwest::Client::new()
+            .post(mock.url("/v1/chat/completions"))
+            .header("X-Mock-Reset-Before-Response", "1")
+            .json(&chat(stream, false, "x"))
+            .send()
+            .await;
+        assert!(err.is_err(), "stream={stream}");
+    }
+    // A non-JSON 200.
+    let r = post(
+        &mock,
+        &[("X-Mock-Non-Json", "true")],
+        &chat(false, false, "x"),
+    )
+    .await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["content-type"], "text/html");
+    assert!(serde_json::from_slice::<Value>(&r.bytes().await.unwrap()).is_err());
+    // A body of a chosen size, still valid JSON.
+    let r = post(
+        &mock,
+        &[("X-Mock-Body-Bytes", "300000")],
+        &chat(false, false, "x"),
+    )
+    .await;
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(
+        v["choices"][0]["message"]["content"]
+            .as_str()
+            .unwrap()
+            .len(),
+        300_000
+    );
+    let r = post(
+        &mock,
+        &[("X-Mock-Body-Bytes", "1000")],
+        &chat(true, false, "x"),
+    )
+    .await;
+    let (bytes, _) = read_all(r).await;
+    let ev = events(&bytes);
+    let first: Value = serde_json::from_str(&ev[0].data).unwrap();
+    assert_eq!(
+        first["choices"][0]["delta"]["content"]
+            .as_str()
+            .unwrap()
+            .len(),
+        1000
+    );
+    assert_eq!(ev.last().unwrap().data, "[DONE]");
+}
+
+#[tokio::test]
+async fn headers_then_silence_and_drip() {
+    let mock = Mock::start(&[]);
+    let r = post(
+        &mock,
+        &[("X-Mock-Stall-After-Headers", "1")],
+        &chat(false, false, "x"),
+    )
+    .await;
+    assert_eq!(r.status(), 200);
+    let mut r = r;
+    let silent = tokio::time::timeout(Duration::from_millis(200), r.chunk()).await;
+    assert!(silent.is_err(), "no body byte may come");
+    drop(r);
+    // Drip: every body byte is its own write.
+    let mut r = post(&mock, &[("X-Mock-Drip-Ms", "1")], &chat(false, false, "a")).await;
+    let mut pieces = 0;
+    let mut body = Vec::new();
+    while let Some(c) = r.chunk().await.unwrap() {
+        pieces += 1;
+        body.extend_from_slice(&c);
+    }
+    let v: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(v["choices"][0]["message"]["content"], "Mock reply to: a");
+    assert!(
+        pieces > body.len() / 2,
+        "{pieces} pieces for {} bytes",
+        body.len()
+    );
+}
+
+#[tokio::test]
+async fn fail_every_makes_a_flapping_provider() {
+    let mock = Mock::start(&["--fail-every", "2", "--fail-status", "502"]);
+    let mut seen = Vec::new();
+    for _ in 0..4 {
+        seen.push(
+            post(&mock, &[], &chat(false, false, "x"))
+                .await
+                .status()
+                .as_u16(),
+        );
+    }
+    assert_eq!(seen, [502, 200, 502, 200]);
+}
