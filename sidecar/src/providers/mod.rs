@@ -235,15 +235,33 @@ pub(crate) fn send_error(e: reqwest::Error) -> ProviderError {
     }
 }
 
-/// Reads usage from an OpenAI-shaped completion body.
-pub(crate) fn body_usage(body: &[u8]) -> Option<TokenUsage> {
+/// Reads usage from an OpenAI-shaped completion body, which must be a JSON
+/// object: a 200 whose body is not one (a captive portal's or a misrouted
+/// proxy's HTML page) is a provider failure, failed over like a 5xx, never
+/// relayed to the client as its answer.
+pub(crate) fn body_usage(body: &[u8]) -> Result<Option<TokenUsage>, ProviderError> {
     #[derive(serde::Deserialize)]
     struct WithUsage {
         usage: Option<TokenUsage>,
     }
-    serde_json::from_slice::<WithUsage>(body)
+    // The usage is read leniently (a usage shape we do not know only loses the
+    // counts), the body strictly: it must be one JSON object.
+    let opens_object = body.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'{');
+    if let Err(e) = serde_json::from_slice::<serde::de::IgnoredAny>(body) {
+        return Err(not_an_object(&e.to_string()));
+    }
+    if !opens_object {
+        return Err(not_an_object("not an object"));
+    }
+    Ok(serde_json::from_slice::<WithUsage>(body)
         .ok()
-        .and_then(|w| w.usage)
+        .and_then(|w| w.usage))
+}
+
+fn not_an_object(why: &str) -> ProviderError {
+    ProviderError::Protocol(format!(
+        "the provider answered 200 with a body that is not a JSON object ({why})"
+    ))
 }
 
 /// Largest success body read from a provider (a non-streamed completion).
@@ -431,6 +449,26 @@ mod tests {
             assert_eq!(error.is_retryable(), retryable, "{status}");
             assert!(pulled.load(Ordering::Relaxed) <= MAX_ERROR_BODY_BYTES + CHUNK);
         }
+    }
+
+    #[test]
+    fn a_200_body_that_is_not_a_json_object_is_a_retryable_failure() {
+        for body in [
+            &b"<html><body>upstream unavailable</body></html>"[..],
+            b"",
+            b"[1, 2]",
+            b"{\"id\":\"chatcmpl-1\",\"choices\":[",
+        ] {
+            let error = body_usage(body).expect_err(&String::from_utf8_lossy(body));
+            assert!(error.is_retryable(), "{error}");
+        }
+        let ok =
+            br#" {"id":"x","usage":{"prompt_tokens":1,"completion_tokens":2,"total_tokens":3}}"#;
+        assert_eq!(body_usage(ok).unwrap().map(|u| u.total_tokens), Some(3));
+        // An unknown usage shape loses only the counts.
+        assert!(body_usage(br#"{"id":"x","usage":"n/a"}"#)
+            .unwrap()
+            .is_none());
     }
 
     #[tokio::test]

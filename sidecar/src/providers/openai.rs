@@ -57,7 +57,7 @@ impl Provider for OpenAi {
             return Ok(Reply::Stream(sse_events(response)));
         }
         let body = read_success_body(response).await?;
-        let usage = body_usage(&body);
+        let usage = body_usage(&body)?;
         Ok(Reply::Complete { body, usage })
     }
 }
