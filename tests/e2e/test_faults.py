@@ -87,6 +87,7 @@ SCENARIOS = [
     Scenario("error-event-mid-stream", {"error_after_chunks": 2, "chunks": 6}, non_stream=None,
              stream="error_event", breaker=0, row_status={"stream": 502}),
     Scenario("anthropic-529", {"status": 529}, kind="anthropic"),
+    Scenario("anthropic-non-json-200", {"non_json": True}, kind="anthropic"),
     Scenario("anthropic-overloaded-mid-stream", {"error_after_chunks": 2, "chunks": 6}, kind="anthropic",
              non_stream=None, stream="error_event", breaker=0, row_status={"stream": 502}),
 ]

@@ -156,26 +156,47 @@ def test_client_authorization_never_reaches_the_provider(sec):
     assert json.loads(out.stdout)["data"] == []
 
 
-class UnixHTTPConnection(http.client.HTTPConnection):
-    def __init__(self, path: str):
-        super().__init__("localhost", timeout=10)
-        self.path = path
-
-    def connect(self):
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(10)
-        self.sock.connect(self.path)
+def unix_socket(path: str):
+    def connect() -> socket.socket:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.settimeout(10)
+        s.connect(path)
+        return s
+    return connect
 
 
-def direct(conn: http.client.HTTPConnection, secret: str | None, key_id: str = "sec-main") -> tuple[int, bytes]:
-    headers = {"Content-Type": "application/json", "X-Afr-Key-Id": key_id}
+def tcp_socket(port: int):
+    return lambda: socket.create_connection(("127.0.0.1", port), timeout=10)
+
+
+def direct(s: socket.socket, secret: str | None, key_id: str = "sec-main") -> tuple[int, bytes]:
+    """One request straight to the sidecar, written in one piece: the sidecar may answer
+    401 and close before reading a body sent separately."""
+    body = json.dumps({"model": "gpt-4o-mini", "messages": MESSAGES}).encode()
+    head = f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    head += f"X-Afr-Key-Id: {key_id}\r\nContent-Length: {len(body)}\r\nConnection: close\r\n"
     if secret is not None:
-        headers["X-Afr-Secret"] = secret
-    conn.request("POST", "/v1/chat/completions", json.dumps({"model": "gpt-4o-mini", "messages": MESSAGES}), headers)
-    r = conn.getresponse()
-    body = r.read()
-    conn.close()
-    return r.status, body
+        head += f"X-Afr-Secret: {secret}\r\n"
+    with s:
+        s.sendall(head.encode() + b"\r\n" + body)
+        reply = b""
+        try:
+            while chunk := s.recv(65536):
+                reply += chunk
+        except ConnectionResetError:
+            pass
+    response = http.client.HTTPResponse(FakeSock(reply))
+    response.begin()
+    return response.status, response.read()
+
+
+class FakeSock:
+    def __init__(self, data: bytes):
+        self.data = data
+
+    def makefile(self, *_a, **_k):
+        import io
+        return io.BytesIO(self.data)
 
 
 def assert_refuses_without_the_secret(connect, secret: str) -> None:
@@ -195,7 +216,7 @@ def test_sidecar_refuses_requests_that_bypass_nginx_on_its_socket(sec):
     gw = sec
     sock = str(gw.home / "sidecar.sock")
     assert stat.S_ISSOCK(os.stat(sock).st_mode)
-    assert_refuses_without_the_secret(lambda: UnixHTTPConnection(sock), secrets(gw)["upstream secret"])
+    assert_refuses_without_the_secret(unix_socket(sock), secrets(gw)["upstream secret"])
 
 
 def test_sidecar_refuses_requests_that_bypass_nginx_on_tcp(sec):
@@ -220,8 +241,7 @@ def test_sidecar_refuses_requests_that_bypass_nginx_on_tcp(sec):
                 assert p.poll() is None, p.stderr.read().decode()
                 assert time.monotonic() < deadline, "afr serve did not listen on TCP"
                 time.sleep(0.05)
-        assert_refuses_without_the_secret(lambda: http.client.HTTPConnection("127.0.0.1", port, timeout=10),
-                                          secrets(gw)["upstream secret"])
+        assert_refuses_without_the_secret(tcp_socket(port), secrets(gw)["upstream secret"])
     finally:
         p.terminate()
         p.wait(15)
