@@ -80,7 +80,7 @@ impl FailureState {
         }
         if k.fail_every > 0 {
             let n = self.seen.fetch_add(1, Ordering::Relaxed);
-            if n % u64::from(k.fail_every) == 0 {
+            if n.is_multiple_of(u64::from(k.fail_every)) {
                 return Some(k.fail_status());
             }
         }
