@@ -17,8 +17,6 @@ import pytest
 
 from conftest import http
 
-_ids = iter(range(10**6))
-
 
 @pytest.fixture(scope="module")
 def key(gateway):
@@ -67,10 +65,10 @@ def assert_openai_400(status, body, param=None):
         assert err["param"] == param, err
 
 
-def no_crash(gateway) -> None:
+def no_crash(gateway, key: str) -> None:
     log = (gateway.home / "logs" / "nginx-error.log").read_text(errors="replace")
     assert "exited on signal" not in log and "signal 11" not in log and "signal 6" not in log
-    status, _, _ = http("GET", gateway.base + "/v1/models", headers={"Authorization": f"Bearer {gateway.demo_key}"})
+    status, _, _ = http("GET", gateway.base + "/v1/models", headers={"Authorization": f"Bearer {key}"})
     assert status == 200
 
 
@@ -94,7 +92,7 @@ def test_json_the_sidecar_refuses_gets_an_openai_400(gateway, key):
     for body, param in cases:
         status, _, reply = post(gateway, key, body)
         assert_openai_400(status, reply, param)
-    no_crash(gateway)
+    no_crash(gateway, key)
 
 
 def test_body_over_the_limit_is_413_json(gateway, key):
@@ -105,7 +103,7 @@ def test_body_over_the_limit_is_413_json(gateway, key):
     # 100 000 well-formed messages are over 1 MB too.
     many = b'{"model":"gpt-4o-mini","messages":[' + b",".join([b'{"role":"user","content":"hi"}'] * 100_000) + b"]}"
     assert post(gateway, key, many)[0] == 413
-    no_crash(gateway)
+    no_crash(gateway, key)
 
 
 def test_oversized_headers_get_nginx_4xx(gateway, key):
@@ -117,7 +115,7 @@ def test_oversized_headers_get_nginx_4xx(gateway, key):
            + "".join(f"X-H{i}: v\r\n" for i in range(5000)) + "\r\n").encode()
     got = statuses(raw(gateway, req))
     assert got and 400 <= got[0] < 500, got
-    no_crash(gateway)
+    no_crash(gateway, key)
 
 
 def test_smuggling_attempts_never_answer_a_hidden_request(gateway, key):
@@ -143,7 +141,7 @@ def test_smuggling_attempts_never_answer_a_hidden_request(gateway, key):
         # Refused outright by nginx, or the one real request answered and the connection
         # closed: never a second response (the hidden request).
         assert len(got) == 1, (name, got)
-    no_crash(gateway)
+    no_crash(gateway, key)
 
 
 def test_http_1_0_is_served(gateway, key):
@@ -184,7 +182,7 @@ def test_slow_clients_do_not_starve_the_gateway(gateway, key):
     finally:
         for s in held:
             s.close()
-    no_crash(gateway)
+    no_crash(gateway, key)
 
 
 def test_a_client_that_never_reads_its_stream_does_not_hang_the_gateway(gateway, key):
@@ -203,4 +201,4 @@ def test_a_client_that_never_reads_its_stream_does_not_hang_the_gateway(gateway,
     finally:
         for s in socks:
             s.close()
-    no_crash(gateway)
+    no_crash(gateway, key)
