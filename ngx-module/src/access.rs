@@ -22,7 +22,8 @@ use ngx::ffi::{
 use ngx::http::{HttpModuleLocationConf, HttpModuleMainConf, NgxHttpCoreModule};
 use ngx::ngx_log_error;
 
-use crate::filter::{self, copy_str, list_iter, push_header, RequestState};
+use crate::filter::{self, copy_str, list_iter, push_header};
+use crate::variables::{self, AfrStatus};
 use crate::{reload, zone::ZoneCtx, AfrModule};
 
 /// Adds the handler to the access phase.
@@ -51,12 +52,18 @@ fn now() -> (u64, i64) {
     (t.sec as u64 * 1000 + t.msec as u64, t.sec as i64)
 }
 
+/// A recognised key's labels, for `$afr_key_id` / `$afr_key_name`.
+struct Who {
+    id: String,
+    name: String,
+}
+
 enum Outcome {
-    Refuse(Denial),
-    Limited(Verdict),
+    Refuse(Denial, Option<Who>),
+    Limited(Verdict, Who),
     Admit {
         verdict: Verdict,
-        id: String,
+        who: Who,
         models: Option<String>,
     },
     Internal(&'static str),
@@ -95,21 +102,19 @@ unsafe extern "C" fn access_handler(r: *mut ngx_http_request_t) -> ngx_int_t {
 
     let outcome = decide(r, zone);
     match outcome {
-        Outcome::Refuse(d) => send_error(r, d.status(), denial_json(d), None),
-        Outcome::Internal(why) => send_error(r, 500, &internal_body(why).to_json(), None),
-        Outcome::Limited(v) => {
+        Outcome::Refuse(d, who) => {
+            let key = who.as_ref().map(|w| (w.id.as_str(), w.name.as_str()));
             // SAFETY: `r` is a valid main request.
-            if unsafe {
-                filter::set_state(
-                    r,
-                    RequestState {
-                        admitted: false,
-                        rate: v,
-                    },
-                )
+            if unsafe { variables::record(r, AfrStatus::of_denial(d), None, key) }.is_err() {
+                return Status::NGX_ERROR.into();
             }
-            .is_err()
-            {
+            send_error(r, d.status(), denial_json(d), None)
+        }
+        Outcome::Internal(why) => send_error(r, 500, &internal_body(why).to_json(), None),
+        Outcome::Limited(v, who) => {
+            let key = Some((who.id.as_str(), who.name.as_str()));
+            // SAFETY: `r` is a valid main request.
+            if unsafe { variables::record(r, AfrStatus::Limited, Some(v), key) }.is_err() {
                 return Status::NGX_ERROR.into();
             }
             send_error(
@@ -121,20 +126,15 @@ unsafe extern "C" fn access_handler(r: *mut ngx_http_request_t) -> ngx_int_t {
         }
         Outcome::Admit {
             verdict,
-            id,
+            who,
             models,
         } => {
+            let key = Some((who.id.as_str(), who.name.as_str()));
             // SAFETY: `r` is a valid main request in the access phase.
             let ok = unsafe {
-                filter::set_state(
-                    r,
-                    RequestState {
-                        admitted: true,
-                        rate: verdict,
-                    },
-                )
-                .is_ok()
-                    && rewrite_identity(r, &id, models.as_deref(), lcf.secret.as_deref()).is_ok()
+                variables::record(r, AfrStatus::Admitted, Some(verdict), key).is_ok()
+                    && rewrite_identity(r, &who.id, models.as_deref(), lcf.secret.as_deref())
+                        .is_ok()
             };
             if ok {
                 Status::NGX_DECLINED.into()
@@ -161,27 +161,34 @@ fn decide(r: *mut ngx_http_request_t, zone: &ZoneCtx) -> Outcome {
         let (key, value) = unsafe { ((*h).key.as_bytes(), (*h).value.as_bytes()) };
         if key.eq_ignore_ascii_case(b"authorization") {
             if auth.is_some() {
-                return Outcome::Refuse(Denial::Malformed);
+                return Outcome::Refuse(Denial::Malformed, None);
             }
             auth = Some(value);
         }
     }
     let token = match auth.map(bearer_token) {
-        None => return Outcome::Refuse(Denial::Missing),
-        Some(Err(d)) => return Outcome::Refuse(d),
+        None => return Outcome::Refuse(Denial::Missing, None),
+        Some(Err(d)) => return Outcome::Refuse(d, None),
         Some(Ok(t)) => t,
     };
     let (now_ms, now_s) = now();
     let found = reload::resolve(token, |entry| {
-        let entry = entry.ok_or(Denial::Unknown)?;
-        entry.check(now_s)?;
-        Ok((entry.id.clone(), entry.rpm, entry.models_header()))
+        let entry = entry.ok_or((Denial::Unknown, None))?;
+        let who = Who {
+            id: entry.id.clone(),
+            name: entry.name.clone(),
+        };
+        match entry.check(now_s) {
+            Ok(()) => Ok((who, entry.rpm, entry.models_header())),
+            Err(d) => Err((d, Some(who))),
+        }
     });
-    let (id, rpm, models) = match found {
+    let (who, rpm, models) = match found {
         None => return Outcome::Internal("no key table loaded"),
-        Some(Err(d)) => return Outcome::Refuse(d),
+        Some(Err((d, who))) => return Outcome::Refuse(d, who),
         Some(Ok(k)) => k,
     };
+    let id = &who.id;
     match zone.hit(id.as_bytes(), rpm, now_ms) {
         Err(_) => {
             // SAFETY: the request's log is valid.
@@ -189,14 +196,14 @@ fn decide(r: *mut ngx_http_request_t, zone: &ZoneCtx) -> Outcome {
             ngx_log_error!(
                 NGX_LOG_ERR,
                 log,
-                "afr: could not count key \"{id}\": zone is full"
+                "afr_zone is not initialised, key \"{id}\" not counted"
             );
-            Outcome::Internal("rate-limit zone is full")
+            Outcome::Internal("rate-limit zone unavailable")
         }
-        Ok(v) if !v.admitted => Outcome::Limited(v),
+        Ok(v) if !v.admitted => Outcome::Limited(v, who),
         Ok(verdict) => Outcome::Admit {
             verdict,
-            id,
+            who,
             models,
         },
     }

@@ -14,13 +14,13 @@ use std::ptr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use afr_core::keys::KeyTable;
+use afr_core::keys::{KeyFileError, KeyTable};
 use ngx::core::{Pool, NGX_CONF_ERROR, NGX_CONF_OK};
 use ngx::ffi::{
     ngx_command_t, ngx_conf_full_name, ngx_conf_t, ngx_parse_size, ngx_parse_time,
     ngx_shared_memory_add, ngx_shm_zone_t, ngx_str_t, ngx_uint_t, NGX_CONF_FLAG, NGX_CONF_TAKE1,
     NGX_HTTP_LOC_CONF, NGX_HTTP_LOC_CONF_OFFSET, NGX_HTTP_MAIN_CONF, NGX_HTTP_MAIN_CONF_OFFSET,
-    NGX_HTTP_SRV_CONF, NGX_LOG_EMERG, NGX_OK,
+    NGX_HTTP_SRV_CONF, NGX_LOG_EMERG, NGX_LOG_NOTICE, NGX_OK,
 };
 use ngx::http::{HttpModuleMainConf, Merge, MergeConfigError};
 use ngx::{ngx_conf_log_error, ngx_string};
@@ -185,7 +185,7 @@ extern "C" fn set_keys(
             mcf.keys_path = Some(path);
             NGX_CONF_OK
         }
-        Err(e) => emerg(cf, &format!("afr_keys: {e}")),
+        Err(e) => emerg(cf, &keys_file_message(&e)),
     }
 }
 
@@ -205,7 +205,9 @@ extern "C" fn set_zone(
     let Some(colon) = bytes.iter().position(|&b| b == b':').filter(|&i| i > 0) else {
         return emerg(
             cf,
-            &format!("invalid afr_zone \"{arg}\": expected name:size, e.g. afr:10m"),
+            &format!(
+                "invalid parameter \"{arg}\" in \"afr_zone\" directive, expected name:size, e.g. afr:10m"
+            ),
         );
     };
     let mut name = ngx_str_t {
@@ -220,12 +222,15 @@ extern "C" fn set_zone(
     // SAFETY: `size_str` points into the argument, which outlives the call.
     let size = unsafe { ngx_parse_size(&mut size_str) };
     if size == -1 {
-        return emerg(cf, &format!("invalid afr_zone size \"{size_str}\""));
+        return emerg(
+            cf,
+            &format!("invalid zone size \"{size_str}\" in \"afr_zone\" directive"),
+        );
     }
     if size < MIN_ZONE_SIZE {
         return emerg(
             cf,
-            &format!("afr_zone \"{name}\" is too small: at least 32k"),
+            &format!("\"afr_zone\" zone \"{name}\" is too small, it must be at least 32k"),
         );
     }
     // SAFETY: `cf` and its pool are valid while parsing.
@@ -249,8 +254,12 @@ extern "C" fn set_zone(
         return NGX_CONF_ERROR;
     };
     if !zone_ref.data.is_null() {
-        return emerg(cf, &format!("afr_zone \"{name}\" is already defined"));
+        return emerg(
+            cf,
+            &format!("duplicate zone \"{name}\" in \"afr_zone\" directive"),
+        );
     }
+    note_size_change(cf, &name, size as usize);
     zone_ref.init = Some(crate::zone::init_zone);
     zone_ref.data = ctx.cast();
     mcf.zone = zone;
@@ -348,4 +357,55 @@ pub fn check_complete(cf: &mut ngx_conf_t) -> Result<(), ()> {
         return Err(());
     }
     Ok(())
+}
+
+/// A keys-file problem worded like nginx's own file errors:
+/// `keys file "/etc/afr/keys.toml" line 12: key[3].rpm: must be …`.
+pub fn keys_file_message(e: &KeyFileError) -> String {
+    match e.line {
+        Some(line) => format!(
+            "keys file \"{}\" line {line}: {}: {}",
+            e.file, e.field, e.message
+        ),
+        None => format!("keys file \"{}\": {}: {}", e.file, e.field, e.message),
+    }
+}
+
+/// On `nginx -s reload`, says at NOTICE when the zone's size changed: nginx
+/// then maps a new zone (only one of the same name and size is reused), so
+/// every key's counter starts afresh.
+fn note_size_change(cf: *mut ngx_conf_t, name: &ngx_str_t, size: usize) {
+    // SAFETY: `cf->cycle` is the cycle being configured; its `old_cycle` is the
+    // running one (or the init cycle, whose list is empty), alive while parsing.
+    let old_cycle = unsafe { (*(*cf).cycle).old_cycle };
+    // SAFETY: as above; a null old cycle or an uninitialised list has no parts.
+    let Some(old) = (unsafe { old_cycle.as_mut() }) else {
+        return;
+    };
+    if old.shared_memory.part.elts.is_null() {
+        return;
+    }
+    let tag = (&raw mut crate::ngx_http_afr_module).cast::<c_void>();
+    let mut part = &raw mut old.shared_memory.part;
+    // SAFETY: walking the parts of the old cycle's list of ngx_shm_zone_t.
+    unsafe {
+        while !part.is_null() {
+            let zones = (*part).elts.cast::<ngx_shm_zone_t>();
+            for i in 0..(*part).nelts {
+                let z = &*zones.add(i);
+                if z.tag == tag && z.shm.name.as_bytes() == name.as_bytes() && z.shm.size != size {
+                    ngx_conf_log_error!(
+                        NGX_LOG_NOTICE,
+                        cf,
+                        "\"afr_zone\" zone \"{}\" size changed from {}k to {}k: \
+                         rate-limit counters start afresh",
+                        name,
+                        z.shm.size / 1024,
+                        size / 1024
+                    );
+                }
+            }
+            part = (*part).next;
+        }
+    }
 }

@@ -20,6 +20,7 @@ use ngx::ffi::{
     ngx_table_elt_t,
 };
 
+use crate::variables::AfrStatus;
 use crate::AfrModule;
 use ngx::http::{HttpModule, HttpModuleMainConf};
 
@@ -28,8 +29,14 @@ use ngx::http::{HttpModule, HttpModuleMainConf};
 pub struct RequestState {
     /// The request passed the access phase.
     pub admitted: bool,
-    /// Values of the `X-RateLimit-*` headers.
+    /// Values of the `X-RateLimit-*` headers (when `status` was counted).
     pub rate: Verdict,
+    /// `$afr_status`.
+    pub status: AfrStatus,
+    /// `$afr_key_id` (empty when no key was recognised), in the request pool.
+    pub key_id: ngx_str_t,
+    /// `$afr_key_name`, in the request pool.
+    pub key_name: ngx_str_t,
 }
 
 static mut NEXT_HEADER_FILTER: ngx_http_output_header_filter_pt = None;
@@ -107,7 +114,7 @@ unsafe extern "C" fn header_filter(r: *mut ngx_http_request_t) -> ngx_int_t {
         // use `afr` anywhere can have state to look for.
         let used = AfrModule::main_conf(&*r).is_some_and(|m| m.used);
         if used && r == (*r).main {
-            if let Some(state) = get_state(r) {
+            if let Some(state) = get_state(r).filter(|s| s.status.counted()) {
                 if add_rate_headers(r, &state.rate).is_err() {
                     return Status::NGX_ERROR.into();
                 }

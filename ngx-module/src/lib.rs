@@ -6,7 +6,8 @@
 //! This file is only the module table and worker start-up; each nginx concern
 //! has its own file: [`conf`] (directives), [`access`] (access-phase handler),
 //! [`zone`] (shared-memory counters), [`reload`] (per-worker key table and its
-//! hot reload), [`filter`] (per-request state and the header filter). The
+//! hot reload), [`filter`] (per-request state and the header filter),
+//! [`variables`] (`$afr_key_id`, `$afr_status`, …). The
 //! decisions themselves live in `afr-core`.
 
 use std::ptr::addr_of;
@@ -21,6 +22,7 @@ mod access;
 mod conf;
 mod filter;
 mod reload;
+mod variables;
 mod zone;
 
 /// The module's type, carrying its configuration types.
@@ -31,6 +33,13 @@ impl HttpModule for AfrModule {
         // SAFETY: the module table is a static that nginx only writes while
         // loading configuration, never concurrently with this read.
         unsafe { &*addr_of!(ngx_http_afr_module) }
+    }
+
+    unsafe extern "C" fn preconfiguration(cf: *mut ngx_conf_t) -> ngx_int_t {
+        if variables::add(cf).is_err() {
+            return Status::NGX_ERROR.into();
+        }
+        Status::NGX_OK.into()
     }
 
     unsafe extern "C" fn postconfiguration(cf: *mut ngx_conf_t) -> ngx_int_t {
@@ -57,7 +66,7 @@ unsafe impl HttpModuleLocationConf for AfrModule {
 }
 
 static NGX_HTTP_AFR_MODULE_CTX: ngx_http_module_t = ngx_http_module_t {
-    preconfiguration: None,
+    preconfiguration: Some(AfrModule::preconfiguration),
     postconfiguration: Some(AfrModule::postconfiguration),
     create_main_conf: Some(AfrModule::create_main_conf),
     init_main_conf: None,
@@ -86,9 +95,12 @@ pub static mut ngx_http_afr_module: ngx_module_t = ngx_module_t {
 extern "C" fn init_process(cycle: *mut ngx_cycle_t) -> ngx_int_t {
     // SAFETY: nginx calls init_process with the worker's valid cycle.
     let cycle = unsafe { &*cycle };
-    if let Some(mcf) = AfrModule::main_conf(cycle) {
-        if let (Some(path), Some(table)) = (&mcf.keys_path, &mcf.keys) {
-            reload::install(table.clone());
+    if let Some(mcf) = AfrModule::main_conf_mut(cycle) {
+        // Taken, not cloned: once the first hot reload replaces it, nothing in
+        // this worker holds the configuration-time table (~20 MB at 100k keys).
+        // The master keeps its own copy for workers it respawns.
+        if let (Some(path), Some(table)) = (&mcf.keys_path, mcf.keys.take()) {
+            reload::install(table);
             reload::watch(path.clone(), mcf.keys_stamp, mcf.reload_interval);
         }
     }

@@ -60,7 +60,22 @@ impl FileStamp {
 
 struct WorkerKeys {
     table: Arc<KeyTable>,
-    cache: moka::sync::Cache<Box<[u8]>, Option<u32>>,
+    /// Keyed by [`TokenDigest`], never the token itself.
+    cache: moka::sync::Cache<u128, Option<u32>>,
+}
+
+/// What the cache remembers of a token: 128 bits of two SipHashes under this
+/// worker's random keys. A plaintext token kept in a long-lived cache would be
+/// readable in a core dump; SHA-256 would cost what the cache saves. Random
+/// keys make a collision unguessable, and 2^-128 makes an accidental one moot.
+struct TokenDigest([std::collections::hash_map::RandomState; 2]);
+
+impl TokenDigest {
+    fn of(&self, token: &[u8]) -> u128 {
+        use std::hash::BuildHasher;
+        let [a, b] = &self.0;
+        (u128::from(a.hash_one(token)) << 64) | u128::from(b.hash_one(token))
+    }
 }
 
 impl WorkerKeys {
@@ -75,6 +90,7 @@ impl WorkerKeys {
 thread_local! {
     // nginx runs requests and our task on one thread per worker.
     static KEYS: RefCell<Option<WorkerKeys>> = const { RefCell::new(None) };
+    static DIGEST: TokenDigest = TokenDigest(Default::default());
 }
 
 /// Makes `table` this worker's key table, with an empty cache (start-up).
@@ -88,11 +104,12 @@ pub fn resolve<R>(token: &[u8], f: impl FnOnce(Option<&KeyEntry>) -> R) -> Optio
     KEYS.with(|k| {
         let keys = k.borrow();
         let keys = keys.as_ref()?;
-        let index = match keys.cache.get(token) {
+        let digest = DIGEST.with(|d| d.of(token));
+        let index = match keys.cache.get(&digest) {
             Some(hit) => hit,
             None => {
                 let found = keys.table.find(token);
-                keys.cache.insert(token.into(), found);
+                keys.cache.insert(digest, found);
                 found
             }
         };
@@ -215,7 +232,10 @@ async fn watch_loop(path: PathBuf, mut seen: Option<FileStamp>, interval: Durati
                 let n = KEYS.with(|k| k.borrow().as_ref().map_or(0, |w| w.table.len()));
                 log(
                     NGX_LOG_ERR,
-                    &format!("afr: {e}; keeping the previous keys ({n} keys)"),
+                    &format!(
+                        "{}; keeping the previous keys ({n} keys)",
+                        crate::conf::keys_file_message(&e)
+                    ),
                 );
             }
             None => {

@@ -1,30 +1,56 @@
-//! The `afr_zone` shared memory: one [`RateWindow`] per key id, shared by all
+//! The `afr_zone` shared memory: one [`RateWindow`] per key, shared by all
 //! workers, so N workers enforce one limit.
 //!
-//! Modelled on nginx's `limit_req`: nodes in an rbtree (keyed by a hash of the
-//! key id, ties broken by the id bytes) and an LRU queue, allocated from the
-//! zone's slab and touched only under the slab mutex. A miss first drops up to
-//! two stale nodes from the LRU tail; when the slab is full the least recently
-//! used counters are evicted (and logged) and the allocation retried, so a full
-//! zone never silently stops limiting. On `nginx -s reload` a zone of the same
-//! name and size is handed back to [`init_zone`] and reused: counters survive.
+//! Modelled on nginx's `limit_req` (a hash lookup, an LRU queue, stale
+//! counters dropped from the tail, reuse on reload), with one difference that
+//! matters when the zone is full: every counter is a fixed-size [`Slot`] that
+//! holds a digest of the key id, never the id itself. limit_req allocates a
+//! node per key from the slab, sized by the key; with ids of different lengths
+//! the LRU evictions free scattered chunks of one slab class while the new key
+//! needs another, and the allocation still fails. Here the zone's memory is
+//! one slab allocation made at start-up, cut into slots: evicting the least
+//! recently used slot always frees room for any key, so a full zone keeps
+//! limiting the keys in use and never answers 500.
+//!
+//! Capacity is fixed by the zone size: `(size − one page) / (size_of::<Slot>() + 4)`
+//! slots (see README, "Zone size"). On `nginx -s reload` a zone of the same name
+//! and size is handed back to [`init_zone`] and reused: counters survive. A
+//! zone whose size changed starts afresh; `conf.rs` says so at NOTICE.
+//!
+//! To add per-key state (e.g. a concurrency counter), add a field to [`Slot`]:
+//! slots are zeroed when a key is (re)assigned one, and capacity follows.
 
 use std::ffi::c_void;
-use std::mem::{offset_of, size_of};
+use std::mem::{align_of, size_of};
 use std::ptr::{self, addr_of_mut};
 
 use afr_core::ratelimit::{RateWindow, Verdict};
 use ngx::core::Status;
 use ngx::ffi::{
-    ngx_int_t, ngx_queue_t, ngx_rbt_red, ngx_rbtree_delete, ngx_rbtree_init, ngx_rbtree_insert,
-    ngx_rbtree_key_t, ngx_rbtree_node_t, ngx_rbtree_t, ngx_shm_zone_t, ngx_shmtx_lock,
-    ngx_shmtx_unlock, ngx_slab_alloc, ngx_slab_alloc_locked, ngx_slab_free_locked, ngx_slab_pool_t,
-    NGX_LOG_WARN,
+    ngx_int_t, ngx_pagesize, ngx_shm_zone_t, ngx_shmtx_lock, ngx_shmtx_unlock, ngx_slab_alloc,
+    ngx_slab_pool_t, NGX_LOG_EMERG, NGX_LOG_WARN,
 };
 use ngx::ngx_log_error;
+use sha2::{Digest, Sha256};
 
-/// Most counters evicted to make room for one new key before giving up.
-const MAX_EVICTIONS: usize = 64;
+/// Ends a bucket chain, the free list and the LRU queue.
+const NIL: u32 = u32::MAX;
+
+/// At most one "zone is full" line per worker per this many milliseconds.
+const FULL_LOG_INTERVAL_MS: u64 = 60_000;
+
+/// The first 16 bytes of SHA-256(key id): what a slot stores instead of the id,
+/// so every slot has the same size. 128 bits make a collision between two of a
+/// zone's keys practically impossible (and the keys file is the operator's own).
+pub type KeyDigest = [u8; 16];
+
+/// The digest of a key id.
+pub fn key_digest(id: &[u8]) -> KeyDigest {
+    let full = Sha256::digest(id);
+    let mut d = [0u8; 16];
+    d.copy_from_slice(&full[..16]);
+    d
+}
 
 /// Per-cycle handle on the zone (lives in the configuration pool).
 pub struct ZoneCtx {
@@ -42,50 +68,55 @@ impl ZoneCtx {
             pool: ptr::null_mut(),
         }
     }
+
+    /// How many keys the zone holds at once (0 before [`init_zone`]).
+    pub fn capacity(&self) -> u32 {
+        // SAFETY: `sh` is null or the zone's header, whose `capacity` never changes.
+        unsafe { self.sh.as_ref() }.map_or(0, |sh| sh.capacity)
+    }
 }
 
-/// The zone's root, at the slab pool's `data`.
+/// The zone's header, at the start of its one allocation; the bucket heads
+/// (`capacity` × u32) and then the slots follow it.
 #[repr(C)]
 struct Shared {
-    rbtree: ngx_rbtree_t,
-    sentinel: ngx_rbtree_node_t,
-    lru: ngx_queue_t,
+    capacity: u32,
+    /// Slots in use.
+    len: u32,
+    /// Head of the free slots (never-used ones are `len..capacity`, so this
+    /// only holds slots freed as stale).
+    free: u32,
+    /// Most recently used slot.
+    lru_head: u32,
+    /// Least recently used slot: the one evicted next.
+    lru_tail: u32,
+    slots_offset: u32,
+    /// When a "zone is full" line was last logged (any worker), and the
+    /// evictions since: one line a minute for the whole zone.
+    full_logged_ms: u64,
+    evicted_unlogged: u64,
 }
 
-/// One key's counter; the id bytes follow the struct in the same allocation.
+/// One key's counter. Fixed size: see the module docs.
 #[repr(C)]
-struct Node {
-    rb: ngx_rbtree_node_t,
-    lru: ngx_queue_t,
+#[derive(Clone, Copy)]
+struct Slot {
+    digest: KeyDigest,
     window: RateWindow,
-    id_len: usize,
+    /// Next slot in the same bucket, or in the free list.
+    next: u32,
+    lru_prev: u32,
+    lru_next: u32,
 }
 
-impl Node {
-    /// # Safety
-    /// `node` must point to a live node allocated by [`ZoneCtx::hit`].
-    unsafe fn id<'a>(node: *const Node) -> &'a [u8] {
-        // SAFETY: the id bytes were copied right after the struct at allocation.
-        unsafe {
-            std::slice::from_raw_parts(node.cast::<u8>().add(size_of::<Node>()), (*node).id_len)
-        }
-    }
-
-    /// # Safety
-    /// `q` must be the `lru` link of a live node.
-    unsafe fn from_lru(q: *mut ngx_queue_t) -> *mut Node {
-        // SAFETY: `lru` is embedded in `Node` at a fixed offset.
-        unsafe { q.cast::<u8>().sub(offset_of!(Node, lru)).cast() }
-    }
-}
-
-/// 64-bit FNV-1a: a stable hash of the key id (every worker must agree).
-fn id_hash(id: &[u8]) -> ngx_rbtree_key_t {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for &b in id {
-        h = (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
-    }
-    h as ngx_rbtree_key_t
+/// Size of the zone's one allocation for `capacity` slots.
+fn layout(capacity: u32) -> (usize, usize) {
+    let buckets_end = size_of::<Shared>() + capacity as usize * size_of::<u32>();
+    let slots_offset = buckets_end.next_multiple_of(align_of::<Slot>());
+    (
+        slots_offset,
+        slots_offset + capacity as usize * size_of::<Slot>(),
+    )
 }
 
 /// Zone initialisation, called by nginx in the master for each cycle.
@@ -109,59 +140,61 @@ pub extern "C" fn init_zone(zone: *mut ngx_shm_zone_t, old_data: *mut c_void) ->
         ctx.sh = pool_ref.data.cast();
         return Status::NGX_OK.into();
     }
-    // SAFETY: the pool is valid; ngx_slab_alloc takes the mutex itself.
-    let sh = unsafe { ngx_slab_alloc(pool, size_of::<Shared>()) }.cast::<Shared>();
+    // The pages left in the pool, less one for nginx's own small allocations
+    // (the zone's log context): the slots take the rest in one allocation.
+    // SAFETY: ngx_pagesize is set once at start-up, before any configuration.
+    let page = unsafe { ngx_pagesize };
+    let pages = (pool_ref.end as usize).saturating_sub(pool_ref.start as usize) / page;
+    let bytes = pages.saturating_sub(1) * page;
+    let per_key = size_of::<Slot>() + size_of::<u32>();
+    let mut capacity = (bytes.saturating_sub(size_of::<Shared>() + align_of::<Slot>()) / per_key)
+        .min(NIL as usize - 1) as u32;
+    let mut sh: *mut Shared = ptr::null_mut();
+    // The page estimate can be off by the slab's own rounding: shrink until it fits.
+    while capacity > 0 {
+        // SAFETY: the pool is valid; ngx_slab_alloc takes the mutex itself.
+        sh = unsafe { ngx_slab_alloc(pool, layout(capacity).1) }.cast();
+        if !sh.is_null() {
+            break;
+        }
+        capacity -= capacity / 64 + 1;
+    }
     if sh.is_null() {
+        ngx_log_error!(
+            NGX_LOG_EMERG,
+            ngx::log::ngx_cycle_log().as_ptr(),
+            "\"afr_zone\" zone \"{}\" is too small",
+            ctx.name
+        );
         return Status::NGX_ERROR.into();
     }
-    // SAFETY: `sh` is a fresh allocation large enough for `Shared`.
+    let (slots_offset, _) = layout(capacity);
+    // SAFETY: `sh` is a fresh allocation of `layout(capacity)` bytes.
     unsafe {
-        ngx_rbtree_init(
-            addr_of_mut!((*sh).rbtree),
-            addr_of_mut!((*sh).sentinel),
-            Some(insert_node),
+        sh.write(Shared {
+            capacity,
+            len: 0,
+            free: NIL,
+            lru_head: NIL,
+            lru_tail: NIL,
+            slots_offset: slots_offset as u32,
+            full_logged_ms: 0,
+            evicted_unlogged: 0,
+        });
+        let buckets = sh.add(1).cast::<u32>();
+        for i in 0..capacity as usize {
+            buckets.add(i).write(NIL);
+        }
+        // Zeroed slots are valid `Slot`s, so `Table` may see them as a slice.
+        ptr::write_bytes(
+            sh.cast::<u8>().add(slots_offset),
+            0,
+            capacity as usize * size_of::<Slot>(),
         );
-        let lru = addr_of_mut!((*sh).lru);
-        (*lru).prev = lru;
-        (*lru).next = lru;
     }
     ctx.sh = sh;
     pool_ref.data = sh.cast();
-    // Allocation failures are expected when full (we evict); don't log each one.
-    pool_ref.set_log_nomem(0);
     Status::NGX_OK.into()
-}
-
-/// rbtree insertion: by hash, then by id bytes.
-unsafe extern "C" fn insert_node(
-    mut temp: *mut ngx_rbtree_node_t,
-    node: *mut ngx_rbtree_node_t,
-    sentinel: *mut ngx_rbtree_node_t,
-) {
-    // SAFETY: nginx calls this with valid tree nodes; every node in our tree is a `Node`.
-    unsafe {
-        loop {
-            let go_left = if (*node).key != (*temp).key {
-                (*node).key < (*temp).key
-            } else {
-                Node::id(node.cast()) < Node::id(temp.cast())
-            };
-            let next = if go_left {
-                addr_of_mut!((*temp).left)
-            } else {
-                addr_of_mut!((*temp).right)
-            };
-            if *next == sentinel {
-                *next = node;
-                break;
-            }
-            temp = *next;
-        }
-        (*node).parent = temp;
-        (*node).left = sentinel;
-        (*node).right = sentinel;
-        ngx_rbt_red(node);
-    }
 }
 
 /// Holds the slab mutex; unlocks on drop.
@@ -182,154 +215,184 @@ impl Drop for Locked {
     }
 }
 
-/// Why a request could not be counted.
+/// Why a request could not be counted: the zone was never initialised.
 #[derive(Debug)]
 pub struct ZoneFull;
 
 impl ZoneCtx {
     /// Counts one request of key `id` with `limit` per minute at `now_ms`.
     pub fn hit(&self, id: &[u8], limit: u32, now_ms: u64) -> Result<Verdict, ZoneFull> {
-        if self.sh.is_null() || self.pool.is_null() {
+        if self.sh.is_null() || self.pool.is_null() || self.capacity() == 0 {
             return Err(ZoneFull);
         }
-        let hash = id_hash(id);
-        let (verdict, evicted) = {
+        let digest = key_digest(id);
+        let (verdict, report) = {
             let _guard = Locked::new(self.pool);
-            // SAFETY: under the mutex we have exclusive access to the tree and queue.
-            unsafe { self.hit_locked(hash, id, limit, now_ms) }
+            // SAFETY: under the mutex we have exclusive access to the zone.
+            let mut table = unsafe { Table::new(self.sh) };
+            let (verdict, evicted) = table.hit(&digest, limit, now_ms);
+            (
+                verdict,
+                evicted.then(|| table.full_report(now_ms)).flatten(),
+            )
         };
-        if evicted > 0 {
+        if let Some(evicted) = report {
             ngx_log_error!(
                 NGX_LOG_WARN,
                 ngx::log::ngx_cycle_log().as_ptr(),
-                "afr_zone \"{}\" is full: evicted {} least recently used key counter(s); consider a larger zone",
+                "afr_zone \"{}\" is full ({} keys): evicted {} least recently used counter(s) \
+                 since the last report; consider a larger zone",
                 self.name,
+                self.capacity(),
                 evicted
             );
         }
-        verdict.ok_or(ZoneFull)
+        Ok(verdict)
     }
+}
 
+/// The zone's memory seen as its header, buckets and slots; made only under
+/// the slab mutex, so plain safe code from here on.
+struct Table<'a> {
+    sh: &'a mut Shared,
+    buckets: &'a mut [u32],
+    slots: &'a mut [Slot],
+}
+
+impl Table<'_> {
     /// # Safety
-    /// The caller holds the slab mutex.
-    unsafe fn hit_locked(
-        &self,
-        hash: ngx_rbtree_key_t,
-        id: &[u8],
-        limit: u32,
-        now_ms: u64,
-    ) -> (Option<Verdict>, usize) {
-        // SAFETY: the caller holds the mutex; all pointers belong to this zone.
+    /// `sh` is a zone header written by [`init_zone`] and the caller holds the
+    /// slab mutex for as long as the `Table` lives.
+    unsafe fn new<'a>(sh: *mut Shared) -> Table<'a> {
+        // SAFETY: per the contract: `init_zone` laid out `capacity` bucket heads
+        // after the header and `capacity` zeroed slots at `slots_offset`, all
+        // initialised, and the mutex makes our access exclusive.
         unsafe {
-            let sh = self.sh;
-            let node = self.lookup(hash, id);
-            if !node.is_null() {
-                queue_remove(addr_of_mut!((*node).lru));
-                queue_insert_head(addr_of_mut!((*sh).lru), addr_of_mut!((*node).lru));
-                return (Some((*node).window.hit(limit, now_ms)), 0);
-            }
-            self.expire(now_ms, 2, false);
-            let size = size_of::<Node>() + id.len();
-            let mut evicted = 0;
-            let mut mem = ngx_slab_alloc_locked(self.pool, size);
-            while mem.is_null() && evicted < MAX_EVICTIONS {
-                if self.expire(now_ms, 1, true) == 0 {
-                    break;
-                }
-                evicted += 1;
-                mem = ngx_slab_alloc_locked(self.pool, size);
-            }
-            if mem.is_null() {
-                return (None, evicted);
-            }
-            let node = mem.cast::<Node>();
-            ptr::write_bytes(node, 0, 1);
-            (*node).rb.key = hash;
-            (*node).id_len = id.len();
-            ptr::copy_nonoverlapping(
-                id.as_ptr(),
-                mem.cast::<u8>().add(size_of::<Node>()),
-                id.len(),
+            let n = (*sh).capacity as usize;
+            let buckets = std::slice::from_raw_parts_mut(sh.add(1).cast::<u32>(), n);
+            let slots = std::slice::from_raw_parts_mut(
+                sh.cast::<u8>()
+                    .add((*sh).slots_offset as usize)
+                    .cast::<Slot>(),
+                n,
             );
-            ngx_rbtree_insert(addr_of_mut!((*sh).rbtree), addr_of_mut!((*node).rb));
-            queue_insert_head(addr_of_mut!((*sh).lru), addr_of_mut!((*node).lru));
-            (Some((*node).window.hit(limit, now_ms)), evicted)
-        }
-    }
-
-    /// # Safety
-    /// The caller holds the slab mutex.
-    unsafe fn lookup(&self, hash: ngx_rbtree_key_t, id: &[u8]) -> *mut Node {
-        // SAFETY: the caller holds the mutex; the tree holds only `Node`s.
-        unsafe {
-            let sentinel = (*self.sh).rbtree.sentinel;
-            let mut n = (*self.sh).rbtree.root;
-            while n != sentinel {
-                if hash != (*n).key {
-                    n = if hash < (*n).key {
-                        (*n).left
-                    } else {
-                        (*n).right
-                    };
-                    continue;
-                }
-                match id.cmp(Node::id(n.cast())) {
-                    std::cmp::Ordering::Equal => return n.cast(),
-                    std::cmp::Ordering::Less => n = (*n).left,
-                    std::cmp::Ordering::Greater => n = (*n).right,
-                }
+            Table {
+                sh: &mut *sh,
+                buckets,
+                slots,
             }
-            ptr::null_mut()
         }
     }
 
-    /// Frees up to `max` nodes from the LRU tail: only stale ones, or any when
-    /// `force` (the zone is full). Returns how many were freed.
-    ///
-    /// # Safety
-    /// The caller holds the slab mutex.
-    unsafe fn expire(&self, now_ms: u64, max: usize, force: bool) -> usize {
-        // SAFETY: the caller holds the mutex; queue links belong to live nodes.
-        unsafe {
-            let head = addr_of_mut!((*self.sh).lru);
-            let mut freed = 0;
-            while freed < max {
-                let last = (*head).prev;
-                if last == head {
+    /// Counts an eviction; returns the evictions to report when a "zone is
+    /// full" line is due (at most one per [`FULL_LOG_INTERVAL_MS`] per zone:
+    /// a full zone under load would otherwise log on every new key).
+    fn full_report(&mut self, now_ms: u64) -> Option<u64> {
+        self.sh.evicted_unlogged += 1;
+        let last = self.sh.full_logged_ms;
+        if last != 0 && now_ms.abs_diff(last) < FULL_LOG_INTERVAL_MS {
+            return None;
+        }
+        self.sh.full_logged_ms = now_ms.max(1);
+        Some(std::mem::take(&mut self.sh.evicted_unlogged))
+    }
+
+    fn bucket(&self, d: &KeyDigest) -> usize {
+        let h = u64::from_le_bytes([d[0], d[1], d[2], d[3], d[4], d[5], d[6], d[7]]);
+        (h % self.buckets.len() as u64) as usize
+    }
+
+    /// Counts a request; the flag says whether a counter was evicted for it.
+    fn hit(&mut self, d: &KeyDigest, limit: u32, now_ms: u64) -> (Verdict, bool) {
+        let mut i = self.buckets[self.bucket(d)];
+        while i != NIL {
+            if self.slots[i as usize].digest == *d {
+                self.lru_unlink(i);
+                self.lru_push_head(i);
+                return (self.slots[i as usize].window.hit(limit, now_ms), false);
+            }
+            i = self.slots[i as usize].next;
+        }
+        // A miss: drop up to two stale counters from the tail, as limit_req does.
+        for _ in 0..2 {
+            let t = self.sh.lru_tail;
+            if t == NIL || !self.slots[t as usize].window.is_stale(now_ms) {
+                break;
+            }
+            self.remove(t);
+            self.slots[t as usize].next = self.sh.free;
+            self.sh.free = t;
+        }
+        let (i, evicted) = if self.sh.free != NIL {
+            let i = self.sh.free;
+            self.sh.free = self.slots[i as usize].next;
+            (i, false)
+        } else if self.sh.len < self.sh.capacity {
+            self.sh.len += 1;
+            (self.sh.len - 1, false)
+        } else {
+            // Full: the least recently used slot is taken over.
+            let t = self.sh.lru_tail;
+            self.remove(t);
+            (t, true)
+        };
+        let b = self.bucket(d);
+        let s = &mut self.slots[i as usize];
+        s.digest = *d;
+        s.window = RateWindow::default();
+        s.next = self.buckets[b];
+        self.buckets[b] = i;
+        self.lru_push_head(i);
+        (self.slots[i as usize].window.hit(limit, now_ms), evicted)
+    }
+
+    /// Unlinks slot `i` from its bucket chain and the LRU queue.
+    fn remove(&mut self, i: u32) {
+        let b = self.bucket(&self.slots[i as usize].digest);
+        let after = self.slots[i as usize].next;
+        if self.buckets[b] == i {
+            self.buckets[b] = after;
+        } else {
+            let mut j = self.buckets[b];
+            while j != NIL {
+                let n = self.slots[j as usize].next;
+                if n == i {
+                    self.slots[j as usize].next = after;
                     break;
                 }
-                let node = Node::from_lru(last);
-                if !force && !(*node).window.is_stale(now_ms) {
-                    break;
-                }
-                queue_remove(last);
-                ngx_rbtree_delete(addr_of_mut!((*self.sh).rbtree), addr_of_mut!((*node).rb));
-                ngx_slab_free_locked(self.pool, node.cast());
-                freed += 1;
+                j = n;
             }
-            freed
+        }
+        self.lru_unlink(i);
+    }
+
+    fn lru_unlink(&mut self, i: u32) {
+        let Slot {
+            lru_prev: p,
+            lru_next: n,
+            ..
+        } = self.slots[i as usize];
+        if p == NIL {
+            self.sh.lru_head = n;
+        } else {
+            self.slots[p as usize].lru_next = n;
+        }
+        if n == NIL {
+            self.sh.lru_tail = p;
+        } else {
+            self.slots[n as usize].lru_prev = p;
         }
     }
-}
 
-/// # Safety
-/// `h` is a queue head and `x` an unlinked element.
-unsafe fn queue_insert_head(h: *mut ngx_queue_t, x: *mut ngx_queue_t) {
-    // SAFETY: per the contract above, all four links are valid.
-    unsafe {
-        (*x).next = (*h).next;
-        (*(*x).next).prev = x;
-        (*x).prev = h;
-        (*h).next = x;
-    }
-}
-
-/// # Safety
-/// `x` is linked into a queue.
-unsafe fn queue_remove(x: *mut ngx_queue_t) {
-    // SAFETY: per the contract above, the neighbours are valid.
-    unsafe {
-        (*(*x).next).prev = (*x).prev;
-        (*(*x).prev).next = (*x).next;
+    fn lru_push_head(&mut self, i: u32) {
+        let h = self.sh.lru_head;
+        self.slots[i as usize].lru_prev = NIL;
+        self.slots[i as usize].lru_next = h;
+        if h == NIL {
+            self.sh.lru_tail = i;
+        } else {
+            self.slots[h as usize].lru_prev = i;
+        }
+        self.sh.lru_head = i;
     }
 }

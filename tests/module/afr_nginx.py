@@ -123,7 +123,7 @@ class EchoHandler(BaseHTTPRequestHandler):
 class Gateway:
     """A private nginx with the module loaded."""
 
-    def __init__(self, flavour, prefix, upstream_port, keys, workers=2, default_rpm=60, zone="1m", extra_http=""):
+    def __init__(self, flavour, prefix, upstream_port, keys, workers=2, default_rpm=60, zone="1m", extra_http="", extra_server=""):
         self.name, self.nginx, self.module = flavour
         self.prefix = Path(prefix)
         self.port = free_port()
@@ -131,6 +131,7 @@ class Gateway:
         self.workers = workers
         self.zone = zone
         self.extra_http = extra_http
+        self.extra_server = extra_server
         self.keys_path = self.prefix / "keys.toml"
         self.error_log = self.prefix / "error.log"
         self.proc = None
@@ -171,6 +172,7 @@ http {{
         listen 127.0.0.1:{self.port} reuseport;
         afr on;
         afr_upstream_secret "{UPSTREAM_SECRET}";
+        {self.extra_server}
         proxy_http_version 1.1;
         proxy_set_header Connection "";
         proxy_buffering off;

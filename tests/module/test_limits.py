@@ -80,6 +80,56 @@ def test_full_zone_evicts_lru_and_keeps_limiting(gateway):
     away_from_window_boundary(20)
     for k in keys:
         assert gw.request("/", k.auth).status == 200
-    assert "is full: evicted" in gw.log()
+    assert 'afr_zone "afr" is full' in gw.log()
     # The most recent keys are still counted: their second request is refused.
     assert gw.request("/", keys[-1].auth).status == 429
+
+
+def test_full_zone_admits_a_key_of_another_id_length(gateway, tmp_path):
+    """Issue 9, defect 7: a zone full of short-id counters whose LRU tail is
+    scattered (every other slot) must still make room for a key with a long
+    id. With variable-size nodes the evictions freed 64 scattered chunks of the
+    small slab class, the long id's allocation still failed, and the new key
+    got a 500 on every request while 64 active keys lost their counts."""
+    a = [Key(f"a{i:03d}", rpm=1) for i in range(400)]
+    b = [Key(f"b{i:04d}", rpm=1) for i in range(3000)]
+    long_key = Key("L" * 120, rpm=1)
+    # A static file behind `afr on`: thousands of requests without the echo
+    # upstream's per-response delay.
+    static = f"location /files/ {{ alias {tmp_path}/gw0/html/errors/; }}"
+    gw = gateway(a + b + [long_key], zone="64k", workers=1, extra_server=static)
+    conn = http.client.HTTPConnection("127.0.0.1", gw.port, timeout=10)
+
+    def status(k):
+        conn.request("GET", "/files/500.json", headers=k.auth)
+        resp = conn.getresponse()
+        resp.read()
+        return resp.status
+
+    away_from_window_boundary(12)
+    started = time.monotonic()
+    for k in a:
+        assert status(k) == 200
+    # Touch every other one: the LRU tail is now a0, a2, a4 … (scattered slots).
+    for k in a[1::2]:
+        assert status(k) == 429
+    # New short keys until the zone is full, then enough more to evict the even ones.
+    used = 0
+    while 'afr_zone "afr" is full' not in gw.log():
+        assert used < len(b), "zone never filled"
+        for k in b[used : used + 10]:
+            assert status(k) == 200
+        used += 10
+    for k in b[used : used + len(a) // 2]:
+        assert status(k) == 200
+    used += len(a) // 2
+    # The tail is now only odd a-keys, one in every other slot.
+    assert status(long_key) == 200
+    assert status(long_key) == 429
+    # The most recently used short keys kept their counts.
+    for k in b[used - 32 : used]:
+        assert status(k) == 429
+    conn.close()
+    # Hundreds of evictions, one log line (rate-limited, not per request).
+    assert gw.log().count('afr_zone "afr" is full') == 1, gw.log()
+    assert time.monotonic() - started < 12, "ran past the window; the counts above prove nothing"

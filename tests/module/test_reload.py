@@ -41,7 +41,7 @@ def test_broken_file_keeps_previous_table(gateway):
     broken = keys_toml([k]) + '\n[[key]]\nid = "bad"\nname = "x"\nhash = "sha256:nothex"\n'
     gw.write_keys(broken)
     assert wait_for(lambda: "keeping the previous keys" in gw.log(), RELOAD_WITHIN + 1), gw.log()
-    assert f"{gw.keys_path}:" in gw.log() and "key[2].hash" in gw.log()
+    assert f'keys file "{gw.keys_path}" line 13: key[2].hash:' in gw.log(), gw.log()
     assert {gw.request("/", k.auth).status for _ in range(10)} == {200}
     # a fixed file is picked up again
     other = Key("other")
@@ -55,9 +55,9 @@ def test_nginx_reload_with_broken_keys_file_keeps_running(gateway):
     workers = gw.worker_pids()
     gw.write_keys("[[key]]\nid = 5\n")
     r = gw.run("-s", "reload")  # the signalling process parses the config too
-    assert r.returncode != 0 and "afr_keys:" in r.stderr and ":2: key[1].id:" in r.stderr
+    assert r.returncode != 0 and f'keys file "{gw.keys_path}" line 2: key[1].id:' in r.stderr, r.stderr
     os.kill(gw.proc.pid, signal.SIGHUP)  # the master itself refuses the new config
-    assert wait_for(lambda: "afr_keys:" in gw.log(), 3), gw.log()
+    assert wait_for(lambda: f'keys file "{gw.keys_path}" line 2' in gw.log(), 3), gw.log()
     assert gw.request("/", k.auth).status == 200
     assert gw.worker_pids() == workers
 
@@ -76,7 +76,9 @@ def test_nginx_t_rejects_broken_keys_file_with_file_line_field(flavour, tmp_path
         gw = Gateway(flavour, tmp_path / name, upstream, text)
         r = gw.run("-t")
         assert r.returncode != 0, name
-        assert f"afr_keys: {gw.keys_path}{expected}" in r.stderr, (name, r.stderr)
+        line, rest = expected[1:].split(": ", 1)
+        # Worded like nginx's own file errors: keys file "…" line N: field: message.
+        assert f'keys file "{gw.keys_path}" line {line}: {rest}' in r.stderr, (name, r.stderr)
     ok = Gateway(flavour, tmp_path / "ok", upstream, [k])
     r = ok.run("-t")
     assert r.returncode == 0, r.stderr
@@ -111,3 +113,30 @@ def test_missing_keys_file_is_logged_and_previous_table_stays(gateway):
     other = Key("back")
     gw.write_keys([k, other])
     assert status_becomes(gw, other, 200), gw.log()
+
+
+def test_zone_directive_errors_read_like_nginx(flavour, tmp_path, upstream):
+    tmp_path.chmod(0o755)
+    gw = Gateway(flavour, tmp_path / "small", upstream, [Key("a")])
+    for zone, expected in {
+        "afr:16k": '"afr_zone" zone "afr" is too small',
+        "afr:lots": 'invalid zone size "lots" in "afr_zone" directive',
+    }.items():
+        gw.conf.write_text(gw.render().replace("afr_zone afr:1m;", f"afr_zone {zone};"))
+        r = gw.run("-t")
+        assert r.returncode != 0 and expected in r.stderr and f"in {gw.conf}:" in r.stderr, r.stderr
+
+
+def test_changed_zone_size_on_reload_says_so_at_notice(gateway):
+    k = Key("sized", rpm=3)
+    gw = gateway([k], zone="1m")
+    assert gw.request("/", k.auth).status == 200
+    gw.zone = "2m"
+    gw.conf.write_text(gw.render())
+    gw.reload()
+    assert wait_for(lambda: 'zone "afr" size changed from 1024k to 2048k' in gw.log(), 3), gw.log()
+    assert "[notice]" in next(l for l in gw.log().splitlines() if "size changed" in l)
+    # Same size again: reused silently, counters kept.
+    before = gw.log().count("size changed")
+    gw.reload()
+    assert gw.log().count("size changed") == before

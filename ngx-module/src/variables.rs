@@ -1,0 +1,190 @@
+//! The module's nginx variables, for `log_format`, `map`, `if` and
+//! `proxy_set_header`:
+//!
+//! | variable | value |
+//! |---|---|
+//! | `$afr_key_id` | the key's `id` (never its secret) |
+//! | `$afr_key_name` | the key's `name` |
+//! | `$afr_rate_limit` | `X-RateLimit-Limit` of the request |
+//! | `$afr_rate_remaining` | `X-RateLimit-Remaining` of the request |
+//! | `$afr_status` | `admitted`, `unknown`, `disabled`, `expired` or `limited` |
+//!
+//! A variable is "not found" (empty; `-` in an access log) where it has no
+//! value: every one on a location with `afr off`, the key's fields when no key
+//! was recognised. Values come from the state the access phase recorded
+//! ([`crate::filter::RequestState`]), so they survive internal redirects.
+
+use afr_core::keys::Denial;
+use afr_core::ratelimit::Verdict;
+use ngx::core::Status;
+use ngx::ffi::{
+    ngx_conf_t, ngx_http_add_variable, ngx_http_request_t, ngx_int_t, ngx_str_t, ngx_uint_t,
+    ngx_variable_value_t, NGX_HTTP_VAR_NOCACHEABLE,
+};
+use ngx::ngx_string;
+
+use crate::filter::{self, RequestState};
+
+/// What the access phase decided, as `$afr_status` says it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AfrStatus {
+    /// Passed: a known, enabled, unexpired key under its limit.
+    Admitted,
+    /// No key, a malformed one, or one not in the keys file (401).
+    Unknown,
+    /// `enabled = false` (403).
+    Disabled,
+    /// Past its `expires` (403).
+    Expired,
+    /// Over its rate limit (429).
+    Limited,
+}
+
+impl AfrStatus {
+    /// The status for a refused key.
+    pub fn of_denial(d: Denial) -> Self {
+        match d {
+            Denial::Missing | Denial::Malformed | Denial::Unknown => AfrStatus::Unknown,
+            Denial::Disabled => AfrStatus::Disabled,
+            Denial::Expired => AfrStatus::Expired,
+        }
+    }
+
+    /// Whether the request was counted, so it has `X-RateLimit-*` values.
+    pub fn counted(self) -> bool {
+        matches!(self, AfrStatus::Admitted | AfrStatus::Limited)
+    }
+
+    fn as_str(self) -> &'static str {
+        match self {
+            AfrStatus::Admitted => "admitted",
+            AfrStatus::Unknown => "unknown",
+            AfrStatus::Disabled => "disabled",
+            AfrStatus::Expired => "expired",
+            AfrStatus::Limited => "limited",
+        }
+    }
+}
+
+/// Which variable a get handler call is for (its `data`).
+#[derive(Clone, Copy)]
+enum Var {
+    KeyId = 0,
+    KeyName,
+    RateLimit,
+    RateRemaining,
+    Status,
+}
+
+const VARS: [(ngx_str_t, Var); 5] = [
+    (ngx_string!("afr_key_id"), Var::KeyId),
+    (ngx_string!("afr_key_name"), Var::KeyName),
+    (ngx_string!("afr_rate_limit"), Var::RateLimit),
+    (ngx_string!("afr_rate_remaining"), Var::RateRemaining),
+    (ngx_string!("afr_status"), Var::Status),
+];
+
+/// Declares the variables (preconfiguration, so the configuration can use them).
+pub fn add(cf: *mut ngx_conf_t) -> Result<(), ()> {
+    for (name, var) in VARS {
+        let mut name = name;
+        // SAFETY: `cf` is the configuration being parsed; nginx copies the name.
+        let v =
+            unsafe { ngx_http_add_variable(cf, &mut name, NGX_HTTP_VAR_NOCACHEABLE as ngx_uint_t) };
+        // SAFETY: a non-null return is the variable's entry in this configuration.
+        let Some(v) = (unsafe { v.as_mut() }) else {
+            return Err(());
+        };
+        v.get_handler = Some(get_variable);
+        v.data = var as usize;
+    }
+    Ok(())
+}
+
+unsafe extern "C" fn get_variable(
+    r: *mut ngx_http_request_t,
+    v: *mut ngx_variable_value_t,
+    data: usize,
+) -> ngx_int_t {
+    // SAFETY: nginx calls get handlers with a valid request and value slot.
+    let v = unsafe { &mut *v };
+    // SAFETY: `r` is a valid request.
+    let Some(state) = (unsafe { filter::get_state(r) }) else {
+        v.set_not_found(1);
+        return Status::NGX_OK.into();
+    };
+    let number = |n: u32| -> Option<ngx_str_t> {
+        if !state.status.counted() {
+            return None;
+        }
+        let text = n.to_string();
+        // SAFETY: the request pool outlives the variable's use in this request.
+        unsafe { filter::copy_str((*r).pool, text.as_bytes()) }.ok()
+    };
+    let value = match data {
+        d if d == Var::KeyId as usize => Some(state.key_id).filter(|s| s.len > 0),
+        d if d == Var::KeyName as usize => Some(state.key_name).filter(|s| s.len > 0),
+        d if d == Var::RateLimit as usize => number(state.rate.limit),
+        d if d == Var::RateRemaining as usize => number(state.rate.remaining),
+        _ => Some(ngx_str_t {
+            len: state.status.as_str().len(),
+            data: state.status.as_str().as_ptr().cast_mut(),
+        }),
+    };
+    match value {
+        Some(s) => {
+            v.set_len(s.len as u32);
+            v.set_valid(1);
+            v.set_no_cacheable(0);
+            v.set_not_found(0);
+            v.data = s.data;
+        }
+        None => v.set_not_found(1),
+    }
+    Status::NGX_OK.into()
+}
+
+/// Records the access phase's decision for the header filter and the
+/// variables; `key` is `(id, name)` when a key was recognised.
+///
+/// # Safety
+/// `r` must be a valid main request.
+pub unsafe fn record(
+    r: *mut ngx_http_request_t,
+    status: AfrStatus,
+    rate: Option<Verdict>,
+    key: Option<(&str, &str)>,
+) -> Result<(), ()> {
+    // Never read: the header filter and the variables look at `status` first.
+    let rate = rate.unwrap_or(Verdict {
+        admitted: false,
+        limit: 0,
+        remaining: 0,
+        reset_unix: 0,
+        retry_after_ms: 0,
+    });
+    let empty = ngx_str_t {
+        len: 0,
+        data: std::ptr::null_mut(),
+    };
+    // SAFETY: `r` is valid; the copies live in its pool as long as the request.
+    unsafe {
+        let (key_id, key_name) = match key {
+            Some((id, name)) => (
+                filter::copy_str((*r).pool, id.as_bytes())?,
+                filter::copy_str((*r).pool, name.as_bytes())?,
+            ),
+            None => (empty, empty),
+        };
+        filter::set_state(
+            r,
+            RequestState {
+                admitted: status == AfrStatus::Admitted,
+                rate,
+                status,
+                key_id,
+                key_name,
+            },
+        )
+    }
+}
