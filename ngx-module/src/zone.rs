@@ -28,7 +28,7 @@ use afr_core::ratelimit::{RateWindow, Verdict};
 use ngx::core::Status;
 use ngx::ffi::{
     ngx_int_t, ngx_pagesize, ngx_shm_zone_t, ngx_shmtx_lock, ngx_shmtx_unlock, ngx_slab_alloc,
-    ngx_slab_pool_t, NGX_LOG_EMERG, NGX_LOG_WARN,
+    ngx_slab_pool_t, NGX_LOG_EMERG, NGX_LOG_NOTICE, NGX_LOG_WARN,
 };
 use ngx::ngx_log_error;
 use sha2::{Digest, Sha256};
@@ -162,7 +162,7 @@ pub extern "C" fn init_zone(zone: *mut ngx_shm_zone_t, old_data: *mut c_void) ->
     if sh.is_null() {
         ngx_log_error!(
             NGX_LOG_EMERG,
-            ngx::log::ngx_cycle_log().as_ptr(),
+            zone.shm.log,
             "\"afr_zone\" zone \"{}\" is too small",
             ctx.name
         );
@@ -194,6 +194,14 @@ pub extern "C" fn init_zone(zone: *mut ngx_shm_zone_t, old_data: *mut c_void) ->
     }
     ctx.sh = sh;
     pool_ref.data = sh.cast();
+    // The new cycle's log: its files are open by now, unlike `ngx_cycle`'s.
+    ngx_log_error!(
+        NGX_LOG_NOTICE,
+        zone.shm.log,
+        "afr_zone \"{}\" holds {} keys",
+        ctx.name,
+        capacity
+    );
     Status::NGX_OK.into()
 }
 
