@@ -54,6 +54,7 @@ def main():
     ap.add_argument("--seconds", type=int, default=5)
     ap.add_argument("--keys", type=int, default=100_000)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--workers", type=int, default=2)
     args = ap.parse_args()
     nginx, module = FLAVOURS[args.flavour]
     tmp = Path(tempfile.mkdtemp(prefix="afr-bench-"))
@@ -76,12 +77,12 @@ def main():
     lua.write_text(RANDOM_KEYS_LUA)
     good = Key("bench", rpm=10_000_000)
     limited = Key("limited", rpm=1)
-    gw = Gateway((args.flavour, nginx, module), tmp / "gw", 9, [good, limited], extra_http=bench_server)
+    gw = Gateway((args.flavour, nginx, module), tmp / "gw", 9, [good, limited], extra_http=bench_server, workers=args.workers)
     gw.start()
     base = f"http://127.0.0.1:{port}"
     s = args.seconds
     try:
-        print(f"nginx {args.flavour}, 2 workers, wrk -t2 -c64 -d{s}s, keep-alive, same 2 cores, median of {args.rounds}")
+        print(f"nginx {args.flavour}, {args.workers} worker(s), wrk -t2 -c64 -d{s}s, keep-alive, same 2 cores, median of {args.rounds}")
         rows = [
             ("afr off, static file", f"{base}/off/", None),
             ("afr on, valid key, static file", f"{base}/on/", f"Authorization: Bearer {good.token}"),
