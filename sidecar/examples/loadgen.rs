@@ -1,24 +1,41 @@
-//! A small, bounded, open-loop load generator for the sidecar benchmark
-//! (design §8): requests are *scheduled* at a fixed rate and each latency is
-//! measured from its scheduled start, so a stall is not hidden by the
-//! generator waiting for it (coordinated omission). Keep-alive connections
-//! from one pooled client, TCP_NODELAY.
+//! A small, bounded load generator for the benchmark suite (`scripts/bench`,
+//! `bench/run.py`, design §8). In the open-loop modes requests are
+//! *scheduled* at a fixed rate and each latency is measured from its
+//! scheduled start, so a stall is not hidden by the generator waiting for it
+//! (coordinated omission). Keep-alive connections from one pooled client,
+//! TCP_NODELAY.
 //!
 //! ```text
-//! cargo run --release --example loadgen -- rate URL RATE SECONDS [HEADER:VALUE ...]
-//! cargo run --release --example loadgen -- streams URL COUNT HOLD_SECONDS [HEADER:VALUE ...]
-//! cargo run --release --example loadgen -- ttft URL RATE SECONDS [HEADER:VALUE ...]
+//! loadgen rate    URL RATE SECONDS [HEADER:VALUE ...]   open loop, non-streaming
+//! loadgen ttft    URL RATE SECONDS [HEADER:VALUE ...]   open loop, streams
+//! loadgen closed  URL CONCURRENCY SECONDS [HEADER:VALUE ...]
+//! loadgen streams URL COUNT HOLD_SECONDS [HEADER:VALUE ...]
 //! ```
 //! `rate` posts a non-streaming chat body and prints p50/p90/p99/p99.9/max;
-//! `ttft` schedules streams at RATE and measures until the first content delta;
-//! `streams` opens COUNT concurrent streams, holds them HOLD_SECONDS (measure
-//! RSS meanwhile) and prints time-to-first-byte percentiles.
+//! `ttft` measures until the first *content* delta (not the first byte: the
+//! gateway holds the role chunk until its commit point) and also prints the
+//! per-chunk delay (time from the first content delta to the end of the
+//! stream over the number of further deltas); `closed` keeps CONCURRENCY
+//! requests in flight back to back (concurrency 1 is the pure added-latency
+//! lane); `streams` opens COUNT concurrent streams, holds them HOLD_SECONDS
+//! (measure RSS meanwhile) and prints how many were still open and healthy
+//! at the end (`sustained=`) with time-to-first-byte percentiles.
+//!
+//! Output lines are `label: n=… errors=… p50=…ms …` (parsed by bench/run.py).
+//! With `LOADGEN_SAMPLES=/path` the latency samples (µs, one a line) are
+//! also written there, for the latency CDF plots.
 
 use futures_util::StreamExt;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 const MAX_IN_FLIGHT: usize = 4096;
+/// The most concurrent streams the `streams` mode opens.
+const MAX_STREAMS: usize = 20_000;
+/// A non-streaming request or a stream's first content slower than this is
+/// an error: it bounds every run even against a target that cannot keep up.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How a content delta starts in OpenAI-format chunks (the role chunk has `"role"` first).
 const CONTENT: &[u8] = b"\"delta\":{\"content\":\"";
@@ -29,7 +46,8 @@ fn body(stream: bool) -> String {
     )
 }
 
-fn percentiles(label: &str, mut micros: Vec<u64>, errors: usize) {
+/// Prints one result line; `extra` is appended (e.g. achieved rate).
+fn percentiles(label: &str, mut micros: Vec<u64>, errors: usize, extra: &str) {
     micros.sort_unstable();
     let at = |q: f64| -> f64 {
         if micros.is_empty() {
@@ -39,7 +57,7 @@ fn percentiles(label: &str, mut micros: Vec<u64>, errors: usize) {
         micros[i] as f64 / 1000.0
     };
     println!(
-        "{label}: n={} errors={errors} p50={:.3}ms p90={:.3}ms p99={:.3}ms p99.9={:.3}ms max={:.3}ms",
+        "{label}: n={} errors={errors} p50={:.3}ms p90={:.3}ms p99={:.3}ms p99.9={:.3}ms max={:.3}ms{extra}",
         micros.len(),
         at(0.5),
         at(0.9),
@@ -47,6 +65,36 @@ fn percentiles(label: &str, mut micros: Vec<u64>, errors: usize) {
         at(0.999),
         at(1.0)
     );
+}
+
+/// Writes the samples where `LOADGEN_SAMPLES` says, if it says.
+fn write_samples(micros: &[u64]) {
+    let Some(path) = std::env::var_os("LOADGEN_SAMPLES") else {
+        return;
+    };
+    let mut text = String::with_capacity(micros.len() * 6);
+    for m in micros {
+        text.push_str(&m.to_string());
+        text.push('\n');
+    }
+    if let Err(e) = std::fs::write(&path, text) {
+        eprintln!("loadgen: cannot write samples: {e}");
+    }
+}
+
+fn client(pool: usize) -> reqwest::Client {
+    match reqwest::Client::builder()
+        .tcp_nodelay(true)
+        .pool_max_idle_per_host(pool)
+        .connect_timeout(REQUEST_TIMEOUT)
+        .build()
+    {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("loadgen: cannot build the HTTP client: {e}");
+            std::process::exit(1);
+        }
+    }
 }
 
 fn request(
@@ -65,54 +113,111 @@ fn request(
     r
 }
 
-/// One request; the moment it counts as answered (non-stream: whole body;
-/// stream: first content delta, the rest is then drained).
+/// When one request counted as answered (non-stream: whole body; stream:
+/// first content delta) and, for streams, the mean delay per further chunk.
+struct Answered {
+    at: Instant,
+    per_chunk: Option<Duration>,
+}
+
+fn occurrences(hay: &[u8], needle: &[u8]) -> usize {
+    hay.windows(needle.len()).filter(|w| *w == needle).count()
+}
+
 async fn one(
     client: &reqwest::Client,
     url: &str,
     headers: &[(String, String)],
     stream: bool,
-) -> Option<Instant> {
+) -> Option<Answered> {
     let r = request(client, url, headers, stream).send().await.ok()?;
     if !r.status().is_success() {
         return None;
     }
     if !stream {
         r.bytes().await.ok()?;
-        return Some(Instant::now());
+        return Some(Answered {
+            at: Instant::now(),
+            per_chunk: None,
+        });
     }
     let mut body = r.bytes_stream();
     let mut seen = Vec::new();
     while let Some(Ok(chunk)) = body.next().await {
         seen.extend_from_slice(&chunk);
-        if seen.windows(CONTENT.len()).any(|w| w == CONTENT) {
+        let first = occurrences(&seen, CONTENT);
+        if first > 0 {
             let at = Instant::now();
-            // Read the rest so the connection is reused.
-            while body.next().await.is_some() {}
-            return Some(at);
+            // Read the rest (the connection is then reused) and time it.
+            let mut tail = Vec::new();
+            while let Some(Ok(chunk)) = body.next().await {
+                tail.extend_from_slice(&chunk);
+            }
+            let rest = occurrences(&tail, CONTENT);
+            let per_chunk = (rest > 0).then(|| at.elapsed() / rest as u32);
+            return Some(Answered { at, per_chunk });
         }
     }
     None
 }
 
-async fn rate(url: String, rate: u64, seconds: u64, headers: Vec<(String, String)>, stream: bool) {
-    let client = reqwest::Client::builder()
-        .tcp_nodelay(true)
-        .pool_max_idle_per_host(MAX_IN_FLIGHT)
-        .build()
-        .expect("client");
-    let headers = Arc::new(headers);
-    // Warm up connections so the first second does not measure connects.
-    for _ in 0..50 {
-        let _ = request(&client, &url, &headers, false)
-            .send()
-            .await
-            .map(|r| r.bytes());
+/// Shared result lists of one run.
+#[derive(Default)]
+struct Tally {
+    micros: Mutex<Vec<u64>>,
+    chunk_micros: Mutex<Vec<u64>>,
+    errors: AtomicUsize,
+}
+
+impl Tally {
+    fn add(&self, answered: Option<Answered>, since: Instant) {
+        match answered {
+            Some(a) => {
+                let micros = a.at.saturating_duration_since(since).as_micros() as u64;
+                self.micros.lock().map(|mut v| v.push(micros)).ok();
+                if let Some(d) = a.per_chunk {
+                    let d = d.as_micros() as u64;
+                    self.chunk_micros.lock().map(|mut v| v.push(d)).ok();
+                }
+            }
+            None => {
+                self.errors.fetch_add(1, Ordering::Relaxed);
+            }
+        }
     }
+
+    fn print(&self, label: &str, extra: &str) {
+        let micros = self.micros.lock().map(|v| v.clone()).unwrap_or_default();
+        let chunks = self
+            .chunk_micros
+            .lock()
+            .map(|v| v.clone())
+            .unwrap_or_default();
+        let errors = self.errors.load(Ordering::Relaxed);
+        write_samples(&micros);
+        percentiles(label, micros, errors, extra);
+        if !chunks.is_empty() {
+            percentiles(&format!("{label} per-chunk"), chunks, 0, "");
+        }
+    }
+}
+
+async fn warm_up(client: &reqwest::Client, url: &str, headers: &[(String, String)]) {
+    // Warm up connections so the first second does not measure connects.
+    for _ in 0..20 {
+        if let Ok(r) = request(client, url, headers, false).send().await {
+            let _ = r.bytes().await;
+        }
+    }
+}
+
+async fn rate(url: String, rate: u64, seconds: u64, headers: Vec<(String, String)>, stream: bool) {
+    let client = client(MAX_IN_FLIGHT);
+    let headers = Arc::new(headers);
+    warm_up(&client, &url, &headers).await;
     let total = rate * seconds;
     let interval = Duration::from_nanos(1_000_000_000 / rate.max(1));
-    let results = Arc::new(Mutex::new(Vec::with_capacity(total as usize)));
-    let errors = Arc::new(Mutex::new(0usize));
+    let tally = Arc::new(Tally::default());
     let in_flight = Arc::new(tokio::sync::Semaphore::new(MAX_IN_FLIGHT));
     let start = Instant::now();
     let mut tasks = Vec::with_capacity(total as usize);
@@ -122,23 +227,15 @@ async fn rate(url: String, rate: u64, seconds: u64, headers: Vec<(String, String
         let Ok(permit) = in_flight.clone().acquire_owned().await else {
             break;
         };
-        let (client, url, headers, results, errors) = (
-            client.clone(),
-            url.clone(),
-            headers.clone(),
-            results.clone(),
-            errors.clone(),
-        );
+        let (client, url, headers, tally) =
+            (client.clone(), url.clone(), headers.clone(), tally.clone());
         tasks.push(tokio::spawn(async move {
-            match one(&client, &url, &headers, stream).await {
-                Some(at) => {
-                    let micros = at.saturating_duration_since(scheduled).as_micros() as u64;
-                    results.lock().map(|mut v| v.push(micros)).ok();
-                }
-                None => {
-                    errors.lock().map(|mut e| *e += 1).ok();
-                }
-            }
+            let answered =
+                tokio::time::timeout(REQUEST_TIMEOUT, one(&client, &url, &headers, stream))
+                    .await
+                    .ok()
+                    .flatten();
+            tally.add(answered, scheduled);
             drop(permit);
         }));
     }
@@ -146,65 +243,108 @@ async fn rate(url: String, rate: u64, seconds: u64, headers: Vec<(String, String
         let _ = t.await;
     }
     let achieved = total as f64 / start.elapsed().as_secs_f64();
-    let micros = results.lock().map(|v| v.clone()).unwrap_or_default();
-    let errors = errors.lock().map(|e| *e).unwrap_or(0);
-    percentiles(
-        &format!("{url} @ {rate}/s (achieved {achieved:.0}/s)"),
-        micros,
-        errors,
+    tally.print(
+        &format!("{url} @ {rate}/s"),
+        &format!(" achieved={achieved:.0}/s"),
+    );
+}
+
+async fn closed(url: String, concurrency: usize, seconds: u64, headers: Vec<(String, String)>) {
+    let client = client(concurrency);
+    let headers = Arc::new(headers);
+    warm_up(&client, &url, &headers).await;
+    let tally = Arc::new(Tally::default());
+    let start = Instant::now();
+    let deadline = start + Duration::from_secs(seconds);
+    let mut tasks = Vec::with_capacity(concurrency);
+    for _ in 0..concurrency {
+        let (client, url, headers, tally) =
+            (client.clone(), url.clone(), headers.clone(), tally.clone());
+        tasks.push(tokio::spawn(async move {
+            while Instant::now() < deadline {
+                let sent = Instant::now();
+                let answered =
+                    tokio::time::timeout(REQUEST_TIMEOUT, one(&client, &url, &headers, false))
+                        .await
+                        .ok()
+                        .flatten();
+                tally.add(answered, sent);
+            }
+        }));
+    }
+    for t in tasks {
+        let _ = t.await;
+    }
+    let done = tally.micros.lock().map(|v| v.len()).unwrap_or(0);
+    let achieved = done as f64 / start.elapsed().as_secs_f64();
+    tally.print(
+        &format!("{url} closed c{concurrency}"),
+        &format!(" achieved={achieved:.0}/s"),
     );
 }
 
 async fn streams(url: String, count: usize, hold: u64, headers: Vec<(String, String)>) {
-    let client = reqwest::Client::builder()
-        .tcp_nodelay(true)
-        .pool_max_idle_per_host(count)
-        .build()
-        .expect("client");
-    let ttfb = Arc::new(Mutex::new(Vec::with_capacity(count)));
-    let errors = Arc::new(Mutex::new(0usize));
+    let client = client(count);
+    let tally = Arc::new(Tally::default());
+    // Streams that failed, or ended before the hold did (the mock is told to
+    // stream for longer than the hold), are not sustained.
+    let broken = Arc::new(AtomicUsize::new(0));
     let deadline = Instant::now() + Duration::from_secs(hold);
     let mut tasks = Vec::with_capacity(count);
-    for _ in 0..count.min(MAX_IN_FLIGHT) {
-        let (client, url, headers, ttfb, errors) = (
+    for _ in 0..count {
+        let (client, url, headers, tally, broken) = (
             client.clone(),
             url.clone(),
             headers.clone(),
-            ttfb.clone(),
-            errors.clone(),
+            tally.clone(),
+            broken.clone(),
         );
         tasks.push(tokio::spawn(async move {
             let sent = Instant::now();
-            let Ok(r) = request(&client, &url, &headers, true).send().await else {
-                errors.lock().map(|mut e| *e += 1).ok();
+            let first = tokio::time::timeout_at(deadline.into(), async {
+                let r = request(&client, &url, &headers, true).send().await.ok()?;
+                if !r.status().is_success() {
+                    return None;
+                }
+                let mut body = r.bytes_stream();
+                match body.next().await {
+                    Some(Ok(_)) => Some(body),
+                    _ => None,
+                }
+            })
+            .await
+            .ok()
+            .flatten();
+            let Some(mut body) = first else {
+                tally.add(None, sent);
+                broken.fetch_add(1, Ordering::Relaxed);
                 return;
             };
-            let mut body = r.bytes_stream();
-            if let Some(Ok(_)) = body.next().await {
-                ttfb.lock()
-                    .map(|mut v| v.push(sent.elapsed().as_micros() as u64))
-                    .ok();
-            } else {
-                errors.lock().map(|mut e| *e += 1).ok();
-            }
+            tally.add(
+                Some(Answered {
+                    at: Instant::now(),
+                    per_chunk: None,
+                }),
+                sent,
+            );
             // Keep reading (slowly arriving chunks) until the hold ends.
-            let _ = tokio::time::timeout_at(deadline.into(), async {
-                while body.next().await.is_some() {}
+            let ended = tokio::time::timeout_at(deadline.into(), async {
+                while let Some(Ok(_)) = body.next().await {}
             })
             .await;
+            if ended.is_ok() {
+                broken.fetch_add(1, Ordering::Relaxed);
+            }
         }));
     }
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    println!("streams open: {} (holding until {hold}s)", count);
+    println!("streams opened: {count} (holding for {hold}s)");
     for t in tasks {
         let _ = t.await;
     }
-    let micros = ttfb.lock().map(|v| v.clone()).unwrap_or_default();
-    let errors = errors.lock().map(|e| *e).unwrap_or(0);
-    percentiles(
+    let sustained = count - broken.load(Ordering::Relaxed).min(count);
+    tally.print(
         &format!("{url} {count} streams, time to first byte"),
-        micros,
-        errors,
+        &format!(" sustained={sustained}"),
     );
 }
 
@@ -220,18 +360,30 @@ fn parse_headers(args: &[String]) -> Vec<(String, String)> {
 #[tokio::main]
 async fn main() {
     let args: Vec<String> = std::env::args().collect();
-    let usage = "usage: loadgen rate|ttft URL RATE SECONDS [H:V...] | loadgen streams URL COUNT HOLD_SECONDS [H:V...]";
+    let usage = "usage: loadgen rate|ttft URL RATE SECONDS [H:V...] | loadgen closed URL CONCURRENCY SECONDS [H:V...] | loadgen streams URL COUNT HOLD_SECONDS [H:V...]";
     if args.len() < 5 {
         eprintln!("{usage}");
         std::process::exit(2);
     }
-    let n: u64 = args[3].parse().unwrap_or(0);
-    let secs: u64 = args[4].parse().unwrap_or(0).min(300);
+    let (Ok(n), Ok(secs)) = (args[3].parse::<u64>(), args[4].parse::<u64>()) else {
+        eprintln!("{usage}");
+        std::process::exit(2);
+    };
+    let secs = secs.min(3600);
     let headers = parse_headers(&args[5..]);
     match args[1].as_str() {
-        "rate" => rate(args[2].clone(), n.min(100_000), secs, headers, false).await,
-        "ttft" => rate(args[2].clone(), n.min(100_000), secs, headers, true).await,
-        "streams" => streams(args[2].clone(), n.min(10_000) as usize, secs, headers).await,
+        "rate" => rate(args[2].clone(), n.clamp(1, 100_000), secs, headers, false).await,
+        "ttft" => rate(args[2].clone(), n.clamp(1, 100_000), secs, headers, true).await,
+        "closed" => closed(args[2].clone(), n.clamp(1, 4096) as usize, secs, headers).await,
+        "streams" => {
+            streams(
+                args[2].clone(),
+                (n as usize).min(MAX_STREAMS),
+                secs,
+                headers,
+            )
+            .await
+        }
         _ => {
             eprintln!("{usage}");
             std::process::exit(2);

@@ -1,0 +1,46 @@
+"""Smoke check of the benchmark suite: `scripts/bench --quick` runs every lane against
+every target and writes its results file and plots. Numbers are not checked (they are
+noise at this length and on a shared machine); only that each lane produced them.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+from conftest import REPO
+
+LANES = ["c1", "max", "sweep", "ttft", "chunk", "streams", "governed-max", "governed-1000", "reject", "soak"]
+HEADINGS = [
+    "## Added latency at concurrency 1",
+    "## Throughput and the highest rate held",
+    "## Fixed rate, open loop",
+    "## Streaming: time to first content token and per-chunk delay",
+    "## Concurrent streams sustained, with RSS",
+    "## Governed lane: keys, limits and usage on vs off",
+    "## Rejection throughput",
+    "## RSS over a soak",
+    "## Plots",
+]
+
+
+def test_quick_bench_writes_every_lane_and_the_plots(tmp_path):
+    run = subprocess.run([str(REPO / "scripts/bench"), "--quick", "--no-litellm", "--out", str(tmp_path),
+                          "--name", "smoke"], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout + run.stderr
+    md = (tmp_path / "smoke.md").read_text()
+    for heading in HEADINGS:
+        assert heading in md, heading
+    assert "Smoke run" in md
+    data = json.loads((tmp_path / "smoke.json").read_text())
+    assert data["targets"] == ["direct", "nginx", "gateway"]
+    for lane in LANES:
+        assert data["data"].get(lane), f"lane {lane} is empty"
+    for target in data["targets"]:
+        assert data["data"]["c1"][target][0]["n"] > 0, f"{target} answered nothing at concurrency 1"
+    # The gateway answered with its key, and the bare diagnostic without one.
+    assert data["data"]["governed-1000"]["gateway-bare"][0]["n"] > 0
+    for plot in ("latency-cdf", "added-latency-vs-rate", "streams-rss"):
+        png = tmp_path / f"smoke-{plot}.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", plot
+        assert f"]({png.name})" in md
