@@ -236,6 +236,11 @@ fn default_cooldown() -> Duration {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct UsageConfig {
+    /// Whether usage is recorded at all. `false` opens no store (no rows, no
+    /// `GET /v1/usage`): a diagnostic for measuring what recording costs
+    /// (the benchmark's governed lane), not a way to run in production.
+    #[serde(default = "default_record")]
+    pub record: bool,
     /// SQLite database file.
     #[serde(default = "default_usage_path")]
     pub path: PathBuf,
@@ -252,11 +257,16 @@ pub struct UsageConfig {
 impl Default for UsageConfig {
     fn default() -> Self {
         UsageConfig {
+            record: default_record(),
             path: default_usage_path(),
             queue_max: default_queue_max(),
             spill_max_bytes: default_spill_max_bytes(),
         }
     }
+}
+
+fn default_record() -> bool {
+    true
 }
 
 fn default_queue_max() -> u64 {

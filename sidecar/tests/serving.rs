@@ -381,3 +381,31 @@ async fn sigterm_cuts_streams_still_open_after_the_grace_and_records_them() {
     assert_eq!(v["data"][0]["truncated"], 1, "{v}");
     assert!(sidecar.log().contains("closing them"), "{}", sidecar.log());
 }
+
+/// `[usage] record = false` (the benchmark's governed-lane diagnostic) serves
+/// requests and streams but opens no usage store: no database file appears,
+/// and shutdown has nothing to flush.
+#[tokio::test]
+async fn usage_record_false_serves_without_a_usage_store() {
+    let mock = Mock::start(&[]);
+    let body = format!(
+        "{}{}",
+        openai_provider("mock", &mock.base(), ""),
+        model("gpt-4o-mini", &[("mock", "gpt-4o-mini")]),
+    );
+    let mut sidecar = Sidecar::start_with_sections(&body, 5, "30s", "", "record = false");
+    for stream in [false, true] {
+        let r = sidecar.chat(chat_body("gpt-4o-mini", stream)).await;
+        assert_eq!(r.status(), 200);
+        r.text().await.unwrap();
+    }
+    let status = sidecar.terminate();
+    assert!(status.success(), "{status}");
+    let db = sidecar.dir.path().join("usage.db");
+    assert!(!db.exists(), "{} was created", db.display());
+    assert!(
+        sidecar.log().contains("usage recording is off"),
+        "{}",
+        sidecar.log()
+    );
+}

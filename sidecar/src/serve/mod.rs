@@ -79,25 +79,42 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .socket_mode_bits()
         .map_err(|e| anyhow::anyhow!("server.socket_mode: {e}"))?;
     let admin_listen = runtime.config.admin.listen.clone();
-    let usage_path = runtime.config.usage.path.clone();
-    if let Some(dir) = usage_path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    }
-    let options = StoreOptions {
-        max_pending: runtime.config.usage.queue_max,
-        spill_max_bytes: runtime.config.usage.spill_max_bytes,
-        ..StoreOptions::default()
+    let usage = runtime.config.usage.clone();
+    // `[usage] record = false` (a diagnostic) opens no store at all.
+    let store = if usage.record {
+        if let Some(dir) = usage.path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        }
+        let options = StoreOptions {
+            max_pending: usage.queue_max,
+            spill_max_bytes: usage.spill_max_bytes,
+            ..StoreOptions::default()
+        };
+        let store = Store::open_with(&usage.path, options)
+            .with_context(|| format!("usage.path: {}", usage.path.display()))?;
+        Some(store)
+    } else {
+        tracing::warn!(
+            "usage recording is off ([usage] record = false): no usage rows are written"
+        );
+        None
     };
-    let store = Store::open_with(&usage_path, options)
-        .with_context(|| format!("usage.path: {}", usage_path.display()))?;
-    let (sink, sink_closer) = usage_sink::UsageSink::start(store.recorder());
+    let (sink, sink_closer) = match &store {
+        Some(store) => {
+            let (sink, closer) = usage_sink::UsageSink::start(store.recorder());
+            (Some(sink), Some(closer))
+        }
+        None => (None, None),
+    };
     let mut gateway = Gateway::new(
         runtime,
         args.config.clone(),
-        Some(sink),
-        Some(store.reader()),
+        sink,
+        store.as_ref().map(Store::reader),
     );
-    gateway.metrics.track_usage_store(store.recorder());
+    if let Some(store) = &store {
+        gateway.metrics.track_usage_store(store.recorder());
+    }
     let gateway = Arc::new(gateway);
 
     let bound = Bound::bind(&listen, socket_mode)
@@ -162,6 +179,10 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         );
     }
     drop(gateway);
+    let (Some(sink_closer), Some(store)) = (sink_closer, store) else {
+        tracing::info!("bye");
+        return Ok(());
+    };
     sink_closer.close().await;
     let report = tokio::task::spawn_blocking(move || store.shutdown())
         .await
