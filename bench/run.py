@@ -732,15 +732,18 @@ def report(res: Results, out: Path, md: Path, load_before: str, plots: list[str]
           "`gateway-bare` (diagnostic only) = the same nginx location with `afr off;` (no key check, no "
           "counters) and the secret set with `proxy_set_header X-Afr-Secret`, in front of a second sidecar "
           "whose sidecar.toml has `[usage] record = false` (no usage store at all).", "",
-          "| target | max req/s | governed / bare | p50 ms @1000 | p99 ms @1000 |", "|---|---|---|---|---|"]
+          "| target | max req/s | non-2xx | governed / bare | p50 ms @1000 | p99 ms @1000 | errors @1000 |",
+          "|---|---|---|---|---|---|---|"]
     gm = d.get("governed-max", {})
     bare = [r["rps"] for r in gm.get("gateway-bare", [])]
     for t in ("gateway", "gateway-bare"):
         rs = [r["rps"] for r in gm.get(t, [])]
         ratio = [a / b for a, b in zip(rs, bare) if b]
         lat = d.get("governed-1000", {}).get(t, [])
-        L.append(f"| {t} | {spread(rs, '.0f')} | {spread(ratio, '.2f')} | {spread([r['p50'] for r in lat], '.3f')} | "
-                 f"{spread([r['p99'] for r in lat], '.3f')} |")
+        bad = [r["non2xx"] for r in gm.get(t, [])]
+        L.append(f"| {t} | {spread(rs, '.0f')} | {spread(bad, '.0f')} | {spread(ratio, '.2f')} | "
+                 f"{spread([r['p50'] for r in lat], '.3f')} | {spread([r['p99'] for r in lat], '.3f')} | "
+                 f"{spread([r['errors'] for r in lat], '.0f')} |")
 
     L += ["", "## Rejection throughput", "",
           f"wrk -t2 -c{p.wrk_conns}, {p.wrk_secs} s. The gateway answers 401/429 in nginx's access phase.", "",

@@ -40,6 +40,10 @@ def test_quick_bench_writes_every_lane_and_the_plots(tmp_path):
         assert data["data"]["c1"][target][0]["n"] > 0, f"{target} answered nothing at concurrency 1"
     # The gateway answered with its key, and the bare diagnostic without one.
     assert data["data"]["governed-1000"]["gateway-bare"][0]["n"] > 0
+    # Each rejection lane measured the answer it names.
+    statuses = {k: v[0]["status"] for k, v in data["data"]["reject"].items()}
+    assert statuses == {"nginx return 401": 401, "gateway 401 (unknown key)": 401,
+                        "gateway 429 (rpm exhausted)": 429}, statuses
     for plot in ("latency-cdf", "added-latency-vs-rate", "streams-rss"):
         png = tmp_path / f"smoke-{plot}.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", plot
