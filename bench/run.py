@@ -635,6 +635,11 @@ def report(res: Results, out: Path, md: Path, load_before: str, plots: list[str]
     p, T = res.profile, res.targets
     d = res.data
     L = [f"# Benchmark results {dt.date.today().isoformat()} ({p.name} profile)", ""]
+    busy = max(float(load_before.split()[0]), float(loadavg().split()[0])) if load_before[:1].isdigit() else 0.0
+    if busy > 1.5:
+        L += [f"> **The machine was busy (load average up to {busy:.1f} on {os.cpu_count()} cores while this ran):",
+              "> other work shared the cores with every target and the load generators, so absolute figures",
+              "> and even ratios are noise.**", ""]
     if p.name != "full":
         L += ["> **Smoke run (`--quick`): a few seconds per lane, one run. These figures are NOT",
               "> measurements to quote; they only show that every lane runs.**", ""]
