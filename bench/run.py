@@ -786,6 +786,7 @@ def report(res: Results, out: Path, md: Path, load_before: str, plots: list[str]
 
 def plot(res: Results, out: Path, stem: str) -> list[str]:
     import matplotlib
+    import matplotlib.ticker
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -828,6 +829,9 @@ def plot(res: Results, out: Path, stem: str) -> list[str]:
             line = ax.plot(xs, y99, marker="o", label=f"{t} p99")[0]
             ax.plot(xs, y50, marker=".", linestyle="--", color=line.get_color(), label=f"{t} p50")
     ax.set_xscale("log")
+    # symlog: LiteLLM's seconds and the gateway's fractions of a millisecond on one plot.
+    ax.set_yscale("symlog", linthresh=1.0)
+    ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
     ax.axhline(0, color="grey", linewidth=0.8)
     ax.set_xlabel("offered rate, req/s (open loop, log)")
     ax.set_ylabel("added latency vs direct, ms")
