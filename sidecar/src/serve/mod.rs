@@ -18,8 +18,8 @@ pub mod reload;
 pub mod state;
 pub mod usage_sink;
 
-use crate::usage::{Store, StoreOptions};
-use afr_core::config::{parse_listen, Listen};
+use crate::usage::{PostgresTarget, Store, StoreOptions};
+use afr_core::config::{parse_listen, Listen, UsageBackend};
 use anyhow::Context;
 use listener::Bound;
 use state::{Gateway, Runtime};
@@ -88,8 +88,15 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         spill_max_bytes: runtime.config.usage.spill_max_bytes,
         ..StoreOptions::default()
     };
-    let store = Store::open_with(&usage_path, options)
-        .with_context(|| format!("usage.path: {}", usage_path.display()))?;
+    let store = match runtime.config.usage.backend {
+        UsageBackend::Sqlite => Store::open_with(&usage_path, options)
+            .with_context(|| format!("usage.path: {}", usage_path.display()))?,
+        UsageBackend::Postgres => {
+            let target = PostgresTarget::from_env(&runtime.config.usage.postgres_url_env)
+                .context("usage.postgres_url_env")?;
+            Store::open_postgres(target, &usage_path, options)?
+        }
+    };
     let (sink, sink_closer) = usage_sink::UsageSink::start(store.recorder());
     let mut gateway = Gateway::new(
         runtime,
