@@ -94,7 +94,11 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         UsageBackend::Postgres => {
             let target = PostgresTarget::from_env(&runtime.config.usage.postgres_url_env)
                 .context("usage.postgres_url_env")?;
-            Store::open_postgres(target, &usage_path, options)?
+            // It blocks on its own runtime, which must not be inside this one.
+            let path = usage_path.clone();
+            tokio::task::spawn_blocking(move || Store::open_postgres(target, &path, options))
+                .await
+                .context("opening the usage store")??
         }
     };
     let (sink, sink_closer) = usage_sink::UsageSink::start(store.recorder());

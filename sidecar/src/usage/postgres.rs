@@ -132,7 +132,8 @@ impl PostgresTarget {
 /// One connection on a private runtime, (re)connected on demand.
 struct Session {
     target: PostgresTarget,
-    runtime: Runtime,
+    /// Taken only by `Drop`.
+    runtime: Option<Runtime>,
     /// `Arc` so a call's future owns its handle and may borrow what the
     /// caller lends it (a batch's arrays).
     client: Option<Arc<Client>>,
@@ -150,7 +151,7 @@ impl Session {
             .map_err(|e| StoreError::Postgres(format!("cannot start its runtime: {e}")))?;
         Ok(Session {
             target,
-            runtime,
+            runtime: Some(runtime),
             client: None,
             insert: None,
             schema_ok: false,
@@ -168,8 +169,10 @@ impl Session {
         let config = self.target.config.clone();
         let wait = self.target.timeout;
         // The timer is made inside the runtime: it needs its clock.
-        let connected = self
-            .runtime
+        let Some(runtime) = &self.runtime else {
+            return Err("the store is closed".to_owned());
+        };
+        let connected = runtime
             .block_on(async move { tokio::time::timeout(wait, config.connect(NoTls)).await });
         let (client, connection) = match connected {
             Ok(Ok(pair)) => pair,
@@ -183,7 +186,7 @@ impl Session {
         };
         // The connection task runs only while a call blocks on the runtime,
         // which is the only time it has anything to do.
-        self.runtime.spawn(async move {
+        runtime.spawn(async move {
             if let Err(e) = connection.await {
                 tracing::debug!(error = %e, "usage store: PostgreSQL connection ended");
             }
@@ -209,11 +212,11 @@ impl Session {
         Fut: Future<Output = Result<T, tokio_postgres::Error>>,
     {
         let client = self.connect()?;
+        let Some(runtime) = &self.runtime else {
+            return Err("the store is closed".to_owned());
+        };
         let call = call(client);
-        let out = match self
-            .runtime
-            .block_on(async move { tokio::time::timeout(wait, call).await })
-        {
+        let out = match runtime.block_on(async move { tokio::time::timeout(wait, call).await }) {
             Ok(Ok(v)) => Ok(v),
             Ok(Err(e)) => Err(e.to_string()),
             Err(_) => Err(format!("PostgreSQL did not answer within {wait:?}")),
@@ -222,6 +225,16 @@ impl Session {
             self.drop_connection();
         }
         out
+    }
+}
+
+impl Drop for Session {
+    /// The sidecar drops its reader on an async thread, where dropping a
+    /// runtime the normal way panics; nothing is left to wait for anyway.
+    fn drop(&mut self) {
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_background();
+        }
     }
 }
 
