@@ -266,7 +266,7 @@ enum ReaderInner {
         path: PathBuf,
         conn: Mutex<Connection>,
     },
-    Postgres(PgReader),
+    Postgres(Box<PgReader>),
 }
 
 impl fmt::Debug for UsageReader {
@@ -299,7 +299,7 @@ impl UsageReader {
     /// down now only fails the queries made while it is down.
     pub fn postgres(target: PostgresTarget) -> Result<UsageReader, StoreError> {
         Ok(UsageReader {
-            inner: Arc::new(ReaderInner::Postgres(PgReader::new(target)?)),
+            inner: Arc::new(ReaderInner::Postgres(Box::new(PgReader::new(target)?))),
         })
     }
 

@@ -32,6 +32,8 @@ pub struct Cluster {
     bin: PathBuf,
     /// `Some(user)` when commands run through `runuser`.
     run_as: Option<&'static str>,
+    /// The server's launcher (`runuser` or `postgres`), reaped by [`Cluster::stop`].
+    server: std::sync::Mutex<Option<std::process::Child>>,
 }
 
 static SHARED: OnceLock<Cluster> = OnceLock::new();
@@ -130,6 +132,7 @@ impl Cluster {
             dir,
             bin,
             run_as,
+            server: std::sync::Mutex::new(None),
         };
         let out = cluster
             .command("initdb")
@@ -179,7 +182,8 @@ impl Cluster {
                 .arg(self.dir.join("postgres.log"))
                 .status();
         }
-        self.command("postgres")
+        let child = self
+            .command("postgres")
             .arg("-D")
             .arg(self.data())
             .args(["-p", &self.port.to_string()])
@@ -193,6 +197,7 @@ impl Cluster {
             .stderr(log)
             .spawn()
             .expect("starting postgres");
+        *self.server.lock().unwrap_or_else(|p| p.into_inner()) = Some(child);
         let deadline = Instant::now() + Duration::from_secs(60);
         while !self.ready() {
             assert!(
@@ -233,6 +238,9 @@ impl Cluster {
             assert!(Instant::now() < deadline, "postgres {pid} did not stop");
             std::thread::sleep(Duration::from_millis(20));
         }
+        if let Some(mut child) = self.server.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            let _ = child.wait();
+        }
     }
 
     /// When the process `owner` exits: stop the server by PID, remove the
@@ -247,6 +255,8 @@ impl Cluster {
             data = self.data().display(),
             dir = self.dir.display(),
         );
+        // It outlives this process on purpose; init reaps it.
+        #[allow(clippy::zombie_processes)]
         Command::new("sh")
             .args(["-c", &script])
             .stdin(Stdio::null())
