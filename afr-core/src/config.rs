@@ -241,9 +241,18 @@ pub struct UsageConfig {
     /// (the benchmark's governed lane), not a way to run in production.
     #[serde(default = "default_record")]
     pub record: bool,
-    /// SQLite database file.
+    /// Where rows go: the embedded SQLite file (default) or PostgreSQL (a fleet).
+    #[serde(default)]
+    pub backend: UsageBackend,
+    /// SQLite database file. With `backend = "postgres"` only the spill file
+    /// (`<path>-unwritten.jsonl`) lives here.
     #[serde(default = "default_usage_path")]
     pub path: PathBuf,
+    /// Environment variable holding the PostgreSQL URL
+    /// (`postgres://user:password@host:5432/db`); the URL carries a password,
+    /// so it never appears in the config file or in logs.
+    #[serde(default = "default_postgres_url_env")]
+    pub postgres_url_env: String,
     /// Records queued for the database past which new ones go to the spill
     /// file (`<path>-unwritten.jsonl`).
     #[serde(default = "default_queue_max")]
@@ -258,7 +267,9 @@ impl Default for UsageConfig {
     fn default() -> Self {
         UsageConfig {
             record: default_record(),
+            backend: UsageBackend::default(),
             path: default_usage_path(),
+            postgres_url_env: default_postgres_url_env(),
             queue_max: default_queue_max(),
             spill_max_bytes: default_spill_max_bytes(),
         }
@@ -275,6 +286,21 @@ fn default_queue_max() -> u64 {
 
 fn default_spill_max_bytes() -> u64 {
     256 * 1024 * 1024
+}
+
+/// `[usage] backend`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum UsageBackend {
+    /// One SQLite file per node.
+    #[default]
+    Sqlite,
+    /// One PostgreSQL database for every node of a fleet.
+    Postgres,
+}
+
+fn default_postgres_url_env() -> String {
+    "AFR_USAGE_POSTGRES_URL".to_owned()
 }
 
 fn default_usage_path() -> PathBuf {
@@ -615,6 +641,12 @@ impl SidecarConfig {
             errors.push(ConfigError::new(
                 "server.stream_keepalive",
                 "must be positive",
+            ));
+        }
+        if self.usage.postgres_url_env.trim().is_empty() {
+            errors.push(ConfigError::new(
+                "usage.postgres_url_env",
+                "must name an environment variable",
             ));
         }
         if self.server.max_body_bytes == 0 {

@@ -1,9 +1,14 @@
-//! The usage store end to end on a real SQLite file: many threads recording,
-//! shutdown flushing what is pending, reopening, and the sums queries return.
+//! The usage store end to end on a real SQLite file and a real PostgreSQL
+//! cluster: many threads recording, shutdown flushing what is pending,
+//! reopening, and the sums queries return. The tests in [`both`] run once per
+//! backend (`sqlite::name`, `postgres::name`); the lock tests are SQLite's
+//! (PostgreSQL's outage tests are in `usage_postgres.rs`).
 
 #[allow(unused_imports)]
 #[path = "../src/usage/mod.rs"]
 mod usage;
+
+mod pg;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -12,7 +17,107 @@ use std::time::{Duration, Instant};
 
 use afr_core::usage::{TokenSource, UsageRecord};
 use usage::store::StoreOptions;
-use usage::{GroupBy, Store, StoreError, UsageQuery, UsageReader};
+use usage::{GroupBy, PostgresTarget, Store, StoreError, UsageQuery, UsageReader};
+
+/// A fresh, empty usage database of one backend.
+enum TestDb {
+    Sqlite {
+        dir: tempfile::TempDir,
+    },
+    Postgres {
+        /// For the spill file.
+        dir: tempfile::TempDir,
+        url: String,
+    },
+}
+
+impl TestDb {
+    fn sqlite() -> TestDb {
+        TestDb::Sqlite {
+            dir: tempfile::tempdir().expect("tempdir"),
+        }
+    }
+
+    fn postgres() -> TestDb {
+        TestDb::Postgres {
+            dir: tempfile::tempdir().expect("tempdir"),
+            url: pg::shared().database(),
+        }
+    }
+
+    /// The SQLite file, or the base of the PostgreSQL store's spill file.
+    fn path(&self) -> std::path::PathBuf {
+        match self {
+            TestDb::Sqlite { dir } | TestDb::Postgres { dir, .. } => dir.path().join("usage.db"),
+        }
+    }
+
+    fn target(url: &str) -> PostgresTarget {
+        PostgresTarget::from_url(url, "AFR_TEST_POSTGRES_URL").expect("url")
+    }
+
+    fn open(&self) -> Store {
+        self.open_with(StoreOptions::default())
+    }
+
+    fn open_with(&self, options: StoreOptions) -> Store {
+        match self {
+            TestDb::Sqlite { .. } => Store::open_with(&self.path(), options).expect("open"),
+            TestDb::Postgres { url, .. } => {
+                Store::open_postgres(Self::target(url), &self.path(), options).expect("open")
+            }
+        }
+    }
+
+    /// A reader of its own, as `afr usage` opens one.
+    fn reader(&self) -> UsageReader {
+        match self {
+            TestDb::Sqlite { .. } => UsageReader::open(&self.path()).expect("reader"),
+            TestDb::Postgres { url, .. } => {
+                UsageReader::postgres(Self::target(url)).expect("reader")
+            }
+        }
+    }
+
+    /// Distinct request ids stored.
+    fn distinct_request_ids(&self) -> u64 {
+        let sql = "SELECT COUNT(DISTINCT request_id) FROM usage";
+        match self {
+            TestDb::Sqlite { .. } => {
+                let conn = rusqlite::Connection::open(self.path()).expect("raw open");
+                let n: i64 = conn.query_row(sql, [], |r| r.get(0)).expect("distinct");
+                n as u64
+            }
+            TestDb::Postgres { url, .. } => pg::shared()
+                .psql(pg::db_name(url), sql)
+                .parse()
+                .expect("a count"),
+        }
+    }
+}
+
+/// Runs each named test once per backend: `sqlite::NAME` and `postgres::NAME`.
+macro_rules! both {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $( #[test] fn $name() { super::$name(&super::TestDb::sqlite()) } )*
+        }
+        mod postgres {
+            $( #[test] fn $name() { super::$name(&super::TestDb::postgres()) } )*
+        }
+    };
+}
+
+both!(
+    many_threads_record_exactly_n_rows,
+    shutdown_flushes_a_batch_still_waiting,
+    shutdown_under_load_writes_or_refuses_every_record,
+    a_spill_file_left_by_a_crash_is_imported_once_even_twice,
+    dropping_the_store_flushes_too,
+    rows_survive_reopening_the_writer,
+    queries_filter_and_group,
+    recorders_work_from_tokio_tasks_and_http_renders,
+);
 
 /// 2026-11-25T10:00:00Z
 const T0: i64 = 1_795_600_800_000;
@@ -47,13 +152,10 @@ fn total(reader: &UsageReader, q: &UsageQuery) -> u64 {
         .sum()
 }
 
-#[test]
-fn many_threads_record_exactly_n_rows() {
+fn many_threads_record_exactly_n_rows(db: &TestDb) {
     const THREADS: u64 = 8;
     const PER_THREAD: u64 = 2_500;
-    let dir = tempfile::tempdir().expect("tempdir");
-    let path = dir.path().join("usage.db");
-    let store = Store::open(&path).expect("open");
+    let store = db.open();
     let recorder = store.recorder();
     let workers: Vec<_> = (0..THREADS)
         .map(|t| {
@@ -74,7 +176,7 @@ fn many_threads_record_exactly_n_rows() {
     assert!(report.transactions >= 1);
     assert_eq!(recorder.pending(), 0);
 
-    let reader = UsageReader::open(&path).expect("reopen");
+    let reader = db.reader();
     let rows = reader
         .query(&UsageQuery {
             group_by: vec![GroupBy::Key],
@@ -87,22 +189,15 @@ fn many_threads_record_exactly_n_rows() {
         assert_eq!(row.total_tokens, PER_THREAD * 30);
     }
     // Every request id landed once: no loss, no duplicate.
-    let conn = rusqlite::Connection::open(&path).expect("raw open");
-    let distinct: i64 = conn
-        .query_row("SELECT COUNT(DISTINCT request_id) FROM usage", [], |r| {
-            r.get(0)
-        })
-        .expect("distinct");
-    assert_eq!(distinct as u64, THREADS * PER_THREAD);
-    // The shutdown checkpoint leaves no WAL content behind.
-    let wal = dir.path().join("usage.db-wal");
-    assert!(!wal.exists() || std::fs::metadata(&wal).expect("wal").len() == 0);
+    assert_eq!(db.distinct_request_ids(), THREADS * PER_THREAD);
+    if let TestDb::Sqlite { dir } = db {
+        // The shutdown checkpoint leaves no WAL content behind.
+        let wal = dir.path().join("usage.db-wal");
+        assert!(!wal.exists() || std::fs::metadata(&wal).expect("wal").len() == 0);
+    }
 }
 
-#[test]
-fn shutdown_flushes_a_batch_still_waiting() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let path = dir.path().join("usage.db");
+fn shutdown_flushes_a_batch_still_waiting(db: &TestDb) {
     // The batch would wait an hour and hold a million rows: only shutdown
     // can write it.
     let options = StoreOptions {
@@ -110,7 +205,7 @@ fn shutdown_flushes_a_batch_still_waiting() {
         max_batch_delay: Duration::from_secs(3600),
         ..StoreOptions::default()
     };
-    let store = Store::open_with(&path, options).expect("open");
+    let store = db.open_with(options);
     let recorder = store.recorder();
     for i in 0..1_000 {
         recorder.record(record(i, "k", "m", T0));
@@ -122,15 +217,11 @@ fn shutdown_flushes_a_batch_still_waiting() {
     assert!(started.elapsed() < Duration::from_secs(10));
     assert_eq!(report.written, 1_000);
     assert_eq!(report.transactions, 1);
-    let reader = UsageReader::open(&path).expect("reopen");
-    assert_eq!(total(&reader, &UsageQuery::default()), 1_000);
+    assert_eq!(total(&db.reader(), &UsageQuery::default()), 1_000);
 }
 
-#[test]
-fn shutdown_under_load_writes_or_refuses_every_record() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let path = dir.path().join("usage.db");
-    let store = Store::open(&path).expect("open");
+fn shutdown_under_load_writes_or_refuses_every_record(db: &TestDb) {
+    let store = db.open();
     let recorder = store.recorder();
     let stop = Arc::new(AtomicBool::new(false));
     let workers: Vec<_> = (0..4)
@@ -157,13 +248,12 @@ fn shutdown_under_load_writes_or_refuses_every_record() {
     }
     stop.store(true, Ordering::Relaxed);
     let sent: u64 = workers.into_iter().map(|w| w.join().expect("worker")).sum();
-    let reader = UsageReader::open(&path).expect("reopen");
-    let stored = total(&reader, &UsageQuery::default());
+    let stored = total(&db.reader(), &UsageQuery::default());
     // Four threads outpace the writer, so the queue may pass its bound: those
     // records went through the spill file and were imported before the end.
     assert_eq!(stored, report.written + recorder.spilled());
     assert_eq!(recorder.dropped(), 0);
-    assert!(!usage::spill::spill_path(&path).exists());
+    assert!(!usage::spill::spill_path(&db.path()).exists());
     assert_eq!(
         stored + recorder.refused(),
         sent,
@@ -279,6 +369,24 @@ fn a_spill_file_imported_twice_keeps_one_row_each() {
     assert_eq!(total(&store.reader(), &UsageQuery::default()), 5);
 }
 
+fn a_spill_file_left_by_a_crash_is_imported_once_even_twice(db: &TestDb) {
+    let spill = usage::spill::spill_path(&db.path());
+    // What a run that could not reach the database left behind.
+    let lines: String = (0..5)
+        .map(|i| serde_json::to_string(&record(i, "k", "m", T0)).expect("json") + "\n")
+        .collect();
+    std::fs::write(&spill, &lines).expect("spill file");
+    drop(db.open());
+    assert!(!spill.exists(), "imported, then removed");
+    // A crash after the import committed, before the file was removed: the
+    // next start finds the same file again.
+    std::fs::write(&spill, &lines).expect("put it back");
+    let store = db.open();
+    assert!(!spill.exists());
+    assert_eq!(total(&store.reader(), &UsageQuery::default()), 5);
+    assert_eq!(db.distinct_request_ids(), 5);
+}
+
 #[test]
 fn past_its_bound_the_queue_spills_and_past_the_cap_records_are_dropped_and_counted() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -351,45 +459,36 @@ fn shutdown_with_the_database_locked_for_good_is_bounded_and_keeps_every_row() {
     assert_eq!(spilled_ids(&path).len(), 1_000);
 }
 
-#[test]
-fn dropping_the_store_flushes_too() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let path = dir.path().join("usage.db");
+fn dropping_the_store_flushes_too(db: &TestDb) {
     let options = StoreOptions {
         max_batch_delay: Duration::from_secs(3600),
         ..StoreOptions::default()
     };
-    let store = Store::open_with(&path, options).expect("open");
+    let store = db.open_with(options);
     let recorder = store.recorder();
     for i in 0..10 {
         recorder.record(record(i, "k", "m", T0));
     }
     drop(store);
-    let reader = UsageReader::open(&path).expect("reopen");
-    assert_eq!(total(&reader, &UsageQuery::default()), 10);
+    assert_eq!(total(&db.reader(), &UsageQuery::default()), 10);
     // The store is gone: a late record is refused and counted, not a panic.
     recorder.record(record(99, "k", "m", T0));
     assert_eq!(recorder.refused(), 1);
     assert_eq!(recorder.pending(), 0);
 }
 
-#[test]
-fn rows_survive_reopening_the_writer() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let path = dir.path().join("usage.db");
+fn rows_survive_reopening_the_writer(db: &TestDb) {
     for round in 0..3 {
-        let store = Store::open(&path).expect("open");
+        let store = db.open();
         store.recorder().record(record(round, "k", "m", T0));
         store.shutdown().expect("shutdown");
     }
-    let store = Store::open(&path).expect("open again");
+    let store = db.open();
     assert_eq!(total(&store.reader(), &UsageQuery::default()), 3);
 }
 
-#[test]
-fn queries_filter_and_group() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let store = Store::open(&dir.path().join("usage.db")).expect("open");
+fn queries_filter_and_group(db: &TestDb) {
+    let store = db.open();
     let rec = store.recorder();
     rec.record(record(1, "a", "small", T0 - DAY));
     rec.record(record(2, "a", "small", T0));
@@ -475,10 +574,8 @@ fn queries_filter_and_group() {
     store.shutdown().expect("shutdown");
 }
 
-#[test]
-fn recorders_work_from_tokio_tasks_and_http_renders() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let store = Store::open(&dir.path().join("usage.db")).expect("open");
+fn recorders_work_from_tokio_tasks_and_http_renders(db: &TestDb) {
+    let store = db.open();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -524,7 +621,8 @@ fn open_reports_the_path() {
     assert!(err.to_string().contains("no/such/dir/usage.db"), "{err}");
 }
 
-/// Write throughput, recorded from `AFR_BENCH_THREADS` threads (4). Run with
+/// Write throughput, recorded from `AFR_BENCH_THREADS` threads (4), into
+/// SQLite or, with `AFR_BENCH_BACKEND=postgres`, the test cluster. Run with
 /// `cargo test --release -p afr-sidecar --test usage_store -- --ignored --nocapture`.
 #[test]
 #[ignore = "benchmark"]
@@ -534,9 +632,12 @@ fn write_throughput() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(4);
     let per_thread = 400_000 / threads.max(1);
-    let dir = tempfile::tempdir().expect("tempdir");
-    let path = dir.path().join("usage.db");
-    let store = Store::open(&path).expect("open");
+    let backend = std::env::var("AFR_BENCH_BACKEND").unwrap_or_else(|_| "sqlite".into());
+    let db = match backend.as_str() {
+        "postgres" => TestDb::postgres(),
+        _ => TestDb::sqlite(),
+    };
+    let store = db.open();
     let recorder = store.recorder();
     let started = Instant::now();
     let workers: Vec<_> = (0..threads)
@@ -561,10 +662,9 @@ fn write_throughput() {
     // through the spill file and is imported before shutdown returns.
     assert_eq!(report.written + recorder.spilled(), n);
     assert_eq!(recorder.dropped(), 0);
-    let reader = UsageReader::open(&path).expect("reopen");
-    assert_eq!(total(&reader, &UsageQuery::default()), n);
+    assert_eq!(total(&db.reader(), &UsageQuery::default()), n);
     println!(
-        "usage store: {n} rows in {:.2?} = {:.0} rows/s stored ({} transactions, {} rows via the spill file, {:.0} ns/record() call)",
+        "usage store ({backend}): {n} rows in {:.2?} = {:.0} rows/s stored ({} transactions, {} rows via the spill file, {:.0} ns/record() call)",
         elapsed,
         n as f64 / elapsed.as_secs_f64(),
         report.transactions,

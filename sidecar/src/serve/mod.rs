@@ -18,8 +18,8 @@ pub mod reload;
 pub mod state;
 pub mod usage_sink;
 
-use crate::usage::{Store, StoreOptions};
-use afr_core::config::{parse_listen, Listen};
+use crate::usage::{PostgresTarget, Store, StoreOptions};
+use afr_core::config::{parse_listen, Listen, UsageBackend};
 use anyhow::Context;
 use listener::Bound;
 use state::{Gateway, Runtime};
@@ -90,8 +90,19 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             spill_max_bytes: usage.spill_max_bytes,
             ..StoreOptions::default()
         };
-        let store = Store::open_with(&usage.path, options)
-            .with_context(|| format!("usage.path: {}", usage.path.display()))?;
+        let store = match usage.backend {
+            UsageBackend::Sqlite => Store::open_with(&usage.path, options)
+                .with_context(|| format!("usage.path: {}", usage.path.display()))?,
+            UsageBackend::Postgres => {
+                let target = PostgresTarget::from_env(&usage.postgres_url_env)
+                    .context("usage.postgres_url_env")?;
+                // It blocks on its own runtime, which must not be inside this one.
+                let path = usage.path.clone();
+                tokio::task::spawn_blocking(move || Store::open_postgres(target, &path, options))
+                    .await
+                    .context("opening the usage store")??
+            }
+        };
         Some(store)
     } else {
         tracing::warn!(

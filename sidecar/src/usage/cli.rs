@@ -1,8 +1,10 @@
 //! `afr usage`: sums of recorded usage as an aligned table, or JSON for
 //! scripts. Reads the database only; never creates or migrates it.
 //!
-//! The database is the one `afr serve` writes: `--db`, else the `[usage]
-//! path` of `--config` (or of [`DEFAULT_CONFIG`] when it exists), else the
+//! The database is the one `afr serve` writes: `--db`, else the `[usage]` of
+//! `--config` (or of [`DEFAULT_CONFIG`] when it exists): with `backend =
+//! "postgres"` the PostgreSQL database whose URL is in the environment
+//! variable `postgres_url_env` names, else the SQLite file `path`; else the
 //! sidecar's default (`/var/lib/afr/usage.db`). A relative path is taken from
 //! the current directory, as `afr serve` does.
 
@@ -14,7 +16,7 @@ use anyhow::Context;
 use serde::Serialize;
 
 use super::time_arg::{format_ms, now_ms, parse_time_arg};
-use super::{GroupBy, UsageQuery, UsageReader, UsageRow};
+use super::{GroupBy, PostgresTarget, UsageQuery, UsageReader, UsageRow};
 
 /// The config `afr serve` runs with (conf/afr-sidecar.service); read when
 /// neither `--db` nor `--config` is given and it exists.
@@ -26,7 +28,7 @@ pub struct UsageArgs {
     /// The usage database [default: usage.path of the config, else /var/lib/afr/usage.db]
     #[arg(long, value_name = "PATH", conflicts_with = "config")]
     pub db: Option<PathBuf>,
-    /// Take the database path from usage.path in this sidecar config [default: /etc/afr/sidecar.toml if present]
+    /// Read the database this sidecar config's [usage] names (SQLite path, or PostgreSQL through its URL variable) [default: /etc/afr/sidecar.toml if present]
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
     /// Only this key id
@@ -53,12 +55,18 @@ pub struct UsageArgs {
 pub fn run(args: UsageArgs) -> anyhow::Result<()> {
     let now = now_ms();
     let query = build_query(&args, now)?;
-    let path = db_path(
+    let reader = match postgres_env(
         args.db.as_deref(),
         args.config.as_deref(),
         Path::new(DEFAULT_CONFIG),
-    )?;
-    let reader = UsageReader::open(&path)?;
+    )? {
+        Some(env) => UsageReader::postgres(PostgresTarget::from_env(&env)?)?,
+        None => UsageReader::open(&db_path(
+            args.db.as_deref(),
+            args.config.as_deref(),
+            Path::new(DEFAULT_CONFIG),
+        )?)?,
+    };
     let rows = reader.query(&query)?;
     let mut out = io::stdout().lock();
     if args.json {
@@ -144,9 +152,53 @@ pub fn db_path(
     Ok(usage_path_from_config(&text, config)?.unwrap_or_else(|| UsageConfig::default().path))
 }
 
-/// `[usage] path` of a sidecar config, read leniently: every other table and
-/// key is ignored, so the CLI keeps working whatever else the file holds.
-fn usage_path_from_config(text: &str, config: &Path) -> anyhow::Result<Option<PathBuf>> {
+/// The environment variable holding the PostgreSQL URL when the config
+/// `afr usage` reads (as [`db_path`] picks it) says `backend = "postgres"`;
+/// `None` for SQLite.
+pub fn postgres_env(
+    db: Option<&Path>,
+    config: Option<&Path>,
+    default_config: &Path,
+) -> anyhow::Result<Option<String>> {
+    if db.is_some() {
+        return Ok(None);
+    }
+    let config = match config {
+        Some(config) => config,
+        None if default_config.exists() => default_config,
+        None => return Ok(None),
+    };
+    let text = std::fs::read_to_string(config)
+        .with_context(|| format!("reading {} (or pass --db PATH)", config.display()))?;
+    let Some(usage) = usage_table(&text, config)? else {
+        return Ok(None);
+    };
+    let string = |field: &str| -> anyhow::Result<Option<String>> {
+        usage
+            .get(field)
+            .map(|v| {
+                v.as_str().map(str::to_owned).with_context(|| {
+                    format!("{}: usage.{field}: expected a string", config.display())
+                })
+            })
+            .transpose()
+    };
+    match string("backend")?.as_deref() {
+        None | Some("sqlite") => Ok(None),
+        Some("postgres") => {
+            Ok(Some(string("postgres_url_env")?.unwrap_or_else(|| {
+                UsageConfig::default().postgres_url_env
+            })))
+        }
+        Some(other) => anyhow::bail!(
+            "{}: usage.backend: `{other}` is not a backend: expected sqlite or postgres",
+            config.display()
+        ),
+    }
+}
+
+/// The `[usage]` table of a sidecar config, if any.
+fn usage_table(text: &str, config: &Path) -> anyhow::Result<Option<toml::Table>> {
     // Not `with_context`: the toml error's Display quotes the offending source
     // line, which may be `secret = "…"`.
     let doc: toml::Table = text.parse().map_err(|e: toml::de::Error| {
@@ -156,13 +208,24 @@ fn usage_path_from_config(text: &str, config: &Path) -> anyhow::Result<Option<Pa
             afr_core::config::describe_toml_error(text, e.span(), e.message())
         )
     })?;
-    let Some(usage) = doc.get("usage") else {
+    match doc.get("usage") {
+        None => Ok(None),
+        Some(usage) => Ok(Some(
+            usage
+                .as_table()
+                .with_context(|| format!("{}: usage: expected a table", config.display()))?
+                .clone(),
+        )),
+    }
+}
+
+/// `[usage] path` of a sidecar config, read leniently: every other table and
+/// key is ignored, so the CLI keeps working whatever else the file holds.
+fn usage_path_from_config(text: &str, config: &Path) -> anyhow::Result<Option<PathBuf>> {
+    let Some(usage) = usage_table(text, config)? else {
         return Ok(None);
     };
-    let path = usage
-        .as_table()
-        .with_context(|| format!("{}: usage: expected a table", config.display()))?
-        .get("path");
+    let path = usage.get("path");
     let Some(path) = path else {
         return Ok(None);
     };
@@ -342,6 +405,34 @@ mod tests {
         assert!(usage_path_from_config("[usage]\npath = 3\n", cfg).is_err());
         assert!(usage_path_from_config("usage = 1\n", cfg).is_err());
         assert!(usage_path_from_config("[usage", cfg).is_err());
+    }
+
+    #[test]
+    fn a_postgres_config_names_its_url_variable() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cfg = dir.path().join("sidecar.toml");
+        let absent = dir.path().join("absent.toml");
+        let env = |text: &str| {
+            std::fs::write(&cfg, text).expect("write");
+            postgres_env(None, Some(&cfg), &absent)
+        };
+        assert_eq!(env("[usage]\npath = 'u.db'\n").expect("sqlite"), None);
+        assert_eq!(env("[usage]\nbackend = 'sqlite'\n").expect("sqlite"), None);
+        assert_eq!(
+            env("[usage]\nbackend = 'postgres'\n").expect("default var"),
+            Some("AFR_USAGE_POSTGRES_URL".to_owned())
+        );
+        assert_eq!(
+            env("[usage]\nbackend = 'postgres'\npostgres_url_env = 'PG'\n").expect("var"),
+            Some("PG".to_owned())
+        );
+        let e = env("[usage]\nbackend = 'mysql'\n").expect_err("mysql");
+        assert!(e.to_string().contains("usage.backend"), "{e}");
+        // --db names a SQLite file whatever the config says.
+        assert_eq!(
+            postgres_env(Some(Path::new("x.db")), Some(&cfg), &absent).expect("db"),
+            None
+        );
     }
 
     #[test]

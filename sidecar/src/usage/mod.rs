@@ -1,6 +1,7 @@
 //! The usage store (design §5): every request's [`UsageRecord`] lands in an
-//! embedded SQLite database, written off the request path, and is read back by
-//! `afr usage` and `GET /v1/usage`.
+//! embedded SQLite database (or, for a fleet, one PostgreSQL database:
+//! [`postgres`]), written off the request path, and is read back by
+//! `afr usage` and `GET /v1/usage` through one query layer.
 //!
 //! How the sidecar uses it:
 //!
@@ -14,7 +15,9 @@
 //! ```
 //!
 //! - [`store`]: [`Store`], [`Recorder`], the queue's bound and the spill
-//!   policy; `writer`: the thread that batches records into transactions.
+//!   policy; `writer`: the thread that batches records into transactions,
+//!   through a `RowStore` (SQLite in `schema`, PostgreSQL in [`postgres`]);
+//!   `columns`: the row's columns, declared once for both.
 //! - [`query`]: [`UsageQuery`] (filters and grouping), [`UsageRow`] (the sums)
 //!   and [`UsageReader`], the read side, also used by the CLI without a writer.
 //! - [`spill`]: records SQLite refuses (or past the queue's bound) are
@@ -37,7 +40,9 @@
 #![allow(dead_code)]
 
 pub mod cli;
+mod columns;
 pub mod http;
+pub mod postgres;
 pub mod query;
 mod schema;
 pub mod spill;
@@ -45,6 +50,7 @@ pub mod store;
 pub mod time_arg;
 mod writer;
 
+pub use postgres::PostgresTarget;
 pub use query::{GroupBy, UsageQuery, UsageReader, UsageRow};
 #[allow(unused_imports)] // until `afr serve` names them
 pub use store::{Recorder, ShutdownReport, Store, StoreOptions, UsageStats};
@@ -127,6 +133,9 @@ pub enum StoreError {
         /// The spill file.
         spill: PathBuf,
     },
+    /// PostgreSQL: the URL, the schema or a query (messages never carry the URL).
+    #[error("usage store (PostgreSQL): {0}")]
+    Postgres(String),
     /// The writer thread panicked.
     #[error("usage store: the writer thread panicked")]
     WriterPanicked,

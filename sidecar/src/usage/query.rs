@@ -1,17 +1,39 @@
 //! The read side: a [`UsageQuery`] (filters plus grouping) becomes one
 //! aggregate SQL statement whose values are always bound parameters, and
-//! comes back as [`UsageRow`] sums.
+//! comes back as [`UsageRow`] sums. One query layer for both backends: the
+//! statement is the same text for SQLite and PostgreSQL except the
+//! placeholders and the day expression ([`Dialect`]), so both answer with the
+//! same numbers.
 
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::sync::{Arc, Mutex};
 
-use rusqlite::types::Value;
+use rusqlite::types::Value as SqliteValue;
 use rusqlite::{params_from_iter, Connection};
 use serde::Serialize;
 
+use super::postgres::{PgReader, PostgresTarget};
 use super::{schema, StoreError};
+
+/// The SQL spelling of one backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Dialect {
+    /// `?` placeholders, `strftime`.
+    Sqlite,
+    /// `$n` placeholders, `to_char`.
+    Postgres,
+}
+
+/// A bound value of a query.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) enum QueryValue {
+    /// Text (a key id, a model).
+    Text(String),
+    /// An integer (a time in Unix milliseconds).
+    Int(i64),
+}
 
 /// A column usage is summed by.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
@@ -47,12 +69,17 @@ impl GroupBy {
     }
 
     /// The SQL expression grouped on (fixed text, never user input).
-    fn sql(self) -> &'static str {
-        match self {
-            GroupBy::Key => "key_id",
-            GroupBy::Model => "model",
-            GroupBy::Provider => "provider",
-            GroupBy::Day => "strftime('%Y-%m-%d', ts_ms / 1000, 'unixepoch')",
+    fn sql(self, dialect: Dialect) -> &'static str {
+        match (self, dialect) {
+            (GroupBy::Key, _) => "key_id",
+            (GroupBy::Model, _) => "model",
+            (GroupBy::Provider, _) => "provider",
+            (GroupBy::Day, Dialect::Sqlite) => "strftime('%Y-%m-%d', ts_ms / 1000, 'unixepoch')",
+            // Integer division first, as SQLite does, so both agree on a
+            // request in the last millisecond of a day.
+            (GroupBy::Day, Dialect::Postgres) => {
+                "to_char(to_timestamp(ts_ms / 1000) AT TIME ZONE 'UTC', 'YYYY-MM-DD')"
+            }
         }
     }
 }
@@ -95,36 +122,46 @@ pub struct UsageQuery {
 }
 
 impl UsageQuery {
-    /// The statement and its bound values.
-    fn to_sql(&self) -> (String, Vec<Value>) {
-        let groups: Vec<&str> = self.groups().iter().map(|g| g.sql()).collect();
+    /// The statement and its bound values. Every sum is cast to BIGINT
+    /// (PostgreSQL sums BIGINTs to NUMERIC) and counts conditions with CASE
+    /// (PostgreSQL does not add booleans), so both backends return the same
+    /// integer columns.
+    pub(super) fn to_sql(&self, dialect: Dialect) -> (String, Vec<QueryValue>) {
+        let groups: Vec<&str> = self.groups().iter().map(|g| g.sql(dialect)).collect();
         let mut sql = String::from("SELECT ");
         for g in &groups {
             sql.push_str(g);
             sql.push_str(", ");
         }
         sql.push_str(
-            "COUNT(*), COALESCE(SUM(prompt_tokens), 0), COALESCE(SUM(completion_tokens), 0), \
-             COALESCE(SUM(total_tokens), 0), COALESCE(SUM(token_source = 'estimated'), 0), \
-             COALESCE(SUM(status >= 400), 0), COALESCE(SUM(truncated), 0) FROM usage",
+            "COUNT(*), \
+             CAST(COALESCE(SUM(prompt_tokens), 0) AS BIGINT), \
+             CAST(COALESCE(SUM(completion_tokens), 0) AS BIGINT), \
+             CAST(COALESCE(SUM(total_tokens), 0) AS BIGINT), \
+             CAST(COALESCE(SUM(CASE WHEN token_source = 'estimated' THEN 1 ELSE 0 END), 0) AS BIGINT), \
+             CAST(COALESCE(SUM(CASE WHEN status >= 400 THEN 1 ELSE 0 END), 0) AS BIGINT), \
+             CAST(COALESCE(SUM(CASE WHEN truncated THEN 1 ELSE 0 END), 0) AS BIGINT) FROM usage",
         );
         let mut filters = Vec::new();
         let mut values = Vec::new();
+        let mut filter = |column: &str, op: &str, value: QueryValue| {
+            values.push(value);
+            filters.push(match dialect {
+                Dialect::Sqlite => format!("{column} {op} ?"),
+                Dialect::Postgres => format!("{column} {op} ${}", values.len()),
+            });
+        };
         if let Some(key) = &self.key_id {
-            filters.push("key_id = ?");
-            values.push(Value::Text(key.clone()));
+            filter("key_id", "=", QueryValue::Text(key.clone()));
         }
         if let Some(model) = &self.model {
-            filters.push("model = ?");
-            values.push(Value::Text(model.clone()));
+            filter("model", "=", QueryValue::Text(model.clone()));
         }
         if let Some(since) = self.since_ms {
-            filters.push("ts_ms >= ?");
-            values.push(Value::Integer(since));
+            filter("ts_ms", ">=", QueryValue::Int(since));
         }
         if let Some(until) = self.until_ms {
-            filters.push("ts_ms < ?");
-            values.push(Value::Integer(until));
+            filter("ts_ms", "<", QueryValue::Int(until));
         }
         if !filters.is_empty() {
             sql.push_str(" WHERE ");
@@ -135,13 +172,23 @@ impl UsageQuery {
             sql.push_str(" GROUP BY ");
             sql.push_str(&positions.join(", "));
             sql.push_str(" ORDER BY ");
-            sql.push_str(&positions.join(", "));
+            match dialect {
+                Dialect::Sqlite => sql.push_str(&positions.join(", ")),
+                // Byte order, as SQLite sorts, whatever the database's locale.
+                Dialect::Postgres => {
+                    let ordered: Vec<String> = groups
+                        .iter()
+                        .map(|g| format!("{g} COLLATE \"C\""))
+                        .collect();
+                    sql.push_str(&ordered.join(", "));
+                }
+            }
         }
         (sql, values)
     }
 
     /// The grouping without repeats, as the result columns come back.
-    fn groups(&self) -> Vec<GroupBy> {
+    pub(super) fn groups(&self) -> Vec<GroupBy> {
         let mut out: Vec<GroupBy> = Vec::new();
         for g in &self.group_by {
             if !out.contains(g) {
@@ -195,7 +242,7 @@ impl UsageRow {
         }
     }
 
-    fn set_group(&mut self, g: GroupBy, value: String) {
+    pub(super) fn set_group(&mut self, g: GroupBy, value: String) {
         let slot = match g {
             GroupBy::Key => &mut self.key_id,
             GroupBy::Model => &mut self.model,
@@ -211,71 +258,105 @@ impl UsageRow {
 /// `spawn_blocking`.
 #[derive(Clone)]
 pub struct UsageReader {
-    path: PathBuf,
-    conn: Arc<Mutex<Connection>>,
+    inner: Arc<ReaderInner>,
+}
+
+enum ReaderInner {
+    Sqlite {
+        path: PathBuf,
+        conn: Mutex<Connection>,
+    },
+    Postgres(Box<PgReader>),
 }
 
 impl fmt::Debug for UsageReader {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("UsageReader")
-            .field("path", &self.path)
-            .finish()
+        match &*self.inner {
+            ReaderInner::Sqlite { path, .. } => {
+                f.debug_struct("UsageReader").field("path", path).finish()
+            }
+            // Never the URL: it holds a password.
+            ReaderInner::Postgres(_) => f.write_str("UsageReader(PostgreSQL)"),
+        }
     }
 }
 
 impl UsageReader {
-    /// Opens an existing database for reading; fails with
+    /// Opens an existing SQLite database for reading; fails with
     /// [`StoreError::Missing`] rather than creating one.
     pub fn open(path: &Path) -> Result<UsageReader, StoreError> {
         let conn = schema::open_reader(path)?;
         Ok(UsageReader {
-            path: path.to_owned(),
-            conn: Arc::new(Mutex::new(conn)),
+            inner: Arc::new(ReaderInner::Sqlite {
+                path: path.to_owned(),
+                conn: Mutex::new(conn),
+            }),
         })
     }
 
-    /// The database file.
-    pub fn path(&self) -> &Path {
-        &self.path
+    /// A reader of the PostgreSQL database `target`. It connects at its first
+    /// query (and again after the connection broke), so a database that is
+    /// down now only fails the queries made while it is down.
+    pub fn postgres(target: PostgresTarget) -> Result<UsageReader, StoreError> {
+        Ok(UsageReader {
+            inner: Arc::new(ReaderInner::Postgres(Box::new(PgReader::new(target)?))),
+        })
     }
 
     /// Sums of the rows matching `q`, one [`UsageRow`] per group, ordered by
     /// the group columns; no row when nothing matched.
     pub fn query(&self, q: &UsageQuery) -> Result<Vec<UsageRow>, StoreError> {
-        let (sql, values) = q.to_sql();
-        let groups = q.groups();
-        // A panic while holding the lock cannot leave the connection half-used
-        // in a way SQLite cares about, so a poisoned lock is still usable.
-        let conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
-        let mut stmt = conn.prepare_cached(&sql).map_err(StoreError::Query)?;
-        let rows = stmt
-            .query_map(params_from_iter(values), |r| {
-                let mut row = UsageRow::default();
-                for (i, g) in groups.iter().enumerate() {
-                    row.set_group(*g, r.get::<_, Option<String>>(i)?.unwrap_or_default());
-                }
-                let n = groups.len();
-                let count = |i: usize| -> rusqlite::Result<u64> {
-                    Ok(u64::try_from(r.get::<_, i64>(n + i)?).unwrap_or(0))
-                };
-                row.requests = count(0)?;
-                row.prompt_tokens = count(1)?;
-                row.completion_tokens = count(2)?;
-                row.total_tokens = count(3)?;
-                row.estimated_requests = count(4)?;
-                row.errors = count(5)?;
-                row.truncated = count(6)?;
-                Ok(row)
-            })
-            .map_err(StoreError::Query)?;
-        let mut out = Vec::new();
-        for row in rows {
-            let row = row.map_err(StoreError::Query)?;
-            if row.requests > 0 {
-                out.push(row);
+        let rows = match &*self.inner {
+            ReaderInner::Sqlite { conn, .. } => {
+                // A panic while holding the lock cannot leave the connection
+                // half-used in a way SQLite cares about, so a poisoned lock is
+                // still usable.
+                let conn = conn.lock().unwrap_or_else(|p| p.into_inner());
+                sqlite_query(&conn, q)?
             }
-        }
-        Ok(out)
+            ReaderInner::Postgres(pg) => pg.query(q)?,
+        };
+        Ok(rows.into_iter().filter(|row| row.requests > 0).collect())
+    }
+}
+
+fn sqlite_query(conn: &Connection, q: &UsageQuery) -> Result<Vec<UsageRow>, StoreError> {
+    let (sql, values) = q.to_sql(Dialect::Sqlite);
+    let values = values.into_iter().map(|v| match v {
+        QueryValue::Text(s) => SqliteValue::Text(s),
+        QueryValue::Int(n) => SqliteValue::Integer(n),
+    });
+    let groups = q.groups();
+    let mut stmt = conn.prepare_cached(&sql).map_err(StoreError::Query)?;
+    let rows = stmt
+        .query_map(params_from_iter(values), |r| {
+            let mut row = UsageRow::default();
+            for (i, g) in groups.iter().enumerate() {
+                row.set_group(*g, r.get::<_, Option<String>>(i)?.unwrap_or_default());
+            }
+            let mut counts = [0i64; 7];
+            for (i, count) in counts.iter_mut().enumerate() {
+                *count = r.get(groups.len() + i)?;
+            }
+            row.set_counts(counts);
+            Ok(row)
+        })
+        .map_err(StoreError::Query)?;
+    rows.collect::<Result<_, _>>().map_err(StoreError::Query)
+}
+
+impl UsageRow {
+    /// Sets the sums from the statement's count columns, in order.
+    pub(super) fn set_counts(&mut self, counts: [i64; 7]) {
+        let [requests, prompt, completion, total, estimated, errors, truncated] =
+            counts.map(|n| u64::try_from(n).unwrap_or(0));
+        self.requests = requests;
+        self.prompt_tokens = prompt;
+        self.completion_tokens = completion;
+        self.total_tokens = total;
+        self.estimated_requests = estimated;
+        self.errors = errors;
+        self.truncated = truncated;
     }
 }
 
@@ -293,7 +374,7 @@ mod tests {
 
     #[test]
     fn no_filter_no_group_is_one_total() {
-        let (sql, values) = UsageQuery::default().to_sql();
+        let (sql, values) = UsageQuery::default().to_sql(Dialect::Sqlite);
         assert!(sql.starts_with("SELECT COUNT(*)"), "{sql}");
         assert!(!sql.contains("WHERE") && !sql.contains("GROUP BY"), "{sql}");
         assert!(values.is_empty());
@@ -308,7 +389,7 @@ mod tests {
             until_ms: Some(20),
             group_by: vec![GroupBy::Model, GroupBy::Day, GroupBy::Model],
         };
-        let (sql, values) = q.to_sql();
+        let (sql, values) = q.to_sql(Dialect::Sqlite);
         assert!(!sql.contains("DROP"), "{sql}");
         assert!(
             sql.contains("WHERE key_id = ? AND model = ? AND ts_ms >= ? AND ts_ms < ?"),
@@ -316,6 +397,13 @@ mod tests {
         );
         assert!(sql.ends_with("GROUP BY 1, 2 ORDER BY 1, 2"), "{sql}");
         assert_eq!(values.len(), 4);
+        let (sql, pg_values) = q.to_sql(Dialect::Postgres);
+        assert!(!sql.contains("DROP"), "{sql}");
+        assert!(
+            sql.contains("WHERE key_id = $1 AND model = $2 AND ts_ms >= $3 AND ts_ms < $4"),
+            "{sql}"
+        );
+        assert_eq!(pg_values, values);
         assert_eq!(q.groups(), vec![GroupBy::Model, GroupBy::Day]);
     }
 

@@ -7,8 +7,11 @@
 use std::path::Path;
 use std::time::Duration;
 
+use afr_core::usage::UsageRecord;
 use rusqlite::{Connection, OpenFlags};
 
+use super::columns;
+use super::writer::RowStore;
 use super::StoreError;
 
 /// Ordered migrations; index 0 takes a fresh file to version 1.
@@ -114,6 +117,60 @@ pub(super) fn open_reader(path: &Path) -> Result<Connection, StoreError> {
         });
     }
     Ok(conn)
+}
+
+/// The writer's SQLite connection.
+pub(super) struct SqliteRows {
+    conn: Connection,
+    insert: String,
+}
+
+impl SqliteRows {
+    /// Writes through `conn` (from [`open_writer`]).
+    pub(super) fn new(conn: Connection) -> Self {
+        SqliteRows {
+            conn,
+            insert: columns::sqlite_insert(),
+        }
+    }
+}
+
+impl RowStore for SqliteRows {
+    fn engine(&self) -> &'static str {
+        "SQLite"
+    }
+
+    /// One transaction through one cached prepared statement.
+    fn insert_all(&mut self, records: &[UsageRecord]) -> Result<(), String> {
+        let run = |conn: &mut Connection| -> rusqlite::Result<()> {
+            let tx = conn.transaction()?;
+            {
+                let mut insert = tx.prepare_cached(&self.insert)?;
+                for rec in records {
+                    insert.execute(rusqlite::params_from_iter(columns::row(rec)))?;
+                }
+            }
+            tx.commit()
+        };
+        run(&mut self.conn).map_err(|e| e.to_string())
+    }
+
+    fn shorten_waits(&mut self, wait: Duration) {
+        if let Err(e) = self.conn.busy_timeout(wait) {
+            tracing::warn!(error = %e, "usage store: cannot shorten the lock wait for shutdown");
+        }
+    }
+
+    /// Moves the WAL into the main file (with fsync) so the rows survive a
+    /// power loss too, and leaves no -wal file behind.
+    fn close(&mut self) {
+        if let Err(e) = self
+            .conn
+            .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
+        {
+            tracing::warn!(error = %e, "usage store: WAL checkpoint at shutdown failed");
+        }
+    }
 }
 
 fn user_version(conn: &Connection) -> rusqlite::Result<i64> {

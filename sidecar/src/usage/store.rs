@@ -31,6 +31,7 @@ use std::time::{Duration, Instant};
 
 use afr_core::usage::UsageRecord;
 
+use super::postgres::{PgRows, PostgresTarget};
 use super::query::UsageReader;
 use super::spill::{Appended, Spill};
 use super::writer::Writer;
@@ -186,6 +187,45 @@ impl Store {
                 source,
             })?;
         let reader = UsageReader::open(path)?;
+        let rows = Box::new(schema::SqliteRows::new(conn));
+        Self::start(path, rows, reader, options, true)
+    }
+
+    /// A store writing to the PostgreSQL database `target`, with its spill
+    /// file beside `spill_base` (`<spill_base>-unwritten.jsonl`). It connects
+    /// and migrates the schema now; a database that cannot be reached is
+    /// not an error: records spill until it can be (logged), exactly as when
+    /// it goes away later. A schema newer than this build is an error.
+    /// `options.busy_timeout` bounds connecting and each statement.
+    pub fn open_postgres(
+        target: PostgresTarget,
+        spill_base: &Path,
+        options: StoreOptions,
+    ) -> Result<Store, StoreError> {
+        let target = target.with_timeout(options.busy_timeout);
+        let mut rows = PgRows::new(target.clone())?;
+        let reachable = match rows.prepare()? {
+            Ok(()) => true,
+            Err(reason) => {
+                tracing::error!(
+                    env = target.env(),
+                    error = %reason,
+                    "usage store: PostgreSQL is unavailable; records spill to a file until it is back"
+                );
+                false
+            }
+        };
+        let reader = UsageReader::postgres(target)?;
+        Self::start(spill_base, Box::new(rows), reader, options, reachable)
+    }
+
+    fn start(
+        path: &Path,
+        rows: Box<dyn super::writer::RowStore>,
+        reader: UsageReader,
+        options: StoreOptions,
+        import_now: bool,
+    ) -> Result<Store, StoreError> {
         let shared = Arc::new(Shared {
             open: RwLock::new(true),
             max_pending: options.max_pending,
@@ -199,18 +239,23 @@ impl Store {
             spill: Spill::new(path, options.spill_max_bytes),
         });
         let (tx, rx) = mpsc::channel();
-        let mut writer = Writer::new(conn, options, Arc::clone(&shared));
-        match writer.import_spilled() {
-            Ok(0) => {}
-            Ok(count) => tracing::info!(
-                count,
-                "usage store: imported the records an earlier run had to spill"
-            ),
-            Err(e) => tracing::error!(
-                file = %shared.spill.path().display(),
-                error = %e,
-                "usage store: importing the spill file failed; kept for later"
-            ),
+        let mut writer = Writer::new(rows, options, Arc::clone(&shared));
+        // An unreachable database is the writer's to retry; the file stays.
+        if import_now {
+            match writer.import_spilled() {
+                Ok(0) => {}
+                Ok(count) => tracing::info!(
+                    count,
+                    "usage store: imported the records an earlier run had to spill"
+                ),
+                Err(e) => tracing::error!(
+                    file = %shared.spill.path().display(),
+                    error = %e,
+                    "usage store: importing the spill file failed; kept for later"
+                ),
+            }
+        } else {
+            writer.refuse_from_start();
         }
         let handle = thread::Builder::new()
             .name("afr-usage-writer".into())
@@ -225,7 +270,7 @@ impl Store {
         })
     }
 
-    /// The database file.
+    /// The database file (PostgreSQL: the base of the spill file's name).
     pub fn path(&self) -> &Path {
         &self.path
     }

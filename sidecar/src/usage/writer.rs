@@ -1,13 +1,14 @@
-//! The writer thread: batches records into transactions, spills what SQLite
-//! refuses (see [`super::store`] for the policy), imports the spill file once
-//! SQLite takes writes again, and finishes within a bounded time at shutdown.
+//! The writer thread: batches records into transactions, spills what the
+//! database refuses (see [`super::store`] for the policy), imports the spill
+//! file once the database takes writes again, and finishes within a bounded
+//! time at shutdown. The database is a [`RowStore`]: SQLite
+//! ([`super::schema::SqliteRows`]) or PostgreSQL ([`super::postgres::PgRows`]).
 
 use std::sync::atomic::Ordering;
 use std::sync::{mpsc, Arc};
 use std::time::Instant;
 
-use afr_core::usage::{TokenSource, UsageRecord};
-use rusqlite::{params, Connection};
+use afr_core::usage::UsageRecord;
 
 use super::store::{Msg, Shared, StoreOptions, WriterStats};
 use super::StoreError;
@@ -26,9 +27,25 @@ struct Refusal {
     retry_at: Instant,
 }
 
+/// A database the writer puts rows into.
+pub(super) trait RowStore: Send {
+    /// The engine's name for log lines ("SQLite", "PostgreSQL").
+    fn engine(&self) -> &'static str;
+    /// Stores `records` all or none; rows whose request id is already stored
+    /// are skipped (a spill file imported again), which makes every import
+    /// exactly once.
+    fn insert_all(&mut self, records: &[UsageRecord]) -> Result<(), String>;
+    /// From now on waits at most `wait` for the database (shutdown must end
+    /// inside the orchestrator's grace period).
+    fn shorten_waits(&mut self, wait: std::time::Duration);
+    /// Makes the committed rows durable beyond a crash of the machine, once
+    /// everything is written (SQLite: the WAL checkpoint).
+    fn close(&mut self);
+}
+
 /// The writer thread's state.
 pub(super) struct Writer {
-    conn: Connection,
+    conn: Box<dyn RowStore>,
     batch: Vec<UsageRecord>,
     options: StoreOptions,
     shared: Arc<Shared>,
@@ -37,14 +54,9 @@ pub(super) struct Writer {
     stats: WriterStats,
 }
 
-const INSERT: &str = "INSERT OR IGNORE INTO usage (ts_ms, request_id, key_id, model, provider,
-    upstream_model, prompt_tokens, completion_tokens, total_tokens, token_source,
-    latency_ms, ttft_ms, status, stream, truncated)
-    VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)";
-
 impl Writer {
     /// A writer on `conn`; [`Writer::run`] it on its own thread.
-    pub(super) fn new(conn: Connection, options: StoreOptions, shared: Arc<Shared>) -> Self {
+    pub(super) fn new(conn: Box<dyn RowStore>, options: StoreOptions, shared: Arc<Shared>) -> Self {
         Writer {
             conn,
             batch: Vec::with_capacity(options.max_batch_rows),
@@ -53,6 +65,16 @@ impl Writer {
             refusal: None,
             stats: WriterStats::default(),
         }
+    }
+
+    /// Starts as if the database had just refused a write (it was
+    /// unreachable at open): batches spill, and it is retried after
+    /// [`StoreOptions::retry_delay`], importing the spill file once it answers.
+    pub(super) fn refuse_from_start(&mut self) {
+        self.refusal = Some(Refusal {
+            reason: "the database was unreachable at start".to_owned(),
+            retry_at: Instant::now() + self.options.retry_delay,
+        });
     }
 
     /// Serves the queue until shutdown.
@@ -131,7 +153,11 @@ impl Writer {
             match self.import_spilled() {
                 Ok(count) => {
                     took_writes |= count > 0;
-                    tracing::info!(count, "usage store: spilled records imported");
+                    tracing::info!(
+                        count,
+                        engine = self.conn.engine(),
+                        "usage store: spilled records imported"
+                    );
                 }
                 Err(e) => {
                     self.refuse(&e);
@@ -141,7 +167,10 @@ impl Writer {
         }
         if took_writes {
             if self.refusal.take().is_some() {
-                tracing::info!("usage store: SQLite takes writes again");
+                tracing::info!(
+                    engine = self.conn.engine(),
+                    "usage store: the database takes writes again"
+                );
             }
         } else if let Some(refusal) = &mut self.refusal {
             // Nothing was written, so nothing proved the refusal over: keep
@@ -165,11 +194,12 @@ impl Writer {
         if self.refusal.is_none() {
             tracing::error!(
                 error = %reason,
+                engine = self.conn.engine(),
                 file = %self.shared.spill.path().display(),
-                "usage store: SQLite refuses writes; records go to the spill file until it takes them again"
+                "usage store: the database refuses writes; records go to the spill file until it takes them again"
             );
         } else {
-            tracing::debug!(error = %reason, "usage store: SQLite still refuses writes");
+            tracing::debug!(error = %reason, "usage store: the database still refuses writes");
         }
         self.refusal = Some(Refusal {
             reason,
@@ -193,8 +223,8 @@ impl Writer {
 
     /// One transaction for the whole batch; the batch is cleared only once
     /// the commit succeeded.
-    fn commit(&mut self) -> rusqlite::Result<()> {
-        insert_all(&mut self.conn, &self.batch)?;
+    fn commit(&mut self) -> Result<(), String> {
+        self.conn.insert_all(&self.batch)?;
         let rows = self.batch.len() as u64;
         self.batch.clear();
         self.stats.transactions += 1;
@@ -211,7 +241,7 @@ impl Writer {
     pub(super) fn import_spilled(&mut self) -> Result<usize, String> {
         let shared = Arc::clone(&self.shared);
         let conn = &mut self.conn;
-        shared.spill.import(|records| insert_all(conn, records))
+        shared.spill.import(|records| conn.insert_all(records))
     }
 
     /// Drains the queue, makes one bounded attempt at SQLite, spills what it
@@ -227,9 +257,7 @@ impl Writer {
         }
         // Shutdown must end inside the orchestrator's grace period even when
         // another process holds the database's lock for good.
-        if let Err(e) = self.conn.busy_timeout(self.options.shutdown_busy_timeout) {
-            tracing::warn!(error = %e, "usage store: cannot shorten the lock wait for shutdown");
-        }
+        self.conn.shorten_waits(self.options.shutdown_busy_timeout);
         if let Some(refusal) = &mut self.refusal {
             // One last try: the lock may be gone by now.
             refusal.retry_at = Instant::now();
@@ -254,57 +282,7 @@ impl Writer {
             // checkpoint would only wait for the lock again.
             return Ok(self.stats);
         }
-        // Moves the WAL into the main file (with fsync) so the rows survive
-        // a power loss too, and leaves no -wal file behind.
-        if let Err(e) = self
-            .conn
-            .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
-        {
-            tracing::warn!(error = %e, "usage store: WAL checkpoint at shutdown failed");
-        }
+        self.conn.close();
         Ok(self.stats)
-    }
-}
-
-/// Inserts `records` in one transaction; rows whose request id is already
-/// stored are skipped (a spill file imported again).
-fn insert_all(conn: &mut Connection, records: &[UsageRecord]) -> rusqlite::Result<()> {
-    let tx = conn.transaction()?;
-    {
-        let mut insert = tx.prepare_cached(INSERT)?;
-        for rec in records {
-            insert.execute(params![
-                rec.ts_ms,
-                rec.request_id,
-                rec.key_id,
-                rec.model,
-                rec.provider,
-                rec.upstream_model,
-                saturating_i64(rec.prompt_tokens),
-                saturating_i64(rec.completion_tokens),
-                saturating_i64(rec.total_tokens),
-                token_source_str(rec.token_source),
-                saturating_i64(rec.latency_ms),
-                rec.ttft_ms.map(saturating_i64),
-                rec.status,
-                rec.stream,
-                rec.truncated,
-            ])?;
-        }
-    }
-    tx.commit()
-}
-
-/// SQLite integers are i64; counts beyond that are clamped, not wrapped.
-fn saturating_i64(n: u64) -> i64 {
-    i64::try_from(n).unwrap_or(i64::MAX)
-}
-
-/// The `token_source` column's spelling, the same as the serde form.
-pub(super) fn token_source_str(source: TokenSource) -> &'static str {
-    match source {
-        TokenSource::Provider => "provider",
-        TokenSource::Estimated => "estimated",
-        TokenSource::None => "none",
     }
 }

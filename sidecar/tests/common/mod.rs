@@ -195,6 +195,8 @@ pub struct Sidecar {
     pub dir: tempfile::TempDir,
     /// A client for it.
     pub client: reqwest::Client,
+    /// Environment variables `afr serve` gets beside the test's own.
+    pub env: Vec<(String, String)>,
 }
 
 impl Sidecar {
@@ -238,6 +240,41 @@ impl Sidecar {
             admin_port: 0,
             dir,
             client: reqwest::Client::new(),
+            env: Vec::new(),
+        };
+        sidecar.spawn();
+        sidecar
+    }
+
+    /// Starts a sidecar whose config is the standard header plus `body`,
+    /// with `usage` as its whole `[usage]` section (`{dir}` in it is the
+    /// sidecar's directory) and `env` in its environment.
+    pub fn start_with_usage_env(
+        body: &str,
+        failures: u32,
+        usage: &str,
+        env: &[(&str, &str)],
+    ) -> Sidecar {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config = Self::config_text(dir.path(), body, failures, "30s");
+        let start = config.find("[usage]\n").expect("a usage section");
+        let end = start
+            + config[start..]
+                .find("[breaker]")
+                .expect("a breaker section");
+        let usage = usage.replace("{dir}", &dir.path().display().to_string());
+        let config = format!("{}[usage]\n{usage}\n{}", &config[..start], &config[end..]);
+        std::fs::write(dir.path().join("sidecar.toml"), config).expect("writing config");
+        let mut sidecar = Sidecar {
+            child: None,
+            port: 0,
+            admin_port: 0,
+            dir,
+            client: reqwest::Client::new(),
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
         };
         sidecar.spawn();
         sidecar
@@ -270,6 +307,7 @@ impl Sidecar {
             .arg(dir.join("admin.port"))
             .args(["--threads", "2"])
             .env("AFR_LOG", "info")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
