@@ -2,10 +2,12 @@
 mid-write or become readable late, workers die, and helper processes run
 (issue 9)."""
 
+import json
 import os
+import re
 import shutil
 import signal
-import stat
+import socket
 import tempfile
 import time
 from email.utils import parsedate_to_datetime
@@ -13,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from afr_nginx import Gateway, Key, keys_toml, wait_for
+from afr_nginx import ROOT as REPO, Gateway, Key, keys_toml, wait_for
 
 RELOAD_WITHIN = 2.0
 
@@ -176,3 +178,67 @@ def test_reset_and_retry_after_are_honest(gateway):
     assert int(refused.header("X-RateLimit-Remaining")) == 0
     time.sleep(max(0.0, reset - time.time()))
     assert gw.request("/", k.auth).status == 200
+
+
+def raw_response(port, data, timeout=5):
+    """Sends raw bytes and reads one reply (headers and Content-Length body)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        s.sendall(data)
+        buf = b""
+        while True:
+            head, sep, body = buf.partition(b"\r\n\r\n")
+            if sep:
+                m = re.search(rb"(?i)\r\ncontent-length: *(\d+)", head)
+                if m and len(body) >= int(m.group(1)):
+                    return buf
+            chunk = s.recv(65536)
+            if not chunk:
+                return buf
+            buf += chunk
+
+
+def test_shipped_server_conf_answers_nginx_own_errors_in_json(flavour, upstream):
+    """A duplicate Authorization (400, before any location) and an oversized
+    Content-Length (413, before the module) come from nginx itself; the
+    shipped afr-server.conf makes them OpenAI-shaped JSON."""
+    root = Path(tempfile.mkdtemp(prefix="afr-conf-"))
+    try:
+        root.chmod(0o755)
+        gw = Gateway(flavour, root, upstream, [Key("a")])
+        for name in ("afr-http.conf", "afr-server.conf"):
+            text = (REPO / "conf/nginx" / name).read_text()
+            text = text.replace("/etc/afr/keys.toml", str(gw.keys_path))
+            text = text.replace("/etc/afr/", f"{root}/").replace("/run/afr/", f"{root}/")
+            text = text.replace("/usr/share/afr/web", str(REPO / "web"))
+            (root / name).write_text(text)
+        (root / "upstream-secret.conf").write_text('afr_upstream_secret "s";\n')
+        http_block = gw.render().split("http {", 1)[0]
+        temps = " ".join(f"{t}_temp_path {root}/{t};" for t in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
+        gw.conf.write_text(
+            http_block
+            + f"http {{ access_log off; {temps} include {root}/afr-http.conf;\n"
+            + f"server {{ listen 127.0.0.1:{gw.port}; include {root}/afr-server.conf; }} }}\n"
+        )
+        gw.start()
+        try:
+            cases = {
+                400: b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer a\r\n"
+                b"Authorization: Bearer b\r\nContent-Length: 2\r\n\r\n{}",
+                413: b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer a\r\n"
+                b"Content-Length: 2000000\r\nConnection: close\r\n\r\n",
+                414: b"GET /v1/" + b"x" * 20000 + b" HTTP/1.1\r\nHost: x\r\n\r\n",
+                # A malformed request line: no URI yet, still JSON.
+                -400: b"GET /v1/\x01 HTTP/1.1\r\n\r\n",
+            }
+            for status, request in cases.items():
+                status = abs(status)
+                reply = raw_response(gw.port, request)
+                head, _, body = reply.partition(b"\r\n\r\n")
+                assert head.startswith(f"HTTP/1.1 {status} ".encode()), (status, reply[:300])
+                assert b"Content-Type: application/json" in head, (status, head)
+                err = json.loads(body)["error"]
+                assert err["type"] == "invalid_request_error" and err["message"], (status, err)
+        finally:
+            gw.stop()
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
