@@ -124,7 +124,7 @@ pub fn start_table(
         return (table, stamp);
     }
     match load_stable(path, now) {
-        Ok(t) if !(t.is_empty() && !table.is_empty()) => {
+        Ok(t) if !t.is_empty() || table.is_empty() => {
             log(
                 NGX_LOG_NOTICE,
                 &format!(
