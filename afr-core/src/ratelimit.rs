@@ -1,12 +1,19 @@
 //! Per-key rate limiting: a sliding-window counter in integer arithmetic.
 //!
-//! Windows are 60 s long and aligned to Unix time, so every key's
-//! `X-RateLimit-Reset` is the end of the current minute. A request is admitted
-//! while `prev · (W − elapsed)/W + curr + 1 ≤ limit`: the previous window still
+//! Windows are 60 s long and aligned to multiples of [`WINDOW_MS`] on the
+//! caller's clock — nginx's monotonic `ngx_current_msec`, as `limit_req` uses,
+//! so an NTP step or a VM resume moving the wall clock cannot strand a key in
+//! a window that starts in the future. A request is admitted while
+//! `prev · (W − elapsed)/W + curr + 1 ≤ limit`: the previous window still
 //! weighs on the current one in proportion to how much of it a trailing 60 s
 //! span would still cover. A burst at the end of one window therefore blocks a
 //! burst at the start of the next (no boundary doubling), in O(1) state per key
 //! (the [`RateWindow`] lives in nginx shared memory, so it is `repr(C)` and `Copy`).
+//!
+//! A [`Verdict`] says when things change as a delay from the decision, so the
+//! caller turns it into the Unix timestamp of `X-RateLimit-Reset` with its own
+//! wall clock ([`Verdict::reset_unix`]) and `Retry-After` is exactly
+//! `Reset − now`, rounded up.
 //!
 //! All arithmetic is scaled by the window length in milliseconds and done in
 //! `u64`, so there is no floating point and no rounding drift between workers.
@@ -14,12 +21,18 @@
 /// Length of a rate-limit window in milliseconds.
 pub const WINDOW_MS: u64 = 60_000;
 
+/// How far behind a window's start a clock may read and still be taken as
+/// that start: workers' cached clocks lag each other by a few milliseconds.
+/// A larger step back re-anchors the window at the clock's current window,
+/// keeping its counts, so no step can make a key wait longer than two windows.
+pub const STEP_BACK_TOLERANCE_MS: u64 = 1_000;
+
 /// Counter state of one key: the start of the current window and the number of
 /// requests admitted in it and in the window before.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct RateWindow {
-    /// Start of the current window, Unix milliseconds, a multiple of [`WINDOW_MS`].
+    /// Start of the current window on the caller's clock (ms), a multiple of [`WINDOW_MS`].
     pub start_ms: u64,
     /// Requests admitted in the previous window.
     pub prev: u32,
@@ -37,19 +50,28 @@ pub struct Verdict {
     pub limit: u32,
     /// Requests that would still be admitted right now (`X-RateLimit-Remaining`).
     pub remaining: u32,
-    /// Unix seconds at which the current window ends (`X-RateLimit-Reset`).
-    pub reset_unix: u64,
-    /// Milliseconds until a request would be admitted; 0 when admitted.
-    pub retry_after_ms: u64,
+    /// Milliseconds from the decision to `X-RateLimit-Reset`: for a denial,
+    /// until one more request is admitted; for an admission, until the full
+    /// limit is available again (if no other request arrives meanwhile).
+    pub reset_after_ms: u64,
 }
 
 impl Verdict {
-    /// `Retry-After` in whole seconds (at least 1 for a denial, so clients back off).
-    pub fn retry_after_secs(&self) -> u64 {
+    /// `X-RateLimit-Reset`: Unix seconds, rounded up, when
+    /// [`reset_after_ms`](Self::reset_after_ms) will have passed, for a
+    /// decision taken at `now_unix_ms` on the wall clock.
+    pub fn reset_unix(&self, now_unix_ms: u64) -> u64 {
+        (now_unix_ms + self.reset_after_ms).div_ceil(1000)
+    }
+
+    /// `Retry-After` in whole seconds: `Reset − now` rounded up, so a client
+    /// that waits exactly that long, or comes back at `Reset`, is admitted.
+    /// 0 for an admission.
+    pub fn retry_after_secs(&self, now_unix_ms: u64) -> u64 {
         if self.admitted {
             0
         } else {
-            self.retry_after_ms.div_ceil(1000).max(1)
+            (self.reset_unix(now_unix_ms) * 1000 - now_unix_ms).div_ceil(1000)
         }
     }
 }
@@ -57,13 +79,17 @@ impl Verdict {
 impl RateWindow {
     /// Moves the window forward to the one containing `now_ms`.
     ///
-    /// A clock that went backwards (another worker's cached time can lag by a
-    /// few milliseconds) is clamped to the window start rather than rewinding it.
+    /// A clock slightly behind the window start (another worker's cached time
+    /// lags by a few milliseconds) leaves the window alone; one further behind
+    /// than [`STEP_BACK_TOLERANCE_MS`] re-anchors it at `now_ms`'s window.
     pub fn roll(&mut self, now_ms: u64) {
+        let current = now_ms - now_ms % WINDOW_MS;
         if now_ms < self.start_ms {
+            if self.start_ms - now_ms > STEP_BACK_TOLERANCE_MS {
+                self.start_ms = current;
+            }
             return;
         }
-        let current = now_ms - now_ms % WINDOW_MS;
         if current == self.start_ms {
             return;
         }
@@ -96,34 +122,50 @@ impl RateWindow {
     /// says whether it is admitted. A denied request is not counted.
     pub fn hit(&mut self, limit: u32, now_ms: u64) -> Verdict {
         self.roll(now_ms);
+        // Within the tolerance a lagging clock is taken as the window start;
+        // the lag is added back to every delay, so they stay exact.
+        let t = now_ms.max(self.start_ms);
+        let lag = t - now_ms;
         let cap = u64::from(limit) * WINDOW_MS;
-        let admitted = self.load(now_ms) + WINDOW_MS <= cap;
+        let admitted = self.load(t) + WINDOW_MS <= cap;
         if admitted {
             self.curr = self.curr.saturating_add(1);
         }
-        let remaining = (cap.saturating_sub(self.load(now_ms)) / WINDOW_MS) as u32;
+        let remaining = (cap.saturating_sub(self.load(t)) / WINDOW_MS) as u32;
         Verdict {
             admitted,
             limit,
             remaining: remaining.min(limit),
-            reset_unix: (self.start_ms + WINDOW_MS) / 1000,
-            retry_after_ms: if admitted {
-                0
-            } else {
-                self.wait_ms(limit, now_ms)
-            },
+            reset_after_ms: lag
+                + if admitted {
+                    self.full_ms(t)
+                } else {
+                    self.wait_ms(limit, t)
+                },
         }
     }
 
-    /// Milliseconds from `now_ms` until one more request fits, if no other
-    /// request arrives meanwhile.
-    fn wait_ms(&self, limit: u32, now_ms: u64) -> u64 {
+    /// Milliseconds from `t` (not before the window start) until nothing
+    /// counted weighs any more, i.e. the full limit is available again.
+    fn full_ms(&self, t: u64) -> u64 {
+        let end = self.start_ms + WINDOW_MS;
+        if self.curr > 0 {
+            end + WINDOW_MS - t
+        } else if self.prev > 0 {
+            end - t
+        } else {
+            0
+        }
+    }
+
+    /// Milliseconds from `now` (not before the window start) until one more
+    /// request fits, if no other request arrives meanwhile.
+    fn wait_ms(&self, limit: u32, now: u64) -> u64 {
         let w = WINDOW_MS;
         let limit = u64::from(limit);
         if limit == 0 {
             return w;
         }
-        let now = now_ms.max(self.start_ms);
         let e = self.elapsed(now);
         let (prev, curr) = (u64::from(self.prev), u64::from(self.curr));
         // Later in this window: prev·(w − e − dt) + (curr + 1)·w ≤ limit·w.
@@ -160,13 +202,18 @@ mod tests {
             let v = w.hit(5, T0 + 1000);
             assert!(v.admitted);
             assert_eq!(v.remaining, 4 - i);
-            assert_eq!(v.reset_unix, (T0 + WINDOW_MS) / 1000);
+            // The full limit is back once this window's requests stop weighing:
+            // at the end of the next window.
+            assert_eq!(v.reset_after_ms, 2 * WINDOW_MS - 1000);
         }
         let v = w.hit(5, T0 + 1000);
         assert!(!v.admitted);
         assert_eq!(v.remaining, 0);
-        assert_eq!(v.retry_after_ms, WINDOW_MS - 1000 + WINDOW_MS / 5);
-        assert_eq!(v.retry_after_secs(), 71);
+        assert_eq!(v.reset_after_ms, WINDOW_MS - 1000 + WINDOW_MS / 5);
+        // Unix clock at .300 s: Reset rounds up, Retry-After is Reset − now rounded up.
+        let unix = 1_700_000_000_300;
+        assert_eq!(v.reset_unix(unix), 1_700_000_072);
+        assert_eq!(v.retry_after_secs(unix), 72);
     }
 
     #[test]
@@ -179,11 +226,28 @@ mod tests {
     }
 
     #[test]
-    fn clock_going_backwards_is_clamped() {
+    fn clock_lagging_a_little_is_clamped_and_delays_stay_exact() {
         let mut w = RateWindow::default();
         assert!(w.hit(1, T0 + 5000).admitted);
-        assert!(!w.hit(1, T0 - 5000).admitted);
-        assert_eq!(w.start_ms, T0);
+        let mut w2 = RateWindow::default();
+        assert!(w2.hit(1, T0 + 100).admitted);
+        let v = w2.hit(1, T0 - 500);
+        assert!(!v.admitted);
+        assert_eq!(w2.start_ms, T0);
+        assert!(w2.hit(1, T0 - 500 + v.reset_after_ms).admitted);
+    }
+
+    /// The measured failure: a one-hour step back left a key at its limit
+    /// refused for an hour while Retry-After said a minute.
+    #[test]
+    fn an_hour_step_back_waits_at_most_two_windows() {
+        let mut w = RateWindow::default();
+        assert!(w.hit(1, T0 + 5000).admitted);
+        let back = T0 + 5000 - 3_600_000;
+        let v = w.hit(1, back);
+        assert!(!v.admitted);
+        assert!(v.reset_after_ms <= 2 * WINDOW_MS, "{v:?}");
+        assert!(w.hit(1, back + v.reset_after_ms).admitted);
     }
 
     #[test]
@@ -245,7 +309,26 @@ mod tests {
                 let mut probe = w;
                 let fits = (0..=limit).take_while(|_| probe.hit(limit, t).admitted).count();
                 prop_assert_eq!(v.remaining as usize, fits);
-                prop_assert!(v.reset_unix * 1000 > t && v.reset_unix * 1000 <= t + WINDOW_MS);
+            }
+        }
+
+        /// On a 2xx, Reset is when the full limit is available again: at
+        /// `reset_after_ms` a whole limit fits, a millisecond earlier it does not.
+        #[test]
+        fn admitted_reset_is_when_the_full_limit_is_back(limit in 1u32..80, ts in times()) {
+            let mut w = RateWindow::default();
+            for t in ts {
+                let v = w.hit(limit, t);
+                if !v.admitted {
+                    continue;
+                }
+                let fits = |at: u64| {
+                    let mut probe = w;
+                    (0..limit).take_while(|_| probe.hit(limit, at).admitted).count()
+                };
+                prop_assert_eq!(fits(t + v.reset_after_ms), limit as usize);
+                prop_assert!(fits(t + v.reset_after_ms - 1) < limit as usize);
+                prop_assert!(v.reset_after_ms <= 2 * WINDOW_MS);
             }
         }
 
@@ -263,9 +346,62 @@ mod tests {
             }
             if !v.admitted {
                 let mut later = w;
-                prop_assert!(later.hit(limit, t + v.retry_after_ms).admitted);
+                prop_assert!(later.hit(limit, t + v.reset_after_ms).admitted);
                 let mut sooner = w;
-                prop_assert!(!sooner.hit(limit, t + v.retry_after_ms - 1).admitted);
+                prop_assert!(!sooner.hit(limit, t + v.reset_after_ms - 1).admitted);
+            }
+        }
+
+        /// Through the headers, with any offset between the monotonic clock
+        /// and the Unix clock: `Retry-After` is `Reset − now` rounded up, and a
+        /// request sent at `Reset` (or `Retry-After` seconds later) is admitted.
+        #[test]
+        fn a_request_at_reset_is_admitted(
+            limit in 1u32..20,
+            ts in times(),
+            unix_offset in 0u64..1_000_000_000,
+        ) {
+            let mut w = RateWindow::default();
+            for t in ts {
+                let v = w.hit(limit, t);
+                if v.admitted {
+                    continue;
+                }
+                let unix_now = t + unix_offset;
+                let reset = v.reset_unix(unix_now);
+                let retry = v.retry_after_secs(unix_now);
+                prop_assert_eq!(retry, (reset * 1000 - unix_now).div_ceil(1000));
+                prop_assert!(retry >= 1);
+                let mut at_reset = w;
+                prop_assert!(at_reset.hit(limit, t + (reset * 1000 - unix_now)).admitted);
+                let mut after_retry = w;
+                prop_assert!(after_retry.hit(limit, t + retry * 1000).admitted);
+            }
+        }
+
+        /// Clock jumps (an NTP step, a VM resume): whatever the jumps, a
+        /// refused request is told a delay of at most two windows, and a
+        /// request sent after that delay on the same clock is admitted.
+        #[test]
+        fn clock_jumps_never_strand_a_key(
+            limit in 1u32..20,
+            steps in prop::collection::vec((0u64..5_000, 0u64..4, 0u64..7_200_000), 1..300),
+        ) {
+            let mut w = RateWindow::default();
+            let mut t = T0 + 3_600_000 * 10;
+            for (dt, kind, jump) in steps {
+                t += dt;
+                match kind {
+                    0 => t -= jump.min(t - T0),     // a step back
+                    1 => t += jump,                  // a step forward
+                    _ => {}
+                }
+                let v = w.hit(limit, t);
+                prop_assert!(v.reset_after_ms <= 2 * WINDOW_MS + STEP_BACK_TOLERANCE_MS, "{:?}", v);
+                if !v.admitted {
+                    let mut later = w;
+                    prop_assert!(later.hit(limit, t + v.reset_after_ms).admitted, "{:?} at {}", w, t);
+                }
             }
         }
     }

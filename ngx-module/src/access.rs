@@ -6,7 +6,7 @@
 //! dropped, and `X-Afr-Key-Id`, `X-Afr-Models`, `X-Afr-Secret` are set, so a
 //! plain `proxy_pass` forwards exactly what the sidecar trusts.
 
-use std::ptr::{self, addr_of_mut};
+use std::ptr::{self, addr_of, addr_of_mut};
 use std::sync::OnceLock;
 
 use afr_core::error::ErrorBody;
@@ -14,10 +14,10 @@ use afr_core::keys::{bearer_token, rate_limited_body, Denial};
 use afr_core::ratelimit::Verdict;
 use ngx::core::{Buffer, Pool, Status};
 use ngx::ffi::{
-    ngx_array_push, ngx_cached_time, ngx_chain_t, ngx_conf_t, ngx_http_discard_request_body,
-    ngx_http_finalize_request, ngx_http_handler_pt, ngx_http_output_filter,
-    ngx_http_phases_NGX_HTTP_ACCESS_PHASE, ngx_http_request_t, ngx_http_send_header, ngx_int_t,
-    ngx_list_part_t, ngx_palloc, ngx_table_elt_t, NGX_LOG_ERR,
+    ngx_array_push, ngx_cached_time, ngx_chain_t, ngx_conf_t, ngx_current_msec,
+    ngx_http_discard_request_body, ngx_http_finalize_request, ngx_http_handler_pt,
+    ngx_http_output_filter, ngx_http_phases_NGX_HTTP_ACCESS_PHASE, ngx_http_request_t,
+    ngx_http_send_header, ngx_int_t, ngx_list_part_t, ngx_palloc, ngx_table_elt_t, NGX_LOG_ERR,
 };
 use ngx::http::{HttpModuleLocationConf, HttpModuleMainConf, NgxHttpCoreModule};
 use ngx::ngx_log_error;
@@ -44,12 +44,28 @@ pub fn register(cf: &mut ngx_conf_t) -> Result<(), ()> {
     Ok(())
 }
 
-/// Current time from nginx's cached clock: (Unix ms, Unix s).
-fn now() -> (u64, i64) {
-    // SAFETY: ngx_cached_time always points at a valid slot, updated by the
-    // worker's own thread between events.
-    let t = unsafe { ptr::read_volatile(ngx_cached_time) };
-    (t.sec as u64 * 1000 + t.msec as u64, t.sec as i64)
+/// The time of a decision, from nginx's cached clocks.
+#[derive(Clone, Copy)]
+struct Now {
+    /// `ngx_current_msec`: monotonic, shared by every process of one boot
+    /// (CLOCK_MONOTONIC), so windows never start in the future after a wall
+    /// clock step — the clock `limit_req` uses.
+    mono_ms: u64,
+    /// Wall clock, Unix ms: for `X-RateLimit-Reset` and key expiry only.
+    unix_ms: u64,
+}
+
+fn now() -> Now {
+    // SAFETY: ngx_cached_time always points at a valid slot and
+    // ngx_current_msec is a plain integer; both are updated by the worker's
+    // own thread between events.
+    unsafe {
+        let t = ptr::read_volatile(ngx_cached_time);
+        Now {
+            mono_ms: ptr::read_volatile(addr_of!(ngx_current_msec)) as u64,
+            unix_ms: t.sec as u64 * 1000 + t.msec as u64,
+        }
+    }
 }
 
 /// A recognised key's labels, for `$afr_key_id` / `$afr_key_name`.
@@ -100,12 +116,15 @@ unsafe extern "C" fn access_handler(r: *mut ngx_http_request_t) -> ngx_int_t {
         );
     };
 
-    let outcome = decide(r, zone);
+    let now = now();
+    let outcome = decide(r, zone, now);
     match outcome {
         Outcome::Refuse(d, who) => {
             let key = who.as_ref().map(|w| (w.id.as_str(), w.name.as_str()));
             // SAFETY: `r` is a valid main request.
-            if unsafe { variables::record(r, AfrStatus::of_denial(d), None, key) }.is_err() {
+            if unsafe { variables::record(r, AfrStatus::of_denial(d), None, now.unix_ms, key) }
+                .is_err()
+            {
                 return Status::NGX_ERROR.into();
             }
             send_error(r, d.status(), denial_json(d), None)
@@ -114,14 +133,16 @@ unsafe extern "C" fn access_handler(r: *mut ngx_http_request_t) -> ngx_int_t {
         Outcome::Limited(v, who) => {
             let key = Some((who.id.as_str(), who.name.as_str()));
             // SAFETY: `r` is a valid main request.
-            if unsafe { variables::record(r, AfrStatus::Limited, Some(v), key) }.is_err() {
+            if unsafe { variables::record(r, AfrStatus::Limited, Some(v), now.unix_ms, key) }
+                .is_err()
+            {
                 return Status::NGX_ERROR.into();
             }
             send_error(
                 r,
                 429,
                 &rate_limited_body(v.limit).to_json(),
-                Some(v.retry_after_secs()),
+                Some(v.retry_after_secs(now.unix_ms)),
             )
         }
         Outcome::Admit {
@@ -132,7 +153,7 @@ unsafe extern "C" fn access_handler(r: *mut ngx_http_request_t) -> ngx_int_t {
             let key = Some((who.id.as_str(), who.name.as_str()));
             // SAFETY: `r` is a valid main request in the access phase.
             let ok = unsafe {
-                variables::record(r, AfrStatus::Admitted, Some(verdict), key).is_ok()
+                variables::record(r, AfrStatus::Admitted, Some(verdict), now.unix_ms, key).is_ok()
                     && rewrite_identity(r, &who.id, models.as_deref(), lcf.secret.as_deref())
                         .is_ok()
             };
@@ -153,7 +174,7 @@ fn internal_body(why: &str) -> ErrorBody {
     )
 }
 
-fn decide(r: *mut ngx_http_request_t, zone: &ZoneCtx) -> Outcome {
+fn decide(r: *mut ngx_http_request_t, zone: &ZoneCtx, now: Now) -> Outcome {
     let mut auth: Option<&[u8]> = None;
     // SAFETY: the request's header list is valid and not modified here.
     for h in unsafe { list_iter(addr_of_mut!((*r).headers_in.headers)) } {
@@ -171,14 +192,13 @@ fn decide(r: *mut ngx_http_request_t, zone: &ZoneCtx) -> Outcome {
         Some(Err(d)) => return Outcome::Refuse(d, None),
         Some(Ok(t)) => t,
     };
-    let (now_ms, now_s) = now();
     let found = reload::resolve(token, |entry| {
         let entry = entry.ok_or((Denial::Unknown, None))?;
         let who = Who {
             id: entry.id.clone(),
             name: entry.name.clone(),
         };
-        match entry.check(now_s) {
+        match entry.check((now.unix_ms / 1000) as i64) {
             Ok(()) => Ok((who, entry.rpm, entry.models_header())),
             Err(d) => Err((d, Some(who))),
         }
@@ -189,7 +209,7 @@ fn decide(r: *mut ngx_http_request_t, zone: &ZoneCtx) -> Outcome {
         Some(Ok(k)) => k,
     };
     let id = &who.id;
-    match zone.hit(id.as_bytes(), rpm, now_ms) {
+    match zone.hit(id.as_bytes(), rpm, now.mono_ms) {
         Err(_) => {
             // SAFETY: the request's log is valid.
             let log = unsafe { (*(*r).connection).log };
@@ -302,6 +322,11 @@ fn send_error(
     // buffer comes from its pool and lives as long as the request.
     unsafe {
         let (ok, error): (ngx_int_t, ngx_int_t) = (Status::NGX_OK.into(), Status::NGX_ERROR.into());
+        // As nginx's own error path does (ngx_http_special_response_handler,
+        // the client_max_body_size check): mark `Expect: 100-continue` as
+        // answered, so discarding the body sends no `100 Continue` and the
+        // client is never invited to upload a body we refuse.
+        (*r).set_expect_tested(1);
         let rc = ngx_http_discard_request_body(r);
         if rc != ok {
             return rc;

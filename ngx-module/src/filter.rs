@@ -37,6 +37,8 @@ pub struct RequestState {
     pub key_id: ngx_str_t,
     /// `$afr_key_name`, in the request pool.
     pub key_name: ngx_str_t,
+    /// Wall clock (Unix ms) of the decision, which `X-RateLimit-Reset` counts from.
+    pub unix_ms: u64,
 }
 
 static mut NEXT_HEADER_FILTER: ngx_http_output_header_filter_pt = None;
@@ -115,7 +117,7 @@ unsafe extern "C" fn header_filter(r: *mut ngx_http_request_t) -> ngx_int_t {
         let used = AfrModule::main_conf(&*r).is_some_and(|m| m.used);
         if used && r == (*r).main {
             if let Some(state) = get_state(r).filter(|s| s.status.counted()) {
-                if add_rate_headers(r, &state.rate).is_err() {
+                if add_rate_headers(r, &state.rate, state.unix_ms).is_err() {
                     return Status::NGX_ERROR.into();
                 }
             }
@@ -127,11 +129,16 @@ unsafe extern "C" fn header_filter(r: *mut ngx_http_request_t) -> ngx_int_t {
     }
 }
 
-/// Sets `X-RateLimit-Limit/Remaining/Reset`, replacing any an upstream sent.
+/// Sets `X-RateLimit-Limit/Remaining/Reset`, replacing any an upstream sent;
+/// Reset counts from the decision's wall clock `unix_ms`.
 ///
 /// # Safety
 /// `r` must be a valid request whose headers were not sent yet.
-pub unsafe fn add_rate_headers(r: *mut ngx_http_request_t, v: &Verdict) -> Result<(), ()> {
+pub unsafe fn add_rate_headers(
+    r: *mut ngx_http_request_t,
+    v: &Verdict,
+    unix_ms: u64,
+) -> Result<(), ()> {
     // SAFETY: `r` is valid; the out-headers list belongs to it.
     unsafe {
         let headers = addr_of_mut!((*r).headers_out.headers);
@@ -158,7 +165,7 @@ pub unsafe fn add_rate_headers(r: *mut ngx_http_request_t, v: &Verdict) -> Resul
             pool,
             headers,
             "X-RateLimit-Reset",
-            v.reset_unix.to_string().as_bytes(),
+            v.reset_unix(unix_ms).to_string().as_bytes(),
         )?;
     }
     Ok(())

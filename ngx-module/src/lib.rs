@@ -14,7 +14,8 @@ use std::ptr::addr_of;
 
 use ngx::core::Status;
 use ngx::ffi::{
-    ngx_conf_t, ngx_cycle_t, ngx_http_module_t, ngx_int_t, ngx_module_t, NGX_HTTP_MODULE,
+    ngx_conf_t, ngx_cycle_t, ngx_http_module_t, ngx_int_t, ngx_module_t, ngx_process, ngx_uint_t,
+    NGX_HTTP_MODULE, NGX_PROCESS_SINGLE, NGX_PROCESS_WORKER,
 };
 use ngx::http::{HttpModule, HttpModuleLocationConf, HttpModuleMainConf};
 
@@ -90,9 +91,19 @@ pub static mut ngx_http_afr_module: ngx_module_t = ngx_module_t {
     ..ngx_module_t::default()
 };
 
-/// Worker start-up: installs this cycle's key table and starts the watcher
-/// that hot-reloads the keys file.
+/// Worker start-up: installs the key table (re-reading the keys file if it
+/// changed since the configuration was read) and starts the watcher that
+/// hot-reloads it.
 extern "C" fn init_process(cycle: *mut ngx_cycle_t) -> ngx_int_t {
+    // The cache manager and loader run init_process too; only processes that
+    // serve requests need keys, and a helper must not start a watcher and
+    // parser threads of its own (nginx-acme guards its workers the same way).
+    // SAFETY: `ngx_process` is set by nginx before init_process and only
+    // read here, on the process's single nginx thread.
+    let process = unsafe { ngx_process };
+    if process != NGX_PROCESS_WORKER as ngx_uint_t && process != NGX_PROCESS_SINGLE as ngx_uint_t {
+        return Status::NGX_OK.into();
+    }
     // SAFETY: nginx calls init_process with the worker's valid cycle.
     let cycle = unsafe { &*cycle };
     if let Some(mcf) = AfrModule::main_conf_mut(cycle) {
@@ -100,8 +111,9 @@ extern "C" fn init_process(cycle: *mut ngx_cycle_t) -> ngx_int_t {
         // this worker holds the configuration-time table (~20 MB at 100k keys).
         // The master keeps its own copy for workers it respawns.
         if let (Some(path), Some(table)) = (&mcf.keys_path, mcf.keys.take()) {
+            let (table, stamp) = reload::start_table(path, table, mcf.keys_stamp);
             reload::install(table);
-            reload::watch(path.clone(), mcf.keys_stamp, mcf.reload_interval);
+            reload::watch(path.clone(), stamp, mcf.reload_interval);
         }
     }
     Status::NGX_OK.into()

@@ -8,6 +8,16 @@
 //! and the task swaps the result in on the event loop: the swap is a pointer
 //! store plus a fresh cache. A broken file is logged with file, line and field
 //! and the previous table stays. Old tables are dropped off the event loop too.
+//!
+//! A new table is accepted only from a stable read: the file's stamp is the
+//! same before and after it was read, so a read racing a writer is retried on
+//! the next tick. A read that failed (a file only root may read, then
+//! `chmod`ed: chmod changes no part of the stamp) is retried on every tick
+//! rather than remembered. An empty table replacing one with keys — what an
+//! editor's truncate-then-write shows for a moment — must in addition stay
+//! unchanged for [`EMPTY_SETTLE`]. A worker checks the file when it starts,
+//! so a worker respawned after a crash never serves the table of the last
+//! `nginx -s reload`.
 
 use std::cell::RefCell;
 use std::os::unix::fs::MetadataExt;
@@ -28,6 +38,11 @@ const PARSE_NICE: libc::c_int = 10;
 const DROP_WAIT: Duration = Duration::from_secs(30);
 /// How often a running parse is polled for its result.
 const PARSE_POLL: Duration = Duration::from_millis(5);
+/// How long an empty keys file must stay unchanged before it replaces a table
+/// with keys: longer than an editor takes between truncating and writing, and
+/// short enough that emptying the file on purpose still takes effect within
+/// 2 s at the default 1 s interval.
+pub const EMPTY_SETTLE: Duration = Duration::from_secs(1);
 
 /// What identifies one version of the keys file.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -55,6 +70,72 @@ impl FileStamp {
             size: m.size(),
             ino: m.ino(),
         })
+    }
+}
+
+/// Why a keys file could not be turned into a table.
+#[derive(Debug, thiserror::Error)]
+enum LoadError {
+    /// The file could not be read (permissions, gone): retried every tick.
+    #[error("cannot read keys file \"{path}\": {source}")]
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
+    /// The file changed while it was read: retried on the next tick.
+    #[error("keys file \"{0}\" changed while it was read")]
+    Unstable(String),
+    /// The file was read whole and is invalid: logged once per version.
+    #[error(transparent)]
+    Invalid(#[from] afr_core::keys::KeyFileError),
+}
+
+/// Reads and parses the keys file whose stamp was `before`, accepting the
+/// read only if the stamp is still `before` afterwards.
+fn load_stable(path: &Path, before: FileStamp) -> Result<KeyTable, LoadError> {
+    let shown = || path.display().to_string();
+    let io = |source| LoadError::Io {
+        path: shown(),
+        source,
+    };
+    let text = std::fs::read_to_string(path).map_err(io)?;
+    if FileStamp::stat(path).map_err(io)? != before {
+        return Err(LoadError::Unstable(shown()));
+    }
+    Ok(KeyTable::parse(&shown(), &text)?)
+}
+
+/// Loads the keys file at worker start when it changed since the
+/// configuration was read (a worker respawned after a crash starts from the
+/// table of the last `nginx -s reload`). Parsing here, before the worker
+/// accepts a connection, keeps a revoked key from working for even one
+/// request. Returns the table to start from and the stamp it reflects; a
+/// file that cannot be taken now (unreadable, mid-write, broken, or empty
+/// where the old one had keys) is left to the watcher, which logs it.
+pub fn start_table(
+    path: &Path,
+    table: Arc<KeyTable>,
+    stamp: Option<FileStamp>,
+) -> (Arc<KeyTable>, Option<FileStamp>) {
+    let Some(now) = FileStamp::of(path) else {
+        return (table, stamp);
+    };
+    if Some(now) == stamp {
+        return (table, stamp);
+    }
+    match load_stable(path, now) {
+        Ok(t) if !t.is_empty() || table.is_empty() => {
+            log(
+                NGX_LOG_NOTICE,
+                &format!(
+                    "afr: keys file {} changed since the configuration was read: loaded {} keys at worker start",
+                    path.display(),
+                    t.len()
+                ),
+            );
+            (Arc::new(t), Some(now))
+        }
+        _ => (table, stamp),
     }
 }
 
@@ -153,12 +234,16 @@ async fn watch_loop(path: PathBuf, mut seen: Option<FileStamp>, interval: Durati
     // Consecutive ticks the file could not be stat'ed, to tell an editor's
     // rename (gone for one tick) from a real problem worth one log line.
     let mut unreadable_ticks = 0u32;
+    // The version whose read last failed, so a lasting failure is logged once.
+    let mut failed: Option<FileStamp> = None;
+    // An empty version waiting to replace a table with keys, and since when.
+    let mut settling: Option<(FileStamp, Instant)> = None;
     loop {
         ngx::async_::sleep(interval).await;
         let now = match FileStamp::stat(&path) {
             Ok(stamp) => {
                 unreadable_ticks = 0;
-                Some(stamp)
+                stamp
             }
             Err(e) => {
                 unreadable_ticks += 1;
@@ -176,10 +261,9 @@ async fn watch_loop(path: PathBuf, mut seen: Option<FileStamp>, interval: Durati
                 continue;
             }
         };
-        if now == seen {
+        if Some(now) == seen {
             continue;
         }
-        seen = now;
         let (tx, rx) = mpsc::channel();
         let p = path.clone();
         // The parser builds the whole new state (table and empty cache), so
@@ -187,7 +271,7 @@ async fn watch_loop(path: PathBuf, mut seen: Option<FileStamp>, interval: Durati
         // back and frees it (100 000 entries take milliseconds to free).
         let started = spawn_quiet(move || {
             let t0 = Instant::now();
-            let result = KeyTable::load(&p).map(|t| WorkerKeys::new(Arc::new(t)));
+            let result = load_stable(&p, now).map(|t| WorkerKeys::new(Arc::new(t)));
             let (old_tx, old_rx) = mpsc::channel::<WorkerKeys>();
             if tx.send((result, t0.elapsed(), old_tx)).is_ok() {
                 drop(old_rx.recv_timeout(DROP_WAIT));
@@ -208,10 +292,27 @@ async fn watch_loop(path: PathBuf, mut seen: Option<FileStamp>, interval: Durati
                 Err(TryRecvError::Disconnected) => break None,
             }
         };
+        let current = KEYS.with(|k| k.borrow().as_ref().map_or(0, |w| w.table.len()));
         match parsed {
             Some((Ok(keys), took, old_tx)) => {
-                let t0 = Instant::now();
                 let n = keys.table.len();
+                if n == 0 && current > 0 {
+                    // Possibly a truncate-then-write caught in between: take
+                    // it only once it has stayed this way for EMPTY_SETTLE.
+                    match settling {
+                        Some((stamp, since)) if stamp == now && since.elapsed() >= EMPTY_SETTLE => {
+                        }
+                        Some((stamp, _)) if stamp == now => continue,
+                        _ => {
+                            settling = Some((now, Instant::now()));
+                            continue;
+                        }
+                    }
+                }
+                seen = Some(now);
+                failed = None;
+                settling = None;
+                let t0 = Instant::now();
                 let old = KEYS.with(|k| k.borrow_mut().replace(keys));
                 let swapped = t0.elapsed();
                 if let Some(old) = old {
@@ -228,12 +329,25 @@ async fn watch_loop(path: PathBuf, mut seen: Option<FileStamp>, interval: Durati
                     ),
                 );
             }
-            Some((Err(e), _, _)) => {
-                let n = KEYS.with(|k| k.borrow().as_ref().map_or(0, |w| w.table.len()));
+            // Mid-write: the next tick reads it again, quietly.
+            Some((Err(LoadError::Unstable(_)), _, _)) => {}
+            // Not remembered as seen: a chmod changes no part of the stamp,
+            // so only retrying notices the file became readable.
+            Some((Err(e @ LoadError::Io { .. }), _, _)) => {
+                if failed != Some(now) {
+                    failed = Some(now);
+                    log(
+                        NGX_LOG_ERR,
+                        &format!("afr: {e}; keeping the previous keys ({current} keys)"),
+                    );
+                }
+            }
+            Some((Err(LoadError::Invalid(e)), _, _)) => {
+                seen = Some(now);
                 log(
                     NGX_LOG_ERR,
                     &format!(
-                        "{}; keeping the previous keys ({n} keys)",
+                        "{}; keeping the previous keys ({current} keys)",
                         crate::conf::keys_file_message(&e)
                     ),
                 );
@@ -243,7 +357,6 @@ async fn watch_loop(path: PathBuf, mut seen: Option<FileStamp>, interval: Durati
                     NGX_LOG_ERR,
                     "afr: keys parser thread died; keeping the previous keys",
                 );
-                seen = None; // try again next tick
             }
         }
     }

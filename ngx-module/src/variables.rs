@@ -145,7 +145,8 @@ unsafe extern "C" fn get_variable(
 }
 
 /// Records the access phase's decision for the header filter and the
-/// variables; `key` is `(id, name)` when a key was recognised.
+/// variables; `unix_ms` is the wall clock of the decision (what
+/// `X-RateLimit-Reset` counts from); `key` is `(id, name)` when a key was recognised.
 ///
 /// # Safety
 /// `r` must be a valid main request.
@@ -153,6 +154,7 @@ pub unsafe fn record(
     r: *mut ngx_http_request_t,
     status: AfrStatus,
     rate: Option<Verdict>,
+    unix_ms: u64,
     key: Option<(&str, &str)>,
 ) -> Result<(), ()> {
     // Never read: the header filter and the variables look at `status` first.
@@ -160,8 +162,7 @@ pub unsafe fn record(
         admitted: false,
         limit: 0,
         remaining: 0,
-        reset_unix: 0,
-        retry_after_ms: 0,
+        reset_after_ms: 0,
     });
     let empty = ngx_str_t {
         len: 0,
@@ -181,6 +182,7 @@ pub unsafe fn record(
             RequestState {
                 admitted: status == AfrStatus::Admitted,
                 rate,
+                unix_ms,
                 status,
                 key_id,
                 key_name,

@@ -123,7 +123,20 @@ class EchoHandler(BaseHTTPRequestHandler):
 class Gateway:
     """A private nginx with the module loaded."""
 
-    def __init__(self, flavour, prefix, upstream_port, keys, workers=2, default_rpm=60, zone="1m", extra_http="", extra_server=""):
+    def __init__(
+        self,
+        flavour,
+        prefix,
+        upstream_port,
+        keys,
+        workers=2,
+        default_rpm=60,
+        zone="1m",
+        extra_http="",
+        extra_server="",
+        reload_interval="200ms",
+        user=None,
+    ):
         self.name, self.nginx, self.module = flavour
         self.prefix = Path(prefix)
         self.port = free_port()
@@ -132,6 +145,8 @@ class Gateway:
         self.zone = zone
         self.extra_http = extra_http
         self.extra_server = extra_server
+        self.reload_interval = reload_interval
+        self.user = user
         self.keys_path = self.prefix / "keys.toml"
         self.error_log = self.prefix / "error.log"
         self.proc = None
@@ -149,7 +164,7 @@ class Gateway:
 
     def render(self):
         p = self.prefix
-        user = "user root root;" if os.geteuid() == 0 else ""
+        user = f"user {self.user};" if self.user else "user root root;" if os.geteuid() == 0 else ""
         temps = " ".join(f"{t}_temp_path {p}/{t};" for t in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
         return f"""
 load_module {self.module};
@@ -165,7 +180,7 @@ http {{
     {temps}
     afr_keys {self.keys_path};
     afr_zone afr:{self.zone};
-    afr_reload_interval 200ms;
+    afr_reload_interval {self.reload_interval};
     upstream backend {{ server 127.0.0.1:{self.upstream_port}; keepalive 16; }}
     {self.extra_http}
     server {{

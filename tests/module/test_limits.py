@@ -9,8 +9,10 @@ from afr_nginx import Key
 
 
 def away_from_window_boundary(margin=8):
-    """Windows are aligned to the minute; keep a test burst inside one."""
-    sec = time.time() % 60
+    """Windows are aligned to the minute of nginx's monotonic clock
+    (CLOCK_MONOTONIC, which Python's time.monotonic reads on Linux); keep a
+    test burst inside one."""
+    sec = time.monotonic() % 60
     if sec > 60 - margin:
         time.sleep(60 - sec + 0.5)
 
