@@ -99,13 +99,15 @@ fn message(m: &Value, i: usize, out: &mut Vec<Value>) -> Result<(), TranslateErr
             })),
             // Reasoning of an earlier turn: only its own provider can read it back.
             Some("thinking" | "redacted_thinking") if role == "assistant" => {}
-            other => return Err(TranslateError::invalid(
-                format!("{param}.type"),
-                format!(
+            other => {
+                return Err(TranslateError::invalid(
+                    format!("{param}.type"),
+                    format!(
                     "{param}.type: content block type {} is not supported by this model's provider",
                     other.map_or("(missing)".to_owned(), |t| format!("'{t}'"))
                 ),
-            )),
+                ))
+            }
         }
     }
     if role == "assistant" {
