@@ -59,7 +59,13 @@ pub fn decide(body: &Value, anthropic: bool, prompt_tokens: u64) -> Option<ToolC
                     .any(|b| b.get("type").and_then(Value::as_str) == Some("tool_result"))
             })
     } else {
-        last.get("role").and_then(Value::as_str) == Some("tool")
+        // The tool's answer, maybe followed by the user's words, since the
+        // assistant turn that called it.
+        messages
+            .iter()
+            .rev()
+            .take_while(|m| m.get("role").and_then(Value::as_str) != Some("assistant"))
+            .any(|m| m.get("role").and_then(Value::as_str) == Some("tool"))
     };
     if answered || last.get("role").and_then(Value::as_str) != Some("user") {
         return None;
@@ -265,6 +271,12 @@ mod tests {
         let openai = json!({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"properties": {"q": {"type": "string"}}}}}],
             "messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": null}, {"role": "tool", "content": "r"}]});
         assert!(decide(&openai, false, 3).is_none());
+        let mut then_user = openai.clone();
+        then_user["messages"]
+            .as_array_mut()
+            .unwrap()
+            .push(json!({"role": "user", "content": "thanks"}));
+        assert!(decide(&then_user, false, 3).is_none());
         assert!(decide(
             &json!({"messages": [{"role": "user", "content": "x"}]}),
             false,
