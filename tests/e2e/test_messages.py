@@ -9,7 +9,11 @@ for it are translated to chat completions and back."""
 
 from __future__ import annotations
 
+import html
 import importlib.util
+import os
+import re
+import subprocess
 import json
 import shutil
 import time
@@ -272,3 +276,33 @@ def test_failover_before_the_first_content_and_one_usage_row_per_request(gw):
     got = rows()["anth"]
     assert got[1] == 3 * p and got[2] >= 2 * 6, got
     assert "anth_down" not in rows(), "a failed-over attempt is no row of its own"
+
+
+def docs_example(label: str, origin: str) -> str:
+    """The text of the docs' example block `aria-label=label`, as a reader copies it."""
+    page = (REPO / "web" / "docs" / "index.html").read_text()
+    m = re.search(r'<pre[^>]*aria-label="%s"[^>]*><code>(.*?)</code></pre>' % re.escape(label), page, re.S)
+    assert m, label
+    code = m.group(1).replace("<span data-origin></span>", origin)
+    return html.unescape(re.sub(r"<[^>]+>", "", code))
+
+
+def test_docs_messages_examples_run(gw, tmp_path):
+    env = dict(gw.env, AFR_API_KEY=gw.key)
+    want = "Mock reply to: Say hello in French."
+    out = subprocess.run(["bash", "-c", docs_example("curl messages", gw.base)], env=env, capture_output=True, text=True, timeout=30)
+    assert json.loads(out.stdout)["content"][0]["text"] == want, out
+    script = tmp_path / "example.py"
+    script.write_text(docs_example("Python messages", gw.base))
+    out = subprocess.run([str(REPO / "build/venv/bin/python"), str(script)], env=env, capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines() == [want, "Mock reply to: Count to three.", str(-(-len("Count to three.") // 4))]
+    # Inside tests/ so the SDK resolves from tests/node_modules.
+    js = REPO / "tests" / f".docs-example-{os.getpid()}.mjs"
+    js.write_text(docs_example("JavaScript messages", gw.base))
+    try:
+        out = subprocess.run(["node", str(js)], env=env, capture_output=True, text=True, timeout=30)
+    finally:
+        js.unlink()
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == want + "\nMock reply to: Count to three."
