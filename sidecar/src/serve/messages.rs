@@ -6,8 +6,9 @@
 //! row). An Anthropic route gets the client's bytes with only the gateway's
 //! edits and its answer unchanged, events included; an OpenAI-compatible
 //! route gets the request translated to a chat completion, and its answer
-//! and stream translated back (`afr_core::anthropic::reverse`). On a route
-//! whose provider cannot count tokens, `count_tokens` answers an estimate.
+//! and stream translated back (`afr_core::anthropic::reverse`).
+//! `count_tokens` goes to the model's Anthropic routes; a model with none
+//! gets an estimate.
 //! Errors are Anthropic-shaped (`Caller::shape`).
 
 use crate::providers::{
@@ -15,7 +16,7 @@ use crate::providers::{
 };
 use crate::serve::accounting::Accounting;
 use crate::serve::chat::{reject, route, Caller, Exchange};
-use crate::serve::error::{Body, GatewayError};
+use crate::serve::error::{json_response, Body, GatewayError};
 use crate::serve::relay::Wire;
 use crate::serve::state::{Gateway, Runtime};
 use afr_core::anthropic::{request_to_openai, response_to_anthropic, ChatToMessages};
@@ -26,7 +27,7 @@ use afr_core::validate::{check_model, Invalid};
 use async_trait::async_trait;
 use bytes::Bytes;
 use futures_util::StreamExt;
-use http::{HeaderMap, Response};
+use http::{HeaderMap, Response, StatusCode};
 use serde_json::Value;
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -66,6 +67,28 @@ pub async fn messages(
     usage.record().stream = request.stream;
     if let Err(invalid) = check_model(&request.model, in_catalogue, caller.allowed.as_deref()) {
         return reject(&caller, usage, GatewayError::Invalid(invalid));
+    }
+    let can_count = runtime.config.models.get(&request.model).is_some_and(|m| {
+        m.routes.iter().any(|r| {
+            runtime
+                .providers
+                .get(&r.provider)
+                .is_some_and(|p| p.speaks_messages())
+        })
+    });
+    if count_tokens && !can_count {
+        // No provider of this model can count: OpenAI-compatible APIs have
+        // no token counter, and an estimate (about four characters a token)
+        // beats failing Claude Code's context bookkeeping. Answered here,
+        // not through the route loop: no provider is asked, so no breaker
+        // may read this as a provider's success.
+        let tokens = estimate_input_tokens(request.prompt_chars);
+        usage.finish(200);
+        return json_response(
+            StatusCode::OK,
+            format!("{{\"input_tokens\":{tokens}}}"),
+            &caller.request_id,
+        );
     }
     // Only OpenAI-compatible routes read the body as a tree.
     let tree = serde_json::from_slice(&body).unwrap_or(Value::Null);
@@ -128,8 +151,10 @@ impl Exchange for MessagesExchange {
             // The client's bytes with only the gateway's own edits (design §3).
             self.request.upstream_body(&self.body, route)
         } else if self.endpoint == MessagesEndpoint::CountTokens {
-            // Answered by the gateway (see `send`): nothing goes upstream.
-            Vec::new()
+            // Another route of this model can count (see `messages`).
+            return Err(invalid(
+                "This model's provider cannot count tokens.".to_owned(),
+            ));
         } else {
             let chat = request_to_openai(&self.tree, &route.model).map_err(|e| match e {
                 afr_core::anthropic::TranslateError::InvalidRequest { param, message } => Invalid {
@@ -162,16 +187,6 @@ impl Exchange for MessagesExchange {
     ) -> Result<Reply, ProviderError> {
         if provider.speaks_messages() {
             return provider.messages(call, self.endpoint, &self.client).await;
-        }
-        if self.endpoint == MessagesEndpoint::CountTokens {
-            // OpenAI-compatible APIs have no token counter: an estimate
-            // (about four characters a token) beats failing Claude Code's
-            // context bookkeeping. Documented as an estimate.
-            let tokens = estimate_input_tokens(self.request.prompt_chars);
-            return Ok(Reply::Complete {
-                body: Bytes::from(format!("{{\"input_tokens\":{tokens}}}")),
-                usage: None,
-            });
         }
         match provider.chat(call).await? {
             Reply::Complete { body, .. } => {
