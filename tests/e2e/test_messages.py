@@ -16,6 +16,7 @@ import re
 import subprocess
 import json
 import shutil
+import signal
 import time
 import tomllib
 
@@ -306,3 +307,18 @@ def test_docs_messages_examples_run(gw, tmp_path):
         js.unlink()
     assert out.returncode == 0, out.stderr
     assert out.stdout == want + "\nMock reply to: Count to three."
+
+
+def test_nginx_error_pages_are_anthropic_shaped_on_messages(gw):
+    """Runs last: it stops the sidecar."""
+    big = b'{"model":"gpt-4o-mini","max_tokens":5,"messages":[{"role":"user","content":"' + b"x" * (1 << 20) + b'"}]}'
+    status, _, body = http("POST", gw.base + "/v1/messages", big, {"x-api-key": gw.key})
+    assert status == 413 and json.loads(body)["error"]["type"] == "request_too_large"
+    status, _, body = http("POST", gw.base + "/v1/chat/completions", big, {"Authorization": f"Bearer {gw.key}"})
+    assert status == 413 and json.loads(body)["error"]["code"] == "request_too_large"
+    os.kill(gw.pids()["sidecar"], signal.SIGTERM)
+    assert wait_until(lambda: http("POST", gw.base + "/v1/messages", b"{}", {"x-api-key": gw.key})[0] == 503, timeout=30)
+    status, headers, body = http("POST", gw.base + "/v1/messages", b"{}", {"x-api-key": gw.key})
+    assert json.loads(body)["error"]["type"] == "overloaded_error" and headers["Retry-After"] == "30"
+    with pytest.raises(anthropic.InternalServerError):
+        client(gw).messages.create(model="gpt-4o-mini", max_tokens=5, messages=[{"role": "user", "content": "hi"}])
