@@ -279,6 +279,24 @@ def test_failover_before_the_first_content_and_one_usage_row_per_request(gw):
     assert "anth_down" not in rows(), "a failed-over attempt is no row of its own"
 
 
+def test_translated_stream_broken_after_content_ends_with_an_error_event(gw):
+    gw.mock_config(error_after_chunks=2)
+    try:
+        seen = []
+        with pytest.raises(anthropic.APIStatusError):
+            with client(gw).messages.stream(model="gpt-4o-mini", max_tokens=100, messages=[{"role": "user", "content": "break after two words please"}]) as stream:
+                for text in stream.text_stream:
+                    seen.append(text)
+        assert "".join(seen) == "Mock reply"
+        # Before any content the same failure is a clean error, not a broken stream.
+        gw.mock_config(status=500)
+        with pytest.raises(anthropic.InternalServerError) as e:
+            client(gw).messages.create(model="gpt-4o-mini", max_tokens=100, messages=[{"role": "user", "content": "x"}])
+        assert e.value.body["type"] == "error" and e.value.body["error"]["type"] == "api_error"
+    finally:
+        gw.mock_config()
+
+
 def docs_example(label: str, origin: str) -> str:
     """The text of the docs' example block `aria-label=label`, as a reader copies it."""
     page = (REPO / "web" / "docs" / "index.html").read_text()
