@@ -183,6 +183,11 @@ fn requests_translate_to_chat_with_tools() {
             "tool_choice": "required", "parallel_tool_calls": false, "user": "u1",
         })
     );
+    let long_user = json!({"model": "m", "max_tokens": 5, "messages": [], "metadata": {"user_id": "u".repeat(65)}});
+    assert!(request_to_openai(&long_user, "x")
+        .unwrap()
+        .get("user")
+        .is_none());
     let server_tool = json!({"model": "m", "max_tokens": 5, "messages": [], "tools": [{"type": "web_search_20250305", "name": "web_search"}]});
     match request_to_openai(&server_tool, "x") {
         Err(crate::anthropic::TranslateError::InvalidRequest { param, .. }) => {

@@ -9,7 +9,7 @@
 //! turn); `tool_use` blocks → `tool_calls`; images → `image_url` parts;
 //! `stop_sequences` → `stop`; `tools[].input_schema` → `function.parameters`;
 //! `tool_choice` any/tool/none → required/function/none;
-//! `metadata.user_id` → `user`. Streams always ask for
+//! `metadata.user_id` → `user` (up to 64 characters). Streams always ask for
 //! `stream_options.include_usage`, which the translator consumes. Fields
 //! Anthropic-only (`top_k`, `thinking`, `cache_control`, …) are dropped;
 //! server tools (no `input_schema`) and documents are refused.
@@ -213,7 +213,12 @@ pub fn request_to_openai(req: &Value, model: &str) -> Result<Value, TranslateErr
             out.insert("parallel_tool_calls".into(), Value::Bool(false));
         }
     }
-    if let Some(user) = req.pointer("/metadata/user_id").filter(|u| u.is_string()) {
+    // OpenAI-compatible servers bound `user` (64 characters is the tightest
+    // seen); Claude Code's ids are longer: such an id is dropped, not refused.
+    if let Some(user) = req
+        .pointer("/metadata/user_id")
+        .filter(|u| u.as_str().is_some_and(|u| u.chars().count() <= 64))
+    {
         out.insert("user".into(), user.clone());
     }
     Ok(Value::Object(out))
