@@ -279,6 +279,13 @@ def test_failover_before_the_first_content_and_one_usage_row_per_request(gw):
     assert "anth_down" not in rows(), "a failed-over attempt is no row of its own"
 
 
+def test_a_200_that_is_not_json_fails_over_on_the_passthrough(gw):
+    gw.mock_config(gw.anth_down, non_json=True)
+    msg = client(gw).messages.create(model=CLAUDE, max_tokens=100, messages=[{"role": "user", "content": "not a portal page"}])
+    assert msg.content[0].text == "Mock reply to: not a portal page"
+    assert len(served_by(gw, gw.anth_down)) == 1 and len(served_by(gw, gw.anth)) == 1
+
+
 def test_translated_stream_broken_after_content_ends_with_an_error_event(gw):
     gw.mock_config(error_after_chunks=2)
     try:

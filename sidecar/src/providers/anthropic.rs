@@ -174,6 +174,9 @@ impl Provider for Anthropic {
             return Ok(Reply::Stream(sse_events(response)));
         }
         let body = read_success_body(response).await?;
+        // A 200 that is not one JSON object (a portal's page) fails over, as
+        // on every route; the counts are Anthropic's.
+        super::body_usage(&body)?;
         let usage = afr_core::messages::response_usage(&body);
         Ok(Reply::Complete { body, usage })
     }
