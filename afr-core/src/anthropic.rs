@@ -6,6 +6,8 @@
 //! - [`StreamTranslator`]: Messages SSE events → `chat.completion.chunk` events.
 //! - [`error_to_openai`]: an Anthropic error body → the OpenAI error body,
 //!   status kept.
+//! - [`request_to_openai`], [`response_to_anthropic`], [`ChatToMessages`]:
+//!   the other direction, for `/v1/messages` on OpenAI-compatible routes.
 //!
 //! Shapes follow the recorded bytes in `tests/fixtures/anthropic-*`, including
 //! their quirks (space-padded JSON, `ping` events, usage repeated in
@@ -590,6 +592,14 @@ pub fn error_to_openai(status: u16, body: &[u8]) -> OpenAiError {
 
 mod stream;
 pub use stream::{StreamItem, StreamTranslator};
+
+// ---------------------------------------------------------------------------
+// (5) The other direction: Messages requests on OpenAI-compatible routes
+
+mod reverse;
+pub use reverse::{
+    request_to_openai, response_to_anthropic, stop_reason, ChatToMessages, MessagesResponse,
+};
 
 #[cfg(test)]
 #[path = "anthropic_tests.rs"]

@@ -96,7 +96,7 @@ pub struct KeyTable {
 /// Why a request's key is refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Denial {
-    /// No `Authorization` header.
+    /// No `Authorization` (or `x-api-key`) header.
     Missing,
     /// Not `Bearer afr_…` with enough base62 characters, or more than one header.
     Malformed,
@@ -124,12 +124,12 @@ impl Denial {
             Denial::Missing => (
                 "invalid_request_error",
                 "invalid_api_key",
-                "Missing API key: send 'Authorization: Bearer afr_...'.",
+                "Missing API key: send 'Authorization: Bearer afr_...' (or 'x-api-key: afr_...').",
             ),
             Denial::Malformed => (
                 "invalid_request_error",
                 "invalid_api_key",
-                "Malformed API key: expected a single 'Authorization: Bearer afr_...' header.",
+                "Malformed API key: expected one 'Authorization: Bearer afr_...' or 'x-api-key: afr_...' header.",
             ),
             Denial::Unknown => (
                 "invalid_request_error",

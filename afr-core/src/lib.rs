@@ -10,6 +10,7 @@ pub mod breaker;
 pub mod config;
 pub mod error;
 pub mod keys;
+pub mod messages;
 pub mod ratelimit;
 pub mod redact;
 pub mod retry_after;

@@ -15,8 +15,34 @@ use crate::faults::ANTHROPIC_STREAM_ERROR;
 use crate::reply::{self, Finish, Reply};
 use crate::server::Ctx;
 use crate::stream::StreamPlan;
+use crate::tools;
 
 const CACHE_ZEROES: &str = r#""cache_creation_input_tokens":0,"cache_read_input_tokens":0"#;
+
+/// Checks a `count_tokens` body: a Messages body without `max_tokens`.
+pub fn validate_count(body: &Value) -> Result<(), (&'static str, &'static str)> {
+    if !body.get("model").is_some_and(Value::is_string) {
+        return Err(("model: Field required", "model"));
+    }
+    if body.get("max_tokens").is_some() {
+        return Err(("max_tokens: Extra inputs are not permitted", "max_tokens"));
+    }
+    check_messages(body)
+}
+
+/// Answers `count_tokens` with the reply formula's prompt tokens, in the
+/// recorded shape (`anthropic-count-tokens-response.json`).
+pub fn count_tokens(ctx: Ctx, body: &Value) -> Response<MockBody> {
+    let reply = reply::build(body, body.get("system"), None);
+    ctx.finish(200);
+    let mut resp = Response::new(MockBody::full(format!(
+        r#"{{"input_tokens":{}}}"#,
+        reply.prompt_tokens
+    )));
+    resp.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    resp
+}
 
 /// Checks what the real API rejects and a translator could get wrong; the
 /// error names the offending field.
@@ -34,6 +60,10 @@ pub fn validate(body: &Value) -> Result<(), (&'static str, &'static str)> {
         }
         None => return Err(("max_tokens: Field required", "max_tokens")),
     }
+    check_messages(body)
+}
+
+fn check_messages(body: &Value) -> Result<(), (&'static str, &'static str)> {
     let Some(messages) = body.get("messages").and_then(Value::as_array) else {
         return Err(("messages: Field required", "messages"));
     };
@@ -72,7 +102,30 @@ pub fn respond(ctx: Ctx, body: &Value) -> Response<MockBody> {
     let id = format!("msg_afrmock{:016}", ctx.id_seq);
     let (p, c) = (reply.prompt_tokens, reply.completion_tokens());
     let stream = body.get("stream").and_then(Value::as_bool) == Some(true);
-    let mut resp = if stream {
+    let tool = tools::decide(body, true, p);
+    let c = tool.as_ref().map_or(c, tools::ToolCall::completion_tokens);
+    let bare_model = serde_json::from_str::<String>(&model).unwrap_or_default();
+    let error_event = Bytes::from_static(ANTHROPIC_STREAM_ERROR.as_bytes());
+    let mut resp = if let (Some(call), true) = (&tool, stream) {
+        ctx.stream_response(tools::anthropic_plan(
+            call,
+            &id,
+            &bare_model,
+            ctx.id_seq,
+            error_event,
+        ))
+    } else if let Some(call) = &tool {
+        ctx.finish(200);
+        let mut resp = Response::new(MockBody::full(tools::anthropic_body(
+            call,
+            &id,
+            &bare_model,
+            ctx.id_seq,
+        )));
+        resp.headers_mut()
+            .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        resp
+    } else if stream {
         let plan = stream_plan(&reply, &id, &model);
         ctx.stream_response(plan)
     } else {

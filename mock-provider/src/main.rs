@@ -62,6 +62,7 @@ mod reply;
 mod server;
 mod stream;
 mod tls;
+mod tools;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

@@ -18,6 +18,7 @@ use crate::faults::{Api, OPENAI_STREAM_ERROR};
 use crate::reply::{self, Finish, Reply};
 use crate::server::{unix_now, Ctx};
 use crate::stream::StreamPlan;
+use crate::tools;
 
 const MODELS: &str = include_str!("../../tests/fixtures/openai-models-list.json");
 const FINGERPRINT: &str = "fp_afrmock01";
@@ -74,10 +75,34 @@ pub fn respond(ctx: Ctx, body: &Value, api: Api, deployment: Option<&str>) -> Re
     let created = unix_now();
     let azure = api == Api::Azure;
     let stream = body.get("stream").and_then(Value::as_bool) == Some(true);
-    let mut resp = if stream {
+    let tool = tools::decide(body, false, reply.prompt_tokens);
+    let include_usage = body
+        .pointer("/stream_options/include_usage")
+        .and_then(Value::as_bool)
+        == Some(true);
+    let error_event = Bytes::from_static(OPENAI_STREAM_ERROR.as_bytes());
+    let mut resp = if let (Some(call), true) = (&tool, stream) {
+        let plan = tools::openai_plan(
+            call,
+            &id,
+            created,
+            model,
+            ctx.id_seq,
+            include_usage,
+            error_event,
+        );
+        ctx.stream_response(plan)
+    } else if let Some(call) = &tool {
+        ctx.finish(200);
+        let mut resp = Response::new(MockBody::full(tools::openai_body(
+            call, &id, created, model, ctx.id_seq,
+        )));
+        resp.headers_mut()
+            .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        resp
+    } else if stream {
         let opts = body.get("stream_options");
         let flag = |k: &str| opts.and_then(|o| o.get(k)).and_then(Value::as_bool);
-        let include_usage = flag("include_usage") == Some(true);
         let obfuscation = !azure && flag("include_obfuscation") != Some(false);
         let plan = stream_plan(
             &reply,
@@ -119,7 +144,11 @@ pub fn respond(ctx: Ctx, body: &Value, api: Api, deployment: Option<&str>) -> Re
     }
     h.insert("openai-version", HeaderValue::from_static("2020-10-01"));
     h.insert("x-mock-prompt-tokens", reply.prompt_tokens.into());
-    h.insert("x-mock-completion-tokens", reply.completion_tokens().into());
+    let completion = tool.as_ref().map_or(
+        reply.completion_tokens(),
+        tools::ToolCall::completion_tokens,
+    );
+    h.insert("x-mock-completion-tokens", completion.into());
     resp
 }
 

@@ -137,6 +137,8 @@ enum Route {
     OpenAi,
     Azure(String),
     Anthropic,
+    /// `POST /v1/messages/count_tokens`.
+    AnthropicCount,
     Models,
     Unknown,
 }
@@ -145,6 +147,7 @@ fn route(method: &Method, path: &str) -> Route {
     match (method, path) {
         (&Method::POST, "/v1/chat/completions" | "/openai/v1/chat/completions") => Route::OpenAi,
         (&Method::POST, "/v1/messages") => Route::Anthropic,
+        (&Method::POST, "/v1/messages/count_tokens") => Route::AnthropicCount,
         (&Method::GET, "/v1/models" | "/openai/v1/models") => Route::Models,
         (&Method::POST, p) => match p
             .strip_prefix("/openai/deployments/")
@@ -183,7 +186,7 @@ pub async fn handle(
         Err(_) => Bytes::new(),
     };
     let api = match route {
-        Route::Anthropic => Api::Anthropic,
+        Route::Anthropic | Route::AnthropicCount => Api::Anthropic,
         Route::Azure(_) => Api::Azure,
         _ => Api::OpenAi,
     };
@@ -300,8 +303,9 @@ async fn answer(
         }
         return resp;
     }
-    let valid = match api {
-        Api::Anthropic => anthropic::validate(&parsed),
+    let valid = match (&route, api) {
+        (Route::AnthropicCount, _) => anthropic::validate_count(&parsed),
+        (_, Api::Anthropic) => anthropic::validate(&parsed),
         _ => openai::validate(&parsed, api == Api::Azure),
     };
     if let Err((msg, param)) = valid {
@@ -339,6 +343,7 @@ async fn answer(
     };
     let resp = match route {
         Route::Anthropic => anthropic::respond(ctx, &parsed),
+        Route::AnthropicCount => anthropic::count_tokens(ctx, &parsed),
         Route::Azure(dep) => openai::respond(ctx, &parsed, Api::Azure, Some(&dep)),
         _ => openai::respond(ctx, &parsed, Api::OpenAi, None),
     };

@@ -1,6 +1,8 @@
-//! The access-phase handler: `Authorization: Bearer afr_…` → key → limit.
+//! The access-phase handler: `Authorization: Bearer afr_…` (or Anthropic's
+//! `x-api-key: afr_…`) → key → limit.
 //!
-//! A refused request gets its OpenAI error body right here (401/403/429, JSON)
+//! A refused request gets its OpenAI error body right here (401/403/429, JSON;
+//! Anthropic's shape on `/v1/messages…`, see `ErrorShape::for_path`)
 //! and never reaches the upstream. An admitted one has its identity headers
 //! rewritten: the client's `Authorization` and any `X-Afr-*` it sent are
 //! dropped, and `X-Afr-Key-Id`, `X-Afr-Models`, `X-Afr-Secret` are set, so a
@@ -9,8 +11,8 @@
 use std::ptr::{self, addr_of, addr_of_mut};
 use std::sync::OnceLock;
 
-use afr_core::error::ErrorBody;
-use afr_core::keys::{bearer_token, rate_limited_body, Denial};
+use afr_core::error::{ErrorBody, ErrorShape};
+use afr_core::keys::{bearer_token, is_well_formed, rate_limited_body, Denial};
 use afr_core::ratelimit::Verdict;
 use ngx::core::{Buffer, Pool, Status};
 use ngx::ffi::{
@@ -118,6 +120,7 @@ unsafe extern "C" fn access_handler(r: *mut ngx_http_request_t) -> ngx_int_t {
 
     let now = now();
     let outcome = decide(r, zone, now);
+    let shape = ErrorShape::for_path(req.uri.as_bytes());
     match outcome {
         Outcome::Refuse(d, who) => {
             let key = who.as_ref().map(|w| (w.id.as_str(), w.name.as_str()));
@@ -127,9 +130,9 @@ unsafe extern "C" fn access_handler(r: *mut ngx_http_request_t) -> ngx_int_t {
             {
                 return Status::NGX_ERROR.into();
             }
-            send_error(r, d.status(), denial_json(d), None)
+            send_error(r, d.status(), denial_json(d, shape), None)
         }
-        Outcome::Internal(why) => send_error(r, 500, &internal_body(why).to_json(), None),
+        Outcome::Internal(why) => send_error(r, 500, &shape.render(500, &internal_body(why)), None),
         Outcome::Limited(v, who) => {
             let key = Some((who.id.as_str(), who.name.as_str()));
             // SAFETY: `r` is a valid main request.
@@ -141,7 +144,7 @@ unsafe extern "C" fn access_handler(r: *mut ngx_http_request_t) -> ngx_int_t {
             send_error(
                 r,
                 429,
-                &rate_limited_body(v.limit).to_json(),
+                &shape.render(429, &rate_limited_body(v.limit)),
                 Some(v.retry_after_secs(now.unix_ms)),
             )
         }
@@ -174,23 +177,46 @@ fn internal_body(why: &str) -> ErrorBody {
     )
 }
 
-fn decide(r: *mut ngx_http_request_t, zone: &ZoneCtx, now: Now) -> Outcome {
-    let mut auth: Option<&[u8]> = None;
+/// The client's key: `Authorization: Bearer afr_…` (OpenAI SDKs) or
+/// `x-api-key: afr_…` (Anthropic SDKs, Claude Code). Either header twice, or
+/// both with different keys, is malformed: the request must name one key.
+fn client_token<'r>(r: *mut ngx_http_request_t) -> Result<&'r [u8], Denial> {
+    let (mut auth, mut api_key): (Option<&[u8]>, Option<&[u8]>) = (None, None);
     // SAFETY: the request's header list is valid and not modified here.
     for h in unsafe { list_iter(addr_of_mut!((*r).headers_in.headers)) } {
         // SAFETY: list elements are initialised table entries.
         let (key, value) = unsafe { ((*h).key.as_bytes(), (*h).value.as_bytes()) };
-        if key.eq_ignore_ascii_case(b"authorization") {
-            if auth.is_some() {
-                return Outcome::Refuse(Denial::Malformed, None);
-            }
-            auth = Some(value);
+        let slot = if key.eq_ignore_ascii_case(b"authorization") {
+            &mut auth
+        } else if key.eq_ignore_ascii_case(b"x-api-key") {
+            &mut api_key
+        } else {
+            continue;
+        };
+        if slot.replace(value).is_some() {
+            return Err(Denial::Malformed);
         }
     }
-    let token = match auth.map(bearer_token) {
-        None => return Outcome::Refuse(Denial::Missing, None),
-        Some(Err(d)) => return Outcome::Refuse(d, None),
-        Some(Ok(t)) => t,
+    let api_key = api_key
+        .map(|k| {
+            if is_well_formed(k.trim_ascii()) {
+                Ok(k.trim_ascii())
+            } else {
+                Err(Denial::Malformed)
+            }
+        })
+        .transpose()?;
+    match (auth.map(bearer_token).transpose()?, api_key) {
+        (Some(a), Some(k)) if a != k => Err(Denial::Malformed),
+        (Some(t), _) | (None, Some(t)) => Ok(t),
+        (None, None) => Err(Denial::Missing),
+    }
+}
+
+fn decide(r: *mut ngx_http_request_t, zone: &ZoneCtx, now: Now) -> Outcome {
+    let token = match client_token(r) {
+        Err(d) => return Outcome::Refuse(d, None),
+        Ok(t) => t,
     };
     let found = reload::resolve(token, |entry| {
         let entry = entry.ok_or((Denial::Unknown, None))?;
@@ -248,6 +274,7 @@ unsafe fn rewrite_identity(
             .filter(|&h| {
                 let k = (*h).key.as_bytes();
                 !(k.eq_ignore_ascii_case(b"authorization")
+                    || k.eq_ignore_ascii_case(b"x-api-key")
                     || (k.len() >= 6 && k[..6].eq_ignore_ascii_case(b"x-afr-")))
             })
             .map(|h| *h)
@@ -289,18 +316,21 @@ unsafe fn rewrite_identity(
 
 /// The JSON body of a refusal, serialized once per process: an invalid-key
 /// flood should cost what nginx's own `return 401` costs.
-fn denial_json(d: Denial) -> &'static str {
-    static BODIES: OnceLock<[String; 5]> = OnceLock::new();
+fn denial_json(d: Denial, shape: ErrorShape) -> &'static str {
+    static BODIES: OnceLock<[[String; 5]; 2]> = OnceLock::new();
     let all = BODIES.get_or_init(|| {
-        [
-            Denial::Missing,
-            Denial::Malformed,
-            Denial::Unknown,
-            Denial::Disabled,
-            Denial::Expired,
-        ]
-        .map(|d| d.body().to_json())
+        [ErrorShape::OpenAi, ErrorShape::Anthropic].map(|shape| {
+            [
+                Denial::Missing,
+                Denial::Malformed,
+                Denial::Unknown,
+                Denial::Disabled,
+                Denial::Expired,
+            ]
+            .map(|d| shape.render(d.status(), &d.body()))
+        })
     });
+    let all = &all[usize::from(shape == ErrorShape::Anthropic)];
     let i = match d {
         Denial::Missing => 0,
         Denial::Malformed => 1,

@@ -3,8 +3,8 @@
 //! `chat.completion` or `chat.completion.chunk` events, errors → OpenAI shape.
 
 use super::{
-    read_error_body, read_success_body, retry_after, send_error, sse_events, EventStream, Provider,
-    ProviderError, Reply, UpstreamCall,
+    read_error_body, read_success_body, retry_after, send_error, sse_events, AnthropicClient,
+    EventStream, MessagesEndpoint, Provider, ProviderError, Reply, UpstreamCall,
 };
 use afr_core::anthropic::{
     error_to_openai, request_to_anthropic, response_to_openai, StreamTranslator, TranslateError,
@@ -113,20 +113,8 @@ impl Provider for Anthropic {
             builder = builder.header("x-api-key", key);
         }
         let response = builder.send().await.map_err(send_error)?;
-        let status = response.status().as_u16();
         if !response.status().is_success() {
-            let wait = retry_after(response.headers());
-            let body = read_error_body(response).await;
-            let error = error_to_openai(status, &body).body;
-            return Err(ProviderError::Status {
-                status,
-                // Logged and possibly sent to the client: no echoed credential.
-                message: mask_secrets(&error.message).into_owned(),
-                kind: Some(error.kind.to_owned()),
-                param: error.param,
-                code: error.code.map(str::to_owned),
-                retry_after: wait,
-            });
+            return Err(status_error(response).await);
         }
         if call.stream {
             return Ok(Reply::Stream(translate_stream(
@@ -140,6 +128,74 @@ impl Provider for Anthropic {
             body: Bytes::from(translated.body),
             usage: Some(translated.usage),
         })
+    }
+
+    fn speaks_messages(&self) -> bool {
+        true
+    }
+
+    async fn messages(
+        &self,
+        call: UpstreamCall,
+        endpoint: MessagesEndpoint,
+        client: &AnthropicClient,
+    ) -> Result<Reply, ProviderError> {
+        let mut url = match endpoint {
+            MessagesEndpoint::Messages => self.url.clone(),
+            MessagesEndpoint::CountTokens => format!("{}/count_tokens", self.url),
+        };
+        if let Some(query) = &client.query {
+            url = format!("{url}?{query}");
+        }
+        // Built afresh: of the client's headers only its API version and
+        // beta flags go up; its key (`x-api-key`) never does.
+        let version = client
+            .version
+            .clone()
+            .unwrap_or(http::HeaderValue::from_static(ANTHROPIC_VERSION));
+        let mut builder = self
+            .client
+            .post(url)
+            .header(http::header::CONTENT_TYPE, "application/json")
+            .header("anthropic-version", version)
+            .header("x-request-id", &call.request_id)
+            .body(call.body);
+        if let Some(beta) = &client.beta {
+            builder = builder.header("anthropic-beta", beta.clone());
+        }
+        if let Some(key) = &self.api_key {
+            builder = builder.header("x-api-key", key);
+        }
+        let response = builder.send().await.map_err(send_error)?;
+        if !response.status().is_success() {
+            return Err(status_error(response).await);
+        }
+        if call.stream {
+            return Ok(Reply::Stream(sse_events(response)));
+        }
+        let body = read_success_body(response).await?;
+        // A 200 that is not one JSON object (a portal's page) fails over, as
+        // on every route; the counts are Anthropic's.
+        super::body_usage(&body)?;
+        let usage = afr_core::messages::response_usage(&body);
+        Ok(Reply::Complete { body, usage })
+    }
+}
+
+/// Reads an Anthropic error response into a [`ProviderError`] (OpenAI fields).
+async fn status_error(response: reqwest::Response) -> ProviderError {
+    let status = response.status().as_u16();
+    let wait = retry_after(response.headers());
+    let body = read_error_body(response).await;
+    let error = error_to_openai(status, &body).body;
+    ProviderError::Status {
+        status,
+        // Logged and possibly sent to the client: no echoed credential.
+        message: mask_secrets(&error.message).into_owned(),
+        kind: Some(error.kind.to_owned()),
+        param: error.param,
+        code: error.code.map(str::to_owned),
+        retry_after: wait,
     }
 }
 

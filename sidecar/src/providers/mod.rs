@@ -171,6 +171,49 @@ pub trait Provider: Send + Sync {
     /// Sends one prepared chat completion. For streams, returns once the
     /// response headers arrived; events then come from the stream.
     async fn chat(&self, call: UpstreamCall) -> Result<Reply, ProviderError>;
+
+    /// Whether the provider speaks Anthropic's Messages API itself: then
+    /// `/v1/messages` is passed through ([`Provider::messages`]); otherwise
+    /// it is translated to a chat completion.
+    fn speaks_messages(&self) -> bool {
+        false
+    }
+
+    /// Sends a Messages API call as the client wrote it (`call.body` has
+    /// only the gateway's edits); the reply is Anthropic's, body or events,
+    /// unchanged.
+    async fn messages(
+        &self,
+        _call: UpstreamCall,
+        _endpoint: MessagesEndpoint,
+        _client: &AnthropicClient,
+    ) -> Result<Reply, ProviderError> {
+        Err(ProviderError::Protocol(
+            "this provider does not speak the Messages API".into(),
+        ))
+    }
+}
+
+/// Which Messages API endpoint a call goes to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MessagesEndpoint {
+    /// `POST /v1/messages`.
+    Messages,
+    /// `POST /v1/messages/count_tokens`.
+    CountTokens,
+}
+
+/// What an Anthropic client sent beside its body that an Anthropic
+/// provider must see: the API version and beta flags it wrote against, and
+/// the query (`?beta=true`). Never its key.
+#[derive(Debug, Clone, Default)]
+pub struct AnthropicClient {
+    /// `anthropic-version`.
+    pub version: Option<http::HeaderValue>,
+    /// `anthropic-beta`.
+    pub beta: Option<http::HeaderValue>,
+    /// The request's query string.
+    pub query: Option<String>,
 }
 
 /// Builds the provider for a config entry. `api_key` is the resolved secret.

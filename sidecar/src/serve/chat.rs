@@ -9,16 +9,19 @@
 //! stream with an error event. How long each phase may take is decided by
 //! `afr_core::attempt`.
 
-use crate::providers::{ProviderError, Reply, UpstreamCall};
+use crate::providers::{Provider, ProviderError, Reply, UpstreamCall};
 use crate::serve::accounting::Accounting;
 use crate::serve::error::{json_response, Body, GatewayError};
-use crate::serve::relay::{self, StreamStart};
+use crate::serve::relay::{self, StreamStart, Wire};
 use crate::serve::state::{BreakerTicket, Gateway, Runtime};
 use afr_core::attempt::{Attempt, Holding};
 use afr_core::breaker::{Admission, Outcome};
+use afr_core::config::RouteConfig;
+use afr_core::error::ErrorShape;
 use afr_core::route::{Exhausted, RouteFailure, RoutePlan};
-use afr_core::sse::{has_data, is_error_event, is_preamble};
-use afr_core::validate::{check_model, validate_chat, ChatRequest};
+use afr_core::sse::has_data;
+use afr_core::validate::{check_model, validate_chat, ChatRequest, Invalid};
+use async_trait::async_trait;
 use bytes::Bytes;
 use futures_util::StreamExt;
 use http::{Response, StatusCode};
@@ -41,6 +44,98 @@ pub struct Caller {
     pub started: Instant,
     /// Arrival as Unix milliseconds.
     pub ts_ms: i64,
+    /// The error body shape this endpoint answers in.
+    pub shape: ErrorShape,
+}
+
+/// What the route loop needs from one endpoint's request: failover,
+/// breakers, holding a stream until its first content and relaying it are
+/// the same for every API; building each route's call, sending it and the
+/// stream's wire format are not.
+#[async_trait]
+pub trait Exchange: Send + Sync {
+    /// The catalogue model asked for.
+    fn model(&self) -> &str;
+    /// Whether the answer streams.
+    fn stream(&self) -> bool;
+    /// Prompt size, for estimating a cut stream's tokens.
+    fn prompt_chars(&self) -> usize;
+    /// Whether the gateway, not the client, asked for the usage chunk.
+    fn strip_usage(&self) -> bool;
+    /// The format of the events the client gets.
+    fn wire(&self) -> Wire;
+    /// The call for one route, or why the route cannot serve this request
+    /// (the gateway's own refusal, before any breaker is asked).
+    fn prepare(
+        &self,
+        provider: &dyn Provider,
+        route: &RouteConfig,
+        request_id: &str,
+    ) -> Result<UpstreamCall, Invalid>;
+    /// Sends a prepared call. For streams, returns once the response headers
+    /// arrived; events then come from the stream.
+    async fn send(
+        &self,
+        provider: &dyn Provider,
+        call: UpstreamCall,
+    ) -> Result<Reply, ProviderError>;
+}
+
+/// A validated chat completion and the client's bytes.
+struct ChatExchange {
+    request: ChatRequest,
+    body: Bytes,
+}
+
+#[async_trait]
+impl Exchange for ChatExchange {
+    fn model(&self) -> &str {
+        &self.request.model
+    }
+
+    fn stream(&self) -> bool {
+        self.request.stream
+    }
+
+    fn prompt_chars(&self) -> usize {
+        self.request.prompt_chars
+    }
+
+    fn strip_usage(&self) -> bool {
+        // Ask for usage on every stream; strip it again unless the client asked (design §5).
+        self.request.stream && !self.request.include_usage
+    }
+
+    fn wire(&self) -> Wire {
+        Wire::OpenAi
+    }
+
+    fn prepare(
+        &self,
+        provider: &dyn Provider,
+        route: &RouteConfig,
+        request_id: &str,
+    ) -> Result<UpstreamCall, Invalid> {
+        provider.prepare(UpstreamCall {
+            // The client's bytes with only the gateway's own edits (design §3).
+            body: Bytes::from(
+                self.request
+                    .upstream_body(&self.body, route, self.strip_usage()),
+            ),
+            upstream_model: route.model.clone(),
+            include_usage: self.request.stream,
+            stream: self.request.stream,
+            request_id: request_id.to_owned(),
+        })
+    }
+
+    async fn send(
+        &self,
+        provider: &dyn Provider,
+        call: UpstreamCall,
+    ) -> Result<Reply, ProviderError> {
+        provider.chat(call).await
+    }
 }
 
 /// Handles one chat completion; never fails (errors become responses).
@@ -66,7 +161,14 @@ pub async fn chat_completions(
     if let Err(invalid) = check_model(&request.model, in_catalogue, caller.allowed.as_deref()) {
         return reject(&caller, usage, GatewayError::Invalid(invalid));
     }
-    route(gateway, runtime, caller, usage, request, body).await
+    route(
+        gateway,
+        runtime,
+        caller,
+        usage,
+        &ChatExchange { request, body },
+    )
+    .await
 }
 
 /// Answers with an error no provider was involved in. The request still
@@ -75,23 +177,23 @@ pub fn reject(caller: &Caller, usage: Accounting, error: GatewayError) -> Respon
     let status = error.status().as_u16();
     tracing::info!(request_id = %caller.request_id, key_id = %caller.key_id, status, error = %error, "rejected");
     usage.finish(status);
-    error.into_response(&caller.request_id)
+    error.respond(caller.shape, &caller.request_id)
 }
 
-async fn route(
+/// Walks the model's route plan for one request: failover, breakers, the
+/// stream hold, then the answer or the relayed stream.
+pub async fn route(
     gateway: Arc<Gateway>,
     runtime: Arc<Runtime>,
     caller: Caller,
     mut usage: Accounting,
-    request: ChatRequest,
-    client_body: Bytes,
+    request: &dyn Exchange,
 ) -> Response<Body> {
-    let Some(model) = runtime.config.models.get(&request.model) else {
-        return reject(
-            &caller,
-            usage,
-            GatewayError::NotFound(request.model.clone()),
-        );
+    let model_name = request.model().to_owned();
+    let stream = request.stream();
+    let wire = request.wire();
+    let Some(model) = runtime.config.models.get(&model_name) else {
+        return reject(&caller, usage, GatewayError::NotFound(model_name));
     };
     if !model
         .routes
@@ -100,14 +202,13 @@ async fn route(
     {
         // Without this, every route reads as "breaker open" and clients would
         // be told to retry in 30 s forever.
-        tracing::error!(request_id = %caller.request_id, model = %request.model, "no route of this model has an enabled provider: set the api_key_env variables its providers name");
+        tracing::error!(request_id = %caller.request_id, model = %model_name, "no route of this model has an enabled provider: set the api_key_env variables its providers name");
         let error = GatewayError::NoProvider {
-            model: request.model.clone(),
+            model: model_name.clone(),
         };
         return reject(&caller, usage, error);
     }
-    // Ask for usage on every stream; strip it again unless the client asked (design §5).
-    let strip_usage = request.stream && !request.include_usage;
+    let strip_usage = request.strip_usage();
 
     let mut plan = RoutePlan::new(model.routes.len());
     let mut last_provider = String::new();
@@ -124,15 +225,7 @@ async fn route(
                 // routes is answered `no_provider` above).
                 return None;
             };
-            let call = UpstreamCall {
-                // The client's bytes with only the gateway's own edits (design §3).
-                body: Bytes::from(request.upstream_body(&client_body, route, strip_usage)),
-                upstream_model: route.model.clone(),
-                include_usage: request.stream,
-                stream: request.stream,
-                request_id: caller.request_id.clone(),
-            };
-            match provider.prepare(call) {
+            match request.prepare(provider.as_ref(), route, &caller.request_id) {
                 Ok(call) => prepared = Some(call),
                 Err(invalid) => {
                     tracing::info!(request_id = %caller.request_id, provider = %route.provider, reason = %invalid.message, "route cannot serve this request; skipped");
@@ -152,7 +245,7 @@ async fn route(
             continue;
         };
         if !last_provider.is_empty() {
-            gateway.metrics.failover(&request.model, &last_provider);
+            gateway.metrics.failover(&model_name, &last_provider);
         }
         last_provider = route.provider.clone();
         usage.record().provider = route.provider.clone();
@@ -166,11 +259,12 @@ async fn route(
             server.stream_keepalive,
             Instant::now(),
         );
-        let (answer_by, expiry) = attempt.answer_by(request.stream, admission == Admission::Probe);
-        let outcome = match timeout_at(answer_by.into(), provider.chat(call)).await {
-            Ok(r) => r,
-            Err(_) => Err(ProviderError::Timeout(expiry.limit.as_str())),
-        };
+        let (answer_by, expiry) = attempt.answer_by(stream, admission == Admission::Probe);
+        let outcome =
+            match timeout_at(answer_by.into(), request.send(provider.as_ref(), call)).await {
+                Ok(r) => r,
+                Err(_) => Err(ProviderError::Timeout(expiry.limit.as_str())),
+            };
         let reply = match outcome {
             Ok(reply) => reply,
             Err(error) if error.is_retryable() => {
@@ -189,7 +283,7 @@ async fn route(
                 let status = gw_error.status().as_u16();
                 tracing::info!(request_id = %caller.request_id, provider = %route.provider, status, error = %gw_error, "provider refused the request");
                 usage.finish(status);
-                return gw_error.into_response(&caller.request_id);
+                return gw_error.respond(caller.shape, &caller.request_id);
             }
         };
         match reply {
@@ -212,7 +306,7 @@ async fn route(
                 let mut content_held = false;
                 let held_up = loop {
                     match timeout_at(hold_end.into(), events.next()).await {
-                        Ok(Some(Ok(event))) if is_error_event(&event) => {
+                        Ok(Some(Ok(event))) if wire.is_error(&event) => {
                             break Err(format!(
                                 "error event before any content: {}",
                                 String::from_utf8_lossy(&event).trim()
@@ -226,7 +320,7 @@ async fn route(
                                 // and commit the stream before any content.
                                 continue;
                             }
-                            content_held = !is_preamble(&event);
+                            content_held = !wire.is_preamble(&event);
                             held.push(event);
                             if content_held || held.len() >= MAX_HELD_EVENTS {
                                 break Ok(Holding::Commit);
@@ -254,7 +348,7 @@ async fn route(
                         };
                         tracing::warn!(request_id = %caller.request_id, provider = %route.provider, error = %error, "provider answered but sent no content in time; not retried");
                         usage.finish(error.status().as_u16());
-                        return error.into_response(&caller.request_id);
+                        return error.respond(caller.shape, &caller.request_id);
                     }
                     Ok(Holding::Commit) => {}
                 }
@@ -273,9 +367,10 @@ async fn route(
                     content_held,
                     events,
                     strip_usage,
+                    wire,
                     attempt,
                     usage,
-                    prompt_chars: request.prompt_chars,
+                    prompt_chars: request.prompt_chars(),
                     request_id: caller.request_id.clone(),
                 });
             }
@@ -284,7 +379,7 @@ async fn route(
 
     let error = match plan.exhausted() {
         Exhausted::AllOpen { retry_after_secs } => GatewayError::AllOpen {
-            model: request.model.clone(),
+            model: model_name.clone(),
             retry_after_secs,
         },
         Exhausted::AllRateLimited { tried, retry_after } => {
@@ -292,16 +387,16 @@ async fn route(
                 .iter()
                 .map(|&i| model.routes[i].provider.as_str())
                 .collect();
-            tracing::warn!(request_id = %caller.request_id, model = %request.model, tried = ?tried, retry_after = ?retry_after, "every provider answered 429");
+            tracing::warn!(request_id = %caller.request_id, model = %model_name, tried = ?tried, retry_after = ?retry_after, "every provider answered 429");
             GatewayError::RateLimited {
-                model: request.model.clone(),
+                model: model_name.clone(),
                 retry_after,
             }
         }
         Exhausted::Unservable => match refusal {
             Some(invalid) => GatewayError::Invalid(invalid),
             None => GatewayError::NoProvider {
-                model: request.model.clone(),
+                model: model_name.clone(),
             },
         },
         Exhausted::AllFailed { tried } => {
@@ -309,13 +404,13 @@ async fn route(
                 .iter()
                 .map(|&i| model.routes[i].provider.as_str())
                 .collect();
-            tracing::error!(request_id = %caller.request_id, model = %request.model, tried = ?tried, "every provider failed");
+            tracing::error!(request_id = %caller.request_id, model = %model_name, tried = ?tried, "every provider failed");
             GatewayError::AllFailed {
-                model: request.model.clone(),
+                model: model_name.clone(),
             }
         }
     };
     let status = error.status().as_u16();
     usage.finish(status);
-    error.into_response(&caller.request_id)
+    error.respond(caller.shape, &caller.request_id)
 }

@@ -1,8 +1,9 @@
 //! Every way a request can fail, each knowing its HTTP status, mapped to
-//! exactly one OpenAI error body here and nowhere else.
+//! exactly one OpenAI error body here and nowhere else — rendered in
+//! Anthropic's shape instead on the Messages API ([`ErrorShape`]).
 
 use crate::providers::ProviderError;
-use afr_core::error::ErrorBody;
+use afr_core::error::{ErrorBody, ErrorShape};
 use afr_core::retry_after;
 use afr_core::validate::Invalid;
 use bytes::Bytes;
@@ -194,7 +195,15 @@ impl GatewayError {
 
     /// The full HTTP response (JSON body, `x-request-id`, `Retry-After` where it applies).
     pub fn into_response(self, request_id: &str) -> Response<Body> {
-        let mut response = json_response(self.status(), self.body().to_json(), request_id);
+        self.respond(ErrorShape::OpenAi, request_id)
+    }
+
+    /// The full HTTP response with the body in `shape` (Anthropic's on the
+    /// Messages API: same status, same headers, same message).
+    pub fn respond(self, shape: ErrorShape, request_id: &str) -> Response<Body> {
+        let status = self.status();
+        let body = shape.render(status.as_u16(), &self.body());
+        let mut response = json_response(status, body, request_id);
         let headers = response.headers_mut();
         match self {
             GatewayError::AllOpen {

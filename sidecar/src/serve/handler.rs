@@ -1,11 +1,14 @@
 //! The HTTP front of the sidecar: checks nginx's shared secret, reads the
 //! key's identity from the module's headers, and dispatches by path.
 
+use crate::providers::MessagesEndpoint;
 use crate::serve::accounting::Accounting;
 use crate::serve::chat::{chat_completions, reject, Caller};
 use crate::serve::error::{json_response, Body, GatewayError};
+use crate::serve::messages::{self, anthropic_client, COUNT_TOKENS_PATH};
 use crate::serve::state::Gateway;
 use crate::usage::http::{parse_query_string, render_key_usage};
+use afr_core::error::ErrorShape;
 use afr_core::validate::Invalid;
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
@@ -25,6 +28,7 @@ pub async fn handle(
     let started = Instant::now();
     let request_id = request_id();
     let runtime = gateway.runtime.load_full();
+    let shape = ErrorShape::for_path(request.uri().path().as_bytes());
 
     let secret = request
         .headers()
@@ -33,7 +37,7 @@ pub async fn handle(
         .unwrap_or_default();
     if !bool::from(secret.ct_eq(&runtime.secret)) {
         tracing::warn!(request_id = %request_id, path = %request.uri().path(), has_header = !secret.is_empty(), "refused: missing or wrong X-Afr-Secret");
-        return Ok(GatewayError::Unauthenticated.into_response(&request_id));
+        return Ok(GatewayError::Unauthenticated.respond(shape, &request_id));
     }
     let caller = Caller {
         request_id: request_id.clone(),
@@ -47,6 +51,7 @@ pub async fn handle(
         }),
         started,
         ts_ms: unix_ms(),
+        shape,
     };
 
     let path = request.uri().path().to_owned();
@@ -66,6 +71,29 @@ pub async fn handle(
                 Err(e) => reject(&caller, usage, e),
             }
         }
+        (&Method::POST, "/v1/messages" | COUNT_TOKENS_PATH) => {
+            let usage = Accounting::new(
+                gateway.clone(),
+                &caller.request_id,
+                &caller.key_id,
+                caller.started,
+                caller.ts_ms,
+            );
+            let client = anthropic_client(request.headers(), request.uri().query());
+            let endpoint = if path == COUNT_TOKENS_PATH {
+                MessagesEndpoint::CountTokens
+            } else {
+                MessagesEndpoint::Messages
+            };
+            let limit = runtime.config.server.max_body_bytes;
+            match read_body(request, limit).await {
+                Ok(body) => {
+                    messages::messages(gateway, runtime, caller, usage, body, client, endpoint)
+                        .await
+                }
+                Err(e) => reject(&caller, usage, e),
+            }
+        }
         (&Method::GET, "/v1/models") => {
             let list = runtime.config.models_list(caller.allowed.as_deref());
             json_response(StatusCode::OK, list, &request_id)
@@ -73,10 +101,15 @@ pub async fn handle(
         (&Method::GET, "/v1/usage") => {
             usage(&gateway, &caller, request.uri().query().unwrap_or("")).await
         }
-        (method, "/v1/chat/completions" | "/v1/models" | "/v1/usage") => {
-            GatewayError::MethodNotAllowed(method.to_string()).into_response(&request_id)
-        }
-        _ => GatewayError::NotFound(path).into_response(&request_id),
+        (
+            method,
+            "/v1/chat/completions"
+            | "/v1/models"
+            | "/v1/usage"
+            | "/v1/messages"
+            | COUNT_TOKENS_PATH,
+        ) => GatewayError::MethodNotAllowed(method.to_string()).respond(shape, &request_id),
+        _ => GatewayError::NotFound(path).respond(shape, &request_id),
     };
     Ok(response)
 }

@@ -12,6 +12,7 @@ pub mod chat;
 pub mod error;
 pub mod handler;
 pub mod listener;
+pub mod messages;
 pub mod metrics;
 pub mod relay;
 pub mod reload;

@@ -21,6 +21,8 @@ use crate::serve::error::{Body, GatewayError};
 use crate::serve::state::Gateway;
 use afr_core::attempt::{Attempt, Expiry, Wake};
 use afr_core::breaker::{Admission, Outcome};
+use afr_core::error::ErrorShape;
+use afr_core::messages::{inspect_event, StreamUsage};
 use afr_core::sse::{
     error_event, has_data, inspect_chunk, is_done, is_error_event, is_preamble, is_usage_only,
     strip_null_usage, TokenUsage,
@@ -39,6 +41,52 @@ use tokio::sync::mpsc;
 /// (the OpenAI SDKs among them) drop lines starting with `:`.
 const KEEP_ALIVE: &[u8] = b": keep-alive\n\n";
 
+/// The format of a stream's events, as the client reads them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Wire {
+    /// `chat.completion.chunk` events ending with `data: [DONE]`.
+    OpenAi,
+    /// Anthropic's Messages events (`event:` lines, ending `message_stop`).
+    Anthropic,
+}
+
+impl Wire {
+    /// A provider's error event (ends the stream).
+    pub fn is_error(self, raw: &[u8]) -> bool {
+        match self {
+            Wire::OpenAi => is_error_event(raw),
+            Wire::Anthropic => inspect_event(raw).error,
+        }
+    }
+
+    /// An event carrying no output yet (failover is still clean after it).
+    pub fn is_preamble(self, raw: &[u8]) -> bool {
+        match self {
+            Wire::OpenAi => is_preamble(raw),
+            Wire::Anthropic => inspect_event(raw).preamble,
+        }
+    }
+
+    /// The stream's last event.
+    fn is_done(self, raw: &[u8]) -> bool {
+        match self {
+            Wire::OpenAi => is_done(raw),
+            Wire::Anthropic => inspect_event(raw).done,
+        }
+    }
+
+    /// The event that ends a stream with the gateway's `error`.
+    fn error_event(self, error: &GatewayError) -> Bytes {
+        let body = error.body();
+        Bytes::from(match self {
+            Wire::OpenAi => error_event(&body.to_json()),
+            Wire::Anthropic => afr_core::messages::error_event(
+                &ErrorShape::Anthropic.render(error.status().as_u16(), &body),
+            ),
+        })
+    }
+}
+
 /// A stream that committed: its first content event arrived, or its
 /// provider answered and the hold ended.
 pub struct StreamStart {
@@ -56,6 +104,8 @@ pub struct StreamStart {
     pub events: EventStream,
     /// Whether the gateway added `include_usage` (strip it again).
     pub strip_usage: bool,
+    /// The events' format.
+    pub wire: Wire,
     /// The attempt's timeouts and pacing.
     pub attempt: Attempt,
     /// The request's accounting, finished by the usage tap.
@@ -90,6 +140,7 @@ struct Relay {
     first: std::collections::VecDeque<Bytes>,
     events: Option<EventStream>,
     strip_usage: bool,
+    wire: Wire,
     attempt: Attempt,
     content_held: bool,
     content_seen: bool,
@@ -109,7 +160,7 @@ pub fn respond(start: StreamStart) -> Response<Body> {
     start
         .gateway
         .taps
-        .spawn(tap(tap_rx, start.usage, start.prompt_chars));
+        .spawn(tap(tap_rx, start.usage, start.prompt_chars, start.wire));
     let now = Instant::now();
     let relay = Relay {
         gateway: start.gateway,
@@ -117,6 +168,7 @@ pub fn respond(start: StreamStart) -> Response<Body> {
         first: start.first.into(),
         events: Some(start.events),
         strip_usage: start.strip_usage,
+        wire: start.wire,
         attempt: start.attempt,
         content_held: start.content_held,
         content_seen: false,
@@ -170,7 +222,7 @@ impl Relay {
                 if held {
                     self.content_held && self.first.is_empty()
                 } else {
-                    has_data(&raw) && !is_preamble(&raw)
+                    has_data(&raw) && !self.wire.is_preamble(&raw)
                 }
             };
             if !self.content_seen && is_content() {
@@ -179,12 +231,12 @@ impl Relay {
             }
             // The tap sees every event, including the ones stripped below.
             let _ = self.tap.send(Tap::Event(raw.clone()));
-            if is_done(&raw) {
+            if self.wire.is_done(&raw) {
                 self.done = true;
                 self.drain_upstream();
                 return Some(raw);
             }
-            if is_error_event(&raw) {
+            if self.wire.is_error(&raw) {
                 // The provider's own error event: forward it and end.
                 tracing::warn!(request_id = %self.request_id, provider = %self.provider, "provider sent an error event mid-stream");
                 // The attempt's ticket settled when the stream committed; a later
@@ -249,7 +301,7 @@ impl Relay {
         let _ = self.tap.send(Tap::Failed(error.status().as_u16()));
         self.done = true;
         self.events = None;
-        Bytes::from(error_event(&error.body().to_json()))
+        self.wire.error_event(&error)
     }
 
     /// Ends the stream after a provider failure with an OpenAI error event.
@@ -262,8 +314,8 @@ impl Relay {
         let _ = self.tap.send(Tap::Failed(interrupted_status()));
         self.done = true;
         self.events = None;
-        let body = GatewayError::StreamInterrupted(error.to_string()).body();
-        Bytes::from(error_event(&body.to_json()))
+        self.wire
+            .error_event(&GatewayError::StreamInterrupted(error.to_string()))
     }
 
     /// Reads the upstream to its end in the background so its connection
@@ -296,13 +348,27 @@ fn contains(haystack: &[u8], needle: &[u8]) -> bool {
 /// `[DONE]`, 502 when the provider broke it (the client got an error event),
 /// 504 when its first content never came, 499 when the client went away
 /// first — all but the first flagged truncated.
-async fn tap(mut rx: mpsc::UnboundedReceiver<Tap>, mut usage: Accounting, prompt_chars: usize) {
+async fn tap(
+    mut rx: mpsc::UnboundedReceiver<Tap>,
+    mut usage: Accounting,
+    prompt_chars: usize,
+    wire: Wire,
+) {
     let mut tokens: Option<TokenUsage> = None;
+    // Anthropic reports input and output tokens in different events.
+    let mut anthropic = StreamUsage::default();
     let mut content_chars = 0usize;
     let mut done = false;
     let mut failed = None;
     while let Some(message) = rx.recv().await {
         match message {
+            Tap::Event(raw) if wire == Wire::Anthropic => {
+                let info = inspect_event(&raw);
+                done |= info.done;
+                content_chars += info.content_chars;
+                anthropic.update(&info);
+                tokens = anthropic.usage().or(tokens);
+            }
             Tap::Event(raw) => {
                 let info = inspect_chunk(&raw);
                 done |= info.done;

@@ -1,0 +1,236 @@
+//! `POST /v1/messages` and `POST /v1/messages/count_tokens`: Anthropic's
+//! Messages API, for the Anthropic SDKs and Claude Code.
+//!
+//! The request walks the model's route plan like a chat completion
+//! (`chat::route`: failover before the first content, breakers, one usage
+//! row). An Anthropic route gets the client's bytes with only the gateway's
+//! edits and its answer unchanged, events included; an OpenAI-compatible
+//! route gets the request translated to a chat completion, and its answer
+//! and stream translated back (`afr_core::anthropic::reverse`).
+//! `count_tokens` goes to the model's Anthropic routes; a model with none
+//! gets an estimate.
+//! Errors are Anthropic-shaped (`Caller::shape`).
+
+use crate::providers::{
+    AnthropicClient, EventStream, MessagesEndpoint, Provider, ProviderError, Reply, UpstreamCall,
+};
+use crate::serve::accounting::Accounting;
+use crate::serve::chat::{reject, route, Caller, Exchange};
+use crate::serve::error::{json_response, Body, GatewayError};
+use crate::serve::relay::Wire;
+use crate::serve::state::{Gateway, Runtime};
+use afr_core::anthropic::{request_to_openai, response_to_anthropic, ChatToMessages};
+use afr_core::config::RouteConfig;
+use afr_core::messages::{estimate_input_tokens, validate_messages, MessagesRequest};
+use afr_core::splice::Splice;
+use afr_core::validate::{check_model, Invalid};
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures_util::StreamExt;
+use http::{HeaderMap, Response, StatusCode};
+use serde_json::Value;
+use std::collections::VecDeque;
+use std::sync::Arc;
+
+/// The path of the token-counting endpoint.
+pub const COUNT_TOKENS_PATH: &str = "/v1/messages/count_tokens";
+
+/// What the client sent beside its body that an Anthropic provider must see.
+pub fn anthropic_client(headers: &HeaderMap, query: Option<&str>) -> AnthropicClient {
+    AnthropicClient {
+        version: headers.get("anthropic-version").cloned(),
+        beta: headers.get("anthropic-beta").cloned(),
+        query: query.filter(|q| !q.is_empty()).map(str::to_owned),
+    }
+}
+
+/// Handles one Messages (or count_tokens) request; never fails.
+pub async fn messages(
+    gateway: Arc<Gateway>,
+    runtime: Arc<Runtime>,
+    caller: Caller,
+    mut usage: Accounting,
+    body: Bytes,
+    client: AnthropicClient,
+    endpoint: MessagesEndpoint,
+) -> Response<Body> {
+    let count_tokens = endpoint == MessagesEndpoint::CountTokens;
+    let request = match validate_messages(&body, count_tokens) {
+        Ok(r) => r,
+        Err(invalid) => return reject(&caller, usage, GatewayError::Invalid(invalid)),
+    };
+    let in_catalogue = runtime.config.models.contains_key(&request.model);
+    if in_catalogue {
+        // As for chat: free text never becomes a metrics label or a row of its own.
+        usage.record().model = request.model.clone();
+    }
+    usage.record().stream = request.stream;
+    if let Err(invalid) = check_model(&request.model, in_catalogue, caller.allowed.as_deref()) {
+        return reject(&caller, usage, GatewayError::Invalid(invalid));
+    }
+    let can_count = runtime.config.models.get(&request.model).is_some_and(|m| {
+        m.routes.iter().any(|r| {
+            runtime
+                .providers
+                .get(&r.provider)
+                .is_some_and(|p| p.speaks_messages())
+        })
+    });
+    if count_tokens && !can_count {
+        // No provider of this model can count: OpenAI-compatible APIs have
+        // no token counter, and an estimate (about four characters a token)
+        // beats failing Claude Code's context bookkeeping. Answered here,
+        // not through the route loop: no provider is asked, so no breaker
+        // may read this as a provider's success.
+        let tokens = estimate_input_tokens(request.prompt_chars);
+        usage.finish(200);
+        return json_response(
+            StatusCode::OK,
+            format!("{{\"input_tokens\":{tokens}}}"),
+            &caller.request_id,
+        );
+    }
+    // Only OpenAI-compatible routes read the body as a tree.
+    let tree = serde_json::from_slice(&body).unwrap_or(Value::Null);
+    let exchange = MessagesExchange {
+        request,
+        body,
+        tree,
+        client,
+        endpoint,
+    };
+    route(gateway, runtime, caller, usage, &exchange).await
+}
+
+/// A validated Messages request and the client's bytes.
+struct MessagesExchange {
+    request: MessagesRequest,
+    body: Bytes,
+    tree: Value,
+    client: AnthropicClient,
+    endpoint: MessagesEndpoint,
+}
+
+fn invalid(message: String) -> Invalid {
+    Invalid {
+        param: None,
+        message,
+        code: None,
+    }
+}
+
+#[async_trait]
+impl Exchange for MessagesExchange {
+    fn model(&self) -> &str {
+        &self.request.model
+    }
+
+    fn stream(&self) -> bool {
+        self.request.stream
+    }
+
+    fn prompt_chars(&self) -> usize {
+        self.request.prompt_chars
+    }
+
+    fn strip_usage(&self) -> bool {
+        false
+    }
+
+    fn wire(&self) -> Wire {
+        Wire::Anthropic
+    }
+
+    fn prepare(
+        &self,
+        provider: &dyn Provider,
+        route: &RouteConfig,
+        request_id: &str,
+    ) -> Result<UpstreamCall, Invalid> {
+        let body = if provider.speaks_messages() {
+            // The client's bytes with only the gateway's own edits (design §3).
+            self.request.upstream_body(&self.body, route)
+        } else if self.endpoint == MessagesEndpoint::CountTokens {
+            // Another route of this model can count (see `messages`).
+            return Err(invalid(
+                "This model's provider cannot count tokens.".to_owned(),
+            ));
+        } else {
+            let chat = request_to_openai(&self.tree, &route.model).map_err(|e| match e {
+                afr_core::anthropic::TranslateError::InvalidRequest { param, message } => Invalid {
+                    param,
+                    message,
+                    code: None,
+                },
+                other => invalid(other.to_string()),
+            })?;
+            let chat = serde_json::to_vec(&chat).map_err(|e| invalid(e.to_string()))?;
+            // The route's adaptations (renames, drops, clamps) are written
+            // for chat bodies: they apply to the translation.
+            let mut splice = Splice::parse(&chat).map_err(|e| invalid(e.to_string()))?;
+            route.adapt(&mut splice);
+            splice.finish()
+        };
+        Ok(UpstreamCall {
+            body: Bytes::from(body),
+            upstream_model: route.model.clone(),
+            include_usage: self.request.stream,
+            stream: self.request.stream,
+            request_id: request_id.to_owned(),
+        })
+    }
+
+    async fn send(
+        &self,
+        provider: &dyn Provider,
+        call: UpstreamCall,
+    ) -> Result<Reply, ProviderError> {
+        if provider.speaks_messages() {
+            return provider.messages(call, self.endpoint, &self.client).await;
+        }
+        match provider.chat(call).await? {
+            Reply::Complete { body, .. } => {
+                let translated = response_to_anthropic(&body)
+                    .map_err(|e| ProviderError::Protocol(e.to_string()))?;
+                Ok(Reply::Complete {
+                    body: Bytes::from(translated.body),
+                    usage: Some(translated.usage),
+                })
+            }
+            Reply::Stream(events) => Ok(Reply::Stream(translate_stream(events))),
+        }
+    }
+}
+
+/// `chat.completion.chunk` events → Anthropic Messages events.
+fn translate_stream(upstream: EventStream) -> EventStream {
+    struct State {
+        upstream: EventStream,
+        translator: ChatToMessages,
+        ready: VecDeque<Bytes>,
+    }
+    let state = State {
+        upstream,
+        translator: ChatToMessages::new(),
+        ready: VecDeque::new(),
+    };
+    futures_util::stream::unfold(state, |mut s| async move {
+        loop {
+            if let Some(event) = s.ready.pop_front() {
+                return Some((Ok(event), s));
+            }
+            if s.translator.is_finished() {
+                return None;
+            }
+            let events = match s.upstream.next().await {
+                Some(Ok(raw)) => s.translator.push_raw(&raw),
+                // Before the first content this fails over; after, the relay
+                // ends the client's stream with its own error event.
+                Some(Err(e)) => return Some((Err(e), s)),
+                None => s.translator.finish(),
+            };
+            s.ready.extend(events.into_iter().map(Bytes::from));
+        }
+    })
+    .boxed()
+}
