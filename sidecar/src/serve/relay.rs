@@ -21,6 +21,7 @@ use crate::serve::error::{Body, GatewayError};
 use crate::serve::state::Gateway;
 use afr_core::attempt::{Attempt, Expiry, Wake};
 use afr_core::breaker::{Admission, Outcome};
+use afr_core::endpoint::responses_event;
 use afr_core::sse::{
     error_event, has_data, inspect_chunk, is_done, is_error_event, is_preamble, is_usage_only,
     strip_null_usage, TokenUsage,
@@ -38,6 +39,57 @@ use tokio::sync::mpsc;
 /// The comment sent through a silence on a committed stream: SSE clients
 /// (the OpenAI SDKs among them) drop lines starting with `:`.
 const KEEP_ALIVE: &[u8] = b": keep-alive\n\n";
+
+/// The event grammar of a stream: chat-style (`data:` chunks ending with
+/// `[DONE]`, also `/v1/completions`) or the Responses API's typed events
+/// ending with `response.completed` (no `[DONE]`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StreamDialect {
+    /// `chat.completion.chunk` / `text_completion` chunks and `[DONE]`.
+    Chat,
+    /// `event: response.*` typed events.
+    Responses,
+}
+
+impl StreamDialect {
+    /// The stream's last event.
+    fn is_done(self, raw: &[u8]) -> bool {
+        match self {
+            StreamDialect::Chat => is_done(raw),
+            StreamDialect::Responses => responses_event(raw).done,
+        }
+    }
+
+    /// An error the provider sent in the stream.
+    pub fn is_error(self, raw: &[u8]) -> bool {
+        match self {
+            StreamDialect::Chat => is_error_event(raw),
+            StreamDialect::Responses => responses_event(raw).error,
+        }
+    }
+
+    /// An event the client acts on (after it, no failover).
+    pub fn is_content(self, raw: &[u8]) -> bool {
+        match self {
+            StreamDialect::Chat => has_data(raw) && !is_preamble(raw),
+            StreamDialect::Responses => !responses_event(raw).preamble,
+        }
+    }
+
+    /// For the usage tap: (last event, usage, characters of content).
+    fn inspect(self, raw: &[u8]) -> (bool, Option<TokenUsage>, usize) {
+        match self {
+            StreamDialect::Chat => {
+                let info = inspect_chunk(raw);
+                (info.done, info.usage, info.content_chars)
+            }
+            StreamDialect::Responses => {
+                let e = responses_event(raw);
+                (e.done, e.usage, e.content_chars)
+            }
+        }
+    }
+}
 
 /// A stream that committed: its first content event arrived, or its
 /// provider answered and the hold ended.
@@ -100,16 +152,22 @@ struct Relay {
     tap: mpsc::UnboundedSender<Tap>,
     request_id: String,
     done: bool,
+    dialect: StreamDialect,
 }
 
-/// Builds the `text/event-stream` response and starts the usage tap.
+/// Builds the `text/event-stream` response of a chat stream and starts the usage tap.
 pub fn respond(start: StreamStart) -> Response<Body> {
+    respond_with(start, StreamDialect::Chat)
+}
+
+/// Builds the `text/event-stream` response of a stream in `dialect`.
+pub fn respond_with(start: StreamStart, dialect: StreamDialect) -> Response<Body> {
     let (tap_tx, tap_rx) = mpsc::unbounded_channel();
     // Tracked, so shutdown waits for the row of a stream it cut.
     start
         .gateway
         .taps
-        .spawn(tap(tap_rx, start.usage, start.prompt_chars));
+        .spawn(tap(tap_rx, start.usage, start.prompt_chars, dialect));
     let now = Instant::now();
     let relay = Relay {
         gateway: start.gateway,
@@ -125,6 +183,7 @@ pub fn respond(start: StreamStart) -> Response<Body> {
         tap: tap_tx,
         request_id: start.request_id.clone(),
         done: false,
+        dialect,
     };
     let stream = futures_util::stream::unfold(relay, |mut relay| async move {
         let bytes = relay.next_frame().await?;
@@ -170,7 +229,7 @@ impl Relay {
                 if held {
                     self.content_held && self.first.is_empty()
                 } else {
-                    has_data(&raw) && !is_preamble(&raw)
+                    self.dialect.is_content(&raw)
                 }
             };
             if !self.content_seen && is_content() {
@@ -179,12 +238,12 @@ impl Relay {
             }
             // The tap sees every event, including the ones stripped below.
             let _ = self.tap.send(Tap::Event(raw.clone()));
-            if is_done(&raw) {
+            if self.dialect.is_done(&raw) && !self.dialect.is_error(&raw) {
                 self.done = true;
                 self.drain_upstream();
                 return Some(raw);
             }
-            if is_error_event(&raw) {
+            if self.dialect.is_error(&raw) {
                 // The provider's own error event: forward it and end.
                 tracing::warn!(request_id = %self.request_id, provider = %self.provider, "provider sent an error event mid-stream");
                 // The attempt's ticket settled when the stream committed; a later
@@ -296,7 +355,12 @@ fn contains(haystack: &[u8], needle: &[u8]) -> bool {
 /// `[DONE]`, 502 when the provider broke it (the client got an error event),
 /// 504 when its first content never came, 499 when the client went away
 /// first — all but the first flagged truncated.
-async fn tap(mut rx: mpsc::UnboundedReceiver<Tap>, mut usage: Accounting, prompt_chars: usize) {
+async fn tap(
+    mut rx: mpsc::UnboundedReceiver<Tap>,
+    mut usage: Accounting,
+    prompt_chars: usize,
+    dialect: StreamDialect,
+) {
     let mut tokens: Option<TokenUsage> = None;
     let mut content_chars = 0usize;
     let mut done = false;
@@ -304,11 +368,11 @@ async fn tap(mut rx: mpsc::UnboundedReceiver<Tap>, mut usage: Accounting, prompt
     while let Some(message) = rx.recv().await {
         match message {
             Tap::Event(raw) => {
-                let info = inspect_chunk(&raw);
-                done |= info.done;
-                content_chars += info.content_chars;
-                if info.usage.is_some() {
-                    tokens = info.usage;
+                let (last, event_usage, chars) = dialect.inspect(&raw);
+                done |= last;
+                content_chars += chars;
+                if event_usage.is_some() {
+                    tokens = event_usage;
                 }
             }
             Tap::FirstContent(at) => usage.first_content(at),
