@@ -211,6 +211,9 @@ pub(crate) async fn send_openai_format(
         return Ok(Reply::Stream(sse_events(response)));
     }
     let body = read_success_body(response).await?;
+    // A 200 that is not a JSON object (a portal's HTML page) fails over;
+    // the usage itself is read by the caller in the endpoint's shape.
+    body_usage(&body)?;
     Ok(Reply::Complete { body, usage: None })
 }
 
