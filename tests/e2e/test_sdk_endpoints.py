@@ -58,7 +58,7 @@ def test_completions_plain_and_streaming(gateway, key):
     pieces = [c.choices[0].text for c in client.completions.create(model="gpt-4o-mini", prompt="Tell me a joke", stream=True) if c.choices]
     assert "".join(pieces) == "Mock reply to: Tell me a joke"
     row = usage_by_model(gateway, key, "gpt-4o-mini", 2)
-    assert row["requests"] == 2 and row["estimated_requests"] == 0 and row["completion_tokens"] == 2 * 6
+    assert row["requests"] == 2 and row["estimated_requests"] == 0 and row["completion_tokens"] == 2 * 7
 
 
 def test_responses_create_and_stream_text(gateway, key):
@@ -71,10 +71,10 @@ def test_responses_create_and_stream_text(gateway, key):
             if event.type == "response.output_text.delta":
                 deltas.append(event.delta)
         final = stream.get_final_response()
-    assert "".join(deltas) == "Mock reply to: Say hi" and len(deltas) == 4
-    assert final.usage.output_tokens == 4
+    assert "".join(deltas) == "Mock reply to: Say hi" and len(deltas) == 5
+    assert final.usage.output_tokens == 5
     row = usage_by_model(gateway, key, "gpt-5-mini", 2)
-    assert row["requests"] == 2 and row["completion_tokens"] == 8 and row["truncated"] == 0
+    assert row["requests"] == 2 and row["completion_tokens"] == 10 and row["truncated"] == 0
 
 
 def test_responses_stream_with_a_function_call(gateway, key):
