@@ -88,7 +88,7 @@ def main() -> int:
         served = {}
         for name, model in cfg["models"].items():
             routes = [r for r in model["routes"] if r["provider"] in enabled]
-            if not routes and "anthropic" in enabled:
+            if not routes and "anthropic" in enabled and model.get("kind", "chat") == "chat":
                 routes = [{"provider": "anthropic", "model": "claude-haiku-4-5", "clamp": {"temperature": {"max": 1.0}}}]
             if not routes:
                 print(f"scripts/run: no configured provider serves {name}; it is left out", file=sys.stderr)

@@ -5,6 +5,7 @@
 //! and followed by an explicit [`SidecarConfig::validate`] step whose errors
 //! name the config path, e.g. `models.gpt-4o-mini.routes[1]: unknown provider "azur"`.
 
+use crate::endpoint::ModelKind;
 use crate::splice::Splice;
 use indexmap::IndexMap;
 use serde::Deserialize;
@@ -426,6 +427,10 @@ pub struct ModelConfig {
     /// `created` (Unix seconds) in the models list.
     #[serde(default)]
     pub created: u64,
+    /// What the model is, which decides the endpoints it serves
+    /// (`"chat"`, the default, or `"embedding"`).
+    #[serde(default)]
+    pub kind: ModelKind,
     /// Ordered routes; the first is preferred.
     pub routes: Vec<RouteConfig>,
 }
@@ -756,6 +761,8 @@ impl SidecarConfig {
             owned_by: &'a str,
             tier: Tier,
             description: &'a str,
+            kind: ModelKind,
+            endpoints: Vec<&'static str>,
         }
         #[derive(serde::Serialize)]
         struct List<'a> {
@@ -773,6 +780,8 @@ impl SidecarConfig {
                 owned_by: &m.owned_by,
                 tier: m.tier,
                 description: &m.description,
+                kind: m.kind,
+                endpoints: m.kind.endpoints(),
             })
             .collect();
         // Serializing plain strings and numbers cannot fail.

@@ -8,6 +8,7 @@ pub mod anthropic;
 pub mod attempt;
 pub mod breaker;
 pub mod config;
+pub mod endpoint;
 pub mod error;
 pub mod keys;
 pub mod messages;

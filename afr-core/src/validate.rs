@@ -93,7 +93,7 @@ pub struct Invalid {
 }
 
 impl Invalid {
-    fn field(param: impl Into<String>, message: impl Into<String>) -> Self {
+    pub(crate) fn field(param: impl Into<String>, message: impl Into<String>) -> Self {
         Invalid {
             param: Some(param.into()),
             message: message.into(),
@@ -111,7 +111,7 @@ impl Invalid {
     }
 
     /// The rejection of an object at `path` (`""`: the body) that did not parse.
-    fn object(path: &str, error: ObjectError) -> Self {
+    pub(crate) fn object(path: &str, error: ObjectError) -> Self {
         let at = |key: &str| {
             if path.is_empty() {
                 key.to_owned()
@@ -148,16 +148,16 @@ impl Invalid {
 }
 
 /// The top-level members of a body as (key, raw value) pairs.
-type Members<'a> = [(Cow<'a, str>, &'a RawValue)];
+pub(crate) type Members<'a> = [(Cow<'a, str>, &'a RawValue)];
 
-fn find<'a>(members: &Members<'a>, key: &str) -> Option<&'a RawValue> {
+pub(crate) fn find<'a>(members: &Members<'a>, key: &str) -> Option<&'a RawValue> {
     members.iter().find(|(k, _)| k == key).map(|(_, v)| *v)
 }
 
 /// Decodes a small field the gateway reads. The text is valid JSON, but a
 /// number may still be out of range (`1e999`): that is the client's error,
 /// never a value to treat as absent.
-fn value(param: &str, raw: &RawValue) -> Result<Value, Invalid> {
+pub(crate) fn value(param: &str, raw: &RawValue) -> Result<Value, Invalid> {
     serde_json::from_str(raw.get()).map_err(|e| {
         let text: String = raw.get().chars().take(40).collect();
         Invalid::field(
@@ -168,7 +168,11 @@ fn value(param: &str, raw: &RawValue) -> Result<Value, Invalid> {
 }
 
 /// The decoded value of `key`, if present.
-fn field(members: &Members<'_>, key: &str, param: &str) -> Result<Option<Value>, Invalid> {
+pub(crate) fn field(
+    members: &Members<'_>,
+    key: &str,
+    param: &str,
+) -> Result<Option<Value>, Invalid> {
     find(members, key).map(|raw| value(param, raw)).transpose()
 }
 
@@ -288,7 +292,7 @@ pub fn check_model(
 }
 
 /// Validates `field` as a positive integer when present; `Ok(true)` if it is set.
-fn check_positive_int(body: &Members<'_>, field: &str) -> Result<bool, Invalid> {
+pub(crate) fn check_positive_int(body: &Members<'_>, field: &str) -> Result<bool, Invalid> {
     match self::field(body, field, field)? {
         None | Some(Value::Null) => Ok(false),
         Some(Value::Number(n)) if n.as_u64().is_some_and(|v| v > 0) => Ok(true),
@@ -380,7 +384,7 @@ fn missing(param: &str) -> Invalid {
     Invalid::field(param, format!("Missing required parameter: '{param}'."))
 }
 
-fn type_error(param: &str, expected: &str, got: &Value) -> Invalid {
+pub(crate) fn type_error(param: &str, expected: &str, got: &Value) -> Invalid {
     Invalid::field(
         param,
         format!(

@@ -54,6 +54,7 @@
 
 mod anthropic;
 mod conn;
+mod endpoints;
 mod faults;
 mod knobs;
 mod log;

@@ -18,7 +18,7 @@ use crate::faults::{self, Api, FailureState};
 use crate::knobs::Knobs;
 use crate::log::{Entry, Outcome, RequestLog};
 use crate::stream::{self, StreamCtx, StreamPlan};
-use crate::{anthropic, openai};
+use crate::{anthropic, endpoints, openai};
 
 /// Largest request body the mock reads.
 const MAX_BODY: usize = 32 << 20;
@@ -135,6 +135,9 @@ fn json(status: StatusCode, v: &Value) -> Response<MockBody> {
 
 enum Route {
     OpenAi,
+    /// `/v1/embeddings`, `/v1/completions`, `/v1/responses` (the path's last
+    /// segment), or an Azure deployment's embeddings/completions.
+    Endpoint(&'static str, Option<String>),
     Azure(String),
     Anthropic,
     /// `POST /v1/messages/count_tokens`.
@@ -148,14 +151,27 @@ fn route(method: &Method, path: &str) -> Route {
         (&Method::POST, "/v1/chat/completions" | "/openai/v1/chat/completions") => Route::OpenAi,
         (&Method::POST, "/v1/messages") => Route::Anthropic,
         (&Method::POST, "/v1/messages/count_tokens") => Route::AnthropicCount,
+        (&Method::POST, "/v1/embeddings") => Route::Endpoint("embeddings", None),
+        (&Method::POST, "/v1/completions") => Route::Endpoint("completions", None),
+        (&Method::POST, "/v1/responses") => Route::Endpoint("responses", None),
         (&Method::GET, "/v1/models" | "/openai/v1/models") => Route::Models,
-        (&Method::POST, p) => match p
-            .strip_prefix("/openai/deployments/")
-            .and_then(|r| r.strip_suffix("/chat/completions"))
-        {
-            Some(dep) if !dep.is_empty() && !dep.contains('/') => Route::Azure(dep.to_owned()),
-            _ => Route::Unknown,
-        },
+        (&Method::POST, p) => {
+            let Some(rest) = p.strip_prefix("/openai/deployments/") else {
+                return Route::Unknown;
+            };
+            let Some((dep, tail)) = rest.split_once('/') else {
+                return Route::Unknown;
+            };
+            if dep.is_empty() {
+                return Route::Unknown;
+            }
+            match tail {
+                "chat/completions" => Route::Azure(dep.to_owned()),
+                "embeddings" => Route::Endpoint("embeddings", Some(dep.to_owned())),
+                "completions" => Route::Endpoint("completions", Some(dep.to_owned())),
+                _ => Route::Unknown,
+            }
+        }
         _ => Route::Unknown,
     }
 }
@@ -187,12 +203,13 @@ pub async fn handle(
     };
     let api = match route {
         Route::Anthropic | Route::AnthropicCount => Api::Anthropic,
-        Route::Azure(_) => Api::Azure,
+        Route::Azure(_) | Route::Endpoint(_, Some(_)) => Api::Azure,
         _ => Api::OpenAi,
     };
     let log_api = match route {
         Route::Models => "models",
         Route::Unknown => "unknown",
+        Route::Endpoint(name, _) => name,
         _ => api.name(),
     };
     let entry = state.log.record(log_api, &parts, body.clone());
@@ -247,7 +264,7 @@ async fn answer(
     if let Some(key) = &state.api_key {
         let ok = match (&route, api) {
             (_, Api::Anthropic) => header(h, "x-api-key") == Some(key.as_bytes()),
-            (Route::Azure(_), _) => {
+            (Route::Azure(_) | Route::Endpoint(_, Some(_)), _) => {
                 header(h, "api-key") == Some(key.as_bytes()) || bearer_ok(h, key)
             }
             _ if parts.uri.path().starts_with("/openai/") => {
@@ -266,7 +283,7 @@ async fn answer(
             let v = serde_json::json!({"error": {"message": msg, "type": "invalid_request_error", "param": null, "code": null}});
             return json(StatusCode::NOT_FOUND, &v);
         }
-        Route::Azure(_)
+        Route::Azure(_) | Route::Endpoint(_, Some(_))
             if !parts
                 .uri
                 .query()
@@ -305,6 +322,14 @@ async fn answer(
     }
     let valid = match (&route, api) {
         (Route::AnthropicCount, _) => anthropic::validate_count(&parsed),
+        (Route::Endpoint(name, dep), _) => {
+            let mut body = parsed.clone();
+            if let Some(dep) = dep {
+                // Azure names the model by the deployment in the URL.
+                body["model"] = Value::String(dep.clone());
+            }
+            endpoints::validate(name, &body)
+        }
         (_, Api::Anthropic) => anthropic::validate(&parsed),
         _ => openai::validate(&parsed, api == Api::Azure),
     };
@@ -345,6 +370,9 @@ async fn answer(
         Route::Anthropic => anthropic::respond(ctx, &parsed),
         Route::AnthropicCount => anthropic::count_tokens(ctx, &parsed),
         Route::Azure(dep) => openai::respond(ctx, &parsed, Api::Azure, Some(&dep)),
+        Route::Endpoint("embeddings", dep) => endpoints::embeddings(ctx, &parsed, dep.as_deref()),
+        Route::Endpoint("completions", dep) => endpoints::completions(ctx, &parsed, dep.as_deref()),
+        Route::Endpoint(_, _) => endpoints::responses(ctx, &parsed),
         _ => openai::respond(ctx, &parsed, Api::OpenAi, None),
     };
     dripped(resp, drip_ms)

@@ -127,7 +127,7 @@ def test_quickstart_routes_to_the_mock_without_provider_keys(tmp_path):
     cfg, shell = sidecar_config(tmp_path)
     assert list(cfg["providers"]) == ["mock"]
     assert "MOCK_PORT=10" in shell
-    assert list(cfg["models"]) == ["gpt-5-mini", "gpt-4o-mini", "gpt-5-chat"]
+    assert list(cfg["models"]) == ["gpt-5-mini", "gpt-4o-mini", "gpt-5-chat", "text-embedding-3-small"]
 
 
 def test_quickstart_routes_to_real_providers_and_never_to_the_mock(tmp_path):

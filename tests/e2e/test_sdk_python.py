@@ -66,9 +66,11 @@ def test_stream_without_include_usage_has_no_usage_chunk(gateway, key):
 
 def test_models_list_shows_the_default_catalogue_with_tiers(gateway, key):
     models = {m.id: m for m in gateway.client(key).models.list()}
-    assert set(models) == {"gpt-5-mini", "gpt-4o-mini", "gpt-5-chat"}
+    assert set(models) == {"gpt-5-mini", "gpt-4o-mini", "gpt-5-chat", "text-embedding-3-small"}
     tiers = {mid: (m.model_extra or {}).get("tier") for mid, m in models.items()}
-    assert tiers == {"gpt-5-mini": "Fast", "gpt-4o-mini": "Smart", "gpt-5-chat": "Pro"}
+    assert tiers == {"gpt-5-mini": "Fast", "gpt-4o-mini": "Smart", "gpt-5-chat": "Pro", "text-embedding-3-small": "Fast"}
+    kinds = {mid: (m.model_extra or {}).get("kind") for mid, m in models.items()}
+    assert kinds["text-embedding-3-small"] == "embedding" and kinds["gpt-4o-mini"] == "chat"
     assert all((m.model_extra or {}).get("description") for m in models.values())
 
 

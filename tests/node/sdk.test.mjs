@@ -44,11 +44,16 @@ test('for await streaming loop prints the reply chunk by chunk', async () => {
   assert.equal(deltas, 7);
 });
 
-test('models.list shows the three default models with tiers', async () => {
+test('models.list shows the default models with tiers', async () => {
   const models = [];
   for await (const m of client().models.list()) models.push(m);
   const tiers = Object.fromEntries(models.map((m) => [m.id, m.tier]));
-  assert.deepEqual(tiers, { 'gpt-5-mini': 'Fast', 'gpt-4o-mini': 'Smart', 'gpt-5-chat': 'Pro' });
+  assert.deepEqual(tiers, {
+    'gpt-5-mini': 'Fast',
+    'gpt-4o-mini': 'Smart',
+    'gpt-5-chat': 'Pro',
+    'text-embedding-3-small': 'Fast',
+  });
 });
 
 test('typed errors: BadRequestError, AuthenticationError, RateLimitError', async () => {

@@ -57,7 +57,9 @@ function currentKey() {
   return el.key.value.trim();
 }
 
-function fillModels(models, selected) {
+function fillModels(allModels, selected) {
+  // The playground chats: embedding models (kind "embedding") are not offered.
+  const models = allModels.filter((m) => !m.kind || m.kind === 'chat');
   const keep = selected || el.model.value;
   el.model.replaceChildren(...models.map((m) => {
     const opt = document.createElement('option');

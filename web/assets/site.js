@@ -65,7 +65,7 @@ export async function readError(res) {
 }
 
 /**
- * GET /v1/models with the given key. Resolves to `[{id, tier, description, owned_by}]`;
+ * GET /v1/models with the given key. Resolves to `[{id, tier, description, owned_by, kind}]`;
  * rejects with a GatewayError on an HTTP error.
  */
 export async function fetchModels(key, signal) {
@@ -81,6 +81,7 @@ export async function fetchModels(key, signal) {
     tier: m.tier ?? m.metadata?.tier ?? '',
     description: m.description ?? m.metadata?.description ?? '',
     owned_by: m.owned_by ?? '',
+    kind: m.kind ?? 'chat',
   }));
 }
 

@@ -3,10 +3,11 @@
 //! (tests/fixtures/azure-openai-notes.md). The route's `model` names the deployment.
 
 use super::{
-    body_usage, openai_status_error, read_success_body, send_error, sse_events, Provider,
-    ProviderError, Reply, UpstreamCall,
+    body_usage, openai_status_error, read_success_body, send_error, send_openai_format, sse_events,
+    Provider, ProviderError, Reply, UpstreamCall,
 };
 use afr_core::config::{ProviderConfig, Timeouts};
+use afr_core::endpoint::Endpoint;
 use async_trait::async_trait;
 
 /// An Azure OpenAI resource.
@@ -67,5 +68,38 @@ impl Provider for Azure {
         let body = read_success_body(response).await?;
         let usage = body_usage(&body)?;
         Ok(Reply::Complete { body, usage })
+    }
+
+    fn serves(&self, endpoint: Endpoint) -> bool {
+        // Deployment URLs exist for these; Azure's Responses API lives on
+        // its separate v1 surface and is not routed here.
+        matches!(
+            endpoint,
+            Endpoint::ChatCompletions | Endpoint::Completions | Endpoint::Embeddings
+        )
+    }
+
+    async fn forward(
+        &self,
+        endpoint: Endpoint,
+        call: UpstreamCall,
+    ) -> Result<Reply, ProviderError> {
+        let url = format!(
+            "{}/openai/deployments/{}/{}",
+            self.base_url,
+            call.upstream_model,
+            endpoint.path()
+        );
+        let mut request = self
+            .client
+            .post(url)
+            .query(&[("api-version", self.api_version.as_str())])
+            .header(http::header::CONTENT_TYPE, "application/json")
+            .header("x-request-id", &call.request_id)
+            .body(call.body);
+        if let Some(key) = &self.api_key {
+            request = request.header("api-key", key);
+        }
+        send_openai_format(request, call.stream).await
     }
 }

@@ -8,6 +8,7 @@
 
 use afr_core::breaker::Outcome;
 use afr_core::config::{ProviderConfig, ProviderKind, Timeouts};
+use afr_core::endpoint::Endpoint;
 use afr_core::redact::mask_secrets;
 use afr_core::route::RouteFailure;
 use afr_core::sse::TokenUsage;
@@ -192,6 +193,28 @@ pub trait Provider: Send + Sync {
             "this provider does not speak the Messages API".into(),
         ))
     }
+
+    /// Whether this provider speaks `endpoint` itself, so a call can be
+    /// passed through byte for byte (chat completions: every provider, some
+    /// by translation, through [`Provider::chat`]).
+    fn serves(&self, endpoint: Endpoint) -> bool {
+        endpoint == Endpoint::ChatCompletions
+    }
+
+    /// Sends one call on a passthrough endpoint (`serves` said yes): the body
+    /// goes up as is, the answer comes back unchanged (`Reply::Complete`
+    /// carries no usage: the caller reads it in the endpoint's shape).
+    async fn forward(
+        &self,
+        endpoint: Endpoint,
+        call: UpstreamCall,
+    ) -> Result<Reply, ProviderError> {
+        let _ = call;
+        Err(ProviderError::Protocol(format!(
+            "this provider does not serve /v1/{}",
+            endpoint.path()
+        )))
+    }
 }
 
 /// Which Messages API endpoint a call goes to.
@@ -214,6 +237,27 @@ pub struct AnthropicClient {
     pub beta: Option<http::HeaderValue>,
     /// The request's query string.
     pub query: Option<String>,
+}
+
+/// Sends a prepared OpenAI-format request and reads its answer: an error
+/// status in the OpenAI error shape, an SSE stream byte for byte, or a
+/// whole body (usage left to the caller, who knows the endpoint's shape).
+pub(crate) async fn send_openai_format(
+    request: reqwest::RequestBuilder,
+    stream: bool,
+) -> Result<Reply, ProviderError> {
+    let response = request.send().await.map_err(send_error)?;
+    if !response.status().is_success() {
+        return Err(openai_status_error(response).await);
+    }
+    if stream {
+        return Ok(Reply::Stream(sse_events(response)));
+    }
+    let body = read_success_body(response).await?;
+    // A 200 that is not a JSON object (a portal's HTML page) fails over;
+    // the usage itself is read by the caller in the endpoint's shape.
+    body_usage(&body)?;
+    Ok(Reply::Complete { body, usage: None })
 }
 
 /// Builds the provider for a config entry. `api_key` is the resolved secret.

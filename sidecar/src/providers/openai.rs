@@ -2,15 +2,18 @@
 //! mock): the body goes up as is and the answer comes back unchanged.
 
 use super::{
-    body_usage, openai_status_error, read_success_body, send_error, sse_events, Provider,
-    ProviderError, Reply, UpstreamCall,
+    body_usage, openai_status_error, read_success_body, send_error, send_openai_format, sse_events,
+    Provider, ProviderError, Reply, UpstreamCall,
 };
 use afr_core::config::{ProviderConfig, Timeouts};
+use afr_core::endpoint::Endpoint;
 use async_trait::async_trait;
 
 /// An OpenAI-compatible endpoint.
 pub struct OpenAi {
     url: String,
+    /// `base_url` without its trailing slash; passthrough endpoints hang off it.
+    base_url: String,
     api_key: Option<String>,
     timeouts: Timeouts,
     client: reqwest::Client,
@@ -26,6 +29,7 @@ impl OpenAi {
     ) -> Self {
         OpenAi {
             url: format!("{}/chat/completions", config.base_url.trim_end_matches('/')),
+            base_url: config.base_url.trim_end_matches('/').to_owned(),
             api_key,
             timeouts: config.timeouts,
             client,
@@ -59,5 +63,28 @@ impl Provider for OpenAi {
         let body = read_success_body(response).await?;
         let usage = body_usage(&body)?;
         Ok(Reply::Complete { body, usage })
+    }
+
+    fn serves(&self, _endpoint: Endpoint) -> bool {
+        // OpenAI speaks all of them; a compatible server that lacks one
+        // answers 404, which is the client's answer (not a failover).
+        true
+    }
+
+    async fn forward(
+        &self,
+        endpoint: Endpoint,
+        call: UpstreamCall,
+    ) -> Result<Reply, ProviderError> {
+        let mut request = self
+            .client
+            .post(format!("{}/{}", self.base_url, endpoint.path()))
+            .header(http::header::CONTENT_TYPE, "application/json")
+            .header("x-request-id", &call.request_id)
+            .body(call.body);
+        if let Some(key) = &self.api_key {
+            request = request.bearer_auth(key);
+        }
+        send_openai_format(request, call.stream).await
     }
 }

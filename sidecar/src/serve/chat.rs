@@ -17,6 +17,7 @@ use crate::serve::state::{BreakerTicket, Gateway, Runtime};
 use afr_core::attempt::{Attempt, Holding};
 use afr_core::breaker::{Admission, Outcome};
 use afr_core::config::RouteConfig;
+use afr_core::endpoint::{wrong_endpoint, Endpoint};
 use afr_core::error::ErrorShape;
 use afr_core::route::{Exhausted, RouteFailure, RoutePlan};
 use afr_core::sse::has_data;
@@ -160,6 +161,12 @@ pub async fn chat_completions(
     usage.record().stream = request.stream;
     if let Err(invalid) = check_model(&request.model, in_catalogue, caller.allowed.as_deref()) {
         return reject(&caller, usage, GatewayError::Invalid(invalid));
+    }
+    if let Some(model) = runtime.config.models.get(&request.model) {
+        if !model.kind.serves(Endpoint::ChatCompletions) {
+            let invalid = wrong_endpoint(&request.model, model.kind, Endpoint::ChatCompletions);
+            return reject(&caller, usage, GatewayError::Invalid(invalid));
+        }
     }
     route(
         gateway,

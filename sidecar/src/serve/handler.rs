@@ -6,8 +6,10 @@ use crate::serve::accounting::Accounting;
 use crate::serve::chat::{chat_completions, reject, Caller};
 use crate::serve::error::{json_response, Body, GatewayError};
 use crate::serve::messages::{self, anthropic_client, COUNT_TOKENS_PATH};
+use crate::serve::passthrough::passthrough;
 use crate::serve::state::Gateway;
 use crate::usage::http::{parse_query_string, render_key_usage};
+use afr_core::endpoint::Endpoint;
 use afr_core::error::ErrorShape;
 use afr_core::validate::Invalid;
 use bytes::Bytes;
@@ -94,6 +96,22 @@ pub async fn handle(
                 Err(e) => reject(&caller, usage, e),
             }
         }
+        (&Method::POST, "/v1/embeddings" | "/v1/completions" | "/v1/responses") => {
+            let usage = Accounting::new(
+                gateway.clone(),
+                &caller.request_id,
+                &caller.key_id,
+                caller.started,
+                caller.ts_ms,
+            );
+            let limit = runtime.config.server.max_body_bytes;
+            // The arm's paths are exactly the passthrough endpoints.
+            let endpoint = Endpoint::from_path(&path).unwrap_or(Endpoint::Embeddings);
+            match read_body(request, limit).await {
+                Ok(body) => passthrough(gateway, runtime, caller, usage, endpoint, body).await,
+                Err(e) => reject(&caller, usage, e),
+            }
+        }
         (&Method::GET, "/v1/models") => {
             let list = runtime.config.models_list(caller.allowed.as_deref());
             json_response(StatusCode::OK, list, &request_id)
@@ -107,7 +125,10 @@ pub async fn handle(
             | "/v1/models"
             | "/v1/usage"
             | "/v1/messages"
-            | COUNT_TOKENS_PATH,
+            | COUNT_TOKENS_PATH
+            | "/v1/embeddings"
+            | "/v1/completions"
+            | "/v1/responses",
         ) => GatewayError::MethodNotAllowed(method.to_string()).respond(shape, &request_id),
         _ => GatewayError::NotFound(path).respond(shape, &request_id),
     };

@@ -21,6 +21,7 @@ use crate::serve::relay::Wire;
 use crate::serve::state::{Gateway, Runtime};
 use afr_core::anthropic::{request_to_openai, response_to_anthropic, ChatToMessages};
 use afr_core::config::RouteConfig;
+use afr_core::endpoint::{wrong_endpoint, Endpoint};
 use afr_core::messages::{estimate_input_tokens, validate_messages, MessagesRequest};
 use afr_core::splice::Splice;
 use afr_core::validate::{check_model, Invalid};
@@ -67,6 +68,12 @@ pub async fn messages(
     usage.record().stream = request.stream;
     if let Err(invalid) = check_model(&request.model, in_catalogue, caller.allowed.as_deref()) {
         return reject(&caller, usage, GatewayError::Invalid(invalid));
+    }
+    if let Some(model) = runtime.config.models.get(&request.model) {
+        if !model.kind.serves(Endpoint::Messages) {
+            let invalid = wrong_endpoint(&request.model, model.kind, Endpoint::Messages);
+            return reject(&caller, usage, GatewayError::Invalid(invalid));
+        }
     }
     let can_count = runtime.config.models.get(&request.model).is_some_and(|m| {
         m.routes.iter().any(|r| {

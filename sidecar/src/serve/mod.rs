@@ -3,7 +3,7 @@
 //! SIGTERM/SIGINT, then drains open connections and flushes usage.
 //!
 //! - [`handler`]: secret check and dispatch; [`chat`]: route plan and failover;
-//!   [`relay`]: stream passthrough and the usage tap; [`error`]: the one
+//!   [`passthrough`]: embeddings, completions, responses; [`relay`]: stream passthrough and the usage tap; [`error`]: the one
 //!   mapping from errors to OpenAI bodies; [`state`]: config snapshot and
 //!   breakers; [`listener`], [`reload`], [`metrics`].
 
@@ -14,6 +14,7 @@ pub mod handler;
 pub mod listener;
 pub mod messages;
 pub mod metrics;
+pub mod passthrough;
 pub mod relay;
 pub mod reload;
 pub mod state;

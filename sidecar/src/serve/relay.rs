@@ -21,6 +21,7 @@ use crate::serve::error::{Body, GatewayError};
 use crate::serve::state::Gateway;
 use afr_core::attempt::{Attempt, Expiry, Wake};
 use afr_core::breaker::{Admission, Outcome};
+use afr_core::endpoint::responses_event;
 use afr_core::error::ErrorShape;
 use afr_core::messages::{inspect_event, StreamUsage};
 use afr_core::sse::{
@@ -44,10 +45,14 @@ const KEEP_ALIVE: &[u8] = b": keep-alive\n\n";
 /// The format of a stream's events, as the client reads them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Wire {
-    /// `chat.completion.chunk` events ending with `data: [DONE]`.
+    /// `chat.completion.chunk` (or `/v1/completions` `text_completion`)
+    /// events ending with `data: [DONE]`.
     OpenAi,
     /// Anthropic's Messages events (`event:` lines, ending `message_stop`).
     Anthropic,
+    /// The Responses API's typed `event: response.*` events, ending with
+    /// `response.completed` (no `[DONE]`).
+    Responses,
 }
 
 impl Wire {
@@ -56,6 +61,7 @@ impl Wire {
         match self {
             Wire::OpenAi => is_error_event(raw),
             Wire::Anthropic => inspect_event(raw).error,
+            Wire::Responses => responses_event(raw).error,
         }
     }
 
@@ -64,6 +70,15 @@ impl Wire {
         match self {
             Wire::OpenAi => is_preamble(raw),
             Wire::Anthropic => inspect_event(raw).preamble,
+            Wire::Responses => responses_event(raw).preamble,
+        }
+    }
+
+    /// An event the client acts on (after it, no failover).
+    pub fn is_content(self, raw: &[u8]) -> bool {
+        match self {
+            Wire::OpenAi | Wire::Anthropic => has_data(raw) && !self.is_preamble(raw),
+            Wire::Responses => !self.is_preamble(raw),
         }
     }
 
@@ -72,6 +87,23 @@ impl Wire {
         match self {
             Wire::OpenAi => is_done(raw),
             Wire::Anthropic => inspect_event(raw).done,
+            Wire::Responses => responses_event(raw).done,
+        }
+    }
+
+    /// For the usage tap of the OpenAI-format wires: (last event, usage,
+    /// characters of content). Anthropic's usage spans events and is read
+    /// by the tap itself.
+    fn inspect(self, raw: &[u8]) -> (bool, Option<TokenUsage>, usize) {
+        match self {
+            Wire::Responses => {
+                let e = responses_event(raw);
+                (e.done, e.usage, e.content_chars)
+            }
+            Wire::OpenAi | Wire::Anthropic => {
+                let info = inspect_chunk(raw);
+                (info.done, info.usage, info.content_chars)
+            }
         }
     }
 
@@ -79,7 +111,7 @@ impl Wire {
     fn error_event(self, error: &GatewayError) -> Bytes {
         let body = error.body();
         Bytes::from(match self {
-            Wire::OpenAi => error_event(&body.to_json()),
+            Wire::OpenAi | Wire::Responses => error_event(&body.to_json()),
             Wire::Anthropic => afr_core::messages::error_event(
                 &ErrorShape::Anthropic.render(error.status().as_u16(), &body),
             ),
@@ -153,7 +185,7 @@ struct Relay {
     done: bool,
 }
 
-/// Builds the `text/event-stream` response and starts the usage tap.
+/// Builds the `text/event-stream` response of a stream and starts the usage tap.
 pub fn respond(start: StreamStart) -> Response<Body> {
     let (tap_tx, tap_rx) = mpsc::unbounded_channel();
     // Tracked, so shutdown waits for the row of a stream it cut.
@@ -222,7 +254,7 @@ impl Relay {
                 if held {
                     self.content_held && self.first.is_empty()
                 } else {
-                    has_data(&raw) && !self.wire.is_preamble(&raw)
+                    self.wire.is_content(&raw)
                 }
             };
             if !self.content_seen && is_content() {
@@ -231,7 +263,8 @@ impl Relay {
             }
             // The tap sees every event, including the ones stripped below.
             let _ = self.tap.send(Tap::Event(raw.clone()));
-            if self.wire.is_done(&raw) {
+            // A Responses stream's `response.failed` is its last event and an error.
+            if self.wire.is_done(&raw) && !self.wire.is_error(&raw) {
                 self.done = true;
                 self.drain_upstream();
                 return Some(raw);
@@ -370,11 +403,11 @@ async fn tap(
                 tokens = anthropic.usage().or(tokens);
             }
             Tap::Event(raw) => {
-                let info = inspect_chunk(&raw);
-                done |= info.done;
-                content_chars += info.content_chars;
-                if info.usage.is_some() {
-                    tokens = info.usage;
+                let (last, event_usage, chars) = wire.inspect(&raw);
+                done |= last;
+                content_chars += chars;
+                if event_usage.is_some() {
+                    tokens = event_usage;
                 }
             }
             Tap::FirstContent(at) => usage.first_content(at),

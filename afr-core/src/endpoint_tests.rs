@@ -1,0 +1,198 @@
+use super::*;
+use crate::sse::EventFramer;
+
+const EMBED_REQUEST: &str = include_str!("../../tests/fixtures/openai-embeddings-request.json");
+const EMBED_BASE64: &str =
+    include_str!("../../tests/fixtures/openai-embeddings-response-base64.json");
+const COMPLETION: &str = include_str!("../../tests/fixtures/openai-completions-response.json");
+const RESPONSE: &str = include_str!("../../tests/fixtures/openai-responses-response.json");
+const RESPONSE_2026: &str =
+    include_str!("../../tests/fixtures/openai-responses-response-2026-variant.json");
+const STREAM: &str = include_str!("../../tests/fixtures/openai-responses-stream.sse");
+const STREAM_2026: &str =
+    include_str!("../../tests/fixtures/openai-responses-stream-2026-variant.sse");
+const STREAM_CALL: &str =
+    include_str!("../../tests/fixtures/openai-responses-stream-function-call.sse");
+const STREAM_ERROR: &str = include_str!("../../tests/fixtures/openai-responses-stream-error.sse");
+
+fn route(model: &str) -> RouteConfig {
+    RouteConfig {
+        provider: "p".into(),
+        model: model.into(),
+        drop: vec![],
+        rename: Default::default(),
+        clamp: Default::default(),
+    }
+}
+
+fn events(text: &str) -> Vec<Vec<u8>> {
+    let mut framer = EventFramer::new();
+    framer.push(text.as_bytes());
+    let mut out = Vec::new();
+    while let Some(e) = framer.next_event().expect("fixture events fit") {
+        out.push(e);
+    }
+    out
+}
+
+#[test]
+fn kinds_serve_their_endpoints() {
+    assert!(ModelKind::Chat.serves(Endpoint::Responses));
+    assert!(ModelKind::Chat.serves(Endpoint::Completions));
+    assert!(!ModelKind::Chat.serves(Endpoint::Embeddings));
+    assert!(ModelKind::Embedding.serves(Endpoint::Embeddings));
+    assert!(!ModelKind::Embedding.serves(Endpoint::ChatCompletions));
+    assert_eq!(ModelKind::Embedding.endpoints(), vec!["embeddings"]);
+    let e = wrong_endpoint(
+        "text-embedding-3-small",
+        ModelKind::Embedding,
+        Endpoint::Responses,
+    );
+    assert_eq!(e.param.as_deref(), Some("model"));
+    assert!(e.message.contains("/v1/embeddings"), "{}", e.message);
+    assert_eq!(
+        Endpoint::from_path("/v1/embeddings"),
+        Some(Endpoint::Embeddings)
+    );
+    assert_eq!(
+        Endpoint::from_path("/v1/completions"),
+        Some(Endpoint::Completions)
+    );
+    assert_eq!(Endpoint::from_path("/v1/responses/x"), None);
+}
+
+#[test]
+fn the_recorded_embeddings_request_passes_and_only_model_changes() {
+    let r = validate_passthrough(Endpoint::Embeddings, EMBED_REQUEST.as_bytes()).expect("valid");
+    assert_eq!(r.model, "text-embedding-3-small");
+    assert!(!r.stream);
+    assert_eq!(r.prompt_chars, "Hello, world!".len());
+    let up = r.upstream_body(EMBED_REQUEST.as_bytes(), &route("emb-up"), false);
+    assert_eq!(
+        String::from_utf8(up).expect("utf-8"),
+        EMBED_REQUEST.replace("text-embedding-3-small", "emb-up")
+    );
+}
+
+#[test]
+fn embeddings_input_and_format_are_checked_naming_the_field() {
+    let bad = |body: &str| {
+        validate_passthrough(Endpoint::Embeddings, body.as_bytes())
+            .expect_err(body)
+            .param
+    };
+    assert_eq!(bad(r#"{"model":"m"}"#).as_deref(), Some("input"));
+    assert_eq!(bad(r#"{"model":"m","input":[]}"#).as_deref(), Some("input"));
+    assert_eq!(
+        bad(r#"{"model":"m","input":{"a":1}}"#).as_deref(),
+        Some("input")
+    );
+    assert_eq!(
+        bad(r#"{"model":"m","input":["a",1]}"#).as_deref(),
+        Some("input")
+    );
+    assert_eq!(
+        bad(r#"{"model":"m","input":"a","encoding_format":"hex"}"#).as_deref(),
+        Some("encoding_format")
+    );
+    assert_eq!(
+        bad(r#"{"model":"m","input":"a","dimensions":0}"#).as_deref(),
+        Some("dimensions")
+    );
+    assert_eq!(
+        bad(r#"{"model":"m","input":"a","stream":true}"#).as_deref(),
+        Some("stream")
+    );
+    assert_eq!(bad(r#"{"input":"a"}"#).as_deref(), Some("model"));
+    assert_eq!(
+        bad(r#"{"model":"m","model":"n","input":"a"}"#).as_deref(),
+        Some("model")
+    );
+    for ok in [
+        r#"{"model":"m","input":["a","b"],"dimensions":256}"#,
+        r#"{"model":"m","input":[1,2,3]}"#,
+        r#"{"model":"m","input":[[1,2],[3]],"encoding_format":"float"}"#,
+    ] {
+        validate_passthrough(Endpoint::Embeddings, ok.as_bytes()).expect(ok);
+    }
+}
+
+#[test]
+fn a_completions_stream_asks_for_usage_keeping_the_clients_bytes() {
+    let body = br#"{"model":"m", "prompt":"Say 1.0", "stream":true,"max_tokens":7}"#;
+    let r = validate_passthrough(Endpoint::Completions, body).expect("valid");
+    assert!(r.stream && !r.include_usage);
+    let up = r.upstream_body(body, &route("davinci-002"), true);
+    assert_eq!(
+        String::from_utf8(up).expect("utf-8"),
+        r#"{"model":"davinci-002", "prompt":"Say 1.0", "stream":true,"max_tokens":7,"stream_options":{"include_usage":true}}"#
+    );
+}
+
+#[test]
+fn responses_read_previous_response_id_and_leave_the_rest() {
+    let body = br#"{"model":"m","input":"hi","previous_response_id":"resp_1","stream":true}"#;
+    let r = validate_passthrough(Endpoint::Responses, body).expect("valid");
+    assert_eq!(r.previous_response_id.as_deref(), Some("resp_1"));
+    let up = r.upstream_body(body, &route("gpt-4o-mini"), true);
+    assert_eq!(
+        String::from_utf8(up).expect("utf-8"),
+        r#"{"model":"gpt-4o-mini","input":"hi","previous_response_id":"resp_1","stream":true}"#
+    );
+}
+
+#[test]
+fn usage_comes_from_each_recorded_answer() {
+    let u = body_usage(Endpoint::Embeddings, EMBED_BASE64.as_bytes()).expect("usage");
+    assert_eq!(
+        (u.prompt_tokens, u.completion_tokens, u.total_tokens),
+        (4, 0, 4)
+    );
+    let u = body_usage(Endpoint::Completions, COMPLETION.as_bytes()).expect("usage");
+    assert_eq!(
+        (u.prompt_tokens, u.completion_tokens, u.total_tokens),
+        (8, 16, 24)
+    );
+    for body in [RESPONSE, RESPONSE_2026] {
+        let u = body_usage(Endpoint::Responses, body.as_bytes()).expect("usage");
+        assert!(u.prompt_tokens > 0 && u.completion_tokens > 0);
+        assert_eq!(u.total_tokens, u.prompt_tokens + u.completion_tokens);
+    }
+}
+
+#[test]
+fn recorded_responses_streams_hold_two_preamble_events_and_end_with_usage() {
+    for stream in [STREAM, STREAM_2026, STREAM_CALL] {
+        let read: Vec<ResponsesEvent> = events(stream).iter().map(|e| responses_event(e)).collect();
+        assert!(read.len() > 4);
+        assert!(read[0].preamble && read[1].preamble, "{:?}", read[0].kind);
+        assert_eq!(read[0].kind, "response.created");
+        assert!(read[0]
+            .response_id
+            .as_deref()
+            .is_some_and(|id| id.starts_with("resp_")));
+        assert!(
+            read[2..].iter().all(|e| !e.preamble),
+            "output after the preamble"
+        );
+        let last = read.last().expect("events");
+        assert!(last.done && !last.error);
+        assert!(read[..read.len() - 1].iter().all(|e| !e.done));
+        let usage = last.usage.expect("usage on response.completed");
+        assert!(usage.prompt_tokens > 0 && usage.total_tokens > usage.prompt_tokens);
+        assert!(read.iter().map(|e| e.content_chars).sum::<usize>() > 0);
+    }
+}
+
+#[test]
+fn the_recorded_error_stream_reads_as_an_error() {
+    let read: Vec<ResponsesEvent> = events(STREAM_ERROR)
+        .iter()
+        .map(|e| responses_event(e))
+        .collect();
+    assert!(
+        read.iter().any(|e| e.error),
+        "{:?}",
+        read.iter().map(|e| &e.kind).collect::<Vec<_>>()
+    );
+}
