@@ -31,9 +31,17 @@ fn errors(text: &str) -> Vec<String> {
 fn shipped_config_is_valid_and_lists_the_default_catalogue_in_order() {
     let config = SidecarConfig::parse(SHIPPED, "conf/sidecar.toml").unwrap();
     let ids: Vec<&str> = config.models.keys().map(String::as_str).collect();
-    assert_eq!(ids, ["gpt-5-mini", "gpt-4o-mini", "gpt-5-chat"]);
+    assert_eq!(
+        ids,
+        [
+            "gpt-5-mini",
+            "gpt-4o-mini",
+            "gpt-5-chat",
+            "text-embedding-3-small"
+        ]
+    );
     let tiers: Vec<Tier> = config.models.values().map(|m| m.tier).collect();
-    assert_eq!(tiers, [Tier::Fast, Tier::Smart, Tier::Pro]);
+    assert_eq!(tiers, [Tier::Fast, Tier::Smart, Tier::Pro, Tier::Fast]);
     assert_eq!(config.breaker.cooldown, Duration::from_secs(30));
     assert_eq!(
         config.providers["openai"].timeouts.total,
@@ -174,7 +182,7 @@ fn models_list_filters_by_allow_list() {
     let all: serde_json::Value = serde_json::from_str(&config.models_list(None)).unwrap();
     assert!(config.models_list(None).starts_with(r#"{"object":"list","data":[{"id":"gpt-5-mini","object":"model","created":0,"owned_by":"aeferalow","tier":"Fast","description":"#));
     assert_eq!(all["object"], "list");
-    assert_eq!(all["data"].as_array().unwrap().len(), 3);
+    assert_eq!(all["data"].as_array().unwrap().len(), 4);
     assert_eq!(all["data"][0]["tier"], "Fast");
     assert_eq!(all["data"][0]["object"], "model");
     let some: serde_json::Value =

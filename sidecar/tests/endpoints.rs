@@ -112,7 +112,7 @@ async fn models_serve_only_their_kinds_endpoints() {
     assert_eq!(list["data"][1]["kind"], "chat");
     assert_eq!(
         list["data"][1]["endpoints"],
-        json!(["chat/completions", "completions", "responses"])
+        json!(["chat/completions", "completions", "responses", "messages"])
     );
     let usage = sidecar
         .usage_by_model_until(|row| row["requests"] == 4)
