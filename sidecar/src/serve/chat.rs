@@ -16,7 +16,7 @@ use crate::serve::relay::{self, StreamStart, Wire};
 use crate::serve::state::{BreakerTicket, Gateway, Runtime};
 use afr_core::attempt::{Attempt, Holding};
 use afr_core::breaker::{Admission, Outcome};
-use afr_core::config::RouteConfig;
+use afr_core::config::{ModelConfig, RouteConfig};
 use afr_core::endpoint::{wrong_endpoint, Endpoint};
 use afr_core::error::ErrorShape;
 use afr_core::route::{Exhausted, RouteFailure, RoutePlan};
@@ -152,21 +152,16 @@ pub async fn chat_completions(
         Ok(r) => r,
         Err(invalid) => return reject(&caller, usage, GatewayError::Invalid(invalid)),
     };
-    let in_catalogue = runtime.config.models.contains_key(&request.model);
-    if in_catalogue {
-        // A name outside the catalogue is the client's free text: it must not
-        // become a metrics label or a usage row of its own (unbounded series).
-        usage.record().model = request.model.clone();
-    }
-    usage.record().stream = request.stream;
-    if let Err(invalid) = check_model(&request.model, in_catalogue, caller.allowed.as_deref()) {
+    let admitted = admit_model(
+        &runtime,
+        &caller,
+        &mut usage,
+        &request.model,
+        request.stream,
+        Endpoint::ChatCompletions,
+    );
+    if let Err(invalid) = admitted {
         return reject(&caller, usage, GatewayError::Invalid(invalid));
-    }
-    if let Some(model) = runtime.config.models.get(&request.model) {
-        if !model.kind.serves(Endpoint::ChatCompletions) {
-            let invalid = wrong_endpoint(&request.model, model.kind, Endpoint::ChatCompletions);
-            return reject(&caller, usage, GatewayError::Invalid(invalid));
-        }
     }
     route(
         gateway,
@@ -176,6 +171,38 @@ pub async fn chat_completions(
         &ChatExchange { request, body },
     )
     .await
+}
+
+/// The one model-admission step every endpoint shares: puts the model (when
+/// it is in the catalogue) and whether the request streams on its usage row,
+/// then checks the name against the catalogue, the key's allow-list and the
+/// endpoints the model's kind serves.
+pub fn admit_model<'r>(
+    runtime: &'r Runtime,
+    caller: &Caller,
+    usage: &mut Accounting,
+    model: &str,
+    stream: bool,
+    endpoint: Endpoint,
+) -> Result<&'r ModelConfig, Invalid> {
+    let config = runtime.config.models.get(model);
+    if config.is_some() {
+        // A name outside the catalogue is the client's free text: it must not
+        // become a metrics label or a usage row of its own (unbounded series).
+        usage.record().model = model.to_owned();
+    }
+    usage.record().stream = stream;
+    check_model(model, config.is_some(), caller.allowed.as_deref())?;
+    match config {
+        Some(config) if config.kind.serves(endpoint) => Ok(config),
+        Some(config) => Err(wrong_endpoint(model, config.kind, endpoint)),
+        // Not reached: check_model refused a name outside the catalogue.
+        None => Err(Invalid {
+            param: Some("model".into()),
+            message: format!("The model '{model}' does not exist."),
+            code: Some("model_not_found"),
+        }),
+    }
 }
 
 /// Answers with an error no provider was involved in. The request still

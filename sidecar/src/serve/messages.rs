@@ -15,16 +15,16 @@ use crate::providers::{
     AnthropicClient, EventStream, MessagesEndpoint, Provider, ProviderError, Reply, UpstreamCall,
 };
 use crate::serve::accounting::Accounting;
-use crate::serve::chat::{reject, route, Caller, Exchange};
+use crate::serve::chat::{admit_model, reject, route, Caller, Exchange};
 use crate::serve::error::{json_response, Body, GatewayError};
 use crate::serve::relay::Wire;
 use crate::serve::state::{Gateway, Runtime};
 use afr_core::anthropic::{request_to_openai, response_to_anthropic, ChatToMessages};
 use afr_core::config::RouteConfig;
-use afr_core::endpoint::{wrong_endpoint, Endpoint};
+use afr_core::endpoint::Endpoint;
 use afr_core::messages::{estimate_input_tokens, validate_messages, MessagesRequest};
 use afr_core::splice::Splice;
-use afr_core::validate::{check_model, Invalid};
+use afr_core::validate::Invalid;
 use async_trait::async_trait;
 use bytes::Bytes;
 use futures_util::StreamExt;
@@ -60,20 +60,16 @@ pub async fn messages(
         Ok(r) => r,
         Err(invalid) => return reject(&caller, usage, GatewayError::Invalid(invalid)),
     };
-    let in_catalogue = runtime.config.models.contains_key(&request.model);
-    if in_catalogue {
-        // As for chat: free text never becomes a metrics label or a row of its own.
-        usage.record().model = request.model.clone();
-    }
-    usage.record().stream = request.stream;
-    if let Err(invalid) = check_model(&request.model, in_catalogue, caller.allowed.as_deref()) {
+    let admitted = admit_model(
+        &runtime,
+        &caller,
+        &mut usage,
+        &request.model,
+        request.stream,
+        Endpoint::Messages,
+    );
+    if let Err(invalid) = admitted {
         return reject(&caller, usage, GatewayError::Invalid(invalid));
-    }
-    if let Some(model) = runtime.config.models.get(&request.model) {
-        if !model.kind.serves(Endpoint::Messages) {
-            let invalid = wrong_endpoint(&request.model, model.kind, Endpoint::Messages);
-            return reject(&caller, usage, GatewayError::Invalid(invalid));
-        }
     }
     let can_count = runtime.config.models.get(&request.model).is_some_and(|m| {
         m.routes.iter().any(|r| {

@@ -14,16 +14,16 @@
 
 use crate::providers::{ProviderError, Reply, UpstreamCall};
 use crate::serve::accounting::Accounting;
-use crate::serve::chat::{reject, Caller};
+use crate::serve::chat::{admit_model, reject, Caller};
 use crate::serve::error::{json_response, Body, GatewayError};
 use crate::serve::relay::{self, StreamStart, Wire};
 use crate::serve::state::{BreakerTicket, Gateway, Runtime};
 use afr_core::attempt::{Attempt, Holding};
 use afr_core::breaker::{Admission, Outcome};
-use afr_core::endpoint::{body_usage, validate_passthrough, wrong_endpoint, Endpoint};
+use afr_core::endpoint::{body_usage, validate_passthrough, Endpoint};
 use afr_core::route::{Exhausted, RouteFailure, RoutePlan};
 use afr_core::sse::has_data;
-use afr_core::validate::{check_model, Invalid};
+use afr_core::validate::Invalid;
 use bytes::Bytes;
 use futures_util::StreamExt;
 use http::{Response, StatusCode};
@@ -48,30 +48,18 @@ pub async fn passthrough(
         Ok(r) => r,
         Err(invalid) => return reject(&caller, usage, GatewayError::Invalid(invalid)),
     };
-    let model_config = runtime.config.models.get(&request.model);
-    if model_config.is_some() {
-        // Outside the catalogue it is free text: no label, no row of its own.
-        usage.record().model = request.model.clone();
-    }
-    usage.record().stream = request.stream;
-    if let Err(invalid) = check_model(
+    let admitted = admit_model(
+        &runtime,
+        &caller,
+        &mut usage,
         &request.model,
-        model_config.is_some(),
-        caller.allowed.as_deref(),
-    ) {
-        return reject(&caller, usage, GatewayError::Invalid(invalid));
-    }
-    let Some(model) = model_config else {
-        return reject(
-            &caller,
-            usage,
-            GatewayError::NotFound(request.model.clone()),
-        );
+        request.stream,
+        endpoint,
+    );
+    let model = match admitted {
+        Ok(model) => model,
+        Err(invalid) => return reject(&caller, usage, GatewayError::Invalid(invalid)),
     };
-    if !model.kind.serves(endpoint) {
-        let invalid = wrong_endpoint(&request.model, model.kind, endpoint);
-        return reject(&caller, usage, GatewayError::Invalid(invalid));
-    }
     let serving = |i: usize| {
         runtime
             .providers
