@@ -658,7 +658,10 @@ mod tests {
         );
         let t = KeyTable::parse("k", &text).unwrap();
         let (a, b) = (&t.entries()[0].limits, &t.entries()[1].limits);
-        assert_eq!((a.tpm, a.max_concurrent, a.budget), (Some(1000), Some(4), None));
+        assert_eq!(
+            (a.tpm, a.max_concurrent, a.budget),
+            (Some(1000), Some(4), None)
+        );
         assert_eq!((b.tpm, b.max_concurrent), (Some(50), Some(1)));
         assert_eq!(b.budget.map(|b| b.nanos), Some(2_500_000_000));
         let none = KeyTable::parse("k", &entry("a", TOKEN, "")).unwrap();
@@ -668,7 +671,10 @@ mod tests {
             entry("a", TOKEN, "")
         );
         let t = KeyTable::parse("k", &with_default_budget).unwrap();
-        assert_eq!(t.entries()[0].limits.budget.map(|b| b.nanos), Some(10_000_000_000));
+        assert_eq!(
+            t.entries()[0].limits.budget.map(|b| b.nanos),
+            Some(10_000_000_000)
+        );
     }
 
     #[test]
@@ -680,11 +686,28 @@ mod tests {
         assert!(err(&entry("a", TOKEN, "max_concurrent = -1"))
             .starts_with("keys.toml:5: key[1].max_concurrent: must be between"));
         let per = err(&entry("a", TOKEN, "budget = { usd = 5, per = \"week\" }"));
-        assert!(per.starts_with("keys.toml:5: key[1].budget: per must be"), "{per}");
-        let usd = err(&entry("a", TOKEN, "budget = { usd = \"5\", per = \"day\" }"));
-        assert!(usd.starts_with("keys.toml:5: key[1].budget: usd must be"), "{usd}");
-        let unknown = err(&entry("a", TOKEN, "budget = { dollars = 5, per = \"day\" }"));
-        assert!(unknown.starts_with("keys.toml:5: key[1].budget"), "{unknown}");
+        assert!(
+            per.starts_with("keys.toml:5: key[1].budget: per must be"),
+            "{per}"
+        );
+        let usd = err(&entry(
+            "a",
+            TOKEN,
+            "budget = { usd = \"5\", per = \"day\" }",
+        ));
+        assert!(
+            usd.starts_with("keys.toml:5: key[1].budget: usd must be"),
+            "{usd}"
+        );
+        let unknown = err(&entry(
+            "a",
+            TOKEN,
+            "budget = { dollars = 5, per = \"day\" }",
+        ));
+        assert!(
+            unknown.starts_with("keys.toml:5: key[1].budget"),
+            "{unknown}"
+        );
         assert!(err("[defaults]\ntpm = 0\n").starts_with("keys.toml:2: defaults.tpm: "));
     }
 }

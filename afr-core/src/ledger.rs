@@ -352,7 +352,14 @@ mod tests {
             .collect();
         assert_eq!(holds.len(), 10);
         let refused = l.reserve("k", &limits, tokens(100), T0 + 5).unwrap_err();
-        assert!(matches!(refused, Refusal::Tokens { limit: 1000, requested: 100, .. }));
+        assert!(matches!(
+            refused,
+            Refusal::Tokens {
+                limit: 1000,
+                requested: 100,
+                ..
+            }
+        ));
         // Each really used 30: 700 freed, room for 7 more worst cases.
         for h in holds {
             l.settle(h, tokens(30), T0 + 10);
@@ -385,19 +392,27 @@ mod tests {
     fn retry_after_is_tight() {
         let mut l = Ledger::new();
         let _h = l.reserve("k", &tpm(100), tokens(100), T0 + 30_000).unwrap();
-        let r = l.reserve("k", &tpm(100), tokens(50), T0 + 30_000).unwrap_err();
+        let r = l
+            .reserve("k", &tpm(100), tokens(50), T0 + 30_000)
+            .unwrap_err();
         let wait = r.retry_after_ms();
         // The 100 move to the previous window at T0+60 s and decay; 50 fit
         // once half of it is gone, 30 s into the next window.
         assert_eq!(wait, 60_000);
-        assert!(l.reserve("k", &tpm(100), tokens(50), T0 + 30_000 + wait - 1).is_err());
-        assert!(l.reserve("k", &tpm(100), tokens(50), T0 + 30_000 + wait).is_ok());
+        assert!(l
+            .reserve("k", &tpm(100), tokens(50), T0 + 30_000 + wait - 1)
+            .is_err());
+        assert!(l
+            .reserve("k", &tpm(100), tokens(50), T0 + 30_000 + wait)
+            .is_ok());
     }
 
     #[test]
     fn settling_after_the_window_rolled_corrects_the_previous_one() {
         let mut l = Ledger::new();
-        let h = l.reserve("k", &tpm(1000), tokens(1000), T0 + 59_000).unwrap();
+        let h = l
+            .reserve("k", &tpm(1000), tokens(1000), T0 + 59_000)
+            .unwrap();
         l.settle(h, tokens(200), T0 + 61_000);
         // 200 in the previous window, 59/60 of it still weighing.
         assert_eq!(l.tokens("k", 1000, T0 + 61_000).remaining, 1000 - 197);
@@ -434,7 +449,10 @@ mod tests {
         let h2 = l.reserve("k", &limits, ask, T0 + 1).unwrap();
         // Settled after the day ended: the new day starts clean.
         l.settle(h2, ask, end + 1);
-        assert_eq!(l.budget_remaining("k", limits.budget.unwrap(), end + 1), 1000);
+        assert_eq!(
+            l.budget_remaining("k", limits.budget.unwrap(), end + 1),
+            1000
+        );
     }
 
     #[test]

@@ -111,6 +111,11 @@ pub(super) const COLUMNS: &[Column] = &[
         pg_type: "BOOLEAN",
         value: |r| Cell::Bool(r.truncated),
     },
+    Column {
+        name: "cost_nanos",
+        pg_type: "BIGINT",
+        value: |r| Cell::OptInt(r.cost_nanos.map(saturating_i64)),
+    },
 ];
 
 /// Database integers are i64; counts beyond that are clamped, not wrapped.
