@@ -75,6 +75,9 @@ impl Partial {
     }
 }
 
+// One Section lives at a time; boxing the key would cost an allocation per
+// key of a 100 000-key file for nothing.
+#[allow(clippy::large_enum_variant)]
 enum Section {
     Top,
     Defaults,

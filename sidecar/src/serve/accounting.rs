@@ -14,7 +14,6 @@
 //! a request that consumed nothing releases it — so every reservation ends
 //! exactly once too, however the request ends.
 
-use crate::serve::error::GatewayError;
 use crate::serve::state::Gateway;
 use afr_core::config::Price;
 use afr_core::ledger::{Amount, Hold, Refusal};
@@ -72,39 +71,19 @@ impl Accounting {
     /// Reserves the request's worst case (`worst`: estimated prompt tokens
     /// plus the most completion tokens any route may produce, and the highest
     /// cost of that) against the key's `limits`, before any provider is
-    /// called. Refused: the 429 to answer. Called once per request.
+    /// called. Refused: which limit (a 429, see `GatewayError::from`). Called once per request.
     pub fn reserve(
         &mut self,
         limits: &KeyLimits,
         prompt_chars: usize,
         worst: Amount,
-    ) -> Result<(), GatewayError> {
+    ) -> Result<(), Refusal> {
         self.prompt_estimate = estimate_tokens(prompt_chars);
         let now = unix_ms_now();
         let key = self.record.key_id.clone();
-        let result = self.gateway.ledger().reserve(&key, limits, worst, now);
-        match result {
-            Ok(hold) => {
-                self.hold = Some(hold);
-                Ok(())
-            }
-            Err(Refusal::Tokens {
-                limit,
-                requested,
-                retry_after_ms,
-            }) => Err(GatewayError::OverTokens {
-                limit,
-                requested,
-                retry_after_ms,
-            }),
-            Err(Refusal::Budget {
-                budget,
-                retry_after_ms,
-            }) => Err(GatewayError::OverBudget {
-                budget,
-                retry_after_ms,
-            }),
-        }
+        let hold = self.gateway.ledger().reserve(&key, limits, worst, now)?;
+        self.hold = Some(hold);
+        Ok(())
     }
 
     /// The route being tried: its provider, upstream model and price.

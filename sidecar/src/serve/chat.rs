@@ -238,8 +238,8 @@ pub async fn route(
             |p| runtime.providers.contains_key(p),
             |r| request.output_cap(r),
         );
-        if let Err(e) = usage.reserve(&caller.limits, request.prompt_chars(), worst) {
-            return reject(&caller, usage, e);
+        if let Err(refusal) = usage.reserve(&caller.limits, request.prompt_chars(), worst) {
+            return reject(&caller, usage, refusal.into());
         }
     }
     let strip_usage = request.strip_usage();

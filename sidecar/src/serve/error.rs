@@ -4,6 +4,7 @@
 
 use crate::providers::ProviderError;
 use afr_core::error::{ErrorBody, ErrorShape};
+use afr_core::ledger::Refusal;
 use afr_core::limits::{openai_duration, Budget};
 use afr_core::retry_after;
 use afr_core::validate::Invalid;
@@ -305,6 +306,29 @@ impl GatewayError {
             _ => {}
         }
         response
+    }
+}
+
+impl From<Refusal> for GatewayError {
+    fn from(refusal: Refusal) -> Self {
+        match refusal {
+            Refusal::Tokens {
+                limit,
+                requested,
+                retry_after_ms,
+            } => GatewayError::OverTokens {
+                limit,
+                requested,
+                retry_after_ms,
+            },
+            Refusal::Budget {
+                budget,
+                retry_after_ms,
+            } => GatewayError::OverBudget {
+                budget,
+                retry_after_ms,
+            },
+        }
     }
 }
 

@@ -104,8 +104,8 @@ pub async fn passthrough(
             |p| runtime.providers.contains_key(p),
             |_| cap,
         );
-        if let Err(e) = usage.reserve(&caller.limits, request.prompt_chars, worst) {
-            return reject(&caller, usage, e);
+        if let Err(refusal) = usage.reserve(&caller.limits, request.prompt_chars, worst) {
+            return reject(&caller, usage, refusal.into());
         }
     }
     let strip_usage = request.stream && !request.include_usage;
