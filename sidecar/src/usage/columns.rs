@@ -245,7 +245,11 @@ mod tests {
             "{sqlite}"
         );
         assert!(
-            pg.contains(&format!("${}::BOOLEAN[])", COLUMNS.len())),
+            pg.contains(&format!(
+                "${}::{}[])",
+                COLUMNS.len(),
+                COLUMNS[COLUMNS.len() - 1].pg_type
+            )),
             "{pg}"
         );
     }
