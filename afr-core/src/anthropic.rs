@@ -400,6 +400,7 @@ impl Tokens {
             prompt_tokens: u.prompt_tokens,
             completion_tokens: u.completion_tokens,
             total_tokens: u.total_tokens,
+            cached_tokens: self.cache_read,
         }
     }
 }

@@ -456,6 +456,36 @@ pub struct RouteConfig {
     /// Numeric fields clamped into a range (applied after `rename`).
     #[serde(default)]
     pub clamp: IndexMap<String, Clamp>,
+    /// List price of this route; `None`: cost unknown (recorded as such, and
+    /// no spend counts against budgets).
+    #[serde(default)]
+    pub price: Option<Price>,
+}
+
+/// A route's price in US dollars per million tokens.
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Price {
+    /// Prompt tokens.
+    pub input: f64,
+    /// Prompt tokens served from the provider's cache; `input` when absent.
+    #[serde(default)]
+    pub cached_input: Option<f64>,
+    /// Completion tokens.
+    pub output: f64,
+}
+
+impl Price {
+    /// Cost in nano-dollars of `prompt` tokens (of which `cached` were
+    /// cached) and `completion` tokens. $1 per million tokens is 1000
+    /// nano-dollars per token.
+    pub fn cost_nanos(&self, prompt: u64, cached: u64, completion: u64) -> u64 {
+        let cached = cached.min(prompt);
+        let nanos = (prompt - cached) as f64 * self.input * 1000.0
+            + cached as f64 * self.cached_input.unwrap_or(self.input) * 1000.0
+            + completion as f64 * self.output * 1000.0;
+        nanos.round() as u64
+    }
 }
 
 /// A numeric range for [`RouteConfig::clamp`].
@@ -731,6 +761,20 @@ impl SidecarConfig {
                         format!("unknown provider {:?}", r.provider),
                     ));
                 }
+                if let Some(p) = r.price {
+                    for (field, v) in [
+                        ("input", Some(p.input)),
+                        ("cached_input", p.cached_input),
+                        ("output", Some(p.output)),
+                    ] {
+                        if v.is_some_and(|v| !(v.is_finite() && (0.0..=1e6).contains(&v))) {
+                            errors.push(ConfigError::new(
+                                format!("{path}.price.{field}"),
+                                "must be a number of dollars per million tokens from 0 to 1000000",
+                            ));
+                        }
+                    }
+                }
                 for (field, c) in &r.clamp {
                     if let (Some(lo), Some(hi)) = (c.min, c.max) {
                         if lo > hi {
@@ -748,6 +792,23 @@ impl SidecarConfig {
         } else {
             Err(errors)
         }
+    }
+
+    /// What is allowed but probably not meant: routes without a price (their
+    /// cost is recorded as unknown and never counts against a budget).
+    pub fn warnings(&self) -> Vec<ConfigError> {
+        let mut warnings = Vec::new();
+        for (id, m) in &self.models {
+            for (i, r) in m.routes.iter().enumerate() {
+                if r.price.is_none() {
+                    warnings.push(ConfigError::new(
+                        format!("models.{id}.routes[{i}].price"),
+                        "no price: cost is recorded as unknown and not counted against budgets",
+                    ));
+                }
+            }
+        }
+        warnings
     }
 
     /// The `GET /v1/models` body for a key (`allowed = None`: every model),

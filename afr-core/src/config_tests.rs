@@ -281,3 +281,74 @@ fn absurd_durations_are_errors_naming_the_path() {
         .checked_add(config.providers["mock"].timeouts.total)
         .is_some());
 }
+
+#[test]
+fn prices_cost_and_warnings() {
+    let shipped = SidecarConfig::parse(SHIPPED, "conf/sidecar.toml").unwrap();
+    assert!(
+        shipped.warnings().is_empty(),
+        "every shipped route has a price"
+    );
+    let p = shipped.models["gpt-5-mini"].routes[0].price.unwrap();
+    // 1000 prompt (400 cached) + 500 completion at $0.25 / $0.025 / $2 per 1M.
+    assert_eq!(
+        p.cost_nanos(1000, 400, 500),
+        600 * 250 + 400 * 25 + 500 * 2000
+    );
+    let minimal = SidecarConfig::parse(MINIMAL, "t").unwrap();
+    let w: Vec<String> = minimal.warnings().iter().map(ToString::to_string).collect();
+    assert_eq!(w.len(), 1);
+    assert!(
+        w[0].starts_with("models.m.routes[0].price: no price"),
+        "{}",
+        w[0]
+    );
+    let bad = format!("{MINIMAL}price = {{ input = -1, output = 1 }}\n");
+    assert!(errors(&bad)[0].starts_with("models.m.routes[0].price.input: "));
+}
+
+#[test]
+fn output_cap_follows_rename_and_clamp() {
+    let config = SidecarConfig::parse(SHIPPED, "conf/sidecar.toml").unwrap();
+    let cap = |model: &str, route: usize, body: &str| {
+        let req = crate::validate::validate_chat(body.as_bytes()).unwrap();
+        req.output_cap(&config.models[model].routes[route])
+    };
+    let msgs = r#""messages":[{"role":"user","content":"hi"}]"#;
+    let m = r#""model":"gpt-4o-mini""#;
+    assert_eq!(cap("gpt-4o-mini", 0, &format!("{{{m},{msgs}}}")), 4096);
+    assert_eq!(
+        cap(
+            "gpt-4o-mini",
+            0,
+            &format!("{{{m},{msgs},\"max_tokens\":99}}")
+        ),
+        99
+    );
+    // Clamped to the route's 16384.
+    assert_eq!(
+        cap(
+            "gpt-4o-mini",
+            0,
+            &format!("{{{m},{msgs},\"max_tokens\":90000}}")
+        ),
+        16384
+    );
+    // Renamed to max_completion_tokens, then clamped at 16384.
+    assert_eq!(
+        cap(
+            "gpt-5-chat",
+            0,
+            &format!("{{{m},{msgs},\"max_tokens\":90000}}")
+        ),
+        16384
+    );
+    assert_eq!(
+        cap(
+            "gpt-4o-mini",
+            0,
+            &format!("{{{m},{msgs},\"max_completion_tokens\":700,\"max_tokens\":5}}")
+        ),
+        700
+    );
+}

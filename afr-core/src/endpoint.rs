@@ -321,6 +321,8 @@ impl From<ResponsesUsage> for TokenUsage {
             prompt_tokens: prompt,
             completion_tokens: completion,
             total_tokens: u.total_tokens.unwrap_or(prompt + completion),
+            // Not read from this wire: billed at the full input price.
+            cached_tokens: 0,
         }
     }
 }

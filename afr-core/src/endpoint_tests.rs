@@ -22,6 +22,7 @@ fn route(model: &str) -> RouteConfig {
         drop: vec![],
         rename: Default::default(),
         clamp: Default::default(),
+        price: None,
     }
 }
 

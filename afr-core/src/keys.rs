@@ -18,6 +18,9 @@
 //! enabled = true                # optional, default true
 //! expires = "2027-01-01T00:00:00Z"  # optional, RFC 3339
 //! models = ["gpt-5-mini"]       # optional allow-list; absent = every model
+//! tpm = 100000                  # optional tokens per minute (also in [defaults])
+//! budget = { usd = 50, per = "month" }  # optional spend per UTC day/month
+//! max_concurrent = 8            # optional requests in flight (also in [defaults])
 //! ```
 
 use std::collections::HashMap;
@@ -27,11 +30,12 @@ use std::path::Path;
 use sha2::{Digest, Sha256};
 
 use crate::error::ErrorBody;
+use crate::limits::{Budget, KeyLimits, MAX_CONCURRENT, MAX_TPM};
 
 mod document;
 mod fast;
 
-use document::{Document, Locator, RawFile, Val};
+use document::{BudgetText, Document, Locator, RawFile, Val};
 
 /// Every client key starts with this.
 pub const TOKEN_PREFIX: &str = "afr_";
@@ -64,6 +68,8 @@ pub struct KeyEntry {
     pub expires: Option<i64>,
     /// Model allow-list; `None` allows every model.
     pub models: Option<Vec<String>>,
+    /// Tokens per minute, spend budget, requests in flight.
+    pub limits: KeyLimits,
     /// 1-based line of the entry's `[[key]]` header.
     pub line: usize,
 }
@@ -256,6 +262,15 @@ impl KeyTable {
             Some(r) => rpm_field(&loc, r, "defaults.rpm")?,
             None => DEFAULT_RPM,
         };
+        let default_limits = KeyLimits {
+            tpm: opt(&doc.default_tpm, |r| tpm_field(&loc, r, "defaults.tpm"))?,
+            budget: opt(&doc.default_budget, |b| {
+                budget_field(&loc, b, "defaults.budget")
+            })?,
+            max_concurrent: opt(&doc.default_max_concurrent, |r| {
+                concurrent_field(&loc, r, "defaults.max_concurrent")
+            })?,
+        };
 
         let mut table = KeyTable {
             entries: Vec::with_capacity(doc.keys.len()),
@@ -299,6 +314,15 @@ impl KeyTable {
                 Some(r) => rpm_field(&loc, r, &f("rpm"))?,
                 None => default_rpm,
             };
+            let limits = KeyLimits {
+                tpm: opt(&k.tpm, |r| tpm_field(&loc, r, &f("tpm")))?.or(default_limits.tpm),
+                budget: opt(&k.budget, |b| budget_field(&loc, b, &f("budget")))?
+                    .or(default_limits.budget),
+                max_concurrent: opt(&k.max_concurrent, |r| {
+                    concurrent_field(&loc, r, &f("max_concurrent"))
+                })?
+                .or(default_limits.max_concurrent),
+            };
             let expires = match &k.expires {
                 Some(v) => Some(
                     check_expires(&v.v).map_err(|message| loc.err(v.at, f("expires"), message))?,
@@ -325,6 +349,7 @@ impl KeyTable {
                 enabled: k.enabled.unwrap_or(true),
                 expires,
                 models,
+                limits,
                 line,
             });
         }
@@ -364,6 +389,42 @@ impl KeyTable {
 
 fn rpm_field(loc: &Locator<'_>, r: &Val<i64>, field: &str) -> Result<u32, KeyFileError> {
     check_rpm(r.v).map_err(|message| loc.err(r.at, field, message))
+}
+
+fn opt<T, U, E>(v: &Option<T>, f: impl FnOnce(&T) -> Result<U, E>) -> Result<Option<U>, E> {
+    v.as_ref().map(f).transpose()
+}
+
+fn tpm_field(loc: &Locator<'_>, r: &Val<i64>, field: &str) -> Result<u64, KeyFileError> {
+    check_tpm(r.v).map_err(|message| loc.err(r.at, field, message))
+}
+
+fn concurrent_field(loc: &Locator<'_>, r: &Val<i64>, field: &str) -> Result<u32, KeyFileError> {
+    check_max_concurrent(r.v).map_err(|message| loc.err(r.at, field, message))
+}
+
+fn budget_field(
+    loc: &Locator<'_>,
+    b: &Val<BudgetText>,
+    field: &str,
+) -> Result<Budget, KeyFileError> {
+    Budget::from_usd(b.v.usd, &b.v.per).map_err(|message| loc.err(b.at, field, message))
+}
+
+/// Checks a tokens-per-minute limit (1 to 10 000 000 000).
+pub fn check_tpm(tpm: i64) -> Result<u64, String> {
+    match tpm {
+        v @ 1..=MAX_TPM => Ok(v as u64),
+        v => Err(format!("must be between 1 and {MAX_TPM}, got {v}")),
+    }
+}
+
+/// Checks a requests-in-flight limit (1 to 1 000 000).
+pub fn check_max_concurrent(n: i64) -> Result<u32, String> {
+    match n {
+        v @ 1..=MAX_CONCURRENT => Ok(v as u32),
+        v => Err(format!("must be between 1 and {MAX_CONCURRENT}, got {v}")),
+    }
 }
 
 // The checks below are the keys file's rules for one value, shared with
@@ -582,6 +643,72 @@ mod tests {
         assert_eq!(e.check(99), Ok(()));
         assert_eq!(e.check(100), Err(Denial::Expired));
         assert_eq!(rate_limited_body(5).kind, "requests");
+    }
+
+    #[test]
+    fn token_budget_and_concurrency_limits() {
+        let text = format!(
+            "[defaults]\ntpm = 1000\nmax_concurrent = 4\n{}{}",
+            entry("a", TOKEN, ""),
+            entry(
+                "b",
+                &format!("{TOKEN}b"),
+                "tpm = 50\nmax_concurrent = 1\nbudget = { usd = 2.5, per = \"day\" }"
+            )
+        );
+        let t = KeyTable::parse("k", &text).unwrap();
+        let (a, b) = (&t.entries()[0].limits, &t.entries()[1].limits);
+        assert_eq!(
+            (a.tpm, a.max_concurrent, a.budget),
+            (Some(1000), Some(4), None)
+        );
+        assert_eq!((b.tpm, b.max_concurrent), (Some(50), Some(1)));
+        assert_eq!(b.budget.map(|b| b.nanos), Some(2_500_000_000));
+        let none = KeyTable::parse("k", &entry("a", TOKEN, "")).unwrap();
+        assert_eq!(none.entries()[0].limits, KeyLimits::default());
+        let with_default_budget = format!(
+            "[defaults]\nbudget = {{ usd = 10, per = \"month\" }}\n{}",
+            entry("a", TOKEN, "")
+        );
+        let t = KeyTable::parse("k", &with_default_budget).unwrap();
+        assert_eq!(
+            t.entries()[0].limits.budget.map(|b| b.nanos),
+            Some(10_000_000_000)
+        );
+    }
+
+    #[test]
+    fn limit_errors_name_file_line_and_field() {
+        assert_eq!(
+            err(&entry("a", TOKEN, "tpm = 0")),
+            "keys.toml:5: key[1].tpm: must be between 1 and 10000000000, got 0"
+        );
+        assert!(err(&entry("a", TOKEN, "max_concurrent = -1"))
+            .starts_with("keys.toml:5: key[1].max_concurrent: must be between"));
+        let per = err(&entry("a", TOKEN, "budget = { usd = 5, per = \"week\" }"));
+        assert!(
+            per.starts_with("keys.toml:5: key[1].budget: per must be"),
+            "{per}"
+        );
+        let usd = err(&entry(
+            "a",
+            TOKEN,
+            "budget = { usd = \"5\", per = \"day\" }",
+        ));
+        assert!(
+            usd.starts_with("keys.toml:5: key[1].budget: usd must be"),
+            "{usd}"
+        );
+        let unknown = err(&entry(
+            "a",
+            TOKEN,
+            "budget = { dollars = 5, per = \"day\" }",
+        ));
+        assert!(
+            unknown.starts_with("keys.toml:5: key[1].budget"),
+            "{unknown}"
+        );
+        assert!(err("[defaults]\ntpm = 0\n").starts_with("keys.toml:2: defaults.tpm: "));
     }
 }
 

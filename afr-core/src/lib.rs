@@ -11,6 +11,8 @@ pub mod config;
 pub mod endpoint;
 pub mod error;
 pub mod keys;
+pub mod ledger;
+pub mod limits;
 pub mod messages;
 pub mod ratelimit;
 pub mod redact;

@@ -313,6 +313,8 @@ impl StreamUsage {
             prompt_tokens: p,
             completion_tokens: c,
             total_tokens: p + c,
+            // Not read from this wire: billed at the full input price.
+            cached_tokens: 0,
         })
     }
 }

@@ -204,6 +204,23 @@ pub struct TokenUsage {
     /// Total tokens.
     #[serde(default, deserialize_with = "null_as_zero")]
     pub total_tokens: u64,
+    /// Of the prompt tokens, those served from the provider's cache
+    /// (`prompt_tokens_details.cached_tokens`), billed at the cached price.
+    #[serde(
+        default,
+        rename = "prompt_tokens_details",
+        deserialize_with = "cached_tokens"
+    )]
+    pub cached_tokens: u64,
+}
+
+fn cached_tokens<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<u64, D::Error> {
+    #[derive(Deserialize)]
+    struct Details {
+        #[serde(default, deserialize_with = "null_as_zero")]
+        cached_tokens: u64,
+    }
+    Ok(Option::<Details>::deserialize(deserializer)?.map_or(0, |d| d.cached_tokens))
 }
 
 /// Some OpenAI-compatible servers send `"completion_tokens": null` (e.g. for

@@ -65,7 +65,8 @@ fn frames_the_recorded_stream_into_its_events() {
         Some(TokenUsage {
             prompt_tokens: 26,
             completion_tokens: 10,
-            total_tokens: 36
+            total_tokens: 36,
+            cached_tokens: 0,
         })
     );
     assert!(!inspect_chunk(&events[11]).usage_only);
@@ -337,4 +338,19 @@ fn null_token_counts_are_zero_not_a_lost_usage() {
     let usage = inspect_chunk(chunk).usage.expect("usage is read");
     assert_eq!(usage.prompt_tokens, 7);
     assert_eq!(usage.completion_tokens, 0);
+}
+
+#[test]
+fn usage_reads_cached_prompt_tokens() {
+    let chunk = br#"data: {"choices":[],"usage":{"prompt_tokens":20,"completion_tokens":3,"total_tokens":23,"prompt_tokens_details":{"cached_tokens":16}}}
+
+"#;
+    assert_eq!(
+        inspect_chunk(chunk).usage.map(|u| u.cached_tokens),
+        Some(16)
+    );
+    let null = br#"data: {"choices":[],"usage":{"prompt_tokens":20,"completion_tokens":3,"total_tokens":23,"prompt_tokens_details":null}}
+
+"#;
+    assert_eq!(inspect_chunk(null).usage.map(|u| u.cached_tokens), Some(0));
 }

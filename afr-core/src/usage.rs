@@ -48,4 +48,8 @@ pub struct UsageRecord {
     pub stream: bool,
     /// Whether the stream ended early (client disconnect or provider failure mid-stream).
     pub truncated: bool,
+    /// Cost in nano-dollars (10⁻⁹ USD) at the route's price; `None` when the
+    /// route has no price (unknown, not free). 0 when nothing was consumed.
+    #[serde(default)]
+    pub cost_nanos: Option<u64>,
 }

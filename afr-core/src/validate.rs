@@ -44,6 +44,9 @@ pub struct ChatRequest {
     /// Whether neither `max_tokens` nor `max_completion_tokens` is set (the
     /// default `max_tokens` is filled in).
     pub fill_max_tokens: bool,
+    /// The client's `max_tokens` and `max_completion_tokens` (0: not set),
+    /// for the worst case a request reserves.
+    pub output_limits: [(&'static str, u64); 2],
     /// Characters of prompt text, for estimating the tokens of a stream cut
     /// short before the provider's usage arrived.
     pub prompt_chars: usize,
@@ -78,6 +81,34 @@ impl ChatRequest {
         }
         route.adapt(&mut body);
         body.finish()
+    }
+
+    /// The most completion tokens `route` can produce for this request: the
+    /// client's limit (or the default that is filled in) after the route's
+    /// rename and clamp — what the provider will really be told.
+    pub fn output_cap(&self, route: &RouteConfig) -> u64 {
+        let limits = if self.fill_max_tokens {
+            [("max_tokens", DEFAULT_MAX_TOKENS), ("", 0)]
+        } else {
+            self.output_limits
+        };
+        limits
+            .iter()
+            .filter(|(field, n)| !field.is_empty() && *n > 0)
+            .map(|&(field, n)| {
+                if route.drop.iter().any(|d| d == field) {
+                    // Dropped: the provider's own default applies, which the
+                    // gateway cannot know; the contract's default stands in.
+                    return DEFAULT_MAX_TOKENS;
+                }
+                let name = route.rename.get(field).map_or(field, String::as_str);
+                match route.clamp.get(name).and_then(|c| c.max) {
+                    Some(max) if (n as f64) > max => max.max(0.0) as u64,
+                    _ => n,
+                }
+            })
+            .max()
+            .unwrap_or(DEFAULT_MAX_TOKENS)
     }
 }
 
@@ -251,10 +282,15 @@ pub fn validate_chat(bytes: &[u8]) -> Result<ChatRequest, Invalid> {
         },
     };
 
-    let has_completion_limit = check_positive_int(&body, "max_completion_tokens")?;
+    let completion_limit = check_positive_int(&body, "max_completion_tokens")?;
+    let max_tokens = check_positive_int(&body, "max_tokens")?;
     // A client that set max_completion_tokens chose its limit; adding
     // max_tokens next to it would be a contradiction upstream.
-    let fill_max_tokens = !check_positive_int(&body, "max_tokens")? && !has_completion_limit;
+    let fill_max_tokens = max_tokens.is_none() && completion_limit.is_none();
+    let output_limits = [
+        ("max_tokens", max_tokens.unwrap_or(0)),
+        ("max_completion_tokens", completion_limit.unwrap_or(0)),
+    ];
 
     Ok(ChatRequest {
         model,
@@ -262,6 +298,7 @@ pub fn validate_chat(bytes: &[u8]) -> Result<ChatRequest, Invalid> {
         include_usage,
         fill_temperature,
         fill_max_tokens,
+        output_limits,
         prompt_chars,
         spans: ObjectSpans::new(bytes, &body),
     })
@@ -291,11 +328,11 @@ pub fn check_model(
     Ok(())
 }
 
-/// Validates `field` as a positive integer when present; `Ok(true)` if it is set.
-pub(crate) fn check_positive_int(body: &Members<'_>, field: &str) -> Result<bool, Invalid> {
+/// Validates `field` as a positive integer when present; `Ok(Some(n))` if it is set.
+pub(crate) fn check_positive_int(body: &Members<'_>, field: &str) -> Result<Option<u64>, Invalid> {
     match self::field(body, field, field)? {
-        None | Some(Value::Null) => Ok(false),
-        Some(Value::Number(n)) if n.as_u64().is_some_and(|v| v > 0) => Ok(true),
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Number(n)) if n.as_u64().is_some_and(|v| v > 0) => Ok(n.as_u64()),
         Some(other) => Err(Invalid::field(
             field,
             format!(

@@ -83,6 +83,7 @@ enum Outcome {
         verdict: Verdict,
         who: Who,
         models: Option<String>,
+        limits: Option<String>,
     },
     Internal(&'static str),
 }
@@ -152,13 +153,20 @@ unsafe extern "C" fn access_handler(r: *mut ngx_http_request_t) -> ngx_int_t {
             verdict,
             who,
             models,
+            limits,
         } => {
             let key = Some((who.id.as_str(), who.name.as_str()));
             // SAFETY: `r` is a valid main request in the access phase.
             let ok = unsafe {
                 variables::record(r, AfrStatus::Admitted, Some(verdict), now.unix_ms, key).is_ok()
-                    && rewrite_identity(r, &who.id, models.as_deref(), lcf.secret.as_deref())
-                        .is_ok()
+                    && rewrite_identity(
+                        r,
+                        &who.id,
+                        models.as_deref(),
+                        limits.as_deref(),
+                        lcf.secret.as_deref(),
+                    )
+                    .is_ok()
             };
             if ok {
                 Status::NGX_DECLINED.into()
@@ -225,11 +233,16 @@ fn decide(r: *mut ngx_http_request_t, zone: &ZoneCtx, now: Now) -> Outcome {
             name: entry.name.clone(),
         };
         match entry.check((now.unix_ms / 1000) as i64) {
-            Ok(()) => Ok((who, entry.rpm, entry.models_header())),
+            Ok(()) => Ok((
+                who,
+                entry.rpm,
+                entry.models_header(),
+                entry.limits.header_value(),
+            )),
             Err(d) => Err((d, Some(who))),
         }
     });
-    let (who, rpm, models) = match found {
+    let (who, rpm, models, limits) = match found {
         None => return Outcome::Internal("no key table loaded"),
         Some(Err((d, who))) => return Outcome::Refuse(d, who),
         Some(Ok(k)) => k,
@@ -251,6 +264,7 @@ fn decide(r: *mut ngx_http_request_t, zone: &ZoneCtx, now: Now) -> Outcome {
             verdict,
             who,
             models,
+            limits,
         },
     }
 }
@@ -264,6 +278,7 @@ unsafe fn rewrite_identity(
     r: *mut ngx_http_request_t,
     id: &str,
     models: Option<&str>,
+    limits: Option<&str>,
     secret: Option<&str>,
 ) -> Result<(), ()> {
     // SAFETY: per the contract; the old elements stay allocated in the request
@@ -280,7 +295,7 @@ unsafe fn rewrite_identity(
             .map(|h| *h)
             .collect();
         let pool = (*r).pool;
-        let n = kept.len() + 3;
+        let n = kept.len() + 4;
         let elts = ngx_palloc(pool, n * std::mem::size_of::<ngx_table_elt_t>());
         if elts.is_null() {
             return Err(());
@@ -306,6 +321,9 @@ unsafe fn rewrite_identity(
         push_header(pool, list, "X-Afr-Key-Id", id.as_bytes())?;
         if let Some(m) = models {
             push_header(pool, list, "X-Afr-Models", m.as_bytes())?;
+        }
+        if let Some(l) = limits {
+            push_header(pool, list, "X-Afr-Limits", l.as_bytes())?;
         }
         if let Some(s) = secret {
             push_header(pool, list, "X-Afr-Secret", s.as_bytes())?;

@@ -144,7 +144,10 @@ pub unsafe fn add_rate_headers(
         let headers = addr_of_mut!((*r).headers_out.headers);
         for h in list_iter(headers) {
             let key = (*h).key.as_bytes();
-            if key.len() > 12 && key[..12].eq_ignore_ascii_case(b"x-ratelimit-") {
+            // The token headers are the sidecar's own (it alone knows the
+            // key's tokens); every other x-ratelimit-* is ours to set.
+            let tokens = key.len() > 7 && key[key.len() - 7..].eq_ignore_ascii_case(b"-tokens");
+            if key.len() > 12 && key[..12].eq_ignore_ascii_case(b"x-ratelimit-") && !tokens {
                 (*h).hash = 0; // hidden from the header writer
             }
         }
@@ -166,6 +169,25 @@ pub unsafe fn add_rate_headers(
             headers,
             "X-RateLimit-Reset",
             v.reset_unix(unix_ms).to_string().as_bytes(),
+        )?;
+        // OpenAI's names for the same window, which SDKs and tools read.
+        push_header(
+            pool,
+            headers,
+            "x-ratelimit-limit-requests",
+            v.limit.to_string().as_bytes(),
+        )?;
+        push_header(
+            pool,
+            headers,
+            "x-ratelimit-remaining-requests",
+            v.remaining.to_string().as_bytes(),
+        )?;
+        push_header(
+            pool,
+            headers,
+            "x-ratelimit-reset-requests",
+            afr_core::limits::openai_duration(v.reset_after_ms).as_bytes(),
         )?;
     }
     Ok(())

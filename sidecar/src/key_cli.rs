@@ -47,6 +47,18 @@ enum KeyCommand {
         /// Comma-separated model allow-list (default: every model).
         #[arg(long, value_delimiter = ',')]
         models: Option<Vec<String>>,
+        #[command(flatten)]
+        limits: LimitArgs,
+    },
+    /// Change a key's limits by id (takes effect within 2 s on a running nginx).
+    Set {
+        /// The key's id.
+        id: String,
+        /// Requests per minute.
+        #[arg(long)]
+        rpm: Option<u32>,
+        #[command(flatten)]
+        limits: LimitArgs,
     },
     /// List the keys in the file (never secrets: they are not stored).
     List,
@@ -55,6 +67,56 @@ enum KeyCommand {
         /// The key's id.
         id: String,
     },
+}
+
+/// The limits beyond `rpm` that `afr key new` and `afr key set` write.
+#[derive(Args, Default)]
+struct LimitArgs {
+    /// Tokens per minute (prompt + completion), reserved before dispatch.
+    #[arg(long)]
+    tpm: Option<i64>,
+    /// Spend allowed per --budget-per, in US dollars at the routes' prices.
+    #[arg(long)]
+    budget_usd: Option<f64>,
+    /// The budget's period, in UTC: day or month.
+    #[arg(long, default_value = "month", requires = "budget_usd")]
+    budget_per: String,
+    /// Requests in flight at once (streams included).
+    #[arg(long)]
+    max_concurrent: Option<i64>,
+}
+
+impl LimitArgs {
+    /// Checks each flag with the keys file's own rules, naming the flag.
+    fn check(&self) -> anyhow::Result<()> {
+        if let Some(t) = self.tpm {
+            keys::check_tpm(t).map_err(|e| anyhow::anyhow!("--tpm: {e}"))?;
+        }
+        if let Some(usd) = self.budget_usd {
+            afr_core::limits::Budget::from_usd(Some(usd), &self.budget_per)
+                .map_err(|e| anyhow::anyhow!("--budget-usd/--budget-per: {e}"))?;
+        }
+        if let Some(n) = self.max_concurrent {
+            keys::check_max_concurrent(n).map_err(|e| anyhow::anyhow!("--max-concurrent: {e}"))?;
+        }
+        Ok(())
+    }
+
+    /// Sets the given limits on a key's table.
+    fn apply(&self, entry: &mut toml_edit::Table) {
+        if let Some(t) = self.tpm {
+            entry["tpm"] = toml_edit::value(t);
+        }
+        if let Some(usd) = self.budget_usd {
+            let mut budget = toml_edit::InlineTable::new();
+            budget.insert("usd", usd.into());
+            budget.insert("per", self.budget_per.as_str().into());
+            entry["budget"] = toml_edit::value(budget);
+        }
+        if let Some(n) = self.max_concurrent {
+            entry["max_concurrent"] = toml_edit::value(n);
+        }
+    }
 }
 
 /// Runs `afr key …`.
@@ -66,6 +128,7 @@ pub fn run(args: KeyArgs) -> anyhow::Result<()> {
             rpm,
             expires,
             models,
+            limits,
         } => {
             let entry = NewKey {
                 id: &id,
@@ -73,6 +136,7 @@ pub fn run(args: KeyArgs) -> anyhow::Result<()> {
                 rpm,
                 expires: expires.as_deref(),
                 models: models.as_deref(),
+                limits: &limits,
             };
             // Everything that can refuse the key is checked before its
             // secret exists: an error never follows a printed secret.
@@ -84,6 +148,20 @@ pub fn run(args: KeyArgs) -> anyhow::Result<()> {
                 "afr: key \"{id}\" added to {}. The secret above is shown only once: store it now.",
                 args.file.display()
             );
+            Ok(())
+        }
+        KeyCommand::Set { id, rpm, limits } => {
+            if let Some(rpm) = rpm {
+                keys::check_rpm(i64::from(rpm)).map_err(|e| anyhow::anyhow!("--rpm: {e}"))?;
+            }
+            limits.check()?;
+            edit_key(&args.file, &id, |entry| {
+                if let Some(rpm) = rpm {
+                    entry["rpm"] = toml_edit::value(i64::from(rpm));
+                }
+                limits.apply(entry);
+            })?;
+            eprintln!("afr: key \"{id}\" updated in {}", args.file.display());
             Ok(())
         }
         KeyCommand::List => {
@@ -106,6 +184,7 @@ struct NewKey<'a> {
     rpm: Option<u32>,
     expires: Option<&'a str>,
     models: Option<&'a [String]>,
+    limits: &'a LimitArgs,
 }
 
 /// Checks the arguments of `afr key new` with the keys file's own rules
@@ -121,6 +200,7 @@ fn check_new_key(path: &Path, k: &NewKey<'_>) -> anyhow::Result<()> {
     for m in k.models.unwrap_or_default() {
         keys::check_model(m.trim()).map_err(|e| anyhow::anyhow!("--models: {e}"))?;
     }
+    k.limits.check()?;
     let table = load(path, &read_existing(path)?)
         .context("the keys file is invalid; fix it before adding keys")?;
     if let Some(other) = table.entries().iter().find(|e| e.id == k.id) {
@@ -188,6 +268,11 @@ fn entry_toml(k: &NewKey<'_>, token: &str) -> String {
         let list: Vec<String> = m.iter().map(|x| quote(x.trim())).collect();
         s.push_str(&format!("models = [{}]\n", list.join(", ")));
     }
+    let mut limits = toml_edit::Table::new();
+    k.limits.apply(&mut limits);
+    for (name, item) in limits.iter() {
+        s.push_str(&format!("{name} = {}\n", item.to_string().trim()));
+    }
     s
 }
 
@@ -207,6 +292,12 @@ fn add_key(path: &Path, k: &NewKey<'_>, token: &str) -> anyhow::Result<()> {
 }
 
 fn disable_key(path: &Path, id: &str) -> anyhow::Result<()> {
+    edit_key(path, id, |entry| entry["enabled"] = toml_edit::value(false))
+}
+
+/// Edits the key `id` in place (comments and layout kept), validating the
+/// result with the file's own rules before it replaces the file.
+fn edit_key(path: &Path, id: &str, edit: impl FnOnce(&mut toml_edit::Table)) -> anyhow::Result<()> {
     let text = read_existing(path)?;
     load(path, &text)?;
     let mut doc: toml_edit::DocumentMut = text
@@ -222,7 +313,7 @@ fn disable_key(path: &Path, id: &str) -> anyhow::Result<()> {
     else {
         bail!("no key with id \"{id}\" in {}", path.display());
     };
-    entry["enabled"] = toml_edit::value(false);
+    edit(entry);
     let new_text = doc.to_string();
     load(path, &new_text)?;
     write_atomically(path, &new_text)
@@ -300,7 +391,71 @@ mod tests {
             rpm: Some(5),
             expires: Some("2030-01-01T00:00:00Z"),
             models,
+            limits: &NO_LIMITS,
         }
+    }
+
+    static NO_LIMITS: LimitArgs = LimitArgs {
+        tpm: None,
+        budget_usd: None,
+        budget_per: String::new(),
+        max_concurrent: None,
+    };
+
+    #[test]
+    fn new_and_set_write_token_budget_and_concurrency_limits() {
+        let dir = std::env::temp_dir().join(format!("afr-key-limits-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("keys.toml");
+        std::fs::write(&path, "# kept\n").unwrap();
+        let limits = LimitArgs {
+            tpm: Some(5000),
+            budget_usd: Some(2.5),
+            budget_per: "day".into(),
+            max_concurrent: Some(3),
+        };
+        add_key(
+            &path,
+            &NewKey {
+                limits: &limits,
+                ..new_key("a", None)
+            },
+            &generate_token().unwrap(),
+        )
+        .unwrap();
+        let table = KeyTable::parse("k", &std::fs::read_to_string(&path).unwrap()).unwrap();
+        let l = table.entries()[0].limits;
+        assert_eq!((l.tpm, l.max_concurrent), (Some(5000), Some(3)));
+        assert_eq!(l.budget.map(|b| b.nanos), Some(2_500_000_000));
+
+        let set = LimitArgs {
+            tpm: Some(100),
+            budget_usd: Some(10.0),
+            budget_per: "month".into(),
+            max_concurrent: None,
+        };
+        edit_key(&path, "a", |e| set.apply(e)).unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(text.starts_with("# kept\n"));
+        let l = KeyTable::parse("k", &text).unwrap().entries()[0].limits;
+        assert_eq!((l.tpm, l.max_concurrent), (Some(100), Some(3)));
+        assert_eq!(
+            l.budget.map(|b| (b.nanos, b.per.as_str())),
+            Some((10_000_000_000, "month"))
+        );
+
+        let bad = LimitArgs {
+            tpm: Some(0),
+            ..LimitArgs::default()
+        };
+        assert!(format!("{:#}", bad.check().unwrap_err()).starts_with("--tpm: must be between"));
+        let week = LimitArgs {
+            budget_usd: Some(1.0),
+            budget_per: "week".into(),
+            ..LimitArgs::default()
+        };
+        assert!(format!("{:#}", week.check().unwrap_err()).contains("per must be"));
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -33,6 +33,7 @@ fn rec(key: &str, model: &str, provider: &str, ts_ms: i64, tokens: (u64, u64)) -
         status: 200,
         stream: false,
         truncated: false,
+        cost_nanos: None,
     }
 }
 

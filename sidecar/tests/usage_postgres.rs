@@ -39,6 +39,7 @@ fn record(i: u64) -> UsageRecord {
         status: 200,
         stream: false,
         truncated: false,
+        cost_nanos: None,
     }
 }
 

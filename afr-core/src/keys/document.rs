@@ -19,6 +19,17 @@ pub(super) struct RawFile {
 #[serde(deny_unknown_fields)]
 pub(super) struct RawDefaults {
     rpm: Option<Spanned<i64>>,
+    tpm: Option<Spanned<i64>>,
+    max_concurrent: Option<Spanned<i64>>,
+    budget: Option<Spanned<RawBudget>>,
+}
+
+/// `budget = { usd = 50, per = "month" }`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawBudget {
+    usd: toml::Value,
+    per: String,
 }
 
 #[derive(Deserialize)]
@@ -28,6 +39,9 @@ pub(super) struct RawKey {
     name: Spanned<String>,
     hash: Spanned<String>,
     rpm: Option<Spanned<i64>>,
+    tpm: Option<Spanned<i64>>,
+    max_concurrent: Option<Spanned<i64>>,
+    budget: Option<Spanned<RawBudget>>,
     enabled: Option<bool>,
     expires: Option<Spanned<toml::Value>>,
     models: Option<Spanned<Vec<String>>>,
@@ -58,22 +72,67 @@ pub(super) struct Entry {
     pub(super) name: Val<String>,
     pub(super) hash: Val<String>,
     pub(super) rpm: Option<Val<i64>>,
+    pub(super) tpm: Option<Val<i64>>,
+    pub(super) max_concurrent: Option<Val<i64>>,
+    pub(super) budget: Option<Val<BudgetText>>,
     pub(super) enabled: Option<bool>,
     pub(super) expires: Option<Val<String>>,
     pub(super) models: Option<Val<Vec<String>>>,
+}
+
+/// A budget before validation: the amount as TOML wrote it (`None` when it
+/// is not a number) and the period name.
+#[derive(Debug, Clone, PartialEq)]
+pub(super) struct BudgetText {
+    pub(super) usd: Option<f64>,
+    pub(super) per: String,
+}
+
+// Budgets are never NaN here (TOML's `nan` reads as a float, and validation
+// refuses it before anything compares), so equality is reflexive in practice.
+impl Eq for BudgetText {}
+
+fn budget(raw: Spanned<RawBudget>) -> Val<BudgetText> {
+    let at = raw.span().start;
+    let b = raw.into_inner();
+    let usd = match b.usd {
+        toml::Value::Integer(i) => Some(i as f64),
+        toml::Value::Float(f) => Some(f),
+        _ => None,
+    };
+    Val {
+        v: BudgetText { usd, per: b.per },
+        at,
+    }
 }
 
 /// A keys file before validation.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub(super) struct Document {
     pub(super) default_rpm: Option<Val<i64>>,
+    pub(super) default_tpm: Option<Val<i64>>,
+    pub(super) default_max_concurrent: Option<Val<i64>>,
+    pub(super) default_budget: Option<Val<BudgetText>>,
     pub(super) keys: Vec<Entry>,
 }
 
 impl From<RawFile> for Document {
     fn from(raw: RawFile) -> Self {
+        let (default_rpm, default_tpm, default_max_concurrent, default_budget) = match raw.defaults
+        {
+            Some(d) => (
+                d.rpm.map(Val::from_spanned),
+                d.tpm.map(Val::from_spanned),
+                d.max_concurrent.map(Val::from_spanned),
+                d.budget.map(budget),
+            ),
+            None => (None, None, None, None),
+        };
         Document {
-            default_rpm: raw.defaults.and_then(|d| d.rpm).map(Val::from_spanned),
+            default_rpm,
+            default_tpm,
+            default_max_concurrent,
+            default_budget,
             keys: raw
                 .key
                 .into_iter()
@@ -86,6 +145,9 @@ impl From<RawFile> for Document {
                         name: Val::from_spanned(k.name),
                         hash: Val::from_spanned(k.hash),
                         rpm: k.rpm.map(Val::from_spanned),
+                        tpm: k.tpm.map(Val::from_spanned),
+                        max_concurrent: k.max_concurrent.map(Val::from_spanned),
+                        budget: k.budget.map(budget),
                         enabled: k.enabled,
                         expires: k.expires.map(|e| {
                             let at = e.span().start;

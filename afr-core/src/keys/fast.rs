@@ -27,6 +27,8 @@ struct Partial {
     name: Option<Val<String>>,
     hash: Option<Val<String>>,
     rpm: Option<Val<i64>>,
+    tpm: Option<Val<i64>>,
+    max_concurrent: Option<Val<i64>>,
     enabled: Option<bool>,
     expires: Option<Val<String>>,
     models: Option<Val<Vec<String>>>,
@@ -40,6 +42,10 @@ impl Partial {
             name: self.name?,
             hash: self.hash?,
             rpm: self.rpm,
+            tpm: self.tpm,
+            max_concurrent: self.max_concurrent,
+            // Inline tables are outside the fast subset: `toml` reads budgets.
+            budget: None,
             enabled: self.enabled,
             expires: self.expires,
             models: self.models,
@@ -59,6 +65,8 @@ impl Partial {
             ("name", Value::Str(v)) => put(&mut self.name, Val { v, at }),
             ("hash", Value::Str(v)) => put(&mut self.hash, Val { v, at }),
             ("rpm", Value::Int(v)) => put(&mut self.rpm, Val { v, at }),
+            ("tpm", Value::Int(v)) => put(&mut self.tpm, Val { v, at }),
+            ("max_concurrent", Value::Int(v)) => put(&mut self.max_concurrent, Val { v, at }),
             ("enabled", Value::Bool(v)) => put(&mut self.enabled, v),
             ("expires", Value::Str(v)) => put(&mut self.expires, Val { v, at }),
             ("models", Value::Arr(v)) => put(&mut self.models, Val { v, at }),
@@ -67,6 +75,9 @@ impl Partial {
     }
 }
 
+// One Section lives at a time; boxing the key would cost an allocation per
+// key of a 100 000-key file for nothing.
+#[allow(clippy::large_enum_variant)]
 enum Section {
     Top,
     Defaults,
@@ -121,6 +132,12 @@ pub(super) fn parse(text: &str) -> Option<Document> {
             Section::Defaults => match (name, value) {
                 ("rpm", Value::Int(v)) if doc.default_rpm.is_none() => {
                     doc.default_rpm = Some(Val { v, at })
+                }
+                ("tpm", Value::Int(v)) if doc.default_tpm.is_none() => {
+                    doc.default_tpm = Some(Val { v, at })
+                }
+                ("max_concurrent", Value::Int(v)) if doc.default_max_concurrent.is_none() => {
+                    doc.default_max_concurrent = Some(Val { v, at })
                 }
                 _ => return None,
             },

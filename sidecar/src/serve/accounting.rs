@@ -7,8 +7,17 @@
 //! `Drop` as 499, nginx's "client closed request", flagged truncated.
 //! "Exactly one row per request" holds by construction, not by every path
 //! remembering to write one.
+//!
+//! The guard also owns the request's token and money reservation
+//! ([`Accounting::reserve`], made once before dispatch): recording the row
+//! settles it to the provider's usage (or the estimate of a cut stream) and
+//! a request that consumed nothing releases it — so every reservation ends
+//! exactly once too, however the request ends.
 
 use crate::serve::state::Gateway;
+use afr_core::config::Price;
+use afr_core::ledger::{Amount, Hold, Refusal};
+use afr_core::limits::KeyLimits;
 use afr_core::sse::TokenUsage;
 use afr_core::usage::{TokenSource, UsageRecord};
 use std::sync::Arc;
@@ -23,6 +32,14 @@ pub struct Accounting {
     record: UsageRecord,
     started: Instant,
     recorded: bool,
+    /// The reservation to settle or release when the row is recorded.
+    hold: Option<Hold>,
+    /// Estimated prompt tokens (what a request cut before any usage consumed).
+    prompt_estimate: u64,
+    /// Price of the route that served (or last tried) the request.
+    price: Option<Price>,
+    /// Prompt tokens the provider served from its cache.
+    cached_tokens: u64,
 }
 
 impl Accounting {
@@ -44,7 +61,36 @@ impl Accounting {
             },
             started,
             recorded: false,
+            hold: None,
+            prompt_estimate: 0,
+            price: None,
+            cached_tokens: 0,
         }
+    }
+
+    /// Reserves the request's worst case (`worst`: estimated prompt tokens
+    /// plus the most completion tokens any route may produce, and the highest
+    /// cost of that) against the key's `limits`, before any provider is
+    /// called. Refused: which limit (a 429, see `GatewayError::from`). Called once per request.
+    pub fn reserve(
+        &mut self,
+        limits: &KeyLimits,
+        prompt_chars: usize,
+        worst: Amount,
+    ) -> Result<(), Refusal> {
+        self.prompt_estimate = estimate_tokens(prompt_chars);
+        let now = unix_ms_now();
+        let key = self.record.key_id.clone();
+        let hold = self.gateway.ledger().reserve(&key, limits, worst, now)?;
+        self.hold = Some(hold);
+        Ok(())
+    }
+
+    /// The route being tried: its provider, upstream model and price.
+    pub fn route(&mut self, provider: &str, upstream_model: &str, price: Option<Price>) {
+        self.record.provider = provider.to_owned();
+        self.record.upstream_model = upstream_model.to_owned();
+        self.price = price;
     }
 
     /// The row so far, to fill in as the request proceeds.
@@ -74,6 +120,7 @@ impl Accounting {
                 u.prompt_tokens + u.completion_tokens
             };
             record.token_source = TokenSource::Provider;
+            self.cached_tokens = u.cached_tokens;
         }
     }
 
@@ -99,6 +146,38 @@ impl Accounting {
         let latency = self.started.elapsed();
         record.status = status;
         record.latency_ms = latency.as_millis() as u64;
+        let consumed = record.token_source != TokenSource::None;
+        record.cost_nanos = if consumed {
+            self.price.map(|p| {
+                p.cost_nanos(
+                    record.prompt_tokens,
+                    self.cached_tokens,
+                    record.completion_tokens,
+                )
+            })
+        } else {
+            Some(0)
+        };
+        if let Some(hold) = self.hold.take() {
+            let used = if consumed {
+                Amount {
+                    tokens: record.total_tokens,
+                    cost_nanos: record.cost_nanos.unwrap_or(0),
+                }
+            } else if status == CLIENT_CLOSED && !record.provider.is_empty() {
+                // Gone while a provider was working on it: the prompt was
+                // consumed (the upstream call is cancelled with the client).
+                let tokens = self.prompt_estimate;
+                let cost = self.price.map_or(0, |p| p.cost_nanos(tokens, 0, 0));
+                Amount {
+                    tokens,
+                    cost_nanos: cost,
+                }
+            } else {
+                Amount::default()
+            };
+            self.gateway.ledger().settle(hold, used, unix_ms_now());
+        }
         let metrics = &self.gateway.metrics;
         metrics.request(&record.model, &record.provider, status, latency);
         if record.token_source != TokenSource::None {
@@ -108,6 +187,9 @@ impl Accounting {
                 record.prompt_tokens,
                 record.completion_tokens,
             );
+        }
+        if let Some(nanos) = record.cost_nanos {
+            metrics.spend(&record.key_id, &record.model, nanos);
         }
         if let Some(recorder) = &self.gateway.recorder {
             recorder.record(record);
@@ -143,10 +225,17 @@ fn blank_record() -> UsageRecord {
         status: 0,
         stream: false,
         truncated: false,
+        cost_nanos: None,
     }
 }
 
+fn unix_ms_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
 /// Rough tokens for `chars` characters (about four per token for English).
-fn estimate_tokens(chars: usize) -> u64 {
+pub fn estimate_tokens(chars: usize) -> u64 {
     chars.div_ceil(4) as u64
 }

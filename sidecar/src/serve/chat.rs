@@ -19,6 +19,8 @@ use afr_core::breaker::{Admission, Outcome};
 use afr_core::config::{ModelConfig, RouteConfig};
 use afr_core::endpoint::{wrong_endpoint, Endpoint};
 use afr_core::error::ErrorShape;
+use afr_core::ledger::Amount;
+use afr_core::limits::KeyLimits;
 use afr_core::route::{Exhausted, RouteFailure, RoutePlan};
 use afr_core::sse::has_data;
 use afr_core::validate::{check_model, validate_chat, ChatRequest, Invalid};
@@ -41,6 +43,8 @@ pub struct Caller {
     pub key_id: String,
     /// The key's model allow-list (`X-Afr-Models`); `None`: every model.
     pub allowed: Option<Vec<String>>,
+    /// The key's token and budget limits (`X-Afr-Limits`).
+    pub limits: KeyLimits,
     /// When the request arrived.
     pub started: Instant,
     /// Arrival as Unix milliseconds.
@@ -63,6 +67,13 @@ pub trait Exchange: Send + Sync {
     fn prompt_chars(&self) -> usize;
     /// Whether the gateway, not the client, asked for the usage chunk.
     fn strip_usage(&self) -> bool;
+    /// The most output tokens `route` may produce for this request, for the
+    /// worst case a key's `tpm` and budget reserve. The default is the
+    /// contract's default `max_tokens`; endpoints that know better say so.
+    fn output_cap(&self, route: &RouteConfig) -> u64 {
+        let _ = route;
+        afr_core::validate::DEFAULT_MAX_TOKENS
+    }
     /// The format of the events the client gets.
     fn wire(&self) -> Wire;
     /// The call for one route, or why the route cannot serve this request
@@ -105,6 +116,10 @@ impl Exchange for ChatExchange {
     fn strip_usage(&self) -> bool {
         // Ask for usage on every stream; strip it again unless the client asked (design §5).
         self.request.stream && !self.request.include_usage
+    }
+
+    fn output_cap(&self, route: &RouteConfig) -> u64 {
+        self.request.output_cap(route)
     }
 
     fn wire(&self) -> Wire {
@@ -242,6 +257,18 @@ pub async fn route(
         };
         return reject(&caller, usage, error);
     }
+    // Reserve the worst case before any provider is called (design §3).
+    if caller.limits.tpm.is_some() || caller.limits.budget.is_some() {
+        let worst = worst_case(
+            request.prompt_chars(),
+            model,
+            |p| runtime.providers.contains_key(p),
+            |r| request.output_cap(r),
+        );
+        if let Err(refusal) = usage.reserve(&caller.limits, request.prompt_chars(), worst) {
+            return reject(&caller, usage, refusal.into());
+        }
+    }
     let strip_usage = request.strip_usage();
 
     let mut plan = RoutePlan::new(model.routes.len());
@@ -282,8 +309,7 @@ pub async fn route(
             gateway.metrics.failover(&model_name, &last_provider);
         }
         last_provider = route.provider.clone();
-        usage.record().provider = route.provider.clone();
-        usage.record().upstream_model = route.model.clone();
+        usage.route(&route.provider, &route.model, route.price);
 
         let ticket = BreakerTicket::new(gateway.clone(), &route.provider, admission);
         let server = &runtime.config.server;
@@ -447,4 +473,25 @@ pub async fn route(
     let status = error.status().as_u16();
     usage.finish(status);
     error.respond(caller.shape, &caller.request_id)
+}
+
+/// The most a request can consume on any route it may be sent to (failover
+/// can move it): estimated prompt tokens plus the largest completion the
+/// route allows after its adaptations, and the highest cost of that.
+pub fn worst_case(
+    prompt_chars: usize,
+    model: &afr_core::config::ModelConfig,
+    enabled: impl Fn(&str) -> bool,
+    output_cap: impl Fn(&RouteConfig) -> u64,
+) -> Amount {
+    let prompt = crate::serve::accounting::estimate_tokens(prompt_chars);
+    let mut worst = Amount::default();
+    for route in model.routes.iter().filter(|r| enabled(&r.provider)) {
+        let out = output_cap(route);
+        worst.tokens = worst.tokens.max(prompt + out);
+        if let Some(p) = route.price {
+            worst.cost_nanos = worst.cost_nanos.max(p.cost_nanos(prompt, 0, out));
+        }
+    }
+    worst
 }

@@ -4,6 +4,8 @@
 
 use crate::providers::ProviderError;
 use afr_core::error::{ErrorBody, ErrorShape};
+use afr_core::ledger::Refusal;
+use afr_core::limits::{openai_duration, Budget};
 use afr_core::retry_after;
 use afr_core::validate::Invalid;
 use bytes::Bytes;
@@ -90,6 +92,25 @@ pub enum GatewayError {
     /// The client's body could not be read.
     #[error("reading the request body: {0}")]
     BodyRead(String),
+    /// The key's tokens-per-minute window cannot hold this request's worst
+    /// case now (decided before any provider is called).
+    #[error("key over its tokens per minute ({requested} requested, limit {limit})")]
+    OverTokens {
+        /// The key's `tpm`.
+        limit: u64,
+        /// The request's worst case in tokens.
+        requested: u64,
+        /// Milliseconds until it would fit.
+        retry_after_ms: u64,
+    },
+    /// The key's budget for this period cannot hold this request's worst-case cost.
+    #[error("key over its budget")]
+    OverBudget {
+        /// The key's budget.
+        budget: Budget,
+        /// Milliseconds until the period renews.
+        retry_after_ms: u64,
+    },
     /// The usage store is not available or failed.
     #[error("usage store: {0}")]
     Usage(String),
@@ -111,7 +132,9 @@ impl GatewayError {
                 _ => StatusCode::BAD_GATEWAY,
             },
             GatewayError::StreamInterrupted(_) => StatusCode::BAD_GATEWAY,
-            GatewayError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+            GatewayError::RateLimited { .. }
+            | GatewayError::OverTokens { .. }
+            | GatewayError::OverBudget { .. } => StatusCode::TOO_MANY_REQUESTS,
             GatewayError::ContentTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             GatewayError::AllFailed { .. }
             | GatewayError::NoProvider { .. }
@@ -172,6 +195,33 @@ impl GatewayError {
                 Some("rate_limit_exceeded"),
                 format!("Every provider for the model '{model}' is rate limiting requests; please retry after the time in the Retry-After header."),
             ),
+            GatewayError::OverTokens {
+                limit,
+                requested,
+                retry_after_ms,
+            } if requested > limit => ErrorBody::new(
+                "tokens",
+                Some("rate_limit_exceeded"),
+                format!("Request too large: tokens per min (TPM) limit {limit}, requested {requested} (estimated prompt + max_tokens); lower max_tokens or shorten the prompt. Retry after {}.", openai_duration(*retry_after_ms)),
+            ),
+            GatewayError::OverTokens {
+                limit,
+                requested,
+                retry_after_ms,
+            } => ErrorBody::new(
+                "tokens",
+                Some("rate_limit_exceeded"),
+                format!("Rate limit reached on tokens per min (TPM): limit {limit}, requested {requested} (estimated prompt + max_tokens). Please try again in {}.", openai_duration(*retry_after_ms)),
+            ),
+            GatewayError::OverBudget { budget, .. } => ErrorBody::new(
+                "insufficient_quota",
+                Some("insufficient_quota"),
+                format!(
+                    "You exceeded your current quota: this key's budget of ${} per {} is spent (or cannot cover this request's worst case).",
+                    budget.usd(),
+                    budget.per.as_str()
+                ),
+            ),
             GatewayError::ContentTimeout { timeout, .. } => ErrorBody::new(
                 "server_error",
                 Some("timeout"),
@@ -228,6 +278,26 @@ impl GatewayError {
                     HeaderValue::from(retry_after::ceil_millis(wait)),
                 );
             }
+            GatewayError::OverTokens { retry_after_ms, .. } => {
+                let wait = Duration::from_millis(retry_after_ms);
+                headers.insert(
+                    http::header::RETRY_AFTER,
+                    HeaderValue::from(retry_after::ceil_secs(wait).max(1)),
+                );
+                headers.insert(
+                    "retry-after-ms",
+                    HeaderValue::from(retry_after::ceil_millis(wait)),
+                );
+            }
+            GatewayError::OverBudget { retry_after_ms, .. } => {
+                let wait = Duration::from_millis(retry_after_ms);
+                headers.insert(
+                    http::header::RETRY_AFTER,
+                    HeaderValue::from(retry_after::ceil_secs(wait).max(1)),
+                );
+                // Retrying before the period renews only spends the client's time.
+                headers.insert("x-should-retry", HeaderValue::from_static("false"));
+            }
             GatewayError::ContentTimeout { .. } => {
                 // The provider is healthy and slow: the SDKs' automatic retry
                 // of a 5xx would only think, and bill, that long again.
@@ -236,6 +306,29 @@ impl GatewayError {
             _ => {}
         }
         response
+    }
+}
+
+impl From<Refusal> for GatewayError {
+    fn from(refusal: Refusal) -> Self {
+        match refusal {
+            Refusal::Tokens {
+                limit,
+                requested,
+                retry_after_ms,
+            } => GatewayError::OverTokens {
+                limit,
+                requested,
+                retry_after_ms,
+            },
+            Refusal::Budget {
+                budget,
+                retry_after_ms,
+            } => GatewayError::OverBudget {
+                budget,
+                retry_after_ms,
+            },
+        }
     }
 }
 

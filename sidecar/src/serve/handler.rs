@@ -11,9 +11,10 @@ use crate::serve::state::Gateway;
 use crate::usage::http::{parse_query_string, render_key_usage};
 use afr_core::endpoint::Endpoint;
 use afr_core::error::ErrorShape;
+use afr_core::limits::{openai_duration, KeyLimits, NANOS_PER_USD};
 use afr_core::validate::Invalid;
 use bytes::Bytes;
-use http::{Method, Request, Response, StatusCode};
+use http::{HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use std::convert::Infallible;
@@ -41,6 +42,21 @@ pub async fn handle(
         tracing::warn!(request_id = %request_id, path = %request.uri().path(), has_header = !secret.is_empty(), "refused: missing or wrong X-Afr-Secret");
         return Ok(GatewayError::Unauthenticated.respond(shape, &request_id));
     }
+    let limits = match header(&request, "x-afr-limits").map(KeyLimits::parse_header) {
+        None => KeyLimits::default(),
+        Some(Ok(limits)) => limits,
+        Some(Err(e)) => {
+            // A module newer than this sidecar: refusing is safer than
+            // serving a key without the limits its operator set.
+            tracing::error!(request_id = %request_id, error = %e, "refused: X-Afr-Limits from nginx not understood");
+            let invalid = Invalid {
+                param: None,
+                message: format!("Gateway error: {e}."),
+                code: None,
+            };
+            return Ok(GatewayError::Invalid(invalid).respond(shape, &request_id));
+        }
+    };
     let caller = Caller {
         request_id: request_id.clone(),
         key_id: header(&request, "x-afr-key-id").unwrap_or("-").to_owned(),
@@ -51,12 +67,14 @@ pub async fn handle(
                 .map(str::to_owned)
                 .collect()
         }),
+        limits,
         started,
         ts_ms: unix_ms(),
         shape,
     };
 
     let path = request.uri().path().to_owned();
+    let (key_id, limits) = (caller.key_id.clone(), caller.limits);
     let response = match (request.method(), path.as_str()) {
         (&Method::POST, "/v1/chat/completions") => {
             // From here on the request owns one usage row, whatever happens.
@@ -69,7 +87,7 @@ pub async fn handle(
             );
             let limit = runtime.config.server.max_body_bytes;
             match read_body(request, limit).await {
-                Ok(body) => chat_completions(gateway, runtime, caller, usage, body).await,
+                Ok(body) => chat_completions(gateway.clone(), runtime, caller, usage, body).await,
                 Err(e) => reject(&caller, usage, e),
             }
         }
@@ -90,8 +108,16 @@ pub async fn handle(
             let limit = runtime.config.server.max_body_bytes;
             match read_body(request, limit).await {
                 Ok(body) => {
-                    messages::messages(gateway, runtime, caller, usage, body, client, endpoint)
-                        .await
+                    messages::messages(
+                        gateway.clone(),
+                        runtime,
+                        caller,
+                        usage,
+                        body,
+                        client,
+                        endpoint,
+                    )
+                    .await
                 }
                 Err(e) => reject(&caller, usage, e),
             }
@@ -108,7 +134,9 @@ pub async fn handle(
             // The arm's paths are exactly the passthrough endpoints.
             let endpoint = Endpoint::from_path(&path).unwrap_or(Endpoint::Embeddings);
             match read_body(request, limit).await {
-                Ok(body) => passthrough(gateway, runtime, caller, usage, endpoint, body).await,
+                Ok(body) => {
+                    passthrough(gateway.clone(), runtime, caller, usage, endpoint, body).await
+                }
                 Err(e) => reject(&caller, usage, e),
             }
         }
@@ -132,7 +160,44 @@ pub async fn handle(
         ) => GatewayError::MethodNotAllowed(method.to_string()).respond(shape, &request_id),
         _ => GatewayError::NotFound(path).respond(shape, &request_id),
     };
+    let mut response = response;
+    token_headers(&gateway, &key_id, &limits, &mut response);
     Ok(response)
+}
+
+/// OpenAI's `x-ratelimit-*-tokens` headers (and the remaining budget) on
+/// every response of a key with such limits, streams included: they are
+/// read when the headers are sent, after this request's reservation.
+fn token_headers(
+    gateway: &Gateway,
+    key_id: &str,
+    limits: &KeyLimits,
+    response: &mut Response<Body>,
+) {
+    if limits.tpm.is_none() && limits.budget.is_none() {
+        return;
+    }
+    let now = unix_ms() as u64;
+    let ledger = gateway.ledger();
+    let headers = response.headers_mut();
+    if let Some(tpm) = limits.tpm {
+        let state = ledger.tokens(key_id, tpm, now);
+        headers.insert("x-ratelimit-limit-tokens", HeaderValue::from(state.limit));
+        headers.insert(
+            "x-ratelimit-remaining-tokens",
+            HeaderValue::from(state.remaining),
+        );
+        if let Ok(v) = HeaderValue::from_str(&openai_duration(state.reset_ms)) {
+            headers.insert("x-ratelimit-reset-tokens", v);
+        }
+    }
+    if let Some(budget) = limits.budget {
+        let left = ledger.budget_remaining(key_id, budget, now);
+        let usd = format!("{:.6}", left as f64 / NANOS_PER_USD as f64);
+        if let Ok(v) = HeaderValue::from_str(&usd) {
+            headers.insert("x-afr-budget-remaining-usd", v);
+        }
+    }
 }
 
 /// A fresh id for every request: ids in client-supplied headers are not

@@ -1,6 +1,7 @@
 //! Prometheus metrics (served on the admin listener): requests by
 //! model/provider/status, latency and time-to-first-token histograms, tokens,
-//! breaker state and failovers, and the usage store's queue, spill and drops.
+//! breaker state and failovers, spend in US dollars by key and model, and the
+//! usage store's queue, spill and drops.
 //! Labels carry names and key ids, never secrets.
 
 use crate::usage::Recorder;
@@ -11,6 +12,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
+use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -34,6 +36,12 @@ struct TokenLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct SpendLabels {
+    key_id: String,
+    model: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ProviderLabels {
     provider: String,
 }
@@ -53,6 +61,7 @@ pub struct Metrics {
     tokens: Family<TokenLabels, Counter>,
     breaker: Family<ProviderLabels, Gauge>,
     failovers: Family<FailoverLabels, Counter>,
+    spend: Family<SpendLabels, Counter<f64, AtomicU64>>,
 }
 
 fn latency_histogram() -> Histogram {
@@ -104,7 +113,14 @@ impl Metrics {
             "Requests moved to the next route, by the provider that failed",
             failovers.clone(),
         );
+        let spend = Family::<SpendLabels, Counter<f64, AtomicU64>>::default();
+        registry.register(
+            "spend_usd",
+            "Cost of requests at their routes' prices, by key and model (routes without a price add nothing)",
+            spend.clone(),
+        );
         Metrics {
+            spend,
             registry,
             requests,
             latency,
@@ -112,6 +128,18 @@ impl Metrics {
             tokens,
             breaker,
             failovers,
+        }
+    }
+
+    /// Adds a request's cost in nano-dollars to its key's and model's spend.
+    pub fn spend(&self, key_id: &str, model: &str, nanos: u64) {
+        if nanos > 0 {
+            self.spend
+                .get_or_create(&SpendLabels {
+                    key_id: key_id.to_owned(),
+                    model: model.to_owned(),
+                })
+                .inc_by(nanos as f64 / afr_core::limits::NANOS_PER_USD as f64);
         }
     }
 

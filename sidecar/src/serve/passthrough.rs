@@ -78,6 +78,24 @@ pub async fn passthrough(
         .previous_response_id
         .is_some()
         .then_some(first_serving);
+    // Reserve the worst case before any provider is called (design §3);
+    // embeddings produce no output tokens, the others up to the default.
+    if caller.limits.tpm.is_some() || caller.limits.budget.is_some() {
+        let cap = if endpoint == Endpoint::Embeddings {
+            0
+        } else {
+            afr_core::validate::DEFAULT_MAX_TOKENS
+        };
+        let worst = crate::serve::chat::worst_case(
+            request.prompt_chars,
+            model,
+            |p| runtime.providers.contains_key(p),
+            |_| cap,
+        );
+        if let Err(refusal) = usage.reserve(&caller.limits, request.prompt_chars, worst) {
+            return reject(&caller, usage, refusal.into());
+        }
+    }
     let strip_usage = request.stream && !request.include_usage;
     let wire = match endpoint {
         Endpoint::Responses => Wire::Responses,
@@ -105,8 +123,7 @@ pub async fn passthrough(
             gateway.metrics.failover(&request.model, &last_provider);
         }
         last_provider = route.provider.clone();
-        usage.record().provider = route.provider.clone();
-        usage.record().upstream_model = route.model.clone();
+        usage.route(&route.provider, &route.model, route.price);
         let call = UpstreamCall {
             body: Bytes::from(request.upstream_body(&body, route, strip_usage)),
             upstream_model: route.model.clone(),

@@ -8,6 +8,7 @@ use crate::serve::usage_sink::UsageSink;
 use crate::usage::UsageReader;
 use afr_core::breaker::{Admission, Breaker, BreakerPolicy, Outcome};
 use afr_core::config::{ConfigError, SidecarConfig};
+use afr_core::ledger::Ledger;
 use arc_swap::ArcSwap;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -43,6 +44,9 @@ impl Runtime {
                     .collect(),
             )
         })?;
+        for w in config.warnings() {
+            tracing::warn!("{origin}: {w}");
+        }
         let secret = match (&config.server.secret, &config.server.secret_env) {
             (Some(s), _) => s.clone(),
             (None, Some(var)) => match std::env::var(var) {
@@ -119,6 +123,9 @@ pub struct Gateway {
     /// The usage taps of streams still being relayed; shutdown waits for
     /// them so a stream cut at the end of the grace still gets its row.
     pub taps: TaskTracker,
+    /// Token and money reservations of every key on this host: the sidecar
+    /// is one process per host, so this is the host's one decision point.
+    pub ledger: Mutex<Ledger>,
 }
 
 impl Gateway {
@@ -137,6 +144,7 @@ impl Gateway {
             recorder,
             reader,
             taps: TaskTracker::new(),
+            ledger: Mutex::new(Ledger::new()),
         };
         gateway.sync_breakers();
         gateway
@@ -146,6 +154,12 @@ impl Gateway {
     pub fn install(&self, runtime: Runtime) {
         self.runtime.store(Arc::new(runtime));
         self.sync_breakers();
+    }
+
+    /// The ledger, even if a thread panicked holding it (its state is a few
+    /// integers per key, valid after every statement).
+    pub fn ledger(&self) -> MutexGuard<'_, Ledger> {
+        self.ledger.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn sync_breakers(&self) {

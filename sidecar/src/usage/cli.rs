@@ -250,6 +250,7 @@ pub fn render_table(group_by: &[GroupBy], rows: &[UsageRow]) -> String {
         "TOTAL",
         "ESTIMATED",
         "ERRORS",
+        "COST_USD",
     ];
     header.extend(counts.iter().map(|s| (*s).to_owned()));
     let line = |groups: Vec<String>, row: &UsageRow| -> Vec<String> {
@@ -266,6 +267,9 @@ pub fn render_table(group_by: &[GroupBy], rows: &[UsageRow]) -> String {
             .iter()
             .map(u64::to_string),
         );
+        // Requests on unpriced routes make the sum a lower bound: say so.
+        let mark = if row.unpriced_requests > 0 { "+?" } else { "" };
+        cells.push(format!("{:.6}{mark}", row.cost_usd));
         cells
     };
     let mut lines = vec![header];
@@ -286,6 +290,8 @@ pub fn render_table(group_by: &[GroupBy], rows: &[UsageRow]) -> String {
         total.total_tokens += row.total_tokens;
         total.estimated_requests += row.estimated_requests;
         total.errors += row.errors;
+        total.cost_usd += row.cost_usd;
+        total.unpriced_requests += row.unpriced_requests;
     }
     if rows.len() > 1 && !group_by.is_empty() {
         let mut groups = vec![String::new(); group_by.len()];

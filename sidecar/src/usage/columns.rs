@@ -111,6 +111,11 @@ pub(super) const COLUMNS: &[Column] = &[
         pg_type: "BOOLEAN",
         value: |r| Cell::Bool(r.truncated),
     },
+    Column {
+        name: "cost_nanos",
+        pg_type: "BIGINT",
+        value: |r| Cell::OptInt(r.cost_nanos.map(saturating_i64)),
+    },
 ];
 
 /// Database integers are i64; counts beyond that are clamped, not wrapped.
@@ -240,7 +245,11 @@ mod tests {
             "{sqlite}"
         );
         assert!(
-            pg.contains(&format!("${}::BOOLEAN[])", COLUMNS.len())),
+            pg.contains(&format!(
+                "${}::{}[])",
+                COLUMNS.len(),
+                COLUMNS[COLUMNS.len() - 1].pg_type
+            )),
             "{pg}"
         );
     }

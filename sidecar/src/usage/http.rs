@@ -170,7 +170,8 @@ fn parse_by(value: &str) -> Result<Vec<GroupBy>, UsageParamError> {
 ///  "since": "2026-11-24T10:00:00Z", "until": null,
 ///  "data": [{"model": "gpt-4o-mini", "day": "2026-11-25", "requests": 3,
 ///            "prompt_tokens": 30, "completion_tokens": 60, "total_tokens": 90,
-///            "estimated_requests": 0, "errors": 0, "truncated": 0}]}
+///            "estimated_requests": 0, "errors": 0, "truncated": 0,
+///            "cost_usd": 0.000045, "unpriced_requests": 0}]}
 /// ```
 ///
 /// `since`/`until` are RFC 3339 or `null` when open; each `data` item has

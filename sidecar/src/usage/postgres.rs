@@ -61,6 +61,9 @@ pub(super) const MIGRATIONS: &[&str] = &[
     CREATE INDEX usage_ts ON usage (ts_ms);
     CREATE INDEX usage_model_ts ON usage (model, ts_ms);
     CREATE UNIQUE INDEX usage_request_id ON usage (request_id) WHERE request_id <> '';",
+    // v2: cost in nano-dollars at the route's price; NULL when the route had
+    // no price (unknown, not free). Older rows stay NULL.
+    "ALTER TABLE usage ADD COLUMN cost_nanos BIGINT;",
 ];
 
 /// The schema version this build writes and reads.
@@ -469,7 +472,7 @@ impl PgReader {
                     .map_err(|e| StoreError::Postgres(format!("reading a result: {e}")))?;
                 row.set_group(*g, value.unwrap_or_default());
             }
-            let mut counts = [0i64; 7];
+            let mut counts = [0i64; super::query::COUNT_COLUMNS];
             for (i, count) in counts.iter_mut().enumerate() {
                 *count = read(groups.len() + i)?;
             }

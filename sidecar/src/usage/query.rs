@@ -140,7 +140,9 @@ impl UsageQuery {
              CAST(COALESCE(SUM(total_tokens), 0) AS BIGINT), \
              CAST(COALESCE(SUM(CASE WHEN token_source = 'estimated' THEN 1 ELSE 0 END), 0) AS BIGINT), \
              CAST(COALESCE(SUM(CASE WHEN status >= 400 THEN 1 ELSE 0 END), 0) AS BIGINT), \
-             CAST(COALESCE(SUM(CASE WHEN truncated THEN 1 ELSE 0 END), 0) AS BIGINT) FROM usage",
+             CAST(COALESCE(SUM(CASE WHEN truncated THEN 1 ELSE 0 END), 0) AS BIGINT), \
+             CAST(COALESCE(SUM(cost_nanos), 0) AS BIGINT), \
+             CAST(COALESCE(SUM(CASE WHEN cost_nanos IS NULL AND token_source <> 'none' THEN 1 ELSE 0 END), 0) AS BIGINT) FROM usage",
         );
         let mut filters = Vec::new();
         let mut values = Vec::new();
@@ -201,7 +203,7 @@ impl UsageQuery {
 
 /// Sums over one group; the group fields not asked for are `None` (and left
 /// out of the JSON).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct UsageRow {
     /// The key id, when grouped by key.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -229,6 +231,11 @@ pub struct UsageRow {
     pub errors: u64,
     /// Streams that ended early.
     pub truncated: u64,
+    /// Cost in US dollars at the routes' prices.
+    pub cost_usd: f64,
+    /// Requests that consumed tokens on a route without a price: their cost
+    /// is unknown and not in `cost_usd`.
+    pub unpriced_requests: u64,
 }
 
 impl UsageRow {
@@ -334,7 +341,7 @@ fn sqlite_query(conn: &Connection, q: &UsageQuery) -> Result<Vec<UsageRow>, Stor
             for (i, g) in groups.iter().enumerate() {
                 row.set_group(*g, r.get::<_, Option<String>>(i)?.unwrap_or_default());
             }
-            let mut counts = [0i64; 7];
+            let mut counts = [0i64; COUNT_COLUMNS];
             for (i, count) in counts.iter_mut().enumerate() {
                 *count = r.get(groups.len() + i)?;
             }
@@ -345,11 +352,16 @@ fn sqlite_query(conn: &Connection, q: &UsageQuery) -> Result<Vec<UsageRow>, Stor
     rows.collect::<Result<_, _>>().map_err(StoreError::Query)
 }
 
+/// The sums after the group columns in every usage query.
+pub(super) const COUNT_COLUMNS: usize = 9;
+
 impl UsageRow {
     /// Sets the sums from the statement's count columns, in order.
-    pub(super) fn set_counts(&mut self, counts: [i64; 7]) {
-        let [requests, prompt, completion, total, estimated, errors, truncated] =
+    pub(super) fn set_counts(&mut self, counts: [i64; COUNT_COLUMNS]) {
+        let [requests, prompt, completion, total, estimated, errors, truncated, cost, unpriced] =
             counts.map(|n| u64::try_from(n).unwrap_or(0));
+        self.cost_usd = cost as f64 / afr_core::limits::NANOS_PER_USD as f64;
+        self.unpriced_requests = unpriced;
         self.requests = requests;
         self.prompt_tokens = prompt;
         self.completion_tokens = completion;

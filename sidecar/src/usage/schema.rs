@@ -45,6 +45,9 @@ const MIGRATIONS: &[&str] = &[
     "DELETE FROM usage WHERE request_id <> '' AND id NOT IN
         (SELECT MIN(id) FROM usage WHERE request_id <> '' GROUP BY request_id);
     CREATE UNIQUE INDEX usage_request_id ON usage (request_id) WHERE request_id <> '';",
+    // v3: cost in nano-dollars at the route's price; NULL when the route had
+    // no price (unknown, not free). Older rows stay NULL.
+    "ALTER TABLE usage ADD COLUMN cost_nanos INTEGER;",
 ];
 
 /// The schema version this build writes.

@@ -313,6 +313,7 @@ mod tests {
             status: 200,
             stream: false,
             truncated: false,
+            cost_nanos: None,
         }
     }
 

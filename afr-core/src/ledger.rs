@@ -1,0 +1,570 @@
+//! The per-host ledger of token and money reservations (design §3).
+//!
+//! Before a request is sent to a provider its worst case — estimated prompt
+//! tokens plus the effective `max_tokens`, and that at the route's price — is
+//! *reserved* here; the request is refused (429) when the key's tokens-per-minute
+//! window or its budget cannot hold it. When the provider's usage arrives the
+//! reservation is *settled* to the real figure; a request that failed
+//! *releases* it (settles at zero). Because the check and the reservation are
+//! one step under the caller's lock, concurrent requests can never together
+//! overshoot a limit: the property tests below drive random interleavings.
+//!
+//! Tokens use the same sliding window as the module's `rpm`
+//! ([`crate::ratelimit`]): 60 s windows aligned to Unix time, the previous
+//! window weighing in proportion to its overlap with the trailing minute. A
+//! reservation counts in the window it was made in; its settlement corrects
+//! that window (or the previous one, once the window rolled), so a long stream
+//! is counted at admission like a request under `rpm`. Budgets are spent per
+//! UTC day or month ([`Period`]).
+//!
+//! The ledger is pure state with a clock parameter: the sidecar owns one
+//! behind a mutex, which makes it the single decision point on a host.
+
+use std::collections::HashMap;
+
+use crate::limits::{Budget, KeyLimits, Period};
+use crate::ratelimit::WINDOW_MS;
+
+/// Tokens (and their cost) a request reserves, or that a settlement reports.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Amount {
+    /// Tokens, prompt + completion.
+    pub tokens: u64,
+    /// Cost in nano-dollars.
+    pub cost_nanos: u64,
+}
+
+/// A reservation held by one request until it is settled or released.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Hold {
+    key: String,
+    /// Window start and tokens reserved in it, when the key has a `tpm`.
+    tokens: Option<(u64, u64)>,
+    /// Period start and nano-dollars reserved in it, when the key has a budget.
+    cost: Option<(u64, u64)>,
+}
+
+impl Hold {
+    /// Tokens this hold reserved (0 when the key has no `tpm`).
+    pub fn tokens(&self) -> u64 {
+        self.tokens.map_or(0, |(_, n)| n)
+    }
+}
+
+/// Why a reservation was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// The key's tokens-per-minute window cannot hold the request now.
+    Tokens {
+        /// The key's `tpm`.
+        limit: u64,
+        /// Tokens the request needed.
+        requested: u64,
+        /// Milliseconds until it would fit, if nothing else arrives.
+        retry_after_ms: u64,
+    },
+    /// The key's budget for this period cannot hold the request's worst-case cost.
+    Budget {
+        /// The key's budget.
+        budget: Budget,
+        /// Milliseconds until the period renews.
+        retry_after_ms: u64,
+    },
+}
+
+impl Refusal {
+    /// Milliseconds until retrying can succeed.
+    pub fn retry_after_ms(&self) -> u64 {
+        match *self {
+            Refusal::Tokens { retry_after_ms, .. } | Refusal::Budget { retry_after_ms, .. } => {
+                retry_after_ms
+            }
+        }
+    }
+}
+
+/// What the `x-ratelimit-*-tokens` headers say about a key right now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TokenState {
+    /// The key's `tpm`.
+    pub limit: u64,
+    /// Tokens a request could still reserve now.
+    pub remaining: u64,
+    /// Milliseconds until the full limit is available again.
+    pub reset_ms: u64,
+}
+
+/// One key's token window: tokens counted in the current and previous window.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct TokenWindow {
+    start_ms: u64,
+    prev: u64,
+    curr: u64,
+}
+
+impl TokenWindow {
+    fn roll(&mut self, now_ms: u64) {
+        let current = now_ms - now_ms % WINDOW_MS;
+        if current <= self.start_ms {
+            return; // same window, or a clock that went backwards: clamp
+        }
+        self.prev = if current == self.start_ms + WINDOW_MS {
+            self.curr
+        } else {
+            0
+        };
+        self.curr = 0;
+        self.start_ms = current;
+    }
+
+    /// Load at `now_ms` in token·ms (divide by [`WINDOW_MS`] for tokens).
+    fn load(&self, now_ms: u64) -> u128 {
+        let elapsed = now_ms.saturating_sub(self.start_ms).min(WINDOW_MS - 1);
+        u128::from(self.prev) * u128::from(WINDOW_MS - elapsed)
+            + u128::from(self.curr) * u128::from(WINDOW_MS)
+    }
+
+    fn fits(&self, need: u64, limit: u64, now_ms: u64) -> bool {
+        self.load(now_ms) + u128::from(need) * u128::from(WINDOW_MS)
+            <= u128::from(limit) * u128::from(WINDOW_MS)
+    }
+
+    /// Milliseconds from `now_ms` until `need` tokens fit, if nothing else
+    /// is reserved meanwhile. The load only falls with time, so a binary
+    /// search over the next two windows finds the first instant.
+    fn wait_ms(&self, need: u64, limit: u64, now_ms: u64) -> u64 {
+        let at = |dt: u64| {
+            let mut w = *self;
+            w.roll(now_ms + dt);
+            w.fits(need, limit, now_ms + dt)
+        };
+        let (mut lo, mut hi) = (0, 2 * WINDOW_MS);
+        if !at(hi) {
+            return hi; // larger than the whole limit: it never fits
+        }
+        while lo < hi {
+            let mid = (lo + hi) / 2;
+            if at(mid) {
+                hi = mid;
+            } else {
+                lo = mid + 1;
+            }
+        }
+        lo
+    }
+
+    fn state(&self, limit: u64, now_ms: u64) -> TokenState {
+        let cap = u128::from(limit) * u128::from(WINDOW_MS);
+        let remaining = (cap.saturating_sub(self.load(now_ms)) / u128::from(WINDOW_MS)) as u64;
+        let reset_ms = if self.curr > 0 {
+            self.start_ms + 2 * WINDOW_MS - now_ms.max(self.start_ms)
+        } else if self.prev > 0 && now_ms < self.start_ms + WINDOW_MS {
+            self.start_ms + WINDOW_MS - now_ms.max(self.start_ms)
+        } else {
+            0
+        };
+        TokenState {
+            limit,
+            remaining: remaining.min(limit),
+            reset_ms,
+        }
+    }
+
+    /// Replaces `reserved` tokens counted in the window starting `window`
+    /// by `used`.
+    fn settle(&mut self, window: u64, reserved: u64, used: u64, now_ms: u64) {
+        self.roll(now_ms);
+        let slot = if window == self.start_ms {
+            &mut self.curr
+        } else if window + WINDOW_MS == self.start_ms {
+            &mut self.prev
+        } else {
+            return; // that window no longer weighs on any decision
+        };
+        *slot = slot.saturating_sub(reserved).saturating_add(used);
+    }
+}
+
+/// One key's spend in the current budget period.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct Spend {
+    period_start: u64,
+    nanos: u64,
+}
+
+impl Spend {
+    fn roll(&mut self, per: Period, now_ms: u64) -> u64 {
+        let (start, end) = per.bounds(now_ms);
+        if start > self.period_start {
+            *self = Spend {
+                period_start: start,
+                nanos: 0,
+            };
+        }
+        end
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+struct KeyState {
+    tokens: TokenWindow,
+    spend: Spend,
+}
+
+/// Reservations of every key on this host.
+#[derive(Debug, Default)]
+pub struct Ledger {
+    // Key ids come from nginx's key table (trusted, bounded by keys.toml),
+    // and a budget must be remembered for its whole period, so entries are
+    // never evicted.
+    keys: HashMap<String, KeyState>,
+}
+
+impl Ledger {
+    /// An empty ledger.
+    pub fn new() -> Self {
+        Ledger::default()
+    }
+
+    /// Reserves `ask` for `key` at `now_ms` under `limits`, or says which
+    /// limit cannot hold it. Nothing is reserved when it is refused. A key
+    /// with neither `tpm` nor budget gets an empty hold (nothing to settle).
+    pub fn reserve(
+        &mut self,
+        key: &str,
+        limits: &KeyLimits,
+        ask: Amount,
+        now_ms: u64,
+    ) -> Result<Hold, Refusal> {
+        let mut hold = Hold {
+            key: key.to_owned(),
+            tokens: None,
+            cost: None,
+        };
+        if limits.tpm.is_none() && limits.budget.is_none() {
+            return Ok(hold);
+        }
+        let state = self.keys.entry(key.to_owned()).or_default();
+        if let Some(limit) = limits.tpm {
+            state.tokens.roll(now_ms);
+            if !state.tokens.fits(ask.tokens, limit, now_ms) {
+                return Err(Refusal::Tokens {
+                    limit,
+                    requested: ask.tokens,
+                    retry_after_ms: state.tokens.wait_ms(ask.tokens, limit, now_ms),
+                });
+            }
+        }
+        if let Some(budget) = limits.budget {
+            let end = state.spend.roll(budget.per, now_ms);
+            let spent = state.spend.nanos;
+            if spent >= budget.nanos || spent.saturating_add(ask.cost_nanos) > budget.nanos {
+                return Err(Refusal::Budget {
+                    budget,
+                    retry_after_ms: end - now_ms,
+                });
+            }
+            state.spend.nanos += ask.cost_nanos;
+            hold.cost = Some((state.spend.period_start, ask.cost_nanos));
+        }
+        if limits.tpm.is_some() {
+            state.tokens.curr = state.tokens.curr.saturating_add(ask.tokens);
+            hold.tokens = Some((state.tokens.start_ms, ask.tokens));
+        }
+        Ok(hold)
+    }
+
+    /// Settles `hold` to what the request really `used`.
+    pub fn settle(&mut self, hold: Hold, used: Amount, now_ms: u64) {
+        let Some(state) = self.keys.get_mut(&hold.key) else {
+            return;
+        };
+        if let Some((window, reserved)) = hold.tokens {
+            state.tokens.settle(window, reserved, used.tokens, now_ms);
+        }
+        if let Some((period, reserved)) = hold.cost {
+            // A settlement after the period renewed must not charge the new one.
+            if period == state.spend.period_start {
+                state.spend.nanos = state
+                    .spend
+                    .nanos
+                    .saturating_sub(reserved)
+                    .saturating_add(used.cost_nanos);
+            }
+        }
+    }
+
+    /// Gives back everything `hold` reserved (the request consumed nothing).
+    pub fn release(&mut self, hold: Hold, now_ms: u64) {
+        self.settle(hold, Amount::default(), now_ms);
+    }
+
+    /// Records spend that happened before this ledger existed (seeded from
+    /// the usage store at start-up, so a restart does not renew budgets).
+    pub fn seed_spend(&mut self, key: &str, per: Period, nanos: u64, now_ms: u64) {
+        let state = self.keys.entry(key.to_owned()).or_default();
+        state.spend.roll(per, now_ms);
+        state.spend.nanos = state.spend.nanos.saturating_add(nanos);
+    }
+
+    /// The token headers' values for `key` under `tpm` at `now_ms`.
+    pub fn tokens(&self, key: &str, tpm: u64, now_ms: u64) -> TokenState {
+        let mut w = self.keys.get(key).map(|s| s.tokens).unwrap_or_default();
+        w.roll(now_ms);
+        w.state(tpm, now_ms)
+    }
+
+    /// Nano-dollars `key` may still spend in the current period of `budget`.
+    pub fn budget_remaining(&self, key: &str, budget: Budget, now_ms: u64) -> u64 {
+        let mut spend = self.keys.get(key).map(|s| s.spend).unwrap_or_default();
+        spend.roll(budget.per, now_ms);
+        budget.nanos.saturating_sub(spend.nanos)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    const T0: u64 = 1_800_000_000_000; // a window boundary
+
+    fn tpm(n: u64) -> KeyLimits {
+        KeyLimits {
+            tpm: Some(n),
+            ..KeyLimits::default()
+        }
+    }
+
+    fn tokens(n: u64) -> Amount {
+        Amount {
+            tokens: n,
+            cost_nanos: 0,
+        }
+    }
+
+    #[test]
+    fn ten_worst_cases_fit_and_settling_frees_the_rest() {
+        let mut l = Ledger::new();
+        let limits = tpm(10 * 100);
+        let holds: Vec<_> = (0..50)
+            .filter_map(|_| l.reserve("k", &limits, tokens(100), T0 + 5).ok())
+            .collect();
+        assert_eq!(holds.len(), 10);
+        let refused = l.reserve("k", &limits, tokens(100), T0 + 5).unwrap_err();
+        assert!(matches!(
+            refused,
+            Refusal::Tokens {
+                limit: 1000,
+                requested: 100,
+                ..
+            }
+        ));
+        // Each really used 30: 700 freed, room for 7 more worst cases.
+        for h in holds {
+            l.settle(h, tokens(30), T0 + 10);
+        }
+        assert_eq!(l.tokens("k", 1000, T0 + 10).remaining, 700);
+        let more = (0..50)
+            .filter(|_| l.reserve("k", &limits, tokens(100), T0 + 10).is_ok())
+            .count();
+        assert_eq!(more, 7);
+    }
+
+    #[test]
+    fn release_gives_everything_back() {
+        let mut l = Ledger::new();
+        let h = l.reserve("k", &tpm(100), tokens(100), T0).unwrap();
+        assert!(l.reserve("k", &tpm(100), tokens(1), T0).is_err());
+        l.release(h, T0 + 1);
+        assert_eq!(l.tokens("k", 100, T0 + 1).remaining, 100);
+        assert_eq!(l.tokens("k", 100, T0 + 1).reset_ms, 0);
+    }
+
+    #[test]
+    fn too_large_for_the_limit_never_fits() {
+        let mut l = Ledger::new();
+        let r = l.reserve("k", &tpm(100), tokens(101), T0).unwrap_err();
+        assert_eq!(r.retry_after_ms(), 2 * WINDOW_MS);
+    }
+
+    #[test]
+    fn retry_after_is_tight() {
+        let mut l = Ledger::new();
+        let _h = l.reserve("k", &tpm(100), tokens(100), T0 + 30_000).unwrap();
+        let r = l
+            .reserve("k", &tpm(100), tokens(50), T0 + 30_000)
+            .unwrap_err();
+        let wait = r.retry_after_ms();
+        // The 100 move to the previous window at T0+60 s and decay; 50 fit
+        // once half of it is gone, 30 s into the next window.
+        assert_eq!(wait, 60_000);
+        assert!(l
+            .reserve("k", &tpm(100), tokens(50), T0 + 30_000 + wait - 1)
+            .is_err());
+        assert!(l
+            .reserve("k", &tpm(100), tokens(50), T0 + 30_000 + wait)
+            .is_ok());
+    }
+
+    #[test]
+    fn settling_after_the_window_rolled_corrects_the_previous_one() {
+        let mut l = Ledger::new();
+        let h = l
+            .reserve("k", &tpm(1000), tokens(1000), T0 + 59_000)
+            .unwrap();
+        l.settle(h, tokens(200), T0 + 61_000);
+        // 200 in the previous window, 59/60 of it still weighing.
+        assert_eq!(l.tokens("k", 1000, T0 + 61_000).remaining, 1000 - 197);
+    }
+
+    #[test]
+    fn budget_refuses_then_renews_with_the_period() {
+        let mut l = Ledger::new();
+        let limits = KeyLimits {
+            budget: Some(Budget {
+                nanos: 1000,
+                per: Period::Day,
+            }),
+            ..KeyLimits::default()
+        };
+        let ask = Amount {
+            tokens: 10,
+            cost_nanos: 600,
+        };
+        let h = l.reserve("k", &limits, ask, T0).unwrap();
+        let r = l.reserve("k", &limits, ask, T0).unwrap_err();
+        let (_, end) = Period::Day.bounds(T0);
+        assert_eq!(r.retry_after_ms(), end - T0);
+        assert!(matches!(r, Refusal::Budget { .. }));
+        l.settle(
+            h,
+            Amount {
+                tokens: 5,
+                cost_nanos: 100,
+            },
+            T0 + 1,
+        );
+        assert_eq!(l.budget_remaining("k", limits.budget.unwrap(), T0 + 1), 900);
+        let h2 = l.reserve("k", &limits, ask, T0 + 1).unwrap();
+        // Settled after the day ended: the new day starts clean.
+        l.settle(h2, ask, end + 1);
+        assert_eq!(
+            l.budget_remaining("k", limits.budget.unwrap(), end + 1),
+            1000
+        );
+    }
+
+    #[test]
+    fn a_refused_budget_reserves_no_tokens() {
+        let mut l = Ledger::new();
+        let limits = KeyLimits {
+            tpm: Some(100),
+            budget: Some(Budget {
+                nanos: 10,
+                per: Period::Month,
+            }),
+            max_concurrent: None,
+        };
+        let ask = Amount {
+            tokens: 50,
+            cost_nanos: 11,
+        };
+        assert!(l.reserve("k", &limits, ask, T0).is_err());
+        assert_eq!(l.tokens("k", 100, T0).remaining, 100);
+    }
+
+    #[test]
+    fn seeded_spend_counts() {
+        let mut l = Ledger::new();
+        let b = Budget {
+            nanos: 1000,
+            per: Period::Month,
+        };
+        l.seed_spend("k", Period::Month, 1000, T0);
+        let limits = KeyLimits {
+            budget: Some(b),
+            ..KeyLimits::default()
+        };
+        assert!(l.reserve("k", &limits, Amount::default(), T0).is_err());
+    }
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        Reserve { tokens: u64, cost: u64 },
+        Settle { which: usize, frac: u8 },
+        Release { which: usize },
+        Wait { ms: u64 },
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            4 => (1u64..400, 0u64..400).prop_map(|(tokens, cost)| Op::Reserve { tokens, cost }),
+            2 => (any::<usize>(), 0u8..=100).prop_map(|(which, frac)| Op::Settle { which, frac }),
+            1 => any::<usize>().prop_map(|which| Op::Release { which }),
+            1 => (0u64..40_000).prop_map(|ms| Op::Wait { ms }),
+        ]
+    }
+
+    proptest! {
+        /// Under any interleaving of reservations, settlements at or below
+        /// what was reserved, releases and the passing of time, the tokens
+        /// counted in the sliding window never exceed `tpm` and the spend
+        /// never exceeds the budget.
+        #[test]
+        fn never_overshoots(limit in 1u64..2000, budget in 1u64..3000, ops in prop::collection::vec(op(), 1..300)) {
+            let limits = KeyLimits {
+                tpm: Some(limit),
+                budget: Some(Budget { nanos: budget, per: Period::Day }),
+                max_concurrent: None,
+            };
+            let mut l = Ledger::new();
+            let mut now = T0 + 12_345;
+            let mut open: Vec<(Hold, Amount)> = Vec::new();
+            for op in ops {
+                match op {
+                    Op::Reserve { tokens, cost } => {
+                        let ask = Amount { tokens, cost_nanos: cost };
+                        let before = l.tokens("k", limit, now).remaining;
+                        match l.reserve("k", &limits, ask, now) {
+                            Ok(h) => {
+                                prop_assert!(tokens <= before);
+                                open.push((h, ask));
+                            }
+                            Err(Refusal::Tokens { .. }) => prop_assert!(tokens > before),
+                            Err(Refusal::Budget { .. }) => {}
+                        }
+                    }
+                    Op::Settle { which, frac } if !open.is_empty() => {
+                        let (h, ask) = open.swap_remove(which % open.len());
+                        let used = Amount {
+                            tokens: ask.tokens * u64::from(frac) / 100,
+                            cost_nanos: ask.cost_nanos * u64::from(frac) / 100,
+                        };
+                        l.settle(h, used, now);
+                    }
+                    Op::Release { which } if !open.is_empty() => {
+                        let (h, _) = open.swap_remove(which % open.len());
+                        l.release(h, now);
+                    }
+                    Op::Wait { ms } => now += ms,
+                    _ => {}
+                }
+                let state = l.keys.get("k").copied().unwrap_or_default();
+                prop_assert!(state.tokens.load(now) <= u128::from(limit) * u128::from(WINDOW_MS));
+                prop_assert!(state.spend.nanos <= budget);
+            }
+        }
+
+        /// Everything released brings the window back to where it was.
+        #[test]
+        fn releasing_all_restores_the_window(limit in 1u64..2000, asks in prop::collection::vec(1u64..300, 1..50)) {
+            let mut l = Ledger::new();
+            let holds: Vec<_> = asks.iter().filter_map(|&n| l.reserve("k", &tpm(limit), tokens(n), T0 + 7).ok()).collect();
+            for h in holds {
+                l.release(h, T0 + 9);
+            }
+            prop_assert_eq!(l.tokens("k", limit, T0 + 9).remaining, limit);
+        }
+    }
+}

@@ -1,0 +1,264 @@
+//! A key's limits beyond requests per minute — tokens per minute, a spend
+//! budget per UTC day or month, requests in flight — and how they travel
+//! from the module (which reads `keys.toml`) to the sidecar (which reserves
+//! tokens and money): one `X-Afr-Limits` request header, written and read here
+//! so both ends agree by construction.
+//!
+//! Money is counted in integer nano-dollars (10⁻⁹ USD): a price of $0.025 per
+//! million tokens is 25 nano-dollars per token, so costs and budgets add up
+//! without floating-point drift.
+
+use std::fmt;
+
+/// Nano-dollars in one US dollar.
+pub const NANOS_PER_USD: u64 = 1_000_000_000;
+/// Largest budget a key may have, in dollars.
+pub const MAX_BUDGET_USD: f64 = 1e9;
+/// Largest `tpm`.
+pub const MAX_TPM: i64 = 10_000_000_000;
+/// Largest `max_concurrent`.
+pub const MAX_CONCURRENT: i64 = 1_000_000;
+
+/// The period a budget renews over, in UTC.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Period {
+    /// A UTC calendar day.
+    Day,
+    /// A UTC calendar month.
+    Month,
+}
+
+impl Period {
+    /// `"day"` or `"month"`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Period::Day => "day",
+            Period::Month => "month",
+        }
+    }
+
+    /// Parses `"day"` or `"month"`.
+    pub fn parse(text: &str) -> Option<Period> {
+        match text {
+            "day" => Some(Period::Day),
+            "month" => Some(Period::Month),
+            _ => None,
+        }
+    }
+
+    /// Start and end (Unix ms, end exclusive) of the period holding `now_ms`.
+    pub fn bounds(self, now_ms: u64) -> (u64, u64) {
+        const DAY_MS: u64 = 86_400_000;
+        let day_start = now_ms - now_ms % DAY_MS;
+        match self {
+            Period::Day => (day_start, day_start + DAY_MS),
+            Period::Month => {
+                let days = (now_ms / DAY_MS) as i64;
+                let (y, m, _) = civil_from_days(days);
+                let start = days_from_civil(y, m, 1);
+                let (ny, nm) = if m == 12 { (y + 1, 1) } else { (y, m + 1) };
+                let end = days_from_civil(ny, nm, 1);
+                (start as u64 * DAY_MS, end as u64 * DAY_MS)
+            }
+        }
+    }
+}
+
+// Howard Hinnant's civil-date algorithms (public domain): two small pure
+// functions, cheaper to read than pulling calendar types through the ledger.
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    (y, m, d)
+}
+
+fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y.rem_euclid(400);
+    let m = i64::from(m);
+    let doy = (153 * (if m > 2 { m - 3 } else { m + 9 }) + 2) / 5 + i64::from(d) - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
+/// Spend allowed per period.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Budget {
+    /// The amount in nano-dollars.
+    pub nanos: u64,
+    /// The period it renews over.
+    pub per: Period,
+}
+
+impl Budget {
+    /// Checks a budget as written in `keys.toml` (`usd` dollars per `per`).
+    pub fn from_usd(usd: Option<f64>, per: &str) -> Result<Budget, String> {
+        let per = Period::parse(per)
+            .ok_or_else(|| format!("per must be \"day\" or \"month\", got {per:?}"))?;
+        match usd {
+            Some(v) if v.is_finite() && v > 0.0 && v <= MAX_BUDGET_USD => Ok(Budget {
+                nanos: (v * NANOS_PER_USD as f64).round() as u64,
+                per,
+            }),
+            _ => Err(format!(
+                "usd must be a number above 0 and at most {MAX_BUDGET_USD}"
+            )),
+        }
+    }
+
+    /// The amount in dollars.
+    pub fn usd(&self) -> f64 {
+        self.nanos as f64 / NANOS_PER_USD as f64
+    }
+}
+
+/// The limits of one key that the sidecar enforces (tokens and money) and the
+/// one the module enforces (`max_concurrent`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct KeyLimits {
+    /// Tokens per minute (prompt + completion), sliding window.
+    pub tpm: Option<u64>,
+    /// Spend per period.
+    pub budget: Option<Budget>,
+    /// Requests in flight at once.
+    pub max_concurrent: Option<u32>,
+}
+
+impl KeyLimits {
+    /// The `X-Afr-Limits` value the module sends for this key, `None` when the
+    /// sidecar has nothing to enforce. Only what the sidecar needs travels.
+    pub fn header_value(&self) -> Option<String> {
+        let mut parts = Vec::new();
+        if let Some(t) = self.tpm {
+            parts.push(format!("tpm={t}"));
+        }
+        if let Some(b) = self.budget {
+            parts.push(format!("budget={}/{}", b.nanos, b.per.as_str()));
+        }
+        if parts.is_empty() {
+            None
+        } else {
+            Some(parts.join(";"))
+        }
+    }
+
+    /// Reads an `X-Afr-Limits` value (`tpm=N;budget=NANOS/day|month`).
+    pub fn parse_header(value: &str) -> Result<KeyLimits, HeaderError> {
+        let mut limits = KeyLimits::default();
+        for part in value.split(';').map(str::trim).filter(|p| !p.is_empty()) {
+            let bad = || HeaderError(part.to_owned());
+            let (name, v) = part.split_once('=').ok_or_else(bad)?;
+            match name {
+                "tpm" => limits.tpm = Some(v.parse().map_err(|_| bad())?),
+                "budget" => {
+                    let (n, per) = v.split_once('/').ok_or_else(bad)?;
+                    limits.budget = Some(Budget {
+                        nanos: n.parse().map_err(|_| bad())?,
+                        per: Period::parse(per).ok_or_else(bad)?,
+                    });
+                }
+                _ => return Err(bad()),
+            }
+        }
+        Ok(limits)
+    }
+}
+
+/// An `X-Afr-Limits` part the sidecar cannot read (a module and sidecar of
+/// different versions).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub struct HeaderError(pub String);
+
+impl fmt::Display for HeaderError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "unreadable X-Afr-Limits part {:?}", self.0)
+    }
+}
+
+/// A duration in OpenAI's `x-ratelimit-reset-*` format: `6m0s`, `1s`, `20ms`,
+/// `1h2m3s`. Below a second it is whole milliseconds; above, whole seconds
+/// rounded up, so a client that waits that long is never early.
+pub fn openai_duration(ms: u64) -> String {
+    if ms < 1000 {
+        return format!("{ms}ms");
+    }
+    let s = ms.div_ceil(1000);
+    let (h, m, s) = (s / 3600, s / 60 % 60, s % 60);
+    match (h, m) {
+        (0, 0) => format!("{s}s"),
+        (0, _) => format!("{m}m{s}s"),
+        _ => format!("{h}h{m}m{s}s"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn header_round_trip() {
+        let l = KeyLimits {
+            tpm: Some(1000),
+            budget: Some(Budget {
+                nanos: 5 * NANOS_PER_USD,
+                per: Period::Month,
+            }),
+            max_concurrent: Some(3),
+        };
+        let h = l.header_value().unwrap();
+        assert_eq!(h, "tpm=1000;budget=5000000000/month");
+        let back = KeyLimits::parse_header(&h).unwrap();
+        assert_eq!(back.tpm, l.tpm);
+        assert_eq!(back.budget, l.budget);
+        assert_eq!(KeyLimits::default().header_value(), None);
+        assert!(KeyLimits::parse_header("tpm=x").is_err());
+        assert!(KeyLimits::parse_header("budget=5/week").is_err());
+        assert!(KeyLimits::parse_header("rpm=5").is_err());
+    }
+
+    #[test]
+    fn durations_in_openai_format() {
+        assert_eq!(openai_duration(20), "20ms");
+        assert_eq!(openai_duration(1000), "1s");
+        assert_eq!(openai_duration(1001), "2s");
+        assert_eq!(openai_duration(360_000), "6m0s");
+        assert_eq!(openai_duration(3_723_000), "1h2m3s");
+    }
+
+    #[test]
+    fn periods_are_utc_days_and_months() {
+        // 2026-11-30T17:00:00Z
+        let t = 1_796_058_000_000;
+        let (s, e) = Period::Day.bounds(t);
+        assert_eq!((s, e), (1_795_996_800_000, 1_796_083_200_000));
+        let (s, e) = Period::Month.bounds(t);
+        assert_eq!(s, 1_793_491_200_000); // 2026-11-01
+        assert_eq!(e, 1_796_083_200_000); // 2026-12-01
+        let (s, e) = Period::Month.bounds(1_796_169_600_000); // 2026-12-02
+        assert_eq!((s, e), (1_796_083_200_000, 1_798_761_600_000)); // → 2027-01-01
+        let (s, e) = Period::Month.bounds(1_835_395_200_000); // 2028-02-29 (leap)
+        assert_eq!((s, e), (1_832_976_000_000, 1_835_481_600_000));
+    }
+
+    #[test]
+    fn budgets_are_checked() {
+        assert_eq!(
+            Budget::from_usd(Some(0.5), "day").unwrap().nanos,
+            500_000_000
+        );
+        assert!(Budget::from_usd(Some(0.0), "day").is_err());
+        assert!(Budget::from_usd(None, "day").is_err());
+        assert!(Budget::from_usd(Some(f64::NAN), "day").is_err());
+        assert!(Budget::from_usd(Some(1.0), "week")
+            .unwrap_err()
+            .contains("per"));
+    }
+}
