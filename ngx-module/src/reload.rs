@@ -166,6 +166,20 @@ fn spawn_quiet(f: impl FnOnce() + Send + 'static) -> std::io::Result<()> {
     }
 }
 
+/// Hands the memory freed by a reload back to the OS. The parse's scratch
+/// (the file's text, the document) and the replaced table are freed into
+/// malloc arenas, which keep them resident: measured with 30 000 keys (a
+/// table ~12 MB), a worker grew from 18 MB to 45–74 MB over ten hot reloads
+/// without this. Runs on the parser thread, off the event loop.
+fn release_freed_memory() {
+    // SAFETY: malloc_trim only returns free pages to the OS; no allocation
+    // is moved or invalidated.
+    #[cfg(target_env = "gnu")]
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
 /// Starts this worker's watcher of the keys file.
 pub fn watch(path: PathBuf, stamp: Option<FileStamp>, interval: Duration) {
     ngx::async_::spawn(watch_loop(path, stamp, interval)).detach();
@@ -217,6 +231,7 @@ async fn watch_loop(path: PathBuf, mut seen: Option<FileStamp>, interval: Durati
             if tx.send((result, t0.elapsed(), old_tx)).is_ok() {
                 drop(old_rx.recv_timeout(DROP_WAIT));
             }
+            release_freed_memory();
         });
         if let Err(e) = started {
             log(
