@@ -9,9 +9,10 @@
 //! store plus a fresh cache. A broken file is logged with file, line and field
 //! and the previous table stays. Old tables are dropped off the event loop too.
 //!
-//! A new table is accepted only from a stable read: the file's stamp is the
-//! same before and after it was read, so a read racing a writer is retried on
-//! the next tick. A read that failed (a file only root may read, then
+//! A new table is accepted only from a stable read
+//! ([`afr_core::keyfile::load_stable`]): the file's stamp is the same before
+//! and after it was read, so a read racing a writer is retried on the next
+//! tick. A read that failed (a file only root may read, then
 //! `chmod`ed: chmod changes no part of the stamp) is retried on every tick
 //! rather than remembered. An empty table replacing one with keys — what an
 //! editor's truncate-then-write shows for a moment — must in addition stay
@@ -20,12 +21,13 @@
 //! `nginx -s reload`.
 
 use std::cell::RefCell;
-use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{self, TryRecvError};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+pub use afr_core::keyfile::FileStamp;
+use afr_core::keyfile::{load_stable, LoadError};
 use afr_core::keys::{KeyEntry, KeyTable};
 use ngx::ffi::{NGX_LOG_ERR, NGX_LOG_NOTICE};
 use ngx::ngx_log_error;
@@ -43,67 +45,6 @@ const PARSE_POLL: Duration = Duration::from_millis(5);
 /// short enough that emptying the file on purpose still takes effect within
 /// 2 s at the default 1 s interval.
 pub const EMPTY_SETTLE: Duration = Duration::from_secs(1);
-
-/// What identifies one version of the keys file.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct FileStamp {
-    // No 128-bit fields: nginx pools align to 8 bytes only, and this lives in
-    // the pool-allocated main conf.
-    mtime_s: i64,
-    mtime_ns: i64,
-    size: u64,
-    ino: u64,
-}
-
-impl FileStamp {
-    /// The stamp of `path` now, `None` when it cannot be stat'ed.
-    pub fn of(path: &Path) -> Option<FileStamp> {
-        Self::stat(path).ok()
-    }
-
-    /// The stamp of `path` now, or why it cannot be stat'ed.
-    fn stat(path: &Path) -> std::io::Result<FileStamp> {
-        let m = std::fs::metadata(path)?;
-        Ok(FileStamp {
-            mtime_s: m.mtime(),
-            mtime_ns: m.mtime_nsec(),
-            size: m.size(),
-            ino: m.ino(),
-        })
-    }
-}
-
-/// Why a keys file could not be turned into a table.
-#[derive(Debug, thiserror::Error)]
-enum LoadError {
-    /// The file could not be read (permissions, gone): retried every tick.
-    #[error("cannot read keys file \"{path}\": {source}")]
-    Io {
-        path: String,
-        source: std::io::Error,
-    },
-    /// The file changed while it was read: retried on the next tick.
-    #[error("keys file \"{0}\" changed while it was read")]
-    Unstable(String),
-    /// The file was read whole and is invalid: logged once per version.
-    #[error(transparent)]
-    Invalid(#[from] afr_core::keys::KeyFileError),
-}
-
-/// Reads and parses the keys file whose stamp was `before`, accepting the
-/// read only if the stamp is still `before` afterwards.
-fn load_stable(path: &Path, before: FileStamp) -> Result<KeyTable, LoadError> {
-    let shown = || path.display().to_string();
-    let io = |source| LoadError::Io {
-        path: shown(),
-        source,
-    };
-    let text = std::fs::read_to_string(path).map_err(io)?;
-    if FileStamp::stat(path).map_err(io)? != before {
-        return Err(LoadError::Unstable(shown()));
-    }
-    Ok(KeyTable::parse(&shown(), &text)?)
-}
 
 /// Loads the keys file at worker start when it changed since the
 /// configuration was read (a worker respawned after a crash starts from the
@@ -225,6 +166,20 @@ fn spawn_quiet(f: impl FnOnce() + Send + 'static) -> std::io::Result<()> {
     }
 }
 
+/// Hands the memory freed by a reload back to the OS. The parse's scratch
+/// (the file's text, the document) and the replaced table are freed into
+/// malloc arenas, which keep them resident: measured with 30 000 keys (a
+/// table ~12 MB), a worker grew from 18 MB to 45–74 MB over ten hot reloads
+/// without this. Runs on the parser thread, off the event loop.
+fn release_freed_memory() {
+    // SAFETY: malloc_trim only returns free pages to the OS; no allocation
+    // is moved or invalidated.
+    #[cfg(target_env = "gnu")]
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
 /// Starts this worker's watcher of the keys file.
 pub fn watch(path: PathBuf, stamp: Option<FileStamp>, interval: Duration) {
     ngx::async_::spawn(watch_loop(path, stamp, interval)).detach();
@@ -276,6 +231,7 @@ async fn watch_loop(path: PathBuf, mut seen: Option<FileStamp>, interval: Durati
             if tx.send((result, t0.elapsed(), old_tx)).is_ok() {
                 drop(old_rx.recv_timeout(DROP_WAIT));
             }
+            release_freed_memory();
         });
         if let Err(e) = started {
             log(

@@ -96,6 +96,11 @@ def test_ctrl_c_stops_everything_when_output_is_piped_through_tee(stderr_too):
         assert "press Ctrl-C to stop" in seen, seen
         pids = [int(line.split()[1]) for line in (home / "pids").read_text().splitlines()]
         assert len(pids) == 3 and all(alive(p) for p in pids)
+        # tee writes the banner when it gets to it: on a busy machine, after the
+        # script's stderr has already said "press Ctrl-C".
+        banner_by = time.monotonic() + 10
+        while "Aeferalow gateway is running" not in log.read_text() and time.monotonic() < banner_by:
+            time.sleep(0.05)
         assert "Aeferalow gateway is running" in log.read_text()
 
         # A terminal's Ctrl-C signals the whole pipeline; tee is gone before the trap runs.

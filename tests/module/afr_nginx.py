@@ -136,6 +136,8 @@ class Gateway:
         extra_server="",
         reload_interval="200ms",
         user=None,
+        extra_main="",
+        env=None,
     ):
         self.name, self.nginx, self.module = flavour
         self.prefix = Path(prefix)
@@ -147,6 +149,8 @@ class Gateway:
         self.extra_server = extra_server
         self.reload_interval = reload_interval
         self.user = user
+        self.extra_main = extra_main
+        self.env = env
         self.keys_path = self.prefix / "keys.toml"
         self.error_log = self.prefix / "error.log"
         self.proc = None
@@ -173,6 +177,7 @@ daemon off;
 master_process on;
 worker_processes {self.workers};
 pid {p}/nginx.pid;
+{self.extra_main}
 error_log {self.error_log} notice;
 events {{ worker_connections 1024; }}
 http {{
@@ -217,6 +222,7 @@ http {{
             [str(self.nginx), "-p", str(self.prefix), "-c", str(self.conf), "-e", str(self.error_log)],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
+            env=self.env,
         )
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:

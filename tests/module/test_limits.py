@@ -2,10 +2,11 @@
 zone evicts (and logs) instead of silently no longer limiting."""
 
 import http.client
+import re
 import threading
 import time
 
-from afr_nginx import Key
+from afr_nginx import ROOT, Key
 
 
 def away_from_window_boundary(margin=8):
@@ -135,3 +136,19 @@ def test_full_zone_admits_a_key_of_another_id_length(gateway, tmp_path):
     # Hundreds of evictions, one log line (rate-limited, not per request).
     assert gw.log().count('afr_zone "afr" is full') == 1, gw.log()
     assert time.monotonic() - started < 12, "ran past the window; the counts above prove nothing"
+
+
+def test_zone_capacity_is_what_the_readme_says(gateway):
+    """Issue 9, defect 7: the README's *Zone size* table is what nginx reports
+    at start-up (`afr_zone "afr" holds N keys`), and `afr:10m` holds at least
+    the 100 000 active keys the issue asks for."""
+    readme = (ROOT / "README.md").read_text()
+    table = dict(re.findall(r"^\| `afr:(\w+)` \| ([\d ]+) \|$", readme, re.M))
+    assert set(table) >= {"1m", "10m"}, table
+    for size, documented in table.items():
+        gw = gateway([Key("k")], zone=size, workers=1)
+        held = re.search(r'afr_zone "afr" holds (\d+) keys', gw.log())
+        assert held, gw.log()
+        assert int(held.group(1)) == int(documented.replace(" ", "")), (size, held.group(1))
+        gw.stop()
+    assert int(table["10m"].replace(" ", "")) >= 100_000
