@@ -344,6 +344,15 @@ pub fn body_usage(endpoint: Endpoint, body: &[u8]) -> Option<TokenUsage> {
     }
 }
 
+/// The `id` of a whole (non-streamed) Responses API answer.
+pub fn response_body_id(body: &[u8]) -> Option<String> {
+    #[derive(Deserialize)]
+    struct WithId {
+        id: Option<String>,
+    }
+    serde_json::from_slice::<WithId>(body).ok()?.id
+}
+
 /// What the gateway needs to know about one Responses-API stream event.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ResponsesEvent {

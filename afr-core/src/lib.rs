@@ -15,6 +15,7 @@ pub mod keys;
 pub mod ledger;
 pub mod limits;
 pub mod messages;
+pub mod pins;
 pub mod ratelimit;
 pub mod redact;
 pub mod retry_after;

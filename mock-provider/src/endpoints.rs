@@ -315,7 +315,25 @@ pub fn responses(ctx: Ctx, body: &Value) -> Response<MockBody> {
         ctx.knobs.chunks,
     );
     let seq = ctx.id_seq;
-    let id = format!("resp_afrmock{seq:016}");
+    // Ids carry the instance (its process id) as a real provider's are
+    // unique across its fleet, and a follow-up naming another instance's
+    // response is refused as OpenAI refuses an id it never stored: tests
+    // see a gateway that sends `previous_response_id` to the wrong provider.
+    let instance = std::process::id();
+    let id = format!("resp_afrmock{instance:08}{seq:08}");
+    if let Some(previous) = body.get("previous_response_id").and_then(Value::as_str) {
+        let own = format!("resp_afrmock{instance:08}");
+        if previous.starts_with("resp_afrmock") && !previous.starts_with(&own) {
+            ctx.finish(400);
+            let message = format!("Previous response with id '{previous}' not found.");
+            return crate::faults::invalid_request(
+                crate::faults::Api::OpenAi,
+                &message,
+                Some("previous_response_id"),
+                &ctx.request_id,
+            );
+        }
+    }
     let created = unix_now();
     let tool = body
         .get("tools")

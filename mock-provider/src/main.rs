@@ -13,6 +13,12 @@
 //! - `POST /v1/messages`: Anthropic Messages; auth `x-api-key: KEY`;
 //!   `anthropic-version` is always required (400 without it), as upstream.
 //!
+//! `POST /v1/embeddings`, `/v1/completions` and `/v1/responses` answer in
+//! OpenAI's shapes too. Responses ids name the instance (`resp_afrmock` + its
+//! process id + a sequence number); a `previous_response_id` naming another
+//! instance's response is a 400 (`param: previous_response_id`), as a
+//! provider refuses an id it never stored.
+//!
 //! Auth is only checked when `--api-key` is given.
 //!
 //! # TLS

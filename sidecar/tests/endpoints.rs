@@ -1,8 +1,8 @@
 //! `/v1/embeddings`, `/v1/completions` and `/v1/responses` through the
 //! sidecar against the mock: byte-faithful passthrough (only `model` changes,
 //! plus `include_usage` on a completions stream), failover before the first
-//! output, usage rows, catalogue kinds, and `previous_response_id` pinned to
-//! the first route.
+//! output, usage rows, catalogue kinds, and `previous_response_id` sent to
+//! the provider that created the response.
 
 mod common;
 
@@ -201,18 +201,89 @@ async fn a_responses_stream_fails_over_before_output_and_ends_with_response_comp
     assert_eq!(v["output"][0]["content"][0]["text"], "Mock reply to: Hi");
 }
 
+/// POST as another key than `post`'s `test-key`.
+async fn post_as(sidecar: &Sidecar, key_id: &str, path: &str, body: &str) -> reqwest::Response {
+    sidecar
+        .client
+        .post(sidecar.url(path))
+        .header("X-Afr-Secret", SECRET)
+        .header("X-Afr-Key-Id", key_id)
+        .header("content-type", "application/json")
+        .body(body.to_owned())
+        .send()
+        .await
+        .unwrap()
+}
+
+/// The `id` of a whole Responses answer, or of a stream's `response.created`.
+async fn response_id(r: reqwest::Response) -> String {
+    assert_eq!(r.status(), 200);
+    let text = r.text().await.unwrap();
+    let json = match text.lines().find_map(|l| l.strip_prefix("data: ")) {
+        Some(first_event) => {
+            serde_json::from_str::<Value>(first_event).unwrap()["response"].clone()
+        }
+        None => serde_json::from_str::<Value>(&text).unwrap(),
+    };
+    json["id"].as_str().unwrap().to_owned()
+}
+
 #[tokio::test]
-async fn previous_response_id_is_pinned_to_the_first_route() {
-    let bad = Mock::start(&["--status", "500"]);
-    let good = Mock::start(&[]);
-    let sidecar = catalogue(&bad.base(), &good);
-    let body = r#"{"model":"m","input":"more","previous_response_id":"resp_abc"}"#;
-    let r = post(&sidecar, "/v1/responses", body).await;
+async fn previous_response_id_goes_to_the_provider_that_created_it() {
+    // The first route fails the opening request, so the second creates it.
+    let first = Mock::start(&["--status", "503"]);
+    let second = Mock::start(&[]);
+    let sidecar = catalogue(&first.base(), &second);
+    let opening = post(&sidecar, "/v1/responses", r#"{"model":"m","input":"hi"}"#).await;
+    let id = response_id(opening).await;
+    assert_eq!(first.requests().await.len(), 1);
+    assert_eq!(second.requests().await.len(), 1);
+    // The first route is healthy again and would now be tried first.
+    first.set(json!({})).await;
+
+    let body =
+        format!(r#"{{"model":"m","input":"more","previous_response_id":"{id}","stream":true}}"#);
+    let streamed = post(&sidecar, "/v1/responses", &body).await;
+    let next = response_id(streamed).await;
+    let body = format!(r#"{{"model":"m","input":"again","previous_response_id":"{next}"}}"#);
+    let plain = post(&sidecar, "/v1/responses", &body).await;
+    let last = response_id(plain).await;
     assert_eq!(
-        r.status(),
-        500,
-        "no failover to a provider that never saw resp_abc"
+        first.requests().await.len(),
+        1,
+        "follow-ups never go to the provider that lacks the conversation"
     );
-    assert!(good.requests().await.is_empty());
-    assert_eq!(bad.requests().await.len(), 1);
+    let served = second.requests().await;
+    assert_eq!(served.len(), 3, "the stream's id was remembered too");
+    assert_eq!(served[2]["body"]["previous_response_id"], next.as_str());
+    assert_ne!(last, next);
+
+    // The creator failing is not failed over: the other provider cannot continue it.
+    second.set(json!({"status": 500})).await;
+    let body = format!(r#"{{"model":"m","input":"more","previous_response_id":"{last}"}}"#);
+    let r = post(&sidecar, "/v1/responses", &body).await;
+    assert_eq!(r.status(), 500);
+    assert_eq!(first.requests().await.len(), 1);
+}
+
+#[tokio::test]
+async fn an_unknown_or_foreign_previous_response_id_is_a_400_naming_it() {
+    let good = Mock::start(&[]);
+    let sidecar = catalogue(&good.base(), &good);
+    let id =
+        response_id(post(&sidecar, "/v1/responses", r#"{"model":"m","input":"hi"}"#).await).await;
+    for (key, previous) in [("test-key", "resp_abc"), ("another-key", id.as_str())] {
+        let body = format!(r#"{{"model":"m","input":"more","previous_response_id":"{previous}"}}"#);
+        let r = post_as(&sidecar, key, "/v1/responses", &body).await;
+        assert_eq!(r.status(), 400, "{key} {previous}");
+        let v: Value = r.json().await.unwrap();
+        assert_eq!(v["error"]["param"], "previous_response_id", "{v}");
+        assert_eq!(v["error"]["code"], "previous_response_not_found", "{v}");
+        assert_eq!(v["error"]["type"], "invalid_request_error", "{v}");
+    }
+    assert_eq!(
+        good.requests().await.len(),
+        1,
+        "refused before any provider"
+    );
 }

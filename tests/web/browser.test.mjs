@@ -388,6 +388,39 @@ describe('playground', () => {
     await page.close();
   });
 
+  test('the API switch sends the conversation to the Responses API and back', async (t) => {
+    const mock = mockOrigin();
+    if (!mock) {
+      t.skip('mock provider address unknown');
+      return;
+    }
+    const { page, problems } = await playgroundWithKey(key);
+    await page.fill('#system-prompt', 'You are terse.');
+    await page.selectOption('#api', 'responses');
+    await sendMessage(page, 'Hello over responses');
+    await page.waitForSelector('#conversation .msg.assistant[data-state="done"]', { timeout: 15000 });
+    assert.equal((await lastReply(page)).text, 'Mock reply to: Hello over responses');
+    assert.match(await page.textContent('#stat-tokens'), /\d+ prompt \+ 6 completion = \d+/);
+    await page.selectOption('#api', 'chat');
+    await sendMessage(page, 'And back to chat');
+    await page.waitForFunction(() => document.querySelectorAll('#conversation .msg.assistant[data-state="done"]').length === 2, null, { timeout: 15000 });
+    assert.equal((await lastReply(page)).text, 'Mock reply to: And back to chat');
+    const log = await (await fetch(`${mock}/_mock/requests`)).json();
+    // The first request with these words: the chat turn after it carries them as history.
+    const sent = (words) => log.requests.find((r) => JSON.stringify(r.body).includes(words));
+    const viaResponses = sent('Hello over responses');
+    assert.equal(viaResponses.path, '/v1/responses');
+    assert.equal(viaResponses.body.instructions, 'You are terse.');
+    assert.deepEqual(viaResponses.body.input, [{ role: 'user', content: 'Hello over responses' }]);
+    const viaChat = sent('And back to chat');
+    assert.equal(viaChat.path, '/v1/chat/completions');
+    assert.deepEqual(viaChat.body.messages.map((m) => m.content), [
+      'You are terse.', 'Hello over responses', 'Mock reply to: Hello over responses', 'And back to chat',
+    ]);
+    assert.deepEqual(problems, []);
+    await page.close();
+  });
+
   test('a message streams a multi-chunk reply, growing over time', async () => {
     const { page, problems } = await playgroundWithKey(key);
     await watchReply(page);

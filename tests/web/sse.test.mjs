@@ -11,7 +11,7 @@ const REPO = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../..')
 // web/ is served as-is to browsers and has no package.json marking it ESM; load the module
 // from its source text.
 const src = fs.readFileSync(path.join(REPO, 'web/assets/sse.js'), 'utf8');
-const { SseDecoder, interpretChatEvent } = await import(`data:text/javascript,${encodeURIComponent(src)}`);
+const { SseDecoder, interpretChatEvent, interpretResponsesEvent } = await import(`data:text/javascript,${encodeURIComponent(src)}`);
 
 function decodeAll(pieces) {
   const d = new SseDecoder();
@@ -66,4 +66,22 @@ test('a mid-stream error event is reported as an error', () => {
 
 test('data that is not JSON throws, as in the SDKs', () => {
   assert.throws(() => interpretChatEvent({ event: null, data: '{oops' }), SyntaxError);
+});
+
+test('a recorded Responses stream reads as its text deltas, then done with its usage', () => {
+  for (const name of ['openai-responses-stream.sse', 'openai-responses-stream-2026-variant.sse']) {
+    const raw = fs.readFileSync(path.join(REPO, 'tests/fixtures', name), 'utf8');
+    const items = decodeAll([raw]).map(interpretResponsesEvent);
+    const done = items.filter((i) => i.type === 'done');
+    assert.equal(done.length, 1, name);
+    assert.equal(items[items.length - 1].type, 'done', name);
+    assert.ok(done[0].usage.completion_tokens > 0 && done[0].usage.prompt_tokens > 0, name);
+    const text = items.map((i) => i.content ?? '').join('');
+    assert.ok(text.length > 0, name);
+    assert.equal(items.filter((i) => i.type === 'error').length, 0, name);
+  }
+  const errors = decodeAll([fs.readFileSync(path.join(REPO, 'tests/fixtures/openai-responses-stream-error.sse'), 'utf8')])
+    .map(interpretResponsesEvent)
+    .filter((i) => i.type === 'error');
+  assert.ok(errors.length >= 1 && errors[0].error.message, 'the recorded error event is an error');
 });

@@ -1,4 +1,5 @@
-// Playground: a multi-turn chat against this gateway, streamed with fetch + ReadableStream.
+// Playground: a multi-turn chat against this gateway, streamed with fetch + ReadableStream,
+// through Chat Completions or the Responses API (the `API` setting).
 //
 // fetch rather than EventSource because EventSource can neither POST nor send an
 // Authorization header. The key stays in memory and this tab's sessionStorage; it is
@@ -7,7 +8,7 @@
 import {
   DEFAULT_MODELS, GatewayError, adviceFor, fetchModels, readError, storedKey, storeKey,
 } from './site.js';
-import { SseDecoder, interpretChatEvent } from './sse.js';
+import { SseDecoder, interpretChatEvent, interpretResponsesEvent } from './sse.js';
 
 const $ = (id) => document.getElementById(id);
 const el = {
@@ -15,6 +16,7 @@ const el = {
   toggleKey: $('toggle-key'),
   forgetKey: $('forget-key'),
   model: $('model'),
+  api: $('api'),
   reloadModels: $('reload-models'),
   modelsStatus: $('models-status'),
   system: $('system-prompt'),
@@ -240,18 +242,35 @@ async function send() {
     return;
   }
 
-  const messages = [];
   const system = el.system.value.trim();
-  if (system) messages.push({ role: 'system', content: system });
-  messages.push(...history, { role: 'user', content: text });
-  const body = {
-    model: el.model.value,
-    messages,
-    stream: true,
-    stream_options: { include_usage: true },
-    temperature: params.temperature,
-  };
-  if (params.maxTokens !== null) body.max_tokens = params.maxTokens;
+  const responsesApi = el.api.value === 'responses';
+  let body;
+  if (responsesApi) {
+    // The whole conversation goes as `input` (store-free): nothing depends on
+    // a response stored at one provider, so any route can serve each turn.
+    body = {
+      model: el.model.value,
+      input: [...history, { role: 'user', content: text }],
+      store: false,
+      stream: true,
+      temperature: params.temperature,
+    };
+    if (system) body.instructions = system;
+    if (params.maxTokens !== null) body.max_output_tokens = params.maxTokens;
+  } else {
+    const messages = [];
+    if (system) messages.push({ role: 'system', content: system });
+    messages.push(...history, { role: 'user', content: text });
+    body = {
+      model: el.model.value,
+      messages,
+      stream: true,
+      stream_options: { include_usage: true },
+      temperature: params.temperature,
+    };
+    if (params.maxTokens !== null) body.max_tokens = params.maxTokens;
+  }
+  const interpret = responsesApi ? interpretResponsesEvent : interpretChatEvent;
 
   const user = addMessage('user', text);
   el.message.value = '';
@@ -276,7 +295,7 @@ async function send() {
   let content = '';
 
   try {
-    const res = await fetch('/v1/chat/completions', {
+    const res = await fetch(responsesApi ? '/v1/responses' : '/v1/chat/completions', {
       method: 'POST',
       headers: { 'Content-Type': 'application/json', Authorization: `Bearer ${key}` },
       body: JSON.stringify(body),
@@ -293,7 +312,8 @@ async function send() {
       const { value, done } = await reader.read();
       if (done) break;
       for (const ev of decoder.push(value)) {
-        const item = interpretChatEvent(ev);
+        const item = interpret(ev);
+        if (item.usage) usage = item.usage;
         if (item.type === 'done') {
           outcome = 'done';
           break read;
@@ -312,7 +332,6 @@ async function send() {
           reply.textNode.appendData(item.content);
           el.conversation.scrollTop = el.conversation.scrollHeight;
         }
-        if (item.usage) usage = item.usage;
       }
     }
     reader.cancel().catch(() => {});

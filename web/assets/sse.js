@@ -84,3 +84,32 @@ export function interpretChatEvent(ev) {
     model: json?.model ?? null,
   };
 }
+
+/**
+ * Turns decoded events of a Responses API stream into the same items as
+ * `interpretChatEvent`: text deltas are content, `response.completed` (or
+ * `.incomplete`) ends the reply with its usage, `error` and `response.failed` are errors.
+ * Throws SyntaxError on data that is not JSON, like the SDKs.
+ */
+export function interpretResponsesEvent(ev) {
+  const json = JSON.parse(ev.data);
+  const kind = json?.type ?? ev.event;
+  if (kind === 'error') {
+    return { type: 'error', error: json?.error ?? { message: json?.message ?? 'An error occurred during streaming' } };
+  }
+  if (kind === 'response.failed') {
+    return { type: 'error', error: json?.response?.error ?? { message: 'The response failed' } };
+  }
+  if (kind === 'response.completed' || kind === 'response.incomplete') {
+    const u = json?.response?.usage;
+    const usage = u ? { prompt_tokens: u.input_tokens, completion_tokens: u.output_tokens, total_tokens: u.total_tokens } : null;
+    return { type: 'done', usage };
+  }
+  return {
+    type: 'chunk',
+    content: kind === 'response.output_text.delta' && typeof json.delta === 'string' ? json.delta : '',
+    finishReason: null,
+    usage: null,
+    model: json?.response?.model ?? null,
+  };
+}

@@ -91,6 +91,21 @@ pub trait Exchange: Send + Sync {
         provider: &dyn Provider,
         call: UpstreamCall,
     ) -> Result<Reply, ProviderError>;
+    /// Sees the answer `route` gave once the request is committed to it:
+    /// the whole body, or each event held before the stream committed (an
+    /// endpoint with provider-side state remembers where it lives).
+    fn answered(&self, route: &RouteConfig, answer: Answer<'_>) {
+        let _ = (route, answer);
+    }
+}
+
+/// A committed answer, as `Exchange::answered` sees it.
+#[derive(Debug, Clone, Copy)]
+pub enum Answer<'a> {
+    /// A whole (non-streamed) answer body.
+    Body(&'a [u8]),
+    /// One raw event of a stream, held before it committed.
+    Event(&'a [u8]),
 }
 
 /// A validated chat completion and the client's bytes.
@@ -352,6 +367,7 @@ pub async fn route(
                 usage: tokens,
             } => {
                 ticket.success();
+                request.answered(route, Answer::Body(&body));
                 usage.apply_usage(tokens);
                 usage.finish(200);
                 return json_response(StatusCode::OK, body, &caller.request_id);
@@ -419,6 +435,9 @@ pub async fn route(
                     // answered, but a success now would reset its failure count
                     // (or close it, as a probe) while it may never send content.
                     ticket.settle(Outcome::Neutral);
+                }
+                for event in &held {
+                    request.answered(route, Answer::Event(event));
                 }
                 return relay::respond(StreamStart {
                     gateway: gateway.clone(),

@@ -9,11 +9,12 @@ use crate::usage::UsageReader;
 use afr_core::breaker::{Admission, Breaker, BreakerPolicy, Outcome};
 use afr_core::config::{ConfigError, SidecarConfig};
 use afr_core::ledger::Ledger;
+use afr_core::pins::Pins;
 use arc_swap::ArcSwap;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 use tokio_util::task::TaskTracker;
 
 /// One loaded configuration with everything built from it.
@@ -107,6 +108,14 @@ impl Runtime {
     }
 }
 
+/// Responses whose provider the gateway remembers, at most: about 200 bytes
+/// each, so 20 MB at worst; the oldest are forgotten first.
+pub const RESPONSE_PINS: usize = 100_000;
+/// How long the gateway remembers which provider created a response. OpenAI
+/// keeps stored responses 30 days; agents continue a conversation within
+/// minutes to hours, and a restart forgets every pin anyway.
+pub const RESPONSE_PIN_TTL: Duration = Duration::from_secs(24 * 3600);
+
 /// Everything a request handler needs.
 pub struct Gateway {
     /// The config in force.
@@ -126,6 +135,9 @@ pub struct Gateway {
     /// Token and money reservations of every key on this host: the sidecar
     /// is one process per host, so this is the host's one decision point.
     pub ledger: Mutex<Ledger>,
+    /// Which provider created each Responses API response relayed here, so
+    /// `previous_response_id` follow-ups go back to it.
+    pins: Mutex<Pins>,
 }
 
 impl Gateway {
@@ -145,6 +157,7 @@ impl Gateway {
             reader,
             taps: TaskTracker::new(),
             ledger: Mutex::new(Ledger::new()),
+            pins: Mutex::new(Pins::new(RESPONSE_PINS, RESPONSE_PIN_TTL)),
         };
         gateway.sync_breakers();
         gateway
@@ -154,6 +167,12 @@ impl Gateway {
     pub fn install(&self, runtime: Runtime) {
         self.runtime.store(Arc::new(runtime));
         self.sync_breakers();
+    }
+
+    /// The response pins, even if a thread panicked holding them (each
+    /// statement leaves them valid).
+    pub fn pins(&self) -> MutexGuard<'_, Pins> {
+        self.pins.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// The ledger, even if a thread panicked holding it (its state is a few
