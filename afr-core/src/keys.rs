@@ -656,7 +656,9 @@ mod tests {
         assert_eq!(rate_limited_body(5).kind, "requests");
         let c = concurrency_limited_body(3);
         assert_eq!(c.code, Some("rate_limit_exceeded"));
-        assert!(c.message.contains("Concurrency limit reached: 3 requests in flight"));
+        assert!(c
+            .message
+            .contains("Concurrency limit reached: 3 requests in flight"));
     }
 
     #[test]

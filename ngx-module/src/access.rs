@@ -164,8 +164,7 @@ unsafe extern "C" fn access_handler(r: *mut ngx_http_request_t) -> ngx_int_t {
         Outcome::Busy(v, limit, who) => {
             let key = Some((who.id.as_str(), who.name.as_str()));
             // SAFETY: `r` is a valid main request.
-            if unsafe { variables::record(r, AfrStatus::Busy, Some(v), now.unix_ms, key) }
-                .is_err()
+            if unsafe { variables::record(r, AfrStatus::Busy, Some(v), now.unix_ms, key) }.is_err()
             {
                 return Status::NGX_ERROR.into();
             }

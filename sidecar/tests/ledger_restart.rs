@@ -24,7 +24,11 @@ fn priced_gateway() -> (Mock, Sidecar) {
 /// `POST /v1/chat/completions` as nginx sends it for `key` with `limits`
 /// (`X-Afr-Limits`); returns the status, the error code, if any, and
 /// `x-ratelimit-remaining-tokens`.
-async fn chat_full(sidecar: &Sidecar, key: &str, limits: &str) -> (u16, Option<String>, Option<u64>) {
+async fn chat_full(
+    sidecar: &Sidecar,
+    key: &str,
+    limits: &str,
+) -> (u16, Option<String>, Option<u64>) {
     let resp = sidecar
         .client
         .post(sidecar.url("/v1/chat/completions"))
@@ -95,7 +99,10 @@ async fn spent_budget_and_full_token_window_survive_a_restart() {
     // restart emptied it (then 97 would be left after this request).
     let (_, _, remaining) = chat_full(&sidecar, "tokens", tpm).await;
     let remaining = remaining.expect("x-ratelimit-remaining-tokens");
-    assert!(remaining < 60, "a restart emptied the token window: {remaining} left");
+    assert!(
+        remaining < 60,
+        "a restart emptied the token window: {remaining} left"
+    );
     // The seed is what was spent, not more: the light key still has room.
     assert_eq!(chat(&sidecar, "light", budget).await.0, 200);
 }

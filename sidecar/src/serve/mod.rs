@@ -231,10 +231,8 @@ async fn reseed_ledger(gateway: &Gateway, reader: crate::usage::UsageReader) {
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64);
-    let seeds = tokio::task::spawn_blocking(move || {
-        crate::usage::reseed::ledger_seeds(&reader, now)
-    })
-    .await;
+    let seeds =
+        tokio::task::spawn_blocking(move || crate::usage::reseed::ledger_seeds(&reader, now)).await;
     match seeds {
         Ok(Ok(seeds)) => {
             let mut ledger = gateway.ledger();
@@ -243,9 +241,9 @@ async fn reseed_ledger(gateway: &Gateway, reader: crate::usage::UsageReader) {
             }
             tracing::info!(keys = seeds.len(), "ledger seeded from the usage store");
         }
-        Ok(Err(e)) => tracing::error!(
-            "{e}: budgets and token windows start from zero until the next restart"
-        ),
+        Ok(Err(e)) => {
+            tracing::error!("{e}: budgets and token windows start from zero until the next restart")
+        }
         Err(e) => tracing::error!("seeding the ledger: {e}"),
     }
 }
