@@ -82,11 +82,6 @@ async fn spent_budget_and_full_token_window_survive_a_restart() {
 
     assert!(sidecar.terminate().success());
     sidecar.restart();
-    assert!(
-        sidecar.log().contains("ledger seeded from the usage store"),
-        "{}",
-        sidecar.log()
-    );
 
     let (status, code) = chat(&sidecar, "spender", budget).await;
     assert_eq!(
@@ -105,4 +100,9 @@ async fn spent_budget_and_full_token_window_survive_a_restart() {
     );
     // The seed is what was spent, not more: the light key still has room.
     assert_eq!(chat(&sidecar, "light", budget).await.0, 200);
+    assert!(
+        sidecar.log().contains("ledger seeded from the usage store"),
+        "{}",
+        sidecar.log()
+    );
 }
