@@ -166,6 +166,17 @@ pub fn rate_limited_body(limit: u32) -> ErrorBody {
     )
 }
 
+/// The 429 body for a key with `limit` requests already in flight
+/// (`max_concurrent`): the same code as the other 429s, so SDKs raise
+/// `RateLimitError`, with a message naming concurrency.
+pub fn concurrency_limited_body(limit: u32) -> ErrorBody {
+    ErrorBody::new(
+        "requests",
+        Some("rate_limit_exceeded"),
+        format!("Concurrency limit reached: {limit} requests in flight at once for this key. Retry when one of them has finished."),
+    )
+}
+
 /// Extracts the token from an `Authorization` value: `Bearer <token>`, scheme
 /// case-insensitive (RFC 7235), token `afr_` + at least 32 base62 characters.
 pub fn bearer_token(value: &[u8]) -> Result<&[u8], Denial> {
@@ -643,6 +654,11 @@ mod tests {
         assert_eq!(e.check(99), Ok(()));
         assert_eq!(e.check(100), Err(Denial::Expired));
         assert_eq!(rate_limited_body(5).kind, "requests");
+        let c = concurrency_limited_body(3);
+        assert_eq!(c.code, Some("rate_limit_exceeded"));
+        assert!(c
+            .message
+            .contains("Concurrency limit reached: 3 requests in flight"));
     }
 
     #[test]

@@ -193,15 +193,52 @@ struct Spend {
 }
 
 impl Spend {
-    fn roll(&mut self, per: Period, now_ms: u64) -> u64 {
+    /// Moves to the period of `per` holding `now_ms`; a new period starts at
+    /// what `seed` says was spent in it before this ledger existed (0 when
+    /// the seed is of another period). Returns the period's end.
+    fn roll(&mut self, per: Period, now_ms: u64, seed: Option<&Seed>) -> u64 {
         let (start, end) = per.bounds(now_ms);
         if start > self.period_start {
             *self = Spend {
                 period_start: start,
-                nanos: 0,
+                nanos: seed.map_or(0, |s| s.spent_in(per, start)),
             };
         }
         end
+    }
+}
+
+/// What a key used before this ledger existed, read from the usage store at
+/// start-up so that a restart renews neither budgets nor token windows.
+///
+/// The sidecar does not read keys.toml, so at start-up it cannot know whether
+/// a key's budget is per day or per month: the seed carries both sums and the
+/// first reservation picks the one of its key's period.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Seed {
+    /// Start (Unix ms) of the UTC day the sums below were taken in.
+    pub day_start: u64,
+    /// Nano-dollars spent since `day_start`.
+    pub day_nanos: u64,
+    /// Start (Unix ms) of the UTC month the sums were taken in.
+    pub month_start: u64,
+    /// Nano-dollars spent since `month_start`.
+    pub month_nanos: u64,
+    /// Start (Unix ms) of the token window the sums were taken in.
+    pub window_start: u64,
+    /// Tokens used in the window before `window_start`.
+    pub prev_tokens: u64,
+    /// Tokens used since `window_start`.
+    pub curr_tokens: u64,
+}
+
+impl Seed {
+    fn spent_in(&self, per: Period, period_start: u64) -> u64 {
+        match per {
+            Period::Day if period_start == self.day_start => self.day_nanos,
+            Period::Month if period_start == self.month_start => self.month_nanos,
+            _ => 0,
+        }
     }
 }
 
@@ -209,6 +246,7 @@ impl Spend {
 struct KeyState {
     tokens: TokenWindow,
     spend: Spend,
+    seed: Option<Seed>,
 }
 
 /// Reservations of every key on this host.
@@ -256,7 +294,7 @@ impl Ledger {
             }
         }
         if let Some(budget) = limits.budget {
-            let end = state.spend.roll(budget.per, now_ms);
+            let end = state.spend.roll(budget.per, now_ms, state.seed.as_ref());
             let spent = state.spend.nanos;
             if spent >= budget.nanos || spent.saturating_add(ask.cost_nanos) > budget.nanos {
                 return Err(Refusal::Budget {
@@ -299,12 +337,17 @@ impl Ledger {
         self.settle(hold, Amount::default(), now_ms);
     }
 
-    /// Records spend that happened before this ledger existed (seeded from
-    /// the usage store at start-up, so a restart does not renew budgets).
-    pub fn seed_spend(&mut self, key: &str, per: Period, nanos: u64, now_ms: u64) {
+    /// Records what `key` used before this ledger existed (see [`Seed`]):
+    /// its token window at once, its spend when a reservation first names the
+    /// key's budget period. Call before any reservation of the key.
+    pub fn seed(&mut self, key: &str, seed: Seed) {
         let state = self.keys.entry(key.to_owned()).or_default();
-        state.spend.roll(per, now_ms);
-        state.spend.nanos = state.spend.nanos.saturating_add(nanos);
+        state.tokens = TokenWindow {
+            start_ms: seed.window_start,
+            prev: seed.prev_tokens,
+            curr: seed.curr_tokens,
+        };
+        state.seed = Some(seed);
     }
 
     /// The token headers' values for `key` under `tpm` at `now_ms`.
@@ -316,8 +359,9 @@ impl Ledger {
 
     /// Nano-dollars `key` may still spend in the current period of `budget`.
     pub fn budget_remaining(&self, key: &str, budget: Budget, now_ms: u64) -> u64 {
-        let mut spend = self.keys.get(key).map(|s| s.spend).unwrap_or_default();
-        spend.roll(budget.per, now_ms);
+        let state = self.keys.get(key).copied().unwrap_or_default();
+        let mut spend = state.spend;
+        spend.roll(budget.per, now_ms, state.seed.as_ref());
         budget.nanos.saturating_sub(spend.nanos)
     }
 }
@@ -456,6 +500,62 @@ mod tests {
     }
 
     #[test]
+    fn a_seed_carries_spend_and_tokens_over_a_restart() {
+        let (day, _) = Period::Day.bounds(T0);
+        let (month, _) = Period::Month.bounds(T0);
+        let seed = Seed {
+            day_start: day,
+            day_nanos: 700,
+            month_start: month,
+            month_nanos: 5_000,
+            window_start: T0,
+            prev_tokens: 0,
+            curr_tokens: 900,
+        };
+        let daily = KeyLimits {
+            budget: Some(Budget {
+                nanos: 1000,
+                per: Period::Day,
+            }),
+            ..KeyLimits::default()
+        };
+        let monthly = KeyLimits {
+            tpm: Some(990),
+            budget: Some(Budget {
+                nanos: 5_500,
+                per: Period::Month,
+            }),
+            ..KeyLimits::default()
+        };
+        let ask = Amount {
+            tokens: 50,
+            cost_nanos: 400,
+        };
+        let mut l = Ledger::new();
+        l.seed("d", seed);
+        l.seed("m", seed);
+        assert_eq!(l.budget_remaining("d", daily.budget.unwrap(), T0 + 5), 300);
+        // 700 spent today before the restart: 400 more do not fit.
+        assert!(matches!(
+            l.reserve("d", &daily, ask, T0 + 5),
+            Err(Refusal::Budget { .. })
+        ));
+        // The month's 5000 and the window's 900 tokens count too.
+        assert_eq!(l.tokens("m", 1000, T0 + 5).remaining, 100);
+        assert!(l.reserve("m", &monthly, ask, T0 + 5).is_ok());
+        assert!(matches!(
+            l.reserve("m", &monthly, ask, T0 + 5),
+            Err(Refusal::Tokens { .. })
+        ));
+        // Tomorrow the day's seed no longer applies.
+        let tomorrow = day + 86_400_000 + 5;
+        assert_eq!(
+            l.budget_remaining("d", daily.budget.unwrap(), tomorrow),
+            1000
+        );
+    }
+
+    #[test]
     fn a_refused_budget_reserves_no_tokens() {
         let mut l = Ledger::new();
         let limits = KeyLimits {
@@ -481,7 +581,14 @@ mod tests {
             nanos: 1000,
             per: Period::Month,
         };
-        l.seed_spend("k", Period::Month, 1000, T0);
+        l.seed(
+            "k",
+            Seed {
+                month_start: Period::Month.bounds(T0).0,
+                month_nanos: 1000,
+                ..Seed::default()
+            },
+        );
         let limits = KeyLimits {
             budget: Some(b),
             ..KeyLimits::default()

@@ -7,6 +7,7 @@
 pub mod anthropic;
 pub mod attempt;
 pub mod breaker;
+pub mod concurrency;
 pub mod config;
 pub mod endpoint;
 pub mod error;

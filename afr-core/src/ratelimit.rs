@@ -145,6 +145,24 @@ impl RateWindow {
         }
     }
 
+    /// What the window says at `now_ms` without counting a request: for the
+    /// `X-RateLimit-*` headers of a request refused by another limit
+    /// (`max_concurrent`), which must not use up the key's requests. The
+    /// verdict is not `admitted`; `reset_after_ms` is when the full limit is back.
+    pub fn peek(&self, limit: u32, now_ms: u64) -> Verdict {
+        let mut w = *self;
+        w.roll(now_ms);
+        let t = now_ms.max(w.start_ms);
+        let cap = u64::from(limit) * WINDOW_MS;
+        let remaining = (cap.saturating_sub(w.load(t)) / WINDOW_MS) as u32;
+        Verdict {
+            admitted: false,
+            limit,
+            remaining: remaining.min(limit),
+            reset_after_ms: (t - now_ms) + w.full_ms(t),
+        }
+    }
+
     /// Milliseconds from `t` (not before the window start) until nothing
     /// counted weighs any more, i.e. the full limit is available again.
     fn full_ms(&self, t: u64) -> u64 {
@@ -248,6 +266,19 @@ mod tests {
         assert!(!v.admitted);
         assert!(v.reset_after_ms <= 2 * WINDOW_MS, "{v:?}");
         assert!(w.hit(1, back + v.reset_after_ms).admitted);
+    }
+
+    #[test]
+    fn peek_counts_nothing() {
+        let mut w = RateWindow::default();
+        w.hit(5, T0 + 1000);
+        w.hit(5, T0 + 1000);
+        let before = w;
+        let v = w.peek(5, T0 + 2000);
+        assert_eq!(w, before);
+        assert_eq!((v.admitted, v.limit, v.remaining), (false, 5, 3));
+        assert_eq!(v.reset_after_ms, 2 * WINDOW_MS - 2000);
+        assert_eq!(RateWindow::default().peek(5, T0).remaining, 5);
     }
 
     #[test]

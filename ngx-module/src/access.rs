@@ -12,21 +12,25 @@ use std::ptr::{self, addr_of, addr_of_mut};
 use std::sync::OnceLock;
 
 use afr_core::error::{ErrorBody, ErrorShape};
-use afr_core::keys::{bearer_token, is_well_formed, rate_limited_body, Denial};
+use afr_core::keys::{
+    bearer_token, concurrency_limited_body, is_well_formed, rate_limited_body, Denial,
+};
 use afr_core::ratelimit::Verdict;
 use ngx::core::{Buffer, Pool, Status};
 use ngx::ffi::{
     ngx_array_push, ngx_cached_time, ngx_chain_t, ngx_conf_t, ngx_current_msec,
     ngx_http_discard_request_body, ngx_http_finalize_request, ngx_http_handler_pt,
     ngx_http_output_filter, ngx_http_phases_NGX_HTTP_ACCESS_PHASE, ngx_http_request_t,
-    ngx_http_send_header, ngx_int_t, ngx_list_part_t, ngx_palloc, ngx_table_elt_t, NGX_LOG_ERR,
+    ngx_http_send_header, ngx_int_t, ngx_list_part_t, ngx_palloc, ngx_pool_cleanup_add,
+    ngx_table_elt_t, NGX_LOG_ERR,
 };
 use ngx::http::{HttpModuleLocationConf, HttpModuleMainConf, NgxHttpCoreModule};
 use ngx::ngx_log_error;
 
 use crate::filter::{self, copy_str, list_iter, push_header};
 use crate::variables::{self, AfrStatus};
-use crate::{reload, zone::ZoneCtx, AfrModule};
+use crate::zone::{Decision, Lease, ZoneCtx};
+use crate::{reload, AfrModule};
 
 /// Adds the handler to the access phase.
 pub fn register(cf: &mut ngx_conf_t) -> Result<(), ()> {
@@ -70,6 +74,11 @@ fn now() -> Now {
     }
 }
 
+/// `Retry-After` of a request refused for concurrency: when one of the key's
+/// requests ends cannot be known, so the client is asked to try again soon
+/// (nginx's `limit_conn` sends none; a client needs one to back off).
+const BUSY_RETRY_AFTER_SECS: u64 = 1;
+
 /// A recognised key's labels, for `$afr_key_id` / `$afr_key_name`.
 struct Who {
     id: String,
@@ -79,11 +88,14 @@ struct Who {
 enum Outcome {
     Refuse(Denial, Option<Who>),
     Limited(Verdict, Who),
+    /// `max_concurrent` requests of the key are in flight (the limit).
+    Busy(Verdict, u32, Who),
     Admit {
         verdict: Verdict,
         who: Who,
         models: Option<String>,
         limits: Option<String>,
+        lease: Option<Lease>,
     },
     Internal(&'static str),
 }
@@ -149,12 +161,34 @@ unsafe extern "C" fn access_handler(r: *mut ngx_http_request_t) -> ngx_int_t {
                 Some(v.retry_after_secs(now.unix_ms)),
             )
         }
+        Outcome::Busy(v, limit, who) => {
+            let key = Some((who.id.as_str(), who.name.as_str()));
+            // SAFETY: `r` is a valid main request.
+            if unsafe { variables::record(r, AfrStatus::Busy, Some(v), now.unix_ms, key) }.is_err()
+            {
+                return Status::NGX_ERROR.into();
+            }
+            send_error(
+                r,
+                429,
+                &shape.render(429, &concurrency_limited_body(limit)),
+                Some(BUSY_RETRY_AFTER_SECS),
+            )
+        }
         Outcome::Admit {
             verdict,
             who,
             models,
             limits,
+            lease,
         } => {
+            // First, so that the place is given back whatever happens next.
+            // SAFETY: `r` is a valid main request.
+            if let Some(lease) = lease {
+                if unsafe { hold_until_request_ends(r, lease) }.is_err() {
+                    return Status::NGX_ERROR.into();
+                }
+            }
             let key = Some((who.id.as_str(), who.name.as_str()));
             // SAFETY: `r` is a valid main request in the access phase.
             let ok = unsafe {
@@ -175,6 +209,36 @@ unsafe extern "C" fn access_handler(r: *mut ngx_http_request_t) -> ngx_int_t {
             }
         }
     }
+}
+
+/// Gives `lease` back when the request's pool is destroyed: the one place
+/// every ending of a request passes through (finalisation with any status, a
+/// client gone, an upstream error, an HTTP/2 stream reset, a lingering
+/// close), which is how `limit_conn` releases too. When the cleanup cannot be
+/// registered the place is given back at once and the request fails.
+///
+/// # Safety
+/// `r` must be a valid main request.
+unsafe fn hold_until_request_ends(r: *mut ngx_http_request_t, lease: Lease) -> Result<(), ()> {
+    // SAFETY: `r` is valid; the cleanup's data block is sized for a Lease.
+    unsafe {
+        let cln = ngx_pool_cleanup_add((*r).pool, std::mem::size_of::<Lease>());
+        if cln.is_null() {
+            lease.release();
+            return Err(());
+        }
+        (*cln).data.cast::<Lease>().write(lease);
+        (*cln).handler = Some(release_lease);
+    }
+    Ok(())
+}
+
+/// The request pool's cleanup: gives the place in flight back.
+unsafe extern "C" fn release_lease(data: *mut std::ffi::c_void) {
+    // SAFETY: `data` is the Lease written by `hold_until_request_ends`; a
+    // pool runs each cleanup once.
+    let lease = unsafe { data.cast::<Lease>().read() };
+    lease.release();
 }
 
 fn internal_body(why: &str) -> ErrorBody {
@@ -236,19 +300,20 @@ fn decide(r: *mut ngx_http_request_t, zone: &ZoneCtx, now: Now) -> Outcome {
             Ok(()) => Ok((
                 who,
                 entry.rpm,
+                entry.limits.max_concurrent,
                 entry.models_header(),
                 entry.limits.header_value(),
             )),
             Err(d) => Err((d, Some(who))),
         }
     });
-    let (who, rpm, models, limits) = match found {
+    let (who, rpm, max_concurrent, models, limits) = match found {
         None => return Outcome::Internal("no key table loaded"),
         Some(Err((d, who))) => return Outcome::Refuse(d, who),
         Some(Ok(k)) => k,
     };
     let id = &who.id;
-    match zone.hit(id.as_bytes(), rpm, now.mono_ms) {
+    match zone.admit(id.as_bytes(), rpm, max_concurrent, now.mono_ms) {
         Err(_) => {
             // SAFETY: the request's log is valid.
             let log = unsafe { (*(*r).connection).log };
@@ -259,12 +324,16 @@ fn decide(r: *mut ngx_http_request_t, zone: &ZoneCtx, now: Now) -> Outcome {
             );
             Outcome::Internal("rate-limit zone unavailable")
         }
-        Ok(v) if !v.admitted => Outcome::Limited(v, who),
-        Ok(verdict) => Outcome::Admit {
+        Ok(Decision::Busy { verdict, limit }) => Outcome::Busy(verdict, limit, who),
+        Ok(Decision::Counted { verdict, .. }) if !verdict.admitted => {
+            Outcome::Limited(verdict, who)
+        }
+        Ok(Decision::Counted { verdict, lease }) => Outcome::Admit {
             verdict,
             who,
             models,
             limits,
+            lease,
         },
     }
 }

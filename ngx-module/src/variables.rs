@@ -7,7 +7,7 @@
 //! | `$afr_key_name` | the key's `name` |
 //! | `$afr_rate_limit` | `X-RateLimit-Limit` of the request |
 //! | `$afr_rate_remaining` | `X-RateLimit-Remaining` of the request |
-//! | `$afr_status` | `admitted`, `unknown`, `disabled`, `expired` or `limited` |
+//! | `$afr_status` | `admitted`, `unknown`, `disabled`, `expired`, `limited` or `concurrency` |
 //!
 //! A variable is "not found" (empty; `-` in an access log) where it has no
 //! value: every one on a location with `afr off`, the key's fields when no key
@@ -38,6 +38,8 @@ pub enum AfrStatus {
     Expired,
     /// Over its rate limit (429).
     Limited,
+    /// `max_concurrent` requests already in flight (429).
+    Busy,
 }
 
 impl AfrStatus {
@@ -52,7 +54,10 @@ impl AfrStatus {
 
     /// Whether the request was counted, so it has `X-RateLimit-*` values.
     pub fn counted(self) -> bool {
-        matches!(self, AfrStatus::Admitted | AfrStatus::Limited)
+        matches!(
+            self,
+            AfrStatus::Admitted | AfrStatus::Limited | AfrStatus::Busy
+        )
     }
 
     fn as_str(self) -> &'static str {
@@ -62,6 +67,7 @@ impl AfrStatus {
             AfrStatus::Disabled => "disabled",
             AfrStatus::Expired => "expired",
             AfrStatus::Limited => "limited",
+            AfrStatus::Busy => "concurrency",
         }
     }
 }

@@ -17,13 +17,21 @@
 //! and size is handed back to [`init_zone`] and reused: counters survive. A
 //! zone whose size changed starts afresh; `conf.rs` says so at NOTICE.
 //!
-//! To add per-key state (e.g. a concurrency counter), add a field to [`Slot`]:
-//! slots are zeroed when a key is (re)assigned one, and capacity follows.
+//! To add per-key state, add a field to [`Slot`]: slots are zeroed when a key
+//! is (re)assigned one, and capacity follows.
+//!
+//! A slot also counts the key's requests in flight (`max_concurrent`, like
+//! `limit_conn`): [`ZoneCtx::admit`] takes a place under the same mutex as the
+//! rate decision and hands back a [`Lease`], which the access handler gives
+//! back from a request-pool cleanup. A slot with requests in flight is never
+//! dropped as stale, and eviction from a full zone passes over it when it can
+//! (see [`EVICT_SCAN`]), so a count is not lost while its requests run.
 
 use std::ffi::c_void;
 use std::mem::{align_of, size_of};
 use std::ptr::{self, addr_of_mut};
 
+use afr_core::concurrency::InFlight;
 use afr_core::ratelimit::{RateWindow, Verdict};
 use ngx::core::Status;
 use ngx::ffi::{
@@ -35,6 +43,11 @@ use sha2::{Digest, Sha256};
 
 /// Ends a bucket chain, the free list and the LRU queue.
 const NIL: u32 = u32::MAX;
+
+/// How many slots from the LRU tail a full zone looks at for one without
+/// requests in flight before it evicts the tail anyway (a zone of long-running
+/// streams only): bounded, so a decision stays O(1).
+const EVICT_SCAN: usize = 8;
 
 /// At most one "zone is full" line per worker per this many milliseconds.
 const FULL_LOG_INTERVAL_MS: u64 = 60_000;
@@ -103,6 +116,8 @@ struct Shared {
 struct Slot {
     digest: KeyDigest,
     window: RateWindow,
+    /// Requests of the key in flight (counted only for keys with `max_concurrent`).
+    in_flight: InFlight,
     /// Next slot in the same bucket, or in the free list.
     next: u32,
     lru_prev: u32,
@@ -227,20 +242,97 @@ impl Drop for Locked {
 #[derive(Debug)]
 pub struct ZoneFull;
 
+/// What [`ZoneCtx::admit`] decided for one request.
+#[derive(Clone, Copy, Debug)]
+pub enum Decision {
+    /// Counted against the key's rate window: admitted or not as the verdict
+    /// says. An admitted request of a key with `max_concurrent` holds `lease`.
+    Counted {
+        /// The rate window's verdict.
+        verdict: Verdict,
+        /// The place in flight taken for it, to give back when it ends.
+        lease: Option<Lease>,
+    },
+    /// All `limit` places in flight are taken; the request was not counted
+    /// against its rate window (`verdict` says where that window stands).
+    Busy {
+        /// The rate window, peeked.
+        verdict: Verdict,
+        /// The key's `max_concurrent`.
+        limit: u32,
+    },
+}
+
+/// A place in flight held by one admitted request: [`Lease::release`] gives it
+/// back. It names the key by digest, not by slot, so a slot reused meanwhile
+/// for another key is never decremented.
+#[derive(Clone, Copy, Debug)]
+pub struct Lease {
+    sh: *mut Shared,
+    pool: *mut ngx_slab_pool_t,
+    digest: KeyDigest,
+}
+
+impl Lease {
+    /// Gives the place back (once: the caller's cleanup runs once).
+    pub fn release(self) {
+        let _guard = Locked::new(self.pool);
+        // SAFETY: `sh` and `pool` are the zone this lease was taken from;
+        // shared memory stays mapped in this worker for its whole life (a
+        // reload reuses it, or the old mapping lives on in an old worker),
+        // and we hold its mutex.
+        let table = unsafe { Table::new(self.sh) };
+        if let Some(i) = table.find(&self.digest) {
+            table.slots[i as usize].in_flight.release();
+        }
+    }
+}
+
 impl ZoneCtx {
-    /// Counts one request of key `id` with `limit` per minute at `now_ms`.
-    pub fn hit(&self, id: &[u8], limit: u32, now_ms: u64) -> Result<Verdict, ZoneFull> {
+    /// Decides one request of key `id` at `now_ms`: first its places in
+    /// flight (when it has `max_concurrent`), then its `limit` per minute —
+    /// one step under the zone's mutex, so every worker sees the same counts.
+    pub fn admit(
+        &self,
+        id: &[u8],
+        limit: u32,
+        max_concurrent: Option<u32>,
+        now_ms: u64,
+    ) -> Result<Decision, ZoneFull> {
         if self.sh.is_null() || self.pool.is_null() || self.capacity() == 0 {
             return Err(ZoneFull);
         }
         let digest = key_digest(id);
-        let (verdict, report) = {
+        let (decision, report) = {
             let _guard = Locked::new(self.pool);
             // SAFETY: under the mutex we have exclusive access to the zone.
             let mut table = unsafe { Table::new(self.sh) };
-            let (verdict, evicted) = table.hit(&digest, limit, now_ms);
+            let (i, evicted) = table.slot_for(&digest, now_ms);
+            let slot = &mut table.slots[i as usize];
+            let decision = match max_concurrent {
+                Some(n) if !slot.in_flight.try_acquire(n) => Decision::Busy {
+                    verdict: slot.window.peek(limit, now_ms),
+                    limit: n,
+                },
+                held => {
+                    let verdict = slot.window.hit(limit, now_ms);
+                    let lease = match held {
+                        Some(_) if !verdict.admitted => {
+                            slot.in_flight.release();
+                            None
+                        }
+                        Some(_) => Some(Lease {
+                            sh: self.sh,
+                            pool: self.pool,
+                            digest,
+                        }),
+                        None => None,
+                    };
+                    Decision::Counted { verdict, lease }
+                }
+            };
             (
-                verdict,
+                decision,
                 evicted.then(|| table.full_report(now_ms)).flatten(),
             )
         };
@@ -255,7 +347,7 @@ impl ZoneCtx {
                 evicted
             );
         }
-        Ok(verdict)
+        Ok(decision)
     }
 }
 
@@ -310,21 +402,35 @@ impl Table<'_> {
         (h % self.buckets.len() as u64) as usize
     }
 
-    /// Counts a request; the flag says whether a counter was evicted for it.
-    fn hit(&mut self, d: &KeyDigest, limit: u32, now_ms: u64) -> (Verdict, bool) {
+    /// The slot of digest `d`, if the key has one.
+    fn find(&self, d: &KeyDigest) -> Option<u32> {
         let mut i = self.buckets[self.bucket(d)];
         while i != NIL {
             if self.slots[i as usize].digest == *d {
-                self.lru_unlink(i);
-                self.lru_push_head(i);
-                return (self.slots[i as usize].window.hit(limit, now_ms), false);
+                return Some(i);
             }
             i = self.slots[i as usize].next;
         }
-        // A miss: drop up to two stale counters from the tail, as limit_req does.
+        None
+    }
+
+    /// The slot of digest `d`, made most recently used; a key without one is
+    /// given a fresh slot. The flag says whether a counter was evicted for it.
+    fn slot_for(&mut self, d: &KeyDigest, now_ms: u64) -> (u32, bool) {
+        if let Some(i) = self.find(d) {
+            self.lru_unlink(i);
+            self.lru_push_head(i);
+            return (i, false);
+        }
+        // A miss: drop up to two stale counters from the tail, as limit_req
+        // does (limit_conn's rule too: never one with requests in flight).
         for _ in 0..2 {
             let t = self.sh.lru_tail;
-            if t == NIL || !self.slots[t as usize].window.is_stale(now_ms) {
+            if t == NIL {
+                break;
+            }
+            let tail = &self.slots[t as usize];
+            if !tail.window.is_stale(now_ms) || !tail.in_flight.is_idle() {
                 break;
             }
             self.remove(t);
@@ -339,19 +445,37 @@ impl Table<'_> {
             self.sh.len += 1;
             (self.sh.len - 1, false)
         } else {
-            // Full: the least recently used slot is taken over.
-            let t = self.sh.lru_tail;
-            self.remove(t);
-            (t, true)
+            // Full: the least recently used slot without requests in flight
+            // is taken over (the tail itself when the scan finds none).
+            let victim = self.idle_near_tail().unwrap_or(self.sh.lru_tail);
+            self.remove(victim);
+            (victim, true)
         };
         let b = self.bucket(d);
         let s = &mut self.slots[i as usize];
         s.digest = *d;
         s.window = RateWindow::default();
+        s.in_flight = InFlight::default();
         s.next = self.buckets[b];
         self.buckets[b] = i;
         self.lru_push_head(i);
-        (self.slots[i as usize].window.hit(limit, now_ms), evicted)
+        (i, evicted)
+    }
+
+    /// The first of the [`EVICT_SCAN`] least recently used slots with no
+    /// request in flight.
+    fn idle_near_tail(&self) -> Option<u32> {
+        let mut i = self.sh.lru_tail;
+        for _ in 0..EVICT_SCAN {
+            if i == NIL {
+                return None;
+            }
+            if self.slots[i as usize].in_flight.is_idle() {
+                return Some(i);
+            }
+            i = self.slots[i as usize].lru_prev;
+        }
+        None
     }
 
     /// Unlinks slot `i` from its bucket chain and the LRU queue.

@@ -142,3 +142,29 @@ def test_cut_stream_settles_at_its_estimate_and_streams_carry_token_headers(gate
             break
         time.sleep(0.1)
     assert remaining > 4900, remaining
+
+
+def test_concurrency_429_is_a_rate_limit_error_naming_concurrency(gateway):
+    # Decided in nginx (max_concurrent): two slow requests in flight, the third
+    # at once is refused before the sidecar; once they end, the key is free again.
+    key = gateway.new_key(key_id("mc"), "--rpm", "1000", "--max-concurrent", "2")
+    client = gateway.client(key, max_retries=0, timeout=30)
+    gateway.mock_config(latency_ms=1500)
+    try:
+
+        def one(_):
+            try:
+                client.chat.completions.create(model="gpt-4o-mini", messages=HI, max_tokens=10)
+                return "ok"
+            except openai.RateLimitError as e:
+                assert "Concurrency limit reached: 2" in e.message
+                assert e.response.headers["retry-after"] == "1"
+                return e.code
+
+        with ThreadPoolExecutor(5) as pool:
+            results = list(pool.map(one, range(5)))
+        assert results.count("ok") == 2, results
+        assert results.count("rate_limit_exceeded") == 3, results
+    finally:
+        gateway.mock_config(latency_ms=0)
+    assert client.chat.completions.create(model="gpt-4o-mini", messages=HI, max_tokens=10).usage.total_tokens > 0

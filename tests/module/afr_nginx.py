@@ -44,8 +44,9 @@ def sha(token):
 class Key:
     """A key entry: the secret plus the fields written to keys.toml."""
 
-    def __init__(self, id, rpm=None, enabled=True, expires=None, models=None, token=None):
+    def __init__(self, id, rpm=None, enabled=True, expires=None, models=None, token=None, max_concurrent=None):
         self.id = id
+        self.max_concurrent = max_concurrent
         self.token = token or new_token()
         self.rpm = rpm
         self.enabled = enabled
@@ -60,6 +61,8 @@ class Key:
         lines = ["[[key]]", f'id = "{self.id}"', f'name = "test key {self.id}"', f'hash = "{sha(self.token)}"']
         if self.rpm is not None:
             lines.append(f"rpm = {self.rpm}")
+        if self.max_concurrent is not None:
+            lines.append(f"max_concurrent = {self.max_concurrent}")
         lines.append(f"enabled = {'true' if self.enabled else 'false'}")
         if self.expires:
             lines.append(f'expires = "{self.expires}"')
@@ -93,6 +96,10 @@ class EchoHandler(BaseHTTPRequestHandler):
         path = self.path
         if path.endswith("/sse"):
             return self._sse()
+        if path.endswith("/hold"):
+            return self._hold()
+        if path.endswith("/drop"):
+            return self._drop()
         status = 500 if path.endswith("/500") else 200
         body = json.dumps({"path": path, "headers": [[k, v] for k, v in self.headers.items()]}).encode()
         self.send_response(status)
@@ -104,6 +111,35 @@ class EchoHandler(BaseHTTPRequestHandler):
         self.wfile.write(body)
 
     do_POST = do_GET
+
+    def _hold(self):
+        """A slow stream: an event every 100 ms for up to 30 s, until the
+        other side goes away (a request that stays in flight)."""
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        try:
+            for i in range(300):
+                chunk = f"data: {{\"n\": {i}}}\n\n".encode()
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+                self.wfile.flush()
+                time.sleep(0.1)
+            self.wfile.write(b"0\r\n\r\n")
+        except OSError:
+            pass
+        self.close_connection = True
+
+    def _drop(self):
+        """Headers and half a body, then the connection is dropped: nginx
+        sees the upstream fail mid-response."""
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", "100")
+        self.end_headers()
+        self.wfile.write(b'{"partial":')
+        self.wfile.flush()
+        self.close_connection = True
 
     def _sse(self):
         self.send_response(200)

@@ -520,6 +520,22 @@ describe('playground', () => {
     await page.close();
   });
 
+  test('a key with tpm and a budget shows its token headers and remaining budget', { skip: afrHomeKnown() ? false : 'needs AFR_HOME (creates a key)' }, async () => {
+    const key = await newKey('web-tokens', ['--tpm', '100000', '--budget-usd', '5', '--budget-per', 'month']);
+    await waitForKey(key);
+    const page = await browser.newPage();
+    await page.goto(`${origin}/playground/`);
+    assert.equal(await page.textContent('#rl-tokens-limit'), '—');
+    await page.fill('#api-key', key);
+    await sendMessage(page, 'Count my tokens?');
+    await page.waitForFunction(() => /^\d+$/.test(document.querySelector('#rl-tokens-remaining').textContent), null, { timeout: 30000 });
+    assert.equal(await page.textContent('#rl-tokens-limit'), '100000');
+    assert.ok(Number(await page.textContent('#rl-tokens-remaining')) < 100000, 'the request reserved tokens');
+    assert.match(await page.textContent('#rl-tokens-reset'), /^(\d+ms|(\d+h)?(\d+m)?\d+s)$/);
+    assert.match(await page.textContent('#rl-budget'), /^\$\d+\.\d{6}$/);
+    await page.close();
+  });
+
   test('an error event mid-stream shows the error and keeps the partial reply', async (t) => {
     const mock = mockOrigin();
     if (!mock) {

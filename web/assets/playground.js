@@ -38,6 +38,10 @@ const el = {
   rlLimit: $('rl-limit'),
   rlRemaining: $('rl-remaining'),
   rlReset: $('rl-reset'),
+  rlTokensLimit: $('rl-tokens-limit'),
+  rlTokensRemaining: $('rl-tokens-remaining'),
+  rlTokensReset: $('rl-tokens-reset'),
+  rlBudget: $('rl-budget'),
 };
 
 const STATUS_TEXT = {
@@ -166,6 +170,7 @@ function fmtMs(ms) {
 }
 
 function showRateLimit(headers) {
+  showTokensAndBudget(headers);
   const limit = headers.get('X-RateLimit-Limit');
   const remaining = headers.get('X-RateLimit-Remaining');
   const reset = headers.get('X-RateLimit-Reset');
@@ -185,6 +190,19 @@ function showRateLimit(headers) {
   };
   render();
   resetTimer = setInterval(render, 1000);
+}
+
+/**
+ * OpenAI's token headers and the gateway's remaining budget: sent only for keys with a
+ * `tpm` or a `budget`, so "no limit" stands where they are absent.
+ */
+function showTokensAndBudget(headers) {
+  const none = 'no limit';
+  el.rlTokensLimit.textContent = headers.get('x-ratelimit-limit-tokens') ?? none;
+  el.rlTokensRemaining.textContent = headers.get('x-ratelimit-remaining-tokens') ?? none;
+  el.rlTokensReset.textContent = headers.get('x-ratelimit-reset-tokens') ?? none;
+  const budget = headers.get('x-afr-budget-remaining-usd');
+  el.rlBudget.textContent = budget === null ? none : `$${budget}`;
 }
 
 function addMessage(role, text) {

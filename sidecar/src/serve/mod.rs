@@ -128,6 +128,9 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     if let Some(store) = &store {
         gateway.metrics.track_usage_store(store.recorder());
     }
+    if let Some(reader) = gateway.reader.clone() {
+        reseed_ledger(&gateway, reader).await;
+    }
     let gateway = Arc::new(gateway);
 
     let bound = Bound::bind(&listen, socket_mode)
@@ -217,5 +220,30 @@ async fn shutdown_signal() {
     tokio::select! {
         _ = term.recv() => {}
         _ = tokio::signal::ctrl_c() => {}
+    }
+}
+
+/// Seeds the ledger from the usage store before serving, so a restart renews
+/// neither a key's budget nor its token window (design §3). A store that
+/// cannot be read is not an outage: the sidecar serves with a fresh ledger
+/// and says so.
+async fn reseed_ledger(gateway: &Gateway, reader: crate::usage::UsageReader) {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    let seeds =
+        tokio::task::spawn_blocking(move || crate::usage::reseed::ledger_seeds(&reader, now)).await;
+    match seeds {
+        Ok(Ok(seeds)) => {
+            let mut ledger = gateway.ledger();
+            for (key, seed) in &seeds {
+                ledger.seed(key, *seed);
+            }
+            tracing::info!(keys = seeds.len(), "ledger seeded from the usage store");
+        }
+        Ok(Err(e)) => {
+            tracing::error!("{e}: budgets and token windows start from zero until the next restart")
+        }
+        Err(e) => tracing::error!("seeding the ledger: {e}"),
     }
 }

@@ -26,6 +26,8 @@
 //! - [`http`]: `GET /v1/usage`: [`http::key_usage`] (blocking) turns the
 //!   caller's key id and query string into the response body, or an error
 //!   that knows its HTTP status and `param`.
+//! - [`reseed`]: at start-up, what each key spent this UTC day and month and
+//!   used in the last two token windows, to seed the reservation ledger.
 //! - [`time_arg`]: `24h` / RFC 3339 / date arguments, and the clock.
 //! - [`cli`]: `afr usage`.
 //!
@@ -44,6 +46,7 @@ mod columns;
 pub mod http;
 pub mod postgres;
 pub mod query;
+pub mod reseed;
 mod schema;
 pub mod spill;
 pub mod store;

@@ -233,6 +233,9 @@ pub struct UsageRow {
     pub truncated: u64,
     /// Cost in US dollars at the routes' prices.
     pub cost_usd: f64,
+    /// The same cost in nano-dollars, exact (what the ledger counts in).
+    #[serde(skip)]
+    pub cost_nanos: u64,
     /// Requests that consumed tokens on a route without a price: their cost
     /// is unknown and not in `cost_usd`.
     pub unpriced_requests: u64,
@@ -361,6 +364,7 @@ impl UsageRow {
         let [requests, prompt, completion, total, estimated, errors, truncated, cost, unpriced] =
             counts.map(|n| u64::try_from(n).unwrap_or(0));
         self.cost_usd = cost as f64 / afr_core::limits::NANOS_PER_USD as f64;
+        self.cost_nanos = cost;
         self.unpriced_requests = unpriced;
         self.requests = requests;
         self.prompt_tokens = prompt;

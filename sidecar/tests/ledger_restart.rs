@@ -1,0 +1,108 @@
+//! A restart is not a budget reset (design §3): the sidecar seeds its
+//! reservation ledger from the usage store before it serves, so a key that
+//! spent its budget, or filled its token window, is still refused by the next
+//! process.
+
+mod common;
+
+use common::*;
+use serde_json::{json, Value};
+
+/// One model whose only route has a price ($1000 per million tokens in and
+/// out: a few cents a request).
+fn priced_gateway() -> (Mock, Sidecar) {
+    let mock = Mock::start(&[]);
+    let body = format!(
+        "{}{}price = {{ input = 1000.0, output = 1000.0 }}\n",
+        openai_provider("mock", &mock.base(), ""),
+        model("m", &[("mock", "up")]),
+    );
+    let sidecar = Sidecar::start(&body);
+    (mock, sidecar)
+}
+
+/// `POST /v1/chat/completions` as nginx sends it for `key` with `limits`
+/// (`X-Afr-Limits`); returns the status, the error code, if any, and
+/// `x-ratelimit-remaining-tokens`.
+async fn chat_full(
+    sidecar: &Sidecar,
+    key: &str,
+    limits: &str,
+) -> (u16, Option<String>, Option<u64>) {
+    let resp = sidecar
+        .client
+        .post(sidecar.url("/v1/chat/completions"))
+        .header("X-Afr-Secret", SECRET)
+        .header("X-Afr-Key-Id", key)
+        .header("X-Afr-Limits", limits)
+        .json(&json!({"model": "m", "max_tokens": 20, "messages": [{"role": "user", "content": "hello there"}]}))
+        .send()
+        .await
+        .expect("sidecar answered");
+    let status = resp.status().as_u16();
+    let remaining = resp
+        .headers()
+        .get("x-ratelimit-remaining-tokens")
+        .and_then(|v| v.to_str().ok()?.parse().ok());
+    let body: Value = resp.json().await.unwrap_or(Value::Null);
+    let code = body["error"]["code"].as_str().map(str::to_owned);
+    (status, code, remaining)
+}
+
+async fn chat(sidecar: &Sidecar, key: &str, limits: &str) -> (u16, Option<String>) {
+    let (status, code, _) = chat_full(sidecar, key, limits).await;
+    (status, code)
+}
+
+/// Sends requests until the first refusal; returns how many were admitted.
+async fn until_refused(sidecar: &Sidecar, key: &str, limits: &str, code: &str) -> usize {
+    for admitted in 0..200 {
+        let (status, got) = chat(sidecar, key, limits).await;
+        if status == 429 {
+            assert_eq!(got.as_deref(), Some(code));
+            return admitted;
+        }
+        assert_eq!(status, 200, "{got:?}");
+    }
+    panic!("never refused");
+}
+
+#[tokio::test]
+async fn spent_budget_and_full_token_window_survive_a_restart() {
+    let (_mock, mut sidecar) = priced_gateway();
+    // Worst case ≈ (3 prompt + 20) tokens × $0.001 = $0.023; a real answer
+    // costs less, so a few fit before the budget of $0.1 is spent.
+    let budget = "budget=100000000/day";
+    let tpm = "tpm=120";
+    let spent = until_refused(&sidecar, "spender", budget, "insufficient_quota").await;
+    let filled = until_refused(&sidecar, "tokens", tpm, "rate_limit_exceeded").await;
+    assert!(spent >= 2 && filled >= 2, "{spent} {filled}");
+    // A key that used little keeps its room across the restart too.
+    assert_eq!(chat(&sidecar, "light", budget).await.0, 200);
+
+    assert!(sidecar.terminate().success());
+    sidecar.restart();
+
+    let (status, code) = chat(&sidecar, "spender", budget).await;
+    assert_eq!(
+        (status, code.as_deref()),
+        (429, Some("insufficient_quota")),
+        "a restart renewed the day's budget"
+    );
+    // The window was full (under 23 of 120 left) a moment ago; it decays
+    // by 2 tokens a second at most, so well under half is left — unless a
+    // restart emptied it (then 97 would be left after this request).
+    let (_, _, remaining) = chat_full(&sidecar, "tokens", tpm).await;
+    let remaining = remaining.expect("x-ratelimit-remaining-tokens");
+    assert!(
+        remaining < 60,
+        "a restart emptied the token window: {remaining} left"
+    );
+    // The seed is what was spent, not more: the light key still has room.
+    assert_eq!(chat(&sidecar, "light", budget).await.0, 200);
+    assert!(
+        sidecar.log().contains("ledger seeded from the usage store"),
+        "{}",
+        sidecar.log()
+    );
+}
