@@ -10,6 +10,7 @@ pub mod breaker;
 pub mod config;
 pub mod endpoint;
 pub mod error;
+pub mod fleet;
 pub mod keys;
 pub mod ledger;
 pub mod limits;

@@ -25,6 +25,7 @@ use ngx::http::{HttpModuleLocationConf, HttpModuleMainConf, NgxHttpCoreModule};
 use ngx::ngx_log_error;
 
 use crate::filter::{self, copy_str, list_iter, push_header};
+use crate::fleet::{self, Decision, FleetConf};
 use crate::variables::{self, AfrStatus};
 use crate::{reload, zone::ZoneCtx, AfrModule};
 
@@ -57,6 +58,11 @@ struct Now {
     unix_ms: u64,
 }
 
+/// `ngx_current_msec`, for code outside a request's decision (fleet refills).
+pub fn mono_ms() -> u64 {
+    now().mono_ms
+}
+
 fn now() -> Now {
     // SAFETY: ngx_cached_time always points at a valid slot and
     // ngx_current_msec is a plain integer; both are updated by the worker's
@@ -86,6 +92,8 @@ enum Outcome {
         limits: Option<String>,
     },
     Internal(&'static str),
+    /// Waiting for the key's fleet lease to be refilled; the phase runs again then.
+    Suspended,
 }
 
 unsafe extern "C" fn access_handler(r: *mut ngx_http_request_t) -> ngx_int_t {
@@ -120,9 +128,10 @@ unsafe extern "C" fn access_handler(r: *mut ngx_http_request_t) -> ngx_int_t {
     };
 
     let now = now();
-    let outcome = decide(r, zone, now);
+    let outcome = decide(r, zone, mcf.fleet.as_ref(), now);
     let shape = ErrorShape::for_path(req.uri.as_bytes());
     match outcome {
+        Outcome::Suspended => Status::NGX_AGAIN.into(),
         Outcome::Refuse(d, who) => {
             let key = who.as_ref().map(|w| (w.id.as_str(), w.name.as_str()));
             // SAFETY: `r` is a valid main request.
@@ -221,7 +230,12 @@ fn client_token<'r>(r: *mut ngx_http_request_t) -> Result<&'r [u8], Denial> {
     }
 }
 
-fn decide(r: *mut ngx_http_request_t, zone: &ZoneCtx, now: Now) -> Outcome {
+fn decide(
+    r: *mut ngx_http_request_t,
+    zone: &ZoneCtx,
+    fleet: Option<&FleetConf>,
+    now: Now,
+) -> Outcome {
     let token = match client_token(r) {
         Err(d) => return Outcome::Refuse(d, None),
         Ok(t) => t,
@@ -248,7 +262,11 @@ fn decide(r: *mut ngx_http_request_t, zone: &ZoneCtx, now: Now) -> Outcome {
         Some(Ok(k)) => k,
     };
     let id = &who.id;
-    match zone.hit(id.as_bytes(), rpm, now.mono_ms) {
+    let decided = match fleet {
+        Some(f) => fleet::decide(f, zone, r, id, rpm, now.mono_ms),
+        None => zone.hit(id.as_bytes(), rpm, now.mono_ms).map(Decision::Now),
+    };
+    match decided {
         Err(_) => {
             // SAFETY: the request's log is valid.
             let log = unsafe { (*(*r).connection).log };
@@ -259,8 +277,9 @@ fn decide(r: *mut ngx_http_request_t, zone: &ZoneCtx, now: Now) -> Outcome {
             );
             Outcome::Internal("rate-limit zone unavailable")
         }
-        Ok(v) if !v.admitted => Outcome::Limited(v, who),
-        Ok(verdict) => Outcome::Admit {
+        Ok(Decision::Suspended) => Outcome::Suspended,
+        Ok(Decision::Now(v)) if !v.admitted => Outcome::Limited(v, who),
+        Ok(Decision::Now(verdict)) => Outcome::Admit {
             verdict,
             who,
             models,

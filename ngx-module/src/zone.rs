@@ -24,6 +24,7 @@ use std::ffi::c_void;
 use std::mem::{align_of, size_of};
 use std::ptr::{self, addr_of_mut};
 
+use afr_core::fleet::{Grant, Lease, Take};
 use afr_core::ratelimit::{RateWindow, Verdict};
 use ngx::core::Status;
 use ngx::ffi::{
@@ -103,6 +104,8 @@ struct Shared {
 struct Slot {
     digest: KeyDigest,
     window: RateWindow,
+    /// The node's fleet lease on this key (`afr_fleet`; unused without it).
+    lease: Lease,
     /// Next slot in the same bucket, or in the free list.
     next: u32,
     lru_prev: u32,
@@ -259,6 +262,67 @@ impl ZoneCtx {
     }
 }
 
+/// What the zone's lease said about one request of a fleet-limited key.
+pub struct FleetTake {
+    /// The lease's answer.
+    pub take: Take,
+    /// Tokens to ask Redis for now (refill ahead of need, or the lease is
+    /// empty), or `None`.
+    pub refill: Option<u32>,
+}
+
+impl ZoneCtx {
+    /// Decides one request of key `id` from this node's lease (see
+    /// `afr_core::fleet`). An admission is also counted in the key's local
+    /// window, so that if Redis goes away the local share starts from what
+    /// this node already admitted.
+    pub fn fleet_take(
+        &self,
+        id: &[u8],
+        limit: u32,
+        nodes: u32,
+        now_ms: u64,
+        refill_ms: u64,
+    ) -> Result<FleetTake, ZoneFull> {
+        if self.sh.is_null() || self.pool.is_null() || self.capacity() == 0 {
+            return Err(ZoneFull);
+        }
+        let digest = key_digest(id);
+        let _guard = Locked::new(self.pool);
+        // SAFETY: under the mutex we have exclusive access to the zone.
+        let mut table = unsafe { Table::new(self.sh) };
+        let (i, _) = table.slot(&digest, now_ms);
+        let slot = &mut table.slots[i as usize];
+        let take = slot.lease.take(limit, now_ms);
+        let refill = match take {
+            Take::Admit(_) => {
+                slot.window.hit(u32::MAX, now_ms);
+                let ahead = slot.lease.wants_refill(now_ms);
+                // One refill ahead per node: the others see it in flight.
+                if ahead {
+                    slot.lease.refill_sent(now_ms + refill_ms);
+                }
+                ahead.then(|| slot.lease.want(limit, nodes, now_ms))
+            }
+            Take::Deny(_) => None,
+            Take::Empty => Some(slot.lease.want(limit, nodes, now_ms)),
+        };
+        Ok(FleetTake { take, refill })
+    }
+
+    /// Adds a grant from Redis, asked for at `sent_ms`, to key `digest`'s lease.
+    pub fn fleet_apply(&self, digest: &KeyDigest, grant: &Grant, sent_ms: u64, now_ms: u64) {
+        if self.sh.is_null() || self.pool.is_null() || self.capacity() == 0 {
+            return;
+        }
+        let _guard = Locked::new(self.pool);
+        // SAFETY: under the mutex we have exclusive access to the zone.
+        let mut table = unsafe { Table::new(self.sh) };
+        let (i, _) = table.slot(digest, now_ms);
+        table.slots[i as usize].lease.apply(grant, sent_ms);
+    }
+}
+
 /// The zone's memory seen as its header, buckets and slots; made only under
 /// the slab mutex, so plain safe code from here on.
 struct Table<'a> {
@@ -312,12 +376,19 @@ impl Table<'_> {
 
     /// Counts a request; the flag says whether a counter was evicted for it.
     fn hit(&mut self, d: &KeyDigest, limit: u32, now_ms: u64) -> (Verdict, bool) {
+        let (i, evicted) = self.slot(d, now_ms);
+        (self.slots[i as usize].window.hit(limit, now_ms), evicted)
+    }
+
+    /// The slot of key `d`, most recently used now; a new key gets a zeroed
+    /// slot. The flag says whether a counter was evicted for it.
+    fn slot(&mut self, d: &KeyDigest, now_ms: u64) -> (u32, bool) {
         let mut i = self.buckets[self.bucket(d)];
         while i != NIL {
             if self.slots[i as usize].digest == *d {
                 self.lru_unlink(i);
                 self.lru_push_head(i);
-                return (self.slots[i as usize].window.hit(limit, now_ms), false);
+                return (i, false);
             }
             i = self.slots[i as usize].next;
         }
@@ -348,10 +419,11 @@ impl Table<'_> {
         let s = &mut self.slots[i as usize];
         s.digest = *d;
         s.window = RateWindow::default();
+        s.lease = Lease::default();
         s.next = self.buckets[b];
         self.buckets[b] = i;
         self.lru_push_head(i);
-        (self.slots[i as usize].window.hit(limit, now_ms), evicted)
+        (i, evicted)
     }
 
     /// Unlinks slot `i` from its bucket chain and the LRU queue.
