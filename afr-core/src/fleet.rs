@@ -339,7 +339,7 @@ mod tests {
             steps in proptest::collection::vec((0usize..4, 0u8..4), 1..600),
         ) {
             let mut curr = 0;
-            let mut leases = vec![Lease::default(); 4];
+            let mut leases = [Lease::default(); 4];
             // Grants taken from Redis but not yet landed, per node.
             let mut inflight: Vec<Vec<Grant>> = vec![vec![]; 4];
             let mut remainings = vec![];
@@ -387,7 +387,7 @@ mod tests {
             order in proptest::collection::vec(0usize..4, 1..600),
         ) {
             let mut curr = 0;
-            let mut leases = vec![Lease::default(); 4];
+            let mut leases = [Lease::default(); 4];
             let mut remainings = vec![];
             for n in order {
                 let l = &mut leases[n];
