@@ -174,9 +174,11 @@ def test_redis_down_falls_back_to_the_local_share_and_back(gateway, redis):
     assert statuses[0].header("X-Afr-Fleet") == "global"
     codes = {s for s, _, _ in seen}
     assert codes <= {200, 429} and 200 in codes, codes
-    # No request stalled on the dead Redis beyond its timeout (plus scheduling slack).
+    # No request hung on the dead Redis: each waited at most one timed-out refill.
+    # (The bound is loose on purpose, for busy CI machines; a hang would reach the
+    # client's 10 s timeout.)
     worst = max(d for _, d, _ in seen)
-    assert worst < 1.0 + 3 * TIMEOUT_MS / 1000, worst
+    assert worst < 5, worst
     modes = {m for _, _, m in seen}
     assert modes == {"global", "local"}, modes
 
