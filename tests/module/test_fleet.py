@@ -204,3 +204,12 @@ def test_bad_directive_is_refused_naming_file_and_line(flavour, tmp_path, upstre
     assert r.returncode != 0
     assert message in r.stderr, r.stderr
     assert f"in {gw.conf}:" in r.stderr, r.stderr
+
+
+def test_shipped_fleet_snippet_is_valid(flavour, tmp_path, upstream):
+    from afr_nginx import ROOT, Gateway
+
+    tmp_path.chmod(0o755)
+    gw = Gateway(flavour, tmp_path, upstream, [Key("k")], extra_http=f"include {ROOT}/conf/nginx/afr-fleet.conf;")
+    r = gw.run("-t")
+    assert r.returncode == 0, r.stderr
