@@ -7,6 +7,7 @@ first waits until the minute is young enough.
 """
 
 import shutil
+import signal
 import socket
 import subprocess
 import threading
@@ -49,6 +50,7 @@ class Redis:
 
     def stop(self):
         if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGCONT)
             self.proc.terminate()
             self.proc.wait(timeout=10)
 
@@ -131,7 +133,10 @@ def test_far_from_the_limit_most_requests_skip_redis(gateway, redis):
     assert after - before - 1 < 40, after - before
 
 
-def test_redis_down_falls_back_to_the_local_share_and_back(gateway, redis):
+@pytest.mark.parametrize("outage", ["stopped", "frozen"])
+def test_redis_down_falls_back_to_the_local_share_and_back(gateway, redis, outage):
+    """`stopped`: connections refused; `frozen` (SIGSTOP): connections hang, so
+    only the timeout ends each call."""
     # Chunks of 3000/16 = 187 tokens: the load refills every few hundred ms.
     steady = Key("fleet-steady", rpm=3000)
     down_key, back_key = Key("fleet-down", rpm=10), Key("fleet-back", rpm=10)
@@ -150,7 +155,7 @@ def test_redis_down_falls_back_to_the_local_share_and_back(gateway, redis):
         t.start()
     try:
         time.sleep(0.5)
-        redis.stop()
+        redis.stop() if outage == "stopped" else redis.proc.send_signal(signal.SIGSTOP)
         # A worker notices on its next refill (logged once), then never waits on Redis.
         assert wait_for(lambda: all(n.log().count("unreachable") >= 1 for n in nodes), 10), [n.log() for n in nodes]
         young_minute()
@@ -158,7 +163,7 @@ def test_redis_down_falls_back_to_the_local_share_and_back(gateway, redis):
         statuses = [nodes[0].request("/", headers=down_key.auth) for _ in range(10)]
         assert [r.status for r in statuses].count(200) == 5
         assert statuses[0].header("X-Afr-Fleet") == "local"
-        redis.start()
+        redis.start() if outage == "stopped" else redis.proc.send_signal(signal.SIGCONT)
         # Back: noticed within the probe interval (1 s) of the next request.
         assert wait_for(
             lambda: all(n.log().count("reachable again") == n.log().count("unreachable") for n in nodes), 10
