@@ -218,3 +218,17 @@ def test_shipped_fleet_snippet_is_valid(flavour, tmp_path, upstream):
     gw = Gateway(flavour, tmp_path, upstream, [Key("k")], extra_http=f"include {ROOT}/conf/nginx/afr-fleet.conf;")
     r = gw.run("-t")
     assert r.returncode == 0, r.stderr
+
+
+def test_reload_under_load_keeps_the_fleet_count(gateway, redis):
+    """`nginx -s reload` between bursts: the zone (and the leases in it) is
+    reused, old workers finish their refills, and the fleet count stays exact."""
+    key = Key("fleet-reload", rpm=50)
+    nodes = fleet(gateway, redis, [key])
+    young_minute(25)
+    first = burst(nodes, key, 20, workers=8)
+    nodes[0].reload()
+    rest = burst(nodes, key, 200)
+    statuses = [r.status for r in first + rest]
+    assert set(statuses) <= {200, 429}
+    assert statuses.count(200) == 50
