@@ -73,6 +73,11 @@ def main() -> int:
         cfg["server"]["socket_mode"] = "0666"
     cfg["admin"]["listen"] = f"127.0.0.1:{a.admin_port}"
     cfg["usage"]["path"] = f"{a.home}/usage.db"
+    if os.environ.get("AFR_USAGE_POSTGRES_URL"):
+        # scripts/run --fleet: every node writes the fleet's one PostgreSQL; the
+        # sidecar reads the URL from that variable itself.
+        cfg["usage"]["backend"] = "postgres"
+        cfg["usage"]["postgres_url_env"] = "AFR_USAGE_POSTGRES_URL"
 
     shipped = cfg["providers"]
     enabled = {}

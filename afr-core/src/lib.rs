@@ -11,6 +11,7 @@ pub mod concurrency;
 pub mod config;
 pub mod endpoint;
 pub mod error;
+pub mod fleet;
 pub mod keyfile;
 pub mod keys;
 pub mod ledger;

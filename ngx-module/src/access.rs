@@ -28,6 +28,7 @@ use ngx::http::{HttpModuleLocationConf, HttpModuleMainConf, NgxHttpCoreModule};
 use ngx::ngx_log_error;
 
 use crate::filter::{self, copy_str, list_iter, push_header};
+use crate::fleet::{self, FleetConf};
 use crate::variables::{self, AfrStatus};
 use crate::zone::{Decision, Lease, ZoneCtx};
 use crate::{reload, AfrModule};
@@ -59,6 +60,11 @@ struct Now {
     mono_ms: u64,
     /// Wall clock, Unix ms: for `X-RateLimit-Reset` and key expiry only.
     unix_ms: u64,
+}
+
+/// `ngx_current_msec`, for code outside a request's decision (fleet refills).
+pub fn mono_ms() -> u64 {
+    now().mono_ms
 }
 
 fn now() -> Now {
@@ -98,6 +104,8 @@ enum Outcome {
         lease: Option<Lease>,
     },
     Internal(&'static str),
+    /// Waiting for the key's fleet lease to be refilled; the phase runs again then.
+    Suspended,
 }
 
 unsafe extern "C" fn access_handler(r: *mut ngx_http_request_t) -> ngx_int_t {
@@ -132,9 +140,10 @@ unsafe extern "C" fn access_handler(r: *mut ngx_http_request_t) -> ngx_int_t {
     };
 
     let now = now();
-    let outcome = decide(r, zone, now);
+    let outcome = decide(r, zone, mcf.fleet.as_ref(), now);
     let shape = ErrorShape::for_path(req.uri.as_bytes());
     match outcome {
+        Outcome::Suspended => Status::NGX_AGAIN.into(),
         Outcome::Refuse(d, who) => {
             let key = who.as_ref().map(|w| (w.id.as_str(), w.name.as_str()));
             // SAFETY: `r` is a valid main request.
@@ -285,7 +294,12 @@ fn client_token<'r>(r: *mut ngx_http_request_t) -> Result<&'r [u8], Denial> {
     }
 }
 
-fn decide(r: *mut ngx_http_request_t, zone: &ZoneCtx, now: Now) -> Outcome {
+fn decide(
+    r: *mut ngx_http_request_t,
+    zone: &ZoneCtx,
+    fleet: Option<&FleetConf>,
+    now: Now,
+) -> Outcome {
     let token = match client_token(r) {
         Err(d) => return Outcome::Refuse(d, None),
         Ok(t) => t,
@@ -313,7 +327,25 @@ fn decide(r: *mut ngx_http_request_t, zone: &ZoneCtx, now: Now) -> Outcome {
         Some(Ok(k)) => k,
     };
     let id = &who.id;
-    match zone.admit(id.as_bytes(), rpm, max_concurrent, now.mono_ms) {
+    // Without `afr_fleet` the zone decides both limits in one step. With it,
+    // `rpm` is the fleet lease's; places in flight stay this host's and are
+    // taken after the lease admitted the request (so, unlike without a fleet,
+    // a request refused for concurrency has used one of the key's requests).
+    let decided = match fleet {
+        None => zone.admit(id.as_bytes(), rpm, max_concurrent, now.mono_ms),
+        Some(f) => match fleet::decide(f, zone, r, id, rpm, now.mono_ms) {
+            Ok(fleet::Decision::Suspended) => return Outcome::Suspended,
+            Ok(fleet::Decision::Now(verdict)) => match max_concurrent {
+                Some(n) if verdict.admitted => zone.hold(id.as_bytes(), n, verdict, now.mono_ms),
+                _ => Ok(Decision::Counted {
+                    verdict,
+                    lease: None,
+                }),
+            },
+            Err(e) => Err(e),
+        },
+    };
+    match decided {
         Err(_) => {
             // SAFETY: the request's log is valid.
             let log = unsafe { (*(*r).connection).log };

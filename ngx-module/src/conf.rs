@@ -6,6 +6,7 @@
 //! afr_reload_interval 1s;                   # http; how often workers stat the keys file
 //! afr                 on;                   # http, server, location
 //! afr_upstream_secret "s3cret";             # http, server, location; sent as X-Afr-Secret
+//! afr_fleet redis://10.0.0.5:6379 nodes=3;  # http; one limit across nodes (fleet.rs)
 //! ```
 
 use std::ffi::{c_char, c_void};
@@ -18,9 +19,9 @@ use afr_core::keys::{KeyFileError, KeyTable};
 use ngx::core::{Pool, NGX_CONF_ERROR, NGX_CONF_OK};
 use ngx::ffi::{
     ngx_command_t, ngx_conf_full_name, ngx_conf_t, ngx_parse_size, ngx_parse_time,
-    ngx_shared_memory_add, ngx_shm_zone_t, ngx_str_t, ngx_uint_t, NGX_CONF_FLAG, NGX_CONF_TAKE1,
-    NGX_HTTP_LOC_CONF, NGX_HTTP_LOC_CONF_OFFSET, NGX_HTTP_MAIN_CONF, NGX_HTTP_MAIN_CONF_OFFSET,
-    NGX_HTTP_SRV_CONF, NGX_LOG_EMERG, NGX_LOG_NOTICE, NGX_OK,
+    ngx_shared_memory_add, ngx_shm_zone_t, ngx_str_t, ngx_uint_t, NGX_CONF_1MORE, NGX_CONF_FLAG,
+    NGX_CONF_TAKE1, NGX_HTTP_LOC_CONF, NGX_HTTP_LOC_CONF_OFFSET, NGX_HTTP_MAIN_CONF,
+    NGX_HTTP_MAIN_CONF_OFFSET, NGX_HTTP_SRV_CONF, NGX_LOG_EMERG, NGX_LOG_NOTICE, NGX_OK,
 };
 use ngx::http::{HttpModuleMainConf, Merge, MergeConfigError};
 use ngx::{ngx_conf_log_error, ngx_string};
@@ -46,6 +47,8 @@ pub struct MainConf {
     pub reload_interval: Duration,
     /// Some location says `afr on`.
     pub used: bool,
+    /// `afr_fleet`: limits shared with other nodes through Redis.
+    pub fleet: Option<crate::fleet::FleetConf>,
 }
 
 impl Default for MainConf {
@@ -57,6 +60,7 @@ impl Default for MainConf {
             zone: ptr::null_mut(),
             reload_interval: Duration::from_millis(1000),
             used: false,
+            fleet: None,
         }
     }
 }
@@ -85,7 +89,7 @@ impl Merge for LocConf {
 const HTTP_ANY: u32 = NGX_HTTP_MAIN_CONF | NGX_HTTP_SRV_CONF | NGX_HTTP_LOC_CONF;
 
 /// The directive table referenced by the module table.
-pub static mut COMMANDS: [ngx_command_t; 6] = [
+pub static mut COMMANDS: [ngx_command_t; 7] = [
     command(
         ngx_string!("afr_keys"),
         NGX_HTTP_MAIN_CONF | NGX_CONF_TAKE1,
@@ -115,6 +119,12 @@ pub static mut COMMANDS: [ngx_command_t; 6] = [
         HTTP_ANY | NGX_CONF_TAKE1,
         set_secret,
         NGX_HTTP_LOC_CONF_OFFSET,
+    ),
+    command(
+        ngx_string!("afr_fleet"),
+        NGX_HTTP_MAIN_CONF | NGX_CONF_1MORE,
+        crate::fleet::set_fleet,
+        NGX_HTTP_MAIN_CONF_OFFSET,
     ),
     ngx_command_t::empty(),
 ];

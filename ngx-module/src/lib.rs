@@ -7,7 +7,8 @@
 //! has its own file: [`conf`] (directives), [`access`] (access-phase handler),
 //! [`zone`] (shared-memory counters), [`reload`] (per-worker key table and its
 //! hot reload), [`filter`] (per-request state and the header filter),
-//! [`variables`] (`$afr_key_id`, `$afr_status`, …). The
+//! [`variables`] (`$afr_key_id`, `$afr_status`, …), [`fleet`] (limits shared
+//! across nodes through Redis). The
 //! decisions themselves live in `afr-core`.
 
 use std::ptr::addr_of;
@@ -22,6 +23,7 @@ use ngx::http::{HttpModule, HttpModuleLocationConf, HttpModuleMainConf};
 mod access;
 mod conf;
 mod filter;
+mod fleet;
 mod reload;
 mod variables;
 mod zone;

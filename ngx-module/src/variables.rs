@@ -80,14 +80,16 @@ enum Var {
     RateLimit,
     RateRemaining,
     Status,
+    Fleet,
 }
 
-const VARS: [(ngx_str_t, Var); 5] = [
+const VARS: [(ngx_str_t, Var); 6] = [
     (ngx_string!("afr_key_id"), Var::KeyId),
     (ngx_string!("afr_key_name"), Var::KeyName),
     (ngx_string!("afr_rate_limit"), Var::RateLimit),
     (ngx_string!("afr_rate_remaining"), Var::RateRemaining),
     (ngx_string!("afr_status"), Var::Status),
+    (ngx_string!("afr_fleet"), Var::Fleet),
 ];
 
 /// Declares the variables (preconfiguration, so the configuration can use them).
@@ -114,6 +116,16 @@ unsafe extern "C" fn get_variable(
 ) -> ngx_int_t {
     // SAFETY: nginx calls get handlers with a valid request and value slot.
     let v = unsafe { &mut *v };
+    if data == Var::Fleet as usize {
+        // This worker's fleet mode, whatever the request: for logs and metrics.
+        let mode = crate::fleet::mode_name();
+        v.set_len(mode.len() as u32);
+        v.set_valid(1);
+        v.set_no_cacheable(0);
+        v.set_not_found(0);
+        v.data = mode.as_ptr().cast_mut();
+        return Status::NGX_OK.into();
+    }
     // SAFETY: `r` is a valid request.
     let Some(state) = (unsafe { filter::get_state(r) }) else {
         v.set_not_found(1);

@@ -32,6 +32,7 @@ use std::mem::{align_of, size_of};
 use std::ptr::{self, addr_of_mut};
 
 use afr_core::concurrency::InFlight;
+use afr_core::fleet::{Grant, Lease as FleetLease, Take};
 use afr_core::ratelimit::{RateWindow, Verdict};
 use ngx::core::Status;
 use ngx::ffi::{
@@ -116,12 +117,16 @@ struct Shared {
 struct Slot {
     digest: KeyDigest,
     window: RateWindow,
-    /// Requests of the key in flight (counted only for keys with `max_concurrent`).
-    in_flight: InFlight,
+    /// The node's fleet lease on this key (`afr_fleet`; unused without it).
+    lease: FleetLease,
     /// Next slot in the same bucket, or in the free list.
     next: u32,
     lru_prev: u32,
     lru_next: u32,
+    /// Requests of the key in flight (counted only for keys with
+    /// `max_concurrent`). Last: with the three `u32` above it fills what
+    /// would otherwise be padding, so the slot stays 96 bytes.
+    in_flight: InFlight,
 }
 
 /// Size of the zone's one allocation for `capacity` slots.
@@ -359,6 +364,105 @@ struct Table<'a> {
     slots: &'a mut [Slot],
 }
 
+/// What the zone's lease said about one request of a fleet-limited key.
+pub struct FleetTake {
+    /// The lease's answer.
+    pub take: Take,
+    /// Tokens to ask Redis for now (refill ahead of need, or the lease is
+    /// empty), or `None`.
+    pub refill: Option<u32>,
+}
+
+impl ZoneCtx {
+    /// Decides one request of key `id` from this node's lease (see
+    /// `afr_core::fleet`). An admission is also counted in the key's local
+    /// window, so that if Redis goes away the local share starts from what
+    /// this node already admitted.
+    pub fn fleet_take(
+        &self,
+        id: &[u8],
+        limit: u32,
+        nodes: u32,
+        now_ms: u64,
+        refill_ms: u64,
+    ) -> Result<FleetTake, ZoneFull> {
+        if self.sh.is_null() || self.pool.is_null() || self.capacity() == 0 {
+            return Err(ZoneFull);
+        }
+        let digest = key_digest(id);
+        let _guard = Locked::new(self.pool);
+        // SAFETY: under the mutex we have exclusive access to the zone.
+        let mut table = unsafe { Table::new(self.sh) };
+        let (i, _) = table.slot_for(&digest, now_ms);
+        let slot = &mut table.slots[i as usize];
+        let take = slot.lease.take(limit, now_ms);
+        let refill = match take {
+            Take::Admit(_) => {
+                slot.window.hit(u32::MAX, now_ms);
+                let ahead = slot.lease.wants_refill(now_ms);
+                // One refill ahead per node: the others see it in flight.
+                if ahead {
+                    slot.lease.refill_sent(now_ms + refill_ms);
+                }
+                ahead.then(|| slot.lease.want(limit, nodes, now_ms))
+            }
+            Take::Deny(_) => None,
+            Take::Empty => Some(slot.lease.want(limit, nodes, now_ms)),
+        };
+        Ok(FleetTake { take, refill })
+    }
+
+    /// Counts one request of key `id` against `limit` per minute, with no
+    /// place in flight (the fleet's local share, while Redis is away).
+    pub fn hit(&self, id: &[u8], limit: u32, now_ms: u64) -> Result<Verdict, ZoneFull> {
+        match self.admit(id, limit, None, now_ms)? {
+            Decision::Counted { verdict, .. } | Decision::Busy { verdict, .. } => Ok(verdict),
+        }
+    }
+
+    /// Takes one of key `id`'s `limit` places in flight for a request the
+    /// fleet lease already admitted (`verdict`): `Busy` when all are taken.
+    pub fn hold(
+        &self,
+        id: &[u8],
+        limit: u32,
+        verdict: Verdict,
+        now_ms: u64,
+    ) -> Result<Decision, ZoneFull> {
+        if self.sh.is_null() || self.pool.is_null() || self.capacity() == 0 {
+            return Err(ZoneFull);
+        }
+        let digest = key_digest(id);
+        let _guard = Locked::new(self.pool);
+        // SAFETY: under the mutex we have exclusive access to the zone.
+        let mut table = unsafe { Table::new(self.sh) };
+        let (i, _) = table.slot_for(&digest, now_ms);
+        if !table.slots[i as usize].in_flight.try_acquire(limit) {
+            return Ok(Decision::Busy { verdict, limit });
+        }
+        Ok(Decision::Counted {
+            verdict,
+            lease: Some(Lease {
+                sh: self.sh,
+                pool: self.pool,
+                digest,
+            }),
+        })
+    }
+
+    /// Adds a grant from Redis, asked for at `sent_ms`, to key `digest`'s lease.
+    pub fn fleet_apply(&self, digest: &KeyDigest, grant: &Grant, sent_ms: u64, now_ms: u64) {
+        if self.sh.is_null() || self.pool.is_null() || self.capacity() == 0 {
+            return;
+        }
+        let _guard = Locked::new(self.pool);
+        // SAFETY: under the mutex we have exclusive access to the zone.
+        let mut table = unsafe { Table::new(self.sh) };
+        let (i, _) = table.slot_for(digest, now_ms);
+        table.slots[i as usize].lease.apply(grant, sent_ms);
+    }
+}
+
 impl Table<'_> {
     /// # Safety
     /// `sh` is a zone header written by [`init_zone`] and the caller holds the
@@ -456,6 +560,7 @@ impl Table<'_> {
         s.digest = *d;
         s.window = RateWindow::default();
         s.in_flight = InFlight::default();
+        s.lease = FleetLease::default();
         s.next = self.buckets[b];
         self.buckets[b] = i;
         self.lru_push_head(i);
