@@ -130,6 +130,7 @@ pub async fn passthrough(
             include_usage: request.stream,
             stream: request.stream,
             request_id: caller.request_id.clone(),
+            event_idle: route.event_idle(),
         };
 
         let ticket = BreakerTicket::new(gateway.clone(), &route.provider, admission);
