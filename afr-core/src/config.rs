@@ -460,7 +460,20 @@ pub struct RouteConfig {
     /// no spend counts against budgets).
     #[serde(default)]
     pub price: Option<Price>,
+    /// Longest an SSE event of this route may take from its first byte to
+    /// its end; `None`: [`DEFAULT_EVENT_IDLE`]. A provider that stalls or
+    /// drips mid-event is failing, unlike one that is silent between events
+    /// (a reasoning model thinking): before the first content the request
+    /// fails over, after it the stream ends with an error event.
+    #[serde(default, with = "humantime_serde")]
+    pub event_idle: Option<Duration>,
 }
+
+/// The default [`RouteConfig::event_idle`]. Providers write each event in
+/// one go, so its bytes arrive within a round trip; 2 s is generous for
+/// that and shorter than the default `server.stream_hold` (3 s), so a
+/// stream that drips from its start fails over before it would commit.
+pub const DEFAULT_EVENT_IDLE: Duration = Duration::from_secs(2);
 
 /// A route's price in US dollars per million tokens.
 #[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
@@ -501,6 +514,11 @@ pub struct Clamp {
 }
 
 impl RouteConfig {
+    /// Longest one SSE event may take to arrive once its first byte came.
+    pub fn event_idle(&self) -> Duration {
+        self.event_idle.unwrap_or(DEFAULT_EVENT_IDLE)
+    }
+
     /// Adapts a validated body to what this route's upstream model accepts:
     /// drop, then rename, then clamp; finally sets `model` to the upstream name.
     /// Members it does not touch keep the client's bytes.
@@ -773,6 +791,14 @@ impl SidecarConfig {
                                 "must be a number of dollars per million tokens from 0 to 1000000",
                             ));
                         }
+                    }
+                }
+                if let Some(d) = r.event_idle {
+                    let field = format!("{path}.event_idle");
+                    if d.is_zero() {
+                        errors.push(ConfigError::new(field, "must be positive"));
+                    } else if let Err(e) = check_duration(d) {
+                        errors.push(ConfigError::new(field, e));
                     }
                 }
                 for (field, c) in &r.clamp {

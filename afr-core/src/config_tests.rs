@@ -352,3 +352,23 @@ fn output_cap_follows_rename_and_clamp() {
         700
     );
 }
+
+#[test]
+fn event_idle_defaults_under_stream_hold_and_must_be_positive() {
+    let config = SidecarConfig::parse(MINIMAL, "test.toml").expect("valid");
+    let route = &config.models["m"].routes[0];
+    assert_eq!(route.event_idle(), DEFAULT_EVENT_IDLE);
+    // A drip from the stream's start must fail over before the hold commits it.
+    assert!(DEFAULT_EVENT_IDLE < config.server.stream_hold);
+    let text = MINIMAL.replace("model = \"up\"", "model = \"up\"\nevent_idle = \"500ms\"");
+    let config = SidecarConfig::parse(&text, "test.toml").expect("valid");
+    assert_eq!(
+        config.models["m"].routes[0].event_idle(),
+        Duration::from_millis(500)
+    );
+    let text = MINIMAL.replace("model = \"up\"", "model = \"up\"\nevent_idle = \"0s\"");
+    assert_eq!(
+        errors(&text),
+        ["models.m.routes[0].event_idle: must be positive"]
+    );
+}

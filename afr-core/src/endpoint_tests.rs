@@ -23,6 +23,7 @@ fn route(model: &str) -> RouteConfig {
         rename: Default::default(),
         clamp: Default::default(),
         price: None,
+        event_idle: None,
     }
 }
 

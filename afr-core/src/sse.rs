@@ -305,6 +305,36 @@ pub fn inspect_chunk(raw: &[u8]) -> ChunkInfo {
     }
 }
 
+/// Whether an event's `data` is neither `[DONE]` nor one JSON value: a
+/// provider that cut or garbled an event (every wire the gateway relays,
+/// OpenAI, Anthropic and Responses, carries one JSON value per event). The
+/// gateway must not pass such an event on as if it were content: before the
+/// first content it fails over, after it the stream ends with an error event.
+///
+/// Runs on every relayed event, so the usual one-`data:`-line event is
+/// checked in place without copying; `IgnoredAny` validates without building
+/// a value.
+pub fn is_malformed(raw: &[u8]) -> bool {
+    let mut lines = raw
+        .split(|&b| b == b'\n' || b == b'\r')
+        .filter(|line| line == b"data" || line.starts_with(b"data:"));
+    let Some(first) = lines.next() else {
+        return false;
+    };
+    let owned;
+    let data: &[u8] = if lines.next().is_none() {
+        let value = first.get(5..).unwrap_or_default();
+        value.strip_prefix(b" ").unwrap_or(value)
+    } else {
+        owned = event_data(raw).unwrap_or_default();
+        owned.as_bytes()
+    };
+    if data.trim_ascii() == b"[DONE]" {
+        return false;
+    }
+    serde_json::from_slice::<serde::de::IgnoredAny>(data).is_err()
+}
+
 /// `data: [DONE]` (with or without the space), found without parsing JSON.
 pub fn is_done(raw: &[u8]) -> bool {
     raw.len() <= 32 && event_data(raw).is_some_and(|d| d.trim() == "[DONE]")

@@ -354,3 +354,40 @@ fn usage_reads_cached_prompt_tokens() {
 "#;
     assert_eq!(inspect_chunk(null).usage.map(|u| u.cached_tokens), Some(0));
 }
+
+#[test]
+fn recorded_events_are_well_formed_and_cut_json_is_not() {
+    let responses: &[u8] = include_bytes!(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../tests/fixtures/openai-responses-stream.sse"
+    ));
+    let completions: &[u8] = include_bytes!(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../tests/fixtures/openai-completions-stream.sse"
+    ));
+    for fixture in [
+        WITH_USAGE,
+        NO_USAGE,
+        VARIANT_2024,
+        ANTHROPIC,
+        responses,
+        completions,
+    ] {
+        let (events, rest) = frame_all(fixture, &[]);
+        assert!(rest.is_empty());
+        for event in events {
+            assert!(!is_malformed(&event), "{}", String::from_utf8_lossy(&event));
+        }
+    }
+    // Keep-alive comments and `[DONE]` carry no JSON and are fine.
+    assert!(!is_malformed(b": keep-alive\n\n"));
+    assert!(!is_malformed(b"data:[DONE]\n\n"));
+    // A JSON value split over two `data:` lines is one value (joined with `\n`).
+    assert!(!is_malformed(b"data: {\"a\":\ndata: 1}\n\n"));
+    assert!(is_malformed(
+        b"data: {\"id\":\"x\",\"choices\":[{\"delta\":{\"content\":\"trunc\n\n"
+    ));
+    assert!(is_malformed(b"event: message_delta\ndata: {\"type\":\n\n"));
+    assert!(is_malformed(b"data: <html>\n\n"));
+    assert!(is_malformed(b"data\n\n"));
+}

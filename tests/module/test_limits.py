@@ -56,6 +56,30 @@ def test_exact_limit_across_four_workers(gateway):
     assert statuses.count(429) == 250
 
 
+def test_several_keys_exact_at_once_across_four_workers(gateway):
+    """Issue 11: several keys bursting at the same time through 4 workers and many
+    connections each: every key gets exactly its own limit, no more, no less."""
+    keys = [Key("many-a", rpm=50), Key("many-b", rpm=17), Key("many-c", rpm=3)]
+    gw = gateway(keys, workers=4)
+    away_from_window_boundary(15)
+    results = {}
+    threads = [
+        threading.Thread(target=lambda k=k: results.__setitem__(k.id, burst(gw.port, k.auth, 150, 20)))
+        for k in keys
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(90)
+    for k in keys:
+        statuses = results[k.id]
+        assert len(statuses) == 150
+        counts = {s: statuses.count(s) for s in set(statuses)}
+        assert counts == {200: k.rpm, 429: 150 - k.rpm}, (k.id, counts)
+    assert len(set(gw.worker_pids())) == 4
+    gw.assert_no_crash()
+
+
 def test_keys_have_independent_counters(gateway):
     a, b = Key("a", rpm=2), Key("b", rpm=2)
     gw = gateway([a, b])

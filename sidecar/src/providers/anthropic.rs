@@ -118,7 +118,7 @@ impl Provider for Anthropic {
         }
         if call.stream {
             return Ok(Reply::Stream(translate_stream(
-                sse_events(response),
+                sse_events(response, call.event_idle),
                 include_usage,
             )));
         }
@@ -171,7 +171,7 @@ impl Provider for Anthropic {
             return Err(status_error(response).await);
         }
         if call.stream {
-            return Ok(Reply::Stream(sse_events(response)));
+            return Ok(Reply::Stream(sse_events(response, call.event_idle)));
         }
         let body = read_success_body(response).await?;
         // A 200 that is not one JSON object (a portal's page) fails over, as
@@ -222,6 +222,14 @@ fn translate_stream(upstream: EventStream, include_usage: bool) -> EventStream {
                 return None;
             }
             let items = match s.upstream.next().await {
+                // The translator would skip an event it cannot read; a cut
+                // one is the provider's failure (failover or error event).
+                Some(Ok(raw)) if afr_core::sse::is_malformed(&raw) => {
+                    s.ended = true;
+                    let error =
+                        ProviderError::Protocol("malformed event in the Anthropic stream".into());
+                    return Some((Err(error), s));
+                }
                 Some(Ok(raw)) => s.translator.push_raw(&raw),
                 Some(Err(e)) => {
                     s.ended = true;

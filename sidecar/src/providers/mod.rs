@@ -153,6 +153,9 @@ pub struct UpstreamCall {
     pub stream: bool,
     /// The gateway request id, forwarded for correlation.
     pub request_id: String,
+    /// Longest one SSE event may take once its first byte arrived (the
+    /// route's `event_idle`).
+    pub event_idle: Duration,
 }
 
 /// A configured provider.
@@ -245,13 +248,14 @@ pub struct AnthropicClient {
 pub(crate) async fn send_openai_format(
     request: reqwest::RequestBuilder,
     stream: bool,
+    event_idle: Duration,
 ) -> Result<Reply, ProviderError> {
     let response = request.send().await.map_err(send_error)?;
     if !response.status().is_success() {
         return Err(openai_status_error(response).await);
     }
     if stream {
-        return Ok(Reply::Stream(sse_events(response)));
+        return Ok(Reply::Stream(sse_events(response, event_idle)));
     }
     let body = read_success_body(response).await?;
     // A 200 that is not a JSON object (a portal's HTML page) fails over;
@@ -407,9 +411,14 @@ pub(crate) async fn read_error_body(response: reqwest::Response) -> Bytes {
 
 /// Turns a streaming response body into its SSE events, byte for byte.
 /// An event longer than [`afr_core::sse::MAX_EVENT_BYTES`] ends the stream
-/// with a protocol error (a failover while nothing was sent to the client).
+/// with a protocol error (a failover while nothing was sent to the client),
+/// and so does an event whose bytes take longer than `event_idle` from the
+/// first to the last (a drip or a stall mid-event: `Timeout("event_idle")`).
+/// Silence *between* events is not bounded here: before the first content it
+/// is a model thinking, after it the relay's `idle` bounds it.
 pub(crate) fn sse_events(
     response: reqwest::Response,
+    event_idle: Duration,
 ) -> BoxStream<'static, Result<Bytes, ProviderError>> {
     use afr_core::sse::EventFramer;
     use futures_util::StreamExt;
@@ -421,6 +430,8 @@ pub(crate) fn sse_events(
         ready: VecDeque<Bytes>,
         finished: bool,
         failed: Option<ProviderError>,
+        /// When the first byte of the unfinished event arrived.
+        partial_since: Option<tokio::time::Instant>,
     }
     let state = State {
         body: response.bytes_stream().boxed(),
@@ -428,8 +439,9 @@ pub(crate) fn sse_events(
         ready: VecDeque::new(),
         finished: false,
         failed: None,
+        partial_since: None,
     };
-    futures_util::stream::unfold(state, |mut s| async move {
+    futures_util::stream::unfold(state, move |mut s| async move {
         loop {
             if let Some(event) = s.ready.pop_front() {
                 return Some((Ok(event), s));
@@ -440,12 +452,28 @@ pub(crate) fn sse_events(
             if s.finished {
                 return None;
             }
-            match s.body.next().await {
+            let next = match s.partial_since {
+                Some(since) => {
+                    match tokio::time::timeout_at(since + event_idle, s.body.next()).await {
+                        Ok(next) => next,
+                        Err(_) => {
+                            s.finished = true;
+                            return Some((Err(ProviderError::Timeout("event_idle")), s));
+                        }
+                    }
+                }
+                None => s.body.next().await,
+            };
+            match next {
                 Some(Ok(bytes)) => {
                     s.framer.push(&bytes);
+                    let mut completed = false;
                     loop {
                         match s.framer.next_event() {
-                            Ok(Some(event)) => s.ready.push_back(Bytes::from(event)),
+                            Ok(Some(event)) => {
+                                completed = true;
+                                s.ready.push_back(Bytes::from(event));
+                            }
                             Ok(None) => break,
                             Err(e) => {
                                 // Events framed before it go out first; then the error.
@@ -455,6 +483,13 @@ pub(crate) fn sse_events(
                             }
                         }
                     }
+                    // The clock of an unfinished event starts at its first
+                    // byte: now, unless it was already pending before.
+                    s.partial_since = match (s.framer.pending().is_empty(), s.partial_since) {
+                        (true, _) => None,
+                        (false, Some(since)) if !completed => Some(since),
+                        (false, _) => Some(tokio::time::Instant::now()),
+                    };
                 }
                 Some(Err(e)) => {
                     s.finished = true;
@@ -576,7 +611,10 @@ mod tests {
     #[tokio::test]
     async fn an_event_that_never_ends_fails_the_stream_at_the_limit() {
         let pulled = Arc::new(AtomicUsize::new(0));
-        let mut events = sse_events(endless(200, b'x', 64 << 20, pulled.clone()));
+        let mut events = sse_events(
+            endless(200, b'x', 64 << 20, pulled.clone()),
+            Duration::from_secs(60),
+        );
         match events.next().await {
             Some(Err(ProviderError::Protocol(message))) => {
                 assert!(message.contains("exceeds"), "{message}")
@@ -588,6 +626,81 @@ mod tests {
         }
         assert!(events.next().await.is_none());
         assert!(pulled.load(Ordering::Relaxed) <= afr_core::sse::MAX_EVENT_BYTES + CHUNK);
+    }
+
+    /// A streaming 200 whose body is `pieces`, each sent after its delay,
+    /// then silence that never ends (the connection stays open).
+    fn timed_body(pieces: Vec<(u64, &'static [u8])>) -> reqwest::Response {
+        let chunks = futures_util::stream::iter(pieces)
+            .then(|(delay_ms, bytes)| async move {
+                tokio::time::sleep(Duration::from_millis(delay_ms)).await;
+                Ok::<_, std::io::Error>(Bytes::from_static(bytes))
+            })
+            .chain(futures_util::stream::pending());
+        let response = http::Response::builder()
+            .status(200)
+            .body(reqwest::Body::wrap_stream(chunks))
+            .expect("a valid response");
+        reqwest::Response::from(response)
+    }
+
+    // Real time with short bounds: paused time would need tokio's test-util,
+    // a second build of tokio and everything above it for this one crate.
+    // Nothing here asserts on how long anything took; `within` only turns a
+    // stream that never ends (the bug) into a failure instead of a hang.
+    async fn within<T>(f: impl std::future::Future<Output = T>) -> T {
+        tokio::time::timeout(Duration::from_secs(20), f)
+            .await
+            .expect("the stream never gave up on a stalled event")
+    }
+
+    #[tokio::test]
+    async fn an_event_stalled_after_its_first_bytes_times_out() {
+        let body = timed_body(vec![
+            (0, b"data: {\"a\":1}\n\n"),
+            (0, b"data: {\"choices\":[{\"delta\""),
+        ]);
+        let mut events = sse_events(body, Duration::from_millis(100));
+        let first = events.next().await.expect("an event").expect("well formed");
+        assert_eq!(&first[..], b"data: {\"a\":1}\n\n");
+        match within(events.next()).await {
+            Some(Err(ProviderError::Timeout("event_idle"))) => {}
+            other => panic!(
+                "expected the event_idle timeout, got {:?}",
+                other.map(|r| r.map(|_| ()))
+            ),
+        }
+        assert!(events.next().await.is_none());
+    }
+
+    #[tokio::test]
+    async fn a_drip_times_out_even_while_bytes_keep_coming() {
+        // One byte every 30 ms: each byte is in time, the event never is.
+        let drip: Vec<(u64, &'static [u8])> = b"data: {\"choices\":[]}\n\n"
+            .chunks(1)
+            .map(|b| (30, b))
+            .collect();
+        let mut events = sse_events(timed_body(drip), Duration::from_millis(150));
+        assert!(matches!(
+            within(events.next()).await,
+            Some(Err(ProviderError::Timeout("event_idle")))
+        ));
+    }
+
+    #[tokio::test]
+    async fn silence_between_events_is_not_an_event_stall() {
+        // A reasoning model: the role chunk, a pause longer than event_idle,
+        // then content. Only an unfinished event is on the clock.
+        let body = timed_body(vec![
+            (0, b"data: {\"a\":1}\n\n"),
+            (300, b"data: {\"b\""),
+            (10, b":2}\n\n"),
+        ]);
+        let mut events = sse_events(body, Duration::from_millis(100));
+        for expected in [&b"data: {\"a\":1}\n\n"[..], b"data: {\"b\":2}\n\n"] {
+            let event = events.next().await.expect("an event").expect("in time");
+            assert_eq!(&event[..], expected);
+        }
     }
 
     #[test]

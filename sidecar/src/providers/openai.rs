@@ -58,7 +58,7 @@ impl Provider for OpenAi {
             return Err(openai_status_error(response).await);
         }
         if call.stream {
-            return Ok(Reply::Stream(sse_events(response)));
+            return Ok(Reply::Stream(sse_events(response, call.event_idle)));
         }
         let body = read_success_body(response).await?;
         let usage = body_usage(&body)?;
@@ -85,6 +85,6 @@ impl Provider for OpenAi {
         if let Some(key) = &self.api_key {
             request = request.bearer_auth(key);
         }
-        send_openai_format(request, call.stream).await
+        send_openai_format(request, call.stream, call.event_idle).await
     }
 }

@@ -22,7 +22,7 @@ use afr_core::error::ErrorShape;
 use afr_core::ledger::Amount;
 use afr_core::limits::KeyLimits;
 use afr_core::route::{Exhausted, RouteFailure, RoutePlan};
-use afr_core::sse::has_data;
+use afr_core::sse::{has_data, is_malformed};
 use afr_core::validate::{check_model, validate_chat, ChatRequest, Invalid};
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -157,6 +157,7 @@ impl Exchange for ChatExchange {
             include_usage: self.request.stream,
             stream: self.request.stream,
             request_id: request_id.to_owned(),
+            event_idle: route.event_idle(),
         })
     }
 
@@ -388,6 +389,14 @@ pub async fn route(
                                 String::from_utf8_lossy(&event).trim()
                             ));
                         }
+                        Ok(Some(Ok(event))) if is_malformed(&event) => {
+                            // Cut or garbled JSON: nothing reached the client
+                            // yet, so another provider can still answer whole.
+                            break Err(format!(
+                                "malformed event before any content: {}",
+                                excerpt(&event)
+                            ));
+                        }
                         Ok(Some(Ok(event))) => {
                             if !has_data(&event) {
                                 // A keep-alive comment (e.g. OpenRouter's
@@ -492,6 +501,19 @@ pub async fn route(
     let status = error.status().as_u16();
     usage.finish(status);
     error.respond(caller.shape, &caller.request_id)
+}
+
+/// The start of an event the provider got wrong, for the log: enough to
+/// recognise it, bounded so a huge event does not flood the log.
+pub(crate) fn excerpt(event: &[u8]) -> String {
+    const MAX: usize = 200;
+    let text = String::from_utf8_lossy(&event[..event.len().min(MAX)]);
+    let text = text.trim();
+    if event.len() > MAX {
+        format!("{text}…")
+    } else {
+        text.to_owned()
+    }
 }
 
 /// The most a request can consume on any route it may be sent to (failover

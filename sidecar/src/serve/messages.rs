@@ -180,6 +180,7 @@ impl Exchange for MessagesExchange {
             include_usage: self.request.stream,
             stream: self.request.stream,
             request_id: request_id.to_owned(),
+            event_idle: route.event_idle(),
         })
     }
 

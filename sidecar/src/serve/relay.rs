@@ -8,7 +8,8 @@
 //! for it gets every byte unchanged.
 //!
 //! A failure after the stream committed ends it with `data: {"error":{...}}`
-//! (never a silent truncation). A stream that committed before its first
+//! (never a silent truncation); so does an event that is not JSON (cut or
+//! garbled by the provider), which is not passed on. A stream that committed before its first
 //! content (a reasoning model thinking) waits for it up to `first_content`;
 //! through any silence longer than `server.stream_keepalive` the client gets
 //! an SSE comment, which the SDKs skip and which is never forwarded to the
@@ -25,8 +26,8 @@ use afr_core::endpoint::responses_event;
 use afr_core::error::ErrorShape;
 use afr_core::messages::{inspect_event, StreamUsage};
 use afr_core::sse::{
-    error_event, has_data, inspect_chunk, is_done, is_error_event, is_preamble, is_usage_only,
-    strip_null_usage, TokenUsage,
+    error_event, has_data, inspect_chunk, is_done, is_error_event, is_malformed, is_preamble,
+    is_usage_only, strip_null_usage, TokenUsage,
 };
 use bytes::Bytes;
 use futures_util::StreamExt;
@@ -250,6 +251,14 @@ impl Relay {
                 Next::Failed(error) => return Some(self.fail(error)),
                 Next::NoContent(expiry) => return Some(self.no_content(expiry)),
             };
+            // Held events were checked while holding; an upstream one that is
+            // not JSON is a broken provider, never content to pass on.
+            if !held && is_malformed(&raw) {
+                return Some(self.fail(ProviderError::Protocol(format!(
+                    "malformed event mid-stream: {}",
+                    crate::serve::chat::excerpt(&raw)
+                ))));
+            }
             let is_content = || {
                 if held {
                     self.content_held && self.first.is_empty()
