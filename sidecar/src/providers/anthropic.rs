@@ -25,7 +25,7 @@ pub struct Anthropic {
     url: String,
     api_key: Option<String>,
     timeouts: Timeouts,
-    client: reqwest::Client,
+    client: super::client::HttpClient,
 }
 
 impl Anthropic {
@@ -34,7 +34,7 @@ impl Anthropic {
         _name: &str,
         config: &ProviderConfig,
         api_key: Option<String>,
-        client: reqwest::Client,
+        client: super::client::HttpClient,
     ) -> Self {
         Anthropic {
             url: format!("{}/messages", config.base_url.trim_end_matches('/')),
@@ -183,7 +183,7 @@ impl Provider for Anthropic {
 }
 
 /// Reads an Anthropic error response into a [`ProviderError`] (OpenAI fields).
-async fn status_error(response: reqwest::Response) -> ProviderError {
+async fn status_error(response: super::client::Response) -> ProviderError {
     let status = response.status().as_u16();
     let wait = retry_after(response.headers());
     let body = read_error_body(response).await;

@@ -16,7 +16,7 @@ pub struct Azure {
     api_version: String,
     api_key: Option<String>,
     timeouts: Timeouts,
-    client: reqwest::Client,
+    client: super::client::HttpClient,
 }
 
 impl Azure {
@@ -25,7 +25,7 @@ impl Azure {
         _name: &str,
         config: &ProviderConfig,
         api_key: Option<String>,
-        client: reqwest::Client,
+        client: super::client::HttpClient,
     ) -> Self {
         Azure {
             base_url: config.base_url.trim_end_matches('/').to_owned(),

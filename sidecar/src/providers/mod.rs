@@ -21,6 +21,8 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 mod anthropic;
+pub mod client;
+pub(crate) use client::send_error;
 mod azure;
 mod openai;
 
@@ -246,7 +248,7 @@ pub struct AnthropicClient {
 /// status in the OpenAI error shape, an SSE stream byte for byte, or a
 /// whole body (usage left to the caller, who knows the endpoint's shape).
 pub(crate) async fn send_openai_format(
-    request: reqwest::RequestBuilder,
+    request: client::Outgoing<'_>,
     stream: bool,
     event_idle: Duration,
 ) -> Result<Reply, ProviderError> {
@@ -270,7 +272,7 @@ pub fn build(
     config: &ProviderConfig,
     api_key: Option<String>,
 ) -> anyhow::Result<Arc<dyn Provider>> {
-    let client = http_client(config)?;
+    let client = client::HttpClient::new(config)?;
     let provider: Arc<dyn Provider> = match config.kind {
         ProviderKind::Openai => Arc::new(openai::OpenAi::new(name, config, api_key, client)),
         ProviderKind::Azure => Arc::new(azure::Azure::new(name, config, api_key, client)),
@@ -281,72 +283,29 @@ pub fn build(
     Ok(provider)
 }
 
-/// A pooled keep-alive client with TCP_NODELAY and the provider's connect timeout.
-///
-/// HTTP/1.1 unless the provider sets `http2 = true` (design §4): over TLS,
-/// reqwest would otherwise negotiate h2 by ALPN and put every request on one
-/// connection, and hyper never opens a second one when the server's
-/// concurrent-stream limit (100 at most providers) is reached — further
-/// streams queue until `first_byte` expires and fail over.
-fn http_client(config: &ProviderConfig) -> anyhow::Result<reqwest::Client> {
-    let mut builder = reqwest::Client::builder()
-        .connect_timeout(config.timeouts.connect)
-        .tcp_nodelay(true)
-        .pool_idle_timeout(std::time::Duration::from_secs(90))
-        .pool_max_idle_per_host(1024)
-        // reqwest strips only Authorization/Cookie on a cross-host redirect:
-        // `api-key` / `x-api-key` would follow it, and a POST would turn into a GET.
-        .redirect(reqwest::redirect::Policy::none());
-    if !config.http2 {
-        builder = builder.http1_only();
-    }
-    if let Some(path) = &config.ca_file {
-        let pem = std::fs::read(path)
-            .map_err(|e| anyhow::anyhow!("ca_file: cannot read {}: {e}", path.display()))?;
-        let certs = reqwest::Certificate::from_pem_bundle(&pem)
-            .map_err(|e| anyhow::anyhow!("ca_file: {}: {e}", path.display()))?;
-        if certs.is_empty() {
-            anyhow::bail!("ca_file: {} holds no PEM certificate", path.display());
-        }
-        // Added to the built-in roots: the private CA is trusted besides them.
-        for cert in certs {
-            builder = builder.add_root_certificate(cert);
-        }
-    }
-    Ok(builder.build()?)
-}
-
-/// Maps a reqwest failure on send to a provider error.
-pub(crate) fn send_error(e: reqwest::Error) -> ProviderError {
-    if e.is_timeout() {
-        ProviderError::Timeout("connect")
-    } else {
-        // Display of a reqwest error names the URL but never headers, so no key leaks.
-        ProviderError::Connect(e.without_url().to_string())
-    }
-}
-
 /// Reads usage from an OpenAI-shaped completion body, which must be a JSON
 /// object: a 200 whose body is not one (a captive portal's or a misrouted
 /// proxy's HTML page) is a provider failure, failed over like a 5xx, never
 /// relayed to the client as its answer.
 pub(crate) fn body_usage(body: &[u8]) -> Result<Option<TokenUsage>, ProviderError> {
+    /// The usage is read leniently (a usage shape we do not know only loses
+    /// the counts), the body strictly: it must be one JSON object. One pass
+    /// does both: the other members are skipped (and so checked) by serde.
     #[derive(serde::Deserialize)]
     struct WithUsage {
+        #[serde(default, deserialize_with = "lenient_usage")]
         usage: Option<TokenUsage>,
     }
-    // The usage is read leniently (a usage shape we do not know only loses the
-    // counts), the body strictly: it must be one JSON object.
-    let opens_object = body.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'{');
-    if let Err(e) = serde_json::from_slice::<serde::de::IgnoredAny>(body) {
-        return Err(not_an_object(&e.to_string()));
+    fn lenient_usage<'de, D: serde::Deserializer<'de>>(
+        d: D,
+    ) -> Result<Option<TokenUsage>, D::Error> {
+        let value = <Value as serde::Deserialize>::deserialize(d)?;
+        Ok(serde_json::from_value(value).ok())
     }
-    if !opens_object {
-        return Err(not_an_object("not an object"));
+    match serde_json::from_slice::<WithUsage>(body) {
+        Ok(with) => Ok(with.usage),
+        Err(e) => Err(not_an_object(&e.to_string())),
     }
-    Ok(serde_json::from_slice::<WithUsage>(body)
-        .ok()
-        .and_then(|w| w.usage))
 }
 
 fn not_an_object(why: &str) -> ProviderError {
@@ -365,25 +324,23 @@ pub(crate) const MAX_ERROR_BODY_BYTES: usize = 256 << 10;
 
 /// Reads a whole response body of at most `limit` bytes. Over the limit is a
 /// protocol error (retryable), found before more than `limit` bytes are held.
-pub(crate) async fn read_body(
-    response: reqwest::Response,
+pub(crate) async fn read_body<B>(
+    response: http::Response<B>,
     limit: usize,
     what: &str,
-) -> Result<Bytes, ProviderError> {
+) -> Result<Bytes, ProviderError>
+where
+    B: http_body::Body<Data = Bytes>,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     use http_body_util::{BodyExt, LengthLimitError, Limited};
-    match Limited::new(reqwest::Body::from(response), limit)
-        .collect()
-        .await
-    {
+    match Limited::new(response.into_body(), limit).collect().await {
         Ok(collected) => Ok(collected.to_bytes()),
         Err(e) if e.is::<LengthLimitError>() => Err(ProviderError::Protocol(format!(
             "the {what} is longer than {limit} bytes"
         ))),
         Err(e) => {
-            let detail = match e.downcast::<reqwest::Error>() {
-                Ok(e) => e.without_url().to_string(),
-                Err(e) => e.to_string(),
-            };
+            let detail = client::error_chain(&*e);
             Err(ProviderError::Connect(format!(
                 "reading the {what}: {detail}"
             )))
@@ -392,12 +349,22 @@ pub(crate) async fn read_body(
 }
 
 /// Reads a success body (a non-streamed answer).
-pub(crate) async fn read_success_body(response: reqwest::Response) -> Result<Bytes, ProviderError> {
+pub(crate) async fn read_success_body<B>(
+    response: http::Response<B>,
+) -> Result<Bytes, ProviderError>
+where
+    B: http_body::Body<Data = Bytes>,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     read_body(response, MAX_BODY_BYTES, "body").await
 }
 
 /// Reads an error body.
-pub(crate) async fn read_error_body(response: reqwest::Response) -> Bytes {
+pub(crate) async fn read_error_body<B>(response: http::Response<B>) -> Bytes
+where
+    B: http_body::Body<Data = Bytes>,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     // The status decides what the error means (a 400 stays the client's, a
     // 503 is failed over); a body too long or cut short only loses the
     // provider's wording, never the status.
@@ -416,16 +383,20 @@ pub(crate) async fn read_error_body(response: reqwest::Response) -> Bytes {
 /// first to the last (a drip or a stall mid-event: `Timeout("event_idle")`).
 /// Silence *between* events is not bounded here: before the first content it
 /// is a model thinking, after it the relay's `idle` bounds it.
-pub(crate) fn sse_events(
-    response: reqwest::Response,
+pub(crate) fn sse_events<B>(
+    response: http::Response<B>,
     event_idle: Duration,
-) -> BoxStream<'static, Result<Bytes, ProviderError>> {
+) -> BoxStream<'static, Result<Bytes, ProviderError>>
+where
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: std::error::Error + Send + Sync + 'static,
+{
     use afr_core::sse::EventFramer;
     use futures_util::StreamExt;
     use std::collections::VecDeque;
 
     struct State {
-        body: BoxStream<'static, reqwest::Result<Bytes>>,
+        body: BoxStream<'static, Result<Bytes, Box<dyn std::error::Error + Send + Sync>>>,
         framer: EventFramer,
         ready: VecDeque<Bytes>,
         finished: bool,
@@ -434,7 +405,9 @@ pub(crate) fn sse_events(
         partial_since: Option<tokio::time::Instant>,
     }
     let state = State {
-        body: response.bytes_stream().boxed(),
+        body: http_body_util::BodyExt::into_data_stream(response.into_body())
+            .map(|r| r.map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>))
+            .boxed(),
         framer: EventFramer::new(),
         ready: VecDeque::new(),
         finished: false,
@@ -496,7 +469,7 @@ pub(crate) fn sse_events(
                     return Some((
                         Err(ProviderError::Connect(format!(
                             "stream broke: {}",
-                            e.without_url()
+                            client::error_chain(&*e)
                         ))),
                         s,
                     ));
@@ -520,7 +493,11 @@ pub(crate) fn sse_events(
 }
 
 /// Reads an error response into a [`ProviderError`] in the OpenAI shape.
-pub(crate) async fn openai_status_error(response: reqwest::Response) -> ProviderError {
+pub(crate) async fn openai_status_error<B>(response: http::Response<B>) -> ProviderError
+where
+    B: http_body::Body<Data = Bytes>,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     let status = response.status().as_u16();
     let wait = retry_after(response.headers());
     let body = read_error_body(response).await;
@@ -547,16 +524,20 @@ mod tests {
 
     /// A response whose body is `total` bytes of `fill` in 64 KiB chunks,
     /// produced lazily; `pulled` counts the bytes the reader took.
-    fn endless(status: u16, fill: u8, total: usize, pulled: Arc<AtomicUsize>) -> reqwest::Response {
+    fn endless(
+        status: u16,
+        fill: u8,
+        total: usize,
+        pulled: Arc<AtomicUsize>,
+    ) -> http::Response<impl http_body::Body<Data = Bytes, Error = std::io::Error>> {
         let chunks = futures_util::stream::iter(0..total / CHUNK).map(move |_| {
             pulled.fetch_add(CHUNK, Ordering::Relaxed);
-            Ok::<_, std::io::Error>(Bytes::from(vec![fill; CHUNK]))
+            Ok::<_, std::io::Error>(http_body::Frame::data(Bytes::from(vec![fill; CHUNK])))
         });
-        let response = http::Response::builder()
+        http::Response::builder()
             .status(status)
-            .body(reqwest::Body::wrap_stream(chunks))
-            .expect("a valid response");
-        reqwest::Response::from(response)
+            .body(http_body_util::StreamBody::new(chunks))
+            .expect("a valid response")
     }
 
     #[tokio::test]
@@ -630,18 +611,19 @@ mod tests {
 
     /// A streaming 200 whose body is `pieces`, each sent after its delay,
     /// then silence that never ends (the connection stays open).
-    fn timed_body(pieces: Vec<(u64, &'static [u8])>) -> reqwest::Response {
+    fn timed_body(
+        pieces: Vec<(u64, &'static [u8])>,
+    ) -> http::Response<impl http_body::Body<Data = Bytes, Error = std::io::Error> + Send> {
         let chunks = futures_util::stream::iter(pieces)
             .then(|(delay_ms, bytes)| async move {
                 tokio::time::sleep(Duration::from_millis(delay_ms)).await;
-                Ok::<_, std::io::Error>(Bytes::from_static(bytes))
+                Ok::<_, std::io::Error>(http_body::Frame::data(Bytes::from_static(bytes)))
             })
             .chain(futures_util::stream::pending());
-        let response = http::Response::builder()
+        http::Response::builder()
             .status(200)
-            .body(reqwest::Body::wrap_stream(chunks))
-            .expect("a valid response");
-        reqwest::Response::from(response)
+            .body(http_body_util::StreamBody::new(chunks))
+            .expect("a valid response")
     }
 
     // Real time with short bounds: paused time would need tokio's test-util,

@@ -16,7 +16,7 @@ pub struct OpenAi {
     base_url: String,
     api_key: Option<String>,
     timeouts: Timeouts,
-    client: reqwest::Client,
+    client: super::client::HttpClient,
 }
 
 impl OpenAi {
@@ -25,7 +25,7 @@ impl OpenAi {
         _name: &str,
         config: &ProviderConfig,
         api_key: Option<String>,
-        client: reqwest::Client,
+        client: super::client::HttpClient,
     ) -> Self {
         OpenAi {
             url: format!("{}/chat/completions", config.base_url.trim_end_matches('/')),
