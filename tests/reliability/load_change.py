@@ -42,6 +42,7 @@ class Load:
         self.max_requests, self.deadline = max_requests, time.monotonic() + seconds
         self.lock = threading.Lock()
         self.sent = 0
+        self.stale_retries = 0  # requests retried after the server closed an idle connection
         self.results: list[tuple[float, int, bool, bytes]] = []  # (time, status, stream, error body)
         self.threads = [threading.Thread(target=self.client, args=(i,), daemon=True) for i in range(clients)]
 
@@ -62,10 +63,27 @@ class Load:
                                "messages": [{"role": "user", "content": f"load {i}"}]})
             t = time.monotonic()
             try:
+                reused = conn is not None
                 conn = conn or http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
-                conn.request("POST", "/v1/chat/completions", body,
-                             {"Authorization": f"Bearer {key}", "Content-Type": "application/json"})
-                r = conn.getresponse()
+                try:
+                    conn.request("POST", "/v1/chat/completions", body,
+                                 {"Authorization": f"Bearer {key}", "Content-Type": "application/json"})
+                    r = conn.getresponse()
+                except (BrokenPipeError, ConnectionResetError, http.client.RemoteDisconnected):
+                    if not reused:
+                        raise
+                    # An idle keep-alive connection closed by the server (an old
+                    # nginx worker at `nginx -s reload`) as this request went out:
+                    # nothing of it was answered (nginx never logs it), and HTTP
+                    # clients retry it on a new connection, as the OpenAI SDKs do
+                    # (max_retries=2). Retried once, and counted.
+                    with self.lock:
+                        self.stale_retries += 1
+                    conn.close()
+                    conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
+                    conn.request("POST", "/v1/chat/completions", body,
+                                 {"Authorization": f"Bearer {key}", "Content-Type": "application/json"})
+                    r = conn.getresponse()
                 data = r.read()
                 status = r.status
                 if status == 200 and stream and not data.rstrip().endswith(b"data: [DONE]"):
@@ -330,6 +348,7 @@ def main() -> int:
             "streams": sum(1 for r in results if r[2]),
             "streams_cut": streams_cut,
             "failed_outside_restart": len(bad),
+            "stale_connection_retries": load.stale_retries,
             "restart_window_s": round(restart_window[1] - restart_window[0], 2) if restart_window else None,
             "restart_503": len(restart_503),
             "key_changes": a.key_changes, "config_changes": a.configs, "nginx_reloads": a.reloads,
