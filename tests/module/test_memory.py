@@ -95,5 +95,10 @@ def test_master_frees_each_configurations_table(gateway):
         gw.reload()
         sizes.append(memory_kib(gw.proc.pid))
     assert gw.request("/", k.auth).status == 200
-    # One leaked table per reload would be RELOADS tables by now.
-    assert max(sizes) - settled < table, (table, settled, sizes)
+    # One leaked table per reload would be RELOADS tables by now, and still
+    # climbing. Without a leak the master levels off within a few tables (its
+    # allocator keeps freed pools for the next parse); how high depends on the
+    # machine's load, so the bound is loose and the second half must be flat.
+    half = len(sizes) // 2
+    assert max(sizes) - settled < 3 * table, (table, settled, sizes)
+    assert max(sizes[half:]) - max(sizes[:half]) < table, (table, settled, sizes)
