@@ -352,7 +352,14 @@ async function send() {
         }
       }
     }
-    reader.cancel().catch(() => {});
+    if (outcome === 'done') {
+      // The answer is complete, but its body may still have bytes to come (a
+      // Responses stream's last chunk after `response.completed`): read to the
+      // end rather than cancel, which the browser counts as a failed request.
+      while (!(await reader.read()).done) { /* nothing more to show */ }
+    } else {
+      reader.cancel().catch(() => {});
+    }
   } catch (err) {
     if (err.name === 'AbortError') {
       outcome = 'stopped';
