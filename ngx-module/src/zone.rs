@@ -386,30 +386,23 @@ impl ZoneCtx {
         now_ms: u64,
         refill_ms: u64,
     ) -> Result<FleetTake, ZoneFull> {
-        if self.sh.is_null() || self.pool.is_null() || self.capacity() == 0 {
-            return Err(ZoneFull);
-        }
-        let digest = key_digest(id);
-        let _guard = Locked::new(self.pool);
-        // SAFETY: under the mutex we have exclusive access to the zone.
-        let mut table = unsafe { Table::new(self.sh) };
-        let (i, _) = table.slot_for(&digest, now_ms);
-        let slot = &mut table.slots[i as usize];
-        let take = slot.lease.take(limit, now_ms);
-        let refill = match take {
-            Take::Admit(_) => {
-                slot.window.hit(u32::MAX, now_ms);
-                let ahead = slot.lease.wants_refill(now_ms);
-                // One refill ahead per node: the others see it in flight.
-                if ahead {
-                    slot.lease.refill_sent(now_ms + refill_ms);
+        self.with_slot(&key_digest(id), now_ms, |slot| {
+            let take = slot.lease.take(limit, now_ms);
+            let refill = match take {
+                Take::Admit(_) => {
+                    slot.window.hit(u32::MAX, now_ms);
+                    let ahead = slot.lease.wants_refill(now_ms);
+                    // One refill ahead per node: the others see it in flight.
+                    if ahead {
+                        slot.lease.refill_sent(now_ms + refill_ms);
+                    }
+                    ahead.then(|| slot.lease.want(limit, nodes, now_ms))
                 }
-                ahead.then(|| slot.lease.want(limit, nodes, now_ms))
-            }
-            Take::Deny(_) => None,
-            Take::Empty => Some(slot.lease.want(limit, nodes, now_ms)),
-        };
-        Ok(FleetTake { take, refill })
+                Take::Deny(_) => None,
+                Take::Empty => Some(slot.lease.want(limit, nodes, now_ms)),
+            };
+            FleetTake { take, refill }
+        })
     }
 
     /// Counts one request of key `id` against `limit` per minute, with no
@@ -429,15 +422,8 @@ impl ZoneCtx {
         verdict: Verdict,
         now_ms: u64,
     ) -> Result<Decision, ZoneFull> {
-        if self.sh.is_null() || self.pool.is_null() || self.capacity() == 0 {
-            return Err(ZoneFull);
-        }
         let digest = key_digest(id);
-        let _guard = Locked::new(self.pool);
-        // SAFETY: under the mutex we have exclusive access to the zone.
-        let mut table = unsafe { Table::new(self.sh) };
-        let (i, _) = table.slot_for(&digest, now_ms);
-        if !table.slots[i as usize].in_flight.try_acquire(limit) {
+        if !self.with_slot(&digest, now_ms, |slot| slot.in_flight.try_acquire(limit))? {
             return Ok(Decision::Busy { verdict, limit });
         }
         Ok(Decision::Counted {
@@ -452,14 +438,27 @@ impl ZoneCtx {
 
     /// Adds a grant from Redis, asked for at `sent_ms`, to key `digest`'s lease.
     pub fn fleet_apply(&self, digest: &KeyDigest, grant: &Grant, sent_ms: u64, now_ms: u64) {
+        // An uninitialised zone has no lease to add to: nothing to do.
+        let _ = self.with_slot(digest, now_ms, |slot| slot.lease.apply(grant, sent_ms));
+    }
+
+    /// Runs `f` on key `digest`'s slot (made most recently used; a new key
+    /// gets a zeroed one) under the zone's mutex: the one lock-and-find step
+    /// of the fleet lease and the places in flight.
+    fn with_slot<R>(
+        &self,
+        digest: &KeyDigest,
+        now_ms: u64,
+        f: impl FnOnce(&mut Slot) -> R,
+    ) -> Result<R, ZoneFull> {
         if self.sh.is_null() || self.pool.is_null() || self.capacity() == 0 {
-            return;
+            return Err(ZoneFull);
         }
         let _guard = Locked::new(self.pool);
         // SAFETY: under the mutex we have exclusive access to the zone.
         let mut table = unsafe { Table::new(self.sh) };
         let (i, _) = table.slot_for(digest, now_ms);
-        table.slots[i as usize].lease.apply(grant, sent_ms);
+        Ok(f(&mut table.slots[i as usize]))
     }
 }
 
