@@ -50,6 +50,9 @@ pub struct SidecarConfig {
     /// The usage store.
     #[serde(default)]
     pub usage: UsageConfig,
+    /// Token and budget limits shared by a fleet's nodes through Redis.
+    #[serde(default)]
+    pub fleet: Option<FleetConfig>,
     /// Upstream providers by name.
     pub providers: IndexMap<String, ProviderConfig>,
     /// The model catalogue, in the order `GET /v1/models` lists it.
@@ -287,6 +290,33 @@ fn default_queue_max() -> u64 {
 
 fn default_spill_max_bytes() -> u64 {
     256 * 1024 * 1024
+}
+
+/// `[fleet]`: every key's `tpm` and budget hold across the fleet's nodes
+/// through one Redis, as nginx's `afr_fleet` does for `rpm` (design §9).
+/// Without it each node's sidecar decides on its own.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FleetConfig {
+    /// Environment variable holding the Redis URL
+    /// (`redis://[:password@]host:6379[/db]`): a URL may carry a password, so
+    /// it never appears in the config file or in logs.
+    #[serde(default = "default_redis_url_env")]
+    pub redis_url_env: String,
+    /// Nodes sharing the limits: while Redis is unreachable each node holds
+    /// every key to limit ÷ nodes on its own.
+    pub nodes: u32,
+    /// Bound on every Redis call (connect included): no request waits longer for Redis.
+    #[serde(default = "default_fleet_timeout", with = "humantime_serde")]
+    pub timeout: Duration,
+}
+
+fn default_redis_url_env() -> String {
+    "AFR_FLEET_REDIS_URL".to_owned()
+}
+
+fn default_fleet_timeout() -> Duration {
+    Duration::from_millis(200)
 }
 
 /// `[usage] backend`.
@@ -701,6 +731,23 @@ impl SidecarConfig {
                 "usage.postgres_url_env",
                 "must name an environment variable",
             ));
+        }
+        if let Some(fleet) = &self.fleet {
+            if fleet.redis_url_env.trim().is_empty() {
+                errors.push(ConfigError::new(
+                    "fleet.redis_url_env",
+                    "must name an environment variable",
+                ));
+            }
+            if fleet.nodes == 0 {
+                errors.push(ConfigError::new("fleet.nodes", "must be at least 1"));
+            }
+            if fleet.timeout.is_zero() || fleet.timeout > Duration::from_secs(10) {
+                errors.push(ConfigError::new(
+                    "fleet.timeout",
+                    "must be between 1ms and 10s: requests wait for Redis at most this long",
+                ));
+            }
         }
         if self.server.max_body_bytes == 0 {
             errors.push(ConfigError::new(

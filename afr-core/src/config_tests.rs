@@ -372,3 +372,29 @@ fn event_idle_defaults_under_stream_hold_and_must_be_positive() {
         ["models.m.routes[0].event_idle: must be positive"]
     );
 }
+
+#[test]
+fn fleet_section_is_optional_and_checked() {
+    assert!(SidecarConfig::parse(MINIMAL, "t").unwrap().fleet.is_none());
+    let ok = SidecarConfig::parse(&format!("{MINIMAL}\n[fleet]\nnodes = 3\n"), "t").unwrap();
+    let fleet = ok.fleet.unwrap();
+    assert_eq!(
+        (fleet.nodes, fleet.timeout),
+        (3, Duration::from_millis(200))
+    );
+    assert_eq!(fleet.redis_url_env, "AFR_FLEET_REDIS_URL");
+    let bad = errors(&format!(
+        "{MINIMAL}\n[fleet]\nnodes = 0\ntimeout = \"0s\"\nredis_url_env = \"\"\n"
+    ));
+    assert!(bad.iter().any(|e| e.starts_with("fleet.nodes")), "{bad:?}");
+    assert!(
+        bad.iter().any(|e| e.starts_with("fleet.timeout")),
+        "{bad:?}"
+    );
+    assert!(
+        bad.iter().any(|e| e.starts_with("fleet.redis_url_env")),
+        "{bad:?}"
+    );
+    let missing = errors(&format!("{MINIMAL}\n[fleet]\n"));
+    assert!(missing.iter().any(|e| e.contains("nodes")), "{missing:?}");
+}

@@ -249,6 +249,64 @@ struct KeyState {
     seed: Option<Seed>,
 }
 
+/// A key's counts in the fleet's shared store (Redis), as its reserve
+/// script answered them; see [`Ledger::adopt`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Shared {
+    /// Start (Unix ms) of the token window the counts are of.
+    pub window_start: u64,
+    /// Tokens counted in the window before it.
+    pub prev_tokens: u64,
+    /// Tokens counted in it.
+    pub curr_tokens: u64,
+    /// Start of the budget period and nano-dollars spent in it, when the key has a budget.
+    pub spend: Option<(u64, u64)>,
+}
+
+/// Reserved tokens (window start, tokens) and cost (period start, nanos).
+type Reserved = (Option<(u64, u64)>, Option<(u64, u64)>);
+
+/// The one decision: does `ask` fit `state` under `limits` at `now_ms`? If
+/// so it is counted in `state` and where it was counted is returned. Tokens
+/// are checked before the budget, and nothing is counted unless both hold
+/// (the fleet's Redis script follows the same order and rule).
+fn admit(
+    state: &mut KeyState,
+    limits: &KeyLimits,
+    ask: Amount,
+    now_ms: u64,
+) -> Result<Reserved, Refusal> {
+    if let Some(limit) = limits.tpm {
+        state.tokens.roll(now_ms);
+        if !state.tokens.fits(ask.tokens, limit, now_ms) {
+            return Err(Refusal::Tokens {
+                limit,
+                requested: ask.tokens,
+                retry_after_ms: state.tokens.wait_ms(ask.tokens, limit, now_ms),
+            });
+        }
+    }
+    let mut cost = None;
+    if let Some(budget) = limits.budget {
+        let end = state.spend.roll(budget.per, now_ms, state.seed.as_ref());
+        let spent = state.spend.nanos;
+        if spent >= budget.nanos || spent.saturating_add(ask.cost_nanos) > budget.nanos {
+            return Err(Refusal::Budget {
+                budget,
+                retry_after_ms: end - now_ms,
+            });
+        }
+        state.spend.nanos += ask.cost_nanos;
+        cost = Some((state.spend.period_start, ask.cost_nanos));
+    }
+    let mut tokens = None;
+    if limits.tpm.is_some() {
+        state.tokens.curr = state.tokens.curr.saturating_add(ask.tokens);
+        tokens = Some((state.tokens.start_ms, ask.tokens));
+    }
+    Ok((tokens, cost))
+}
+
 /// Reservations of every key on this host.
 #[derive(Debug, Default)]
 pub struct Ledger {
@@ -283,33 +341,39 @@ impl Ledger {
             return Ok(hold);
         }
         let state = self.keys.entry(key.to_owned()).or_default();
-        if let Some(limit) = limits.tpm {
-            state.tokens.roll(now_ms);
-            if !state.tokens.fits(ask.tokens, limit, now_ms) {
-                return Err(Refusal::Tokens {
-                    limit,
-                    requested: ask.tokens,
-                    retry_after_ms: state.tokens.wait_ms(ask.tokens, limit, now_ms),
-                });
-            }
-        }
-        if let Some(budget) = limits.budget {
-            let end = state.spend.roll(budget.per, now_ms, state.seed.as_ref());
-            let spent = state.spend.nanos;
-            if spent >= budget.nanos || spent.saturating_add(ask.cost_nanos) > budget.nanos {
-                return Err(Refusal::Budget {
-                    budget,
-                    retry_after_ms: end - now_ms,
-                });
-            }
-            state.spend.nanos += ask.cost_nanos;
-            hold.cost = Some((state.spend.period_start, ask.cost_nanos));
-        }
-        if limits.tpm.is_some() {
-            state.tokens.curr = state.tokens.curr.saturating_add(ask.tokens);
-            hold.tokens = Some((state.tokens.start_ms, ask.tokens));
-        }
+        (hold.tokens, hold.cost) = admit(state, limits, ask, now_ms)?;
         Ok(hold)
+    }
+
+    /// Why `ask` would be refused for `key` at `now_ms` under `limits`, or
+    /// `None` when it fits. Nothing changes: the fleet asks this of its
+    /// mirror of Redis's counts for the `Retry-After` of a refusal.
+    pub fn check(
+        &self,
+        key: &str,
+        limits: &KeyLimits,
+        ask: Amount,
+        now_ms: u64,
+    ) -> Option<Refusal> {
+        let mut state = self.keys.get(key).copied().unwrap_or_default();
+        admit(&mut state, limits, ask, now_ms).err()
+    }
+
+    /// Adopts the fleet's counts for `key` (what Redis's reserve script read
+    /// and wrote): the headers of this node then report the fleet's state.
+    pub fn adopt(&mut self, key: &str, shared: Shared) {
+        let state = self.keys.entry(key.to_owned()).or_default();
+        state.tokens = TokenWindow {
+            start_ms: shared.window_start,
+            prev: shared.prev_tokens,
+            curr: shared.curr_tokens,
+        };
+        if let Some((period_start, nanos)) = shared.spend {
+            state.spend = Spend {
+                period_start,
+                nanos,
+            };
+        }
     }
 
     /// Settles `hold` to what the request really `used`.
@@ -413,6 +477,65 @@ mod tests {
             .filter(|_| l.reserve("k", &limits, tokens(100), T0 + 10).is_ok())
             .count();
         assert_eq!(more, 7);
+    }
+
+    #[test]
+    fn check_answers_what_reserve_would_and_changes_nothing() {
+        let mut l = Ledger::new();
+        let limits = tpm(1000);
+        let shared = Shared {
+            window_start: T0,
+            prev_tokens: 0,
+            curr_tokens: 950,
+            spend: None,
+        };
+        l.adopt("k", shared);
+        assert_eq!(l.tokens("k", 1000, T0 + 5).remaining, 50);
+        let refused = l.check("k", &limits, tokens(100), T0 + 5).unwrap();
+        assert!(l.check("k", &limits, tokens(50), T0 + 5).is_none());
+        assert_eq!(
+            l.tokens("k", 1000, T0 + 5).remaining,
+            50,
+            "check reserved nothing"
+        );
+        let mut same = Ledger::new();
+        same.adopt("k", shared);
+        assert_eq!(
+            same.reserve("k", &limits, tokens(100), T0 + 5),
+            Err(refused)
+        );
+        // The previous window's 950 must weigh at most 900: 3158 ms into the next.
+        assert_eq!(refused.retry_after_ms(), WINDOW_MS + 3158 - 5);
+    }
+
+    #[test]
+    fn adopted_spend_decides_the_budget() {
+        let mut l = Ledger::new();
+        let budget = Budget {
+            nanos: 1_000,
+            per: Period::Day,
+        };
+        let limits = KeyLimits {
+            budget: Some(budget),
+            ..KeyLimits::default()
+        };
+        let (day, _) = Period::Day.bounds(T0);
+        l.adopt(
+            "k",
+            Shared {
+                spend: Some((day, 990)),
+                ..Shared::default()
+            },
+        );
+        assert_eq!(l.budget_remaining("k", budget, T0), 10);
+        let ask = Amount {
+            tokens: 0,
+            cost_nanos: 20,
+        };
+        assert!(matches!(
+            l.check("k", &limits, ask, T0),
+            Some(Refusal::Budget { .. })
+        ));
     }
 
     #[test]

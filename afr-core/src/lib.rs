@@ -12,6 +12,7 @@ pub mod config;
 pub mod endpoint;
 pub mod error;
 pub mod fleet;
+pub mod fleet_ledger;
 pub mod keyfile;
 pub mod keys;
 pub mod ledger;

@@ -150,6 +150,23 @@ impl KeyLimits {
         }
     }
 
+    /// What one of `nodes` fleet nodes enforces on its own while the
+    /// fleet's Redis is unreachable: every limit divided by the node count
+    /// (at least one token and one nano-dollar, as the module's
+    /// `local_share` keeps at least one request), so the fleet together
+    /// never exceeds the limit.
+    pub fn share(&self, nodes: u32) -> KeyLimits {
+        let n = u64::from(nodes.max(1));
+        KeyLimits {
+            tpm: self.tpm.map(|t| (t / n).max(1)),
+            budget: self.budget.map(|b| Budget {
+                nanos: (b.nanos / n).max(1),
+                per: b.per,
+            }),
+            max_concurrent: self.max_concurrent,
+        }
+    }
+
     /// Reads an `X-Afr-Limits` value (`tpm=N;budget=NANOS/day|month`).
     pub fn parse_header(value: &str) -> Result<KeyLimits, HeaderError> {
         let mut limits = KeyLimits::default();
@@ -202,6 +219,23 @@ pub fn openai_duration(ms: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_nodes_share_divides_tokens_and_budget() {
+        let l = KeyLimits {
+            tpm: Some(1000),
+            budget: Some(Budget {
+                nanos: 50_000_000_000,
+                per: Period::Month,
+            }),
+            max_concurrent: Some(4),
+        };
+        let s = l.share(3);
+        assert_eq!(s.tpm, Some(333));
+        assert_eq!(s.budget.unwrap().nanos, 16_666_666_666);
+        assert_eq!(s.max_concurrent, Some(4));
+        assert_eq!(KeyLimits { tpm: Some(1), ..l }.share(4).tpm, Some(1));
+    }
 
     #[test]
     fn header_round_trip() {

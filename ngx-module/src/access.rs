@@ -207,6 +207,7 @@ unsafe extern "C" fn access_handler(r: *mut ngx_http_request_t) -> ngx_int_t {
                         &who.id,
                         models.as_deref(),
                         limits.as_deref(),
+                        mcf.fleet.as_ref().map(|_| fleet::mode_name()),
                         lcf.secret.as_deref(),
                     )
                     .is_ok()
@@ -371,7 +372,8 @@ fn decide(
 }
 
 /// Replaces the request's header list with one that has no `Authorization`
-/// and no client `X-Afr-*`, plus our identity headers.
+/// and no client `X-Afr-*`, plus our identity headers (and, with `afr_fleet`,
+/// the worker's fleet mode).
 ///
 /// # Safety
 /// `r` must be a valid request in the access phase.
@@ -380,6 +382,7 @@ unsafe fn rewrite_identity(
     id: &str,
     models: Option<&str>,
     limits: Option<&str>,
+    fleet: Option<&str>,
     secret: Option<&str>,
 ) -> Result<(), ()> {
     // SAFETY: per the contract; the old elements stay allocated in the request
@@ -396,7 +399,7 @@ unsafe fn rewrite_identity(
             .map(|h| *h)
             .collect();
         let pool = (*r).pool;
-        let n = kept.len() + 4;
+        let n = kept.len() + 5;
         let elts = ngx_palloc(pool, n * std::mem::size_of::<ngx_table_elt_t>());
         if elts.is_null() {
             return Err(());
@@ -425,6 +428,11 @@ unsafe fn rewrite_identity(
         }
         if let Some(l) = limits {
             push_header(pool, list, "X-Afr-Limits", l.as_bytes())?;
+        }
+        if let Some(f) = fleet {
+            // Where this request's rpm was decided, for the sidecar's
+            // `afr_fleet_requests{limits=…}` (global, or local while Redis is down).
+            push_header(pool, list, "X-Afr-Fleet", f.as_bytes())?;
         }
         if let Some(s) = secret {
             push_header(pool, list, "X-Afr-Secret", s.as_bytes())?;

@@ -1,23 +1,141 @@
 """`scripts/run --fleet`: two whole nodes (nginx + module + sidecar + mock each), one
-Redis, one PostgreSQL (issue 12). The demo key's limit (60/min) holds across both
-nodes, and usage from both sidecars lands in the one database."""
+Redis, one PostgreSQL (issues 12 and 13). A key's rpm (the module's leases), tpm and
+budget (the sidecars' `[fleet]`) hold across both nodes; usage from both sidecars lands
+in the one database; Redis down holds each node to its share, and a Redis restart
+renews no budget."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import time
+import tomllib
 from concurrent.futures import ThreadPoolExecutor
+
+import openai
+import pytest
 
 from conftest import AFR, KEY_RE, REPO, free_port, http, runtime_dir
 
 BODY = json.dumps({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}).encode()
+HI = [{"role": "user", "content": "hi"}]  # mock: 2 prompt + 4 completion tokens
+_ids = itertools.count()
 
 
-def test_run_fleet_holds_one_limit_and_one_usage_store():
+class Fleet:
+    def __init__(self, home, port, env, out):
+        self.home, self.port, self.env, self.out = home, port, env, out
+        self.demo_key = KEY_RE.search(out).group(0)
+        self.pg_url = re.search(r"postgres://\S+/afr_usage", out).group(0)
+        self.nodes = [home / "node1", home / "node2"]
+
+    def base(self, i: int) -> str:
+        return f"http://127.0.0.1:{self.port + i % 2}"
+
+    def client(self, i: int, key: str, **kw) -> openai.OpenAI:
+        return openai.OpenAI(base_url=self.base(i) + "/v1", api_key=key, max_retries=0, **kw)
+
+    def mock(self, i: int) -> str:
+        return "http://127.0.0.1:" + (self.nodes[i] / "mock.port").read_text().strip()
+
+    def mock_config(self, **knobs) -> None:
+        for i in range(2):
+            status, _, body = http("POST", self.mock(i) + "/_mock/config", json.dumps(knobs).encode())
+            assert status in (200, 204), body
+
+    def mock_calls(self) -> int:
+        n = 0
+        for i in range(2):
+            data = json.loads(http("GET", self.mock(i) + "/_mock/requests")[2])
+            n += len(data["requests"] if isinstance(data, dict) else data)
+        return n
+
+    def clear_mocks(self) -> None:
+        for i in range(2):
+            http("DELETE", self.mock(i) + "/_mock/requests")
+
+    def new_key(self, prefix: str, *limits: str) -> tuple[str, str]:
+        """A key in node 1's keys.toml, shipped to node 2 as config management would."""
+        kid = f"{prefix}{next(_ids)}-{int(time.time() * 1000) % 10**8}"
+        out = subprocess.run(
+            [str(AFR), "key", "new", "--id", kid, "--name", f"test {kid}", "--file", str(self.nodes[0] / "keys.toml"), *limits],
+            capture_output=True, text=True, check=True,
+        )
+        tmp = self.nodes[1] / "keys.toml.new"
+        shutil.copyfile(self.nodes[0] / "keys.toml", tmp)
+        os.replace(tmp, self.nodes[1] / "keys.toml")
+        key = KEY_RE.search(out.stdout).group(0)
+        deadline = time.monotonic() + 5
+        for i in range(2):
+            while http("GET", self.base(i) + "/v1/models", headers={"Authorization": f"Bearer {key}"})[0] != 200:
+                assert time.monotonic() < deadline, "both nodes load the new key within the reload interval"
+                time.sleep(0.1)
+        # Each worker re-reads the file on its own 1 s timer: the others follow within one.
+        time.sleep(1.1)
+        return kid, key
+
+    def metrics(self, i: int) -> str:
+        admin = tomllib.loads((self.nodes[i] / "sidecar.toml").read_text())["admin"]["listen"]
+        return http("GET", f"http://{admin}/metrics")[2].decode()
+
+    def metric(self, i: int, name: str) -> float:
+        m = re.search(rf"^{re.escape(name)} (\S+)$", self.metrics(i), re.M)
+        return float(m.group(1)) if m else 0.0
+
+    # --- Redis -------------------------------------------------------------------------
+    def stop_redis(self) -> None:
+        pid = int((self.home / "redis.pid").read_text())
+        os.kill(pid, signal.SIGTERM)
+        for _ in range(100):
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                return
+            time.sleep(0.05)
+        raise AssertionError("redis-server did not stop")
+
+    def start_redis(self) -> None:
+        """A fresh, empty Redis on the same port (no persistence, as scripts/fleet runs it)."""
+        (self.home / "redis.pid").unlink(missing_ok=True)
+        port = (self.home / "redis.port").read_text().strip()
+        subprocess.run(
+            ["redis-server", "--port", port, "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+             "--dir", str(self.home / "redis"), "--logfile", str(self.home / "redis/redis.log"),
+             "--daemonize", "yes", "--pidfile", str(self.home / "redis.pid")],
+            check=True,
+        )
+        for _ in range(100):
+            if (self.home / "redis.pid").exists() and (self.home / "redis.pid").read_text().strip():
+                return
+            time.sleep(0.05)
+        raise AssertionError("redis-server did not start")
+
+    def wait_redis_in_use(self) -> None:
+        """Both sidecars back on Redis: requests of a tpm key probe it once a second."""
+        _, key = self.new_key("probe", "--rpm", "100000", "--tpm", "100000000")
+        deadline = time.monotonic() + 15
+        for i in range(2):
+            # The first call finds the old connection broken (if the node had one).
+            self.client(i, key).chat.completions.create(model="gpt-4o-mini", messages=HI, max_tokens=5)
+            while self.metric(i, "afr_fleet_redis_up") != 1:
+                assert time.monotonic() < deadline, self.metrics(i)
+                time.sleep(0.3)
+                self.client(i, key).chat.completions.create(model="gpt-4o-mini", messages=HI, max_tokens=5)
+
+
+def away_from_a_window_edge() -> None:
+    """Token and request windows are wall-clock minutes: stay inside one."""
+    while 60 - time.time() % 60 < 20:
+        time.sleep(0.5)
+
+
+@pytest.fixture(scope="module")
+def fleet():
     home = runtime_dir("fleet")
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k not in ("OPENAI_API_KEY", "ANTHROPIC_API_KEY")}
@@ -25,33 +143,144 @@ def test_run_fleet_holds_one_limit_and_one_usage_store():
     try:
         out = subprocess.run([str(REPO / "scripts/run"), "--fleet"], env=env, capture_output=True, text=True, timeout=900)
         assert out.returncode == 0, out.stdout + out.stderr
-        key = KEY_RE.search(out.stdout).group(0)
-        pg_url = re.search(r"postgres://\S+/afr_usage", out.stdout).group(0)
-        # Redis windows are wall-clock minutes: stay inside one.
-        while 60 - time.time() % 60 < 20:
-            time.sleep(0.5)
-        headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
-
-        def one(i):
-            url = f"http://127.0.0.1:{port + i % 2}/v1/chat/completions"
-            return http("POST", url, BODY, headers)[0]
-
-        with ThreadPoolExecutor(16) as ex:
-            statuses = list(ex.map(one, range(200)))
-        assert set(statuses) <= {200, 429}, statuses
-        assert statuses.count(200) == 60
-        # Both sidecars write the one PostgreSQL: the fleet's usage, read from either node.
-        deadline = time.monotonic() + 10
-        while True:
-            usage = subprocess.run(
-                [str(AFR), "usage", "--config", str(home / "node2/sidecar.toml"), "--key", "demo", "--json"],
-                env={**env, "AFR_USAGE_POSTGRES_URL": pg_url}, capture_output=True, text=True, check=True,
-            )
-            rows = json.loads(usage.stdout)["data"]
-            if (rows and rows[0]["requests"] == 60) or time.monotonic() > deadline:
-                break
-            time.sleep(0.2)
-        assert rows[0]["requests"] == 60, rows
+        yield Fleet(home, port, env, out.stdout)
     finally:
         subprocess.run([str(REPO / "scripts/run"), "--fleet", "--stop"], env=env, capture_output=True, timeout=120)
         shutil.rmtree(home, ignore_errors=True)
+
+
+def test_run_fleet_holds_one_limit_and_one_usage_store(fleet):
+    away_from_a_window_edge()
+    headers = {"Authorization": f"Bearer {fleet.demo_key}", "Content-Type": "application/json"}
+
+    def one(i):
+        return http("POST", fleet.base(i) + "/v1/chat/completions", BODY, headers)[0]
+
+    with ThreadPoolExecutor(16) as ex:
+        statuses = list(ex.map(one, range(200)))
+    assert set(statuses) <= {200, 429}, statuses
+    assert statuses.count(200) == 60
+    # Both sidecars write the one PostgreSQL: the fleet's usage, read from either node.
+    deadline = time.monotonic() + 10
+    while True:
+        usage = subprocess.run(
+            [str(AFR), "usage", "--config", str(fleet.home / "node2/sidecar.toml"), "--key", "demo", "--json"],
+            env={**fleet.env, "AFR_USAGE_POSTGRES_URL": fleet.pg_url}, capture_output=True, text=True, check=True,
+        )
+        rows = json.loads(usage.stdout)["data"]
+        if (rows and rows[0]["requests"] == 60) or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert rows[0]["requests"] == 60, rows
+    # The module tells each sidecar where the rpm was decided.
+    assert 'afr_fleet_requests_total{limits="global"}' in fleet.metrics(0)
+
+
+def test_tpm_holds_across_nodes_and_settlement_frees_it(fleet):
+    # Worst case per request: ~1 estimated prompt token + max_tokens 1000. Ten fit in
+    # 10 500 fleet-wide, eleven do not; 50 at once over both nodes admit exactly ten.
+    _, key = fleet.new_key("tpm", "--rpm", "10000", "--tpm", "10500")
+    away_from_a_window_edge()
+    fleet.clear_mocks()
+    fleet.mock_config(latency_ms=1500)
+    try:
+        def one(i):
+            try:
+                fleet.client(i, key, timeout=30).chat.completions.create(model="gpt-4o-mini", messages=HI, max_tokens=1000)
+                return "ok"
+            except openai.RateLimitError as e:
+                return e.code
+
+        with ThreadPoolExecutor(50) as pool:
+            results = list(pool.map(one, range(50)))
+        assert results.count("ok") == 10, results
+        assert results.count("rate_limit_exceeded") == 40, results
+        assert fleet.mock_calls() == 10
+    finally:
+        fleet.mock_config(latency_ms=0)
+    # Settled at their real 6 tokens: ten more worst cases fit again, on either node.
+    time.sleep(0.5)  # settlements are sent after the responses
+    with ThreadPoolExecutor(10) as pool:
+        again = list(pool.map(one, range(10)))
+    assert again == ["ok"] * 10, again
+    raw = fleet.client(1, key).chat.completions.with_raw_response.create(model="gpt-4o-mini", messages=HI, max_tokens=10)
+    assert raw.headers["x-ratelimit-limit-tokens"] == "10500"
+    # 20 settled at 6, this one reserved ~11: the node reports the fleet's count.
+    assert 10500 - 20 * 6 - 11 - 2 <= int(raw.headers["x-ratelimit-remaining-tokens"]) <= 10500 - 20 * 6 - 11 + 2
+
+
+def test_redis_down_holds_each_node_to_its_share_then_global_limits_return(fleet):
+    # tpm 4200 over 2 nodes: while Redis is down, each node's share is 2100, two
+    # worst cases of ~1001 at once. rpm 40: the module's leases are 2 requests long,
+    # so it needs Redis again within these requests and notices it is gone.
+    _, key = fleet.new_key("down", "--rpm", "40", "--tpm", "4200")
+    local_before = fleet.metric(0, "afr_fleet_local_reservations_total")
+    fleet.stop_redis()
+    try:
+        fleet.clear_mocks()
+        fleet.mock_config(latency_ms=1000)
+
+        def one(_):
+            started = time.monotonic()
+            try:
+                fleet.client(0, key, timeout=30).chat.completions.create(model="gpt-4o-mini", messages=HI, max_tokens=1000)
+                out = "ok"
+            except openai.RateLimitError as e:
+                out = e.code
+            return out, time.monotonic() - started
+
+        with ThreadPoolExecutor(4) as pool:
+            results = list(pool.map(one, range(4)))
+        fleet.mock_config(latency_ms=0)
+        outcomes = sorted(r for r, _ in results)
+        assert outcomes == ["ok", "ok", "rate_limit_exceeded", "rate_limit_exceeded"], results
+        assert fleet.mock_calls() == 2
+        # No request waited for the dead Redis longer than its timeout (200 ms) on top
+        # of the mock's second (the module's lease and the sidecar's reservation).
+        # (Generous: this is a check against hanging, not a benchmark.)
+        assert max(t for _, t in results) < 1.0 + 2 * 0.2 + 1.5, results
+        m = fleet.metrics(0)
+        assert re.search(r"^afr_fleet_redis_up 0$", m, re.M), m
+        assert fleet.metric(0, "afr_fleet_local_reservations_total") >= local_before + 4
+        assert 'afr_fleet_requests_total{limits="local"}' in m
+        log = (fleet.nodes[0] / "logs/sidecar.log").read_text()
+        assert log.count("fleet: Redis unreachable") == 1, log
+    finally:
+        fleet.mock_config(latency_ms=0)
+        fleet.start_redis()
+    fleet.wait_redis_in_use()
+    assert "fleet: Redis is reachable again" in (fleet.nodes[0] / "logs/sidecar.log").read_text()
+
+
+def test_a_redis_restart_renews_no_budget(fleet):
+    # gpt-4o-mini at $0.15 / $0.60 per 1M: a request costs 2*150 + 4*600 = 2700
+    # nano-dollars, its worst case with max_tokens 5 is 1*150 + 5*600 = 3150.
+    # $0.00001 admits three over both nodes, then refuses.
+    kid, key = fleet.new_key("bud", "--rpm", "1000", "--budget-usd", "0.00001", "--budget-per", "day")
+    for i in range(3):
+        fleet.client(i, key).chat.completions.create(model="gpt-4o-mini", messages=HI, max_tokens=5)
+    with pytest.raises(openai.RateLimitError) as e:
+        fleet.client(1, key).chat.completions.create(model="gpt-4o-mini", messages=HI, max_tokens=5)
+    assert e.value.code == "insufficient_quota"
+    # Wait until PostgreSQL has the three rows, then lose Redis's counters.
+    deadline = time.monotonic() + 10
+    while True:
+        usage = subprocess.run(
+            [str(AFR), "usage", "--config", str(fleet.home / "node1/sidecar.toml"), "--key", kid, "--json"],
+            env={**fleet.env, "AFR_USAGE_POSTGRES_URL": fleet.pg_url}, capture_output=True, text=True, check=True,
+        )
+        rows = json.loads(usage.stdout)["data"]
+        if (rows and rows[0]["requests"] >= 4) or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert rows and rows[0]["requests"] >= 4, rows
+    fleet.stop_redis()
+    fleet.start_redis()
+    fleet.wait_redis_in_use()
+    local = [fleet.metric(i, "afr_fleet_local_reservations_total") for i in range(2)]
+    # Redis has no counter for this key's day: it is set from the usage store.
+    for i in range(2):
+        with pytest.raises(openai.RateLimitError) as e:
+            fleet.client(i, key).chat.completions.create(model="gpt-4o-mini", messages=HI, max_tokens=5)
+        assert e.value.code == "insufficient_quota"
+    assert [fleet.metric(i, "afr_fleet_local_reservations_total") for i in range(2)] == local, "decided in Redis"

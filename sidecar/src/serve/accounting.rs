@@ -14,9 +14,10 @@
 //! a request that consumed nothing releases it — so every reservation ends
 //! exactly once too, however the request ends.
 
+use crate::serve::fleet::Held;
 use crate::serve::state::Gateway;
 use afr_core::config::Price;
-use afr_core::ledger::{Amount, Hold, Refusal};
+use afr_core::ledger::{Amount, Refusal};
 use afr_core::limits::KeyLimits;
 use afr_core::sse::TokenUsage;
 use afr_core::usage::{TokenSource, UsageRecord};
@@ -33,7 +34,7 @@ pub struct Accounting {
     started: Instant,
     recorded: bool,
     /// The reservation to settle or release when the row is recorded.
-    hold: Option<Hold>,
+    hold: Option<Held>,
     /// Estimated prompt tokens (what a request cut before any usage consumed).
     prompt_estimate: u64,
     /// Price of the route that served (or last tried) the request.
@@ -72,7 +73,7 @@ impl Accounting {
     /// plus the most completion tokens any route may produce, and the highest
     /// cost of that) against the key's `limits`, before any provider is
     /// called. Refused: which limit (a 429, see `GatewayError::from`). Called once per request.
-    pub fn reserve(
+    pub async fn reserve(
         &mut self,
         limits: &KeyLimits,
         prompt_chars: usize,
@@ -80,8 +81,17 @@ impl Accounting {
     ) -> Result<(), Refusal> {
         self.prompt_estimate = estimate_tokens(prompt_chars);
         let now = unix_ms_now();
-        let key = self.record.key_id.clone();
-        let hold = self.gateway.ledger().reserve(&key, limits, worst, now)?;
+        let key = &self.record.key_id;
+        let gateway = &self.gateway;
+        let hold = match &gateway.fleet {
+            Some(fleet) => {
+                let store = gateway.reader.as_ref();
+                fleet
+                    .reserve(&gateway.ledger, store, key, limits, worst, now)
+                    .await?
+            }
+            None => Held::Local(gateway.ledger().reserve(key, limits, worst, now)?),
+        };
         self.hold = Some(hold);
         Ok(())
     }
@@ -176,7 +186,10 @@ impl Accounting {
             } else {
                 Amount::default()
             };
-            self.gateway.ledger().settle(hold, used, unix_ms_now());
+            match hold {
+                Held::Fleet(hold) => hold.settle(used),
+                Held::Local(hold) => self.gateway.ledger().settle(hold, used, unix_ms_now()),
+            }
         }
         let metrics = &self.gateway.metrics;
         metrics.request(&record.model, &record.provider, status, latency);

@@ -281,7 +281,10 @@ pub async fn route(
             |p| runtime.providers.contains_key(p),
             |r| request.output_cap(r),
         );
-        if let Err(refusal) = usage.reserve(&caller.limits, request.prompt_chars(), worst) {
+        if let Err(refusal) = usage
+            .reserve(&caller.limits, request.prompt_chars(), worst)
+            .await
+        {
             return reject(&caller, usage, refusal.into());
         }
     }

@@ -57,6 +57,9 @@ pub async fn handle(
             return Ok(GatewayError::Invalid(invalid).respond(shape, &request_id));
         }
     };
+    if let Some(limits) = header(&request, "x-afr-fleet") {
+        gateway.metrics.fleet_request(limits);
+    }
     let caller = Caller {
         request_id: request_id.clone(),
         key_id: header(&request, "x-afr-key-id").unwrap_or("-").to_owned(),

@@ -1,9 +1,10 @@
 //! Prometheus metrics (served on the admin listener): requests by
 //! model/provider/status, latency and time-to-first-token histograms, tokens,
 //! breaker state and failovers, spend in US dollars by key and model, and the
-//! usage store's queue, spill and drops.
+//! usage store's queue, spill and drops, and a fleet's Redis state.
 //! Labels carry names and key ids, never secrets.
 
+use crate::serve::fleet::Fleet;
 use crate::usage::Recorder;
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
@@ -13,6 +14,7 @@ use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
 use std::time::Duration;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -47,6 +49,11 @@ struct ProviderLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct FleetLabels {
+    limits: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct FailoverLabels {
     model: String,
     from: String,
@@ -62,6 +69,7 @@ pub struct Metrics {
     breaker: Family<ProviderLabels, Gauge>,
     failovers: Family<FailoverLabels, Counter>,
     spend: Family<SpendLabels, Counter<f64, AtomicU64>>,
+    fleet_requests: Family<FleetLabels, Counter>,
 }
 
 fn latency_histogram() -> Histogram {
@@ -119,7 +127,14 @@ impl Metrics {
             "Cost of requests at their routes' prices, by key and model (routes without a price add nothing)",
             spend.clone(),
         );
+        let fleet_requests = Family::<FleetLabels, Counter>::default();
+        registry.register(
+            "fleet_requests",
+            "Requests nginx forwarded under afr_fleet, by where their rpm was decided: global (Redis) or local (the node's share while Redis is unreachable)",
+            fleet_requests.clone(),
+        );
         Metrics {
+            fleet_requests,
             spend,
             registry,
             requests,
@@ -211,6 +226,28 @@ impl Metrics {
             .register_collector(Box::new(UsageStoreCollector(recorder)));
     }
 
+    /// Exports the fleet's Redis state (read at each scrape):
+    /// `afr_fleet_redis_up` and `afr_fleet_local_reservations_total`.
+    pub fn track_fleet(&mut self, fleet: Arc<Fleet>) {
+        self.registry
+            .register_collector(Box::new(FleetCollector(fleet)));
+    }
+
+    /// Counts a request nginx forwarded while its `afr_fleet` limits were
+    /// `global` (Redis) or `local` (the node's share, Redis unreachable).
+    pub fn fleet_request(&self, limits: &str) {
+        let limits = match limits {
+            "global" => "global",
+            "local" => "local",
+            _ => return,
+        };
+        self.fleet_requests
+            .get_or_create(&FleetLabels {
+                limits: limits.to_owned(),
+            })
+            .inc();
+    }
+
     /// The text exposition format.
     pub fn encode(&self) -> String {
         let mut out = String::new();
@@ -218,6 +255,35 @@ impl Metrics {
             tracing::error!(error = %e, "encoding metrics failed");
         }
         out
+    }
+}
+
+/// Reads the fleet's Redis state at scrape time.
+struct FleetCollector(Arc<Fleet>);
+
+impl std::fmt::Debug for FleetCollector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("FleetCollector")
+    }
+}
+
+impl Collector for FleetCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let up = ConstGauge::new(i64::from(self.0.is_up()));
+        up.encode(encoder.encode_descriptor(
+            "fleet_redis_up",
+            "1 while the sidecar reserves tpm and budgets in the fleet's Redis, 0 while it holds keys to their local share",
+            None,
+            up.metric_type(),
+        )?)?;
+        let local = ConstCounter::new(self.0.local_reservations());
+        local.encode(encoder.encode_descriptor(
+            "fleet_local_reservations",
+            "Reservations decided on this node's share (limit / nodes) because Redis did not answer",
+            None,
+            local.metric_type(),
+        )?)?;
+        Ok(())
     }
 }
 

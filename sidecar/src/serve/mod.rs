@@ -10,6 +10,7 @@
 pub mod accounting;
 pub mod chat;
 pub mod error;
+pub mod fleet;
 pub mod handler;
 pub mod listener;
 pub mod messages;
@@ -119,6 +120,17 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         }
         None => (None, None),
     };
+    let fleet = match &runtime.config.fleet {
+        Some(config) => {
+            let fleet = fleet::Fleet::from_config(config)?;
+            tracing::info!(
+                nodes = config.nodes,
+                "fleet: tpm and budgets are held across the fleet through Redis"
+            );
+            Some(Arc::new(fleet))
+        }
+        None => None,
+    };
     let mut gateway = Gateway::new(
         runtime,
         args.config.clone(),
@@ -128,6 +140,10 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     if let Some(store) = &store {
         gateway.metrics.track_usage_store(store.recorder());
     }
+    if let Some(fleet) = &fleet {
+        gateway.metrics.track_fleet(Arc::clone(fleet));
+    }
+    gateway.fleet = fleet;
     if let Some(reader) = gateway.reader.clone() {
         reseed_ledger(&gateway, reader).await;
     }

@@ -69,11 +69,17 @@ pub fn watch(gateway: Arc<Gateway>) -> notify::Result<notify::RecommendedWatcher
             }
             seen = stamp(&gateway.config_path);
             let path = gateway.config_path.clone();
-            let old_listen = gateway.runtime.load().config.server.listen.clone();
+            let old = gateway.runtime.load();
+            let (old_listen, old_fleet) =
+                (old.config.server.listen.clone(), old.config.fleet.clone());
+            drop(old);
             match tokio::task::spawn_blocking(move || Runtime::load(&path)).await {
                 Ok(Ok(runtime)) => {
                     if runtime.config.server.listen != old_listen {
                         tracing::warn!(config = %gateway.config_path.display(), "server.listen changed; it takes effect on restart");
+                    }
+                    if runtime.config.fleet != old_fleet {
+                        tracing::warn!(config = %gateway.config_path.display(), "[fleet] changed; it takes effect on restart");
                     }
                     gateway.install(runtime);
                     tracing::info!(config = %gateway.config_path.display(), "config reloaded");

@@ -3,6 +3,7 @@
 //! metrics and the usage store handles.
 
 use crate::providers::{self, Provider};
+use crate::serve::fleet::Fleet;
 use crate::serve::metrics::Metrics;
 use crate::serve::usage_sink::UsageSink;
 use crate::usage::UsageReader;
@@ -135,6 +136,9 @@ pub struct Gateway {
     /// Token and money reservations of every key on this host: the sidecar
     /// is one process per host, so this is the host's one decision point.
     pub ledger: Mutex<Ledger>,
+    /// With `[fleet]`: reservations are made in the fleet's Redis, and the
+    /// ledger above mirrors its counts (and decides while Redis is down).
+    pub fleet: Option<Arc<Fleet>>,
     /// Which provider created each Responses API response relayed here, so
     /// `previous_response_id` follow-ups go back to it.
     pins: Mutex<Pins>,
@@ -157,6 +161,7 @@ impl Gateway {
             reader,
             taps: TaskTracker::new(),
             ledger: Mutex::new(Ledger::new()),
+            fleet: None,
             pins: Mutex::new(Pins::new(RESPONSE_PINS, RESPONSE_PIN_TTL)),
         };
         gateway.sync_breakers();
