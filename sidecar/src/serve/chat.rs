@@ -59,14 +59,8 @@ pub struct Caller {
 /// stream's wire format are not.
 #[async_trait]
 pub trait Exchange: Send + Sync {
-    /// The catalogue model asked for.
-    fn model(&self) -> &str;
-    /// Whether the answer streams.
-    fn stream(&self) -> bool;
-    /// Prompt size, for estimating a cut stream's tokens.
-    fn prompt_chars(&self) -> usize;
-    /// Whether the gateway, not the client, asked for the usage chunk.
-    fn strip_usage(&self) -> bool;
+    /// What the route loop reads of the request.
+    fn asked(&self) -> Asked<'_>;
     /// The most output tokens `route` may produce for this request, for the
     /// worst case a key's `tpm` and budget reserve. The default is the
     /// contract's default `max_tokens`; endpoints that know better say so.
@@ -108,6 +102,32 @@ pub enum Answer<'a> {
     Event(&'a [u8]),
 }
 
+/// What the route loop reads of a request, whatever its endpoint.
+#[derive(Debug, Clone, Copy)]
+pub struct Asked<'a> {
+    /// The catalogue model asked for.
+    pub model: &'a str,
+    /// Whether the answer streams.
+    pub stream: bool,
+    /// Prompt size, for estimating a cut stream's tokens.
+    pub prompt_chars: usize,
+    /// Whether the gateway, not the client, asked for the usage chunk.
+    pub strip_usage: bool,
+}
+
+impl<'a> Asked<'a> {
+    /// An OpenAI-format request: the gateway asks for usage on every stream
+    /// and strips it again unless the client asked for it (design §5).
+    pub fn openai(model: &'a str, stream: bool, prompt_chars: usize, include_usage: bool) -> Self {
+        Asked {
+            model,
+            stream,
+            prompt_chars,
+            strip_usage: stream && !include_usage,
+        }
+    }
+}
+
 /// A validated chat completion and the client's bytes.
 struct ChatExchange {
     request: ChatRequest,
@@ -116,21 +136,9 @@ struct ChatExchange {
 
 #[async_trait]
 impl Exchange for ChatExchange {
-    fn model(&self) -> &str {
-        &self.request.model
-    }
-
-    fn stream(&self) -> bool {
-        self.request.stream
-    }
-
-    fn prompt_chars(&self) -> usize {
-        self.request.prompt_chars
-    }
-
-    fn strip_usage(&self) -> bool {
-        // Ask for usage on every stream; strip it again unless the client asked (design §5).
-        self.request.stream && !self.request.include_usage
+    fn asked(&self) -> Asked<'_> {
+        let r = &self.request;
+        Asked::openai(&r.model, r.stream, r.prompt_chars, r.include_usage)
     }
 
     fn output_cap(&self, route: &RouteConfig) -> u64 {
@@ -149,10 +157,11 @@ impl Exchange for ChatExchange {
     ) -> Result<UpstreamCall, Invalid> {
         provider.prepare(UpstreamCall {
             // The client's bytes with only the gateway's own edits (design §3).
-            body: Bytes::from(
-                self.request
-                    .upstream_body(&self.body, route, self.strip_usage()),
-            ),
+            body: Bytes::from(self.request.upstream_body(
+                &self.body,
+                route,
+                self.asked().strip_usage,
+            )),
             upstream_model: route.model.clone(),
             include_usage: self.request.stream,
             stream: self.request.stream,
@@ -254,8 +263,9 @@ pub async fn route(
     mut usage: Accounting,
     request: &dyn Exchange,
 ) -> Response<Body> {
-    let model_name = request.model().to_owned();
-    let stream = request.stream();
+    let asked = request.asked();
+    let model_name = asked.model.to_owned();
+    let stream = asked.stream;
     let wire = request.wire();
     let Some(model) = runtime.config.models.get(&model_name) else {
         return reject(&caller, usage, GatewayError::NotFound(model_name));
@@ -276,19 +286,19 @@ pub async fn route(
     // Reserve the worst case before any provider is called (design §3).
     if caller.limits.tpm.is_some() || caller.limits.budget.is_some() {
         let worst = worst_case(
-            request.prompt_chars(),
+            asked.prompt_chars,
             model,
             |p| runtime.providers.contains_key(p),
             |r| request.output_cap(r),
         );
         if let Err(refusal) = usage
-            .reserve(&caller.limits, request.prompt_chars(), worst)
+            .reserve(&caller.limits, asked.prompt_chars, worst)
             .await
         {
             return reject(&caller, usage, refusal.into());
         }
     }
-    let strip_usage = request.strip_usage();
+    let strip_usage = asked.strip_usage;
 
     let mut plan = RoutePlan::new(model.routes.len());
     let mut last_provider = String::new();
@@ -461,7 +471,7 @@ pub async fn route(
                     wire,
                     attempt,
                     usage,
-                    prompt_chars: request.prompt_chars(),
+                    prompt_chars: asked.prompt_chars,
                     request_id: caller.request_id.clone(),
                 });
             }

@@ -15,7 +15,7 @@ use crate::providers::{
     AnthropicClient, EventStream, MessagesEndpoint, Provider, ProviderError, Reply, UpstreamCall,
 };
 use crate::serve::accounting::Accounting;
-use crate::serve::chat::{admit_model, reject, route, Caller, Exchange};
+use crate::serve::chat::{admit_model, reject, route, Asked, Caller, Exchange};
 use crate::serve::error::{json_response, Body, GatewayError};
 use crate::serve::relay::Wire;
 use crate::serve::state::{Gateway, Runtime};
@@ -124,20 +124,16 @@ fn invalid(message: String) -> Invalid {
 
 #[async_trait]
 impl Exchange for MessagesExchange {
-    fn model(&self) -> &str {
-        &self.request.model
-    }
-
-    fn stream(&self) -> bool {
-        self.request.stream
-    }
-
-    fn prompt_chars(&self) -> usize {
-        self.request.prompt_chars
-    }
-
-    fn strip_usage(&self) -> bool {
-        false
+    fn asked(&self) -> Asked<'_> {
+        let r = &self.request;
+        let (model, stream, prompt_chars) = (&r.model, r.stream, r.prompt_chars);
+        // Anthropic streams carry usage in their own events: nothing to strip.
+        Asked {
+            model,
+            stream,
+            prompt_chars,
+            strip_usage: false,
+        }
     }
 
     fn wire(&self) -> Wire {

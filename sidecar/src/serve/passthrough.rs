@@ -18,7 +18,7 @@
 
 use crate::providers::{Provider, ProviderError, Reply, UpstreamCall};
 use crate::serve::accounting::Accounting;
-use crate::serve::chat::{admit_model, reject, route, Answer, Caller, Exchange};
+use crate::serve::chat::{admit_model, reject, route, Answer, Asked, Caller, Exchange};
 use crate::serve::error::{Body, GatewayError};
 use crate::serve::relay::Wire;
 use crate::serve::state::{Gateway, Runtime};
@@ -147,20 +147,9 @@ struct PassthroughExchange {
 
 #[async_trait]
 impl Exchange for PassthroughExchange {
-    fn model(&self) -> &str {
-        &self.request.model
-    }
-
-    fn stream(&self) -> bool {
-        self.request.stream
-    }
-
-    fn prompt_chars(&self) -> usize {
-        self.request.prompt_chars
-    }
-
-    fn strip_usage(&self) -> bool {
-        self.request.stream && !self.request.include_usage
+    fn asked(&self) -> Asked<'_> {
+        let r = &self.request;
+        Asked::openai(&r.model, r.stream, r.prompt_chars, r.include_usage)
     }
 
     fn output_cap(&self, _route: &RouteConfig) -> u64 {
@@ -211,10 +200,11 @@ impl Exchange for PassthroughExchange {
             }
         }
         Ok(UpstreamCall {
-            body: Bytes::from(
-                self.request
-                    .upstream_body(&self.body, route, self.strip_usage()),
-            ),
+            body: Bytes::from(self.request.upstream_body(
+                &self.body,
+                route,
+                self.asked().strip_usage,
+            )),
             upstream_model: route.model.clone(),
             include_usage: self.request.stream,
             stream: self.request.stream,
