@@ -505,8 +505,26 @@ def lane_streams(st: Stack, res: Results, run: int) -> None:
 def lane_governed(st: Stack, res: Results, run: int) -> None:
     p = res.profile
     for t in ("gateway", "gateway-bare"):
-        res.add("governed-max", t, wrk(st.urls[t], p.wrk_secs, p.wrk_conns, st.auth(t), True))
-        res.add("governed-1000", t, loadgen("rate", st.urls[t], 1000, p.rate_secs, st.auth(t))[0])
+        r = wrk(st.urls[t], p.wrk_secs, p.wrk_conns, st.auth(t), True)
+        res.add("governed-max", t, r)
+        note_failures(st, res, run, f"governed lane, {t}, max req/s", t, r.get("non2xx", 0))
+        r = loadgen("rate", st.urls[t], 1000, p.rate_secs, st.auth(t))[0]
+        res.add("governed-1000", t, r)
+        note_failures(st, res, run, f"governed lane, {t}, 1000 req/s", t, r.get("errors", 0))
+
+
+def note_failures(st: Stack, res: Results, run: int, lane: str, t: str, failed: float) -> None:
+    """A lane whose answers failed says what one request right after it gets, so
+    the report tells an exhausted limit from a broken target (wrk and loadgen
+    count failures without their statuses)."""
+    if not failed:
+        return
+    auth = next((h.split(":", 1)[1] for h in st.auth(t) if h.lower().startswith("authorization:")), None)
+    try:
+        after = str(status_of(st.urls[t], auth))
+    except OSError as e:
+        after = f"no answer ({e})"
+    res.notes.append(f"run {run + 1}: {lane}: {int(failed)} failed answers; one request right after got {after}")
 
 
 def status_of(url: str, auth: str | None) -> int:

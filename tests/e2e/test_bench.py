@@ -48,3 +48,44 @@ def test_quick_bench_writes_every_lane_and_the_plots(tmp_path):
         png = tmp_path / f"smoke-{plot}.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", plot
         assert f"]({png.name})" in md
+
+
+def test_a_lane_with_failed_answers_records_what_a_request_after_it_gets():
+    """Run 1 of 2026-12-01 had a governed lane whose every answer failed, and the report
+    could not say why: now a failing lane notes the status one request right after gets."""
+    import http.server
+    import importlib.util
+    import sys
+    import threading
+    from types import SimpleNamespace
+
+    spec = importlib.util.spec_from_file_location("bench_run", REPO / "bench/run.py")
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules["bench_run"] = bench  # its dataclasses look themselves up there
+    spec.loader.exec_module(bench)
+
+    class Unavailable(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):
+            self.rfile.read(int(self.headers["content-length"]))
+            seen.append(self.headers.get("authorization"))
+            self.send_response(503)
+            self.send_header("content-length", "0")
+            self.end_headers()
+
+        def log_message(self, *a):
+            pass
+
+    seen: list = []
+    server = http.server.HTTPServer(("127.0.0.1", 0), Unavailable)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_port}/v1/chat/completions"
+        st = SimpleNamespace(urls={"gateway": url}, auth=lambda t: ["Authorization:Bearer afr_x"])
+        res = SimpleNamespace(notes=[])
+        bench.note_failures(st, res, 0, "governed lane, gateway, max req/s", "gateway", 0)
+        assert res.notes == [], "nothing failed, nothing noted"
+        bench.note_failures(st, res, 0, "governed lane, gateway, max req/s", "gateway", 323861)
+        assert res.notes == ["run 1: governed lane, gateway, max req/s: 323861 failed answers; one request right after got 503"]
+        assert seen == ["Bearer afr_x"]
+    finally:
+        server.shutdown()
