@@ -10,7 +10,10 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 fn one_model_with_usage(usage_extra: &str) -> (Mock, Sidecar) {
-    let mock = Mock::start(&[]);
+    // Past its log capacity (10 000 by default) the mock keeps only the
+    // newest requests, and a quiet machine answers more than that before the
+    // SIGKILL test's kill: "served" must count every request.
+    let mock = Mock::start(&["--log-capacity", "1000000"]);
     let body = format!(
         "{}{}",
         openai_provider("mock", &mock.base(), ""),
