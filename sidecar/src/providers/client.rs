@@ -235,20 +235,34 @@ pub(crate) fn send_error(e: SendError) -> ProviderError {
         SendError::Build(why) => ProviderError::Connect(why),
         SendError::Client(e) => {
             let mut timed_out = false;
+            let mut local = false;
             let mut source = std::error::Error::source(&e);
             while let Some(cause) = source {
                 if let Some(io) = cause.downcast_ref::<std::io::Error>() {
                     timed_out |= io.kind() == std::io::ErrorKind::TimedOut;
+                    local |= is_local_exhaustion(io);
                 }
                 source = cause.source();
             }
-            if timed_out && e.is_connect() {
+            if local && e.is_connect() {
+                ProviderError::Local(error_chain(&e))
+            } else if timed_out && e.is_connect() {
                 ProviderError::Timeout("connect")
             } else {
                 ProviderError::Connect(error_chain(&e))
             }
         }
     }
+}
+
+/// Whether a connect failed for want of the gateway's own resources: no
+/// descriptor for the socket (`EMFILE`, `ENFILE`), no kernel memory or
+/// buffers, or no free ephemeral port (`EADDRNOTAVAIL`).
+fn is_local_exhaustion(io: &std::io::Error) -> bool {
+    matches!(
+        io.raw_os_error(),
+        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM | libc::EADDRNOTAVAIL)
+    )
 }
 
 /// An error and its causes, `: `-separated (hyper's own messages are terse:

@@ -70,6 +70,12 @@ pub enum ProviderError {
     /// The provider's answer could not be read (bad JSON, malformed stream).
     #[error("protocol: {0}")]
     Protocol(String),
+    /// The gateway itself could not open a connection: it is out of file
+    /// descriptors, ephemeral ports or kernel buffers. Not the provider's
+    /// fault, so it must not count against its breaker, and every other route
+    /// would fail the same way.
+    #[error("out of local resources: {0}")]
+    Local(String),
 }
 
 impl ProviderError {
@@ -83,6 +89,8 @@ impl ProviderError {
                 // replayed to another host), so one means a misconfigured base_url.
                 matches!(*status, 300..=399 | 401 | 403 | 408 | 429 | 500..=599)
             }
+            // Every route would meet the same exhausted limit.
+            ProviderError::Local(_) => false,
             _ => true,
         }
     }
@@ -112,6 +120,7 @@ impl ProviderError {
             } => Outcome::Throttled {
                 retry_after: *retry_after,
             },
+            ProviderError::Local(_) => Outcome::Neutral,
             _ => Outcome::Failure,
         }
     }

@@ -356,6 +356,17 @@ pub async fn route(
             };
         let reply = match outcome {
             Ok(reply) => reply,
+            Err(ProviderError::Local(why)) => {
+                // The gateway's own limit (open files, ports), not the
+                // provider's health: no breaker verdict, and no other route,
+                // which would only fail the same way.
+                ticket.settle(Outcome::Neutral);
+                tracing::error!(request_id = %caller.request_id, provider = %route.provider, error = %why, "cannot connect to the provider: the sidecar is out of local resources (raise its open-file limit, e.g. LimitNOFILE)");
+                gateway.metrics.local_exhausted();
+                let error = GatewayError::Overloaded(why);
+                usage.finish(error.status().as_u16());
+                return error.respond(caller.shape, &caller.request_id);
+            }
             Err(error) if error.is_retryable() => {
                 tracing::warn!(request_id = %caller.request_id, provider = %route.provider, error = %error, "provider failed; trying the next route");
                 plan.failed(error.route_failure());

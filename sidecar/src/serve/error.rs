@@ -77,6 +77,11 @@ pub enum GatewayError {
         /// Its value.
         timeout: Duration,
     },
+    /// The gateway could not open a connection to the provider: it is out of
+    /// its own resources (file descriptors, ports). Transient and not the
+    /// provider's fault: 503 with a short `Retry-After`, which the SDKs honour.
+    #[error("the gateway is out of local resources: {0}")]
+    Overloaded(String),
     /// Every route's breaker is open.
     #[error("all providers for {model} are unavailable (circuit open)")]
     AllOpen {
@@ -139,7 +144,9 @@ impl GatewayError {
             GatewayError::AllFailed { .. }
             | GatewayError::NoProvider { .. }
             | GatewayError::Usage(_) => StatusCode::INTERNAL_SERVER_ERROR,
-            GatewayError::AllOpen { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            GatewayError::AllOpen { .. } | GatewayError::Overloaded(_) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
         }
     }
 
@@ -189,6 +196,11 @@ impl GatewayError {
                 "server_error",
                 Some("providers_unavailable"),
                 format!("Every provider for the model '{model}' is temporarily unavailable; please retry later."),
+            ),
+            GatewayError::Overloaded(_) => ErrorBody::new(
+                "server_error",
+                Some("gateway_overloaded"),
+                "The gateway is momentarily out of capacity to reach a provider; please retry shortly.",
             ),
             GatewayError::RateLimited { model, .. } => ErrorBody::new(
                 "rate_limit_error",
@@ -263,6 +275,9 @@ impl GatewayError {
                     http::header::RETRY_AFTER,
                     HeaderValue::from(retry_after_secs),
                 );
+            }
+            GatewayError::Overloaded(_) => {
+                headers.insert(http::header::RETRY_AFTER, HeaderValue::from(1));
             }
             GatewayError::RateLimited {
                 retry_after: Some(wait),

@@ -70,6 +70,7 @@ pub struct Metrics {
     failovers: Family<FailoverLabels, Counter>,
     spend: Family<SpendLabels, Counter<f64, AtomicU64>>,
     fleet_requests: Family<FleetLabels, Counter>,
+    local_exhausted: Counter,
 }
 
 fn latency_histogram() -> Histogram {
@@ -133,7 +134,14 @@ impl Metrics {
             "Requests nginx forwarded under afr_fleet, by where their rpm was decided: global (Redis) or local (the node's share while Redis is unreachable)",
             fleet_requests.clone(),
         );
+        let local_exhausted = Counter::default();
+        registry.register(
+            "local_exhausted",
+            "Requests answered 503 because the sidecar could not open a connection to a provider for want of its own descriptors or ports (not counted against the provider's breaker)",
+            local_exhausted.clone(),
+        );
         Metrics {
+            local_exhausted,
             fleet_requests,
             spend,
             registry,
@@ -207,6 +215,11 @@ impl Metrics {
                 provider: provider.to_owned(),
             })
             .set(state.as_gauge());
+    }
+
+    /// Counts one request refused for the sidecar's own exhausted resources.
+    pub fn local_exhausted(&self) {
+        self.local_exhausted.inc();
     }
 
     /// Counts one failover away from `from`.
