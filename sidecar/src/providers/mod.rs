@@ -299,20 +299,19 @@ pub fn build(
 pub(crate) fn body_usage(body: &[u8]) -> Result<Option<TokenUsage>, ProviderError> {
     /// The usage is read leniently (a usage shape we do not know only loses
     /// the counts), the body strictly: it must be one JSON object. One pass
-    /// does both: the other members are skipped (and so checked) by serde.
+    /// checks the body and borrows the usage's bytes (the other members are
+    /// skipped, and so checked, by serde); the usage is then read from those
+    /// bytes straight into `TokenUsage`, never through a `Value` tree (which
+    /// cost a fifth of a non-streamed request's instructions).
     #[derive(serde::Deserialize)]
-    struct WithUsage {
-        #[serde(default, deserialize_with = "lenient_usage")]
-        usage: Option<TokenUsage>,
-    }
-    fn lenient_usage<'de, D: serde::Deserializer<'de>>(
-        d: D,
-    ) -> Result<Option<TokenUsage>, D::Error> {
-        let value = <Value as serde::Deserialize>::deserialize(d)?;
-        Ok(serde_json::from_value(value).ok())
+    struct WithUsage<'a> {
+        #[serde(default, borrow)]
+        usage: Option<&'a serde_json::value::RawValue>,
     }
     match serde_json::from_slice::<WithUsage>(body) {
-        Ok(with) => Ok(with.usage),
+        Ok(with) => Ok(with
+            .usage
+            .and_then(|raw| serde_json::from_str::<TokenUsage>(raw.get()).ok())),
         Err(e) => Err(not_an_object(&e.to_string())),
     }
 }
