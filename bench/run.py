@@ -164,6 +164,7 @@ class Stack:
         self.sidecar_threads = sidecar_threads
         self.urls: dict[str, str] = {}
         self.groups: dict[str, dict[str, int]] = {}  # target -> {process name: root pid}
+        self.admin: dict[str, str] = {}  # target -> its sidecar's /metrics URL
 
     def spawn(self, name: str, cmd: list[str], env: dict | None = None) -> subprocess.Popen:
         logf = open(self.home / "logs" / f"{name}.log", "ab")
@@ -248,9 +249,12 @@ http {{
         for name, record in (("sidecar", True), ("sidecar-bare", False)):
             sh = h / name
             sh.mkdir(exist_ok=True)
+            admin_port = free_port()
+            target = "gateway" if record else "gateway-bare"
+            self.admin[target] = f"http://127.0.0.1:{admin_port}/metrics"
             subprocess.run([sys.executable, str(REPO / "scripts/sidecar-config.py"), "--shipped",
                             str(REPO / "conf/sidecar.toml"), "--home", str(sh), "--secret", secret,
-                            "--admin-port", str(free_port()), "--mock-port", str(self.mock_port)],
+                            "--admin-port", str(admin_port), "--mock-port", str(self.mock_port)],
                            check=True, capture_output=True, env={k: v for k, v in os.environ.items()
                                                                  if not k.endswith("_API_KEY")})
             if not record:
@@ -482,6 +486,7 @@ def lane_streams(st: Stack, res: Results, run: int) -> None:
                 if t == "litellm" and count > 1000:
                     continue  # 10 000 Python streams on 2 cores only time out; stated in the report
                 idle = st.rss(t)
+                before = sidecar_state(st, t).get("local_exhausted", 0) if t in st.admin else 0
                 p = subprocess.Popen([str(LOADGEN), "streams", st.urls[t], str(count), str(hold),
                                       *st.auth(t)], stdout=subprocess.PIPE, text=True)
                 peak: dict[str, float] = {}
@@ -496,6 +501,14 @@ def lane_streams(st: Stack, res: Results, run: int) -> None:
                 r = parse_line(next(l for l in out.splitlines() if "n=" in l))
                 r["rss_idle"] = idle
                 r["rss_peak"] = peak
+                if t in st.admin:
+                    # Why streams failed, where the sidecar knows: a connect it could
+                    # not make for want of descriptors is answered 503 and counted.
+                    exhausted = sidecar_state(st, t).get("local_exhausted", 0) - before
+                    r["sidecar_out_of_descriptors"] = exhausted
+                    if exhausted:
+                        res.notes.append(f"run {run + 1}: {count} streams, {t}: {exhausted:.0f} answered 503 "
+                                         "gateway_overloaded (the sidecar was out of file descriptors)")
                 res.add("streams", f"{t}@{count}", r)
                 time.sleep(1)  # let the closed connections go
     finally:
@@ -524,7 +537,37 @@ def note_failures(st: Stack, res: Results, run: int, lane: str, t: str, failed: 
         after = str(status_of(st.urls[t], auth))
     except OSError as e:
         after = f"no answer ({e})"
-    res.notes.append(f"run {run + 1}: {lane}: {int(failed)} failed answers; one request right after got {after}")
+    state = sidecar_state(st, t)
+    why = ""
+    if state.get("open_breakers"):
+        why += f"; the sidecar's breaker open for {', '.join(state['open_breakers'])}"
+    if state.get("local_exhausted"):
+        why += f"; the sidecar has answered {state['local_exhausted']:.0f} requests 503 for want of descriptors"
+    res.notes.append(f"run {run + 1}: {lane}: {int(failed)} failed answers; one request right after got {after}{why}")
+
+
+def sidecar_state(st, t: str) -> dict:
+    """What the target's sidecar says of itself in /metrics: providers whose breaker
+    is open, and requests it refused for want of its own descriptors (so a failed lane
+    tells the gateway's limits from the provider's)."""
+    import urllib.request
+    url = getattr(st, "admin", {}).get(t)
+    if not url:
+        return {}
+    try:
+        with urllib.request.urlopen(url, timeout=5) as r:
+            text = r.read().decode()
+    except OSError:
+        return {}
+    state: dict = {"open_breakers": []}
+    for line in text.splitlines():
+        m = re.match(r'afr_breaker_state\{provider="([^"]+)"\} (\d+)', line)
+        if m and m.group(2) == "2":
+            state["open_breakers"].append(m.group(1))
+        m = re.match(r"afr_local_exhausted_total (\d+(?:\.\d+)?)", line)
+        if m:
+            state["local_exhausted"] = float(m.group(1))
+    return state
 
 
 def status_of(url: str, auth: str | None) -> int:

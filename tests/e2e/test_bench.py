@@ -72,6 +72,14 @@ def test_a_lane_with_failed_answers_records_what_a_request_after_it_gets():
             self.send_header("content-length", "0")
             self.end_headers()
 
+        def do_GET(self):  # the sidecar's /metrics
+            body = (b'afr_breaker_state{provider="mock"} 2\nafr_breaker_state{provider="other"} 0\n'
+                    b"afr_local_exhausted_total 7\n# EOF\n")
+            self.send_response(200)
+            self.send_header("content-length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
         def log_message(self, *a):
             pass
 
@@ -80,12 +88,17 @@ def test_a_lane_with_failed_answers_records_what_a_request_after_it_gets():
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         url = f"http://127.0.0.1:{server.server_port}/v1/chat/completions"
-        st = SimpleNamespace(urls={"gateway": url}, auth=lambda t: ["Authorization:Bearer afr_x"])
+        st = SimpleNamespace(urls={"gateway": url}, auth=lambda t: ["Authorization:Bearer afr_x"],
+                             admin={"gateway": f"http://127.0.0.1:{server.server_port}/metrics"})
         res = SimpleNamespace(notes=[])
         bench.note_failures(st, res, 0, "governed lane, gateway, max req/s", "gateway", 0)
         assert res.notes == [], "nothing failed, nothing noted"
         bench.note_failures(st, res, 0, "governed lane, gateway, max req/s", "gateway", 323861)
-        assert res.notes == ["run 1: governed lane, gateway, max req/s: 323861 failed answers; one request right after got 503"]
+        # ...and what the gateway's sidecar says of itself: the breaker the 10 000-stream
+        # lane's descriptor exhaustion used to open, and the refusals counted since.
+        assert res.notes == ["run 1: governed lane, gateway, max req/s: 323861 failed answers; one request right "
+                             "after got 503; the sidecar's breaker open for mock; the sidecar has answered 7 "
+                             "requests 503 for want of descriptors"]
         assert seen == ["Bearer afr_x"]
     finally:
         server.shutdown()
