@@ -28,14 +28,14 @@ _ids = itertools.count()
 
 
 class Fleet:
-    def __init__(self, home, port, env, out):
-        self.home, self.port, self.env, self.out = home, port, env, out
+    def __init__(self, home, ports, env, out):
+        self.home, self.ports, self.env, self.out = home, ports, env, out
         self.demo_key = KEY_RE.search(out).group(0)
         self.pg_url = re.search(r"postgres://\S+/afr_usage", out).group(0)
         self.nodes = [home / "node1", home / "node2"]
 
     def base(self, i: int) -> str:
-        return f"http://127.0.0.1:{self.port + i % 2}"
+        return f"http://127.0.0.1:{self.ports[i % 2]}"
 
     def client(self, i: int, key: str, **kw) -> openai.OpenAI:
         return openai.OpenAI(base_url=self.base(i) + "/v1", api_key=key, max_retries=0, **kw)
@@ -137,13 +137,17 @@ def away_from_a_window_edge() -> None:
 @pytest.fixture(scope="module")
 def fleet():
     home = runtime_dir("fleet")
-    port = free_port()
+    # Two ports found free: node 2's default, AFR_PORT+1, was once another test's
+    # ephemeral port under pytest -n 3 and the whole module errored.
+    ports = [free_port(), free_port()]
+    while ports[1] == ports[0]:
+        ports[1] = free_port()
     env = {k: v for k, v in os.environ.items() if k not in ("OPENAI_API_KEY", "ANTHROPIC_API_KEY")}
-    env.update(AFR_FLEET_HOME=str(home), AFR_PORT=str(port))
+    env.update(AFR_FLEET_HOME=str(home), AFR_PORT=str(ports[0]), AFR_PORT2=str(ports[1]))
     try:
         out = subprocess.run([str(REPO / "scripts/run"), "--fleet"], env=env, capture_output=True, text=True, timeout=900)
         assert out.returncode == 0, out.stdout + out.stderr
-        yield Fleet(home, port, env, out.stdout)
+        yield Fleet(home, ports, env, out.stdout)
     finally:
         subprocess.run([str(REPO / "scripts/run"), "--fleet", "--stop"], env=env, capture_output=True, timeout=120)
         shutil.rmtree(home, ignore_errors=True)
