@@ -662,7 +662,9 @@ def machine(load_before: str, threads: int | None, with_litellm: bool) -> list[s
         pass
     mem = next((l.split(":", 1)[1].strip() for l in open("/proc/meminfo") if l.startswith("MemTotal")), "?")
     commit = sh("git", "-C", str(REPO), "rev-parse", "--short", "HEAD")
-    dirty = " (+ uncommitted changes)" if sh("git", "-C", str(REPO), "status", "--porcelain") not in ("", "unknown") else ""
+    # The run's own plots are written before this report: not a change to the code measured.
+    status = sh("git", "-C", str(REPO), "status", "--porcelain", "--", ".", ":(exclude)bench/results")
+    dirty = " (+ uncommitted changes)" if status not in ("", "unknown") else ""
     return [
         f"- machine: {os.cpu_count()} cores, {cpu}, {mem} RAM; kernel {platform.release()}",
         f"- load average when the run started: {load_before}; at the end: {loadavg()}",
