@@ -153,6 +153,28 @@ def rss_mib(pids: list[int]) -> float:
     return total / 1024
 
 
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_secs(pids: list[int]) -> float:
+    """User + system CPU seconds the processes have used so far (all their threads)."""
+    total = 0
+    for p in pids:
+        try:
+            with open(f"/proc/{p}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])  # utime, stime (stat fields 14, 15)
+        except (OSError, IndexError, ValueError):
+            pass
+    return total / CLK_TCK
+
+
+def children_cpu() -> float:
+    """CPU seconds of the load generators this script has run and waited for."""
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime + ru.ru_stime
+
+
 class Stack:
     """Every process of the run; stopped (by pid) on exit."""
 
@@ -357,6 +379,25 @@ litellm_settings:
     def rss(self, target: str) -> dict[str, float]:
         return {name: rss_mib(tree(pid)) for name, pid in self.groups.get(target, {}).items()}
 
+    def cpu(self, target: str) -> dict[str, float]:
+        """CPU seconds so far of the target's processes and of the mock behind it."""
+        procs = dict(self.groups.get(target, {}))
+        procs.setdefault("mock", self.groups["direct"]["mock"])
+        return {name: cpu_secs(tree(pid)) for name, pid in procs.items()}
+
+    def measured(self, target: str, load):
+        """Runs `load()` (one wrk or loadgen call on `target`) and adds to its result the
+        CPU each process spent per request, in µs (`cpu_us`): where the time goes."""
+        before, gen = self.cpu(target), children_cpu()
+        r = load()
+        after, gen = self.cpu(target), children_cpu() - gen
+        n = r.get("total") or r.get("n") or 0
+        if n:
+            spent = {k: after[k] - before.get(k, 0.0) for k in after}
+            spent["load generator"] = gen
+            r["cpu_us"] = {k: v * 1e6 / n for k, v in spent.items()}
+        return r
+
     def stop(self) -> None:
         for name, pidfile in reversed(self.nginx_pids):
             try:
@@ -379,14 +420,15 @@ litellm_settings:
 # --- load tools ------------------------------------------------------------------------
 
 LINE = re.compile(r"n=(\d+) errors=(\d+) p50=([\w.]+)ms p90=([\w.]+)ms p99=([\w.]+)ms "
-                  r"p99\.9=([\w.]+)ms max=([\w.]+)ms(?: achieved=(\d+)/s)?(?: sustained=(\d+))?")
+                  r"p99\.9=([\w.]+)ms max=([\w.]+)ms(?: achieved=(\d+)/s)?(?: late_p99=([\w.]+)ms)?"
+                  r"(?: sustained=(\d+))?")
 
 
 def parse_line(line: str) -> dict:
     m = LINE.search(line)
     if not m:
         raise RuntimeError(f"loadgen printed no result: {line!r}")
-    keys = ["n", "errors", "p50", "p90", "p99", "p999", "max", "achieved", "sustained"]
+    keys = ["n", "errors", "p50", "p90", "p99", "p999", "max", "achieved", "late_p99", "sustained"]
     out = {}
     for k, v in zip(keys, m.groups()):
         if v is not None:
@@ -441,14 +483,16 @@ class Results:
 def lane_c1(st: Stack, res: Results, run: int, out: Path) -> None:
     for t in res.targets:
         path = out / f"c1-{t}.samples"
-        r = loadgen("closed", st.urls[t], 1, res.profile.c1_secs, st.auth(t), samples=path)[0]
+        r = st.measured(t, lambda: loadgen("closed", st.urls[t], 1, res.profile.c1_secs, st.auth(t),
+                                           samples=path)[0])
         res.add("c1", t, r)
         res.samples[t] = str(path)
 
 
 def lane_max(st: Stack, res: Results, run: int) -> None:
     for t in res.targets:
-        res.add("max", t, wrk(st.urls[t], res.profile.wrk_secs, res.profile.wrk_conns, st.auth(t), True))
+        res.add("max", t, st.measured(t, lambda: wrk(st.urls[t], res.profile.wrk_secs, res.profile.wrk_conns,
+                                                     st.auth(t), True)))
 
 
 def lane_sweep(st: Stack, res: Results, run: int) -> None:
@@ -468,8 +512,13 @@ def lane_ttft(st: Stack, res: Results, run: int) -> None:
     post_json(f"{st.mock}/_mock/config", {"chunks": 10, "chunk_interval_ms": 2})
     try:
         for t in res.targets:
-            lines = loadgen("ttft", st.urls[t], res.profile.ttft_rate, res.profile.ttft_secs, st.auth(t))
-            res.add("ttft", t, lines[0])
+            lines: list[dict] = []
+
+            def load() -> dict:
+                lines.extend(loadgen("ttft", st.urls[t], res.profile.ttft_rate, res.profile.ttft_secs,
+                                     st.auth(t)))
+                return lines[0]
+            res.add("ttft", t, st.measured(t, load))
             if len(lines) > 1:
                 res.add("chunk", t, lines[1])
     finally:
@@ -518,7 +567,7 @@ def lane_streams(st: Stack, res: Results, run: int) -> None:
 def lane_governed(st: Stack, res: Results, run: int) -> None:
     p = res.profile
     for t in ("gateway", "gateway-bare"):
-        r = wrk(st.urls[t], p.wrk_secs, p.wrk_conns, st.auth(t), True)
+        r = st.measured(t, lambda: wrk(st.urls[t], p.wrk_secs, p.wrk_conns, st.auth(t), True))
         res.add("governed-max", t, r)
         note_failures(st, res, run, f"governed lane, {t}, max req/s", t, r.get("non2xx", 0))
         r = loadgen("rate", st.urls[t], 1000, p.rate_secs, st.auth(t))[0]
@@ -587,13 +636,15 @@ def status_of(url: str, auth: str | None) -> int:
 
 def lane_reject(st: Stack, res: Results, run: int) -> None:
     p = res.profile
-    lanes = [("nginx return 401", st.urls["static401"], None, False),
-             ("gateway 401 (unknown key)", st.urls["gateway"], "Bearer afr_unknownunknownunknownunknownunknown1", True),
-             ("gateway 429 (rpm exhausted)", st.urls["gateway"], f"Bearer {st.limited_key}", True)]
-    for name, url, auth, chat in lanes:
+    lanes = [("nginx return 401", "nginx", st.urls["static401"], None, False),
+             ("gateway 401 (unknown key)", "gateway", st.urls["gateway"],
+              "Bearer afr_unknownunknownunknownunknownunknown1", True),
+             ("gateway 429 (rpm exhausted)", "gateway", st.urls["gateway"], f"Bearer {st.limited_key}", True)]
+    for name, t, url, auth, chat in lanes:
         status_of(url, auth)  # the limited key's one request a minute is spent here
         seen = status_of(url, auth)
-        r = wrk(url, p.wrk_secs, p.wrk_conns, [f"Authorization:{auth}"] if auth else [], chat)
+        r = st.measured(t, lambda: wrk(url, p.wrk_secs, p.wrk_conns, [f"Authorization:{auth}"] if auth else [],
+                                       chat))
         r["status"] = seen
         res.add("reject", name, r)
 
@@ -693,6 +744,38 @@ def loadavg() -> str:
         return "?"
 
 
+def cpu_tables(d: dict, T: list[str]) -> list[str]:
+    """Where the time goes: the CPU each process spent per request in the lanes that record it."""
+    L = ["", "## Where the CPU goes: µs per request, by process", "",
+         "User + system CPU each process used during the lane (read from /proc, all its threads), divided by "
+         "the requests the lane completed; `load generator` is wrk's or loadgen's own. On these 2 cores a "
+         "saturated target makes at most about 2 000 000 µs / (the row's sum) req/s, since the mock and the "
+         "load generator share the cores with it.", ""]
+    lanes = (("c1", "Concurrency 1 (loadgen closed loop)", T),
+             ("max", "Max req/s (wrk)", T),
+             ("ttft", "Streams at a fixed rate, per stream (ten content deltas each)", T),
+             ("governed-max", "Governed lane, max req/s", ["gateway", "gateway-bare"]),
+             ("reject", "Rejections, max req/s", list(d.get("reject", {}))))
+    for lane, title, keys in lanes:
+        rows = d.get(lane, {})
+        procs: list[str] = []
+        for k in keys:
+            for r in rows.get(k, []):
+                procs += [n for n in r.get("cpu_us", {}) if n not in procs]
+        if not procs:
+            continue
+        procs.sort(key=lambda n: n in ("mock", "load generator"))  # the target's own first
+        L += [f"**{title}**", "", "| target | " + " | ".join(procs) + " | sum |",
+              "|---" * (len(procs) + 2) + "|"]
+        for k in keys:
+            cs = [r["cpu_us"] for r in rows.get(k, []) if "cpu_us" in r]
+            if cs:
+                cells = [spread([c.get(n, float("nan")) for c in cs], ".1f") for n in procs]
+                L.append(f"| {k} | {' | '.join(cells)} | {spread([sum(c.values()) for c in cs], '.1f')} |")
+        L.append("")
+    return L
+
+
 def report(res: Results, out: Path, md: Path, load_before: str, plots: list[str]) -> None:
     """Writes the results file (markdown) and the raw figures next to it (json)."""
     p, T = res.profile, res.targets
@@ -750,18 +833,23 @@ def report(res: Results, out: Path, md: Path, load_before: str, plots: list[str]
         L.append(f"| {t} | {spread(rs, '.0f')} | {spread(ratio, '.2f')} | {spread(bad, '.0f')} | {' | '.join(held)} |")
 
     L += ["", "## Fixed rate, open loop (latency from the scheduled send)", "",
-          "| target | rate | p50 ms | p99 ms | added p50 ms | added p99 ms | errors |", "|---|---|---|---|---|---|---|"]
+          "Sends are paced by a thread on the kernel's high-resolution timer; `sends late p99` is how late the "
+          "generator itself was (before 2026-12-01 tokio's 1 ms timer made it 0.5–1 ms late, which every figure "
+          "here included).", "",
+          "| target | rate | p50 ms | p99 ms | added p50 ms | added p99 ms | errors | sends late p99 ms |",
+          "|---|---|---|---|---|---|---|---|"]
     for rate in (200, 1000):
         base = sweep.get(f"direct@{rate}", [])
         for t in T:
             rs = sweep.get(f"{t}@{rate}", [])
             if not rs:
-                L.append(f"| {t} | {rate} | not reached (stopped lower in the sweep) | | | | |")
+                L.append(f"| {t} | {rate} | not reached (stopped lower in the sweep) | | | | | |")
                 continue
             a50 = [r["p50"] - b["p50"] for r, b in zip(rs, base)]
             a99 = [r["p99"] - b["p99"] for r, b in zip(rs, base)]
             L.append(f"| {t} | {rate} | {spread([r['p50'] for r in rs], '.3f')} | {spread([r['p99'] for r in rs], '.3f')} | "
-                     f"{spread(a50, '+.3f')} | {spread(a99, '+.3f')} | {spread([r['errors'] for r in rs], '.0f')} |")
+                     f"{spread(a50, '+.3f')} | {spread(a99, '+.3f')} | {spread([r['errors'] for r in rs], '.0f')} | "
+                     f"{spread([r.get('late_p99', float('nan')) for r in rs], '.3f')} |")
 
     L += ["", "## Streaming: time to first content token and per-chunk delay", "",
           f"{p.ttft_rate} streams/s open loop, {p.ttft_secs} s; the mock sends a role chunk, then 10 content "
@@ -824,6 +912,8 @@ def report(res: Results, out: Path, md: Path, load_before: str, plots: list[str]
         seen = sorted({str(r.get("status", "?")) for r in rs})
         L.append(f"| {k} | {', '.join(seen)} | {spread(v, '.0f')} | {spread([a / b for a, b in zip(v, base) if b], '.2f')} | "
                  f"{spread(share, '.3f')} |")
+
+    L += cpu_tables(d, T)
 
     s = d.get("soak")
     if s:

@@ -19,6 +19,7 @@ HEADINGS = [
     "## Concurrent streams sustained, with RSS",
     "## Governed lane: keys, limits and usage on vs off",
     "## Rejection throughput",
+    "## Where the CPU goes: µs per request, by process",
     "## RSS over a soak",
     "## Plots",
 ]
@@ -44,6 +45,18 @@ def test_quick_bench_writes_every_lane_and_the_plots(tmp_path):
     statuses = {k: v[0]["status"] for k, v in data["data"]["reject"].items()}
     assert statuses == {"nginx return 401": 401, "gateway 401 (unknown key)": 401,
                         "gateway 429 (rpm exhausted)": 429}, statuses
+    # The open loop's sends were paced on time (tokio's 1 ms timer made them up to 1 ms
+    # late, and every fixed-rate figure carried it): each says how late they were.
+    for key, runs in data["data"]["sweep"].items():
+        assert "late_p99" in runs[0], key
+    # Where the time goes: every process behind the gateway spent CPU on the max lane's
+    # requests, and the rejections cost the sidecar nothing (nginx answers them).
+    cpu = data["data"]["max"]["gateway"][0]["cpu_us"]
+    assert set(cpu) == {"nginx", "sidecar", "mock", "load generator"}, cpu
+    assert cpu["nginx"] > 0 and cpu["sidecar"] > 0 and cpu["mock"] > 0, cpu
+    assert data["data"]["max"]["direct"][0]["cpu_us"].keys() == {"mock", "load generator"}
+    rejected = data["data"]["reject"]["gateway 401 (unknown key)"][0]["cpu_us"]
+    assert rejected["sidecar"] < rejected["nginx"], rejected
     for plot in ("latency-cdf", "added-latency-vs-rate", "streams-rss"):
         png = tmp_path / f"smoke-{plot}.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", plot
