@@ -172,3 +172,51 @@ async fn the_allocator_returns_freed_memory_from_a_thread_of_its_own() {
         "no jemalloc background thread among {threads:?}"
     );
 }
+
+/// Without `--threads` the sidecar runs half the CPUs' worth of worker threads
+/// (at least one): it shares the host with nginx's workers, and on 2 cores a
+/// second thread cost 7-10% of the requests per second in context switches.
+#[test]
+fn the_sidecar_takes_half_the_cpus_by_default() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let body = format!(
+        "{}{}",
+        openai_provider("p", "http://127.0.0.1:9", ""),
+        model("m", &[("p", "x")])
+    );
+    let config = Sidecar::config_text(dir.path(), &body, 5, "30s");
+    std::fs::write(dir.path().join("sidecar.toml"), config).expect("config");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_afr"))
+        .arg("serve")
+        .arg("--config")
+        .arg(dir.path().join("sidecar.toml"))
+        .arg("--port-file")
+        .arg(dir.path().join("port"))
+        .env_remove("TOKIO_WORKER_THREADS")
+        .env("AFR_LOG", "info")
+        .env("NO_COLOR", "1")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(dir.path().join("log")).expect("log file"))
+        .spawn()
+        .expect("spawning afr serve");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !dir.path().join("port").exists() && Instant::now() < deadline {
+        assert!(
+            child.try_wait().expect("status").is_none(),
+            "afr serve exited"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    let log = std::fs::read_to_string(dir.path().join("log")).expect("log");
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let started = log
+        .lines()
+        .find(|l| l.contains("afr serve started"))
+        .unwrap_or_else(|| panic!("{log}"));
+    assert!(
+        started.contains(&format!("threads={}", (cpus / 2).max(1))),
+        "{cpus} CPUs: {started}"
+    );
+}
