@@ -72,9 +72,11 @@ class Profile:
     soak_rate: int
 
 
+# ttft_rate: design §8 sets added TTFT at 16 concurrent streams; a stream here lasts ~31 ms
+# (ten deltas ~3 ms apart), so 500 streams/s keeps about 16 open.
 FULL = Profile("full", runs=3, c1_secs=10, wrk_secs=10, wrk_conns=32,
                rates=[200, 500, 1000, 2000, 4000, 8000, 16000], rate_secs=5,
-               ttft_rate=100, ttft_secs=5, streams=[1000, 10000], stream_hold=10,
+               ttft_rate=500, ttft_secs=5, streams=[1000, 10000], stream_hold=10,
                soak_secs=300, soak_rate=500)
 QUICK = Profile("quick", runs=1, c1_secs=1, wrk_secs=1, wrk_conns=16,
                 rates=[200, 1000], rate_secs=1, ttft_rate=50, ttft_secs=1,
@@ -619,6 +621,50 @@ def sidecar_state(st, t: str) -> dict:
     return state
 
 
+def settle(st, res: Results, run: int, after: str, wait_secs: float = 45.0) -> None:
+    """Starts the next lane on a healthy gateway. A lane that made the mock fail (the
+    10 000 streams at once can outrun its accept queue) leaves the sidecar's breaker for
+    it open for the cooldown (30 s), and the next lane would measure only 503s (run 3 of
+    2026-12-01's third run lost its governed lane so). Waits for the breakers to close,
+    one probe request at a time, and notes it with the failures the sidecar logged."""
+    for t in list(getattr(st, "admin", {})):
+        first = sidecar_state(st, t).get("open_breakers")
+        if not first:
+            continue
+        started = time.monotonic()
+        auth = next((h.split(":", 1)[1] for h in st.auth(t) if h.lower().startswith("authorization:")), None)
+        while time.monotonic() - started < wait_secs:
+            time.sleep(1)
+            if not sidecar_state(st, t).get("open_breakers"):
+                break
+            try:
+                status_of(st.urls[t], auth)  # past the cooldown, this is the probe
+            except OSError:
+                pass
+        why = failure_reasons(st.home / "logs" / f"{'sidecar' if t == 'gateway' else 'sidecar-bare'}.log")
+        still = sidecar_state(st, t).get("open_breakers")
+        res.notes.append(f"run {run + 1}: after the {after} lane the {t} sidecar's breaker was open for "
+                         f"{', '.join(first)}; " + (f"still open after {wait_secs:.0f} s" if still else
+                                                    f"closed after {time.monotonic() - started:.0f} s")
+                         + (f" (the provider failures it logged: {why})" if why else ""))
+
+
+def failure_reasons(log: Path) -> str:
+    """The provider failures in a sidecar's log, most frequent first (error texts, counted)."""
+    counts: dict[str, int] = {}
+    try:
+        text = log.read_text(errors="replace")
+    except OSError:
+        return ""
+    for line in text.splitlines()[-20000:]:
+        if "trying the next route" in line or "not retried" in line:
+            m = re.search(r"error=(.*?)(?= \w+=|$)", line)
+            if m:
+                reason = re.sub(r"\d+", "N", m.group(1).strip('"'))[:120]
+                counts[reason] = counts.get(reason, 0) + 1
+    return "; ".join(f"{n}× {r}" for r, n in sorted(counts.items(), key=lambda kv: -kv[1])[:3])
+
+
 def status_of(url: str, auth: str | None) -> int:
     """The status one chat request gets (to show each rejection lane measured what it says)."""
     import urllib.error
@@ -721,7 +767,7 @@ def machine(load_before: str, threads: int | None, with_litellm: bool) -> list[s
         f"- load average when the run started: {load_before}; at the end: {loadavg()}",
         f"- nginx: {sh(NGINX, '-v').replace('nginx version: ', '')}, {NGINX_WORKERS} workers for every nginx",
         f"- gateway commit: {commit}{dirty}; sidecar threads: "
-        + (str(threads) if threads else f"tokio default (one per core = {os.cpu_count()})"),
+        + (str(threads) if threads else f"afr serve's default (half the CPUs, at least one = {max(1, (os.cpu_count() or 2) // 2)})"),
         f"- LiteLLM: {litellm_version()} ({LITELLM_WORKERS} workers, master key on, configured to the same mock)"
         if with_litellm else "- LiteLLM: left out of this run (--no-litellm)",
         f"- load generators: loadgen (sidecar/examples/loadgen.rs, reqwest, open loop) and "
@@ -1075,20 +1121,19 @@ def main() -> int:
         st.start()
         work = Path(tempfile.mkdtemp(prefix="samples-", dir=home))
         for run in range(profile.runs):
-            log(f"run {run + 1}/{profile.runs}: concurrency 1")
-            lane_c1(st, res, run, work)
-            log(f"run {run + 1}/{profile.runs}: max req/s")
-            lane_max(st, res, run)
-            log(f"run {run + 1}/{profile.runs}: open-loop rate sweep")
-            lane_sweep(st, res, run)
-            log(f"run {run + 1}/{profile.runs}: streaming TTFT")
-            lane_ttft(st, res, run)
-            log(f"run {run + 1}/{profile.runs}: concurrent streams")
-            lane_streams(st, res, run)
-            log(f"run {run + 1}/{profile.runs}: governed lane")
-            lane_governed(st, res, run)
-            log(f"run {run + 1}/{profile.runs}: rejections")
-            lane_reject(st, res, run)
+            lanes = [("concurrency 1", lambda: lane_c1(st, res, run, work)),
+                     ("max req/s", lambda: lane_max(st, res, run)),
+                     ("open-loop rate sweep", lambda: lane_sweep(st, res, run)),
+                     ("streaming TTFT", lambda: lane_ttft(st, res, run)),
+                     ("concurrent streams", lambda: lane_streams(st, res, run)),
+                     ("governed lane", lambda: lane_governed(st, res, run)),
+                     ("rejections", lambda: lane_reject(st, res, run))]
+            previous = "previous run's last"
+            for name, lane in lanes:
+                settle(st, res, run, previous)
+                log(f"run {run + 1}/{profile.runs}: {name}")
+                lane()
+                previous = name
         log(f"soak ({profile.soak_secs} s)")
         lane_soak(st, res, work)
         plots = [] if a.no_plots else plot(res, a.out, stem)

@@ -115,3 +115,66 @@ def test_a_lane_with_failed_answers_records_what_a_request_after_it_gets():
         assert seen == ["Bearer afr_x"]
     finally:
         server.shutdown()
+
+
+def test_a_lane_starts_only_once_the_breakers_a_lane_before_opened_have_closed(tmp_path):
+    """Run 3 of 2026-12-01's third run: the 10 000-stream lane made the mock fail, the
+    sidecar's breaker for it opened for 30 s, and the governed lane right after measured
+    nothing but 503s. Now the next lane waits for the breaker (probing it) and the report
+    says so, with the failures the sidecar logged."""
+    import http.server
+    import importlib.util
+    import sys
+    import threading
+    from types import SimpleNamespace
+
+    spec = importlib.util.spec_from_file_location("bench_run", REPO / "bench/run.py")
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules["bench_run"] = bench
+    spec.loader.exec_module(bench)
+
+    probes: list = []
+
+    class Gateway(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):  # a probe: the breaker closes on the second one
+            self.rfile.read(int(self.headers["content-length"]))
+            probes.append(self.headers.get("authorization"))
+            self.send_response(200 if len(probes) >= 2 else 503)
+            self.send_header("content-length", "0")
+            self.end_headers()
+
+        def do_GET(self):  # the sidecar's /metrics
+            state = 0 if len(probes) >= 2 else 2
+            body = f'afr_breaker_state{{provider="mock"}} {state}\n# EOF\n'.encode()
+            self.send_response(200)
+            self.send_header("content-length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *a):
+            pass
+
+    (tmp_path / "logs").mkdir()
+    line = ('2026-12-01T11:10:00Z  WARN afr::serve::chat: provider failed; trying the next route '
+            'request_id=req_{n} provider=mock error=cannot connect to the provider: connection timed out')
+    (tmp_path / "logs" / "sidecar.log").write_text("\n".join(line.format(n=n) for n in range(3)) + "\n")
+    server = http.server.HTTPServer(("127.0.0.1", 0), Gateway)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_port}/v1/chat/completions"
+        st = SimpleNamespace(urls={"gateway": url}, auth=lambda t: ["Authorization:Bearer afr_x"],
+                             admin={"gateway": f"http://127.0.0.1:{server.server_port}/metrics"}, home=tmp_path)
+        res = SimpleNamespace(notes=[])
+        bench.settle(st, res, 2, "concurrent streams", wait_secs=20)
+        assert probes == ["Bearer afr_x", "Bearer afr_x"]
+        assert len(res.notes) == 1, res.notes
+        note = res.notes[0]
+        assert note.startswith("run 3: after the concurrent streams lane the gateway sidecar's breaker was open "
+                               "for mock; closed after "), note
+        assert note.endswith("(the provider failures it logged: 3× cannot connect to the provider: connection "
+                             "timed out)"), note
+        # A healthy gateway: nothing waited for, nothing noted.
+        bench.settle(st, res, 2, "governed lane")
+        assert len(res.notes) == 1
+    finally:
+        server.shutdown()
