@@ -63,31 +63,33 @@ def test_quick_bench_writes_every_lane_and_the_plots(tmp_path):
         assert f"]({png.name})" in md
 
 
-def test_a_lane_with_failed_answers_records_what_a_request_after_it_gets():
-    """Run 1 of 2026-12-01 had a governed lane whose every answer failed, and the report
-    could not say why: now a failing lane notes the status one request right after gets."""
-    import http.server
+def load_bench():
+    """bench/run.py as a module (it is a script, not a package)."""
     import importlib.util
     import sys
-    import threading
-    from types import SimpleNamespace
 
     spec = importlib.util.spec_from_file_location("bench_run", REPO / "bench/run.py")
     bench = importlib.util.module_from_spec(spec)
     sys.modules["bench_run"] = bench  # its dataclasses look themselves up there
     spec.loader.exec_module(bench)
+    return bench
 
-    class Unavailable(http.server.BaseHTTPRequestHandler):
+
+def fake_gateway(answer, metrics):
+    """A stand-in for the gateway on loopback: a POST gets the status `answer(its
+    Authorization header)` returns, a GET (its sidecar's /metrics) the text `metrics()`."""
+    import http.server
+    import threading
+
+    class Handler(http.server.BaseHTTPRequestHandler):
         def do_POST(self):
             self.rfile.read(int(self.headers["content-length"]))
-            seen.append(self.headers.get("authorization"))
-            self.send_response(503)
+            self.send_response(answer(self.headers.get("authorization")))
             self.send_header("content-length", "0")
             self.end_headers()
 
-        def do_GET(self):  # the sidecar's /metrics
-            body = (b'afr_breaker_state{provider="mock"} 2\nafr_breaker_state{provider="other"} 0\n'
-                    b"afr_local_exhausted_total 7\n# EOF\n")
+        def do_GET(self):
+            body = metrics().encode()
             self.send_response(200)
             self.send_header("content-length", str(len(body)))
             self.end_headers()
@@ -96,13 +98,37 @@ def test_a_lane_with_failed_answers_records_what_a_request_after_it_gets():
         def log_message(self, *a):
             pass
 
-    seen: list = []
-    server = http.server.HTTPServer(("127.0.0.1", 0), Unavailable)
+    server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+def stack_of(server, **more):
+    from types import SimpleNamespace
+
+    base = f"http://127.0.0.1:{server.server_port}"
+    return SimpleNamespace(urls={"gateway": f"{base}/v1/chat/completions"},
+                           auth=lambda t: ["Authorization:Bearer afr_x"], admin={"gateway": f"{base}/metrics"},
+                           **more)
+
+
+def test_a_lane_with_failed_answers_records_what_a_request_after_it_gets():
+    """Run 1 of 2026-12-01 had a governed lane whose every answer failed, and the report
+    could not say why: now a failing lane notes the status one request right after gets."""
+    from types import SimpleNamespace
+
+    bench = load_bench()
+    seen: list = []
+
+    def answer(auth):
+        seen.append(auth)
+        return 503
+
+    server = fake_gateway(answer, lambda: 'afr_breaker_state{provider="mock"} 2\n'
+                                          'afr_breaker_state{provider="other"} 0\n'
+                                          "afr_local_exhausted_total 7\n# EOF\n")
     try:
-        url = f"http://127.0.0.1:{server.server_port}/v1/chat/completions"
-        st = SimpleNamespace(urls={"gateway": url}, auth=lambda t: ["Authorization:Bearer afr_x"],
-                             admin={"gateway": f"http://127.0.0.1:{server.server_port}/metrics"})
+        st = stack_of(server)
         res = SimpleNamespace(notes=[])
         bench.note_failures(st, res, 0, "governed lane, gateway, max req/s", "gateway", 0)
         assert res.notes == [], "nothing failed, nothing noted"
@@ -122,48 +148,23 @@ def test_a_lane_starts_only_once_the_breakers_a_lane_before_opened_have_closed(t
     sidecar's breaker for it opened for 30 s, and the governed lane right after measured
     nothing but 503s. Now the next lane waits for the breaker (probing it) and the report
     says so, with the failures the sidecar logged."""
-    import http.server
-    import importlib.util
-    import sys
-    import threading
     from types import SimpleNamespace
 
-    spec = importlib.util.spec_from_file_location("bench_run", REPO / "bench/run.py")
-    bench = importlib.util.module_from_spec(spec)
-    sys.modules["bench_run"] = bench
-    spec.loader.exec_module(bench)
-
+    bench = load_bench()
     probes: list = []
 
-    class Gateway(http.server.BaseHTTPRequestHandler):
-        def do_POST(self):  # a probe: the breaker closes on the second one
-            self.rfile.read(int(self.headers["content-length"]))
-            probes.append(self.headers.get("authorization"))
-            self.send_response(200 if len(probes) >= 2 else 503)
-            self.send_header("content-length", "0")
-            self.end_headers()
+    def answer(auth):  # a probe: the breaker closes on the second one
+        probes.append(auth)
+        return 200 if len(probes) >= 2 else 503
 
-        def do_GET(self):  # the sidecar's /metrics
-            state = 0 if len(probes) >= 2 else 2
-            body = f'afr_breaker_state{{provider="mock"}} {state}\n# EOF\n'.encode()
-            self.send_response(200)
-            self.send_header("content-length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *a):
-            pass
-
+    server = fake_gateway(answer, lambda: f'afr_breaker_state{{provider="mock"}} {0 if len(probes) >= 2 else 2}\n'
+                                          "# EOF\n")
     (tmp_path / "logs").mkdir()
     line = ('2026-12-01T11:10:00Z  WARN afr::serve::chat: provider failed; trying the next route '
             'request_id=req_{n} provider=mock error=cannot connect to the provider: connection timed out')
     (tmp_path / "logs" / "sidecar.log").write_text("\n".join(line.format(n=n) for n in range(3)) + "\n")
-    server = http.server.HTTPServer(("127.0.0.1", 0), Gateway)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
-        url = f"http://127.0.0.1:{server.server_port}/v1/chat/completions"
-        st = SimpleNamespace(urls={"gateway": url}, auth=lambda t: ["Authorization:Bearer afr_x"],
-                             admin={"gateway": f"http://127.0.0.1:{server.server_port}/metrics"}, home=tmp_path)
+        st = stack_of(server, home=tmp_path)
         res = SimpleNamespace(notes=[])
         bench.settle(st, res, 2, "concurrent streams", wait_secs=20)
         assert probes == ["Bearer afr_x", "Bearer afr_x"]
