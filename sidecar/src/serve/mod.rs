@@ -76,11 +76,12 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         .block_on(serve(args))
 }
 
-/// TOKIO_WORKER_THREADS if set, else half the CPUs, at least one. The sidecar shares its host with nginx, whose workers run one
-/// per CPU: on 2 cores one sidecar thread served 7–10% more requests per
-/// second than two and answered as fast at concurrency 1, since a second
-/// thread mostly added context switches against nginx, the provider's
-/// connections and the clients (README "Performance").
+/// TOKIO_WORKER_THREADS if set, else half the CPUs, at least one. The
+/// sidecar shares its host with nginx, whose workers run one per CPU: on 2
+/// cores one sidecar thread served 7–10% more requests per second than two
+/// and answered as fast at concurrency 1, since a second thread mostly added
+/// context switches against nginx, the provider's connections and the
+/// clients (README "Performance").
 fn default_threads() -> usize {
     if let Some(n) = std::env::var("TOKIO_WORKER_THREADS")
         .ok()
