@@ -125,6 +125,10 @@ impl Default for ServerConfig {
     }
 }
 
+fn default_http2_max_streams() -> u32 {
+    100
+}
+
 fn default_stream_hold() -> Duration {
     Duration::from_secs(3)
 }
@@ -368,11 +372,15 @@ pub struct ProviderConfig {
     #[serde(default)]
     pub timeouts: Timeouts,
     /// Offer HTTP/2 (negotiated by ALPN over TLS). Off by default: one HTTP/2
-    /// connection carries every request, and past the server's
-    /// concurrent-stream limit further requests wait instead of opening a
-    /// second connection; HTTP/1.1 uses a pool of keep-alive connections.
+    /// connection carries up to `http2_max_streams` requests, and requests
+    /// past that go over HTTP/1.1 keep-alive connections.
     #[serde(default)]
     pub http2: bool,
+    /// The server's concurrent-stream limit, as far as it is known (100 at
+    /// the large providers): requests past it use HTTP/1.1 instead of waiting
+    /// for a stream of the one HTTP/2 connection.
+    #[serde(default = "default_http2_max_streams")]
+    pub http2_max_streams: u32,
     /// PEM file of CA certificates trusted for this provider besides the
     /// built-in roots (a private CA in front of a self-hosted model server).
     #[serde(default)]
@@ -790,6 +798,12 @@ impl SidecarConfig {
                 errors.push(ConfigError::new(
                     format!("{path}.api_version"),
                     "required for kind = \"azure\" (e.g. \"2024-10-21\")",
+                ));
+            }
+            if p.http2_max_streams == 0 {
+                errors.push(ConfigError::new(
+                    format!("{path}.http2_max_streams"),
+                    "must be at least 1 (the server's concurrent-stream limit, e.g. 100)",
                 ));
             }
             let t = p.timeouts;

@@ -131,3 +131,72 @@ fn an_unreadable_ca_file_is_a_start_up_error_naming_the_provider() {
         assert!(stderr.contains(&ca.display().to_string()), "{stderr}");
     }
 }
+
+/// With `http2 = true`, the streams past the server's concurrent-stream limit
+/// go over HTTP/1.1. hyper keeps one HTTP/2 connection per host and never
+/// opens a second, so before this the streams past the limit waited for a
+/// free stream until `first_byte` expired, failed over and counted against
+/// the provider's breaker (150 streams against a limit of 100: 50 failed).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_streams_past_the_servers_limit_go_over_http1_instead_of_waiting() {
+    // Each stream lasts ~4 s, longer than first_byte (3 s).
+    let mock = Mock::start_tls(&[
+        "--h2-max-streams",
+        "4",
+        "--chunks",
+        "8",
+        "--chunk-interval-ms",
+        "500",
+    ]);
+    let sidecar = Sidecar::start(&format!(
+        "{}{}",
+        tls_provider("multiplexed", &mock, "http2 = true\nhttp2_max_streams = 4"),
+        model("m", &[("multiplexed", "up")])
+    ));
+    let mut streams = JoinSet::new();
+    for i in 0..7 {
+        let request = sidecar
+            .request(reqwest::Method::POST, "/v1/chat/completions")
+            .json(&json!({"model": "m", "stream": true,
+                          "messages": [{"role": "user", "content": format!("stream {i}")}]}));
+        streams.spawn(async move {
+            let response = request.send().await.expect("sidecar answers");
+            let status = response.status().as_u16();
+            (status, response.text().await.unwrap_or_default())
+        });
+    }
+    while let Some(joined) = streams.join_next().await {
+        let (status, text) = joined.expect("stream task");
+        assert_eq!(status, 200, "{text}");
+        assert!(text.ends_with("data: [DONE]\n\n"), "{text}");
+        assert!(!text.contains("\"error\""), "{text}");
+    }
+    let mut seen = versions(&mock).await;
+    seen.sort();
+    assert_eq!(
+        seen,
+        ["HTTP/1.1", "HTTP/1.1", "HTTP/1.1", "HTTP/2.0", "HTTP/2.0", "HTTP/2.0", "HTTP/2.0"]
+    );
+    // The streams are given back as they end: the next request is on HTTP/2 again.
+    let text = sidecar
+        .chat_text(json!({"model": "m", "messages": [{"role": "user", "content": "after"}]}))
+        .await;
+    assert!(text.contains("chat.completion"), "{text}");
+    assert_eq!(
+        versions(&mock).await.last().map(String::as_str),
+        Some("HTTP/2.0")
+    );
+}
+
+#[test]
+fn http2_max_streams_of_zero_is_a_start_up_error_naming_the_field() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("sidecar.toml");
+    let body = format!(
+        "[providers.p]\nkind = \"openai\"\nbase_url = \"https://localhost:9/v1\"\nhttp2 = true\nhttp2_max_streams = 0\n{}",
+        model("m", &[("p", "up")])
+    );
+    std::fs::write(&path, Sidecar::config_text(dir.path(), &body, 5, "30s")).unwrap();
+    let stderr = serve_refuses(&path);
+    assert!(stderr.contains("providers.p.http2_max_streams"), "{stderr}");
+}

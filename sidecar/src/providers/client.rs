@@ -21,16 +21,86 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::CertificateDer;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 /// A provider's answer, its body still to be read (or streamed).
-pub type Response = http::Response<hyper::body::Incoming>;
+pub type Response = http::Response<UpstreamBody>;
+
+type Pool = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
 
 /// A pooled keep-alive client for one provider.
 #[derive(Clone)]
 pub struct HttpClient {
-    inner: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
+    /// HTTP/1.1 keep-alive connections, one per request in flight.
+    inner: Pool,
+    /// With `http2 = true`: the one HTTP/2 connection hyper keeps per host,
+    /// used while it has a stream free (`http2_max_streams`).
+    multiplexed: Option<Multiplexed>,
+}
+
+/// The HTTP/2 connection and its streams in flight. hyper never opens a
+/// second connection when the server's concurrent-stream limit is reached:
+/// the 101st stream waited for a free one, past `first_byte`, and failed
+/// over (150 streams held against a provider allowing 100: 100 served, 50
+/// failed after 10 s, each counted against its breaker). Past the limit,
+/// requests go over HTTP/1.1 instead.
+#[derive(Clone)]
+struct Multiplexed {
+    pool: Pool,
+    in_flight: Arc<AtomicUsize>,
+    max_streams: usize,
+}
+
+impl Multiplexed {
+    /// A stream of the HTTP/2 connection, if one is free.
+    fn take(&self) -> Option<Stream> {
+        self.in_flight
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < self.max_streams).then_some(n + 1)
+            })
+            .ok()?;
+        Some(Stream(self.in_flight.clone()))
+    }
+}
+
+/// One stream in flight on the HTTP/2 connection, given back when dropped
+/// (the answer's body read to its end, or dropped unread).
+#[derive(Debug)]
+struct Stream(Arc<AtomicUsize>);
+
+impl Drop for Stream {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// An answer's body; over HTTP/2 it holds its stream until it is dropped.
+#[derive(Debug)]
+pub struct UpstreamBody {
+    inner: hyper::body::Incoming,
+    _stream: Option<Stream>,
+}
+
+impl hyper::body::Body for UpstreamBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, hyper::Error>>> {
+        std::pin::Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
 }
 
 impl HttpClient {
@@ -39,10 +109,8 @@ impl HttpClient {
     /// built-in (webpki) roots.
     ///
     /// HTTP/1.1 unless the provider sets `http2 = true` (design §4): over
-    /// TLS, h2 negotiated by ALPN puts every request on one connection, and
-    /// hyper never opens a second one when the server's concurrent-stream
-    /// limit (100 at most providers) is reached — further streams would queue
-    /// until `first_byte` expires and fail over.
+    /// TLS, h2 negotiated by ALPN puts up to `http2_max_streams` requests on
+    /// one connection, and the rest on HTTP/1.1 ([`Multiplexed`]).
     pub fn new(config: &ProviderConfig) -> anyhow::Result<Self> {
         let mut roots = rustls::RootCertStore {
             roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
@@ -73,21 +141,28 @@ impl HttpClient {
         tcp.enforce_http(false);
         tcp.set_nodelay(true);
         tcp.set_connect_timeout(Some(config.timeouts.connect));
-        let builder = HttpsConnectorBuilder::new()
-            .with_tls_config(tls)
-            .https_or_http()
-            .enable_http1();
-        let connector = if config.http2 {
-            builder.enable_http2().wrap_connector(tcp)
-        } else {
-            builder.wrap_connector(tcp)
+        let builder = || {
+            HttpsConnectorBuilder::new()
+                .with_tls_config(tls.clone())
+                .https_or_http()
+                .enable_http1()
         };
-        let inner = Client::builder(TokioExecutor::new())
-            .pool_timer(TokioTimer::new())
-            .pool_idle_timeout(Duration::from_secs(90))
-            .pool_max_idle_per_host(1024)
-            .build(connector);
-        Ok(HttpClient { inner })
+        let pool = |connector| {
+            Client::builder(TokioExecutor::new())
+                .pool_timer(TokioTimer::new())
+                .pool_idle_timeout(Duration::from_secs(90))
+                .pool_max_idle_per_host(1024)
+                .build(connector)
+        };
+        let multiplexed = config.http2.then(|| Multiplexed {
+            pool: pool(builder().enable_http2().wrap_connector(tcp.clone())),
+            in_flight: Arc::new(AtomicUsize::new(0)),
+            max_streams: config.http2_max_streams as usize,
+        });
+        Ok(HttpClient {
+            inner: pool(builder().wrap_connector(tcp)),
+            multiplexed,
+        })
     }
 
     /// Starts a POST to `uri`.
@@ -209,11 +284,25 @@ impl Outgoing<'_> {
         *request.method_mut() = Method::POST;
         *request.uri_mut() = uri;
         *request.headers_mut() = self.headers;
-        self.client
+        if let Some(h2) = &self.client.multiplexed {
+            if let Some(stream) = h2.take() {
+                let response = h2.pool.request(request).await.map_err(SendError::Client)?;
+                return Ok(response.map(|inner| UpstreamBody {
+                    inner,
+                    _stream: Some(stream),
+                }));
+            }
+        }
+        let response = self
+            .client
             .inner
             .request(request)
             .await
-            .map_err(SendError::Client)
+            .map_err(SendError::Client)?;
+        Ok(response.map(|inner| UpstreamBody {
+            inner,
+            _stream: None,
+        }))
     }
 }
 
