@@ -27,6 +27,28 @@ async fn versions(mock: &Mock) -> Vec<String> {
         .collect()
 }
 
+/// Opens `n` streams of `model` at once and returns each one's status and
+/// whole text once all have ended.
+async fn concurrent_streams(sidecar: &Sidecar, model: &str, n: usize) -> Vec<(u16, String)> {
+    let mut streams = JoinSet::new();
+    for i in 0..n {
+        let request = sidecar
+            .request(reqwest::Method::POST, "/v1/chat/completions")
+            .json(&json!({"model": model, "stream": true,
+                          "messages": [{"role": "user", "content": format!("stream {i}")}]}));
+        streams.spawn(async move {
+            let response = request.send().await.expect("sidecar answers");
+            let status = response.status().as_u16();
+            (status, response.text().await.unwrap_or_default())
+        });
+    }
+    let mut ended = Vec::with_capacity(n);
+    while let Some(joined) = streams.join_next().await {
+        ended.push(joined.expect("stream task"));
+    }
+    ended
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_hundred_concurrent_streams_through_one_tls_provider_all_complete() {
     // Each stream lasts ~5 s, longer than first_byte (3 s): over one h2
@@ -38,21 +60,8 @@ async fn three_hundred_concurrent_streams_through_one_tls_provider_all_complete(
         tls_provider("upstream", &mock, ""),
         model("m", &[("upstream", "up")])
     ));
-    let mut streams = JoinSet::new();
-    for i in 0..300 {
-        let request = sidecar
-            .request(reqwest::Method::POST, "/v1/chat/completions")
-            .json(&json!({"model": "m", "stream": true,
-                          "messages": [{"role": "user", "content": format!("stream {i}")}]}));
-        streams.spawn(async move {
-            let response = request.send().await.expect("sidecar answers");
-            let status = response.status().as_u16();
-            (status, response.text().await.unwrap_or_default())
-        });
-    }
     let mut failed = Vec::new();
-    while let Some(joined) = streams.join_next().await {
-        let (status, text) = joined.expect("stream task");
+    for (status, text) in concurrent_streams(&sidecar, "m", 300).await {
         let complete = status == 200
             && text.ends_with("data: [DONE]\n\n")
             && !text.contains("\"error\"")
@@ -153,20 +162,7 @@ async fn http2_streams_past_the_servers_limit_go_over_http1_instead_of_waiting()
         tls_provider("multiplexed", &mock, "http2 = true\nhttp2_max_streams = 4"),
         model("m", &[("multiplexed", "up")])
     ));
-    let mut streams = JoinSet::new();
-    for i in 0..7 {
-        let request = sidecar
-            .request(reqwest::Method::POST, "/v1/chat/completions")
-            .json(&json!({"model": "m", "stream": true,
-                          "messages": [{"role": "user", "content": format!("stream {i}")}]}));
-        streams.spawn(async move {
-            let response = request.send().await.expect("sidecar answers");
-            let status = response.status().as_u16();
-            (status, response.text().await.unwrap_or_default())
-        });
-    }
-    while let Some(joined) = streams.join_next().await {
-        let (status, text) = joined.expect("stream task");
+    for (status, text) in concurrent_streams(&sidecar, "m", 7).await {
         assert_eq!(status, 200, "{text}");
         assert!(text.ends_with("data: [DONE]\n\n"), "{text}");
         assert!(!text.contains("\"error\""), "{text}");
