@@ -1084,7 +1084,12 @@ def main() -> int:
     ap.add_argument("--runs", type=int, help="override the runs per figure")
     ap.add_argument("--sidecar-threads", type=int, help="TOKIO_WORKER_THREADS for the sidecars")
     ap.add_argument("--no-plots", action="store_true")
+    ap.add_argument("--lanes", default=",".join(LANES),
+                    help=f"comma-separated lanes to run (default all: {','.join(LANES)}); plots need all")
     a = ap.parse_args()
+    chosen = set(a.lanes.split(","))
+    if not chosen <= set(LANES):
+        ap.error(f"--lanes: unknown lane(s) {', '.join(sorted(chosen - set(LANES)))}; the lanes are {', '.join(LANES)}")
 
     profile = QUICK if a.quick else FULL
     if a.runs:
@@ -1121,22 +1126,28 @@ def main() -> int:
         st.start()
         work = Path(tempfile.mkdtemp(prefix="samples-", dir=home))
         for run in range(profile.runs):
-            lanes = [("concurrency 1", lambda: lane_c1(st, res, run, work)),
-                     ("max req/s", lambda: lane_max(st, res, run)),
-                     ("open-loop rate sweep", lambda: lane_sweep(st, res, run)),
-                     ("streaming TTFT", lambda: lane_ttft(st, res, run)),
-                     ("concurrent streams", lambda: lane_streams(st, res, run)),
-                     ("governed lane", lambda: lane_governed(st, res, run)),
-                     ("rejections", lambda: lane_reject(st, res, run))]
+            lanes = [("c1", "concurrency 1", lambda: lane_c1(st, res, run, work)),
+                     ("max", "max req/s", lambda: lane_max(st, res, run)),
+                     ("sweep", "open-loop rate sweep", lambda: lane_sweep(st, res, run)),
+                     ("ttft", "streaming TTFT", lambda: lane_ttft(st, res, run)),
+                     ("streams", "concurrent streams", lambda: lane_streams(st, res, run)),
+                     ("governed", "governed lane", lambda: lane_governed(st, res, run)),
+                     ("reject", "rejections", lambda: lane_reject(st, res, run))]
             previous = "previous run's last"
-            for name, lane in lanes:
+            for key, name, lane in lanes:
+                if key not in chosen:
+                    continue
                 settle(st, res, run, previous)
                 log(f"run {run + 1}/{profile.runs}: {name}")
                 lane()
                 previous = name
-        log(f"soak ({profile.soak_secs} s)")
-        lane_soak(st, res, work)
-        plots = [] if a.no_plots else plot(res, a.out, stem)
+        if "soak" in chosen:
+            log(f"soak ({profile.soak_secs} s)")
+            lane_soak(st, res, work)
+        else:
+            res.notes.append(f"lanes run: {', '.join(l for l in LANES if l in chosen)} (--lanes); the others' "
+                             "tables are empty")
+        plots = [] if a.no_plots or chosen != set(LANES) else plot(res, a.out, stem)
         res.notes.append(f"whole run took {time.monotonic() - started:.0f} s")
         md = a.out / f"{stem}.md"
         report(res, a.out, md, load_before, plots)

@@ -179,3 +179,11 @@ def test_a_lane_starts_only_once_the_breakers_a_lane_before_opened_have_closed(t
         assert len(res.notes) == 1
     finally:
         server.shutdown()
+
+
+def test_lanes_can_be_chosen_and_an_unknown_one_is_refused_naming_the_lanes():
+    run = subprocess.run(["python3", str(REPO / "bench/run.py"), "--lanes", "ttft,governd"],
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 2, run.stdout + run.stderr
+    assert "--lanes: unknown lane(s) governd; the lanes are c1, max, sweep, ttft, streams, governed, reject, " \
+           "soak" in run.stderr, run.stderr
