@@ -284,24 +284,18 @@ impl Outgoing<'_> {
         *request.method_mut() = Method::POST;
         *request.uri_mut() = uri;
         *request.headers_mut() = self.headers;
-        if let Some(h2) = &self.client.multiplexed {
-            if let Some(stream) = h2.take() {
-                let response = h2.pool.request(request).await.map_err(SendError::Client)?;
-                return Ok(response.map(|inner| UpstreamBody {
-                    inner,
-                    _stream: Some(stream),
-                }));
-            }
-        }
-        let response = self
-            .client
-            .inner
-            .request(request)
-            .await
-            .map_err(SendError::Client)?;
+        // A free stream of the HTTP/2 connection, else the HTTP/1.1 pool.
+        let (pool, stream) = match self.client.multiplexed.as_ref() {
+            Some(h2) => match h2.take() {
+                Some(stream) => (&h2.pool, Some(stream)),
+                None => (&self.client.inner, None),
+            },
+            None => (&self.client.inner, None),
+        };
+        let response = pool.request(request).await.map_err(SendError::Client)?;
         Ok(response.map(|inner| UpstreamBody {
             inner,
-            _stream: None,
+            _stream: stream,
         }))
     }
 }

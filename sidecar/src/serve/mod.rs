@@ -53,7 +53,7 @@ pub struct ServeArgs {
 }
 
 /// Runs the sidecar until SIGTERM/SIGINT.
-pub fn run(args: ServeArgs) -> anyhow::Result<()> {
+pub fn run(mut args: ServeArgs) -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("AFR_LOG")
@@ -66,10 +66,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     builder.enable_all();
     let threads = args.threads.unwrap_or_else(default_threads).max(1);
     builder.worker_threads(threads);
-    let args = ServeArgs {
-        threads: Some(threads),
-        ..args
-    };
+    args.threads = Some(threads); // what the start line reports
     builder
         .build()
         .context("starting the async runtime")?
