@@ -75,7 +75,7 @@ def test_a_client_gone_mid_stream_frees_its_place(gateway):
         # a probe that saw the place come back, which held the place itself a
         # moment after its answer (CI, 2026-12-01). Without the release every try
         # is refused until the deadline.
-        c = stream_past_concurrency(gw, k)
+        c = past_concurrency(gw, k, open_one=lambda: Stream(gw, k))
         assert c.status == 200
         assert busy(gw, k).status == 429
         c.close()
@@ -153,29 +153,21 @@ def test_refused_requests_hold_no_place_and_use_no_requests(gateway):
     assert r.status == 429 and "requests per minute" in r.json()["error"]["message"]
 
 
-def stream_past_concurrency(gw, key, timeout=10):
-    """The first stream opened that is not a concurrency refusal (see past_concurrency)."""
+def past_concurrency(gw, key, timeout=10, open_one=None):
+    """The next answer (by default to `busy`, else to `open_one()`, e.g. a
+    Stream) that is not a concurrency refusal. A place is given back when
+    nginx frees the request, a moment after the client has read its answer
+    (the worker may be preempted in between on a busy machine, and the next
+    request may reach another worker first); those refusals count against no
+    limit, so waiting them out changes nothing else."""
+    open_one = open_one or (lambda: busy(gw, key))
     deadline = time.monotonic() + timeout
     while True:
-        s = Stream(gw, key)
-        if s.status != 429 or b"Concurrency" not in s.body:
-            return s
-        s.close()
-        assert time.monotonic() < deadline, "the place in flight was never given back"
-        time.sleep(0.01)
-
-
-def past_concurrency(gw, key, timeout=10):
-    """The next answer that is not a concurrency refusal. A place is given
-    back when nginx frees the request, a moment after the client has read its
-    answer (the worker may be preempted in between on a busy machine, and the
-    next request may reach another worker first); those refusals count against
-    no limit, so waiting them out changes nothing else."""
-    deadline = time.monotonic() + timeout
-    while True:
-        r = busy(gw, key)
-        if r.status != 429 or "Concurrency" not in r.json()["error"]["message"]:
+        r = open_one()
+        if r.status != 429 or b"Concurrency" not in r.body:
             return r
+        if isinstance(r, Stream):
+            r.close()
         assert time.monotonic() < deadline, "the place in flight was never given back"
         time.sleep(0.01)
 
