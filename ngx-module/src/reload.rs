@@ -117,6 +117,7 @@ thread_local! {
 
 /// Makes `table` this worker's key table, with an empty cache (start-up).
 pub fn install(table: Arc<KeyTable>) {
+    fix_allocator_thresholds();
     KEYS.with(|k| *k.borrow_mut() = Some(WorkerKeys::new(table)));
 }
 
@@ -177,6 +178,24 @@ fn release_freed_memory() {
     #[cfg(target_env = "gnu")]
     unsafe {
         libc::malloc_trim(0);
+    }
+}
+
+/// Fixes glibc's trim and mmap thresholds at their defaults (128 KiB) in a
+/// worker. Left dynamic, glibc raises both after the first large free (up to
+/// 32/64 MiB), and `malloc_trim` never trims the top of a non-main arena —
+/// the parser thread's. A replaced table freed into that top then stayed
+/// resident: measured with 30 000 keys (a table ~12 MB), in 2 of 3 series of
+/// ten hot reloads a worker stayed 1.3 tables over its base. Fixed, a large
+/// block is mapped and unmapped on its own and a top past 128 KiB is trimmed
+/// when freed; nginx's own allocations (pools of a few KiB) are unaffected.
+fn fix_allocator_thresholds() {
+    // SAFETY: mallopt only sets allocator parameters; it is called on the
+    // worker's nginx thread at start-up, before any parser thread exists.
+    #[cfg(target_env = "gnu")]
+    unsafe {
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 128 * 1024);
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 128 * 1024);
     }
 }
 

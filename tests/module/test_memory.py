@@ -69,17 +69,12 @@ def test_worker_releases_the_configuration_time_table(gateway):
     base = memory_kib(worker)
     # Later ones do not accumulate tables or parse scratch: each settles back
     # under one more table (the memory is released by the parser thread, so
-    # wait for it rather than for a time).
-    # Where each reload settled. One reload may settle a little high (what the
-    # allocator can give back depends on how the parse interleaved with the
-    # event loop's allocations); a leak instead climbs by a table per reload.
-    settled = []
+    # wait for it rather than for a time). A leak climbs by a table per reload;
+    # memory the allocator kept (glibc's top of the parser thread's arena,
+    # which malloc_trim leaves alone) stayed at 1.3 tables over the base.
     for n in range(2, RELOADS + 1):
         hot_reload(n)
-        wait_for(lambda: memory_kib(worker) < base + table, 10)
-        settled.append(memory_kib(worker))
-    assert max(settled) < base + 2 * table, (table, base, settled)
-    assert min(settled[len(settled) // 2 :]) < base + table, (table, base, settled)
+        assert wait_for(lambda: memory_kib(worker) < base + table, 10), (n, table, base, memory_kib(worker))
     assert gw.request("/", k.auth).status == 200
     assert gw.worker_pids() == {worker}
 
