@@ -104,6 +104,9 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=1000, help="N (the runs send N and 3N)")
     ap.add_argument("--afr", type=Path, default=REPO / "target/release/afr")
     ap.add_argument("--keep", type=Path, help="keep the profiles in this directory")
+    ap.add_argument("--no-usage", action="store_true",
+                    help="with `[usage] record = false`: the difference to a run without it "
+                         "is what recording a usage row costs")
     args = ap.parse_args()
     if not shutil.which("valgrind"):
         raise SystemExit("callgrind.py: needs valgrind (apt-get install valgrind)")
@@ -135,6 +138,11 @@ def main() -> None:
                     check=True, capture_output=True,
                     env={k: v for k, v in os.environ.items() if not k.endswith("_API_KEY")},
                 )
+                if args.no_usage:
+                    toml = (home / "sidecar.toml").read_text()
+                    if "\n[usage]\n" not in toml:
+                        raise SystemExit("callgrind.py: the shipped sidecar.toml has no [usage] table")
+                    (home / "sidecar.toml").write_text(toml.replace("\n[usage]\n", "\n[usage]\nrecord = false\n", 1))
                 totals[n] = run(args.afr, home / "sidecar.toml", home, n, out_dir / f"{n}.out")
         finally:
             mock.terminate()
