@@ -141,6 +141,25 @@ fn main() -> std::process::ExitCode {
     }
 }
 
+/// Connections the kernel completes for the mock before it accepts them.
+/// `TcpListener::bind` asks for 128: a bench opening 10 000 streams at once
+/// overflowed it, the dropped SYNs were retried past the sidecar's 3 s
+/// connect timeout, and the mock's breaker opened (nstat showed
+/// `ListenOverflows`). nginx in the bench listens with `backlog=4096` too;
+/// the kernel caps it at `net.core.somaxconn`.
+const LISTEN_BACKLOG: u32 = 4096;
+
+fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
+}
+
 /// Writes `text` to `path` through a rename, so a polling test never reads a partial file.
 fn write_whole(path: &std::path::Path, text: &str) -> std::io::Result<()> {
     let tmp = path.with_extension("tmp");
@@ -157,7 +176,7 @@ async fn run(cli: Cli) -> std::io::Result<()> {
             if let Some(path) = &cli.tls_ca_file {
                 write_whole(path, &identity.ca_pem)?;
             }
-            let listener = TcpListener::bind(tls_addr).await?;
+            let listener = listen(tls_addr)?;
             let addr = listener.local_addr()?;
             if let Some(path) = &cli.tls_port_file {
                 write_whole(path, &addr.port().to_string())?;
@@ -172,7 +191,7 @@ async fn run(cli: Cli) -> std::io::Result<()> {
         }
         None => None,
     };
-    let listener = TcpListener::bind(cli.listen).await?;
+    let listener = listen(cli.listen)?;
     let addr = listener.local_addr()?;
     if let Some(path) = &cli.port_file {
         write_whole(path, &addr.port().to_string())?;

@@ -52,6 +52,11 @@ impl Mock {
         }
     }
 
+    /// The mock's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// `base` + `path`.
     pub fn url(&self, path: &str) -> String {
         format!("{}{path}", self.base)
