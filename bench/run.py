@@ -1082,7 +1082,7 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=REPO / "bench/results", help="results directory")
     ap.add_argument("--name", help="results file stem (default: the date, -quick for --quick)")
     ap.add_argument("--runs", type=int, help="override the runs per figure")
-    ap.add_argument("--sidecar-threads", type=int, help="TOKIO_WORKER_THREADS for the sidecars")
+    ap.add_argument("--sidecar-threads", type=int, help="the sidecars' worker threads (afr serve --threads)")
     ap.add_argument("--no-plots", action="store_true")
     ap.add_argument("--lanes", default=",".join(LANES),
                     help=f"comma-separated lanes to run (default all: {','.join(LANES)}); plots need all")

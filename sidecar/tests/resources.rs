@@ -176,47 +176,87 @@ async fn the_allocator_returns_freed_memory_from_a_thread_of_its_own() {
 /// Without `--threads` the sidecar runs half the CPUs' worth of worker threads
 /// (at least one): it shares the host with nginx's workers, and on 2 cores a
 /// second thread cost 7-10% of the requests per second in context switches.
-#[test]
-fn the_sidecar_takes_half_the_cpus_by_default() {
-    let dir = tempfile::tempdir().expect("tempdir");
+/// `afr serve` on a working config in `dir`, its stderr in `dir/log`, with
+/// `TOKIO_WORKER_THREADS` set to `threads_env` (or unset).
+fn serve_in(dir: &std::path::Path, threads_env: Option<&str>) -> std::process::Child {
     let body = format!(
         "{}{}",
         openai_provider("p", "http://127.0.0.1:9", ""),
         model("m", &[("p", "x")])
     );
-    let config = Sidecar::config_text(dir.path(), &body, 5, "30s");
-    std::fs::write(dir.path().join("sidecar.toml"), config).expect("config");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_afr"))
+    let config = Sidecar::config_text(dir, &body, 5, "30s");
+    std::fs::write(dir.join("sidecar.toml"), config).expect("config");
+    let mut command = Command::new(env!("CARGO_BIN_EXE_afr"));
+    command
         .arg("serve")
         .arg("--config")
-        .arg(dir.path().join("sidecar.toml"))
-        .arg("--port-file")
-        .arg(dir.path().join("port"))
+        .arg(dir.join("sidecar.toml"))
         .env_remove("TOKIO_WORKER_THREADS")
         .env("AFR_LOG", "info")
         .env("NO_COLOR", "1")
         .stdout(std::process::Stdio::null())
-        .stderr(std::fs::File::create(dir.path().join("log")).expect("log file"))
-        .spawn()
-        .expect("spawning afr serve");
+        .stderr(std::fs::File::create(dir.join("log")).expect("log file"));
+    if let Some(value) = threads_env {
+        command.env("TOKIO_WORKER_THREADS", value);
+    }
+    command.spawn().expect("spawning afr serve")
+}
+
+#[test]
+fn the_sidecar_takes_half_the_cpus_by_default() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut child = serve_in(dir.path(), None);
+    // The start line is logged once every listener is up, after the port
+    // file is written: wait for the line itself.
+    let log_path = dir.path().join("log");
+    let read_log = || std::fs::read_to_string(&log_path).unwrap_or_default();
     let deadline = Instant::now() + Duration::from_secs(10);
-    while !dir.path().join("port").exists() && Instant::now() < deadline {
+    while !read_log().contains("afr serve started") && Instant::now() < deadline {
         assert!(
             child.try_wait().expect("status").is_none(),
-            "afr serve exited"
+            "afr serve exited: {}",
+            read_log()
         );
         std::thread::sleep(Duration::from_millis(20));
     }
     let _ = child.kill();
     let _ = child.wait();
-    let log = std::fs::read_to_string(dir.path().join("log")).expect("log");
+    let log = read_log();
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
     let started = log
         .lines()
         .find(|l| l.contains("afr serve started"))
-        .unwrap_or_else(|| panic!("{log}"));
+        .unwrap_or_else(|| panic!("no start line within 10 s: {log}"));
     assert!(
         started.contains(&format!("threads={}", (cpus / 2).max(1))),
         "{cpus} CPUs: {started}"
     );
+}
+
+/// A TOKIO_WORKER_THREADS that is not a number of threads stops the start
+/// with a message naming it (it used to be ignored for the default).
+#[test]
+fn a_bad_thread_count_in_the_environment_is_refused_by_name() {
+    for bad in ["lots", "0", "-2"] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut child = serve_in(dir.path(), Some(bad));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let status = loop {
+            if let Some(status) = child.try_wait().expect("status") {
+                break status;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("TOKIO_WORKER_THREADS={bad}: afr serve started anyway");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let log = std::fs::read_to_string(dir.path().join("log")).expect("log");
+        assert!(!status.success(), "TOKIO_WORKER_THREADS={bad}: {log}");
+        assert!(
+            log.contains("TOKIO_WORKER_THREADS") && log.contains(&format!("{bad:?}")),
+            "TOKIO_WORKER_THREADS={bad}: {log}"
+        );
+    }
 }

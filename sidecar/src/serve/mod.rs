@@ -46,10 +46,10 @@ pub struct ServeArgs {
     /// Write the admin listener's TCP port here once bound.
     #[arg(long)]
     pub admin_port_file: Option<PathBuf>,
-    /// Worker threads (default: half the CPUs, at least one; TOKIO_WORKER_THREADS
-    /// also sets it). nginx's workers, one per CPU, take the other half.
-    #[arg(long)]
-    pub threads: Option<usize>,
+    /// Worker threads (default: TOKIO_WORKER_THREADS, else half the CPUs, at
+    /// least one: the sidecar shares the cores with nginx's workers).
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
+    pub threads: Option<u16>,
 }
 
 /// Runs the sidecar until SIGTERM/SIGINT.
@@ -64,8 +64,11 @@ pub fn run(mut args: ServeArgs) -> anyhow::Result<()> {
         .init();
     let mut builder = tokio::runtime::Builder::new_multi_thread();
     builder.enable_all();
-    let threads = args.threads.unwrap_or_else(default_threads).max(1);
-    builder.worker_threads(threads);
+    let threads = match args.threads {
+        Some(n) => n,
+        None => default_threads()?,
+    };
+    builder.worker_threads(usize::from(threads));
     args.threads = Some(threads); // what the start line reports
     builder
         .build()
@@ -79,15 +82,21 @@ pub fn run(mut args: ServeArgs) -> anyhow::Result<()> {
 /// and answered as fast at concurrency 1, since a second thread mostly added
 /// context switches against nginx, the provider's connections and the
 /// clients (README "Performance").
-fn default_threads() -> usize {
-    if let Some(n) = std::env::var("TOKIO_WORKER_THREADS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-    {
-        return n;
+/// A value that is not a number of threads is refused, naming the variable,
+/// as `--threads` is: silently ignoring it would run a count nobody chose.
+fn default_threads() -> anyhow::Result<u16> {
+    if let Some(value) = std::env::var_os("TOKIO_WORKER_THREADS") {
+        let text = value.to_string_lossy();
+        return match text.trim().parse::<u16>() {
+            Ok(n) if n >= 1 => Ok(n),
+            _ => anyhow::bail!(
+                "TOKIO_WORKER_THREADS: expected a number of threads from 1 to {}, got {text:?}",
+                u16::MAX
+            ),
+        };
     }
     let cpus = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
-    (cpus / 2).max(1)
+    Ok(u16::try_from(cpus / 2).unwrap_or(u16::MAX).max(1))
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
