@@ -150,14 +150,18 @@ fn main() -> std::process::ExitCode {
 const LISTEN_BACKLOG: u32 = 4096;
 
 fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
-    let socket = if addr.is_ipv4() {
-        tokio::net::TcpSocket::new_v4()?
-    } else {
-        tokio::net::TcpSocket::new_v6()?
+    let bind = || {
+        let socket = if addr.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()?
+        } else {
+            tokio::net::TcpSocket::new_v6()?
+        };
+        socket.set_reuseaddr(true)?;
+        socket.bind(addr)?;
+        socket.listen(LISTEN_BACKLOG)
     };
-    socket.set_reuseaddr(true)?;
-    socket.bind(addr)?;
-    socket.listen(LISTEN_BACKLOG)
+    // "Address already in use" alone does not say which listener.
+    bind().map_err(|e| std::io::Error::new(e.kind(), format!("listening on {addr}: {e}")))
 }
 
 /// Writes `text` to `path` through a rename, so a polling test never reads a partial file.

@@ -47,3 +47,16 @@ fn a_burst_of_connects_waits_in_the_backlog_while_the_mock_is_not_accepting() {
         held.len()
     );
 }
+
+#[test]
+fn a_port_in_use_is_refused_naming_the_address() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = taken.local_addr().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_afr-mock"))
+        .args(["--listen", &addr.to_string()])
+        .output()
+        .expect("run afr-mock");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains(&format!("listening on {addr}")), "{stderr}");
+}

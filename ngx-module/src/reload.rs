@@ -186,12 +186,15 @@ fn release_freed_memory() {
 /// 32/64 MiB), and `malloc_trim` never trims the top of a non-main arena —
 /// the parser thread's. A replaced table freed into that top then stayed
 /// resident: measured with 30 000 keys (a table ~12 MB), in 2 of 3 series of
-/// ten hot reloads a worker stayed 1.3 tables over its base. Fixed, a large
-/// block is mapped and unmapped on its own and a top past 128 KiB is trimmed
-/// when freed; nginx's own allocations (pools of a few KiB) are unaffected.
+/// ten hot reloads a worker stayed 1.3 tables over its base. Fixed, a block
+/// of 128 KiB or more is mapped and unmapped on its own and a top past
+/// 128 KiB is trimmed when freed. nginx's pools (a few KiB) never reach it;
+/// a buffer configured at 128 KiB or more (`client_body_buffer_size`) costs
+/// an mmap and a munmap per request, as it does until glibc first raises
+/// the threshold.
 fn fix_allocator_thresholds() {
-    // SAFETY: mallopt only sets allocator parameters; it is called on the
-    // worker's nginx thread at start-up, before any parser thread exists.
+    // SAFETY: mallopt only sets allocator parameters, under glibc's own
+    // locks, so threads already running (a `thread_pool`) are unaffected.
     #[cfg(target_env = "gnu")]
     unsafe {
         libc::mallopt(libc::M_TRIM_THRESHOLD, 128 * 1024);
