@@ -30,6 +30,8 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "bench"))
+from run import without_usage  # noqa: E402  (the bench's own edit of sidecar.toml)
 SECRET = "callgrind-secret-0123456789"
 BODY = b'{"model":"gpt-4o-mini","messages":[{"role":"user","content":"Say hello to the benchmark."}]}'
 
@@ -139,10 +141,7 @@ def main() -> None:
                     env={k: v for k, v in os.environ.items() if not k.endswith("_API_KEY")},
                 )
                 if args.no_usage:
-                    toml = (home / "sidecar.toml").read_text()
-                    if "\n[usage]\n" not in toml:
-                        raise SystemExit("callgrind.py: the shipped sidecar.toml has no [usage] table")
-                    (home / "sidecar.toml").write_text(toml.replace("\n[usage]\n", "\n[usage]\nrecord = false\n", 1))
+                    (home / "sidecar.toml").write_text(without_usage((home / "sidecar.toml").read_text()))
                 totals[n] = run(args.afr, home / "sidecar.toml", home, n, out_dir / f"{n}.out")
         finally:
             mock.terminate()

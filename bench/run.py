@@ -122,6 +122,18 @@ def post_json(url: str, body: dict) -> None:
 
 # --- process bookkeeping ---------------------------------------------------------------
 
+def without_usage(toml: str) -> str:
+    """A sidecar.toml (as sidecar-config.py writes it) with `[usage] record = false`."""
+    if "\n[usage]\n" not in toml:
+        raise RuntimeError("the sidecar config has no [usage] table to turn recording off in")
+    return toml.replace("\n[usage]\n", "\n[usage]\nrecord = false\n", 1)
+
+
+def bearer(headers: list[str]) -> str | None:
+    """The value of the Authorization header among `Name:value` headers."""
+    return next((h.split(":", 1)[1] for h in headers if h.lower().startswith("authorization:")), None)
+
+
 def tree(pid: int) -> list[int]:
     """pid and all its descendants (from /proc)."""
     children: dict[int, list[int]] = {}
@@ -282,9 +294,7 @@ http {{
                            check=True, capture_output=True, env={k: v for k, v in os.environ.items()
                                                                  if not k.endswith("_API_KEY")})
             if not record:
-                toml = (sh / "sidecar.toml").read_text()
-                toml = toml.replace("\n[usage]\n", "\n[usage]\nrecord = false\n", 1)
-                (sh / "sidecar.toml").write_text(toml)
+                (sh / "sidecar.toml").write_text(without_usage((sh / "sidecar.toml").read_text()))
             threads = ["--threads", str(self.sidecar_threads)] if self.sidecar_threads else []
             sidecars[name] = self.spawn(name, [str(AFR), "serve", "--config", str(sh / "sidecar.toml"),
                                                *threads]).pid
@@ -456,7 +466,7 @@ def wrk(url: str, secs: int, conns: int, headers: list[str], chat: bool) -> dict
     if chat:
         args += ["-s", str(REPO / "bench/chat.lua")]
     env = dict(os.environ)
-    env["AFR_BENCH_AUTH"] = next((h.split(":", 1)[1] for h in headers if h.startswith("Authorization:")), "")
+    env["AFR_BENCH_AUTH"] = bearer(headers) or ""
     r = subprocess.run(args + [url], capture_output=True, text=True, env=env, timeout=secs + 60)
     m = re.search(r"Requests/sec:\s+([\d.]+)", r.stdout)
     if not m:
@@ -583,7 +593,7 @@ def note_failures(st: Stack, res: Results, run: int, lane: str, t: str, failed: 
     count failures without their statuses)."""
     if not failed:
         return
-    auth = next((h.split(":", 1)[1] for h in st.auth(t) if h.lower().startswith("authorization:")), None)
+    auth = bearer(st.auth(t))
     try:
         after = str(status_of(st.urls[t], auth))
     except OSError as e:
@@ -613,50 +623,61 @@ def sidecar_state(st, t: str) -> dict:
     state: dict = {"open_breakers": []}
     for line in text.splitlines():
         m = re.match(r'afr_breaker_state\{provider="([^"]+)"\} (\d+)', line)
-        if m and m.group(2) == "2":
-            state["open_breakers"].append(m.group(1))
+        if m and m.group(2) != "0":  # 1 half-open, 2 open: either way not closed yet
+            state["open_breakers"].append(m.group(1) + (" (half-open)" if m.group(2) == "1" else ""))
         m = re.match(r"afr_local_exhausted_total (\d+(?:\.\d+)?)", line)
         if m:
             state["local_exhausted"] = float(m.group(1))
     return state
 
 
-def settle(st, res: Results, run: int, after: str, wait_secs: float = 45.0) -> None:
-    """Starts the next lane on a healthy gateway. A lane that made the mock fail (the
-    10 000 streams at once can outrun its accept queue) leaves the sidecar's breaker for
-    it open for the cooldown (30 s), and the next lane would measure only 503s (run 3 of
-    2026-12-01's third run lost its governed lane so). Waits for the breakers to close,
-    one probe request at a time, and notes it with the failures the sidecar logged."""
+def settle(st, res: Results, run: int, after: str | None, wait_secs: float = 45.0) -> None:
+    """Starts the next lane on a healthy gateway. A lane that made the mock fail (10 000
+    streams at once outran its accept queue of 128 until 2026-12-01) leaves the sidecar's
+    breaker for it open for the cooldown (30 s), and the next lane would measure only 503s
+    (run 3 of 2026-12-01's third run lost its governed lane so). Waits for the breakers to
+    close, one probe request at a time, and notes it with the provider failures the sidecar
+    logged since the last call (so during the lane `after`; None before the first lane)."""
+    marks = st.__dict__.setdefault("log_marks", {})  # target -> sidecar log size at the last call
     for t in list(getattr(st, "admin", {})):
+        log = st.home / "logs" / f"{'sidecar' if t == 'gateway' else 'sidecar-bare'}.log"
+        since = marks.get(t, 0)
         first = sidecar_state(st, t).get("open_breakers")
-        if not first:
-            continue
-        started = time.monotonic()
-        auth = next((h.split(":", 1)[1] for h in st.auth(t) if h.lower().startswith("authorization:")), None)
-        while time.monotonic() - started < wait_secs:
-            time.sleep(1)
-            if not sidecar_state(st, t).get("open_breakers"):
-                break
-            try:
-                status_of(st.urls[t], auth)  # past the cooldown, this is the probe
-            except OSError:
-                pass
-        why = failure_reasons(st.home / "logs" / f"{'sidecar' if t == 'gateway' else 'sidecar-bare'}.log")
-        still = sidecar_state(st, t).get("open_breakers")
-        res.notes.append(f"run {run + 1}: after the {after} lane the {t} sidecar's breaker was open for "
-                         f"{', '.join(first)}; " + (f"still open after {wait_secs:.0f} s" if still else
-                                                    f"closed after {time.monotonic() - started:.0f} s")
-                         + (f" (the provider failures it logged: {why})" if why else ""))
+        if first:
+            started = time.monotonic()
+            auth = bearer(st.auth(t))
+            while time.monotonic() - started < wait_secs:
+                time.sleep(1)
+                if not sidecar_state(st, t).get("open_breakers"):
+                    break
+                try:
+                    status_of(st.urls[t], auth)  # past the cooldown, this is the probe
+                except OSError:
+                    pass
+            why = failure_reasons(log, since)
+            still = sidecar_state(st, t).get("open_breakers")
+            where = f"after the {after} lane" if after else "before the first lane"
+            res.notes.append(f"run {run + 1}: {where} the {t} sidecar's breaker was not closed for "
+                             f"{', '.join(first)}; " + (f"still not closed after {wait_secs:.0f} s" if still
+                                                        else f"closed after {time.monotonic() - started:.0f} s")
+                             + (f" (the provider failures it logged: {why})" if why else ""))
+        try:
+            marks[t] = log.stat().st_size
+        except OSError:
+            marks[t] = 0
 
 
-def failure_reasons(log: Path) -> str:
-    """The provider failures in a sidecar's log, most frequent first (error texts, counted)."""
+def failure_reasons(log: Path, since: int = 0) -> str:
+    """The provider failures a sidecar logged from byte `since` on, most frequent first
+    (error texts, counted)."""
     counts: dict[str, int] = {}
     try:
-        text = log.read_text(errors="replace")
+        with open(log, "rb") as f:
+            f.seek(since)
+            text = f.read().decode(errors="replace")
     except OSError:
         return ""
-    for line in text.splitlines()[-20000:]:
+    for line in text.splitlines():
         if "trying the next route" in line or "not retried" in line:
             m = re.search(r"error=(.*?)(?= \w+=|$)", line)
             if m:
@@ -1125,6 +1146,7 @@ def main() -> int:
         log(f"starting the targets in {home}")
         st.start()
         work = Path(tempfile.mkdtemp(prefix="samples-", dir=home))
+        previous = None  # the lane run last, for settle()'s note
         for run in range(profile.runs):
             lanes = [("c1", "concurrency 1", lambda: lane_c1(st, res, run, work)),
                      ("max", "max req/s", lambda: lane_max(st, res, run)),
@@ -1133,7 +1155,6 @@ def main() -> int:
                      ("streams", "concurrent streams", lambda: lane_streams(st, res, run)),
                      ("governed", "governed lane", lambda: lane_governed(st, res, run)),
                      ("reject", "rejections", lambda: lane_reject(st, res, run))]
-            previous = "previous run's last"
             for key, name, lane in lanes:
                 if key not in chosen:
                     continue
@@ -1142,9 +1163,10 @@ def main() -> int:
                 lane()
                 previous = name
         if "soak" in chosen:
+            settle(st, res, profile.runs - 1, previous)
             log(f"soak ({profile.soak_secs} s)")
             lane_soak(st, res, work)
-        else:
+        if chosen != set(LANES):
             res.notes.append(f"lanes run: {', '.join(l for l in LANES if l in chosen)} (--lanes); the others' "
                              "tables are empty")
         plots = [] if a.no_plots or chosen != set(LANES) else plot(res, a.out, stem)

@@ -33,6 +33,7 @@ def test_quick_bench_writes_every_lane_and_the_plots(tmp_path):
     for heading in HEADINGS:
         assert heading in md, heading
     assert "Smoke run" in md
+    assert "lanes run:" not in md, "every lane ran"
     data = json.loads((tmp_path / "smoke.json").read_text())
     assert data["targets"] == ["direct", "nginx", "gateway"]
     for lane in LANES:
@@ -146,23 +147,30 @@ def test_a_lane_with_failed_answers_records_what_a_request_after_it_gets():
 def test_a_lane_starts_only_once_the_breakers_a_lane_before_opened_have_closed(tmp_path):
     """Run 3 of 2026-12-01's third run: the 10 000-stream lane made the mock fail, the
     sidecar's breaker for it opened for 30 s, and the governed lane right after measured
-    nothing but 503s. Now the next lane waits for the breaker (probing it) and the report
-    says so, with the failures the sidecar logged."""
+    nothing but 503s. Now the next lane waits for the breaker (probing it; half-open is not
+    closed yet) and the report says so, with the failures the sidecar logged during that
+    lane only."""
     from types import SimpleNamespace
 
     bench = load_bench()
     probes: list = []
+    closes_after = [2]  # the probe count at which the breaker closes
 
-    def answer(auth):  # a probe: the breaker closes on the second one
+    def answer(auth):
         probes.append(auth)
-        return 200 if len(probes) >= 2 else 503
+        return 200 if len(probes) >= closes_after[0] else 503
 
-    server = fake_gateway(answer, lambda: f'afr_breaker_state{{provider="mock"}} {0 if len(probes) >= 2 else 2}\n'
-                                          "# EOF\n")
+    def state():  # open, then half-open at the first probe, closed at `closes_after`
+        n = len(probes)
+        return 0 if n >= closes_after[0] else (1 if n else 2)
+
+    server = fake_gateway(answer, lambda: f'afr_breaker_state{{provider="mock"}} {state()}\n# EOF\n')
     (tmp_path / "logs").mkdir()
+    log = tmp_path / "logs" / "sidecar.log"
     line = ('2026-12-01T11:10:00Z  WARN afr::serve::chat: provider failed; trying the next route '
-            'request_id=req_{n} provider=mock error=cannot connect to the provider: connection timed out')
-    (tmp_path / "logs" / "sidecar.log").write_text("\n".join(line.format(n=n) for n in range(3)) + "\n")
+            'request_id=req_{n} provider=mock error={why}')
+    log.write_text("\n".join(line.format(n=n, why="cannot connect to the provider: connection timed out")
+                             for n in range(3)) + "\n")
     try:
         st = stack_of(server, home=tmp_path)
         res = SimpleNamespace(notes=[])
@@ -170,13 +178,21 @@ def test_a_lane_starts_only_once_the_breakers_a_lane_before_opened_have_closed(t
         assert probes == ["Bearer afr_x", "Bearer afr_x"]
         assert len(res.notes) == 1, res.notes
         note = res.notes[0]
-        assert note.startswith("run 3: after the concurrent streams lane the gateway sidecar's breaker was open "
-                               "for mock; closed after "), note
+        assert note.startswith("run 3: after the concurrent streams lane the gateway sidecar's breaker was not "
+                               "closed for mock; closed after "), note
         assert note.endswith("(the provider failures it logged: 3× cannot connect to the provider: connection "
                              "timed out)"), note
         # A healthy gateway: nothing waited for, nothing noted.
         bench.settle(st, res, 2, "governed lane")
         assert len(res.notes) == 1
+        # The next lane's failures are its own: the earlier lines are not counted again.
+        with open(log, "a") as f:
+            f.write(line.format(n=9, why="timeout (first_byte)") + "\n")
+        closes_after[0] = len(probes) + 2
+        bench.settle(st, res, 2, "rejections", wait_secs=20)
+        assert len(res.notes) == 2, res.notes
+        assert "before the first lane" not in res.notes[1]
+        assert res.notes[1].endswith("(the provider failures it logged: 1× timeout (first_byte))"), res.notes[1]
     finally:
         server.shutdown()
 
@@ -187,3 +203,12 @@ def test_lanes_can_be_chosen_and_an_unknown_one_is_refused_naming_the_lanes():
     assert run.returncode == 2, run.stdout + run.stderr
     assert "--lanes: unknown lane(s) governd; the lanes are c1, max, sweep, ttft, streams, governed, reject, " \
            "soak" in run.stderr, run.stderr
+
+
+def test_a_subset_with_the_soak_says_which_lanes_ran(tmp_path):
+    """The note naming the lanes run was written only when the soak was not among them."""
+    run = subprocess.run([str(REPO / "scripts/bench"), "--quick", "--no-litellm", "--lanes", "reject,soak",
+                          "--out", str(tmp_path), "--name", "subset"], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout + run.stderr
+    md = (tmp_path / "subset.md").read_text()
+    assert "lanes run: reject, soak (--lanes)" in md, md
