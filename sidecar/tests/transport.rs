@@ -196,3 +196,68 @@ fn http2_max_streams_of_zero_is_a_start_up_error_naming_the_field() {
     let stderr = serve_refuses(&path);
     assert!(stderr.contains("providers.p.http2_max_streams"), "{stderr}");
 }
+
+/// However a request on the HTTP/2 connection ends, its stream is given back:
+/// the client gone mid-stream, the provider's error status, the provider's
+/// stream cut. With room for one stream, a stream kept after any of them would
+/// send every later request over HTTP/1.1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_ending_of_an_http2_request_gives_its_stream_back() {
+    let mock = Mock::start_tls(&[]);
+    let sidecar = Sidecar::start(&format!(
+        "{}{}",
+        tls_provider("multiplexed", &mock, "http2 = true\nhttp2_max_streams = 1"),
+        model("m", &[("multiplexed", "up")])
+    ));
+    let stream = || {
+        sidecar
+            .request(reqwest::Method::POST, "/v1/chat/completions")
+            .json(&chat_body("m", true))
+    };
+    // The next request goes over HTTP/2 (a client gone is noticed a moment
+    // after it went, so this waits up to 10 s for it).
+    let back_on_http2 = |after: &'static str| {
+        let (sidecar, mock) = (&sidecar, &mock);
+        async move {
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+            loop {
+                let text = sidecar.chat_text(chat_body("m", false)).await;
+                assert!(text.contains("chat.completion"), "after {after}: {text}");
+                let versions = versions(mock).await;
+                if versions.last().map(String::as_str) == Some("HTTP/2.0") {
+                    return;
+                }
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "after {after} every request goes over HTTP/1.1 ({} requests since: {:?})",
+                    versions.len(),
+                    &versions[versions.len().saturating_sub(3)..]
+                );
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+        }
+    };
+    back_on_http2("nothing").await;
+
+    mock.set(json!({"chunks": 50, "chunk_interval_ms": 200}))
+        .await;
+    let mut gone = stream().send().await.expect("sidecar answers");
+    assert_eq!(gone.status(), 200);
+    assert!(gone.chunk().await.expect("first chunk").is_some());
+    drop(gone);
+    mock.set(json!({})).await;
+    back_on_http2("a client gone mid-stream").await;
+
+    mock.set(json!({"status": 500})).await;
+    let failed = sidecar.chat(chat_body("m", false)).await;
+    assert!(failed.status().is_server_error(), "{}", failed.status());
+    mock.set(json!({})).await;
+    back_on_http2("the provider's 500").await;
+
+    mock.set(json!({"chunks": 5, "reset_after_chunks": 2}))
+        .await;
+    let cut = stream().send().await.expect("sidecar answers");
+    let _ = cut.text().await;
+    mock.set(json!({})).await;
+    back_on_http2("the provider's stream cut").await;
+}
