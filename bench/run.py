@@ -300,11 +300,13 @@ http {{
                                                *threads]).pid
         for name in sidecars:
             for _ in range(200):
-                if (h / name / "sidecar.sock").exists():
+                m = re.search(r"afr serve started.* threads=(\d+)", (h / "logs" / f"{name}.log").read_text())
+                if m:
                     break
                 time.sleep(0.05)
             else:
                 raise RuntimeError(f"{name} did not start; see {h}/logs/{name}.log")
+            self.threads_started = int(m.group(1))  # what the report states, from the sidecar itself
 
         gw_port, bare_port = free_port(), free_port()
         d = h / "gw"
@@ -486,7 +488,8 @@ class Results:
     data: dict = field(default_factory=dict)  # lane -> key -> list of per-run values
     samples: dict = field(default_factory=dict)  # target -> path of c1 samples (last run)
     notes: list[str] = field(default_factory=list)
-    sidecar_threads: int | None = None
+    sidecar_threads: int | None = None  # as the sidecar's start line says
+    threads_asked: bool = False  # set by --sidecar-threads, not the default
 
     def add(self, lane: str, key: str, value) -> None:
         self.data.setdefault(lane, {}).setdefault(key, []).append(value)
@@ -772,7 +775,7 @@ def sh(*cmd: str) -> str:
         return "unknown"
 
 
-def machine(load_before: str, threads: int | None, with_litellm: bool) -> list[str]:
+def machine(load_before: str, threads: int | None, asked: bool, with_litellm: bool) -> list[str]:
     cpu = "unknown"
     try:
         cpu = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
@@ -788,7 +791,7 @@ def machine(load_before: str, threads: int | None, with_litellm: bool) -> list[s
         f"- load average when the run started: {load_before}; at the end: {loadavg()}",
         f"- nginx: {sh(NGINX, '-v').replace('nginx version: ', '')}, {NGINX_WORKERS} workers for every nginx",
         f"- gateway commit: {commit}{dirty}; sidecar threads: "
-        + (str(threads) if threads else f"afr serve's default (half the CPUs, at least one = {max(1, (os.cpu_count() or 2) // 2)})"),
+        + (f"{threads} (--sidecar-threads)" if asked else f"{threads} (afr serve's default: half the CPUs, at least one)"),
         f"- LiteLLM: {litellm_version()} ({LITELLM_WORKERS} workers, master key on, configured to the same mock)"
         if with_litellm else "- LiteLLM: left out of this run (--no-litellm)",
         f"- load generators: loadgen (sidecar/examples/loadgen.rs, reqwest, open loop) and "
@@ -856,7 +859,7 @@ def report(res: Results, out: Path, md: Path, load_before: str, plots: list[str]
     if p.name != "full":
         L += ["> **Smoke run (`--quick`): a few seconds per lane, one run. These figures are NOT",
               "> measurements to quote; they only show that every lane runs.**", ""]
-    L += machine(load_before, res.sidecar_threads, "litellm" in T) + [f"- runs per figure: {p.runs}; figures are median (min–max over runs)", ""]
+    L += machine(load_before, res.sidecar_threads, res.threads_asked, "litellm" in T) + [f"- runs per figure: {p.runs}; figures are median (min–max over runs)", ""]
 
     def added(lane_vals, target, key):
         base = [r[key] for r in lane_vals.get("direct", [])]
@@ -1137,7 +1140,7 @@ def main() -> int:
     stem = a.name or (dt.date.today().isoformat() + ("-quick" if a.quick else ""))
     load_before = loadavg()
     targets = ["direct", "nginx", "gateway"] + (["litellm"] if with_litellm else [])
-    res = Results(profile, targets, sidecar_threads=a.sidecar_threads)
+    res = Results(profile, targets, threads_asked=a.sidecar_threads is not None)
     home = Path(tempfile.mkdtemp(prefix="afr-bench-"))
     os.chmod(home, 0o755)
     st = Stack(home, with_litellm, a.sidecar_threads)
@@ -1145,6 +1148,7 @@ def main() -> int:
     try:
         log(f"starting the targets in {home}")
         st.start()
+        res.sidecar_threads = st.threads_started
         work = Path(tempfile.mkdtemp(prefix="samples-", dir=home))
         previous = None  # the lane run last, for settle()'s note
         for run in range(profile.runs):

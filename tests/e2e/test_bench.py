@@ -6,6 +6,7 @@ noise at this length and on a shared machine); only that each lane produced them
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 
 from conftest import REPO
@@ -34,6 +35,8 @@ def test_quick_bench_writes_every_lane_and_the_plots(tmp_path):
         assert heading in md, heading
     assert "Smoke run" in md
     assert "lanes run:" not in md, "every lane ran"
+    # The thread count the sidecar itself reported at start, not one computed beside it.
+    assert re.search(r"sidecar threads: \d+ \(afr serve's default", md), md
     data = json.loads((tmp_path / "smoke.json").read_text())
     assert data["targets"] == ["direct", "nginx", "gateway"]
     for lane in LANES:
