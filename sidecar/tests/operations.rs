@@ -234,15 +234,11 @@ fn absurd_durations_stop_start_up_naming_the_path() {
     // `Instant + 300000000000 years` overflows: before validation capped
     // durations, this config started and every request to the provider
     // panicked where its deadline is computed.
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("sidecar.toml");
-    let body = format!(
+    let stderr = serve_refuses_body(&format!(
         "{}[providers.mock.timeouts]\ntotal = \"300000000000 years\"\n{}",
         openai_provider("mock", "http://127.0.0.1:9", ""),
         model("m", &[("mock", "x")])
-    );
-    std::fs::write(&path, Sidecar::config_text(dir.path(), &body, 5, "30s")).unwrap();
-    let stderr = serve_refuses(&path);
+    ));
     assert!(
         stderr.contains(
             "providers.mock.timeouts.total: 300000000000years is longer than the limit of 1year"

@@ -186,14 +186,10 @@ async fn http2_streams_past_the_servers_limit_go_over_http1_instead_of_waiting()
 
 #[test]
 fn http2_max_streams_of_zero_is_a_start_up_error_naming_the_field() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("sidecar.toml");
-    let body = format!(
+    let stderr = serve_refuses_body(&format!(
         "[providers.p]\nkind = \"openai\"\nbase_url = \"https://localhost:9/v1\"\nhttp2 = true\nhttp2_max_streams = 0\n{}",
         model("m", &[("p", "up")])
-    );
-    std::fs::write(&path, Sidecar::config_text(dir.path(), &body, 5, "30s")).unwrap();
-    let stderr = serve_refuses(&path);
+    ));
     assert!(stderr.contains("providers.p.http2_max_streams"), "{stderr}");
 }
 

@@ -519,6 +519,15 @@ pub fn refused_start_up(mut serve: std::process::Command, dir: &Path) -> String 
 }
 
 /// `afr serve --config config`, expected to refuse to start; returns stderr.
+/// What `afr serve` prints when it refuses a config made of `body` (with the
+/// usual server and usage sections), written to a throwaway directory.
+pub fn serve_refuses_body(body: &str) -> String {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("sidecar.toml");
+    std::fs::write(&path, Sidecar::config_text(dir.path(), body, 5, "30s")).expect("config");
+    serve_refuses(&path)
+}
+
 pub fn serve_refuses(config: &Path) -> String {
     let mut serve = Command::new(env!("CARGO_BIN_EXE_afr"));
     serve.arg("serve").arg("--config").arg(config);
