@@ -92,6 +92,31 @@ pub struct Knobs {
     /// captive portal or a misrouted proxy does (`X-Mock-Non-Json`: `1`/`true`).
     #[arg(long)]
     pub non_json: bool,
+    /// This many of the prompt tokens are reported as cache reads (clamped to
+    /// the prompt): OpenAI `cached_tokens`, Anthropic `cache_read_input_tokens`
+    /// (`X-Mock-Cache-Read`).
+    #[arg(long, default_value_t = 0)]
+    pub cache_read: u64,
+    /// Anthropic only: this many prompt tokens are reported as written to the
+    /// 5-minute cache (`X-Mock-Cache-Write-5m`).
+    #[arg(long, default_value_t = 0)]
+    pub cache_write_5m: u64,
+    /// Anthropic only: this many prompt tokens are reported as written to the
+    /// 1-hour cache (`X-Mock-Cache-Write-1h`).
+    #[arg(long, default_value_t = 0)]
+    pub cache_write_1h: u64,
+    /// This many more output tokens, billed as reasoning
+    /// (`X-Mock-Reasoning-Tokens`).
+    #[arg(long, default_value_t = 0)]
+    pub reasoning_tokens: u64,
+    /// Answer 200 without usage: no `usage` in bodies, no usage chunk or
+    /// usage in the final event of streams (`X-Mock-Omit-Usage`: `1`/`true`).
+    #[arg(long)]
+    pub omit_usage: bool,
+    /// Streams: end the body cleanly after this many SSE events, whatever
+    /// they are (`X-Mock-Cut-After-Events`).
+    #[arg(long)]
+    pub cut_after_events: Option<u32>,
 }
 
 /// A header value that is not a valid value for its knob.
@@ -165,6 +190,24 @@ impl Knobs {
         if let Some(v) = flag(headers, "x-mock-non-json")? {
             k.non_json = v;
         }
+        if let Some(v) = num(headers, "x-mock-cache-read")? {
+            k.cache_read = v;
+        }
+        if let Some(v) = num(headers, "x-mock-cache-write-5m")? {
+            k.cache_write_5m = v;
+        }
+        if let Some(v) = num(headers, "x-mock-cache-write-1h")? {
+            k.cache_write_1h = v;
+        }
+        if let Some(v) = num(headers, "x-mock-reasoning-tokens")? {
+            k.reasoning_tokens = v;
+        }
+        if let Some(v) = flag(headers, "x-mock-omit-usage")? {
+            k.omit_usage = v;
+        }
+        if let Some(v) = num(headers, "x-mock-cut-after-events")? {
+            k.cut_after_events = Some(v);
+        }
         Ok(k)
     }
 }
@@ -214,5 +257,40 @@ mod tests {
         assert_eq!(k.status, Some(503));
         h.insert("x-mock-status", "abc".parse().unwrap());
         assert!(base.with_headers(&h).is_err());
+    }
+
+    #[test]
+    fn token_class_headers_override_and_reject_bad_values() {
+        let base = Knobs {
+            cache_read: 9,
+            reasoning_tokens: 4,
+            ..Knobs::default()
+        };
+        let mut h = HeaderMap::new();
+        h.insert("x-mock-cache-read", "3".parse().unwrap());
+        h.insert("x-mock-cache-write-5m", "2".parse().unwrap());
+        h.insert("x-mock-cache-write-1h", "1".parse().unwrap());
+        h.insert("x-mock-omit-usage", "1".parse().unwrap());
+        h.insert("x-mock-cut-after-events", "5".parse().unwrap());
+        let k = base.with_headers(&h).unwrap();
+        assert_eq!(
+            (k.cache_read, k.cache_write_5m, k.cache_write_1h),
+            (3, 2, 1)
+        );
+        assert_eq!(k.reasoning_tokens, 4, "no header: the instance's value");
+        assert!(k.omit_usage);
+        assert_eq!(k.cut_after_events, Some(5));
+        for (name, bad) in [
+            ("x-mock-cache-read", "-1"),
+            ("x-mock-cache-write-5m", "x"),
+            ("x-mock-cache-write-1h", "1.5"),
+            ("x-mock-reasoning-tokens", ""),
+            ("x-mock-omit-usage", "maybe"),
+            ("x-mock-cut-after-events", "all"),
+        ] {
+            let mut h = HeaderMap::new();
+            h.insert(name, bad.parse().unwrap());
+            assert_eq!(base.with_headers(&h).unwrap_err().0, name);
+        }
     }
 }
