@@ -16,8 +16,7 @@ use crate::reply::{self, Finish, Reply};
 use crate::server::Ctx;
 use crate::stream::StreamPlan;
 use crate::tools;
-
-const CACHE_ZEROES: &str = r#""cache_creation_input_tokens":0,"cache_read_input_tokens":0"#;
+use crate::usage::{Billed, Tokens};
 
 /// Checks a `count_tokens` body: a Messages body without `max_tokens`.
 pub fn validate_count(body: &Value) -> Result<(), (&'static str, &'static str)> {
@@ -34,6 +33,8 @@ pub fn validate_count(body: &Value) -> Result<(), (&'static str, &'static str)> 
 /// recorded shape (`anthropic-count-tokens-response.json`).
 pub fn count_tokens(ctx: Ctx, body: &Value) -> Response<MockBody> {
     let reply = reply::build(body, body.get("system"), None);
+    // Counting tokens is free.
+    ctx.bill(Billed::default());
     ctx.finish(200);
     let mut resp = Response::new(MockBody::full(format!(
         r#"{{"input_tokens":{}}}"#,
@@ -100,10 +101,15 @@ pub fn respond(ctx: Ctx, body: &Value) -> Response<MockBody> {
             .unwrap_or("claude-haiku-4-5"),
     );
     let id = format!("msg_afrmock{:016}", ctx.id_seq);
-    let (p, c) = (reply.prompt_tokens, reply.completion_tokens());
+    let p = reply.prompt_tokens;
     let stream = body.get("stream").and_then(Value::as_bool) == Some(true);
     let tool = tools::decide(body, true, p);
-    let c = tool.as_ref().map_or(c, tools::ToolCall::completion_tokens);
+    let per_choice = tool.as_ref().map_or(
+        reply.completion_tokens(),
+        tools::ToolCall::completion_tokens,
+    );
+    let tokens = Tokens::new(&ctx.knobs, p, per_choice, true);
+    let omit_usage = ctx.knobs.omit_usage;
     let bare_model = serde_json::from_str::<String>(&model).unwrap_or_default();
     let error_event = Bytes::from_static(ANTHROPIC_STREAM_ERROR.as_bytes());
     let mut resp = if let (Some(call), true) = (&tool, stream) {
@@ -112,28 +118,39 @@ pub fn respond(ctx: Ctx, body: &Value) -> Response<MockBody> {
             &id,
             &bare_model,
             ctx.id_seq,
+            &tokens,
+            omit_usage,
             error_event,
         ))
     } else if let Some(call) = &tool {
+        ctx.bill(tokens.billed());
         ctx.finish(200);
         let mut resp = Response::new(MockBody::full(tools::anthropic_body(
             call,
             &id,
             &bare_model,
             ctx.id_seq,
+            &tokens,
+            omit_usage,
         )));
         resp.headers_mut()
             .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
         resp
     } else if stream {
-        let plan = stream_plan(&reply, &id, &model);
+        let plan = stream_plan(&reply, &id, &model, &tokens, omit_usage);
         ctx.stream_response(plan)
     } else {
+        let usage = if omit_usage {
+            String::new()
+        } else {
+            format!(r#","usage":{}"#, tokens.anthropic_json(tokens.completion()))
+        };
         let out = format!(
-            r#"{{"model":{model},"id":"{id}","type":"message","role":"assistant","content":[{{"type":"text","text":{}}}],"stop_reason":"{}","stop_sequence":null,"usage":{{"input_tokens":{p},{CACHE_ZEROES},"cache_creation":{{"ephemeral_5m_input_tokens":0,"ephemeral_1h_input_tokens":0}},"output_tokens":{c},"service_tier":"standard","inference_geo":"not_available"}}}}"#,
+            r#"{{"model":{model},"id":"{id}","type":"message","role":"assistant","content":[{{"type":"text","text":{}}}],"stop_reason":"{}","stop_sequence":null{usage}}}"#,
             json_str(&reply.text()),
             stop_reason(&reply),
         );
+        ctx.bill(tokens.billed());
         ctx.finish(200);
         let mut resp = Response::new(MockBody::full(out));
         resp.headers_mut()
@@ -145,7 +162,7 @@ pub fn respond(ctx: Ctx, body: &Value) -> Response<MockBody> {
         h.insert("request-id", v);
     }
     h.insert("x-mock-prompt-tokens", p.into());
-    h.insert("x-mock-completion-tokens", c.into());
+    h.insert("x-mock-completion-tokens", tokens.completion().into());
     resp
 }
 
@@ -155,13 +172,22 @@ fn event(name: &str, json: &str, pad: usize) -> Bytes {
     Bytes::from(format!("event: {name}\ndata: {body}{:pad$}{last}\n\n", ""))
 }
 
-fn stream_plan(reply: &Reply, id: &str, model: &str) -> StreamPlan {
-    let (p, c) = (reply.prompt_tokens, reply.completion_tokens());
+/// The recorded sequence. `message_start` always carries the usage (input
+/// and cache tokens, `output_tokens: 1`); `message_delta` repeats it with
+/// the final `output_tokens`, unless `omit_usage`.
+fn stream_plan(
+    reply: &Reply,
+    id: &str,
+    model: &str,
+    tokens: &Tokens,
+    omit_usage: bool,
+) -> StreamPlan {
     let head = vec![
         event(
             "message_start",
             &format!(
-                r#"{{"type":"message_start","message":{{"model":{model},"id":"{id}","type":"message","role":"assistant","content":[],"stop_reason":null,"stop_sequence":null,"usage":{{"input_tokens":{p},{CACHE_ZEROES},"cache_creation":{{"ephemeral_5m_input_tokens":0,"ephemeral_1h_input_tokens":0}},"output_tokens":1,"service_tier":"standard","inference_geo":"not_available"}}}}}}"#
+                r#"{{"type":"message_start","message":{{"model":{model},"id":"{id}","type":"message","role":"assistant","content":[],"stop_reason":null,"stop_sequence":null,"usage":{}}}}}"#,
+                tokens.anthropic_json(1)
             ),
             3,
         ),
@@ -187,6 +213,11 @@ fn stream_plan(reply: &Reply, id: &str, model: &str) -> StreamPlan {
             )
         })
         .collect();
+    let usage = if omit_usage {
+        String::new()
+    } else {
+        format!(r#","usage":{}"#, tokens.anthropic_delta_json())
+    };
     let tail = vec![
         event(
             "content_block_stop",
@@ -196,7 +227,7 @@ fn stream_plan(reply: &Reply, id: &str, model: &str) -> StreamPlan {
         event(
             "message_delta",
             &format!(
-                r#"{{"type":"message_delta","delta":{{"stop_reason":"{}","stop_sequence":null}},"usage":{{"input_tokens":{p},{CACHE_ZEROES},"output_tokens":{c}}}}}"#,
+                r#"{{"type":"message_delta","delta":{{"stop_reason":"{}","stop_sequence":null}}{usage}}}"#,
                 stop_reason(reply)
             ),
             7,
@@ -211,6 +242,8 @@ fn stream_plan(reply: &Reply, id: &str, model: &str) -> StreamPlan {
         malformed_event: Bytes::from_static(
             b"event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"index\":0,\"delta\":{\"type\":\"text_delta\",\"text\":\"trunc\n\n",
         ),
+        billed: tokens.billed(),
+        first_delta: 0,
     }
 }
 
@@ -224,7 +257,13 @@ mod tests {
         let body =
             json!({"system":"Be brief.","messages":[{"role":"user","content":"It is 20°C"}]});
         let r = reply::build(&body, body.get("system"), None);
-        let plan = stream_plan(&r, "msg_x", "\"claude-haiku-4-5\"");
+        let t = Tokens::new(
+            &crate::knobs::Knobs::default(),
+            r.prompt_tokens,
+            r.completion_tokens(),
+            true,
+        );
+        let plan = stream_plan(&r, "msg_x", "\"claude-haiku-4-5\"", &t, false);
         let all: Vec<&Bytes> = plan
             .head
             .iter()

@@ -18,6 +18,7 @@ use crate::faults::OPENAI_STREAM_ERROR;
 use crate::reply::{self, content_text, Finish, Reply};
 use crate::server::{unix_now, Ctx};
 use crate::stream::StreamPlan;
+use crate::usage::{self, Billed, Tokens};
 
 /// Dimensions of a mock embedding when the request sets none (text-embedding-3-small's).
 const DEFAULT_DIMENSIONS: usize = 1536;
@@ -45,12 +46,19 @@ fn json_response(out: String, ctx: &Ctx) -> Response<MockBody> {
     resp
 }
 
-fn with_headers(mut resp: Response<MockBody>, ctx: &Ctx) -> Response<MockBody> {
+/// The provider headers, and the mock's token headers (prompt, completion).
+fn with_headers(
+    mut resp: Response<MockBody>,
+    ctx: &Ctx,
+    (prompt, completion): (u64, u64),
+) -> Response<MockBody> {
+    let h = resp.headers_mut();
     if let Ok(v) = HeaderValue::from_str(&ctx.request_id) {
-        resp.headers_mut().insert("x-request-id", v);
+        h.insert("x-request-id", v);
     }
-    resp.headers_mut()
-        .insert("openai-version", HeaderValue::from_static("2020-10-01"));
+    h.insert("openai-version", HeaderValue::from_static("2020-10-01"));
+    h.insert("x-mock-prompt-tokens", prompt.into());
+    h.insert("x-mock-completion-tokens", completion.into());
     resp
 }
 
@@ -61,6 +69,9 @@ pub fn validate(path: &str, body: &Value) -> Result<(), (&'static str, &'static 
     }
     if path.ends_with("/embeddings") && body.get("input").is_none() {
         return Err(("Missing required parameter: 'input'.", "input"));
+    }
+    if path.ends_with("completions") {
+        usage::choices(body, true)?;
     }
     Ok(())
 }
@@ -161,15 +172,18 @@ pub fn embeddings(ctx: Ctx, body: &Value, deployment: Option<&str>) -> Response<
         data.join(","),
         json_str(model)
     );
-    with_headers(json_response(out, &ctx), &ctx)
+    ctx.bill(Billed::input(prompt_tokens));
+    with_headers(json_response(out, &ctx), &ctx, (prompt_tokens, 0))
 }
 
 fn event(json: String) -> Bytes {
     Bytes::from(format!("data: {json}\n\n"))
 }
 
-/// `POST /v1/completions`: a `text_completion` body, or its chunks ending
-/// with `[DONE]` (a usage chunk with `"choices":[]` first when asked).
+/// `POST /v1/completions`: a `text_completion` body with `n` choices, or
+/// its chunks (each once per choice index) ending with `[DONE]` (a usage
+/// chunk with `"choices":[]` first when asked). The usage bills
+/// `max(n, best_of)` choices, as OpenAI does.
 pub fn completions(ctx: Ctx, body: &Value, deployment: Option<&str>) -> Response<MockBody> {
     let model = body
         .get("model")
@@ -188,38 +202,59 @@ pub fn completions(ctx: Ctx, body: &Value, deployment: Option<&str>) -> Response
         body.get("max_tokens").and_then(Value::as_u64),
         ctx.knobs.chunks,
     );
+    let (n, billed_choices) = usage::choices(body, true).unwrap_or((1, 1));
     let id = format!("cmpl-afrmock{:016}", ctx.id_seq);
     let created = unix_now();
     let finish = match reply.finish {
         Finish::Stop => "stop",
         Finish::Length => "length",
     };
-    let (p, c) = (reply.prompt_tokens, reply.completion_tokens());
-    let usage = format!(
-        r#"{{"prompt_tokens":{p},"completion_tokens":{c},"total_tokens":{}}}"#,
-        p + c
-    );
+    let tokens = Tokens::new(
+        &ctx.knobs,
+        reply.prompt_tokens,
+        reply.completion_tokens(),
+        false,
+    )
+    .with_choices(billed_choices);
+    let counts = (tokens.prompt, tokens.completion());
+    let usage = (!ctx.knobs.omit_usage).then(|| tokens.plain_json());
     let model = json_str(model);
     if body.get("stream").and_then(Value::as_bool) != Some(true) {
+        let text = json_str(&reply.text());
+        let choices: Vec<String> = (0..n)
+            .map(|i| {
+                format!(
+                    r#"{{"text":{text},"index":{i},"logprobs":null,"finish_reason":"{finish}"}}"#
+                )
+            })
+            .collect();
+        let usage = usage.map_or(String::new(), |u| format!(r#","usage":{u}"#));
         let out = format!(
-            r#"{{"id":"{id}","object":"text_completion","created":{created},"model":{model},"choices":[{{"text":{},"index":0,"logprobs":null,"finish_reason":"{finish}"}}],"usage":{usage}}}"#,
-            json_str(&reply.text())
+            r#"{{"id":"{id}","object":"text_completion","created":{created},"model":{model},"choices":[{}]{usage}}}"#,
+            choices.join(",")
         );
-        return with_headers(json_response(out, &ctx), &ctx);
+        ctx.bill(tokens.billed());
+        return with_headers(json_response(out, &ctx), &ctx, counts);
     }
     let include_usage = body
         .pointer("/stream_options/include_usage")
         .and_then(Value::as_bool)
         == Some(true);
-    let chunk = |text: &str, finish: &str| {
+    let chunk = |text: &str, index: u64, finish: &str| {
         event(format!(
-            r#"{{"id":"{id}","object":"text_completion","created":{created},"choices":[{{"text":{},"index":0,"logprobs":null,"finish_reason":{finish}}}],"model":{model}}}"#,
+            r#"{{"id":"{id}","object":"text_completion","created":{created},"choices":[{{"text":{},"index":{index},"logprobs":null,"finish_reason":{finish}}}],"model":{model}}}"#,
             json_str(text)
         ))
     };
-    let content = reply.pieces.iter().map(|p| chunk(p, "null")).collect();
-    let mut tail = vec![chunk("", &format!("\"{finish}\""))];
-    if include_usage {
+    let content = reply
+        .pieces
+        .iter()
+        .flat_map(|p| (0..n).map(|i| chunk(p, i, "null")).collect::<Vec<_>>())
+        .collect();
+    let mut tail: Vec<Bytes> = (0..n)
+        .map(|i| chunk("", i, &format!("\"{finish}\"")))
+        .collect();
+    if let (true, Some(usage)) = (include_usage, &usage) {
         tail.push(event(format!(
             r#"{{"id":"{id}","object":"text_completion","created":{created},"choices":[],"model":{model},"usage":{usage}}}"#
         )));
@@ -231,8 +266,10 @@ pub fn completions(ctx: Ctx, body: &Value, deployment: Option<&str>) -> Response
         tail,
         error_event: Bytes::from_static(OPENAI_STREAM_ERROR.as_bytes()),
         malformed_event: event(format!(r#"{{"id":"{id}","choices":[{{"text":"trunc"#)),
+        billed: tokens.billed(),
+        first_delta: 0,
     };
-    with_headers(ctx.stream_response(plan), &ctx)
+    with_headers(ctx.stream_response(plan), &ctx, counts)
 }
 
 /// The text of a Responses `input`: a string, or the text parts of its items.
@@ -360,11 +397,14 @@ pub fn responses(ctx: Ctx, body: &Value) -> Response<MockBody> {
         Output::Message { pieces, .. } => pieces.len(),
         Output::Call { .. } => CALL_ARGUMENT_PIECES.len(),
     } as u64;
-    let usage = format!(
-        r#"{{"input_tokens":{p},"input_tokens_details":{{"cached_tokens":0}},"output_tokens":{output_tokens},"output_tokens_details":{{"reasoning_tokens":0}},"total_tokens":{}}}"#,
-        reply.prompt_tokens + output_tokens,
-        p = reply.prompt_tokens,
-    );
+    let tokens = Tokens::new(&ctx.knobs, reply.prompt_tokens, output_tokens, false);
+    let counts = (tokens.prompt, tokens.completion());
+    // `response.completed` (and the body) carry the usage unless `omit_usage`.
+    let usage = if ctx.knobs.omit_usage {
+        None
+    } else {
+        Some(tokens.responses_json())
+    };
     let previous = body
         .get("previous_response_id")
         .and_then(Value::as_str)
@@ -374,15 +414,18 @@ pub fn responses(ctx: Ctx, body: &Value) -> Response<MockBody> {
         .and_then(Value::as_str)
         .map_or("null".to_owned(), json_str);
     let store = body.get("store").and_then(Value::as_bool).unwrap_or(true);
-    let response = |status: &str, output_json: &str, usage: &str| {
+    // `usage`: its JSON, or `None` to leave the member out.
+    let response = |status: &str, output_json: &str, usage: Option<&str>| {
+        let usage = usage.map_or(String::new(), |u| format!(r#""usage":{u},"#));
         format!(
-            r#"{{"id":"{id}","object":"response","created_at":{created},"status":"{status}","background":false,"error":null,"incomplete_details":null,"instructions":{instructions},"max_output_tokens":null,"max_tool_calls":null,"model":{},"output":[{output_json}],"parallel_tool_calls":true,"previous_response_id":{previous},"prompt_cache_key":null,"reasoning":{{"effort":null,"summary":null}},"safety_identifier":null,"service_tier":"default","store":{store},"temperature":1.0,"text":{{"format":{{"type":"text"}},"verbosity":"medium"}},"tool_choice":"auto","tools":[],"top_logprobs":0,"top_p":1.0,"truncation":"disabled","usage":{usage},"user":null,"metadata":{{}}}}"#,
+            r#"{{"id":"{id}","object":"response","created_at":{created},"status":"{status}","background":false,"error":null,"incomplete_details":null,"instructions":{instructions},"max_output_tokens":null,"max_tool_calls":null,"model":{},"output":[{output_json}],"parallel_tool_calls":true,"previous_response_id":{previous},"prompt_cache_key":null,"reasoning":{{"effort":null,"summary":null}},"safety_identifier":null,"service_tier":"default","store":{store},"temperature":1.0,"text":{{"format":{{"type":"text"}},"verbosity":"medium"}},"tool_choice":"auto","tools":[],"top_logprobs":0,"top_p":1.0,"truncation":"disabled",{usage}"user":null,"metadata":{{}}}}"#,
             json_str(model)
         )
     };
     if body.get("stream").and_then(Value::as_bool) != Some(true) {
-        let out = response("completed", &output.item(true), &usage);
-        return with_headers(json_response(out, &ctx), &ctx);
+        let out = response("completed", &output.item(true), usage.as_deref());
+        ctx.bill(tokens.billed());
+        return with_headers(json_response(out, &ctx), &ctx, counts);
     }
     let mut n = 0u64;
     let mut typed = |kind: &str, rest: String| {
@@ -395,11 +438,17 @@ pub fn responses(ctx: Ctx, body: &Value) -> Response<MockBody> {
     let head = vec![
         typed(
             "response.created",
-            format!(r#","response":{}"#, response("in_progress", "", "null")),
+            format!(
+                r#","response":{}"#,
+                response("in_progress", "", Some("null"))
+            ),
         ),
         typed(
             "response.in_progress",
-            format!(r#","response":{}"#, response("in_progress", "", "null")),
+            format!(
+                r#","response":{}"#,
+                response("in_progress", "", Some("null"))
+            ),
         ),
     ];
     let mut content = vec![typed(
@@ -448,6 +497,9 @@ pub fn responses(ctx: Ctx, body: &Value) -> Response<MockBody> {
             ));
         }
     }
+    // The item (and content part) events before the deltas bill nothing:
+    // one delta event per output token.
+    let first_delta = content.len() - output_tokens as usize;
     tail.push(typed(
         "response.output_item.done",
         format!(r#","output_index":0,"item":{}"#, output.item(true)),
@@ -456,7 +508,7 @@ pub fn responses(ctx: Ctx, body: &Value) -> Response<MockBody> {
         "response.completed",
         format!(
             r#","response":{}"#,
-            response("completed", &output.item(true), &usage)
+            response("completed", &output.item(true), usage.as_deref())
         ),
     ));
     let plan = StreamPlan {
@@ -470,8 +522,10 @@ pub fn responses(ctx: Ctx, body: &Value) -> Response<MockBody> {
         malformed_event: Bytes::from_static(
             b"event: response.output_text.delta\ndata: {\"type\":\"response.output_text.delta\",\"delta\":\"trunc",
         ),
+        billed: tokens.billed(),
+        first_delta,
     };
-    with_headers(ctx.stream_response(plan), &ctx)
+    with_headers(ctx.stream_response(plan), &ctx, counts)
 }
 
 #[cfg(test)]

@@ -10,6 +10,8 @@ use bytes::Bytes;
 use serde::Serialize;
 use serde_json::{Map, Value};
 
+use crate::usage::Billed;
+
 /// How a logged request ended.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -36,6 +38,9 @@ pub struct Progress {
     pub chunks_sent: u32,
     /// How the request ended.
     pub outcome: Outcome,
+    /// What the mock billed: set when it answers 200 (streams: updated as
+    /// their content deltas are sent).
+    pub billed: Option<Billed>,
 }
 
 /// One API request as the mock received it.
@@ -97,6 +102,7 @@ impl Entry {
             "client_disconnected": p.outcome == Outcome::ClientDisconnected,
             "connection_closed_mid_stream": p.stream
                 && matches!(p.outcome, Outcome::ClientDisconnected | Outcome::Reset),
+            "billed": p.billed,
         })
     }
 }
@@ -197,6 +203,22 @@ impl RequestLog {
         self.lock().clear();
         self.client_disconnects.store(0, Ordering::Relaxed);
         self.seq.store(0, Ordering::Relaxed);
+    }
+
+    /// The `GET /_mock/billing` document: the `billed` fields summed over
+    /// the logged requests, and how many were billed.
+    pub fn billing(&self) -> Value {
+        let mut sum = Billed::default();
+        let mut requests = 0u64;
+        for e in self.lock().iter() {
+            if let Some(b) = e.progress().billed {
+                sum.add(&b);
+                requests += 1;
+            }
+        }
+        let mut v = serde_json::json!(sum);
+        v["requests"] = requests.into();
+        v
     }
 
     /// The `GET /_mock/requests` document.

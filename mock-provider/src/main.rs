@@ -40,9 +40,17 @@
 //! `--reset-before-response`/`X-Mock-Reset-Before-Response`,
 //! `--end-after-chunks`/`X-Mock-End-After-Chunks`,
 //! `--stall-after-headers`/`X-Mock-Stall-After-Headers`, `--drip-ms`/`X-Mock-Drip-Ms`,
-//! `--body-bytes`/`X-Mock-Body-Bytes`, `--non-json`/`X-Mock-Non-Json`, and
-//! instance-only `--fail-first` and `--fail-every`.
+//! `--body-bytes`/`X-Mock-Body-Bytes`, `--non-json`/`X-Mock-Non-Json`,
+//! `--cut-after-events`/`X-Mock-Cut-After-Events`, and instance-only
+//! `--fail-first` and `--fail-every`.
 //! See [`knobs::Knobs`] for their meaning.
+//!
+//! Token-class knobs, the same way: `--cache-read`/`X-Mock-Cache-Read`,
+//! `--cache-write-5m`/`X-Mock-Cache-Write-5m` and
+//! `--cache-write-1h`/`X-Mock-Cache-Write-1h` (Anthropic),
+//! `--reasoning-tokens`/`X-Mock-Reasoning-Tokens`,
+//! `--omit-usage`/`X-Mock-Omit-Usage`; the request's `n` (and `best_of` for
+//! `/v1/completions`) gives that many choices. See the [`usage`] module.
 //!
 //! # Control API
 //! - `GET /_mock/config` / `POST /_mock/config`: read or replace the instance
@@ -51,7 +59,9 @@
 //! - `GET /_mock/requests`: `{"total","in_flight_streams","client_disconnects","requests":[…]}`;
 //!   each request has `seq, api, method, version, path, headers, body, status, stream,
 //!   chunks_sent, outcome (in_flight|completed|client_disconnected|reset),
-//!   client_disconnected, connection_closed_mid_stream`.
+//!   client_disconnected, connection_closed_mid_stream, billed`.
+//! - `GET /_mock/billing`: the `billed` fields summed over the log, and
+//!   `requests` (how many entries were billed).
 //! - `DELETE /_mock/requests`: clears the log and the counters.
 //! - `GET /_mock/health`.
 //!
@@ -70,6 +80,7 @@ mod server;
 mod stream;
 mod tls;
 mod tools;
+mod usage;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

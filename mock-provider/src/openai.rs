@@ -18,13 +18,12 @@ use crate::faults::{Api, OPENAI_STREAM_ERROR};
 use crate::reply::{self, Finish, Reply};
 use crate::server::{unix_now, Ctx};
 use crate::stream::StreamPlan;
-use crate::tools;
+use crate::tools::{self, OpenAiCall};
+use crate::usage::{self, Tokens};
 
 const MODELS: &str = include_str!("../../tests/fixtures/openai-models-list.json");
 const FINGERPRINT: &str = "fp_afrmock01";
 const AZURE_PROMPT_FILTER: &str = r#""prompt_filter_results":[{"prompt_index":0,"content_filter_results":{"hate":{"filtered":false,"severity":"safe"},"jailbreak":{"filtered":false,"detected":false},"self_harm":{"filtered":false,"severity":"safe"},"sexual":{"filtered":false,"severity":"safe"},"violence":{"filtered":false,"severity":"safe"}}}]"#;
-const USAGE_DETAILS: &str = r#""prompt_tokens_details":{"cached_tokens":0,"audio_tokens":0},"completion_tokens_details":{"reasoning_tokens":0,"audio_tokens":0,"accepted_prediction_tokens":0,"rejected_prediction_tokens":0}"#;
-
 /// The `GET /v1/models` body: the recorded OpenAI list, verbatim.
 pub fn models() -> Response<MockBody> {
     let mut resp = Response::new(MockBody::full(Bytes::from_static(MODELS.as_bytes())));
@@ -41,19 +40,11 @@ pub fn validate(body: &Value, azure: bool) -> Result<(), (&'static str, &'static
     if !body.get("messages").is_some_and(Value::is_array) {
         return Err(("Missing required parameter: 'messages'.", "messages"));
     }
-    Ok(())
+    usage::choices(body, false).map(|_| ())
 }
 
 fn json_str(s: &str) -> String {
     serde_json::to_string(s).unwrap_or_else(|_| "\"\"".to_owned())
-}
-
-fn usage_json(r: &Reply) -> String {
-    let (p, c) = (r.prompt_tokens, r.completion_tokens());
-    format!(
-        r#"{{"prompt_tokens":{p},"completion_tokens":{c},"total_tokens":{},{USAGE_DETAILS}}}"#,
-        p + c
-    )
 }
 
 fn finish_reason(r: &Reply) -> &'static str {
@@ -63,9 +54,26 @@ fn finish_reason(r: &Reply) -> &'static str {
     }
 }
 
+/// How a chat answer is framed, besides its reply.
+struct Shape<'a> {
+    id: &'a str,
+    created: u64,
+    model: &'a str,
+    /// Choices (`n`), each the same reply.
+    n: u64,
+    tokens: Tokens,
+    /// Report the usage (no `omit_usage`).
+    usage: bool,
+    /// Streams: `stream_options.include_usage`.
+    include_usage: bool,
+    obfuscation: bool,
+    azure: bool,
+}
+
 /// Answers a chat completion (already authorized and past fault injection).
 pub fn respond(ctx: Ctx, body: &Value, api: Api, deployment: Option<&str>) -> Response<MockBody> {
     let reply = reply::build(body, None, ctx.knobs.chunks);
+    let (n, _) = usage::choices(body, false).unwrap_or((1, 1));
     let model = body
         .get("model")
         .and_then(Value::as_str)
@@ -76,62 +84,66 @@ pub fn respond(ctx: Ctx, body: &Value, api: Api, deployment: Option<&str>) -> Re
     let azure = api == Api::Azure;
     let stream = body.get("stream").and_then(Value::as_bool) == Some(true);
     let tool = tools::decide(body, false, reply.prompt_tokens);
+    let per_choice = tool.as_ref().map_or(
+        reply.completion_tokens(),
+        tools::ToolCall::completion_tokens,
+    );
+    let tokens = Tokens::new(&ctx.knobs, reply.prompt_tokens, per_choice, false).with_choices(n);
+    let omit_usage = ctx.knobs.omit_usage;
     let include_usage = body
         .pointer("/stream_options/include_usage")
         .and_then(Value::as_bool)
         == Some(true);
+    let call_meta = || OpenAiCall {
+        id: &id,
+        created,
+        model,
+        seq: ctx.id_seq,
+        n,
+        usage: (!omit_usage)
+            .then(|| serde_json::from_str(&tokens.plain_json()).unwrap_or(Value::Null)),
+    };
     let error_event = Bytes::from_static(OPENAI_STREAM_ERROR.as_bytes());
     let mut resp = if let (Some(call), true) = (&tool, stream) {
         let plan = tools::openai_plan(
             call,
-            &id,
-            created,
-            model,
-            ctx.id_seq,
+            &call_meta(),
             include_usage,
+            tokens.billed(),
             error_event,
         );
         ctx.stream_response(plan)
     } else if let Some(call) = &tool {
+        ctx.bill(tokens.billed());
         ctx.finish(200);
-        let mut resp = Response::new(MockBody::full(tools::openai_body(
-            call, &id, created, model, ctx.id_seq,
-        )));
+        let mut resp = Response::new(MockBody::full(tools::openai_body(call, &call_meta())));
         resp.headers_mut()
             .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
         resp
-    } else if stream {
+    } else {
         let opts = body.get("stream_options");
         let flag = |k: &str| opts.and_then(|o| o.get(k)).and_then(Value::as_bool);
-        let obfuscation = !azure && flag("include_obfuscation") != Some(false);
-        let plan = stream_plan(
-            &reply,
-            &id,
+        let shape = Shape {
+            id: &id,
             created,
             model,
+            n,
+            tokens,
+            usage: !omit_usage,
             include_usage,
-            obfuscation,
+            obfuscation: !azure && flag("include_obfuscation") != Some(false),
             azure,
-        );
-        ctx.stream_response(plan)
-    } else {
-        let text = json_str(&reply.text());
-        let mut out = format!(
-            r#"{{"id":"{id}","object":"chat.completion","created":{created},"model":{},"choices":[{{"index":0,"message":{{"role":"assistant","content":{text},"refusal":null,"annotations":[]}},"logprobs":null,"finish_reason":"{}"}}],"usage":{},"service_tier":"default","system_fingerprint":"{FINGERPRINT}""#,
-            json_str(model),
-            finish_reason(&reply),
-            usage_json(&reply),
-        );
-        if azure {
-            out.push(',');
-            out.push_str(AZURE_PROMPT_FILTER);
+        };
+        if stream {
+            ctx.stream_response(stream_plan(&reply, &shape))
+        } else {
+            ctx.bill(tokens.billed());
+            ctx.finish(200);
+            let mut resp = Response::new(MockBody::full(completion_body(&reply, &shape)));
+            resp.headers_mut()
+                .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+            resp
         }
-        out.push('}');
-        ctx.finish(200);
-        let mut resp = Response::new(MockBody::full(out));
-        resp.headers_mut()
-            .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-        resp
     };
     let h = resp.headers_mut();
     let id_header = if azure {
@@ -143,13 +155,41 @@ pub fn respond(ctx: Ctx, body: &Value, api: Api, deployment: Option<&str>) -> Re
         h.insert(id_header, v);
     }
     h.insert("openai-version", HeaderValue::from_static("2020-10-01"));
-    h.insert("x-mock-prompt-tokens", reply.prompt_tokens.into());
-    let completion = tool.as_ref().map_or(
-        reply.completion_tokens(),
-        tools::ToolCall::completion_tokens,
-    );
-    h.insert("x-mock-completion-tokens", completion.into());
+    h.insert("x-mock-prompt-tokens", tokens.prompt.into());
+    h.insert("x-mock-completion-tokens", tokens.completion().into());
     resp
+}
+
+/// A `chat.completion` body: `n` copies of the reply, then the usage
+/// (left out with `omit_usage`).
+fn completion_body(reply: &Reply, s: &Shape) -> String {
+    let text = json_str(&reply.text());
+    let choices: Vec<String> = (0..s.n)
+        .map(|i| {
+            format!(
+                r#"{{"index":{i},"message":{{"role":"assistant","content":{text},"refusal":null,"annotations":[]}},"logprobs":null,"finish_reason":"{}"}}"#,
+                finish_reason(reply)
+            )
+        })
+        .collect();
+    let usage = if s.usage {
+        format!(r#","usage":{}"#, s.tokens.chat_json())
+    } else {
+        String::new()
+    };
+    let mut out = format!(
+        r#"{{"id":"{}","object":"chat.completion","created":{},"model":{},"choices":[{}]{usage},"service_tier":"default","system_fingerprint":"{FINGERPRINT}""#,
+        s.id,
+        s.created,
+        json_str(s.model),
+        choices.join(","),
+    );
+    if s.azure {
+        out.push(',');
+        out.push_str(AZURE_PROMPT_FILTER);
+    }
+    out.push('}');
+    out
 }
 
 fn event(json: String) -> Bytes {
@@ -162,59 +202,65 @@ fn event(json: String) -> Bytes {
 
 /// The chunk sequence of the fixtures: role chunk, one content delta per
 /// piece, the finish chunk, the usage chunk (`"choices":[]`) only with
-/// `include_usage`, then `data: [DONE]`. With `include_usage` every other
-/// chunk carries `"usage":null`; without it there is no `usage` key.
-fn stream_plan(
-    reply: &Reply,
-    id: &str,
-    created: u64,
-    model: &str,
-    include_usage: bool,
-    obfuscation: bool,
-    azure: bool,
-) -> StreamPlan {
+/// `include_usage` (and no `omit_usage`), then `data: [DONE]`. With
+/// `include_usage` every other chunk carries `"usage":null`; without it there
+/// is no `usage` key. With `n` choices each of the role, delta and finish
+/// chunks is sent once per choice index, as OpenAI does.
+fn stream_plan(reply: &Reply, s: &Shape) -> StreamPlan {
     let prefix = format!(
-        r#"{{"id":"{id}","object":"chat.completion.chunk","created":{created},"model":{},"service_tier":"default","system_fingerprint":"{FINGERPRINT}","choices":"#,
-        json_str(model)
+        r#"{{"id":"{}","object":"chat.completion.chunk","created":{},"model":{},"service_tier":"default","system_fingerprint":"{FINGERPRINT}","choices":"#,
+        s.id,
+        s.created,
+        json_str(s.model)
     );
-    let usage_null = if include_usage {
+    let usage_null = if s.include_usage {
         r#","usage":null"#
     } else {
         ""
     };
-    let obf = if obfuscation {
+    let obf = if s.obfuscation {
         r#","obfuscation":"afrmock""#
     } else {
         ""
     };
     let chunk = |choices: &str| event(format!("{prefix}{choices}{usage_null}{obf}}}"));
     let mut head = Vec::with_capacity(2);
-    if azure {
+    if s.azure {
         head.push(event(format!(
             r#"{{"choices":[],"created":0,"id":"","model":"","object":"",{AZURE_PROMPT_FILTER}}}"#
         )));
     }
-    head.push(chunk(
-        r#"[{"index":0,"delta":{"role":"assistant","content":"","refusal":null},"logprobs":null,"finish_reason":null}]"#,
-    ));
+    for i in 0..s.n {
+        head.push(chunk(&format!(
+            r#"[{{"index":{i},"delta":{{"role":"assistant","content":"","refusal":null}},"logprobs":null,"finish_reason":null}}]"#
+        )));
+    }
     let content = reply
         .pieces
         .iter()
-        .map(|p| {
+        .flat_map(|p| {
+            let piece = json_str(p);
+            (0..s.n)
+                .map(|i| {
+                    chunk(&format!(
+                        r#"[{{"index":{i},"delta":{{"content":{piece}}},"logprobs":null,"finish_reason":null}}]"#
+                    ))
+                })
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    let mut tail: Vec<Bytes> = (0..s.n)
+        .map(|i| {
             chunk(&format!(
-                r#"[{{"index":0,"delta":{{"content":{}}},"logprobs":null,"finish_reason":null}}]"#,
-                json_str(p)
+                r#"[{{"index":{i},"delta":{{}},"logprobs":null,"finish_reason":"{}"}}]"#,
+                finish_reason(reply)
             ))
         })
         .collect();
-    let mut tail = vec![chunk(&format!(
-        r#"[{{"index":0,"delta":{{}},"logprobs":null,"finish_reason":"{}"}}]"#,
-        finish_reason(reply)
-    ))];
-    if include_usage {
+    if s.include_usage && s.usage {
         tail.push(event(format!(
             r#"{prefix}[],"usage":{}{obf}}}"#,
-            usage_json(reply)
+            s.tokens.chat_json()
         )));
     }
     tail.push(Bytes::from_static(b"data: [DONE]\n\n"));
@@ -226,13 +272,35 @@ fn stream_plan(
         malformed_event: event(format!(
             r#"{prefix}[{{"index":0,"delta":{{"content":"trunc"#
         )),
+        billed: s.tokens.billed(),
+        first_delta: 0,
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::knobs::Knobs;
     use serde_json::json;
+
+    fn shape(r: &Reply, include_usage: bool, obfuscation: bool, azure: bool) -> Shape<'static> {
+        Shape {
+            id: "chatcmpl-x",
+            created: 1,
+            model: "gpt-4o-mini",
+            n: 1,
+            tokens: Tokens::new(
+                &Knobs::default(),
+                r.prompt_tokens,
+                r.completion_tokens(),
+                false,
+            ),
+            usage: true,
+            include_usage,
+            obfuscation,
+            azure,
+        }
+    }
 
     fn events(plan: &StreamPlan) -> Vec<Value> {
         plan.head
@@ -259,7 +327,7 @@ mod tests {
             None,
             None,
         );
-        let plan = stream_plan(&r, "chatcmpl-x", 1, "gpt-4o-mini", true, true, false);
+        let plan = stream_plan(&r, &shape(&r, true, true, false));
         let first = std::str::from_utf8(&plan.head[0]).unwrap();
         assert!(first.starts_with(r#"data: {"id":"chatcmpl-x","object":"chat.completion.chunk","created":1,"model":"gpt-4o-mini","service_tier":"default","system_fingerprint":"#));
         assert!(first
@@ -281,10 +349,40 @@ mod tests {
             None,
             None,
         );
-        let plan = stream_plan(&r, "c", 1, "m", false, false, true);
+        let plan = stream_plan(&r, &shape(&r, false, false, true));
         let ev = events(&plan);
         assert_eq!(ev[0]["choices"], json!([]), "azure annotation chunk first");
         assert!(ev.iter().all(|e| e.get("usage").is_none()));
         assert_eq!(ev.len(), 1 + 1 + 4 + 1 + 1);
+    }
+
+    #[test]
+    fn n_choices_repeat_every_chunk_per_index() {
+        let r = reply::build(
+            &json!({"messages":[{"role":"user","content":"hi"}]}),
+            None,
+            None,
+        );
+        let mut s = shape(&r, true, false, false);
+        s.n = 3;
+        s.tokens = s.tokens.with_choices(3);
+        let plan = stream_plan(&r, &s);
+        let ev = events(&plan);
+        // 3 role chunks, 4 pieces × 3, 3 finish chunks, usage, [DONE].
+        assert_eq!(ev.len(), 3 + 12 + 3 + 1 + 1);
+        let idx: Vec<u64> = ev[3..15]
+            .iter()
+            .map(|e| e["choices"][0]["index"].as_u64().unwrap())
+            .collect();
+        assert_eq!(idx, [0, 1, 2, 0, 1, 2, 0, 1, 2, 0, 1, 2]);
+        assert_eq!(ev[18]["usage"]["completion_tokens"], 12);
+        let body: Value = serde_json::from_str(&completion_body(&r, &s)).unwrap();
+        assert_eq!(body["choices"].as_array().unwrap().len(), 3);
+        assert_eq!(body["choices"][2]["index"], 2);
+        s.usage = false;
+        let body: Value = serde_json::from_str(&completion_body(&r, &s)).unwrap();
+        assert!(body.get("usage").is_none());
+        let ev = events(&stream_plan(&r, &s));
+        assert!(ev.iter().all(|e| e.get("choices") != Some(&json!([]))));
     }
 }

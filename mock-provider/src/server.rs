@@ -18,6 +18,7 @@ use crate::faults::{self, Api, FailureState};
 use crate::knobs::Knobs;
 use crate::log::{Entry, Outcome, RequestLog};
 use crate::stream::{self, StreamCtx, StreamPlan};
+use crate::usage::Billed;
 use crate::{anthropic, endpoints, openai};
 
 /// Largest request body the mock reads.
@@ -92,6 +93,11 @@ impl Ctx {
             HeaderValue::from_static("text/event-stream; charset=utf-8"),
         );
         resp
+    }
+
+    /// Records what a 200 answer bills.
+    pub fn bill(&self, billed: Billed) {
+        self.entry.progress().billed = Some(billed);
     }
 
     /// Records a complete (non-streamed) answer.
@@ -277,7 +283,10 @@ async fn answer(
         }
     }
     match route {
-        Route::Models => return openai::models(),
+        Route::Models => {
+            entry.progress().billed = Some(Billed::default());
+            return openai::models();
+        }
         Route::Unknown => {
             let msg = format!("Invalid URL ({} {})", parts.method, parts.uri.path());
             let v = serde_json::json!({"error": {"message": msg, "type": "invalid_request_error", "param": null, "code": null}});
@@ -343,8 +352,11 @@ async fn answer(
         return Response::new(MockBody::full(Bytes::new()));
     }
     let drip_ms = knobs.drip_ms;
-    if let Some(resp) = broken_answer(&knobs, stream, model) {
-        entry.progress().stream = stream;
+    if let Some((resp, billed)) = broken_answer(&knobs, stream, model) {
+        let mut p = entry.progress();
+        p.stream = stream;
+        p.billed = Some(billed);
+        drop(p);
         return dripped(resp, drip_ms);
     }
     if !stream {
@@ -379,8 +391,11 @@ async fn answer(
 }
 
 /// The 200 answers that are not a well-formed reply (`non_json`,
-/// `stall_after_headers`, `body_bytes`), or `None` for a normal answer.
-fn broken_answer(k: &Knobs, stream: bool, model: &str) -> Option<Response<MockBody>> {
+/// `stall_after_headers`, `body_bytes`) and what each bills (what its body
+/// reports: only a non-streamed `body_bytes` reply has a usage, 1 + 1), or
+/// `None` for a normal answer.
+fn broken_answer(k: &Knobs, stream: bool, model: &str) -> Option<(Response<MockBody>, Billed)> {
+    let mut billed = Billed::default();
     let content_type = if stream {
         "text/event-stream; charset=utf-8"
     } else {
@@ -406,6 +421,11 @@ fn broken_answer(k: &Knobs, stream: bool, model: &str) -> Option<Response<MockBo
                 "\"},\"finish_reason\":null}]}\n\ndata: [DONE]\n\n".to_owned(),
             )
         } else {
+            billed = Billed {
+                input: 1,
+                output: 1,
+                ..Billed::default()
+            };
             (
                 format!("{{\"id\":\"chatcmpl-afrmockbig\",\"object\":\"chat.completion\",\"created\":0,\"model\":{model},\"choices\":[{{\"index\":0,\"message\":{{\"role\":\"assistant\",\"content\":\""),
                 "\"},\"finish_reason\":\"stop\"}],\"usage\":{\"prompt_tokens\":1,\"completion_tokens\":1,\"total_tokens\":2}}".to_owned(),
@@ -418,7 +438,7 @@ fn broken_answer(k: &Knobs, stream: bool, model: &str) -> Option<Response<MockBo
     let mut resp = Response::new(body);
     resp.headers_mut()
         .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
-    Some(resp)
+    Some((resp, billed))
 }
 
 /// A body of `head`, `size` bytes of filler, then `tail`, generated while it
@@ -480,6 +500,7 @@ fn dripped(resp: Response<MockBody>, ms: u64) -> Response<MockBody> {
 async fn control(state: &State, what: String, req: Request<Incoming>) -> Response<MockBody> {
     match (req.method().clone(), what.as_str()) {
         (Method::GET, "requests") => json(StatusCode::OK, &state.log.to_json()),
+        (Method::GET, "billing") => json(StatusCode::OK, &state.log.billing()),
         (Method::DELETE, "requests") => {
             state.log.clear();
             json(StatusCode::OK, &serde_json::json!({"cleared": true}))

@@ -14,6 +14,7 @@ use serde_json::{json, Map, Value};
 
 use crate::reply::content_text;
 use crate::stream::StreamPlan;
+use crate::usage::{Billed, Tokens};
 
 /// The call the mock answers with.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -103,9 +104,20 @@ pub fn decide(body: &Value, anthropic: bool, prompt_tokens: u64) -> Option<ToolC
     })
 }
 
-fn usage_openai(call: &ToolCall) -> Value {
-    let (p, c) = (call.prompt_tokens, call.completion_tokens());
-    json!({"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c})
+/// How an OpenAI tool-call answer is framed.
+pub struct OpenAiCall<'a> {
+    /// The completion id.
+    pub id: &'a str,
+    /// Its `created` time.
+    pub created: u64,
+    /// The model named.
+    pub model: &'a str,
+    /// Per-instance sequence number, for the call id.
+    pub seq: u64,
+    /// Choices (`n`), each the same call.
+    pub n: u64,
+    /// The `usage` object, `None` with `omit_usage`.
+    pub usage: Option<Value>,
 }
 
 fn sse(json: &Value) -> Bytes {
@@ -116,56 +128,72 @@ fn anthropic_event(name: &str, json: &Value) -> Bytes {
     Bytes::from(format!("event: {name}\ndata: {json}\n\n"))
 }
 
-/// A `chat.completion` whose message calls the tool.
-pub fn openai_body(call: &ToolCall, id: &str, created: u64, model: &str, seq: u64) -> String {
-    json!({
-        "id": id, "object": "chat.completion", "created": created, "model": model,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": null, "tool_calls": [
-            {"id": format!("call_afrmock{seq:016}"), "type": "function", "function": {"name": call.name, "arguments": call.arguments}}
-        ], "refusal": null}, "logprobs": null, "finish_reason": "tool_calls"}],
-        "usage": usage_openai(call),
-    })
-    .to_string()
+/// A `chat.completion` whose message (in each of the `n` choices) calls the tool.
+pub fn openai_body(call: &ToolCall, m: &OpenAiCall) -> String {
+    let choices: Vec<Value> = (0..m.n)
+        .map(|i| {
+            json!({"index": i, "message": {"role": "assistant", "content": null, "tool_calls": [
+                {"id": format!("call_afrmock{:016}", m.seq), "type": "function", "function": {"name": call.name, "arguments": call.arguments}}
+            ], "refusal": null}, "logprobs": null, "finish_reason": "tool_calls"})
+        })
+        .collect();
+    let mut v = json!({
+        "id": m.id, "object": "chat.completion", "created": m.created, "model": m.model,
+        "choices": choices,
+    });
+    if let Some(usage) = &m.usage {
+        v["usage"] = usage.clone();
+    }
+    v.to_string()
 }
 
-/// A `chat.completion.chunk` stream that calls the tool.
+/// A `chat.completion.chunk` stream that calls the tool (each chunk once per
+/// choice index).
 pub fn openai_plan(
     call: &ToolCall,
-    id: &str,
-    created: u64,
-    model: &str,
-    seq: u64,
+    m: &OpenAiCall,
     include_usage: bool,
+    billed: Billed,
     error_event: Bytes,
 ) -> StreamPlan {
     let chunk = |choices: Value| {
-        let mut c = json!({"id": id, "object": "chat.completion.chunk", "created": created, "model": model, "choices": choices});
+        let mut c = json!({"id": m.id, "object": "chat.completion.chunk", "created": m.created, "model": m.model, "choices": choices});
         if include_usage {
             c["usage"] = Value::Null;
         }
         sse(&c)
     };
-    let head = vec![chunk(
-        json!([{"index": 0, "delta": {"role": "assistant", "content": null}, "logprobs": null, "finish_reason": null}]),
-    )];
+    let head = (0..m.n)
+        .map(|i| {
+            chunk(
+                json!([{"index": i, "delta": {"role": "assistant", "content": null}, "logprobs": null, "finish_reason": null}]),
+            )
+        })
+        .collect();
     let content = call
         .pieces
         .iter()
         .enumerate()
-        .map(|(i, piece)| {
-            let tc = if i == 0 {
-                json!({"index": 0, "id": format!("call_afrmock{seq:016}"), "type": "function", "function": {"name": call.name, "arguments": piece}})
+        .flat_map(|(p, piece)| {
+            let tc = if p == 0 {
+                json!({"index": 0, "id": format!("call_afrmock{:016}", m.seq), "type": "function", "function": {"name": call.name, "arguments": piece}})
             } else {
                 json!({"index": 0, "function": {"arguments": piece}})
             };
-            chunk(json!([{"index": 0, "delta": {"tool_calls": [tc]}, "logprobs": null, "finish_reason": null}]))
+            (0..m.n)
+                .map(|i| chunk(json!([{"index": i, "delta": {"tool_calls": [tc]}, "logprobs": null, "finish_reason": null}])))
+                .collect::<Vec<_>>()
         })
         .collect();
-    let mut tail = vec![chunk(
-        json!([{"index": 0, "delta": {}, "logprobs": null, "finish_reason": "tool_calls"}]),
-    )];
-    if include_usage {
-        tail.push(sse(&json!({"id": id, "object": "chat.completion.chunk", "created": created, "model": model, "choices": [], "usage": usage_openai(call)})));
+    let mut tail: Vec<Bytes> = (0..m.n)
+        .map(|i| {
+            chunk(
+                json!([{"index": i, "delta": {}, "logprobs": null, "finish_reason": "tool_calls"}]),
+            )
+        })
+        .collect();
+    if let (true, Some(usage)) = (include_usage, &m.usage) {
+        tail.push(sse(&json!({"id": m.id, "object": "chat.completion.chunk", "created": m.created, "model": m.model, "choices": [], "usage": usage})));
     }
     tail.push(Bytes::from_static(b"data: [DONE]\n\n"));
     StreamPlan {
@@ -176,41 +204,53 @@ pub fn openai_plan(
         malformed_event: Bytes::from_static(
             b"data: {\"id\":\"x\",\"choices\":[{\"delta\":{\"tool_calls\n\n",
         ),
+        billed,
+        first_delta: 0,
     }
-}
-
-fn usage_anthropic(call: &ToolCall) -> Value {
-    json!({"input_tokens": call.prompt_tokens, "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0, "output_tokens": call.completion_tokens()})
 }
 
 fn tool_use_id(seq: u64) -> String {
     format!("toolu_afrmock{seq:016}")
 }
 
-/// A Messages response whose content is the tool call.
-pub fn anthropic_body(call: &ToolCall, id: &str, model: &str, seq: u64) -> String {
+/// A Messages response whose content is the tool call (no `usage` with
+/// `omit_usage`).
+pub fn anthropic_body(
+    call: &ToolCall,
+    id: &str,
+    model: &str,
+    seq: u64,
+    tokens: &Tokens,
+    omit_usage: bool,
+) -> String {
     let input: Value = serde_json::from_str(&call.arguments).unwrap_or_else(|_| json!({}));
-    json!({
+    let mut v = json!({
         "model": model, "id": id, "type": "message", "role": "assistant",
         "content": [{"type": "tool_use", "id": tool_use_id(seq), "name": call.name, "input": input}],
-        "stop_reason": "tool_use", "stop_sequence": null, "usage": usage_anthropic(call),
-    })
-    .to_string()
+        "stop_reason": "tool_use", "stop_sequence": null,
+    });
+    if !omit_usage {
+        v["usage"] = tokens.anthropic_value(tokens.completion());
+    }
+    v.to_string()
 }
 
-/// A Messages stream that calls the tool, in the recorded sequence.
+/// A Messages stream that calls the tool, in the recorded sequence
+/// (`message_delta` without `usage` with `omit_usage`).
 pub fn anthropic_plan(
     call: &ToolCall,
     id: &str,
     model: &str,
     seq: u64,
+    tokens: &Tokens,
+    omit_usage: bool,
     error_event: Bytes,
 ) -> StreamPlan {
     let head = vec![
         anthropic_event(
             "message_start",
             &json!({"type": "message_start", "message": {"model": model, "id": id, "type": "message", "role": "assistant", "content": [], "stop_reason": null, "stop_sequence": null,
-                "usage": {"input_tokens": call.prompt_tokens, "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0, "output_tokens": 1}}}),
+                "usage": tokens.anthropic_value(1)}}),
         ),
         anthropic_event(
             "content_block_start",
@@ -228,15 +268,16 @@ pub fn anthropic_plan(
             )
         })
         .collect();
+    let mut delta = json!({"type": "message_delta", "delta": {"stop_reason": "tool_use", "stop_sequence": null}});
+    if !omit_usage {
+        delta["usage"] = tokens.anthropic_value(tokens.completion());
+    }
     let tail = vec![
         anthropic_event(
             "content_block_stop",
             &json!({"type": "content_block_stop", "index": 0}),
         ),
-        anthropic_event(
-            "message_delta",
-            &json!({"type": "message_delta", "delta": {"stop_reason": "tool_use", "stop_sequence": null}, "usage": usage_anthropic(call)}),
-        ),
+        anthropic_event("message_delta", &delta),
         anthropic_event("message_stop", &json!({"type": "message_stop"})),
     ];
     StreamPlan {
@@ -247,6 +288,8 @@ pub fn anthropic_plan(
         malformed_event: Bytes::from_static(
             b"event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"index\":0,\"delta\":{\"type\":\"input_json\n\n",
         ),
+        billed: tokens.billed(),
+        first_delta: 0,
     }
 }
 
