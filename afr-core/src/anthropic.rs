@@ -294,17 +294,8 @@ pub fn request_to_anthropic(req: &Value, model: &str) -> Result<Value, Translate
 // ---------------------------------------------------------------------------
 // Anthropic wire types (private)
 
-#[derive(Deserialize, Default, Clone, Copy)]
-struct UsageWire {
-    #[serde(default)]
-    input_tokens: Option<u64>,
-    #[serde(default)]
-    output_tokens: Option<u64>,
-    #[serde(default)]
-    cache_creation_input_tokens: Option<u64>,
-    #[serde(default)]
-    cache_read_input_tokens: Option<u64>,
-}
+/// Anthropic's usage object, read in one place (`crate::messages`).
+pub(crate) use crate::messages::AnthropicUsage as UsageWire;
 
 #[derive(Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
@@ -367,41 +358,27 @@ struct UsageOut {
 /// cumulative output at `message_delta`; cache reads and writes are part of
 /// OpenAI's `prompt_tokens`.
 #[derive(Debug, Default, Clone, Copy)]
-struct Tokens {
-    input: u64,
-    cache_read: u64,
-    cache_write: u64,
-    output: u64,
-}
+struct Tokens(UsageWire);
 
 impl Tokens {
     fn update(&mut self, u: &UsageWire) {
-        self.input = u.input_tokens.unwrap_or(self.input);
-        self.cache_read = u.cache_read_input_tokens.unwrap_or(self.cache_read);
-        self.cache_write = u.cache_creation_input_tokens.unwrap_or(self.cache_write);
-        self.output = u.output_tokens.unwrap_or(self.output);
+        self.0.merge(u);
     }
 
     fn out(&self) -> UsageOut {
-        let prompt = self.input + self.cache_read + self.cache_write;
+        let u = self.usage();
         UsageOut {
-            prompt_tokens: prompt,
-            completion_tokens: self.output,
-            total_tokens: prompt + self.output,
+            prompt_tokens: u.prompt_tokens,
+            completion_tokens: u.completion_tokens,
+            total_tokens: u.total_tokens,
             prompt_tokens_details: CachedTokens {
-                cached_tokens: self.cache_read,
+                cached_tokens: u.cached_tokens,
             },
         }
     }
 
     fn usage(&self) -> TokenUsage {
-        let u = self.out();
-        TokenUsage {
-            prompt_tokens: u.prompt_tokens,
-            completion_tokens: u.completion_tokens,
-            total_tokens: u.total_tokens,
-            cached_tokens: self.cache_read,
-        }
+        self.0.tokens()
     }
 }
 

@@ -7,6 +7,7 @@
 
 use crate::endpoint::ModelKind;
 use crate::splice::Splice;
+use crate::sse::TokenUsage;
 use indexmap::IndexMap;
 use serde::Deserialize;
 use serde_json::Value;
@@ -505,6 +506,11 @@ pub struct RouteConfig {
     /// fails over, after it the stream ends with an error event.
     #[serde(default, with = "humantime_serde")]
     pub event_idle: Option<Duration>,
+    /// Output cap written into a Responses API request that sets no
+    /// `max_output_tokens`, so no provider can bill past what the gateway
+    /// reserved; `None`: [`crate::validate::DEFAULT_MAX_TOKENS`].
+    #[serde(default)]
+    pub max_output_tokens: Option<u64>,
 }
 
 /// The default [`RouteConfig::event_idle`]. Providers write each event in
@@ -513,29 +519,81 @@ pub struct RouteConfig {
 /// stream that drips from its start fails over before it would commit.
 pub const DEFAULT_EVENT_IDLE: Duration = Duration::from_secs(2);
 
-/// A route's price in US dollars per million tokens.
+/// A route's price in US dollars per million tokens, one field per token
+/// class; [`Price::cost_nanos`] is the one place a usage becomes money.
 #[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Price {
     /// Prompt tokens.
     pub input: f64,
-    /// Prompt tokens served from the provider's cache; `input` when absent.
+    /// Prompt tokens served from the provider's cache; `input` when absent
+    /// (never under-billed: providers charge a fraction of it).
     #[serde(default)]
     pub cached_input: Option<f64>,
-    /// Completion tokens.
+    /// Prompt tokens written to a 5-minute cache (Anthropic); 1.25 × `input`
+    /// when absent, Anthropic's published multiplier.
+    #[serde(default)]
+    pub cache_write: Option<f64>,
+    /// Prompt tokens written to a 1-hour cache (Anthropic); 2 × `input` when absent.
+    #[serde(default)]
+    pub cache_write_1h: Option<f64>,
+    /// Completion tokens, reasoning tokens included.
     pub output: f64,
 }
 
+/// Anthropic's 5-minute cache write, as a multiple of the input price.
+pub const CACHE_WRITE_5M_FACTOR: f64 = 1.25;
+/// Anthropic's 1-hour cache write, as a multiple of the input price.
+pub const CACHE_WRITE_1H_FACTOR: f64 = 2.0;
+
 impl Price {
-    /// Cost in nano-dollars of `prompt` tokens (of which `cached` were
-    /// cached) and `completion` tokens. $1 per million tokens is 1000
-    /// nano-dollars per token.
-    pub fn cost_nanos(&self, prompt: u64, cached: u64, completion: u64) -> u64 {
-        let cached = cached.min(prompt);
-        let nanos = (prompt - cached) as f64 * self.input * 1000.0
-            + cached as f64 * self.cached_input.unwrap_or(self.input) * 1000.0
-            + completion as f64 * self.output * 1000.0;
+    /// Cost in nano-dollars of `usage`, each token class at its price. $1
+    /// per million tokens is 1000 nano-dollars per token.
+    pub fn cost_nanos(&self, usage: &TokenUsage) -> u64 {
+        let per_token = |n: u64, dollars_per_m: f64| n as f64 * dollars_per_m * 1000.0;
+        let cached = usage.cached_tokens.min(usage.prompt_tokens);
+        let nanos = per_token(usage.uncached_input(), self.input)
+            + per_token(cached, self.cached_input.unwrap_or(self.input))
+            + per_token(
+                usage.cache_write_5m,
+                self.cache_write
+                    .unwrap_or(self.input * CACHE_WRITE_5M_FACTOR),
+            )
+            + per_token(
+                usage.cache_write_1h,
+                self.cache_write_1h
+                    .unwrap_or(self.input * CACHE_WRITE_1H_FACTOR),
+            )
+            + per_token(usage.completion_tokens, self.output);
         nanos.round() as u64
+    }
+
+    /// The highest price any input token can have on this route: with
+    /// `writes_cache` (a provider that writes prompt caches, Anthropic) a
+    /// cache write, dearer than plain input, since the gateway cannot foresee
+    /// which prefix the provider caches.
+    pub fn max_input(&self, writes_cache: bool) -> f64 {
+        let mut max = self.input.max(self.cached_input.unwrap_or(self.input));
+        if writes_cache {
+            max = max
+                .max(
+                    self.cache_write
+                        .unwrap_or(self.input * CACHE_WRITE_5M_FACTOR),
+                )
+                .max(
+                    self.cache_write_1h
+                        .unwrap_or(self.input * CACHE_WRITE_1H_FACTOR),
+                );
+        }
+        max
+    }
+
+    /// The worst-case cost of `prompt` input tokens (each at the dearest
+    /// input class, see [`Price::max_input`]) and `output` output tokens.
+    pub fn worst_nanos(&self, prompt: u64, output: u64, writes_cache: bool) -> u64 {
+        (prompt as f64 * self.max_input(writes_cache) * 1000.0
+            + output as f64 * self.output * 1000.0)
+            .round() as u64
     }
 }
 
@@ -844,6 +902,8 @@ impl SidecarConfig {
                     for (field, v) in [
                         ("input", Some(p.input)),
                         ("cached_input", p.cached_input),
+                        ("cache_write", p.cache_write),
+                        ("cache_write_1h", p.cache_write_1h),
                         ("output", Some(p.output)),
                     ] {
                         if v.is_some_and(|v| !(v.is_finite() && (0.0..=1e6).contains(&v))) {
@@ -853,6 +913,12 @@ impl SidecarConfig {
                             ));
                         }
                     }
+                }
+                if r.max_output_tokens == Some(0) {
+                    errors.push(ConfigError::new(
+                        format!("{path}.max_output_tokens"),
+                        "must be a positive number of tokens",
+                    ));
                 }
                 if let Some(d) = r.event_idle {
                     let field = format!("{path}.event_idle");

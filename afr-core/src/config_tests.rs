@@ -292,9 +292,40 @@ fn prices_cost_and_warnings() {
     let p = shipped.models["gpt-5-mini"].routes[0].price.unwrap();
     // 1000 prompt (400 cached) + 500 completion at $0.25 / $0.025 / $2 per 1M.
     assert_eq!(
-        p.cost_nanos(1000, 400, 500),
+        p.cost_nanos(&TokenUsage {
+            prompt_tokens: 1000,
+            cached_tokens: 400,
+            completion_tokens: 500,
+            ..TokenUsage::default()
+        }),
         600 * 250 + 400 * 25 + 500 * 2000
     );
+    // Cache writes at 1.25x (5 min) and 2x (1 h) input unless priced; reasoning is output.
+    let written = TokenUsage {
+        prompt_tokens: 1000,
+        cached_tokens: 100,
+        cache_write_5m: 200,
+        cache_write_1h: 300,
+        completion_tokens: 50,
+        reasoning_tokens: 20,
+        ..TokenUsage::default()
+    };
+    assert_eq!(
+        p.cost_nanos(&written),
+        400 * 250 + 100 * 25 + 200 * 3125 / 10 + 300 * 500 + 50 * 2000
+    );
+    let priced = Price {
+        cache_write: Some(0.5),
+        cache_write_1h: Some(1.0),
+        ..p
+    };
+    assert_eq!(
+        priced.cost_nanos(&written),
+        400 * 250 + 100 * 25 + 200 * 500 + 300 * 1000 + 50 * 2000
+    );
+    // The worst case prices every prompt token at the dearest class a route can bill.
+    assert_eq!(p.worst_nanos(10, 1, false), 10 * 250 + 2000);
+    assert_eq!(p.worst_nanos(10, 1, true), 10 * 500 + 2000);
     let minimal = SidecarConfig::parse(MINIMAL, "t").unwrap();
     let w: Vec<String> = minimal.warnings().iter().map(ToString::to_string).collect();
     assert_eq!(w.len(), 1);
@@ -324,6 +355,19 @@ fn output_cap_follows_rename_and_clamp() {
             &format!("{{{m},{msgs},\"max_tokens\":99}}")
         ),
         99
+    );
+    // Every one of n choices may produce the whole limit.
+    assert_eq!(
+        cap(
+            "gpt-4o-mini",
+            0,
+            &format!("{{{m},{msgs},\"max_tokens\":99,\"n\":8}}")
+        ),
+        792
+    );
+    assert_eq!(
+        cap("gpt-4o-mini", 0, &format!("{{{m},{msgs},\"n\":2}}")),
+        8192
     );
     // Clamped to the route's 16384.
     assert_eq!(

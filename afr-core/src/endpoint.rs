@@ -12,7 +12,9 @@
 use crate::config::RouteConfig;
 use crate::splice::{members, ObjectSpans, Splice};
 use crate::sse::{event_data, event_name, TokenUsage};
-use crate::validate::{check_positive_int, field, find, type_error, value, Invalid};
+use crate::validate::{
+    capped, check_positive_int, field, find, type_error, value, Invalid, DEFAULT_MAX_TOKENS,
+};
 use serde::Deserialize;
 use serde_json::Value;
 
@@ -134,9 +136,20 @@ pub struct PassthroughRequest {
     pub previous_response_id: Option<String>,
     /// Characters of input, for estimating a cut stream's prompt tokens.
     pub prompt_chars: usize,
+    /// The client's output limit (completions `max_tokens`, Responses
+    /// `max_output_tokens`); `None`: the gateway writes one in.
+    pub output_limit: Option<u64>,
+    /// Completions generated and billed per request: completions
+    /// max(`n`, `best_of`), 1 elsewhere.
+    pub choices: u64,
     /// Where the body's top-level members lie.
     pub spans: ObjectSpans,
 }
+
+/// OpenAI's default `max_tokens` of `/v1/completions` (its API reference),
+/// written into a request that sets none so the bound the gateway reserved
+/// is the one the provider applies.
+pub const COMPLETIONS_DEFAULT_MAX_TOKENS: u64 = 16;
 
 impl PassthroughRequest {
     /// The body for one route: the client's bytes with the route's
@@ -145,6 +158,11 @@ impl PassthroughRequest {
     /// sends usage in its last event).
     pub fn upstream_body(&self, src: &[u8], route: &RouteConfig, ask_usage: bool) -> Vec<u8> {
         let mut body = self.spans.edit(src);
+        if self.output_limit.is_none() {
+            if let Some((field, cap)) = self.filled_limit(route) {
+                body.set(field, cap.to_string().into_bytes());
+            }
+        }
         if ask_usage && self.endpoint == Endpoint::Completions {
             let options = body
                 .get("stream_options")
@@ -160,6 +178,34 @@ impl PassthroughRequest {
         }
         route.adapt(&mut body);
         body.finish()
+    }
+
+    /// The output limit the gateway writes in when the client set none.
+    fn filled_limit(&self, route: &RouteConfig) -> Option<(&'static str, u64)> {
+        match self.endpoint {
+            Endpoint::Completions => Some(("max_tokens", COMPLETIONS_DEFAULT_MAX_TOKENS)),
+            Endpoint::Responses => Some((
+                "max_output_tokens",
+                route.max_output_tokens.unwrap_or(DEFAULT_MAX_TOKENS),
+            )),
+            _ => None,
+        }
+    }
+
+    /// The most output tokens `route` can bill for this request: the
+    /// client's limit (or the one written in) after the route's
+    /// adaptations, for every choice generated. Embeddings produce none.
+    pub fn output_cap(&self, route: &RouteConfig) -> u64 {
+        let (field, limit) = match (self.endpoint, self.output_limit) {
+            (Endpoint::Embeddings, _) => return 0,
+            (Endpoint::Completions, Some(n)) => ("max_tokens", n),
+            (Endpoint::Responses, Some(n)) => ("max_output_tokens", n),
+            _ => match self.filled_limit(route) {
+                Some(filled) => filled,
+                None => ("max_tokens", DEFAULT_MAX_TOKENS),
+            },
+        };
+        capped(route, field, limit).saturating_mul(self.choices)
     }
 }
 
@@ -212,6 +258,8 @@ pub fn validate_passthrough(
         _ => false,
     };
     let mut prompt_chars = 0;
+    let mut output_limit = None;
+    let mut choices = 1;
     match endpoint {
         Endpoint::Embeddings => {
             let input = find(&body, "input")
@@ -235,13 +283,16 @@ pub fn validate_passthrough(
             if let Some(raw) = find(&body, "prompt") {
                 prompt_chars = text_chars(&value("prompt", raw)?);
             }
-            check_positive_int(&body, "max_tokens")?;
+            output_limit = check_positive_int(&body, "max_tokens")?;
+            let n = check_positive_int(&body, "n")?.unwrap_or(1);
+            let best_of = check_positive_int(&body, "best_of")?.unwrap_or(1);
+            choices = n.max(best_of);
         }
         Endpoint::Responses => {
             if let Some(raw) = find(&body, "input") {
                 prompt_chars = text_chars(&value("input", raw)?);
             }
-            check_positive_int(&body, "max_output_tokens")?;
+            output_limit = check_positive_int(&body, "max_output_tokens")?;
         }
         // Validated by their own modules (`validate`, `messages`).
         Endpoint::ChatCompletions | Endpoint::Messages => {}
@@ -257,6 +308,8 @@ pub fn validate_passthrough(
         include_usage,
         previous_response_id,
         prompt_chars,
+        output_limit,
+        choices,
         spans: ObjectSpans::new(bytes, &body),
     })
 }
@@ -311,6 +364,19 @@ struct ResponsesUsage {
     output_tokens: Option<u64>,
     #[serde(default)]
     total_tokens: Option<u64>,
+    #[serde(default)]
+    input_tokens_details: Option<Details>,
+    #[serde(default)]
+    output_tokens_details: Option<Details>,
+}
+
+/// `input_tokens_details` / `output_tokens_details`.
+#[derive(Debug, Default, Deserialize)]
+struct Details {
+    #[serde(default)]
+    cached_tokens: Option<u64>,
+    #[serde(default)]
+    reasoning_tokens: Option<u64>,
 }
 
 impl From<ResponsesUsage> for TokenUsage {
@@ -321,8 +387,15 @@ impl From<ResponsesUsage> for TokenUsage {
             prompt_tokens: prompt,
             completion_tokens: completion,
             total_tokens: u.total_tokens.unwrap_or(prompt + completion),
-            // Not read from this wire: billed at the full input price.
-            cached_tokens: 0,
+            cached_tokens: u
+                .input_tokens_details
+                .and_then(|d| d.cached_tokens)
+                .unwrap_or(0),
+            reasoning_tokens: u
+                .output_tokens_details
+                .and_then(|d| d.reasoning_tokens)
+                .unwrap_or(0),
+            ..TokenUsage::default()
         }
     }
 }

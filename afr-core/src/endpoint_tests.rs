@@ -24,6 +24,7 @@ fn route(model: &str) -> RouteConfig {
         clamp: Default::default(),
         price: None,
         event_idle: None,
+        max_output_tokens: None,
     }
 }
 
@@ -139,8 +140,55 @@ fn responses_read_previous_response_id_and_leave_the_rest() {
     let up = r.upstream_body(body, &route("gpt-4o-mini"), true);
     assert_eq!(
         String::from_utf8(up).expect("utf-8"),
-        r#"{"model":"gpt-4o-mini","input":"hi","previous_response_id":"resp_1","stream":true}"#
+        r#"{"model":"gpt-4o-mini","input":"hi","previous_response_id":"resp_1","stream":true,"max_output_tokens":4096}"#
     );
+}
+
+#[test]
+fn the_output_cap_bounds_what_each_endpoint_can_bill() {
+    let mut r = route("up");
+    // Responses: the client's max_output_tokens; without one, the route's cap is written in.
+    let body = br#"{"model":"m","input":"hi","max_output_tokens":32000}"#;
+    let req = validate_passthrough(Endpoint::Responses, body).expect("valid");
+    assert_eq!(req.output_cap(&r), 32000);
+    assert!(!String::from_utf8(req.upstream_body(body, &r, false))
+        .unwrap()
+        .contains("4096"));
+    let body = br#"{"model":"m","input":"hi"}"#;
+    let req = validate_passthrough(Endpoint::Responses, body).expect("valid");
+    r.max_output_tokens = Some(900);
+    assert_eq!(req.output_cap(&r), 900);
+    assert_eq!(
+        String::from_utf8(req.upstream_body(body, &r, false)).unwrap(),
+        r#"{"model":"up","input":"hi","max_output_tokens":900}"#
+    );
+    // Completions: max_tokens (OpenAI's default 16 written in) x max(n, best_of).
+    let body = br#"{"model":"m","prompt":"x","max_tokens":100,"n":2,"best_of":5}"#;
+    let req = validate_passthrough(Endpoint::Completions, body).expect("valid");
+    assert_eq!(req.output_cap(&r), 500);
+    let body = br#"{"model":"m","prompt":"x","n":3}"#;
+    let req = validate_passthrough(Endpoint::Completions, body).expect("valid");
+    assert_eq!(req.output_cap(&r), 48);
+    assert_eq!(
+        String::from_utf8(req.upstream_body(body, &r, false)).unwrap(),
+        r#"{"model":"up","prompt":"x","n":3,"max_tokens":16}"#
+    );
+    // A route's clamp bounds what the provider is told, and so the cap.
+    r.clamp.insert(
+        "max_tokens".into(),
+        crate::config::Clamp {
+            min: None,
+            max: Some(50.0),
+        },
+    );
+    assert_eq!(req.output_cap(&r), 48);
+    let body = br#"{"model":"m","prompt":"x","max_tokens":100,"n":2}"#;
+    let req = validate_passthrough(Endpoint::Completions, body).expect("valid");
+    assert_eq!(req.output_cap(&r), 100);
+    let bad = validate_passthrough(Endpoint::Completions, br#"{"model":"m","best_of":0}"#);
+    assert_eq!(bad.unwrap_err().param.as_deref(), Some("best_of"));
+    let embed = validate_passthrough(Endpoint::Embeddings, br#"{"model":"m","input":"x"}"#);
+    assert_eq!(embed.expect("valid").output_cap(&r), 0);
 }
 
 #[test]

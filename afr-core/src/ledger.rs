@@ -83,6 +83,47 @@ impl Refusal {
     }
 }
 
+/// A request whose worst case exceeds a key's whole limit: no wait makes it
+/// fit, so it is refused without a `Retry-After` (and the SDKs are told not
+/// to retry it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Never {
+    /// More tokens than the key's `tpm`.
+    Tokens {
+        /// The key's `tpm`.
+        limit: u64,
+        /// The request's worst case.
+        requested: u64,
+    },
+    /// A worst-case cost above the key's whole budget for a period.
+    Budget {
+        /// The key's budget.
+        budget: Budget,
+        /// The request's worst-case cost in nano-dollars.
+        requested_nanos: u64,
+    },
+}
+
+/// Whether `ask` can never fit `limits`, whatever the key has used: its
+/// tokens above the whole `tpm`, or its cost above the whole budget.
+pub fn never_fits(limits: &KeyLimits, ask: Amount) -> Option<Never> {
+    if let Some(limit) = limits.tpm {
+        if ask.tokens > limit {
+            return Some(Never::Tokens {
+                limit,
+                requested: ask.tokens,
+            });
+        }
+    }
+    match limits.budget {
+        Some(budget) if ask.cost_nanos > budget.nanos => Some(Never::Budget {
+            budget,
+            requested_nanos: ask.cost_nanos,
+        }),
+        _ => None,
+    }
+}
+
 /// What the `x-ratelimit-*-tokens` headers say about a key right now.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TokenState {
@@ -477,6 +518,39 @@ mod tests {
             .filter(|_| l.reserve("k", &limits, tokens(100), T0 + 10).is_ok())
             .count();
         assert_eq!(more, 7);
+    }
+
+    #[test]
+    fn a_worst_case_above_the_whole_limit_never_fits() {
+        assert_eq!(never_fits(&tpm(100), tokens(100)), None);
+        assert_eq!(
+            never_fits(&tpm(100), tokens(101)),
+            Some(Never::Tokens {
+                limit: 100,
+                requested: 101
+            })
+        );
+        let budget = Budget {
+            nanos: 1_000,
+            per: Period::Day,
+        };
+        let limits = KeyLimits {
+            budget: Some(budget),
+            ..KeyLimits::default()
+        };
+        let ask = |cost_nanos| Amount {
+            tokens: 5,
+            cost_nanos,
+        };
+        assert_eq!(never_fits(&limits, ask(1_000)), None);
+        assert_eq!(
+            never_fits(&limits, ask(1_001)),
+            Some(Never::Budget {
+                budget,
+                requested_nanos: 1_001
+            })
+        );
+        assert_eq!(never_fits(&KeyLimits::default(), ask(u64::MAX)), None);
     }
 
     #[test]

@@ -6,6 +6,7 @@
 
 pub mod anthropic;
 pub mod attempt;
+pub mod billing;
 pub mod breaker;
 pub mod concurrency;
 pub mod config;

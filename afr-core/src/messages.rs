@@ -25,6 +25,8 @@ pub struct MessagesRequest {
     pub stream: bool,
     /// Characters of prompt text (system, messages, tools), for estimates.
     pub prompt_chars: usize,
+    /// The client's `max_tokens` (0 for `count_tokens`, which generates nothing).
+    pub max_tokens: u64,
     /// Where the body's top-level members lie.
     pub spans: ObjectSpans,
 }
@@ -36,6 +38,12 @@ impl MessagesRequest {
         let mut body = self.spans.edit(src);
         route.adapt(&mut body);
         body.finish()
+    }
+
+    /// The most output tokens `route` can bill: `max_tokens` after the
+    /// route's adaptations (which apply to a translated body too).
+    pub fn output_cap(&self, route: &RouteConfig) -> u64 {
+        crate::validate::capped(route, "max_tokens", self.max_tokens)
     }
 }
 
@@ -122,9 +130,12 @@ pub fn validate_messages(bytes: &[u8], count_tokens: bool) -> Result<MessagesReq
             prompt_chars += text_chars(&v);
         }
     }
+    let mut max_tokens = 0;
     if !count_tokens {
         match get("max_tokens")? {
-            Some(Value::Number(n)) if n.as_u64().is_some_and(|v| v >= 1) => {}
+            Some(Value::Number(n)) if n.as_u64().is_some_and(|v| v >= 1) => {
+                max_tokens = n.as_u64().unwrap_or(0);
+            }
             None | Some(Value::Null) => {
                 return Err(invalid("max_tokens", "max_tokens: Field required"))
             }
@@ -148,6 +159,7 @@ pub fn validate_messages(bytes: &[u8], count_tokens: bool) -> Result<MessagesReq
         model,
         stream,
         prompt_chars,
+        max_tokens,
         spans: ObjectSpans::new(bytes, &body),
     })
 }
@@ -179,21 +191,92 @@ pub struct EventInfo {
     /// Carries nothing the client reads as output yet (`message_start`,
     /// `ping`, an empty text block's start, comments).
     pub preamble: bool,
-    /// Input tokens reported (`message_start`, and `message_delta` in
-    /// current API versions), cache reads and writes included.
-    pub input_tokens: Option<u64>,
-    /// Cumulative output tokens reported.
-    pub output_tokens: Option<u64>,
+    /// The usage the event reported (`message_start`: input and the first
+    /// output count; `message_delta`: the final output count, and in current
+    /// API versions the input classes again).
+    pub usage: Option<AnthropicUsage>,
+    /// A `message_delta` with usage: Anthropic's counts are final from here.
+    pub final_usage: bool,
     /// Characters of generated output (text, tool input, thinking).
     pub content_chars: usize,
 }
 
-#[derive(Deserialize, Default)]
-struct UsageWire {
-    input_tokens: Option<u64>,
-    cache_creation_input_tokens: Option<u64>,
-    cache_read_input_tokens: Option<u64>,
-    output_tokens: Option<u64>,
+/// Anthropic's `usage` object, the one reader of its token classes for every
+/// place the gateway meets it (native answers and streams, and the
+/// translation to OpenAI's shape). `input_tokens` excludes cache reads and
+/// writes; OpenAI's `prompt_tokens` (and [`TokenUsage::prompt_tokens`]) includes them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+pub struct AnthropicUsage {
+    /// Input tokens neither read from nor written to the cache.
+    #[serde(default)]
+    pub input_tokens: Option<u64>,
+    /// Input tokens written to the cache (5-minute and 1-hour together).
+    #[serde(default)]
+    pub cache_creation_input_tokens: Option<u64>,
+    /// Input tokens read from the cache.
+    #[serde(default)]
+    pub cache_read_input_tokens: Option<u64>,
+    /// The split of `cache_creation_input_tokens` by time to live.
+    #[serde(default)]
+    pub cache_creation: Option<CacheCreation>,
+    /// Output tokens (thinking included), cumulative in a stream.
+    #[serde(default)]
+    pub output_tokens: Option<u64>,
+}
+
+/// `usage.cache_creation`: cache writes by time to live.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+pub struct CacheCreation {
+    /// Written for five minutes.
+    #[serde(default)]
+    pub ephemeral_5m_input_tokens: Option<u64>,
+    /// Written for an hour.
+    #[serde(default)]
+    pub ephemeral_1h_input_tokens: Option<u64>,
+}
+
+impl AnthropicUsage {
+    /// Takes what `later` reports (a later event's counts win, field by field).
+    pub fn merge(&mut self, later: &AnthropicUsage) {
+        self.input_tokens = later.input_tokens.or(self.input_tokens);
+        self.cache_creation_input_tokens = later
+            .cache_creation_input_tokens
+            .or(self.cache_creation_input_tokens);
+        self.cache_read_input_tokens = later
+            .cache_read_input_tokens
+            .or(self.cache_read_input_tokens);
+        self.cache_creation = later.cache_creation.or(self.cache_creation);
+        self.output_tokens = later.output_tokens.or(self.output_tokens);
+    }
+
+    /// The counts by class. Cache writes without their split (older API
+    /// versions) are 5-minute writes, the only kind those versions had.
+    pub fn tokens(&self) -> TokenUsage {
+        let read = self.cache_read_input_tokens.unwrap_or(0);
+        let written = self.cache_creation_input_tokens.unwrap_or(0);
+        let (w5, w1) = match self.cache_creation {
+            Some(c) => {
+                let w1 = c.ephemeral_1h_input_tokens.unwrap_or(0);
+                let w5 = c
+                    .ephemeral_5m_input_tokens
+                    .unwrap_or_else(|| written.saturating_sub(w1));
+                (w5, w1)
+            }
+            None => (written, 0),
+        };
+        let prompt = self.input_tokens.unwrap_or(0) + read + w5 + w1;
+        let completion = self.output_tokens.unwrap_or(0);
+        TokenUsage {
+            prompt_tokens: prompt,
+            completion_tokens: completion,
+            total_tokens: prompt + completion,
+            cached_tokens: read,
+            cache_write_5m: w5,
+            cache_write_1h: w1,
+            // Thinking is billed as output; Anthropic does not count it apart.
+            reasoning_tokens: 0,
+        }
+    }
 }
 
 #[derive(Deserialize)]
@@ -203,7 +286,7 @@ struct EventWire {
     #[serde(default)]
     message: Option<MessageWire>,
     #[serde(default)]
-    usage: Option<UsageWire>,
+    usage: Option<AnthropicUsage>,
     #[serde(default)]
     content_block: Option<Value>,
     #[serde(default)]
@@ -213,16 +296,7 @@ struct EventWire {
 #[derive(Deserialize)]
 struct MessageWire {
     #[serde(default)]
-    usage: Option<UsageWire>,
-}
-
-impl UsageWire {
-    fn input(&self) -> Option<u64> {
-        self.input_tokens.map(|i| {
-            i + self.cache_creation_input_tokens.unwrap_or(0)
-                + self.cache_read_input_tokens.unwrap_or(0)
-        })
-    }
+    usage: Option<AnthropicUsage>,
 }
 
 /// Reads one raw Anthropic SSE event. Data that does not parse reads as
@@ -247,10 +321,7 @@ pub fn inspect_event(raw: &[u8]) -> EventInfo {
     match event.kind.as_str() {
         "message_start" => {
             info.preamble = true;
-            if let Some(u) = event.message.and_then(|m| m.usage) {
-                info.input_tokens = u.input();
-                info.output_tokens = u.output_tokens;
-            }
+            info.usage = event.message.and_then(|m| m.usage);
         }
         "ping" => info.preamble = true,
         "content_block_start" => {
@@ -277,10 +348,8 @@ pub fn inspect_event(raw: &[u8]) -> EventInfo {
                 .sum();
         }
         "message_delta" => {
-            if let Some(u) = event.usage {
-                info.input_tokens = u.input();
-                info.output_tokens = u.output_tokens;
-            }
+            info.final_usage = event.usage.is_some();
+            info.usage = event.usage;
         }
         "message_stop" => info.done = true,
         "error" => info.error = true,
@@ -292,30 +361,30 @@ pub fn inspect_event(raw: &[u8]) -> EventInfo {
 /// Token counts of an Anthropic stream, from its events in order.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct StreamUsage {
-    input: Option<u64>,
-    output: Option<u64>,
+    usage: Option<AnthropicUsage>,
+    complete: bool,
 }
 
 impl StreamUsage {
     /// Takes the counts one event reported (later reports win: output is cumulative).
     pub fn update(&mut self, info: &EventInfo) {
-        self.input = info.input_tokens.or(self.input);
-        self.output = info.output_tokens.or(self.output);
+        if let Some(u) = &info.usage {
+            self.usage
+                .get_or_insert_with(AnthropicUsage::default)
+                .merge(u);
+        }
+        self.complete |= info.final_usage;
     }
 
     /// The counts so far; `None` until the provider reported any.
     pub fn usage(&self) -> Option<TokenUsage> {
-        if self.input.is_none() && self.output.is_none() {
-            return None;
-        }
-        let (p, c) = (self.input.unwrap_or(0), self.output.unwrap_or(0));
-        Some(TokenUsage {
-            prompt_tokens: p,
-            completion_tokens: c,
-            total_tokens: p + c,
-            // Not read from this wire: billed at the full input price.
-            cached_tokens: 0,
-        })
+        self.usage.map(|u| u.tokens())
+    }
+
+    /// Whether the counts are final (`message_delta` reported them): before
+    /// it, the output count is `message_start`'s placeholder.
+    pub fn is_final(&self) -> bool {
+        self.complete
     }
 }
 
@@ -323,16 +392,14 @@ impl StreamUsage {
 pub fn response_usage(body: &[u8]) -> Option<TokenUsage> {
     #[derive(Deserialize)]
     struct WithUsage {
-        usage: Option<UsageWire>,
+        usage: Option<AnthropicUsage>,
     }
-    let u = serde_json::from_slice::<WithUsage>(body).ok()?.usage?;
-    let mut s = StreamUsage::default();
-    s.update(&EventInfo {
-        input_tokens: u.input(),
-        output_tokens: u.output_tokens,
-        ..EventInfo::default()
-    });
-    s.usage()
+    Some(
+        serde_json::from_slice::<WithUsage>(body)
+            .ok()?
+            .usage?
+            .tokens(),
+    )
 }
 
 /// The `event: error` that ends an Anthropic stream the gateway cannot

@@ -212,6 +212,42 @@ pub struct TokenUsage {
         deserialize_with = "cached_tokens"
     )]
     pub cached_tokens: u64,
+    /// Of the prompt tokens, those written to the provider's cache for five
+    /// minutes (Anthropic `cache_creation.ephemeral_5m_input_tokens`).
+    #[serde(skip)]
+    pub cache_write_5m: u64,
+    /// Of the prompt tokens, those written to the cache for an hour.
+    #[serde(skip)]
+    pub cache_write_1h: u64,
+    /// Of the completion tokens, those spent reasoning
+    /// (`completion_tokens_details.reasoning_tokens`): billed as output,
+    /// recorded apart.
+    #[serde(
+        default,
+        rename = "completion_tokens_details",
+        deserialize_with = "reasoning_tokens"
+    )]
+    pub reasoning_tokens: u64,
+}
+
+impl TokenUsage {
+    /// Prompt tokens billed at the plain input price: neither read from nor
+    /// written to the cache.
+    pub fn uncached_input(&self) -> u64 {
+        self.prompt_tokens
+            .saturating_sub(self.cached_tokens)
+            .saturating_sub(self.cache_write_5m)
+            .saturating_sub(self.cache_write_1h)
+    }
+}
+
+fn reasoning_tokens<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<u64, D::Error> {
+    #[derive(Deserialize)]
+    struct Details {
+        #[serde(default, deserialize_with = "null_as_zero")]
+        reasoning_tokens: u64,
+    }
+    Ok(Option::<Details>::deserialize(deserializer)?.map_or(0, |d| d.reasoning_tokens))
 }
 
 fn cached_tokens<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<u64, D::Error> {

@@ -67,6 +67,7 @@ fn frames_the_recorded_stream_into_its_events() {
             completion_tokens: 10,
             total_tokens: 36,
             cached_tokens: 0,
+            ..TokenUsage::default()
         })
     );
     assert!(!inspect_chunk(&events[11]).usage_only);

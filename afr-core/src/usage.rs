@@ -4,7 +4,7 @@
 use serde::{Deserialize, Serialize};
 
 /// Where token counts came from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum TokenSource {
     /// The provider's `usage` object.
@@ -12,11 +12,12 @@ pub enum TokenSource {
     /// Estimated by the gateway (a stream cut short before the provider sent usage).
     Estimated,
     /// No tokens were consumed (the request failed before any provider answered).
+    #[default]
     None,
 }
 
 /// Everything recorded about one request.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct UsageRecord {
     /// Unix time in milliseconds when the request arrived at the sidecar.
     pub ts_ms: i64,
@@ -52,4 +53,16 @@ pub struct UsageRecord {
     /// route has no price (unknown, not free). 0 when nothing was consumed.
     #[serde(default)]
     pub cost_nanos: Option<u64>,
+    /// Of the prompt tokens, those read from the provider's cache.
+    #[serde(default)]
+    pub cached_tokens: u64,
+    /// Of the prompt tokens, those written to a 5-minute cache (Anthropic).
+    #[serde(default)]
+    pub cache_write_5m_tokens: u64,
+    /// Of the prompt tokens, those written to a 1-hour cache (Anthropic).
+    #[serde(default)]
+    pub cache_write_1h_tokens: u64,
+    /// Of the completion tokens, those spent reasoning (billed as output).
+    #[serde(default)]
+    pub reasoning_tokens: u64,
 }

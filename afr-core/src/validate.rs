@@ -47,6 +47,8 @@ pub struct ChatRequest {
     /// The client's `max_tokens` and `max_completion_tokens` (0: not set),
     /// for the worst case a request reserves.
     pub output_limits: [(&'static str, u64); 2],
+    /// Choices asked for (`n`, default 1): each may produce the whole limit.
+    pub choices: u64,
     /// Characters of prompt text, for estimating the tokens of a stream cut
     /// short before the provider's usage arrived.
     pub prompt_chars: usize,
@@ -85,30 +87,37 @@ impl ChatRequest {
 
     /// The most completion tokens `route` can produce for this request: the
     /// client's limit (or the default that is filled in) after the route's
-    /// rename and clamp — what the provider will really be told.
+    /// rename and clamp — what the provider will really be told — for each
+    /// of the `n` choices.
     pub fn output_cap(&self, route: &RouteConfig) -> u64 {
         let limits = if self.fill_max_tokens {
             [("max_tokens", DEFAULT_MAX_TOKENS), ("", 0)]
         } else {
             self.output_limits
         };
-        limits
+        let per_choice = limits
             .iter()
             .filter(|(field, n)| !field.is_empty() && *n > 0)
-            .map(|&(field, n)| {
-                if route.drop.iter().any(|d| d == field) {
-                    // Dropped: the provider's own default applies, which the
-                    // gateway cannot know; the contract's default stands in.
-                    return DEFAULT_MAX_TOKENS;
-                }
-                let name = route.rename.get(field).map_or(field, String::as_str);
-                match route.clamp.get(name).and_then(|c| c.max) {
-                    Some(max) if (n as f64) > max => max.max(0.0) as u64,
-                    _ => n,
-                }
-            })
+            .map(|&(field, n)| capped(route, field, n))
             .max()
-            .unwrap_or(DEFAULT_MAX_TOKENS)
+            .unwrap_or(DEFAULT_MAX_TOKENS);
+        per_choice.saturating_mul(self.choices)
+    }
+}
+
+/// What a client's output limit `n`, sent as `field`, becomes on `route`:
+/// the route's clamp of the (renamed) field, or — when the route drops the
+/// field — the contract's default standing in for the provider's own.
+pub fn capped(route: &RouteConfig, field: &str, n: u64) -> u64 {
+    if route.drop.iter().any(|d| d == field) {
+        // Dropped: the provider's own default applies, which the gateway
+        // cannot know; the contract's default stands in.
+        return DEFAULT_MAX_TOKENS;
+    }
+    let name = route.rename.get(field).map_or(field, String::as_str);
+    match route.clamp.get(name).and_then(|c| c.max) {
+        Some(max) if (n as f64) > max => max.max(0.0) as u64,
+        _ => n,
     }
 }
 
@@ -292,8 +301,11 @@ pub fn validate_chat(bytes: &[u8]) -> Result<ChatRequest, Invalid> {
         ("max_completion_tokens", completion_limit.unwrap_or(0)),
     ];
 
+    let choices = check_positive_int(&body, "n")?.unwrap_or(1);
+
     Ok(ChatRequest {
         model,
+        choices,
         stream,
         include_usage,
         fill_temperature,

@@ -151,7 +151,7 @@ async fn a_completions_stream_fails_over_and_loses_the_usage_chunk_it_did_not_as
     let upstream = good.requests().await;
     assert_eq!(
         upstream.last().unwrap()["raw_body"],
-        r#"{"model":"good-model","prompt":"Say this","stream":true,"stream_options":{"include_usage":true}}"#
+        r#"{"model":"good-model","prompt":"Say this","stream":true,"max_tokens":16,"stream_options":{"include_usage":true}}"#
     );
     let usage = sidecar
         .usage_by_model_until(|row| row["requests"] == 2)
@@ -185,8 +185,9 @@ async fn a_responses_stream_fails_over_before_output_and_ends_with_response_comp
     assert!(!text.contains("\"error\":{"), "{text}");
     assert_eq!(
         good.requests().await.last().unwrap()["raw_body"],
-        body.replace("\"m\"", "\"good-model\""),
-        "a Responses stream is sent as the client wrote it"
+        body.replace("\"m\"", "\"good-model\"")
+            .replace("true}", "true,\"max_output_tokens\":4096}"),
+        "a Responses stream is sent as the client wrote it, with the output cap the gateway reserved"
     );
     let usage = sidecar
         .usage_by_model_until(|row| row["requests"] == 1)

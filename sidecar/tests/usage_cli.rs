@@ -34,6 +34,7 @@ fn rec(key: &str, model: &str, provider: &str, ts_ms: i64, tokens: (u64, u64)) -
         stream: false,
         truncated: false,
         cost_nanos: None,
+        ..UsageRecord::default()
     }
 }
 

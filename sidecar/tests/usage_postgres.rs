@@ -40,6 +40,7 @@ fn record(i: u64) -> UsageRecord {
         stream: false,
         truncated: false,
         cost_nanos: None,
+        ..UsageRecord::default()
     }
 }
 

@@ -141,6 +141,7 @@ fn record(i: u64, key: &str, model: &str, ts_ms: i64) -> UsageRecord {
         stream: i.is_multiple_of(2),
         truncated: false,
         cost_nanos: None,
+        ..UsageRecord::default()
     }
 }
 

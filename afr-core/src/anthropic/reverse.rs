@@ -234,53 +234,27 @@ pub fn stop_reason(finish_reason: &str) -> &'static str {
     }
 }
 
-#[derive(Debug, Deserialize, Default, Clone, Copy)]
-struct CachedWire {
-    #[serde(default)]
-    cached_tokens: Option<u64>,
+/// OpenAI's usage object, read by [`TokenUsage`]'s own deserializer.
+type UsageWire = TokenUsage;
+
+/// Anthropic's usage object for OpenAI's `usage`: `input_tokens` excludes
+/// cache reads, which OpenAI's `prompt_tokens` includes.
+fn anthropic_usage(u: &TokenUsage) -> Value {
+    let cached = u.cached_tokens.min(u.prompt_tokens);
+    json!({
+        "input_tokens": u.prompt_tokens - cached,
+        "cache_creation_input_tokens": 0,
+        "cache_read_input_tokens": cached,
+        "output_tokens": u.completion_tokens,
+    })
 }
 
-#[derive(Debug, Deserialize, Default, Clone, Copy)]
-struct UsageWire {
-    #[serde(default)]
-    prompt_tokens: Option<u64>,
-    #[serde(default)]
-    completion_tokens: Option<u64>,
-    #[serde(default)]
-    prompt_tokens_details: Option<CachedWire>,
-}
-
-impl UsageWire {
-    /// Anthropic's usage object: `input_tokens` excludes cache reads, which
-    /// OpenAI's `prompt_tokens` includes.
-    fn anthropic(&self) -> Value {
-        let prompt = self.prompt_tokens.unwrap_or(0);
-        let cached = self
-            .prompt_tokens_details
-            .and_then(|d| d.cached_tokens)
-            .unwrap_or(0)
-            .min(prompt);
-        json!({
-            "input_tokens": prompt - cached,
-            "cache_creation_input_tokens": 0,
-            "cache_read_input_tokens": cached,
-            "output_tokens": self.completion_tokens.unwrap_or(0),
-        })
+/// OpenAI's usage with its total filled in when a server left it out.
+fn completed(mut u: TokenUsage) -> TokenUsage {
+    if u.total_tokens == 0 {
+        u.total_tokens = u.prompt_tokens + u.completion_tokens;
     }
-
-    fn usage(&self) -> TokenUsage {
-        let (p, c) = (
-            self.prompt_tokens.unwrap_or(0),
-            self.completion_tokens.unwrap_or(0),
-        );
-        TokenUsage {
-            prompt_tokens: p,
-            completion_tokens: c,
-            total_tokens: p + c,
-            // Not read from this wire: billed at the full input price.
-            cached_tokens: 0,
-        }
-    }
+    u
 }
 
 #[derive(Deserialize)]
@@ -355,8 +329,9 @@ fn message_id(id: &str) -> String {
 pub struct MessagesResponse {
     /// The Messages response JSON body.
     pub body: String,
-    /// Its token counts, for the usage record.
-    pub usage: TokenUsage,
+    /// Its token counts, for the usage record; `None` when the provider's
+    /// answer carried no `usage` (the gateway then estimates).
+    pub usage: Option<TokenUsage>,
 }
 
 /// Translates a `chat.completion` body into a Messages response.
@@ -391,11 +366,11 @@ pub fn response_to_anthropic(body: &[u8]) -> Result<MessagesResponse, TranslateE
         "content": content,
         "stop_reason": stop_reason(choice.finish_reason.as_deref().unwrap_or("stop")),
         "stop_sequence": null,
-        "usage": usage.anthropic(),
+        "usage": anthropic_usage(&usage),
     });
     Ok(MessagesResponse {
         body: out.to_string(),
-        usage: usage.usage(),
+        usage: c.usage.map(completed),
     })
 }
 
@@ -585,7 +560,7 @@ impl ChatToMessages {
         if let Some((index, _)) = self.open.take() {
             out.push(Self::stop(index));
         }
-        let usage = self.usage.unwrap_or_default().anthropic();
+        let usage = anthropic_usage(&self.usage.unwrap_or_default());
         out.push(frame(
             "message_delta",
             &json!({"type": "message_delta",

@@ -16,8 +16,9 @@
 
 use crate::serve::fleet::Held;
 use crate::serve::state::Gateway;
+use afr_core::billing::{settle, tokens_of_chars};
 use afr_core::config::Price;
-use afr_core::ledger::{Amount, Refusal};
+use afr_core::ledger::{never_fits, Amount, Never, Refusal};
 use afr_core::limits::KeyLimits;
 use afr_core::sse::TokenUsage;
 use afr_core::usage::{TokenSource, UsageRecord};
@@ -39,8 +40,8 @@ pub struct Accounting {
     prompt_estimate: u64,
     /// Price of the route that served (or last tried) the request.
     price: Option<Price>,
-    /// Prompt tokens the provider served from its cache.
-    cached_tokens: u64,
+    /// The tokens billed, by class (what the row's counts and cost are of).
+    tokens: TokenUsage,
 }
 
 impl Accounting {
@@ -65,7 +66,7 @@ impl Accounting {
             hold: None,
             prompt_estimate: 0,
             price: None,
-            cached_tokens: 0,
+            tokens: TokenUsage::default(),
         }
     }
 
@@ -73,13 +74,10 @@ impl Accounting {
     /// plus the most completion tokens any route may produce, and the highest
     /// cost of that) against the key's `limits`, before any provider is
     /// called. Refused: which limit (a 429, see `GatewayError::from`). Called once per request.
-    pub async fn reserve(
-        &mut self,
-        limits: &KeyLimits,
-        prompt_chars: usize,
-        worst: Amount,
-    ) -> Result<(), Refusal> {
-        self.prompt_estimate = estimate_tokens(prompt_chars);
+    pub async fn reserve(&mut self, limits: &KeyLimits, worst: Amount) -> Result<(), Reserve> {
+        if let Some(never) = never_fits(limits, worst) {
+            return Err(Reserve::Never(never));
+        }
         let now = unix_ms_now();
         let key = &self.record.key_id;
         let gateway = &self.gateway;
@@ -88,9 +86,15 @@ impl Accounting {
                 let store = gateway.reader.as_ref();
                 fleet
                     .reserve(&gateway.ledger, store, key, limits, worst, now)
-                    .await?
+                    .await
+                    .map_err(Reserve::Refused)?
             }
-            None => Held::Local(gateway.ledger().reserve(key, limits, worst, now)?),
+            None => Held::Local(
+                gateway
+                    .ledger()
+                    .reserve(key, limits, worst, now)
+                    .map_err(Reserve::Refused)?,
+            ),
         };
         self.hold = Some(hold);
         Ok(())
@@ -118,29 +122,31 @@ impl Accounting {
             .ttft(&self.record.model, &self.record.provider, ttft);
     }
 
-    /// Fills token counts from a provider's usage.
-    pub fn apply_usage(&mut self, usage: Option<TokenUsage>) {
-        if let Some(u) = usage {
-            let record = &mut self.record;
-            record.prompt_tokens = u.prompt_tokens;
-            record.completion_tokens = u.completion_tokens;
-            record.total_tokens = if u.total_tokens > 0 {
-                u.total_tokens
-            } else {
-                u.prompt_tokens + u.completion_tokens
-            };
-            record.token_source = TokenSource::Provider;
-            self.cached_tokens = u.cached_tokens;
-        }
+    /// The request's prompt size: what a request cut before any usage is
+    /// billed for its prompt.
+    pub fn prompt(&mut self, prompt_chars: usize) {
+        self.prompt_estimate = tokens_of_chars(prompt_chars);
     }
 
-    /// Estimated token counts, for a stream that ended without the provider's usage.
-    pub fn estimate(&mut self, prompt_chars: usize, completion_chars: usize) {
-        let record = &mut self.record;
-        record.prompt_tokens = estimate_tokens(prompt_chars);
-        record.completion_tokens = estimate_tokens(completion_chars);
-        record.total_tokens = record.prompt_tokens + record.completion_tokens;
-        record.token_source = TokenSource::Estimated;
+    /// Bills what the provider did (`afr_core::billing::settle`): its
+    /// `reported` counts when `is_final`, otherwise at least the estimate of
+    /// the prompt and of the `output_chars` it produced.
+    pub fn bill(&mut self, reported: Option<TokenUsage>, is_final: bool, output_chars: usize) {
+        let billed = settle(reported, is_final, self.prompt_estimate, output_chars);
+        let (u, record) = (billed.usage, &mut self.record);
+        record.prompt_tokens = u.prompt_tokens;
+        record.completion_tokens = u.completion_tokens;
+        record.total_tokens = u.total_tokens;
+        record.cached_tokens = u.cached_tokens;
+        record.cache_write_5m_tokens = u.cache_write_5m;
+        record.cache_write_1h_tokens = u.cache_write_1h;
+        record.reasoning_tokens = u.reasoning_tokens;
+        record.token_source = if billed.estimated {
+            TokenSource::Estimated
+        } else {
+            TokenSource::Provider
+        };
+        self.tokens = u;
     }
 
     /// Records the row and the metrics of a request that ended with `status`.
@@ -156,15 +162,25 @@ impl Accounting {
         let latency = self.started.elapsed();
         record.status = status;
         record.latency_ms = latency.as_millis() as u64;
+        if record.token_source == TokenSource::None
+            && status == CLIENT_CLOSED
+            && !record.provider.is_empty()
+        {
+            // Gone while a provider was working on it: the prompt was
+            // consumed (the upstream call is cancelled with the client). The
+            // row says so, so the row and the ledger carry the same numbers.
+            self.tokens = TokenUsage {
+                prompt_tokens: self.prompt_estimate,
+                total_tokens: self.prompt_estimate,
+                ..TokenUsage::default()
+            };
+            record.prompt_tokens = self.prompt_estimate;
+            record.total_tokens = self.prompt_estimate;
+            record.token_source = TokenSource::Estimated;
+        }
         let consumed = record.token_source != TokenSource::None;
         record.cost_nanos = if consumed {
-            self.price.map(|p| {
-                p.cost_nanos(
-                    record.prompt_tokens,
-                    self.cached_tokens,
-                    record.completion_tokens,
-                )
-            })
+            self.price.map(|p| p.cost_nanos(&self.tokens))
         } else {
             Some(0)
         };
@@ -173,15 +189,6 @@ impl Accounting {
                 Amount {
                     tokens: record.total_tokens,
                     cost_nanos: record.cost_nanos.unwrap_or(0),
-                }
-            } else if status == CLIENT_CLOSED && !record.provider.is_empty() {
-                // Gone while a provider was working on it: the prompt was
-                // consumed (the upstream call is cancelled with the client).
-                let tokens = self.prompt_estimate;
-                let cost = self.price.map_or(0, |p| p.cost_nanos(tokens, 0, 0));
-                Amount {
-                    tokens,
-                    cost_nanos: cost,
                 }
             } else {
                 Amount::default()
@@ -239,6 +246,10 @@ fn blank_record() -> UsageRecord {
         stream: false,
         truncated: false,
         cost_nanos: None,
+        cached_tokens: 0,
+        cache_write_5m_tokens: 0,
+        cache_write_1h_tokens: 0,
+        reasoning_tokens: 0,
     }
 }
 
@@ -248,7 +259,11 @@ fn unix_ms_now() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
-/// Rough tokens for `chars` characters (about four per token for English).
-pub fn estimate_tokens(chars: usize) -> u64 {
-    chars.div_ceil(4) as u64
+/// Why a reservation was not made.
+#[derive(Debug, Clone, Copy)]
+pub enum Reserve {
+    /// The key's limits cannot hold it now.
+    Refused(Refusal),
+    /// Its worst case exceeds the key's whole limit: it can never fit.
+    Never(Never),
 }

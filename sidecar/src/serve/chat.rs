@@ -64,9 +64,11 @@ pub trait Exchange: Send + Sync {
     /// The most output tokens `route` may produce for this request, for the
     /// worst case a key's `tpm` and budget reserve. The default is the
     /// contract's default `max_tokens`; endpoints that know better say so.
-    fn output_cap(&self, route: &RouteConfig) -> u64 {
-        let _ = route;
-        afr_core::validate::DEFAULT_MAX_TOKENS
+    fn output_cap(&self, route: &RouteConfig) -> u64;
+    /// Whether the request is billed (reserved, and settled to the
+    /// provider's usage). Anthropic's `count_tokens` is free, so it is not.
+    fn billed(&self) -> bool {
+        true
     }
     /// The format of the events the client gets.
     fn wire(&self) -> Wire;
@@ -283,18 +285,22 @@ pub async fn route(
         };
         return reject(&caller, usage, error);
     }
+    usage.prompt(asked.prompt_chars);
     // Reserve the worst case before any provider is called (design §3).
-    if caller.limits.tpm.is_some() || caller.limits.budget.is_some() {
+    let limited = caller.limits.tpm.is_some() || caller.limits.budget.is_some();
+    if limited && request.billed() {
         let worst = worst_case(
             asked.prompt_chars,
             model,
-            |p| runtime.providers.contains_key(p),
+            |p| {
+                runtime
+                    .providers
+                    .get(p)
+                    .map(|provider| provider.speaks_messages())
+            },
             |r| request.output_cap(r),
         );
-        if let Err(refusal) = usage
-            .reserve(&caller.limits, asked.prompt_chars, worst)
-            .await
-        {
+        if let Err(refusal) = usage.reserve(&caller.limits, worst).await {
             return reject(&caller, usage, refusal.into());
         }
     }
@@ -393,7 +399,14 @@ pub async fn route(
             } => {
                 ticket.success();
                 request.answered(route, Answer::Body(&body));
-                usage.apply_usage(tokens);
+                if request.billed() {
+                    // A whole answer's usage is final; without one, the
+                    // estimate of the text in the answer stands in (an
+                    // embedding's vectors are no output tokens).
+                    let generated = tokens.is_none() && request.output_cap(route) > 0;
+                    let output_chars = if generated { text_chars(&body) } else { 0 };
+                    usage.bill(tokens, true, output_chars);
+                }
                 usage.finish(200);
                 return json_response(StatusCode::OK, body, &caller.request_id);
             }
@@ -482,7 +495,6 @@ pub async fn route(
                     wire,
                     attempt,
                     usage,
-                    prompt_chars: asked.prompt_chars,
                     request_id: caller.request_id.clone(),
                 });
             }
@@ -542,21 +554,38 @@ pub(crate) fn excerpt(event: &[u8]) -> String {
 
 /// The most a request can consume on any route it may be sent to (failover
 /// can move it): estimated prompt tokens plus the largest completion the
-/// route allows after its adaptations, and the highest cost of that.
+/// route allows after its adaptations, and the highest cost of that — every
+/// prompt token at the dearest input class the route can bill (a cache
+/// write on a provider that writes caches). `enabled` says whether a
+/// provider is enabled and, if so, whether it writes prompt caches.
 pub fn worst_case(
     prompt_chars: usize,
     model: &afr_core::config::ModelConfig,
-    enabled: impl Fn(&str) -> bool,
+    enabled: impl Fn(&str) -> Option<bool>,
     output_cap: impl Fn(&RouteConfig) -> u64,
 ) -> Amount {
-    let prompt = crate::serve::accounting::estimate_tokens(prompt_chars);
+    let prompt = afr_core::billing::tokens_of_chars(prompt_chars);
     let mut worst = Amount::default();
-    for route in model.routes.iter().filter(|r| enabled(&r.provider)) {
+    for route in &model.routes {
+        let Some(writes_cache) = enabled(&route.provider) else {
+            continue;
+        };
         let out = output_cap(route);
-        worst.tokens = worst.tokens.max(prompt + out);
+        worst.tokens = worst.tokens.max(prompt.saturating_add(out));
         if let Some(p) = route.price {
-            worst.cost_nanos = worst.cost_nanos.max(p.cost_nanos(prompt, 0, out));
+            worst.cost_nanos = worst
+                .cost_nanos
+                .max(p.worst_nanos(prompt, out, writes_cache));
         }
     }
     worst
+}
+
+/// Characters of the text in a whole answer (its strings, the generated
+/// text among them): the output estimate of an answer without usage. It
+/// counts ids and names too, so it over-counts by a few tokens, never under.
+fn text_chars(body: &[u8]) -> usize {
+    serde_json::from_slice::<serde_json::Value>(body)
+        .map(|v| afr_core::messages::text_chars(&v))
+        .unwrap_or(body.len())
 }

@@ -3,8 +3,9 @@
 //! Anthropic's shape instead on the Messages API ([`ErrorShape`]).
 
 use crate::providers::ProviderError;
+use crate::serve::accounting::Reserve;
 use afr_core::error::{ErrorBody, ErrorShape};
-use afr_core::ledger::Refusal;
+use afr_core::ledger::{Never, Refusal};
 use afr_core::limits::{openai_duration, Budget};
 use afr_core::retry_after;
 use afr_core::validate::Invalid;
@@ -116,6 +117,10 @@ pub enum GatewayError {
         /// Milliseconds until the period renews.
         retry_after_ms: u64,
     },
+    /// The request's worst case exceeds the key's whole `tpm` or budget: no
+    /// wait makes it fit, so no `Retry-After` and `x-should-retry: false`.
+    #[error("request larger than the key's whole limit: {0:?}")]
+    NeverFits(Never),
     /// The usage store is not available or failed.
     #[error("usage store: {0}")]
     Usage(String),
@@ -139,7 +144,8 @@ impl GatewayError {
             GatewayError::StreamInterrupted(_) => StatusCode::BAD_GATEWAY,
             GatewayError::RateLimited { .. }
             | GatewayError::OverTokens { .. }
-            | GatewayError::OverBudget { .. } => StatusCode::TOO_MANY_REQUESTS,
+            | GatewayError::OverBudget { .. }
+            | GatewayError::NeverFits(_) => StatusCode::TOO_MANY_REQUESTS,
             GatewayError::ContentTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             GatewayError::AllFailed { .. }
             | GatewayError::NoProvider { .. }
@@ -234,6 +240,24 @@ impl GatewayError {
                     budget.per.as_str()
                 ),
             ),
+            GatewayError::NeverFits(Never::Tokens { limit, requested }) => ErrorBody::new(
+                "tokens",
+                Some("rate_limit_exceeded"),
+                format!("Request too large: this key's tokens per min (TPM) limit is {limit} and this request may use {requested} (estimated prompt + its largest possible output: max_tokens × n). It can never fit; lower max_tokens (or max_output_tokens), n or the prompt."),
+            ),
+            GatewayError::NeverFits(Never::Budget {
+                budget,
+                requested_nanos,
+            }) => ErrorBody::new(
+                "insufficient_quota",
+                Some("insufficient_quota"),
+                format!(
+                    "This request may cost up to ${:.6} (estimated prompt + its largest possible output at the route's price), more than this key's whole budget of ${} per {}; lower max_tokens or the prompt.",
+                    *requested_nanos as f64 / 1e9,
+                    budget.usd(),
+                    budget.per.as_str()
+                ),
+            ),
             GatewayError::ContentTimeout { timeout, .. } => ErrorBody::new(
                 "server_error",
                 Some("timeout"),
@@ -313,6 +337,11 @@ impl GatewayError {
                 // Retrying before the period renews only spends the client's time.
                 headers.insert("x-should-retry", HeaderValue::from_static("false"));
             }
+            GatewayError::NeverFits(_) => {
+                // Waiting changes nothing: no Retry-After, and the SDKs'
+                // automatic retry of a 429 is switched off.
+                headers.insert("x-should-retry", HeaderValue::from_static("false"));
+            }
             GatewayError::ContentTimeout { .. } => {
                 // The provider is healthy and slow: the SDKs' automatic retry
                 // of a 5xx would only think, and bill, that long again.
@@ -321,6 +350,15 @@ impl GatewayError {
             _ => {}
         }
         response
+    }
+}
+
+impl From<Reserve> for GatewayError {
+    fn from(why: Reserve) -> Self {
+        match why {
+            Reserve::Refused(refusal) => refusal.into(),
+            Reserve::Never(never) => GatewayError::NeverFits(never),
+        }
     }
 }
 

@@ -136,6 +136,15 @@ impl Exchange for MessagesExchange {
         }
     }
 
+    fn output_cap(&self, route: &RouteConfig) -> u64 {
+        self.request.output_cap(route)
+    }
+
+    fn billed(&self) -> bool {
+        // count_tokens is free at Anthropic: neither reserved nor billed.
+        self.endpoint != MessagesEndpoint::CountTokens
+    }
+
     fn wire(&self) -> Wire {
         Wire::Anthropic
     }
@@ -194,7 +203,7 @@ impl Exchange for MessagesExchange {
                     .map_err(|e| ProviderError::Protocol(e.to_string()))?;
                 Ok(Reply::Complete {
                     body: Bytes::from(translated.body),
-                    usage: Some(translated.usage),
+                    usage: translated.usage,
                 })
             }
             Reply::Stream(events) => Ok(Reply::Stream(translate_stream(events))),

@@ -152,12 +152,8 @@ impl Exchange for PassthroughExchange {
         Asked::openai(&r.model, r.stream, r.prompt_chars, r.include_usage)
     }
 
-    fn output_cap(&self, _route: &RouteConfig) -> u64 {
-        // Embeddings produce no output tokens.
-        match self.endpoint {
-            Endpoint::Embeddings => 0,
-            _ => afr_core::validate::DEFAULT_MAX_TOKENS,
-        }
+    fn output_cap(&self, route: &RouteConfig) -> u64 {
+        self.request.output_cap(route)
     }
 
     fn wire(&self) -> Wire {

@@ -143,8 +143,6 @@ pub struct StreamStart {
     pub attempt: Attempt,
     /// The request's accounting, finished by the usage tap.
     pub usage: Accounting,
-    /// Prompt size for estimates.
-    pub prompt_chars: usize,
     /// Gateway request id.
     pub request_id: String,
 }
@@ -193,7 +191,7 @@ pub fn respond(start: StreamStart) -> Response<Body> {
     start
         .gateway
         .taps
-        .spawn(tap(tap_rx, start.usage, start.prompt_chars, start.wire));
+        .spawn(tap(tap_rx, start.usage, start.wire));
     let now = Instant::now();
     let relay = Relay {
         gateway: start.gateway,
@@ -390,13 +388,11 @@ fn contains(haystack: &[u8], needle: &[u8]) -> bool {
 /// `[DONE]`, 502 when the provider broke it (the client got an error event),
 /// 504 when its first content never came, 499 when the client went away
 /// first — all but the first flagged truncated.
-async fn tap(
-    mut rx: mpsc::UnboundedReceiver<Tap>,
-    mut usage: Accounting,
-    prompt_chars: usize,
-    wire: Wire,
-) {
+async fn tap(mut rx: mpsc::UnboundedReceiver<Tap>, mut usage: Accounting, wire: Wire) {
     let mut tokens: Option<TokenUsage> = None;
+    // Whether the provider said its counts are final (design §3): OpenAI's
+    // usage chunk, the Responses API's final event, Anthropic's message_delta.
+    let mut is_final = false;
     // Anthropic reports input and output tokens in different events.
     let mut anthropic = StreamUsage::default();
     let mut content_chars = 0usize;
@@ -410,6 +406,7 @@ async fn tap(
                 content_chars += info.content_chars;
                 anthropic.update(&info);
                 tokens = anthropic.usage().or(tokens);
+                is_final = anthropic.is_final();
             }
             Tap::Event(raw) => {
                 let (last, event_usage, chars) = wire.inspect(&raw);
@@ -417,6 +414,7 @@ async fn tap(
                 content_chars += chars;
                 if event_usage.is_some() {
                     tokens = event_usage;
+                    is_final = true;
                 }
             }
             Tap::FirstContent(at) => usage.first_content(at),
@@ -425,11 +423,9 @@ async fn tap(
     }
     let truncated = failed.is_some() || !done;
     usage.record().truncated = truncated;
-    if tokens.is_some() {
-        usage.apply_usage(tokens);
-    } else if content_chars > 0 || truncated {
-        usage.estimate(prompt_chars, content_chars);
-    }
+    // The provider answered: whatever it reported, or at least what it was
+    // seen to produce.
+    usage.bill(tokens, is_final, content_chars);
     let status = if let Some(status) = failed {
         status
     } else if !done {

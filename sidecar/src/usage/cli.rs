@@ -246,7 +246,10 @@ pub fn render_table(group_by: &[GroupBy], rows: &[UsageRow]) -> String {
     let counts = [
         "REQUESTS",
         "PROMPT",
+        "CACHED",
+        "CACHE_WRITE",
         "COMPLETION",
+        "REASONING",
         "TOTAL",
         "ESTIMATED",
         "ERRORS",
@@ -259,7 +262,10 @@ pub fn render_table(group_by: &[GroupBy], rows: &[UsageRow]) -> String {
             [
                 row.requests,
                 row.prompt_tokens,
+                row.cached_tokens,
+                row.cache_write_5m_tokens + row.cache_write_1h_tokens,
                 row.completion_tokens,
+                row.reasoning_tokens,
                 row.total_tokens,
                 row.estimated_requests,
                 row.errors,
@@ -286,6 +292,10 @@ pub fn render_table(group_by: &[GroupBy], rows: &[UsageRow]) -> String {
         lines.push(line(groups, row));
         total.requests += row.requests;
         total.prompt_tokens += row.prompt_tokens;
+        total.cached_tokens += row.cached_tokens;
+        total.cache_write_5m_tokens += row.cache_write_5m_tokens;
+        total.cache_write_1h_tokens += row.cache_write_1h_tokens;
+        total.reasoning_tokens += row.reasoning_tokens;
         total.completion_tokens += row.completion_tokens;
         total.total_tokens += row.total_tokens;
         total.estimated_requests += row.estimated_requests;

@@ -116,6 +116,26 @@ pub(super) const COLUMNS: &[Column] = &[
         pg_type: "BIGINT",
         value: |r| Cell::OptInt(r.cost_nanos.map(saturating_i64)),
     },
+    Column {
+        name: "cached_tokens",
+        pg_type: "BIGINT",
+        value: |r| Cell::Int(saturating_i64(r.cached_tokens)),
+    },
+    Column {
+        name: "cache_write_5m_tokens",
+        pg_type: "BIGINT",
+        value: |r| Cell::Int(saturating_i64(r.cache_write_5m_tokens)),
+    },
+    Column {
+        name: "cache_write_1h_tokens",
+        pg_type: "BIGINT",
+        value: |r| Cell::Int(saturating_i64(r.cache_write_1h_tokens)),
+    },
+    Column {
+        name: "reasoning_tokens",
+        pg_type: "BIGINT",
+        value: |r| Cell::Int(saturating_i64(r.reasoning_tokens)),
+    },
 ];
 
 /// Database integers are i64; counts beyond that are clamped, not wrapped.

@@ -171,7 +171,9 @@ fn parse_by(value: &str) -> Result<Vec<GroupBy>, UsageParamError> {
 ///  "data": [{"model": "gpt-4o-mini", "day": "2026-11-25", "requests": 3,
 ///            "prompt_tokens": 30, "completion_tokens": 60, "total_tokens": 90,
 ///            "estimated_requests": 0, "errors": 0, "truncated": 0,
-///            "cost_usd": 0.000045, "unpriced_requests": 0}]}
+///            "cost_usd": 0.000045, "unpriced_requests": 0, "cached_tokens": 0,
+///            "cache_write_5m_tokens": 0, "cache_write_1h_tokens": 0,
+///            "reasoning_tokens": 0}]}
 /// ```
 ///
 /// `since`/`until` are RFC 3339 or `null` when open; each `data` item has

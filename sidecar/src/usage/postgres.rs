@@ -64,6 +64,13 @@ pub(super) const MIGRATIONS: &[&str] = &[
     // v2: cost in nano-dollars at the route's price; NULL when the route had
     // no price (unknown, not free). Older rows stay NULL.
     "ALTER TABLE usage ADD COLUMN cost_nanos BIGINT;",
+    // v3: the token classes each priced apart (design §3): cache reads,
+    // 5-minute and 1-hour cache writes (all part of prompt_tokens) and
+    // reasoning (part of completion_tokens). Older rows read 0.
+    "ALTER TABLE usage ADD COLUMN cached_tokens BIGINT NOT NULL DEFAULT 0;
+    ALTER TABLE usage ADD COLUMN cache_write_5m_tokens BIGINT NOT NULL DEFAULT 0;
+    ALTER TABLE usage ADD COLUMN cache_write_1h_tokens BIGINT NOT NULL DEFAULT 0;
+    ALTER TABLE usage ADD COLUMN reasoning_tokens BIGINT NOT NULL DEFAULT 0;",
 ];
 
 /// The schema version this build writes and reads.

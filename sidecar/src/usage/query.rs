@@ -142,7 +142,11 @@ impl UsageQuery {
              CAST(COALESCE(SUM(CASE WHEN status >= 400 THEN 1 ELSE 0 END), 0) AS BIGINT), \
              CAST(COALESCE(SUM(CASE WHEN truncated THEN 1 ELSE 0 END), 0) AS BIGINT), \
              CAST(COALESCE(SUM(cost_nanos), 0) AS BIGINT), \
-             CAST(COALESCE(SUM(CASE WHEN cost_nanos IS NULL AND token_source <> 'none' THEN 1 ELSE 0 END), 0) AS BIGINT) FROM usage",
+             CAST(COALESCE(SUM(CASE WHEN cost_nanos IS NULL AND token_source <> 'none' THEN 1 ELSE 0 END), 0) AS BIGINT), \
+             CAST(COALESCE(SUM(cached_tokens), 0) AS BIGINT), \
+             CAST(COALESCE(SUM(cache_write_5m_tokens), 0) AS BIGINT), \
+             CAST(COALESCE(SUM(cache_write_1h_tokens), 0) AS BIGINT), \
+             CAST(COALESCE(SUM(reasoning_tokens), 0) AS BIGINT) FROM usage",
         );
         let mut filters = Vec::new();
         let mut values = Vec::new();
@@ -239,6 +243,14 @@ pub struct UsageRow {
     /// Requests that consumed tokens on a route without a price: their cost
     /// is unknown and not in `cost_usd`.
     pub unpriced_requests: u64,
+    /// Of the prompt tokens, those read from a provider's cache.
+    pub cached_tokens: u64,
+    /// Of the prompt tokens, those written to a 5-minute cache.
+    pub cache_write_5m_tokens: u64,
+    /// Of the prompt tokens, those written to a 1-hour cache.
+    pub cache_write_1h_tokens: u64,
+    /// Of the completion tokens, those spent reasoning.
+    pub reasoning_tokens: u64,
 }
 
 impl UsageRow {
@@ -356,13 +368,17 @@ fn sqlite_query(conn: &Connection, q: &UsageQuery) -> Result<Vec<UsageRow>, Stor
 }
 
 /// The sums after the group columns in every usage query.
-pub(super) const COUNT_COLUMNS: usize = 9;
+pub(super) const COUNT_COLUMNS: usize = 13;
 
 impl UsageRow {
     /// Sets the sums from the statement's count columns, in order.
     pub(super) fn set_counts(&mut self, counts: [i64; COUNT_COLUMNS]) {
-        let [requests, prompt, completion, total, estimated, errors, truncated, cost, unpriced] =
+        let [requests, prompt, completion, total, estimated, errors, truncated, cost, unpriced, cached, write_5m, write_1h, reasoning] =
             counts.map(|n| u64::try_from(n).unwrap_or(0));
+        self.cached_tokens = cached;
+        self.cache_write_5m_tokens = write_5m;
+        self.cache_write_1h_tokens = write_1h;
+        self.reasoning_tokens = reasoning;
         self.cost_usd = cost as f64 / afr_core::limits::NANOS_PER_USD as f64;
         self.cost_nanos = cost;
         self.unpriced_requests = unpriced;

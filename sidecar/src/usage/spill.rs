@@ -314,6 +314,7 @@ mod tests {
             stream: false,
             truncated: false,
             cost_nanos: None,
+            ..UsageRecord::default()
         }
     }
 

@@ -74,6 +74,9 @@ impl Default for StoreOptions {
 }
 
 /// What the writer thread is asked to do, in queue order.
+// Nearly every message is a record, so boxing it would only add an
+// allocation per request; the rare Flush and Shutdown cost the space.
+#[allow(clippy::large_enum_variant)]
 pub(super) enum Msg {
     Record(UsageRecord),
     /// Write everything queued before this message, then answer.
