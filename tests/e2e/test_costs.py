@@ -1,0 +1,378 @@
+"""What a request costs (issue 21, design §3), through real nginx, module, sidecar and
+afr-mock with the official `openai` and `anthropic` SDKs: the reservation bounds what a
+provider may bill on every endpoint (the client's own caps, `n`, `best_of`, the caps the
+gateway writes in), a request that can never fit is refused without a Retry-After, every
+token class is priced, a cut or usage-less answer is billed what the provider did, and
+`count_tokens` is free.
+
+The stack has its own catalogue entry `claude-haiku-4-5` routed to an Anthropic-speaking
+mock, priced like Anthropic's list ($1 in, $0.10 cache reads, $5 out; cache writes at the
+published 1.25x / 2x input). `gpt-4o-mini` stays on the quickstart's OpenAI mock ($0.15
+in, $0.075 cached, $0.60 out). Each usage row is compared with what the mock reports it
+billed for the same request (matched by the gateway's x-request-id)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+import sqlite3
+import time
+import tomllib
+
+import anthropic
+import openai
+import pytest
+
+from conftest import REPO, http, runtime_dir, start_gateway
+
+_spec = importlib.util.spec_from_file_location("sidecar_config", REPO / "scripts" / "sidecar-config.py")
+sidecar_config = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(sidecar_config)
+
+PROVIDER_KEY = "sk-ant-provider-costs-0123456789"
+CLAUDE = "claude-haiku-4-5"
+CLAUDE_PRICE = {"input": 1.0, "cached_input": 0.1, "output": 5.0}
+GPT_PRICE = {"input": 0.15, "cached_input": 0.075, "output": 0.60}
+HI = [{"role": "user", "content": "hi"}]
+
+
+def wait_until(pred, timeout=5.0, step=0.05):
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        if pred():
+            return True
+        time.sleep(step)
+    return False
+
+
+@pytest.fixture(scope="module")
+def gw():
+    home = runtime_dir("costs")
+    g, _ = start_gateway(home, {"AFR_TEST_ANTHROPIC_KEY": PROVIDER_KEY})
+    g.anth = g.start_mock("--api-key", PROVIDER_KEY)
+    cfg = tomllib.loads((home / "sidecar.toml").read_text())
+    timeouts = {"connect": "1s", "first_byte": "5s", "idle": "5s", "total": "30s"}
+    cfg["providers"]["anth"] = {
+        "kind": "anthropic",
+        "base_url": g.anth + "/v1",
+        "api_key_env": "AFR_TEST_ANTHROPIC_KEY",
+        "timeouts": timeouts,
+    }
+    cfg["models"][CLAUDE] = {
+        "tier": "Fast",
+        "description": "Claude Haiku through the Anthropic passthrough",
+        "routes": [{"provider": "anth", "model": "claude-haiku-4-5-20251001", "price": CLAUDE_PRICE}],
+    }
+    out = []
+    for section in ("server", "admin", "breaker", "usage"):
+        sidecar_config.table(out, section, cfg[section])
+    for name, p in cfg["providers"].items():
+        sidecar_config.table(out, f"providers.{name}", p)
+    for name, m in cfg["models"].items():
+        sidecar_config.table(out, f"models.{sidecar_config.toml_key(name)}", m)
+    path = home / "sidecar.toml"
+    path.with_suffix(".tmp").write_text("\n".join(out) + "\n")
+    path.with_suffix(".tmp").replace(path)
+    probe = g.new_key(f"probe-{time.time_ns() % 10**10}", "--rpm", "1000")
+
+    def reloaded():
+        _, _, body = http("GET", g.base + "/v1/models", headers={"x-api-key": probe})
+        return CLAUDE in body.decode()
+
+    assert wait_until(reloaded), "the sidecar did not pick up its new config"
+    yield g
+    g.stop()
+    shutil.rmtree(home, ignore_errors=True)
+
+
+@pytest.fixture(autouse=True)
+def healthy_mocks(gw):
+    for url in (gw.anth, gw.mock_url()):
+        gw.mock_config(url)
+        gw.clear_mock_requests(url)
+    yield
+    for url in (gw.anth, gw.mock_url()):
+        gw.mock_config(url)
+
+
+_n = iter(range(10**6))
+
+
+KEY_IDS: dict[str, str] = {}
+
+
+def new_key(gw, *limits: str) -> str:
+    key_id = f"cost{next(_n)}-{time.time_ns() % 10**9}"
+    key = gw.new_key(key_id, "--rpm", "10000", *limits)
+    KEY_IDS[key] = key_id
+    return key
+
+
+def claude(gw, key, **kw):
+    kw.setdefault("max_retries", 0)
+    return anthropic.Anthropic(base_url=gw.base, api_key=key, timeout=20, **kw)
+
+
+def gpt(gw, key, **kw):
+    kw.setdefault("max_retries", 0)
+    return openai.OpenAI(base_url=gw.base + "/v1", api_key=key, timeout=20, **kw)
+
+
+def rows_of(gw, key: str) -> int:
+    """How many usage rows the key has (every request leaves exactly one)."""
+    time.sleep(0.5)  # past the batch writer's interval
+    db = sqlite3.connect(f"file:{gw.home / 'usage.db'}?mode=ro", uri=True, timeout=5)
+    try:
+        return db.execute("SELECT COUNT(*) FROM usage WHERE key_id = ?", (KEY_IDS[key],)).fetchone()[0]
+    finally:
+        db.close()
+
+
+def row(gw, request_id: str, timeout: float = 5) -> dict:
+    """The usage row of one request, once the batch writer has written it."""
+    deadline = time.monotonic() + timeout
+    while True:
+        db = sqlite3.connect(f"file:{gw.home / 'usage.db'}?mode=ro", uri=True, timeout=5)
+        db.row_factory = sqlite3.Row
+        try:
+            rows = [dict(r) for r in db.execute("SELECT * FROM usage WHERE request_id = ?", (request_id,))]
+        finally:
+            db.close()
+        if rows or time.monotonic() > deadline:
+            assert len(rows) == 1, rows
+            return rows[0]
+        time.sleep(0.05)
+
+
+def billed(gw, url: str, request_id: str, timeout: float = 5) -> dict:
+    """What the mock says it billed for the gateway's request `request_id`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        found = [
+            r for r in gw.mock_requests(url)
+            if r["headers"].get("x-request-id") == request_id and r.get("outcome") != "in_flight"
+        ]
+        if found or time.monotonic() > deadline:
+            assert len(found) == 1, found
+            return found[0]["billed"]
+        time.sleep(0.05)
+
+
+def nanos(b: dict, price: dict) -> int:
+    """The cost of a mock's `billed` at `price`, Anthropic's cache-write multipliers."""
+    plain = b["input"] - b["cached_input"] - b["cache_write_5m"] - b["cache_write_1h"]
+    usd_per_m = (
+        plain * price["input"]
+        + b["cached_input"] * price["cached_input"]
+        + b["cache_write_5m"] * price["input"] * 1.25
+        + b["cache_write_1h"] * price["input"] * 2.0
+        + b["output"] * price["output"]
+    )
+    return round(usd_per_m * 1000)
+
+
+def assert_row_is_what_was_billed(r: dict, b: dict, price: dict) -> None:
+    assert r["prompt_tokens"] == b["input"], (r, b)
+    assert r["cached_tokens"] == b["cached_input"], (r, b)
+    assert r["cache_write_5m_tokens"] == b["cache_write_5m"], (r, b)
+    assert r["cache_write_1h_tokens"] == b["cache_write_1h"], (r, b)
+    assert r["completion_tokens"] == b["output"], (r, b)
+    assert r["reasoning_tokens"] == b["reasoning"], (r, b)
+    assert r["token_source"] == "provider", r
+    assert r["cost_nanos"] == nanos(b, price), (r, b)
+
+
+# --- 1. the reservation is a true bound -------------------------------------------------
+
+
+def test_messages_reserve_the_clients_max_tokens_and_what_can_never_fit_is_not_retried(gw):
+    key = new_key(gw, "--tpm", "10000")
+    with pytest.raises(anthropic.RateLimitError) as e:
+        claude(gw, key).messages.create(model=CLAUDE, max_tokens=32000, messages=HI)
+    h = e.value.response.headers
+    assert h["x-should-retry"] == "false" and "retry-after" not in h, dict(h)
+    assert "10000" in e.value.message and "32" in e.value.message, e.value.message
+    assert gw.mock_requests(gw.anth) == [], "refused before any provider"
+    # The SDKs honour x-should-retry: with retries on, still one request each.
+    before = rows_of(gw, key)
+    with pytest.raises(anthropic.RateLimitError):
+        claude(gw, key, max_retries=3).messages.create(model=CLAUDE, max_tokens=32000, messages=HI)
+    with pytest.raises(openai.RateLimitError):
+        gpt(gw, key, max_retries=3).chat.completions.create(model="gpt-4o-mini", messages=HI, max_tokens=32000)
+    assert rows_of(gw, key) == before + 2
+    ok = claude(gw, key).messages.create(model=CLAUDE, max_tokens=5000, messages=HI)
+    assert ok.usage.output_tokens > 0
+
+
+def test_every_openai_endpoint_reserves_its_caps_times_its_choices(gw):
+    key = new_key(gw, "--tpm", "10000")
+    c = gpt(gw, key)
+    refused = [
+        lambda: c.responses.create(model="gpt-4o-mini", input="hi", max_output_tokens=32000),
+        lambda: c.completions.create(model="gpt-4o-mini", prompt="hi", max_tokens=20000),
+        lambda: c.completions.create(model="gpt-4o-mini", prompt="hi", max_tokens=2000, n=2, best_of=6),
+        lambda: c.chat.completions.create(model="gpt-4o-mini", messages=HI, max_tokens=2000, n=8),
+    ]
+    for call in refused:
+        with pytest.raises(openai.RateLimitError) as e:
+            call()
+        h = e.value.response.headers
+        assert h["x-should-retry"] == "false" and "retry-after" not in h, dict(h)
+        assert e.value.code == "rate_limit_exceeded"
+    assert gw.mock_requests() == []
+    # The same with fewer choices fits; n choices are billed n times, and so recorded.
+    raw = c.chat.completions.with_raw_response.create(model="gpt-4o-mini", messages=HI, max_tokens=2000, n=4)
+    rid = raw.headers["x-request-id"]
+    assert len(raw.parse().choices) == 4
+    b = billed(gw, gw.mock_url(), rid)
+    assert b["output"] == 4 * 4
+    assert_row_is_what_was_billed(row(gw, rid), b, GPT_PRICE)
+
+
+def test_without_a_client_cap_the_gateway_writes_the_one_it_reserved(gw):
+    key = new_key(gw)
+    c = gpt(gw, key)
+    c.responses.create(model="gpt-4o-mini", input="hi")
+    c.completions.create(model="gpt-4o-mini", prompt="hi")
+    bodies = {r["path"]: r["body"] for r in gw.mock_requests()}
+    assert bodies["/v1/responses"]["max_output_tokens"] == 4096, bodies
+    assert bodies["/v1/completions"]["max_tokens"] == 16, bodies
+    # A small tpm can use these endpoints (it could not while 4096 was assumed).
+    small = new_key(gw, "--tpm", "1000")
+    s = gpt(gw, small)
+    s.responses.create(model="gpt-4o-mini", input="hi", max_output_tokens=200)
+    s.completions.create(model="gpt-4o-mini", prompt="hi")
+    claude(gw, small).messages.create(model=CLAUDE, max_tokens=200, messages=HI)
+
+
+def test_a_budget_smaller_than_the_worst_case_is_refused_up_front(gw):
+    # $0.00001 = 10 000 nano-dollars; 32 000 output tokens at $5/M cost $0.16.
+    key = new_key(gw, "--budget-usd", "0.00001", "--budget-per", "day")
+    with pytest.raises(anthropic.RateLimitError) as e:
+        claude(gw, key).messages.create(model=CLAUDE, max_tokens=32000, messages=HI)
+    h = e.value.response.headers
+    assert h["x-should-retry"] == "false" and "retry-after" not in h, dict(h)
+    assert "budget" in e.value.message, e.value.message
+    assert gw.mock_requests(gw.anth) == []
+
+
+# --- 4. every token class has its price ------------------------------------------------
+
+
+def test_anthropic_cache_reads_and_writes_are_priced_by_class(gw):
+    key = new_key(gw)
+    gw.mock_config(gw.anth, cache_read=4, cache_write_5m=2, cache_write_1h=1)
+    msgs = [{"role": "user", "content": "a longer prompt of several words to be cached here"}]
+    for stream in (False, True):
+        if stream:
+            with claude(gw, key).messages.with_streaming_response.create(
+                model=CLAUDE, max_tokens=100, messages=msgs, stream=True
+            ) as raw:
+                rid = raw.headers["x-request-id"]
+                assert "message_stop" in raw.text()
+        else:
+            raw = claude(gw, key).messages.with_raw_response.create(model=CLAUDE, max_tokens=100, messages=msgs)
+            rid = raw.headers["x-request-id"]
+            u = raw.parse().usage
+            assert (u.cache_read_input_tokens, u.cache_creation_input_tokens) == (4, 3)
+        b = billed(gw, gw.anth, rid)
+        assert (b["cached_input"], b["cache_write_5m"], b["cache_write_1h"]) == (4, 2, 1)
+        assert_row_is_what_was_billed(row(gw, rid), b, CLAUDE_PRICE)
+
+
+def test_openai_cached_input_and_reasoning_are_priced_on_chat_and_responses(gw):
+    key = new_key(gw)
+    gw.mock_config(cache_read=3, reasoning_tokens=7)
+    c = gpt(gw, key)
+    msgs = [{"role": "user", "content": "several words of prompt for the cache"}]
+    raws = [
+        c.chat.completions.with_raw_response.create(model="gpt-4o-mini", messages=msgs, max_tokens=50),
+        c.responses.with_raw_response.create(model="gpt-4o-mini", input=msgs, max_output_tokens=50),
+    ]
+    with c.chat.completions.with_streaming_response.create(
+        model="gpt-4o-mini", messages=msgs, max_tokens=50, stream=True
+    ) as s:
+        s.read()
+        raws.append(s)
+    for raw in raws:
+        rid = raw.headers["x-request-id"]
+        b = billed(gw, gw.mock_url(), rid)
+        assert (b["cached_input"], b["reasoning"]) == (3, 7), b
+        assert_row_is_what_was_billed(row(gw, rid), b, GPT_PRICE)
+    status, _, body = http("GET", gw.base + "/v1/usage", headers={"Authorization": f"Bearer {key}"})
+    total = json.loads(body)["data"][0]
+    assert status == 200 and total["cached_tokens"] == 9 and total["reasoning_tokens"] == 21, total
+
+
+# --- 3. the settlement bills what the provider did --------------------------------------
+
+
+def test_an_anthropic_stream_cut_before_message_delta_is_billed_what_was_streamed(gw):
+    key = new_key(gw)
+    # message_start, content_block_start, ping, then 20 of 40 deltas; no message_delta.
+    gw.mock_config(gw.anth, chunks=40, cut_after_events=23)
+    with claude(gw, key).messages.with_streaming_response.create(
+        model=CLAUDE, max_tokens=100, messages=HI, stream=True
+    ) as raw:
+        rid = raw.headers["x-request-id"]
+        raw.read()
+    b = billed(gw, gw.anth, rid)
+    r = row(gw, rid)
+    assert b["output"] == 20, b
+    assert r["token_source"] == "estimated" and r["truncated"] == 1, r
+    assert r["prompt_tokens"] == b["input"], (r, b)
+    assert r["completion_tokens"] >= b["output"], (r, b)
+    assert r["cost_nanos"] >= nanos(b, CLAUDE_PRICE), (r, b)
+
+
+def test_a_messages_stream_on_an_openai_route_cut_short_is_not_free(gw):
+    key = new_key(gw)
+    gw.mock_config(chunks=40, cut_after_events=21)  # role chunk + 20 deltas, no usage
+    with claude(gw, key).messages.with_streaming_response.create(
+        model="gpt-4o-mini", max_tokens=100, messages=HI, stream=True
+    ) as raw:
+        rid = raw.headers["x-request-id"]
+        raw.read()
+    b = billed(gw, gw.mock_url(), rid)
+    r = row(gw, rid)
+    assert b["output"] == 20, b
+    assert r["token_source"] == "estimated", r
+    assert r["prompt_tokens"] >= 1 and r["completion_tokens"] >= b["output"], (r, b)
+    assert r["cost_nanos"] >= nanos(b, GPT_PRICE) > 0, (r, b)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_200_without_usage_is_billed_its_estimate(gw, stream):
+    key = new_key(gw)
+    gw.mock_config(omit_usage=True, chunks=12)
+    c = gpt(gw, key)
+    if stream:
+        with c.chat.completions.with_streaming_response.create(
+            model="gpt-4o-mini", messages=HI, max_tokens=50, stream=True
+        ) as raw:
+            raw.read()
+    else:
+        raw = c.chat.completions.with_raw_response.create(model="gpt-4o-mini", messages=HI, max_tokens=50)
+    rid = raw.headers["x-request-id"]
+    b = billed(gw, gw.mock_url(), rid)
+    r = row(gw, rid)
+    assert r["token_source"] == "estimated", r
+    assert r["completion_tokens"] >= b["output"] and r["prompt_tokens"] >= 1, (r, b)
+    assert r["cost_nanos"] >= nanos(b, GPT_PRICE) > 0, (r, b)
+
+
+# --- 6. count_tokens is free ----------------------------------------------------------
+
+
+def test_count_tokens_is_neither_reserved_nor_billed(gw):
+    # A tpm far below count_tokens' old reservation (prompt + 4096).
+    key = new_key(gw, "--tpm", "300", "--budget-usd", "0.01", "--budget-per", "day")
+    c = claude(gw, key)
+    for _ in range(5):
+        raw = c.messages.with_raw_response.count_tokens(model=CLAUDE, messages=HI)
+        assert raw.parse().input_tokens > 0
+    r = row(gw, raw.headers["x-request-id"])
+    assert (r["total_tokens"], r["cost_nanos"]) == (0, 0), r
+    # The window is untouched: a request worth nearly the whole tpm still fits.
+    c.messages.create(model=CLAUDE, max_tokens=280, messages=HI)
