@@ -10,6 +10,7 @@
 //! one the way the relay and the usage tap need it.
 
 use crate::config::RouteConfig;
+use crate::estimate::Wire;
 use crate::splice::{members, ObjectSpans, Splice};
 use crate::sse::{event_data, event_name, TokenUsage};
 use crate::validate::{
@@ -134,8 +135,8 @@ pub struct PassthroughRequest {
     /// `previous_response_id` (Responses API): the conversation lives on the
     /// provider that created that response.
     pub previous_response_id: Option<String>,
-    /// Characters of input, for estimating a cut stream's prompt tokens.
-    pub prompt_chars: usize,
+    /// Estimated input tokens (`crate::estimate`).
+    pub prompt_tokens: u64,
     /// The client's output limit (completions `max_tokens`, Responses
     /// `max_output_tokens`); `None`: the gateway writes one in.
     pub output_limit: Option<u64>,
@@ -257,14 +258,13 @@ pub fn validate_passthrough(
         }
         _ => false,
     };
-    let mut prompt_chars = 0;
     let mut output_limit = None;
     let mut choices = 1;
     match endpoint {
         Endpoint::Embeddings => {
             let input = find(&body, "input")
                 .ok_or_else(|| Invalid::field("input", "Missing required parameter: 'input'."))?;
-            prompt_chars = check_input(&value("input", input)?)?;
+            check_input(&value("input", input)?)?;
             match field(&body, "encoding_format", "encoding_format")? {
                 None | Some(Value::Null) => {}
                 Some(Value::String(f)) if f == "float" || f == "base64" => {}
@@ -281,7 +281,7 @@ pub fn validate_passthrough(
         }
         Endpoint::Completions => {
             if let Some(raw) = find(&body, "prompt") {
-                prompt_chars = text_chars(&value("prompt", raw)?);
+                value("prompt", raw)?;
             }
             output_limit = check_positive_int(&body, "max_tokens")?;
             let n = check_positive_int(&body, "n")?.unwrap_or(1);
@@ -290,7 +290,7 @@ pub fn validate_passthrough(
         }
         Endpoint::Responses => {
             if let Some(raw) = find(&body, "input") {
-                prompt_chars = text_chars(&value("input", raw)?);
+                value("input", raw)?;
             }
             output_limit = check_positive_int(&body, "max_output_tokens")?;
         }
@@ -307,7 +307,14 @@ pub fn validate_passthrough(
         stream,
         include_usage,
         previous_response_id,
-        prompt_chars,
+        prompt_tokens: crate::estimate::prompt_tokens(
+            bytes,
+            match endpoint {
+                Endpoint::Embeddings => Wire::Embeddings,
+                Endpoint::Completions => Wire::Completions,
+                _ => Wire::Responses,
+            },
+        ),
         output_limit,
         choices,
         spans: ObjectSpans::new(bytes, &body),

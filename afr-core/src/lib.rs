@@ -12,6 +12,7 @@ pub mod concurrency;
 pub mod config;
 pub mod endpoint;
 pub mod error;
+pub mod estimate;
 pub mod fleet;
 pub mod fleet_ledger;
 pub mod keyfile;

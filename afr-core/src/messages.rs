@@ -10,6 +10,7 @@
 //! and fields the gateway does not know reach Anthropic untouched.
 
 use crate::config::RouteConfig;
+use crate::estimate;
 use crate::splice::{members, ObjectError, ObjectSpans};
 use crate::sse::{event_data, event_name, TokenUsage};
 use crate::validate::Invalid;
@@ -23,8 +24,8 @@ pub struct MessagesRequest {
     pub model: String,
     /// Whether the client asked for a stream.
     pub stream: bool,
-    /// Characters of prompt text (system, messages, tools), for estimates.
-    pub prompt_chars: usize,
+    /// Estimated input tokens (`crate::estimate`).
+    pub prompt_tokens: u64,
     /// The client's `max_tokens` (0 for `count_tokens`, which generates nothing).
     pub max_tokens: u64,
     /// Where the body's top-level members lie.
@@ -105,7 +106,6 @@ pub fn validate_messages(bytes: &[u8], count_tokens: bool) -> Result<MessagesReq
             ))
         }
     };
-    let mut prompt_chars = 0;
     for (i, m) in messages.iter().enumerate() {
         let param = format!("messages.{i}");
         match m.get("role").and_then(Value::as_str) {
@@ -114,7 +114,7 @@ pub fn validate_messages(bytes: &[u8], count_tokens: bool) -> Result<MessagesReq
             _ => return Err(invalid(&format!("{param}.role"), format!("{param}.role: Input should be 'user' or 'assistant'"))),
         }
         match m.get("content") {
-            Some(c @ (Value::String(_) | Value::Array(_))) => prompt_chars += text_chars(c),
+            Some(Value::String(_) | Value::Array(_)) => {}
             _ => {
                 return Err(invalid(
                     &format!("{param}.content"),
@@ -123,11 +123,6 @@ pub fn validate_messages(bytes: &[u8], count_tokens: bool) -> Result<MessagesReq
                     ),
                 ))
             }
-        }
-    }
-    for key in ["system", "tools"] {
-        if let Some(v) = get(key)? {
-            prompt_chars += text_chars(&v);
         }
     }
     let mut max_tokens = 0;
@@ -158,7 +153,7 @@ pub fn validate_messages(bytes: &[u8], count_tokens: bool) -> Result<MessagesReq
     Ok(MessagesRequest {
         model,
         stream,
-        prompt_chars,
+        prompt_tokens: estimate::prompt_tokens(bytes, estimate::Wire::Messages),
         max_tokens,
         spans: ObjectSpans::new(bytes, &body),
     })
@@ -177,8 +172,8 @@ pub fn text_chars(v: &Value) -> usize {
 
 /// Estimated input tokens of a Messages body (about four characters per
 /// token), for `count_tokens` through a route whose provider cannot count.
-pub fn estimate_input_tokens(prompt_chars: usize) -> u64 {
-    prompt_chars.div_ceil(4).max(1) as u64
+pub fn estimate_input_tokens(prompt_tokens: u64) -> u64 {
+    prompt_tokens.max(1)
 }
 
 /// What the gateway reads from one Anthropic stream event.

@@ -49,9 +49,9 @@ pub struct ChatRequest {
     pub output_limits: [(&'static str, u64); 2],
     /// Choices asked for (`n`, default 1): each may produce the whole limit.
     pub choices: u64,
-    /// Characters of prompt text, for estimating the tokens of a stream cut
-    /// short before the provider's usage arrived.
-    pub prompt_chars: usize,
+    /// Estimated input tokens (`crate::estimate`): what the request
+    /// reserves, and bills when the provider's usage never comes.
+    pub prompt_tokens: u64,
     /// Where the body's top-level members lie.
     pub spans: ObjectSpans,
 }
@@ -236,7 +236,8 @@ pub fn validate_chat(bytes: &[u8]) -> Result<ChatRequest, Invalid> {
         Some(other) => return Err(type_error("model", "a string", &other)),
     };
 
-    let prompt_chars = check_messages(find(&body, "messages"))?;
+    check_messages(find(&body, "messages"))?;
+    let prompt_tokens = crate::estimate::prompt_tokens(bytes, crate::estimate::Wire::Chat);
 
     let stream = match field(&body, "stream", "stream")? {
         None | Some(Value::Null) => false,
@@ -311,7 +312,7 @@ pub fn validate_chat(bytes: &[u8]) -> Result<ChatRequest, Invalid> {
         fill_temperature,
         fill_max_tokens,
         output_limits,
-        prompt_chars,
+        prompt_tokens,
         spans: ObjectSpans::new(bytes, &body),
     })
 }
@@ -660,9 +661,14 @@ mod tests {
     }
 
     #[test]
-    fn prompt_chars_count_decoded_text() {
-        let body = r#"{"model":"m","messages":[{"role":"user","content":"h\u00e9"},{"role":"user","content":[1]}]}"#;
-        assert_eq!(validate_chat(body.as_bytes()).unwrap().prompt_chars, 2 + 3);
+    fn the_prompt_estimate_counts_decoded_text() {
+        let body = r#"{"model":"m","messages":[{"role":"user","content":"h\u00e9"}]}"#;
+        let same = r#"{"model":"m","messages":[{"role":"user","content":"hé"}]}"#;
+        let estimate = validate_chat(body.as_bytes()).unwrap().prompt_tokens;
+        assert_eq!(
+            estimate,
+            validate_chat(same.as_bytes()).unwrap().prompt_tokens
+        );
     }
 
     #[test]

@@ -376,3 +376,37 @@ def test_count_tokens_is_neither_reserved_nor_billed(gw):
     assert (r["total_tokens"], r["cost_nanos"]) == (0, 0), r
     # The window is untouched: a request worth nearly the whole tpm still fits.
     c.messages.create(model=CLAUDE, max_tokens=280, messages=HI)
+
+
+# --- 2. the prompt estimate counts what providers bill as input -------------------------
+
+
+def test_an_image_is_counted_by_its_published_size_not_its_base64(gw):
+    # ~200 KB of base64: as text it was ~50 000 tokens, a permanent 429 on this key.
+    key = new_key(gw, "--tpm", "5000")
+    image = "data:image/png;base64," + "iVBORw0KGgoAAAANSUhEUgAA" * 8_000
+    content = [{"type": "text", "text": "What is in this image?"}, {"type": "image_url", "image_url": {"url": image}}]
+    c = gpt(gw, key)
+    r = c.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": content}], max_tokens=100)
+    assert r.choices[0].message.content
+    source = {"type": "base64", "media_type": "image/png", "data": image.split(",", 1)[1]}
+    claude(gw, key).messages.create(
+        model=CLAUDE, max_tokens=100,
+        messages=[{"role": "user", "content": [{"type": "image", "source": source}, {"type": "text", "text": "Describe it."}]}],
+    )
+
+
+def test_cjk_text_and_tool_schemas_are_counted(gw):
+    # 600 CJK characters are ~600 tokens: more than a 500 tpm, whatever the output.
+    key = new_key(gw, "--tpm", "500")
+    with pytest.raises(openai.RateLimitError) as e:
+        gpt(gw, key).chat.completions.create(
+            model="gpt-4o-mini", messages=[{"role": "user", "content": "你好世界。" * 120}], max_tokens=10
+        )
+    assert e.value.response.headers["x-should-retry"] == "false"
+    # A tool schema is input too: a large one cannot hide behind a short message.
+    schema = {"type": "object", "properties": {f"field_{i}": {"type": "string", "description": "a field of the form " * 3} for i in range(40)}}
+    tools = [{"type": "function", "function": {"name": "fill_form", "description": "Fills the form", "parameters": schema}}]
+    with pytest.raises(openai.RateLimitError):
+        gpt(gw, key).chat.completions.create(model="gpt-4o-mini", messages=HI, tools=tools, max_tokens=10)
+    assert gw.mock_requests() == []

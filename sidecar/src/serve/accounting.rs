@@ -16,7 +16,7 @@
 
 use crate::serve::fleet::Held;
 use crate::serve::state::Gateway;
-use afr_core::billing::{settle, tokens_of_chars};
+use afr_core::billing::settle;
 use afr_core::config::Price;
 use afr_core::ledger::{never_fits, Amount, Never, Refusal};
 use afr_core::limits::KeyLimits;
@@ -122,10 +122,10 @@ impl Accounting {
             .ttft(&self.record.model, &self.record.provider, ttft);
     }
 
-    /// The request's prompt size: what a request cut before any usage is
-    /// billed for its prompt.
-    pub fn prompt(&mut self, prompt_chars: usize) {
-        self.prompt_estimate = tokens_of_chars(prompt_chars);
+    /// The request's estimated prompt tokens (`afr_core::estimate`): what a
+    /// request cut before any usage is billed for its prompt.
+    pub fn prompt(&mut self, prompt_tokens: u64) {
+        self.prompt_estimate = prompt_tokens;
     }
 
     /// Bills what the provider did (`afr_core::billing::settle`): its

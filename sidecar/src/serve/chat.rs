@@ -111,8 +111,9 @@ pub struct Asked<'a> {
     pub model: &'a str,
     /// Whether the answer streams.
     pub stream: bool,
-    /// Prompt size, for estimating a cut stream's tokens.
-    pub prompt_chars: usize,
+    /// Estimated prompt tokens (`afr_core::estimate`): reserved, and billed
+    /// when the provider never reports usage.
+    pub prompt_tokens: u64,
     /// Whether the gateway, not the client, asked for the usage chunk.
     pub strip_usage: bool,
 }
@@ -120,11 +121,11 @@ pub struct Asked<'a> {
 impl<'a> Asked<'a> {
     /// An OpenAI-format request: the gateway asks for usage on every stream
     /// and strips it again unless the client asked for it (design §5).
-    pub fn openai(model: &'a str, stream: bool, prompt_chars: usize, include_usage: bool) -> Self {
+    pub fn openai(model: &'a str, stream: bool, prompt_tokens: u64, include_usage: bool) -> Self {
         Asked {
             model,
             stream,
-            prompt_chars,
+            prompt_tokens,
             strip_usage: stream && !include_usage,
         }
     }
@@ -140,7 +141,7 @@ struct ChatExchange {
 impl Exchange for ChatExchange {
     fn asked(&self) -> Asked<'_> {
         let r = &self.request;
-        Asked::openai(&r.model, r.stream, r.prompt_chars, r.include_usage)
+        Asked::openai(&r.model, r.stream, r.prompt_tokens, r.include_usage)
     }
 
     fn output_cap(&self, route: &RouteConfig) -> u64 {
@@ -285,12 +286,12 @@ pub async fn route(
         };
         return reject(&caller, usage, error);
     }
-    usage.prompt(asked.prompt_chars);
+    usage.prompt(asked.prompt_tokens);
     // Reserve the worst case before any provider is called (design §3).
     let limited = caller.limits.tpm.is_some() || caller.limits.budget.is_some();
     if limited && request.billed() {
         let worst = worst_case(
-            asked.prompt_chars,
+            asked.prompt_tokens,
             model,
             |p| {
                 runtime
@@ -559,12 +560,11 @@ pub(crate) fn excerpt(event: &[u8]) -> String {
 /// write on a provider that writes caches). `enabled` says whether a
 /// provider is enabled and, if so, whether it writes prompt caches.
 pub fn worst_case(
-    prompt_chars: usize,
+    prompt: u64,
     model: &afr_core::config::ModelConfig,
     enabled: impl Fn(&str) -> Option<bool>,
     output_cap: impl Fn(&RouteConfig) -> u64,
 ) -> Amount {
-    let prompt = afr_core::billing::tokens_of_chars(prompt_chars);
     let mut worst = Amount::default();
     for route in &model.routes {
         let Some(writes_cache) = enabled(&route.provider) else {

@@ -85,7 +85,7 @@ pub async fn messages(
         // beats failing Claude Code's context bookkeeping. Answered here,
         // not through the route loop: no provider is asked, so no breaker
         // may read this as a provider's success.
-        let tokens = estimate_input_tokens(request.prompt_chars);
+        let tokens = estimate_input_tokens(request.prompt_tokens);
         usage.finish(200);
         return json_response(
             StatusCode::OK,
@@ -126,12 +126,12 @@ fn invalid(message: String) -> Invalid {
 impl Exchange for MessagesExchange {
     fn asked(&self) -> Asked<'_> {
         let r = &self.request;
-        let (model, stream, prompt_chars) = (&r.model, r.stream, r.prompt_chars);
+        let (model, stream, prompt_tokens) = (&r.model, r.stream, r.prompt_tokens);
         // Anthropic streams carry usage in their own events: nothing to strip.
         Asked {
             model,
             stream,
-            prompt_chars,
+            prompt_tokens,
             strip_usage: false,
         }
     }

@@ -1,0 +1,384 @@
+//! The prompt estimate a request reserves (design §3): everything providers
+//! bill as input, counted in one pass over the client's bytes, never
+//! allocating for a string without escapes.
+//!
+//! What counts: the prompt-bearing members of the body ([`Wire::members`]:
+//! system prompts and `instructions`, every message part, tool definitions
+//! and their schemas, tool calls and results, `response_format` / `text`
+//! schemas) — every key and every string inside them, since providers render
+//! all of it into the model's input. The rules:
+//!
+//! - text: an ASCII character is a quarter of a token, any other character a
+//!   whole token (CJK, Cyrillic, Arabic, …: providers' tokenizers spend about
+//!   one token per character on them, often more than the ASCII rule would
+//!   say by 4×), a character outside the Basic Multilingual Plane (emoji) two;
+//! - a number is one token (token-id arrays count their length);
+//! - an image is counted by the providers' published rules, not by its bytes:
+//!   85 tokens with `detail: "low"`, otherwise [`IMAGE_TOKENS`] (the largest
+//!   OpenAI's tile formula gives gpt-4o, 1 445, and Anthropic's ceiling for an
+//!   image it accepts unresized, about 1 600);
+//! - a file given inline (base64 or a data URL that is not an image: PDFs,
+//!   documents) is counted as text of its decoded size; a file by URL or id
+//!   cannot be sized and counts its reference only;
+//! - each request carries [`BASE_TOKENS`] of framing on message endpoints,
+//!   and Anthropic's tool-use system prompt ([`ANTHROPIC_TOOLS_TOKENS`]) when
+//!   a Messages request offers tools.
+//!
+//! Checked against the recorded provider usage in `tests/fixtures/` (see the
+//! tests): it never under-counts them and stays within 2× for plain text.
+
+use serde::de::{self, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
+use std::fmt;
+
+/// Tokens of an image at full detail: the larger of OpenAI's gpt-4o tile
+/// formula's maximum (85 + 170 × 8 tiles = 1 445) and Anthropic's ~1 600
+/// for the largest image it takes without resizing (1.15 megapixels / 750).
+pub const IMAGE_TOKENS: u64 = 1_600;
+/// Tokens of an image with `detail: "low"` (OpenAI's fixed 85).
+pub const LOW_DETAIL_IMAGE_TOKENS: u64 = 85;
+/// Framing every message-based request carries (role markers, priming).
+pub const BASE_TOKENS: u64 = 8;
+/// Anthropic's tool-use system prompt, added when a request offers tools
+/// (346 tokens for current Claude models, per Anthropic's tool-use pricing).
+pub const ANTHROPIC_TOOLS_TOKENS: u64 = 350;
+
+/// The API a body is written for: which of its members carry the prompt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Wire {
+    /// `/v1/chat/completions`.
+    Chat,
+    /// `/v1/completions`.
+    Completions,
+    /// `/v1/embeddings`.
+    Embeddings,
+    /// `/v1/responses`.
+    Responses,
+    /// `/v1/messages` (and `count_tokens`).
+    Messages,
+}
+
+impl Wire {
+    /// The top-level members whose content the provider bills as input.
+    fn members(self) -> &'static [&'static str] {
+        match self {
+            Wire::Chat => &[
+                "messages",
+                "tools",
+                "functions",
+                "tool_choice",
+                "function_call",
+                "response_format",
+                "prediction",
+            ],
+            Wire::Completions => &["prompt", "suffix"],
+            Wire::Embeddings => &["input"],
+            Wire::Responses => &["input", "instructions", "tools", "tool_choice", "text"],
+            Wire::Messages => &["system", "messages", "tools", "tool_choice"],
+        }
+    }
+
+    fn framed(self) -> bool {
+        matches!(self, Wire::Chat | Wire::Responses | Wire::Messages)
+    }
+}
+
+/// The estimated input tokens of `body` for `wire`; a body that is not a
+/// JSON object estimates its bytes as text (validation refuses it anyway).
+pub fn prompt_tokens(body: &[u8], wire: Wire) -> u64 {
+    let mut count = Count::default();
+    let mut de = serde_json::Deserializer::from_slice(body);
+    let read = Top {
+        wire,
+        count: &mut count,
+    }
+    .deserialize(&mut de);
+    if read.is_err() {
+        return (body.len() as u64).div_ceil(4);
+    }
+    let mut tokens = count.units.div_ceil(4) + count.tokens;
+    if wire.framed() {
+        tokens += BASE_TOKENS;
+    }
+    if wire == Wire::Messages && count.tools {
+        tokens += ANTHROPIC_TOOLS_TOKENS;
+    }
+    tokens
+}
+
+/// Quarter-tokens of `text` by the per-script rule.
+pub fn text_units(text: &str) -> u64 {
+    text.chars()
+        .map(|c| match c as u32 {
+            0..=0x7f => 1,
+            0x80..=0xffff => 4,
+            _ => 8,
+        })
+        .sum()
+}
+
+#[derive(Default)]
+struct Count {
+    /// Quarter-tokens of text.
+    units: u64,
+    /// Whole tokens (numbers, images, files).
+    tokens: u64,
+    /// A non-empty `tools` member was seen.
+    tools: bool,
+}
+
+struct Top<'c> {
+    wire: Wire,
+    count: &'c mut Count,
+}
+
+impl<'de> DeserializeSeed<'de> for Top<'_> {
+    type Value = ();
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_map(self)
+    }
+}
+
+impl<'de> Visitor<'de> for Top<'_> {
+    type Value = ();
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a JSON object")
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        while let Some(key) = map.next_key::<Key>()? {
+            if self.wire.members().contains(&key.0.as_ref()) {
+                let before = (self.count.units, self.count.tokens);
+                let seen = map.next_value_seed(Node {
+                    count: self.count,
+                    image: false,
+                })?;
+                if let Seen::Text(text) = seen {
+                    self.count.units += text.units;
+                }
+                if key.0 == "tools" && (self.count.units, self.count.tokens) != before {
+                    self.count.tools = true;
+                }
+            } else {
+                map.next_value::<IgnoredAny>()?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// An object key, borrowed from the body when it has no escapes.
+struct Key<'de>(std::borrow::Cow<'de, str>);
+
+impl<'de> de::Deserialize<'de> for Key<'de> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Key<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a key")
+            }
+            fn visit_borrowed_str<E>(self, s: &'de str) -> Result<Key<'de>, E> {
+                Ok(Key(s.into()))
+            }
+            fn visit_str<E>(self, s: &str) -> Result<Key<'de>, E> {
+                Ok(Key(s.to_owned().into()))
+            }
+        }
+        d.deserialize_str(V)
+    }
+}
+
+/// What a string looked like, for its enclosing object to decide whether it
+/// is text or media.
+#[derive(Debug, Default, Clone, Copy)]
+struct Text {
+    /// Quarter-tokens if it is text.
+    units: u64,
+    /// Its length in bytes.
+    len: usize,
+    /// A `data:` URL (its media type says `image/…` when `image`).
+    data_url: bool,
+    image_mime: bool,
+    /// An `http(s)://` URL.
+    http: bool,
+    /// Long and of the base64 alphabet only: an inline file or image.
+    base64: bool,
+    /// A word that marks its object: an image part, a file part, `low`.
+    word: Word,
+}
+
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+enum Word {
+    #[default]
+    None,
+    Image,
+    File,
+    Low,
+    ImageMime,
+}
+
+impl Text {
+    fn of(s: &str) -> Text {
+        let len = s.len();
+        let head = &s.as_bytes()[..len.min(64)];
+        let data_url = s.starts_with("data:");
+        let base64 = len >= 256
+            && head.iter().all(|b| {
+                b.is_ascii_alphanumeric() || matches!(b, b'+' | b'/' | b'=' | b'-' | b'_')
+            });
+        let is_media = data_url || base64;
+        let word = match s {
+            "image" | "image_url" | "input_image" => Word::Image,
+            "file" | "input_file" | "document" => Word::File,
+            "low" => Word::Low,
+            _ if s.starts_with("image/") && len < 64 => Word::ImageMime,
+            _ => Word::None,
+        };
+        Text {
+            // A media string is never text: no need to weigh every byte.
+            units: if is_media { 0 } else { text_units(s) },
+            len,
+            data_url,
+            image_mime: data_url && s[5..].starts_with("image/"),
+            http: s.starts_with("http://") || s.starts_with("https://"),
+            base64,
+            word,
+        }
+    }
+
+    fn is_media(&self) -> bool {
+        self.data_url || self.base64
+    }
+
+    /// Decoded bytes of an inline file.
+    fn decoded_len(&self) -> u64 {
+        (self.len as u64) / 4 * 3
+    }
+}
+
+/// What one value was: a string (judged by its object) or anything else
+/// (already counted).
+enum Seen {
+    Text(Text),
+    Other,
+}
+
+/// Any value inside a prompt-bearing member. `image`: it is the value of an
+/// `image_url` key, so media in it is an image.
+struct Node<'c> {
+    count: &'c mut Count,
+    image: bool,
+}
+
+impl<'de> DeserializeSeed<'de> for Node<'_> {
+    type Value = Seen;
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Seen, D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for Node<'_> {
+    type Value = Seen;
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("any JSON value")
+    }
+    fn visit_str<E>(self, s: &str) -> Result<Seen, E> {
+        Ok(Seen::Text(Text::of(s)))
+    }
+    fn visit_bool<E>(self, _: bool) -> Result<Seen, E> {
+        self.count.units += 1;
+        Ok(Seen::Other)
+    }
+    fn visit_i64<E>(self, _: i64) -> Result<Seen, E> {
+        self.count.tokens += 1;
+        Ok(Seen::Other)
+    }
+    fn visit_u64<E>(self, _: u64) -> Result<Seen, E> {
+        self.count.tokens += 1;
+        Ok(Seen::Other)
+    }
+    fn visit_f64<E>(self, _: f64) -> Result<Seen, E> {
+        self.count.tokens += 1;
+        Ok(Seen::Other)
+    }
+    fn visit_unit<E>(self) -> Result<Seen, E> {
+        Ok(Seen::Other)
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Seen, A::Error> {
+        while let Some(seen) = seq.next_element_seed(Node {
+            count: &mut *self.count,
+            image: false,
+        })? {
+            if let Seen::Text(t) = seen {
+                self.count.units += t.units;
+                if t.is_media() {
+                    media(self.count, &t, self.image, false);
+                }
+            }
+        }
+        Ok(Seen::Other)
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Seen, A::Error> {
+        let mut image = self.image;
+        let mut low = false;
+        // Media strings wait for the whole object: its `type`, `media_type`
+        // or `detail` may come after them.
+        let mut pending: Option<Text> = None;
+        let mut url_image = false;
+        while let Some(key) = map.next_key::<Key>()? {
+            let key = key.0;
+            self.count.units += text_units(&key);
+            let seen = map.next_value_seed(Node {
+                count: &mut *self.count,
+                image: key == "image_url",
+            })?;
+            let Seen::Text(t) = seen else { continue };
+            match t.word {
+                Word::Image | Word::ImageMime if key == "type" || key == "media_type" => {
+                    image = true
+                }
+                Word::Low if key == "detail" => low = true,
+                _ => {}
+            }
+            if t.is_media() || (t.http && (key == "image_url" || key == "url")) {
+                if t.image_mime || key == "image_url" {
+                    image = true;
+                }
+                url_image |= t.http;
+                pending = Some(t);
+            } else {
+                self.count.units += t.units;
+            }
+        }
+        if let Some(t) = pending {
+            if t.is_media() || (url_image && image) {
+                media(self.count, &t, image, low);
+            } else {
+                // A reference that cannot be sized (a file by URL): its text.
+                self.count.units += text_units_len(t.len);
+            }
+        }
+        Ok(Seen::Other)
+    }
+}
+
+/// Counts one image or inline file.
+fn media(count: &mut Count, t: &Text, image: bool, low: bool) {
+    count.tokens += if image || t.image_mime {
+        if low {
+            LOW_DETAIL_IMAGE_TOKENS
+        } else {
+            IMAGE_TOKENS
+        }
+    } else {
+        t.decoded_len().div_ceil(4)
+    };
+}
+
+/// Quarter-tokens of an ASCII string of `len` bytes (a URL).
+fn text_units_len(len: usize) -> u64 {
+    len as u64
+}
+
+#[cfg(test)]
+#[path = "estimate_tests.rs"]
+mod tests;
