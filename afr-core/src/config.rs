@@ -948,7 +948,7 @@ impl SidecarConfig {
     }
 
     /// What is allowed but probably not meant: routes without a price (their
-    /// cost is recorded as unknown and never counts against a budget).
+    /// cost is recorded as unknown, and budgeted keys are never served by them).
     pub fn warnings(&self) -> Vec<ConfigError> {
         let mut warnings = Vec::new();
         for (id, m) in &self.models {
@@ -956,7 +956,7 @@ impl SidecarConfig {
                 if r.price.is_none() {
                     warnings.push(ConfigError::new(
                         format!("models.{id}.routes[{i}].price"),
-                        "no price: cost is recorded as unknown and not counted against budgets",
+                        "no price: cost is recorded as unknown, and keys with a budget are never served by this route",
                     ));
                 }
             }

@@ -106,3 +106,82 @@ async fn spent_budget_and_full_token_window_survive_a_restart() {
         sidecar.log()
     );
 }
+
+/// `POST /v1/chat/completions` for `key` with `limits` on `model`: the
+/// response's status, its error code and whether it may be retried.
+async fn chat_model(
+    sidecar: &Sidecar,
+    model: &str,
+    limits: &str,
+) -> (u16, Option<String>, Option<String>) {
+    let resp = sidecar
+        .client
+        .post(sidecar.url("/v1/chat/completions"))
+        .header("X-Afr-Secret", SECRET)
+        .header("X-Afr-Key-Id", "k")
+        .header("X-Afr-Limits", limits)
+        .json(&json!({"model": model, "max_tokens": 20, "messages": [{"role": "user", "content": "hi"}]}))
+        .send()
+        .await
+        .expect("sidecar answered");
+    let status = resp.status().as_u16();
+    let retry = resp
+        .headers()
+        .get("x-should-retry")
+        .and_then(|v| v.to_str().ok().map(str::to_owned));
+    let body: Value = resp.json().await.unwrap_or(Value::Null);
+    (
+        status,
+        body["error"]["code"].as_str().map(str::to_owned),
+        retry,
+    )
+}
+
+#[tokio::test]
+async fn budgets_fail_closed_without_a_usage_store() {
+    let mock = Mock::start(&[]);
+    let body = format!(
+        "{}{}price = {{ input = 1.0, output = 1.0 }}\n",
+        openai_provider("mock", &mock.base(), ""),
+        model("m", &[("mock", "up")]),
+    );
+    let sidecar = Sidecar::start_with_usage_env(&body, 5, "record = false", &[]);
+    let (status, code, retry) = chat_model(&sidecar, "m", "budget=100000000/day").await;
+    assert_eq!((status, code.as_deref()), (503, Some("budget_unavailable")));
+    assert_eq!(retry.as_deref(), Some("false"), "no retry can help");
+    assert_eq!(mock.requests().await.len(), 0);
+    // Keys without a budget are served as before.
+    assert_eq!(chat_model(&sidecar, "m", "tpm=1000").await.0, 200);
+    assert_eq!(chat_model(&sidecar, "m", "").await.0, 200);
+    assert!(sidecar.log().contains("keys with a budget are refused"));
+}
+
+#[tokio::test]
+async fn a_budgeted_key_is_never_served_by_an_unpriced_route() {
+    let unpriced = Mock::start(&[]);
+    let priced = Mock::start(&[]);
+    let body = format!(
+        "{}{}{}{}[[models.mixed.routes]]\nprovider = \"priced\"\nmodel = \"up\"\nprice = {{ input = 1.0, output = 1.0 }}\n",
+        openai_provider("unpriced", &unpriced.base(), ""),
+        openai_provider("priced", &priced.base(), ""),
+        model("free", &[("unpriced", "up")]),
+        model("mixed", &[("unpriced", "up")]),
+    );
+    let sidecar = Sidecar::start(&body);
+    let budget = "budget=100000000/day";
+    let (status, code, _) = chat_model(&sidecar, "free", budget).await;
+    assert_eq!((status, code.as_deref()), (400, Some("model_not_priced")));
+    assert_eq!(unpriced.requests().await.len(), 0);
+    // The unpriced first route is skipped for the budget, the priced one serves.
+    assert_eq!(chat_model(&sidecar, "mixed", budget).await.0, 200);
+    assert_eq!(
+        (
+            unpriced.requests().await.len(),
+            priced.requests().await.len()
+        ),
+        (0, 1)
+    );
+    // Without a budget the unpriced route serves as before.
+    assert_eq!(chat_model(&sidecar, "free", "tpm=1000").await.0, 200);
+    assert_eq!(unpriced.requests().await.len(), 1);
+}

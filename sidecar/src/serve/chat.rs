@@ -13,7 +13,7 @@ use crate::providers::{Provider, ProviderError, Reply, UpstreamCall};
 use crate::serve::accounting::Accounting;
 use crate::serve::error::{json_response, Body, GatewayError};
 use crate::serve::relay::{self, StreamStart, Wire};
-use crate::serve::state::{BreakerTicket, Gateway, Runtime};
+use crate::serve::state::{BreakerTicket, Budgets, Gateway, Runtime};
 use afr_core::attempt::{Attempt, Holding};
 use afr_core::breaker::{Admission, Outcome};
 use afr_core::config::{ModelConfig, RouteConfig};
@@ -287,6 +287,17 @@ pub async fn route(
         return reject(&caller, usage, error);
     }
     usage.prompt(asked.prompt_tokens);
+    if caller.limits.budget.is_some() && request.billed() {
+        let unavailable = match gateway.budgets() {
+            Budgets::Ready => None,
+            Budgets::Seeding => Some(Some(crate::serve::SEED_RETRY.as_secs())),
+            Budgets::NoStore => Some(None),
+        };
+        if let Some(retry_after_secs) = unavailable {
+            let error = GatewayError::BudgetUnavailable { retry_after_secs };
+            return reject(&caller, usage, error);
+        }
+    }
     // Reserve the worst case before any provider is called (design §3).
     let limited = caller.limits.tpm.is_some() || caller.limits.budget.is_some();
     if limited && request.billed() {
@@ -322,6 +333,17 @@ pub async fn route(
                 // routes is answered `no_provider` above).
                 return None;
             };
+            if route.price.is_none() && caller.limits.budget.is_some() && request.billed() {
+                // Budgets fail closed: a cost the gateway cannot know could
+                // spend past the budget unseen.
+                tracing::info!(request_id = %caller.request_id, provider = %route.provider, "route has no price; skipped for a key with a budget");
+                refusal.get_or_insert(Invalid {
+                    param: Some("model".into()),
+                    message: format!("This key has a budget, and no route of the model '{model_name}' that could serve this request has a price: the gateway does not serve budgeted keys at an unknown cost. Use another model, or ask the gateway's operator to price it."),
+                    code: Some("model_not_priced"),
+                });
+                return None;
+            }
             match request.prepare(provider.as_ref(), route, &caller.request_id) {
                 Ok(call) => prepared = Some(call),
                 Err(invalid) => {

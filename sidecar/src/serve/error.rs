@@ -121,6 +121,14 @@ pub enum GatewayError {
     /// wait makes it fit, so no `Retry-After` and `x-should-retry: false`.
     #[error("request larger than the key's whole limit: {0:?}")]
     NeverFits(Never),
+    /// A budgeted key while the ledger does not know what keys spent: its
+    /// seed from the usage store is being retried (`Some` wait), or there is
+    /// no usage store at all (`None`: no retry helps).
+    #[error("budgets are unavailable")]
+    BudgetUnavailable {
+        /// When to retry, if a retry can help.
+        retry_after_secs: Option<u64>,
+    },
     /// The usage store is not available or failed.
     #[error("usage store: {0}")]
     Usage(String),
@@ -146,6 +154,7 @@ impl GatewayError {
             | GatewayError::OverTokens { .. }
             | GatewayError::OverBudget { .. }
             | GatewayError::NeverFits(_) => StatusCode::TOO_MANY_REQUESTS,
+            GatewayError::BudgetUnavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
             GatewayError::ContentTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             GatewayError::AllFailed { .. }
             | GatewayError::NoProvider { .. }
@@ -258,6 +267,20 @@ impl GatewayError {
                     budget.per.as_str()
                 ),
             ),
+            GatewayError::BudgetUnavailable {
+                retry_after_secs: Some(_),
+            } => ErrorBody::new(
+                "server_error",
+                Some("budget_unavailable"),
+                "This key has a budget and the gateway cannot read what it has spent yet (its usage store is unavailable); please retry shortly.",
+            ),
+            GatewayError::BudgetUnavailable {
+                retry_after_secs: None,
+            } => ErrorBody::new(
+                "server_error",
+                Some("budget_unavailable"),
+                "This key has a budget, but this gateway records no usage ([usage] record = false), so it cannot hold one; contact the gateway's operator.",
+            ),
             GatewayError::ContentTimeout { timeout, .. } => ErrorBody::new(
                 "server_error",
                 Some("timeout"),
@@ -337,6 +360,14 @@ impl GatewayError {
                 // Retrying before the period renews only spends the client's time.
                 headers.insert("x-should-retry", HeaderValue::from_static("false"));
             }
+            GatewayError::BudgetUnavailable { retry_after_secs } => match retry_after_secs {
+                Some(secs) => {
+                    headers.insert(http::header::RETRY_AFTER, HeaderValue::from(secs));
+                }
+                None => {
+                    headers.insert("x-should-retry", HeaderValue::from_static("false"));
+                }
+            },
             GatewayError::NeverFits(_) => {
                 // Waiting changes nothing: no Retry-After, and the SDKs'
                 // automatic retry of a 429 is switched off.

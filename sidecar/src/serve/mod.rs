@@ -25,7 +25,7 @@ use crate::usage::{PostgresTarget, Store, StoreOptions};
 use afr_core::config::{parse_listen, Listen, UsageBackend};
 use anyhow::Context;
 use listener::Bound;
-use state::{Gateway, Runtime};
+use state::{Budgets, Gateway, Runtime};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -171,10 +171,24 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         gateway.metrics.track_fleet(Arc::clone(fleet));
     }
     gateway.fleet = fleet;
-    if let Some(reader) = gateway.reader.clone() {
-        reseed_ledger(&gateway, reader).await;
+    let reader = gateway.reader.clone();
+    if reader.is_none() {
+        gateway.set_budgets(Budgets::NoStore);
+        tracing::warn!("[usage] record = false: keys with a budget are refused, since what they spent could not survive a restart");
     }
     let gateway = Arc::new(gateway);
+    if let Some(reader) = reader {
+        if !reseed_ledger(&gateway, reader.clone()).await {
+            // Budgets stay refused (503) until the seed succeeds: starting
+            // the period at $0 would let every key spend its budget again.
+            let gateway = Arc::clone(&gateway);
+            tokio::spawn(async move {
+                while !reseed_ledger(&gateway, reader.clone()).await {
+                    tokio::time::sleep(SEED_RETRY).await;
+                }
+            });
+        }
+    }
 
     let bound = Bound::bind(&listen, socket_mode)
         .await
@@ -266,11 +280,15 @@ async fn shutdown_signal() {
     }
 }
 
-/// Seeds the ledger from the usage store before serving, so a restart renews
-/// neither a key's budget nor its token window (design §3). A store that
-/// cannot be read is not an outage: the sidecar serves with a fresh ledger
-/// and says so.
-async fn reseed_ledger(gateway: &Gateway, reader: crate::usage::UsageReader) {
+/// How often a failed seed of the ledger is retried (and the `Retry-After`
+/// of a budgeted key refused meanwhile).
+pub const SEED_RETRY: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Seeds the ledger from the usage store, so a restart renews neither a
+/// key's budget nor its token window (design §3); whether it did. A store
+/// that cannot be read is not an outage: keys without a budget are served,
+/// budgeted keys are refused until a retry succeeds (budgets fail closed).
+async fn reseed_ledger(gateway: &Gateway, reader: crate::usage::UsageReader) -> bool {
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64);
@@ -282,11 +300,18 @@ async fn reseed_ledger(gateway: &Gateway, reader: crate::usage::UsageReader) {
             for (key, seed) in &seeds {
                 ledger.seed(key, *seed);
             }
+            drop(ledger);
+            gateway.set_budgets(Budgets::Ready);
             tracing::info!(keys = seeds.len(), "ledger seeded from the usage store");
+            true
         }
         Ok(Err(e)) => {
-            tracing::error!("{e}: budgets and token windows start from zero until the next restart")
+            tracing::error!("{e}: keys with a budget are refused until the ledger can be seeded (retried every {}s)", SEED_RETRY.as_secs());
+            false
         }
-        Err(e) => tracing::error!("seeding the ledger: {e}"),
+        Err(e) => {
+            tracing::error!("seeding the ledger: {e}");
+            false
+        }
     }
 }

@@ -14,6 +14,7 @@ use afr_core::pins::Pins;
 use arc_swap::ArcSwap;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 use tokio_util::task::TaskTracker;
@@ -142,6 +143,23 @@ pub struct Gateway {
     /// Which provider created each Responses API response relayed here, so
     /// `previous_response_id` follow-ups go back to it.
     pins: Mutex<Pins>,
+    /// Whether budgets can be held (a [`Budgets`] as its `u8`).
+    budgets: AtomicU8,
+}
+
+/// Whether the ledger knows what each key spent this period, so a budget
+/// can be held: budgets fail closed (design §3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Budgets {
+    /// Seeded from the usage store: budgets are held.
+    Ready = 0,
+    /// The usage store could not be read yet; the seed is being retried and
+    /// budgeted keys are refused meanwhile (503, `Retry-After`).
+    Seeding = 1,
+    /// No usage store (`[usage] record = false`): what a key spent cannot
+    /// survive a restart, so budgeted keys are refused.
+    NoStore = 2,
 }
 
 impl Gateway {
@@ -163,6 +181,7 @@ impl Gateway {
             ledger: Mutex::new(Ledger::new()),
             fleet: None,
             pins: Mutex::new(Pins::new(RESPONSE_PINS, RESPONSE_PIN_TTL)),
+            budgets: AtomicU8::new(Budgets::Seeding as u8),
         };
         gateway.sync_breakers();
         gateway
@@ -172,6 +191,20 @@ impl Gateway {
     pub fn install(&self, runtime: Runtime) {
         self.runtime.store(Arc::new(runtime));
         self.sync_breakers();
+    }
+
+    /// Whether budgets can be held now.
+    pub fn budgets(&self) -> Budgets {
+        match self.budgets.load(Ordering::Acquire) {
+            0 => Budgets::Ready,
+            2 => Budgets::NoStore,
+            _ => Budgets::Seeding,
+        }
+    }
+
+    /// Records whether budgets can be held.
+    pub fn set_budgets(&self, budgets: Budgets) {
+        self.budgets.store(budgets as u8, Ordering::Release);
     }
 
     /// The response pins, even if a thread panicked holding them (each
