@@ -295,6 +295,9 @@ struct ChunkWire {
 struct ChoiceWire {
     #[serde(default)]
     delta: Option<DeltaWire>,
+    /// Legacy `/v1/completions` streams carry their text here.
+    #[serde(default)]
+    text: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -303,6 +306,46 @@ struct DeltaWire {
     content: Option<String>,
     #[serde(default)]
     reasoning_content: Option<String>,
+    /// Some OpenAI-compatible servers name their reasoning deltas so.
+    #[serde(default)]
+    reasoning: Option<String>,
+    #[serde(default)]
+    refusal: Option<String>,
+    #[serde(default)]
+    tool_calls: Option<Vec<ToolCallWire>>,
+}
+
+#[derive(Deserialize)]
+struct ToolCallWire {
+    #[serde(default)]
+    function: Option<FunctionWire>,
+}
+
+#[derive(Deserialize)]
+struct FunctionWire {
+    #[serde(default)]
+    name: Option<String>,
+    #[serde(default)]
+    arguments: Option<String>,
+}
+
+impl DeltaWire {
+    /// Characters of everything generated in this delta: text, reasoning,
+    /// a refusal, tool-call names and arguments.
+    fn chars(&self) -> usize {
+        let count = |s: &Option<String>| s.as_deref().map_or(0, |s| s.chars().count());
+        count(&self.content)
+            + count(&self.reasoning_content)
+            + count(&self.reasoning)
+            + count(&self.refusal)
+            + self
+                .tool_calls
+                .iter()
+                .flatten()
+                .filter_map(|c| c.function.as_ref())
+                .map(|f| count(&f.name) + count(&f.arguments))
+                .sum::<usize>()
+    }
 }
 
 /// Reads one raw OpenAI-format event. Unparseable data yields a default
@@ -324,12 +367,9 @@ pub fn inspect_chunk(raw: &[u8]) -> ChunkInfo {
         .choices
         .iter()
         .flatten()
-        .filter_map(|c| c.delta.as_ref())
-        .map(|d| {
-            d.content.as_deref().map_or(0, |s| s.chars().count())
-                + d.reasoning_content
-                    .as_deref()
-                    .map_or(0, |s| s.chars().count())
+        .map(|c| {
+            c.delta.as_ref().map_or(0, DeltaWire::chars)
+                + c.text.as_deref().map_or(0, |s| s.chars().count())
         })
         .sum();
     ChunkInfo {

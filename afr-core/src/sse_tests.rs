@@ -392,3 +392,35 @@ fn recorded_events_are_well_formed_and_cut_json_is_not() {
     assert!(is_malformed(b"data: <html>\n\n"));
     assert!(is_malformed(b"data\n\n"));
 }
+
+#[test]
+fn a_cut_streams_estimate_sees_every_kind_of_generated_output() {
+    let chars = |data: &str| inspect_chunk(format!("data: {data}\n\n").as_bytes()).content_chars;
+    assert_eq!(
+        chars(r#"{"choices":[{"index":0,"delta":{"content":"four"}}]}"#),
+        4
+    );
+    assert_eq!(
+        chars(
+            r#"{"choices":[{"index":0,"delta":{"tool_calls":[{"index":0,"function":{"name":"get","arguments":"{\"a\":1}"}}]}}]}"#
+        ),
+        3 + 7
+    );
+    assert_eq!(
+        chars(r#"{"choices":[{"index":0,"delta":{"reasoning":"hmm"}}]}"#),
+        3
+    );
+    assert_eq!(
+        chars(r#"{"choices":[{"index":0,"delta":{"reasoning_content":"hmm"}}]}"#),
+        3
+    );
+    assert_eq!(
+        chars(r#"{"choices":[{"index":0,"delta":{"refusal":"no"}}]}"#),
+        2
+    );
+    // Legacy completions streams, n choices.
+    assert_eq!(
+        chars(r#"{"choices":[{"index":0,"text":"ab"},{"index":1,"text":"cde"}]}"#),
+        5
+    );
+}
