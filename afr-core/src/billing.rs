@@ -30,21 +30,24 @@ pub struct Billed {
 /// so far; `is_final`: whether it said they are final; `prompt_estimate`:
 /// the gateway's estimate of the prompt; `output_chars`: characters of
 /// everything generated that the gateway saw (text, tool-call arguments,
-/// thinking and reasoning).
+/// thinking and reasoning); `output_cap`: the most output the provider was
+/// allowed to produce (what the reservation held), if known.
 ///
 /// A final count is billed as is, unless it claims no output for an answer
 /// that carried some (a count that is not the provider's: a translation
 /// that never got one). Otherwise the prompt is the reported one (when
 /// reported) or the estimate, and the output the larger of the reported and
-/// the estimated; the classes reported (cache reads and writes, reasoning)
-/// are kept.
+/// the estimated — the estimate never past `output_cap`, which no provider
+/// bills beyond, so an estimated settlement stays within the reservation's
+/// output; the classes reported (cache reads and writes, reasoning) are kept.
 pub fn settle(
     reported: Option<TokenUsage>,
     is_final: bool,
     prompt_estimate: u64,
     output_chars: usize,
+    output_cap: Option<u64>,
 ) -> Billed {
-    let output_estimate = tokens_of_chars(output_chars);
+    let output_estimate = tokens_of_chars(output_chars).min(output_cap.unwrap_or(u64::MAX));
     if let Some(usage) = reported {
         let believable = usage.completion_tokens > 0 || output_chars == 0;
         if is_final && believable {
@@ -90,7 +93,7 @@ mod tests {
 
     #[test]
     fn a_final_count_is_billed_as_reported() {
-        let b = settle(reported(10, 3), true, 99, 4000);
+        let b = settle(reported(10, 3), true, 99, 4000, None);
         assert_eq!((b.usage.prompt_tokens, b.usage.completion_tokens), (10, 3));
         assert!(!b.estimated);
     }
@@ -98,7 +101,7 @@ mod tests {
     #[test]
     fn an_anthropic_stream_cut_before_message_delta_bills_what_was_streamed() {
         // message_start reported the input and a placeholder output of 1.
-        let b = settle(reported(656, 1), false, 10, 400);
+        let b = settle(reported(656, 1), false, 10, 400, None);
         assert_eq!(
             (b.usage.prompt_tokens, b.usage.completion_tokens),
             (656, 100)
@@ -109,16 +112,26 @@ mod tests {
 
     #[test]
     fn a_usage_less_answer_bills_the_estimates() {
-        let b = settle(None, true, 12, 41);
+        let b = settle(None, true, 12, 41, None);
         assert_eq!((b.usage.prompt_tokens, b.usage.completion_tokens), (12, 11));
         assert!(b.estimated);
         // A translated stream's zero count for an answer with content is not believed.
-        let b = settle(reported(0, 0), true, 12, 41);
+        let b = settle(reported(0, 0), true, 12, 41, None);
         assert_eq!((b.usage.prompt_tokens, b.usage.completion_tokens), (12, 11));
         assert!(b.estimated);
         // Nothing generated and nothing reported: the prompt was still read.
-        let b = settle(None, false, 12, 0);
+        let b = settle(None, false, 12, 0, None);
         assert_eq!((b.usage.prompt_tokens, b.usage.completion_tokens), (12, 0));
+    }
+
+    #[test]
+    fn an_estimate_never_bills_past_the_output_cap_but_a_report_may() {
+        // 4000 characters streamed under max_tokens 300: the provider could not bill more.
+        let b = settle(reported(10, 1), false, 10, 4000, Some(300));
+        assert_eq!(b.usage.completion_tokens, 300);
+        // A provider that reports more than the cap is believed (it is what it billed).
+        let b = settle(reported(10, 400), false, 10, 40, Some(300));
+        assert_eq!(b.usage.completion_tokens, 400);
     }
 
     #[test]
@@ -126,7 +139,7 @@ mod tests {
         let mut u = reported(100, 2).unwrap();
         u.cached_tokens = 80;
         u.cache_write_1h = 10;
-        let b = settle(Some(u), false, 5, 40);
+        let b = settle(Some(u), false, 5, 40, None);
         assert_eq!(b.usage.cached_tokens, 80);
         assert_eq!(b.usage.cache_write_1h, 10);
         assert_eq!(b.usage.completion_tokens, 10);
@@ -139,10 +152,10 @@ mod tests {
         fn never_below_the_report_or_the_estimate(
             prompt in 0u64..1_000_000, completion in 0u64..1_000_000,
             estimate in 0u64..1_000_000, chars in 0usize..4_000_000,
-            has_report: bool, is_final: bool,
+            has_report: bool, is_final: bool, cap in proptest::option::of(0u64..2_000_000),
         ) {
             let r = has_report.then(|| reported(prompt, completion).unwrap());
-            let b = settle(r, is_final, estimate, chars);
+            let b = settle(r, is_final, estimate, chars, cap);
             prop_assert!(b.usage.total_tokens >= b.usage.prompt_tokens + b.usage.completion_tokens);
             if let Some(r) = r {
                 prop_assert!(b.usage.completion_tokens >= r.completion_tokens);
@@ -150,7 +163,11 @@ mod tests {
             if !b.estimated {
                 prop_assert!(is_final && has_report);
             } else {
-                prop_assert!(b.usage.completion_tokens >= tokens_of_chars(chars));
+                let est = tokens_of_chars(chars).min(cap.unwrap_or(u64::MAX));
+                prop_assert!(b.usage.completion_tokens >= est);
+                // The documented bound: an estimate never bills past the cap.
+                let reported_out = r.map_or(0, |r| r.completion_tokens);
+                prop_assert!(b.usage.completion_tokens <= reported_out.max(cap.unwrap_or(u64::MAX)));
             }
         }
     }

@@ -17,7 +17,7 @@
 use crate::serve::fleet::Held;
 use crate::serve::state::Gateway;
 use afr_core::billing::settle;
-use afr_core::config::Price;
+use afr_core::config::{Price, RouteConfig};
 use afr_core::ledger::{never_fits, Amount, Never, Refusal};
 use afr_core::limits::KeyLimits;
 use afr_core::sse::TokenUsage;
@@ -40,6 +40,8 @@ pub struct Accounting {
     prompt_estimate: u64,
     /// Price of the route that served (or last tried) the request.
     price: Option<Price>,
+    /// The most output that route may produce for this request.
+    output_cap: Option<u64>,
     /// The tokens billed, by class (what the row's counts and cost are of).
     tokens: TokenUsage,
 }
@@ -66,6 +68,7 @@ impl Accounting {
             hold: None,
             prompt_estimate: 0,
             price: None,
+            output_cap: None,
             tokens: TokenUsage::default(),
         }
     }
@@ -100,11 +103,13 @@ impl Accounting {
         Ok(())
     }
 
-    /// The route being tried: its provider, upstream model and price.
-    pub fn route(&mut self, provider: &str, upstream_model: &str, price: Option<Price>) {
-        self.record.provider = provider.to_owned();
-        self.record.upstream_model = upstream_model.to_owned();
-        self.price = price;
+    /// The route being tried: its provider, upstream model, price and the
+    /// most output it may produce for this request.
+    pub fn route(&mut self, route: &RouteConfig, output_cap: u64) {
+        self.record.provider.clone_from(&route.provider);
+        self.record.upstream_model.clone_from(&route.model);
+        self.price = route.price;
+        self.output_cap = Some(output_cap);
     }
 
     /// The row so far, to fill in as the request proceeds.
@@ -132,7 +137,13 @@ impl Accounting {
     /// `reported` counts when `is_final`, otherwise at least the estimate of
     /// the prompt and of the `output_chars` it produced.
     pub fn bill(&mut self, reported: Option<TokenUsage>, is_final: bool, output_chars: usize) {
-        let billed = settle(reported, is_final, self.prompt_estimate, output_chars);
+        let billed = settle(
+            reported,
+            is_final,
+            self.prompt_estimate,
+            output_chars,
+            self.output_cap,
+        );
         let (u, record) = (billed.usage, &mut self.record);
         record.prompt_tokens = u.prompt_tokens;
         record.completion_tokens = u.completion_tokens;

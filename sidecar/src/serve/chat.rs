@@ -367,7 +367,7 @@ pub async fn route(
             gateway.metrics.failover(&model_name, &last_provider);
         }
         last_provider = route.provider.clone();
-        usage.route(&route.provider, &route.model, route.price);
+        usage.route(route, request.output_cap(route));
 
         let ticket = BreakerTicket::new(gateway.clone(), &route.provider, admission);
         let server = &runtime.config.server;
