@@ -16,6 +16,8 @@ import shutil
 import subprocess
 import tempfile
 import time
+import sqlite3
+import tomllib
 import urllib.request
 from pathlib import Path
 
@@ -170,6 +172,83 @@ def runtime_dir(name: str) -> Path:
     home = Path(tempfile.mkdtemp(prefix=f"afr-{name}-"))
     home.chmod(0o755)
     return home
+
+
+def extend_catalogue(g: "Gateway", providers: dict, models: dict) -> None:
+    """Adds `providers` and `models` to the stack's sidecar.toml (written the way an
+    editor does: a temporary file, then a rename) and waits until the sidecar serves
+    the first new model."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("sidecar_config", REPO / "scripts" / "sidecar-config.py")
+    sidecar_config = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sidecar_config)
+    path = g.home / "sidecar.toml"
+    cfg = tomllib.loads(path.read_text())
+    cfg["providers"].update(providers)
+    cfg["models"].update(models)
+    out: list[str] = []
+    for section in ("server", "admin", "breaker", "usage"):
+        sidecar_config.table(out, section, cfg[section])
+    for name, p in cfg["providers"].items():
+        sidecar_config.table(out, f"providers.{name}", p)
+    for name, m in cfg["models"].items():
+        sidecar_config.table(out, f"models.{sidecar_config.toml_key(name)}", m)
+    path.with_suffix(".tmp").write_text("\n".join(out) + "\n")
+    path.with_suffix(".tmp").replace(path)
+    probe = g.new_key(f"probe-{time.time_ns() % 10**10}", "--rpm", "1000")
+    first = next(iter(models))
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        _, _, body = http("GET", g.base + "/v1/models", headers={"Authorization": f"Bearer {probe}"})
+        if first in body.decode():
+            return
+        time.sleep(0.05)
+    raise AssertionError("the sidecar did not pick up its new config")
+
+
+def usage_row(gw, request_id: str, timeout: float = 5) -> dict:
+    """The usage row of one request, once the batch writer has written it."""
+    deadline = time.monotonic() + timeout
+    while True:
+        db = sqlite3.connect(f"file:{gw.home / 'usage.db'}?mode=ro", uri=True, timeout=5)
+        db.row_factory = sqlite3.Row
+        try:
+            rows = [dict(r) for r in db.execute("SELECT * FROM usage WHERE request_id = ?", (request_id,))]
+        finally:
+            db.close()
+        if rows or time.monotonic() > deadline:
+            assert len(rows) == 1, rows
+            return rows[0]
+        time.sleep(0.05)
+
+
+def mock_billed(gw, url: str, request_id: str, timeout: float = 5) -> dict:
+    """What the mock says it billed for the gateway's request `request_id`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        found = [
+            r for r in gw.mock_requests(url)
+            if r["headers"].get("x-request-id") == request_id and r.get("outcome") != "in_flight"
+        ]
+        if found or time.monotonic() > deadline:
+            assert len(found) == 1, found
+            return found[0]["billed"]
+        time.sleep(0.05)
+
+
+def billed_nanos(b: dict, price: dict) -> int:
+    """The cost of a mock's `billed` at `price`, Anthropic's cache-write multipliers."""
+    plain = b["input"] - b["cached_input"] - b["cache_write_5m"] - b["cache_write_1h"]
+    usd_per_m = (
+        plain * price["input"]
+        + b["cached_input"] * price["cached_input"]
+        + b["cache_write_5m"] * price["input"] * 1.25
+        + b["cache_write_1h"] * price["input"] * 2.0
+        + b["output"] * price["output"]
+    )
+    return round(usd_per_m * 1000)
+
 
 
 def start_gateway(home: Path, extra_env: dict | None = None) -> tuple[Gateway, subprocess.CompletedProcess]:

@@ -13,22 +13,16 @@ billed for the same request (matched by the gateway's x-request-id)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 import sqlite3
 import time
-import tomllib
 
 import anthropic
 import openai
 import pytest
 
-from conftest import REPO, http, runtime_dir, start_gateway
-
-_spec = importlib.util.spec_from_file_location("sidecar_config", REPO / "scripts" / "sidecar-config.py")
-sidecar_config = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(sidecar_config)
+from conftest import billed_nanos, extend_catalogue, http, mock_billed, runtime_dir, start_gateway, usage_row
 
 PROVIDER_KEY = "sk-ant-provider-costs-0123456789"
 CLAUDE = "claude-haiku-4-5"
@@ -37,50 +31,19 @@ GPT_PRICE = {"input": 0.15, "cached_input": 0.075, "output": 0.60}
 HI = [{"role": "user", "content": "hi"}]
 
 
-def wait_until(pred, timeout=5.0, step=0.05):
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < timeout:
-        if pred():
-            return True
-        time.sleep(step)
-    return False
-
-
 @pytest.fixture(scope="module")
 def gw():
     home = runtime_dir("costs")
     g, _ = start_gateway(home, {"AFR_TEST_ANTHROPIC_KEY": PROVIDER_KEY})
     g.anth = g.start_mock("--api-key", PROVIDER_KEY)
-    cfg = tomllib.loads((home / "sidecar.toml").read_text())
     timeouts = {"connect": "1s", "first_byte": "5s", "idle": "5s", "total": "30s"}
-    cfg["providers"]["anth"] = {
-        "kind": "anthropic",
-        "base_url": g.anth + "/v1",
-        "api_key_env": "AFR_TEST_ANTHROPIC_KEY",
-        "timeouts": timeouts,
-    }
-    cfg["models"][CLAUDE] = {
+    anth = {"kind": "anthropic", "base_url": g.anth + "/v1", "api_key_env": "AFR_TEST_ANTHROPIC_KEY", "timeouts": timeouts}
+    claude_model = {
         "tier": "Fast",
         "description": "Claude Haiku through the Anthropic passthrough",
         "routes": [{"provider": "anth", "model": "claude-haiku-4-5-20251001", "price": CLAUDE_PRICE}],
     }
-    out = []
-    for section in ("server", "admin", "breaker", "usage"):
-        sidecar_config.table(out, section, cfg[section])
-    for name, p in cfg["providers"].items():
-        sidecar_config.table(out, f"providers.{name}", p)
-    for name, m in cfg["models"].items():
-        sidecar_config.table(out, f"models.{sidecar_config.toml_key(name)}", m)
-    path = home / "sidecar.toml"
-    path.with_suffix(".tmp").write_text("\n".join(out) + "\n")
-    path.with_suffix(".tmp").replace(path)
-    probe = g.new_key(f"probe-{time.time_ns() % 10**10}", "--rpm", "1000")
-
-    def reloaded():
-        _, _, body = http("GET", g.base + "/v1/models", headers={"x-api-key": probe})
-        return CLAUDE in body.decode()
-
-    assert wait_until(reloaded), "the sidecar did not pick up its new config"
+    extend_catalogue(g, {"anth": anth}, {CLAUDE: claude_model})
     yield g
     g.stop()
     shutil.rmtree(home, ignore_errors=True)
@@ -129,49 +92,6 @@ def rows_of(gw, key: str) -> int:
         db.close()
 
 
-def row(gw, request_id: str, timeout: float = 5) -> dict:
-    """The usage row of one request, once the batch writer has written it."""
-    deadline = time.monotonic() + timeout
-    while True:
-        db = sqlite3.connect(f"file:{gw.home / 'usage.db'}?mode=ro", uri=True, timeout=5)
-        db.row_factory = sqlite3.Row
-        try:
-            rows = [dict(r) for r in db.execute("SELECT * FROM usage WHERE request_id = ?", (request_id,))]
-        finally:
-            db.close()
-        if rows or time.monotonic() > deadline:
-            assert len(rows) == 1, rows
-            return rows[0]
-        time.sleep(0.05)
-
-
-def billed(gw, url: str, request_id: str, timeout: float = 5) -> dict:
-    """What the mock says it billed for the gateway's request `request_id`."""
-    deadline = time.monotonic() + timeout
-    while True:
-        found = [
-            r for r in gw.mock_requests(url)
-            if r["headers"].get("x-request-id") == request_id and r.get("outcome") != "in_flight"
-        ]
-        if found or time.monotonic() > deadline:
-            assert len(found) == 1, found
-            return found[0]["billed"]
-        time.sleep(0.05)
-
-
-def nanos(b: dict, price: dict) -> int:
-    """The cost of a mock's `billed` at `price`, Anthropic's cache-write multipliers."""
-    plain = b["input"] - b["cached_input"] - b["cache_write_5m"] - b["cache_write_1h"]
-    usd_per_m = (
-        plain * price["input"]
-        + b["cached_input"] * price["cached_input"]
-        + b["cache_write_5m"] * price["input"] * 1.25
-        + b["cache_write_1h"] * price["input"] * 2.0
-        + b["output"] * price["output"]
-    )
-    return round(usd_per_m * 1000)
-
-
 def assert_row_is_what_was_billed(r: dict, b: dict, price: dict) -> None:
     assert r["prompt_tokens"] == b["input"], (r, b)
     assert r["cached_tokens"] == b["cached_input"], (r, b)
@@ -180,7 +100,7 @@ def assert_row_is_what_was_billed(r: dict, b: dict, price: dict) -> None:
     assert r["completion_tokens"] == b["output"], (r, b)
     assert r["reasoning_tokens"] == b["reasoning"], (r, b)
     assert r["token_source"] == "provider", r
-    assert r["cost_nanos"] == nanos(b, price), (r, b)
+    assert r["cost_nanos"] == billed_nanos(b, price), (r, b)
 
 
 # --- 1. the reservation is a true bound -------------------------------------------------
@@ -225,9 +145,9 @@ def test_every_openai_endpoint_reserves_its_caps_times_its_choices(gw):
     raw = c.chat.completions.with_raw_response.create(model="gpt-4o-mini", messages=HI, max_tokens=2000, n=4)
     rid = raw.headers["x-request-id"]
     assert len(raw.parse().choices) == 4
-    b = billed(gw, gw.mock_url(), rid)
+    b = mock_billed(gw, gw.mock_url(), rid)
     assert b["output"] == 4 * 4
-    assert_row_is_what_was_billed(row(gw, rid), b, GPT_PRICE)
+    assert_row_is_what_was_billed(usage_row(gw, rid), b, GPT_PRICE)
 
 
 def test_without_a_client_cap_the_gateway_writes_the_one_it_reserved(gw):
@@ -276,9 +196,9 @@ def test_anthropic_cache_reads_and_writes_are_priced_by_class(gw):
             rid = raw.headers["x-request-id"]
             u = raw.parse().usage
             assert (u.cache_read_input_tokens, u.cache_creation_input_tokens) == (4, 3)
-        b = billed(gw, gw.anth, rid)
+        b = mock_billed(gw, gw.anth, rid)
         assert (b["cached_input"], b["cache_write_5m"], b["cache_write_1h"]) == (4, 2, 1)
-        assert_row_is_what_was_billed(row(gw, rid), b, CLAUDE_PRICE)
+        assert_row_is_what_was_billed(usage_row(gw, rid), b, CLAUDE_PRICE)
 
 
 def test_openai_cached_input_and_reasoning_are_priced_on_chat_and_responses(gw):
@@ -297,9 +217,9 @@ def test_openai_cached_input_and_reasoning_are_priced_on_chat_and_responses(gw):
         raws.append(s)
     for raw in raws:
         rid = raw.headers["x-request-id"]
-        b = billed(gw, gw.mock_url(), rid)
+        b = mock_billed(gw, gw.mock_url(), rid)
         assert (b["cached_input"], b["reasoning"]) == (3, 7), b
-        assert_row_is_what_was_billed(row(gw, rid), b, GPT_PRICE)
+        assert_row_is_what_was_billed(usage_row(gw, rid), b, GPT_PRICE)
     status, _, body = http("GET", gw.base + "/v1/usage", headers={"Authorization": f"Bearer {key}"})
     total = json.loads(body)["data"][0]
     assert status == 200 and total["cached_tokens"] == 9 and total["reasoning_tokens"] == 21, total
@@ -317,13 +237,13 @@ def test_an_anthropic_stream_cut_before_message_delta_is_billed_what_was_streame
     ) as raw:
         rid = raw.headers["x-request-id"]
         raw.read()
-    b = billed(gw, gw.anth, rid)
-    r = row(gw, rid)
+    b = mock_billed(gw, gw.anth, rid)
+    r = usage_row(gw, rid)
     assert b["output"] == 20, b
     assert r["token_source"] == "estimated" and r["truncated"] == 1, r
     assert r["prompt_tokens"] == b["input"], (r, b)
     assert r["completion_tokens"] >= b["output"], (r, b)
-    assert r["cost_nanos"] >= nanos(b, CLAUDE_PRICE), (r, b)
+    assert r["cost_nanos"] >= billed_nanos(b, CLAUDE_PRICE), (r, b)
 
 
 def test_a_messages_stream_on_an_openai_route_cut_short_is_not_free(gw):
@@ -334,12 +254,12 @@ def test_a_messages_stream_on_an_openai_route_cut_short_is_not_free(gw):
     ) as raw:
         rid = raw.headers["x-request-id"]
         raw.read()
-    b = billed(gw, gw.mock_url(), rid)
-    r = row(gw, rid)
+    b = mock_billed(gw, gw.mock_url(), rid)
+    r = usage_row(gw, rid)
     assert b["output"] == 20, b
     assert r["token_source"] == "estimated", r
     assert r["prompt_tokens"] >= 1 and r["completion_tokens"] >= b["output"], (r, b)
-    assert r["cost_nanos"] >= nanos(b, GPT_PRICE) > 0, (r, b)
+    assert r["cost_nanos"] >= billed_nanos(b, GPT_PRICE) > 0, (r, b)
 
 
 @pytest.mark.parametrize("stream", [False, True])
@@ -355,11 +275,11 @@ def test_a_200_without_usage_is_billed_its_estimate(gw, stream):
     else:
         raw = c.chat.completions.with_raw_response.create(model="gpt-4o-mini", messages=HI, max_tokens=50)
     rid = raw.headers["x-request-id"]
-    b = billed(gw, gw.mock_url(), rid)
-    r = row(gw, rid)
+    b = mock_billed(gw, gw.mock_url(), rid)
+    r = usage_row(gw, rid)
     assert r["token_source"] == "estimated", r
     assert r["completion_tokens"] >= b["output"] and r["prompt_tokens"] >= 1, (r, b)
-    assert r["cost_nanos"] >= nanos(b, GPT_PRICE) > 0, (r, b)
+    assert r["cost_nanos"] >= billed_nanos(b, GPT_PRICE) > 0, (r, b)
 
 
 # --- 6. count_tokens is free ----------------------------------------------------------
@@ -372,7 +292,7 @@ def test_count_tokens_is_neither_reserved_nor_billed(gw):
     for _ in range(5):
         raw = c.messages.with_raw_response.count_tokens(model=CLAUDE, messages=HI)
         assert raw.parse().input_tokens > 0
-    r = row(gw, raw.headers["x-request-id"])
+    r = usage_row(gw, raw.headers["x-request-id"])
     assert (r["total_tokens"], r["cost_nanos"]) == (0, 0), r
     # The window is untouched: a request worth nearly the whole tpm still fits.
     c.messages.create(model=CLAUDE, max_tokens=280, messages=HI)
