@@ -107,6 +107,11 @@ pub fn prompt_tokens(body: &[u8], wire: Wire) -> u64 {
 
 /// Quarter-tokens of `text` by the per-script rule.
 pub fn text_units(text: &str) -> u64 {
+    // Most prompt text is ASCII: its length is its weight, checked a word
+    // at a time instead of decoding every character.
+    if text.is_ascii() {
+        return text.len() as u64;
+    }
     text.chars()
         .map(|c| match c as u32 {
             0..=0x7f => 1,

@@ -28,6 +28,12 @@ pub enum Exhausted {
         /// Indexes of the routes tried, in order.
         tried: Vec<usize>,
     },
+    /// Every route tried answered that it is overloaded (Anthropic's 529):
+    /// the client sees the provider's own answer on Anthropic's API.
+    AllOverloaded {
+        /// Indexes of the routes tried, in order.
+        tried: Vec<usize>,
+    },
     /// Every route tried answered 429 (the others were open): the client may
     /// retry, like after a provider's own 429.
     AllRateLimited {
@@ -46,6 +52,8 @@ pub enum RouteFailure {
         /// The wait the provider asked for.
         retry_after: Option<Duration>,
     },
+    /// The provider answered that it is overloaded (Anthropic's 529).
+    Overloaded,
     /// Anything else that moves on to the next route.
     Other,
 }
@@ -59,6 +67,7 @@ pub struct RoutePlan {
     min_retry: Option<Duration>,
     rate_limited: usize,
     min_rate_retry: Option<Duration>,
+    overloaded: usize,
 }
 
 impl RoutePlan {
@@ -71,6 +80,7 @@ impl RoutePlan {
             min_retry: None,
             rate_limited: 0,
             min_rate_retry: None,
+            overloaded: 0,
         }
     }
 
@@ -104,6 +114,9 @@ impl RoutePlan {
 
     /// Records how the route last returned by `next_route` failed.
     pub fn failed(&mut self, failure: RouteFailure) {
+        if failure == RouteFailure::Overloaded {
+            self.overloaded += 1;
+        }
         if let RouteFailure::RateLimited { retry_after } = failure {
             self.rate_limited += 1;
             if let Some(wait) = retry_after {
@@ -139,6 +152,10 @@ impl RoutePlan {
                 tried: self.tried.clone(),
                 retry_after: self.min_rate_retry,
             }
+        } else if self.overloaded == self.tried.len() {
+            Exhausted::AllOverloaded {
+                tried: self.tried.clone(),
+            }
         } else {
             Exhausted::AllFailed {
                 tried: self.tried.clone(),
@@ -150,6 +167,24 @@ impl RoutePlan {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_route_overloaded_is_the_providers_own_answer_and_one_other_failure_is_not() {
+        let mut plan = RoutePlan::new(2);
+        while plan.next_route(|_| Admission::Allowed).is_some() {
+            plan.failed(RouteFailure::Overloaded);
+        }
+        assert_eq!(
+            plan.exhausted(),
+            Exhausted::AllOverloaded { tried: vec![0, 1] }
+        );
+        let mut plan = RoutePlan::new(2);
+        plan.next_route(|_| Admission::Allowed);
+        plan.failed(RouteFailure::Overloaded);
+        plan.next_route(|_| Admission::Allowed);
+        plan.failed(RouteFailure::Other);
+        assert_eq!(plan.exhausted(), Exhausted::AllFailed { tried: vec![0, 1] });
+    }
 
     fn rejected(ms: u64) -> Admission {
         Admission::Rejected {

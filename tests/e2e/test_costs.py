@@ -22,7 +22,7 @@ import anthropic
 import openai
 import pytest
 
-from conftest import billed_nanos, extend_catalogue, http, mock_billed, runtime_dir, start_gateway, usage_row
+from conftest import REPO, billed_nanos, extend_catalogue, http, mock_billed, runtime_dir, start_gateway, usage_row
 
 PROVIDER_KEY = "sk-ant-provider-costs-0123456789"
 CLAUDE = "claude-haiku-4-5"
@@ -330,3 +330,33 @@ def test_cjk_text_and_tool_schemas_are_counted(gw):
     with pytest.raises(openai.RateLimitError):
         gpt(gw, key).chat.completions.create(model="gpt-4o-mini", messages=HI, tools=tools, max_tokens=10)
     assert gw.mock_requests() == []
+
+
+# --- 6. /v1/messages speaks Anthropic for limits too -----------------------------------
+
+
+def test_a_spent_budget_on_messages_is_anthropics_credit_refusal(gw):
+    recorded = json.loads((REPO / "tests/fixtures/anthropic-error-credit-balance.json").read_text())
+    # $0.0006: one answer (~40 tokens at $5/M out) fits, its worst case (100 out) twice not.
+    key = new_key(gw, "--budget-usd", "0.0006", "--budget-per", "day")
+    c = claude(gw, key, max_retries=2)
+    with pytest.raises(anthropic.BadRequestError) as e:
+        for _ in range(10):
+            c.messages.create(model=CLAUDE, max_tokens=100, messages=HI)
+    h, body = e.value.response.headers, e.value.response.json()
+    assert h["x-should-retry"] == "false" and "retry-after" not in h, dict(h)
+    assert body["type"] == recorded["type"]
+    assert body["error"]["type"] == recorded["error"]["type"] == "invalid_request_error"
+    assert body["error"]["message"].startswith("Your credit balance is too low"), body
+
+
+def test_an_overloaded_provider_is_529_on_messages_and_503_on_chat(gw):
+    key = new_key(gw)
+    gw.mock_config(gw.anth, status=529)
+    with pytest.raises(anthropic.APIStatusError) as e:
+        claude(gw, key).messages.create(model=CLAUDE, max_tokens=10, messages=HI)
+    assert e.value.status_code == 529
+    assert e.value.response.json()["error"]["type"] == "overloaded_error"
+    with pytest.raises(openai.InternalServerError) as e:
+        gpt(gw, key).chat.completions.create(model=CLAUDE, messages=HI, max_tokens=10)
+    assert e.value.status_code == 503

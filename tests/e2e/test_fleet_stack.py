@@ -181,7 +181,7 @@ def test_run_fleet_holds_one_limit_and_one_usage_store(fleet):
 
 
 def test_tpm_holds_across_nodes_and_settlement_frees_it(fleet):
-    # Worst case per request: ~1 estimated prompt token + max_tokens 1000. Ten fit in
+    # Worst case per request: 13 estimated prompt tokens + max_tokens 1000. Ten fit in
     # 10 500 fleet-wide, eleven do not; 50 at once over both nodes admit exactly ten.
     _, key = fleet.new_key("tpm", "--rpm", "10000", "--tpm", "10500")
     away_from_a_window_edge()
@@ -209,8 +209,9 @@ def test_tpm_holds_across_nodes_and_settlement_frees_it(fleet):
     assert again == ["ok"] * 10, again
     raw = fleet.client(1, key).chat.completions.with_raw_response.create(model="gpt-4o-mini", messages=HI, max_tokens=10)
     assert raw.headers["x-ratelimit-limit-tokens"] == "10500"
-    # 20 settled at 6, this one reserved ~11: the node reports the fleet's count.
-    assert 10500 - 20 * 6 - 11 - 2 <= int(raw.headers["x-ratelimit-remaining-tokens"]) <= 10500 - 20 * 6 - 11 + 2
+    # 20 settled at 6, this one reserved 23 (a prompt estimate of 13 + max_tokens 10): the
+    # node reports the fleet's count.
+    assert 10500 - 20 * 6 - 23 - 2 <= int(raw.headers["x-ratelimit-remaining-tokens"]) <= 10500 - 20 * 6 - 23 + 2
 
 
 def test_redis_down_holds_each_node_to_its_share_then_global_limits_return(fleet):
@@ -258,9 +259,9 @@ def test_redis_down_holds_each_node_to_its_share_then_global_limits_return(fleet
 
 def test_a_redis_restart_renews_no_budget(fleet):
     # gpt-4o-mini at $0.15 / $0.60 per 1M: a request costs 2*150 + 4*600 = 2700
-    # nano-dollars, its worst case with max_tokens 5 is 1*150 + 5*600 = 3150.
-    # $0.00001 admits three over both nodes, then refuses.
-    kid, key = fleet.new_key("bud", "--rpm", "1000", "--budget-usd", "0.00001", "--budget-per", "day")
+    # nano-dollars, its worst case with max_tokens 5 is 13*150 + 5*600 = 4950 (the
+    # prompt estimate of HI is 13). $0.000013 admits three over both nodes, then refuses.
+    kid, key = fleet.new_key("bud", "--rpm", "1000", "--budget-usd", "0.000013", "--budget-per", "day")
     for i in range(3):
         fleet.client(i, key).chat.completions.create(model="gpt-4o-mini", messages=HI, max_tokens=5)
     with pytest.raises(openai.RateLimitError) as e:

@@ -90,14 +90,14 @@ def test_fifty_at_once_admit_exactly_the_ten_that_fit_then_settlement_frees_toke
 
 def test_budget_with_prices_is_insufficient_quota_and_cost_is_recorded(gateway):
     # gpt-4o-mini at $0.15 / $0.60 per 1M: each request costs 2*150 + 4*600 = 2700
-    # nano-dollars; its worst case with max_tokens 5 is 1*150 + 5*600 = 3150.
-    # A $0.00001 (10000 nano) budget admits three, then refuses.
-    key = gateway.new_key(key_id("bud"), "--rpm", "1000", "--budget-usd", "0.00001", "--budget-per", "day")
+    # nano-dollars; its worst case with max_tokens 5 is 13*150 + 5*600 = 4950 (the
+    # prompt estimate of HI is 13). A $0.000013 (13000 nano) budget admits three, then refuses.
+    key = gateway.new_key(key_id("bud"), "--rpm", "1000", "--budget-usd", "0.000013", "--budget-per", "day")
     client = gateway.client(key)
     for _ in range(3):
         raw = client.chat.completions.with_raw_response.create(model="gpt-4o-mini", messages=HI, max_tokens=5)
         assert raw.parse().usage.total_tokens == 6
-    assert raw.headers["x-afr-budget-remaining-usd"] == "0.000002"
+    assert raw.headers["x-afr-budget-remaining-usd"] == "0.000005"
     with pytest.raises(openai.RateLimitError) as e:
         client.chat.completions.create(model="gpt-4o-mini", messages=HI, max_tokens=5)
     assert e.value.code == "insufficient_quota"

@@ -106,6 +106,7 @@ impl ProviderError {
             } => RouteFailure::RateLimited {
                 retry_after: *retry_after,
             },
+            ProviderError::Status { status: 529, .. } => RouteFailure::Overloaded,
             _ => RouteFailure::Other,
         }
     }

@@ -546,6 +546,16 @@ pub async fn route(
                 model: model_name.clone(),
             },
         },
+        Exhausted::AllOverloaded { tried } => {
+            let tried: Vec<&str> = tried
+                .iter()
+                .map(|&i| model.routes[i].provider.as_str())
+                .collect();
+            tracing::warn!(request_id = %caller.request_id, model = %model_name, tried = ?tried, "every provider is overloaded");
+            GatewayError::AllOverloaded {
+                model: model_name.clone(),
+            }
+        }
         Exhausted::AllFailed { tried } => {
             let tried: Vec<&str> = tried
                 .iter()

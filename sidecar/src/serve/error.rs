@@ -83,6 +83,14 @@ pub enum GatewayError {
     /// provider's fault: 503 with a short `Retry-After`, which the SDKs honour.
     #[error("the gateway is out of local resources: {0}")]
     Overloaded(String),
+    /// Every provider tried answered that it is overloaded (Anthropic's 529):
+    /// 529 `overloaded_error` on Anthropic's API, as the provider said; 503
+    /// on OpenAI's, whose SDKs know no 529.
+    #[error("all providers for {model} are overloaded")]
+    AllOverloaded {
+        /// The catalogue model.
+        model: String,
+    },
     /// Every route's breaker is open.
     #[error("all providers for {model} are unavailable (circuit open)")]
     AllOpen {
@@ -159,9 +167,9 @@ impl GatewayError {
             GatewayError::AllFailed { .. }
             | GatewayError::NoProvider { .. }
             | GatewayError::Usage(_) => StatusCode::INTERNAL_SERVER_ERROR,
-            GatewayError::AllOpen { .. } | GatewayError::Overloaded(_) => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            GatewayError::AllOpen { .. }
+            | GatewayError::Overloaded(_)
+            | GatewayError::AllOverloaded { .. } => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
@@ -281,6 +289,11 @@ impl GatewayError {
                 Some("budget_unavailable"),
                 "This key has a budget, but this gateway records no usage ([usage] record = false), so it cannot hold one; contact the gateway's operator.",
             ),
+            GatewayError::AllOverloaded { model } => ErrorBody::new(
+                "server_error",
+                Some("provider_overloaded"),
+                format!("Every provider for the model '{model}' is overloaded; please retry shortly."),
+            ),
             GatewayError::ContentTimeout { timeout, .. } => ErrorBody::new(
                 "server_error",
                 Some("timeout"),
@@ -310,11 +323,41 @@ impl GatewayError {
     /// The full HTTP response with the body in `shape` (Anthropic's on the
     /// Messages API: same status, same headers, same message).
     pub fn respond(self, shape: ErrorShape, request_id: &str) -> Response<Body> {
-        let status = self.status();
-        let body = shape.render(status.as_u16(), &self.body());
+        let anthropic = shape == ErrorShape::Anthropic;
+        let (status, body) = match &self {
+            // What Anthropic itself answers: its own overload status, and for
+            // spent credits a 400 whose message Claude Code recognises
+            // ("Your credit balance is too low", tests/fixtures/README.md).
+            GatewayError::AllOverloaded { .. } if anthropic => {
+                (StatusCode::from_u16(529).unwrap_or(self.status()), self.body())
+            }
+            GatewayError::OverBudget {
+                budget,
+                retry_after_ms,
+            } if anthropic => (
+                StatusCode::BAD_REQUEST,
+                ErrorBody::new(
+                    "invalid_request_error",
+                    None,
+                    format!(
+                        "Your credit balance is too low to access this API: this key's budget of ${} per {} at this gateway is spent. It renews in {}.",
+                        budget.usd(),
+                        budget.per.as_str(),
+                        humantime::format_duration(Duration::from_secs(retry_after_ms / 1000))
+                    ),
+                ),
+            ),
+            _ => (self.status(), self.body()),
+        };
+        let body = shape.render(status.as_u16(), &body);
         let mut response = json_response(status, body, request_id);
         let headers = response.headers_mut();
         match self {
+            GatewayError::OverBudget { .. } if anthropic => {
+                // Anthropic's credit refusal carries no Retry-After (Claude
+                // Code gives up on one over 60 s anyway), and is not retried.
+                headers.insert("x-should-retry", HeaderValue::from_static("false"));
+            }
             GatewayError::AllOpen {
                 retry_after_secs, ..
             } => {
