@@ -28,7 +28,7 @@ pub struct Billed {
 
 /// Settles a request the provider answered. `reported`: the counts it gave
 /// so far; `is_final`: whether it said they are final; `prompt_estimate`:
-/// the gateway's estimate of the prompt; `output_chars`: characters of
+/// the gateway's estimate of the prompt (computed only when needed); `output_chars`: characters of
 /// everything generated that the gateway saw (text, tool-call arguments,
 /// thinking and reasoning); `output_cap`: the most output the provider was
 /// allowed to produce (what the reservation held), if known.
@@ -43,7 +43,7 @@ pub struct Billed {
 pub fn settle(
     reported: Option<TokenUsage>,
     is_final: bool,
-    prompt_estimate: u64,
+    prompt_estimate: impl FnOnce() -> u64,
     output_chars: usize,
     output_cap: Option<u64>,
 ) -> Billed {
@@ -59,7 +59,7 @@ pub fn settle(
     }
     let mut usage = reported.unwrap_or_default();
     if usage.prompt_tokens == 0 {
-        usage.prompt_tokens = prompt_estimate;
+        usage.prompt_tokens = prompt_estimate();
     }
     usage.completion_tokens = usage.completion_tokens.max(output_estimate);
     usage.total_tokens = 0;
@@ -93,7 +93,7 @@ mod tests {
 
     #[test]
     fn a_final_count_is_billed_as_reported() {
-        let b = settle(reported(10, 3), true, 99, 4000, None);
+        let b = settle(reported(10, 3), true, || 99, 4000, None);
         assert_eq!((b.usage.prompt_tokens, b.usage.completion_tokens), (10, 3));
         assert!(!b.estimated);
     }
@@ -101,7 +101,7 @@ mod tests {
     #[test]
     fn an_anthropic_stream_cut_before_message_delta_bills_what_was_streamed() {
         // message_start reported the input and a placeholder output of 1.
-        let b = settle(reported(656, 1), false, 10, 400, None);
+        let b = settle(reported(656, 1), false, || 10, 400, None);
         assert_eq!(
             (b.usage.prompt_tokens, b.usage.completion_tokens),
             (656, 100)
@@ -112,25 +112,25 @@ mod tests {
 
     #[test]
     fn a_usage_less_answer_bills_the_estimates() {
-        let b = settle(None, true, 12, 41, None);
+        let b = settle(None, true, || 12, 41, None);
         assert_eq!((b.usage.prompt_tokens, b.usage.completion_tokens), (12, 11));
         assert!(b.estimated);
         // A translated stream's zero count for an answer with content is not believed.
-        let b = settle(reported(0, 0), true, 12, 41, None);
+        let b = settle(reported(0, 0), true, || 12, 41, None);
         assert_eq!((b.usage.prompt_tokens, b.usage.completion_tokens), (12, 11));
         assert!(b.estimated);
         // Nothing generated and nothing reported: the prompt was still read.
-        let b = settle(None, false, 12, 0, None);
+        let b = settle(None, false, || 12, 0, None);
         assert_eq!((b.usage.prompt_tokens, b.usage.completion_tokens), (12, 0));
     }
 
     #[test]
     fn an_estimate_never_bills_past_the_output_cap_but_a_report_may() {
         // 4000 characters streamed under max_tokens 300: the provider could not bill more.
-        let b = settle(reported(10, 1), false, 10, 4000, Some(300));
+        let b = settle(reported(10, 1), false, || 10, 4000, Some(300));
         assert_eq!(b.usage.completion_tokens, 300);
         // A provider that reports more than the cap is believed (it is what it billed).
-        let b = settle(reported(10, 400), false, 10, 40, Some(300));
+        let b = settle(reported(10, 400), false, || 10, 40, Some(300));
         assert_eq!(b.usage.completion_tokens, 400);
     }
 
@@ -139,7 +139,7 @@ mod tests {
         let mut u = reported(100, 2).unwrap();
         u.cached_tokens = 80;
         u.cache_write_1h = 10;
-        let b = settle(Some(u), false, 5, 40, None);
+        let b = settle(Some(u), false, || 5, 40, None);
         assert_eq!(b.usage.cached_tokens, 80);
         assert_eq!(b.usage.cache_write_1h, 10);
         assert_eq!(b.usage.completion_tokens, 10);
@@ -155,7 +155,7 @@ mod tests {
             has_report: bool, is_final: bool, cap in proptest::option::of(0u64..2_000_000),
         ) {
             let r = has_report.then(|| reported(prompt, completion).unwrap());
-            let b = settle(r, is_final, estimate, chars, cap);
+            let b = settle(r, is_final, || estimate, chars, cap);
             prop_assert!(b.usage.total_tokens >= b.usage.prompt_tokens + b.usage.completion_tokens);
             if let Some(r) = r {
                 prop_assert!(b.usage.completion_tokens >= r.completion_tokens);

@@ -135,8 +135,6 @@ pub struct PassthroughRequest {
     /// `previous_response_id` (Responses API): the conversation lives on the
     /// provider that created that response.
     pub previous_response_id: Option<String>,
-    /// Estimated input tokens (`crate::estimate`).
-    pub prompt_tokens: u64,
     /// The client's output limit (completions `max_tokens`, Responses
     /// `max_output_tokens`); `None`: the gateway writes one in.
     pub output_limit: Option<u64>,
@@ -179,6 +177,17 @@ impl PassthroughRequest {
         }
         route.adapt(&mut body);
         body.finish()
+    }
+
+    /// Which members of the body the provider bills as input (`crate::estimate`).
+    pub fn estimate_wire(&self) -> Wire {
+        match self.endpoint {
+            Endpoint::Embeddings => Wire::Embeddings,
+            Endpoint::Completions => Wire::Completions,
+            Endpoint::ChatCompletions => Wire::Chat,
+            Endpoint::Messages => Wire::Messages,
+            Endpoint::Responses => Wire::Responses,
+        }
     }
 
     /// The output limit the gateway writes in when the client set none.
@@ -307,14 +316,6 @@ pub fn validate_passthrough(
         stream,
         include_usage,
         previous_response_id,
-        prompt_tokens: crate::estimate::prompt_tokens(
-            bytes,
-            match endpoint {
-                Endpoint::Embeddings => Wire::Embeddings,
-                Endpoint::Completions => Wire::Completions,
-                _ => Wire::Responses,
-            },
-        ),
         output_limit,
         choices,
         spans: ObjectSpans::new(bytes, &body),

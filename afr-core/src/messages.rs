@@ -24,8 +24,6 @@ pub struct MessagesRequest {
     pub model: String,
     /// Whether the client asked for a stream.
     pub stream: bool,
-    /// Estimated input tokens (`crate::estimate`).
-    pub prompt_tokens: u64,
     /// The client's `max_tokens` (0 for `count_tokens`, which generates nothing).
     pub max_tokens: u64,
     /// Where the body's top-level members lie.
@@ -153,7 +151,6 @@ pub fn validate_messages(bytes: &[u8], count_tokens: bool) -> Result<MessagesReq
     Ok(MessagesRequest {
         model,
         stream,
-        prompt_tokens: estimate::prompt_tokens(bytes, estimate::Wire::Messages),
         max_tokens,
         spans: ObjectSpans::new(bytes, &body),
     })
@@ -172,8 +169,8 @@ pub fn text_chars(v: &Value) -> usize {
 
 /// Estimated input tokens of a Messages body (about four characters per
 /// token), for `count_tokens` through a route whose provider cannot count.
-pub fn estimate_input_tokens(prompt_tokens: u64) -> u64 {
-    prompt_tokens.max(1)
+pub fn estimate_input_tokens(body: &[u8]) -> u64 {
+    estimate::prompt_tokens(body, estimate::Wire::Messages).max(1)
 }
 
 /// What the gateway reads from one Anthropic stream event.

@@ -200,7 +200,9 @@ def test_every_dollar_the_providers_billed_is_on_the_books_and_nothing_else(stac
     statuses = {s: sum(1 for d in done if d["status"] == s) for s in {d["status"] for d in done}}
     print(f"{len(done)} requests in {took:.1f} s: {statuses}")
     assert statuses.get(200, 0) >= REQUESTS * 0.6, statuses
-    assert set(statuses) <= {200, 429, 502}, [d for d in done if d["status"] not in (200, 429, 502)][:3]
+    # A spent budget is 429 insufficient_quota, or on /v1/messages Anthropic's 400 credit refusal.
+    refused = [d for d in done if d["status"] not in (200, 429) and not (d["status"] == 400 and d["path"] == "/v1/messages")]
+    assert not refused, refused[:3]
 
     # Every request left exactly one row (the writer batches: wait for the last).
     deadline = time.monotonic() + 10
@@ -246,7 +248,7 @@ def test_every_dollar_the_providers_billed_is_on_the_books_and_nothing_else(stac
     # reservation stayed open), and a restart reseeds the same.
     small_spent = booked_total[keys["small"]]
     assert small_spent <= SMALL_BUDGET_USD * 1e9, small_spent
-    assert any(d["status"] == 429 and d["key"] == keys["small"] for d in done), "the small budget ran out"
+    assert any(d["status"] in (400, 429) and d["key"] == keys["small"] for d in done), "the small budget ran out"
     for name, budget in (("both", BUDGET_USD), ("budget", BUDGET_USD), ("small", SMALL_BUDGET_USD)):
         key = keys[name]
         expected = budget - booked_total[key] / 1e9

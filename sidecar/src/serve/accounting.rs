@@ -18,10 +18,12 @@ use crate::serve::fleet::Held;
 use crate::serve::state::Gateway;
 use afr_core::billing::settle;
 use afr_core::config::{Price, RouteConfig};
+use afr_core::estimate::{prompt_tokens, Wire};
 use afr_core::ledger::{never_fits, Amount, Never, Refusal};
 use afr_core::limits::KeyLimits;
 use afr_core::sse::TokenUsage;
 use afr_core::usage::{TokenSource, UsageRecord};
+use bytes::Bytes;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -36,8 +38,12 @@ pub struct Accounting {
     recorded: bool,
     /// The reservation to settle or release when the row is recorded.
     hold: Option<Held>,
-    /// Estimated prompt tokens (what a request cut before any usage consumed).
-    prompt_estimate: u64,
+    /// The client's body and which of its members are billed as input: the
+    /// prompt estimate, computed only when a reservation or an estimated
+    /// settlement needs it (`prompt_estimate`).
+    prompt: Option<(Bytes, Wire)>,
+    /// The prompt estimate, once computed.
+    prompt_estimate: Option<u64>,
     /// Price of the route that served (or last tried) the request.
     price: Option<Price>,
     /// The most output that route may produce for this request.
@@ -66,7 +72,8 @@ impl Accounting {
             started,
             recorded: false,
             hold: None,
-            prompt_estimate: 0,
+            prompt: None,
+            prompt_estimate: None,
             price: None,
             output_cap: None,
             tokens: TokenUsage::default(),
@@ -127,22 +134,37 @@ impl Accounting {
             .ttft(&self.record.model, &self.record.provider, ttft);
     }
 
-    /// The request's estimated prompt tokens (`afr_core::estimate`): what a
-    /// request cut before any usage is billed for its prompt.
-    pub fn prompt(&mut self, prompt_tokens: u64) {
-        self.prompt_estimate = prompt_tokens;
+    /// The request's body and its wire, for the prompt estimate.
+    pub fn prompt(&mut self, body: Bytes, wire: Wire) {
+        self.prompt = Some((body, wire));
+    }
+
+    /// The request's estimated prompt tokens (`afr_core::estimate`): what it
+    /// reserves, and what a request cut before any usage is billed for its
+    /// prompt. One pass over the body, the first time it is asked for.
+    pub fn prompt_estimate(&mut self) -> u64 {
+        if let Some(tokens) = self.prompt_estimate {
+            return tokens;
+        }
+        let tokens = self
+            .prompt
+            .as_ref()
+            .map_or(0, |(body, wire)| prompt_tokens(body, *wire));
+        self.prompt_estimate = Some(tokens);
+        tokens
     }
 
     /// Bills what the provider did (`afr_core::billing::settle`): its
     /// `reported` counts when `is_final`, otherwise at least the estimate of
     /// the prompt and of the `output_chars` it produced.
     pub fn bill(&mut self, reported: Option<TokenUsage>, is_final: bool, output_chars: usize) {
+        let output_cap = self.output_cap;
         let billed = settle(
             reported,
             is_final,
-            self.prompt_estimate,
+            || self.prompt_estimate(),
             output_chars,
-            self.output_cap,
+            output_cap,
         );
         let (u, record) = (billed.usage, &mut self.record);
         record.prompt_tokens = u.prompt_tokens;
@@ -180,13 +202,14 @@ impl Accounting {
             // Gone while a provider was working on it: the prompt was
             // consumed (the upstream call is cancelled with the client). The
             // row says so, so the row and the ledger carry the same numbers.
+            let prompt = self.prompt_estimate();
             self.tokens = TokenUsage {
-                prompt_tokens: self.prompt_estimate,
-                total_tokens: self.prompt_estimate,
+                prompt_tokens: prompt,
+                total_tokens: prompt,
                 ..TokenUsage::default()
             };
-            record.prompt_tokens = self.prompt_estimate;
-            record.total_tokens = self.prompt_estimate;
+            record.prompt_tokens = prompt;
+            record.total_tokens = prompt;
             record.token_source = TokenSource::Estimated;
         }
         let consumed = record.token_source != TokenSource::None;

@@ -19,6 +19,7 @@ use afr_core::breaker::{Admission, Outcome};
 use afr_core::config::{ModelConfig, RouteConfig};
 use afr_core::endpoint::{wrong_endpoint, Endpoint};
 use afr_core::error::ErrorShape;
+use afr_core::estimate::Wire as PromptWire;
 use afr_core::ledger::Amount;
 use afr_core::limits::KeyLimits;
 use afr_core::route::{Exhausted, RouteFailure, RoutePlan};
@@ -111,9 +112,11 @@ pub struct Asked<'a> {
     pub model: &'a str,
     /// Whether the answer streams.
     pub stream: bool,
-    /// Estimated prompt tokens (`afr_core::estimate`): reserved, and billed
-    /// when the provider never reports usage.
-    pub prompt_tokens: u64,
+    /// The client's body and which of its members carry the prompt, for
+    /// the prompt estimate (`afr_core::estimate`), made only when needed.
+    pub body: &'a Bytes,
+    /// The API the body is written for.
+    pub prompt_wire: PromptWire,
     /// Whether the gateway, not the client, asked for the usage chunk.
     pub strip_usage: bool,
 }
@@ -121,11 +124,18 @@ pub struct Asked<'a> {
 impl<'a> Asked<'a> {
     /// An OpenAI-format request: the gateway asks for usage on every stream
     /// and strips it again unless the client asked for it (design §5).
-    pub fn openai(model: &'a str, stream: bool, prompt_tokens: u64, include_usage: bool) -> Self {
+    pub fn openai(
+        model: &'a str,
+        stream: bool,
+        body: &'a Bytes,
+        prompt_wire: PromptWire,
+        include_usage: bool,
+    ) -> Self {
         Asked {
             model,
             stream,
-            prompt_tokens,
+            body,
+            prompt_wire,
             strip_usage: stream && !include_usage,
         }
     }
@@ -141,7 +151,13 @@ struct ChatExchange {
 impl Exchange for ChatExchange {
     fn asked(&self) -> Asked<'_> {
         let r = &self.request;
-        Asked::openai(&r.model, r.stream, r.prompt_tokens, r.include_usage)
+        Asked::openai(
+            &r.model,
+            r.stream,
+            &self.body,
+            PromptWire::Chat,
+            r.include_usage,
+        )
     }
 
     fn output_cap(&self, route: &RouteConfig) -> u64 {
@@ -286,7 +302,7 @@ pub async fn route(
         };
         return reject(&caller, usage, error);
     }
-    usage.prompt(asked.prompt_tokens);
+    usage.prompt(asked.body.clone(), asked.prompt_wire);
     if caller.limits.budget.is_some() && request.billed() {
         let unavailable = match gateway.budgets() {
             Budgets::Ready => None,
@@ -301,8 +317,9 @@ pub async fn route(
     // Reserve the worst case before any provider is called (design §3).
     let limited = caller.limits.tpm.is_some() || caller.limits.budget.is_some();
     if limited && request.billed() {
+        let prompt = usage.prompt_estimate();
         let worst = worst_case(
-            asked.prompt_tokens,
+            prompt,
             model,
             |p| {
                 runtime

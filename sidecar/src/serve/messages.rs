@@ -85,7 +85,7 @@ pub async fn messages(
         // beats failing Claude Code's context bookkeeping. Answered here,
         // not through the route loop: no provider is asked, so no breaker
         // may read this as a provider's success.
-        let tokens = estimate_input_tokens(request.prompt_tokens);
+        let tokens = estimate_input_tokens(&body);
         usage.finish(200);
         return json_response(
             StatusCode::OK,
@@ -126,12 +126,13 @@ fn invalid(message: String) -> Invalid {
 impl Exchange for MessagesExchange {
     fn asked(&self) -> Asked<'_> {
         let r = &self.request;
-        let (model, stream, prompt_tokens) = (&r.model, r.stream, r.prompt_tokens);
+        let (model, stream) = (&r.model, r.stream);
         // Anthropic streams carry usage in their own events: nothing to strip.
         Asked {
             model,
             stream,
-            prompt_tokens,
+            body: &self.body,
+            prompt_wire: afr_core::estimate::Wire::Messages,
             strip_usage: false,
         }
     }

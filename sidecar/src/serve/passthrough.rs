@@ -149,7 +149,13 @@ struct PassthroughExchange {
 impl Exchange for PassthroughExchange {
     fn asked(&self) -> Asked<'_> {
         let r = &self.request;
-        Asked::openai(&r.model, r.stream, r.prompt_tokens, r.include_usage)
+        Asked::openai(
+            &r.model,
+            r.stream,
+            &self.body,
+            r.estimate_wire(),
+            r.include_usage,
+        )
     }
 
     fn output_cap(&self, route: &RouteConfig) -> u64 {
