@@ -360,3 +360,18 @@ def test_an_overloaded_provider_is_529_on_messages_and_503_on_chat(gw):
     with pytest.raises(openai.InternalServerError) as e:
         gpt(gw, key).chat.completions.create(model=CLAUDE, messages=HI, max_tokens=10)
     assert e.value.status_code == 503
+
+
+def test_messages_carry_anthropics_token_rate_limit_headers(gw):
+    import datetime
+
+    key = new_key(gw, "--tpm", "9000")
+    raw = claude(gw, key).messages.with_raw_response.create(model=CLAUDE, max_tokens=100, messages=HI)
+    h = raw.headers
+    assert h["anthropic-ratelimit-tokens-limit"] == "9000"
+    assert int(h["anthropic-ratelimit-tokens-remaining"]) == int(h["x-ratelimit-remaining-tokens"]) < 9000
+    reset = datetime.datetime.fromisoformat(h["anthropic-ratelimit-tokens-reset"].replace("Z", "+00:00"))
+    assert 0 < reset.timestamp() - time.time() <= 121, h["anthropic-ratelimit-tokens-reset"]
+    # OpenAI's API keeps OpenAI's names only.
+    chat = gpt(gw, key).chat.completions.with_raw_response.create(model="gpt-4o-mini", messages=HI, max_tokens=10)
+    assert "anthropic-ratelimit-tokens-limit" not in chat.headers

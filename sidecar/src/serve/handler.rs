@@ -164,17 +164,21 @@ pub async fn handle(
         _ => GatewayError::NotFound(path).respond(shape, &request_id),
     };
     let mut response = response;
-    token_headers(&gateway, &key_id, &limits, &mut response);
+    token_headers(&gateway, &key_id, &limits, shape, &mut response);
     Ok(response)
 }
 
 /// OpenAI's `x-ratelimit-*-tokens` headers (and the remaining budget) on
 /// every response of a key with such limits, streams included: they are
-/// read when the headers are sent, after this request's reservation.
+/// read when the headers are sent, after this request's reservation. On
+/// Anthropic's API the same window also goes out under Anthropic's names,
+/// `anthropic-ratelimit-tokens-{limit,remaining,reset}`, the reset as an
+/// RFC 3339 time (as recorded in tests/fixtures/README.md).
 fn token_headers(
     gateway: &Gateway,
     key_id: &str,
     limits: &KeyLimits,
+    shape: ErrorShape,
     response: &mut Response<Body>,
 ) {
     if limits.tpm.is_none() && limits.budget.is_none() {
@@ -192,6 +196,23 @@ fn token_headers(
         );
         if let Ok(v) = HeaderValue::from_str(&openai_duration(state.reset_ms)) {
             headers.insert("x-ratelimit-reset-tokens", v);
+        }
+        if shape == ErrorShape::Anthropic {
+            headers.insert(
+                "anthropic-ratelimit-tokens-limit",
+                HeaderValue::from(state.limit),
+            );
+            headers.insert(
+                "anthropic-ratelimit-tokens-remaining",
+                HeaderValue::from(state.remaining),
+            );
+            // Rounded up to the second: at the time it names, the window is full.
+            let reset_ms = (now + state.reset_ms).div_ceil(1000) * 1000;
+            let reset = std::time::UNIX_EPOCH + std::time::Duration::from_millis(reset_ms);
+            let reset = humantime::format_rfc3339_seconds(reset).to_string();
+            if let Ok(v) = HeaderValue::from_str(&reset) {
+                headers.insert("anthropic-ratelimit-tokens-reset", v);
+            }
         }
     }
     if let Some(budget) = limits.budget {
