@@ -207,8 +207,9 @@ def extend_catalogue(g: "Gateway", providers: dict, models: dict) -> None:
     raise AssertionError("the sidecar did not pick up its new config")
 
 
-def usage_row(gw, request_id: str, timeout: float = 5) -> dict:
-    """The usage row of one request, once the batch writer has written it."""
+def usage_rows(gw, request_id: str, timeout: float = 5) -> list[dict]:
+    """The usage rows of one request, once the batch writer has written them."""
+    assert request_id, "every response carries x-request-id"
     deadline = time.monotonic() + timeout
     while True:
         db = sqlite3.connect(f"file:{gw.home / 'usage.db'}?mode=ro", uri=True, timeout=5)
@@ -218,9 +219,15 @@ def usage_row(gw, request_id: str, timeout: float = 5) -> dict:
         finally:
             db.close()
         if rows or time.monotonic() > deadline:
-            assert len(rows) == 1, rows
-            return rows[0]
+            return rows
         time.sleep(0.05)
+
+
+def usage_row(gw, request_id: str, timeout: float = 5) -> dict:
+    """The one usage row of one request."""
+    rows = usage_rows(gw, request_id, timeout)
+    assert len(rows) == 1, rows
+    return rows[0]
 
 
 def mock_billed(gw, url: str, request_id: str, timeout: float = 5) -> dict:

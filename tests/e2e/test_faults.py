@@ -22,7 +22,6 @@ import json
 import re
 import shutil
 import socket
-import sqlite3
 import time
 import tomllib
 from dataclasses import dataclass, field
@@ -31,6 +30,7 @@ import pytest
 
 from conftest import REPO, free_port, runtime_dir, start_gateway
 from conftest import http as http_call
+from conftest import usage_rows as conftest_usage_rows
 
 _spec = importlib.util.spec_from_file_location("sidecar_config", REPO / "scripts" / "sidecar-config.py")
 sidecar_config = importlib.util.module_from_spec(_spec)
@@ -258,18 +258,7 @@ def breaker_state(m: Matrix, provider: str) -> int | None:
 
 def usage_rows(m: Matrix, request_id: str, timeout: float = 5) -> list[dict]:
     """The usage rows of one request, once the batch writer has written them."""
-    assert request_id, "every response carries x-request-id"
-    deadline = time.monotonic() + timeout
-    while True:
-        db = sqlite3.connect(f"file:{m.gw.home / 'usage.db'}?mode=ro", uri=True, timeout=5)
-        db.row_factory = sqlite3.Row
-        try:
-            rows = [dict(r) for r in db.execute("SELECT * FROM usage WHERE request_id = ?", (request_id,))]
-        finally:
-            db.close()
-        if rows or time.monotonic() > deadline:
-            return rows
-        time.sleep(0.05)
+    return conftest_usage_rows(m.gw, request_id, timeout)
 
 
 def _parses(e: str) -> bool:

@@ -10,7 +10,6 @@ for it are translated to chat completions and back."""
 from __future__ import annotations
 
 import html
-import importlib.util
 import os
 import re
 import subprocess
@@ -18,16 +17,12 @@ import json
 import shutil
 import signal
 import time
-import tomllib
 
 import anthropic
 import pytest
 
-from conftest import AFR, REPO, http, runtime_dir, start_gateway
+from conftest import AFR, REPO, extend_catalogue, http, runtime_dir, start_gateway
 
-_spec = importlib.util.spec_from_file_location("sidecar_config", REPO / "scripts" / "sidecar-config.py")
-sidecar_config = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(sidecar_config)
 
 PROVIDER_KEY = "sk-ant-provider-0123456789abcdef"
 CLAUDE = "claude-haiku-4-5"
@@ -63,34 +58,19 @@ def gw():
     g, _ = start_gateway(home, {"AFR_TEST_ANTHROPIC_KEY": PROVIDER_KEY})
     g.anth = g.start_mock("--api-key", PROVIDER_KEY)
     g.anth_down = g.start_mock("--api-key", PROVIDER_KEY)
-    cfg = tomllib.loads((home / "sidecar.toml").read_text())
     timeouts = {"connect": "1s", "first_byte": "5s", "idle": "5s", "total": "30s"}
-    for name, url in (("anth_down", g.anth_down), ("anth", g.anth)):
-        cfg["providers"][name] = {"kind": "anthropic", "base_url": url + "/v1", "api_key_env": "AFR_TEST_ANTHROPIC_KEY", "timeouts": timeouts}
-    cfg["models"][CLAUDE] = {
+    providers = {
+        name: {"kind": "anthropic", "base_url": url + "/v1", "api_key_env": "AFR_TEST_ANTHROPIC_KEY", "timeouts": timeouts}
+        for name, url in (("anth_down", g.anth_down), ("anth", g.anth))
+    }
+    model = {
         "tier": "Fast",
         "description": "Claude Haiku through the Anthropic passthrough",
         "routes": [{"provider": "anth_down", "model": UPSTREAM}, {"provider": "anth", "model": UPSTREAM}],
     }
-    out = []
-    for section in ("server", "admin", "breaker", "usage"):
-        sidecar_config.table(out, section, cfg[section])
-    for name, p in cfg["providers"].items():
-        sidecar_config.table(out, f"providers.{name}", p)
-    for name, m in cfg["models"].items():
-        sidecar_config.table(out, f"models.{sidecar_config.toml_key(name)}", m)
-    path = home / "sidecar.toml"
-    path.with_suffix(".tmp").write_text("\n".join(out) + "\n")
-    path.with_suffix(".tmp").replace(path)
+    extend_catalogue(g, providers, {CLAUDE: model})
     g.key_id = f"msg-{time.time_ns() % 10**10}"
     g.key = g.new_key(g.key_id, "--rpm", "1000")
-
-    def reloaded():
-        s, _, _ = http("GET", g.base + "/v1/models", headers={"x-api-key": g.key})
-        _, _, body = http("GET", g.base + "/v1/models", headers={"x-api-key": g.key})
-        return s == 200 and CLAUDE in body.decode()
-
-    assert wait_until(reloaded), "the sidecar did not pick up its new config"
     yield g
     g.stop()
     shutil.rmtree(home, ignore_errors=True)

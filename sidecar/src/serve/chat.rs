@@ -541,17 +541,20 @@ pub async fn route(
         }
     }
 
+    // The providers a verdict is about, for the log.
+    let names = |tried: &[usize]| -> Vec<&str> {
+        tried
+            .iter()
+            .map(|&i| model.routes[i].provider.as_str())
+            .collect()
+    };
     let error = match plan.exhausted() {
         Exhausted::AllOpen { retry_after_secs } => GatewayError::AllOpen {
             model: model_name.clone(),
             retry_after_secs,
         },
         Exhausted::AllRateLimited { tried, retry_after } => {
-            let tried: Vec<&str> = tried
-                .iter()
-                .map(|&i| model.routes[i].provider.as_str())
-                .collect();
-            tracing::warn!(request_id = %caller.request_id, model = %model_name, tried = ?tried, retry_after = ?retry_after, "every provider answered 429");
+            tracing::warn!(request_id = %caller.request_id, model = %model_name, tried = ?names(&tried), retry_after = ?retry_after, "every provider answered 429");
             GatewayError::RateLimited {
                 model: model_name.clone(),
                 retry_after,
@@ -564,21 +567,13 @@ pub async fn route(
             },
         },
         Exhausted::AllOverloaded { tried } => {
-            let tried: Vec<&str> = tried
-                .iter()
-                .map(|&i| model.routes[i].provider.as_str())
-                .collect();
-            tracing::warn!(request_id = %caller.request_id, model = %model_name, tried = ?tried, "every provider is overloaded");
+            tracing::warn!(request_id = %caller.request_id, model = %model_name, tried = ?names(&tried), "every provider is overloaded");
             GatewayError::AllOverloaded {
                 model: model_name.clone(),
             }
         }
         Exhausted::AllFailed { tried } => {
-            let tried: Vec<&str> = tried
-                .iter()
-                .map(|&i| model.routes[i].provider.as_str())
-                .collect();
-            tracing::error!(request_id = %caller.request_id, model = %model_name, tried = ?tried, "every provider failed");
+            tracing::error!(request_id = %caller.request_id, model = %model_name, tried = ?names(&tried), "every provider failed");
             GatewayError::AllFailed {
                 model: model_name.clone(),
             }
