@@ -185,3 +185,25 @@ async fn a_budgeted_key_is_never_served_by_an_unpriced_route() {
     assert_eq!(chat_model(&sidecar, "free", "tpm=1000").await.0, 200);
     assert_eq!(unpriced.requests().await.len(), 1);
 }
+
+#[tokio::test]
+async fn token_classes_reach_the_metrics() {
+    let mock = Mock::start(&["--cache-read", "2", "--reasoning-tokens", "3"]);
+    let body = format!(
+        "{}{}price = {{ input = 1.0, output = 1.0 }}\n",
+        openai_provider("mock", &mock.base(), ""),
+        model("m", &[("mock", "up")]),
+    );
+    let sidecar = Sidecar::start(&body);
+    assert_eq!(chat_model(&sidecar, "m", "").await.0, 200);
+    let m = sidecar.metrics().await;
+    let line = |kind: &str, n: u64| {
+        format!("afr_tokens_total{{model=\"m\",provider=\"mock\",kind=\"{kind}\"}} {n}")
+    };
+    assert!(m.contains(&line("cached_prompt", 2)), "{m}");
+    assert!(m.contains(&line("reasoning", 3)), "{m}");
+    assert!(
+        !m.contains("kind=\"cache_write_5m\""),
+        "an unused class adds no series: {m}"
+    );
+}

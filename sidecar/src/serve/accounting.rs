@@ -235,12 +235,7 @@ impl Accounting {
         let metrics = &self.gateway.metrics;
         metrics.request(&record.model, &record.provider, status, latency);
         if record.token_source != TokenSource::None {
-            metrics.tokens(
-                &record.model,
-                &record.provider,
-                record.prompt_tokens,
-                record.completion_tokens,
-            );
+            metrics.tokens(&record.model, &record.provider, &self.tokens);
         }
         if let Some(nanos) = record.cost_nanos {
             metrics.spend(&record.key_id, &record.model, nanos);

@@ -6,6 +6,7 @@
 
 use crate::serve::fleet::Fleet;
 use crate::usage::Recorder;
+use afr_core::sse::TokenUsage;
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
 use prometheus_client::metrics::counter::{ConstCounter, Counter};
@@ -107,7 +108,7 @@ impl Metrics {
         let tokens = Family::<TokenLabels, Counter>::default();
         registry.register(
             "tokens",
-            "Tokens by model, provider and kind (prompt, completion)",
+            "Tokens by model, provider and kind: prompt, completion, and the classes priced apart within them (cached_prompt, cache_write_5m, cache_write_1h: part of prompt; reasoning: part of completion)",
             tokens.clone(),
         );
         let breaker = Family::<ProviderLabels, Gauge>::default();
@@ -195,9 +196,21 @@ impl Metrics {
             .observe(ttft.as_secs_f64());
     }
 
-    /// Adds token counts.
-    pub fn tokens(&self, model: &str, provider: &str, prompt: u64, completion: u64) {
-        for (kind, n) in [("prompt", prompt), ("completion", completion)] {
+    /// Adds a request's token counts, by class. A class it did not use adds
+    /// no series.
+    pub fn tokens(&self, model: &str, provider: &str, usage: &TokenUsage) {
+        let classes = [
+            ("prompt", usage.prompt_tokens),
+            ("completion", usage.completion_tokens),
+            ("cached_prompt", usage.cached_tokens),
+            ("cache_write_5m", usage.cache_write_5m),
+            ("cache_write_1h", usage.cache_write_1h),
+            ("reasoning", usage.reasoning_tokens),
+        ];
+        for (i, (kind, n)) in classes.into_iter().enumerate() {
+            if i >= 2 && n == 0 {
+                continue;
+            }
             self.tokens
                 .get_or_create(&TokenLabels {
                     model: model.to_owned(),
