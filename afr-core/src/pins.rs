@@ -20,6 +20,10 @@ pub struct Pin {
     pub key_id: String,
     /// The provider (config name) that created and stores it.
     pub provider: String,
+    /// What the provider holds of the conversation up to this response (its
+    /// input + output tokens), which a follow-up is billed as input again;
+    /// 0 until the response's usage is known.
+    pub tokens: u64,
 }
 
 /// Response id → [`Pin`], at most `capacity` entries, each for `ttl`.
@@ -90,6 +94,14 @@ impl Pins {
         }
     }
 
+    /// Records the tokens of the conversation up to `id` once its usage is
+    /// known (a stream reports it in its last event, after the pin).
+    pub fn set_tokens(&mut self, id: &str, tokens: u64) {
+        if let Some((pin, _, _)) = self.map.get_mut(id) {
+            pin.tokens = tokens;
+        }
+    }
+
     /// Entries held (expired ones included until the next insert).
     pub fn len(&self) -> usize {
         self.map.len()
@@ -130,7 +142,19 @@ mod tests {
         Pin {
             key_id: key.into(),
             provider: provider.into(),
+            tokens: 0,
         }
+    }
+
+    #[test]
+    fn a_conversations_tokens_are_set_once_known() {
+        let t0 = Instant::now();
+        let mut pins = Pins::new(10, Duration::from_secs(60));
+        pins.insert("resp_1", pin("k", "p"), t0);
+        pins.set_tokens("resp_1", 1234);
+        pins.set_tokens("resp_unknown", 5);
+        assert_eq!(pins.get("resp_1", "k", t0).map(|p| p.tokens), Ok(1234));
+        assert_eq!(pins.len(), 1);
     }
 
     #[test]

@@ -375,3 +375,25 @@ def test_messages_carry_anthropics_token_rate_limit_headers(gw):
     # OpenAI's API keeps OpenAI's names only.
     chat = gpt(gw, key).chat.completions.with_raw_response.create(model="gpt-4o-mini", messages=HI, max_tokens=10)
     assert "anthropic-ratelimit-tokens-limit" not in chat.headers
+
+
+def test_a_responses_follow_up_reserves_the_conversation_it_continues(gw):
+    # The provider bills the stored conversation (the earlier input and output) as input
+    # again: the follow-up's reservation includes it, so a long conversation cannot slip
+    # past the tpm as a string of short follow-ups.
+    key = new_key(gw, "--tpm", "20000")
+    c = gpt(gw, key)
+    first = c.responses.with_raw_response.create(model="gpt-4o-mini", input="word " * 1500, max_output_tokens=50)
+    b = mock_billed(gw, gw.mock_url(), first.headers["x-request-id"])
+    history = b["input"] + b["output"]
+    assert history > 1500
+    with c.responses.with_streaming_response.create(
+        model="gpt-4o-mini", input="next", max_output_tokens=50, previous_response_id=first.parse().id, stream=True
+    ) as s:
+        remaining = int(s.headers["x-ratelimit-remaining-tokens"])
+        s.read()
+    # Window: the first request settled at `history`; this one reserved history + its own
+    # input (9, the estimate of "next") + 50 of output. A window roll in between only frees
+    # a few tokens of the first.
+    expected = 20000 - history - (history + 9 + 50)
+    assert expected <= remaining <= expected + 40, (remaining, expected, history)

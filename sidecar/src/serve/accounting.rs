@@ -44,6 +44,8 @@ pub struct Accounting {
     prompt: Option<(Bytes, Wire)>,
     /// The prompt estimate, once computed.
     prompt_estimate: Option<u64>,
+    /// Tokens of the conversation a Responses follow-up continues.
+    history: u64,
     /// Price of the route that served (or last tried) the request.
     price: Option<Price>,
     /// The most output that route may produce for this request.
@@ -74,6 +76,7 @@ impl Accounting {
             hold: None,
             prompt: None,
             prompt_estimate: None,
+            history: 0,
             price: None,
             output_cap: None,
             tokens: TokenUsage::default(),
@@ -134,9 +137,18 @@ impl Accounting {
             .ttft(&self.record.model, &self.record.provider, ttft);
     }
 
-    /// The request's body and its wire, for the prompt estimate.
-    pub fn prompt(&mut self, body: Bytes, wire: Wire) {
+    /// The request's body and its wire, for the prompt estimate, and the
+    /// `history` tokens the provider holds of a conversation it continues
+    /// (`previous_response_id`), which it bills as input again.
+    pub fn prompt(&mut self, body: Bytes, wire: Wire, history: u64) {
         self.prompt = Some((body, wire));
+        self.history = history;
+    }
+
+    /// Remembers what the provider holds of the conversation up to the
+    /// Responses API response `id` (its input + output), for follow-ups.
+    pub fn conversation(&self, id: &str, tokens: u64) {
+        self.gateway.pins().set_tokens(id, tokens);
     }
 
     /// The request's estimated prompt tokens (`afr_core::estimate`): what it
@@ -149,7 +161,8 @@ impl Accounting {
         let tokens = self
             .prompt
             .as_ref()
-            .map_or(0, |(body, wire)| prompt_tokens(body, *wire));
+            .map_or(0, |(body, wire)| prompt_tokens(body, *wire))
+            .saturating_add(self.history);
         self.prompt_estimate = Some(tokens);
         tokens
     }

@@ -117,6 +117,9 @@ pub struct Asked<'a> {
     pub body: &'a Bytes,
     /// The API the body is written for.
     pub prompt_wire: PromptWire,
+    /// Tokens of an earlier conversation the provider bills as input again
+    /// (a Responses `previous_response_id`); 0 elsewhere.
+    pub history: u64,
     /// Whether the gateway, not the client, asked for the usage chunk.
     pub strip_usage: bool,
 }
@@ -136,6 +139,7 @@ impl<'a> Asked<'a> {
             stream,
             body,
             prompt_wire,
+            history: 0,
             strip_usage: stream && !include_usage,
         }
     }
@@ -302,7 +306,7 @@ pub async fn route(
         };
         return reject(&caller, usage, error);
     }
-    usage.prompt(asked.body.clone(), asked.prompt_wire);
+    usage.prompt(asked.body.clone(), asked.prompt_wire, asked.history);
     if caller.limits.budget.is_some() && request.billed() {
         let unavailable = match gateway.budgets() {
             Budgets::Ready => None,

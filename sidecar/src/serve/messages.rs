@@ -133,6 +133,7 @@ impl Exchange for MessagesExchange {
             stream,
             body: &self.body,
             prompt_wire: afr_core::estimate::Wire::Messages,
+            history: 0,
             strip_usage: false,
         }
     }

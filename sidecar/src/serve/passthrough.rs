@@ -81,17 +81,17 @@ pub async fn passthrough(
             let found = gateway
                 .pins()
                 .get(id, &caller.key_id, Instant::now())
-                .map(|pin| pin.provider.clone());
+                .map(|pin| (pin.provider.clone(), pin.tokens));
             match found {
-                Ok(provider)
+                Ok((provider, tokens))
                     if model
                         .routes
                         .iter()
                         .any(|r| r.provider == provider && serves(r)) =>
                 {
-                    Some(provider)
+                    Some((provider, tokens))
                 }
-                Ok(provider) => {
+                Ok((provider, _)) => {
                     tracing::info!(request_id = %caller.request_id, provider = %provider, model = %request.model, "previous_response_id was created by a provider this model no longer routes to");
                     let invalid = unknown_previous(id, Unpinned::Unknown);
                     return reject(&caller, usage, GatewayError::Invalid(invalid));
@@ -106,11 +106,16 @@ pub async fn passthrough(
             }
         }
     };
+    let (pinned, history) = match pinned {
+        Some((provider, tokens)) => (Some(provider), tokens),
+        None => (None, 0),
+    };
     let exchange = PassthroughExchange {
         endpoint,
         request,
         body,
         pinned,
+        history,
         gateway: gateway.clone(),
         key_id: caller.key_id.clone(),
     };
@@ -141,6 +146,9 @@ struct PassthroughExchange {
     body: Bytes,
     /// The provider holding `previous_response_id`'s conversation.
     pinned: Option<String>,
+    /// What that provider holds of it (input + output tokens so far): the
+    /// follow-up's input includes it.
+    history: u64,
     gateway: Arc<Gateway>,
     key_id: String,
 }
@@ -149,13 +157,16 @@ struct PassthroughExchange {
 impl Exchange for PassthroughExchange {
     fn asked(&self) -> Asked<'_> {
         let r = &self.request;
-        Asked::openai(
-            &r.model,
-            r.stream,
-            &self.body,
-            r.estimate_wire(),
-            r.include_usage,
-        )
+        Asked {
+            history: self.history,
+            ..Asked::openai(
+                &r.model,
+                r.stream,
+                &self.body,
+                r.estimate_wire(),
+                r.include_usage,
+            )
+        }
     }
 
     fn output_cap(&self, route: &RouteConfig) -> u64 {
@@ -233,14 +244,20 @@ impl Exchange for PassthroughExchange {
         if self.endpoint != Endpoint::Responses {
             return;
         }
-        let id = match answer {
-            Answer::Body(body) => response_body_id(body),
-            Answer::Event(raw) => responses_event(raw).response_id,
+        // A whole answer's usage is known now; a stream's comes with its
+        // last event, which the usage tap records (`Accounting::conversation`).
+        let (id, tokens) = match answer {
+            Answer::Body(body) => (
+                response_body_id(body),
+                body_usage(self.endpoint, body).map_or(0, |u| u.total_tokens),
+            ),
+            Answer::Event(raw) => (responses_event(raw).response_id, 0),
         };
         if let Some(id) = id {
             let pin = Pin {
                 key_id: self.key_id.clone(),
                 provider: route.provider.clone(),
+                tokens,
             };
             self.gateway.pins().insert(&id, pin, Instant::now());
         }

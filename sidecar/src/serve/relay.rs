@@ -95,15 +95,18 @@ impl Wire {
     /// For the usage tap of the OpenAI-format wires: (last event, usage,
     /// characters of content). Anthropic's usage spans events and is read
     /// by the tap itself.
-    fn inspect(self, raw: &[u8]) -> (bool, Option<TokenUsage>, usize) {
+    /// The response id comes with the Responses API's final usage (the
+    /// conversation a follow-up continues).
+    fn inspect(self, raw: &[u8]) -> (bool, Option<TokenUsage>, usize, Option<String>) {
         match self {
             Wire::Responses => {
                 let e = responses_event(raw);
-                (e.done, e.usage, e.content_chars)
+                let id = e.usage.and(e.response_id);
+                (e.done, e.usage, e.content_chars, id)
             }
             Wire::OpenAi | Wire::Anthropic => {
                 let info = inspect_chunk(raw);
-                (info.done, info.usage, info.content_chars)
+                (info.done, info.usage, info.content_chars, None)
             }
         }
     }
@@ -409,9 +412,12 @@ async fn tap(mut rx: mpsc::UnboundedReceiver<Tap>, mut usage: Accounting, wire: 
                 is_final = anthropic.is_final();
             }
             Tap::Event(raw) => {
-                let (last, event_usage, chars) = wire.inspect(&raw);
+                let (last, event_usage, chars, response) = wire.inspect(&raw);
                 done |= last;
                 content_chars += chars;
+                if let (Some(id), Some(u)) = (response, event_usage) {
+                    usage.conversation(&id, u.total_tokens);
+                }
                 if event_usage.is_some() {
                     tokens = event_usage;
                     is_final = true;
