@@ -141,6 +141,8 @@ pub struct PassthroughRequest {
     /// Completions generated and billed per request: completions
     /// max(`n`, `best_of`), 1 elsewhere.
     pub choices: u64,
+    /// A non-standard `service_tier` (see `validate::special_tier`).
+    pub special_tier: Option<String>,
     /// Where the body's top-level members lie.
     pub spans: ObjectSpans,
 }
@@ -318,6 +320,7 @@ pub fn validate_passthrough(
         previous_response_id,
         output_limit,
         choices,
+        special_tier: crate::validate::special_tier(&body)?,
         spans: ObjectSpans::new(bytes, &body),
     })
 }

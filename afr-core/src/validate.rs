@@ -49,6 +49,9 @@ pub struct ChatRequest {
     pub output_limits: [(&'static str, u64); 2],
     /// Choices asked for (`n`, default 1): each may produce the whole limit.
     pub choices: u64,
+    /// A `service_tier` other than the standard one (`flex`, `priority`,
+    /// `scale`…), which a route's single price does not cover.
+    pub special_tier: Option<String>,
     /// Where the body's top-level members lie.
     pub spans: ObjectSpans,
 }
@@ -299,10 +302,12 @@ pub fn validate_chat(bytes: &[u8]) -> Result<ChatRequest, Invalid> {
     ];
 
     let choices = check_positive_int(&body, "n")?.unwrap_or(1);
+    let special_tier = special_tier(&body)?;
 
     Ok(ChatRequest {
         model,
         choices,
+        special_tier,
         stream,
         include_usage,
         fill_temperature,
@@ -310,6 +315,18 @@ pub fn validate_chat(bytes: &[u8]) -> Result<ChatRequest, Invalid> {
         output_limits,
         spans: ObjectSpans::new(bytes, &body),
     })
+}
+
+/// A `service_tier` priced differently from the standard tier: anything but
+/// absent, `null`, `"auto"` or `"default"`. Routes have one price, so a
+/// budgeted key is refused such a tier (budgets fail closed, design §3).
+pub(crate) fn special_tier(body: &Members<'_>) -> Result<Option<String>, Invalid> {
+    match field(body, "service_tier", "service_tier")? {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(t)) if t == "auto" || t == "default" => Ok(None),
+        Some(Value::String(t)) => Ok(Some(t)),
+        Some(other) => Err(type_error("service_tier", "a string", &other)),
+    }
 }
 
 /// Checks that the key may use `model` and that the catalogue has it.

@@ -207,3 +207,52 @@ async fn token_classes_reach_the_metrics() {
         "an unused class adds no series: {m}"
     );
 }
+
+#[tokio::test]
+async fn a_budgeted_key_is_refused_a_service_tier_no_route_prices() {
+    let mock = Mock::start(&[]);
+    let body = format!(
+        "{}{}price = {{ input = 1.0, output = 1.0 }}\n",
+        openai_provider("mock", &mock.base(), ""),
+        model("m", &[("mock", "up")]),
+    );
+    let sidecar = Sidecar::start(&body);
+    let send = |path: &'static str, limits: &'static str, tier: &'static str| {
+        let body = if path == "/v1/responses" {
+            json!({"model": "m", "input": "hi", "service_tier": tier})
+        } else {
+            json!({"model": "m", "messages": [{"role": "user", "content": "hi"}], "service_tier": tier})
+        };
+        sidecar
+            .client
+            .post(sidecar.url(path))
+            .header("X-Afr-Secret", SECRET)
+            .header("X-Afr-Key-Id", "k")
+            .header("X-Afr-Limits", limits)
+            .json(&body)
+            .send()
+    };
+    let budget = "budget=100000000/day";
+    for path in ["/v1/chat/completions", "/v1/responses"] {
+        let refused = send(path, budget, "priority").await.unwrap();
+        assert_eq!(refused.status(), 400, "{path}");
+        let v: Value = refused.json().await.unwrap();
+        assert_eq!(v["error"]["code"], "service_tier_not_priced", "{v}");
+        assert_eq!(v["error"]["param"], "service_tier");
+        assert_eq!(
+            send(path, budget, "auto").await.unwrap().status(),
+            200,
+            "{path}"
+        );
+        assert_eq!(
+            send(path, "tpm=100000", "flex").await.unwrap().status(),
+            200,
+            "{path}"
+        );
+    }
+    assert_eq!(
+        mock.requests().await.len(),
+        4,
+        "refused before any provider"
+    );
+}

@@ -120,6 +120,8 @@ pub struct Asked<'a> {
     /// Tokens of an earlier conversation the provider bills as input again
     /// (a Responses `previous_response_id`); 0 elsewhere.
     pub history: u64,
+    /// A `service_tier` the routes' prices do not cover (`flex`, `priority`…).
+    pub special_tier: Option<&'a str>,
     /// Whether the gateway, not the client, asked for the usage chunk.
     pub strip_usage: bool,
 }
@@ -140,6 +142,7 @@ impl<'a> Asked<'a> {
             body,
             prompt_wire,
             history: 0,
+            special_tier: None,
             strip_usage: stream && !include_usage,
         }
     }
@@ -155,13 +158,16 @@ struct ChatExchange {
 impl Exchange for ChatExchange {
     fn asked(&self) -> Asked<'_> {
         let r = &self.request;
-        Asked::openai(
-            &r.model,
-            r.stream,
-            &self.body,
-            PromptWire::Chat,
-            r.include_usage,
-        )
+        Asked {
+            special_tier: r.special_tier.as_deref(),
+            ..Asked::openai(
+                &r.model,
+                r.stream,
+                &self.body,
+                PromptWire::Chat,
+                r.include_usage,
+            )
+        }
     }
 
     fn output_cap(&self, route: &RouteConfig) -> u64 {
@@ -316,6 +322,15 @@ pub async fn route(
         if let Some(retry_after_secs) = unavailable {
             let error = GatewayError::BudgetUnavailable { retry_after_secs };
             return reject(&caller, usage, error);
+        }
+        if let Some(tier) = asked.special_tier {
+            // Budgets fail closed: a route has one price, for the standard tier.
+            let invalid = Invalid {
+                param: Some("service_tier".into()),
+                message: format!("This key has a budget, and the gateway has no price for service_tier '{tier}' (its routes are priced for the standard tier): leave service_tier out or set it to 'auto' or 'default'."),
+                code: Some("service_tier_not_priced"),
+            };
+            return reject(&caller, usage, GatewayError::Invalid(invalid));
         }
     }
     // Reserve the worst case before any provider is called (design §3).

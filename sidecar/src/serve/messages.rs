@@ -134,6 +134,9 @@ impl Exchange for MessagesExchange {
             body: &self.body,
             prompt_wire: afr_core::estimate::Wire::Messages,
             history: 0,
+            // Anthropic's `service_tier` ("auto", "standard_only") does not
+            // choose a dearer tier by itself.
+            special_tier: None,
             strip_usage: false,
         }
     }

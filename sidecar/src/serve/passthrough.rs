@@ -159,6 +159,7 @@ impl Exchange for PassthroughExchange {
         let r = &self.request;
         Asked {
             history: self.history,
+            special_tier: r.special_tier.as_deref(),
             ..Asked::openai(
                 &r.model,
                 r.stream,
