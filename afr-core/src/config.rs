@@ -552,18 +552,11 @@ impl Price {
     pub fn cost_nanos(&self, usage: &TokenUsage) -> u64 {
         let per_token = |n: u64, dollars_per_m: f64| n as f64 * dollars_per_m * 1000.0;
         let cached = usage.cached_tokens.min(usage.prompt_tokens);
+        let [_, cached_price, write_5m, write_1h] = self.input_prices();
         let nanos = per_token(usage.uncached_input(), self.input)
-            + per_token(cached, self.cached_input.unwrap_or(self.input))
-            + per_token(
-                usage.cache_write_5m,
-                self.cache_write
-                    .unwrap_or(self.input * CACHE_WRITE_5M_FACTOR),
-            )
-            + per_token(
-                usage.cache_write_1h,
-                self.cache_write_1h
-                    .unwrap_or(self.input * CACHE_WRITE_1H_FACTOR),
-            )
+            + per_token(cached, cached_price)
+            + per_token(usage.cache_write_5m, write_5m)
+            + per_token(usage.cache_write_1h, write_1h)
             + per_token(usage.completion_tokens, self.output);
         nanos.round() as u64
     }
@@ -573,19 +566,23 @@ impl Price {
     /// cache write, dearer than plain input, since the gateway cannot foresee
     /// which prefix the provider caches.
     pub fn max_input(&self, writes_cache: bool) -> f64 {
-        let mut max = self.input.max(self.cached_input.unwrap_or(self.input));
-        if writes_cache {
-            max = max
-                .max(
-                    self.cache_write
-                        .unwrap_or(self.input * CACHE_WRITE_5M_FACTOR),
-                )
-                .max(
-                    self.cache_write_1h
-                        .unwrap_or(self.input * CACHE_WRITE_1H_FACTOR),
-                );
-        }
-        max
+        let classes = if writes_cache { 4 } else { 2 };
+        self.input_prices()[..classes]
+            .iter()
+            .fold(0.0, |max, &p| max.max(p))
+    }
+
+    /// The price of each input class, defaults applied: plain input, cache
+    /// reads, 5-minute and 1-hour cache writes.
+    fn input_prices(&self) -> [f64; 4] {
+        [
+            self.input,
+            self.cached_input.unwrap_or(self.input),
+            self.cache_write
+                .unwrap_or(self.input * CACHE_WRITE_5M_FACTOR),
+            self.cache_write_1h
+                .unwrap_or(self.input * CACHE_WRITE_1H_FACTOR),
+        ]
     }
 
     /// The worst-case cost of `prompt` input tokens (each at the dearest
