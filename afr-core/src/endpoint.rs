@@ -326,8 +326,8 @@ pub fn validate_passthrough(
 }
 
 /// Embeddings `input`: a string, an array of strings, an array of token ids
-/// or an array of token-id arrays, never empty. Returns its characters.
-fn check_input(input: &Value) -> Result<usize, Invalid> {
+/// or an array of token-id arrays, never empty.
+fn check_input(input: &Value) -> Result<(), Invalid> {
     let bad = || {
         Invalid::field(
             "input",
@@ -335,7 +335,7 @@ fn check_input(input: &Value) -> Result<usize, Invalid> {
         )
     };
     match input {
-        Value::String(s) => Ok(s.chars().count()),
+        Value::String(_) => Ok(()),
         Value::Array(items) if items.is_empty() => Err(Invalid::field(
             "input",
             "Invalid 'input': must not be an empty array.",
@@ -347,22 +347,12 @@ fn check_input(input: &Value) -> Result<usize, Invalid> {
                     .iter()
                     .all(|i| i.as_array().is_some_and(|a| a.iter().all(Value::is_u64)));
             if ok {
-                Ok(text_chars(input))
+                Ok(())
             } else {
                 Err(bad())
             }
         }
         _ => Err(bad()),
-    }
-}
-
-/// Characters of every string in a value (prompt size for estimates).
-fn text_chars(v: &Value) -> usize {
-    match v {
-        Value::String(s) => s.chars().count(),
-        Value::Array(items) => items.iter().map(text_chars).sum(),
-        Value::Object(map) => map.values().map(text_chars).sum(),
-        _ => 0,
     }
 }
 

@@ -368,12 +368,9 @@ pub(crate) fn check_positive_int(body: &Members<'_>, field: &str) -> Result<Opti
     }
 }
 
-/// A string borrowed from the body when it has no escapes.
-#[derive(serde::Deserialize)]
-struct Text<'a>(#[serde(borrow)] Cow<'a, str>);
-
-/// Validates `messages`; returns the characters of their text.
-fn check_messages(messages: Option<&RawValue>) -> Result<usize, Invalid> {
+/// Validates `messages` (the prompt's size is `crate::estimate`'s, counted
+/// only when a request needs it).
+fn check_messages(messages: Option<&RawValue>) -> Result<(), Invalid> {
     let list: Vec<&RawValue> = match messages {
         None => return Err(missing("messages")),
         Some(raw) if raw.get() == "null" => return Err(missing("messages")),
@@ -388,7 +385,6 @@ fn check_messages(messages: Option<&RawValue>) -> Result<usize, Invalid> {
             "Invalid 'messages': empty array. Expected an array with minimum length 1.",
         ));
     }
-    let mut chars = 0;
     for (i, message) in list.iter().enumerate() {
         let path = format!("messages[{i}]");
         if !message.get().starts_with('{') {
@@ -411,19 +407,14 @@ fn check_messages(messages: Option<&RawValue>) -> Result<usize, Invalid> {
         match content.map(|c| c.get().as_bytes()[0]) {
             Some(b'"') => {
                 let raw = content.map_or("\"\"", |c| c.get());
-                chars += match raw.get(1..raw.len() - 1) {
-                    // Already validated by the parser: without escapes the
-                    // text is the raw bytes between the quotes.
-                    Some(inner) if !inner.contains('\\') => inner.chars().count(),
-                    _ => {
-                        let text: Text = serde_json::from_str(raw).map_err(|e| {
-                            Invalid::field(format!("{path}.content"), e.to_string())
-                        })?;
-                        text.0.chars().count()
-                    }
-                };
+                // Without escapes the parser has validated the text already;
+                // with them, decoding is what finds a lone surrogate.
+                if raw.contains('\\') {
+                    serde_json::from_str::<String>(raw)
+                        .map_err(|e| Invalid::field(format!("{path}.content"), e.to_string()))?;
+                }
             }
-            Some(b'[') => chars += content.map_or(0, |c| c.get().len()),
+            Some(b'[') => {}
             // An assistant turn that only calls tools carries no content.
             None | Some(b'n') if role == "assistant" => {}
             None => return Err(missing(&format!("{path}.content"))),
@@ -439,7 +430,7 @@ fn check_messages(messages: Option<&RawValue>) -> Result<usize, Invalid> {
             }
         }
     }
-    Ok(chars)
+    Ok(())
 }
 
 fn missing(param: &str) -> Invalid {
