@@ -860,6 +860,57 @@ mod tests {
             }
         }
 
+        /// The documented bound for usage above the reservation (a provider
+        /// reporting more than the worst case, a prompt the estimate
+        /// under-counted): the window and the spend exceed their limits by
+        /// at most the sum of those excesses, never by any reservation made
+        /// after them.
+        #[test]
+        fn usage_above_the_reservation_overshoots_by_its_excess_only(
+            limit in 1u64..2000, budget in 1u64..3000,
+            ops in prop::collection::vec(op(), 1..300), extra in prop::collection::vec(100u64..300, 300),
+        ) {
+            let limits = KeyLimits {
+                tpm: Some(limit),
+                budget: Some(Budget { nanos: budget, per: Period::Day }),
+                max_concurrent: None,
+            };
+            let mut l = Ledger::new();
+            let now = T0 + 12_345;
+            let mut open: Vec<(Hold, Amount)> = Vec::new();
+            let (mut excess_tokens, mut excess_nanos) = (0u64, 0u64);
+            for (i, op) in ops.into_iter().enumerate() {
+                match op {
+                    Op::Reserve { tokens, cost } => {
+                        let ask = Amount { tokens, cost_nanos: cost };
+                        if let Ok(h) = l.reserve("k", &limits, ask, now) {
+                            open.push((h, ask));
+                        }
+                    }
+                    // Settled at up to 3x what was reserved.
+                    Op::Settle { which, frac } if !open.is_empty() => {
+                        let (h, ask) = open.swap_remove(which % open.len());
+                        let pct = u64::from(frac) * extra[i % extra.len()] / 100;
+                        let used = Amount {
+                            tokens: ask.tokens * pct / 100,
+                            cost_nanos: ask.cost_nanos * pct / 100,
+                        };
+                        excess_tokens += used.tokens.saturating_sub(ask.tokens);
+                        excess_nanos += used.cost_nanos.saturating_sub(ask.cost_nanos);
+                        l.settle(h, used, now);
+                    }
+                    Op::Release { which } if !open.is_empty() => {
+                        let (h, _) = open.swap_remove(which % open.len());
+                        l.release(h, now);
+                    }
+                    _ => {}
+                }
+                let state = l.keys.get("k").copied().unwrap_or_default();
+                prop_assert!(state.tokens.load(now) <= u128::from(limit + excess_tokens) * u128::from(WINDOW_MS));
+                prop_assert!(state.spend.nanos <= budget + excess_nanos);
+            }
+        }
+
         /// Everything released brings the window back to where it was.
         #[test]
         fn releasing_all_restores_the_window(limit in 1u64..2000, asks in prop::collection::vec(1u64..300, 1..50)) {
