@@ -17,8 +17,13 @@
 //! is counted at admission like a request under `rpm`. Budgets are spent per
 //! UTC day or month ([`Period`]).
 //!
-//! The ledger is pure state with a clock parameter: the sidecar owns one
-//! behind a mutex, which makes it the single decision point on a host.
+//! The ledger is pure state with a clock parameter ([`Now`]): the sidecar
+//! owns one behind a mutex, which makes it the single decision point on a
+//! host. Token windows run on a monotonic clock (like the module's `rpm`,
+//! so a wall-clock step neither renews nor stalls a window); budget periods
+//! are calendar periods and follow the wall clock of the moment a request
+//! started, so a request is charged to the period it started in — the one
+//! its usage row's time falls in (see [`Hold::period_start`]).
 
 use std::collections::HashMap;
 
@@ -32,6 +37,28 @@ pub struct Amount {
     pub tokens: u64,
     /// Cost in nano-dollars.
     pub cost_nanos: u64,
+}
+
+/// The two clocks of a decision.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Now {
+    /// A monotonic clock in ms, for token windows. Any origin; the sidecar's
+    /// is the Unix time at its start plus the time elapsed since, so seeds
+    /// read from usage rows line up with it.
+    pub mono_ms: u64,
+    /// Unix ms of the moment the request started: the budget period it is
+    /// charged to.
+    pub unix_ms: u64,
+}
+
+impl From<u64> for Now {
+    /// Both clocks at `ms` (tests, and callers whose only clock is shared).
+    fn from(ms: u64) -> Now {
+        Now {
+            mono_ms: ms,
+            unix_ms: ms,
+        }
+    }
 }
 
 /// A reservation held by one request until it is settled or released.
@@ -48,6 +75,12 @@ impl Hold {
     /// Tokens this hold reserved (0 when the key has no `tpm`).
     pub fn tokens(&self) -> u64 {
         self.tokens.map_or(0, |(_, n)| n)
+    }
+
+    /// Start (Unix ms) of the budget period this hold is charged to, when
+    /// the key has a budget: a usage row must not be timed before it.
+    pub fn period_start(&self) -> Option<u64> {
+        self.cost.map(|(start, _)| start)
     }
 }
 
@@ -237,6 +270,9 @@ impl Spend {
     /// Moves to the period of `per` holding `now_ms`; a new period starts at
     /// what `seed` says was spent in it before this ledger existed (0 when
     /// the seed is of another period). Returns the period's end.
+    ///
+    /// A request that started in a period this ledger has already left (a
+    /// later one rolled it first) is counted in the current one.
     fn roll(&mut self, per: Period, now_ms: u64, seed: Option<&Seed>) -> u64 {
         let (start, end) = per.bounds(now_ms);
         if start > self.period_start {
@@ -244,8 +280,9 @@ impl Spend {
                 period_start: start,
                 nanos: seed.map_or(0, |s| s.spent_in(per, start)),
             };
+            return end;
         }
-        end
+        per.bounds(self.period_start).1.max(end)
     }
 }
 
@@ -307,7 +344,7 @@ pub struct Shared {
 /// Reserved tokens (window start, tokens) and cost (period start, nanos).
 type Reserved = (Option<(u64, u64)>, Option<(u64, u64)>);
 
-/// The one decision: does `ask` fit `state` under `limits` at `now_ms`? If
+/// The one decision: does `ask` fit `state` under `limits` at `now`? If
 /// so it is counted in `state` and where it was counted is returned. Tokens
 /// are checked before the budget, and nothing is counted unless both hold
 /// (the fleet's Redis script follows the same order and rule).
@@ -315,26 +352,29 @@ fn admit(
     state: &mut KeyState,
     limits: &KeyLimits,
     ask: Amount,
-    now_ms: u64,
+    now: Now,
 ) -> Result<Reserved, Refusal> {
+    let mono = now.mono_ms;
     if let Some(limit) = limits.tpm {
-        state.tokens.roll(now_ms);
-        if !state.tokens.fits(ask.tokens, limit, now_ms) {
+        state.tokens.roll(mono);
+        if !state.tokens.fits(ask.tokens, limit, mono) {
             return Err(Refusal::Tokens {
                 limit,
                 requested: ask.tokens,
-                retry_after_ms: state.tokens.wait_ms(ask.tokens, limit, now_ms),
+                retry_after_ms: state.tokens.wait_ms(ask.tokens, limit, mono),
             });
         }
     }
     let mut cost = None;
     if let Some(budget) = limits.budget {
-        let end = state.spend.roll(budget.per, now_ms, state.seed.as_ref());
+        let end = state
+            .spend
+            .roll(budget.per, now.unix_ms, state.seed.as_ref());
         let spent = state.spend.nanos;
         if spent >= budget.nanos || spent.saturating_add(ask.cost_nanos) > budget.nanos {
             return Err(Refusal::Budget {
                 budget,
-                retry_after_ms: end - now_ms,
+                retry_after_ms: end.saturating_sub(now.unix_ms),
             });
         }
         state.spend.nanos += ask.cost_nanos;
@@ -363,7 +403,7 @@ impl Ledger {
         Ledger::default()
     }
 
-    /// Reserves `ask` for `key` at `now_ms` under `limits`, or says which
+    /// Reserves `ask` for `key` at `now` under `limits`, or says which
     /// limit cannot hold it. Nothing is reserved when it is refused. A key
     /// with neither `tpm` nor budget gets an empty hold (nothing to settle).
     pub fn reserve(
@@ -371,7 +411,7 @@ impl Ledger {
         key: &str,
         limits: &KeyLimits,
         ask: Amount,
-        now_ms: u64,
+        now: impl Into<Now>,
     ) -> Result<Hold, Refusal> {
         let mut hold = Hold {
             key: key.to_owned(),
@@ -382,11 +422,11 @@ impl Ledger {
             return Ok(hold);
         }
         let state = self.keys.entry(key.to_owned()).or_default();
-        (hold.tokens, hold.cost) = admit(state, limits, ask, now_ms)?;
+        (hold.tokens, hold.cost) = admit(state, limits, ask, now.into())?;
         Ok(hold)
     }
 
-    /// Why `ask` would be refused for `key` at `now_ms` under `limits`, or
+    /// Why `ask` would be refused for `key` at `now` under `limits`, or
     /// `None` when it fits. Nothing changes: the fleet asks this of its
     /// mirror of Redis's counts for the `Retry-After` of a refusal.
     pub fn check(
@@ -394,10 +434,10 @@ impl Ledger {
         key: &str,
         limits: &KeyLimits,
         ask: Amount,
-        now_ms: u64,
+        now: impl Into<Now>,
     ) -> Option<Refusal> {
         let mut state = self.keys.get(key).copied().unwrap_or_default();
-        admit(&mut state, limits, ask, now_ms).err()
+        admit(&mut state, limits, ask, now.into()).err()
     }
 
     /// Adopts the fleet's counts for `key` (what Redis's reserve script read
@@ -418,12 +458,13 @@ impl Ledger {
     }
 
     /// Settles `hold` to what the request really `used`.
-    pub fn settle(&mut self, hold: Hold, used: Amount, now_ms: u64) {
+    pub fn settle(&mut self, hold: Hold, used: Amount, now: impl Into<Now>) {
         let Some(state) = self.keys.get_mut(&hold.key) else {
             return;
         };
         if let Some((window, reserved)) = hold.tokens {
-            state.tokens.settle(window, reserved, used.tokens, now_ms);
+            let mono = now.into().mono_ms;
+            state.tokens.settle(window, reserved, used.tokens, mono);
         }
         if let Some((period, reserved)) = hold.cost {
             // A settlement after the period renewed must not charge the new one.
@@ -438,8 +479,8 @@ impl Ledger {
     }
 
     /// Gives back everything `hold` reserved (the request consumed nothing).
-    pub fn release(&mut self, hold: Hold, now_ms: u64) {
-        self.settle(hold, Amount::default(), now_ms);
+    pub fn release(&mut self, hold: Hold, now: impl Into<Now>) {
+        self.settle(hold, Amount::default(), now);
     }
 
     /// Records what `key` used before this ledger existed (see [`Seed`]):
@@ -455,18 +496,19 @@ impl Ledger {
         state.seed = Some(seed);
     }
 
-    /// The token headers' values for `key` under `tpm` at `now_ms`.
-    pub fn tokens(&self, key: &str, tpm: u64, now_ms: u64) -> TokenState {
+    /// The token headers' values for `key` under `tpm` at `now`.
+    pub fn tokens(&self, key: &str, tpm: u64, now: impl Into<Now>) -> TokenState {
+        let mono = now.into().mono_ms;
         let mut w = self.keys.get(key).map(|s| s.tokens).unwrap_or_default();
-        w.roll(now_ms);
-        w.state(tpm, now_ms)
+        w.roll(mono);
+        w.state(tpm, mono)
     }
 
     /// Nano-dollars `key` may still spend in the current period of `budget`.
-    pub fn budget_remaining(&self, key: &str, budget: Budget, now_ms: u64) -> u64 {
+    pub fn budget_remaining(&self, key: &str, budget: Budget, now: impl Into<Now>) -> u64 {
         let state = self.keys.get(key).copied().unwrap_or_default();
         let mut spend = state.spend;
-        spend.roll(budget.per, now_ms, state.seed.as_ref());
+        spend.roll(budget.per, now.into().unix_ms, state.seed.as_ref());
         budget.nanos.saturating_sub(spend.nanos)
     }
 }
@@ -694,6 +736,64 @@ mod tests {
             l.budget_remaining("k", limits.budget.unwrap(), end + 1),
             1000
         );
+    }
+
+    #[test]
+    fn token_windows_follow_the_monotonic_clock_not_a_wall_clock_step() {
+        let mut l = Ledger::new();
+        let at = |mono_ms, unix_ms| Now { mono_ms, unix_ms };
+        l.reserve("k", &tpm(100), tokens(100), at(T0, T0)).unwrap();
+        // The wall clock steps five minutes ahead (an NTP step, a VM resume)
+        // one second later: the window has not ended.
+        let stepped = at(T0 + 1_000, T0 + 301_000);
+        assert!(l.reserve("k", &tpm(100), tokens(1), stepped).is_err());
+        assert_eq!(l.tokens("k", 100, stepped).remaining, 0);
+        // Nor does a step back stall it: two monotonic windows later it is empty.
+        let back = at(T0 + 2 * WINDOW_MS, T0 - 3_600_000);
+        assert_eq!(l.tokens("k", 100, back).remaining, 100);
+        assert!(l.reserve("k", &tpm(100), tokens(100), back).is_ok());
+    }
+
+    #[test]
+    fn a_request_is_charged_to_the_period_it_started_in() {
+        let limits = KeyLimits {
+            budget: Some(Budget {
+                nanos: 1000,
+                per: Period::Day,
+            }),
+            ..KeyLimits::default()
+        };
+        let ask = Amount {
+            tokens: 10,
+            cost_nanos: 600,
+        };
+        let (day, end) = Period::Day.bounds(T0);
+        // Started a millisecond before midnight, reserved after it: charged
+        // to the day it started in, where its usage row is timed.
+        let mut l = Ledger::new();
+        let started = Now {
+            mono_ms: end + 5,
+            unix_ms: end - 1,
+        };
+        let h = l.reserve("k", &limits, ask, started).unwrap();
+        assert_eq!(h.period_start(), Some(day));
+        l.settle(h, ask, end + 10);
+        let budget = limits.budget.unwrap();
+        assert_eq!(l.budget_remaining("k", budget, end - 1), 400);
+        assert_eq!(l.budget_remaining("k", budget, end + 10), 1000);
+        // Once a later request has opened the next day, a late starter of
+        // the old one is counted in the new day (its row is timed there).
+        let mut l = Ledger::new();
+        l.reserve("k", &limits, ask, end + 2).unwrap();
+        let late = l.reserve("k", &limits, ask, started).unwrap_err();
+        assert!(matches!(late, Refusal::Budget { .. }));
+        assert_eq!(late.retry_after_ms(), Period::Day.bounds(end).1 - (end - 1));
+        let small = Amount {
+            tokens: 1,
+            cost_nanos: 100,
+        };
+        let h = l.reserve("k", &limits, small, started).unwrap();
+        assert_eq!(h.period_start(), Some(end));
     }
 
     #[test]

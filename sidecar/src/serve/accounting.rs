@@ -91,7 +91,7 @@ impl Accounting {
         if let Some(never) = never_fits(limits, worst) {
             return Err(Reserve::Never(never));
         }
-        let now = unix_ms_now();
+        let now = self.gateway.ledger_now(self.record.ts_ms as u64);
         let key = &self.record.key_id;
         let gateway = &self.gateway;
         let hold = match &gateway.fleet {
@@ -109,6 +109,12 @@ impl Accounting {
                     .map_err(Reserve::Refused)?,
             ),
         };
+        // The row is timed in the budget period the ledger charged: a
+        // request that started in one a later request has already closed
+        // is counted at the start of the next, in both.
+        if let Some(start) = hold.period_start() {
+            self.record.ts_ms = self.record.ts_ms.max(start as i64);
+        }
         self.hold = Some(hold);
         Ok(())
     }
@@ -242,7 +248,10 @@ impl Accounting {
             };
             match hold {
                 Held::Fleet(hold) => hold.settle(used),
-                Held::Local(hold) => self.gateway.ledger().settle(hold, used, unix_ms_now()),
+                Held::Local(hold) => {
+                    let now = self.gateway.ledger_now(record.ts_ms as u64);
+                    self.gateway.ledger().settle(hold, used, now);
+                }
             }
         }
         let metrics = &self.gateway.metrics;
@@ -293,12 +302,6 @@ fn blank_record() -> UsageRecord {
         cache_write_1h_tokens: 0,
         reasoning_tokens: 0,
     }
-}
-
-fn unix_ms_now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// Why a reservation was not made.

@@ -30,7 +30,7 @@ use std::time::{Duration, Instant};
 
 use afr_core::config::FleetConfig;
 use afr_core::fleet_ledger::{Change, Health, RedisKeys};
-use afr_core::ledger::{Amount, Hold, Ledger, Refusal, Shared};
+use afr_core::ledger::{Amount, Hold, Ledger, Now, Refusal, Shared};
 use afr_core::limits::KeyLimits;
 use afr_core::ratelimit::WINDOW_MS;
 use anyhow::Context;
@@ -124,6 +124,17 @@ pub enum Held {
     Fleet(FleetHold),
 }
 
+impl Held {
+    /// Start (Unix ms) of the budget period the reservation is charged to,
+    /// when the key has a budget.
+    pub fn period_start(&self) -> Option<u64> {
+        match self {
+            Held::Local(hold) => hold.period_start(),
+            Held::Fleet(hold) => hold.period_start,
+        }
+    }
+}
+
 /// What a reservation counted in Redis, to settle it there.
 pub struct FleetHold {
     fleet: Arc<Fleet>,
@@ -131,6 +142,7 @@ pub struct FleetHold {
     tokens: u64,
     budget_key: String,
     cost_nanos: u64,
+    period_start: Option<u64>,
 }
 
 /// One reserve script's answer.
@@ -186,12 +198,12 @@ impl Fleet {
         key: &str,
         limits: &KeyLimits,
         ask: Amount,
-        now_ms: u64,
+        now: Now,
     ) -> Result<Held, Refusal> {
         if self.health().should_try(Instant::now()) {
             match tokio::time::timeout(
                 self.timeout,
-                self.reserve_in_redis(store, key, limits, ask, now_ms),
+                self.reserve_in_redis(store, key, limits, ask, now),
             )
             .await
             {
@@ -206,7 +218,7 @@ impl Fleet {
                     // limit, and when retrying can succeed.
                     // (Another node's settlement may have freed room since:
                     // then Redis's verdict stands, with a retry in a second.)
-                    let refusal = ledger.check(key, limits, ask, now_ms);
+                    let refusal = ledger.check(key, limits, ask, now);
                     return Err(refusal.unwrap_or_else(|| match limits.budget {
                         Some(budget) if answer.verdict == 2 => Refusal::Budget {
                             budget,
@@ -225,7 +237,7 @@ impl Fleet {
         }
         self.local.fetch_add(1, Ordering::Relaxed);
         lock(ledger)
-            .reserve(key, &limits.share(self.nodes), ask, now_ms)
+            .reserve(key, &limits.share(self.nodes), ask, now)
             .map(Held::Local)
     }
 
@@ -235,9 +247,11 @@ impl Fleet {
         key: &str,
         limits: &KeyLimits,
         ask: Amount,
-        now_ms: u64,
+        now: Now,
     ) -> anyhow::Result<(Answer, FleetHold)> {
-        let period = limits.budget.map(|b| (b, b.per.bounds(now_ms)));
+        // Windows on the fleet's clock; the budget period the request started in.
+        let now_ms = now.mono_ms;
+        let period = limits.budget.map(|b| (b, b.per.bounds(now.unix_ms)));
         let names = RedisKeys::new(
             key,
             limits.budget.map(|b| b.per),
@@ -291,6 +305,7 @@ impl Fleet {
                 } else {
                     0
                 },
+                period_start: period.map(|(_, (s, _))| s),
             };
             return Ok((answer, hold));
         }

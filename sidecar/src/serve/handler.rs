@@ -4,6 +4,7 @@
 use crate::providers::MessagesEndpoint;
 use crate::serve::accounting::Accounting;
 use crate::serve::chat::{chat_completions, reject, Caller};
+use crate::serve::clock;
 use crate::serve::error::{json_response, Body, GatewayError};
 use crate::serve::messages::{self, anthropic_client, COUNT_TOKENS_PATH};
 use crate::serve::passthrough::passthrough;
@@ -20,7 +21,7 @@ use hyper::body::Incoming;
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::Instant;
 use subtle::ConstantTimeEq;
 
 /// Handles one request from nginx.
@@ -72,7 +73,7 @@ pub async fn handle(
         }),
         limits,
         started,
-        ts_ms: unix_ms(),
+        ts_ms: clock::unix_ms() as i64,
         shape,
     };
 
@@ -184,7 +185,8 @@ fn token_headers(
     if limits.tpm.is_none() && limits.budget.is_none() {
         return;
     }
-    let now = unix_ms() as u64;
+    let wall = clock::unix_ms();
+    let now = gateway.ledger_now(wall);
     let ledger = gateway.ledger();
     let headers = response.headers_mut();
     if let Some(tpm) = limits.tpm {
@@ -207,7 +209,7 @@ fn token_headers(
                 HeaderValue::from(state.remaining),
             );
             // Rounded up to the second: at the time it names, the window is full.
-            let reset_ms = (now + state.reset_ms).div_ceil(1000) * 1000;
+            let reset_ms = (wall + state.reset_ms).div_ceil(1000) * 1000;
             let reset = std::time::UNIX_EPOCH + std::time::Duration::from_millis(reset_ms);
             let reset = humantime::format_rfc3339_seconds(reset).to_string();
             if let Ok(v) = HeaderValue::from_str(&reset) {
@@ -237,13 +239,6 @@ fn request_id() -> String {
 
 fn header<'a>(request: &'a Request<Incoming>, name: &str) -> Option<&'a str> {
     request.headers().get(name).and_then(|v| v.to_str().ok())
-}
-
-fn unix_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
 }
 
 /// Reads the whole body, refusing more than `limit` bytes with 413.

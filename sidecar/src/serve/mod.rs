@@ -9,6 +9,7 @@
 
 pub mod accounting;
 pub mod chat;
+pub mod clock;
 pub mod error;
 pub mod fleet;
 pub mod handler;
@@ -289,9 +290,7 @@ pub const SEED_RETRY: std::time::Duration = std::time::Duration::from_secs(5);
 /// that cannot be read is not an outage: keys without a budget are served,
 /// budgeted keys are refused until a retry succeeds (budgets fail closed).
 async fn reseed_ledger(gateway: &Gateway, reader: crate::usage::UsageReader) -> bool {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64);
+    let now = clock::unix_ms();
     let seeds =
         tokio::task::spawn_blocking(move || crate::usage::reseed::ledger_seeds(&reader, now)).await;
     match seeds {

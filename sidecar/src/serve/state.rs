@@ -3,13 +3,14 @@
 //! metrics and the usage store handles.
 
 use crate::providers::{self, Provider};
+use crate::serve::clock::{self, Clock};
 use crate::serve::fleet::Fleet;
 use crate::serve::metrics::Metrics;
 use crate::serve::usage_sink::UsageSink;
 use crate::usage::UsageReader;
 use afr_core::breaker::{Admission, Breaker, BreakerPolicy, Outcome};
 use afr_core::config::{ConfigError, SidecarConfig};
-use afr_core::ledger::Ledger;
+use afr_core::ledger::{Ledger, Now};
 use afr_core::pins::Pins;
 use arc_swap::ArcSwap;
 use std::collections::HashMap;
@@ -137,6 +138,8 @@ pub struct Gateway {
     /// Token and money reservations of every key on this host: the sidecar
     /// is one process per host, so this is the host's one decision point.
     pub ledger: Mutex<Ledger>,
+    /// The ledger's clocks: token windows on a monotonic one.
+    pub clock: Clock,
     /// With `[fleet]`: reservations are made in the fleet's Redis, and the
     /// ledger above mirrors its counts (and decides while Redis is down).
     pub fleet: Option<Arc<Fleet>>,
@@ -179,6 +182,7 @@ impl Gateway {
             reader,
             taps: TaskTracker::new(),
             ledger: Mutex::new(Ledger::new()),
+            clock: Clock::start(),
             fleet: None,
             pins: Mutex::new(Pins::new(RESPONSE_PINS, RESPONSE_PIN_TTL)),
             budgets: AtomicU8::new(Budgets::Seeding as u8),
@@ -191,6 +195,21 @@ impl Gateway {
     pub fn install(&self, runtime: Runtime) {
         self.runtime.store(Arc::new(runtime));
         self.sync_breakers();
+    }
+
+    /// The ledger's clocks for a request that started at `started_unix_ms`.
+    /// A fleet's token windows are the fleet's (Redis's counters, aligned to
+    /// the nodes' shared wall clock), so there the window clock is the wall
+    /// clock too; a lone sidecar's windows run on its monotonic clock.
+    pub fn ledger_now(&self, started_unix_ms: u64) -> Now {
+        if self.fleet.is_some() {
+            Now {
+                mono_ms: clock::unix_ms(),
+                unix_ms: started_unix_ms,
+            }
+        } else {
+            self.clock.now_for(started_unix_ms)
+        }
     }
 
     /// Whether budgets can be held now.
