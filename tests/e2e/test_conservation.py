@@ -2,10 +2,11 @@
 endpoint — chat completions, completions, the Responses API, Messages (native and
 translated), count_tokens, embeddings — streamed and not, complete and cut, with and without
 usage, with failovers, over keys with `tpm` and budgets at once, through real nginx, module,
-sidecar and five afr-mock instances. Afterwards the gateway's books are checked against what
+sidecar and seven afr-mock instances. Afterwards the gateway's books are checked against what
 the mocks report they billed:
 
-- every request left exactly one usage row;
+- every request left exactly one usage row, and every attempt a provider answered and
+  that was then failed over one more;
 - every row the provider counted costs exactly what the mock billed at the route's price;
 - every estimated row (a cut stream, an answer without usage) bills at least what the mock
   billed and at most its output cap; a key's total is at least what the mocks billed;
@@ -53,6 +54,9 @@ def stack():
         "oai_cut": g.start_mock("--chunks", "20", "--cut-after-events", "7"),
         "oai_nousage": g.start_mock("--omit-usage"),
         "oai_flaky": g.start_mock("--fail-percent", "30", "--fail-status", "500"),
+        # Answers 200, then breaks every stream before its first content: the gateway
+        # fails over, and the prompt it read was billed.
+        "oai_broken": g.start_mock("--error-after-chunks", "0"),
     }
     g.mock_config(g.mocks["main"], cache_read=1, reasoning_tokens=2)
     timeouts = {"connect": "1s", "first_byte": "5s", "idle": "5s", "total": "30s"}
@@ -74,6 +78,7 @@ def stack():
         "oai_cut": provider("openai", "oai_cut"),
         "oai_nousage": provider("openai", "oai_nousage"),
         "oai_flaky": provider("openai", "oai_flaky"),
+        "oai_broken": provider("openai", "oai_broken"),
     }
     models = {
         "claude-c": model(("anth", CLAUDE_PRICE)),
@@ -81,6 +86,7 @@ def stack():
         "gpt-cut": model(("oai_cut", GPT_PRICE)),
         "gpt-nousage": model(("oai_nousage", GPT_PRICE)),
         "gpt-failover": model(("oai_flaky", GPT_PRICE), ("mock", GPT_PRICE)),
+        "gpt-broken": model(("oai_broken", GPT_PRICE), ("mock", GPT_PRICE)),
     }
     extend_catalogue(g, providers, models)
     # The breaker would open on the flaky mock's failures and end the failovers.
@@ -106,7 +112,7 @@ def plan(rng: random.Random) -> dict:
         weights=[30, 10, 15, 25, 8, 5, 7],
     )[0]
     if kind == "chat":
-        model = rng.choice(["gpt-4o-mini", "gpt-cut", "gpt-nousage", "gpt-failover"])
+        model = rng.choice(["gpt-4o-mini", "gpt-cut", "gpt-nousage", "gpt-failover", "gpt-broken"])
         body = {"model": model, "messages": msgs, "max_tokens": max_tokens, "stream": stream}
         if rng.random() < 0.2:
             body["n"] = 2
@@ -116,7 +122,7 @@ def plan(rng: random.Random) -> dict:
         body = {"model": model, "prompt": words, "max_tokens": max_tokens, "stream": stream}
         return {"path": "/v1/completions", "body": body, "price": GPT_PRICE, "cap": max_tokens}
     if kind == "responses":
-        model = rng.choice(["gpt-4o-mini", "gpt-cut", "gpt-nousage"])
+        model = rng.choice(["gpt-4o-mini", "gpt-cut", "gpt-nousage", "gpt-broken"])
         body = {"model": model, "input": msgs, "max_output_tokens": max_tokens, "stream": stream}
         return {"path": "/v1/responses", "body": body, "price": GPT_PRICE, "cap": max_tokens}
     if kind == "messages":
@@ -146,16 +152,18 @@ def rows(g) -> dict[str, dict]:
         db.close()
 
 
-def billed_by_request(g) -> dict[str, dict]:
-    """What the mocks billed, by the gateway's request id (a failed-over request has a
-    null entry at the failing mock and its bill at the one that answered)."""
-    out = {}
-    for url in g.mocks.values():
+def billed_by_request(g) -> dict[str, dict[str, dict]]:
+    """What the mocks billed, by the gateway's request id and then by provider name (a
+    request failed over after a 500 has a null entry at the failing mock; one failed over
+    after a broken stream was billed its prompt there)."""
+    out: dict[str, dict[str, dict]] = {}
+    for name, url in g.mocks.items():
+        provider = "mock" if name == "main" else name
         for r in g.mock_requests(url):
             rid = r["headers"].get("x-request-id")
             if rid and r.get("billed"):
-                assert rid not in out, f"two providers billed {rid}"
-                out[rid] = r["billed"]
+                assert provider not in out.get(rid, {}), f"{provider} billed {rid} twice"
+                out.setdefault(rid, {})[provider] = r["billed"]
     return out
 
 
@@ -215,12 +223,24 @@ def test_every_dollar_the_providers_billed_is_on_the_books_and_nothing_else(stac
     assert not missing, missing[:3]
     bills = billed_by_request(g)
 
-    exact = estimated = 0
+    exact = estimated = attempts = 0
     billed_total = {k: 0 for k in keys.values()}
     booked_total = {k: 0 for k in keys.values()}
     for d in done:
         r = books[d["request_id"]]
-        b = bills.get(d["request_id"])
+        billed_here = dict(bills.get(d["request_id"], {}))
+        b = billed_here.pop(r["provider"], None)
+        # Any other provider that billed was an attempt that answered, broke before its
+        # first content and was failed over: it has its own row, billed at least that.
+        for i, (provider, tried) in enumerate(sorted(billed_here.items()), 1):
+            a = books.get(f"{d['request_id']}/attempt-{i}")
+            assert a is not None and a["provider"] == provider, (d, provider, a)
+            assert a["status"] == 502 and a["token_source"] == "estimated", a
+            assert a["prompt_tokens"] >= tried["input"], (a, tried)
+            assert a["cost_nanos"] >= billed_nanos(tried, d["price"]) > 0, (a, tried)
+            booked_total[d["key"]] += a["cost_nanos"]
+            billed_total[d["key"]] += billed_nanos(tried, d["price"])
+            attempts += 1
         booked_total[d["key"]] += r["cost_nanos"] or 0
         if b is not None and d["path"] != "/v1/messages/count_tokens":
             billed_total[d["key"]] += billed_nanos(b, d["price"])
@@ -239,8 +259,9 @@ def test_every_dollar_the_providers_billed_is_on_the_books_and_nothing_else(stac
             assert r["completion_tokens"] >= b["output"], (d, r, b)
             assert r["completion_tokens"] <= max(b["output"], d["cap"]), (d, r, b)
             assert r["cost_nanos"] >= billed_nanos(b, d["price"]), (d, r, b)
-    print(f"exact rows {exact}, estimated rows {estimated}")
+    print(f"exact rows {exact}, estimated rows {estimated}, failed-over attempts billed {attempts}")
     assert exact >= REQUESTS // 3 and estimated >= REQUESTS // 20, (exact, estimated)
+    assert attempts >= REQUESTS // 100, attempts
     for key in keys.values():
         assert booked_total[key] >= billed_total[key], (key, booked_total[key], billed_total[key])
 

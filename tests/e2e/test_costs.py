@@ -43,7 +43,33 @@ def gw():
         "description": "Claude Haiku through the Anthropic passthrough",
         "routes": [{"provider": "anth", "model": "claude-haiku-4-5-20251001", "price": CLAUDE_PRICE}],
     }
-    extend_catalogue(g, {"anth": anth}, {CLAUDE: claude_model})
+    # Two more mocks that answer 200 and then break before any content, each the first
+    # route of a model that fails over to a healthy one.
+    g.anth_broken = g.start_mock("--api-key", PROVIDER_KEY)
+    g.oai_broken = g.start_mock()
+    anth_broken = dict(anth, base_url=g.anth_broken + "/v1")
+    oai_broken = {"kind": "openai", "base_url": g.oai_broken + "/v1", "timeouts": timeouts}
+    claude_failover = {
+        "tier": "Fast",
+        "description": "a broken Anthropic route, then a healthy one",
+        "routes": [
+            {"provider": "anth_broken", "model": "claude-haiku-4-5-20251001", "price": CLAUDE_PRICE},
+            {"provider": "anth", "model": "claude-haiku-4-5-20251001", "price": CLAUDE_PRICE},
+        ],
+    }
+    gpt_failover = {
+        "tier": "Fast",
+        "description": "a broken OpenAI route, then a healthy one",
+        "routes": [
+            {"provider": "oai_broken", "model": "gpt-4o-mini", "price": GPT_PRICE},
+            {"provider": "mock", "model": "gpt-4o-mini", "price": GPT_PRICE},
+        ],
+    }
+    extend_catalogue(
+        g,
+        {"anth": anth, "anth_broken": anth_broken, "oai_broken": oai_broken},
+        {CLAUDE: claude_model, "claude-failover": claude_failover, "gpt-failover": gpt_failover},
+    )
     yield g
     g.stop()
     shutil.rmtree(home, ignore_errors=True)
@@ -51,11 +77,12 @@ def gw():
 
 @pytest.fixture(autouse=True)
 def healthy_mocks(gw):
-    for url in (gw.anth, gw.mock_url()):
+    urls = (gw.anth, gw.mock_url(), gw.anth_broken, gw.oai_broken)
+    for url in urls:
         gw.mock_config(url)
         gw.clear_mock_requests(url)
     yield
-    for url in (gw.anth, gw.mock_url()):
+    for url in urls:
         gw.mock_config(url)
 
 
@@ -280,6 +307,51 @@ def test_a_200_without_usage_is_billed_its_estimate(gw, stream):
     assert r["token_source"] == "estimated", r
     assert r["completion_tokens"] >= b["output"] and r["prompt_tokens"] >= 1, (r, b)
     assert r["cost_nanos"] >= billed_nanos(b, GPT_PRICE) > 0, (r, b)
+
+
+@pytest.mark.parametrize("wire", ["anthropic", "openai"])
+def test_an_attempt_that_answered_and_failed_over_is_billed_what_it_may_have_cost(gw, wire):
+    """The first route answers 200, sends its preamble (Anthropic's message_start reports
+    the input it read) and an error event before any content: the gateway fails over, and
+    the provider may have billed the prompt. That attempt gets its own row and is settled
+    against the key's budget with the answer that followed."""
+    key = new_key(gw, "--budget-usd", "1", "--budget-per", "day")
+    broken, healthy = (gw.anth_broken, gw.anth) if wire == "anthropic" else (gw.oai_broken, gw.mock_url())
+    price = CLAUDE_PRICE if wire == "anthropic" else GPT_PRICE
+    gw.mock_config(broken, error_after_chunks=0)
+    msgs = [{"role": "user", "content": "tell me a story about a lighthouse keeper " * 20}]
+    if wire == "anthropic":
+        with claude(gw, key).messages.with_streaming_response.create(
+            model="claude-failover", max_tokens=100, messages=msgs, stream=True
+        ) as raw:
+            rid = raw.headers["x-request-id"]
+            raw.read()
+    else:
+        with gpt(gw, key).chat.completions.with_streaming_response.create(
+            model="gpt-failover", max_tokens=100, messages=msgs, stream=True
+        ) as raw:
+            rid = raw.headers["x-request-id"]
+            raw.read()
+    tried = mock_billed(gw, broken, rid)
+    answered = mock_billed(gw, healthy, rid)
+    assert tried["input"] > 100 and tried["output"] == 0, tried
+    final = usage_row(gw, rid)
+    assert_row_is_what_was_billed(final, answered, price)
+    attempt = usage_row(gw, rid + "/attempt-1")
+    assert attempt["provider"] == ("anth_broken" if wire == "anthropic" else "oai_broken"), attempt
+    assert (attempt["status"], attempt["truncated"], attempt["token_source"]) == (502, 1, "estimated"), attempt
+    if wire == "anthropic":
+        assert attempt["prompt_tokens"] == tried["input"], (attempt, tried)  # message_start reported it
+    else:
+        assert attempt["prompt_tokens"] >= tried["input"], (attempt, tried)  # the estimate
+    assert attempt["cost_nanos"] >= billed_nanos(tried, price) > 0, (attempt, tried)
+    assert rows_of(gw, key) == 2
+    # The ledger settled both: the budget left is $1 minus both rows.
+    raw = gpt(gw, key).chat.completions.with_raw_response.create(model="gpt-4o-mini", messages=HI, max_tokens=5)
+    after = usage_row(gw, raw.headers["x-request-id"])
+    left = float(raw.headers["x-afr-budget-remaining-usd"])
+    spent = attempt["cost_nanos"] + final["cost_nanos"] + after["cost_nanos"]
+    assert abs((1.0 - left) - spent / 1e9) < 2e-6, (left, spent)
 
 
 # --- 6. count_tokens is free ----------------------------------------------------------

@@ -16,7 +16,7 @@
 
 use crate::serve::fleet::Held;
 use crate::serve::state::Gateway;
-use afr_core::billing::settle;
+use afr_core::billing::{settle, Billed};
 use afr_core::config::{Price, RouteConfig};
 use afr_core::estimate::{prompt_tokens, Wire};
 use afr_core::ledger::{never_fits, Amount, Never, Refusal};
@@ -52,6 +52,10 @@ pub struct Accounting {
     output_cap: Option<u64>,
     /// The tokens billed, by class (what the row's counts and cost are of).
     tokens: TokenUsage,
+    /// Attempts that failed over after their provider answered.
+    failed_attempts: u32,
+    /// What those attempts were billed (their own rows), settled with the request.
+    attempts_billed: Amount,
 }
 
 impl Accounting {
@@ -80,6 +84,8 @@ impl Accounting {
             price: None,
             output_cap: None,
             tokens: TokenUsage::default(),
+            failed_attempts: 0,
+            attempts_billed: Amount::default(),
         }
     }
 
@@ -177,28 +183,63 @@ impl Accounting {
     /// `reported` counts when `is_final`, otherwise at least the estimate of
     /// the prompt and of the `output_chars` it produced.
     pub fn bill(&mut self, reported: Option<TokenUsage>, is_final: bool, output_chars: usize) {
+        let billed = self.settle(reported, is_final, output_chars);
+        fill(&mut self.record, &billed);
+        self.tokens = billed.usage;
+    }
+
+    fn settle(
+        &mut self,
+        reported: Option<TokenUsage>,
+        is_final: bool,
+        output_chars: usize,
+    ) -> Billed {
         let output_cap = self.output_cap;
-        let billed = settle(
+        settle(
             reported,
             is_final,
             || self.prompt_estimate(),
             output_chars,
             output_cap,
+        )
+    }
+
+    /// The route being tried answered, then failed before any content
+    /// reached the client, and the request fails over (design §4): the
+    /// provider may have billed that attempt — at least the prompt it read,
+    /// and whatever its events reported or showed it producing. The attempt
+    /// gets its own usage row (`<request id>/attempt-<n>`, status 502,
+    /// truncated, as billed by the route that answered it), and its amount
+    /// is settled against the request's reservation with the final answer.
+    pub fn attempt_failed(
+        &mut self,
+        reported: Option<TokenUsage>,
+        is_final: bool,
+        output_chars: usize,
+    ) {
+        let billed = self.settle(reported, is_final, output_chars);
+        self.failed_attempts += 1;
+        let mut row = self.record.clone();
+        row.request_id = format!(
+            "{}/attempt-{}",
+            self.record.request_id, self.failed_attempts
         );
-        let (u, record) = (billed.usage, &mut self.record);
-        record.prompt_tokens = u.prompt_tokens;
-        record.completion_tokens = u.completion_tokens;
-        record.total_tokens = u.total_tokens;
-        record.cached_tokens = u.cached_tokens;
-        record.cache_write_5m_tokens = u.cache_write_5m;
-        record.cache_write_1h_tokens = u.cache_write_1h;
-        record.reasoning_tokens = u.reasoning_tokens;
-        record.token_source = if billed.estimated {
-            TokenSource::Estimated
-        } else {
-            TokenSource::Provider
-        };
-        self.tokens = u;
+        fill(&mut row, &billed);
+        row.status = 502;
+        row.truncated = true;
+        row.latency_ms = self.started.elapsed().as_millis() as u64;
+        row.ttft_ms = None;
+        row.cost_nanos = self.price.map(|p| p.cost_nanos(&billed.usage));
+        self.attempts_billed.tokens += row.total_tokens;
+        self.attempts_billed.cost_nanos += row.cost_nanos.unwrap_or(0);
+        let metrics = &self.gateway.metrics;
+        metrics.tokens(&row.model, &row.provider, &billed.usage);
+        if let Some(nanos) = row.cost_nanos {
+            metrics.spend(&row.key_id, &row.model, nanos);
+        }
+        if let Some(recorder) = &self.gateway.recorder {
+            recorder.record(row);
+        }
     }
 
     /// Records the row and the metrics of a request that ended with `status`.
@@ -238,14 +279,11 @@ impl Accounting {
             Some(0)
         };
         if let Some(hold) = self.hold.take() {
-            let used = if consumed {
-                Amount {
-                    tokens: record.total_tokens,
-                    cost_nanos: record.cost_nanos.unwrap_or(0),
-                }
-            } else {
-                Amount::default()
-            };
+            let mut used = self.attempts_billed;
+            if consumed {
+                used.tokens += record.total_tokens;
+                used.cost_nanos += record.cost_nanos.unwrap_or(0);
+            }
             match hold {
                 Held::Fleet(hold) => hold.settle(used),
                 Held::Local(hold) => {
@@ -276,6 +314,23 @@ impl Drop for Accounting {
             self.write(CLIENT_CLOSED);
         }
     }
+}
+
+/// Puts `billed`'s counts in `record`.
+fn fill(record: &mut UsageRecord, billed: &Billed) {
+    let u = &billed.usage;
+    record.prompt_tokens = u.prompt_tokens;
+    record.completion_tokens = u.completion_tokens;
+    record.total_tokens = u.total_tokens;
+    record.cached_tokens = u.cached_tokens;
+    record.cache_write_5m_tokens = u.cache_write_5m;
+    record.cache_write_1h_tokens = u.cache_write_1h;
+    record.reasoning_tokens = u.reasoning_tokens;
+    record.token_source = if billed.estimated {
+        TokenSource::Estimated
+    } else {
+        TokenSource::Provider
+    };
 }
 
 /// A record with nothing in it yet.

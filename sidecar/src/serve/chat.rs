@@ -12,7 +12,7 @@
 use crate::providers::{Provider, ProviderError, Reply, UpstreamCall};
 use crate::serve::accounting::Accounting;
 use crate::serve::error::{json_response, Body, GatewayError};
-use crate::serve::relay::{self, StreamStart, Wire};
+use crate::serve::relay::{self, Meter, StreamStart, Wire};
 use crate::serve::state::{BreakerTicket, Budgets, Gateway, Runtime};
 use afr_core::attempt::{Attempt, Holding};
 use afr_core::breaker::{Admission, Outcome};
@@ -515,6 +515,14 @@ pub async fn route(
                 match held_up {
                     Err(reason) => {
                         tracing::warn!(request_id = %caller.request_id, provider = %route.provider, error = %reason, "stream failed before its first content; trying the next route");
+                        if request.billed() {
+                            // It answered: it may have billed the prompt it read.
+                            let mut meter = Meter::new(wire);
+                            for event in &held {
+                                meter.event(event);
+                            }
+                            meter.bill_failed_attempt(&mut usage);
+                        }
                         plan.failed(RouteFailure::Other);
                         ticket.failure();
                         continue;

@@ -386,52 +386,93 @@ fn contains(haystack: &[u8], needle: &[u8]) -> bool {
     haystack.windows(needle.len()).any(|w| w == needle)
 }
 
+/// What a stream's events say the provider billed: the one reader of usage
+/// off a stream, for the usage tap and for an attempt that failed over
+/// before its first content (`chat`).
+pub struct Meter {
+    wire: Wire,
+    tokens: Option<TokenUsage>,
+    /// Whether the provider said its counts are final (design §3): OpenAI's
+    /// usage chunk, the Responses API's final event, Anthropic's message_delta.
+    is_final: bool,
+    /// Anthropic reports input and output tokens in different events.
+    anthropic: StreamUsage,
+    content_chars: usize,
+    done: bool,
+}
+
+impl Meter {
+    /// A meter of a stream on `wire`, before its first event.
+    pub fn new(wire: Wire) -> Meter {
+        Meter {
+            wire,
+            tokens: None,
+            is_final: false,
+            anthropic: StreamUsage::default(),
+            content_chars: 0,
+            done: false,
+        }
+    }
+
+    /// Reads one event. Returns the Responses API response id and its
+    /// total tokens when the event is its final usage (the conversation a
+    /// follow-up continues).
+    pub fn event(&mut self, raw: &[u8]) -> Option<(String, u64)> {
+        if self.wire == Wire::Anthropic {
+            let info = inspect_event(raw);
+            self.done |= info.done;
+            self.content_chars += info.content_chars;
+            self.anthropic.update(&info);
+            self.tokens = self.anthropic.usage().or(self.tokens);
+            self.is_final = self.anthropic.is_final();
+            return None;
+        }
+        let (last, usage, chars, response) = self.wire.inspect(raw);
+        self.done |= last;
+        self.content_chars += chars;
+        if usage.is_some() {
+            self.tokens = usage;
+            self.is_final = true;
+        }
+        response.zip(usage.map(|u| u.total_tokens))
+    }
+
+    /// Bills the request what the events showed.
+    pub fn bill(&self, usage: &mut Accounting) {
+        usage.bill(self.tokens, self.is_final, self.content_chars);
+    }
+
+    /// Bills a failed-over attempt what its events showed.
+    pub fn bill_failed_attempt(&self, usage: &mut Accounting) {
+        usage.attempt_failed(self.tokens, self.is_final, self.content_chars);
+    }
+}
+
 /// The usage tap: reads every event off the forwarding path and finishes the
 /// request's accounting once the stream is over: 200 when it reached
 /// `[DONE]`, 502 when the provider broke it (the client got an error event),
 /// 504 when its first content never came, 499 when the client went away
 /// first — all but the first flagged truncated.
 async fn tap(mut rx: mpsc::UnboundedReceiver<Tap>, mut usage: Accounting, wire: Wire) {
-    let mut tokens: Option<TokenUsage> = None;
-    // Whether the provider said its counts are final (design §3): OpenAI's
-    // usage chunk, the Responses API's final event, Anthropic's message_delta.
-    let mut is_final = false;
-    // Anthropic reports input and output tokens in different events.
-    let mut anthropic = StreamUsage::default();
-    let mut content_chars = 0usize;
-    let mut done = false;
+    let mut meter = Meter::new(wire);
     let mut failed = None;
     while let Some(message) = rx.recv().await {
         match message {
-            Tap::Event(raw) if wire == Wire::Anthropic => {
-                let info = inspect_event(&raw);
-                done |= info.done;
-                content_chars += info.content_chars;
-                anthropic.update(&info);
-                tokens = anthropic.usage().or(tokens);
-                is_final = anthropic.is_final();
-            }
             Tap::Event(raw) => {
-                let (last, event_usage, chars, response) = wire.inspect(&raw);
-                done |= last;
-                content_chars += chars;
-                if let (Some(id), Some(u)) = (response, event_usage) {
-                    usage.conversation(&id, u.total_tokens);
-                }
-                if event_usage.is_some() {
-                    tokens = event_usage;
-                    is_final = true;
+                if let Some((id, tokens)) = meter.event(&raw) {
+                    usage.conversation(&id, tokens);
                 }
             }
             Tap::FirstContent(at) => usage.first_content(at),
             Tap::Failed(status) => failed = Some(status),
         }
     }
+    let done = meter.done;
     let truncated = failed.is_some() || !done;
     usage.record().truncated = truncated;
     // The provider answered: whatever it reported, or at least what it was
     // seen to produce.
-    usage.bill(tokens, is_final, content_chars);
+    meter.bill(&mut usage);
     let status = if let Some(status) = failed {
         status
     } else if !done {
