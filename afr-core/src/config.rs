@@ -539,6 +539,36 @@ pub struct Price {
     pub cache_write_1h: Option<f64>,
     /// Completion tokens, reasoning tokens included.
     pub output: f64,
+    /// The long-context tier, where the route has one: a request whose
+    /// input (every class) is above `above` tokens is billed wholly at
+    /// these prices (Anthropic's 1M-context beta above 200 000 tokens).
+    #[serde(default)]
+    pub long_context: Option<LongContext>,
+}
+
+/// Input tokens above which Anthropic bills a request with its 1M-context
+/// beta (`anthropic-beta: context-1m-…`) at its long-context prices.
+pub const ANTHROPIC_LONG_CONTEXT_ABOVE: u64 = 200_000;
+
+/// A route's long-context prices (see [`Price::long_context`]).
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LongContext {
+    /// Input tokens above which the request is billed at these prices.
+    pub above: u64,
+    /// As [`Price::input`].
+    pub input: f64,
+    /// As [`Price::cached_input`].
+    #[serde(default)]
+    pub cached_input: Option<f64>,
+    /// As [`Price::cache_write`].
+    #[serde(default)]
+    pub cache_write: Option<f64>,
+    /// As [`Price::cache_write_1h`].
+    #[serde(default)]
+    pub cache_write_1h: Option<f64>,
+    /// As [`Price::output`].
+    pub output: f64,
 }
 
 /// Anthropic's 5-minute cache write, as a multiple of the input price.
@@ -547,9 +577,30 @@ pub const CACHE_WRITE_5M_FACTOR: f64 = 1.25;
 pub const CACHE_WRITE_1H_FACTOR: f64 = 2.0;
 
 impl Price {
-    /// Cost in nano-dollars of `usage`, each token class at its price. $1
-    /// per million tokens is 1000 nano-dollars per token.
+    /// The prices a request with `input_tokens` of input (every class) is
+    /// billed at: the long-context tier's above its threshold.
+    pub fn tier(&self, input_tokens: u64) -> Price {
+        match self.long_context {
+            Some(l) if input_tokens > l.above => Price {
+                input: l.input,
+                cached_input: l.cached_input,
+                cache_write: l.cache_write,
+                cache_write_1h: l.cache_write_1h,
+                output: l.output,
+                long_context: None,
+            },
+            _ => *self,
+        }
+    }
+
+    /// Cost in nano-dollars of `usage`, each token class at its price (of
+    /// the tier its input falls in). $1 per million tokens is 1000
+    /// nano-dollars per token.
     pub fn cost_nanos(&self, usage: &TokenUsage) -> u64 {
+        self.tier(usage.prompt_tokens).cost_in_tier(usage)
+    }
+
+    fn cost_in_tier(&self, usage: &TokenUsage) -> u64 {
         let per_token = |n: u64, dollars_per_m: f64| n as f64 * dollars_per_m * 1000.0;
         let cached = usage.cached_tokens.min(usage.prompt_tokens);
         let [_, cached_price, write_5m, write_1h] = self.input_prices();
@@ -587,10 +638,16 @@ impl Price {
 
     /// The worst-case cost of `prompt` input tokens (each at the dearest
     /// input class, see [`Price::max_input`]) and `output` output tokens.
+    /// A prompt above the long-context threshold is priced at the dearer of
+    /// the two tiers (the estimate never under-counts, so one at or below
+    /// it is never billed the long-context prices).
     pub fn worst_nanos(&self, prompt: u64, output: u64, writes_cache: bool) -> u64 {
-        (prompt as f64 * self.max_input(writes_cache) * 1000.0
-            + output as f64 * self.output * 1000.0)
-            .round() as u64
+        let at = |p: &Price| {
+            (prompt as f64 * p.max_input(writes_cache) * 1000.0 + output as f64 * p.output * 1000.0)
+                .round() as u64
+        };
+        let long = self.tier(prompt);
+        at(self).max(if long == *self { 0 } else { at(&long) })
     }
 }
 
@@ -896,19 +953,29 @@ impl SidecarConfig {
                     ));
                 }
                 if let Some(p) = r.price {
-                    for (field, v) in [
-                        ("input", Some(p.input)),
-                        ("cached_input", p.cached_input),
-                        ("cache_write", p.cache_write),
-                        ("cache_write_1h", p.cache_write_1h),
-                        ("output", Some(p.output)),
-                    ] {
-                        if v.is_some_and(|v| !(v.is_finite() && (0.0..=1e6).contains(&v))) {
-                            errors.push(ConfigError::new(
-                                format!("{path}.price.{field}"),
-                                "must be a number of dollars per million tokens from 0 to 1000000",
-                            ));
+                    let long = p.long_context.map(|l| p.tier(l.above.saturating_add(1)));
+                    for (tier, p) in [("", Some(p)), ("long_context.", long)] {
+                        let Some(p) = p else { continue };
+                        for (field, v) in [
+                            ("input", Some(p.input)),
+                            ("cached_input", p.cached_input),
+                            ("cache_write", p.cache_write),
+                            ("cache_write_1h", p.cache_write_1h),
+                            ("output", Some(p.output)),
+                        ] {
+                            if v.is_some_and(|v| !(v.is_finite() && (0.0..=1e6).contains(&v))) {
+                                errors.push(ConfigError::new(
+                                    format!("{path}.price.{tier}{field}"),
+                                    "must be a number of dollars per million tokens from 0 to 1000000",
+                                ));
+                            }
                         }
+                    }
+                    if p.long_context.is_some_and(|l| l.above == 0) {
+                        errors.push(ConfigError::new(
+                            format!("{path}.price.long_context.above"),
+                            "must be a positive number of input tokens",
+                        ));
                     }
                 }
                 if r.max_output_tokens == Some(0) {

@@ -339,6 +339,55 @@ fn prices_cost_and_warnings() {
 }
 
 #[test]
+fn a_long_context_tier_prices_the_whole_request_above_its_threshold() {
+    let text = format!(
+        "{MINIMAL}price = {{ input = 3.0, output = 15.0, long_context = {{ above = 200000, input = 6.0, output = 22.5 }} }}\n"
+    );
+    let config = SidecarConfig::parse(&text, "t").unwrap();
+    let p = config.models["m"].routes[0].price.unwrap();
+    let usage = |prompt_tokens, cached_tokens| TokenUsage {
+        prompt_tokens,
+        cached_tokens,
+        completion_tokens: 1000,
+        ..TokenUsage::default()
+    };
+    // At the threshold: the standard prices.
+    assert_eq!(
+        p.cost_nanos(&usage(200_000, 0)),
+        200_000 * 3000 + 1000 * 15_000
+    );
+    // Above it, every token at the long-context prices, cache reads
+    // (which count as input) included; their default is the tier's input.
+    assert_eq!(
+        p.cost_nanos(&usage(200_001, 100_000)),
+        200_001 * 6000 + 1000 * 22_500
+    );
+    // The worst case of a prompt estimated above it is the long-context one.
+    assert_eq!(
+        p.worst_nanos(200_000, 10, false),
+        200_000 * 3000 + 10 * 15_000
+    );
+    assert_eq!(
+        p.worst_nanos(200_001, 10, false),
+        200_001 * 6000 + 10 * 22_500
+    );
+    let bad = format!(
+        "{MINIMAL}price = {{ input = 3.0, output = 15.0, long_context = {{ above = 0, input = -6.0, output = 22.5 }} }}\n"
+    );
+    let e = errors(&bad);
+    assert!(
+        e.iter()
+            .any(|e| e.starts_with("models.m.routes[0].price.long_context.input: ")),
+        "{e:?}"
+    );
+    assert!(
+        e.iter()
+            .any(|e| e.starts_with("models.m.routes[0].price.long_context.above: ")),
+        "{e:?}"
+    );
+}
+
+#[test]
 fn output_cap_follows_rename_and_clamp() {
     let config = SidecarConfig::parse(SHIPPED, "conf/sidecar.toml").unwrap();
     let cap = |model: &str, route: usize, body: &str| {

@@ -16,6 +16,11 @@ pub enum TokenSource {
     None,
 }
 
+/// What follows a request's id in the `request_id` of the row of one of its
+/// attempts that a provider answered and that was then failed over
+/// (`<id>/attempt-<n>`): billed, but no request of its own in reports.
+pub const ATTEMPT_ROW: &str = "/attempt-";
+
 /// Everything recorded about one request.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct UsageRecord {

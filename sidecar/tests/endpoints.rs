@@ -193,8 +193,12 @@ async fn a_responses_stream_fails_over_before_output_and_ends_with_response_comp
         .usage_by_model_until(|row| row["requests"] == 1)
         .await;
     let row = &usage["data"][0];
-    assert_eq!(row["prompt_tokens"], 3, "from response.completed: {usage}");
+    // 3 from response.completed, and the prompt estimate of the attempt that
+    // answered and broke: the provider may have billed it (one request still).
+    assert!(row["prompt_tokens"].as_u64().unwrap() > 3, "{usage}");
+    assert_eq!(row["requests"], 1, "{usage}");
     assert_eq!(row["errors"], 0, "{usage}");
+    assert_eq!(row["unpriced_requests"], 1, "{usage}");
 
     let plain = post(&sidecar, "/v1/responses", r#"{"model":"m","input":"Hi"}"#).await;
     let v: Value = plain.json().await.unwrap();

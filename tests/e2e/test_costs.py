@@ -29,6 +29,8 @@ CLAUDE = "claude-haiku-4-5"
 CLAUDE_PRICE = {"input": 1.0, "cached_input": 0.1, "output": 5.0}
 GPT_PRICE = {"input": 0.15, "cached_input": 0.075, "output": 0.60}
 HI = [{"role": "user", "content": "hi"}]
+LONG_PRICE = {"above": 100, "input": 2.0, "cached_input": 0.2, "output": 7.5}
+CONTEXT_1M = {"anthropic-beta": "context-1m-2025-08-07"}
 
 
 @pytest.fixture(scope="module")
@@ -65,10 +67,15 @@ def gw():
             {"provider": "mock", "model": "gpt-4o-mini", "price": GPT_PRICE},
         ],
     }
+    claude_long = {
+        "tier": "Fast",
+        "description": "Claude with a long-context tier above 100 input tokens",
+        "routes": [{"provider": "anth", "model": "claude-sonnet-4-5", "price": dict(CLAUDE_PRICE, long_context=LONG_PRICE)}],
+    }
     extend_catalogue(
         g,
         {"anth": anth, "anth_broken": anth_broken, "oai_broken": oai_broken},
-        {CLAUDE: claude_model, "claude-failover": claude_failover, "gpt-failover": gpt_failover},
+        {CLAUDE: claude_model, "claude-failover": claude_failover, "gpt-failover": gpt_failover, "claude-long": claude_long},
     )
     yield g
     g.stop()
@@ -352,6 +359,44 @@ def test_an_attempt_that_answered_and_failed_over_is_billed_what_it_may_have_cos
     left = float(raw.headers["x-afr-budget-remaining-usd"])
     spent = attempt["cost_nanos"] + final["cost_nanos"] + after["cost_nanos"]
     assert abs((1.0 - left) - spent / 1e9) < 2e-6, (left, spent)
+
+
+# --- 5. long-context prices -----------------------------------------------------------
+
+
+def test_a_route_s_long_context_tier_bills_the_whole_request_above_its_threshold(gw):
+    key = new_key(gw)
+    c = claude(gw, key)
+    short = c.messages.with_raw_response.create(model="claude-long", max_tokens=20, messages=HI)
+    long_msgs = [{"role": "user", "content": "the lighthouse keeper counts the waves " * 40}]
+    long = c.messages.with_raw_response.create(model="claude-long", max_tokens=20, messages=long_msgs)
+    for raw, price in ((short, CLAUDE_PRICE), (long, LONG_PRICE)):
+        rid = raw.headers["x-request-id"]
+        b = mock_billed(gw, gw.anth, rid)
+        assert (b["input"] > 100) == (price is LONG_PRICE), b
+        assert_row_is_what_was_billed(usage_row(gw, rid), b, price)
+
+
+def test_a_budgeted_key_is_not_served_long_context_prices_a_route_does_not_have(gw):
+    """Anthropic's context-1m beta bills a prompt above 200 000 tokens at its long-context
+    prices: a budgeted key is refused on a route that declares none (fail closed), served on
+    one that does, and a key without a budget is served either way."""
+    prompt = [{"role": "user", "content": "灯" * 205_000}]  # ≥ 205 000 tokens, 615 KB
+    budgeted = new_key(gw, "--budget-usd", "5", "--budget-per", "day")
+    with pytest.raises(anthropic.BadRequestError) as e:
+        claude(gw, budgeted).messages.create(model=CLAUDE, max_tokens=10, messages=prompt, extra_headers=CONTEXT_1M)
+    assert "long_context" in str(e.value.body) or "long-context" in e.value.message, e.value
+    assert gw.mock_requests(gw.anth) == [], "refused before any provider"
+    # Without the beta the provider refuses a prompt that long itself: nothing to price.
+    # A route with a long-context price serves it, and the worst case is priced at it.
+    ok = claude(gw, budgeted).messages.with_raw_response.create(
+        model="claude-long", max_tokens=10, messages=prompt, extra_headers=CONTEXT_1M
+    )
+    b = mock_billed(gw, gw.anth, ok.headers["x-request-id"])
+    # (The mock counts the input by words: one long word is billed as a short prompt.)
+    assert_row_is_what_was_billed(usage_row(gw, ok.headers["x-request-id"]), b, LONG_PRICE if b["input"] > 100 else CLAUDE_PRICE)
+    unbudgeted = new_key(gw)
+    claude(gw, unbudgeted).messages.create(model=CLAUDE, max_tokens=10, messages=prompt, extra_headers=CONTEXT_1M)
 
 
 # --- 6. count_tokens is free ----------------------------------------------------------

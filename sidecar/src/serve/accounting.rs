@@ -22,7 +22,7 @@ use afr_core::estimate::{prompt_tokens, Wire};
 use afr_core::ledger::{never_fits, Amount, Never, Refusal};
 use afr_core::limits::KeyLimits;
 use afr_core::sse::TokenUsage;
-use afr_core::usage::{TokenSource, UsageRecord};
+use afr_core::usage::{TokenSource, UsageRecord, ATTEMPT_ROW};
 use bytes::Bytes;
 use std::sync::Arc;
 use std::time::Instant;
@@ -221,7 +221,7 @@ impl Accounting {
         self.failed_attempts += 1;
         let mut row = self.record.clone();
         row.request_id = format!(
-            "{}/attempt-{}",
+            "{}{ATTEMPT_ROW}{}",
             self.record.request_id, self.failed_attempts
         );
         fill(&mut row, &billed);

@@ -16,6 +16,7 @@ use crate::serve::relay::{self, Meter, StreamStart, Wire};
 use crate::serve::state::{BreakerTicket, Budgets, Gateway, Runtime};
 use afr_core::attempt::{Attempt, Holding};
 use afr_core::breaker::{Admission, Outcome};
+use afr_core::config::ANTHROPIC_LONG_CONTEXT_ABOVE;
 use afr_core::config::{ModelConfig, RouteConfig};
 use afr_core::endpoint::{wrong_endpoint, Endpoint};
 use afr_core::error::ErrorShape;
@@ -122,6 +123,10 @@ pub struct Asked<'a> {
     pub history: u64,
     /// A `service_tier` the routes' prices do not cover (`flex`, `priority`…).
     pub special_tier: Option<&'a str>,
+    /// The client enabled Anthropic's long-context tier (the `context-1m`
+    /// beta): a prompt above [`ANTHROPIC_LONG_CONTEXT_ABOVE`] tokens is then
+    /// billed at prices an Anthropic route must declare (`long_context`).
+    pub long_context: bool,
     /// Whether the gateway, not the client, asked for the usage chunk.
     pub strip_usage: bool,
 }
@@ -143,6 +148,7 @@ impl<'a> Asked<'a> {
             prompt_wire,
             history: 0,
             special_tier: None,
+            long_context: false,
             strip_usage: stream && !include_usage,
         }
     }
@@ -160,6 +166,7 @@ impl Exchange for ChatExchange {
         let r = &self.request;
         Asked {
             special_tier: r.special_tier.as_deref(),
+            long_context: false,
             ..Asked::openai(
                 &r.model,
                 r.stream,
@@ -353,6 +360,14 @@ pub async fn route(
         }
     }
     let strip_usage = asked.strip_usage;
+    // A budgeted request that may be billed Anthropic's long-context prices
+    // is never served by an Anthropic route that has none (budgets fail
+    // closed). The estimate never under-counts: at or below the threshold
+    // the standard prices apply for certain.
+    let long_prompt = asked.long_context
+        && caller.limits.budget.is_some()
+        && request.billed()
+        && usage.prompt_estimate() > ANTHROPIC_LONG_CONTEXT_ABOVE;
 
     let mut plan = RoutePlan::new(model.routes.len());
     let mut last_provider = String::new();
@@ -377,6 +392,16 @@ pub async fn route(
                     param: Some("model".into()),
                     message: format!("This key has a budget, and no route of the model '{model_name}' that could serve this request has a price: the gateway does not serve budgeted keys at an unknown cost. Use another model, or ask the gateway's operator to price it."),
                     code: Some("model_not_priced"),
+                });
+                return None;
+            }
+            let long_priced = route.price.is_some_and(|p| p.long_context.is_some());
+            if long_prompt && provider.speaks_messages() && !long_priced {
+                tracing::info!(request_id = %caller.request_id, provider = %route.provider, "route has no long-context price; skipped for a key with a budget");
+                refusal.get_or_insert(Invalid {
+                    param: None,
+                    message: format!("This key has a budget, and this request (the context-1m beta, a prompt of over {ANTHROPIC_LONG_CONTEXT_ABOVE} tokens) would be billed Anthropic's long-context prices, which no route of the model '{model_name}' has: the gateway does not serve budgeted keys at an unknown cost. Shorten the prompt, or ask the gateway's operator to price the route's long_context tier."),
+                    code: Some("long_context_not_priced"),
                 });
                 return None;
             }

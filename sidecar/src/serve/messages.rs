@@ -137,6 +137,11 @@ impl Exchange for MessagesExchange {
             // Anthropic's `service_tier` ("auto", "standard_only") does not
             // choose a dearer tier by itself.
             special_tier: None,
+            long_context: self
+                .client
+                .beta
+                .as_ref()
+                .is_some_and(|b| b.as_bytes().windows(10).any(|w| w == b"context-1m")),
             strip_usage: false,
         }
     }

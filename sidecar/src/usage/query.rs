@@ -133,16 +133,18 @@ impl UsageQuery {
             sql.push_str(g);
             sql.push_str(", ");
         }
+        // A failed-over attempt's row (`afr_core::usage::ATTEMPT_ROW`) counts
+        // in tokens and cost, not as a request of its own.
         sql.push_str(
-            "COUNT(*), \
+            "CAST(COALESCE(SUM(CASE WHEN request_id LIKE '%/attempt-%' THEN 0 ELSE 1 END), 0) AS BIGINT), \
              CAST(COALESCE(SUM(prompt_tokens), 0) AS BIGINT), \
              CAST(COALESCE(SUM(completion_tokens), 0) AS BIGINT), \
              CAST(COALESCE(SUM(total_tokens), 0) AS BIGINT), \
-             CAST(COALESCE(SUM(CASE WHEN token_source = 'estimated' THEN 1 ELSE 0 END), 0) AS BIGINT), \
-             CAST(COALESCE(SUM(CASE WHEN status >= 400 THEN 1 ELSE 0 END), 0) AS BIGINT), \
-             CAST(COALESCE(SUM(CASE WHEN truncated THEN 1 ELSE 0 END), 0) AS BIGINT), \
+             CAST(COALESCE(SUM(CASE WHEN token_source = 'estimated' AND request_id NOT LIKE '%/attempt-%' THEN 1 ELSE 0 END), 0) AS BIGINT), \
+             CAST(COALESCE(SUM(CASE WHEN status >= 400 AND request_id NOT LIKE '%/attempt-%' THEN 1 ELSE 0 END), 0) AS BIGINT), \
+             CAST(COALESCE(SUM(CASE WHEN truncated AND request_id NOT LIKE '%/attempt-%' THEN 1 ELSE 0 END), 0) AS BIGINT), \
              CAST(COALESCE(SUM(cost_nanos), 0) AS BIGINT), \
-             CAST(COALESCE(SUM(CASE WHEN cost_nanos IS NULL AND token_source <> 'none' THEN 1 ELSE 0 END), 0) AS BIGINT), \
+             CAST(COALESCE(SUM(CASE WHEN cost_nanos IS NULL AND token_source <> 'none' AND request_id NOT LIKE '%/attempt-%' THEN 1 ELSE 0 END), 0) AS BIGINT), \
              CAST(COALESCE(SUM(cached_tokens), 0) AS BIGINT), \
              CAST(COALESCE(SUM(cache_write_5m_tokens), 0) AS BIGINT), \
              CAST(COALESCE(SUM(cache_write_1h_tokens), 0) AS BIGINT), \
@@ -407,7 +409,12 @@ mod tests {
     #[test]
     fn no_filter_no_group_is_one_total() {
         let (sql, values) = UsageQuery::default().to_sql(Dialect::Sqlite);
-        assert!(sql.starts_with("SELECT COUNT(*)"), "{sql}");
+        assert!(
+            sql.starts_with("SELECT CAST(COALESCE(SUM(CASE WHEN request_id LIKE '%"),
+            "{sql}"
+        );
+        let attempt = format!("'%{}%'", afr_core::usage::ATTEMPT_ROW);
+        assert_eq!(sql.matches(&attempt).count(), 5, "{sql}");
         assert!(!sql.contains("WHERE") && !sql.contains("GROUP BY"), "{sql}");
         assert!(values.is_empty());
     }
