@@ -216,9 +216,29 @@ pub fn openai_duration(ms: u64) -> String {
     }
 }
 
+/// A Unix time in seconds as RFC 3339 in UTC (`2026-12-06T17:05:00Z`), the
+/// form of Anthropic's `anthropic-ratelimit-*-reset` headers.
+pub fn rfc3339_seconds(unix_s: u64) -> String {
+    let (days, rem) = (unix_s / 86_400, unix_s % 86_400);
+    let (y, m, d) = civil_from_days(days as i64);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem / 60 % 60,
+        rem % 60
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rfc3339_seconds_in_utc() {
+        assert_eq!(rfc3339_seconds(0), "1970-01-01T00:00:00Z");
+        assert_eq!(rfc3339_seconds(1_796_576_679), "2026-12-06T17:04:39Z");
+        assert_eq!(rfc3339_seconds(951_782_400), "2000-02-29T00:00:00Z");
+    }
 
     #[test]
     fn a_nodes_share_divides_tokens_and_budget() {

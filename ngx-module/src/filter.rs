@@ -12,6 +12,7 @@ use std::ffi::c_void;
 use std::mem::size_of;
 use std::ptr::{self, addr_of_mut};
 
+use afr_core::error::ErrorShape;
 use afr_core::ratelimit::Verdict;
 use ngx::core::Status;
 use ngx::ffi::{
@@ -117,7 +118,10 @@ unsafe extern "C" fn header_filter(r: *mut ngx_http_request_t) -> ngx_int_t {
         let used = AfrModule::main_conf(&*r).is_some_and(|m| m.used);
         if used && r == (*r).main {
             if let Some(state) = get_state(r).filter(|s| s.status.counted()) {
-                if add_rate_headers(r, &state.rate, state.unix_ms).is_err() {
+                // The request line's URI: an `error_page` redirect changes `uri`.
+                let shape = ErrorShape::for_path((*r).unparsed_uri.as_bytes());
+                let anthropic = shape == ErrorShape::Anthropic;
+                if add_rate_headers(r, &state.rate, state.unix_ms, anthropic).is_err() {
                     return Status::NGX_ERROR.into();
                 }
             }
@@ -130,7 +134,10 @@ unsafe extern "C" fn header_filter(r: *mut ngx_http_request_t) -> ngx_int_t {
 }
 
 /// Sets `X-RateLimit-Limit/Remaining/Reset`, replacing any an upstream sent;
-/// Reset counts from the decision's wall clock `unix_ms`.
+/// Reset counts from the decision's wall clock `unix_ms`. With `anthropic`
+/// (a `/v1/messages…` request) also Anthropic's
+/// `anthropic-ratelimit-requests-{limit,remaining,reset}`, the reset as an
+/// RFC 3339 time (tests/fixtures/README.md records the format).
 ///
 /// # Safety
 /// `r` must be a valid request whose headers were not sent yet.
@@ -138,6 +145,7 @@ pub unsafe fn add_rate_headers(
     r: *mut ngx_http_request_t,
     v: &Verdict,
     unix_ms: u64,
+    anthropic: bool,
 ) -> Result<(), ()> {
     // SAFETY: `r` is valid; the out-headers list belongs to it.
     unsafe {
@@ -147,7 +155,11 @@ pub unsafe fn add_rate_headers(
             // The token headers are the sidecar's own (it alone knows the
             // key's tokens); every other x-ratelimit-* is ours to set.
             let tokens = key.len() > 7 && key[key.len() - 7..].eq_ignore_ascii_case(b"-tokens");
-            if key.len() > 12 && key[..12].eq_ignore_ascii_case(b"x-ratelimit-") && !tokens {
+            let ours = (key.len() > 12 && key[..12].eq_ignore_ascii_case(b"x-ratelimit-"))
+                || (anthropic
+                    && key.len() > 29
+                    && key[..29].eq_ignore_ascii_case(b"anthropic-ratelimit-requests-"));
+            if ours && !tokens {
                 (*h).hash = 0; // hidden from the header writer
             }
         }
@@ -189,6 +201,18 @@ pub unsafe fn add_rate_headers(
             "x-ratelimit-reset-requests",
             afr_core::limits::openai_duration(v.reset_after_ms).as_bytes(),
         )?;
+        if anthropic {
+            let names = [
+                "anthropic-ratelimit-requests-limit",
+                "anthropic-ratelimit-requests-remaining",
+                "anthropic-ratelimit-requests-reset",
+            ];
+            let reset = afr_core::limits::rfc3339_seconds(v.reset_unix(unix_ms));
+            let values = [v.limit.to_string(), v.remaining.to_string(), reset];
+            for (name, value) in names.into_iter().zip(values) {
+                push_header(pool, headers, name, value.as_bytes())?;
+            }
+        }
     }
     Ok(())
 }

@@ -489,9 +489,25 @@ def test_messages_carry_anthropics_token_rate_limit_headers(gw):
     assert int(h["anthropic-ratelimit-tokens-remaining"]) == int(h["x-ratelimit-remaining-tokens"]) < 9000
     reset = datetime.datetime.fromisoformat(h["anthropic-ratelimit-tokens-reset"].replace("Z", "+00:00"))
     assert 0 < reset.timestamp() - time.time() <= 121, h["anthropic-ratelimit-tokens-reset"]
+    # The requests window (nginx's rpm) in Anthropic's names too, reset as RFC 3339.
+    assert h["anthropic-ratelimit-requests-limit"] == h["x-ratelimit-limit"] == "10000", dict(h)
+    assert h["anthropic-ratelimit-requests-remaining"] == h["x-ratelimit-remaining"], dict(h)
+    reset = datetime.datetime.fromisoformat(h["anthropic-ratelimit-requests-reset"].replace("Z", "+00:00"))
+    assert int(reset.timestamp()) == int(h["x-ratelimit-reset"]), dict(h)
+    assert h["anthropic-ratelimit-requests-reset"].endswith("Z"), dict(h)
     # OpenAI's API keeps OpenAI's names only.
     chat = gpt(gw, key).chat.completions.with_raw_response.create(model="gpt-4o-mini", messages=HI, max_tokens=10)
     assert "anthropic-ratelimit-tokens-limit" not in chat.headers
+    assert "anthropic-ratelimit-requests-limit" not in chat.headers
+    # A refusal by nginx itself (rpm) on /v1/messages carries them as well.
+    tight = gw.new_key(f"cost-rpm-{time.time_ns() % 10**9}", "--rpm", "1")
+    with pytest.raises(anthropic.RateLimitError) as e:  # new_key's probe took the one request
+        for _ in range(2):
+            claude(gw, tight).messages.create(model=CLAUDE, max_tokens=10, messages=HI)
+    h = e.value.response.headers
+    assert (h["anthropic-ratelimit-requests-limit"], h["anthropic-ratelimit-requests-remaining"]) == ("1", "0"), dict(h)
+    reset = datetime.datetime.fromisoformat(h["anthropic-ratelimit-requests-reset"].replace("Z", "+00:00"))
+    assert int(reset.timestamp()) == int(h["x-ratelimit-reset"]), dict(h)
 
 
 def test_a_responses_follow_up_reserves_the_conversation_it_continues(gw):
