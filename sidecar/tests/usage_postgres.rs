@@ -322,3 +322,91 @@ async fn two_sidecars_write_one_postgres_and_afr_usage_counts_what_the_mock_saw(
         .collect();
     assert_eq!(by_model, expected);
 }
+
+/// A chat request for `key` under `limits` (X-Afr-Limits): status, error
+/// code and `Retry-After`.
+async fn limited_chat(
+    sidecar: &Sidecar,
+    key: &str,
+    limits: &str,
+) -> (u16, Option<String>, Option<String>) {
+    let mut request = sidecar
+        .client
+        .post(sidecar.url("/v1/chat/completions"))
+        .header("X-Afr-Secret", SECRET)
+        .header("X-Afr-Key-Id", key)
+        .json(&json!({"model": "m", "max_tokens": 20, "messages": [{"role": "user", "content": "hi"}]}));
+    if !limits.is_empty() {
+        request = request.header("X-Afr-Limits", limits);
+    }
+    let resp = request.send().await.expect("sidecar answered");
+    let status = resp.status().as_u16();
+    let retry = resp
+        .headers()
+        .get("retry-after")
+        .and_then(|v| v.to_str().ok().map(str::to_owned));
+    let body: Value = resp.json().await.unwrap_or(Value::Null);
+    (
+        status,
+        body["error"]["code"].as_str().map(str::to_owned),
+        retry,
+    )
+}
+
+#[tokio::test]
+async fn a_ledger_that_cannot_be_seeded_refuses_budgets_until_the_store_answers() {
+    // Its own cluster, down when the sidecar starts.
+    let cluster = pg::Cluster::start();
+    let url = cluster.database();
+    cluster.stop();
+    let mock = Mock::start(&[]);
+    let body = format!(
+        "{}{}price = {{ input = 1.0, output = 1.0 }}\n",
+        openai_provider("mock", &mock.base(), ""),
+        model("m", &[("mock", "up")]),
+    );
+    let usage = format!(
+        "backend = \"postgres\"\npostgres_url_env = \"{URL_ENV}\"\npath = \"{{dir}}/usage.db\"\n"
+    );
+    let sidecar = Sidecar::start_with_usage_env(&body, 1000, &usage, &[(URL_ENV, url.as_str())]);
+    let budget = "budget=1000000000/day";
+    // Budgets fail closed: starting the day at $0 would renew every budget.
+    let (status, code, retry) = limited_chat(&sidecar, "budgeted", budget).await;
+    assert_eq!(
+        (status, code.as_deref(), retry.as_deref()),
+        (503, Some("budget_unavailable"), Some("5")),
+        "{}",
+        sidecar.log()
+    );
+    // Keys without a budget are served meanwhile (their rows wait in the spill file).
+    assert_eq!(limited_chat(&sidecar, "plain", "").await.0, 200);
+    assert!(
+        sidecar
+            .log()
+            .contains("keys with a budget are refused until the ledger can be seeded"),
+        "{}",
+        sidecar.log()
+    );
+    // The database comes back: the seed is retried (every 5 s) and budgets are held again.
+    cluster.run();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let (status, code, _) = limited_chat(&sidecar, "budgeted", budget).await;
+        if status == 200 {
+            break;
+        }
+        assert_eq!(code.as_deref(), Some("budget_unavailable"));
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never seeded: {}",
+            sidecar.log()
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    assert!(
+        sidecar.log().contains("ledger seeded from the usage store"),
+        "{}",
+        sidecar.log()
+    );
+    cluster.stop();
+}
