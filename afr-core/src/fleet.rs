@@ -81,6 +81,26 @@ pub fn chunk(limit: u32, remaining: u32, nodes: u32) -> u32 {
     fair.min(limit / MAX_CHUNK_DIVISOR).max(1)
 }
 
+/// How a fleet node decided one request (`$afr_fleet`, `X-Afr-Fleet`):
+/// from a lease Redis counted, or on the node's local share.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Path {
+    /// From a lease: counted fleet-wide.
+    Global,
+    /// On the local share (Redis unreachable, or a wait that reached its deadline).
+    Local,
+}
+
+impl Path {
+    /// The variable's value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Path::Global => "global",
+            Path::Local => "local",
+        }
+    }
+}
+
 /// The limit a node enforces on its own while Redis is unreachable: its
 /// share `limit ÷ nodes`, at least one request (a limit below the node count
 /// would otherwise lock the key out fleet-wide).

@@ -32,6 +32,7 @@ use crate::fleet::{self, FleetConf};
 use crate::variables::{self, AfrStatus};
 use crate::zone::{Decision, Lease, ZoneCtx};
 use crate::{reload, AfrModule};
+use afr_core::fleet::Path;
 
 /// Adds the handler to the access phase.
 pub fn register(cf: &mut ngx_conf_t) -> Result<(), ()> {
@@ -140,15 +141,18 @@ unsafe extern "C" fn access_handler(r: *mut ngx_http_request_t) -> ngx_int_t {
     };
 
     let now = now();
-    let outcome = decide(r, zone, mcf.fleet.as_ref(), now);
+    let mut path = None;
+    let outcome = decide(r, zone, mcf.fleet.as_ref(), now, &mut path);
     let shape = ErrorShape::for_path(req.uri.as_bytes());
     match outcome {
         Outcome::Suspended => Status::NGX_AGAIN.into(),
         Outcome::Refuse(d, who) => {
             let key = who.as_ref().map(|w| (w.id.as_str(), w.name.as_str()));
             // SAFETY: `r` is a valid main request.
-            if unsafe { variables::record(r, AfrStatus::of_denial(d), None, now.unix_ms, key) }
-                .is_err()
+            if unsafe {
+                variables::record(r, AfrStatus::of_denial(d), None, now.unix_ms, key, path)
+            }
+            .is_err()
             {
                 return Status::NGX_ERROR.into();
             }
@@ -158,7 +162,7 @@ unsafe extern "C" fn access_handler(r: *mut ngx_http_request_t) -> ngx_int_t {
         Outcome::Limited(v, who) => {
             let key = Some((who.id.as_str(), who.name.as_str()));
             // SAFETY: `r` is a valid main request.
-            if unsafe { variables::record(r, AfrStatus::Limited, Some(v), now.unix_ms, key) }
+            if unsafe { variables::record(r, AfrStatus::Limited, Some(v), now.unix_ms, key, path) }
                 .is_err()
             {
                 return Status::NGX_ERROR.into();
@@ -173,7 +177,8 @@ unsafe extern "C" fn access_handler(r: *mut ngx_http_request_t) -> ngx_int_t {
         Outcome::Busy(v, limit, who) => {
             let key = Some((who.id.as_str(), who.name.as_str()));
             // SAFETY: `r` is a valid main request.
-            if unsafe { variables::record(r, AfrStatus::Busy, Some(v), now.unix_ms, key) }.is_err()
+            if unsafe { variables::record(r, AfrStatus::Busy, Some(v), now.unix_ms, key, path) }
+                .is_err()
             {
                 return Status::NGX_ERROR.into();
             }
@@ -201,13 +206,21 @@ unsafe extern "C" fn access_handler(r: *mut ngx_http_request_t) -> ngx_int_t {
             let key = Some((who.id.as_str(), who.name.as_str()));
             // SAFETY: `r` is a valid main request in the access phase.
             let ok = unsafe {
-                variables::record(r, AfrStatus::Admitted, Some(verdict), now.unix_ms, key).is_ok()
+                variables::record(
+                    r,
+                    AfrStatus::Admitted,
+                    Some(verdict),
+                    now.unix_ms,
+                    key,
+                    path,
+                )
+                .is_ok()
                     && rewrite_identity(
                         r,
                         &who.id,
                         models.as_deref(),
                         limits.as_deref(),
-                        mcf.fleet.as_ref().map(|_| fleet::mode_name()),
+                        path.map(Path::as_str),
                         lcf.secret.as_deref(),
                     )
                     .is_ok()
@@ -300,7 +313,14 @@ fn decide(
     zone: &ZoneCtx,
     fleet: Option<&FleetConf>,
     now: Now,
+    path: &mut Option<Path>,
 ) -> Outcome {
+    // A request resumed from a fleet wait is decided as the wait ended (and
+    // one still waiting is left waiting), whatever happens below.
+    let waited = fleet.map(|_| crate::suspend::take(r));
+    if matches!(waited, Some(crate::suspend::Found::Waiting)) {
+        return Outcome::Suspended;
+    }
     let token = match client_token(r) {
         Err(d) => return Outcome::Refuse(d, None),
         Ok(t) => t,
@@ -334,15 +354,27 @@ fn decide(
     // a request refused for concurrency has used one of the key's requests).
     let decided = match fleet {
         None => zone.admit(id.as_bytes(), rpm, max_concurrent, now.mono_ms),
-        Some(f) => match fleet::decide(f, zone, r, id, rpm, now.mono_ms) {
+        Some(f) => match fleet::decide(
+            f,
+            zone,
+            r,
+            (id, rpm),
+            waited.unwrap_or(crate::suspend::Found::Fresh),
+            now.mono_ms,
+        ) {
             Ok(fleet::Decision::Suspended) => return Outcome::Suspended,
-            Ok(fleet::Decision::Now(verdict)) => match max_concurrent {
-                Some(n) if verdict.admitted => zone.hold(id.as_bytes(), n, verdict, now.mono_ms),
-                _ => Ok(Decision::Counted {
-                    verdict,
-                    lease: None,
-                }),
-            },
+            Ok(fleet::Decision::Now(verdict, how)) => {
+                *path = Some(how);
+                match max_concurrent {
+                    Some(n) if verdict.admitted => {
+                        zone.hold(id.as_bytes(), n, verdict, now.mono_ms)
+                    }
+                    _ => Ok(Decision::Counted {
+                        verdict,
+                        lease: None,
+                    }),
+                }
+            }
             Err(e) => Err(e),
         },
     };
@@ -373,7 +405,7 @@ fn decide(
 
 /// Replaces the request's header list with one that has no `Authorization`
 /// and no client `X-Afr-*`, plus our identity headers (and, with `afr_fleet`,
-/// the worker's fleet mode).
+/// how the fleet decided this request).
 ///
 /// # Safety
 /// `r` must be a valid request in the access phase.

@@ -13,6 +13,7 @@ use std::mem::size_of;
 use std::ptr::{self, addr_of_mut};
 
 use afr_core::error::ErrorShape;
+use afr_core::fleet::Path;
 use afr_core::ratelimit::Verdict;
 use ngx::core::Status;
 use ngx::ffi::{
@@ -40,6 +41,8 @@ pub struct RequestState {
     pub key_name: ngx_str_t,
     /// Wall clock (Unix ms) of the decision, which `X-RateLimit-Reset` counts from.
     pub unix_ms: u64,
+    /// `$afr_fleet`: how the fleet decided the request (none without `afr_fleet`).
+    pub fleet: Option<Path>,
 }
 
 static mut NEXT_HEADER_FILTER: ngx_http_output_header_filter_pt = None;

@@ -20,27 +20,28 @@
 //! window with the key's local share (limit ÷ `nodes`), never waits on Redis,
 //! and probes it at most once per [`PROBE_INTERVAL_MS`] (one PING piggybacked
 //! on a request); the first success logs that global limits are back.
-//! `$afr_fleet` says which mode decided (`global` or `local`).
+//! `$afr_fleet` says how each request was decided (`global`: from a lease;
+//! `local`: on the local share).
 
 use std::cell::RefCell;
-use std::collections::HashMap;
+use std::collections::HashSet;
 use std::ffi::{c_char, c_void};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use afr_core::fleet::{local_share, Grant, Take};
+use afr_core::fleet::{local_share, Grant, Path, Take};
 use afr_core::ratelimit::{Verdict, WINDOW_MS};
 use ngx::core::{NGX_CONF_ERROR, NGX_CONF_OK};
 use ngx::ffi::{
-    ngx_command_t, ngx_conf_full_name, ngx_conf_t, ngx_event_t, ngx_http_request_t,
-    ngx_http_run_posted_requests, ngx_log_t, ngx_parse_time, ngx_str_t, ngx_thread_pool_add,
-    ngx_thread_pool_t, ngx_thread_task_post, ngx_thread_task_t, NGX_LOG_EMERG, NGX_LOG_ERR,
-    NGX_LOG_NOTICE, NGX_OK,
+    ngx_command_t, ngx_conf_full_name, ngx_conf_t, ngx_event_t, ngx_http_request_t, ngx_log_t,
+    ngx_parse_time, ngx_str_t, ngx_thread_pool_add, ngx_thread_pool_t, ngx_thread_task_post,
+    ngx_thread_task_t, NGX_LOG_EMERG, NGX_LOG_ERR, NGX_LOG_NOTICE, NGX_OK,
 };
 use ngx::{ngx_conf_log_error, ngx_log_error};
 
 use crate::conf::MainConf;
+use crate::suspend::{self, Found, Resumed};
 use crate::zone::{key_digest, KeyDigest, ZoneCtx, ZoneFull};
 
 /// While Redis is down, a worker tries it again at most this often.
@@ -256,52 +257,54 @@ enum Mode {
 /// This worker's view of the fleet: one event-loop thread, so a thread-local.
 struct Worker {
     mode: Mode,
-    /// Keys with a refill in flight, and the requests waiting for it.
-    pending: HashMap<KeyDigest, Vec<*mut ngx_http_request_t>>,
+    /// Keys with a refill in flight (their waiters are `suspend`'s).
+    in_flight: HashSet<KeyDigest>,
     probing: bool,
 }
 
 thread_local! {
     static WORKER: RefCell<Worker> = RefCell::new(Worker {
         mode: Mode::Global,
-        pending: HashMap::new(),
+        in_flight: HashSet::new(),
         probing: false,
     });
 }
 
-/// `$afr_fleet`: `global` or `local`, for the worker that serves the request.
-pub fn mode_name() -> &'static str {
-    WORKER.with_borrow(|w| match w.mode {
-        Mode::Global => "global",
-        Mode::Local { .. } => "local",
-    })
-}
-
 /// What the fleet path decided for one request.
 pub enum Decision {
-    /// Decided now (admitted or not).
-    Now(Verdict),
+    /// Decided now (admitted or not), from a lease or on the local share.
+    Now(Verdict, Path),
     /// Suspended until the key's refill lands; the access handler is run again then.
     Suspended,
 }
 
-/// Decides one request of key `id` (limit `rpm`) on a fleet node.
+/// Decides one request of key `id` (limit `rpm`) on a fleet node; `found`
+/// is what `suspend::take` said of it (a request resumed from a wait is
+/// decided as the wait ended).
 pub fn decide(
     fleet: &FleetConf,
     zone: &ZoneCtx,
     r: *mut ngx_http_request_t,
-    id: &str,
-    rpm: u32,
+    (id, rpm): (&str, u32),
+    found: Found,
     now_ms: u64,
 ) -> Result<Decision, ZoneFull> {
+    let local = || {
+        zone.hit(id.as_bytes(), local_share(rpm, fleet.nodes), now_ms)
+            .map(|v| Decision::Now(v, Path::Local))
+    };
+    let since_ms = match found {
+        Found::Waiting => return Ok(Decision::Suspended),
+        Found::Resumed(Resumed::Local) => return local(),
+        Found::Resumed(Resumed::Refilled { since_ms }) => since_ms,
+        Found::Fresh => now_ms,
+    };
     let mode = WORKER.with_borrow(|w| w.mode);
     if let Mode::Local { probed_ms } = mode {
         if now_ms.saturating_sub(probed_ms) >= PROBE_INTERVAL_MS {
             probe(fleet, zone, now_ms);
         }
-        return zone
-            .hit(id.as_bytes(), local_share(rpm, fleet.nodes), now_ms)
-            .map(Decision::Now);
+        return local();
     }
     let t = zone.fleet_take(id.as_bytes(), rpm, fleet.nodes, now_ms, fleet.refill_ms)?;
     let digest = key_digest(id.as_bytes());
@@ -310,23 +313,21 @@ pub fn decide(
         None => true,
     };
     match t.take {
-        Take::Admit(v) | Take::Deny(v) => Ok(Decision::Now(v)),
+        Take::Admit(v) | Take::Deny(v) => Ok(Decision::Now(v, Path::Global)),
         Take::Empty if posted => {
-            WORKER.with_borrow_mut(|w| w.pending.entry(digest).or_default().push(r));
-            // SAFETY: `r` is a valid main request; blocked keeps nginx from
-            // freeing it until `wake` resumes it (nginx's own thread-pool
-            // reads do the same).
-            unsafe {
-                let main = (*r).main;
-                (*main).set_blocked((*main).blocked() + 1);
-                (*r).set_aio(1);
+            // No request waits past the timeout from its first suspension.
+            let waited = now_ms.saturating_sub(since_ms);
+            let deadline_ms = fleet.timeout.as_millis() as u64;
+            if waited >= deadline_ms {
+                return local();
             }
+            // SAFETY: `r` is a valid main request in the access phase, not
+            // suspended (`found` was not `Waiting`).
+            unsafe { suspend::park(r, digest, since_ms, deadline_ms - waited) };
             Ok(Decision::Suspended)
         }
         // The pool refused the task: decide like Redis is down.
-        Take::Empty => zone
-            .hit(id.as_bytes(), local_share(rpm, fleet.nodes), now_ms)
-            .map(Decision::Now),
+        Take::Empty => local(),
     }
 }
 
@@ -362,7 +363,7 @@ fn refill(
     want: u32,
     now_ms: u64,
 ) -> bool {
-    if WORKER.with_borrow(|w| w.pending.contains_key(digest)) {
+    if WORKER.with_borrow(|w| w.in_flight.contains(digest)) {
         return true;
     }
     let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
@@ -382,7 +383,7 @@ fn refill(
         fleet.pool,
     );
     if ok {
-        WORKER.with_borrow_mut(|w| w.pending.insert(*digest, Vec::new()));
+        WORKER.with_borrow_mut(|w| w.in_flight.insert(*digest));
     }
     ok
 }
@@ -535,29 +536,17 @@ unsafe extern "C" fn call_done(ev: *mut ngx_event_t) {
     if ok {
         set_mode(true, now_ms, log, &call.url, "");
     }
-    let waiters = WORKER.with_borrow_mut(|w| {
-        if call.prefix.is_empty() {
-            w.probing = false;
-            Vec::new()
-        } else {
-            w.pending.remove(&call.digest).unwrap_or_default()
-        }
-    });
-    for r in waiters {
-        // SAFETY: each waiter was blocked by `decide`, so nginx kept it alive;
-        // unblocking and running its write handler (the phase runner, or the
-        // finalizer if the client went away) is what nginx's thread-pool
-        // completions do.
-        unsafe {
-            let main = (*r).main;
-            (*main).set_blocked((*main).blocked().saturating_sub(1));
-            (*r).set_aio(0);
-            let c = (*r).connection;
-            if let Some(h) = (*r).write_event_handler {
-                h(r);
-            }
-            ngx_http_run_posted_requests(c);
-        }
+    if call.prefix.is_empty() {
+        WORKER.with_borrow_mut(|w| w.probing = false);
+        return;
+    }
+    WORKER.with_borrow_mut(|w| w.in_flight.remove(&call.digest));
+    if ok {
+        suspend::refilled(&call.digest, true);
+    } else {
+        // This worker is local now: no waiter of any key is left waiting
+        // for a refill that would fail the same way.
+        suspend::all_local();
     }
 }
 

@@ -8,7 +8,8 @@
 //! [`zone`] (shared-memory counters), [`reload`] (per-worker key table and its
 //! hot reload), [`filter`] (per-request state and the header filter),
 //! [`variables`] (`$afr_key_id`, `$afr_status`, …), [`fleet`] (limits shared
-//! across nodes through Redis). The
+//! across nodes through Redis), [`suspend`] (requests waiting for a fleet
+//! lease). The
 //! decisions themselves live in `afr-core`.
 
 use std::ptr::addr_of;
@@ -25,6 +26,7 @@ mod conf;
 mod filter;
 mod fleet;
 mod reload;
+mod suspend;
 mod variables;
 mod zone;
 

@@ -14,6 +14,7 @@
 //! was recognised. Values come from the state the access phase recorded
 //! ([`crate::filter::RequestState`]), so they survive internal redirects.
 
+use afr_core::fleet::Path;
 use afr_core::keys::Denial;
 use afr_core::ratelimit::Verdict;
 use ngx::core::Status;
@@ -116,16 +117,6 @@ unsafe extern "C" fn get_variable(
 ) -> ngx_int_t {
     // SAFETY: nginx calls get handlers with a valid request and value slot.
     let v = unsafe { &mut *v };
-    if data == Var::Fleet as usize {
-        // This worker's fleet mode, whatever the request: for logs and metrics.
-        let mode = crate::fleet::mode_name();
-        v.set_len(mode.len() as u32);
-        v.set_valid(1);
-        v.set_no_cacheable(0);
-        v.set_not_found(0);
-        v.data = mode.as_ptr().cast_mut();
-        return Status::NGX_OK.into();
-    }
     // SAFETY: `r` is a valid request.
     let Some(state) = (unsafe { filter::get_state(r) }) else {
         v.set_not_found(1);
@@ -144,6 +135,11 @@ unsafe extern "C" fn get_variable(
         d if d == Var::KeyName as usize => Some(state.key_name).filter(|s| s.len > 0),
         d if d == Var::RateLimit as usize => number(state.rate.limit),
         d if d == Var::RateRemaining as usize => number(state.rate.remaining),
+        // How the fleet decided this request, not the worker's mode now.
+        d if d == Var::Fleet as usize => state.fleet.map(|p| ngx_str_t {
+            len: p.as_str().len(),
+            data: p.as_str().as_ptr().cast_mut(),
+        }),
         _ => Some(ngx_str_t {
             len: state.status.as_str().len(),
             data: state.status.as_str().as_ptr().cast_mut(),
@@ -174,6 +170,7 @@ pub unsafe fn record(
     rate: Option<Verdict>,
     unix_ms: u64,
     key: Option<(&str, &str)>,
+    fleet: Option<Path>,
 ) -> Result<(), ()> {
     // Never read: the header filter and the variables look at `status` first.
     let rate = rate.unwrap_or(Verdict {
@@ -204,6 +201,7 @@ pub unsafe fn record(
                 status,
                 key_id,
                 key_name,
+                fleet,
             },
         )
     }

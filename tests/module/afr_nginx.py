@@ -83,6 +83,8 @@ def free_port():
 
 class EchoHandler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    # Every path the upstream was asked for, in order (tests check what was forwarded).
+    seen: list[str] = []
 
     def log_message(self, *args):
         pass
@@ -94,6 +96,7 @@ class EchoHandler(BaseHTTPRequestHandler):
     def do_GET(self):
         self._body()
         path = self.path
+        EchoHandler.seen.append(path)
         if path.endswith("/sse"):
             return self._sse()
         if path.endswith("/hold"):

@@ -13,9 +13,15 @@ import pytest
 from afr_nginx import FLAVOURS, EchoHandler, Gateway
 
 
+class Upstream(ThreadingHTTPServer):
+    # socketserver listens with a backlog of 5: a burst of connections from nginx
+    # (every suspended request resumed at once) would wait for SYN retransmits.
+    request_queue_size = 1024
+
+
 @pytest.fixture(scope="session")
 def upstream():
-    server = ThreadingHTTPServer(("127.0.0.1", 0), EchoHandler)
+    server = Upstream(("127.0.0.1", 0), EchoHandler)
     server.daemon_threads = True
     t = threading.Thread(target=server.serve_forever, daemon=True)
     t.start()
