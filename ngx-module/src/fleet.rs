@@ -24,7 +24,7 @@
 //! `local`: on the local share).
 
 use std::cell::RefCell;
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::ffi::{c_char, c_void};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -34,9 +34,9 @@ use afr_core::fleet::{local_share, Grant, Path, Take};
 use afr_core::ratelimit::{Verdict, WINDOW_MS};
 use ngx::core::{NGX_CONF_ERROR, NGX_CONF_OK};
 use ngx::ffi::{
-    ngx_command_t, ngx_conf_full_name, ngx_conf_t, ngx_event_t, ngx_http_request_t, ngx_log_t,
-    ngx_parse_time, ngx_str_t, ngx_thread_pool_add, ngx_thread_pool_t, ngx_thread_task_post,
-    ngx_thread_task_t, NGX_LOG_EMERG, NGX_LOG_ERR, NGX_LOG_NOTICE, NGX_OK,
+    ngx_add_timer, ngx_command_t, ngx_conf_full_name, ngx_conf_t, ngx_event_t, ngx_http_request_t,
+    ngx_log_t, ngx_parse_time, ngx_str_t, ngx_thread_pool_add, ngx_thread_pool_t,
+    ngx_thread_task_post, ngx_thread_task_t, NGX_LOG_EMERG, NGX_LOG_ERR, NGX_LOG_NOTICE, NGX_OK,
 };
 use ngx::{ngx_conf_log_error, ngx_log_error};
 
@@ -57,7 +57,9 @@ const DEFAULT_TIMEOUT_MS: u64 = 200;
 /// `afr_core::ratelimit` on Redis's own clock (one clock for every node).
 /// KEYS[1] is the key's prefix `afr:{<hashed id>}`; the window counters are
 /// `<prefix>:<window start ms>`, each expiring after two windows.
-/// ARGV: limit, tokens wanted, window length (ms).
+/// ARGV: limit, tokens wanted, window length (ms), debt (admissions the
+/// node made on its local share that Redis has not counted: counted first,
+/// in the current window, unconditionally — they were already admitted).
 /// Returns {granted, previous window's count, current window's count, ms into it}.
 const LEASE_SCRIPT: &str = r"
 local t = redis.call('TIME')
@@ -67,6 +69,11 @@ local start = now - now % w
 local curk = KEYS[1] .. ':' .. string.format('%d', start)
 local prev = tonumber(redis.call('GET', KEYS[1] .. ':' .. string.format('%d', start - w)) or 0)
 local curr = tonumber(redis.call('GET', curk) or 0)
+local debt = tonumber(ARGV[4])
+if debt > 0 then
+  curr = redis.call('INCRBY', curk, debt)
+  redis.call('PEXPIRE', curk, 2 * w + 1000)
+end
 local e = now - start
 local limit = tonumber(ARGV[1])
 local avail = math.floor((limit * w - prev * (w - e) - curr * w) / w)
@@ -259,14 +266,44 @@ struct Worker {
     mode: Mode,
     /// Keys with a refill in flight (their waiters are `suspend`'s).
     in_flight: HashSet<KeyDigest>,
+    /// Admissions this worker made on keys' local shares that Redis has not
+    /// counted yet: sent with the key's next refill, or all at once when
+    /// Redis answers again, so Redis back mid-window never grants again
+    /// what was already spent.
+    debts: HashMap<KeyDigest, Debt>,
     probing: bool,
+    /// The worker's timer while it is local or owes Redis (see [`tick`]).
+    tick: Option<Box<Tick>>,
+}
+
+/// A timer of one worker: while it is local it probes Redis once a
+/// [`PROBE_INTERVAL_MS`] without waiting for a request, and once Redis
+/// answers it pays the worker's debts — so what a worker admitted locally
+/// reaches Redis even if no request of the key comes to that worker again.
+struct Tick {
+    ev: ngx_event_t,
+    fleet: *const FleetConf,
+    zone: *const ZoneCtx,
+}
+
+/// One key's uncounted local admissions.
+#[derive(Clone, Copy)]
+struct Debt {
+    count: u32,
+    /// The key's limit (Redis's answer is read against it).
+    limit: u32,
+    /// When the last of them was admitted (mono ms): a debt a whole window
+    /// old weighs on no decision any more and is dropped.
+    last_ms: u64,
 }
 
 thread_local! {
     static WORKER: RefCell<Worker> = RefCell::new(Worker {
         mode: Mode::Global,
         in_flight: HashSet::new(),
+        debts: HashMap::new(),
         probing: false,
+        tick: None,
     });
 }
 
@@ -289,9 +326,14 @@ pub fn decide(
     found: Found,
     now_ms: u64,
 ) -> Result<Decision, ZoneFull> {
+    let digest = key_digest(id.as_bytes());
     let local = || {
-        zone.hit(id.as_bytes(), local_share(rpm, fleet.nodes), now_ms)
-            .map(|v| Decision::Now(v, Path::Local))
+        let v = zone.hit(id.as_bytes(), local_share(rpm, fleet.nodes), now_ms)?;
+        if v.admitted {
+            owe(&digest, rpm, now_ms);
+            arm_tick(fleet, zone);
+        }
+        Ok(Decision::Now(v, Path::Local))
     };
     let since_ms = match found {
         Found::Waiting => return Ok(Decision::Suspended),
@@ -306,8 +348,10 @@ pub fn decide(
         }
         return local();
     }
+    if WORKER.with_borrow(|w| !w.debts.is_empty()) {
+        pay_debts(fleet, zone, now_ms);
+    }
     let t = zone.fleet_take(id.as_bytes(), rpm, fleet.nodes, now_ms, fleet.refill_ms)?;
-    let digest = key_digest(id.as_bytes());
     let posted = match t.refill {
         Some(want) => refill(fleet, zone, &digest, rpm, want, now_ms),
         None => true,
@@ -341,8 +385,11 @@ struct Call {
     digest: KeyDigest,
     limit: u32,
     want: u32,
+    /// Local admissions of the key this call adds to Redis's count.
+    debt: u32,
     sent_ms: u64,
     zone: *const ZoneCtx,
+    fleet: *const FleetConf,
     result: Option<Result<[i64; 4], String>>,
 }
 
@@ -366,26 +413,141 @@ fn refill(
     if WORKER.with_borrow(|w| w.in_flight.contains(digest)) {
         return true;
     }
-    let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+    let debt = take_debt(digest, now_ms).map_or(0, |d| d.count);
     let ok = post(
-        Call {
-            info: fleet.info.clone(),
-            url: fleet.url.clone(),
-            timeout: fleet.timeout,
-            prefix: format!("afr:{{{hex}}}"),
-            digest: *digest,
-            limit,
-            want,
-            sent_ms: now_ms,
-            zone,
-            result: None,
-        },
+        key_call(fleet, zone, digest, limit, want, debt, now_ms),
         fleet.pool,
     );
     if ok {
         WORKER.with_borrow_mut(|w| w.in_flight.insert(*digest));
+    } else if debt > 0 {
+        owe_n(digest, limit, debt, now_ms);
     }
     ok
+}
+
+/// The lease script's call for key `digest`.
+fn key_call(
+    fleet: &FleetConf,
+    zone: &ZoneCtx,
+    digest: &KeyDigest,
+    limit: u32,
+    want: u32,
+    debt: u32,
+    now_ms: u64,
+) -> Call {
+    let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+    Call {
+        info: fleet.info.clone(),
+        url: fleet.url.clone(),
+        timeout: fleet.timeout,
+        prefix: format!("afr:{{{hex}}}"),
+        digest: *digest,
+        limit,
+        want,
+        debt,
+        sent_ms: now_ms,
+        zone,
+        fleet,
+        result: None,
+    }
+}
+
+/// Starts this worker's [`Tick`] unless it runs.
+fn arm_tick(fleet: &FleetConf, zone: &ZoneCtx) {
+    WORKER.with_borrow_mut(|w| {
+        let tick = w.tick.get_or_insert_with(|| {
+            // SAFETY: an all-zero event is what nginx's own timers start from
+            // (ngx_pcalloc); handler, data and log are set below.
+            let ev: ngx_event_t = unsafe { std::mem::zeroed() };
+            Box::new(Tick { ev, fleet, zone })
+        });
+        tick.fleet = fleet;
+        tick.zone = zone;
+        if tick.ev.timer_set() != 0 {
+            return;
+        }
+        let data: *mut Tick = &mut **tick;
+        tick.ev.handler = Some(on_tick);
+        tick.ev.data = data.cast();
+        tick.ev.log = ngx::log::ngx_cycle_log().as_ptr();
+        // A worker told to quit does not wait for it.
+        tick.ev.set_cancelable(1);
+        // SAFETY: the event lives in a Box owned by this worker's state
+        // until the process exits; only this thread touches it.
+        unsafe { ngx_add_timer(&mut tick.ev, PROBE_INTERVAL_MS as _) };
+    });
+}
+
+unsafe extern "C" fn on_tick(ev: *mut ngx_event_t) {
+    // SAFETY: `data` is the Tick that owns `ev` (see `arm_tick`); the
+    // configuration and zone it points to live as long as this worker's
+    // cycle, and a reload starts new workers with new ticks.
+    let (fleet, zone) = unsafe {
+        let tick = &*(*ev).data.cast::<Tick>();
+        (&*tick.fleet, &*tick.zone)
+    };
+    let now_ms = crate::access::mono_ms();
+    let (local, owes) = WORKER.with_borrow(|w| (w.mode != Mode::Global, !w.debts.is_empty()));
+    if local {
+        probe(fleet, zone, now_ms);
+    } else if owes {
+        pay_debts(fleet, zone, now_ms);
+    }
+    if local || owes {
+        arm_tick(fleet, zone);
+    }
+}
+
+/// Counts one admission of key `digest` (limit `limit`) made on its local
+/// share, for Redis to count when it answers again.
+fn owe(digest: &KeyDigest, limit: u32, now_ms: u64) {
+    owe_n(digest, limit, 1, now_ms);
+}
+
+fn owe_n(digest: &KeyDigest, limit: u32, n: u32, now_ms: u64) {
+    WORKER.with_borrow_mut(|w| {
+        let d = w.debts.entry(*digest).or_insert(Debt {
+            count: 0,
+            limit,
+            last_ms: now_ms,
+        });
+        d.count = d.count.saturating_add(n);
+        d.limit = limit;
+        d.last_ms = d.last_ms.max(now_ms);
+    });
+}
+
+/// Takes key `digest`'s debt to send it, unless it is a window old.
+fn take_debt(digest: &KeyDigest, now_ms: u64) -> Option<Debt> {
+    WORKER
+        .with_borrow_mut(|w| w.debts.remove(digest))
+        .filter(|d| now_ms.saturating_sub(d.last_ms) < WINDOW_MS)
+}
+
+/// Redis answers again: sends every debt of this worker (one call per key,
+/// asking no tokens), so what was admitted locally is counted before
+/// anything more is granted.
+fn pay_debts(fleet: &FleetConf, zone: &ZoneCtx, now_ms: u64) {
+    let digests: Vec<KeyDigest> = WORKER.with_borrow(|w| {
+        w.debts
+            .keys()
+            .filter(|d| !w.in_flight.contains(*d))
+            .copied()
+            .collect()
+    });
+    for digest in digests {
+        let Some(debt) = take_debt(&digest, now_ms) else {
+            continue;
+        };
+        let call = key_call(fleet, zone, &digest, debt.limit, 0, debt.count, now_ms);
+        if post(call, fleet.pool) {
+            WORKER.with_borrow_mut(|w| w.in_flight.insert(digest));
+        } else {
+            owe_n(&digest, debt.limit, debt.count, now_ms);
+            return;
+        }
+    }
 }
 
 fn probe(fleet: &FleetConf, zone: &ZoneCtx, now_ms: u64) {
@@ -407,8 +569,10 @@ fn probe(fleet: &FleetConf, zone: &ZoneCtx, now_ms: u64) {
             digest: [0; 16],
             limit: 0,
             want: 0,
+            debt: 0,
             sent_ms: now_ms,
             zone,
+            fleet,
             result: None,
         },
         fleet.pool,
@@ -487,6 +651,7 @@ fn exec(
             .arg(call.limit)
             .arg(call.want)
             .arg(WINDOW_MS)
+            .arg(call.debt)
             .invoke::<Vec<i64>>(conn)
             .and_then(|v| {
                 <[i64; 4]>::try_from(v).map_err(|_| {
@@ -535,12 +700,20 @@ unsafe extern "C" fn call_done(ev: *mut ngx_event_t) {
     };
     if ok {
         set_mode(true, now_ms, log, &call.url, "");
+        if WORKER.with_borrow(|w| !w.debts.is_empty()) {
+            // SAFETY: as the zone: the configuration outlives the worker's tasks.
+            pay_debts(unsafe { &*call.fleet }, zone, now_ms);
+        }
     }
     if call.prefix.is_empty() {
         WORKER.with_borrow_mut(|w| w.probing = false);
         return;
     }
     WORKER.with_borrow_mut(|w| w.in_flight.remove(&call.digest));
+    if !ok && call.debt > 0 {
+        // Not counted: owed again, sent when Redis answers.
+        owe_n(&call.digest, call.limit, call.debt, call.sent_ms);
+    }
     if ok {
         suspend::refilled(&call.digest, true);
     } else {

@@ -232,3 +232,35 @@ def test_reload_under_load_keeps_the_fleet_count(gateway, redis):
     statuses = [r.status for r in first + rest]
     assert set(statuses) <= {200, 429}
     assert statuses.count(200) == 50
+
+
+@pytest.mark.parametrize("outage", ["stopped", "frozen"])
+def test_admissions_on_the_local_share_are_counted_when_redis_is_back(gateway, redis, outage):
+    """Issue 22, item 2: what the nodes admitted on their local shares while Redis was away
+    is added to Redis's count when it answers again, so Redis back mid-window (even empty,
+    after a restart) does not grant the limit again on top."""
+    key = Key("fleet-debt", rpm=30)
+    warm = Key("fleet-debt-warm", rpm=6000)
+    nodes = fleet(gateway, redis, [key, warm])
+    young_minute(margin=35)
+    redis.stop() if outage == "stopped" else redis.proc.send_signal(signal.SIGSTOP)
+    try:
+        # Every worker notices (a request each on a fresh connection spreads over them).
+        assert wait_for(lambda: all(
+            n.request("/", headers=warm.auth).status == 200 and n.log().count("unreachable") >= 2 for n in nodes
+        ), 10), [n.log() for n in nodes]
+        down = [n.request("/", headers=key.auth) for n in nodes for _ in range(20)]
+        admitted_down = sum(r.status == 200 for r in down)
+        assert admitted_down == 30, [r.status for r in down]  # 15 per node
+        assert all(r.header("X-Afr-Fleet") == "local" for r in down)
+    finally:
+        redis.start() if outage == "stopped" else redis.proc.send_signal(signal.SIGCONT)
+    # Back: each worker returns to leases on its next probe (within a second of a request).
+    assert wait_for(lambda: all(
+        n.request("/", headers=warm.auth).status == 200
+        and n.log().count("reachable again") == n.log().count("unreachable") for n in nodes
+    ), 10), [n.log() for n in nodes]
+    after = [n.request("/", headers=key.auth) for _ in range(15) for n in nodes]
+    admitted_after = sum(r.status == 200 for r in after)
+    assert 60 - time.time() % 60 > 5, "the window rolled during the test; the counts prove nothing"
+    assert admitted_after == 0, f"{admitted_after} more admitted in the window after 30 of 30"
