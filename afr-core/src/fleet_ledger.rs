@@ -27,6 +27,8 @@ pub struct RedisKeys {
     pub tokens: String,
     /// The key's spend counter for one budget period.
     pub budget: String,
+    /// Prefix of the key's reservation holds; a hold appends its id.
+    pub holds: String,
 }
 
 impl RedisKeys {
@@ -41,7 +43,13 @@ impl RedisKeys {
         RedisKeys {
             tokens: format!("afr:{{{hex}}}:t"),
             budget,
+            holds: format!("afr:{{{hex}}}:h:"),
         }
+    }
+
+    /// The hold of reservation `id` (what it counted, until it is settled).
+    pub fn hold(&self, id: &str) -> String {
+        format!("{}{id}", self.holds)
     }
 
     /// The token counter of the window starting `window_start`.

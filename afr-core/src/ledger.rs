@@ -388,6 +388,18 @@ fn admit(
     Ok((tokens, cost))
 }
 
+/// Why a reservation was not made.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reserve {
+    /// The key's limits cannot hold it now.
+    Refused(Refusal),
+    /// Its worst case exceeds the key's whole limit: it can never fit.
+    Never(Never),
+    /// What the key spent cannot be known now (the fleet's budget counter is
+    /// missing and the usage store does not answer): budgets fail closed.
+    Unavailable,
+}
+
 /// Reservations of every key on this host.
 #[derive(Debug, Default)]
 pub struct Ledger {

@@ -19,7 +19,7 @@ use crate::serve::state::Gateway;
 use afr_core::billing::{settle, Billed};
 use afr_core::config::{Price, RouteConfig};
 use afr_core::estimate::{prompt_tokens, Wire};
-use afr_core::ledger::{never_fits, Amount, Never, Refusal};
+use afr_core::ledger::{never_fits, Amount, Reserve};
 use afr_core::limits::KeyLimits;
 use afr_core::sse::TokenUsage;
 use afr_core::usage::{TokenSource, UsageRecord, ATTEMPT_ROW};
@@ -103,10 +103,10 @@ impl Accounting {
         let hold = match &gateway.fleet {
             Some(fleet) => {
                 let store = gateway.reader.as_ref();
+                let id = &self.record.request_id;
                 fleet
-                    .reserve(&gateway.ledger, store, key, limits, worst, now)
-                    .await
-                    .map_err(Reserve::Refused)?
+                    .reserve(&gateway.ledger, store, id, key, limits, worst, now)
+                    .await?
             }
             None => Held::Local(
                 gateway
@@ -357,13 +357,4 @@ fn blank_record() -> UsageRecord {
         cache_write_1h_tokens: 0,
         reasoning_tokens: 0,
     }
-}
-
-/// Why a reservation was not made.
-#[derive(Debug, Clone, Copy)]
-pub enum Reserve {
-    /// The key's limits cannot hold it now.
-    Refused(Refusal),
-    /// Its worst case exceeds the key's whole limit: it can never fit.
-    Never(Never),
 }

@@ -3,9 +3,8 @@
 //! Anthropic's shape instead on the Messages API ([`ErrorShape`]).
 
 use crate::providers::ProviderError;
-use crate::serve::accounting::Reserve;
 use afr_core::error::{ErrorBody, ErrorShape};
-use afr_core::ledger::{Never, Refusal};
+use afr_core::ledger::{Never, Refusal, Reserve};
 use afr_core::limits::{openai_duration, Budget};
 use afr_core::retry_after;
 use afr_core::validate::Invalid;
@@ -432,6 +431,9 @@ impl From<Reserve> for GatewayError {
         match why {
             Reserve::Refused(refusal) => refusal.into(),
             Reserve::Never(never) => GatewayError::NeverFits(never),
+            Reserve::Unavailable => GatewayError::BudgetUnavailable {
+                retry_after_secs: Some(crate::serve::SEED_RETRY.as_secs()),
+            },
         }
     }
 }

@@ -30,7 +30,7 @@ use std::time::{Duration, Instant};
 
 use afr_core::config::FleetConfig;
 use afr_core::fleet_ledger::{Change, Health, RedisKeys};
-use afr_core::ledger::{Amount, Hold, Ledger, Now, Refusal, Shared};
+use afr_core::ledger::{Amount, Hold, Ledger, Now, Refusal, Reserve, Shared};
 use afr_core::limits::KeyLimits;
 use afr_core::ratelimit::WINDOW_MS;
 use anyhow::Context;
@@ -38,16 +38,23 @@ use redis::aio::MultiplexedConnection;
 
 use crate::usage::{UsageQuery, UsageReader};
 
-/// Reserve. KEYS: the key's token-window prefix, its budget counter.
-/// ARGV: now (ms), window (ms), tpm (-1: none), tokens asked, budget in
-/// nano-dollars (-1: none), cost asked, budget counter TTL (ms), budget seed
-/// (-1: none known; a missing counter is then answered 3 without counting).
+/// Reserve. KEYS: the key's token-window prefix, its budget counter, the
+/// reservation's hold. ARGV: (unused), window (ms), tpm (-1: none), tokens
+/// asked, budget in nano-dollars (-1: none), cost asked, budget counter TTL
+/// (ms), budget seed (-1: none known; a missing counter is then answered 3
+/// without counting), hold TTL (ms).
 /// Returns {verdict (0 counted, 1 tokens refused, 2 budget refused, 3 seed
-/// wanted), window start, previous window's tokens, current window's, spent}.
-/// The rule is `afr_core::ledger`'s `admit` on the fleet's counts; Lua's
-/// numbers are doubles, exact below 2^53 (tokens × 60 000 and nano-dollars).
+/// wanted, 4 the reservation was already released: its node gave up on this
+/// call), window start, previous window's tokens, current window's, spent}.
+/// The rule is `afr_core::ledger`'s `admit` on the fleet's counts, windows on
+/// Redis's own clock (one clock for every node); Lua's numbers are doubles,
+/// exact below 2^53 (tokens × 60 000 and nano-dollars). What was counted is
+/// written in the hold (tokens:cost:window start:flags, 1 tokens, 2 cost)
+/// for the settlement to correct exactly once.
 const RESERVE: &str = r"
-local now = tonumber(ARGV[1])
+if redis.call('EXISTS', KEYS[3]) == 1 then return {4, 0, 0, 0, 0} end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local w = tonumber(ARGV[2])
 local tpm = tonumber(ARGV[3])
 local budget = tonumber(ARGV[5])
@@ -70,33 +77,66 @@ end
 if tpm >= 0 and prev * (w - (now - start)) + (curr + tonumber(ARGV[4])) * w > tpm * w then
   return {1, start, prev, curr, spent}
 end
+local flags, tok, cost = 0, 0, 0
 if budget >= 0 then
   if spent >= budget or spent + tonumber(ARGV[6]) > budget then
     return {2, start, prev, curr, spent}
   end
   spent = redis.call('INCRBY', KEYS[2], ARGV[6])
   redis.call('PEXPIRE', KEYS[2], ARGV[7])
+  flags, cost = flags + 2, ARGV[6]
 end
 if tpm >= 0 then
   curr = redis.call('INCRBY', curk, ARGV[4])
   redis.call('PEXPIRE', curk, 2 * w + 1000)
+  flags, tok = flags + 1, ARGV[4]
 end
+redis.call('SET', KEYS[3], tok .. ':' .. cost .. ':' .. string.format('%d', start) .. ':' .. flags, 'PX', ARGV[9])
 return {0, start, prev, curr, spent}
 ";
 
-/// Settle. KEYS: the token window counter, the budget counter. ARGV: the
-/// change of each (used − reserved). A counter that expired is left alone
-/// (its window or period no longer decides anything); none goes below zero.
+/// Settle (or release: used 0). KEYS: the token-window prefix, the budget
+/// counter, the hold. ARGV: tokens used, nano-dollars used, tombstone TTL
+/// (ms). Corrects what the hold says was counted by what was used, once: the
+/// hold is replaced by a tombstone, so a repeated settlement does nothing and
+/// a reserve that reaches Redis after its release counts nothing. A counter
+/// that expired is left alone (its window or period no longer decides
+/// anything); none goes below zero. Returns 1 when it corrected a hold.
 const SETTLE: &str = r"
-for i = 1, 2 do
-  if ARGV[i] ~= '0' and redis.call('EXISTS', KEYS[i]) == 1 then
-    if redis.call('INCRBY', KEYS[i], ARGV[i]) < 0 then
-      redis.call('SET', KEYS[i], 0, 'KEEPTTL')
+local h = redis.call('GET', KEYS[3])
+redis.call('SET', KEYS[3], 'done', 'PX', ARGV[3])
+if not h then return 0 end
+local tok, cost, start, flags = string.match(h, '^(%d+):(%d+):(%d+):(%d+)$')
+if not tok then return 0 end
+flags = tonumber(flags)
+local function adjust(k, d)
+  if d ~= 0 and redis.call('EXISTS', k) == 1 then
+    if redis.call('INCRBY', k, d) < 0 then
+      redis.call('SET', k, 0, 'KEEPTTL')
     end
   end
 end
-return 0
+if flags % 2 == 1 then
+  adjust(KEYS[1] .. ':' .. start, tonumber(ARGV[1]) - tonumber(tok))
+end
+if flags >= 2 then
+  adjust(KEYS[2], tonumber(ARGV[2]) - tonumber(cost))
+end
+return 1
 ";
+
+/// How long an unsettled hold is kept in Redis: longer than any request
+/// may take. A settlement is retried (it is idempotent) until then.
+const HOLD_TTL: Duration = Duration::from_secs(2 * 3600);
+
+/// How long a settled hold's tombstone is kept: long enough that a retried
+/// settlement, or a reserve delayed in a dead connection, finds it.
+const TOMBSTONE_TTL: Duration = Duration::from_secs(600);
+
+/// How long the usage store may take to say what a key spent this period,
+/// for a budget counter Redis does not hold (not the Redis timeout: a slow
+/// database is not a Redis outage).
+const SEED_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// A budget counter outlives its period by this much (late settlements).
 const BUDGET_GRACE_MS: u64 = 3_600_000;
@@ -135,20 +175,20 @@ impl Held {
     }
 }
 
-/// What a reservation counted in Redis, to settle it there.
+/// A reservation counted in Redis, to settle it there.
 pub struct FleetHold {
     fleet: Arc<Fleet>,
-    window_key: String,
-    tokens: u64,
-    budget_key: String,
-    cost_nanos: u64,
+    names: RedisKeys,
+    /// The hold's Redis key: what the reserve counted, until it is settled.
+    hold: String,
     period_start: Option<u64>,
 }
 
-/// One reserve script's answer.
+/// One reserve script's answer: {verdict, window start, previous window's
+/// tokens, current window's, spent}.
 struct Answer {
     verdict: i64,
-    shared: Shared,
+    counts: [i64; 5],
 }
 
 impl Fleet {
@@ -188,126 +228,232 @@ impl Fleet {
         self.local.load(Ordering::Relaxed)
     }
 
-    /// Reserves `ask` for `key` under `limits` fleet-wide, or on this node's
-    /// share in `ledger` when Redis cannot answer within the timeout. `store`
-    /// sets a budget counter Redis does not hold.
+    /// Reserves `ask` for `key` under `limits` fleet-wide as hold `id` (the
+    /// request's id), or on this node's share in `ledger` when Redis cannot
+    /// answer within the timeout. `store` sets a budget counter Redis does
+    /// not hold; when it cannot be read the budget cannot be held (budgets
+    /// fail closed) — a slow or absent database is not a Redis outage.
+    #[allow(clippy::too_many_arguments)]
     pub async fn reserve(
         self: &Arc<Self>,
         ledger: &Mutex<Ledger>,
         store: Option<&UsageReader>,
+        id: &str,
         key: &str,
         limits: &KeyLimits,
         ask: Amount,
         now: Now,
-    ) -> Result<Held, Refusal> {
+    ) -> Result<Held, Reserve> {
         if self.health().should_try(Instant::now()) {
-            match tokio::time::timeout(
-                self.timeout,
-                self.reserve_in_redis(store, key, limits, ask, now),
-            )
-            .await
-            {
-                Ok(Ok((answer, hold))) => {
-                    self.answered();
-                    let mut ledger = lock(ledger);
-                    ledger.adopt(key, answer.shared);
-                    if answer.verdict == 0 {
-                        return Ok(Held::Fleet(hold));
+            let period = limits.budget.map(|b| b.per.bounds(now.unix_ms));
+            let names = RedisKeys::new(
+                key,
+                limits.budget.map(|b| b.per),
+                period.map_or(0, |(s, _)| s),
+            );
+            let hold = names.hold(id);
+            let mut seed: i64 = -1;
+            let answer = loop {
+                let call = self.run_reserve(&names, &hold, limits, ask, now, period, seed);
+                match tokio::time::timeout(self.timeout, call).await {
+                    Ok(Ok(a)) if a.verdict == 3 && seed < 0 => {
+                        let spent = tokio::time::timeout(
+                            SEED_TIMEOUT,
+                            spent_in_store(store, key, period.map_or(0, |(s, _)| s)),
+                        )
+                        .await;
+                        match spent {
+                            Ok(Ok(n)) => seed = n as i64,
+                            Ok(Err(e)) => {
+                                tracing::warn!(key_id = %key, error = %e, "fleet: the usage store cannot say what this key spent this period; its budget cannot be held now");
+                                return Err(Reserve::Unavailable);
+                            }
+                            Err(_) => {
+                                tracing::warn!(key_id = %key, "fleet: the usage store did not say within {SEED_TIMEOUT:?} what this key spent this period; its budget cannot be held now");
+                                return Err(Reserve::Unavailable);
+                            }
+                        }
                     }
-                    // The mirror now holds what Redis decided on: it says which
-                    // limit, and when retrying can succeed.
-                    // (Another node's settlement may have freed room since:
-                    // then Redis's verdict stands, with a retry in a second.)
-                    let refusal = ledger.check(key, limits, ask, now);
-                    return Err(refusal.unwrap_or_else(|| match limits.budget {
-                        Some(budget) if answer.verdict == 2 => Refusal::Budget {
-                            budget,
-                            retry_after_ms: 1_000,
-                        },
-                        _ => Refusal::Tokens {
-                            limit: limits.tpm.unwrap_or(0),
-                            requested: ask.tokens,
-                            retry_after_ms: 1_000,
-                        },
-                    }));
+                    Ok(Ok(a)) => break Some(a),
+                    Ok(Err(e)) => {
+                        self.failed(&e.to_string());
+                        break None;
+                    }
+                    Err(_) => {
+                        // The script may have run and counted the reservation:
+                        // release it (and refuse it, should it still arrive).
+                        self.apply_later(names.clone(), hold.clone(), Amount::default());
+                        self.failed(&format!("no answer within {:?}", self.timeout));
+                        break None;
+                    }
                 }
-                Ok(Err(e)) => self.failed(&e.to_string()),
-                Err(_) => self.failed(&format!("no answer within {:?}", self.timeout)),
+            };
+            if let Some(answer) = answer {
+                return self.adopt(ledger, key, limits, ask, now, period, answer, names, hold);
             }
         }
         self.local.fetch_add(1, Ordering::Relaxed);
         lock(ledger)
             .reserve(key, &limits.share(self.nodes), ask, now)
             .map(Held::Local)
+            .map_err(Reserve::Refused)
     }
 
-    async fn reserve_in_redis(
+    /// What a reserve script's `answer` means for the request.
+    #[allow(clippy::too_many_arguments)]
+    fn adopt(
         self: &Arc<Self>,
-        store: Option<&UsageReader>,
+        ledger: &Mutex<Ledger>,
         key: &str,
         limits: &KeyLimits,
         ask: Amount,
         now: Now,
-    ) -> anyhow::Result<(Answer, FleetHold)> {
-        // Windows on the fleet's clock; the budget period the request started in.
-        let now_ms = now.mono_ms;
-        let period = limits.budget.map(|b| (b, b.per.bounds(now.unix_ms)));
-        let names = RedisKeys::new(
-            key,
-            limits.budget.map(|b| b.per),
-            period.map_or(0, |(_, (s, _))| s),
-        );
-        let mut seed: i64 = -1;
-        loop {
-            let mut call = self.reserve.key(&names.tokens);
-            call.key(&names.budget)
-                .arg(now_ms)
-                .arg(WINDOW_MS)
-                .arg(limits.tpm.map_or(-1, |t| t as i64))
-                .arg(ask.tokens)
-                .arg(limits.budget.map_or(-1, |b| b.nanos as i64))
-                .arg(ask.cost_nanos)
-                .arg(period.map_or(0, |(_, (_, end))| {
-                    end.saturating_sub(now_ms) + BUDGET_GRACE_MS
-                }))
-                .arg(seed);
-            let mut conn = self.connection().await?;
-            let out: Vec<i64> = call.invoke_async(&mut conn).await.inspect_err(|_| {
-                // A broken connection is replaced on the next call.
-                if let Ok(mut slot) = self.conn.try_lock() {
-                    *slot = None;
-                }
-            })?;
-            let [verdict, start, prev, curr, spent] = <[i64; 5]>::try_from(out)
-                .map_err(|v| anyhow::anyhow!("the reserve script answered {v:?}"))?;
-            if verdict == 3 {
-                anyhow::ensure!(seed < 0, "the reserve script asked twice for a seed");
-                seed = spent_in_store(store, key, period.map_or(0, |(_, (s, _))| s)).await? as i64;
-                continue;
-            }
-            let nonneg = |n: i64| n.max(0) as u64;
-            let answer = Answer {
-                verdict,
-                shared: Shared {
-                    window_start: nonneg(start),
-                    prev_tokens: nonneg(prev),
-                    curr_tokens: nonneg(curr),
-                    spend: period.map(|(_, (s, _))| (s, nonneg(spent))),
-                },
-            };
-            let hold = FleetHold {
+        period: Option<(u64, u64)>,
+        answer: Answer,
+        names: RedisKeys,
+        hold: String,
+    ) -> Result<Held, Reserve> {
+        self.answered();
+        let nonneg = |n: i64| n.max(0) as u64;
+        let [verdict, start, prev, curr, spent] = answer.counts;
+        if verdict == 4 {
+            // Released before it arrived (this node gave up on an earlier
+            // call with this id): nothing was counted.
+            return Err(Reserve::Unavailable);
+        }
+        let shared = Shared {
+            window_start: nonneg(start),
+            prev_tokens: nonneg(prev),
+            curr_tokens: nonneg(curr),
+            spend: period.map(|(s, _)| (s, nonneg(spent))),
+        };
+        let mut ledger = lock(ledger);
+        ledger.adopt(key, shared);
+        if verdict == 0 {
+            return Ok(Held::Fleet(FleetHold {
                 fleet: Arc::clone(self),
-                window_key: names.window(nonneg(start)),
-                tokens: if limits.tpm.is_some() { ask.tokens } else { 0 },
-                budget_key: names.budget,
-                cost_nanos: if limits.budget.is_some() {
-                    ask.cost_nanos
-                } else {
-                    0
+                names,
+                hold,
+                period_start: period.map(|(s, _)| s),
+            }));
+        }
+        // The mirror now holds what Redis decided on: it says which limit,
+        // and when retrying can succeed. (Another node's settlement may have
+        // freed room since: then Redis's verdict stands, with a retry in a
+        // second.) The mirror's windows are Redis's; its clock here is the
+        // node's, which is close enough for a Retry-After.
+        let refusal = ledger.check(key, limits, ask, now);
+        Err(Reserve::Refused(refusal.unwrap_or_else(
+            || match limits.budget {
+                Some(budget) if verdict == 2 => Refusal::Budget {
+                    budget,
+                    retry_after_ms: 1_000,
                 },
-                period_start: period.map(|(_, (s, _))| s),
-            };
-            return Ok((answer, hold));
+                _ => Refusal::Tokens {
+                    limit: limits.tpm.unwrap_or(0),
+                    requested: ask.tokens,
+                    retry_after_ms: 1_000,
+                },
+            },
+        )))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn run_reserve(
+        &self,
+        names: &RedisKeys,
+        hold: &str,
+        limits: &KeyLimits,
+        ask: Amount,
+        now: Now,
+        period: Option<(u64, u64)>,
+        seed: i64,
+    ) -> anyhow::Result<Answer> {
+        let mut call = self.reserve.key(&names.tokens);
+        call.key(&names.budget)
+            .key(hold)
+            .arg(0)
+            .arg(WINDOW_MS)
+            .arg(limits.tpm.map_or(-1, |t| t as i64))
+            .arg(ask.tokens)
+            .arg(limits.budget.map_or(-1, |b| b.nanos as i64))
+            .arg(ask.cost_nanos)
+            .arg(period.map_or(0, |(_, end)| {
+                end.saturating_sub(now.unix_ms) + BUDGET_GRACE_MS
+            }))
+            .arg(seed)
+            .arg(HOLD_TTL.as_millis() as u64);
+        let mut conn = self.connection().await?;
+        let out: Vec<i64> = call.invoke_async(&mut conn).await.inspect_err(|_| {
+            // A broken connection is replaced on the next call.
+            if let Ok(mut slot) = self.conn.try_lock() {
+                *slot = None;
+            }
+        })?;
+        let counts = <[i64; 5]>::try_from(out)
+            .map_err(|v| anyhow::anyhow!("the reserve script answered {v:?}"))?;
+        Ok(Answer {
+            verdict: counts[0],
+            counts,
+        })
+    }
+
+    /// Corrects hold `hold` in Redis to `used` (a settlement; a release when
+    /// nothing was used) in the background, retried until it lands or the
+    /// hold expires: the script is idempotent, so a retry after a lost answer
+    /// cannot count twice.
+    fn apply_later(self: &Arc<Self>, names: RedisKeys, hold: String, used: Amount) {
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let fleet = Arc::clone(self);
+        rt.spawn(async move {
+            let deadline = Instant::now() + HOLD_TTL;
+            let mut wait = Duration::from_millis(100);
+            let mut warned = false;
+            loop {
+                let call = async {
+                    let mut conn = fleet.connection().await?;
+                    fleet
+                        .settle
+                        .key(&names.tokens)
+                        .key(&names.budget)
+                        .key(&hold)
+                        .arg(used.tokens)
+                        .arg(used.cost_nanos)
+                        .arg(TOMBSTONE_TTL.as_millis() as u64)
+                        .invoke_async::<i64>(&mut conn)
+                        .await?;
+                    anyhow::Ok(())
+                };
+                match tokio::time::timeout(fleet.timeout, call).await {
+                    Ok(Ok(())) => return,
+                    Ok(Err(e)) => {
+                        fleet.drop_connection();
+                        if !std::mem::replace(&mut warned, true) {
+                            tracing::warn!(error = %e, "fleet: a settlement did not reach Redis; retrying until it does");
+                        }
+                    }
+                    Err(_) => {
+                        fleet.drop_connection();
+                        if !std::mem::replace(&mut warned, true) {
+                            tracing::warn!("fleet: a settlement timed out; retrying until it lands");
+                        }
+                    }
+                }
+                if Instant::now() + wait > deadline {
+                    tracing::error!("fleet: a settlement could not reach Redis before its hold expired; its reservation stays counted until its window or period ends");
+                    return;
+                }
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(Duration::from_secs(5));
+            }
+        });
+    }
+
+    fn drop_connection(&self) {
+        if let Ok(mut slot) = self.conn.try_lock() {
+            *slot = None;
         }
     }
 
@@ -342,45 +488,13 @@ impl Fleet {
 }
 
 impl FleetHold {
-    /// Settles this hold to what the request `used`, in the background: the
-    /// response does not wait for Redis. Lost when Redis is unreachable
-    /// (the reservation then stays counted until its window or period ends:
-    /// the fleet under-admits, never over-admits).
+    /// Settles this hold to what the request `used`, in the background (the
+    /// response does not wait for Redis), retried until it lands.
     pub fn settle(self, used: Amount) {
-        let hold = self;
-        let tokens = used.tokens as i64 - hold.tokens as i64;
-        let cost = if hold.cost_nanos == 0 && used.cost_nanos > 0 {
-            // No budget on this key: its cost is not counted in Redis.
-            0
-        } else {
-            used.cost_nanos as i64 - hold.cost_nanos as i64
-        };
-        if tokens == 0 && cost == 0 {
-            return;
-        }
-        let Ok(rt) = tokio::runtime::Handle::try_current() else {
-            return;
-        };
-        let fleet = Arc::clone(&hold.fleet);
-        rt.spawn(async move {
-            let call = async {
-                let mut conn = fleet.connection().await?;
-                fleet
-                    .settle
-                    .key(&hold.window_key)
-                    .key(&hold.budget_key)
-                    .arg(tokens)
-                    .arg(cost)
-                    .invoke_async::<i64>(&mut conn)
-                    .await?;
-                anyhow::Ok(())
-            };
-            match tokio::time::timeout(fleet.timeout, call).await {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => tracing::warn!(error = %e, "fleet: a settlement did not reach Redis; its reservation stays counted until its window ends"),
-                Err(_) => tracing::warn!("fleet: a settlement timed out; its reservation stays counted until its window ends"),
-            }
-        });
+        let FleetHold {
+            fleet, names, hold, ..
+        } = self;
+        fleet.apply_later(names, hold, used);
     }
 }
 

@@ -1,0 +1,317 @@
+//! The sidecar's `[fleet]` (issue 22, item 4) against a real `redis-server`
+//! on loopback (and, for the seed, a real PostgreSQL), started and stopped by
+//! the tests: settlements land exactly once even when Redis is briefly away,
+//! a reserve whose answer came too late is released, token windows follow
+//! Redis's clock, and a usage store that cannot seed a budget counter is a
+//! refused budget, not a Redis outage.
+
+mod common;
+mod pg;
+
+use common::*;
+use serde_json::{json, Value};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const URL_ENV: &str = "AFR_TEST_FLEET_REDIS_URL";
+
+/// A private redis-server on a loopback port, killed on drop.
+struct Redis {
+    child: Child,
+    port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl Redis {
+    fn start() -> Redis {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        let child = Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .arg("--dir")
+            .arg(dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server (scripts/setup installs it)");
+        let redis = Redis {
+            child,
+            port,
+            _dir: dir,
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while redis.cli(&["PING"]) != "PONG" {
+            assert!(Instant::now() < deadline, "redis-server did not start");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        redis
+    }
+
+    fn cli(&self, args: &[&str]) -> String {
+        let out = Command::new("redis-cli")
+            .args(["-p", &self.port.to_string()])
+            .args(args)
+            .output()
+            .expect("redis-cli");
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    }
+
+    fn signal(&self, sig: &str) {
+        let ok = Command::new("kill")
+            .args([sig, &self.child.id().to_string()])
+            .status()
+            .expect("kill");
+        assert!(ok.success());
+    }
+
+    /// Tokens counted in every token-window counter.
+    fn tokens_counted(&self) -> u64 {
+        self.cli(&["--scan", "--pattern", "afr:*:t:*"])
+            .lines()
+            .filter(|k| !k.is_empty())
+            .map(|k| self.cli(&["GET", k]).parse::<u64>().unwrap_or(0))
+            .sum()
+    }
+
+    /// Redis's clock, Unix ms.
+    fn now_ms(&self) -> u64 {
+        let t: Vec<u64> = self
+            .cli(&["TIME"])
+            .lines()
+            .map(|l| l.trim().parse().unwrap())
+            .collect();
+        t[0] * 1000 + t[1] / 1000
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-CONT", &self.child.id().to_string()])
+            .status();
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A TCP forwarder to Redis whose answers can be held back (`slow`), as a
+/// Redis too slow to answer within the timeout after it ran a command.
+struct Forwarder {
+    port: u16,
+    slow: Arc<AtomicBool>,
+}
+
+impl Forwarder {
+    async fn start(to: u16, delay: Duration) -> Forwarder {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let slow = Arc::new(AtomicBool::new(false));
+        let flag = Arc::clone(&slow);
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let Ok(server) = tokio::net::TcpStream::connect(("127.0.0.1", to)).await else {
+                    continue;
+                };
+                let (mut cr, mut cw) = client.into_split();
+                let (mut sr, mut sw) = server.into_split();
+                tokio::spawn(async move {
+                    let _ = tokio::io::copy(&mut cr, &mut sw).await;
+                });
+                let flag = Arc::clone(&flag);
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 65536];
+                    while let Ok(n) = sr.read(&mut buf).await {
+                        if n == 0 {
+                            break;
+                        }
+                        if flag.load(Ordering::SeqCst) {
+                            tokio::time::sleep(delay).await;
+                        }
+                        if cw.write_all(&buf[..n]).await.is_err() {
+                            break;
+                        }
+                    }
+                });
+            }
+        });
+        Forwarder { port, slow }
+    }
+}
+
+/// A sidecar with `[fleet]` on Redis at `redis_port` (timeout 100 ms) and
+/// one priced model `m` on `mock`.
+fn fleet_sidecar(mock: &Mock, redis_port: u16, usage: &str, env: &[(&str, &str)]) -> Sidecar {
+    let body = format!(
+        "[fleet]\nredis_url_env = \"{URL_ENV}\"\nnodes = 2\ntimeout = \"100ms\"\n{}{}price = {{ input = 1000.0, output = 1000.0 }}\n",
+        openai_provider("mock", &mock.base(), ""),
+        model("m", &[("mock", "up")]),
+    );
+    let url = format!("redis://127.0.0.1:{redis_port}");
+    let mut all: Vec<(&str, &str)> = vec![(URL_ENV, url.as_str())];
+    all.extend_from_slice(env);
+    Sidecar::start_with_usage_env(&body, 1000, usage, &all)
+}
+
+const SQLITE: &str = "path = \"{dir}/usage.db\"";
+
+/// One chat request of `key` under `limits`: status, body.
+async fn chat(sidecar: &Sidecar, key: &str, limits: &str) -> (u16, Value) {
+    let resp = sidecar
+        .client
+        .post(sidecar.url("/v1/chat/completions"))
+        .header("X-Afr-Secret", SECRET)
+        .header("X-Afr-Key-Id", key)
+        .header("X-Afr-Limits", limits)
+        .json(&json!({"model": "m", "max_tokens": 500, "messages": [{"role": "user", "content": "hello there"}]}))
+        .send()
+        .await
+        .expect("sidecar answered");
+    let status = resp.status().as_u16();
+    (status, resp.json().await.unwrap_or(Value::Null))
+}
+
+async fn until(what: &str, mut ok: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !ok() {
+        assert!(Instant::now() < deadline, "never: {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_settlement_lands_once_even_when_redis_is_briefly_away() {
+    let redis = Redis::start();
+    let mock = Mock::start(&[]);
+    // The answer takes 600 ms: Redis is frozen after the reservation and
+    // before the settlement, and thawed a moment after.
+    mock.set(json!({"latency_ms": 600})).await;
+    let sidecar = fleet_sidecar(&mock, redis.port, SQLITE, &[]);
+    let request = chat(&sidecar, "k", "tpm=100000");
+    let freeze = async {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        let reserved = redis.tokens_counted();
+        redis.signal("-STOP");
+        tokio::time::sleep(Duration::from_millis(900)).await;
+        redis.signal("-CONT");
+        reserved
+    };
+    let ((status, body), reserved) = tokio::join!(request, freeze);
+    assert_eq!(status, 200, "{body}");
+    let used = body["usage"]["total_tokens"].as_u64().unwrap();
+    assert!(reserved >= 500, "the worst case was reserved: {reserved}");
+    until("the settlement landed after Redis came back", || {
+        redis.tokens_counted() == used
+    })
+    .await;
+    assert!(
+        sidecar.log().contains("retrying"),
+        "the first settlement failed: {}",
+        sidecar.log()
+    );
+}
+
+#[tokio::test]
+async fn a_reserve_answered_too_late_is_released() {
+    let redis = Redis::start();
+    let forwarder = Forwarder::start(redis.port, Duration::from_millis(400)).await;
+    let mock = Mock::start(&[]);
+    let sidecar = fleet_sidecar(&mock, forwarder.port, SQLITE, &[]);
+    // A first request opens the connection (and the key's window).
+    assert_eq!(chat(&sidecar, "k", "tpm=100000").await.0, 200);
+    let before = redis.tokens_counted();
+    // Redis runs the next reserve at once, but its answer comes after the
+    // timeout: the node decides locally, and that reservation must not stay
+    // counted in Redis.
+    forwarder.slow.store(true, Ordering::SeqCst);
+    let (status, body) = chat(&sidecar, "k", "tpm=100000").await;
+    assert_eq!(status, 200, "{body}");
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    forwarder.slow.store(false, Ordering::SeqCst);
+    until("the late reservation was released", || {
+        redis.tokens_counted() == before
+    })
+    .await;
+    // Every hold is settled or released (tombstones only).
+    for hold in redis
+        .cli(&["--scan", "--pattern", "afr:*:h:*"])
+        .lines()
+        .filter(|k| !k.is_empty())
+    {
+        assert_eq!(redis.cli(&["GET", hold]), "done", "{hold}");
+    }
+}
+
+#[tokio::test]
+async fn token_windows_follow_redis_s_clock_not_the_node_s() {
+    let lib = Path::new("/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1");
+    assert!(lib.exists(), "libfaketime missing: run scripts/setup");
+    let redis = Redis::start();
+    let mock = Mock::start(&[]);
+    let dir = tempfile::tempdir().unwrap();
+    let offset: PathBuf = dir.path().join("faketime");
+    // This node's wall clock is ten minutes ahead.
+    std::fs::write(&offset, "+600\n").unwrap();
+    let lib = lib.display().to_string();
+    let offset = offset.display().to_string();
+    let env = [
+        ("LD_PRELOAD", lib.as_str()),
+        ("FAKETIME_TIMESTAMP_FILE", offset.as_str()),
+        ("FAKETIME_NO_CACHE", "1"),
+        ("FAKETIME_DONT_FAKE_MONOTONIC", "1"),
+    ];
+    let sidecar = fleet_sidecar(&mock, redis.port, SQLITE, &env);
+    assert_eq!(chat(&sidecar, "k", "tpm=100000").await.0, 200);
+    let now = redis.now_ms();
+    let windows: Vec<u64> = redis
+        .cli(&["--scan", "--pattern", "afr:*:t:*"])
+        .lines()
+        .filter_map(|k| k.rsplit(':').next()?.parse().ok())
+        .collect();
+    assert_eq!(windows.len(), 1, "{windows:?}");
+    assert!(
+        windows[0] <= now && now - windows[0] < 60_000,
+        "the window starts at {} by Redis's clock ({now}), not the node's",
+        windows[0]
+    );
+}
+
+#[tokio::test]
+async fn a_budget_the_store_cannot_seed_is_refused_not_a_redis_outage() {
+    let redis = Redis::start();
+    let cluster = pg::Cluster::start();
+    let url = cluster.database();
+    let mock = Mock::start(&[]);
+    let usage = format!(
+        "backend = \"postgres\"\npostgres_url_env = \"{}\"\npath = \"{{dir}}/usage.db\"\n",
+        "AFR_TEST_USAGE_URL"
+    );
+    let sidecar = fleet_sidecar(&mock, redis.port, &usage, &[("AFR_TEST_USAGE_URL", &url)]);
+    // Seeded at start (the database is up), then the database goes away.
+    assert_eq!(chat(&sidecar, "plain", "tpm=100000").await.0, 200);
+    cluster.stop();
+    // A budget Redis holds no counter for: the store must say what was spent.
+    let (status, body) = chat(&sidecar, "budgeted", "budget=1000000000/day").await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (503, Some("budget_unavailable")),
+        "{body}"
+    );
+    // Redis is fine: no outage declared, keys without a budget stay fleet-wide.
+    assert!(
+        !sidecar.log().contains("Redis unreachable"),
+        "{}",
+        sidecar.log()
+    );
+    let before = redis.tokens_counted();
+    assert_eq!(chat(&sidecar, "plain", "tpm=100000").await.0, 200);
+    assert!(redis.tokens_counted() > before, "still counted in Redis");
+}
