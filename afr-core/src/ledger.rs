@@ -77,6 +77,11 @@ impl Hold {
         self.tokens.map_or(0, |(_, n)| n)
     }
 
+    /// The key this hold is of.
+    pub fn key(&self) -> &str {
+        &self.key
+    }
+
     /// Start (Unix ms) of the budget period this hold is charged to, when
     /// the key has a budget: a usage row must not be timed before it.
     pub fn period_start(&self) -> Option<u64> {

@@ -227,6 +227,10 @@ async fn a_reserve_answered_too_late_is_released() {
     let sidecar = fleet_sidecar(&mock, forwarder.port, SQLITE, &[]);
     // A first request opens the connection (and the key's window).
     assert_eq!(chat(&sidecar, "k", "tpm=100000").await.0, 200);
+    until("the first request was settled", || {
+        all_holds_settled(&redis)
+    })
+    .await;
     let before = redis.tokens_counted();
     // Redis runs the next reserve at once, but its answer comes after the
     // timeout: the node decides locally, and that reservation must not stay
@@ -241,13 +245,14 @@ async fn a_reserve_answered_too_late_is_released() {
     })
     .await;
     // Every hold is settled or released (tombstones only).
-    for hold in redis
-        .cli(&["--scan", "--pattern", "afr:*:h:*"])
-        .lines()
-        .filter(|k| !k.is_empty())
-    {
-        assert_eq!(redis.cli(&["GET", hold]), "done", "{hold}");
-    }
+    assert!(all_holds_settled(&redis));
+}
+
+/// Whether every reservation hold in Redis is settled (a tombstone).
+fn all_holds_settled(redis: &Redis) -> bool {
+    let holds = redis.cli(&["--scan", "--pattern", "afr:*:h:*"]);
+    let holds: Vec<&str> = holds.lines().filter(|k| !k.is_empty()).collect();
+    !holds.is_empty() && holds.iter().all(|h| redis.cli(&["GET", h]) == "done")
 }
 
 #[tokio::test]
@@ -314,4 +319,100 @@ async fn a_budget_the_store_cannot_seed_is_refused_not_a_redis_outage() {
     let before = redis.tokens_counted();
     assert_eq!(chat(&sidecar, "plain", "tpm=100000").await.0, 200);
     assert!(redis.tokens_counted() > before, "still counted in Redis");
+}
+
+/// A small chat request (worst case about two cents at the test price):
+/// status and `x-afr-budget-remaining-usd`.
+async fn small_chat(sidecar: &Sidecar, key: &str, limits: &str) -> (u16, f64) {
+    let resp = sidecar
+        .client
+        .post(sidecar.url("/v1/chat/completions"))
+        .header("X-Afr-Secret", SECRET)
+        .header("X-Afr-Key-Id", key)
+        .header("X-Afr-Limits", limits)
+        .json(&json!({"model": "m", "max_tokens": 10, "messages": [{"role": "user", "content": "hello there"}]}))
+        .send()
+        .await
+        .expect("sidecar answered");
+    let status = resp.status().as_u16();
+    let left = resp
+        .headers()
+        .get("x-afr-budget-remaining-usd")
+        .and_then(|v| v.to_str().ok()?.parse().ok())
+        .unwrap_or(f64::NAN);
+    (status, left)
+}
+
+/// `key`'s rows and their total cost in the sidecar's usage store.
+fn booked(sidecar: &Sidecar, key: &str) -> (u64, u64) {
+    let db = rusqlite::Connection::open(sidecar.dir.path().join("usage.db")).expect("usage.db");
+    db.query_row(
+        "SELECT COUNT(*), COALESCE(SUM(cost_nanos), 0) FROM usage WHERE key_id = ?1",
+        [key],
+        |r| Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64)),
+    )
+    .expect("query")
+}
+
+#[tokio::test]
+async fn during_an_outage_a_budget_holds_its_share_of_what_was_left_and_redis_learns_of_it() {
+    let redis = Redis::start();
+    let mock = Mock::start(&[]);
+    let sidecar = fleet_sidecar(&mock, redis.port, SQLITE, &[]);
+    let budget = "budget=1000000000/day"; // $1 a day, two nodes
+                                          // Fleet-wide, more than half of it is spent: more than this node's even share.
+    let mut sent = 0u64;
+    loop {
+        let (status, left) = small_chat(&sidecar, "k", budget).await;
+        assert_eq!(status, 200);
+        sent += 1;
+        if left < 0.45 {
+            break;
+        }
+        assert!(sent < 200, "never spent");
+    }
+    redis.signal("-STOP");
+    // Alone, the node holds the key to half of what was left (~$0.22): it
+    // is neither locked out nor free to spend the rest.
+    let mut local = 0u64;
+    loop {
+        let (status, _) = small_chat(&sidecar, "k", budget).await;
+        sent += 1;
+        if status != 200 {
+            assert_eq!(status, 429);
+            break;
+        }
+        local += 1;
+        assert!(local < 200, "never refused on the local share");
+    }
+    assert!(
+        local >= 5,
+        "a key with budget left was locked out: {local} admitted"
+    );
+    redis.signal("-CONT");
+    // Redis answers the next reservation and learns what was used meanwhile.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (status, _) = small_chat(&sidecar, "k", budget).await;
+        sent += 1;
+        if status == 200 || Instant::now() > deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let counter = || -> u64 {
+        redis
+            .cli(&["--scan", "--pattern", "afr:*:b:day:*"])
+            .lines()
+            .filter(|k| !k.is_empty())
+            .map(|k| redis.cli(&["GET", k]).parse::<u64>().unwrap_or(0))
+            .sum()
+    };
+    until("Redis's budget counter equals the books", || {
+        let (rows, cost) = booked(&sidecar, "k");
+        rows == sent && counter() == cost
+    })
+    .await;
+    // Spent fleet-wide: no more than the budget.
+    assert!(counter() <= 1_000_000_000, "{}", counter());
 }

@@ -286,6 +286,10 @@ impl Accounting {
             }
             match hold {
                 Held::Fleet(hold) => hold.settle(used),
+                Held::Outage(fleet, hold, names) => {
+                    let now = self.gateway.ledger_now(record.ts_ms as u64);
+                    fleet.settle_outage(hold, names, used, now);
+                }
                 Held::Local(hold) => {
                     let now = self.gateway.ledger_now(record.ts_ms as u64);
                     self.gateway.ledger().settle(hold, used, now);

@@ -125,6 +125,27 @@ end
 return 1
 ";
 
+/// Pay. KEYS: the key's token-window prefix, its budget counter. ARGV:
+/// tokens, nano-dollars used on the node's local share while Redis was
+/// away, window (ms). Tokens are added to the current window by Redis's
+/// clock; the spend to the budget counter only if Redis still holds it (one
+/// it lost is set again from the usage store, which has that spend).
+const PAY: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local w = tonumber(ARGV[3])
+local start = now - now % w
+if tonumber(ARGV[1]) > 0 then
+  local curk = KEYS[1] .. ':' .. string.format('%d', start)
+  redis.call('INCRBY', curk, ARGV[1])
+  redis.call('PEXPIRE', curk, 2 * w + 1000)
+end
+if tonumber(ARGV[2]) > 0 and redis.call('EXISTS', KEYS[2]) == 1 then
+  redis.call('INCRBY', KEYS[2], ARGV[2])
+end
+return 0
+";
+
 /// How long an unsettled hold is kept in Redis: longer than any request
 /// may take. A settlement is retried (it is idempotent) until then.
 const HOLD_TTL: Duration = Duration::from_secs(2 * 3600);
@@ -152,14 +173,40 @@ pub struct Fleet {
     health: Mutex<Health>,
     /// Reservations decided on the local share since start.
     local: AtomicU64,
+    /// What this node decides alone while Redis is away: each key on its
+    /// share of what was left fleet-wide at the last sync, counted from zero.
+    outage: Mutex<Outage>,
     reserve: redis::Script,
     settle: redis::Script,
+    pay: redis::Script,
+}
+
+/// The node's own decisions while Redis is away, and what Redis has not
+/// been told of them yet.
+#[derive(Default)]
+struct Outage {
+    /// Reservations made on local shares.
+    ledger: Ledger,
+    /// What each key used on them (settled), to add to the fleet's counts
+    /// when Redis answers again.
+    debts: std::collections::HashMap<String, Debt>,
+}
+
+/// One key's usage decided locally that Redis has not counted.
+#[derive(Clone)]
+struct Debt {
+    key: String,
+    names: RedisKeys,
+    used: Amount,
 }
 
 /// A reservation, and where it was made.
 pub enum Held {
-    /// In this node's ledger (no `[fleet]`, or Redis unreachable).
+    /// In this node's ledger (no `[fleet]`).
     Local(Hold),
+    /// On this node's share while Redis is away: settled there, and owed
+    /// to Redis.
+    Outage(Arc<Fleet>, Hold, RedisKeys),
     /// In the fleet's Redis.
     Fleet(FleetHold),
 }
@@ -169,7 +216,7 @@ impl Held {
     /// when the key has a budget.
     pub fn period_start(&self) -> Option<u64> {
         match self {
-            Held::Local(hold) => hold.period_start(),
+            Held::Local(hold) | Held::Outage(_, hold, _) => hold.period_start(),
             Held::Fleet(hold) => hold.period_start,
         }
     }
@@ -213,8 +260,10 @@ impl Fleet {
             timeout: config.timeout,
             health: Mutex::new(Health::default()),
             local: AtomicU64::new(0),
+            outage: Mutex::new(Outage::default()),
             reserve: redis::Script::new(RESERVE),
             settle: redis::Script::new(SETTLE),
+            pay: redis::Script::new(PAY),
         })
     }
 
@@ -244,13 +293,13 @@ impl Fleet {
         ask: Amount,
         now: Now,
     ) -> Result<Held, Reserve> {
+        let period = limits.budget.map(|b| b.per.bounds(now.unix_ms));
+        let names = RedisKeys::new(
+            key,
+            limits.budget.map(|b| b.per),
+            period.map_or(0, |(s, _)| s),
+        );
         if self.health().should_try(Instant::now()) {
-            let period = limits.budget.map(|b| b.per.bounds(now.unix_ms));
-            let names = RedisKeys::new(
-                key,
-                limits.budget.map(|b| b.per),
-                period.map_or(0, |(s, _)| s),
-            );
             let hold = names.hold(id);
             let mut seed: i64 = -1;
             let answer = loop {
@@ -293,10 +342,103 @@ impl Fleet {
             }
         }
         self.local.fetch_add(1, Ordering::Relaxed);
-        lock(ledger)
-            .reserve(key, &limits.share(self.nodes), ask, now)
-            .map(Held::Local)
+        // The key's share of what was left fleet-wide at the last sync (the
+        // mirror's counts), this node's use during the outage counted apart.
+        let share = self.outage_share(&lock(ledger), key, limits, now);
+        let mut outage = self.outage();
+        outage
+            .ledger
+            .reserve(key, &share, ask, now)
+            .map(|hold| Held::Outage(Arc::clone(self), hold, names))
             .map_err(Reserve::Refused)
+    }
+
+    /// `limits` for `key` while Redis is away: `tpm` ÷ nodes; the budget
+    /// what was left at the last sync ÷ nodes.
+    fn outage_share(&self, mirror: &Ledger, key: &str, limits: &KeyLimits, now: Now) -> KeyLimits {
+        let n = u64::from(self.nodes.max(1));
+        let mut share = limits.share(self.nodes);
+        if let Some(budget) = limits.budget {
+            let left = mirror.budget_remaining(key, budget, now);
+            share.budget = Some(afr_core::limits::Budget {
+                nanos: left / n,
+                per: budget.per,
+            });
+        }
+        share
+    }
+
+    /// Settles a reservation made while Redis was away, and owes Redis what
+    /// it used.
+    pub fn settle_outage(&self, hold: Hold, names: RedisKeys, used: Amount, now: Now) {
+        let key = hold.key().to_owned();
+        let mut outage = self.outage();
+        outage.ledger.settle(hold, used, now);
+        if used == Amount::default() {
+            return;
+        }
+        let debt = outage.debts.entry(key.clone()).or_insert(Debt {
+            key,
+            names,
+            used: Amount::default(),
+        });
+        debt.used.tokens += used.tokens;
+        debt.used.cost_nanos += used.cost_nanos;
+    }
+
+    fn outage(&self) -> MutexGuard<'_, Outage> {
+        self.outage.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Redis answers again: adds what keys used on local shares to the
+    /// fleet's counts (tokens to the current window; spend to the period's
+    /// counter when Redis still holds it — one it lost is set again from the
+    /// usage store, whose rows have that spend), and starts the next outage
+    /// from nothing. Not idempotent: a retry after a lost answer counts
+    /// twice, which only under-admits.
+    fn pay_debts(self: &Arc<Self>) {
+        let debts: Vec<Debt> = {
+            let mut outage = self.outage();
+            outage.ledger = Ledger::new();
+            outage.debts.drain().map(|(_, d)| d).collect()
+        };
+        if debts.is_empty() {
+            return;
+        }
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let fleet = Arc::clone(self);
+        rt.spawn(async move {
+            for (i, debt) in debts.iter().enumerate() {
+                let call = async {
+                    let mut conn = fleet.connection().await?;
+                    fleet
+                        .pay
+                        .key(&debt.names.tokens)
+                        .key(&debt.names.budget)
+                        .arg(debt.used.tokens)
+                        .arg(debt.used.cost_nanos)
+                        .arg(WINDOW_MS)
+                        .invoke_async::<i64>(&mut conn)
+                        .await?;
+                    anyhow::Ok(())
+                };
+                if !matches!(tokio::time::timeout(fleet.timeout, call).await, Ok(Ok(()))) {
+                    // Owed again, paid when Redis next answers.
+                    fleet.drop_connection();
+                    let mut outage = fleet.outage();
+                    for d in &debts[i..] {
+                        outage.debts.insert(d.key.clone(), d.clone());
+                    }
+                    return;
+                }
+            }
+            tracing::info!(
+                keys = debts.len(),
+                "fleet: what was used on local shares during the outage is counted in Redis"
+            );
+        });
     }
 
     /// What a reserve script's `answer` means for the request.
@@ -471,9 +613,12 @@ impl Fleet {
         self.health.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn answered(&self) {
+    fn answered(self: &Arc<Self>) {
         if self.health().answered() == Some(Change::Back) {
             tracing::info!(redis = %self.target, "fleet: Redis is reachable again; tpm and budgets are fleet-wide again");
+        }
+        if !self.outage().debts.is_empty() {
+            self.pay_debts();
         }
     }
 
