@@ -630,43 +630,84 @@ fn exec(
     {
         *slot = None;
     }
+    let reused = slot.is_some();
+    match attempt(call, slot) {
+        // A pooled connection Redis (or a firewall) closed meanwhile is no
+        // outage: reconnect and try once more. A timeout is not retried: it
+        // already took the whole bound.
+        Err(e) if reused && (e.is_connection_dropped() || e.is_io_error()) && !e.is_timeout() => {
+            attempt(call, slot).map_err(|e| named(&e))
+        }
+        r => r.map_err(|e| named(&e)),
+    }
+}
+
+/// One call on the thread's connection (made if there is none). A failed
+/// connection is dropped so the next call reconnects.
+fn attempt(
+    call: &Call,
+    slot: &mut Option<(Arc<redis::ConnectionInfo>, redis::Connection)>,
+) -> redis::RedisResult<[i64; 4]> {
     if slot.is_none() {
-        let client = redis::Client::open((*call.info).clone()).map_err(|e| e.to_string())?;
-        let conn = client
-            .get_connection_with_timeout(call.timeout)
-            .map_err(|e| e.to_string())?;
-        conn.set_read_timeout(Some(call.timeout))
-            .and_then(|()| conn.set_write_timeout(Some(call.timeout)))
-            .map_err(|e| e.to_string())?;
+        let client = redis::Client::open((*call.info).clone())?;
+        let conn = client.get_connection_with_timeout(call.timeout)?;
+        conn.set_read_timeout(Some(call.timeout))?;
+        conn.set_write_timeout(Some(call.timeout))?;
         *slot = Some((call.info.clone(), conn));
     }
     let Some((_, conn)) = slot.as_mut() else {
-        return Err("no connection".to_owned());
+        return Err(redis::RedisError::from((
+            redis::ErrorKind::Io,
+            "no connection",
+        )));
     };
-    let out = if call.prefix.is_empty() {
-        redis::cmd("PING").query::<String>(conn).map(|_| [0; 4])
+    // A probe runs the lease script itself, on a key of its own, asking for
+    // one token: a Redis that answers PING but cannot run the script (out of
+    // memory, a read-only replica, scripts disabled) is not back.
+    let (prefix, limit, want) = if call.prefix.is_empty() {
+        (PROBE_KEY, u32::MAX, 1)
     } else {
-        redis::Script::new(LEASE_SCRIPT)
-            .key(&call.prefix)
-            .arg(call.limit)
-            .arg(call.want)
-            .arg(WINDOW_MS)
-            .arg(call.debt)
-            .invoke::<Vec<i64>>(conn)
-            .and_then(|v| {
-                <[i64; 4]>::try_from(v).map_err(|_| {
-                    redis::RedisError::from((
-                        redis::ErrorKind::UnexpectedReturnType,
-                        "lease script answered an unexpected shape",
-                    ))
-                })
-            })
+        (call.prefix.as_str(), call.limit, call.want)
     };
-    // A failed connection is dropped so the next call reconnects.
-    out.map_err(|e| {
+    let out = redis::Script::new(LEASE_SCRIPT)
+        .key(prefix)
+        .arg(limit)
+        .arg(want)
+        .arg(WINDOW_MS)
+        .arg(call.debt)
+        .invoke::<Vec<i64>>(conn)
+        .and_then(|v| {
+            <[i64; 4]>::try_from(v).map_err(|_| {
+                redis::RedisError::from((
+                    redis::ErrorKind::UnexpectedReturnType,
+                    "lease script answered an unexpected shape",
+                ))
+            })
+        });
+    if out.is_err() {
         *slot = None;
-        e.to_string()
-    })
+    }
+    out
+}
+
+/// The key the probe's lease script counts on (expires like any window).
+const PROBE_KEY: &str = "afr:{probe}";
+
+/// What a failed call says, named for an operator when Redis refused it
+/// for a reason of its own.
+fn named(e: &redis::RedisError) -> String {
+    let text = e.to_string();
+    let code = e.code().unwrap_or_default().to_ascii_uppercase();
+    let why = match (e.kind(), code.as_str()) {
+        (redis::ErrorKind::AuthenticationFailed, _) | (_, "NOAUTH" | "WRONGPASS") => {
+            "authentication failed: check password_file="
+        }
+        (_, "READONLY") => "Redis is a read-only replica: point afr_fleet at the primary",
+        (_, "OOM") => "Redis is out of memory (maxmemory): it refuses writes",
+        (_, "NOSCRIPT") => "Redis does not run scripts",
+        _ => return text,
+    };
+    format!("{why} ({text})")
 }
 
 /// Completion, on the worker's event loop: apply the grant, switch modes, resume waiters.

@@ -264,3 +264,54 @@ def test_admissions_on_the_local_share_are_counted_when_redis_is_back(gateway, r
     admitted_after = sum(r.status == 200 for r in after)
     assert 60 - time.time() % 60 > 5, "the window rolled during the test; the counts prove nothing"
     assert admitted_after == 0, f"{admitted_after} more admitted in the window after 30 of 30"
+
+
+def test_a_pooled_connection_redis_closed_is_reconnected_not_an_outage(gateway, redis):
+    """Issue 22, item 3: Redis (or a firewall) closing the pool threads' connections is
+    no outage: the call reconnects and tries once more."""
+    warm = Key("fleet-warm-conn", rpm=6000)
+    keys = [Key(f"fleet-stale-{i}", rpm=600) for i in range(8)]
+    # One pool thread per worker, so the next call is sure to use the killed connection.
+    conf = f"afr_fleet redis://127.0.0.1:{redis.port} nodes=2 timeout={TIMEOUT_MS}ms thread_pool=afr;"
+    nodes = [
+        gateway([warm, *keys], workers=2, extra_main="thread_pool afr threads=1;", extra_http=conf,
+                extra_server="add_header X-Afr-Fleet $afr_fleet always;")
+        for _ in range(2)
+    ]
+    young_minute()
+    assert all(r.status == 200 for r in burst(nodes, warm, 64))  # each pool thread connected
+    killed = redis.cli("CLIENT", "KILL", "TYPE", "normal")
+    assert killed and int(killed[0]) >= 1, killed
+    responses = [n.request("/", headers=k.auth) for k in keys for n in nodes]
+    assert all(r.status == 200 and r.header("X-Afr-Fleet") == "global" for r in responses), \
+        [(r.status, r.header("X-Afr-Fleet")) for r in responses]
+    for n in nodes:
+        assert "unreachable" not in n.log(), n.log()
+
+
+@pytest.mark.parametrize("refusal, named", [
+    (("REPLICAOF", "127.0.0.1", "1"), "read-only replica"),
+    (("CONFIG", "SET", "maxmemory", "1"), "out of memory"),
+])
+def test_a_redis_that_answers_ping_but_refuses_the_script_is_not_back(gateway, redis, refusal, named):
+    """Issue 22, item 3: the probe runs the lease script, so a Redis that answers PING but
+    cannot count (a read-only replica, out of memory) keeps the nodes on their shares, with
+    the reason named in the log, instead of flapping back to global every second."""
+    key = Key("fleet-refusing", rpm=10)
+    nodes = fleet(gateway, redis, [key])
+    young_minute()
+    redis.cli(*refusal)
+    statuses = []
+    deadline = time.monotonic() + 3.5  # several probe intervals
+    while time.monotonic() < deadline:
+        for n in nodes:
+            statuses.append(n.request("/", headers=key.auth).status)
+        time.sleep(0.05)
+    redis.cli("REPLICAOF", "NO", "ONE")
+    redis.cli("CONFIG", "SET", "maxmemory", "0")
+    assert set(statuses) <= {200, 429}, statuses
+    assert statuses.count(200) <= 10, statuses  # the shares, 5 per node
+    for n in nodes:
+        log = n.log()
+        assert named in log, log
+        assert "reachable again" not in log, f"flapped back to global:\n{log}"
