@@ -12,7 +12,7 @@
 use crate::providers::{Provider, ProviderError, Reply, UpstreamCall};
 use crate::serve::accounting::Accounting;
 use crate::serve::error::{json_response, Body, GatewayError};
-use crate::serve::relay::{self, Meter, StreamStart, Wire};
+use crate::serve::relay::{self, excerpt, Meter, StreamStart, Wire};
 use crate::serve::state::{BreakerTicket, Budgets, Gateway, Runtime};
 use afr_core::attempt::{Attempt, Holding};
 use afr_core::breaker::{Admission, Outcome};
@@ -634,19 +634,6 @@ pub async fn route(
     let status = error.status().as_u16();
     usage.finish(status);
     error.respond(caller.shape, &caller.request_id)
-}
-
-/// The start of an event the provider got wrong, for the log: enough to
-/// recognise it, bounded so a huge event does not flood the log.
-pub(crate) fn excerpt(event: &[u8]) -> String {
-    const MAX: usize = 200;
-    let text = String::from_utf8_lossy(&event[..event.len().min(MAX)]);
-    let text = text.trim();
-    if event.len() > MAX {
-        format!("{text}…")
-    } else {
-        text.to_owned()
-    }
 }
 
 /// The most a request can consume on any route it may be sent to (failover

@@ -257,7 +257,7 @@ impl Relay {
             if !held && is_malformed(&raw) {
                 return Some(self.fail(ProviderError::Protocol(format!(
                     "malformed event mid-stream: {}",
-                    crate::serve::chat::excerpt(&raw)
+                    excerpt(&raw)
                 ))));
             }
             let is_content = || {
@@ -481,4 +481,17 @@ async fn tap(mut rx: mpsc::UnboundedReceiver<Tap>, mut usage: Accounting, wire: 
         200
     };
     usage.finish(status);
+}
+
+/// The start of an event the provider got wrong, for the log: enough to
+/// recognise it, bounded so a huge event does not flood the log.
+pub(crate) fn excerpt(event: &[u8]) -> String {
+    const MAX: usize = 200;
+    let text = String::from_utf8_lossy(&event[..event.len().min(MAX)]);
+    let text = text.trim();
+    if event.len() > MAX {
+        format!("{text}…")
+    } else {
+        text.to_owned()
+    }
 }
