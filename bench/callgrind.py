@@ -1,24 +1,28 @@
 #!/usr/bin/env python3
-"""Instructions per request in the sidecar, counted by valgrind's callgrind.
+"""Instructions per request in the sidecar, counted by valgrind's callgrind --
+for the plain and the governed lane (plain/governed key, small or
+~20 KB agent-like body) and for running any worktree's binaries.
 
-Wall-clock figures need a quiet machine; instruction counts do not: they are the
-same under any load, so a change to the hot path can be judged on a busy
-2-core box. The sidecar runs under callgrind (one runtime thread) in front of
-one afr-mock; a client on its unix socket sends N and then 3N non-streamed chat
-completions (keep-alive, the nginx → sidecar headers a module would add), and
-the difference of the two totals divided by 2N is the cost of one request
-(start-up and shutdown cancel out). Usage recording stays on: its writer thread
-is counted too, as it shares the cores.
+The sidecar runs under callgrind (one runtime thread) in front of one afr-mock
+from the same target dir; a client on its unix socket sends N and then 3N
+non-streamed chat completions (keep-alive, the nginx -> sidecar headers a module
+would add), and the difference of the two totals divided by 2N is the cost of
+one request (start-up, the ledger-seed wait and shutdown cancel out).
 
-    bench/callgrind.py [--requests 1000] [--afr target/release/afr] [--keep DIR]
+    bench/callgrind.py [--repo WORKTREE] [--requests 1000] [--governed] [--body small|agent] [--keep DIR]
 
-Prints the per-request figure and where the profile files are
-(`callgrind_annotate --inclusive=yes DIR/3000.out | head -80`).
+--repo (default: this checkout) gives conf/sidecar.toml, scripts/sidecar-config.py
+and (unless --afr / --mock say otherwise) target/release/{afr,afr-mock} of that
+worktree, so two commits can be compared from two `git worktree`s.
+--governed adds `X-Afr-Limits: tpm=1000000000;budget=1000000000000/day`
+(10^9 tokens a minute, $1000 a day: nothing is refused); the gpt-4o-mini route
+keeps the shipped price (input 0.15, output 0.60), checked below.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import signal
@@ -27,13 +31,66 @@ import subprocess
 import sys
 import tempfile
 import time
+import tomllib
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "bench"))
-from run import without_usage  # noqa: E402  (the bench's own edit of sidecar.toml)
 SECRET = "callgrind-secret-0123456789"
-BODY = b'{"model":"gpt-4o-mini","messages":[{"role":"user","content":"Say hello to the benchmark."}]}'
+GOVERNED = "tpm=1000000000;budget=1000000000000/day"
+MODEL = "gpt-4o-mini"
+SMALL = b'{"model":"gpt-4o-mini","messages":[{"role":"user","content":"Say hello to the benchmark."}]}'
+
+
+def agent_body() -> bytes:
+    """A ~20 KB coding-agent turn: long system prompt, a tool with a JSON schema,
+    an earlier tool call and its result, and a new user question. Deterministic."""
+    rules = " ".join(
+        f"Rule {i}: when editing file number {i}, read it first, keep the existing style, "
+        f"explain the change in one sentence and never touch generated code."
+        for i in range(1, 65)
+    )
+    system = "You are a careful software engineering agent working in a Rust repository. " + rules
+    schema = {
+        "type": "object",
+        "properties": {
+            "path": {"type": "string", "description": "Path of the file to read, relative to the repository root."},
+            "start_line": {"type": "integer", "minimum": 1, "description": "First line to return (1-based)."},
+            "end_line": {"type": "integer", "minimum": 1, "description": "Last line to return, inclusive."},
+            "encoding": {"type": "string", "enum": ["utf-8", "latin-1"], "description": "Text encoding."},
+            "options": {
+                "type": "object",
+                "properties": {
+                    "follow_symlinks": {"type": "boolean", "description": "Resolve symbolic links."},
+                    "max_bytes": {"type": "integer", "description": "Stop after this many bytes."},
+                },
+                "required": ["follow_symlinks"],
+            },
+        },
+        "required": ["path"],
+        "additionalProperties": False,
+    }
+    source = "\n".join(
+        f"fn step_{i}(x: u64) -> u64 {{ x.wrapping_mul({i}).rotate_left({i % 17}) ^ 0x{i * 2654435761 % 2**32:08x} }}"
+        for i in range(1, 119)
+    )
+    messages = [
+        {"role": "system", "content": system},
+        {"role": "user", "content": "The build of the hashing module is slow. Look at src/hash.rs and tell me why."},
+        {"role": "assistant", "content": None, "tool_calls": [{
+            "id": "call_0001", "type": "function",
+            "function": {"name": "read_file", "arguments": json.dumps({"path": "src/hash.rs", "start_line": 1, "end_line": 200})},
+        }]},
+        {"role": "tool", "tool_call_id": "call_0001", "content": source},
+        {"role": "assistant", "content": "The file defines 118 small step functions; each is generic-free, so the cost is elsewhere. "
+                                         "Let me look at how they are combined."},
+        {"role": "user", "content": "Please also check the callers in src/lib.rs and propose a faster combination."},
+    ]
+    tools = [{"type": "function", "function": {
+        "name": "read_file",
+        "description": "Read a range of lines of a text file in the repository and return them verbatim. " * 3,
+        "parameters": schema,
+    }}]
+    body = {"model": MODEL, "messages": messages, "tools": tools, "max_tokens": 1024, "temperature": 0.2}
+    return json.dumps(body, separators=(",", ":")).encode()
 
 
 def free_port() -> int:
@@ -46,42 +103,55 @@ def wait_for(path: Path, seconds: float) -> None:
     deadline = time.monotonic() + seconds
     while not path.exists():
         if time.monotonic() > deadline:
-            raise SystemExit(f"callgrind.py: {path} never appeared")
+            raise SystemExit(f"cg.py: {path} never appeared")
         time.sleep(0.1)
 
 
-def send(sock_path: Path, n: int) -> None:
-    """N keep-alive requests, each read to its end; any non-200 stops the run."""
+def exchange(s: socket.socket, f, request: bytes) -> bytes:
+    s.sendall(request)
+    status = f.readline()
+    length, chunked = 0, False
+    while (line := f.readline()) not in (b"\r\n", b""):
+        name, _, value = line.partition(b":")
+        if name.lower() == b"content-length":
+            length = int(value)
+        elif name.lower() == b"transfer-encoding":
+            chunked = True
+    if chunked:
+        while (size := int(f.readline(), 16)) != 0:
+            f.read(size + 2)
+        f.read(2)
+    else:
+        f.read(length)
+    return status
+
+
+def send(sock_path: Path, n: int, body: bytes, limits: str | None) -> int:
+    """One probe retried until 200 (a budgeted key waits for the ledger seed; at
+    most 120 tries), then N keep-alive requests; any non-200 stops the run."""
     request = (
         b"POST /v1/chat/completions HTTP/1.1\r\nHost: afr\r\nContent-Type: application/json\r\n"
         b"X-Afr-Key-Id: callgrind\r\nX-Afr-Secret: " + SECRET.encode() + b"\r\n"
-        b"Content-Length: %d\r\n\r\n" % len(BODY)
-    ) + BODY
+        + (b"X-Afr-Limits: " + limits.encode() + b"\r\n" if limits else b"")
+        + b"Content-Length: %d\r\n\r\n" % len(body)
+    ) + body
     with socket.socket(socket.AF_UNIX) as s:
         s.settimeout(60)
         s.connect(str(sock_path))
         f = s.makefile("rb")
+        for tries in range(1, 121):
+            if b" 200 " in (status := exchange(s, f, request)):
+                break
+            time.sleep(0.5)
+        else:
+            raise SystemExit(f"cg.py: the probe never got a 200 (last {status!r})")
         for _ in range(n):
-            s.sendall(request)
-            status = f.readline()
-            length, chunked = 0, False
-            while (line := f.readline()) not in (b"\r\n", b""):
-                name, _, value = line.partition(b":")
-                if name.lower() == b"content-length":
-                    length = int(value)
-                elif name.lower() == b"transfer-encoding":
-                    chunked = True
-            if chunked:
-                while (size := int(f.readline(), 16)) != 0:
-                    f.read(size + 2)
-                f.read(2)
-            else:
-                f.read(length)
-            if b" 200 " not in status:
-                raise SystemExit(f"callgrind.py: the sidecar answered {status!r}")
+            if b" 200 " not in (status := exchange(s, f, request)):
+                raise SystemExit(f"cg.py: the sidecar answered {status!r}")
+    return tries
 
 
-def run(afr: Path, config: Path, home: Path, n: int, out: Path) -> int:
+def run(afr: Path, config: Path, home: Path, n: int, out: Path, body: bytes, limits: str | None) -> tuple[int, int]:
     sock = home / "sidecar.sock"
     proc = subprocess.Popen(
         ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", str(afr), "serve",
@@ -91,29 +161,38 @@ def run(afr: Path, config: Path, home: Path, n: int, out: Path) -> int:
     )
     try:
         wait_for(sock, 120)
-        send(sock, n)
+        tries = send(sock, n, body, limits)
     finally:
         proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=120)
+        try:
+            _, err = proc.communicate(timeout=120)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            _, err = proc.communicate()
     for line in err.splitlines():
         if "Collected :" in line:
-            return int(line.split(":")[-1].replace(",", "").strip())
-    raise SystemExit(f"callgrind.py: no instruction count from valgrind:\n{err[-2000:]}")
+            return int(line.split(":")[-1].replace(",", "").strip()), tries
+    raise SystemExit(f"cg.py: no instruction count from valgrind:\n{err[-2000:]}")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--repo", type=Path, default=Path(__file__).resolve().parent.parent,
+                    help="the worktree (config, scripts, binaries); default: this checkout")
     ap.add_argument("--requests", type=int, default=1000, help="N (the runs send N and 3N)")
-    ap.add_argument("--afr", type=Path, default=REPO / "target/release/afr")
+    ap.add_argument("--afr", type=Path)
+    ap.add_argument("--mock", type=Path)
+    ap.add_argument("--governed", action="store_true", help=f"send X-Afr-Limits: {GOVERNED}")
+    ap.add_argument("--body", choices=["small", "agent"], default="small")
     ap.add_argument("--keep", type=Path, help="keep the profiles in this directory")
-    ap.add_argument("--no-usage", action="store_true",
-                    help="with `[usage] record = false`: the difference to a run without it "
-                         "is what recording a usage row costs")
     args = ap.parse_args()
+    repo = args.repo.resolve()
+    afr = args.afr or repo / "target/release/afr"
+    mock_bin = args.mock or afr.parent / "afr-mock"
     if not shutil.which("valgrind"):
-        raise SystemExit("callgrind.py: needs valgrind (apt-get install valgrind)")
-    if args.requests < 1:
-        raise SystemExit("callgrind.py: --requests must be at least 1")
+        raise SystemExit("cg.py: needs valgrind (apt-get install valgrind)")
+    body = SMALL if args.body == "small" else agent_body()
+    limits = GOVERNED if args.governed else None
 
     with tempfile.TemporaryDirectory(prefix="afr-callgrind-") as tmp:
         tmp = Path(tmp)
@@ -121,35 +200,38 @@ def main() -> None:
         out_dir.mkdir(parents=True, exist_ok=True)
         mock_port_file = tmp / "mock.port"
         mock = subprocess.Popen(
-            [str(REPO / "target/release/afr-mock"), "--port-file", str(mock_port_file),
-             "--log-capacity", "0"],
+            [str(mock_bin), "--port-file", str(mock_port_file), "--log-capacity", "0"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
         try:
             wait_for(mock_port_file, 30)
-            time.sleep(0.1)  # the file is written once listening; let it close
+            time.sleep(0.1)
             mock_port = mock_port_file.read_text().strip()
-            totals = {}
+            totals, tries = {}, {}
             for n in (args.requests, 3 * args.requests):
                 home = tmp / f"sidecar-{n}"
                 home.mkdir()
                 subprocess.run(
-                    [sys.executable, str(REPO / "scripts/sidecar-config.py"), "--shipped",
-                     str(REPO / "conf/sidecar.toml"), "--home", str(home), "--secret", SECRET,
+                    [sys.executable, str(repo / "scripts/sidecar-config.py"), "--shipped",
+                     str(repo / "conf/sidecar.toml"), "--home", str(home), "--secret", SECRET,
                      "--admin-port", str(free_port()), "--mock-port", mock_port],
                     check=True, capture_output=True,
                     env={k: v for k, v in os.environ.items() if not k.endswith("_API_KEY")},
                 )
-                if args.no_usage:
-                    (home / "sidecar.toml").write_text(without_usage((home / "sidecar.toml").read_text()))
-                totals[n] = run(args.afr, home / "sidecar.toml", home, n, out_dir / f"{n}.out")
+                cfg = tomllib.loads((home / "sidecar.toml").read_text())
+                price = cfg["models"][MODEL]["routes"][0].get("price")
+                if not price:
+                    raise SystemExit(f"cg.py: the {MODEL} route has no price")
+                totals[n], tries[n] = run(afr, home / "sidecar.toml", home, n,
+                                          out_dir / f"{n}.out", body, limits)
         finally:
             mock.terminate()
             mock.wait(timeout=10)
         per_request = (totals[3 * args.requests] - totals[args.requests]) / (2 * args.requests)
+        print(f"repo {repo} body {args.body} ({len(body)} B) limits {limits or '-'} price {price}")
         print(f"instructions per non-streamed chat completion: {per_request:,.0f}")
         print(f"totals: {args.requests} requests {totals[args.requests]:,}; "
-              f"{3 * args.requests} requests {totals[3 * args.requests]:,}")
+              f"{3 * args.requests} requests {totals[3 * args.requests]:,}; probe tries {tries}")
         if args.keep:
             print(f"profiles: {out_dir}/{args.requests}.out, {out_dir}/{3 * args.requests}.out")
 

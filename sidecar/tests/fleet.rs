@@ -163,18 +163,24 @@ fn fleet_sidecar(mock: &Mock, redis_port: u16, usage: &str, env: &[(&str, &str)]
 
 const SQLITE: &str = "path = \"{dir}/usage.db\"";
 
-/// One chat request of `key` under `limits`: status, body.
-async fn chat(sidecar: &Sidecar, key: &str, limits: &str) -> (u16, Value) {
-    let resp = sidecar
+/// A chat request of `key` under `limits` (X-Afr-Limits) asking at most
+/// `max_tokens`, as nginx sends it.
+async fn send(sidecar: &Sidecar, key: &str, limits: &str, max_tokens: u32) -> reqwest::Response {
+    sidecar
         .client
         .post(sidecar.url("/v1/chat/completions"))
         .header("X-Afr-Secret", SECRET)
         .header("X-Afr-Key-Id", key)
         .header("X-Afr-Limits", limits)
-        .json(&json!({"model": "m", "max_tokens": 500, "messages": [{"role": "user", "content": "hello there"}]}))
+        .json(&json!({"model": "m", "max_tokens": max_tokens, "messages": [{"role": "user", "content": "hello there"}]}))
         .send()
         .await
-        .expect("sidecar answered");
+        .expect("sidecar answered")
+}
+
+/// One chat request of `key` under `limits`: status, body.
+async fn chat(sidecar: &Sidecar, key: &str, limits: &str) -> (u16, Value) {
+    let resp = send(sidecar, key, limits, 500).await;
     let status = resp.status().as_u16();
     (status, resp.json().await.unwrap_or(Value::Null))
 }
@@ -324,16 +330,7 @@ async fn a_budget_the_store_cannot_seed_is_refused_not_a_redis_outage() {
 /// A small chat request (worst case about two cents at the test price):
 /// status and `x-afr-budget-remaining-usd`.
 async fn small_chat(sidecar: &Sidecar, key: &str, limits: &str) -> (u16, f64) {
-    let resp = sidecar
-        .client
-        .post(sidecar.url("/v1/chat/completions"))
-        .header("X-Afr-Secret", SECRET)
-        .header("X-Afr-Key-Id", key)
-        .header("X-Afr-Limits", limits)
-        .json(&json!({"model": "m", "max_tokens": 10, "messages": [{"role": "user", "content": "hello there"}]}))
-        .send()
-        .await
-        .expect("sidecar answered");
+    let resp = send(sidecar, key, limits, 10).await;
     let status = resp.status().as_u16();
     let left = resp
         .headers()

@@ -19,18 +19,10 @@ import uuid
 import pytest
 
 from afr_nginx import EchoHandler, Key, wait_for
-from test_fleet import REDIS, Redis  # noqa: F401  (the fixture's class)
+from test_fleet import REDIS, redis  # noqa: F401  (the private redis-server fixture)
 
 pytestmark = pytest.mark.skipif(REDIS is None, reason="redis-server missing: run scripts/setup")
 TIMEOUT_MS = 300
-
-
-@pytest.fixture
-def redis(tmp_path):
-    tmp_path.chmod(0o755)
-    r = Redis(tmp_path).start()
-    yield r
-    r.stop()
 
 
 def node(gateway, redis, keys, workers=1):
