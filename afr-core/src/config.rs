@@ -314,6 +314,10 @@ pub struct FleetConfig {
     /// Bound on every Redis call (connect included): no request waits longer for Redis.
     #[serde(default = "default_fleet_timeout", with = "humantime_serde")]
     pub timeout: Duration,
+    /// PEM file of the CA certificates Redis's TLS certificate is verified
+    /// against (a `rediss://` URL), instead of the system's roots.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
 }
 
 fn default_redis_url_env() -> String {

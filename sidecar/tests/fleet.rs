@@ -29,6 +29,12 @@ struct Redis {
 
 impl Redis {
     fn start() -> Redis {
+        Redis::start_with(&[])
+    }
+
+    /// A redis-server with `args` besides its plain loopback port (which
+    /// `cli` uses).
+    fn start_with(args: &[&str]) -> Redis {
         let dir = tempfile::tempdir().expect("tempdir");
         let port = TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
@@ -37,6 +43,7 @@ impl Redis {
         let child = Command::new("redis-server")
             .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
             .args(["--save", "", "--appendonly", "no"])
+            .args(args)
             .arg("--dir")
             .arg(dir.path())
             .stdout(Stdio::null())
@@ -150,13 +157,24 @@ impl Forwarder {
 /// A sidecar with `[fleet]` on Redis at `redis_port` (timeout 100 ms) and
 /// one priced model `m` on `mock`.
 fn fleet_sidecar(mock: &Mock, redis_port: u16, usage: &str, env: &[(&str, &str)]) -> Sidecar {
+    let url = format!("redis://127.0.0.1:{redis_port}");
+    fleet_sidecar_at(mock, &url, "", usage, env)
+}
+
+/// Like `fleet_sidecar`, with Redis at `url` and more `[fleet]` lines.
+fn fleet_sidecar_at(
+    mock: &Mock,
+    url: &str,
+    fleet_extra: &str,
+    usage: &str,
+    env: &[(&str, &str)],
+) -> Sidecar {
     let body = format!(
-        "[fleet]\nredis_url_env = \"{URL_ENV}\"\nnodes = 2\ntimeout = \"100ms\"\n{}{}price = {{ input = 1000.0, output = 1000.0 }}\n",
+        "[fleet]\nredis_url_env = \"{URL_ENV}\"\nnodes = 2\ntimeout = \"100ms\"\n{fleet_extra}\n{}{}price = {{ input = 1000.0, output = 1000.0 }}\n",
         openai_provider("mock", &mock.base(), ""),
         model("m", &[("mock", "up")]),
     );
-    let url = format!("redis://127.0.0.1:{redis_port}");
-    let mut all: Vec<(&str, &str)> = vec![(URL_ENV, url.as_str())];
+    let mut all: Vec<(&str, &str)> = vec![(URL_ENV, url)];
     all.extend_from_slice(env);
     Sidecar::start_with_usage_env(&body, 1000, usage, &all)
 }
@@ -412,4 +430,130 @@ async fn during_an_outage_a_budget_holds_its_share_of_what_was_left_and_redis_le
     .await;
     // Spent fleet-wide: no more than the budget.
     assert!(counter() <= 1_000_000_000, "{}", counter());
+}
+
+/// A CA and a certificate for 127.0.0.1 signed by it, made with openssl in
+/// `dir`: (CA file, certificate, key).
+fn certificates(dir: &Path, name: &str) -> (PathBuf, PathBuf, PathBuf) {
+    let p = |f: &str| dir.join(format!("{name}-{f}"));
+    let run = |args: &[&str]| {
+        let out = Command::new("openssl")
+            .args(args)
+            .output()
+            .expect("openssl");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let (ca, ca_key, crt, key, csr, ext) = (
+        p("ca.crt"),
+        p("ca.key"),
+        p("srv.crt"),
+        p("srv.key"),
+        p("srv.csr"),
+        p("ext"),
+    );
+    let s = |p: &PathBuf| p.display().to_string();
+    run(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-days",
+        "2",
+        "-subj",
+        &format!("/CN={name} test CA"),
+        "-keyout",
+        &s(&ca_key),
+        "-out",
+        &s(&ca),
+    ]);
+    run(&[
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-subj",
+        "/CN=127.0.0.1",
+        "-keyout",
+        &s(&key),
+        "-out",
+        &s(&csr),
+    ]);
+    std::fs::write(&ext, "subjectAltName=IP:127.0.0.1,DNS:localhost\n").unwrap();
+    run(&[
+        "x509",
+        "-req",
+        "-in",
+        &s(&csr),
+        "-CA",
+        &s(&ca),
+        "-CAkey",
+        &s(&ca_key),
+        "-CAcreateserial",
+        "-days",
+        "2",
+        "-extfile",
+        &s(&ext),
+        "-out",
+        &s(&crt),
+    ]);
+    (ca, crt, key)
+}
+
+#[tokio::test]
+async fn redis_over_tls_is_verified_against_the_ca_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ca, crt, key) = certificates(dir.path(), "redis");
+    let (other_ca, _, _) = certificates(dir.path(), "other");
+    let tls_port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let (crt, key, ca_s) = (
+        crt.display().to_string(),
+        key.display().to_string(),
+        ca.display().to_string(),
+    );
+    let redis = Redis::start_with(&[
+        "--tls-port",
+        &tls_port.to_string(),
+        "--tls-cert-file",
+        &crt,
+        "--tls-key-file",
+        &key,
+        "--tls-ca-cert-file",
+        &ca_s,
+        "--tls-auth-clients",
+        "no",
+    ]);
+    let url = format!("rediss://127.0.0.1:{tls_port}");
+    let mock = Mock::start(&[]);
+    // Trusting the CA that signed Redis's certificate: counted in Redis.
+    let trusted = fleet_sidecar_at(
+        &mock,
+        &url,
+        &format!("ca_file = \"{}\"", ca.display()),
+        SQLITE,
+        &[],
+    );
+    assert_eq!(chat(&trusted, "k", "tpm=100000").await.0, 200);
+    assert!(redis.tokens_counted() > 0, "{}", trusted.log());
+    assert!(!trusted.log().contains("unreachable"), "{}", trusted.log());
+    // Trusting another CA: the certificate is refused, so Redis is not used.
+    let before = redis.tokens_counted();
+    let wary = fleet_sidecar_at(
+        &mock,
+        &url,
+        &format!("ca_file = \"{}\"", other_ca.display()),
+        SQLITE,
+        &[],
+    );
+    assert_eq!(chat(&wary, "k2", "tpm=100000").await.0, 200);
+    assert!(wary.log().contains("Redis unreachable"), "{}", wary.log());
+    assert_eq!(redis.tokens_counted(), before);
 }

@@ -248,8 +248,24 @@ impl Fleet {
                 config.redis_url_env
             )
         })?;
-        let client = redis::Client::open(url.as_str())
-            .map_err(|e| anyhow::anyhow!("fleet.redis_url_env: {}: {e}", config.redis_url_env))?;
+        let tls = url.starts_with("rediss://");
+        let client = match &config.ca_file {
+            Some(path) if tls => {
+                let pem = std::fs::read(path)
+                    .with_context(|| format!("fleet.ca_file: cannot read {}", path.display()))?;
+                let certs = redis::TlsCertificates {
+                    client_tls: None,
+                    root_cert: Some(pem),
+                };
+                redis::Client::build_with_tls(url.as_str(), certs)
+            }
+            Some(_) => anyhow::bail!(
+                "fleet.ca_file is set but the URL in {} is not rediss:// (Redis over TLS)",
+                config.redis_url_env
+            ),
+            None => redis::Client::open(url.as_str()),
+        }
+        .map_err(|e| anyhow::anyhow!("fleet.redis_url_env: {}: {e}", config.redis_url_env))?;
         let info = client.get_connection_info();
         let target = format!("{}", info.addr());
         Ok(Fleet {
