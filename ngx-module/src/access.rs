@@ -8,7 +8,7 @@
 //! dropped, and `X-Afr-Key-Id`, `X-Afr-Models`, `X-Afr-Secret` are set, so a
 //! plain `proxy_pass` forwards exactly what the sidecar trusts.
 
-use std::ptr::{self, addr_of, addr_of_mut};
+use std::ptr::{self, addr_of_mut};
 use std::sync::OnceLock;
 
 use afr_core::error::{ErrorBody, ErrorShape};
@@ -18,18 +18,19 @@ use afr_core::keys::{
 use afr_core::ratelimit::Verdict;
 use ngx::core::{Buffer, Pool, Status};
 use ngx::ffi::{
-    ngx_array_push, ngx_cached_time, ngx_chain_t, ngx_conf_t, ngx_current_msec,
-    ngx_http_discard_request_body, ngx_http_finalize_request, ngx_http_handler_pt,
-    ngx_http_output_filter, ngx_http_phases_NGX_HTTP_ACCESS_PHASE, ngx_http_request_t,
-    ngx_http_send_header, ngx_int_t, ngx_list_part_t, ngx_palloc, ngx_pool_cleanup_add,
-    ngx_table_elt_t, NGX_LOG_ERR,
+    ngx_array_push, ngx_chain_t, ngx_conf_t, ngx_http_discard_request_body,
+    ngx_http_finalize_request, ngx_http_handler_pt, ngx_http_output_filter,
+    ngx_http_phases_NGX_HTTP_ACCESS_PHASE, ngx_http_request_t, ngx_http_send_header, ngx_int_t,
+    ngx_list_part_t, ngx_palloc, ngx_pool_cleanup_add, ngx_table_elt_t, NGX_LOG_ERR,
 };
 use ngx::http::{HttpModuleLocationConf, HttpModuleMainConf, NgxHttpCoreModule};
 use ngx::ngx_log_error;
 
-use crate::filter::{self, copy_str, list_iter, push_header};
+use crate::clock::{self, Now};
+use crate::filter::{list_iter, push_header};
 use crate::fleet::{self, FleetConf};
-use crate::variables::{self, AfrStatus};
+use crate::state::{self, copy_str, AfrStatus};
+use crate::variables;
 use crate::zone::{Decision, Lease, ZoneCtx};
 use crate::{reload, AfrModule};
 use afr_core::fleet::Path;
@@ -50,35 +51,6 @@ pub fn register(cf: &mut ngx_conf_t) -> Result<(), ()> {
         *h = Some(access_handler);
     }
     Ok(())
-}
-
-/// The time of a decision, from nginx's cached clocks.
-#[derive(Clone, Copy)]
-struct Now {
-    /// `ngx_current_msec`: monotonic, shared by every process of one boot
-    /// (CLOCK_MONOTONIC), so windows never start in the future after a wall
-    /// clock step — the clock `limit_req` uses.
-    mono_ms: u64,
-    /// Wall clock, Unix ms: for `X-RateLimit-Reset` and key expiry only.
-    unix_ms: u64,
-}
-
-/// `ngx_current_msec`, for code outside a request's decision (fleet refills).
-pub fn mono_ms() -> u64 {
-    now().mono_ms
-}
-
-fn now() -> Now {
-    // SAFETY: ngx_cached_time always points at a valid slot and
-    // ngx_current_msec is a plain integer; both are updated by the worker's
-    // own thread between events.
-    unsafe {
-        let t = ptr::read_volatile(ngx_cached_time);
-        Now {
-            mono_ms: ptr::read_volatile(addr_of!(ngx_current_msec)) as u64,
-            unix_ms: t.sec as u64 * 1000 + t.msec as u64,
-        }
-    }
 }
 
 /// `Retry-After` of a request refused for concurrency: when one of the key's
@@ -119,7 +91,7 @@ unsafe extern "C" fn access_handler(r: *mut ngx_http_request_t) -> ngx_int_t {
         return Status::NGX_DECLINED.into();
     }
     // SAFETY: `r` is a valid main request.
-    if let Some(state) = unsafe { filter::get_state(r) } {
+    if let Some(state) = unsafe { state::get_state(r) } {
         // Internal redirect of a request we already admitted and counted.
         if state.admitted {
             return Status::NGX_DECLINED.into();
@@ -140,7 +112,7 @@ unsafe extern "C" fn access_handler(r: *mut ngx_http_request_t) -> ngx_int_t {
         );
     };
 
-    let now = now();
+    let now = clock::now();
     let mut path = None;
     let outcome = decide(r, zone, mcf.fleet.as_ref(), now, &mut path);
     let shape = ErrorShape::for_path(req.uri.as_bytes());

@@ -6,7 +6,7 @@
 //! afr_reload_interval 1s;                   # http; how often workers stat the keys file
 //! afr                 on;                   # http, server, location
 //! afr_upstream_secret "s3cret";             # http, server, location; sent as X-Afr-Secret
-//! afr_fleet redis://10.0.0.5:6379 nodes=3;  # http; one limit across nodes (fleet.rs)
+//! afr_fleet redis://10.0.0.5:6379 nodes=3;  # http; one limit across nodes (fleet/)
 //! ```
 
 use std::ffi::{c_char, c_void};
@@ -15,7 +15,7 @@ use std::ptr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use afr_core::keys::{KeyFileError, KeyTable};
+use afr_core::keys::KeyTable;
 use ngx::core::{Pool, NGX_CONF_ERROR, NGX_CONF_OK};
 use ngx::ffi::{
     ngx_command_t, ngx_conf_full_name, ngx_conf_t, ngx_parse_size, ngx_parse_time,
@@ -26,7 +26,8 @@ use ngx::ffi::{
 use ngx::http::{HttpModuleMainConf, Merge, MergeConfigError};
 use ngx::{ngx_conf_log_error, ngx_string};
 
-use crate::reload::FileStamp;
+use crate::fleet::{self, FleetConf};
+use crate::reload::{keys_file_message, FileStamp};
 use crate::zone::ZoneCtx;
 use crate::AfrModule;
 
@@ -48,7 +49,7 @@ pub struct MainConf {
     /// Some location says `afr on`.
     pub used: bool,
     /// `afr_fleet`: limits shared with other nodes through Redis.
-    pub fleet: Option<crate::fleet::FleetConf>,
+    pub fleet: Option<FleetConf>,
 }
 
 impl Default for MainConf {
@@ -123,7 +124,7 @@ pub static mut COMMANDS: [ngx_command_t; 7] = [
     command(
         ngx_string!("afr_fleet"),
         NGX_HTTP_MAIN_CONF | NGX_CONF_1MORE,
-        crate::fleet::set_fleet,
+        set_fleet,
         NGX_HTTP_MAIN_CONF_OFFSET,
     ),
     ngx_command_t::empty(),
@@ -354,6 +355,27 @@ extern "C" fn set_secret(
     NGX_CONF_OK
 }
 
+/// The `afr_fleet` directive handler; the directive itself is parsed in
+/// `fleet/directive.rs`.
+extern "C" fn set_fleet(
+    cf: *mut ngx_conf_t,
+    _cmd: *mut ngx_command_t,
+    conf: *mut c_void,
+) -> *mut c_char {
+    // SAFETY: `conf` is this module's main conf (NGX_HTTP_MAIN_CONF_OFFSET).
+    let mcf = unsafe { &mut *conf.cast::<MainConf>() };
+    if mcf.fleet.is_some() {
+        return emerg(cf, "\"afr_fleet\" directive is duplicate");
+    }
+    match fleet::parse(cf) {
+        Ok(f) => {
+            mcf.fleet = Some(f);
+            NGX_CONF_OK
+        }
+        Err(msg) => emerg(cf, &msg),
+    }
+}
+
 /// Refuses a configuration that enables `afr` without a keys file or a zone.
 pub fn check_complete(cf: &mut ngx_conf_t) -> Result<(), ()> {
     let Some(mcf) = AfrModule::main_conf(cf) else {
@@ -367,18 +389,6 @@ pub fn check_complete(cf: &mut ngx_conf_t) -> Result<(), ()> {
         return Err(());
     }
     Ok(())
-}
-
-/// A keys-file problem worded like nginx's own file errors:
-/// `keys file "/etc/afr/keys.toml" line 12: key[3].rpm: must be …`.
-pub fn keys_file_message(e: &KeyFileError) -> String {
-    match e.line {
-        Some(line) => format!(
-            "keys file \"{}\" line {line}: {}: {}",
-            e.file, e.field, e.message
-        ),
-        None => format!("keys file \"{}\": {}: {}", e.file, e.field, e.message),
-    }
 }
 
 /// On `nginx -s reload`, says at NOTICE when the zone's size changed: nginx

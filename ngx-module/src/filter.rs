@@ -1,49 +1,21 @@
-//! Per-request state and the header filter that puts `X-RateLimit-*` on every
-//! response of an authenticated request: 429s, proxied successes and errors,
-//! SSE streams and `error_page` responses alike.
-//!
-//! The state lives in a request-pool cleanup entry as well as in the module
-//! context: an internal redirect (`error_page`, `try_files`) clears module
-//! contexts, and the access phase then runs again — finding the state in the
-//! pool tells it the request was already admitted and counted (the same trick
-//! as nginx's realip module).
+//! The header filter that puts `X-RateLimit-*` on every response of an
+//! authenticated request: 429s, proxied successes and errors, SSE streams and
+//! `error_page` responses alike, from the state the access phase recorded
+//! ([`crate::state`]); and the header-list helpers the access phase uses too.
 
-use std::ffi::c_void;
-use std::mem::size_of;
 use std::ptr::{self, addr_of_mut};
 
 use afr_core::error::ErrorShape;
-use afr_core::fleet::Path;
 use afr_core::ratelimit::Verdict;
 use ngx::core::Status;
 use ngx::ffi::{
     ngx_http_output_header_filter_pt, ngx_http_request_t, ngx_http_top_header_filter, ngx_int_t,
-    ngx_list_push, ngx_list_t, ngx_pnalloc, ngx_pool_cleanup_add, ngx_pool_t, ngx_str_t,
-    ngx_table_elt_t,
+    ngx_list_push, ngx_list_t, ngx_pool_t, ngx_table_elt_t,
 };
+use ngx::http::HttpModuleMainConf;
 
-use crate::variables::AfrStatus;
+use crate::state::{copy_str, get_state};
 use crate::AfrModule;
-use ngx::http::{HttpModule, HttpModuleMainConf};
-
-/// What the access phase decided for a request.
-#[derive(Clone, Copy)]
-pub struct RequestState {
-    /// The request passed the access phase.
-    pub admitted: bool,
-    /// Values of the `X-RateLimit-*` headers (when `status` was counted).
-    pub rate: Verdict,
-    /// `$afr_status`.
-    pub status: AfrStatus,
-    /// `$afr_key_id` (empty when no key was recognised), in the request pool.
-    pub key_id: ngx_str_t,
-    /// `$afr_key_name`, in the request pool.
-    pub key_name: ngx_str_t,
-    /// Wall clock (Unix ms) of the decision, which `X-RateLimit-Reset` counts from.
-    pub unix_ms: u64,
-    /// `$afr_fleet`: how the fleet decided the request (none without `afr_fleet`).
-    pub fleet: Option<Path>,
-}
 
 static mut NEXT_HEADER_FILTER: ngx_http_output_header_filter_pt = None;
 
@@ -56,61 +28,6 @@ pub fn register() -> Result<(), ()> {
         ngx_http_top_header_filter = Some(header_filter);
     }
     Ok(())
-}
-
-/// Marks our cleanup entry; nothing to free when the pool is destroyed. The
-/// body is distinct so the linker cannot fold it with another no-op function.
-#[inline(never)]
-unsafe extern "C" fn state_marker(data: *mut c_void) {
-    std::hint::black_box((data, 0x4146_525f_5354_4154_u64));
-}
-
-fn is_marker(handler: Option<unsafe extern "C" fn(*mut c_void)>) -> bool {
-    let marker: unsafe extern "C" fn(*mut c_void) = state_marker;
-    handler.is_some_and(|h| std::ptr::eq(h as *const (), marker as *const ()))
-}
-
-/// Records `state` for the request (and its internal redirects).
-///
-/// # Safety
-/// `r` must be a valid main request.
-pub unsafe fn set_state(r: *mut ngx_http_request_t, state: RequestState) -> Result<(), ()> {
-    // SAFETY: `r` is valid; the cleanup's data block is sized for the state.
-    unsafe {
-        let cln = ngx_pool_cleanup_add((*r).pool, size_of::<RequestState>());
-        if cln.is_null() {
-            return Err(());
-        }
-        (*cln).handler = Some(state_marker);
-        let data = (*cln).data.cast::<RequestState>();
-        data.write(state);
-        *(*r).ctx.add(AfrModule::module().ctx_index) = data.cast();
-    }
-    Ok(())
-}
-
-/// The state recorded for this request's main request, if any.
-///
-/// # Safety
-/// `r` must be a valid request.
-pub unsafe fn get_state(r: *mut ngx_http_request_t) -> Option<RequestState> {
-    // SAFETY: `r`, its main request and their pools are valid; our cleanup
-    // entries hold a `RequestState`.
-    unsafe {
-        let main = (*r).main;
-        let ctx = *(*main).ctx.add(AfrModule::module().ctx_index);
-        if !ctx.is_null() {
-            return Some(*ctx.cast::<RequestState>());
-        }
-        let mut cln = (*(*main).pool).cleanup;
-        while !cln.is_null() {
-            if is_marker((*cln).handler) {
-                return Some(*(*cln).data.cast::<RequestState>());
-            }
-            cln = (*cln).next;
-        }
-        None
-    }
 }
 
 unsafe extern "C" fn header_filter(r: *mut ngx_http_request_t) -> ngx_int_t {
@@ -253,25 +170,6 @@ pub fn header_hash(name: &[u8]) -> ngx::ffi::ngx_uint_t {
     name.iter().fold(0 as ngx::ffi::ngx_uint_t, |h, &c| {
         h.wrapping_mul(31).wrapping_add(c.to_ascii_lowercase() as _)
     })
-}
-
-/// Copies bytes into `pool` as an `ngx_str_t`.
-///
-/// # Safety
-/// `pool` must be valid.
-pub unsafe fn copy_str(pool: *mut ngx_pool_t, bytes: &[u8]) -> Result<ngx_str_t, ()> {
-    // SAFETY: ngx_pnalloc returns `len` writable bytes or null.
-    unsafe {
-        let data = ngx_pnalloc(pool, bytes.len().max(1)).cast::<u8>();
-        if data.is_null() {
-            return Err(());
-        }
-        ptr::copy_nonoverlapping(bytes.as_ptr(), data, bytes.len());
-        Ok(ngx_str_t {
-            len: bytes.len(),
-            data,
-        })
-    }
 }
 
 /// Iterates the elements of an `ngx_list_t` of `ngx_table_elt_t`.

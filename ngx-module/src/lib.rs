@@ -4,13 +4,30 @@
 //! authenticated request.
 //!
 //! This file is only the module table and worker start-up; each nginx concern
-//! has its own file: [`conf`] (directives), [`access`] (access-phase handler),
-//! [`zone`] (shared-memory counters), [`reload`] (per-worker key table and its
-//! hot reload), [`filter`] (per-request state and the header filter),
-//! [`variables`] (`$afr_key_id`, `$afr_status`, …), [`fleet`] (limits shared
-//! across nodes through Redis), [`suspend`] (requests waiting for a fleet
-//! lease). The
-//! decisions themselves live in `afr-core`.
+//! has its own file:
+//!
+//! - [`conf`]: the directives and the module's configuration;
+//! - [`access`]: the access-phase handler;
+//! - [`clock`]: nginx's cached clocks;
+//! - [`zone`]: the shared-memory counters;
+//! - [`reload`]: the per-worker key table and its hot reload;
+//! - [`state`]: per-request state (what the access phase decided);
+//! - [`filter`]: the header filter (`X-RateLimit-*`);
+//! - [`variables`]: `$afr_key_id`, `$afr_status`, …;
+//! - [`fleet`]: limits shared across nodes through Redis — `fleet/mod.rs`
+//!   (the worker's state and decisions), `fleet/task.rs` (thread-pool tasks),
+//!   `fleet/redis_io.rs` (the Redis call on a pool thread),
+//!   `fleet/directive.rs` (`afr_fleet`);
+//! - [`suspend`]: requests waiting for a fleet lease.
+//!
+//! Files import each other one way only: `conf` → `fleet`, `reload`, `zone`;
+//! `access` → `clock`, `filter`, `fleet`, `reload`, `state`, `suspend`,
+//! `variables`, `zone`; `fleet` → `clock`, `suspend`, `zone`; `filter` and
+//! `variables` → `state`; `suspend` → `zone`; `clock`, `reload`, `state` and
+//! `zone` import none. This file wires them into the module table, which
+//! `conf`, `access`, `filter` and `state` name (`AfrModule`) to find their
+//! configuration and request context. The decisions themselves live in
+//! `afr-core`.
 
 use std::ptr::addr_of;
 
@@ -22,10 +39,12 @@ use ngx::ffi::{
 use ngx::http::{HttpModule, HttpModuleLocationConf, HttpModuleMainConf};
 
 mod access;
+mod clock;
 mod conf;
 mod filter;
 mod fleet;
 mod reload;
+mod state;
 mod suspend;
 mod variables;
 mod zone;

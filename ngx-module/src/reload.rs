@@ -28,7 +28,7 @@ use std::time::{Duration, Instant};
 
 pub use afr_core::keyfile::FileStamp;
 use afr_core::keyfile::{load_stable, LoadError};
-use afr_core::keys::{KeyEntry, KeyTable};
+use afr_core::keys::{KeyEntry, KeyFileError, KeyTable};
 use ngx::ffi::{NGX_LOG_ERR, NGX_LOG_NOTICE};
 use ngx::ngx_log_error;
 
@@ -326,7 +326,7 @@ async fn watch_loop(path: PathBuf, mut seen: Option<FileStamp>, interval: Durati
                     NGX_LOG_ERR,
                     &format!(
                         "{}; keeping the previous keys ({current} keys)",
-                        crate::conf::keys_file_message(&e)
+                        keys_file_message(&e)
                     ),
                 );
             }
@@ -337,6 +337,18 @@ async fn watch_loop(path: PathBuf, mut seen: Option<FileStamp>, interval: Durati
                 );
             }
         }
+    }
+}
+
+/// A keys-file problem worded like nginx's own file errors:
+/// `keys file "/etc/afr/keys.toml" line 12: key[3].rpm: must be …`.
+pub fn keys_file_message(e: &KeyFileError) -> String {
+    match e.line {
+        Some(line) => format!(
+            "keys file \"{}\" line {line}: {}: {}",
+            e.file, e.field, e.message
+        ),
+        None => format!("keys file \"{}\": {}: {}", e.file, e.field, e.message),
     }
 }
 

@@ -12,10 +12,9 @@
 //! A variable is "not found" (empty; `-` in an access log) where it has no
 //! value: every one on a location with `afr off`, the key's fields when no key
 //! was recognised. Values come from the state the access phase recorded
-//! ([`crate::filter::RequestState`]), so they survive internal redirects.
+//! ([`crate::state::RequestState`]), so they survive internal redirects.
 
 use afr_core::fleet::Path;
-use afr_core::keys::Denial;
 use afr_core::ratelimit::Verdict;
 use ngx::core::Status;
 use ngx::ffi::{
@@ -24,54 +23,7 @@ use ngx::ffi::{
 };
 use ngx::ngx_string;
 
-use crate::filter::{self, RequestState};
-
-/// What the access phase decided, as `$afr_status` says it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum AfrStatus {
-    /// Passed: a known, enabled, unexpired key under its limit.
-    Admitted,
-    /// No key, a malformed one, or one not in the keys file (401).
-    Unknown,
-    /// `enabled = false` (403).
-    Disabled,
-    /// Past its `expires` (403).
-    Expired,
-    /// Over its rate limit (429).
-    Limited,
-    /// `max_concurrent` requests already in flight (429).
-    Busy,
-}
-
-impl AfrStatus {
-    /// The status for a refused key.
-    pub fn of_denial(d: Denial) -> Self {
-        match d {
-            Denial::Missing | Denial::Malformed | Denial::Unknown => AfrStatus::Unknown,
-            Denial::Disabled => AfrStatus::Disabled,
-            Denial::Expired => AfrStatus::Expired,
-        }
-    }
-
-    /// Whether the request was counted, so it has `X-RateLimit-*` values.
-    pub fn counted(self) -> bool {
-        matches!(
-            self,
-            AfrStatus::Admitted | AfrStatus::Limited | AfrStatus::Busy
-        )
-    }
-
-    fn as_str(self) -> &'static str {
-        match self {
-            AfrStatus::Admitted => "admitted",
-            AfrStatus::Unknown => "unknown",
-            AfrStatus::Disabled => "disabled",
-            AfrStatus::Expired => "expired",
-            AfrStatus::Limited => "limited",
-            AfrStatus::Busy => "concurrency",
-        }
-    }
-}
+use crate::state::{self, AfrStatus, RequestState};
 
 /// Which variable a get handler call is for (its `data`).
 #[derive(Clone, Copy)]
@@ -118,7 +70,7 @@ unsafe extern "C" fn get_variable(
     // SAFETY: nginx calls get handlers with a valid request and value slot.
     let v = unsafe { &mut *v };
     // SAFETY: `r` is a valid request.
-    let Some(state) = (unsafe { filter::get_state(r) }) else {
+    let Some(state) = (unsafe { state::get_state(r) }) else {
         v.set_not_found(1);
         return Status::NGX_OK.into();
     };
@@ -128,7 +80,7 @@ unsafe extern "C" fn get_variable(
         }
         let text = n.to_string();
         // SAFETY: the request pool outlives the variable's use in this request.
-        unsafe { filter::copy_str((*r).pool, text.as_bytes()) }.ok()
+        unsafe { state::copy_str((*r).pool, text.as_bytes()) }.ok()
     };
     let value = match data {
         d if d == Var::KeyId as usize => Some(state.key_id).filter(|s| s.len > 0),
@@ -187,12 +139,12 @@ pub unsafe fn record(
     unsafe {
         let (key_id, key_name) = match key {
             Some((id, name)) => (
-                filter::copy_str((*r).pool, id.as_bytes())?,
-                filter::copy_str((*r).pool, name.as_bytes())?,
+                state::copy_str((*r).pool, id.as_bytes())?,
+                state::copy_str((*r).pool, name.as_bytes())?,
             ),
             None => (empty, empty),
         };
-        filter::set_state(
+        state::set_state(
             r,
             RequestState {
                 admitted: status == AfrStatus::Admitted,

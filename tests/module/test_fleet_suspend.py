@@ -182,3 +182,46 @@ def test_a_reload_answers_suspended_requests_before_the_old_worker_exits(gateway
         for s in socks:
             s.close()
     gw.assert_no_crash()
+
+
+def h2_node(gateway, redis, keys):
+    """A node with a second server speaking HTTP/2 (prior knowledge, cleartext)."""
+    from afr_nginx import free_port
+    h2 = free_port()
+    conf = (f"afr_fleet redis://127.0.0.1:{redis.port} nodes=2 timeout={TIMEOUT_MS}ms;\n"
+            f"server {{ listen 127.0.0.1:{h2} http2; afr on; afr_upstream_secret \"s\";\n"
+            f"  add_header X-Afr-Fleet $afr_fleet always;\n"
+            f"  location / {{ proxy_pass http://backend; proxy_http_version 1.1; proxy_set_header Connection \"\"; }} }}")
+    gw = gateway(keys, workers=1, extra_http=conf)
+    return gw, h2
+
+
+def curl_h2(port, path, key, max_time):
+    out = subprocess.run(
+        ["curl", "-s", "--http2-prior-knowledge", "-o", "/dev/null", "-D", "-", "--max-time", str(max_time),
+         "-H", f"Authorization: Bearer {key.token}", f"http://127.0.0.1:{port}{path}"],
+        capture_output=True, text=True, timeout=max_time + 5,
+    )
+    return out.stdout
+
+
+def test_over_http2_a_suspended_stream_is_answered_at_its_deadline_and_a_reset_one_is_not_forwarded(gateway, redis):
+    keys = [Key("susp-h2-a", rpm=600), Key("susp-h2-b", rpm=600)]
+    gw, port = h2_node(gateway, redis, keys)
+    freeze(redis)
+    try:
+        t0 = time.monotonic()
+        head = curl_h2(port, "/h2-answered", keys[0], 5)
+        took = time.monotonic() - t0
+        assert head.startswith("HTTP/2 200"), head
+        assert "x-afr-fleet: local" in head.lower(), head
+        # A client that resets its stream while it waits: never forwarded.
+        path = f"/h2-gone-{uuid.uuid4().hex}"
+        curl_h2(port, path, keys[1], 0.1)
+        time.sleep(TIMEOUT_MS / 1000 * 3)
+    finally:
+        thaw(redis)
+    assert took < TIMEOUT_MS / 1000 + 1.0, took
+    assert path not in EchoHandler.seen, "a reset stream was forwarded"
+    assert curl_h2(port, "/h2-after", keys[1], 5).startswith("HTTP/2 200")
+    gw.assert_no_crash()

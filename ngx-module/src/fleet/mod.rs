@@ -1,0 +1,461 @@
+//! `afr_fleet`: one exact per-key limit across nginx nodes, shared through Redis.
+//!
+//! ```nginx
+//! afr_fleet redis://10.0.0.5:6379/0 nodes=3 [timeout=200ms] [password_file=/etc/afr/redis.pass]
+//!           [thread_pool=default];
+//! ```
+//!
+//! The access phase never talks to Redis. Admissions are spent from a lease
+//! held in the key's zone slot (`afr_core::fleet`); leases are refilled by a
+//! task on an nginx thread pool (`ngx_thread_task_post`): the pool thread
+//! runs the Redis script with connect, read and write timeouts, and nginx
+//! calls the task's completion handler back on the worker's event loop, which
+//! writes the grant into shared memory. A refill is asked for ahead of need
+//! (half the last chunk spent); a request that finds no token is suspended
+//! (`suspend`: blocked as nginx's own thread-pool reads are, with a deadline
+//! of `timeout` from its first suspension) and resumed when its key's refill
+//! lands, when the worker turns local, or at its deadline on the local share.
+//!
+//! Fail-static: a refill that fails marks Redis down for this worker (one
+//! error-log line, naming Redis's refusal if it refused); the worker then
+//! decides every fleet key from the local window with the key's local share
+//! (limit ÷ `nodes`), never waits on Redis, and probes it (the lease script
+//! on a key of its own) at most once per [`PROBE_INTERVAL_MS`], from a request
+//! or its own timer; the first success logs that global limits are back.
+//! What a worker admits on a local share is a debt, added to Redis's count
+//! with the key's next refill or by that timer once Redis answers, so Redis
+//! back mid-window never grants again what was already spent.
+//! `$afr_fleet` says how each request was decided (`global`: from a lease;
+//! `local`: on the local share).
+//!
+//! The files, each importing only the ones after it:
+//!
+//! - this one: the worker's state and decisions — the mode (global or local),
+//!   refills, probes, debts, the tick, and the completion handler
+//!   (`call_done`) that applies a call's result;
+//! - [`task`]: the thread-task plumbing (posting a call to the pool, taking it
+//!   back on completion);
+//! - [`redis_io`]: what runs on a pool thread — the lease script, the
+//!   thread's connection, one call;
+//! - [`directive`]: the `afr_fleet` directive, parsed into a [`FleetConf`]
+//!   (stored by `conf.rs`'s handler).
+
+use std::cell::RefCell;
+use std::collections::{HashMap, HashSet};
+
+use afr_core::fleet::{local_share, Grant, Path, Take};
+use afr_core::ratelimit::{Verdict, WINDOW_MS};
+use ngx::ffi::{
+    ngx_add_timer, ngx_event_t, ngx_http_request_t, ngx_log_t, NGX_LOG_ERR, NGX_LOG_NOTICE,
+};
+use ngx::ngx_log_error;
+
+use crate::clock;
+use crate::suspend::{self, Found, Resumed};
+use crate::zone::{key_digest, KeyDigest, ZoneCtx, ZoneFull};
+
+mod directive;
+mod redis_io;
+mod task;
+
+pub(crate) use directive::{parse, FleetConf};
+use redis_io::Call;
+
+/// While Redis is down, a worker tries it again at most this often.
+const PROBE_INTERVAL_MS: u64 = 1_000;
+
+/// Which path decides this worker's fleet keys.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    Global,
+    /// Redis failed; the last probe was sent at this time (mono ms).
+    Local {
+        probed_ms: u64,
+    },
+}
+
+/// This worker's view of the fleet: one event-loop thread, so a thread-local.
+struct Worker {
+    mode: Mode,
+    /// Keys with a refill in flight (their waiters are `suspend`'s).
+    in_flight: HashSet<KeyDigest>,
+    /// Admissions this worker made on keys' local shares that Redis has not
+    /// counted yet: sent with the key's next refill, or all at once when
+    /// Redis answers again, so Redis back mid-window never grants again
+    /// what was already spent.
+    debts: HashMap<KeyDigest, Debt>,
+    probing: bool,
+    /// The worker's timer while it is local or owes Redis (see [`tick`]).
+    tick: Option<Box<Tick>>,
+}
+
+/// A timer of one worker: while it is local it probes Redis once a
+/// [`PROBE_INTERVAL_MS`] without waiting for a request, and once Redis
+/// answers it pays the worker's debts — so what a worker admitted locally
+/// reaches Redis even if no request of the key comes to that worker again.
+struct Tick {
+    ev: ngx_event_t,
+    fleet: *const FleetConf,
+    zone: *const ZoneCtx,
+}
+
+/// One key's uncounted local admissions.
+#[derive(Clone, Copy)]
+struct Debt {
+    count: u32,
+    /// The key's limit (Redis's answer is read against it).
+    limit: u32,
+    /// When the last of them was admitted (mono ms): a debt a whole window
+    /// old weighs on no decision any more and is dropped.
+    last_ms: u64,
+}
+
+thread_local! {
+    static WORKER: RefCell<Worker> = RefCell::new(Worker {
+        mode: Mode::Global,
+        in_flight: HashSet::new(),
+        debts: HashMap::new(),
+        probing: false,
+        tick: None,
+    });
+}
+
+/// What the fleet path decided for one request.
+pub(crate) enum Decision {
+    /// Decided now (admitted or not), from a lease or on the local share.
+    Now(Verdict, Path),
+    /// Suspended until the key's refill lands; the access handler is run again then.
+    Suspended,
+}
+
+/// Decides one request of key `id` (limit `rpm`) on a fleet node; `found`
+/// is what `suspend::take` said of it (a request resumed from a wait is
+/// decided as the wait ended).
+pub(crate) fn decide(
+    fleet: &FleetConf,
+    zone: &ZoneCtx,
+    r: *mut ngx_http_request_t,
+    (id, rpm): (&str, u32),
+    found: Found,
+    now_ms: u64,
+) -> Result<Decision, ZoneFull> {
+    let digest = key_digest(id.as_bytes());
+    let local = || {
+        let v = zone.hit(id.as_bytes(), local_share(rpm, fleet.nodes), now_ms)?;
+        if v.admitted {
+            owe(&digest, rpm, now_ms);
+            arm_tick(fleet, zone);
+        }
+        Ok(Decision::Now(v, Path::Local))
+    };
+    let since_ms = match found {
+        Found::Waiting => return Ok(Decision::Suspended),
+        Found::Resumed(Resumed::Local) => return local(),
+        Found::Resumed(Resumed::Refilled { since_ms }) => since_ms,
+        Found::Fresh => now_ms,
+    };
+    let mode = WORKER.with_borrow(|w| w.mode);
+    if let Mode::Local { probed_ms } = mode {
+        if now_ms.saturating_sub(probed_ms) >= PROBE_INTERVAL_MS {
+            probe(fleet, zone, now_ms);
+        }
+        return local();
+    }
+    if WORKER.with_borrow(|w| !w.debts.is_empty()) {
+        pay_debts(fleet, zone, now_ms);
+    }
+    let t = zone.fleet_take(id.as_bytes(), rpm, fleet.nodes, now_ms, fleet.refill_ms)?;
+    let posted = match t.refill {
+        Some(want) => refill(fleet, zone, &digest, rpm, want, now_ms),
+        None => true,
+    };
+    match t.take {
+        Take::Admit(v) | Take::Deny(v) => Ok(Decision::Now(v, Path::Global)),
+        Take::Empty if posted => {
+            // No request waits past the timeout from its first suspension.
+            let waited = now_ms.saturating_sub(since_ms);
+            let deadline_ms = fleet.timeout.as_millis() as u64;
+            if waited >= deadline_ms {
+                return local();
+            }
+            // SAFETY: `r` is a valid main request in the access phase, not
+            // suspended (`found` was not `Waiting`).
+            unsafe { suspend::park(r, digest, since_ms, deadline_ms - waited) };
+            Ok(Decision::Suspended)
+        }
+        // The pool refused the task: decide like Redis is down.
+        Take::Empty => local(),
+    }
+}
+
+/// Posts a refill for `digest` unless one is in flight in this worker;
+/// false when the pool refused it.
+fn refill(
+    fleet: &FleetConf,
+    zone: &ZoneCtx,
+    digest: &KeyDigest,
+    limit: u32,
+    want: u32,
+    now_ms: u64,
+) -> bool {
+    if WORKER.with_borrow(|w| w.in_flight.contains(digest)) {
+        return true;
+    }
+    let debt = take_debt(digest, now_ms).map_or(0, |d| d.count);
+    let ok = task::post(
+        key_call(fleet, zone, digest, limit, want, debt, now_ms),
+        fleet.pool,
+        call_done,
+    );
+    if ok {
+        WORKER.with_borrow_mut(|w| w.in_flight.insert(*digest));
+    } else if debt > 0 {
+        owe_n(digest, limit, debt, now_ms);
+    }
+    ok
+}
+
+/// The lease script's call for key `digest`.
+fn key_call(
+    fleet: &FleetConf,
+    zone: &ZoneCtx,
+    digest: &KeyDigest,
+    limit: u32,
+    want: u32,
+    debt: u32,
+    now_ms: u64,
+) -> Call {
+    let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+    Call {
+        info: fleet.info.clone(),
+        url: fleet.url.clone(),
+        timeout: fleet.timeout,
+        prefix: format!("afr:{{{hex}}}"),
+        digest: *digest,
+        limit,
+        want,
+        debt,
+        sent_ms: now_ms,
+        zone,
+        fleet,
+        result: None,
+    }
+}
+
+/// Starts this worker's [`Tick`] unless it runs.
+fn arm_tick(fleet: &FleetConf, zone: &ZoneCtx) {
+    WORKER.with_borrow_mut(|w| {
+        let tick = w.tick.get_or_insert_with(|| {
+            // SAFETY: an all-zero event is what nginx's own timers start from
+            // (ngx_pcalloc); handler, data and log are set below.
+            let ev: ngx_event_t = unsafe { std::mem::zeroed() };
+            Box::new(Tick { ev, fleet, zone })
+        });
+        tick.fleet = fleet;
+        tick.zone = zone;
+        if tick.ev.timer_set() != 0 {
+            return;
+        }
+        let data: *mut Tick = &mut **tick;
+        tick.ev.handler = Some(on_tick);
+        tick.ev.data = data.cast();
+        tick.ev.log = ngx::log::ngx_cycle_log().as_ptr();
+        // A worker told to quit does not wait for it.
+        tick.ev.set_cancelable(1);
+        // SAFETY: the event lives in a Box owned by this worker's state
+        // until the process exits; only this thread touches it.
+        unsafe { ngx_add_timer(&mut tick.ev, PROBE_INTERVAL_MS as _) };
+    });
+}
+
+unsafe extern "C" fn on_tick(ev: *mut ngx_event_t) {
+    // SAFETY: `data` is the Tick that owns `ev` (see `arm_tick`); the
+    // configuration and zone it points to live as long as this worker's
+    // cycle, and a reload starts new workers with new ticks.
+    let (fleet, zone) = unsafe {
+        let tick = &*(*ev).data.cast::<Tick>();
+        (&*tick.fleet, &*tick.zone)
+    };
+    let now_ms = clock::mono_ms();
+    let (local, owes) = WORKER.with_borrow(|w| (w.mode != Mode::Global, !w.debts.is_empty()));
+    if local {
+        probe(fleet, zone, now_ms);
+    } else if owes {
+        pay_debts(fleet, zone, now_ms);
+    }
+    if local || owes {
+        arm_tick(fleet, zone);
+    }
+}
+
+/// Counts one admission of key `digest` (limit `limit`) made on its local
+/// share, for Redis to count when it answers again.
+fn owe(digest: &KeyDigest, limit: u32, now_ms: u64) {
+    owe_n(digest, limit, 1, now_ms);
+}
+
+fn owe_n(digest: &KeyDigest, limit: u32, n: u32, now_ms: u64) {
+    WORKER.with_borrow_mut(|w| {
+        let d = w.debts.entry(*digest).or_insert(Debt {
+            count: 0,
+            limit,
+            last_ms: now_ms,
+        });
+        d.count = d.count.saturating_add(n);
+        d.limit = limit;
+        d.last_ms = d.last_ms.max(now_ms);
+    });
+}
+
+/// Takes key `digest`'s debt to send it, unless it is a window old.
+fn take_debt(digest: &KeyDigest, now_ms: u64) -> Option<Debt> {
+    WORKER
+        .with_borrow_mut(|w| w.debts.remove(digest))
+        .filter(|d| now_ms.saturating_sub(d.last_ms) < WINDOW_MS)
+}
+
+/// Redis answers again: sends every debt of this worker (one call per key,
+/// asking no tokens), so what was admitted locally is counted before
+/// anything more is granted.
+fn pay_debts(fleet: &FleetConf, zone: &ZoneCtx, now_ms: u64) {
+    let digests: Vec<KeyDigest> = WORKER.with_borrow(|w| {
+        w.debts
+            .keys()
+            .filter(|d| !w.in_flight.contains(*d))
+            .copied()
+            .collect()
+    });
+    for digest in digests {
+        let Some(debt) = take_debt(&digest, now_ms) else {
+            continue;
+        };
+        let call = key_call(fleet, zone, &digest, debt.limit, 0, debt.count, now_ms);
+        if task::post(call, fleet.pool, call_done) {
+            WORKER.with_borrow_mut(|w| w.in_flight.insert(digest));
+        } else {
+            owe_n(&digest, debt.limit, debt.count, now_ms);
+            return;
+        }
+    }
+}
+
+fn probe(fleet: &FleetConf, zone: &ZoneCtx, now_ms: u64) {
+    let busy = WORKER.with_borrow_mut(|w| {
+        if let Mode::Local { probed_ms } = &mut w.mode {
+            *probed_ms = now_ms;
+        }
+        std::mem::replace(&mut w.probing, true)
+    });
+    if busy {
+        return;
+    }
+    let ok = task::post(
+        Call {
+            info: fleet.info.clone(),
+            url: fleet.url.clone(),
+            timeout: fleet.timeout,
+            prefix: String::new(),
+            digest: [0; 16],
+            limit: 0,
+            want: 0,
+            debt: 0,
+            sent_ms: now_ms,
+            zone,
+            fleet,
+            result: None,
+        },
+        fleet.pool,
+        call_done,
+    );
+    if !ok {
+        WORKER.with_borrow_mut(|w| w.probing = false);
+    }
+}
+
+/// Completion, on the worker's event loop: apply the grant, switch modes, resume waiters.
+unsafe extern "C" fn call_done(ev: *mut ngx_event_t) {
+    // SAFETY: nginx runs this handler once, for the completion event of a
+    // task that `task::post` made with it.
+    let call = unsafe { task::finish(ev) };
+    let now_ms = clock::mono_ms();
+    // SAFETY: the zone context lives in the configuration pool of this
+    // worker's cycle, which outlives every task the worker posted.
+    let zone = unsafe { &*call.zone };
+    let log = ngx::log::ngx_cycle_log().as_ptr();
+    let ok = match &call.result {
+        Some(Ok(c)) => {
+            if !call.prefix.is_empty() {
+                let n = |x: i64| u32::try_from(x.max(0)).unwrap_or(u32::MAX);
+                let g =
+                    Grant::from_counts(call.limit, n(c[0]), n(c[1]), n(c[2]), c[3].max(0) as u64);
+                zone.fleet_apply(&call.digest, &g, call.sent_ms, now_ms);
+            }
+            true
+        }
+        Some(Err(e)) => {
+            set_mode(false, now_ms, log, &call.url, e);
+            false
+        }
+        None => {
+            set_mode(false, now_ms, log, &call.url, "the call did not run");
+            false
+        }
+    };
+    if ok {
+        set_mode(true, now_ms, log, &call.url, "");
+        if WORKER.with_borrow(|w| !w.debts.is_empty()) {
+            // SAFETY: as the zone: the configuration outlives the worker's tasks.
+            pay_debts(unsafe { &*call.fleet }, zone, now_ms);
+        }
+    }
+    if call.prefix.is_empty() {
+        WORKER.with_borrow_mut(|w| w.probing = false);
+        return;
+    }
+    WORKER.with_borrow_mut(|w| w.in_flight.remove(&call.digest));
+    if !ok && call.debt > 0 {
+        // Not counted: owed again, sent when Redis answers.
+        owe_n(&call.digest, call.limit, call.debt, call.sent_ms);
+    }
+    if ok {
+        suspend::refilled(&call.digest, true);
+    } else {
+        // This worker is local now: no waiter of any key is left waiting
+        // for a refill that would fail the same way.
+        suspend::all_local();
+    }
+}
+
+fn set_mode(up: bool, now_ms: u64, log: *mut ngx_log_t, url: &str, why: &str) {
+    let changed = WORKER.with_borrow_mut(|w| {
+        let was_up = w.mode == Mode::Global;
+        w.mode = if up {
+            Mode::Global
+        } else {
+            Mode::Local {
+                probed_ms: match w.mode {
+                    Mode::Local { probed_ms } => probed_ms,
+                    Mode::Global => now_ms,
+                },
+            }
+        };
+        was_up != up
+    });
+    if !changed {
+        return;
+    }
+    if up {
+        ngx_log_error!(
+            NGX_LOG_NOTICE,
+            log,
+            "afr_fleet: Redis {url} is reachable again, global limits are back"
+        );
+    } else {
+        ngx_log_error!(
+            NGX_LOG_ERR,
+            log,
+            "afr_fleet: Redis {url} unreachable ({why}); each key is limited to its local share \
+             (limit / nodes) until it is back"
+        );
+    }
+}
