@@ -31,11 +31,12 @@ class Redis:
         self.dir.mkdir()
         self.port = free_port()
         self.proc = None
+        self.extra = []  # more redis-server arguments (e.g. a TLS port)
 
     def start(self):
         self.proc = subprocess.Popen(
             [REDIS, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--dir", str(self.dir), "--logfile", str(self.dir / "redis.log")],
+             "--dir", str(self.dir), "--logfile", str(self.dir / "redis.log"), *self.extra],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
         assert wait_for(self._listening, 10), "redis-server did not start"
@@ -198,6 +199,9 @@ def test_redis_down_falls_back_to_the_local_share_and_back(gateway, redis, outag
         ("afr_fleet redis://127.0.0.1:6379 nodes=2 colour=blue;", 'invalid parameter "colour=blue"'),
         ("afr_fleet redis://:pw@127.0.0.1:6379 nodes=2;", "holds a password"),
         ("afr_fleet redis://127.0.0.1:6379 nodes=2 password_file=/nonexistent/pass;", 'password_file "/nonexistent/pass" cannot be read'),
+        ("afr_fleet redis://127.0.0.1:6379 nodes=2 ca_file=/etc/hostname;", "ca_file= needs a rediss:// URL"),
+        ("afr_fleet rediss://127.0.0.1:6379 nodes=2 ca_file=/nonexistent/ca.pem;", 'ca_file "/nonexistent/ca.pem" cannot be read'),
+        ("afr_fleet rediss://127.0.0.1:6379 nodes=2 ca_file=/etc/hostname;", "holds no PEM certificate"),
     ],
 )
 def test_bad_directive_is_refused_naming_file_and_line(flavour, tmp_path, upstream, directive, message):
@@ -315,3 +319,44 @@ def test_a_redis_that_answers_ping_but_refuses_the_script_is_not_back(gateway, r
         log = n.log()
         assert named in log, log
         assert "reachable again" not in log, f"flapped back to global:\n{log}"
+
+
+def certificates(d, name):
+    """A CA and a certificate for 127.0.0.1 it signed, made with openssl: (ca, crt, key)."""
+    ca, ca_key, crt, key, csr, ext = (d / f"{name}-{f}" for f in ("ca.crt", "ca.key", "srv.crt", "srv.key", "srv.csr", "ext"))
+    run = lambda *a: subprocess.run(["openssl", *map(str, a)], check=True, capture_output=True, timeout=60)  # noqa: E731
+    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", f"/CN={name} test CA", "-keyout", ca_key, "-out", ca)
+    run("req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=127.0.0.1", "-keyout", key, "-out", csr)
+    ext.write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+    run("x509", "-req", "-in", csr, "-CA", ca, "-CAkey", ca_key, "-CAcreateserial", "-days", "2", "-extfile", ext, "-out", crt)
+    for f in (ca, crt, key):
+        f.chmod(0o644)
+    return ca, crt, key
+
+
+def test_redis_over_tls_is_verified_against_the_ca_file(gateway, tmp_path):
+    """Issue 22, item 5: `afr_fleet rediss://… ca_file=` speaks TLS to Redis and verifies its
+    certificate: the CA that signed it counts leases in Redis; another CA is refused (the
+    worker holds keys to their local share)."""
+    tmp_path.chmod(0o755)
+    ca, crt, key = certificates(tmp_path, "redis")
+    other_ca, _, _ = certificates(tmp_path, "other")
+    redis = Redis(tmp_path)
+    tls_port = free_port()
+    redis.extra = ["--tls-port", str(tls_port), "--tls-cert-file", str(crt), "--tls-key-file", str(key),
+                   "--tls-ca-cert-file", str(ca), "--tls-auth-clients", "no"]
+    redis.start()
+    try:
+        k = Key("fleet-tls", rpm=600)
+        conf = f"afr_fleet rediss://127.0.0.1:{tls_port} nodes=2 timeout={TIMEOUT_MS}ms ca_file={ca};"
+        trusted = gateway([k], workers=1, extra_http=conf, extra_server="add_header X-Afr-Fleet $afr_fleet always;")
+        r = trusted.request("/", headers=k.auth)
+        assert (r.status, r.header("X-Afr-Fleet")) == (200, "global"), trusted.log()
+        assert any(key.startswith("afr:{") for key in redis.cli("--scan", "--pattern", "afr:*")), "no lease in Redis"
+        conf = f"afr_fleet rediss://127.0.0.1:{tls_port} nodes=2 timeout={TIMEOUT_MS}ms ca_file={other_ca};"
+        wary = gateway([k], workers=1, extra_http=conf, extra_server="add_header X-Afr-Fleet $afr_fleet always;")
+        r = wary.request("/", headers=k.auth)
+        assert (r.status, r.header("X-Afr-Fleet")) == (200, "local"), wary.log()
+        assert "unreachable" in wary.log(), wary.log()
+    finally:
+        redis.stop()

@@ -29,6 +29,9 @@ pub(crate) struct FleetConf {
     /// Nodes in the fleet: the local share while Redis is down is limit ÷ nodes.
     pub(super) nodes: u32,
     pub(super) timeout: Duration,
+    /// With `rediss://` and `ca_file=`: the PEM of the CAs Redis's
+    /// certificate is verified against (instead of the system's roots).
+    pub(super) ca: Option<Arc<Vec<u8>>>,
     pub(super) pool: *mut ngx_thread_pool_t,
 }
 
@@ -43,9 +46,11 @@ pub(crate) fn parse(cf: *mut ngx_conf_t) -> Result<FleetConf, String> {
             .map_err(|_| "\"afr_fleet\" value is not valid UTF-8".to_owned())
     };
     let url = text(&args[1])?;
-    if !url.starts_with("redis://") {
+    let tls = url.starts_with("rediss://");
+    if !url.starts_with("redis://") && !tls {
         return Err(format!(
-            "invalid URL \"{url}\" in \"afr_fleet\" directive, expected redis://host:port[/db]"
+            "invalid URL \"{url}\" in \"afr_fleet\" directive, expected redis://host:port[/db] \
+             (or rediss:// for TLS)"
         ));
     }
     let mut info: redis::ConnectionInfo =
@@ -56,7 +61,7 @@ pub(crate) fn parse(cf: *mut ngx_conf_t) -> Result<FleetConf, String> {
             "\"afr_fleet\" URL \"{url}\" holds a password: use password_file= so it stays out of the configuration"
         ));
     }
-    let (mut nodes, mut timeout, mut pool_name) = (None, DEFAULT_TIMEOUT_MS, None);
+    let (mut nodes, mut timeout, mut pool_name, mut ca) = (None, DEFAULT_TIMEOUT_MS, None, None);
     for a in &args[2..] {
         let a_text = text(a)?;
         let (name, value) = a_text
@@ -83,8 +88,29 @@ pub(crate) fn parse(cf: *mut ngx_conf_t) -> Result<FleetConf, String> {
                 }
                 timeout = ms as u64;
             }
+            "ca_file" => {
+                if !tls {
+                    return Err(format!(
+                        "\"afr_fleet\" ca_file= needs a rediss:// URL (Redis over TLS), not \"{url}\""
+                    ));
+                }
+                let path = full_path(cf, "ca_file", value)?;
+                let pem = std::fs::read(&path).map_err(|e| {
+                    format!(
+                        "\"afr_fleet\" ca_file \"{}\" cannot be read: {e}",
+                        path.display()
+                    )
+                })?;
+                if !pem.windows(11).any(|w| w == b"-----BEGIN ") {
+                    return Err(format!(
+                        "\"afr_fleet\" ca_file \"{}\" holds no PEM certificate",
+                        path.display()
+                    ));
+                }
+                ca = Some(Arc::new(pem));
+            }
             "password_file" => {
-                let path = full_path(cf, value)?;
+                let path = full_path(cf, "password_file", value)?;
                 let pass = std::fs::read_to_string(&path).map_err(|e| {
                     format!(
                         "\"afr_fleet\" password_file \"{}\" cannot be read: {e}",
@@ -135,6 +161,7 @@ pub(crate) fn parse(cf: *mut ngx_conf_t) -> Result<FleetConf, String> {
     }
     Ok(FleetConf {
         info: Arc::new(info),
+        ca,
         url,
         refill_ms: 3 * timeout,
         nodes,
@@ -143,7 +170,7 @@ pub(crate) fn parse(cf: *mut ngx_conf_t) -> Result<FleetConf, String> {
     })
 }
 
-fn full_path(cf: *mut ngx_conf_t, value: &str) -> Result<PathBuf, String> {
+fn full_path(cf: *mut ngx_conf_t, param: &str, value: &str) -> Result<PathBuf, String> {
     let mut s = ngx_str_t {
         len: value.len(),
         data: value.as_ptr().cast_mut(),
@@ -152,7 +179,7 @@ fn full_path(cf: *mut ngx_conf_t, value: &str) -> Result<PathBuf, String> {
     // name in the cycle pool and leaves `value` untouched.
     if unsafe { ngx_conf_full_name((*cf).cycle, &mut s, 1) } != NGX_OK as isize {
         return Err(format!(
-            "\"afr_fleet\" password_file \"{value}\" is not a valid path"
+            "\"afr_fleet\" {param} \"{value}\" is not a valid path"
         ));
     }
     Ok(PathBuf::from(

@@ -228,6 +228,7 @@ fn key_call(
     let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
     Call {
         info: fleet.info.clone(),
+        ca: fleet.ca.clone(),
         url: fleet.url.clone(),
         timeout: fleet.timeout,
         prefix: format!("afr:{{{hex}}}"),
@@ -352,6 +353,7 @@ fn probe(fleet: &FleetConf, zone: &ZoneCtx, now_ms: u64) {
     let ok = task::post(
         Call {
             info: fleet.info.clone(),
+            ca: fleet.ca.clone(),
             url: fleet.url.clone(),
             timeout: fleet.timeout,
             prefix: String::new(),

@@ -49,6 +49,8 @@ return {grant, prev, curr, e}
 /// One Redis call, run on a pool thread; the result is read back on the event loop.
 pub(super) struct Call {
     pub(super) info: Arc<redis::ConnectionInfo>,
+    /// `ca_file=`'s PEM, for a TLS connection.
+    pub(super) ca: Option<Arc<Vec<u8>>>,
     pub(super) url: String,
     pub(super) timeout: Duration,
     /// `afr:{<hex of the hashed key id>}`; empty for a PING probe.
@@ -111,7 +113,16 @@ fn attempt(
     slot: &mut Option<(Arc<redis::ConnectionInfo>, redis::Connection)>,
 ) -> redis::RedisResult<[i64; 4]> {
     if slot.is_none() {
-        let client = redis::Client::open((*call.info).clone())?;
+        let client = match &call.ca {
+            Some(pem) => redis::Client::build_with_tls(
+                (*call.info).clone(),
+                redis::TlsCertificates {
+                    client_tls: None,
+                    root_cert: Some(pem.to_vec()),
+                },
+            )?,
+            None => redis::Client::open((*call.info).clone())?,
+        };
         let conn = client.get_connection_with_timeout(call.timeout)?;
         conn.set_read_timeout(Some(call.timeout))?;
         conn.set_write_timeout(Some(call.timeout))?;
