@@ -262,6 +262,11 @@ pub struct UsageConfig {
     /// so it never appears in the config file or in logs.
     #[serde(default = "default_postgres_url_env")]
     pub postgres_url_env: String,
+    /// PEM file of the CA certificates PostgreSQL's TLS certificate is
+    /// verified against (besides the built-in roots), for a URL with
+    /// `sslmode=require` (or `verify-full`, `verify-ca`).
+    #[serde(default)]
+    pub postgres_ca_file: Option<PathBuf>,
     /// Records queued for the database past which new ones go to the spill
     /// file (`<path>-unwritten.jsonl`).
     #[serde(default = "default_queue_max")]
@@ -279,6 +284,7 @@ impl Default for UsageConfig {
             backend: UsageBackend::default(),
             path: default_usage_path(),
             postgres_url_env: default_postgres_url_env(),
+            postgres_ca_file: None,
             queue_max: default_queue_max(),
             spill_max_bytes: default_spill_max_bytes(),
         }

@@ -9,6 +9,7 @@ use clap::{Parser, Subcommand};
 mod key_cli;
 mod providers;
 mod serve;
+mod tls;
 mod usage;
 
 /// jemalloc instead of glibc's malloc: a non-streamed request costs 13% fewer

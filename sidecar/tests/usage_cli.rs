@@ -4,6 +4,10 @@
 #[allow(unused_imports)]
 #[path = "../src/usage/mod.rs"]
 mod usage;
+// The usage module names `crate::tls` (its PostgreSQL TLS), as in the binary.
+#[allow(dead_code)]
+#[path = "../src/tls.rs"]
+mod tls;
 
 use std::path::Path;
 use std::process::{Command, Output};

@@ -6,6 +6,10 @@
 #[allow(unused_imports)]
 #[path = "../src/usage/mod.rs"]
 mod usage;
+// The usage module names `crate::tls` (its PostgreSQL TLS), as in the binary.
+#[allow(dead_code)]
+#[path = "../src/tls.rs"]
+mod tls;
 
 mod common;
 mod pg;
@@ -408,5 +412,56 @@ async fn a_ledger_that_cannot_be_seeded_refuses_budgets_until_the_store_answers(
         "{}",
         sidecar.log()
     );
+    cluster.stop();
+}
+
+#[tokio::test]
+async fn postgres_over_tls_is_verified_against_the_ca_file() {
+    let cluster = pg::Cluster::start();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (ca, crt, key) = certificates(dir.path(), "pg");
+    let (other_ca, _, _) = certificates(dir.path(), "other");
+    cluster.enable_ssl(&crt, &key);
+    let url = cluster.database().replace(
+        "?connect_timeout=5",
+        "?connect_timeout=5&sslmode=verify-full",
+    );
+    let db = pg::db_name(&url).to_owned();
+    let mock = Mock::start(&[]);
+    let body = format!(
+        "{}{}",
+        openai_provider("mock", &mock.base(), ""),
+        model("m", &[("mock", "up")]),
+    );
+    let usage = |ca: &std::path::Path, n: u32| {
+        format!(
+            "backend = \"postgres\"\npostgres_url_env = \"{URL_ENV}\"\npostgres_ca_file = \"{}\"\npath = \"{{dir}}/usage-{n}.db\"\n",
+            ca.display()
+        )
+    };
+    // Trusting the CA that signed the server's certificate: rows land, over TLS.
+    let mut trusted =
+        Sidecar::start_with_usage_env(&body, 1000, &usage(&ca, 0), &[(URL_ENV, url.as_str())]);
+    assert_eq!(trusted.chat(chat_body("m", false)).await.status(), 200);
+    // Its connections are encrypted.
+    let encrypted = cluster.psql(
+        "postgres",
+        "SELECT COUNT(*) FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid) \
+         WHERE s.ssl AND a.application_name = 'afr'",
+    );
+    assert_ne!(encrypted, "0", "{}", trusted.log());
+    assert!(trusted.terminate().success(), "{}", trusted.log());
+    assert_eq!(cluster.psql(&db, "SELECT COUNT(*) FROM usage"), "1");
+    // Trusting another CA: the server's certificate is refused; rows wait in the spill file.
+    let mut wary = Sidecar::start_with_usage_env(
+        &body,
+        1000,
+        &usage(&other_ca, 1),
+        &[(URL_ENV, url.as_str())],
+    );
+    assert_eq!(wary.chat(chat_body("m", false)).await.status(), 200);
+    let _ = wary.terminate();
+    assert!(wary.log().contains("TLS handshake"), "{}", wary.log());
+    assert_eq!(cluster.psql(&db, "SELECT COUNT(*) FROM usage"), "1");
     cluster.stop();
 }

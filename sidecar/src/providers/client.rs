@@ -19,8 +19,6 @@ use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::CertificateDer;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -112,30 +110,7 @@ impl HttpClient {
     /// TLS, h2 negotiated by ALPN puts up to `http2_max_streams` requests on
     /// one connection, and the rest on HTTP/1.1 ([`Multiplexed`]).
     pub fn new(config: &ProviderConfig) -> anyhow::Result<Self> {
-        let mut roots = rustls::RootCertStore {
-            roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
-        };
-        if let Some(path) = &config.ca_file {
-            let pem = std::fs::read(path)
-                .map_err(|e| anyhow::anyhow!("ca_file: cannot read {}: {e}", path.display()))?;
-            let certs = CertificateDer::pem_slice_iter(&pem)
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(|e| anyhow::anyhow!("ca_file: {}: {e}", path.display()))?;
-            if certs.is_empty() {
-                anyhow::bail!("ca_file: {} holds no PEM certificate", path.display());
-            }
-            for cert in certs {
-                roots
-                    .add(cert)
-                    .map_err(|e| anyhow::anyhow!("ca_file: {}: {e}", path.display()))?;
-            }
-        }
-        let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+        let tls = crate::tls::client_config(config.ca_file.as_deref(), "ca_file")?;
 
         let mut tcp = HttpConnector::new();
         tcp.enforce_http(false);

@@ -125,8 +125,13 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             UsageBackend::Sqlite => Store::open_with(&usage.path, options)
                 .with_context(|| format!("usage.path: {}", usage.path.display()))?,
             UsageBackend::Postgres => {
+                let tls = crate::tls::client_config(
+                    usage.postgres_ca_file.as_deref(),
+                    "usage.postgres_ca_file",
+                )?;
                 let target = PostgresTarget::from_env(&usage.postgres_url_env)
-                    .context("usage.postgres_url_env")?;
+                    .context("usage.postgres_url_env")?
+                    .with_tls(tls);
                 // It blocks on its own runtime, which must not be inside this one.
                 let path = usage.path.clone();
                 tokio::task::spawn_blocking(move || Store::open_postgres(target, &path, options))

@@ -60,7 +60,11 @@ pub fn run(args: UsageArgs) -> anyhow::Result<()> {
         args.config.as_deref(),
         Path::new(DEFAULT_CONFIG),
     )? {
-        Some(env) => UsageReader::postgres(PostgresTarget::from_env(&env)?)?,
+        Some((env, ca_file)) => {
+            let target = PostgresTarget::from_env(&env)?;
+            let tls = crate::tls::client_config(ca_file.as_deref(), "usage.postgres_ca_file")?;
+            UsageReader::postgres(target.with_tls(tls))?
+        }
         None => UsageReader::open(&db_path(
             args.db.as_deref(),
             args.config.as_deref(),
@@ -159,7 +163,7 @@ pub fn postgres_env(
     db: Option<&Path>,
     config: Option<&Path>,
     default_config: &Path,
-) -> anyhow::Result<Option<String>> {
+) -> anyhow::Result<Option<(String, Option<PathBuf>)>> {
     if db.is_some() {
         return Ok(None);
     }
@@ -186,9 +190,9 @@ pub fn postgres_env(
     match string("backend")?.as_deref() {
         None | Some("sqlite") => Ok(None),
         Some("postgres") => {
-            Ok(Some(string("postgres_url_env")?.unwrap_or_else(|| {
-                UsageConfig::default().postgres_url_env
-            })))
+            let env = string("postgres_url_env")?
+                .unwrap_or_else(|| UsageConfig::default().postgres_url_env);
+            Ok(Some((env, string("postgres_ca_file")?.map(PathBuf::from))))
         }
         Some(other) => anyhow::bail!(
             "{}: usage.backend: `{other}` is not a backend: expected sqlite or postgres",
@@ -436,11 +440,12 @@ mod tests {
         assert_eq!(env("[usage]\nbackend = 'sqlite'\n").expect("sqlite"), None);
         assert_eq!(
             env("[usage]\nbackend = 'postgres'\n").expect("default var"),
-            Some("AFR_USAGE_POSTGRES_URL".to_owned())
+            Some(("AFR_USAGE_POSTGRES_URL".to_owned(), None))
         );
         assert_eq!(
-            env("[usage]\nbackend = 'postgres'\npostgres_url_env = 'PG'\n").expect("var"),
-            Some("PG".to_owned())
+            env("[usage]\nbackend = 'postgres'\npostgres_url_env = 'PG'\npostgres_ca_file = 'ca.pem'\n")
+                .expect("var"),
+            Some(("PG".to_owned(), Some(PathBuf::from("ca.pem"))))
         );
         let e = env("[usage]\nbackend = 'mysql'\n").expect_err("mysql");
         assert!(e.to_string().contains("usage.backend"), "{e}");

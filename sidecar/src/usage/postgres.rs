@@ -27,6 +27,7 @@ use afr_core::usage::UsageRecord;
 use tokio::runtime::Runtime;
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, Config, NoTls, Statement};
+use tokio_postgres_rustls::MakeRustlsConnect;
 
 use super::columns;
 use super::query::{Dialect, QueryValue};
@@ -90,6 +91,9 @@ pub struct PostgresTarget {
     config: Config,
     env: String,
     timeout: Duration,
+    /// TLS, when the URL says `sslmode=require` (or `verify-full`,
+    /// `verify-ca`): the certificate is always verified.
+    tls: Option<MakeRustlsConnect>,
 }
 
 impl fmt::Debug for PostgresTarget {
@@ -114,6 +118,11 @@ impl PostgresTarget {
     /// Parses `url` (`postgres://user:password@host:port/db` or key=value
     /// form); `env` names where it came from in messages.
     pub fn from_url(url: &str, env: &str) -> Result<Self, StoreError> {
+        // libpq's verifying modes: rustls always verifies the certificate and
+        // its host name, so to tokio-postgres they are `require`.
+        let url = url
+            .replace("sslmode=verify-full", "sslmode=require")
+            .replace("sslmode=verify-ca", "sslmode=require");
         let mut config: Config = url.parse().map_err(|e| {
             StoreError::Postgres(format!("${env}: not a PostgreSQL connection URL: {e}"))
         })?;
@@ -124,7 +133,22 @@ impl PostgresTarget {
             config,
             env: env.to_owned(),
             timeout: Duration::from_secs(5),
+            tls: None,
         })
+    }
+
+    /// Whether the URL asks for TLS (`sslmode=require`, `verify-full`, `verify-ca`).
+    pub fn wants_tls(&self) -> bool {
+        self.config.get_ssl_mode() == tokio_postgres::config::SslMode::Require
+    }
+
+    /// Connects over TLS with `tls` (its roots decide whom to trust) when
+    /// the URL asks for it; otherwise in clear text (`prefer` included).
+    pub fn with_tls(mut self, tls: rustls::ClientConfig) -> Self {
+        if self.wants_tls() {
+            self.tls = Some(MakeRustlsConnect::new(tls));
+        }
+        self
     }
 
     /// How long connecting and each statement may take (default 5 s).
@@ -136,6 +160,18 @@ impl PostgresTarget {
     /// The environment variable the URL came from.
     pub fn env(&self) -> &str {
         &self.env
+    }
+}
+
+/// Drives a connection's I/O until it ends; the runtime polls it while a
+/// call blocks on the runtime.
+async fn drive<S, T>(connection: tokio_postgres::Connection<S, T>)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    if let Err(e) = connection.await {
+        tracing::debug!(error = %e, "usage store: PostgreSQL connection ended");
     }
 }
 
@@ -182,25 +218,39 @@ impl Session {
         let Some(runtime) = &self.runtime else {
             return Err("the store is closed".to_owned());
         };
-        let connected = runtime
-            .block_on(async move { tokio::time::timeout(wait, config.connect(NoTls)).await });
-        let (client, connection) = match connected {
-            Ok(Ok(pair)) => pair,
-            Ok(Err(e)) => return Err(e.to_string()),
-            Err(_) => {
-                return Err(format!(
-                    "connecting to PostgreSQL took longer than {:?}",
-                    self.target.timeout
-                ))
-            }
+        let late = || {
+            format!(
+                "connecting to PostgreSQL took longer than {:?}",
+                self.target.timeout
+            )
         };
         // The connection task runs only while a call blocks on the runtime,
         // which is the only time it has anything to do.
-        runtime.spawn(async move {
-            if let Err(e) = connection.await {
-                tracing::debug!(error = %e, "usage store: PostgreSQL connection ended");
+        let client = match self.target.tls.clone() {
+            Some(tls) => {
+                let connected = runtime
+                    .block_on(async move { tokio::time::timeout(wait, config.connect(tls)).await });
+                let (client, connection) = match connected {
+                    Ok(Ok(pair)) => pair,
+                    Ok(Err(e)) => return Err(e.to_string()),
+                    Err(_) => return Err(late()),
+                };
+                runtime.spawn(drive(connection));
+                client
             }
-        });
+            None => {
+                let connected = runtime.block_on(async move {
+                    tokio::time::timeout(wait, config.connect(NoTls)).await
+                });
+                let (client, connection) = match connected {
+                    Ok(Ok(pair)) => pair,
+                    Ok(Err(e)) => return Err(e.to_string()),
+                    Err(_) => return Err(late()),
+                };
+                runtime.spawn(drive(connection));
+                client
+            }
+        };
         let client = Arc::new(client);
         self.client = Some(Arc::clone(&client));
         Ok(client)

@@ -266,6 +266,27 @@ impl Cluster {
             .expect("watchdog");
     }
 
+    /// Turns TLS on with certificate `crt` and key `key` (copied into the
+    /// data directory, owned by the server's user) and restarts the server.
+    pub fn enable_ssl(&self, crt: &Path, key: &Path) {
+        for (from, name) in [(crt, "server.crt"), (key, "server.key")] {
+            let to = self.data().join(name);
+            fs::copy(from, &to).expect("copying the certificate");
+            let ok = Command::new("chmod").arg("600").arg(&to).status();
+            assert!(ok.is_ok_and(|s| s.success()));
+            if let Some(user) = self.run_as {
+                let ok = Command::new("chown").arg(user).arg(&to).status();
+                assert!(ok.is_ok_and(|s| s.success()));
+            }
+        }
+        let conf = self.data().join("postgresql.conf");
+        let mut text = fs::read_to_string(&conf).expect("postgresql.conf");
+        text.push_str("\nssl = on\nssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'\n");
+        fs::write(&conf, text).expect("postgresql.conf");
+        self.stop();
+        self.run();
+    }
+
     /// The URL of database `db`.
     pub fn url(&self, db: &str) -> String {
         format!(
