@@ -26,12 +26,13 @@
 
 use std::cell::RefCell;
 use std::collections::HashMap;
+use std::ffi::c_void;
 
 use ngx::ffi::{
     ngx_add_timer, ngx_del_timer, ngx_handle_write_event, ngx_http_block_reading,
-    ngx_http_core_run_phases, ngx_http_finalize_request, ngx_http_request_t,
-    ngx_http_run_posted_requests, ngx_http_test_reading, NGX_HTTP_CLIENT_CLOSED_REQUEST,
-    NGX_HTTP_INTERNAL_SERVER_ERROR, NGX_OK,
+    ngx_http_cleanup_add, ngx_http_cleanup_t, ngx_http_core_run_phases, ngx_http_finalize_request,
+    ngx_http_request_t, ngx_http_run_posted_requests, ngx_http_test_reading,
+    NGX_HTTP_CLIENT_CLOSED_REQUEST, NGX_HTTP_INTERNAL_SERVER_ERROR, NGX_OK,
 };
 
 use crate::zone::KeyDigest;
@@ -61,7 +62,13 @@ pub enum Found {
 
 #[derive(Clone, Copy)]
 enum Wait {
-    Waiting { digest: KeyDigest, since_ms: u64 },
+    Waiting {
+        digest: KeyDigest,
+        since_ms: u64,
+        /// The request cleanup that ends the wait if nginx finishes the
+        /// request first (client gone, stream reset): disarmed on resume.
+        cleanup: *mut ngx_http_cleanup_t,
+    },
     Resumed(Resumed),
 }
 
@@ -90,14 +97,39 @@ pub fn take(r: *mut ngx_http_request_t) -> Found {
     })
 }
 
-/// Suspends `r` until its key's (`digest`) refill lands or `wait_ms` passes.
+/// Suspends `r` until its key's (`digest`) refill lands or `wait_ms` passes;
+/// false (nothing changed) when nginx cannot register the request cleanup
+/// the wait needs, and the caller decides the request now.
 ///
 /// # Safety
 /// `r` must be a valid main request in the access phase, not suspended.
-pub unsafe fn park(r: *mut ngx_http_request_t, digest: KeyDigest, since_ms: u64, wait_ms: u64) {
+pub unsafe fn park(
+    r: *mut ngx_http_request_t,
+    digest: KeyDigest,
+    since_ms: u64,
+    wait_ms: u64,
+) -> bool {
+    // SAFETY: `r` is valid; nginx runs request cleanups when it terminates
+    // or frees the request — before it looks at `blocked` — so a request
+    // finished while it waits leaves the wait here, never in our maps.
+    let cleanup = unsafe { ngx_http_cleanup_add(r, 0) };
+    if cleanup.is_null() {
+        return false;
+    }
+    // SAFETY: `cleanup` is the fresh entry nginx just returned.
+    unsafe {
+        (*cleanup).handler = Some(on_cleanup);
+        (*cleanup).data = r.cast();
+    }
     WAITS.with_borrow_mut(|w| {
-        w.by_request
-            .insert(r as usize, Wait::Waiting { digest, since_ms });
+        w.by_request.insert(
+            r as usize,
+            Wait::Waiting {
+                digest,
+                since_ms,
+                cleanup,
+            },
+        );
         w.by_key.entry(digest).or_default().push(r);
     });
     // SAFETY: `r` is a valid main request; blocked keeps nginx from freeing
@@ -112,6 +144,54 @@ pub unsafe fn park(r: *mut ngx_http_request_t, digest: KeyDigest, since_ms: u64,
         let wev = (*(*r).connection).write;
         (*wev).set_delayed(1);
         ngx_add_timer(wev, wait_ms.max(1) as _);
+    }
+    true
+}
+
+/// Takes `r` out of the waits; what it was.
+fn forget(r: *mut ngx_http_request_t) -> Option<Wait> {
+    WAITS.with_borrow_mut(|w| {
+        let wait = w.by_request.remove(&(r as usize))?;
+        if let Wait::Waiting { digest, .. } = wait {
+            if let Some(list) = w.by_key.get_mut(&digest) {
+                list.retain(|&x| x != r);
+            }
+        }
+        Some(wait)
+    })
+}
+
+/// Undoes what `park` did to the request: its timer, `blocked`, `aio`, and
+/// the cleanup (disarmed).
+///
+/// # Safety
+/// `r` must be a request parked by `park` and not yet unblocked.
+unsafe fn unblock(r: *mut ngx_http_request_t, cleanup: *mut ngx_http_cleanup_t) {
+    // SAFETY: per the contract `r`, its connection and the cleanup entry
+    // (in the request's pool) are alive.
+    unsafe {
+        (*cleanup).handler = None;
+        let wev = (*(*r).connection).write;
+        if (*wev).timer_set() != 0 {
+            ngx_del_timer(wev);
+        }
+        (*wev).set_delayed(0);
+        let main = (*r).main;
+        debug_assert!((*main).blocked() > 0);
+        (*main).set_blocked((*main).blocked().saturating_sub(1));
+        (*r).set_aio(0);
+    }
+}
+
+/// The request cleanup of a waiting request: nginx is finishing it (the
+/// client left, an HTTP/2 stream was reset, the worker is shutting down),
+/// so the wait ends here and nginx may free it.
+unsafe extern "C" fn on_cleanup(data: *mut c_void) {
+    let r = data.cast::<ngx_http_request_t>();
+    if let Some(Wait::Waiting { cleanup, .. }) = forget(r) {
+        // SAFETY: nginx runs the cleanup while the request is still alive,
+        // and only once; it was parked and not resumed (its entry said so).
+        unsafe { unblock(r, cleanup) };
     }
 }
 
@@ -151,6 +231,10 @@ unsafe extern "C" fn on_write(r: *mut ngx_http_request_t) {
             // Not the timer (ngx_http_request_handler clears `delayed` when
             // it fires): keep waiting, with the event re-armed if need be.
             if ngx_handle_write_event(wev, 0) != NGX_OK as isize {
+                // Out of the wait before nginx finishes (and may free) it.
+                if let Some(Wait::Waiting { cleanup, .. }) = forget(r) {
+                    unblock(r, cleanup);
+                }
                 ngx_http_finalize_request(r, NGX_HTTP_INTERNAL_SERVER_ERROR as isize);
             }
             return;
@@ -170,26 +254,21 @@ unsafe extern "C" fn on_write(r: *mut ngx_http_request_t) {
 /// Records how `r` is to be decided and runs its phases again (or, if its
 /// client left meanwhile, lets nginx finish it).
 fn resume_with(r: *mut ngx_http_request_t, how: impl FnOnce(u64) -> Resumed) {
-    let since = WAITS.with_borrow_mut(|w| match w.by_request.get(&(r as usize)) {
-        Some(&Wait::Waiting { since_ms, .. }) => Some(since_ms),
+    let waiting = WAITS.with_borrow_mut(|w| match w.by_request.get(&(r as usize)) {
+        Some(&Wait::Waiting {
+            since_ms, cleanup, ..
+        }) => Some((since_ms, cleanup)),
         _ => None,
     });
-    let Some(since_ms) = since else {
-        return; // already resumed
+    let Some((since_ms, cleanup)) = waiting else {
+        return; // already resumed, or finished by nginx
     };
-    // SAFETY: `r` was blocked by `park`, so nginx kept it alive; unblocking
-    // it and running its write handler is what nginx's thread-pool
-    // completions do.
+    // SAFETY: `r` was blocked by `park` and is still waiting, so nginx kept
+    // it alive; unblocking it and running its phases is what nginx's
+    // thread-pool completions do.
     unsafe {
         let c = (*r).connection;
-        let wev = (*c).write;
-        if (*wev).timer_set() != 0 {
-            ngx_del_timer(wev);
-        }
-        (*wev).set_delayed(0);
-        let main = (*r).main;
-        (*main).set_blocked((*main).blocked().saturating_sub(1));
-        (*r).set_aio(0);
+        unblock(r, cleanup);
         if (*c).error() == 0 {
             WAITS.with_borrow_mut(|w| {
                 w.by_request

@@ -180,8 +180,11 @@ pub(crate) fn decide(
             }
             // SAFETY: `r` is a valid main request in the access phase, not
             // suspended (`found` was not `Waiting`).
-            unsafe { suspend::park(r, digest, since_ms, deadline_ms - waited) };
-            Ok(Decision::Suspended)
+            if unsafe { suspend::park(r, digest, since_ms, deadline_ms - waited) } {
+                Ok(Decision::Suspended)
+            } else {
+                local()
+            }
         }
         // The pool refused the task: decide like Redis is down.
         Take::Empty => local(),
@@ -211,6 +214,7 @@ fn refill(
         WORKER.with_borrow_mut(|w| w.in_flight.insert(*digest));
     } else if debt > 0 {
         owe_n(digest, limit, debt, now_ms);
+        arm_tick(fleet, zone);
     }
     ok
 }
@@ -335,6 +339,7 @@ fn pay_debts(fleet: &FleetConf, zone: &ZoneCtx, now_ms: u64) {
             WORKER.with_borrow_mut(|w| w.in_flight.insert(digest));
         } else {
             owe_n(&digest, debt.limit, debt.count, now_ms);
+            arm_tick(fleet, zone);
             return;
         }
     }
@@ -403,21 +408,29 @@ unsafe extern "C" fn call_done(ev: *mut ngx_event_t) {
             false
         }
     };
+    // SAFETY: as the zone: the configuration outlives the worker's tasks.
+    let fleet = unsafe { &*call.fleet };
+    if call.prefix.is_empty() {
+        WORKER.with_borrow_mut(|w| w.probing = false);
+    } else {
+        WORKER.with_borrow_mut(|w| w.in_flight.remove(&call.digest));
+        if !ok && call.debt > 0 {
+            // Not counted: owed again, sent when Redis answers.
+            owe_n(&call.digest, call.limit, call.debt, call.sent_ms);
+        }
+    }
     if ok {
         set_mode(true, now_ms, log, &call.url, "");
         if WORKER.with_borrow(|w| !w.debts.is_empty()) {
-            // SAFETY: as the zone: the configuration outlives the worker's tasks.
-            pay_debts(unsafe { &*call.fleet }, zone, now_ms);
+            pay_debts(fleet, zone, now_ms);
         }
+    } else {
+        // Local now: the tick probes Redis and pays what is owed once it
+        // answers, whether or not a request comes to this worker again.
+        arm_tick(fleet, zone);
     }
     if call.prefix.is_empty() {
-        WORKER.with_borrow_mut(|w| w.probing = false);
         return;
-    }
-    WORKER.with_borrow_mut(|w| w.in_flight.remove(&call.digest));
-    if !ok && call.debt > 0 {
-        // Not counted: owed again, sent when Redis answers.
-        owe_n(&call.digest, call.limit, call.debt, call.sent_ms);
     }
     if ok {
         suspend::refilled(&call.digest, true);

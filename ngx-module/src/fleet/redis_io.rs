@@ -95,6 +95,10 @@ fn exec(
         *slot = None;
     }
     let reused = slot.is_some();
+    // A call that ran in Redis but whose answer was lost (a timeout, a reset
+    // after the script ran) is counted there and owed again here, and the
+    // retry below may run a script that already ran: both count high, which
+    // only under-admits (never over).
     match attempt(call, slot) {
         // A pooled connection Redis (or a firewall) closed meanwhile is no
         // outage: reconnect and try once more. A timeout is not retried: it
