@@ -163,6 +163,34 @@ impl PostgresTarget {
     }
 }
 
+/// Connects with `tls` (or `NoTls`) within `wait` and drives the
+/// connection on `runtime`; `Err(None)` when the wait ran out. The
+/// connection task runs only while a call blocks on the runtime, which is
+/// the only time it has anything to do.
+fn open<T>(
+    runtime: &Runtime,
+    config: Config,
+    tls: T,
+    wait: Duration,
+) -> Result<Client, Option<String>>
+where
+    T: tokio_postgres::tls::MakeTlsConnect<tokio_postgres::Socket> + Send + 'static,
+    T::Stream: Send + 'static,
+    T::TlsConnect: Send,
+    <T::TlsConnect as tokio_postgres::tls::TlsConnect<tokio_postgres::Socket>>::Future: Send,
+{
+    let connected =
+        runtime.block_on(async move { tokio::time::timeout(wait, config.connect(tls)).await });
+    match connected {
+        Ok(Ok((client, connection))) => {
+            runtime.spawn(drive(connection));
+            Ok(client)
+        }
+        Ok(Err(e)) => Err(Some(e.to_string())),
+        Err(_) => Err(None),
+    }
+}
+
 /// Drives a connection's I/O until it ends; the runtime polls it while a
 /// call blocks on the runtime.
 async fn drive<S, T>(connection: tokio_postgres::Connection<S, T>)
@@ -218,39 +246,18 @@ impl Session {
         let Some(runtime) = &self.runtime else {
             return Err("the store is closed".to_owned());
         };
-        let late = || {
-            format!(
-                "connecting to PostgreSQL took longer than {:?}",
-                self.target.timeout
-            )
-        };
-        // The connection task runs only while a call blocks on the runtime,
-        // which is the only time it has anything to do.
         let client = match self.target.tls.clone() {
-            Some(tls) => {
-                let connected = runtime
-                    .block_on(async move { tokio::time::timeout(wait, config.connect(tls)).await });
-                let (client, connection) = match connected {
-                    Ok(Ok(pair)) => pair,
-                    Ok(Err(e)) => return Err(e.to_string()),
-                    Err(_) => return Err(late()),
-                };
-                runtime.spawn(drive(connection));
-                client
-            }
-            None => {
-                let connected = runtime.block_on(async move {
-                    tokio::time::timeout(wait, config.connect(NoTls)).await
-                });
-                let (client, connection) = match connected {
-                    Ok(Ok(pair)) => pair,
-                    Ok(Err(e)) => return Err(e.to_string()),
-                    Err(_) => return Err(late()),
-                };
-                runtime.spawn(drive(connection));
-                client
-            }
-        };
+            Some(tls) => open(runtime, config, tls, wait),
+            None => open(runtime, config, NoTls, wait),
+        }
+        .map_err(|e| {
+            e.unwrap_or_else(|| {
+                format!(
+                    "connecting to PostgreSQL took longer than {:?}",
+                    self.target.timeout
+                )
+            })
+        })?;
         let client = Arc::new(client);
         self.client = Some(Arc::clone(&client));
         Ok(client)
