@@ -85,8 +85,10 @@ struct Worker {
     /// what was already spent.
     debts: HashMap<KeyDigest, Debt>,
     probing: bool,
-    /// The worker's timer while it is local or owes Redis (see [`tick`]).
+    /// The worker's timer while it is local or owes Redis (see [`Tick`]).
     tick: Option<Box<Tick>>,
+    /// Redis's epoch as last seen: another value means Redis lost its counters.
+    epoch: Option<i64>,
 }
 
 /// A timer of one worker: while it is local it probes Redis once a
@@ -117,6 +119,7 @@ thread_local! {
         debts: HashMap::new(),
         probing: false,
         tick: None,
+        epoch: None,
     });
 }
 
@@ -155,10 +158,8 @@ pub(crate) fn decide(
         Found::Fresh => now_ms,
     };
     let mode = WORKER.with_borrow(|w| w.mode);
-    if let Mode::Local { probed_ms } = mode {
-        if now_ms.saturating_sub(probed_ms) >= PROBE_INTERVAL_MS {
-            probe(fleet, zone, now_ms);
-        }
+    if let Mode::Local { .. } = mode {
+        probe(fleet, zone, now_ms);
         return local();
     }
     if WORKER.with_borrow(|w| !w.debts.is_empty()) {
@@ -240,6 +241,7 @@ fn key_call(
         limit,
         want,
         debt,
+        epoch: new_epoch(),
         sent_ms: now_ms,
         zone,
         fleet,
@@ -291,6 +293,18 @@ unsafe extern "C" fn on_tick(ev: *mut ngx_event_t) {
     if local || owes {
         arm_tick(fleet, zone);
     }
+}
+
+/// Whether Redis's `epoch` says it lost its counters since this worker last
+/// saw it (and remembers it).
+fn lost_counters(epoch: i64) -> bool {
+    WORKER.with_borrow_mut(|w| w.epoch.replace(epoch).is_some_and(|e| e != epoch))
+}
+
+/// A value for Redis's epoch should it hold none: distinct per worker and call.
+fn new_epoch() -> i64 {
+    let n = u64::from(std::process::id()) << 32 | (clock::mono_ms() & 0xffff_ffff);
+    (n & (i64::MAX as u64)) as i64
 }
 
 /// Counts one admission of key `digest` (limit `limit`) made on its local
@@ -345,9 +359,14 @@ fn pay_debts(fleet: &FleetConf, zone: &ZoneCtx, now_ms: u64) {
     }
 }
 
+/// Probes Redis, at most once per [`PROBE_INTERVAL_MS`] (the interval
+/// counted from the last probe, or from when a lost Redis's window ends).
 fn probe(fleet: &FleetConf, zone: &ZoneCtx, now_ms: u64) {
     let busy = WORKER.with_borrow_mut(|w| {
         if let Mode::Local { probed_ms } = &mut w.mode {
+            if now_ms < probed_ms.saturating_add(PROBE_INTERVAL_MS) {
+                return true;
+            }
             *probed_ms = now_ms;
         }
         std::mem::replace(&mut w.probing, true)
@@ -366,6 +385,7 @@ fn probe(fleet: &FleetConf, zone: &ZoneCtx, now_ms: u64) {
             limit: 0,
             want: 0,
             debt: 0,
+            epoch: new_epoch(),
             sent_ms: now_ms,
             zone,
             fleet,
@@ -390,6 +410,26 @@ unsafe extern "C" fn call_done(ev: *mut ngx_event_t) {
     let zone = unsafe { &*call.zone };
     let log = ngx::log::ngx_cycle_log().as_ptr();
     let ok = match &call.result {
+        Some(Ok(c)) if lost_counters(c[4]) => {
+            // Redis answered, but it is not the Redis this worker counted in:
+            // its grant is not used, and the worker stays on local shares —
+            // which hold what this node admitted — until the window ends.
+            let left = WINDOW_MS.saturating_sub(c[3].max(0) as u64);
+            set_mode(
+                false,
+                now_ms,
+                log,
+                &call.url,
+                "it lost its counters: restarted without persistence or failed over",
+            );
+            WORKER.with_borrow_mut(|w| {
+                w.debts.clear();
+                w.mode = Mode::Local {
+                    probed_ms: (now_ms + left).saturating_sub(PROBE_INTERVAL_MS),
+                };
+            });
+            false
+        }
         Some(Ok(c)) => {
             if !call.prefix.is_empty() {
                 let n = |x: i64| u32::try_from(x.max(0)).unwrap_or(u32::MAX);

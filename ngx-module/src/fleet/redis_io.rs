@@ -21,8 +21,20 @@ use crate::zone::{KeyDigest, ZoneCtx};
 /// ARGV: limit, tokens wanted, window length (ms), debt (admissions the
 /// node made on its local share that Redis has not counted: counted first,
 /// in the current window, unconditionally — they were already admitted).
-/// Returns {granted, previous window's count, current window's count, ms into it}.
+/// ARGV[5]: an epoch to set if Redis holds none: `afr:{epoch}` lives as
+/// long as Redis's data (renewed for a day by every call), so a node that
+/// sees another value than before knows Redis lost its counters (a restart
+/// without persistence, a failover, or a fleet idle for a day: then only a
+/// window on local shares).
+/// Returns {granted, previous window's count, current window's count, ms
+/// into it, epoch}.
 const LEASE_SCRIPT: &str = r"
+local ep = redis.call('GET', 'afr:{epoch}')
+if not ep then
+  redis.call('SET', 'afr:{epoch}', ARGV[5], 'NX')
+  ep = redis.call('GET', 'afr:{epoch}')
+end
+redis.call('PEXPIRE', 'afr:{epoch}', 86400000)
 local t = redis.call('TIME')
 local w = tonumber(ARGV[3])
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -43,7 +55,7 @@ if grant > 0 then
   curr = redis.call('INCRBY', curk, grant)
   redis.call('PEXPIRE', curk, 2 * w + 1000)
 end
-return {grant, prev, curr, e}
+return {grant, prev, curr, e, tonumber(ep)}
 ";
 
 /// One Redis call, run on a pool thread; the result is read back on the event loop.
@@ -60,10 +72,12 @@ pub(super) struct Call {
     pub(super) want: u32,
     /// Local admissions of the key this call adds to Redis's count.
     pub(super) debt: u32,
+    /// The epoch to set if Redis has none (see [`LEASE_SCRIPT`]).
+    pub(super) epoch: i64,
     pub(super) sent_ms: u64,
     pub(super) zone: *const ZoneCtx,
     pub(super) fleet: *const FleetConf,
-    pub(super) result: Option<Result<[i64; 4], String>>,
+    pub(super) result: Option<Result<[i64; 5], String>>,
 }
 
 thread_local! {
@@ -87,7 +101,7 @@ pub(super) unsafe extern "C" fn run_call(data: *mut c_void, _log: *mut ngx_log_t
 fn exec(
     call: &Call,
     slot: &mut Option<(Arc<redis::ConnectionInfo>, redis::Connection)>,
-) -> Result<[i64; 4], String> {
+) -> Result<[i64; 5], String> {
     if slot
         .as_ref()
         .is_some_and(|(i, _)| !Arc::ptr_eq(i, &call.info))
@@ -115,7 +129,7 @@ fn exec(
 fn attempt(
     call: &Call,
     slot: &mut Option<(Arc<redis::ConnectionInfo>, redis::Connection)>,
-) -> redis::RedisResult<[i64; 4]> {
+) -> redis::RedisResult<[i64; 5]> {
     if slot.is_none() {
         let client = match &call.ca {
             Some(pem) => redis::Client::build_with_tls(
@@ -152,9 +166,10 @@ fn attempt(
         .arg(want)
         .arg(WINDOW_MS)
         .arg(call.debt)
+        .arg(call.epoch)
         .invoke::<Vec<i64>>(conn)
         .and_then(|v| {
-            <[i64; 4]>::try_from(v).map_err(|_| {
+            <[i64; 5]>::try_from(v).map_err(|_| {
                 redis::RedisError::from((
                     redis::ErrorKind::UnexpectedReturnType,
                     "lease script answered an unexpected shape",
