@@ -111,6 +111,14 @@ impl Health {
         std::mem::replace(&mut self.up, false).then_some(Change::Lost)
     }
 
+    /// Redis answered, but without the counts it held (it restarted empty
+    /// or failed over): the node decides alone until `until` (the end of
+    /// the window those counts were of), as when Redis is down.
+    pub fn lost_counters(&mut self, until: Instant) -> Option<Change> {
+        self.next_try = Some(until);
+        std::mem::replace(&mut self.up, false).then_some(Change::Lost)
+    }
+
     /// A Redis call succeeded.
     pub fn answered(&mut self) -> Option<Change> {
         self.next_try = None;

@@ -24,7 +24,8 @@ const URL_ENV: &str = "AFR_TEST_FLEET_REDIS_URL";
 struct Redis {
     child: Child,
     port: u16,
-    _dir: tempfile::TempDir,
+    args: Vec<String>,
+    dir: tempfile::TempDir,
 }
 
 impl Redis {
@@ -40,27 +41,45 @@ impl Redis {
             .and_then(|l| l.local_addr())
             .expect("a free port")
             .port();
-        let child = Command::new("redis-server")
+        let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+        let child = Redis::spawn(port, &args, dir.path());
+        let redis = Redis {
+            child,
+            port,
+            args,
+            dir,
+        };
+        redis.wait_ready();
+        redis
+    }
+
+    /// Kills it and starts it again on the same port, empty (no persistence).
+    fn restart_empty(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        self.child = Redis::spawn(self.port, &self.args, self.dir.path());
+        self.wait_ready();
+    }
+
+    fn wait_ready(&self) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.cli(&["PING"]) != "PONG" {
+            assert!(Instant::now() < deadline, "redis-server did not start");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn spawn(port: u16, args: &[String], dir: &Path) -> Child {
+        Command::new("redis-server")
             .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
             .args(["--save", "", "--appendonly", "no"])
             .args(args)
             .arg("--dir")
-            .arg(dir.path())
+            .arg(dir)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
-            .expect("redis-server (scripts/setup installs it)");
-        let redis = Redis {
-            child,
-            port,
-            _dir: dir,
-        };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while redis.cli(&["PING"]) != "PONG" {
-            assert!(Instant::now() < deadline, "redis-server did not start");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        redis
+            .expect("redis-server (scripts/setup installs it)")
     }
 
     fn cli(&self, args: &[&str]) -> String {
@@ -484,4 +503,36 @@ async fn redis_over_tls_is_verified_against_the_ca_file() {
     assert_eq!(chat(&wary, "k2", "tpm=100000").await.0, 200);
     assert!(wary.log().contains("Redis unreachable"), "{}", wary.log());
     assert_eq!(redis.tokens_counted(), before);
+}
+
+#[tokio::test]
+async fn a_redis_restarted_empty_holds_the_node_to_its_share_of_the_window() {
+    let mut redis = Redis::start();
+    let mock = Mock::start(&[]);
+    // Answers take 2 s: the reservations below stay in the window meanwhile.
+    mock.set(json!({"latency_ms": 2000})).await;
+    let sidecar = Arc::new(fleet_sidecar(&mock, redis.port, SQLITE, &[]));
+    let tpm = "tpm=2000";
+    // Three requests in flight hold ~3 × 512 of the key's 2000 tokens.
+    let mut inflight = Vec::new();
+    for _ in 0..3 {
+        let s = Arc::clone(&sidecar);
+        inflight.push(tokio::spawn(async move { chat(&s, "k", tpm).await.0 }));
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(redis.tokens_counted() >= 1500, "{}", redis.tokens_counted());
+    redis.restart_empty();
+    // An empty Redis would grant the whole window again; the node holds the key to
+    // its share of what was left (about (2000 − 1536) ÷ 2), which this one exceeds.
+    let (status, body) = chat(&sidecar, "k", tpm).await;
+    assert_eq!(status, 429, "{body}");
+    assert!(
+        sidecar.log().contains("lost its counters"),
+        "{}",
+        sidecar.log()
+    );
+    for t in inflight {
+        assert_eq!(t.await.unwrap(), 200);
+    }
 }

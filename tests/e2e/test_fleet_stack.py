@@ -88,7 +88,12 @@ class Fleet:
         return float(m.group(1)) if m else 0.0
 
     # --- Redis -------------------------------------------------------------------------
-    def stop_redis(self) -> None:
+    def stop_redis(self, keep_data: bool = False) -> None:
+        """Stops Redis; with `keep_data` it saves its counters first (a restart of the same
+        Redis, not one that lost them)."""
+        if keep_data:
+            port = (self.home / "redis.port").read_text().strip()
+            subprocess.run(["redis-cli", "-p", port, "SAVE"], check=True, capture_output=True, timeout=30)
         pid = int((self.home / "redis.pid").read_text())
         os.kill(pid, signal.SIGTERM)
         for _ in range(100):
@@ -99,9 +104,12 @@ class Fleet:
             time.sleep(0.05)
         raise AssertionError("redis-server did not stop")
 
-    def start_redis(self) -> None:
-        """A fresh, empty Redis on the same port (no persistence, as scripts/fleet runs it)."""
+    def start_redis(self, keep_data: bool = False) -> None:
+        """Redis again on the same port: empty (no persistence, as scripts/fleet runs it),
+        or with what `stop_redis(keep_data=True)` saved."""
         (self.home / "redis.pid").unlink(missing_ok=True)
+        if not keep_data:
+            (self.home / "redis" / "dump.rdb").unlink(missing_ok=True)
         port = (self.home / "redis.port").read_text().strip()
         subprocess.run(
             ["redis-server", "--port", port, "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
@@ -115,10 +123,10 @@ class Fleet:
             time.sleep(0.05)
         raise AssertionError("redis-server did not start")
 
-    def wait_redis_in_use(self) -> None:
+    def wait_redis_in_use(self, timeout: float = 15) -> None:
         """Both sidecars back on Redis: requests of a tpm key probe it once a second."""
         _, key = self.new_key("probe", "--rpm", "100000", "--tpm", "100000000")
-        deadline = time.monotonic() + 15
+        deadline = time.monotonic() + timeout
         for i in range(2):
             # The first call finds the old connection broken (if the node had one).
             self.client(i, key).chat.completions.create(model="gpt-4o-mini", messages=HI, max_tokens=5)
@@ -220,7 +228,7 @@ def test_redis_down_holds_each_node_to_its_share_then_global_limits_return(fleet
     # so it needs Redis again within these requests and notices it is gone.
     _, key = fleet.new_key("down", "--rpm", "40", "--tpm", "4200")
     local_before = fleet.metric(0, "afr_fleet_local_reservations_total")
-    fleet.stop_redis()
+    fleet.stop_redis(keep_data=True)  # down and back with its counters
     try:
         fleet.clear_mocks()
         fleet.mock_config(latency_ms=1000)
@@ -252,7 +260,7 @@ def test_redis_down_holds_each_node_to_its_share_then_global_limits_return(fleet
         assert log.count("fleet: Redis unreachable") == 1, log
     finally:
         fleet.mock_config(latency_ms=0)
-        fleet.start_redis()
+        fleet.start_redis(keep_data=True)
     fleet.wait_redis_in_use()
     assert "fleet: Redis is reachable again" in (fleet.nodes[0] / "logs/sidecar.log").read_text()
 
@@ -281,7 +289,8 @@ def test_a_redis_restart_renews_no_budget(fleet):
     assert rows and rows[0]["requests"] >= 4, rows
     fleet.stop_redis()
     fleet.start_redis()
-    fleet.wait_redis_in_use()
+    # Redis lost its counters: the nodes see it and decide alone until the window ends.
+    fleet.wait_redis_in_use(timeout=75)
     local = [fleet.metric(i, "afr_fleet_local_reservations_total") for i in range(2)]
     # Redis has no counter for this key's day: it is set from the usage store.
     for i in range(2):

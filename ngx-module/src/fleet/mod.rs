@@ -241,7 +241,6 @@ fn key_call(
         limit,
         want,
         debt,
-        epoch: new_epoch(),
         sent_ms: now_ms,
         zone,
         fleet,
@@ -299,12 +298,6 @@ unsafe extern "C" fn on_tick(ev: *mut ngx_event_t) {
 /// saw it (and remembers it).
 fn lost_counters(epoch: i64) -> bool {
     WORKER.with_borrow_mut(|w| w.epoch.replace(epoch).is_some_and(|e| e != epoch))
-}
-
-/// A value for Redis's epoch should it hold none: distinct per worker and call.
-fn new_epoch() -> i64 {
-    let n = u64::from(std::process::id()) << 32 | (clock::mono_ms() & 0xffff_ffff);
-    (n & (i64::MAX as u64)) as i64
 }
 
 /// Counts one admission of key `digest` (limit `limit`) made on its local
@@ -385,7 +378,6 @@ fn probe(fleet: &FleetConf, zone: &ZoneCtx, now_ms: u64) {
             limit: 0,
             want: 0,
             debt: 0,
-            epoch: new_epoch(),
             sent_ms: now_ms,
             zone,
             fleet,
@@ -410,11 +402,12 @@ unsafe extern "C" fn call_done(ev: *mut ngx_event_t) {
     let zone = unsafe { &*call.zone };
     let log = ngx::log::ngx_cycle_log().as_ptr();
     let ok = match &call.result {
-        Some(Ok(c)) if lost_counters(c[4]) => {
-            // Redis answered, but it is not the Redis this worker counted in:
-            // its grant is not used, and the worker stays on local shares —
-            // which hold what this node admitted — until the window ends.
-            let left = WINDOW_MS.saturating_sub(c[3].max(0) as u64);
+        Some(Ok(c)) if lost_counters(c[4]) && c[5] > 0 => {
+            // Redis answered, but it is not the Redis this worker counted in,
+            // and the window its counters were lost in is not over: its grant
+            // is not used, and the worker stays on local shares — which hold
+            // what this node admitted — until that window ends.
+            let left = (c[5].max(0) as u64).min(WINDOW_MS);
             set_mode(
                 false,
                 now_ms,

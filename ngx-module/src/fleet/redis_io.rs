@@ -21,21 +21,21 @@ use crate::zone::{KeyDigest, ZoneCtx};
 /// ARGV: limit, tokens wanted, window length (ms), debt (admissions the
 /// node made on its local share that Redis has not counted: counted first,
 /// in the current window, unconditionally — they were already admitted).
-/// ARGV[5]: an epoch to set if Redis holds none: `afr:{epoch}` lives as
-/// long as Redis's data (renewed for a day by every call), so a node that
-/// sees another value than before knows Redis lost its counters (a restart
-/// without persistence, a failover, or a fleet idle for a day: then only a
-/// window on local shares).
+/// `afr:{epoch}` is the time (Redis's ms) its data began, set when missing:
+/// it lives as long as Redis's data (renewed for a day by every call), so a
+/// node that sees another value than before knows Redis lost its counters
+/// (a restart without persistence, a failover, or a fleet idle for a day)
+/// and when: the window they were lost in.
 /// Returns {granted, previous window's count, current window's count, ms
-/// into it, epoch}.
+/// into it, epoch, ms left of the window the epoch began in (≤ 0: over)}.
 const LEASE_SCRIPT: &str = r"
+local t = redis.call('TIME')
 local ep = redis.call('GET', 'afr:{epoch}')
 if not ep then
-  redis.call('SET', 'afr:{epoch}', ARGV[5], 'NX')
+  redis.call('SET', 'afr:{epoch}', tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000), 'NX')
   ep = redis.call('GET', 'afr:{epoch}')
 end
 redis.call('PEXPIRE', 'afr:{epoch}', 86400000)
-local t = redis.call('TIME')
 local w = tonumber(ARGV[3])
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local start = now - now % w
@@ -55,7 +55,8 @@ if grant > 0 then
   curr = redis.call('INCRBY', curk, grant)
   redis.call('PEXPIRE', curk, 2 * w + 1000)
 end
-return {grant, prev, curr, e, tonumber(ep)}
+local epl = tonumber(ep) - tonumber(ep) % w + w - now
+return {grant, prev, curr, e, tonumber(ep), epl}
 ";
 
 /// One Redis call, run on a pool thread; the result is read back on the event loop.
@@ -72,12 +73,10 @@ pub(super) struct Call {
     pub(super) want: u32,
     /// Local admissions of the key this call adds to Redis's count.
     pub(super) debt: u32,
-    /// The epoch to set if Redis has none (see [`LEASE_SCRIPT`]).
-    pub(super) epoch: i64,
     pub(super) sent_ms: u64,
     pub(super) zone: *const ZoneCtx,
     pub(super) fleet: *const FleetConf,
-    pub(super) result: Option<Result<[i64; 5], String>>,
+    pub(super) result: Option<Result<[i64; 6], String>>,
 }
 
 thread_local! {
@@ -101,7 +100,7 @@ pub(super) unsafe extern "C" fn run_call(data: *mut c_void, _log: *mut ngx_log_t
 fn exec(
     call: &Call,
     slot: &mut Option<(Arc<redis::ConnectionInfo>, redis::Connection)>,
-) -> Result<[i64; 5], String> {
+) -> Result<[i64; 6], String> {
     if slot
         .as_ref()
         .is_some_and(|(i, _)| !Arc::ptr_eq(i, &call.info))
@@ -129,7 +128,7 @@ fn exec(
 fn attempt(
     call: &Call,
     slot: &mut Option<(Arc<redis::ConnectionInfo>, redis::Connection)>,
-) -> redis::RedisResult<[i64; 5]> {
+) -> redis::RedisResult<[i64; 6]> {
     if slot.is_none() {
         let client = match &call.ca {
             Some(pem) => redis::Client::build_with_tls(
@@ -166,10 +165,9 @@ fn attempt(
         .arg(want)
         .arg(WINDOW_MS)
         .arg(call.debt)
-        .arg(call.epoch)
         .invoke::<Vec<i64>>(conn)
         .and_then(|v| {
-            <[i64; 5]>::try_from(v).map_err(|_| {
+            <[i64; 6]>::try_from(v).map_err(|_| {
                 redis::RedisError::from((
                     redis::ErrorKind::UnexpectedReturnType,
                     "lease script answered an unexpected shape",

@@ -42,20 +42,31 @@ use crate::usage::{UsageQuery, UsageReader};
 /// reservation's hold. ARGV: (unused), window (ms), tpm (-1: none), tokens
 /// asked, budget in nano-dollars (-1: none), cost asked, budget counter TTL
 /// (ms), budget seed (-1: none known; a missing counter is then answered 3
-/// without counting), hold TTL (ms).
+/// without counting), hold TTL (ms). `afr:{epoch}` (shared with nginx's
+/// `afr_fleet`) is when Redis's data began: another value than the last one
+/// seen means Redis lost its counters, in the window the epoch began in.
 /// Returns {verdict (0 counted, 1 tokens refused, 2 budget refused, 3 seed
 /// wanted, 4 the reservation was already released: its node gave up on this
-/// call), window start, previous window's tokens, current window's, spent}.
+/// call), window start, previous window's tokens, current window's, spent,
+/// epoch, ms left of the window the epoch began in (≤ 0: over)}.
 /// The rule is `afr_core::ledger`'s `admit` on the fleet's counts, windows on
 /// Redis's own clock (one clock for every node); Lua's numbers are doubles,
 /// exact below 2^53 (tokens × 60 000 and nano-dollars). What was counted is
 /// written in the hold (tokens:cost:window start:flags, 1 tokens, 2 cost)
 /// for the settlement to correct exactly once.
 const RESERVE: &str = r"
-if redis.call('EXISTS', KEYS[3]) == 1 then return {4, 0, 0, 0, 0} end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local w = tonumber(ARGV[2])
+local ep = redis.call('GET', 'afr:{epoch}')
+if not ep then
+  redis.call('SET', 'afr:{epoch}', now, 'NX')
+  ep = redis.call('GET', 'afr:{epoch}')
+end
+redis.call('PEXPIRE', 'afr:{epoch}', 86400000)
+ep = tonumber(ep)
+local epl = ep - ep % w + w - now
+if redis.call('EXISTS', KEYS[3]) == 1 then return {4, 0, 0, 0, 0, ep, epl} end
 local tpm = tonumber(ARGV[3])
 local budget = tonumber(ARGV[5])
 local start = now - now % w
@@ -68,19 +79,19 @@ end
 if budget >= 0 then
   local s = redis.call('GET', KEYS[2])
   if not s then
-    if tonumber(ARGV[8]) < 0 then return {3, start, prev, curr, 0} end
+    if tonumber(ARGV[8]) < 0 then return {3, start, prev, curr, 0, ep, epl} end
     redis.call('SET', KEYS[2], ARGV[8], 'PX', ARGV[7], 'NX')
     s = redis.call('GET', KEYS[2])
   end
   spent = tonumber(s)
 end
 if tpm >= 0 and prev * (w - (now - start)) + (curr + tonumber(ARGV[4])) * w > tpm * w then
-  return {1, start, prev, curr, spent}
+  return {1, start, prev, curr, spent, ep, epl}
 end
 local flags, tok, cost = 0, 0, 0
 if budget >= 0 then
   if spent >= budget or spent + tonumber(ARGV[6]) > budget then
-    return {2, start, prev, curr, spent}
+    return {2, start, prev, curr, spent, ep, epl}
   end
   spent = redis.call('INCRBY', KEYS[2], ARGV[6])
   redis.call('PEXPIRE', KEYS[2], ARGV[7])
@@ -92,7 +103,7 @@ if tpm >= 0 then
   flags, tok = flags + 1, ARGV[4]
 end
 redis.call('SET', KEYS[3], tok .. ':' .. cost .. ':' .. string.format('%d', start) .. ':' .. flags, 'PX', ARGV[9])
-return {0, start, prev, curr, spent}
+return {0, start, prev, curr, spent, ep, epl}
 ";
 
 /// Settle (or release: used 0). KEYS: the token-window prefix, the budget
@@ -176,6 +187,8 @@ pub struct Fleet {
     /// What this node decides alone while Redis is away: each key on its
     /// share of what was left fleet-wide at the last sync, counted from zero.
     outage: Mutex<Outage>,
+    /// Redis's epoch as last seen (see `RESERVE`).
+    epoch: Mutex<Option<i64>>,
     reserve: redis::Script,
     settle: redis::Script,
     pay: redis::Script,
@@ -236,6 +249,10 @@ pub struct FleetHold {
 struct Answer {
     verdict: i64,
     counts: [i64; 5],
+    /// Redis's `afr:{epoch}`.
+    epoch: i64,
+    /// Milliseconds left of the window that epoch began in.
+    epoch_left: i64,
 }
 
 impl Fleet {
@@ -277,6 +294,7 @@ impl Fleet {
             health: Mutex::new(Health::default()),
             local: AtomicU64::new(0),
             outage: Mutex::new(Outage::default()),
+            epoch: Mutex::new(None),
             reserve: redis::Script::new(RESERVE),
             settle: redis::Script::new(SETTLE),
             pay: redis::Script::new(PAY),
@@ -319,7 +337,20 @@ impl Fleet {
             let hold = names.hold(id);
             let mut seed: i64 = -1;
             let answer = loop {
-                let call = self.run_reserve(&names, &hold, limits, ask, now, period, seed);
+                // A connection Redis closed (a restart, a firewall) is no
+                // outage: reconnect and try once more within the same bound.
+                let call = async {
+                    match self
+                        .run_reserve(&names, &hold, limits, ask, now, period, seed)
+                        .await
+                    {
+                        Err(e) if connection_lost(&e) => {
+                            self.run_reserve(&names, &hold, limits, ask, now, period, seed)
+                                .await
+                        }
+                        r => r,
+                    }
+                };
                 match tokio::time::timeout(self.timeout, call).await {
                     Ok(Ok(a)) if a.verdict == 3 && seed < 0 => {
                         let spent = tokio::time::timeout(
@@ -338,6 +369,20 @@ impl Fleet {
                                 return Err(Reserve::Unavailable);
                             }
                         }
+                    }
+                    Ok(Ok(a)) if self.lost_counters(a.epoch) && a.epoch_left > 0 => {
+                        // Redis answered without the counts it held: what
+                        // this reservation counted there is released, and
+                        // the node decides alone until that window ends.
+                        if a.verdict == 0 {
+                            self.apply_later(names.clone(), hold.clone(), Amount::default());
+                        }
+                        let left = (a.epoch_left as u64).min(WINDOW_MS);
+                        let until = Instant::now() + Duration::from_millis(left);
+                        if self.health().lost_counters(until) == Some(Change::Lost) {
+                            tracing::error!(redis = %self.target, "fleet: Redis lost its counters (restarted without persistence or failed over); tpm and budgets are held to this node's share until the window ends");
+                        }
+                        break None;
                     }
                     Ok(Ok(a)) => break Some(a),
                     Ok(Err(e)) => {
@@ -369,11 +414,15 @@ impl Fleet {
             .map_err(Reserve::Refused)
     }
 
-    /// `limits` for `key` while Redis is away: `tpm` ÷ nodes; the budget
-    /// what was left at the last sync ÷ nodes.
+    /// `limits` for `key` while Redis is away: what was left at the last
+    /// sync ÷ nodes, of its `tpm` window and of its budget.
     fn outage_share(&self, mirror: &Ledger, key: &str, limits: &KeyLimits, now: Now) -> KeyLimits {
         let n = u64::from(self.nodes.max(1));
         let mut share = limits.share(self.nodes);
+        if let Some(tpm) = limits.tpm {
+            let left = mirror.tokens(key, tpm, now).remaining;
+            share.tpm = Some((left / n).max(1));
+        }
         if let Some(budget) = limits.budget {
             let left = mirror.budget_remaining(key, budget, now);
             share.budget = Some(afr_core::limits::Budget {
@@ -400,6 +449,13 @@ impl Fleet {
         });
         debt.used.tokens += used.tokens;
         debt.used.cost_nanos += used.cost_nanos;
+    }
+
+    /// Whether Redis's `epoch` says it lost its counters since this node
+    /// last saw it (and remembers it).
+    fn lost_counters(&self, epoch: i64) -> bool {
+        let mut seen = self.epoch.lock().unwrap_or_else(|e| e.into_inner());
+        seen.replace(epoch).is_some_and(|e| e != epoch)
     }
 
     fn outage(&self) -> MutexGuard<'_, Outage> {
@@ -548,11 +604,14 @@ impl Fleet {
                 *slot = None;
             }
         })?;
-        let counts = <[i64; 5]>::try_from(out)
+        let all = <[i64; 7]>::try_from(out)
             .map_err(|v| anyhow::anyhow!("the reserve script answered {v:?}"))?;
+        let [verdict, start, prev, curr, spent, epoch, epoch_left] = all;
         Ok(Answer {
-            verdict: counts[0],
-            counts,
+            verdict,
+            counts: [verdict, start, prev, curr, spent],
+            epoch,
+            epoch_left,
         })
     }
 
@@ -657,6 +716,12 @@ impl FleetHold {
         } = self;
         fleet.apply_later(names, hold, used);
     }
+}
+
+/// Whether `e` is a connection that broke (not a timeout, not a refusal).
+fn connection_lost(e: &anyhow::Error) -> bool {
+    e.downcast_ref::<redis::RedisError>()
+        .is_some_and(|e| (e.is_connection_dropped() || e.is_io_error()) && !e.is_timeout())
 }
 
 fn lock(ledger: &Mutex<Ledger>) -> MutexGuard<'_, Ledger> {
