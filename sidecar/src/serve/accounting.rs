@@ -232,13 +232,21 @@ impl Accounting {
         row.cost_nanos = self.price.map(|p| p.cost_nanos(&billed.usage));
         self.attempts_billed.tokens += row.total_tokens;
         self.attempts_billed.cost_nanos += row.cost_nanos.unwrap_or(0);
+        self.publish(row, Some(&billed.usage));
+    }
+
+    /// The metrics of `record`'s tokens (`tokens`, when it consumed any) and
+    /// cost, and the row itself to the usage store.
+    fn publish(&self, record: UsageRecord, tokens: Option<&TokenUsage>) {
         let metrics = &self.gateway.metrics;
-        metrics.tokens(&row.model, &row.provider, &billed.usage);
-        if let Some(nanos) = row.cost_nanos {
-            metrics.spend(&row.key_id, &row.model, nanos);
+        if let Some(tokens) = tokens {
+            metrics.tokens(&record.model, &record.provider, tokens);
+        }
+        if let Some(nanos) = record.cost_nanos {
+            metrics.spend(&record.key_id, &record.model, nanos);
         }
         if let Some(recorder) = &self.gateway.recorder {
-            recorder.record(row);
+            recorder.record(record);
         }
     }
 
@@ -298,15 +306,8 @@ impl Accounting {
         }
         let metrics = &self.gateway.metrics;
         metrics.request(&record.model, &record.provider, status, latency);
-        if record.token_source != TokenSource::None {
-            metrics.tokens(&record.model, &record.provider, &self.tokens);
-        }
-        if let Some(nanos) = record.cost_nanos {
-            metrics.spend(&record.key_id, &record.model, nanos);
-        }
-        if let Some(recorder) = &self.gateway.recorder {
-            recorder.record(record);
-        }
+        let tokens = (record.token_source != TokenSource::None).then_some(self.tokens);
+        self.publish(record, tokens.as_ref());
     }
 }
 

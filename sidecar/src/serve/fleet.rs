@@ -247,12 +247,17 @@ pub struct FleetHold {
 /// One reserve script's answer: {verdict, window start, previous window's
 /// tokens, current window's, spent}.
 struct Answer {
-    verdict: i64,
     counts: [i64; 5],
     /// Redis's `afr:{epoch}`.
     epoch: i64,
     /// Milliseconds left of the window that epoch began in.
     epoch_left: i64,
+}
+
+impl Answer {
+    fn verdict(&self) -> i64 {
+        self.counts[0]
+    }
 }
 
 impl Fleet {
@@ -352,7 +357,7 @@ impl Fleet {
                     }
                 };
                 match tokio::time::timeout(self.timeout, call).await {
-                    Ok(Ok(a)) if a.verdict == 3 && seed < 0 => {
+                    Ok(Ok(a)) if a.verdict() == 3 && seed < 0 => {
                         let spent = tokio::time::timeout(
                             SEED_TIMEOUT,
                             spent_in_store(store, key, period.map_or(0, |(s, _)| s)),
@@ -374,7 +379,7 @@ impl Fleet {
                         // Redis answered without the counts it held: what
                         // this reservation counted there is released, and
                         // the node decides alone until that window ends.
-                        if a.verdict == 0 {
+                        if a.verdict() == 0 {
                             self.apply_later(names.clone(), hold.clone(), Amount::default());
                         }
                         let left = (a.epoch_left as u64).min(WINDOW_MS);
@@ -608,7 +613,6 @@ impl Fleet {
             .map_err(|v| anyhow::anyhow!("the reserve script answered {v:?}"))?;
         let [verdict, start, prev, curr, spent, epoch, epoch_left] = all;
         Ok(Answer {
-            verdict,
             counts: [verdict, start, prev, curr, spent],
             epoch,
             epoch_left,
