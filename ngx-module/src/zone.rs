@@ -109,6 +109,14 @@ struct Shared {
     /// evictions since: one line a minute for the whole zone.
     full_logged_ms: u64,
     evicted_unlogged: u64,
+    /// Redis's epoch as this node last saw it (0: never), kept here rather
+    /// than per worker so that a worker's first call after a Redis restart
+    /// is compared with what the node counted in.
+    fleet_epoch: i64,
+    /// An epoch that was seen replacing another one: Redis lost its counters
+    /// when it began, so every worker treats it as lost while its first
+    /// window lasts.
+    fleet_lost_epoch: i64,
 }
 
 /// One key's counter. Fixed size: see the module docs.
@@ -199,6 +207,8 @@ pub extern "C" fn init_zone(zone: *mut ngx_shm_zone_t, old_data: *mut c_void) ->
             lru_tail: NIL,
             slots_offset: slots_offset as u32,
             full_logged_ms: 0,
+            fleet_epoch: 0,
+            fleet_lost_epoch: 0,
             evicted_unlogged: 0,
         });
         let buckets = sh.add(1).cast::<u32>();
@@ -440,6 +450,24 @@ impl ZoneCtx {
     pub fn fleet_apply(&self, digest: &KeyDigest, grant: &Grant, sent_ms: u64, now_ms: u64) {
         // An uninitialised zone has no lease to add to: nothing to do.
         let _ = self.with_slot(digest, now_ms, |slot| slot.lease.apply(grant, sent_ms));
+    }
+
+    /// Whether Redis's `epoch` says it lost the counters this node counted
+    /// in — it replaced the epoch the node last saw, or some worker already
+    /// saw it do so — and remembers it. `window_left_ms` is what is left of
+    /// the window the epoch began in (≤ 0: over, and so is the loss).
+    pub fn fleet_lost_counters(&self, epoch: i64, window_left_ms: i64) -> bool {
+        if self.sh.is_null() || self.pool.is_null() {
+            return false;
+        }
+        let _guard = Locked::new(self.pool);
+        // SAFETY: under the mutex we have exclusive access to the zone header.
+        let sh = unsafe { &mut *self.sh };
+        if sh.fleet_epoch != 0 && sh.fleet_epoch != epoch {
+            sh.fleet_lost_epoch = epoch;
+        }
+        sh.fleet_epoch = epoch;
+        sh.fleet_lost_epoch == epoch && window_left_ms > 0
     }
 
     /// Runs `f` on key `digest`'s slot (made most recently used; a new key

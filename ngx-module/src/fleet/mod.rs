@@ -87,8 +87,6 @@ struct Worker {
     probing: bool,
     /// The worker's timer while it is local or owes Redis (see [`Tick`]).
     tick: Option<Box<Tick>>,
-    /// Redis's epoch as last seen: another value means Redis lost its counters.
-    epoch: Option<i64>,
 }
 
 /// A timer of one worker: while it is local it probes Redis once a
@@ -119,7 +117,6 @@ thread_local! {
         debts: HashMap::new(),
         probing: false,
         tick: None,
-        epoch: None,
     });
 }
 
@@ -294,12 +291,6 @@ unsafe extern "C" fn on_tick(ev: *mut ngx_event_t) {
     }
 }
 
-/// Whether Redis's `epoch` says it lost its counters since this worker last
-/// saw it (and remembers it).
-fn lost_counters(epoch: i64) -> bool {
-    WORKER.with_borrow_mut(|w| w.epoch.replace(epoch).is_some_and(|e| e != epoch))
-}
-
 /// Counts one admission of key `digest` (limit `limit`) made on its local
 /// share, for Redis to count when it answers again.
 fn owe(digest: &KeyDigest, limit: u32, now_ms: u64) {
@@ -402,8 +393,8 @@ unsafe extern "C" fn call_done(ev: *mut ngx_event_t) {
     let zone = unsafe { &*call.zone };
     let log = ngx::log::ngx_cycle_log().as_ptr();
     let ok = match &call.result {
-        Some(Ok(c)) if lost_counters(c[4]) && c[5] > 0 => {
-            // Redis answered, but it is not the Redis this worker counted in,
+        Some(Ok(c)) if zone.fleet_lost_counters(c[4], c[5]) => {
+            // Redis answered, but it is not the Redis this node counted in,
             // and the window its counters were lost in is not over: its grant
             // is not used, and the worker stays on local shares — which hold
             // what this node admitted — until that window ends.
