@@ -257,6 +257,56 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
+    /// The table the Lua twin is run against too (sidecar/tests/fleet.rs).
+    const VECTORS: &str = include_str!("../vectors/sliding-window.json");
+
+    #[test]
+    fn the_sliding_window_vectors_hold_in_rust() {
+        let doc: serde_json::Value = serde_json::from_str(VECTORS).unwrap();
+        assert_eq!(doc["window_ms"], WINDOW_MS);
+        let n = |v: &serde_json::Value, k: &str| v[k].as_i64().unwrap_or_else(|| panic!("{k}"));
+        let rule = doc["rule"].as_array().unwrap();
+        assert!(rule.len() >= 10);
+        for v in rule {
+            let name = v["name"].as_str().unwrap();
+            let room = crate::ratelimit::room(
+                n(v, "limit") as u64,
+                n(v, "prev") as u64,
+                n(v, "curr") as u64,
+                n(v, "elapsed_ms") as u64,
+            );
+            assert_eq!(room, i128::from(n(v, "room")), "{name}");
+            let grant = room.min(i128::from(n(v, "want"))).max(0);
+            assert_eq!(grant, i128::from(n(v, "grant")), "{name}");
+        }
+        for v in doc["lease"].as_array().unwrap() {
+            let name = v["name"].as_str().unwrap();
+            let limit = n(v, "limit") as u32;
+            let mut lease = Lease::default();
+            for step in v["steps"].as_array().unwrap() {
+                if let Some(g) = step.get("apply") {
+                    let c = |k| n(g, k) as u32;
+                    let grant = Grant::from_counts(
+                        limit,
+                        c("granted"),
+                        c("prev"),
+                        c("curr"),
+                        n(g, "elapsed_ms") as u64,
+                    );
+                    lease.apply(&grant, n(step, "sent_ms") as u64);
+                } else {
+                    let at = n(step, "take_at_ms") as u64;
+                    let got = match lease.take(limit, at) {
+                        Take::Admit(_) => "admit",
+                        Take::Deny(_) => "deny",
+                        Take::Empty => "empty",
+                    };
+                    assert_eq!(got, step["expect"].as_str().unwrap(), "{name}, at {at} ms");
+                }
+            }
+        }
+    }
+
     #[test]
     fn chunks_shrink_to_one_near_the_limit() {
         assert_eq!(chunk(50, 50, 2), 3); // capped at 50/16
@@ -341,7 +391,8 @@ mod tests {
 
     /// A model of Redis: one window, the script's capped INCRBY.
     fn script(curr: &mut u32, limit: u32, want: u32) -> Grant {
-        let g = want.min(limit - *curr);
+        let room = crate::ratelimit::room(limit.into(), 0, (*curr).into(), 1_000);
+        let g = want.min(room.max(0) as u32);
         *curr += g;
         Grant::from_counts(limit, g, 0, *curr, 1_000)
     }

@@ -28,7 +28,7 @@
 use std::collections::HashMap;
 
 use crate::limits::{Budget, KeyLimits, Period};
-use crate::ratelimit::WINDOW_MS;
+use crate::ratelimit::{room, WINDOW_MS};
 
 /// Tokens (and their cost) a request reserves, or that a settlement reports.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -197,6 +197,7 @@ impl TokenWindow {
     }
 
     /// Load at `now_ms` in token·ms (divide by [`WINDOW_MS`] for tokens).
+    #[cfg(test)]
     fn load(&self, now_ms: u64) -> u128 {
         let elapsed = now_ms.saturating_sub(self.start_ms).min(WINDOW_MS - 1);
         u128::from(self.prev) * u128::from(WINDOW_MS - elapsed)
@@ -204,8 +205,8 @@ impl TokenWindow {
     }
 
     fn fits(&self, need: u64, limit: u64, now_ms: u64) -> bool {
-        self.load(now_ms) + u128::from(need) * u128::from(WINDOW_MS)
-            <= u128::from(limit) * u128::from(WINDOW_MS)
+        let elapsed = now_ms.saturating_sub(self.start_ms);
+        room(limit, self.prev, self.curr, elapsed) >= i128::from(need)
     }
 
     /// Milliseconds from `now_ms` until `need` tokens fit, if nothing else
@@ -233,8 +234,8 @@ impl TokenWindow {
     }
 
     fn state(&self, limit: u64, now_ms: u64) -> TokenState {
-        let cap = u128::from(limit) * u128::from(WINDOW_MS);
-        let remaining = (cap.saturating_sub(self.load(now_ms)) / u128::from(WINDOW_MS)) as u64;
+        let elapsed = now_ms.saturating_sub(self.start_ms);
+        let remaining = room(limit, self.prev, self.curr, elapsed).max(0) as u64;
         let reset_ms = if self.curr > 0 {
             self.start_ms + 2 * WINDOW_MS - now_ms.max(self.start_ms)
         } else if self.prev > 0 && now_ms < self.start_ms + WINDOW_MS {

@@ -27,6 +27,40 @@ pub const WINDOW_MS: u64 = 60_000;
 /// keeping its counts, so no step can make a key wait longer than two windows.
 pub const STEP_BACK_TOLERANCE_MS: u64 = 1_000;
 
+/// The sliding-window rule, the one place it is written in Rust: how many
+/// more units (requests, tokens) fit under `limit` per window when `prev`
+/// were counted in the previous window and `curr` in the current one,
+/// `elapsed_ms` into it (clamped to the window). That is
+/// `⌊(limit·W − prev·(W − elapsed) − curr·W) / W⌋`: the previous window
+/// weighs in proportion to how much of it a trailing window still covers.
+/// Negative when more was counted than the limit (admissions made on a local
+/// share and counted later): then not even zero units fit.
+///
+/// Its Lua twin, [`sliding_window_lua!`](crate::sliding_window_lua), is what
+/// the fleet's Redis scripts use; both are run against one table of vectors
+/// (`afr-core/vectors/sliding-window.json`).
+pub fn room(limit: u64, prev: u64, curr: u64, elapsed_ms: u64) -> i128 {
+    let w = i128::from(WINDOW_MS);
+    let e = i128::from(elapsed_ms.min(WINDOW_MS - 1));
+    let x = i128::from(limit) * w - i128::from(prev) * (w - e) - i128::from(curr) * w;
+    x.div_euclid(w)
+}
+
+/// The Lua text of [`room`], a literal for `concat!` in front of a Redis
+/// script: defines `afr_room(limit, w, prev, curr, e)`. Lua's numbers are
+/// doubles, exact below 2^53 (a limit of 10^9 tokens × 60 000 ms is 6·10^13).
+#[macro_export]
+macro_rules! sliding_window_lua {
+    () => {
+        r"
+local function afr_room(limit, w, prev, curr, e)
+  if e > w - 1 then e = w - 1 end
+  return math.floor((limit * w - prev * (w - e) - curr * w) / w)
+end
+"
+    };
+}
+
 /// Counter state of one key: the start of the current window and the number of
 /// requests admitted in it and in the window before.
 #[repr(C)]
@@ -112,10 +146,15 @@ impl RateWindow {
         now_ms.saturating_sub(self.start_ms).min(WINDOW_MS - 1)
     }
 
-    /// Load of the sliding window at `now_ms`, in request·ms units
-    /// (divide by [`WINDOW_MS`] for requests).
-    fn load(&self, now_ms: u64) -> u64 {
-        u64::from(self.prev) * (WINDOW_MS - self.elapsed(now_ms)) + u64::from(self.curr) * WINDOW_MS
+    /// Requests that still fit at `now_ms` ([`room`], never below 0).
+    fn room(&self, limit: u32, now_ms: u64) -> u32 {
+        let r = room(
+            limit.into(),
+            self.prev.into(),
+            self.curr.into(),
+            self.elapsed(now_ms),
+        );
+        r.clamp(0, i128::from(limit)) as u32
     }
 
     /// Counts one request at `now_ms` against `limit` requests per window and
@@ -126,16 +165,14 @@ impl RateWindow {
         // the lag is added back to every delay, so they stay exact.
         let t = now_ms.max(self.start_ms);
         let lag = t - now_ms;
-        let cap = u64::from(limit) * WINDOW_MS;
-        let admitted = self.load(t) + WINDOW_MS <= cap;
+        let admitted = self.room(limit, t) >= 1;
         if admitted {
             self.curr = self.curr.saturating_add(1);
         }
-        let remaining = (cap.saturating_sub(self.load(t)) / WINDOW_MS) as u32;
         Verdict {
             admitted,
             limit,
-            remaining: remaining.min(limit),
+            remaining: self.room(limit, t),
             reset_after_ms: lag
                 + if admitted {
                     self.full_ms(t)
@@ -153,12 +190,10 @@ impl RateWindow {
         let mut w = *self;
         w.roll(now_ms);
         let t = now_ms.max(w.start_ms);
-        let cap = u64::from(limit) * WINDOW_MS;
-        let remaining = (cap.saturating_sub(w.load(t)) / WINDOW_MS) as u32;
         Verdict {
             admitted: false,
             limit,
-            remaining: remaining.min(limit),
+            remaining: w.room(limit, t),
             reset_after_ms: (t - now_ms) + w.full_ms(t),
         }
     }

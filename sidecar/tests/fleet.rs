@@ -536,3 +536,34 @@ async fn a_redis_restarted_empty_holds_the_node_to_its_share_of_the_window() {
         assert_eq!(t.await.unwrap(), 200);
     }
 }
+
+/// Issue 22, item 7: the Lua twin of `afr_core::ratelimit::room` (what the
+/// module's lease script and the sidecar's reserve script run) against the
+/// same table of vectors as the Rust rule, evaluated by a real redis-server.
+#[test]
+fn the_sliding_window_vectors_hold_in_lua() {
+    let doc: Value =
+        serde_json::from_str(include_str!("../../afr-core/vectors/sliding-window.json")).unwrap();
+    let redis = Redis::start();
+    let script = concat!(
+        afr_core::sliding_window_lua!(),
+        "return tostring(afr_room(tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), \
+         tonumber(ARGV[4]), tonumber(ARGV[5])))"
+    );
+    let w = doc["window_ms"].to_string();
+    let rule = doc["rule"].as_array().unwrap();
+    assert!(rule.len() >= 10);
+    for v in rule {
+        let s = |k: &str| v[k].to_string();
+        let (limit, prev, curr, e) = (s("limit"), s("prev"), s("curr"), s("elapsed_ms"));
+        let out = redis.cli(&["EVAL", script, "0", &limit, &w, &prev, &curr, &e]);
+        // Lua prints whole doubles without a fraction ("29", or "2.9e+01" never
+        // for these magnitudes); a fraction or an exponent would be a failure.
+        let room: i64 = out
+            .parse()
+            .unwrap_or_else(|_| panic!("{}: Lua answered {out:?}", v["name"]));
+        assert_eq!(room, v["room"].as_i64().unwrap(), "{}", v["name"]);
+        let grant = room.min(v["want"].as_i64().unwrap()).max(0);
+        assert_eq!(grant, v["grant"].as_i64().unwrap(), "{}", v["name"]);
+    }
+}

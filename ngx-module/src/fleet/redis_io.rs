@@ -28,7 +28,9 @@ use crate::zone::{KeyDigest, ZoneCtx};
 /// and when: the window they were lost in.
 /// Returns {granted, previous window's count, current window's count, ms
 /// into it, epoch, ms left of the window the epoch began in (≤ 0: over)}.
-const LEASE_SCRIPT: &str = r"
+const LEASE_SCRIPT: &str = concat!(
+    afr_core::sliding_window_lua!(),
+    r"
 local t = redis.call('TIME')
 local ep = redis.call('GET', 'afr:{epoch}')
 if not ep then
@@ -49,15 +51,15 @@ if debt > 0 then
 end
 local e = now - start
 local limit = tonumber(ARGV[1])
-local avail = math.floor((limit * w - prev * (w - e) - curr * w) / w)
-local grant = math.max(0, math.min(tonumber(ARGV[2]), avail))
+local grant = math.max(0, math.min(tonumber(ARGV[2]), afr_room(limit, w, prev, curr, e)))
 if grant > 0 then
   curr = redis.call('INCRBY', curk, grant)
   redis.call('PEXPIRE', curk, 2 * w + 1000)
 end
 local epl = tonumber(ep) - tonumber(ep) % w + w - now
 return {grant, prev, curr, e, tonumber(ep), epl}
-";
+"
+);
 
 /// One Redis call, run on a pool thread; the result is read back on the event loop.
 pub(super) struct Call {

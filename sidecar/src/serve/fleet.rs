@@ -49,12 +49,15 @@ use crate::usage::{UsageQuery, UsageReader};
 /// wanted, 4 the reservation was already released: its node gave up on this
 /// call), window start, previous window's tokens, current window's, spent,
 /// epoch, ms left of the window the epoch began in (≤ 0: over)}.
-/// The rule is `afr_core::ledger`'s `admit` on the fleet's counts, windows on
+/// The rule is `afr_core::ledger`'s `admit` on the fleet's counts (the window's
+/// arithmetic is `afr_core::ratelimit::room`'s Lua twin), windows on
 /// Redis's own clock (one clock for every node); Lua's numbers are doubles,
 /// exact below 2^53 (tokens × 60 000 and nano-dollars). What was counted is
 /// written in the hold (tokens:cost:window start:flags, 1 tokens, 2 cost)
 /// for the settlement to correct exactly once.
-const RESERVE: &str = r"
+const RESERVE: &str = concat!(
+    afr_core::sliding_window_lua!(),
+    r"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local w = tonumber(ARGV[2])
@@ -85,7 +88,7 @@ if budget >= 0 then
   end
   spent = tonumber(s)
 end
-if tpm >= 0 and prev * (w - (now - start)) + (curr + tonumber(ARGV[4])) * w > tpm * w then
+if tpm >= 0 and afr_room(tpm, w, prev, curr, now - start) < tonumber(ARGV[4]) then
   return {1, start, prev, curr, spent, ep, epl}
 end
 local flags, tok, cost = 0, 0, 0
@@ -104,7 +107,8 @@ if tpm >= 0 then
 end
 redis.call('SET', KEYS[3], tok .. ':' .. cost .. ':' .. string.format('%d', start) .. ':' .. flags, 'PX', ARGV[9])
 return {0, start, prev, curr, spent, ep, epl}
-";
+"
+);
 
 /// Settle (or release: used 0). KEYS: the token-window prefix, the budget
 /// counter, the hold. ARGV: tokens used, nano-dollars used, tombstone TTL
