@@ -184,6 +184,59 @@ impl Lease {
         Take::Empty
     }
 
+    /// Decides one request on the node's local share while Redis is away;
+    /// `window` is the key's own window on this node, which counts every
+    /// admission the node makes (leased or not). Returns the verdict and
+    /// whether Redis is owed the admission (it did not count it).
+    ///
+    /// Within the Redis window the lease last heard of, the lease's tokens
+    /// come first (Redis counted them when it granted them). Beyond them an
+    /// admission needs both the node's share of what was left fleet-wide at
+    /// the last grant — `last_remaining ÷ nodes`, each local admission
+    /// taking `nodes` from that figure, every node being taken to spend at
+    /// the same pace — and room in `limit ÷ nodes` of the node's own window.
+    /// The first keeps a node that had been sent little from adding a whole
+    /// share to what the others spent; the second keeps a node whose last
+    /// grant is old (the others were granted more since) to its share. After
+    /// that window only the second applies.
+    pub fn take_local(
+        &mut self,
+        window: &mut RateWindow,
+        limit: u32,
+        nodes: u32,
+        now_ms: u64,
+    ) -> (Verdict, bool) {
+        let share = local_share(limit, nodes);
+        if now_ms >= self.expires_ms {
+            let v = window.hit(share, now_ms);
+            return (v, v.admitted);
+        }
+        if let Take::Admit(v) = self.take(limit, now_ms) {
+            window.hit(u32::MAX, now_ms);
+            return (v, false);
+        }
+        let of_left = self.last_remaining / nodes.max(1);
+        if of_left == 0 {
+            let refused = Verdict {
+                admitted: false,
+                limit,
+                remaining: 0,
+                reset_after_ms: self.expires_ms - now_ms,
+            };
+            return (refused, false);
+        }
+        let v = window.hit(share, now_ms);
+        if !v.admitted {
+            return (v, false);
+        }
+        self.last_remaining = self.last_remaining.saturating_sub(nodes.max(1));
+        let v = Verdict {
+            remaining: v.remaining.min(of_left - 1),
+            ..v
+        };
+        (v, true)
+    }
+
     /// True when a refill should be asked for now, before the tokens run out
     /// (half of the last grant spent, nothing refilled ahead yet, none in
     /// flight), so that requests rarely wait for one.
@@ -305,6 +358,45 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn redis_away_a_lease_spends_its_tokens_then_its_share_of_what_was_left() {
+        // Limit 40 over 2 nodes; this node's last grant: 3 tokens with 10 left
+        // fleet-wide beyond them, 20 s before the Redis window ends.
+        let run = |w: &mut RateWindow, l: &mut Lease, from: u64, n: u64| {
+            (from..from + n)
+                .map(|t| match l.take_local(w, 40, 2, t) {
+                    (v, false) if v.admitted => 'L',
+                    (_, true) => 'S',
+                    _ => 'D',
+                })
+                .collect::<String>()
+        };
+        let grant = Grant::from_counts(40, 3, 0, 30, 40_000);
+        let (mut w, mut l) = (RateWindow::default(), Lease::default());
+        l.apply(&grant, 0);
+        // 3 leased (Redis counted them), then 10 ÷ 2 = 5 owed, then none.
+        assert_eq!(run(&mut w, &mut l, 1_000, 12), "LLLSSSSSDDDD");
+        let (v, _) = l.take_local(&mut w, 40, 2, 19_999);
+        assert_eq!((v.admitted, v.reset_after_ms), (false, 1));
+        // A node that had admitted its whole share of its own window already
+        // (its last grant is old: the others were granted the rest since)
+        // spends its tokens and nothing more.
+        let (mut w, mut l) = (RateWindow::default(), Lease::default());
+        for t in 0..20 {
+            w.hit(u32::MAX, t);
+        }
+        l.apply(&grant, 0);
+        assert_eq!(run(&mut w, &mut l, 1_000, 6), "LLLDDD");
+        // The Redis window the lease knew is over: the own window's share
+        // decides (its 23 admissions weigh on the next window).
+        let next = WINDOW_MS + 30_000;
+        assert_eq!(run(&mut w, &mut l, next, 10), "SSSSSSSSDD");
+        // Redis had said the key was exhausted: nothing on top of it.
+        let (mut w, mut l) = (RateWindow::default(), Lease::default());
+        l.apply(&Grant::from_counts(40, 0, 0, 40, 40_000), 0);
+        assert!(!l.take_local(&mut w, 40, 2, 1).0.admitted);
     }
 
     #[test]

@@ -415,12 +415,21 @@ impl ZoneCtx {
         })
     }
 
-    /// Counts one request of key `id` against `limit` per minute, with no
-    /// place in flight (the fleet's local share, while Redis is away).
-    pub fn hit(&self, id: &[u8], limit: u32, now_ms: u64) -> Result<Verdict, ZoneFull> {
-        match self.admit(id, limit, None, now_ms)? {
-            Decision::Counted { verdict, .. } | Decision::Busy { verdict, .. } => Ok(verdict),
-        }
+    /// Decides one request of key `id` on this node's local share while
+    /// Redis is away (`afr_core::fleet::Lease::take_local`: the lease's
+    /// tokens, then a share of what was left and of the key's own window
+    /// here). The flag says whether Redis is owed the admission.
+    pub fn fleet_local(
+        &self,
+        id: &[u8],
+        limit: u32,
+        nodes: u32,
+        now_ms: u64,
+    ) -> Result<(Verdict, bool), ZoneFull> {
+        self.with_slot(&key_digest(id), now_ms, |slot| {
+            slot.lease
+                .take_local(&mut slot.window, limit, nodes, now_ms)
+        })
     }
 
     /// Takes one of key `id`'s `limit` places in flight for a request the

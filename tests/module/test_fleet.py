@@ -6,6 +6,7 @@ Redis's clock (wall-clock minutes), so a test that must stay inside one window
 first waits until the minute is young enough.
 """
 
+import hashlib
 import http.client
 import shutil
 import signal
@@ -410,3 +411,31 @@ def test_a_redis_restarted_empty_grants_nothing_more_in_the_window(gateway, redi
     admitted += sum(r.status == 200 for r in after)
     assert admitted <= 40, f"{admitted} admitted in one window for a limit of 40"
     assert all("lost its counters" in n.log() for n in nodes), [n.log() for n in nodes]
+
+
+def test_redis_away_after_an_uneven_split_adds_only_a_share_of_what_was_left(gateway, redis):
+    """Issue 22, item 2: a node's local share within the window it last heard from Redis
+    in is its lease's tokens plus what was left fleet-wide at its last grant ÷ nodes —
+    not limit ÷ nodes on top of its own admissions, which let the node that had been sent
+    little add almost a whole share to what the other had spent (50 for a limit of 40).
+    Each node knows what was left only as of its own last grant, so the fleet may go over
+    by what the other nodes were granted since, ÷ nodes (the README's bound): here at
+    most what node 2 and node 1's unspent tokens hold, (count − 30) ÷ 2."""
+    key = Key("fleet-uneven", rpm=40)
+    nodes = fleet(gateway, redis, [key])
+    young_minute(margin=25)
+    before = [nodes[0].request("/", headers=key.auth) for _ in range(30)]
+    before += [nodes[1].request("/", headers=key.auth) for _ in range(6)]
+    assert [r.status for r in before] == [200] * 36
+    digest = hashlib.sha256(key.id.encode()).digest()[:16].hex()
+    windows = sorted(redis.cli("--scan", "--pattern", f"afr:{{{digest}}}:*"))
+    counted = int(redis.cli("GET", windows[-1])[0])  # admitted + granted, unspent
+    assert 36 <= counted <= 40
+    redis.stop()
+    after = [n.request("/", headers=key.auth) for _ in range(25) for n in nodes]
+    assert 60 - time.time() % 60 > 3, "the window rolled during the test; the counts prove nothing"
+    assert {r.status for r in after} <= {200, 429}, [r.status for r in after]
+    assert any(r.header("X-Afr-Fleet") == "local" for r in after)
+    admitted = 36 + sum(r.status == 200 for r in after)
+    bound = 40 + (counted - 30) // 2
+    assert admitted <= bound, f"{admitted} admitted in one window for a limit of 40 (bound {bound})"

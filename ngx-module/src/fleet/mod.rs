@@ -43,7 +43,7 @@
 use std::cell::RefCell;
 use std::collections::{HashMap, HashSet};
 
-use afr_core::fleet::{local_share, Grant, Path, Take};
+use afr_core::fleet::{Grant, Path, Take};
 use afr_core::ratelimit::{Verdict, WINDOW_MS};
 use ngx::ffi::{
     ngx_add_timer, ngx_event_t, ngx_http_request_t, ngx_log_t, NGX_LOG_ERR, NGX_LOG_NOTICE,
@@ -141,8 +141,8 @@ pub(crate) fn decide(
 ) -> Result<Decision, ZoneFull> {
     let digest = key_digest(id.as_bytes());
     let local = || {
-        let v = zone.hit(id.as_bytes(), local_share(rpm, fleet.nodes), now_ms)?;
-        if v.admitted {
+        let (v, owed) = zone.fleet_local(id.as_bytes(), rpm, fleet.nodes, now_ms)?;
+        if owed {
             owe(&digest, rpm, now_ms);
             arm_tick(fleet, zone);
         }
