@@ -567,3 +567,40 @@ fn the_sliding_window_vectors_hold_in_lua() {
         assert_eq!(grant, v["grant"].as_i64().unwrap(), "{}", v["name"]);
     }
 }
+
+/// Issue 22, item 4: a sidecar stopped while a settlement is still trying
+/// to reach a Redis that is briefly away waits for it (up to 10 s) instead
+/// of dropping it, which left the reservation's worst case counted in the
+/// fleet's window (and, for a budget, its period).
+#[tokio::test]
+async fn a_shutdown_waits_for_settlements_still_trying_to_reach_redis() {
+    let redis = Redis::start();
+    let mock = Mock::start(&[]);
+    mock.set(json!({"latency_ms": 600})).await;
+    let mut sidecar = fleet_sidecar(&mock, redis.port, SQLITE, &[]);
+    let request = chat(&sidecar, "k", "tpm=100000");
+    let freeze = async {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        redis.signal("-STOP");
+    };
+    let ((status, body), ()) = tokio::join!(request, freeze);
+    assert_eq!(status, 200, "{body}");
+    let used = body["usage"]["total_tokens"].as_u64().unwrap();
+    // The settlement is failing against the frozen Redis; stop the sidecar
+    // and thaw Redis a second later.
+    let stopped = std::thread::scope(|s| {
+        let stop = s.spawn(|| {
+            let started = Instant::now();
+            let status = sidecar.terminate();
+            (status, started.elapsed())
+        });
+        std::thread::sleep(Duration::from_millis(1000));
+        redis.signal("-CONT");
+        stop.join().unwrap()
+    });
+    assert!(stopped.0.success(), "{:?}", stopped.0);
+    assert!(stopped.1 >= Duration::from_millis(900), "it waited for Redis: {:?}", stopped.1);
+    assert_eq!(redis.tokens_counted(), used, "the settlement landed before the exit");
+    assert!(all_holds_settled(&redis));
+    assert!(!sidecar.log().contains("did not answer within"), "{}", sidecar.log());
+}

@@ -196,6 +196,11 @@ pub struct Fleet {
     reserve: redis::Script,
     settle: redis::Script,
     pay: redis::Script,
+    /// Settlements and debt payments still trying to reach Redis, for a
+    /// shutdown to wait for ([`Fleet::drain`]).
+    writes: tokio_util::task::TaskTracker,
+    /// Set by a shutdown: retries stop backing off.
+    draining: std::sync::atomic::AtomicBool,
 }
 
 /// The node's own decisions while Redis is away, and what Redis has not
@@ -304,6 +309,8 @@ impl Fleet {
             local: AtomicU64::new(0),
             outage: Mutex::new(Outage::default()),
             epoch: Mutex::new(None),
+            writes: tokio_util::task::TaskTracker::new(),
+            draining: std::sync::atomic::AtomicBool::new(false),
             reserve: redis::Script::new(RESERVE),
             settle: redis::Script::new(SETTLE),
             pay: redis::Script::new(PAY),
@@ -490,36 +497,55 @@ impl Fleet {
             return;
         };
         let fleet = Arc::clone(self);
-        rt.spawn(async move {
-            for (i, debt) in debts.iter().enumerate() {
-                let call = async {
-                    let mut conn = fleet.connection().await?;
-                    fleet
-                        .pay
-                        .key(&debt.names.tokens)
-                        .key(&debt.names.budget)
-                        .arg(debt.used.tokens)
-                        .arg(debt.used.cost_nanos)
-                        .arg(WINDOW_MS)
-                        .invoke_async::<i64>(&mut conn)
-                        .await?;
-                    anyhow::Ok(())
-                };
-                if !matches!(tokio::time::timeout(fleet.timeout, call).await, Ok(Ok(()))) {
-                    // Owed again, paid when Redis next answers.
-                    fleet.drop_connection();
-                    let mut outage = fleet.outage();
-                    for d in &debts[i..] {
-                        outage.debts.insert(d.key.clone(), d.clone());
+        self.writes.spawn_on(
+            async move {
+                for (i, debt) in debts.iter().enumerate() {
+                    let call = async {
+                        let mut conn = fleet.connection().await?;
+                        fleet
+                            .pay
+                            .key(&debt.names.tokens)
+                            .key(&debt.names.budget)
+                            .arg(debt.used.tokens)
+                            .arg(debt.used.cost_nanos)
+                            .arg(WINDOW_MS)
+                            .invoke_async::<i64>(&mut conn)
+                            .await?;
+                        anyhow::Ok(())
+                    };
+                    if !matches!(tokio::time::timeout(fleet.timeout, call).await, Ok(Ok(()))) {
+                        // Owed again, paid when Redis next answers.
+                        fleet.drop_connection();
+                        let mut outage = fleet.outage();
+                        for d in &debts[i..] {
+                            outage.debts.insert(d.key.clone(), d.clone());
+                        }
+                        return;
                     }
-                    return;
                 }
-            }
-            tracing::info!(
-                keys = debts.len(),
-                "fleet: what was used on local shares during the outage is counted in Redis"
-            );
-        });
+                tracing::info!(
+                    keys = debts.len(),
+                    "fleet: what was used on local shares during the outage is counted in Redis"
+                );
+            },
+            &rt,
+        );
+    }
+
+    /// For a shutdown: gives the settlements and debt payments still trying
+    /// to reach Redis until `within` to land (retrying every 100 ms from now
+    /// on), and says how many did not — those reservations stay counted at
+    /// their worst case until their window or period ends, and those local
+    /// admissions are never counted fleet-wide. Without it a sidecar stopped
+    /// during a Redis blip dropped them all.
+    pub async fn drain(self: &Arc<Self>, within: Duration) -> (usize, usize) {
+        self.draining.store(true, Ordering::Relaxed);
+        if !self.outage().debts.is_empty() {
+            self.pay_debts();
+        }
+        self.writes.close();
+        let _ = tokio::time::timeout(within, self.writes.wait()).await;
+        (self.writes.len(), self.outage().debts.len())
     }
 
     /// What a reserve script's `answer` means for the request.
@@ -632,7 +658,7 @@ impl Fleet {
             return;
         };
         let fleet = Arc::clone(self);
-        rt.spawn(async move {
+        self.writes.spawn_on(async move {
             let deadline = Instant::now() + HOLD_TTL;
             let mut wait = Duration::from_millis(100);
             let mut warned = false;
@@ -670,10 +696,13 @@ impl Fleet {
                     tracing::error!("fleet: a settlement could not reach Redis before its hold expired; its reservation stays counted until its window or period ends");
                     return;
                 }
+                if fleet.draining.load(Ordering::Relaxed) {
+                    wait = Duration::from_millis(100);
+                }
                 tokio::time::sleep(wait).await;
                 wait = (wait * 2).min(Duration::from_secs(5));
             }
-        });
+        }, &rt);
     }
 
     fn drop_connection(&self) {

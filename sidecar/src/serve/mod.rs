@@ -53,6 +53,11 @@ pub struct ServeArgs {
     pub threads: Option<u16>,
 }
 
+/// How long a shutdown waits for settlements still trying to reach the
+/// fleet's Redis: longer than a Redis failover's usual blip, shorter than a
+/// service manager's stop timeout (systemd's default is 90 s).
+const FLEET_DRAIN: Duration = Duration::from_secs(10);
+
 /// Runs the sidecar until SIGTERM/SIGINT.
 pub fn run(mut args: ServeArgs) -> anyhow::Result<()> {
     tracing_subscriber::fmt()
@@ -256,6 +261,18 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             open = gateway.taps.len(),
             "usage taps still running after {TAP_WAIT:?}; their rows are lost"
         );
+    }
+    // Every request has ended: give its settlement in the fleet's Redis a
+    // moment to land if Redis is slow or briefly away.
+    if let Some(fleet) = gateway.fleet.clone() {
+        match fleet.drain(FLEET_DRAIN).await {
+            (0, 0) => {}
+            (settlements, debts) => tracing::error!(
+                settlements,
+                keys_owed = debts,
+                "fleet: Redis did not answer within {FLEET_DRAIN:?} of shutdown; these reservations stay counted at their worst case until their window or period ends, and what those keys used on local shares is not counted fleet-wide"
+            ),
+        }
     }
     drop(gateway);
     let (Some(sink_closer), Some(store)) = (sink_closer, store) else {
