@@ -15,6 +15,9 @@
 //! (`suspend`: blocked as nginx's own thread-pool reads are, with a deadline
 //! of `timeout` from its first suspension) and resumed when its key's refill
 //! lands, when the worker turns local, or at its deadline on the local share.
+//! A worker has at most [`MAX_CALLS_IN_FLIGHT`] calls in flight: past that, a
+//! key without a token is decided on its local share at once, so a slow Redis
+//! never piles calls up in the pool's queue.
 //!
 //! Fail-static: a refill that fails marks Redis down for this worker (one
 //! error-log line, naming Redis's refusal if it refused); the worker then
@@ -64,6 +67,20 @@ use redis_io::Call;
 /// While Redis is down, a worker tries it again at most this often.
 const PROBE_INTERVAL_MS: u64 = 1_000;
 
+/// Redis calls one worker may have posted to its thread pool and not yet
+/// seen completed: key refills, debt payments and the probe together. A key
+/// without a token past this is decided on its local share (a debt), as when
+/// the pool refuses a task, instead of queueing one more call.
+///
+/// Twice nginx's default pool of 32 threads: 32 calls run while 32 wait at
+/// most one call each for a thread, so a call posted ends within about two
+/// call times — a few milliseconds on a healthy Redis, where a burst of new
+/// keys rarely reaches the bound, and about two `timeout`s on one that is
+/// slow but still answers, where without it every distinct key added a call
+/// to the pool's queue (up to its `max_queue`, 65 536 by default), each
+/// answered only after all those before it.
+const MAX_CALLS_IN_FLIGHT: usize = 64;
+
 /// Which path decides this worker's fleet keys.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Mode {
@@ -87,6 +104,14 @@ struct Worker {
     probing: bool,
     /// The worker's timer while it is local or owes Redis (see [`Tick`]).
     tick: Option<Box<Tick>>,
+}
+
+impl Worker {
+    /// Whether one more call may be posted: fewer than
+    /// [`MAX_CALLS_IN_FLIGHT`] are (one per key in `in_flight`, and the probe).
+    fn has_room(&self) -> bool {
+        self.in_flight.len() + usize::from(self.probing) < MAX_CALLS_IN_FLIGHT
+    }
 }
 
 /// A timer of one worker: while it is local it probes Redis once a
@@ -184,13 +209,15 @@ pub(crate) fn decide(
                 local()
             }
         }
-        // The pool refused the task: decide like Redis is down.
+        // No room for one more call, or the pool refused the task: decide
+        // like Redis is down.
         Take::Empty => local(),
     }
 }
 
 /// Posts a refill for `digest` unless one is in flight in this worker;
-/// false when the pool refused it.
+/// false when this worker has [`MAX_CALLS_IN_FLIGHT`] calls in flight or the
+/// pool refused it.
 fn refill(
     fleet: &FleetConf,
     zone: &ZoneCtx,
@@ -199,8 +226,10 @@ fn refill(
     want: u32,
     now_ms: u64,
 ) -> bool {
-    if WORKER.with_borrow(|w| w.in_flight.contains(digest)) {
-        return true;
+    match WORKER.with_borrow(|w| (w.in_flight.contains(digest), w.has_room())) {
+        (true, _) => return true,
+        (false, false) => return false,
+        (false, true) => {}
     }
     let debt = take_debt(digest, now_ms).map_or(0, |d| d.count);
     let ok = task::post(
@@ -319,9 +348,13 @@ fn take_debt(digest: &KeyDigest, now_ms: u64) -> Option<Debt> {
 
 /// Redis answers again: sends every debt of this worker (one call per key,
 /// asking no tokens), so what was admitted locally is counted before
-/// anything more is granted.
+/// anything more is granted — as many as [`MAX_CALLS_IN_FLIGHT`] leaves room
+/// for; the tick sends the rest.
 fn pay_debts(fleet: &FleetConf, zone: &ZoneCtx, now_ms: u64) {
     let digests: Vec<KeyDigest> = WORKER.with_borrow(|w| {
+        if !w.has_room() {
+            return Vec::new();
+        }
         w.debts
             .keys()
             .filter(|d| !w.in_flight.contains(*d))
@@ -329,6 +362,10 @@ fn pay_debts(fleet: &FleetConf, zone: &ZoneCtx, now_ms: u64) {
             .collect()
     });
     for digest in digests {
+        if !WORKER.with_borrow(Worker::has_room) {
+            arm_tick(fleet, zone);
+            return;
+        }
         let Some(debt) = take_debt(&digest, now_ms) else {
             continue;
         };
@@ -344,7 +381,9 @@ fn pay_debts(fleet: &FleetConf, zone: &ZoneCtx, now_ms: u64) {
 }
 
 /// Probes Redis, at most once per [`PROBE_INTERVAL_MS`] (the interval
-/// counted from the last probe, or from when a lost Redis's window ends).
+/// counted from the last probe, or from when a lost Redis's window ends),
+/// and not while the worker has [`MAX_CALLS_IN_FLIGHT`] calls in flight (the
+/// next interval tries again; any of those calls that succeeds is an answer).
 fn probe(fleet: &FleetConf, zone: &ZoneCtx, now_ms: u64) {
     let busy = WORKER.with_borrow_mut(|w| {
         if let Mode::Local { probed_ms } = &mut w.mode {
@@ -353,7 +392,11 @@ fn probe(fleet: &FleetConf, zone: &ZoneCtx, now_ms: u64) {
             }
             *probed_ms = now_ms;
         }
-        std::mem::replace(&mut w.probing, true)
+        if w.probing || !w.has_room() {
+            return true;
+        }
+        w.probing = true;
+        false
     });
     if busy {
         return;
