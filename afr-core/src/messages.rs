@@ -106,10 +106,25 @@ pub fn validate_messages(bytes: &[u8], count_tokens: bool) -> Result<MessagesReq
     };
     for (i, m) in messages.iter().enumerate() {
         let param = format!("messages.{i}");
-        match m.get("role").and_then(Value::as_str) {
-            Some("user" | "assistant") => {}
-            Some("system") => return Err(invalid(&format!("{param}.role"), format!("{param}.role: Unexpected role \"system\". The Messages API accepts a top-level `system` parameter, not \"system\" as an input message role."))),
-            _ => return Err(invalid(&format!("{param}.role"), format!("{param}.role: Input should be 'user' or 'assistant'"))),
+        // Any role the client sends goes to an Anthropic route as sent:
+        // `system` inside `messages` (Claude Code's first request of a
+        // session carries one) and roles newer than this gateway are the
+        // provider's to judge, not ours. A route of the other wire
+        // translates the roles it can and names the one it cannot.
+        match m.get("role") {
+            Some(Value::String(_)) => {}
+            None | Some(Value::Null) => {
+                return Err(invalid(
+                    &format!("{param}.role"),
+                    format!("{param}.role: Field required"),
+                ))
+            }
+            Some(_) => {
+                return Err(invalid(
+                    &format!("{param}.role"),
+                    format!("{param}.role: Input should be a valid string"),
+                ))
+            }
         }
         match m.get("content") {
             Some(Value::String(_) | Value::Array(_)) => {}

@@ -69,7 +69,11 @@ fn bad_bodies_name_the_field() {
             Some("max_tokens"),
         ),
         (
-            r#"{"model":"m","max_tokens":5,"messages":[{"role":"system","content":"x"}]}"#,
+            r#"{"model":"m","max_tokens":5,"messages":[{"content":"x"}]}"#,
+            Some("messages.0.role"),
+        ),
+        (
+            r#"{"model":"m","max_tokens":5,"messages":[{"role":7,"content":"x"}]}"#,
             Some("messages.0.role"),
         ),
         (
@@ -90,6 +94,20 @@ fn bad_bodies_name_the_field() {
         assert_eq!(e.param.as_deref(), param, "{body}: {}", e.message);
         assert!(!e.message.is_empty());
     }
+}
+
+/// Issue 23: Claude Code's first request of a session carries a `system`
+/// message inside `messages`, which Anthropic accepts; roles the gateway does
+/// not know are the provider's to judge too. All reach an Anthropic route as
+/// sent (before: 400 `messages.1.role: Unexpected role "system"`).
+#[test]
+fn roles_the_gateway_does_not_check_reach_an_anthropic_route_untouched() {
+    let body = br#"{"model":"claude-fast","max_tokens":9,"messages":[{"role":"user","content":"hi"},{"role":"system","content":[{"type":"text","text":"From here on, be brief."}]},{"role":"user","content":"and?"},{"role":"narrator","content":"later"}]}"#;
+    let r = validate_messages(body, false).expect("accepted");
+    let out = r.upstream_body(body, &route("claude-haiku-4-5", ""));
+    let sent: serde_json::Value = serde_json::from_slice(&out).unwrap();
+    let original: serde_json::Value = serde_json::from_slice(body).unwrap();
+    assert_eq!(sent["messages"], original["messages"]);
 }
 
 #[test]
@@ -148,6 +166,44 @@ fn response_usage_counts_cache_as_input() {
     assert_eq!(
         u.completion_tokens,
         v["usage"]["output_tokens"].as_u64().unwrap()
+    );
+}
+
+/// Issue 23: a `system` message inside `messages` keeps its place on an
+/// OpenAI-wire route (chat completions take system messages anywhere); a
+/// role chat completions have no equivalent for, or a system block that is
+/// not text, is refused naming it.
+#[test]
+fn a_system_message_inside_messages_keeps_its_place_in_chat() {
+    let req = json!({"model": "m", "max_tokens": 5, "system": "A", "messages": [
+        {"role": "user", "content": "hi"},
+        {"role": "system", "content": [{"type": "text", "text": "B"}, {"type": "text", "text": "C"}]},
+        {"role": "user", "content": "and?"},
+    ]});
+    let out = request_to_openai(&req, "x").unwrap();
+    assert_eq!(
+        out["messages"],
+        json!([
+            {"role": "system", "content": "A"},
+            {"role": "user", "content": "hi"},
+            {"role": "system", "content": "B\nC"},
+            {"role": "user", "content": "and?"},
+        ])
+    );
+    let refused = |req: Value, param: &str| match request_to_openai(&req, "x") {
+        Err(crate::anthropic::TranslateError::InvalidRequest { param: p, message }) => {
+            assert_eq!(p.as_deref(), Some(param), "{message}");
+            assert!(message.contains("cannot be translated"), "{message}");
+        }
+        other => panic!("{other:?}"),
+    };
+    refused(
+        json!({"model": "m", "max_tokens": 5, "messages": [{"role": "narrator", "content": "x"}]}),
+        "messages.0.role",
+    );
+    refused(
+        json!({"model": "m", "max_tokens": 5, "messages": [{"role": "system", "content": [{"type": "image", "source": {}}]}]}),
+        "messages.0.content.0.type",
     );
 }
 

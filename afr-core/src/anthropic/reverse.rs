@@ -65,6 +65,34 @@ fn image_part(block: &Value, param: &str) -> Result<Value, TranslateError> {
 fn message(m: &Value, i: usize, out: &mut Vec<Value>) -> Result<(), TranslateError> {
     let role = m.get("role").and_then(Value::as_str).unwrap_or("");
     let content = m.get("content").unwrap_or(&Value::Null);
+    match role {
+        "user" | "assistant" => {}
+        // A system message inside `messages` applies from where it stands:
+        // chat completions keep it there. Only its text can be carried.
+        "system" => {
+            if let Value::Array(blocks) = content {
+                if let Some((j, b)) = blocks
+                    .iter()
+                    .enumerate()
+                    .find(|(_, b)| b.get("type").and_then(Value::as_str) != Some("text"))
+                {
+                    let kind = b.get("type").and_then(Value::as_str).unwrap_or("(missing)");
+                    return Err(TranslateError::invalid(
+                        format!("messages.{i}.content.{j}.type"),
+                        format!("messages.{i}.content.{j}.type: a '{kind}' block in a system message cannot be translated for this model's provider (OpenAI chat completions: system messages hold text)"),
+                    ));
+                }
+            }
+            out.push(json!({"role": "system", "content": text_of(content)}));
+            return Ok(());
+        }
+        other => {
+            return Err(TranslateError::invalid(
+                format!("messages.{i}.role"),
+                format!("messages.{i}.role: role '{other}' cannot be translated for this model's provider (OpenAI chat completions); send it to an Anthropic model"),
+            ))
+        }
+    }
     let Value::Array(blocks) = content else {
         out.push(json!({"role": role, "content": text_of(content)}));
         return Ok(());
