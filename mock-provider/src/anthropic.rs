@@ -15,7 +15,7 @@ use crate::faults::ANTHROPIC_STREAM_ERROR;
 use crate::reply::{self, Finish, Reply};
 use crate::server::Ctx;
 use crate::stream::StreamPlan;
-use crate::tools;
+use crate::tools::{self, Wire};
 use crate::usage::{Billed, Tokens};
 
 /// Checks a `count_tokens` body: a Messages body without `max_tokens`.
@@ -94,7 +94,9 @@ fn stop_reason(r: &Reply) -> &'static str {
 
 /// Answers a Messages request (already authorized and past fault injection).
 pub fn respond(ctx: Ctx, body: &Value) -> Response<MockBody> {
-    let reply = reply::build(body, body.get("system"), ctx.knobs.chunks);
+    let mode = ctx.knobs.tools;
+    let answer = tools::agent_answer(body, Wire::Messages, mode);
+    let reply = reply::build_with(body, body.get("system"), ctx.knobs.chunks, answer);
     let model = json_str(
         body.get("model")
             .and_then(Value::as_str)
@@ -103,7 +105,7 @@ pub fn respond(ctx: Ctx, body: &Value) -> Response<MockBody> {
     let id = format!("msg_afrmock{:016}", ctx.id_seq);
     let p = reply.prompt_tokens;
     let stream = body.get("stream").and_then(Value::as_bool) == Some(true);
-    let tool = tools::decide(body, true, p);
+    let tool = tools::decide(body, Wire::Messages, p, mode);
     let per_choice = tool.as_ref().map_or(
         reply.completion_tokens(),
         tools::ToolCall::completion_tokens,

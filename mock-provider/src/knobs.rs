@@ -117,6 +117,27 @@ pub struct Knobs {
     /// they are (`X-Mock-Cut-After-Events`).
     #[arg(long)]
     pub cut_after_events: Option<u32>,
+    /// How a request offering tools is answered (`X-Mock-Tools`): `first`
+    /// (the default) calls its first tool, every string property set to the
+    /// last user text; `agent` behaves like a model driving a coding agent:
+    /// a call of its shell tool with arguments made from the tool's schema
+    /// (`echo afr-mock`), then, once the tool's result is sent back, a text
+    /// answer quoting it. See [`crate::tools`].
+    #[arg(long, value_enum, default_value_t = ToolsMode::First)]
+    pub tools: ToolsMode,
+}
+
+/// The `tools` knob.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum ToolsMode {
+    /// Call the first tool, string properties set to the user's words,
+    /// until a tool result comes back (Responses: every time).
+    #[default]
+    First,
+    /// Call the shell-like tool with arguments valid against its schema;
+    /// answer a tool result with text.
+    Agent,
 }
 
 /// A header value that is not a valid value for its knob.
@@ -208,6 +229,13 @@ impl Knobs {
         if let Some(v) = num(headers, "x-mock-cut-after-events")? {
             k.cut_after_events = Some(v);
         }
+        if let Some(v) = headers.get("x-mock-tools") {
+            k.tools = match v.as_bytes().to_ascii_lowercase().as_slice() {
+                b"first" => ToolsMode::First,
+                b"agent" => ToolsMode::Agent,
+                _ => return Err(BadKnobHeader("x-mock-tools")),
+            };
+        }
         Ok(k)
     }
 }
@@ -272,7 +300,9 @@ mod tests {
         h.insert("x-mock-cache-write-1h", "1".parse().unwrap());
         h.insert("x-mock-omit-usage", "1".parse().unwrap());
         h.insert("x-mock-cut-after-events", "5".parse().unwrap());
+        h.insert("x-mock-tools", "Agent".parse().unwrap());
         let k = base.with_headers(&h).unwrap();
+        assert_eq!(k.tools, ToolsMode::Agent);
         assert_eq!(
             (k.cache_read, k.cache_write_5m, k.cache_write_1h),
             (3, 2, 1)
@@ -287,6 +317,7 @@ mod tests {
             ("x-mock-reasoning-tokens", ""),
             ("x-mock-omit-usage", "maybe"),
             ("x-mock-cut-after-events", "all"),
+            ("x-mock-tools", "smart"),
         ] {
             let mut h = HeaderMap::new();
             h.insert(name, bad.parse().unwrap());

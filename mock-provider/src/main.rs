@@ -76,6 +76,7 @@ mod knobs;
 mod log;
 mod openai;
 mod reply;
+mod schema_args;
 mod server;
 mod stream;
 mod tls;

@@ -18,7 +18,7 @@ use crate::faults::{Api, OPENAI_STREAM_ERROR};
 use crate::reply::{self, Finish, Reply};
 use crate::server::{unix_now, Ctx};
 use crate::stream::StreamPlan;
-use crate::tools::{self, OpenAiCall};
+use crate::tools::{self, OpenAiCall, Wire};
 use crate::usage::{self, Tokens};
 
 const MODELS: &str = include_str!("../../tests/fixtures/openai-models-list.json");
@@ -72,7 +72,9 @@ struct Shape<'a> {
 
 /// Answers a chat completion (already authorized and past fault injection).
 pub fn respond(ctx: Ctx, body: &Value, api: Api, deployment: Option<&str>) -> Response<MockBody> {
-    let reply = reply::build(body, None, ctx.knobs.chunks);
+    let mode = ctx.knobs.tools;
+    let answer = tools::agent_answer(body, Wire::Chat, mode);
+    let reply = reply::build_with(body, None, ctx.knobs.chunks, answer);
     let (n, _) = usage::choices(body, false).unwrap_or((1, 1));
     let model = body
         .get("model")
@@ -83,7 +85,7 @@ pub fn respond(ctx: Ctx, body: &Value, api: Api, deployment: Option<&str>) -> Re
     let created = unix_now();
     let azure = api == Api::Azure;
     let stream = body.get("stream").and_then(Value::as_bool) == Some(true);
-    let tool = tools::decide(body, false, reply.prompt_tokens);
+    let tool = tools::decide(body, Wire::Chat, reply.prompt_tokens, mode);
     let per_choice = tool.as_ref().map_or(
         reply.completion_tokens(),
         tools::ToolCall::completion_tokens,

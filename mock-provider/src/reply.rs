@@ -77,6 +77,17 @@ fn words(s: &str) -> u64 {
 ///
 /// `system` is Anthropic's top-level `system` field (absent for OpenAI).
 pub fn build(body: &Value, system: Option<&Value>, chunks: Option<u32>) -> Reply {
+    build_with(body, system, chunks, None)
+}
+
+/// [`build`], with `text` (when given) as the reply instead of
+/// `Mock reply to: …`: same pieces, `chunks` and `max_tokens` rules.
+pub fn build_with(
+    body: &Value,
+    system: Option<&Value>,
+    chunks: Option<u32>,
+    text: Option<String>,
+) -> Reply {
     let messages = body
         .get("messages")
         .and_then(Value::as_array)
@@ -94,7 +105,7 @@ pub fn build(body: &Value, system: Option<&Value>, chunks: Option<u32>) -> Reply
     if let Some(s) = system {
         prompt_tokens += 1 + words(&content_text(s));
     }
-    let text = format!("Mock reply to: {last_user}");
+    let text = text.unwrap_or_else(|| format!("Mock reply to: {last_user}"));
     let mut pieces: Vec<String> = text
         .split_whitespace()
         .enumerate()

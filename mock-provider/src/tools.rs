@@ -12,7 +12,9 @@
 use bytes::Bytes;
 use serde_json::{json, Map, Value};
 
+use crate::knobs::ToolsMode;
 use crate::reply::content_text;
+use crate::schema_args;
 use crate::stream::StreamPlan;
 use crate::usage::{Billed, Tokens};
 
@@ -30,45 +32,69 @@ pub struct ToolCall {
 }
 
 impl ToolCall {
+    /// A call of `name` with `arguments` (JSON text), cut into an empty
+    /// first piece then pieces of at most 8 characters.
+    fn new(name: &str, arguments: String, prompt_tokens: u64) -> ToolCall {
+        let chars: Vec<char> = arguments.chars().collect();
+        let mut pieces = vec![String::new()];
+        pieces.extend(chars.chunks(8).map(|c| c.iter().collect::<String>()));
+        ToolCall {
+            name: name.to_owned(),
+            arguments,
+            pieces,
+            prompt_tokens,
+        }
+    }
+
     /// Completion tokens: one per piece.
     pub fn completion_tokens(&self) -> u64 {
         self.pieces.len() as u64
     }
 }
 
-/// The call for `body`, if it asks for one. `anthropic`: a Messages body
-/// (tools carry `input_schema`, tool answers are `tool_result` blocks).
-pub fn decide(body: &Value, anthropic: bool, prompt_tokens: u64) -> Option<ToolCall> {
+/// The wire a request came on: where its tools, tool choice and tool
+/// results are.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Wire {
+    /// Chat completions: `tools[].function.{name,parameters}`, `tool`
+    /// messages.
+    Chat,
+    /// Anthropic Messages: `tools[].{name,input_schema}`, `tool_result`
+    /// blocks.
+    Messages,
+    /// Responses: `tools[].{name,parameters}` of type `function`,
+    /// `function_call_output` input items.
+    Responses,
+}
+
+/// The call for `body`, if it asks for one, by the `tools` knob.
+///
+/// Responses in `first` mode get `None`: their call is the recorded one,
+/// built with the answer (`endpoints.rs`).
+pub fn decide(body: &Value, wire: Wire, prompt_tokens: u64, mode: ToolsMode) -> Option<ToolCall> {
+    match (mode, wire) {
+        (ToolsMode::Agent, _) => agent_call(body, wire, prompt_tokens),
+        (ToolsMode::First, Wire::Responses) => None,
+        (ToolsMode::First, _) => first_call(body, wire == Wire::Messages, prompt_tokens),
+    }
+}
+
+/// `first` mode: a call of the first tool, every string property of its
+/// schema set to the last user text, unless a tool answered since the last
+/// assistant turn.
+fn first_call(body: &Value, anthropic: bool, prompt_tokens: u64) -> Option<ToolCall> {
     let tool = body.get("tools")?.as_array()?.first()?;
-    let choice = body.get("tool_choice");
-    let forbidden = if anthropic {
-        choice.and_then(|c| c.get("type")).and_then(Value::as_str) == Some("none")
+    let wire = if anthropic {
+        Wire::Messages
     } else {
-        choice.and_then(Value::as_str) == Some("none")
+        Wire::Chat
     };
-    if forbidden {
+    if forbidden(body, wire) {
         return None;
     }
     let messages = body.get("messages")?.as_array()?;
     let last = messages.last()?;
-    let answered = if anthropic {
-        last.get("content")
-            .and_then(Value::as_array)
-            .is_some_and(|blocks| {
-                blocks
-                    .iter()
-                    .any(|b| b.get("type").and_then(Value::as_str) == Some("tool_result"))
-            })
-    } else {
-        // The tool's answer, maybe followed by the user's words, since the
-        // assistant turn that called it.
-        messages
-            .iter()
-            .rev()
-            .take_while(|m| m.get("role").and_then(Value::as_str) != Some("assistant"))
-            .any(|m| m.get("role").and_then(Value::as_str) == Some("tool"))
-    };
-    if answered || last.get("role").and_then(Value::as_str) != Some("user") {
+    if tool_results(body, wire).is_some() || !last_is_user(body, wire) {
         return None;
     }
     let (name, schema) = if anthropic {
@@ -92,16 +118,191 @@ pub fn decide(body: &Value, anthropic: bool, prompt_tokens: u64) -> Option<ToolC
             }
         }
     }
-    let arguments = Value::Object(args).to_string();
-    let chars: Vec<char> = arguments.chars().collect();
-    let mut pieces = vec![String::new()];
-    pieces.extend(chars.chunks(8).map(|c| c.iter().collect::<String>()));
-    Some(ToolCall {
-        name: name.and_then(Value::as_str).unwrap_or("tool").to_owned(),
-        arguments,
-        pieces,
+    Some(ToolCall::new(
+        name.and_then(Value::as_str).unwrap_or("tool"),
+        Value::Object(args).to_string(),
         prompt_tokens,
+    ))
+}
+
+/// `agent` mode: unless a tool answered since the last assistant turn (or
+/// the tool choice is `none`), a call of the shell-like tool (see
+/// [`pick`]) with arguments valid against its schema.
+fn agent_call(body: &Value, wire: Wire, prompt_tokens: u64) -> Option<ToolCall> {
+    if forbidden(body, wire) || tool_results(body, wire).is_some() || !last_is_user(body, wire) {
+        return None;
+    }
+    let tools = function_tools(body, wire);
+    let (name, schema) = pick(&tools, forced(body, wire))?;
+    let arguments = schema_args::generate(schema).to_string();
+    Some(ToolCall::new(name, arguments, prompt_tokens))
+}
+
+/// `agent` mode, when the last turn is a tool's answer: the text reply
+/// quoting it, `The command printed: <its first 200 characters>`.
+pub fn agent_answer(body: &Value, wire: Wire, mode: ToolsMode) -> Option<String> {
+    if mode != ToolsMode::Agent {
+        return None;
+    }
+    let output = tool_results(body, wire)?.join("\n");
+    let output: String = output.chars().take(200).collect();
+    Some(if output.trim().is_empty() {
+        "The command printed nothing.".to_owned()
+    } else {
+        format!("The command printed: {output}")
     })
+}
+
+/// The tool to call: the one `tool_choice` names; else the first whose name
+/// says it runs commands (`shell`, `bash`, `exec`, `command`) and whose
+/// schema has a command property (so Claude Code's `Bash`, not its
+/// `KillShell` or `BashOutput`; Codex's `exec_command`, not `write_stdin`);
+/// else the first whose name says so; else the first.
+fn pick<'a>(
+    tools: &[(&'a str, Option<&'a Value>)],
+    forced: Option<&str>,
+) -> Option<(&'a str, Option<&'a Value>)> {
+    if let Some(f) = forced {
+        if let Some(t) = tools.iter().find(|(n, _)| *n == f) {
+            return Some(*t);
+        }
+    }
+    let shell_name = |n: &str| {
+        let n = n.to_ascii_lowercase();
+        ["shell", "bash", "exec", "command"]
+            .iter()
+            .any(|w| n.contains(w))
+    };
+    let has_command = |s: Option<&Value>| {
+        s.and_then(|s| s.get("properties"))
+            .and_then(Value::as_object)
+            .is_some_and(|p| p.keys().any(|k| schema_args::is_command(k)))
+    };
+    tools
+        .iter()
+        .find(|(n, s)| shell_name(n) && has_command(*s))
+        .or_else(|| tools.iter().find(|(n, _)| shell_name(n)))
+        .or_else(|| tools.first())
+        .copied()
+}
+
+/// The function tools offered, as (name, schema). Anthropic's server and
+/// built-in tools (no `input_schema`) and OpenAI's non-function tools
+/// (`custom`, `web_search`, `local_shell`, …) are left out.
+fn function_tools(body: &Value, wire: Wire) -> Vec<(&str, Option<&Value>)> {
+    let tools = body.get("tools").and_then(Value::as_array);
+    tools
+        .into_iter()
+        .flatten()
+        .filter_map(|t| {
+            let kind = t.get("type").and_then(Value::as_str);
+            let (f, schema_key) = match wire {
+                Wire::Chat if kind.is_none_or(|k| k == "function") => {
+                    (t.get("function")?, "parameters")
+                }
+                Wire::Responses if kind == Some("function") => (t, "parameters"),
+                Wire::Messages if t.get("input_schema").is_some() => (t, "input_schema"),
+                _ => return None,
+            };
+            Some((f.get("name")?.as_str()?, f.get(schema_key)))
+        })
+        .collect()
+}
+
+/// Whether the tool choice is `none`.
+fn forbidden(body: &Value, wire: Wire) -> bool {
+    let choice = body.get("tool_choice");
+    match wire {
+        Wire::Messages => {
+            choice.and_then(|c| c.get("type")).and_then(Value::as_str) == Some("none")
+        }
+        _ => choice.and_then(Value::as_str) == Some("none"),
+    }
+}
+
+/// The tool `tool_choice` names, if it names one.
+fn forced(body: &Value, wire: Wire) -> Option<&str> {
+    let choice = body.get("tool_choice")?;
+    let name = match wire {
+        Wire::Chat => choice.pointer("/function/name"),
+        Wire::Responses | Wire::Messages => choice.get("name"),
+    };
+    name.and_then(Value::as_str)
+}
+
+/// Whether the conversation ends with the user's turn (a Responses `input`
+/// string is one).
+fn last_is_user(body: &Value, wire: Wire) -> bool {
+    let last = match wire {
+        Wire::Responses => match body.get("input") {
+            Some(Value::String(_)) => return true,
+            Some(Value::Array(items)) => items.last(),
+            _ => None,
+        },
+        _ => body
+            .get("messages")
+            .and_then(Value::as_array)
+            .and_then(|m| m.last()),
+    };
+    last.and_then(|m| m.get("role")).and_then(Value::as_str) == Some("user")
+}
+
+/// The texts of the tool results sent since the last assistant turn, or
+/// `None` if there are none: `tool` messages (chat; maybe followed by the
+/// user's words), `tool_result` blocks of the last message (Messages),
+/// `function_call_output` items after the last `function_call` or
+/// assistant message (Responses).
+fn tool_results(body: &Value, wire: Wire) -> Option<Vec<String>> {
+    let role = |m: &Value| m.get("role").and_then(Value::as_str).map(str::to_owned);
+    let kind = |m: &Value| m.get("type").and_then(Value::as_str).map(str::to_owned);
+    let texts: Vec<String> = match wire {
+        Wire::Chat => {
+            let messages = body.get("messages")?.as_array()?;
+            let mut t: Vec<String> = messages
+                .iter()
+                .rev()
+                .take_while(|m| role(m).as_deref() != Some("assistant"))
+                .filter(|m| matches!(role(m).as_deref(), Some("tool" | "function")))
+                .map(|m| m.get("content").map(content_text).unwrap_or_default())
+                .collect();
+            t.reverse();
+            t
+        }
+        Wire::Messages => {
+            let last = body.get("messages")?.as_array()?.last()?;
+            last.get("content")?
+                .as_array()?
+                .iter()
+                .filter(|b| kind(b).as_deref() == Some("tool_result"))
+                .map(|b| b.get("content").map(content_text).unwrap_or_default())
+                .collect()
+        }
+        Wire::Responses => {
+            let items = body.get("input")?.as_array()?;
+            let mut t: Vec<String> = items
+                .iter()
+                .rev()
+                .take_while(|i| {
+                    kind(i).as_deref() != Some("function_call")
+                        && role(i).as_deref() != Some("assistant")
+                })
+                .filter(|i| kind(i).as_deref() == Some("function_call_output"))
+                .map(|i| match i.get("output") {
+                    Some(Value::String(s)) => s.clone(),
+                    // An array of `input_text` (and other) parts.
+                    Some(Value::Array(parts)) => parts
+                        .iter()
+                        .filter_map(|p| p.get("text").and_then(Value::as_str))
+                        .collect::<Vec<_>>()
+                        .join(" "),
+                    _ => String::new(),
+                })
+                .collect();
+            t.reverse();
+            t
+        }
+    };
+    (!texts.is_empty()).then_some(texts)
 }
 
 /// How an OpenAI tool-call answer is framed.
@@ -302,29 +503,113 @@ mod tests {
         let tools = json!([{"name": "get_weather", "input_schema": {"type": "object", "properties": {"location": {"type": "string"}, "days": {"type": "integer"}}}}]);
         let ask =
             json!({"tools": tools, "messages": [{"role": "user", "content": "San Francisco, CA"}]});
-        let call = decide(&ask, true, 3).unwrap();
+        let call = decide(&ask, Wire::Messages, 3, ToolsMode::First).unwrap();
         assert_eq!(call.name, "get_weather");
         assert_eq!(call.arguments, r#"{"location":"San Francisco, CA"}"#);
         assert_eq!(call.pieces[0], "");
         assert_eq!(call.pieces.concat(), call.arguments);
         let answered = json!({"tools": tools, "messages": [{"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t", "content": "68F"}]}]});
-        assert!(decide(&answered, true, 3).is_none());
+        assert!(decide(&answered, Wire::Messages, 3, ToolsMode::First).is_none());
         let none = json!({"tools": tools, "tool_choice": {"type": "none"}, "messages": [{"role": "user", "content": "x"}]});
-        assert!(decide(&none, true, 3).is_none());
+        assert!(decide(&none, Wire::Messages, 3, ToolsMode::First).is_none());
         let openai = json!({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"properties": {"q": {"type": "string"}}}}}],
             "messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": null}, {"role": "tool", "content": "r"}]});
-        assert!(decide(&openai, false, 3).is_none());
+        assert!(decide(&openai, Wire::Chat, 3, ToolsMode::First).is_none());
         let mut then_user = openai.clone();
         then_user["messages"]
             .as_array_mut()
             .unwrap()
             .push(json!({"role": "user", "content": "thanks"}));
-        assert!(decide(&then_user, false, 3).is_none());
+        assert!(decide(&then_user, Wire::Chat, 3, ToolsMode::First).is_none());
         assert!(decide(
             &json!({"messages": [{"role": "user", "content": "x"}]}),
-            false,
-            3
+            Wire::Chat,
+            3,
+            ToolsMode::First
         )
         .is_none());
+    }
+
+    #[test]
+    fn agent_mode_calls_the_shell_tool_with_valid_arguments() {
+        let schema = |req: &str| json!({"type": "object", "properties": {req: {"type": "string"}}, "required": [req], "additionalProperties": false});
+        // Claude Code: `Bash` is picked over the tools before it and over
+        // `KillShell`, whose schema has no command.
+        let claude = json!({"tools": [
+            {"name": "Task", "input_schema": schema("prompt")},
+            {"name": "KillShell", "input_schema": schema("shell_id")},
+            {"name": "Bash", "input_schema": schema("command")},
+            {"type": "web_search_20250305", "name": "web_search"}],
+            "messages": [{"role": "user", "content": "list the files"}]});
+        let call = decide(&claude, Wire::Messages, 3, ToolsMode::Agent).unwrap();
+        assert_eq!(
+            (call.name.as_str(), call.arguments.as_str()),
+            ("Bash", r#"{"command":"echo afr-mock"}"#)
+        );
+        assert_eq!(call.pieces.concat(), call.arguments);
+        // Codex on the Responses API: `exec_command` over `write_stdin`,
+        // non-function tools skipped.
+        let codex = json!({"tools": [
+            {"type": "custom", "name": "apply_patch"},
+            {"type": "function", "name": "write_stdin", "parameters": schema("chars")},
+            {"type": "function", "name": "exec_command", "parameters": schema("cmd")}],
+            "input": [{"type": "message", "role": "user", "content": [{"type": "input_text", "text": "hi"}]}]});
+        let call = decide(&codex, Wire::Responses, 3, ToolsMode::Agent).unwrap();
+        assert_eq!(call.arguments, r#"{"cmd":"echo afr-mock"}"#);
+        assert!(decide(&codex, Wire::Responses, 3, ToolsMode::First).is_none());
+        // No shell tool: the first function tool; a named tool choice wins.
+        let mut chat = json!({"tools": [
+            {"type": "function", "function": {"name": "get_weather", "parameters": schema("location")}},
+            {"type": "function", "function": {"name": "lookup", "parameters": schema("q")}}],
+            "messages": [{"role": "user", "content": "weather?"}]});
+        let call = decide(&chat, Wire::Chat, 3, ToolsMode::Agent).unwrap();
+        assert_eq!(call.arguments, r#"{"location":"afr-mock"}"#);
+        chat["tool_choice"] = json!({"type": "function", "function": {"name": "lookup"}});
+        assert_eq!(
+            decide(&chat, Wire::Chat, 3, ToolsMode::Agent).unwrap().name,
+            "lookup"
+        );
+        chat["tool_choice"] = json!("none");
+        assert!(decide(&chat, Wire::Chat, 3, ToolsMode::Agent).is_none());
+    }
+
+    #[test]
+    fn agent_mode_answers_a_tool_result_with_text() {
+        let tools = json!([{"type": "function", "function": {"name": "shell", "parameters": {}}}]);
+        let chat = json!({"tools": tools, "messages": [
+            {"role": "user", "content": "hi"},
+            {"role": "assistant", "content": null, "tool_calls": []},
+            {"role": "tool", "tool_call_id": "c", "content": "afr-mock\n"}]});
+        assert!(decide(&chat, Wire::Chat, 3, ToolsMode::Agent).is_none());
+        assert_eq!(
+            agent_answer(&chat, Wire::Chat, ToolsMode::Agent).unwrap(),
+            "The command printed: afr-mock\n"
+        );
+        assert!(agent_answer(&chat, Wire::Chat, ToolsMode::First).is_none());
+        let long = "x".repeat(300);
+        let messages = json!({"messages": [{"role": "user", "content": [
+            {"type": "tool_result", "tool_use_id": "t", "content": [{"type": "text", "text": long}]}]}]});
+        let text = agent_answer(&messages, Wire::Messages, ToolsMode::Agent).unwrap();
+        assert_eq!(text.len(), "The command printed: ".len() + 200);
+        let responses = json!({"input": [
+            {"type": "message", "role": "user", "content": "hi"},
+            {"type": "function_call", "call_id": "c", "name": "shell", "arguments": "{}"},
+            {"type": "function_call_output", "call_id": "c", "output": ""}]});
+        assert_eq!(
+            agent_answer(&responses, Wire::Responses, ToolsMode::Agent).unwrap(),
+            "The command printed nothing."
+        );
+        // A new user turn after the answer: a new call.
+        let again = json!({"tools": [{"type": "function", "name": "shell", "parameters": {}}],
+            "input": [{"type": "function_call_output", "call_id": "c", "output": "ok"},
+                {"type": "message", "role": "assistant", "content": "done"},
+                {"type": "message", "role": "user", "content": "again"}]});
+        assert!(agent_answer(&again, Wire::Responses, ToolsMode::Agent).is_none());
+        assert_eq!(
+            decide(&again, Wire::Responses, 3, ToolsMode::Agent)
+                .unwrap()
+                .arguments,
+            "{}"
+        );
     }
 }
