@@ -6,7 +6,8 @@
 //!
 //! Text replies come from [`reply::build`] (the last user text, echoed), so
 //! token counts follow the same formula as chat completions. A Responses
-//! request with `tools` is answered with a call of its first function tool.
+//! request with `tools` is answered with a call of its first function tool
+//! (with the `agent` tools knob, as [`crate::tools`] decides).
 
 use bytes::Bytes;
 use hyper::header::{HeaderValue, CONTENT_TYPE};
@@ -15,9 +16,11 @@ use serde_json::{json, Value};
 
 use crate::conn::MockBody;
 use crate::faults::OPENAI_STREAM_ERROR;
+use crate::knobs::ToolsMode;
 use crate::reply::{self, content_text, Finish, Reply};
 use crate::server::{unix_now, Ctx};
 use crate::stream::StreamPlan;
+use crate::tools::{self, Wire};
 use crate::usage::{self, Billed, Tokens};
 
 /// Dimensions of a mock embedding when the request sets none (text-embedding-3-small's).
@@ -77,12 +80,18 @@ pub fn validate(path: &str, body: &Value) -> Result<(), (&'static str, &'static 
 }
 
 /// A reply to `text` as if it were the last user message.
-fn reply_to(text: &str, max_tokens: Option<u64>, chunks: Option<u32>) -> Reply {
+/// `answer`, when given, is said instead of `Mock reply to: …`.
+fn reply_to(
+    text: &str,
+    max_tokens: Option<u64>,
+    chunks: Option<u32>,
+    answer: Option<String>,
+) -> Reply {
     let mut body = json!({"messages": [{"role": "user", "content": text}]});
     if let Some(max) = max_tokens {
         body["max_tokens"] = max.into();
     }
-    reply::build(&body, None, chunks)
+    reply::build_with(&body, None, chunks, answer)
 }
 
 /// The inputs of an embeddings request, as texts (token ids as their numbers).
@@ -201,6 +210,7 @@ pub fn completions(ctx: Ctx, body: &Value, deployment: Option<&str>) -> Response
         &prompt,
         body.get("max_tokens").and_then(Value::as_u64),
         ctx.knobs.chunks,
+        None,
     );
     let (n, billed_choices) = usage::choices(body, true).unwrap_or((1, 1));
     let id = format!("cmpl-afrmock{:016}", ctx.id_seq);
@@ -304,6 +314,9 @@ enum Output {
         id: String,
         call_id: String,
         name: String,
+        /// The arguments (JSON text), and in their delta pieces.
+        arguments: String,
+        pieces: Vec<String>,
     },
 }
 
@@ -324,9 +337,15 @@ impl Output {
                     r#"{{"id":"{id}","type":"message","status":"{status}","content":{content},"role":"assistant"}}"#
                 )
             }
-            Output::Call { id, call_id, name } => {
+            Output::Call {
+                id,
+                call_id,
+                name,
+                arguments,
+                ..
+            } => {
                 let arguments = if done {
-                    json_str(&CALL_ARGUMENT_PIECES.concat())
+                    json_str(arguments)
                 } else {
                     "\"\"".to_owned()
                 };
@@ -350,6 +369,7 @@ pub fn responses(ctx: Ctx, body: &Value) -> Response<MockBody> {
         &input,
         body.get("max_output_tokens").and_then(Value::as_u64),
         ctx.knobs.chunks,
+        tools::agent_answer(body, Wire::Responses, ctx.knobs.tools),
     );
     let seq = ctx.id_seq;
     // Ids carry the instance (its process id) as a real provider's are
@@ -372,20 +392,42 @@ pub fn responses(ctx: Ctx, body: &Value) -> Response<MockBody> {
         }
     }
     let created = unix_now();
-    let tool = body
-        .get("tools")
-        .and_then(Value::as_array)
-        .and_then(|tools| {
-            tools
-                .iter()
-                .find(|t| t.get("type").and_then(Value::as_str) == Some("function"))
-        })
-        .and_then(|t| t.get("name").and_then(Value::as_str));
+    // `first` mode: the first function tool, called every time with the
+    // recorded arguments. `agent` mode: `tools::decide`, whose pieces start
+    // with an empty one, which Responses streams do not send.
+    let tool = match ctx.knobs.tools {
+        ToolsMode::First => body
+            .get("tools")
+            .and_then(Value::as_array)
+            .and_then(|tools| {
+                tools
+                    .iter()
+                    .find(|t| t.get("type").and_then(Value::as_str) == Some("function"))
+            })
+            .and_then(|t| t.get("name").and_then(Value::as_str))
+            .map(|name| {
+                (
+                    name.to_owned(),
+                    CALL_ARGUMENT_PIECES.concat(),
+                    CALL_ARGUMENT_PIECES.map(str::to_owned).to_vec(),
+                )
+            }),
+        ToolsMode::Agent => {
+            tools::decide(body, Wire::Responses, reply.prompt_tokens, ToolsMode::Agent).map(
+                |call| {
+                    let pieces = call.pieces[1..].to_vec();
+                    (call.name, call.arguments, pieces)
+                },
+            )
+        }
+    };
     let output = match tool {
-        Some(name) => Output::Call {
+        Some((name, arguments, pieces)) => Output::Call {
             id: format!("fc_afrmock{seq:016}"),
             call_id: format!("call_afrmock{seq:012}"),
-            name: name.to_owned(),
+            name,
+            arguments,
+            pieces,
         },
         None => Output::Message {
             id: format!("msg_afrmock{seq:016}"),
@@ -394,8 +436,7 @@ pub fn responses(ctx: Ctx, body: &Value) -> Response<MockBody> {
         },
     };
     let output_tokens = match &output {
-        Output::Message { pieces, .. } => pieces.len(),
-        Output::Call { .. } => CALL_ARGUMENT_PIECES.len(),
+        Output::Message { pieces, .. } | Output::Call { pieces, .. } => pieces.len(),
     } as u64;
     let tokens = Tokens::new(&ctx.knobs, reply.prompt_tokens, output_tokens, false);
     let counts = (tokens.prompt, tokens.completion());
@@ -481,8 +522,13 @@ pub fn responses(ctx: Ctx, body: &Value) -> Response<MockBody> {
                 format!(r#","item_id":"{item}","output_index":0,"content_index":0,"part":{{"type":"output_text","annotations":[],"logprobs":[],"text":{}}}"#, json_str(text)),
             ));
         }
-        Output::Call { id: item, .. } => {
-            for piece in CALL_ARGUMENT_PIECES {
+        Output::Call {
+            id: item,
+            arguments,
+            pieces,
+            ..
+        } => {
+            for piece in pieces {
                 content.push(typed(
                     "response.function_call_arguments.delta",
                     format!(r#","item_id":"{item}","output_index":0,"delta":{},"obfuscation":"afrmock""#, json_str(piece)),
@@ -492,7 +538,7 @@ pub fn responses(ctx: Ctx, body: &Value) -> Response<MockBody> {
                 "response.function_call_arguments.done",
                 format!(
                     r#","item_id":"{item}","output_index":0,"arguments":{}"#,
-                    json_str(&CALL_ARGUMENT_PIECES.concat())
+                    json_str(arguments)
                 ),
             ));
         }
