@@ -151,7 +151,8 @@ fn default_listen() -> String {
 }
 
 fn default_max_body() -> usize {
-    1024 * 1024
+    // Anthropic's limit on a Messages request; agents send whole sessions.
+    32 << 20
 }
 
 /// Where a listener binds.

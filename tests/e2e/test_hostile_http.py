@@ -96,14 +96,31 @@ def test_json_the_sidecar_refuses_gets_an_openai_400(gateway, key):
 
 
 def test_body_over_the_limit_is_413_json(gateway, key):
-    big = b'{"model":"gpt-4o-mini","messages":[{"role":"user","content":"' + b"x" * (2 << 20) + b'"}]}'
+    big = b'{"model":"gpt-4o-mini","messages":[{"role":"user","content":"' + b"x" * (33 << 20) + b'"}]}'
     status, _, reply = post(gateway, key, big)
     assert status == 413
     assert json.loads(reply)["error"]["code"] == "request_too_large"
-    # 100 000 well-formed messages are over 1 MB too.
-    many = b'{"model":"gpt-4o-mini","messages":[' + b",".join([b'{"role":"user","content":"hi"}'] * 100_000) + b"]}"
+    # 1.2 million well-formed messages are over 32 MB too.
+    many = b'{"model":"gpt-4o-mini","messages":[' + b",".join([b'{"role":"user","content":"hi"}'] * 1_200_000) + b"]}"
     assert post(gateway, key, many)[0] == 413
     no_crash(gateway, key)
+
+
+def test_agent_sized_bodies_are_served_from_memory(gateway, key):
+    """Issue 23: coding agents send the whole session with every request (Claude Code
+    100 KB–1 MB and more). Such bodies are served, and nginx keeps them in memory: no
+    "a client request body is buffered to a temporary file" per request (the shipped
+    configuration had client_max_body_size 1m and nginx's 16 KB body buffer)."""
+    log = gateway.home / "logs" / "nginx-error.log"
+    before = log.read_text(errors="replace").count("buffered to a temporary file")
+    for size in (100_000, 1_000_000, 3_000_000):
+        text = ("lorem ipsum " * (size // 12 + 1))[:size]
+        body = json.dumps({"model": "gpt-4o-mini", "max_tokens": 5,
+                           "messages": [{"role": "user", "content": text}]}).encode()
+        status, _, reply = post(gateway, key, body)
+        assert status == 200, (size, reply[:300])
+    after = log.read_text(errors="replace").count("buffered to a temporary file")
+    assert after == before, log.read_text(errors="replace")[-2000:]
 
 
 def test_oversized_headers_get_nginx_4xx(gateway, key):
