@@ -85,14 +85,14 @@ class Fleet:
         return float(m.group(1)) if m else 0.0
 
     # --- Redis -------------------------------------------------------------------------
-    def stop_redis(self, keep_data: bool = False) -> None:
-        """Stops Redis; with `keep_data` it saves its counters first (a restart of the same
-        Redis, not one that lost them)."""
+    def stop_redis(self, keep_data: bool = False, sig: int = signal.SIGTERM) -> None:
+        """Stops Redis (with `sig`: SIGKILL is a crash); with `keep_data` it saves its
+        counters first (a restart of the same Redis, not one that lost them)."""
         if keep_data:
             port = (self.home / "redis.port").read_text().strip()
             subprocess.run(["redis-cli", "-p", port, "SAVE"], check=True, capture_output=True, timeout=30)
         pid = int((self.home / "redis.pid").read_text())
-        os.kill(pid, signal.SIGTERM)
+        os.kill(pid, sig)
         for _ in range(100):
             try:
                 os.kill(pid, 0)

@@ -123,14 +123,7 @@ class Chaos:
         return subprocess.run(["redis-cli", "-p", port, *args], capture_output=True, text=True, timeout=10).stdout
 
     def _kill(self):
-        pid = self._pid()
-        os.kill(pid, signal.SIGKILL)
-        for _ in range(100):
-            try:
-                os.kill(pid, 0)
-            except ProcessLookupError:
-                return
-            time.sleep(0.02)
+        self.fleet.stop_redis(sig=signal.SIGKILL)
 
     def cut(self):
         self.fwd.cut()
