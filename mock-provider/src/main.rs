@@ -52,6 +52,12 @@
 //! `--omit-usage`/`X-Mock-Omit-Usage`; the request's `n` (and `best_of` for
 //! `/v1/completions`) gives that many choices. See the [`usage`] module.
 //!
+//! Tool calls: `--tools`/`tools`/`X-Mock-Tools` is `first` (the default:
+//! the first tool is called, string properties set to the user's words) or
+//! `agent` (the shell-like tool is called with arguments valid against its
+//! schema, then a tool result is answered with text). See the [`tools`] and
+//! [`schema_args`] modules.
+//!
 //! # Control API
 //! - `GET /_mock/config` / `POST /_mock/config`: read or replace the instance
 //!   knobs (JSON with the snake_case knob names; omitted fields take their

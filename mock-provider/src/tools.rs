@@ -8,6 +8,14 @@
 //! the arguments as an empty first piece then pieces of at most 8 characters,
 //! split anywhere, as in the recorded `anthropic-messages-stream-tool-use.sse`.
 //! `completion_tokens` = the number of pieces.
+//!
+//! That is the default, knob `tools = "first"`. With `tools = "agent"` the
+//! mock behaves like a model driving a coding agent: while the last turn is
+//! the user's, it calls one tool, the shell-like one if offered ([`pick`]),
+//! with arguments made from that tool's schema ([`crate::schema_args`]),
+//! so Claude Code, Codex or a chat-completions agent can run it; once the
+//! tool's result is sent back it answers with text quoting the result
+//! ([`agent_answer`]). This holds on chat, Messages and Responses.
 
 use bytes::Bytes;
 use serde_json::{json, Map, Value};
