@@ -69,13 +69,11 @@ fn check_messages(body: &Value) -> Result<(), (&'static str, &'static str)> {
         return Err(("messages: Field required", "messages"));
     };
     for m in messages {
+        // A `system` message inside `messages` applies from where it stands
+        // (Claude Code's first request of a session carries one).
         match m.get("role").and_then(Value::as_str) {
-            Some("user" | "assistant") => {}
-            Some("system") => return Err((
-                "messages: Unexpected role \"system\". The Messages API accepts a top-level `system` parameter, not \"system\" as an input message role.",
-                "messages",
-            )),
-            _ => return Err(("messages: Input tag found using 'role' does not match any of the expected tags: 'user', 'assistant'", "messages")),
+            Some("user" | "assistant" | "system") => {}
+            _ => return Err(("messages: Input tag found using 'role' does not match any of the expected tags: 'user', 'assistant', 'system'", "messages")),
         }
     }
     Ok(())
@@ -302,7 +300,10 @@ mod tests {
         let mut bad = ok.clone();
         bad.as_object_mut().unwrap().remove("max_tokens");
         assert_eq!(validate(&bad).unwrap_err().1, "max_tokens");
-        let bad = json!({"model":"m","max_tokens":5,"messages":[{"role":"system","content":"x"}]});
-        assert!(validate(&bad).unwrap_err().0.contains("top-level `system`"));
+        let mid = json!({"model":"m","max_tokens":5,"messages":[{"role":"user","content":"x"},{"role":"system","content":"y"}]});
+        assert!(validate(&mid).is_ok(), "a system message inside messages");
+        let bad =
+            json!({"model":"m","max_tokens":5,"messages":[{"role":"narrator","content":"x"}]});
+        assert_eq!(validate(&bad).unwrap_err().1, "messages");
     }
 }

@@ -599,8 +599,20 @@ async fn a_shutdown_waits_for_settlements_still_trying_to_reach_redis() {
         stop.join().unwrap()
     });
     assert!(stopped.0.success(), "{:?}", stopped.0);
-    assert!(stopped.1 >= Duration::from_millis(900), "it waited for Redis: {:?}", stopped.1);
-    assert_eq!(redis.tokens_counted(), used, "the settlement landed before the exit");
+    assert!(
+        stopped.1 >= Duration::from_millis(900),
+        "it waited for Redis: {:?}",
+        stopped.1
+    );
+    assert_eq!(
+        redis.tokens_counted(),
+        used,
+        "the settlement landed before the exit"
+    );
     assert!(all_holds_settled(&redis));
-    assert!(!sidecar.log().contains("did not answer within"), "{}", sidecar.log());
+    assert!(
+        !sidecar.log().contains("did not answer within"),
+        "{}",
+        sidecar.log()
+    );
 }

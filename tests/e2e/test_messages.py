@@ -126,6 +126,37 @@ def test_passthrough_is_byte_faithful(gw):
     assert (req["headers"]["anthropic-version"], req["headers"]["anthropic-beta"]) == ("2023-06-01", "test-beta-1")
 
 
+@pytest.mark.parametrize("model", [CLAUDE, "gpt-4o-mini"])
+def test_a_system_message_inside_messages_is_served_in_place(gw, model):
+    """Issue 23: Claude Code's first request of every session has a `system` message inside
+    `messages`; Anthropic accepts it, and so does the gateway now (it answered 400
+    `messages.1.role: Unexpected role "system"`). An Anthropic route gets it as sent; an
+    OpenAI-wire route gets a chat system message in the same place."""
+    messages = [
+        {"role": "user", "content": "hello"},
+        {"role": "system", "content": [{"type": "text", "text": "From here on, be brief."}]},
+        {"role": "user", "content": "and then?"},
+    ]
+    body = json.dumps({"model": model, "max_tokens": 50, "messages": messages}).encode()
+    headers = {"x-api-key": gw.key, "anthropic-version": "2023-06-01", "content-type": "application/json"}
+    status, _, answer = http("POST", gw.base + "/v1/messages", body, headers)
+    assert status == 200, answer
+    if model == CLAUDE:
+        [req] = served_by(gw, gw.anth_down) or served_by(gw, gw.anth)
+        assert req["body"]["messages"] == messages
+    else:
+        chat = [r for r in gw.mock_requests() if r["path"] == "/v1/chat/completions"][-1]
+        assert [m["role"] for m in chat["body"]["messages"]] == ["user", "system", "user"]
+        assert chat["body"]["messages"][1]["content"] == "From here on, be brief."
+        # A role chat completions have nothing for is named, Anthropic-shaped.
+        odd = json.dumps({"model": model, "max_tokens": 50, "messages": [{"role": "narrator", "content": "x"}]})
+        status, _, answer = http("POST", gw.base + "/v1/messages", odd.encode(), headers)
+        assert status == 400, answer
+        err = json.loads(answer)
+        assert err["type"] == "error" and err["error"]["type"] == "invalid_request_error", err
+        assert "messages.0.role" in err["error"]["message"], err
+
+
 def test_stream_text_and_usage(gw):
     messages = [{"role": "user", "content": "stream these words to me"}]
     with client(gw).messages.stream(model=CLAUDE, max_tokens=300, messages=messages) as stream:
@@ -325,7 +356,7 @@ def test_docs_messages_examples_run(gw, tmp_path):
 
 def test_nginx_error_pages_are_anthropic_shaped_on_messages(gw):
     """Runs last: it stops the sidecar."""
-    big = b'{"model":"gpt-4o-mini","max_tokens":5,"messages":[{"role":"user","content":"' + b"x" * (1 << 20) + b'"}]}'
+    big = b'{"model":"gpt-4o-mini","max_tokens":5,"messages":[{"role":"user","content":"' + b"x" * (33 << 20) + b'"}]}'
     status, _, body = http("POST", gw.base + "/v1/messages", big, {"x-api-key": gw.key})
     assert status == 413 and json.loads(body)["error"]["type"] == "request_too_large"
     status, _, body = http("POST", gw.base + "/v1/chat/completions", big, {"Authorization": f"Bearer {gw.key}"})
