@@ -305,10 +305,106 @@ impl Lease {
     }
 }
 
+/// How long a node's loss of Redis stands without a local worker standing
+/// by it (each does once a second, from its timer): past it, the workers
+/// that were local are gone (a reload, a crash), and the next worker that
+/// hears Redis answer says it is back.
+pub const REACH_STALE_MS: u64 = 3_000;
+
+/// One node's view of Redis, shared by its workers (kept in the node's
+/// shared zone, so `repr(C)`; zeroed means "Redis reachable"), so that the
+/// node logs one line when it loses Redis and one when it has it back, not
+/// one per worker. Each worker still decides its own mode from its own calls.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Reach {
+    /// When a local worker of the node last stood by the loss (caller's
+    /// monotonic ms); 0 while the node has Redis.
+    local_ms: u64,
+}
+
+impl Reach {
+    /// A worker turned local at `now_ms`. True when the node had Redis until
+    /// then: this worker is the first, and logs that Redis is unreachable.
+    pub fn went_local(&mut self, now_ms: u64) -> bool {
+        let first = self.local_ms == 0 || self.stale(now_ms);
+        self.local_ms = now_ms.max(1);
+        first
+    }
+
+    /// A worker is still local at `now_ms` (its timer): the loss stands,
+    /// unless another worker already said Redis is back.
+    pub fn still_local(&mut self, now_ms: u64) {
+        if self.local_ms != 0 {
+            self.local_ms = self.local_ms.max(now_ms);
+        }
+    }
+
+    /// A worker heard Redis answer at `now_ms`; `was_local`: it was local
+    /// until then. True when this ends the node's loss — the first local
+    /// worker back, or any worker once no local one has stood by the loss
+    /// for [`REACH_STALE_MS`] — and this worker logs that Redis is back.
+    pub fn answered(&mut self, was_local: bool, now_ms: u64) -> bool {
+        if self.local_ms == 0 || !(was_local || self.stale(now_ms)) {
+            return false;
+        }
+        self.local_ms = 0;
+        true
+    }
+
+    /// Whether the node counts as having lost Redis.
+    pub fn lost(&self) -> bool {
+        self.local_ms != 0
+    }
+
+    fn stale(&self, now_ms: u64) -> bool {
+        now_ms.saturating_sub(self.local_ms) >= REACH_STALE_MS
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn one_line_per_node_and_outage_however_many_workers() {
+        let mut r = Reach::default();
+        assert!(!r.lost());
+        // Four workers turn local one after the other: the first logs.
+        assert!(r.went_local(10_000));
+        assert!(!r.went_local(10_050));
+        assert!(!r.went_local(10_100));
+        r.still_local(11_000);
+        assert!(!r.went_local(12_500));
+        assert!(r.lost());
+        // A worker that stayed global and hears Redis is no news.
+        assert!(!r.answered(false, 12_600));
+        // The first local worker back logs; the others do not.
+        assert!(r.answered(true, 13_000));
+        assert!(!r.lost());
+        assert!(!r.answered(true, 13_100));
+        // A worker still local after that does not mark the node again.
+        r.still_local(13_200);
+        assert!(!r.lost());
+        assert!(!r.answered(true, 13_300));
+        // A new outage is a new line.
+        assert!(r.went_local(20_000));
+    }
+
+    #[test]
+    fn a_loss_no_local_worker_stands_by_is_ended_by_a_global_answer() {
+        // The local workers were replaced (a reload) by ones that never lost Redis.
+        let mut r = Reach::default();
+        assert!(r.went_local(10_000));
+        r.still_local(11_000);
+        assert!(!r.answered(false, 11_000 + REACH_STALE_MS - 1));
+        assert!(r.answered(false, 11_000 + REACH_STALE_MS));
+        assert!(!r.lost());
+        // Likewise a worker turning local after a loss nobody stood by logs anew.
+        assert!(r.went_local(30_000));
+        assert!(r.went_local(30_000 + REACH_STALE_MS));
+    }
 
     /// The table the Lua twin is run against too (sidecar/tests/fleet.rs).
     const VECTORS: &str = include_str!("../vectors/sliding-window.json");

@@ -32,7 +32,7 @@ use std::mem::{align_of, size_of};
 use std::ptr::{self, addr_of_mut};
 
 use afr_core::concurrency::InFlight;
-use afr_core::fleet::{Grant, Lease as FleetLease, Take};
+use afr_core::fleet::{Grant, Lease as FleetLease, Reach as FleetReach, Take};
 use afr_core::ratelimit::{RateWindow, Verdict};
 use ngx::core::Status;
 use ngx::ffi::{
@@ -117,6 +117,9 @@ struct Shared {
     /// when it began, so every worker treats it as lost while its first
     /// window lasts.
     fleet_lost_epoch: i64,
+    /// Whether the node has Redis, as its workers found: one log line per
+    /// node when it loses Redis and one when it has it back.
+    fleet_reach: FleetReach,
 }
 
 /// One key's counter. Fixed size: see the module docs.
@@ -209,6 +212,7 @@ pub extern "C" fn init_zone(zone: *mut ngx_shm_zone_t, old_data: *mut c_void) ->
             full_logged_ms: 0,
             fleet_epoch: 0,
             fleet_lost_epoch: 0,
+            fleet_reach: FleetReach::default(),
             evicted_unlogged: 0,
         });
         let buckets = sh.add(1).cast::<u32>();
@@ -465,18 +469,33 @@ impl ZoneCtx {
     /// in — it replaced the epoch the node last saw, or some worker already
     /// saw it do so — and remembers it. `window_left_ms` is what is left of
     /// the window the epoch began in (≤ 0: over, and so is the loss).
-    pub fn fleet_lost_counters(&self, epoch: i64, window_left_ms: i64) -> bool {
+    /// `Some(first)` when lost; `first`: this call is the node's first to
+    /// see that epoch replace the other (once per epoch and node).
+    pub fn fleet_lost_counters(&self, epoch: i64, window_left_ms: i64) -> Option<bool> {
         if self.sh.is_null() || self.pool.is_null() {
-            return false;
+            return None;
         }
         let _guard = Locked::new(self.pool);
         // SAFETY: under the mutex we have exclusive access to the zone header.
         let sh = unsafe { &mut *self.sh };
-        if sh.fleet_epoch != 0 && sh.fleet_epoch != epoch {
+        let first = sh.fleet_epoch != 0 && sh.fleet_epoch != epoch;
+        if first {
             sh.fleet_lost_epoch = epoch;
         }
         sh.fleet_epoch = epoch;
-        sh.fleet_lost_epoch == epoch && window_left_ms > 0
+        (sh.fleet_lost_epoch == epoch && window_left_ms > 0).then_some(first)
+    }
+
+    /// Runs `f` on the node's view of Redis (`afr_core::fleet::Reach`)
+    /// under the zone's mutex; `None` before [`init_zone`].
+    pub fn fleet_reach<R>(&self, f: impl FnOnce(&mut FleetReach) -> R) -> Option<R> {
+        if self.sh.is_null() || self.pool.is_null() {
+            return None;
+        }
+        let _guard = Locked::new(self.pool);
+        // SAFETY: under the mutex we have exclusive access to the zone header.
+        let sh = unsafe { &mut *self.sh };
+        Some(f(&mut sh.fleet_reach))
     }
 
     /// Runs `f` on key `digest`'s slot (made most recently used; a new key

@@ -19,12 +19,14 @@
 //! key without a token is decided on its local share at once, so a slow Redis
 //! never piles calls up in the pool's queue.
 //!
-//! Fail-static: a refill that fails marks Redis down for this worker (one
-//! error-log line, naming Redis's refusal if it refused); the worker then
-//! decides every fleet key from the local window with the key's local share
-//! (limit ÷ `nodes`), never waits on Redis, and probes it (the lease script
-//! on a key of its own) at most once per [`PROBE_INTERVAL_MS`], from a request
-//! or its own timer; the first success logs that global limits are back.
+//! Fail-static: a refill that fails marks Redis down for this worker (the
+//! node's first worker to turn local logs one error-log line for the node,
+//! naming Redis's refusal if it refused: `afr_core::fleet::Reach` in the
+//! zone header); the worker then decides every fleet key from the local
+//! window with the key's local share (limit ÷ `nodes`), never waits on
+//! Redis, and probes it (the lease script on a key of its own) at most once
+//! per [`PROBE_INTERVAL_MS`], from a request or its own timer; the node's
+//! first worker back logs that global limits are back.
 //! What a worker admits on a local share is a debt, added to Redis's count
 //! with the key's next refill or by that timer once Redis answers, so Redis
 //! back mid-window never grants again what was already spent.
@@ -311,6 +313,8 @@ unsafe extern "C" fn on_tick(ev: *mut ngx_event_t) {
     let now_ms = clock::mono_ms();
     let (local, owes) = WORKER.with_borrow(|w| (w.mode != Mode::Global, !w.debts.is_empty()));
     if local {
+        // The node's loss of Redis stands while a worker is local.
+        zone.fleet_reach(|r| r.still_local(now_ms));
         probe(fleet, zone, now_ms);
     } else if owes {
         pay_debts(fleet, zone, now_ms);
@@ -435,20 +439,26 @@ unsafe extern "C" fn call_done(ev: *mut ngx_event_t) {
     // worker's cycle, which outlives every task the worker posted.
     let zone = unsafe { &*call.zone };
     let log = ngx::log::ngx_cycle_log().as_ptr();
+    let lost = match &call.result {
+        Some(Ok(c)) => zone.fleet_lost_counters(c[4], c[5]),
+        _ => None,
+    };
     let ok = match &call.result {
-        Some(Ok(c)) if zone.fleet_lost_counters(c[4], c[5]) => {
+        Some(Ok(c)) if lost.is_some() => {
             // Redis answered, but it is not the Redis this node counted in,
             // and the window its counters were lost in is not over: its grant
             // is not used, and the worker stays on local shares — which hold
-            // what this node admitted — until that window ends.
+            // what this node admitted — until that window ends. The node's
+            // first worker to see it says so, once per epoch.
             let left = (c[5].max(0) as u64).min(WINDOW_MS);
-            set_mode(
-                false,
-                now_ms,
-                log,
-                &call.url,
-                "it lost its counters: restarted without persistence or failed over",
-            );
+            go_local(zone, now_ms, log, &call.url, None);
+            if lost == Some(true) {
+                log_unreachable(
+                    log,
+                    &call.url,
+                    "it lost its counters: restarted without persistence or failed over",
+                );
+            }
             WORKER.with_borrow_mut(|w| {
                 w.debts.clear();
                 w.mode = Mode::Local {
@@ -467,11 +477,11 @@ unsafe extern "C" fn call_done(ev: *mut ngx_event_t) {
             true
         }
         Some(Err(e)) => {
-            set_mode(false, now_ms, log, &call.url, e);
+            go_local(zone, now_ms, log, &call.url, Some(e));
             false
         }
         None => {
-            set_mode(false, now_ms, log, &call.url, "the call did not run");
+            go_local(zone, now_ms, log, &call.url, Some("the call did not run"));
             false
         }
     };
@@ -487,7 +497,7 @@ unsafe extern "C" fn call_done(ev: *mut ngx_event_t) {
         }
     }
     if ok {
-        set_mode(true, now_ms, log, &call.url, "");
+        answered(zone, now_ms, log, &call.url);
         if WORKER.with_borrow(|w| !w.debts.is_empty()) {
             pay_debts(fleet, zone, now_ms);
         }
@@ -508,36 +518,49 @@ unsafe extern "C" fn call_done(ev: *mut ngx_event_t) {
     }
 }
 
-fn set_mode(up: bool, now_ms: u64, log: *mut ngx_log_t, url: &str, why: &str) {
+/// This worker turns local, unless it is. The node's first worker to turn
+/// local logs that Redis is unreachable (`why`; `None`: the caller logs its
+/// own line); the others do so silently.
+fn go_local(zone: &ZoneCtx, now_ms: u64, log: *mut ngx_log_t, url: &str, why: Option<&str>) {
     let changed = WORKER.with_borrow_mut(|w| {
-        let was_up = w.mode == Mode::Global;
-        w.mode = if up {
-            Mode::Global
-        } else {
-            Mode::Local {
-                probed_ms: match w.mode {
-                    Mode::Local { probed_ms } => probed_ms,
-                    Mode::Global => now_ms,
-                },
-            }
-        };
-        was_up != up
+        let was_global = w.mode == Mode::Global;
+        if was_global {
+            w.mode = Mode::Local { probed_ms: now_ms };
+        }
+        was_global
     });
     if !changed {
         return;
     }
-    if up {
+    let first = zone.fleet_reach(|r| r.went_local(now_ms)).unwrap_or(true);
+    if let (true, Some(why)) = (first, why) {
+        log_unreachable(log, url, why);
+    }
+}
+
+/// Redis answered this worker: it is global (again). The node's first
+/// worker back logs that global limits are back (see
+/// `afr_core::fleet::Reach::answered`).
+fn answered(zone: &ZoneCtx, now_ms: u64, log: *mut ngx_log_t, url: &str) {
+    let was_local =
+        WORKER.with_borrow_mut(|w| std::mem::replace(&mut w.mode, Mode::Global) != Mode::Global);
+    if zone
+        .fleet_reach(|r| r.answered(was_local, now_ms))
+        .unwrap_or(was_local)
+    {
         ngx_log_error!(
             NGX_LOG_NOTICE,
             log,
             "afr_fleet: Redis {url} is reachable again, global limits are back"
         );
-    } else {
-        ngx_log_error!(
-            NGX_LOG_ERR,
-            log,
-            "afr_fleet: Redis {url} unreachable ({why}); each key is limited to its local share \
-             (limit / nodes) until it is back"
-        );
     }
+}
+
+fn log_unreachable(log: *mut ngx_log_t, url: &str, why: &str) {
+    ngx_log_error!(
+        NGX_LOG_ERR,
+        log,
+        "afr_fleet: Redis {url} unreachable ({why}); each key is limited to its local share \
+         (limit / nodes) until it is back"
+    );
 }
