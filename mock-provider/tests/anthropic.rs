@@ -106,8 +106,8 @@ async fn errors_and_required_headers() {
     assert_eq!(overloaded.headers()["x-should-retry"], "true");
     let v: Value = overloaded.json().await.unwrap();
     assert_eq!(v["error"]["type"], "overloaded_error");
-    let sys_role = json!({"model":"claude-haiku-4-5","max_tokens":10,"messages":[{"role":"system","content":"x"}]});
-    let r = messages(&mock).json(&sys_role).send().await.unwrap();
+    let odd_role = json!({"model":"claude-haiku-4-5","max_tokens":10,"messages":[{"role":"narrator","content":"x"}]});
+    let r = messages(&mock).json(&odd_role).send().await.unwrap();
     assert_eq!(r.status(), 400);
     assert_eq!(r.headers()["x-should-retry"], "false");
     let no_max = json!({"model":"claude-haiku-4-5","messages":[{"role":"user","content":"x"}]});
