@@ -244,15 +244,27 @@ fn last_is_user(body: &Value, wire: Wire) -> bool {
     let last = match wire {
         Wire::Responses => match body.get("input") {
             Some(Value::String(_)) => return true,
-            Some(Value::Array(items)) => items.last(),
+            Some(Value::Array(items)) => last_turn(items),
             _ => None,
         },
         _ => body
             .get("messages")
             .and_then(Value::as_array)
-            .and_then(|m| m.last()),
+            .and_then(|m| last_turn(m)),
     };
     last.and_then(|m| m.get("role")).and_then(Value::as_str) == Some("user")
+}
+
+/// The last message that is a turn of the conversation: instructions
+/// (`system`, `developer`) placed after it do not end it — Claude Code puts
+/// a system message after the user's first turn.
+fn last_turn(messages: &[Value]) -> Option<&Value> {
+    messages.iter().rev().find(|m| {
+        !matches!(
+            m.get("role").and_then(Value::as_str),
+            Some("system" | "developer")
+        )
+    })
 }
 
 /// The texts of the tool results sent since the last assistant turn, or
@@ -277,7 +289,7 @@ fn tool_results(body: &Value, wire: Wire) -> Option<Vec<String>> {
             t
         }
         Wire::Messages => {
-            let last = body.get("messages")?.as_array()?.last()?;
+            let last = last_turn(body.get("messages")?.as_array()?)?;
             last.get("content")?
                 .as_array()?
                 .iter()
@@ -536,6 +548,31 @@ mod tests {
             ToolsMode::First
         )
         .is_none());
+    }
+
+    /// Claude Code's first request ends with a system message after the
+    /// user's turn (and its answer turn with a system message before the
+    /// tool result): the user's turn and the tool result still decide.
+    #[test]
+    fn a_system_message_after_the_last_turn_does_not_end_it() {
+        let tools = json!([{"name": "Bash", "input_schema": {"type": "object", "properties": {"command": {"type": "string"}}, "required": ["command"]}}]);
+        let first = json!({"tools": tools, "messages": [
+            {"role": "user", "content": "run it"},
+            {"role": "system", "content": [{"type": "text", "text": "# Environment"}]},
+        ]});
+        let call = decide(&first, Wire::Messages, 3, ToolsMode::Agent).expect("a call");
+        assert_eq!(call.arguments, r#"{"command":"echo afr-mock"}"#);
+        let chat = json!({"tools": [{"type": "function", "function": {"name": "Bash", "parameters": tools[0]["input_schema"]}}],
+            "messages": [{"role": "user", "content": "run it"}, {"role": "system", "content": "# Environment"}]});
+        assert!(decide(&chat, Wire::Chat, 3, ToolsMode::Agent).is_some());
+        let answered = json!({"tools": tools, "messages": [
+            {"role": "user", "content": "run it"},
+            {"role": "system", "content": "# Environment"},
+            {"role": "assistant", "content": [{"type": "tool_use", "id": "t", "name": "Bash", "input": {"command": "echo afr-mock"}}]},
+            {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t", "content": "afr-mock"}]},
+            {"role": "system", "content": "# Environment"},
+        ]});
+        assert!(decide(&answered, Wire::Messages, 3, ToolsMode::Agent).is_none());
     }
 
     #[test]
