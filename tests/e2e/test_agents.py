@@ -63,7 +63,8 @@ def gw():
 
 
 def session_home(gw, name: str) -> Path:
-    # Not under /tmp: Codex refuses to put its helper binaries in a temporary directory.
+    # Inside the stack's runtime directory, removed with it. (Codex warns that it will not
+    # put its helper binaries under a temporary directory; it needs none here.)
     d = Path(gw.home) / "agents" / name
     (d / "work").mkdir(parents=True)
     return d
