@@ -229,7 +229,7 @@ def test_shipped_server_conf_answers_nginx_own_errors_in_json(flavour, upstream)
                 400: b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer a\r\n"
                 b"Authorization: Bearer b\r\nContent-Length: 2\r\n\r\n{}",
                 413: b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer a\r\n"
-                b"Content-Length: 2000000\r\nConnection: close\r\n\r\n",
+                b"Content-Length: 40000000\r\nConnection: close\r\n\r\n",
                 414: b"GET /v1/" + b"x" * 20000 + b" HTTP/1.1\r\nHost: x\r\n\r\n",
                 # A malformed request line: no URI yet, still JSON.
                 -400: b"GET /v1/\x01 HTTP/1.1\r\n\r\n",
