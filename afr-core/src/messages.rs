@@ -24,7 +24,8 @@ pub struct MessagesRequest {
     pub model: String,
     /// Whether the client asked for a stream.
     pub stream: bool,
-    /// The client's `max_tokens` (0 for `count_tokens`, which generates nothing).
+    /// The client's `max_tokens` (0 for `count_tokens`, which generates
+    /// nothing, and for a request that only warms the prompt cache).
     pub max_tokens: u64,
     /// Where the body's top-level members lie.
     pub spans: ObjectSpans,
@@ -126,8 +127,18 @@ pub fn validate_messages(bytes: &[u8], count_tokens: bool) -> Result<MessagesReq
                 ))
             }
         }
+        // `user` and `assistant` turns need their content, as Anthropic
+        // says; a `system` message may have none (the beta's
+        // `BetaSystemMessageParam`: `content?` beside `clear_at` and
+        // `output_config`), and a role the gateway does not know carries
+        // whatever its provider expects.
+        let needs_content = matches!(
+            m.get("role").and_then(Value::as_str),
+            Some("user" | "assistant")
+        );
         match m.get("content") {
             Some(Value::String(_) | Value::Array(_)) => {}
+            _ if !needs_content => {}
             _ => {
                 return Err(invalid(
                     &format!("{param}.content"),
@@ -140,17 +151,25 @@ pub fn validate_messages(bytes: &[u8], count_tokens: bool) -> Result<MessagesReq
     }
     let mut max_tokens = 0;
     if !count_tokens {
+        // 0 is allowed: it populates the prompt cache without generating
+        // (the SDK's `MessageCreateParams.max_tokens`), and reserves nothing.
         match get("max_tokens")? {
-            Some(Value::Number(n)) if n.as_u64().is_some_and(|v| v >= 1) => {
+            Some(Value::Number(n)) if n.as_u64().is_some() => {
                 max_tokens = n.as_u64().unwrap_or(0);
             }
             None | Some(Value::Null) => {
                 return Err(invalid("max_tokens", "max_tokens: Field required"))
             }
+            Some(Value::Number(n)) if n.is_i64() => {
+                return Err(invalid(
+                    "max_tokens",
+                    "max_tokens: Input should be greater than or equal to 0",
+                ))
+            }
             Some(_) => {
                 return Err(invalid(
                     "max_tokens",
-                    "max_tokens: Input should be an integer greater than or equal to 1",
+                    "max_tokens: Input should be a valid integer",
                 ))
             }
         }

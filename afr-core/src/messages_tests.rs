@@ -17,6 +17,8 @@ const STREAM: &str = include_str!("../../tests/fixtures/anthropic-messages-strea
 const TOOL_STREAM: &str =
     include_str!("../../tests/fixtures/anthropic-messages-stream-tool-use.sse");
 const COUNT: &str = include_str!("../../tests/fixtures/anthropic-count-tokens-request.json");
+const CLAUDE_CODE: &str =
+    include_str!("../../tests/fixtures/claude-code-2.1.332-messages-request.json");
 const OPENAI_STREAM: &str = include_str!("../../tests/fixtures/openai-chat-stream.sse");
 const OPENAI_COMPLETION: &str = include_str!("../../tests/fixtures/openai-chat-completion.json");
 
@@ -65,7 +67,11 @@ fn bad_bodies_name_the_field() {
             Some("messages"),
         ),
         (
-            r#"{"model":"m","max_tokens":0,"messages":[]}"#,
+            r#"{"model":"m","max_tokens":-1,"messages":[]}"#,
+            Some("max_tokens"),
+        ),
+        (
+            r#"{"model":"m","max_tokens":1.5,"messages":[]}"#,
             Some("max_tokens"),
         ),
         (
@@ -108,6 +114,96 @@ fn roles_the_gateway_does_not_check_reach_an_anthropic_route_untouched() {
     let sent: serde_json::Value = serde_json::from_slice(&out).unwrap();
     let original: serde_json::Value = serde_json::from_slice(body).unwrap();
     assert_eq!(sent["messages"], original["messages"]);
+}
+
+/// Issue 23: what Claude Code 2.1.332 really sends (a system message inside
+/// `messages`, `tool_use` with `caller`, `tool_result` with `cache_control`,
+/// `defer_loading`, `thinking`, `context_management`, `output_config`)
+/// passes, and an Anthropic route gets it with only `model` changed.
+#[test]
+fn the_recorded_claude_code_request_reaches_an_anthropic_route_as_sent() {
+    let r = validate_messages(CLAUDE_CODE.as_bytes(), false).expect("accepted");
+    assert_eq!(r.model, "gw-model");
+    assert!(r.stream);
+    assert_eq!(r.max_tokens, 32000);
+    let out = r.upstream_body(CLAUDE_CODE.as_bytes(), &route("claude-opus-5", ""));
+    assert_eq!(
+        String::from_utf8(out).unwrap(),
+        CLAUDE_CODE.replacen(r#""model":"gw-model""#, r#""model":"claude-opus-5""#, 1)
+    );
+    assert!(estimate_input_tokens(CLAUDE_CODE.as_bytes()) > 1);
+    // The same body (without max_tokens and stream) as a count_tokens request.
+    let mut count: Value = serde_json::from_str(CLAUDE_CODE).unwrap();
+    let map = count.as_object_mut().unwrap();
+    map.remove("max_tokens");
+    map.remove("stream");
+    let count = serde_json::to_vec(&count).unwrap();
+    assert!(validate_messages(&count, true).is_ok());
+}
+
+/// Issue 23: `max_tokens: 0` populates the prompt cache without generating
+/// (the SDK's `MessageCreateParams.max_tokens`, @anthropic-ai/sdk 1.14.0).
+/// Before: 400 `max_tokens: Input should be an integer greater than or equal to 1`.
+#[test]
+fn max_tokens_zero_warms_the_cache_and_reserves_no_output() {
+    let body = br#"{"model":"m","max_tokens":0,"system":[{"type":"text","text":"long","cache_control":{"type":"ephemeral"}}],"messages":[{"role":"user","content":"hi"}]}"#;
+    let r = validate_messages(body, false).expect("accepted");
+    assert_eq!(r.max_tokens, 0);
+    let route = route("claude-haiku-4-5", "");
+    assert_eq!(r.output_cap(&route), 0);
+    assert_eq!(
+        r.upstream_body(body, &route),
+        String::from_utf8_lossy(body)
+            .replace(r#""m""#, r#""claude-haiku-4-5""#)
+            .into_bytes()
+    );
+    // Below zero or not an integer is still refused, in Anthropic's words.
+    for (bad, message) in [
+        (
+            r#"{"model":"m","max_tokens":-1,"messages":[]}"#,
+            "max_tokens: Input should be greater than or equal to 0",
+        ),
+        (
+            r#"{"model":"m","max_tokens":"9","messages":[]}"#,
+            "max_tokens: Input should be a valid integer",
+        ),
+        (
+            r#"{"model":"m","messages":[]}"#,
+            "max_tokens: Field required",
+        ),
+    ] {
+        let e = validate_messages(bad.as_bytes(), false).expect_err(bad);
+        assert_eq!(e.param.as_deref(), Some("max_tokens"));
+        assert_eq!(e.message, message);
+    }
+}
+
+/// Issue 23: a beta system message needs no `content` (`BetaSystemMessageParam`:
+/// `content?`, with `clear_at` and `output_config`), and roles the gateway does
+/// not know carry whatever content they carry: both pass untouched. `user` and
+/// `assistant` messages still need a string or a list of blocks, as Anthropic says.
+/// Before: 400 `messages.1.content: Field required`.
+#[test]
+fn only_user_and_assistant_messages_need_content() {
+    let body = br#"{"model":"m","max_tokens":9,"messages":[{"role":"user","content":"hi"},{"role":"system","clear_at":"next_user_message","output_config":{"effort":"low"}},{"role":"system","content":"x","clear_at":"never"},{"role":"narrator","content":{"odd":true}},{"role":"user","content":"and?"}]}"#;
+    let r = validate_messages(body, false).expect("accepted");
+    let out = r.upstream_body(body, &route("claude-haiku-4-5", ""));
+    let sent: Value = serde_json::from_slice(&out).unwrap();
+    let original: Value = serde_json::from_slice(body).unwrap();
+    assert_eq!(sent["messages"], original["messages"]);
+    for (bad, param) in [
+        (
+            r#"{"model":"m","max_tokens":9,"messages":[{"role":"assistant"}]}"#,
+            "messages.0.content",
+        ),
+        (
+            r#"{"model":"m","max_tokens":9,"messages":[{"role":"user","content":null}]}"#,
+            "messages.0.content",
+        ),
+    ] {
+        let e = validate_messages(bad.as_bytes(), false).expect_err(bad);
+        assert_eq!(e.param.as_deref(), Some(param), "{}", e.message);
+    }
 }
 
 #[test]
