@@ -19,7 +19,10 @@ pub const DEFAULT_TEMPERATURE: f64 = 0.7;
 /// Default `max_tokens` when the client sends none (design §3).
 pub const DEFAULT_MAX_TOKENS: u64 = 4096;
 
-/// Roles a chat message may have.
+/// The chat message roles of the SDKs (`ChatCompletionMessageParam`, openai
+/// 6.49.0), whose content rules the gateway knows. Another role is not
+/// refused: a chat route's provider judges it, and a route of the other wire
+/// names it when it cannot translate it.
 const ROLES: [&str; 6] = [
     "system",
     "developer",
@@ -393,13 +396,7 @@ fn check_messages(messages: Option<&RawValue>) -> Result<(), Invalid> {
         let m = members(message.get().as_bytes()).map_err(|e| Invalid::object(&path, e))?;
         let role_param = format!("{path}.role");
         let role = match field(&m, "role", &role_param)? {
-            Some(Value::String(r)) if ROLES.contains(&r.as_str()) => r,
-            Some(Value::String(r)) => {
-                return Err(Invalid::field(
-                    format!("{path}.role"),
-                    format!("Invalid '{path}.role': '{r}' is not one of {ROLES:?}."),
-                ))
-            }
+            Some(Value::String(r)) => r,
             None | Some(Value::Null) => return Err(missing(&format!("{path}.role"))),
             Some(other) => return Err(type_error(&format!("{path}.role"), "a string", &other)),
         };
@@ -417,6 +414,10 @@ fn check_messages(messages: Option<&RawValue>) -> Result<(), Invalid> {
             Some(b'[') => {}
             // An assistant turn that only calls tools carries no content.
             None | Some(b'n') if role == "assistant" => {}
+            // A function message's content is `string | null`.
+            Some(b'n') if role == "function" => {}
+            // A role the gateway does not know: its provider judges the content.
+            _ if !ROLES.contains(&role.as_str()) => {}
             None => return Err(missing(&format!("{path}.content"))),
             Some(_) => {
                 return Err(type_error(
@@ -490,8 +491,12 @@ mod tests {
                 Some("messages[0].role"),
             ),
             (
-                r#"{"model":"m","messages":[{"role":"wizard","content":"x"}]}"#.into(),
+                r#"{"model":"m","messages":[{"role":7,"content":"x"}]}"#.into(),
                 Some("messages[0].role"),
+            ),
+            (
+                r#"{"model":"m","messages":[{"role":"function","name":"f"}]}"#.into(),
+                Some("messages[0].content"),
             ),
             (
                 r#"{"model":"m","messages":[{"role":"user","content":"a"},{"role":"user"}]}"#
@@ -677,6 +682,25 @@ mod tests {
         let body =
             r#"{"model":"m","messages":[{"role":"assistant","content":null,"tool_calls":[]}]}"#;
         assert!(validate_chat(body.as_bytes()).is_ok());
+    }
+
+    /// Issue 23: a function message's content is `string | null`
+    /// (`ChatCompletionFunctionMessageParam`, openai 6.49.0); before, null was
+    /// a 400 `Invalid type for 'messages[1].content'`. A role the gateway does
+    /// not know reaches a chat route untouched, content and all, for its
+    /// provider to judge; before, a 400 `'critic' is not one of [...]`.
+    #[test]
+    fn function_results_may_be_null_and_unknown_roles_pass_through() {
+        for body in [
+            r#"{"model":"m","messages":[{"role":"user","content":"hi"},{"role":"function","name":"f","content":null}]}"#,
+            r#"{"model":"m","messages":[{"role":"user","content":"hi"},{"role":"critic","content":{"score":1}},{"role":"critic"}]}"#,
+        ] {
+            validate_chat(body.as_bytes()).expect(body);
+            let sent = sent(body, false);
+            let sent: Value = serde_json::from_str(&sent).unwrap();
+            let original: Value = serde_json::from_str(body).unwrap();
+            assert_eq!(sent["messages"], original["messages"], "{body}");
+        }
     }
 
     #[test]
