@@ -14,6 +14,9 @@ const STREAM_2026: &str =
 const STREAM_CALL: &str =
     include_str!("../../tests/fixtures/openai-responses-stream-function-call.sse");
 const STREAM_ERROR: &str = include_str!("../../tests/fixtures/openai-responses-stream-error.sse");
+const CODEX: &str = include_str!("../../tests/fixtures/codex-0.171.0-responses-request.json");
+const CODEX_FIRST: &str =
+    include_str!("../../tests/fixtures/codex-0.171.0-responses-request-first-turn.json");
 
 fn route(model: &str) -> RouteConfig {
     RouteConfig {
@@ -246,4 +249,33 @@ fn the_recorded_error_stream_reads_as_an_error() {
         "{:?}",
         read.iter().map(|e| &e.kind).collect::<Vec<_>>()
     );
+}
+
+/// Issue 23: what Codex 0.171.0 really sends (`developer` messages,
+/// `function_call`/`function_call_output` items with ids, `include`,
+/// `store:false`, `reasoning`, `client_metadata`, `prompt_cache_key`, a
+/// `namespace` tool, a `custom` tool) passes, and a Responses route gets the
+/// client's bytes with only `model` changed and the output limit the gateway
+/// writes in for a request that sets none.
+#[test]
+fn the_recorded_codex_requests_reach_a_responses_route_as_sent() {
+    for (body, model) in [(CODEX, "gw-model"), (CODEX_FIRST, "gpt-5.5")] {
+        let r = validate_passthrough(Endpoint::Responses, body.as_bytes()).expect("accepted");
+        assert_eq!(r.model, model);
+        assert!(r.stream);
+        assert_eq!(
+            (r.output_limit, r.previous_response_id.as_deref()),
+            (None, None)
+        );
+        assert_eq!(r.special_tier, None);
+        let up = r.upstream_body(body.as_bytes(), &route("gpt-5.5-2026-04-23"), true);
+        let from = format!(r#"{{"model":"{model}","#);
+        let renamed = body.replacen(&from, r#"{"model":"gpt-5.5-2026-04-23","#, 1);
+        let expected = format!(
+            "{},\"max_output_tokens\":4096}}",
+            renamed.strip_suffix('}').expect("an object")
+        );
+        assert_eq!(String::from_utf8(up).expect("utf-8"), expected);
+        assert!(crate::estimate::prompt_tokens(body.as_bytes(), r.estimate_wire()) > 0);
+    }
 }
