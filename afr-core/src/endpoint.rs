@@ -14,7 +14,8 @@ use crate::estimate::Wire;
 use crate::splice::{members, ObjectSpans, Splice};
 use crate::sse::{event_data, event_name, TokenUsage};
 use crate::validate::{
-    capped, check_positive_int, field, find, type_error, value, Invalid, DEFAULT_MAX_TOKENS,
+    capped, check_int_at_least, check_positive_int, field, find, type_error, value, Invalid,
+    DEFAULT_MAX_TOKENS,
 };
 use serde::Deserialize;
 use serde_json::Value;
@@ -294,9 +295,12 @@ pub fn validate_passthrough(
             if let Some(raw) = find(&body, "prompt") {
                 value("prompt", raw)?;
             }
-            output_limit = check_positive_int(&body, "max_tokens")?;
+            // openai-openapi's CreateCompletionRequest: `max_tokens` and
+            // `best_of` have `minimum: 0` (`max_tokens: 0` with `echo` scores
+            // a prompt without generating), `n` has `minimum: 1`.
+            output_limit = check_int_at_least(&body, "max_tokens", 0)?;
             let n = check_positive_int(&body, "n")?.unwrap_or(1);
-            let best_of = check_positive_int(&body, "best_of")?.unwrap_or(1);
+            let best_of = check_int_at_least(&body, "best_of", 0)?.unwrap_or(1);
             choices = n.max(best_of);
         }
         Endpoint::Responses => {

@@ -189,7 +189,7 @@ fn the_output_cap_bounds_what_each_endpoint_can_bill() {
     let body = br#"{"model":"m","prompt":"x","max_tokens":100,"n":2}"#;
     let req = validate_passthrough(Endpoint::Completions, body).expect("valid");
     assert_eq!(req.output_cap(&r), 100);
-    let bad = validate_passthrough(Endpoint::Completions, br#"{"model":"m","best_of":0}"#);
+    let bad = validate_passthrough(Endpoint::Completions, br#"{"model":"m","best_of":-1}"#);
     assert_eq!(bad.unwrap_err().param.as_deref(), Some("best_of"));
     let embed = validate_passthrough(Endpoint::Embeddings, br#"{"model":"m","input":"x"}"#);
     assert_eq!(embed.expect("valid").output_cap(&r), 0);
@@ -277,5 +277,48 @@ fn the_recorded_codex_requests_reach_a_responses_route_as_sent() {
         );
         assert_eq!(String::from_utf8(up).expect("utf-8"), expected);
         assert!(crate::estimate::prompt_tokens(body.as_bytes(), r.estimate_wire()) > 0);
+    }
+}
+
+/// Issue 23: `/v1/completions` takes `max_tokens: 0` (with `echo`, the classic
+/// way to score a prompt) and `best_of: 0`: openai-openapi's
+/// `CreateCompletionRequest` sets `minimum: 0` for both. Before: 400
+/// `expected a positive integer`. Below the minimum the refusal is OpenAI's.
+#[test]
+fn completions_take_max_tokens_and_best_of_zero() {
+    let body =
+        br#"{"model":"m","prompt":"Score me","max_tokens":0,"echo":true,"logprobs":1,"best_of":0}"#;
+    let r = validate_passthrough(Endpoint::Completions, body).expect("accepted");
+    assert_eq!((r.output_limit, r.choices), (Some(0), 1));
+    assert_eq!(r.output_cap(&route("up")), 0);
+    assert_eq!(
+        String::from_utf8(r.upstream_body(body, &route("davinci-002"), false)).unwrap(),
+        String::from_utf8_lossy(body).replace(r#""m""#, r#""davinci-002""#)
+    );
+    for (bad, param, message) in [
+        (
+            r#"{"model":"m","prompt":"x","max_tokens":-1}"#,
+            "max_tokens",
+            "Invalid 'max_tokens': integer below minimum value. Expected a value >= 0, but got -1 instead.",
+        ),
+        (
+            r#"{"model":"m","prompt":"x","best_of":-2}"#,
+            "best_of",
+            "Invalid 'best_of': integer below minimum value. Expected a value >= 0, but got -2 instead.",
+        ),
+        (
+            r#"{"model":"m","prompt":"x","n":0}"#,
+            "n",
+            "Invalid 'n': integer below minimum value. Expected a value >= 1, but got 0 instead.",
+        ),
+        (
+            r#"{"model":"m","prompt":"x","max_tokens":"16"}"#,
+            "max_tokens",
+            "Invalid type for 'max_tokens': expected an integer, but got a string.",
+        ),
+    ] {
+        let e = validate_passthrough(Endpoint::Completions, bad.as_bytes()).expect_err(bad);
+        assert_eq!(e.param.as_deref(), Some(param), "{bad}");
+        assert_eq!(e.message, message, "{bad}");
     }
 }

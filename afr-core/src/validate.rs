@@ -358,16 +358,26 @@ pub fn check_model(
 
 /// Validates `field` as a positive integer when present; `Ok(Some(n))` if it is set.
 pub(crate) fn check_positive_int(body: &Members<'_>, field: &str) -> Result<Option<u64>, Invalid> {
+    check_int_at_least(body, field, 1)
+}
+
+/// Validates `field` as an integer of at least `min` when present (`null`:
+/// absent); `Ok(Some(n))` if it is set. A refusal is worded as OpenAI's.
+pub(crate) fn check_int_at_least(
+    body: &Members<'_>,
+    field: &str,
+    min: u64,
+) -> Result<Option<u64>, Invalid> {
     match self::field(body, field, field)? {
         None | Some(Value::Null) => Ok(None),
-        Some(Value::Number(n)) if n.as_u64().is_some_and(|v| v > 0) => Ok(n.as_u64()),
-        Some(other) => Err(Invalid::field(
+        Some(Value::Number(n)) if n.as_u64().is_some_and(|v| v >= min) => Ok(n.as_u64()),
+        Some(Value::Number(n)) if n.is_u64() || n.is_i64() => Err(Invalid::field(
             field,
             format!(
-                "Invalid '{field}': expected a positive integer, got {}.",
-                describe(&other)
+                "Invalid '{field}': integer below minimum value. Expected a value >= {min}, but got {n} instead."
             ),
         )),
+        Some(other) => Err(type_error(field, "an integer", &other)),
     }
 }
 
