@@ -106,3 +106,22 @@ def test_limits_and_wrong_kinds_are_typed_errors(gateway):
     assert e.value.param == "model" and e.value.code == "model_not_supported"
     with pytest.raises(openai.RateLimitError):
         client.with_options(max_retries=0).responses.create(model="gpt-4o-mini", input="x")
+
+
+def test_query_parameters_reach_a_provider_of_the_same_wire(gateway, key):
+    """Issue 23: parameters the gateway does not know pass through untouched — on every
+    OpenAI-format endpoint to an OpenAI-format route, as on the Messages passthrough (its
+    `?beta=true`). They were dropped."""
+    headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
+    cases = {
+        "/v1/chat/completions": {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]},
+        "/v1/responses": {"model": "gpt-4o-mini", "input": "hi"},
+        "/v1/embeddings": {"model": EMBED, "input": "hi"},
+    }
+    http("DELETE", gateway.mock_url() + "/_mock/requests")
+    for path, body in cases.items():
+        status, _, answer = http("POST", f"{gateway.base}{path}?x-future=a%20b&flag", json.dumps(body).encode(), headers)
+        assert status == 200, (path, answer)
+    seen = [r["path"] for r in gateway.mock_requests()]
+    for path in cases:
+        assert f"{path}?x-future=a%20b&flag" in seen, (path, seen)

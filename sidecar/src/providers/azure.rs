@@ -51,6 +51,7 @@ impl Provider for Azure {
         let mut request = self
             .client
             .post(url)
+            .client_query(call.query.as_deref(), &["api-version"])
             .query(&[("api-version", self.api_version.as_str())])
             .header(http::header::CONTENT_TYPE, "application/json")
             .header("x-request-id", &call.request_id)
@@ -93,6 +94,7 @@ impl Provider for Azure {
         let mut request = self
             .client
             .post(url)
+            .client_query(call.query.as_deref(), &["api-version"])
             .query(&[("api-version", self.api_version.as_str())])
             .header(http::header::CONTENT_TYPE, "application/json")
             .header("x-request-id", &call.request_id)

@@ -222,6 +222,46 @@ impl Outgoing<'_> {
         self
     }
 
+    /// Appends the client's own query string (raw, as it sent it) to the
+    /// URI, less any parameter named in `owned` (the provider sets those
+    /// itself, such as Azure's `api-version`): parameters the gateway does
+    /// not know reach a provider of the client's wire untouched.
+    pub fn client_query(mut self, raw: Option<&str>, owned: &[&str]) -> Self {
+        let Some(raw) = raw.filter(|q| !q.is_empty()) else {
+            return self;
+        };
+        let kept: Vec<&str> = raw
+            .split('&')
+            .filter(|part| !part.is_empty())
+            .filter(|part| {
+                let name = part.split('=').next().unwrap_or_default();
+                let name: String = form_urlencoded::parse(name.as_bytes())
+                    .next()
+                    .map(|(k, _)| k.into_owned())
+                    .unwrap_or_default();
+                !owned.contains(&name.as_str())
+            })
+            .collect();
+        if kept.is_empty() {
+            return self;
+        }
+        if let Ok(uri) = &self.uri {
+            let path_and_query = match uri.query() {
+                Some(existing) => format!("{}?{existing}&{}", uri.path(), kept.join("&")),
+                None => format!("{}?{}", uri.path(), kept.join("&")),
+            };
+            let mut parts = uri.clone().into_parts();
+            self.uri = path_and_query
+                .parse()
+                .map_err(|e: http::uri::InvalidUri| e.to_string())
+                .and_then(|pq| {
+                    parts.path_and_query = Some(pq);
+                    Uri::from_parts(parts).map_err(|e| e.to_string())
+                });
+        }
+        self
+    }
+
     /// Appends `pairs` to the URI's query, form-encoded.
     pub fn query(mut self, pairs: &[(&str, &str)]) -> Self {
         if let Ok(uri) = &self.uri {
@@ -357,6 +397,29 @@ mod tests {
             out.uri.expect("uri").to_string(),
             "https://x.example/a/b?z=1&api-version=2024-10-21+%26x"
         );
+    }
+
+    #[test]
+    fn the_clients_query_goes_as_sent_less_what_the_provider_owns() {
+        let client = HttpClient::new(&config(
+            "kind = \"azure\"\nbase_url = \"https://x.example\"\napi_version = \"v\"",
+        ))
+        .expect("client");
+        let out = client
+            .post("https://x.example/a".to_owned())
+            .client_query(
+                Some("x=a%20b&api-version=old&flag&api%2Dversion=2"),
+                &["api-version"],
+            )
+            .query(&[("api-version", "v")]);
+        assert_eq!(
+            out.uri.expect("uri").to_string(),
+            "https://x.example/a?x=a%20b&flag&api-version=v"
+        );
+        let none = client
+            .post("https://x.example/a".to_owned())
+            .client_query(None, &[]);
+        assert_eq!(none.uri.expect("uri").to_string(), "https://x.example/a");
     }
 
     #[test]

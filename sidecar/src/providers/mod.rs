@@ -168,6 +168,11 @@ pub struct UpstreamCall {
     /// Longest one SSE event may take once its first byte arrived (the
     /// route's `event_idle`).
     pub event_idle: Duration,
+    /// The client's query string, for a provider of the client's own wire
+    /// (an OpenAI-format endpoint to an OpenAI-format provider); `None` on a
+    /// translated call, whose provider would not know the client's
+    /// parameters.
+    pub query: Option<String>,
 }
 
 /// A configured provider.

@@ -47,6 +47,7 @@ impl Provider for OpenAi {
         let mut request = self
             .client
             .post(&self.url)
+            .client_query(call.query.as_deref(), &[])
             .header(http::header::CONTENT_TYPE, "application/json")
             .header("x-request-id", &call.request_id)
             .body(call.body);
@@ -79,6 +80,7 @@ impl Provider for OpenAi {
         let mut request = self
             .client
             .post(format!("{}/{}", self.base_url, endpoint.path()))
+            .client_query(call.query.as_deref(), &[])
             .header(http::header::CONTENT_TYPE, "application/json")
             .header("x-request-id", &call.request_id)
             .body(call.body);

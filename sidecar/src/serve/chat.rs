@@ -53,6 +53,8 @@ pub struct Caller {
     pub ts_ms: i64,
     /// The error body shape this endpoint answers in.
     pub shape: ErrorShape,
+    /// The request's query string, for a provider of the client's wire.
+    pub query: Option<String>,
 }
 
 /// What the route loop needs from one endpoint's request: failover,
@@ -158,6 +160,8 @@ impl<'a> Asked<'a> {
 struct ChatExchange {
     request: ChatRequest,
     body: Bytes,
+    /// The client's query string (see `UpstreamCall::query`).
+    query: Option<String>,
 }
 
 #[async_trait]
@@ -203,6 +207,7 @@ impl Exchange for ChatExchange {
             stream: self.request.stream,
             request_id: request_id.to_owned(),
             event_idle: route.event_idle(),
+            query: self.query.clone(),
         })
     }
 
@@ -239,12 +244,17 @@ pub async fn chat_completions(
     if let Err(invalid) = admitted {
         return reject(&caller, usage, GatewayError::Invalid(invalid));
     }
+    let query = caller.query.clone();
     route(
         gateway,
         runtime,
         caller,
         usage,
-        &ChatExchange { request, body },
+        &ChatExchange {
+            request,
+            body,
+            query,
+        },
     )
     .await
 }

@@ -75,6 +75,7 @@ pub async fn handle(
         started,
         ts_ms: clock::unix_ms() as i64,
         shape,
+        query: request.uri().query().map(str::to_owned),
     };
 
     let path = request.uri().path().to_owned();

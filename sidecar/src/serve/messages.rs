@@ -196,6 +196,9 @@ impl Exchange for MessagesExchange {
             stream: self.request.stream,
             request_id: request_id.to_owned(),
             event_idle: route.event_idle(),
+            // A translated call: the Anthropic client's query (`?beta=true`)
+            // means nothing to an OpenAI-format provider.
+            query: None,
         })
     }
 

@@ -118,6 +118,7 @@ pub async fn passthrough(
         history,
         gateway: gateway.clone(),
         key_id: caller.key_id.clone(),
+        query: caller.query.clone(),
     };
     route(gateway, runtime, caller, usage, &exchange).await
 }
@@ -151,6 +152,8 @@ struct PassthroughExchange {
     history: u64,
     gateway: Arc<Gateway>,
     key_id: String,
+    /// The client's query string (see `UpstreamCall::query`).
+    query: Option<String>,
 }
 
 #[async_trait]
@@ -224,6 +227,7 @@ impl Exchange for PassthroughExchange {
             stream: self.request.stream,
             request_id: request_id.to_owned(),
             event_idle: route.event_idle(),
+            query: self.query.clone(),
         })
     }
 
