@@ -210,15 +210,21 @@ def extend_catalogue(g: "Gateway", providers: dict, models: dict) -> None:
 def usage_rows(gw, request_id: str, timeout: float = 5) -> list[dict]:
     """The usage rows of one request, once the batch writer has written them."""
     assert request_id, "every response carries x-request-id"
+    return usage_select(gw, "request_id = ?", (request_id,), 1, timeout)
+
+
+def usage_select(gw, where: str, args: tuple, at_least: int, timeout: float = 5) -> list[dict]:
+    """Usage rows matching `where`, polled until there are `at_least` (the batch writer
+    writes a moment after the answer) or `timeout` passes."""
     deadline = time.monotonic() + timeout
     while True:
         db = sqlite3.connect(f"file:{gw.home / 'usage.db'}?mode=ro", uri=True, timeout=5)
         db.row_factory = sqlite3.Row
         try:
-            rows = [dict(r) for r in db.execute("SELECT * FROM usage WHERE request_id = ?", (request_id,))]
+            rows = [dict(r) for r in db.execute(f"SELECT * FROM usage WHERE {where} ORDER BY ts_ms", args)]
         finally:
             db.close()
-        if rows or time.monotonic() > deadline:
+        if len(rows) >= at_least or time.monotonic() > deadline:
             return rows
         time.sleep(0.05)
 

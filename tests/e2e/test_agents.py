@@ -21,14 +21,13 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import sqlite3
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
 
-from conftest import REPO, billed_nanos, extend_catalogue, mock_billed, runtime_dir, start_gateway
+from conftest import REPO, billed_nanos, extend_catalogue, mock_billed, runtime_dir, start_gateway, usage_select
 
 BIN = REPO / "tests" / "agents" / "node_modules" / ".bin"
 PROVIDER_KEY = "sk-ant-provider-agents-0123456789"
@@ -82,20 +81,6 @@ def access_lines(gw, since: int) -> list[str]:
     return lines[since:]
 
 
-def rows_of(gw, key_id: str, n: int) -> list[dict]:
-    deadline = time.monotonic() + 5
-    while True:
-        db = sqlite3.connect(f"file:{gw.home / 'usage.db'}?mode=ro", uri=True, timeout=5)
-        db.row_factory = sqlite3.Row
-        try:
-            rows = [dict(r) for r in db.execute("SELECT * FROM usage WHERE key_id = ? ORDER BY ts_ms", (key_id,))]
-        finally:
-            db.close()
-        if len(rows) >= n or time.monotonic() > deadline:
-            return rows
-        time.sleep(0.1)
-
-
 def check_the_books(gw, name: str, key_id: str, since: int, mock_url: str, price: dict) -> None:
     """Every request admitted and answered 200; one row each, equal to the mock's bill."""
     lines = [l for l in access_lines(gw, since) if f"key={key_id} " in l]
@@ -103,7 +88,7 @@ def check_the_books(gw, name: str, key_id: str, since: int, mock_url: str, price
     statuses = [re.search(r'" (\d{3}) ', l).group(1) for l in lines]
     assert statuses == ["200"] * len(lines), lines
     assert all("afr=admitted" in l for l in lines), lines
-    rows = rows_of(gw, key_id, len(lines))
+    rows = usage_select(gw, "key_id = ?", (key_id,), len(lines))
     assert len(rows) == len(lines), (rows, lines)
     billed_total = 0
     for r in rows:

@@ -242,44 +242,38 @@ impl Outgoing<'_> {
                 !owned.contains(&name.as_str())
             })
             .collect();
-        if kept.is_empty() {
-            return self;
-        }
-        if let Ok(uri) = &self.uri {
-            let path_and_query = match uri.query() {
-                Some(existing) => format!("{}?{existing}&{}", uri.path(), kept.join("&")),
-                None => format!("{}?{}", uri.path(), kept.join("&")),
-            };
-            let mut parts = uri.clone().into_parts();
-            self.uri = path_and_query
-                .parse()
-                .map_err(|e: http::uri::InvalidUri| e.to_string())
-                .and_then(|pq| {
-                    parts.path_and_query = Some(pq);
-                    Uri::from_parts(parts).map_err(|e| e.to_string())
-                });
+        if !kept.is_empty() {
+            self.append_query(&kept.join("&"));
         }
         self
     }
 
     /// Appends `pairs` to the URI's query, form-encoded.
     pub fn query(mut self, pairs: &[(&str, &str)]) -> Self {
-        if let Ok(uri) = &self.uri {
-            // An existing query is kept, the pairs appended after a `&`.
-            let existing = uri.query().unwrap_or_default().to_owned();
-            let mut query = form_urlencoded::Serializer::for_suffix(existing, 0);
-            query.extend_pairs(pairs);
-            let path_and_query = format!("{}?{}", uri.path(), query.finish());
-            let mut parts = uri.clone().into_parts();
-            self.uri = path_and_query
-                .parse()
-                .map_err(|e: http::uri::InvalidUri| e.to_string())
-                .and_then(|pq| {
-                    parts.path_and_query = Some(pq);
-                    Uri::from_parts(parts).map_err(|e| e.to_string())
-                });
-        }
+        let mut query = form_urlencoded::Serializer::new(String::new());
+        query.extend_pairs(pairs);
+        self.append_query(&query.finish());
         self
+    }
+
+    /// Appends `suffix` (already encoded) to the URI's query: an existing
+    /// query is kept, the suffix after a `&`.
+    fn append_query(&mut self, suffix: &str) {
+        let Ok(uri) = &self.uri else {
+            return;
+        };
+        let path_and_query = match uri.query() {
+            Some(existing) if !existing.is_empty() => format!("{}?{existing}&{suffix}", uri.path()),
+            _ => format!("{}?{suffix}", uri.path()),
+        };
+        let mut parts = uri.clone().into_parts();
+        self.uri = path_and_query
+            .parse()
+            .map_err(|e: http::uri::InvalidUri| e.to_string())
+            .and_then(|pq| {
+                parts.path_and_query = Some(pq);
+                Uri::from_parts(parts).map_err(|e| e.to_string())
+            });
     }
 
     /// The request body.
