@@ -632,8 +632,10 @@ def test_a_slow_redis_gets_a_bounded_number_of_calls_from_each_worker(gateway, r
         statuses = [status for status, _, _ in answers]
         took = [t for _, _, t in answers]
         assert set(statuses) == {200}, statuses
-        # The deadline is the timeout; the margin is for 300 client threads on a busy machine.
-        assert max(took) < timeout_ms / 1000 + 0.5, sorted(took)[-5:]
+        # The deadline is the timeout; the margin is for 300 connections at once on a busy
+        # two-core machine running other tests beside it (a hang would be many seconds; the
+        # bound itself is checked by the counts below).
+        assert max(took) < timeout_ms / 1000 + 1.5, sorted(took)[-5:]
         # Later calls (the debts) stay within the bound too.
         time.sleep(1.5)
         most = slow.most()
