@@ -9,6 +9,9 @@ Targets, all in front of ONE afr-mock:
   direct      the mock itself (the floor)
   nginx       plain nginx proxy_pass to the mock (the limit), same worker count
   gateway     nginx + afr module + afr sidecar (keys, limits, usage all on)
+  floor       nginx (plain proxy_pass, no module) + afr-bench-floor (bench/floor: a bare hyper
+              proxy on a unix socket, the leanest second hop) in front of the same mock: the
+              floor the sidecar's own cost is judged against (issue 24); the floor lane only
   gateway-bare  the governed-lane diagnostic: the same nginx with `afr off` in the
               location (no key check, no counters, no X-RateLimit-*) in front of a second
               sidecar started with `[usage] record = false` (no usage rows)
@@ -18,7 +21,9 @@ Lanes: c1 (added p99 at concurrency 1), max (max req/s, wrk), sweep (open loop a
 rates: the 200 and 1000 req/s figures, added latency vs rate, the highest rate held with
 p99 under 1/5/10 ms), ttft (added time to first content token and per-chunk delay),
 streams (concurrent streams sustained, RSS of each process), governed (gateway vs
-gateway-bare), reject (401 and 429 vs nginx `return 401`), soak (RSS slope, MB/hour).
+gateway-bare), reject (401 and 429 vs nginx `return 401`), soak (RSS slope, MB/hour), floor
+(nginx, floor and gateway at one fixed rate well under every maximum: CPU per request of each
+process, and the sidecar's ÷ the floor's).
 """
 
 from __future__ import annotations
@@ -44,6 +49,7 @@ REPO = Path(__file__).resolve().parent.parent
 LOADGEN = REPO / "target/release/examples/loadgen"
 AFR = REPO / "target/release/afr"
 MOCK = REPO / "target/release/afr-mock"
+FLOOR = REPO / "target/release/afr-bench-floor"
 MODULE = REPO / "build/system/libngx_http_afr_module.so"
 NGINX = "/usr/sbin/nginx"
 LITELLM = REPO / "build/litellm-venv/bin/litellm"
@@ -70,6 +76,11 @@ class Profile:
     stream_hold: int
     soak_secs: int
     soak_rate: int
+    # The floor lane: one fixed rate, well under every target's maximum (the gateway's is
+    # ~16 000 req/s with wrk on 2 cores), so each process's CPU per request is its cost at
+    # the same work, not at saturation.
+    floor_rate: int = 2000
+    floor_secs: int = 10
 
 
 # ttft_rate: design §8 sets added TTFT at 16 concurrent streams; a stream here lasts ~31 ms
@@ -80,7 +91,7 @@ FULL = Profile("full", runs=3, c1_secs=10, wrk_secs=10, wrk_conns=32,
                soak_secs=300, soak_rate=500)
 QUICK = Profile("quick", runs=1, c1_secs=1, wrk_secs=1, wrk_conns=16,
                 rates=[200, 1000], rate_secs=1, ttft_rate=50, ttft_secs=1,
-                streams=[100], stream_hold=2, soak_secs=4, soak_rate=200)
+                streams=[100], stream_hold=2, soak_secs=4, soak_rate=200, floor_rate=200, floor_secs=1)
 
 
 def log(msg: str) -> None:
@@ -192,8 +203,9 @@ def children_cpu() -> float:
 class Stack:
     """Every process of the run; stopped (by pid) on exit."""
 
-    def __init__(self, home: Path, with_litellm: bool, sidecar_threads: int | None):
+    def __init__(self, home: Path, with_litellm: bool, sidecar_threads: int | None, with_floor: bool = False):
         self.home = home
+        self.with_floor = with_floor
         self.procs: list[tuple[str, subprocess.Popen]] = []
         self.nginx_pids: list[tuple[str, Path]] = []
         self.with_litellm = with_litellm
@@ -266,6 +278,8 @@ http {{
         self.urls["nginx"] = f"http://127.0.0.1:{plain_port}/v1/chat/completions"
         self.urls["static401"] = f"http://127.0.0.1:{plain_port}/static401"
         self.groups["nginx"] = {"nginx": plain}
+        if self.with_floor:
+            self.start_floor()
 
         # The gateway: the shipped nginx snippets and sidecar.toml, as scripts/run uses them.
         secret = os.urandom(32).hex()
@@ -372,6 +386,48 @@ litellm_settings:
             self.urls["litellm"] = f"http://127.0.0.1:{port}/v1/chat/completions"
             self.groups["litellm"] = {"litellm": lp.pid}
             wait_http(f"http://127.0.0.1:{port}/health/liveliness", timeout=180)
+
+    def start_floor(self) -> None:
+        """nginx (plain proxy_pass, no module; the gateway's upstream settings) in front of
+        afr-bench-floor on a unix socket, in front of the mock: the leanest second hop."""
+        h, d = self.home, self.home / "floor"
+        d.mkdir(exist_ok=True)
+        sock = d / "floor.sock"
+        threads = ["--threads", str(self.sidecar_threads)] if self.sidecar_threads else []
+        floor = self.spawn("floor", [str(FLOOR), "--listen", str(sock), "--upstream",
+                                     f"127.0.0.1:{self.mock_port}", *threads])
+        log, started = h / "logs/floor.log", None
+        for _ in range(200):  # its start line comes once the socket is bound
+            started = re.search(r"afr-bench-floor listening .* threads=(\d+)", log.read_text())
+            if started or floor.poll() is not None:
+                break
+            time.sleep(0.05)
+        if not started:
+            raise RuntimeError(f"afr-bench-floor did not start; see {log}")
+        self.floor_threads = started.group(1)  # what the report states, from the floor itself
+        port, d = free_port(), h / "floor-nginx"  # self.nginx's directory
+        user = "user root root;" if os.geteuid() == 0 else ""  # as the gateway's: workers reach the socket
+        nginx = self.nginx("floor-nginx", f"""
+{user}
+worker_processes {NGINX_WORKERS};
+worker_rlimit_nofile 65536;
+pid {d}/nginx.pid;
+error_log {d}/logs/error.log;
+events {{ worker_connections 32768; }}
+http {{
+    access_log {d}/logs/access.log;
+    client_body_temp_path {d}/body; proxy_temp_path {d}/proxy;
+    fastcgi_temp_path {d}/fcgi; uwsgi_temp_path {d}/uwsgi; scgi_temp_path {d}/scgi;
+    upstream floor {{ server unix:{sock} max_fails=0; keepalive 64; }}
+    server {{
+        listen 127.0.0.1:{port} backlog=4096;
+        location /v1/ {{ proxy_pass http://floor; proxy_http_version 1.1;
+                        proxy_set_header Connection ""; proxy_buffering off; }}
+    }}
+}}
+""")
+        self.urls["floor"] = f"http://127.0.0.1:{port}/v1/chat/completions"
+        self.groups["floor"] = {"nginx": nginx, "floor": floor.pid}
 
     def new_key(self, keys: Path, kid: str, rpm: int) -> str:
         out = subprocess.run([str(AFR), "key", "new", "--id", kid, "--name", kid, "--rpm", str(rpm),
@@ -490,6 +546,7 @@ class Results:
     notes: list[str] = field(default_factory=list)
     sidecar_threads: int | None = None  # as the sidecar's start line says
     threads_asked: bool = False  # set by --sidecar-threads, not the default
+    floor_threads: str = "?"  # as afr-bench-floor's start line says
 
     def add(self, lane: str, key: str, value) -> None:
         self.data.setdefault(lane, {}).setdefault(key, []).append(value)
@@ -588,6 +645,55 @@ def lane_governed(st: Stack, res: Results, run: int) -> None:
         r = loadgen("rate", st.urls[t], 1000, p.rate_secs, st.auth(t))[0]
         res.add("governed-1000", t, r)
         note_failures(st, res, run, f"governed lane, {t}, 1000 req/s", t, r.get("errors", 0))
+
+
+FLOOR_TARGETS = ["direct", "nginx", "floor", "gateway"]
+
+
+def lane_floor(st: Stack, res: Results, run: int) -> None:
+    """Every target at one fixed rate (open loop, loadgen), with the CPU each process spent
+    per request: the sidecar's against the bare hyper floor's, at the same work."""
+    p = res.profile
+    for t in FLOOR_TARGETS:
+        r = st.measured(t, lambda: loadgen("rate", st.urls[t], p.floor_rate, p.floor_secs, st.auth(t))[0])
+        res.add("floor", t, r)
+        note_failures(st, res, run, f"floor lane, {t}, {p.floor_rate} req/s", t, r.get("errors", 0))
+
+
+def floor_table(d: dict, p: Profile, floor_threads: str) -> list[str]:
+    """The floor lane's latencies and the ratios issue 24 asks for."""
+    rows = d.get("floor", {})
+    if not rows:
+        return []
+    L = ["", "## The floor: the sidecar against a bare hyper second hop", "",
+         f"{p.floor_rate} req/s open loop (loadgen), {p.floor_secs} s per target, non-streaming chat. `floor` = "
+         "nginx (plain proxy_pass, no module) → afr-bench-floor (bench/floor: hyper on a unix socket, pooled "
+         f"keep-alive to the mock, no logic; {floor_threads} thread(s), as many as the sidecar runs) → the same mock. "
+         "CPU per request by process is in \"Where the CPU goes\" below.", "",
+         "| target | p50 ms | p99 ms | errors | achieved req/s |", "|---|---|---|---|---|"]
+    for t in FLOOR_TARGETS:
+        rs = rows.get(t, [])
+        if rs:
+            L.append(f"| {t} | {spread([r['p50'] for r in rs], '.3f')} | {spread([r['p99'] for r in rs], '.3f')} | "
+                     f"{spread([r['errors'] for r in rs], '.0f')} | {spread([r.get('achieved', float('nan')) for r in rs], '.0f')} |")
+    gw = [r["cpu_us"] for r in rows.get("gateway", []) if "cpu_us" in r]
+    fl = [r["cpu_us"] for r in rows.get("floor", []) if "cpu_us" in r]
+    pl = [r["cpu_us"] for r in rows.get("nginx", []) if "cpu_us" in r]
+    if gw and fl:
+        def ratio(a, b):
+            return [x / y for x, y in zip(a, b) if y]
+        side = ratio([c.get("sidecar", float("nan")) for c in gw], [c.get("floor", float("nan")) for c in fl])
+        ngx = ratio([c.get("nginx", float("nan")) for c in gw], [c.get("nginx", float("nan")) for c in fl])
+        both = ratio([c.get("nginx", 0) + c.get("sidecar", 0) for c in gw],
+                     [c.get("nginx", 0) + c.get("floor", 0) for c in fl])
+        L += ["", "| CPU per request, per run | ratio |", "|---|---|",
+              f"| sidecar ÷ floor (the second hop; issue 24's target ≤ 1.3×) | {spread(side, '.2f')} |",
+              f"| gateway's nginx (with the module) ÷ floor's nginx (plain) | {spread(ngx, '.2f')} |",
+              f"| nginx + sidecar ÷ nginx + floor | {spread(both, '.2f')} |"]
+        if pl:
+            hop = ratio([c.get("nginx", 0) + c.get("floor", 0) for c in fl], [c.get("nginx", 0) for c in pl])
+            L.append(f"| nginx + floor ÷ plain nginx (what a second hop costs at all) | {spread(hop, '.2f')} |")
+    return L
 
 
 def note_failures(st: Stack, res: Results, run: int, lane: str, t: str, failed: float) -> None:
@@ -825,7 +931,8 @@ def cpu_tables(d: dict, T: list[str]) -> list[str]:
              ("max", "Max req/s (wrk)", T),
              ("ttft", "Streams at a fixed rate, per stream (ten content deltas each)", T),
              ("governed-max", "Governed lane, max req/s", ["gateway", "gateway-bare"]),
-             ("reject", "Rejections, max req/s", list(d.get("reject", {}))))
+             ("reject", "Rejections, max req/s", list(d.get("reject", {}))),
+             ("floor", "Floor lane: a fixed rate, open loop (loadgen)", FLOOR_TARGETS))
     for lane, title, keys in lanes:
         rows = d.get(lane, {})
         procs: list[str] = []
@@ -983,6 +1090,7 @@ def report(res: Results, out: Path, md: Path, load_before: str, plots: list[str]
         L.append(f"| {k} | {', '.join(seen)} | {spread(v, '.0f')} | {spread([a / b for a, b in zip(v, base) if b], '.2f')} | "
                  f"{spread(share, '.3f')} |")
 
+    L += floor_table(d, p, getattr(res, "floor_threads", "?"))
     L += cpu_tables(d, T)
 
     s = d.get("soak")
@@ -1096,7 +1204,21 @@ def plot(res: Results, out: Path, stem: str) -> list[str]:
     return made
 
 
-LANES = ["c1", "max", "sweep", "ttft", "streams", "governed", "reject", "soak"]
+LANES = ["c1", "max", "sweep", "ttft", "streams", "governed", "reject", "soak", "floor"]
+
+
+def build_floor() -> bool:
+    """Builds afr-bench-floor (bench/floor; scripts/bench builds the rest), a no-op when it
+    is up to date; without cargo, the binary already built will do."""
+    if shutil.which("cargo"):
+        r = subprocess.run(["cargo", "build", "--release", "-q", "-p", "afr-bench-floor"], cwd=REPO)
+        if r.returncode != 0:
+            print("bench: building afr-bench-floor failed", file=sys.stderr)
+            return False
+    if not FLOOR.exists():
+        print(f"bench: {FLOOR} is missing: cargo build --release -p afr-bench-floor", file=sys.stderr)
+        return False
+    return True
 
 
 def main() -> int:
@@ -1107,6 +1229,8 @@ def main() -> int:
     ap.add_argument("--name", help="results file stem (default: the date, -quick for --quick)")
     ap.add_argument("--runs", type=int, help="override the runs per figure")
     ap.add_argument("--sidecar-threads", type=int, help="the sidecars' worker threads (afr serve --threads)")
+    ap.add_argument("--floor-rate", type=int, help="the floor lane's fixed rate, req/s (default: 2000, "
+                    "--quick 200); keep it well under every target's maximum")
     ap.add_argument("--no-plots", action="store_true")
     ap.add_argument("--lanes", default=",".join(LANES),
                     help=f"comma-separated lanes to run (default all: {','.join(LANES)}); plots need all")
@@ -1118,6 +1242,8 @@ def main() -> int:
     profile = QUICK if a.quick else FULL
     if a.runs:
         profile.runs = max(1, min(a.runs, 10))
+    if a.floor_rate:
+        profile.floor_rate = max(1, a.floor_rate)
     with_litellm = not a.no_litellm
     if with_litellm and not LITELLM.exists():
         print(f"bench: {LITELLM} is missing; scripts/bench installs it (or pass --no-litellm)", file=sys.stderr)
@@ -1133,6 +1259,8 @@ def main() -> int:
         resource.setrlimit(resource.RLIMIT_NOFILE, (want, max(hard, want)))
     except (ValueError, OSError):
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    if "floor" in chosen and not build_floor():
+        return 2
         if hard < 25000 and max(profile.streams) > 5000:
             print(f"bench: the open-file limit is {hard}; 10 000 streams need ~25 000", file=sys.stderr)
 
@@ -1143,12 +1271,13 @@ def main() -> int:
     res = Results(profile, targets, threads_asked=a.sidecar_threads is not None)
     home = Path(tempfile.mkdtemp(prefix="afr-bench-"))
     os.chmod(home, 0o755)
-    st = Stack(home, with_litellm, a.sidecar_threads)
+    st = Stack(home, with_litellm, a.sidecar_threads, with_floor="floor" in chosen)
     started = time.monotonic()
     try:
         log(f"starting the targets in {home}")
         st.start()
         res.sidecar_threads = st.threads_started
+        res.floor_threads = getattr(st, "floor_threads", "?")
         work = Path(tempfile.mkdtemp(prefix="samples-", dir=home))
         previous = None  # the lane run last, for settle()'s note
         for run in range(profile.runs):
@@ -1158,7 +1287,8 @@ def main() -> int:
                      ("ttft", "streaming TTFT", lambda: lane_ttft(st, res, run)),
                      ("streams", "concurrent streams", lambda: lane_streams(st, res, run)),
                      ("governed", "governed lane", lambda: lane_governed(st, res, run)),
-                     ("reject", "rejections", lambda: lane_reject(st, res, run))]
+                     ("reject", "rejections", lambda: lane_reject(st, res, run)),
+                     ("floor", "floor lane (fixed rate)", lambda: lane_floor(st, res, run))]
             for key, name, lane in lanes:
                 if key not in chosen:
                     continue
