@@ -298,6 +298,10 @@ fn a_system_message_inside_messages_keeps_its_place_in_chat() {
         "messages.0.role",
     );
     refused(
+        json!({"model": "m", "max_tokens": 0, "messages": [{"role": "user", "content": "x"}]}),
+        "max_tokens",
+    );
+    refused(
         json!({"model": "m", "max_tokens": 5, "messages": [{"role": "system", "content": [{"type": "image", "source": {}}]}]}),
         "messages.0.content.0.type",
     );

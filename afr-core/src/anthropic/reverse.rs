@@ -177,6 +177,14 @@ pub fn request_to_openai(req: &Value, model: &str) -> Result<Value, TranslateErr
     {
         message(m, i, &mut messages)?;
     }
+    // `max_tokens: 0` asks Anthropic to fill its prompt cache and generate
+    // nothing; chat completions have no such request.
+    if obj.get("max_tokens").and_then(Value::as_u64) == Some(0) {
+        return Err(TranslateError::invalid(
+            "max_tokens",
+            "max_tokens: 0 (prompt caching without output) cannot be translated for this model's provider (OpenAI chat completions); send it to an Anthropic model",
+        ));
+    }
     let mut out = Map::new();
     out.insert("model".into(), Value::String(model.to_owned()));
     out.insert("messages".into(), Value::Array(messages));
