@@ -145,6 +145,31 @@ def bearer(headers: list[str]) -> str | None:
     return next((h.split(":", 1)[1] for h in headers if h.lower().startswith("authorization:")), None)
 
 
+def proxy_conf(d: Path, port: int, server: str, extra: str = "", user: str = "") -> str:
+    """An nginx.conf that only proxies /v1/ to one upstream `server` (the same worker count,
+    logging and buffers as the gateway's nginx): plain nginx, and nginx in front of the floor."""
+    return f"""
+{user}
+worker_processes {NGINX_WORKERS};
+worker_rlimit_nofile 65536;
+pid {d}/nginx.pid;
+error_log {d}/logs/error.log;
+events {{ worker_connections 32768; }}
+http {{
+    access_log {d}/logs/access.log;
+    client_body_temp_path {d}/body; proxy_temp_path {d}/proxy;
+    fastcgi_temp_path {d}/fcgi; uwsgi_temp_path {d}/uwsgi; scgi_temp_path {d}/scgi;
+    upstream up {{ {server} keepalive 64; }}
+    server {{
+        listen 127.0.0.1:{port} backlog=4096;
+        location /v1/ {{ proxy_pass http://up; proxy_http_version 1.1;
+                        proxy_set_header Connection ""; proxy_buffering off; }}
+        {extra}
+    }}
+}}
+"""
+
+
 def tree(pid: int) -> list[int]:
     """pid and all its descendants (from /proc)."""
     children: dict[int, list[int]] = {}
@@ -256,25 +281,8 @@ class Stack:
         # Plain nginx: same binary, worker count and logging as the gateway's nginx.
         plain_port = free_port()
         d = h / "plain"
-        plain = self.nginx("plain", f"""
-worker_processes {NGINX_WORKERS};
-worker_rlimit_nofile 65536;
-pid {d}/nginx.pid;
-error_log {d}/logs/error.log;
-events {{ worker_connections 32768; }}
-http {{
-    access_log {d}/logs/access.log;
-    client_body_temp_path {d}/body; proxy_temp_path {d}/proxy;
-    fastcgi_temp_path {d}/fcgi; uwsgi_temp_path {d}/uwsgi; scgi_temp_path {d}/scgi;
-    upstream mock {{ server 127.0.0.1:{self.mock_port}; keepalive 64; }}
-    server {{
-        listen 127.0.0.1:{plain_port} backlog=4096;
-        location /v1/ {{ proxy_pass http://mock; proxy_http_version 1.1;
-                        proxy_set_header Connection ""; proxy_buffering off; }}
-        location = /static401 {{ return 401; }}
-    }}
-}}
-""")
+        plain = self.nginx("plain", proxy_conf(d, plain_port, f"server 127.0.0.1:{self.mock_port};",
+                                               "location = /static401 { return 401; }"))
         self.urls["nginx"] = f"http://127.0.0.1:{plain_port}/v1/chat/completions"
         self.urls["static401"] = f"http://127.0.0.1:{plain_port}/static401"
         self.groups["nginx"] = {"nginx": plain}
@@ -407,25 +415,7 @@ litellm_settings:
         self.floor_threads = started.group(1)  # what the report states, from the floor itself
         port, d = free_port(), h / "floor-nginx"  # self.nginx's directory
         user = "user root root;" if os.geteuid() == 0 else ""  # as the gateway's: workers reach the socket
-        nginx = self.nginx("floor-nginx", f"""
-{user}
-worker_processes {NGINX_WORKERS};
-worker_rlimit_nofile 65536;
-pid {d}/nginx.pid;
-error_log {d}/logs/error.log;
-events {{ worker_connections 32768; }}
-http {{
-    access_log {d}/logs/access.log;
-    client_body_temp_path {d}/body; proxy_temp_path {d}/proxy;
-    fastcgi_temp_path {d}/fcgi; uwsgi_temp_path {d}/uwsgi; scgi_temp_path {d}/scgi;
-    upstream floor {{ server unix:{sock} max_fails=0; keepalive 64; }}
-    server {{
-        listen 127.0.0.1:{port} backlog=4096;
-        location /v1/ {{ proxy_pass http://floor; proxy_http_version 1.1;
-                        proxy_set_header Connection ""; proxy_buffering off; }}
-    }}
-}}
-""")
+        nginx = self.nginx("floor-nginx", proxy_conf(d, port, f"server unix:{sock} max_fails=0;", user=user))
         self.urls["floor"] = f"http://127.0.0.1:{port}/v1/chat/completions"
         self.groups["floor"] = {"nginx": nginx, "floor": floor.pid}
 
