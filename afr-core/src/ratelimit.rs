@@ -40,9 +40,21 @@ pub const STEP_BACK_TOLERANCE_MS: u64 = 1_000;
 /// the fleet's Redis scripts use; both are run against one table of vectors
 /// (`afr-core/vectors/sliding-window.json`).
 pub fn room(limit: u64, prev: u64, curr: u64, elapsed_ms: u64) -> i128 {
+    let e = elapsed_ms.min(WINDOW_MS - 1);
+    // Every request of nginx's access phase comes here: in 64 bits when the
+    // terms fit (any limit below ~10^14), 128 only for absurd token limits.
+    let terms = (
+        limit.checked_mul(WINDOW_MS),
+        prev.checked_mul(WINDOW_MS - e),
+        curr.checked_mul(WINDOW_MS),
+    );
+    if let (Some(cap), Some(p), Some(c)) = terms {
+        if let (Ok(cap), Ok(used)) = (i64::try_from(cap), i64::try_from(p.saturating_add(c))) {
+            return i128::from((cap - used).div_euclid(WINDOW_MS as i64));
+        }
+    }
     let w = i128::from(WINDOW_MS);
-    let e = i128::from(elapsed_ms.min(WINDOW_MS - 1));
-    let x = i128::from(limit) * w - i128::from(prev) * (w - e) - i128::from(curr) * w;
+    let x = i128::from(limit) * w - i128::from(prev) * (w - i128::from(e)) - i128::from(curr) * w;
     x.div_euclid(w)
 }
 
@@ -247,6 +259,15 @@ mod tests {
     use proptest::prelude::*;
 
     const T0: u64 = 1_800_000_000_000; // a window boundary (multiple of 60 000)
+
+    /// Terms too large for 64 bits take the 128-bit path and agree with it.
+    #[test]
+    fn room_is_exact_past_64_bits() {
+        let huge = 1u64 << 60;
+        assert_eq!(room(huge, 0, 0, 0), i128::from(huge));
+        assert_eq!(room(huge, huge, 1, 30_000), i128::from(huge) / 2 - 1);
+        assert_eq!(room(30, 1, 30, 30_000), -1);
+    }
 
     #[test]
     fn admits_limit_then_denies_with_headers() {
