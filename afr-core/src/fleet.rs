@@ -184,59 +184,6 @@ impl Lease {
         Take::Empty
     }
 
-    /// Decides one request on the node's local share while Redis is away;
-    /// `window` is the key's own window on this node, which counts every
-    /// admission the node makes (leased or not). Returns the verdict and
-    /// whether Redis is owed the admission (it did not count it).
-    ///
-    /// Within the Redis window the lease last heard of, the lease's tokens
-    /// come first (Redis counted them when it granted them). Beyond them an
-    /// admission needs both the node's share of what was left fleet-wide at
-    /// the last grant — `last_remaining ÷ nodes`, each local admission
-    /// taking `nodes` from that figure, every node being taken to spend at
-    /// the same pace — and room in `limit ÷ nodes` of the node's own window.
-    /// The first keeps a node that had been sent little from adding a whole
-    /// share to what the others spent; the second keeps a node whose last
-    /// grant is old (the others were granted more since) to its share. After
-    /// that window only the second applies.
-    pub fn take_local(
-        &mut self,
-        window: &mut RateWindow,
-        limit: u32,
-        nodes: u32,
-        now_ms: u64,
-    ) -> (Verdict, bool) {
-        let share = local_share(limit, nodes);
-        if now_ms >= self.expires_ms {
-            let v = window.hit(share, now_ms);
-            return (v, v.admitted);
-        }
-        if let Take::Admit(v) = self.take(limit, now_ms) {
-            window.hit(u32::MAX, now_ms);
-            return (v, false);
-        }
-        let of_left = self.last_remaining / nodes.max(1);
-        if of_left == 0 {
-            let refused = Verdict {
-                admitted: false,
-                limit,
-                remaining: 0,
-                reset_after_ms: self.expires_ms - now_ms,
-            };
-            return (refused, false);
-        }
-        let v = window.hit(share, now_ms);
-        if !v.admitted {
-            return (v, false);
-        }
-        self.last_remaining = self.last_remaining.saturating_sub(nodes.max(1));
-        let v = Verdict {
-            remaining: v.remaining.min(of_left - 1),
-            ..v
-        };
-        (v, true)
-    }
-
     /// True when a refill should be asked for now, before the tokens run out
     /// (half of the last grant spent, nothing refilled ahead yet, none in
     /// flight), so that requests rarely wait for one.
@@ -305,106 +252,10 @@ impl Lease {
     }
 }
 
-/// How long a node's loss of Redis stands without a local worker standing
-/// by it (each does once a second, from its timer): past it, the workers
-/// that were local are gone (a reload, a crash), and the next worker that
-/// hears Redis answer says it is back.
-pub const REACH_STALE_MS: u64 = 3_000;
-
-/// One node's view of Redis, shared by its workers (kept in the node's
-/// shared zone, so `repr(C)`; zeroed means "Redis reachable"), so that the
-/// node logs one line when it loses Redis and one when it has it back, not
-/// one per worker. Each worker still decides its own mode from its own calls.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Reach {
-    /// When a local worker of the node last stood by the loss (caller's
-    /// monotonic ms); 0 while the node has Redis.
-    local_ms: u64,
-}
-
-impl Reach {
-    /// A worker turned local at `now_ms`. True when the node had Redis until
-    /// then: this worker is the first, and logs that Redis is unreachable.
-    pub fn went_local(&mut self, now_ms: u64) -> bool {
-        let first = self.local_ms == 0 || self.stale(now_ms);
-        self.local_ms = now_ms.max(1);
-        first
-    }
-
-    /// A worker is still local at `now_ms` (its timer): the loss stands,
-    /// unless another worker already said Redis is back.
-    pub fn still_local(&mut self, now_ms: u64) {
-        if self.local_ms != 0 {
-            self.local_ms = self.local_ms.max(now_ms);
-        }
-    }
-
-    /// A worker heard Redis answer at `now_ms`; `was_local`: it was local
-    /// until then. True when this ends the node's loss — the first local
-    /// worker back, or any worker once no local one has stood by the loss
-    /// for [`REACH_STALE_MS`] — and this worker logs that Redis is back.
-    pub fn answered(&mut self, was_local: bool, now_ms: u64) -> bool {
-        if self.local_ms == 0 || !(was_local || self.stale(now_ms)) {
-            return false;
-        }
-        self.local_ms = 0;
-        true
-    }
-
-    /// Whether the node counts as having lost Redis.
-    pub fn lost(&self) -> bool {
-        self.local_ms != 0
-    }
-
-    fn stale(&self, now_ms: u64) -> bool {
-        now_ms.saturating_sub(self.local_ms) >= REACH_STALE_MS
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use proptest::prelude::*;
-
-    #[test]
-    fn one_line_per_node_and_outage_however_many_workers() {
-        let mut r = Reach::default();
-        assert!(!r.lost());
-        // Four workers turn local one after the other: the first logs.
-        assert!(r.went_local(10_000));
-        assert!(!r.went_local(10_050));
-        assert!(!r.went_local(10_100));
-        r.still_local(11_000);
-        assert!(!r.went_local(12_500));
-        assert!(r.lost());
-        // A worker that stayed global and hears Redis is no news.
-        assert!(!r.answered(false, 12_600));
-        // The first local worker back logs; the others do not.
-        assert!(r.answered(true, 13_000));
-        assert!(!r.lost());
-        assert!(!r.answered(true, 13_100));
-        // A worker still local after that does not mark the node again.
-        r.still_local(13_200);
-        assert!(!r.lost());
-        assert!(!r.answered(true, 13_300));
-        // A new outage is a new line.
-        assert!(r.went_local(20_000));
-    }
-
-    #[test]
-    fn a_loss_no_local_worker_stands_by_is_ended_by_a_global_answer() {
-        // The local workers were replaced (a reload) by ones that never lost Redis.
-        let mut r = Reach::default();
-        assert!(r.went_local(10_000));
-        r.still_local(11_000);
-        assert!(!r.answered(false, 11_000 + REACH_STALE_MS - 1));
-        assert!(r.answered(false, 11_000 + REACH_STALE_MS));
-        assert!(!r.lost());
-        // Likewise a worker turning local after a loss nobody stood by logs anew.
-        assert!(r.went_local(30_000));
-        assert!(r.went_local(30_000 + REACH_STALE_MS));
-    }
 
     /// The table the Lua twin is run against too (sidecar/tests/fleet.rs).
     const VECTORS: &str = include_str!("../vectors/sliding-window.json");
@@ -454,45 +305,6 @@ mod tests {
                 }
             }
         }
-    }
-
-    #[test]
-    fn redis_away_a_lease_spends_its_tokens_then_its_share_of_what_was_left() {
-        // Limit 40 over 2 nodes; this node's last grant: 3 tokens with 10 left
-        // fleet-wide beyond them, 20 s before the Redis window ends.
-        let run = |w: &mut RateWindow, l: &mut Lease, from: u64, n: u64| {
-            (from..from + n)
-                .map(|t| match l.take_local(w, 40, 2, t) {
-                    (v, false) if v.admitted => 'L',
-                    (_, true) => 'S',
-                    _ => 'D',
-                })
-                .collect::<String>()
-        };
-        let grant = Grant::from_counts(40, 3, 0, 30, 40_000);
-        let (mut w, mut l) = (RateWindow::default(), Lease::default());
-        l.apply(&grant, 0);
-        // 3 leased (Redis counted them), then 10 ÷ 2 = 5 owed, then none.
-        assert_eq!(run(&mut w, &mut l, 1_000, 12), "LLLSSSSSDDDD");
-        let (v, _) = l.take_local(&mut w, 40, 2, 19_999);
-        assert_eq!((v.admitted, v.reset_after_ms), (false, 1));
-        // A node that had admitted its whole share of its own window already
-        // (its last grant is old: the others were granted the rest since)
-        // spends its tokens and nothing more.
-        let (mut w, mut l) = (RateWindow::default(), Lease::default());
-        for t in 0..20 {
-            w.hit(u32::MAX, t);
-        }
-        l.apply(&grant, 0);
-        assert_eq!(run(&mut w, &mut l, 1_000, 6), "LLLDDD");
-        // The Redis window the lease knew is over: the own window's share
-        // decides (its 23 admissions weigh on the next window).
-        let next = WINDOW_MS + 30_000;
-        assert_eq!(run(&mut w, &mut l, next, 10), "SSSSSSSSDD");
-        // Redis had said the key was exhausted: nothing on top of it.
-        let (mut w, mut l) = (RateWindow::default(), Lease::default());
-        l.apply(&Grant::from_counts(40, 0, 0, 40, 40_000), 0);
-        assert!(!l.take_local(&mut w, 40, 2, 1).0.admitted);
     }
 
     #[test]

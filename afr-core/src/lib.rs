@@ -20,6 +20,7 @@ pub mod keys;
 pub mod ledger;
 pub mod limits;
 pub mod messages;
+pub mod outage;
 pub mod pins;
 pub mod ratelimit;
 pub mod redact;

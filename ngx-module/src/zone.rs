@@ -32,7 +32,8 @@ use std::mem::{align_of, size_of};
 use std::ptr::{self, addr_of_mut};
 
 use afr_core::concurrency::InFlight;
-use afr_core::fleet::{Grant, Lease as FleetLease, Reach as FleetReach, Take};
+use afr_core::fleet::{Grant, Lease as FleetLease, Take};
+use afr_core::outage::Reach as FleetReach;
 use afr_core::ratelimit::{RateWindow, Verdict};
 use ngx::core::Status;
 use ngx::ffi::{
@@ -378,20 +379,38 @@ struct Table<'a> {
     slots: &'a mut [Slot],
 }
 
-/// What the zone's lease said about one request of a fleet-limited key.
-pub struct FleetTake {
-    /// The lease's answer.
-    pub take: Take,
-    /// Tokens to ask Redis for now (refill ahead of need, or the lease is
-    /// empty), or `None`.
-    pub refill: Option<u32>,
+/// What the zone said about one request of a fleet-limited key.
+pub enum FleetTake {
+    /// The lease's answer, and the tokens to ask Redis for now (refill
+    /// ahead of need, or the lease is empty), if any.
+    Lease { take: Take, refill: Option<u32> },
+    /// Decided on the local path though the worker has Redis: the window is
+    /// held or Redis counts anew (`afr_core::outage`, rules 3 and 4). As
+    /// [`ZoneCtx::fleet_local`]'s answer.
+    Local(Verdict, Option<u64>),
+}
+
+impl Slot {
+    /// `afr_core::outage`'s local decision on this slot's lease and window
+    /// (which counts the key's admissions on Redis's windows, and keeps the
+    /// slot from being evicted as stale while a share counts).
+    fn take_local(
+        &mut self,
+        reach: &FleetReach,
+        limit: u32,
+        nodes: u32,
+        now_ms: u64,
+    ) -> (Verdict, Option<u64>) {
+        self.lease
+            .take_local(&mut self.window, reach, limit, nodes, now_ms)
+    }
 }
 
 impl ZoneCtx {
     /// Decides one request of key `id` from this node's lease (see
-    /// `afr_core::fleet`). An admission is also counted in the key's local
-    /// window, so that if Redis goes away the local share starts from what
-    /// this node already admitted.
+    /// `afr_core::fleet`), or on the local path while the node keeps to it.
+    /// An admission is also counted in the key's local window, which keeps
+    /// the slot from being evicted as stale.
     pub fn fleet_take(
         &self,
         id: &[u8],
@@ -400,11 +419,15 @@ impl ZoneCtx {
         now_ms: u64,
         refill_ms: u64,
     ) -> Result<FleetTake, ZoneFull> {
-        self.with_slot(&key_digest(id), now_ms, |slot| {
+        self.with_fleet_slot(&key_digest(id), now_ms, |reach, slot| {
+            if reach.keeps_local(now_ms) {
+                let (v, owed) = slot.take_local(reach, limit, nodes, now_ms);
+                return FleetTake::Local(v, owed);
+            }
             let take = slot.lease.take(limit, now_ms);
             let refill = match take {
                 Take::Admit(_) => {
-                    slot.window.hit(u32::MAX, now_ms);
+                    slot.window.hit(u32::MAX, reach.window_clock(now_ms));
                     let ahead = slot.lease.wants_refill(now_ms);
                     // One refill ahead per node: the others see it in flight.
                     if ahead {
@@ -415,24 +438,23 @@ impl ZoneCtx {
                 Take::Deny(_) => None,
                 Take::Empty => Some(slot.lease.want(limit, nodes, now_ms)),
             };
-            FleetTake { take, refill }
+            FleetTake::Lease { take, refill }
         })
     }
 
-    /// Decides one request of key `id` on this node's local share while
-    /// Redis is away (`afr_core::fleet::Lease::take_local`: the lease's
-    /// tokens, then a share of what was left and of the key's own window
-    /// here). The flag says whether Redis is owed the admission.
+    /// Decides one request of key `id` on the local path
+    /// (`afr_core::outage`: the lease's tokens, then this node's share of
+    /// the window when the rules allow one). The second value says until
+    /// when Redis is owed the admission (a share), if it is.
     pub fn fleet_local(
         &self,
         id: &[u8],
         limit: u32,
         nodes: u32,
         now_ms: u64,
-    ) -> Result<(Verdict, bool), ZoneFull> {
-        self.with_slot(&key_digest(id), now_ms, |slot| {
-            slot.lease
-                .take_local(&mut slot.window, limit, nodes, now_ms)
+    ) -> Result<(Verdict, Option<u64>), ZoneFull> {
+        self.with_fleet_slot(&key_digest(id), now_ms, |reach, slot| {
+            slot.take_local(reach, limit, nodes, now_ms)
         })
     }
 
@@ -459,10 +481,15 @@ impl ZoneCtx {
         })
     }
 
-    /// Adds a grant from Redis, asked for at `sent_ms`, to key `digest`'s lease.
+    /// Adds a grant from Redis, asked for at `sent_ms` and answered at
+    /// `now_ms`, to key `digest`'s lease; its timing places Redis's window
+    /// boundaries on this node's clock (`afr_core::outage::Reach::align`).
     pub fn fleet_apply(&self, digest: &KeyDigest, grant: &Grant, sent_ms: u64, now_ms: u64) {
         // An uninitialised zone has no lease to add to: nothing to do.
-        let _ = self.with_slot(digest, now_ms, |slot| slot.lease.apply(grant, sent_ms));
+        let _ = self.with_fleet_slot(digest, now_ms, |reach, slot| {
+            reach.align(sent_ms, now_ms, grant.window_left_ms);
+            slot.lease.apply(grant, sent_ms);
+        });
     }
 
     /// Whether Redis's `epoch` says it lost the counters this node counted
@@ -486,7 +513,7 @@ impl ZoneCtx {
         (sh.fleet_lost_epoch == epoch && window_left_ms > 0).then_some(first)
     }
 
-    /// Runs `f` on the node's view of Redis (`afr_core::fleet::Reach`)
+    /// Runs `f` on the node's view of Redis (`afr_core::outage::Reach`)
     /// under the zone's mutex; `None` before [`init_zone`].
     pub fn fleet_reach<R>(&self, f: impl FnOnce(&mut FleetReach) -> R) -> Option<R> {
         if self.sh.is_null() || self.pool.is_null() {
@@ -507,6 +534,16 @@ impl ZoneCtx {
         now_ms: u64,
         f: impl FnOnce(&mut Slot) -> R,
     ) -> Result<R, ZoneFull> {
+        self.with_fleet_slot(digest, now_ms, |_, slot| f(slot))
+    }
+
+    /// As [`Self::with_slot`], with the node's view of Redis beside the slot.
+    fn with_fleet_slot<R>(
+        &self,
+        digest: &KeyDigest,
+        now_ms: u64,
+        f: impl FnOnce(&mut FleetReach, &mut Slot) -> R,
+    ) -> Result<R, ZoneFull> {
         if self.sh.is_null() || self.pool.is_null() || self.capacity() == 0 {
             return Err(ZoneFull);
         }
@@ -514,7 +551,7 @@ impl ZoneCtx {
         // SAFETY: under the mutex we have exclusive access to the zone.
         let mut table = unsafe { Table::new(self.sh) };
         let (i, _) = table.slot_for(digest, now_ms);
-        Ok(f(&mut table.slots[i as usize]))
+        Ok(f(&mut table.sh.fleet_reach, &mut table.slots[i as usize]))
     }
 }
 

@@ -21,15 +21,19 @@
 //!
 //! Fail-static: a refill that fails marks Redis down for this worker (the
 //! node's first worker to turn local logs one error-log line for the node,
-//! naming Redis's refusal if it refused: `afr_core::fleet::Reach` in the
-//! zone header); the worker then decides every fleet key from the local
-//! window with the key's local share (limit ÷ `nodes`), never waits on
-//! Redis, and probes it (the lease script on a key of its own) at most once
-//! per [`PROBE_INTERVAL_MS`], from a request or its own timer; the node's
-//! first worker back logs that global limits are back.
-//! What a worker admits on a local share is a debt, added to Redis's count
-//! with the key's next refill or by that timer once Redis answers, so Redis
-//! back mid-window never grants again what was already spent.
+//! naming Redis's refusal if it refused: `afr_core::outage::Reach` in the
+//! zone header); the worker then decides every fleet key on the local path
+//! by `afr_core::outage`'s rules — the lease's tokens in the window Redis
+//! went away in, the node's share (limit ÷ `nodes`) of each later window —
+//! never waits on Redis, and probes it (the lease script on a key of its
+//! own) at most once per [`PROBE_INTERVAL_MS`], from a request or its own
+//! timer; the node's first worker back logs that global limits are back.
+//! What a worker admits on a share is a debt, added to Redis's count with
+//! the key's next call or by that timer once Redis answers; a probe that
+//! Redis answers after a window boundary has the next windows held (no
+//! grant to anyone, shares for every node), so a node back early is never
+//! granted what another spent on its share and has not paid yet. A Redis
+//! that lost its counters grants nothing until that window ends.
 //! `$afr_fleet` says how each request was decided (`global`: from a lease;
 //! `local`: on the local share).
 //!
@@ -57,7 +61,7 @@ use ngx::ngx_log_error;
 
 use crate::clock;
 use crate::suspend::{self, Found, Resumed};
-use crate::zone::{key_digest, KeyDigest, ZoneCtx, ZoneFull};
+use crate::zone::{key_digest, FleetTake, KeyDigest, ZoneCtx, ZoneFull};
 
 mod directive;
 mod redis_io;
@@ -126,15 +130,15 @@ struct Tick {
     zone: *const ZoneCtx,
 }
 
-/// One key's uncounted local admissions.
+/// One key's uncounted local admissions, all of one Redis window.
 #[derive(Clone, Copy)]
 struct Debt {
     count: u32,
     /// The key's limit (Redis's answer is read against it).
     limit: u32,
-    /// When the last of them was admitted (mono ms): a debt a whole window
-    /// old weighs on no decision any more and is dropped.
-    last_ms: u64,
+    /// When their window ends (mono ms): past it they weigh on no decision
+    /// in Redis's current window, and are dropped.
+    until_ms: u64,
 }
 
 thread_local! {
@@ -167,13 +171,16 @@ pub(crate) fn decide(
     now_ms: u64,
 ) -> Result<Decision, ZoneFull> {
     let digest = key_digest(id.as_bytes());
-    let local = || {
-        let (v, owed) = zone.fleet_local(id.as_bytes(), rpm, fleet.nodes, now_ms)?;
-        if owed {
-            owe(&digest, rpm, now_ms);
+    let decided_locally = |(v, owed): (Verdict, Option<u64>)| {
+        if let Some(until_ms) = owed {
+            owe_n(&digest, rpm, 1, until_ms);
             arm_tick(fleet, zone);
         }
-        Ok(Decision::Now(v, Path::Local))
+        Decision::Now(v, Path::Local)
+    };
+    let local = || {
+        let decided = zone.fleet_local(id.as_bytes(), rpm, fleet.nodes, now_ms)?;
+        Ok(decided_locally(decided))
     };
     let since_ms = match found {
         Found::Waiting => return Ok(Decision::Suspended),
@@ -189,12 +196,16 @@ pub(crate) fn decide(
     if WORKER.with_borrow(|w| !w.debts.is_empty()) {
         pay_debts(fleet, zone, now_ms);
     }
-    let t = zone.fleet_take(id.as_bytes(), rpm, fleet.nodes, now_ms, fleet.refill_ms)?;
-    let posted = match t.refill {
+    let (take, refill_want) =
+        match zone.fleet_take(id.as_bytes(), rpm, fleet.nodes, now_ms, fleet.refill_ms)? {
+            FleetTake::Lease { take, refill } => (take, refill),
+            FleetTake::Local(v, owed) => return Ok(decided_locally((v, owed))),
+        };
+    let posted = match refill_want {
         Some(want) => refill(fleet, zone, &digest, rpm, want, now_ms),
         None => true,
     };
-    match t.take {
+    match take {
         Take::Admit(v) | Take::Deny(v) => Ok(Decision::Now(v, Path::Global)),
         Take::Empty if posted => {
             // No request waits past the timeout from its first suspension.
@@ -233,7 +244,7 @@ fn refill(
         (false, false) => return false,
         (false, true) => {}
     }
-    let debt = take_debt(digest, now_ms).map_or(0, |d| d.count);
+    let debt = take_debt(digest, now_ms);
     let ok = task::post(
         key_call(fleet, zone, digest, limit, want, debt, now_ms),
         fleet.pool,
@@ -241,21 +252,21 @@ fn refill(
     );
     if ok {
         WORKER.with_borrow_mut(|w| w.in_flight.insert(*digest));
-    } else if debt > 0 {
-        owe_n(digest, limit, debt, now_ms);
+    } else if let Some(d) = debt {
+        owe_n(digest, limit, d.count, d.until_ms);
         arm_tick(fleet, zone);
     }
     ok
 }
 
-/// The lease script's call for key `digest`.
+/// The lease script's call for key `digest`, paying `debt`.
 fn key_call(
     fleet: &FleetConf,
     zone: &ZoneCtx,
     digest: &KeyDigest,
     limit: u32,
     want: u32,
-    debt: u32,
+    debt: Option<Debt>,
     now_ms: u64,
 ) -> Call {
     let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
@@ -268,7 +279,9 @@ fn key_call(
         digest: *digest,
         limit,
         want,
-        debt,
+        debt: debt.map_or(0, |d| d.count),
+        debt_until_ms: debt.map_or(0, |d| d.until_ms),
+        hold: None,
         sent_ms: now_ms,
         zone,
         fleet,
@@ -324,30 +337,32 @@ unsafe extern "C" fn on_tick(ev: *mut ngx_event_t) {
     }
 }
 
-/// Counts one admission of key `digest` (limit `limit`) made on its local
-/// share, for Redis to count when it answers again.
-fn owe(digest: &KeyDigest, limit: u32, now_ms: u64) {
-    owe_n(digest, limit, 1, now_ms);
-}
-
-fn owe_n(digest: &KeyDigest, limit: u32, n: u32, now_ms: u64) {
+/// Counts `n` admissions of key `digest` (limit `limit`) made on its
+/// local share in the window that ends at `until_ms`, for Redis to count
+/// when it answers. A debt of an earlier window is dropped: it weighs on
+/// nothing Redis decides now.
+fn owe_n(digest: &KeyDigest, limit: u32, n: u32, until_ms: u64) {
     WORKER.with_borrow_mut(|w| {
         let d = w.debts.entry(*digest).or_insert(Debt {
             count: 0,
             limit,
-            last_ms: now_ms,
+            until_ms,
         });
-        d.count = d.count.saturating_add(n);
+        if until_ms > d.until_ms {
+            (d.count, d.until_ms) = (0, until_ms);
+        }
+        if until_ms == d.until_ms {
+            d.count = d.count.saturating_add(n);
+        }
         d.limit = limit;
-        d.last_ms = d.last_ms.max(now_ms);
     });
 }
 
-/// Takes key `digest`'s debt to send it, unless it is a window old.
+/// Takes key `digest`'s debt to send it, unless its window is over.
 fn take_debt(digest: &KeyDigest, now_ms: u64) -> Option<Debt> {
     WORKER
         .with_borrow_mut(|w| w.debts.remove(digest))
-        .filter(|d| now_ms.saturating_sub(d.last_ms) < WINDOW_MS)
+        .filter(|d| now_ms < d.until_ms)
 }
 
 /// Redis answers again: sends every debt of this worker (one call per key,
@@ -373,11 +388,11 @@ fn pay_debts(fleet: &FleetConf, zone: &ZoneCtx, now_ms: u64) {
         let Some(debt) = take_debt(&digest, now_ms) else {
             continue;
         };
-        let call = key_call(fleet, zone, &digest, debt.limit, 0, debt.count, now_ms);
+        let call = key_call(fleet, zone, &digest, debt.limit, 0, Some(debt), now_ms);
         if task::post(call, fleet.pool, call_done) {
             WORKER.with_borrow_mut(|w| w.in_flight.insert(digest));
         } else {
-            owe_n(&digest, debt.limit, debt.count, now_ms);
+            owe_n(&digest, debt.limit, debt.count, debt.until_ms);
             arm_tick(fleet, zone);
             return;
         }
@@ -416,6 +431,8 @@ fn probe(fleet: &FleetConf, zone: &ZoneCtx, now_ms: u64) {
             limit: 0,
             want: 0,
             debt: 0,
+            debt_until_ms: 0,
+            hold: zone.fleet_reach(|r| r.hold_request(now_ms)).flatten(),
             sent_ms: now_ms,
             zone,
             fleet,
@@ -439,41 +456,9 @@ unsafe extern "C" fn call_done(ev: *mut ngx_event_t) {
     // worker's cycle, which outlives every task the worker posted.
     let zone = unsafe { &*call.zone };
     let log = ngx::log::ngx_cycle_log().as_ptr();
-    let lost = match &call.result {
-        Some(Ok(c)) => zone.fleet_lost_counters(c[4], c[5]),
-        _ => None,
-    };
     let ok = match &call.result {
-        Some(Ok(c)) if lost.is_some() => {
-            // Redis answered, but it is not the Redis this node counted in,
-            // and the window its counters were lost in is not over: its grant
-            // is not used, and the worker stays on local shares — which hold
-            // what this node admitted — until that window ends. The node's
-            // first worker to see it says so, once per epoch.
-            let left = (c[5].max(0) as u64).min(WINDOW_MS);
-            go_local(zone, now_ms, log, &call.url, None);
-            if lost == Some(true) {
-                log_unreachable(
-                    log,
-                    &call.url,
-                    "it lost its counters: restarted without persistence or failed over",
-                );
-            }
-            WORKER.with_borrow_mut(|w| {
-                w.debts.clear();
-                w.mode = Mode::Local {
-                    probed_ms: (now_ms + left).saturating_sub(PROBE_INTERVAL_MS),
-                };
-            });
-            false
-        }
         Some(Ok(c)) => {
-            if !call.prefix.is_empty() {
-                let n = |x: i64| u32::try_from(x.max(0)).unwrap_or(u32::MAX);
-                let g =
-                    Grant::from_counts(call.limit, n(c[0]), n(c[1]), n(c[2]), c[3].max(0) as u64);
-                zone.fleet_apply(&call.digest, &g, call.sent_ms, now_ms);
-            }
+            read_answer(zone, &call, c, now_ms, log);
             true
         }
         Some(Err(e)) => {
@@ -493,7 +478,7 @@ unsafe extern "C" fn call_done(ev: *mut ngx_event_t) {
         WORKER.with_borrow_mut(|w| w.in_flight.remove(&call.digest));
         if !ok && call.debt > 0 {
             // Not counted: owed again, sent when Redis answers.
-            owe_n(&call.digest, call.limit, call.debt, call.sent_ms);
+            owe_n(&call.digest, call.limit, call.debt, call.debt_until_ms);
         }
     }
     if ok {
@@ -518,6 +503,45 @@ unsafe extern "C" fn call_done(ev: *mut ngx_event_t) {
     }
 }
 
+/// Reads what the lease script answered (`c`, see `redis_io`): Redis's
+/// window boundaries, whether it lost the counters this node counted in
+/// (`afr_core::outage`, rule 4: no grant until that window ends; the
+/// node's first worker to see it says so, once per epoch) or holds this
+/// window (rule 3), and otherwise the key's grant.
+fn read_answer(zone: &ZoneCtx, call: &Call, c: &[i64; 7], now_ms: u64, log: *mut ngx_log_t) {
+    let left = WINDOW_MS - (c[3].max(0) as u64).min(WINDOW_MS - 1);
+    let lost = zone.fleet_lost_counters(c[4], c[5]);
+    let held = c[6] == 1;
+    zone.fleet_reach(|r| {
+        r.align(call.sent_ms, now_ms, left);
+        if lost.is_some() {
+            r.recount(now_ms + (c[5].max(0) as u64).min(WINDOW_MS));
+        }
+        if held {
+            r.held(now_ms, left);
+        }
+    });
+    if lost.is_some() {
+        // What this worker owed was owed to the Redis that is gone.
+        WORKER.with_borrow_mut(|w| w.debts.clear());
+    }
+    if lost == Some(true) {
+        ngx_log_error!(
+            NGX_LOG_ERR,
+            log,
+            "afr_fleet: Redis {} lost its counters (restarted without persistence or failed \
+             over); until the window they were lost in ends, each key spends only what was \
+             counted before",
+            call.url
+        );
+    }
+    if lost.is_none() && !held && !call.prefix.is_empty() {
+        let n = |x: i64| u32::try_from(x.max(0)).unwrap_or(u32::MAX);
+        let g = Grant::from_counts(call.limit, n(c[0]), n(c[1]), n(c[2]), c[3].max(0) as u64);
+        zone.fleet_apply(&call.digest, &g, call.sent_ms, now_ms);
+    }
+}
+
 /// This worker turns local, unless it is. The node's first worker to turn
 /// local logs that Redis is unreachable (`why`; `None`: the caller logs its
 /// own line); the others do so silently.
@@ -532,7 +556,13 @@ fn go_local(zone: &ZoneCtx, now_ms: u64, log: *mut ngx_log_t, url: &str, why: Op
     if !changed {
         return;
     }
-    let first = zone.fleet_reach(|r| r.went_local(now_ms)).unwrap_or(true);
+    let wall = clock::now();
+    let first = zone
+        .fleet_reach(|r| {
+            r.align_to_wall(wall.mono_ms, wall.unix_ms);
+            r.went_local(now_ms)
+        })
+        .unwrap_or(true);
     if let (true, Some(why)) = (first, why) {
         log_unreachable(log, url, why);
     }
@@ -540,7 +570,7 @@ fn go_local(zone: &ZoneCtx, now_ms: u64, log: *mut ngx_log_t, url: &str, why: Op
 
 /// Redis answered this worker: it is global (again). The node's first
 /// worker back logs that global limits are back (see
-/// `afr_core::fleet::Reach::answered`).
+/// `afr_core::outage::Reach::answered`).
 fn answered(zone: &ZoneCtx, now_ms: u64, log: *mut ngx_log_t, url: &str) {
     let was_local =
         WORKER.with_borrow_mut(|w| std::mem::replace(&mut w.mode, Mode::Global) != Mode::Global);

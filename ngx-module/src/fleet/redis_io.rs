@@ -26,10 +26,15 @@ use crate::zone::{KeyDigest, ZoneCtx};
 /// node that sees another value than before knows Redis lost its counters
 /// (a restart without persistence, a failover, or a fleet idle for a day)
 /// and when: the window they were lost in.
+/// ARGV 5 and 6: what a node back from a loss asks to hold
+/// (`afr_core::outage`, rule 3: `afr_held`'s `after` and `upto`; 0 0:
+/// nothing); in a held window nothing is granted (the debt still counts).
 /// Returns {granted, previous window's count, current window's count, ms
-/// into it, epoch, ms left of the window the epoch began in (≤ 0: over)}.
+/// into it, epoch, ms left of the window the epoch began in (≤ 0: over),
+/// held (1: the current window is held)}.
 const LEASE_SCRIPT: &str = concat!(
     afr_core::sliding_window_lua!(),
+    afr_core::hold_lua!(),
     r"
 local t = redis.call('TIME')
 local ep = redis.call('GET', 'afr:{epoch}')
@@ -51,13 +56,17 @@ if debt > 0 then
 end
 local e = now - start
 local limit = tonumber(ARGV[1])
-local grant = math.max(0, math.min(tonumber(ARGV[2]), afr_room(limit, w, prev, curr, e)))
+local held = afr_held('afr:{held}:rpm', now, w, tonumber(ARGV[5]), tonumber(ARGV[6]))
+local grant = 0
+if held == 0 then
+  grant = math.max(0, math.min(tonumber(ARGV[2]), afr_room(limit, w, prev, curr, e)))
+end
 if grant > 0 then
   curr = redis.call('INCRBY', curk, grant)
   redis.call('PEXPIRE', curk, 2 * w + 1000)
 end
 local epl = tonumber(ep) - tonumber(ep) % w + w - now
-return {grant, prev, curr, e, tonumber(ep), epl}
+return {grant, prev, curr, e, tonumber(ep), epl, held}
 "
 );
 
@@ -73,12 +82,16 @@ pub(super) struct Call {
     pub(super) digest: KeyDigest,
     pub(super) limit: u32,
     pub(super) want: u32,
-    /// Local admissions of the key this call adds to Redis's count.
+    /// Local admissions of the key this call adds to Redis's count, and
+    /// until when they are owed (`afr_core::outage`: their window's end).
     pub(super) debt: u32,
+    pub(super) debt_until_ms: u64,
+    /// What to hold should Redis answer (a probe of a node that lost it).
+    pub(super) hold: Option<(u64, u64)>,
     pub(super) sent_ms: u64,
     pub(super) zone: *const ZoneCtx,
     pub(super) fleet: *const FleetConf,
-    pub(super) result: Option<Result<[i64; 6], String>>,
+    pub(super) result: Option<Result<[i64; 7], String>>,
 }
 
 thread_local! {
@@ -102,7 +115,7 @@ pub(super) unsafe extern "C" fn run_call(data: *mut c_void, _log: *mut ngx_log_t
 fn exec(
     call: &Call,
     slot: &mut Option<(Arc<redis::ConnectionInfo>, redis::Connection)>,
-) -> Result<[i64; 6], String> {
+) -> Result<[i64; 7], String> {
     if slot
         .as_ref()
         .is_some_and(|(i, _)| !Arc::ptr_eq(i, &call.info))
@@ -130,7 +143,7 @@ fn exec(
 fn attempt(
     call: &Call,
     slot: &mut Option<(Arc<redis::ConnectionInfo>, redis::Connection)>,
-) -> redis::RedisResult<[i64; 6]> {
+) -> redis::RedisResult<[i64; 7]> {
     if slot.is_none() {
         let client = match &call.ca {
             Some(pem) => redis::Client::build_with_tls(
@@ -167,9 +180,11 @@ fn attempt(
         .arg(want)
         .arg(WINDOW_MS)
         .arg(call.debt)
+        .arg(call.hold.map_or(0, |h| h.0))
+        .arg(call.hold.map_or(0, |h| h.1))
         .invoke::<Vec<i64>>(conn)
         .and_then(|v| {
-            <[i64; 6]>::try_from(v).map_err(|_| {
+            <[i64; 7]>::try_from(v).map_err(|_| {
                 redis::RedisError::from((
                     redis::ErrorKind::UnexpectedReturnType,
                     "lease script answered an unexpected shape",
