@@ -95,6 +95,24 @@ end
     };
 }
 
+/// The starts (Redis's clock) of the windows [`hold_lua!`]'s `afr_held`
+/// marks when asked at `now_ms` to hold from `after_ms` to `upto_ms` (see
+/// [`Reach::hold_request`]): the rule in Rust, for the Lua twin's tests and
+/// the model of Redis in this file's.
+pub fn held_windows(now_ms: u64, after_ms: u64, upto_ms: u64) -> Vec<u64> {
+    let w = WINDOW_MS;
+    let start = now_ms - now_ms % w;
+    if upto_ms == 0 {
+        return Vec::new();
+    }
+    (0..4)
+        .map(|i| start + i * w)
+        .filter(|s| {
+            (after_ms == 0 || s + w / 2 >= now_ms + after_ms) && s + w / 2 < now_ms + upto_ms
+        })
+        .collect()
+}
+
 /// One node's view of Redis, shared by its workers (kept in the module's
 /// shared zone, so `repr(C)`; zeroed means "Redis reachable, boundaries at
 /// multiples of the window on the caller's clock"). It logs one line when
@@ -574,12 +592,9 @@ mod tests {
                 }
             }
             let w = t / W;
-            if let Some((after, until)) = hold {
-                for s in (w..w + 4).map(|i| i * W) {
-                    if (after == 0 || s + W / 2 >= t + after) && s + W / 2 < t + until {
-                        self.held.insert(s / W);
-                    }
-                }
+            if let Some((after, upto)) = hold {
+                self.held
+                    .extend(held_windows(t, after, upto).iter().map(|s| s / W));
             }
             let held = self.held.contains(&w);
             let prev = self.counts.get(&(w.wrapping_sub(1))).copied().unwrap_or(0);

@@ -276,11 +276,12 @@ async fn a_reserve_answered_too_late_is_released() {
     .await;
     let before = redis.tokens_counted();
     // Redis runs the next reserve at once, but its answer comes after the
-    // timeout: the node decides locally, and that reservation must not stay
-    // counted in Redis.
+    // timeout: the node decides locally (refused: no share of the window
+    // Redis went away in, `afr_core::outage`), and that reservation must not
+    // stay counted in Redis.
     forwarder.slow.store(true, Ordering::SeqCst);
     let (status, body) = chat(&sidecar, "k", "tpm=100000").await;
-    assert_eq!(status, 200, "{body}");
+    assert_eq!(status, 429, "{body}");
     tokio::time::sleep(Duration::from_millis(600)).await;
     forwarder.slow.store(false, Ordering::SeqCst);
     until("the late reservation was released", || {
@@ -500,7 +501,9 @@ async fn redis_over_tls_is_verified_against_the_ca_file() {
         SQLITE,
         &[],
     );
-    assert_eq!(chat(&wary, "k2", "tpm=100000").await.0, 200);
+    // Refused: Redis is unreachable to it, and a node has no share of the
+    // window it lost Redis in (`afr_core::outage`).
+    assert_eq!(chat(&wary, "k2", "tpm=100000").await.0, 429);
     assert!(wary.log().contains("Redis unreachable"), "{}", wary.log());
     assert_eq!(redis.tokens_counted(), before);
 }
@@ -565,6 +568,47 @@ fn the_sliding_window_vectors_hold_in_lua() {
         assert_eq!(room, v["room"].as_i64().unwrap(), "{}", v["name"]);
         let grant = room.min(v["want"].as_i64().unwrap()).max(0);
         assert_eq!(grant, v["grant"].as_i64().unwrap(), "{}", v["name"]);
+    }
+}
+
+/// The Lua twin of `afr_core::outage::held_windows` (`afr_held`, in both
+/// fleet scripts) marks the windows the Rust rule names, for requests around
+/// window starts, middles and ends, evaluated by a real redis-server.
+#[test]
+fn the_hold_rule_holds_in_lua() {
+    let redis = Redis::start();
+    let script = concat!(
+        afr_core::hold_lua!(),
+        "local held = afr_held('t:held', tonumber(ARGV[1]), 60000, tonumber(ARGV[2]), \
+         tonumber(ARGV[3]))\n\
+         return redis.call('KEYS', 't:held:*')"
+    );
+    let w = 60_000;
+    let base = 1_800_000_000_000 - 1_800_000_000_000 % w;
+    let nows = [base, base + 1, base + 29_999, base + 30_000, base + w - 1];
+    let asks = [
+        (0, 0),
+        (0, 1),
+        (0, w),
+        (0, w + 31_000),
+        (1_000, w),
+        (1_000, 2 * w),
+        (31_000, 3 * w),
+        (59_999, 61_000),
+    ];
+    for now in nows {
+        for (after, upto) in asks {
+            redis.cli(&["FLUSHALL"]);
+            let (n, a, u) = (now.to_string(), after.to_string(), upto.to_string());
+            let out = redis.cli(&["EVAL", script, "0", &n, &a, &u]);
+            let mut lua: Vec<u64> = out
+                .split_whitespace()
+                .map(|k| k.trim_start_matches("t:held:").parse().unwrap())
+                .collect();
+            lua.sort_unstable();
+            let rust = afr_core::outage::held_windows(now, after, upto);
+            assert_eq!(lua, rust, "now {now}, after {after}, upto {upto}");
+        }
     }
 }
 

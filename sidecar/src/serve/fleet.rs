@@ -32,23 +32,29 @@ use afr_core::config::FleetConfig;
 use afr_core::fleet_ledger::{Change, Health, RedisKeys};
 use afr_core::ledger::{Amount, Hold, Ledger, Now, Refusal, Reserve, Shared};
 use afr_core::limits::KeyLimits;
+use afr_core::outage::Reach;
 use afr_core::ratelimit::WINDOW_MS;
 use anyhow::Context;
 use redis::aio::MultiplexedConnection;
 
+use crate::serve::clock;
 use crate::usage::{UsageQuery, UsageReader};
 
 /// Reserve. KEYS: the key's token-window prefix, its budget counter, the
 /// reservation's hold. ARGV: (unused), window (ms), tpm (-1: none), tokens
 /// asked, budget in nano-dollars (-1: none), cost asked, budget counter TTL
 /// (ms), budget seed (-1: none known; a missing counter is then answered 3
-/// without counting), hold TTL (ms). `afr:{epoch}` (shared with nginx's
-/// `afr_fleet`) is when Redis's data began: another value than the last one
-/// seen means Redis lost its counters, in the window the epoch began in.
+/// without counting), hold TTL (ms), and what a node back from a loss asks
+/// to hold (`afr_core::outage`, rule 3: `afr_held`'s `after` and `upto`;
+/// 0 0: nothing). `afr:{epoch}` (shared with nginx's `afr_fleet`) is when
+/// Redis's data began: another value than the last one seen means Redis
+/// lost its counters, in the window the epoch began in.
 /// Returns {verdict (0 counted, 1 tokens refused, 2 budget refused, 3 seed
 /// wanted, 4 the reservation was already released: its node gave up on this
-/// call), window start, previous window's tokens, current window's, spent,
-/// epoch, ms left of the window the epoch began in (≤ 0: over)}.
+/// call, 5 the window is held and the key has a `tpm`: nothing counted,
+/// decide on the node's share), window start, previous window's tokens,
+/// current window's, spent, epoch, ms left of the window the epoch began in
+/// (≤ 0: over), held (1: the current window is), ms left of the window}.
 /// The rule is `afr_core::ledger`'s `admit` on the fleet's counts (the window's
 /// arithmetic is `afr_core::ratelimit::room`'s Lua twin), windows on
 /// Redis's own clock (one clock for every node); Lua's numbers are doubles,
@@ -57,6 +63,7 @@ use crate::usage::{UsageQuery, UsageReader};
 /// for the settlement to correct exactly once.
 const RESERVE: &str = concat!(
     afr_core::sliding_window_lua!(),
+    afr_core::hold_lua!(),
     r"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -69,10 +76,12 @@ end
 redis.call('PEXPIRE', 'afr:{epoch}', 86400000)
 ep = tonumber(ep)
 local epl = ep - ep % w + w - now
-if redis.call('EXISTS', KEYS[3]) == 1 then return {4, 0, 0, 0, 0, ep, epl} end
+local start = now - now % w
+local held = afr_held('afr:{held}:tpm', now, w, tonumber(ARGV[10]), tonumber(ARGV[11]))
+if redis.call('EXISTS', KEYS[3]) == 1 then return {4, 0, 0, 0, 0, ep, epl, held, w - (now - start)} end
 local tpm = tonumber(ARGV[3])
 local budget = tonumber(ARGV[5])
-local start = now - now % w
+if held == 1 and tpm >= 0 then return {5, start, 0, 0, 0, ep, epl, held, w - (now - start)} end
 local curk = KEYS[1] .. ':' .. string.format('%d', start)
 local prev, curr, spent = 0, 0, 0
 if tpm >= 0 then
@@ -82,19 +91,19 @@ end
 if budget >= 0 then
   local s = redis.call('GET', KEYS[2])
   if not s then
-    if tonumber(ARGV[8]) < 0 then return {3, start, prev, curr, 0, ep, epl} end
+    if tonumber(ARGV[8]) < 0 then return {3, start, prev, curr, 0, ep, epl, held, w - (now - start)} end
     redis.call('SET', KEYS[2], ARGV[8], 'PX', ARGV[7], 'NX')
     s = redis.call('GET', KEYS[2])
   end
   spent = tonumber(s)
 end
 if tpm >= 0 and afr_room(tpm, w, prev, curr, now - start) < tonumber(ARGV[4]) then
-  return {1, start, prev, curr, spent, ep, epl}
+  return {1, start, prev, curr, spent, ep, epl, held, w - (now - start)}
 end
 local flags, tok, cost = 0, 0, 0
 if budget >= 0 then
   if spent >= budget or spent + tonumber(ARGV[6]) > budget then
-    return {2, start, prev, curr, spent, ep, epl}
+    return {2, start, prev, curr, spent, ep, epl, held, w - (now - start)}
   end
   spent = redis.call('INCRBY', KEYS[2], ARGV[6])
   redis.call('PEXPIRE', KEYS[2], ARGV[7])
@@ -106,7 +115,7 @@ if tpm >= 0 then
   flags, tok = flags + 1, ARGV[4]
 end
 redis.call('SET', KEYS[3], tok .. ':' .. cost .. ':' .. string.format('%d', start) .. ':' .. flags, 'PX', ARGV[9])
-return {0, start, prev, curr, spent, ep, epl}
+return {0, start, prev, curr, spent, ep, epl, held, w - (now - start)}
 "
 );
 
@@ -193,6 +202,9 @@ pub struct Fleet {
     outage: Mutex<Outage>,
     /// Redis's epoch as last seen (see `RESERVE`).
     epoch: Mutex<Option<i64>>,
+    /// When this node may admit `tpm` Redis has not counted
+    /// (`afr_core::outage`: the same rules as nginx's `afr_fleet`).
+    reach: Mutex<Reach>,
     reserve: redis::Script,
     settle: redis::Script,
     pay: redis::Script,
@@ -207,8 +219,12 @@ pub struct Fleet {
 /// been told of them yet.
 #[derive(Default)]
 struct Outage {
-    /// Reservations made on local shares.
+    /// Reservations made on local shares, token windows on
+    /// [`Reach::window_clock`] (Redis's windows).
     ledger: Ledger,
+    /// The outage is over and paid for: the next answer Redis gives outside
+    /// a held window starts the next outage's ledger from nothing.
+    over: bool,
     /// What each key used on them (settled), to add to the fleet's counts
     /// when Redis answers again.
     debts: std::collections::HashMap<String, Debt>,
@@ -261,6 +277,8 @@ struct Answer {
     epoch: i64,
     /// Milliseconds left of the window that epoch began in.
     epoch_left: i64,
+    /// Whether Redis holds the current window (`afr_core::outage`, rule 3).
+    held: bool,
 }
 
 impl Answer {
@@ -309,6 +327,7 @@ impl Fleet {
             local: AtomicU64::new(0),
             outage: Mutex::new(Outage::default()),
             epoch: Mutex::new(None),
+            reach: Mutex::new(Reach::default()),
             writes: tokio_util::task::TaskTracker::new(),
             draining: std::sync::atomic::AtomicBool::new(false),
             reserve: redis::Script::new(RESERVE),
@@ -349,7 +368,10 @@ impl Fleet {
             limits.budget.map(|b| b.per),
             period.map_or(0, |(s, _)| s),
         );
-        if self.health().should_try(Instant::now()) {
+        // Redis holds this window, or counts anew: a `tpm` is decided on the
+        // node's share without asking (`afr_core::outage`, rules 3 and 4).
+        let keeps_local = limits.tpm.is_some() && self.reach().keeps_local(now.mono_ms);
+        if !keeps_local && self.health().should_try(Instant::now()) {
             let hold = names.hold(id);
             let mut seed: i64 = -1;
             let answer = loop {
@@ -389,27 +411,35 @@ impl Fleet {
                     Ok(Ok(a)) if self.lost_counters(a.epoch) && a.epoch_left > 0 => {
                         // Redis answered without the counts it held: what
                         // this reservation counted there is released, and
-                        // the node decides alone until that window ends.
+                        // the node decides alone until that window ends,
+                        // taking no share in it (rule 4).
                         if a.verdict() == 0 {
                             self.apply_later(names.clone(), hold.clone(), Amount::default());
                         }
                         let left = (a.epoch_left as u64).min(WINDOW_MS);
+                        self.reach().recount(now.mono_ms + left);
                         let until = Instant::now() + Duration::from_millis(left);
                         if self.health().lost_counters(until) == Some(Change::Lost) {
                             tracing::error!(redis = %self.target, "fleet: Redis lost its counters (restarted without persistence or failed over); tpm and budgets are held to this node's share until the window ends");
                         }
                         break None;
                     }
+                    Ok(Ok(a)) if a.verdict() == 5 => {
+                        // A held window: nothing was counted; the key's tpm
+                        // is decided on this node's share (rule 3).
+                        self.answered(now.mono_ms);
+                        break None;
+                    }
                     Ok(Ok(a)) => break Some(a),
                     Ok(Err(e)) => {
-                        self.failed(&e.to_string());
+                        self.failed(&e.to_string(), now.mono_ms);
                         break None;
                     }
                     Err(_) => {
                         // The script may have run and counted the reservation:
                         // release it (and refuse it, should it still arrive).
                         self.apply_later(names.clone(), hold.clone(), Amount::default());
-                        self.failed(&format!("no answer within {:?}", self.timeout));
+                        self.failed(&format!("no answer within {:?}", self.timeout), now.mono_ms);
                         break None;
                     }
                 }
@@ -419,25 +449,49 @@ impl Fleet {
             }
         }
         self.local.fetch_add(1, Ordering::Relaxed);
-        // The key's share of what was left fleet-wide at the last sync (the
-        // mirror's counts), this node's use during the outage counted apart.
-        let share = self.outage_share(&lock(ledger), key, limits, now);
+        // The key's share, this node's use during the outage counted apart.
+        let share = self.outage_share(&lock(ledger), key, limits, ask, now)?;
+        let at = self.outage_now(now);
         let mut outage = self.outage();
         outage
             .ledger
-            .reserve(key, &share, ask, now)
+            .reserve(key, &share, ask, at)
             .map(|hold| Held::Outage(Arc::clone(self), hold, names))
             .map_err(Reserve::Refused)
     }
 
-    /// `limits` for `key` while Redis is away: what was left at the last
-    /// sync ÷ nodes, of its `tpm` window and of its budget.
-    fn outage_share(&self, mirror: &Ledger, key: &str, limits: &KeyLimits, now: Now) -> KeyLimits {
+    /// `now` for the outage ledger: its token windows are Redis's.
+    fn outage_now(&self, now: Now) -> Now {
+        Now {
+            mono_ms: self.reach().window_clock(now.mono_ms),
+            unix_ms: now.unix_ms,
+        }
+    }
+
+    /// `limits` for `key` while Redis is away (`afr_core::outage`): its
+    /// `tpm` ÷ nodes in a window the rules give shares in, none in the one
+    /// Redis went away in (refused until one may be); its budget, what was
+    /// left at the last sync ÷ nodes.
+    fn outage_share(
+        &self,
+        mirror: &Ledger,
+        key: &str,
+        limits: &KeyLimits,
+        ask: Amount,
+        now: Now,
+    ) -> Result<KeyLimits, Reserve> {
         let n = u64::from(self.nodes.max(1));
         let mut share = limits.share(self.nodes);
         if let Some(tpm) = limits.tpm {
-            let left = mirror.tokens(key, tpm, now).remaining;
-            share.tpm = Some((left / n).max(1));
+            let mut reach = self.reach();
+            reach.align_to_wall(now.mono_ms, clock::unix_ms());
+            if let Err(wait) = reach.shares(now.mono_ms) {
+                return Err(Reserve::Refused(Refusal::Tokens {
+                    limit: tpm,
+                    requested: ask.tokens,
+                    retry_after_ms: wait,
+                }));
+            }
         }
         if let Some(budget) = limits.budget {
             let left = mirror.budget_remaining(key, budget, now);
@@ -446,15 +500,16 @@ impl Fleet {
                 per: budget.per,
             });
         }
-        share
+        Ok(share)
     }
 
     /// Settles a reservation made while Redis was away, and owes Redis what
     /// it used.
     pub fn settle_outage(&self, hold: Hold, names: RedisKeys, used: Amount, now: Now) {
         let key = hold.key().to_owned();
+        let at = self.outage_now(now);
         let mut outage = self.outage();
-        outage.ledger.settle(hold, used, now);
+        outage.ledger.settle(hold, used, at);
         if used == Amount::default() {
             return;
         }
@@ -478,6 +533,10 @@ impl Fleet {
         self.outage.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    fn reach(&self) -> MutexGuard<'_, Reach> {
+        self.reach.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// Redis answers again: adds what keys used on local shares to the
     /// fleet's counts (tokens to the current window; spend to the period's
     /// counter when Redis still holds it — one it lost is set again from the
@@ -487,7 +546,9 @@ impl Fleet {
     fn pay_debts(self: &Arc<Self>) {
         let debts: Vec<Debt> = {
             let mut outage = self.outage();
-            outage.ledger = Ledger::new();
+            // Not reset here: in a held window the node still decides on
+            // what is left of its shares.
+            outage.over = true;
             outage.debts.drain().map(|(_, d)| d).collect()
         };
         if debts.is_empty() {
@@ -562,7 +623,13 @@ impl Fleet {
         names: RedisKeys,
         hold: String,
     ) -> Result<Held, Reserve> {
-        self.answered();
+        self.answered(now.mono_ms);
+        if !answer.held {
+            let mut outage = self.outage();
+            if std::mem::take(&mut outage.over) {
+                outage.ledger = Ledger::new();
+            }
+        }
         let nonneg = |n: i64| n.max(0) as u64;
         let [verdict, start, prev, curr, spent] = answer.counts;
         if verdict == 4 {
@@ -632,6 +699,10 @@ impl Fleet {
             }))
             .arg(seed)
             .arg(HOLD_TTL.as_millis() as u64);
+        let hold_request = self.reach().hold_request(now.mono_ms);
+        call.arg(hold_request.map_or(0, |h| h.0))
+            .arg(hold_request.map_or(0, |h| h.1));
+        let sent = Instant::now();
         let mut conn = self.connection().await?;
         let out: Vec<i64> = call.invoke_async(&mut conn).await.inspect_err(|_| {
             // A broken connection is replaced on the next call.
@@ -639,13 +710,23 @@ impl Fleet {
                 *slot = None;
             }
         })?;
-        let all = <[i64; 7]>::try_from(out)
+        let all = <[i64; 9]>::try_from(out)
             .map_err(|v| anyhow::anyhow!("the reserve script answered {v:?}"))?;
-        let [verdict, start, prev, curr, spent, epoch, epoch_left] = all;
+        let [verdict, start, prev, curr, spent, epoch, epoch_left, held, left] = all;
+        let left = left.clamp(1, WINDOW_MS as i64) as u64;
+        let recv_ms = now.mono_ms + sent.elapsed().as_millis() as u64;
+        {
+            let mut reach = self.reach();
+            reach.align(now.mono_ms, recv_ms, left);
+            if held == 1 {
+                reach.held(recv_ms, left);
+            }
+        }
         Ok(Answer {
             counts: [verdict, start, prev, curr, spent],
             epoch,
             epoch_left,
+            held: held == 1,
         })
     }
 
@@ -725,8 +806,9 @@ impl Fleet {
         self.health.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn answered(self: &Arc<Self>) {
+    fn answered(self: &Arc<Self>, now_ms: u64) {
         if self.health().answered() == Some(Change::Back) {
+            self.reach().answered(true, now_ms);
             tracing::info!(redis = %self.target, "fleet: Redis is reachable again; tpm and budgets are fleet-wide again");
         }
         if !self.outage().debts.is_empty() {
@@ -734,11 +816,15 @@ impl Fleet {
         }
     }
 
-    fn failed(&self, why: &str) {
+    fn failed(&self, why: &str, now_ms: u64) {
         if let Ok(mut slot) = self.conn.try_lock() {
             *slot = None;
         }
         if self.health().failed(Instant::now()) == Some(Change::Lost) {
+            let mut reach = self.reach();
+            reach.align_to_wall(now_ms, clock::unix_ms());
+            reach.went_local(now_ms);
+            drop(reach);
             tracing::error!(redis = %self.target, error = %why, nodes = self.nodes, "fleet: Redis unreachable; each key's tpm and budget are held to their local share (limit ÷ nodes) until it is back");
         }
     }
