@@ -25,12 +25,18 @@
 //!    and has not paid. The spread covers the others' return (they probe
 //!    once a second).
 //! 4. **Redis lost its counters** (restarted empty, failed over): until the
-//!    window they were lost in ends, only what the old Redis counted
-//!    ([`Reach::recount`]); the new one counts from the next window.
+//!    window they were lost in ends, no grant; each node decides on what is
+//!    left of its share after everything it admitted in that window
+//!    ([`Reach::recount`]); the new Redis counts from the next window. Exact
+//!    unless a node had been granted more than its share in that window
+//!    before the loss: then the window may hold up to the sum over nodes of
+//!    the larger of the two (the old Redis's counts are gone; refusing the
+//!    rest of the window to every key would turn each restart into a
+//!    minute of 429s).
 //!
 //! With every node away together — Redis down, frozen, restarted empty,
 //! read-only, its connections cut — each window's admissions stay within the
-//! limit. Not covered, because no node can know of it: a partition (a node
+//! limit (rule 4's bound aside). Not covered, because no node can know of it: a partition (a node
 //! cut off from Redis for longer than the spread after the others are back)
 //! — its shares add to what Redis grants the others.
 //!
@@ -139,6 +145,8 @@ pub struct Reach {
     /// Until then the node takes no grant: the window is held (rule 3) or
     /// Redis counts anew (rule 4).
     no_grants_until_ms: u64,
+    /// Until then Redis counts anew (rule 4).
+    recount_until_ms: u64,
 }
 
 /// One of Redis's windows as the node may use it for shares.
@@ -187,14 +195,17 @@ impl Reach {
     /// `now_ms` (≥ 1): windows are `[start, start + W)`, their safe part
     /// `[start, start + W − slack)`.
     fn index(&self, now_ms: u64) -> u64 {
-        self.window_clock(now_ms) / WINDOW_MS + 1
+        (now_ms + WINDOW_MS - self.offset()) / WINDOW_MS + 1
     }
 
-    /// `now_ms` moved so that Redis's windows (from their safe start) begin
-    /// at multiples of the window: the clock a fleet key's [`RateWindow`]
-    /// counts on, so that its current window is Redis's.
+    /// `now_ms` moved so that Redis's windows begin at multiples of the
+    /// window, by the earliest their boundaries can be: the clock a fleet
+    /// key's [`RateWindow`] counts its admissions on. An admission in the
+    /// `slack` after a boundary may be Redis's previous window: it counts in
+    /// the next one (where a share counted from the safe start then sees
+    /// it), never in neither.
     pub fn window_clock(&self, now_ms: u64) -> u64 {
-        now_ms + WINDOW_MS - self.offset()
+        now_ms + WINDOW_MS - self.phase_ms % WINDOW_MS
     }
 
     /// When window `index` starts (caller's clock; it may precede 0).
@@ -271,13 +282,14 @@ impl Reach {
     /// end, is held (rule 3): no grant until it ends, shares in it.
     pub fn held(&mut self, now_ms: u64, window_left_ms: u64) {
         self.held_window = self.held_window.max(self.index(now_ms));
-        self.recount(now_ms + window_left_ms);
+        self.no_grants_until_ms = self.no_grants_until_ms.max(now_ms + window_left_ms);
     }
 
-    /// Until `until_ms` the node takes no grant: Redis answered without the
-    /// counters it held (rule 4) — when the window they were lost in ends —
-    /// or holds the window.
+    /// Redis answered without the counters it held (rule 4): until
+    /// `until_ms`, when the window they were lost in ends, the node takes no
+    /// grant and decides on what is left of its share.
     pub fn recount(&mut self, until_ms: u64) {
+        self.recount_until_ms = self.recount_until_ms.max(until_ms);
         self.no_grants_until_ms = self.no_grants_until_ms.max(until_ms);
     }
 
@@ -291,16 +303,20 @@ impl Reach {
     }
 
     /// The window a share may be decided in at `now_ms`, or how long until
-    /// one may be: shares are for a window after the node's loss, while the
-    /// node is away (rule 2) or the window is held (rule 3), and never in
-    /// the strip before a boundary.
+    /// one may be: shares are for a window after the node's loss while it is
+    /// away (rule 2), or for a held window (rule 3: Redis grants nothing in
+    /// it, so every node's shares are all it admits), and never in the strip
+    /// before a boundary.
     pub fn shares(&self, now_ms: u64) -> Result<ShareWindow, u64> {
         let w = self.window(now_ms);
         if now_ms >= w.end_ms {
             return Err(w.next_ms - now_ms);
         }
-        let after_loss = w.index > self.lost_window;
-        if after_loss && (self.lost() || w.index == self.held_window) {
+        // A held window is all shares for every node, whenever each lost
+        // Redis: nobody is granted anything in it.
+        let recounting = now_ms < self.recount_until_ms;
+        if (w.index > self.lost_window && self.lost()) || w.index == self.held_window || recounting
+        {
             return Ok(w);
         }
         Err(if self.lost() {
@@ -310,6 +326,14 @@ impl Reach {
         } else {
             RETRY_SOON_MS
         })
+    }
+
+    /// While Redis counts anew (rule 4), how long until it grants again:
+    /// for a caller that cannot count what it admitted in the window before
+    /// the loss (the sidecar's `tpm`: its reservations are Redis's alone) and
+    /// so takes no share then.
+    pub fn recounting(&self, now_ms: u64) -> Option<u64> {
+        (now_ms < self.recount_until_ms).then(|| self.recount_until_ms - now_ms)
     }
 
     /// Whether at `now_ms` a node that has Redis still decides on the local
@@ -491,12 +515,14 @@ mod tests {
         assert_eq!(run(&mut l, &mut w, &r, 4, 3 * W + 10_001, 3), "SSD");
         assert!(!r.keeps_local(4 * W));
         assert_eq!(r.shares(4 * W + 10), Err(RETRY_SOON_MS));
-        // Held in the window the node itself lost Redis in: no share (rule 1).
+        // Held in the window the node itself lost Redis in: shares too (no
+        // grant in a held window, so nothing another node got adds to them).
         let mut r = Reach::default();
         assert!(r.went_local(1_000));
-        assert!(r.answered(true, 2_000));
         r.held(2_000, 58_000);
-        assert_eq!(r.shares(2_000), Err(58_000));
+        assert!(r.shares(2_000).is_ok());
+        assert!(r.answered(true, 3_000));
+        assert!(r.shares(3_000).is_ok());
     }
 
     #[test]
@@ -512,16 +538,21 @@ mod tests {
     }
 
     #[test]
-    fn counters_lost_spend_only_what_the_old_redis_counted_until_their_window_ends() {
+    fn counters_lost_leave_each_node_what_is_left_of_its_share_until_their_window_ends() {
         let mut r = Reach::default();
         let (mut l, mut w) = (Lease::default(), RateWindow::default());
         l.apply(&Grant::from_counts(40, 2, 0, 30, 10_000), 0);
+        // 17 admitted here in this window before the loss (counted on Redis's windows).
+        for t in 0..17 {
+            w.hit(u32::MAX, r.window_clock(1_000 + t));
+        }
         r.recount(50_000);
         assert!(r.keeps_local(20_000));
-        assert_eq!(run(&mut l, &mut w, &r, 40, 20_000, 3), "LLD");
+        // The lease's 2 tokens, then 20 − 19 = 1 of the share, then none.
+        assert_eq!(run(&mut l, &mut w, &r, 40, 20_000, 5), "LLSDD");
         assert_eq!(
             l.take_local(&mut w, &r, 40, 2, 30_000).0.reset_after_ms,
-            20_000
+            30_000
         );
         assert!(!r.keeps_local(50_000));
     }
@@ -698,7 +729,7 @@ mod tests {
         limit: u32,
         schedules: &[(Vec<u64>, u64)],
         outages: &[(u64, u64, bool)],
-    ) -> Vec<(u64, u32)> {
+    ) -> Vec<(u64, u32, u32)> {
         let mut m = Model {
             limit,
             nodes: schedules.len() as u32,
@@ -728,12 +759,34 @@ mod tests {
         }
         events.sort_unstable();
         let mut admitted = std::collections::BTreeMap::<u64, u32>::new();
+        // Per window with a restart in it, each node's admissions before it.
+        let restarts: Vec<u64> = outages.iter().filter(|o| o.2).map(|o| o.0 + o.1).collect();
+        let mut before = std::collections::BTreeMap::<(u64, usize), u32>::new();
         for (t, n) in events {
             if m.request(&mut nodes[n], t) {
                 *admitted.entry(t / W).or_default() += 1;
+                if restarts.iter().any(|&r| r / W == t / W && t < r) {
+                    *before.entry((t / W, n)).or_default() += 1;
+                }
             }
         }
-        admitted.into_iter().collect()
+        // Rule 4's bound where Redis lost its counters: each node's grants
+        // before the loss or its share, whichever is larger.
+        let share = crate::fleet::local_share(limit, schedules.len() as u32);
+        admitted
+            .into_iter()
+            .map(|(w, a)| {
+                let bound = if restarts.iter().any(|&r| r / W == w) {
+                    (0..schedules.len())
+                        .map(|n| before.get(&(w, n)).copied().unwrap_or(0).max(share))
+                        .sum::<u32>()
+                        .max(limit)
+                } else {
+                    limit
+                };
+                (w, a, bound)
+            })
+            .collect()
     }
 
     #[test]
@@ -745,7 +798,7 @@ mod tests {
         let a = [59_790, 60_189].into_iter().chain(90_114..90_290).collect();
         let b = (0..1_000).map(|k| 59_150 + k * 350).collect();
         let per = simulate(20, &[(a, 0), (b, 0)], &[(59_800, 30_200, false)]);
-        assert!(per.iter().all(|&(_, n)| n <= 20), "{per:?}");
+        assert!(per.iter().all(|&(_, n, _)| n <= 20), "{per:?}");
     }
 
     proptest::proptest! {
@@ -763,8 +816,8 @@ mod tests {
                 .map(|&(gap, offset, rtt)| ((0..).map(|k| offset + k * gap).take_while(|&t| t < 600_000).collect(), rtt))
                 .collect();
             let admitted = simulate(limit, &schedules, &outages);
-            for (w, a) in &admitted {
-                proptest::prop_assert!(*a <= limit, "window {w}: {a} admitted of {limit}; {admitted:?}");
+            for (w, a, bound) in &admitted {
+                proptest::prop_assert!(a <= bound, "window {w}: {a} admitted, bound {bound} (limit {limit}); {admitted:?}");
             }
         }
     }

@@ -485,7 +485,13 @@ impl Fleet {
         if let Some(tpm) = limits.tpm {
             let mut reach = self.reach();
             reach.align_to_wall(now.mono_ms, clock::unix_ms());
-            if let Err(wait) = reach.shares(now.mono_ms) {
+            // This node does not count what it reserved in Redis in this
+            // window, so a Redis that lost those counts leaves it no share.
+            let shares = match reach.recounting(now.mono_ms) {
+                Some(wait) => Err(wait),
+                None => reach.shares(now.mono_ms),
+            };
+            if let Err(wait) = shares {
                 return Err(Reserve::Refused(Refusal::Tokens {
                     limit: tpm,
                     requested: ask.tokens,
