@@ -328,12 +328,20 @@ impl Reach {
         })
     }
 
-    /// While Redis counts anew (rule 4), how long until it grants again:
-    /// for a caller that cannot count what it admitted in the window before
-    /// the loss (the sidecar's `tpm`: its reservations are Redis's alone) and
-    /// so takes no share then.
-    pub fn recounting(&self, now_ms: u64) -> Option<u64> {
-        (now_ms < self.recount_until_ms).then(|| self.recount_until_ms - now_ms)
+    /// [`Reach::shares`] for a caller that cannot count what it admitted in
+    /// a window before it took shares there (the sidecar's `tpm`: its
+    /// reservations are Redis's alone): only windows the node lost Redis
+    /// before (rule 2), whole; none while Redis is held or counts anew, which
+    /// may begin mid-window.
+    pub fn shares_from_the_start(&self, now_ms: u64) -> Result<ShareWindow, u64> {
+        let w = self.window(now_ms);
+        if now_ms < w.end_ms && self.lost() && w.index > self.lost_window {
+            return Ok(w);
+        }
+        match self.shares(now_ms) {
+            Err(wait) => Err(wait),
+            Ok(_) => Err(self.no_grants_until_ms.saturating_sub(now_ms).max(1)),
+        }
     }
 
     /// Whether at `now_ms` a node that has Redis still decides on the local
@@ -555,6 +563,23 @@ mod tests {
             30_000
         );
         assert!(!r.keeps_local(50_000));
+    }
+
+    #[test]
+    fn a_caller_that_cannot_count_its_grants_takes_shares_only_in_whole_windows_away() {
+        let mut r = Reach::default();
+        assert!(r.went_local(1_000));
+        assert_eq!(r.shares_from_the_start(2_000), Err(W - 2_000));
+        assert!(r.shares_from_the_start(W + 10).is_ok());
+        // Held, or counting anew: no share for it, whatever `shares` allows.
+        assert!(r.answered(true, W + 20_000));
+        r.held(W + 20_000, 40_000);
+        assert!(r.shares(W + 20_000).is_ok());
+        assert_eq!(r.shares_from_the_start(W + 20_000), Err(40_000));
+        let mut r = Reach::default();
+        r.recount(30_000);
+        assert!(r.shares(10_000).is_ok());
+        assert_eq!(r.shares_from_the_start(10_000), Err(20_000));
     }
 
     #[test]

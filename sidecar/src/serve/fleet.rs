@@ -485,13 +485,9 @@ impl Fleet {
         if let Some(tpm) = limits.tpm {
             let mut reach = self.reach();
             reach.align_to_wall(now.mono_ms, clock::unix_ms());
-            // This node does not count what it reserved in Redis in this
-            // window, so a Redis that lost those counts leaves it no share.
-            let shares = match reach.recounting(now.mono_ms) {
-                Some(wait) => Err(wait),
-                None => reach.shares(now.mono_ms),
-            };
-            if let Err(wait) = shares {
+            // This node does not count what it reserved in Redis, so a share
+            // is only for a window it was away from the start of.
+            if let Err(wait) = reach.shares_from_the_start(now.mono_ms) {
                 return Err(Reserve::Refused(Refusal::Tokens {
                     limit: tpm,
                     requested: ask.tokens,
