@@ -481,15 +481,11 @@ impl ZoneCtx {
         })
     }
 
-    /// Adds a grant from Redis, asked for at `sent_ms` and answered at
-    /// `now_ms`, to key `digest`'s lease; its timing places Redis's window
-    /// boundaries on this node's clock (`afr_core::outage::Reach::align`).
+    /// Adds a grant from Redis, asked for at `sent_ms`, to key `digest`'s
+    /// lease (the caller has placed Redis's boundaries from the same answer).
     pub fn fleet_apply(&self, digest: &KeyDigest, grant: &Grant, sent_ms: u64, now_ms: u64) {
         // An uninitialised zone has no lease to add to: nothing to do.
-        let _ = self.with_fleet_slot(digest, now_ms, |reach, slot| {
-            reach.align(sent_ms, now_ms, grant.window_left_ms);
-            slot.lease.apply(grant, sent_ms);
-        });
+        let _ = self.with_slot(digest, now_ms, |slot| slot.lease.apply(grant, sent_ms));
     }
 
     /// Whether Redis's `epoch` says it lost the counters this node counted
