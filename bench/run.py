@@ -145,17 +145,22 @@ def bearer(headers: list[str]) -> str | None:
     return next((h.split(":", 1)[1] for h in headers if h.lower().startswith("authorization:")), None)
 
 
-def proxy_conf(d: Path, port: int, server: str, extra: str = "", user: str = "") -> str:
-    """An nginx.conf that only proxies /v1/ to one upstream `server` (the same worker count,
-    logging and buffers as the gateway's nginx): plain nginx, and nginx in front of the floor."""
-    return f"""
-{user}
+def main_context(d: Path, user: str) -> str:
+    """The main context every benchmarked nginx shares: user, workers, files, events."""
+    return f"""{user}
 worker_processes {NGINX_WORKERS};
 worker_rlimit_nofile 65536;
 pid {d}/nginx.pid;
 error_log {d}/logs/error.log;
 events {{ worker_connections 32768; }}
-http {{
+"""
+
+
+def proxy_conf(d: Path, port: int, server: str, extra: str = "", user: str = "") -> str:
+    """An nginx.conf that only proxies /v1/ to one upstream `server` (the same worker count,
+    logging and buffers as the gateway's nginx): plain nginx, and nginx in front of the floor."""
+    return f"""
+{main_context(d, user)}http {{
     access_log {d}/logs/access.log;
     client_body_temp_path {d}/body; proxy_temp_path {d}/proxy;
     fastcgi_temp_path {d}/fcgi; uwsgi_temp_path {d}/uwsgi; scgi_temp_path {d}/scgi;
@@ -335,13 +340,7 @@ class Stack:
         user = "user root root;" if os.geteuid() == 0 else ""
         gw = self.nginx("gw", f"""
 load_module {MODULE};
-{user}
-worker_processes {NGINX_WORKERS};
-worker_rlimit_nofile 65536;
-pid {d}/nginx.pid;
-error_log {d}/logs/error.log;
-events {{ worker_connections 32768; }}
-http {{
+{main_context(d, user)}http {{
     default_type application/octet-stream;
     access_log {d}/logs/access.log;
     client_body_temp_path {d}/body; proxy_temp_path {d}/proxy;
