@@ -118,8 +118,10 @@ def test_redis_down_refuses_what_redis_did_not_count_then_global_limits_return(f
         assert max(t for _, t in results) < 2 * 0.2 + 1.5, results
         m = fleet.metrics(0)
         assert re.search(r"^afr_fleet_redis_up 0$", m, re.M), m
+        # (No `limits="local"` label is promised here: a request the module decides locally
+        # in this window is refused unless its worker had turned local while holding a
+        # token, which depends on timing.)
         assert fleet.metric(0, "afr_fleet_local_reservations_total") >= local_before + 1
-        assert 'afr_fleet_requests_total{limits="local"}' in m
         log = (fleet.nodes[0] / "logs/sidecar.log").read_text()
         assert log.count("fleet: Redis unreachable") == 1, log
     finally:
