@@ -9,7 +9,10 @@ non-streamed chat completions (keep-alive, the nginx -> sidecar headers a module
 would add), and the difference of the two totals divided by 2N is the cost of
 one request (start-up, the ledger-seed wait and shutdown cancel out).
 
-    bench/callgrind.py [--repo WORKTREE] [--requests 1000] [--governed] [--body small|agent] [--keep DIR]
+    bench/callgrind.py [--repo WORKTREE] [--requests 1000] [--governed] [--body small|agent] [--keep DIR] [--floor]
+
+--floor counts afr-bench-floor (bench/floor, the bare hyper hop) on the same
+requests instead, so the sidecar's own instructions are its count minus that.
 
 --repo (default: this checkout) gives conf/sidecar.toml, scripts/sidecar-config.py
 and (unless --afr / --mock say otherwise) target/release/{afr,afr-mock} of that
@@ -151,11 +154,9 @@ def send(sock_path: Path, n: int, body: bytes, limits: str | None) -> int:
     return tries
 
 
-def run(afr: Path, config: Path, home: Path, n: int, out: Path, body: bytes, limits: str | None) -> tuple[int, int]:
-    sock = home / "sidecar.sock"
+def run(command: list[str], sock: Path, n: int, out: Path, body: bytes, limits: str | None) -> tuple[int, int]:
     proc = subprocess.Popen(
-        ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", str(afr), "serve",
-         "--config", str(config), "--threads", "1"],
+        ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", *command],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
         env={**os.environ, "AFR_UPSTREAM_SECRET": SECRET},
     )
@@ -185,6 +186,8 @@ def main() -> None:
     ap.add_argument("--governed", action="store_true", help=f"send X-Afr-Limits: {GOVERNED}")
     ap.add_argument("--body", choices=["small", "agent"], default="small")
     ap.add_argument("--keep", type=Path, help="keep the profiles in this directory")
+    ap.add_argument("--floor", action="store_true",
+                    help="count afr-bench-floor (the bare hyper hop, bench/floor) instead of the sidecar")
     args = ap.parse_args()
     repo = args.repo.resolve()
     afr = args.afr or repo / "target/release/afr"
@@ -222,14 +225,21 @@ def main() -> None:
                 price = cfg["models"][MODEL]["routes"][0].get("price")
                 if not price:
                     raise SystemExit(f"cg.py: the {MODEL} route has no price")
-                totals[n], tries[n] = run(afr, home / "sidecar.toml", home, n,
-                                          out_dir / f"{n}.out", body, limits)
+                if args.floor:
+                    command = [str(afr.parent / "afr-bench-floor"), "--listen", str(home / "floor.sock"),
+                               "--upstream", f"127.0.0.1:{mock_port}", "--threads", "1"]
+                    sock = home / "floor.sock"
+                else:
+                    command = [str(afr), "serve", "--config", str(home / "sidecar.toml"), "--threads", "1"]
+                    sock = home / "sidecar.sock"
+                totals[n], tries[n] = run(command, sock, n, out_dir / f"{n}.out", body, limits)
         finally:
             mock.terminate()
             mock.wait(timeout=10)
         per_request = (totals[3 * args.requests] - totals[args.requests]) / (2 * args.requests)
         print(f"repo {repo} body {args.body} ({len(body)} B) limits {limits or '-'} price {price}")
-        print(f"instructions per non-streamed chat completion: {per_request:,.0f}")
+        print(f"{'afr-bench-floor' if args.floor else 'sidecar'} instructions per non-streamed "
+              f"chat completion: {per_request:,.0f}")
         print(f"totals: {args.requests} requests {totals[args.requests]:,}; "
               f"{3 * args.requests} requests {totals[3 * args.requests]:,}; probe tries {tries}")
         if args.keep:
