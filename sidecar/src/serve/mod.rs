@@ -3,7 +3,7 @@
 //! SIGTERM/SIGINT, then drains open connections and flushes usage.
 //!
 //! - [`handler`]: secret check and dispatch; [`chat`]: route plan and failover;
-//!   [`passthrough`]: embeddings, completions, responses; [`relay`]: stream passthrough and the usage tap; [`error`]: the one
+//!   [`passthrough`]: embeddings, completions, responses; [`relay`]: stream passthrough and its usage meter; [`error`]: the one
 //!   mapping from errors to OpenAI bodies; [`state`]: config snapshot and
 //!   breakers; [`listener`], [`reload`], [`metrics`].
 
@@ -30,10 +30,6 @@ use state::{Budgets, Gateway, Runtime};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
-
-/// How long shutdown waits for the usage taps of cut streams; they have
-/// nothing left to wait for, so this only bounds a bug.
-const TAP_WAIT: Duration = Duration::from_secs(2);
 
 /// `afr serve` arguments.
 #[derive(clap::Args)]
@@ -250,18 +246,8 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     if let Some(admin) = admin {
         admin.abort();
     }
-    // Every connection is gone, so every stream's tap has its last event:
-    // wait for them to write their rows before the sink closes.
-    gateway.taps.close();
-    if tokio::time::timeout(TAP_WAIT, gateway.taps.wait())
-        .await
-        .is_err()
-    {
-        tracing::error!(
-            open = gateway.taps.len(),
-            "usage taps still running after {TAP_WAIT:?}; their rows are lost"
-        );
-    }
+    // Every connection is gone, and with it every stream's relay, which
+    // wrote its row when it was dropped.
     // Every request has ended: give its settlement in the fleet's Redis a
     // moment to land if Redis is slow or briefly away.
     if let Some(fleet) = gateway.fleet.clone() {

@@ -250,7 +250,7 @@ impl Exchange for PassthroughExchange {
             return;
         }
         // A whole answer's usage is known now; a stream's comes with its
-        // last event, which the usage tap records (`Accounting::conversation`).
+        // last event, which the stream's meter records (`Accounting::conversation`).
         let (id, tokens) = match answer {
             Answer::Body(body) => (
                 response_body_id(body),

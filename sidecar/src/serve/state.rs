@@ -18,7 +18,6 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
-use tokio_util::task::TaskTracker;
 
 /// One loaded configuration with everything built from it.
 pub struct Runtime {
@@ -132,9 +131,6 @@ pub struct Gateway {
     pub recorder: Option<UsageSink>,
     /// Usage reader for `GET /v1/usage`.
     pub reader: Option<UsageReader>,
-    /// The usage taps of streams still being relayed; shutdown waits for
-    /// them so a stream cut at the end of the grace still gets its row.
-    pub taps: TaskTracker,
     /// Token and money reservations of every key on this host: the sidecar
     /// is one process per host, so this is the host's one decision point.
     pub ledger: Mutex<Ledger>,
@@ -180,7 +176,6 @@ impl Gateway {
             metrics: Metrics::new(),
             recorder,
             reader,
-            taps: TaskTracker::new(),
             ledger: Mutex::new(Ledger::new()),
             clock: Clock::start(),
             fleet: None,
