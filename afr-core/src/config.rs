@@ -130,6 +130,10 @@ fn default_http2_max_streams() -> u32 {
     100
 }
 
+fn default_http2_max_connections() -> u32 {
+    100
+}
+
 fn default_stream_hold() -> Duration {
     Duration::from_secs(3)
 }
@@ -383,16 +387,21 @@ pub struct ProviderConfig {
     /// Timeouts.
     #[serde(default)]
     pub timeouts: Timeouts,
-    /// Offer HTTP/2 (negotiated by ALPN over TLS). Off by default: one HTTP/2
-    /// connection carries up to `http2_max_streams` requests, and requests
-    /// past that go over HTTP/1.1 keep-alive connections.
+    /// Offer HTTP/2 (negotiated by ALPN over TLS). Off by default: each HTTP/2
+    /// connection carries up to `http2_max_streams` requests, a request finding
+    /// every connection full opens another, up to `http2_max_connections`, and
+    /// requests past those go over HTTP/1.1 keep-alive connections.
     #[serde(default)]
     pub http2: bool,
     /// The server's concurrent-stream limit, as far as it is known (100 at
-    /// the large providers): requests past it use HTTP/1.1 instead of waiting
-    /// for a stream of the one HTTP/2 connection.
+    /// the large providers): a request past it takes a stream on another
+    /// connection instead of waiting for one on a full connection.
     #[serde(default = "default_http2_max_streams")]
     pub http2_max_streams: u32,
+    /// The most HTTP/2 connections to this provider at once (100: 10 000
+    /// streams at 100 per connection); requests past them use HTTP/1.1.
+    #[serde(default = "default_http2_max_connections")]
+    pub http2_max_connections: u32,
     /// PEM file of CA certificates trusted for this provider besides the
     /// built-in roots (a private CA in front of a self-hosted model server).
     #[serde(default)]
@@ -927,6 +936,12 @@ impl SidecarConfig {
                 errors.push(ConfigError::new(
                     format!("{path}.http2_max_streams"),
                     "must be at least 1 (the server's concurrent-stream limit, e.g. 100)",
+                ));
+            }
+            if p.http2_max_connections == 0 {
+                errors.push(ConfigError::new(
+                    format!("{path}.http2_max_connections"),
+                    "must be at least 1 (HTTP/2 connections to this provider at once, e.g. 100)",
                 ));
             }
             let t = p.timeouts;

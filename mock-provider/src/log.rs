@@ -53,6 +53,10 @@ pub struct Entry {
     method: String,
     /// `HTTP/1.1` or `HTTP/2.0`: which protocol the client spoke.
     version: String,
+    /// Which connection the request came on (1, 2, … in accept order; 0 for
+    /// a request without one), so tests see how many connections a client
+    /// spread its streams over.
+    connection: u64,
     path: String,
     headers: Vec<(String, String)>,
     body: Bytes,
@@ -88,6 +92,7 @@ impl Entry {
             "api": self.api,
             "method": self.method,
             "version": self.version,
+            "connection": self.connection,
             "path": self.path,
             "headers": headers,
             "body": body,
@@ -132,7 +137,8 @@ impl RequestLog {
         self.entries.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Records a new request and returns its entry.
+    /// Records a new request and returns its entry (its connection from the
+    /// request's [`ConnectionId`] extension).
     pub fn record(
         &self,
         api: &'static str,
@@ -146,6 +152,7 @@ impl RequestLog {
             api,
             method: req.method.as_str().to_owned(),
             version: format!("{:?}", req.version),
+            connection: req.extensions.get::<ConnectionId>().map_or(0, |c| c.0),
             path: req
                 .uri
                 .path_and_query()
@@ -230,5 +237,18 @@ impl RequestLog {
             "client_disconnects": self.client_disconnects.load(Ordering::Relaxed),
             "requests": entries,
         })
+    }
+}
+
+/// The accepted connection a request came on, put in its extensions by the
+/// accept loops.
+#[derive(Clone, Copy, Debug)]
+pub struct ConnectionId(pub u64);
+
+impl ConnectionId {
+    /// The next connection's id (1 for the first accepted).
+    pub fn next() -> ConnectionId {
+        static NEXT: AtomicU64 = AtomicU64::new(1);
+        ConnectionId(NEXT.fetch_add(1, Ordering::Relaxed))
     }
 }

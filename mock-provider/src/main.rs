@@ -245,7 +245,11 @@ async fn run(cli: Cli) -> std::io::Result<()> {
         let state = state.clone();
         let http = http.clone();
         tokio::spawn(async move {
-            let svc = service_fn(move |req| server::handle(state.clone(), reset.clone(), req));
+            let connection = crate::log::ConnectionId::next();
+            let svc = service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
+                req.extensions_mut().insert(connection);
+                server::handle(state.clone(), reset.clone(), req)
+            });
             let _ = http.serve_connection(io, svc).await;
         });
     }

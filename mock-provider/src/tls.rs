@@ -111,7 +111,11 @@ pub async fn serve(
             };
             let is_h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
             let io = TokioIo::new(tls);
-            let svc = service_fn(move |req| server::handle(state.clone(), reset.clone(), req));
+            let connection = crate::log::ConnectionId::next();
+            let svc = service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
+                req.extensions_mut().insert(connection);
+                server::handle(state.clone(), reset.clone(), req)
+            });
             if is_h2 {
                 let _ = h2.serve_connection(io, svc).await;
             } else {

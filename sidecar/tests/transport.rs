@@ -142,12 +142,14 @@ fn an_unreadable_ca_file_is_a_start_up_error_naming_the_provider() {
 }
 
 /// With `http2 = true`, the streams past the server's concurrent-stream limit
-/// go over HTTP/1.1. hyper keeps one HTTP/2 connection per host and never
-/// opens a second, so before this the streams past the limit waited for a
-/// free stream until `first_byte` expired, failed over and counted against
-/// the provider's breaker (150 streams against a limit of 100: 50 failed).
+/// open another HTTP/2 connection. hyper's pool keeps one HTTP/2 connection
+/// per host and never opens a second, so at first the streams past the limit
+/// waited for a free stream until `first_byte` expired, failed over and
+/// counted against the provider's breaker (150 streams against a limit of
+/// 100: 50 failed); then they went over HTTP/1.1, one connection (and ~24 KiB
+/// of the sidecar's memory) each.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn http2_streams_past_the_servers_limit_go_over_http1_instead_of_waiting() {
+async fn http2_streams_past_the_servers_limit_open_another_http2_connection() {
     // Each stream lasts ~4 s, longer than first_byte (3 s).
     let mock = Mock::start_tls(&[
         "--h2-max-streams",
@@ -162,25 +164,71 @@ async fn http2_streams_past_the_servers_limit_go_over_http1_instead_of_waiting()
         tls_provider("multiplexed", &mock, "http2 = true\nhttp2_max_streams = 4"),
         model("m", &[("multiplexed", "up")])
     ));
-    for (status, text) in concurrent_streams(&sidecar, "m", 7).await {
+    for (status, text) in concurrent_streams(&sidecar, "m", 10).await {
         assert_eq!(status, 200, "{text}");
         assert!(text.ends_with("data: [DONE]\n\n"), "{text}");
         assert!(!text.contains("\"error\""), "{text}");
+    }
+    let requests = mock.requests().await;
+    assert!(
+        requests.iter().all(|r| r["version"] == "HTTP/2.0"),
+        "{:?}",
+        versions(&mock).await
+    );
+    // 4 + 4 + 2: the first connections filled to the server's limit.
+    let mut per_connection = std::collections::BTreeMap::<u64, usize>::new();
+    for r in &requests {
+        *per_connection
+            .entry(r["connection"].as_u64().expect("connection"))
+            .or_default() += 1;
+    }
+    let mut counts: Vec<usize> = per_connection.values().copied().collect();
+    counts.sort_unstable();
+    assert_eq!(counts, [2, 4, 4], "{per_connection:?}");
+    // The streams are given back as they end: the next request takes the
+    // first connection again rather than opening a fourth.
+    let text = sidecar
+        .chat_text(json!({"model": "m", "messages": [{"role": "user", "content": "after"}]}))
+        .await;
+    assert!(text.contains("chat.completion"), "{text}");
+    let last = mock.requests().await.last().cloned().expect("a request");
+    assert_eq!(last["version"], "HTTP/2.0");
+    assert!(
+        per_connection.contains_key(&last["connection"].as_u64().expect("connection")),
+        "{last}"
+    );
+}
+
+/// Past `http2_max_connections` full connections, requests go over HTTP/1.1
+/// instead of waiting for a stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_streams_past_the_connection_limit_go_over_http1() {
+    let mock = Mock::start_tls(&[
+        "--h2-max-streams",
+        "2",
+        "--chunks",
+        "8",
+        "--chunk-interval-ms",
+        "500",
+    ]);
+    let sidecar = Sidecar::start(&format!(
+        "{}{}",
+        tls_provider(
+            "multiplexed",
+            &mock,
+            "http2 = true\nhttp2_max_streams = 2\nhttp2_max_connections = 2"
+        ),
+        model("m", &[("multiplexed", "up")])
+    ));
+    for (status, text) in concurrent_streams(&sidecar, "m", 7).await {
+        assert_eq!(status, 200, "{text}");
+        assert!(text.ends_with("data: [DONE]\n\n"), "{text}");
     }
     let mut seen = versions(&mock).await;
     seen.sort();
     assert_eq!(
         seen,
         ["HTTP/1.1", "HTTP/1.1", "HTTP/1.1", "HTTP/2.0", "HTTP/2.0", "HTTP/2.0", "HTTP/2.0"]
-    );
-    // The streams are given back as they end: the next request is on HTTP/2 again.
-    let text = sidecar
-        .chat_text(json!({"model": "m", "messages": [{"role": "user", "content": "after"}]}))
-        .await;
-    assert!(text.contains("chat.completion"), "{text}");
-    assert_eq!(
-        versions(&mock).await.last().map(String::as_str),
-        Some("HTTP/2.0")
     );
 }
 
@@ -193,16 +241,32 @@ fn http2_max_streams_of_zero_is_a_start_up_error_naming_the_field() {
     assert!(stderr.contains("providers.p.http2_max_streams"), "{stderr}");
 }
 
+#[test]
+fn http2_max_connections_of_zero_is_a_start_up_error_naming_the_field() {
+    let stderr = serve_refuses_body(&format!(
+        "[providers.p]\nkind = \"openai\"\nbase_url = \"https://localhost:9/v1\"\nhttp2 = true\nhttp2_max_connections = 0\n{}",
+        model("m", &[("p", "up")])
+    ));
+    assert!(
+        stderr.contains("providers.p.http2_max_connections"),
+        "{stderr}"
+    );
+}
+
 /// However a request on the HTTP/2 connection ends, its stream is given back:
 /// the client gone mid-stream, the provider's error status, the provider's
-/// stream cut. With room for one stream, a stream kept after any of them would
-/// send every later request over HTTP/1.1.
+/// stream cut. With room for one stream on one connection, a stream kept
+/// after any of them would send every later request over HTTP/1.1.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_ending_of_an_http2_request_gives_its_stream_back() {
     let mock = Mock::start_tls(&[]);
     let sidecar = Sidecar::start(&format!(
         "{}{}",
-        tls_provider("multiplexed", &mock, "http2 = true\nhttp2_max_streams = 1"),
+        tls_provider(
+            "multiplexed",
+            &mock,
+            "http2 = true\nhttp2_max_streams = 1\nhttp2_max_connections = 1"
+        ),
         model("m", &[("multiplexed", "up")])
     ));
     let stream = || {

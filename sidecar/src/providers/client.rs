@@ -20,7 +20,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 /// A provider's answer, its body still to be read (or streamed).
@@ -33,37 +33,77 @@ type Pool = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
 pub struct HttpClient {
     /// HTTP/1.1 keep-alive connections, one per request in flight.
     inner: Pool,
-    /// With `http2 = true`: the one HTTP/2 connection hyper keeps per host,
-    /// used while it has a stream free (`http2_max_streams`).
+    /// With `http2 = true`: HTTP/2 connections, each carrying up to
+    /// `http2_max_streams` requests.
     multiplexed: Option<Multiplexed>,
 }
 
-/// The HTTP/2 connection and its streams in flight. hyper never opens a
-/// second connection when the server's concurrent-stream limit is reached:
-/// the 101st stream waited for a free one, past `first_byte`, and failed
-/// over (150 streams held against a provider allowing 100: 100 served, 50
-/// failed after 10 s, each counted against its breaker). Past the limit,
-/// requests go over HTTP/1.1 instead.
+/// The HTTP/2 connections and their streams in flight.
+///
+/// hyper-util's pool keeps one HTTP/2 connection per host and never opens a
+/// second when the server's concurrent-stream limit is reached: the 101st
+/// stream waited for a free one, past `first_byte`, and failed over (150
+/// streams held against a provider allowing 100: 50 failed after 10 s, each
+/// counted against its breaker). So each connection here is a pool of its
+/// own (a `Client` of its own keeps its own one connection per host), and a
+/// request takes a stream on the first connection with one free, or opens
+/// the next connection: 10 000 streams against a provider allowing 100 are
+/// 100 connections, not 10 000 (one HTTP/1.1 connection each, ~24 KiB of
+/// buffers apiece in the sidecar). Past `http2_max_connections` full
+/// connections, requests go over HTTP/1.1 instead.
 #[derive(Clone)]
 struct Multiplexed {
-    pool: Pool,
-    in_flight: Arc<AtomicUsize>,
+    lanes: Arc<RwLock<Vec<Lane>>>,
+    /// A new connection's pool.
+    open: Arc<dyn Fn() -> Pool + Send + Sync>,
     max_streams: usize,
+    max_connections: usize,
 }
 
-impl Multiplexed {
-    /// A stream of the HTTP/2 connection, if one is free.
-    fn take(&self) -> Option<Stream> {
+/// One HTTP/2 connection (its own pool) and its streams in flight.
+struct Lane {
+    pool: Pool,
+    in_flight: Arc<AtomicUsize>,
+}
+
+impl Lane {
+    fn take(&self, max_streams: usize) -> Option<(Pool, Stream)> {
         self.in_flight
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-                (n < self.max_streams).then_some(n + 1)
+                (n < max_streams).then_some(n + 1)
             })
             .ok()?;
-        Some(Stream(self.in_flight.clone()))
+        Some((self.pool.clone(), Stream(self.in_flight.clone())))
     }
 }
 
-/// One stream in flight on the HTTP/2 connection, given back when dropped
+impl Multiplexed {
+    /// A stream on the first connection with one free, on a new connection
+    /// when every one is full, or `None` past `max_connections` full ones.
+    fn take(&self) -> Option<(Pool, Stream)> {
+        let first_free = |lanes: &[Lane]| lanes.iter().find_map(|l| l.take(self.max_streams));
+        if let Some(taken) = first_free(&self.lanes.read().unwrap_or_else(|e| e.into_inner())) {
+            return Some(taken);
+        }
+        let mut lanes = self.lanes.write().unwrap_or_else(|e| e.into_inner());
+        // Another request may have opened one, or streams ended, meanwhile.
+        if let Some(taken) = first_free(&lanes) {
+            return Some(taken);
+        }
+        if lanes.len() >= self.max_connections {
+            return None;
+        }
+        let lane = Lane {
+            pool: (self.open)(),
+            in_flight: Arc::new(AtomicUsize::new(0)),
+        };
+        let taken = lane.take(self.max_streams);
+        lanes.push(lane);
+        taken
+    }
+}
+
+/// One stream in flight on an HTTP/2 connection, given back when dropped
 /// (the answer's body read to its end, or dropped unread).
 #[derive(Debug)]
 struct Stream(Arc<AtomicUsize>);
@@ -108,7 +148,8 @@ impl HttpClient {
     ///
     /// HTTP/1.1 unless the provider sets `http2 = true` (design §4): over
     /// TLS, h2 negotiated by ALPN puts up to `http2_max_streams` requests on
-    /// one connection, and the rest on HTTP/1.1 ([`Multiplexed`]).
+    /// each connection, up to `http2_max_connections` of them, and the rest
+    /// on HTTP/1.1 ([`Multiplexed`]).
     pub fn new(config: &ProviderConfig) -> anyhow::Result<Self> {
         let tls = crate::tls::client_config(config.ca_file.as_deref(), "ca_file")?;
 
@@ -129,10 +170,14 @@ impl HttpClient {
                 .pool_max_idle_per_host(1024)
                 .build(connector)
         };
-        let multiplexed = config.http2.then(|| Multiplexed {
-            pool: pool(builder().enable_http2().wrap_connector(tcp.clone())),
-            in_flight: Arc::new(AtomicUsize::new(0)),
-            max_streams: config.http2_max_streams as usize,
+        let multiplexed = config.http2.then(|| {
+            let h2 = builder().enable_http2().wrap_connector(tcp.clone());
+            Multiplexed {
+                lanes: Arc::new(RwLock::new(Vec::new())),
+                open: Arc::new(move || pool(h2.clone())),
+                max_streams: config.http2_max_streams as usize,
+                max_connections: config.http2_max_connections as usize,
+            }
         });
         Ok(HttpClient {
             inner: pool(builder().wrap_connector(tcp)),
@@ -293,14 +338,12 @@ impl Outgoing<'_> {
         *request.method_mut() = Method::POST;
         *request.uri_mut() = uri;
         *request.headers_mut() = self.headers;
-        // A free stream of the HTTP/2 connection, else the HTTP/1.1 pool.
-        let (pool, stream) = match self.client.multiplexed.as_ref() {
-            Some(h2) => match h2.take() {
-                Some(stream) => (&h2.pool, Some(stream)),
-                None => (&self.client.inner, None),
-            },
-            None => (&self.client.inner, None),
+        // A free stream of an HTTP/2 connection, else the HTTP/1.1 pool.
+        let (h2, stream) = match self.client.multiplexed.as_ref().and_then(Multiplexed::take) {
+            Some((pool, stream)) => (Some(pool), Some(stream)),
+            None => (None, None),
         };
+        let pool = h2.as_ref().unwrap_or(&self.client.inner);
         let response = pool.request(request).await.map_err(SendError::Client)?;
         Ok(response.map(|inner| UpstreamBody {
             inner,
