@@ -104,9 +104,9 @@ impl Accounting {
             Some(fleet) => {
                 let store = gateway.reader.as_ref();
                 let id = &self.record.request_id;
-                fleet
-                    .reserve(&gateway.ledger, store, id, key, limits, worst, now)
-                    .await?
+                // Boxed: the Redis exchange's future is kilobytes, and
+                // unboxed it sized every request's future, fleet or not.
+                Box::pin(fleet.reserve(&gateway.ledger, store, id, key, limits, worst, now)).await?
             }
             None => Held::Local(
                 gateway

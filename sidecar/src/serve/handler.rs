@@ -109,7 +109,16 @@ async fn handle_request(
             );
             let limit = runtime.config.server.max_body_bytes;
             match read_body(request, limit).await {
-                Ok(body) => chat_completions(gateway.clone(), runtime, caller, usage, body).await,
+                Ok(body) => {
+                    Box::pin(chat_completions(
+                        gateway.clone(),
+                        runtime,
+                        caller,
+                        usage,
+                        body,
+                    ))
+                    .await
+                }
                 Err(e) => reject(&caller, usage, e),
             }
         }
@@ -130,7 +139,7 @@ async fn handle_request(
             let limit = runtime.config.server.max_body_bytes;
             match read_body(request, limit).await {
                 Ok(body) => {
-                    messages::messages(
+                    Box::pin(messages::messages(
                         gateway.clone(),
                         runtime,
                         caller,
@@ -138,7 +147,7 @@ async fn handle_request(
                         body,
                         client,
                         endpoint,
-                    )
+                    ))
                     .await
                 }
                 Err(e) => reject(&caller, usage, e),
@@ -157,7 +166,15 @@ async fn handle_request(
             let endpoint = Endpoint::from_path(&path).unwrap_or(Endpoint::Embeddings);
             match read_body(request, limit).await {
                 Ok(body) => {
-                    passthrough(gateway.clone(), runtime, caller, usage, endpoint, body).await
+                    Box::pin(passthrough(
+                        gateway.clone(),
+                        runtime,
+                        caller,
+                        usage,
+                        endpoint,
+                        body,
+                    ))
+                    .await
                 }
                 Err(e) => reject(&caller, usage, e),
             }
