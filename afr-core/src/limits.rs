@@ -216,6 +216,15 @@ pub fn openai_duration(ms: u64) -> String {
     }
 }
 
+/// Nano-dollars as US dollars with six decimals (`12.345679`), rounded half
+/// up to the micro-dollar: integer arithmetic, so exact where `{:.6}` of an
+/// f64 would round through a binary fraction (and cost a float formatting,
+/// ~2 700 instructions, on every budgeted response's header).
+pub fn usd_micros(nanos: u64) -> String {
+    let micros = nanos / 1000 + u64::from(nanos % 1000 >= 500);
+    format!("{}.{:06}", micros / 1_000_000, micros % 1_000_000)
+}
+
 /// A Unix time in seconds as RFC 3339 in UTC (`2026-12-06T17:05:00Z`), the
 /// form of Anthropic's `anthropic-ratelimit-*-reset` headers.
 pub fn rfc3339_seconds(unix_s: u64) -> String {
@@ -231,6 +240,20 @@ pub fn rfc3339_seconds(unix_s: u64) -> String {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn usd_micros_rounds_half_up_to_the_micro_dollar_exactly() {
+        assert_eq!(usd_micros(0), "0.000000");
+        assert_eq!(usd_micros(499), "0.000000");
+        assert_eq!(usd_micros(500), "0.000001");
+        assert_eq!(usd_micros(1_000_000_000), "1.000000");
+        assert_eq!(usd_micros(12_345_678_901), "12.345679");
+        // Ties f64 cannot hold: {:.6} of 3.5e-6 gives 0.000003, of 5e-7 0.000000.
+        assert_eq!(usd_micros(3_500), "0.000004");
+        assert_eq!(usd_micros(2_500), "0.000003");
+        assert_eq!(usd_micros(u64::MAX), "18446744073.709552");
+    }
+
     use super::*;
 
     #[test]
