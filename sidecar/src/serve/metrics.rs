@@ -14,8 +14,9 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
+use std::collections::HashMap;
 use std::sync::atomic::AtomicU64;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock, RwLock};
 use std::time::Duration;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -72,7 +73,78 @@ pub struct Metrics {
     spend: Family<SpendLabels, Counter<f64, AtomicU64>>,
     fleet_requests: Family<FleetLabels, Counter>,
     local_exhausted: Counter,
+    /// Handles on the series a request updates, by model and provider.
+    routes: Cache<RouteSeries>,
+    /// Handles on the spend series, by key and model.
+    spends: Cache<OnceLock<Counter<f64, AtomicU64>>>,
+    /// Handles on the breaker gauges, by provider (and "").
+    breakers: Cache<OnceLock<Gauge>>,
 }
+
+/// Handles on series, by two names (model and provider, key and model).
+///
+/// Each request updated five to seven series through `Family::get_or_create`,
+/// which takes its labels owned (two or three `String`s built per series),
+/// SipHashes them and takes the family's lock: ~5 000 instructions a request
+/// (callgrind). A handle shares its series (a `Counter` or `Histogram` clone
+/// is the same series), so each pair's handles are looked up once and then
+/// found here by the borrowed names. Model and provider names come from the
+/// config and keys from keys.toml (a client's unknown model is never a label),
+/// so the map is as bounded as the families are.
+struct Cache<T> {
+    map: RwLock<HashMap<String, HashMap<String, Arc<T>>>>,
+}
+
+impl<T: Default> Cache<T> {
+    fn new() -> Self {
+        Cache {
+            map: RwLock::new(HashMap::new()),
+        }
+    }
+
+    fn get(&self, a: &str, b: &str) -> Arc<T> {
+        if let Some(found) = self
+            .map
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(a)
+            .and_then(|inner| inner.get(b))
+        {
+            return found.clone();
+        }
+        self.map
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(a.to_owned())
+            .or_default()
+            .entry(b.to_owned())
+            .or_default()
+            .clone()
+    }
+}
+
+/// The series of one (model, provider) pair, each made on first use (a series
+/// appears in `/metrics` only once something was counted in it).
+#[derive(Default)]
+struct RouteSeries {
+    /// `afr_requests_total` by status.
+    requests: RwLock<Vec<(u16, Counter)>>,
+    latency: OnceLock<Histogram>,
+    ttft: OnceLock<Histogram>,
+    /// `afr_tokens_total` by class, in [`TOKEN_CLASSES`] order.
+    tokens: [OnceLock<Counter>; 6],
+}
+
+/// The token classes of `afr_tokens_total`; a class past the first two adds
+/// no series until it is used.
+const TOKEN_CLASSES: [&str; 6] = [
+    "prompt",
+    "completion",
+    "cached_prompt",
+    "cache_write_5m",
+    "cache_write_1h",
+    "reasoning",
+];
 
 fn latency_histogram() -> Histogram {
     // 0.5 ms … ~16 s: gateway overhead through long generations.
@@ -142,6 +214,9 @@ impl Metrics {
             local_exhausted.clone(),
         );
         Metrics {
+            routes: Cache::new(),
+            spends: Cache::new(),
+            breakers: Cache::new(),
             local_exhausted,
             fleet_requests,
             spend,
@@ -158,10 +233,15 @@ impl Metrics {
     /// Adds a request's cost in nano-dollars to its key's and model's spend.
     pub fn spend(&self, key_id: &str, model: &str, nanos: u64) {
         if nanos > 0 {
-            self.spend
-                .get_or_create(&SpendLabels {
-                    key_id: key_id.to_owned(),
-                    model: model.to_owned(),
+            self.spends
+                .get(key_id, model)
+                .get_or_init(|| {
+                    self.spend
+                        .get_or_create(&SpendLabels {
+                            key_id: key_id.to_owned(),
+                            model: model.to_owned(),
+                        })
+                        .clone()
                 })
                 .inc_by(nanos as f64 / afr_core::limits::NANOS_PER_USD as f64);
         }
@@ -169,18 +249,40 @@ impl Metrics {
 
     /// Counts one finished request and its latency.
     pub fn request(&self, model: &str, provider: &str, status: u16, latency: Duration) {
-        self.requests
-            .get_or_create(&RequestLabels {
-                model: model.to_owned(),
-                provider: provider.to_owned(),
-                status: status.to_string(),
-            })
-            .inc();
-        if !provider.is_empty() {
-            self.latency
-                .get_or_create(&ModelLabels {
+        let route = self.routes.get(model, provider);
+        let counted = route
+            .requests
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .find(|(s, _)| *s == status)
+            .map(|(_, c)| c.clone());
+        let counter = counted.unwrap_or_else(|| {
+            let counter = self
+                .requests
+                .get_or_create(&RequestLabels {
                     model: model.to_owned(),
                     provider: provider.to_owned(),
+                    status: status.to_string(),
+                })
+                .clone();
+            let mut statuses = route.requests.write().unwrap_or_else(|e| e.into_inner());
+            if !statuses.iter().any(|(s, _)| *s == status) {
+                statuses.push((status, counter.clone()));
+            }
+            counter
+        });
+        counter.inc();
+        if !provider.is_empty() {
+            route
+                .latency
+                .get_or_init(|| {
+                    self.latency
+                        .get_or_create(&ModelLabels {
+                            model: model.to_owned(),
+                            provider: provider.to_owned(),
+                        })
+                        .clone()
                 })
                 .observe(latency.as_secs_f64());
         }
@@ -188,10 +290,16 @@ impl Metrics {
 
     /// Records a stream's time to first token.
     pub fn ttft(&self, model: &str, provider: &str, ttft: Duration) {
-        self.ttft
-            .get_or_create(&ModelLabels {
-                model: model.to_owned(),
-                provider: provider.to_owned(),
+        self.routes
+            .get(model, provider)
+            .ttft
+            .get_or_init(|| {
+                self.ttft
+                    .get_or_create(&ModelLabels {
+                        model: model.to_owned(),
+                        provider: provider.to_owned(),
+                    })
+                    .clone()
             })
             .observe(ttft.as_secs_f64());
     }
@@ -199,23 +307,28 @@ impl Metrics {
     /// Adds a request's token counts, by class. A class it did not use adds
     /// no series.
     pub fn tokens(&self, model: &str, provider: &str, usage: &TokenUsage) {
-        let classes = [
-            ("prompt", usage.prompt_tokens),
-            ("completion", usage.completion_tokens),
-            ("cached_prompt", usage.cached_tokens),
-            ("cache_write_5m", usage.cache_write_5m),
-            ("cache_write_1h", usage.cache_write_1h),
-            ("reasoning", usage.reasoning_tokens),
+        let counts = [
+            usage.prompt_tokens,
+            usage.completion_tokens,
+            usage.cached_tokens,
+            usage.cache_write_5m,
+            usage.cache_write_1h,
+            usage.reasoning_tokens,
         ];
-        for (i, (kind, n)) in classes.into_iter().enumerate() {
+        let route = self.routes.get(model, provider);
+        for (i, n) in counts.into_iter().enumerate() {
             if i >= 2 && n == 0 {
                 continue;
             }
-            self.tokens
-                .get_or_create(&TokenLabels {
-                    model: model.to_owned(),
-                    provider: provider.to_owned(),
-                    kind: kind.to_owned(),
+            route.tokens[i]
+                .get_or_init(|| {
+                    self.tokens
+                        .get_or_create(&TokenLabels {
+                            model: model.to_owned(),
+                            provider: provider.to_owned(),
+                            kind: TOKEN_CLASSES[i].to_owned(),
+                        })
+                        .clone()
                 })
                 .inc_by(n);
         }
@@ -223,9 +336,16 @@ impl Metrics {
 
     /// Sets a provider's breaker gauge.
     pub fn breaker_state(&self, provider: &str, state: afr_core::breaker::BreakerState) {
-        self.breaker
-            .get_or_create(&ProviderLabels {
-                provider: provider.to_owned(),
+        // Set on every admission and settlement: by a handle found by the
+        // borrowed name (see `Cache`), not the family's owned labels.
+        self.breakers
+            .get(provider, "")
+            .get_or_init(|| {
+                self.breaker
+                    .get_or_create(&ProviderLabels {
+                        provider: provider.to_owned(),
+                    })
+                    .clone()
             })
             .set(state.as_gauge());
     }
@@ -347,5 +467,82 @@ impl Collector for UsageStoreCollector {
             dropped.metric_type(),
         )?)?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn line<'a>(text: &'a str, prefix: &str) -> Option<&'a str> {
+        text.lines().find(|l| l.starts_with(prefix))
+    }
+
+    /// The handles the cache keeps are the families' own series: counts
+    /// accumulate in one series per label set, each status and class apart,
+    /// and a class or status never counted never appears.
+    #[test]
+    fn cached_handles_count_into_the_families_series() {
+        let m = Metrics::new();
+        let usage = TokenUsage {
+            prompt_tokens: 5,
+            completion_tokens: 7,
+            reasoning_tokens: 3,
+            ..TokenUsage::default()
+        };
+        for _ in 0..3 {
+            m.request("gpt", "openai", 200, Duration::from_millis(2));
+            m.tokens("gpt", "openai", &usage);
+            m.spend("k1", "gpt", 1_500_000_000);
+        }
+        m.request("gpt", "openai", 429, Duration::from_millis(1));
+        m.request("gpt", "azure", 200, Duration::from_millis(1));
+        m.breaker_state("openai", afr_core::breaker::BreakerState::Closed);
+        let text = m.encode();
+        let count = |prefix: &str| {
+            line(&text, prefix)
+                .unwrap_or_else(|| panic!("no {prefix} in\n{text}"))
+                .rsplit(' ')
+                .next()
+                .unwrap()
+                .to_owned()
+        };
+        assert_eq!(
+            count(r#"afr_requests_total{model="gpt",provider="openai",status="200"}"#),
+            "3"
+        );
+        assert_eq!(
+            count(r#"afr_requests_total{model="gpt",provider="openai",status="429"}"#),
+            "1"
+        );
+        assert_eq!(
+            count(r#"afr_requests_total{model="gpt",provider="azure",status="200"}"#),
+            "1"
+        );
+        assert_eq!(
+            count(r#"afr_tokens_total{model="gpt",provider="openai",kind="prompt"}"#),
+            "15"
+        );
+        assert_eq!(
+            count(r#"afr_tokens_total{model="gpt",provider="openai",kind="reasoning"}"#),
+            "9"
+        );
+        assert!(
+            line(
+                &text,
+                r#"afr_tokens_total{model="gpt",provider="openai",kind="cached_prompt"}"#
+            )
+            .is_none(),
+            "{text}"
+        );
+        assert_eq!(
+            count(r#"afr_spend_usd_total{key_id="k1",model="gpt"}"#),
+            "4.5"
+        );
+        assert_eq!(
+            count(r#"afr_request_duration_seconds_count{model="gpt",provider="openai"}"#),
+            "4"
+        );
+        assert_eq!(count(r#"afr_breaker_state{provider="openai"}"#), "0");
     }
 }
