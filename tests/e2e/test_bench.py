@@ -215,3 +215,30 @@ def test_a_subset_with_the_soak_says_which_lanes_ran(tmp_path):
     assert run.returncode == 0, run.stdout + run.stderr
     md = (tmp_path / "subset.md").read_text()
     assert "lanes run: reject, soak (--lanes)" in md, md
+
+
+def test_stream_memory_holds_streams_over_http1_and_http2_and_reads_massif_sites(tmp_path):
+    """bench/stream_memory.py: every stream is held on both provider transports, and the
+    massif reader attributes each top-level site to the frames that name its owner."""
+    import importlib.util
+
+    for provider in ("http1", "http2"):
+        run = subprocess.run([str(REPO / "bench/stream_memory.py"), "--streams", "40", "--provider", provider],
+                             capture_output=True, text=True, timeout=180)
+        assert run.returncode == 0, run.stdout + run.stderr
+        assert re.search(rf"^{provider}: 40/40 streams held; .* KiB per stream$", run.stdout, re.M), run.stdout
+
+    spec = importlib.util.spec_from_file_location("stream_memory", REPO / "bench/stream_memory.py")
+    sm = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sm)
+    snapshot = tmp_path / "massif.hold"
+    snapshot.write_text(
+        "snapshot=0\nmem_heap_B=24576\nheap_tree=detailed\n"
+        "n2: 24576 (heap allocation functions) malloc/new/new[], --alloc-fns, etc.\n"
+        " n1: 16384 0x1: alloc (alloc.rs:95)\n"
+        "  n0: 16384 0x2: hyper::proto::h1::io::Buffered<T,B>::new (src/proto/h1/io.rs:65)\n"
+        " n1: 8192 0x3: alloc (alloc.rs:95)\n"
+        "  n0: 8192 0x4: afr::serve::relay::respond (relay.rs:219)\n")
+    sites = sm.sites(snapshot, 2)
+    assert [size for size, _ in sites] == [16384, 8192], sites
+    assert "hyper::proto::h1::io::Buffered" in sites[0][1] and "afr::serve::relay::respond" in sites[1][1], sites

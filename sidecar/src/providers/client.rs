@@ -5,7 +5,7 @@
 //! three times (into a `Url`, then again in its redirect layer even with
 //! redirects off) and wraps each call in retry and redirect services we never
 //! use. Under callgrind that was ~18 000 instructions of a ~185 000-instruction
-//! proxied request (README "Performance"). hyper-util's client is the same
+//! proxied request (bench/results/README.md). hyper-util's client is the same
 //! connection pool reqwest drives underneath; what this file adds is the
 //! builder (headers, bearer auth, a query string) and the error mapping.
 

@@ -83,7 +83,7 @@ pub fn run(mut args: ServeArgs) -> anyhow::Result<()> {
 /// cores one sidecar thread served 7–10% more requests per second than two
 /// and answered as fast at concurrency 1, since a second thread mostly added
 /// context switches against nginx, the provider's connections and the
-/// clients (README "Performance").
+/// clients (bench/results/README.md, "One sidecar thread on 2 cores").
 /// A value that is not a number of threads is refused, naming the variable,
 /// as `--threads` is: silently ignoring it would run a count nobody chose.
 fn default_threads() -> anyhow::Result<u16> {
