@@ -141,6 +141,20 @@ fn an_unreadable_ca_file_is_a_start_up_error_naming_the_provider() {
     }
 }
 
+/// A TLS mock allowing `streams` HTTP/2 streams a connection, each stream
+/// lasting ~4 s (longer than the providers' first_byte here, 3 s).
+fn slow_streams_allowing(streams: u32) -> Mock {
+    let streams = streams.to_string();
+    Mock::start_tls(&[
+        "--h2-max-streams",
+        &streams,
+        "--chunks",
+        "8",
+        "--chunk-interval-ms",
+        "500",
+    ])
+}
+
 /// With `http2 = true`, the streams past the server's concurrent-stream limit
 /// open another HTTP/2 connection. hyper's pool keeps one HTTP/2 connection
 /// per host and never opens a second, so at first the streams past the limit
@@ -150,15 +164,7 @@ fn an_unreadable_ca_file_is_a_start_up_error_naming_the_provider() {
 /// of the sidecar's memory) each.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http2_streams_past_the_servers_limit_open_another_http2_connection() {
-    // Each stream lasts ~4 s, longer than first_byte (3 s).
-    let mock = Mock::start_tls(&[
-        "--h2-max-streams",
-        "4",
-        "--chunks",
-        "8",
-        "--chunk-interval-ms",
-        "500",
-    ]);
+    let mock = slow_streams_allowing(4);
     let sidecar = Sidecar::start(&format!(
         "{}{}",
         tls_provider("multiplexed", &mock, "http2 = true\nhttp2_max_streams = 4"),
@@ -203,14 +209,7 @@ async fn http2_streams_past_the_servers_limit_open_another_http2_connection() {
 /// instead of waiting for a stream.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http2_streams_past_the_connection_limit_go_over_http1() {
-    let mock = Mock::start_tls(&[
-        "--h2-max-streams",
-        "2",
-        "--chunks",
-        "8",
-        "--chunk-interval-ms",
-        "500",
-    ]);
+    let mock = slow_streams_allowing(2);
     let sidecar = Sidecar::start(&format!(
         "{}{}",
         tls_provider(
