@@ -56,7 +56,7 @@ impl ErrorBody {
 }
 
 /// Which API's error body a request gets.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum ErrorShape {
     /// `{"error":{"message","type","param","code"}}`.
     OpenAi,

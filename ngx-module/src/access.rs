@@ -8,7 +8,10 @@
 //! dropped, and `X-Afr-Key-Id`, `X-Afr-Models`, `X-Afr-Secret` are set, so a
 //! plain `proxy_pass` forwards exactly what the sidecar trusts.
 
+use std::cell::RefCell;
+use std::collections::HashMap;
 use std::ptr::{self, addr_of_mut};
+use std::rc::Rc;
 use std::sync::OnceLock;
 
 use afr_core::error::{ErrorBody, ErrorShape};
@@ -139,12 +142,8 @@ unsafe extern "C" fn access_handler(r: *mut ngx_http_request_t) -> ngx_int_t {
             {
                 return Status::NGX_ERROR.into();
             }
-            send_error(
-                r,
-                429,
-                &shape.render(429, &rate_limited_body(v.limit)),
-                Some(v.retry_after_secs(now.unix_ms)),
-            )
+            let json = limited_json(Limit::Rate, v.limit, shape);
+            send_error(r, 429, &json, Some(v.retry_after_secs(now.unix_ms)))
         }
         Outcome::Busy(v, limit, who) => {
             let key = Some((who.id.as_str(), who.name.as_str()));
@@ -154,12 +153,8 @@ unsafe extern "C" fn access_handler(r: *mut ngx_http_request_t) -> ngx_int_t {
             {
                 return Status::NGX_ERROR.into();
             }
-            send_error(
-                r,
-                429,
-                &shape.render(429, &concurrency_limited_body(limit)),
-                Some(BUSY_RETRY_AFTER_SECS),
-            )
+            let json = limited_json(Limit::Concurrency, limit, shape);
+            send_error(r, 429, &json, Some(BUSY_RETRY_AFTER_SECS))
         }
         Outcome::Admit {
             verdict,
@@ -470,6 +465,47 @@ fn denial_json(d: Denial, shape: ErrorShape) -> &'static str {
         Denial::Expired => 4,
     };
     &all[i]
+}
+
+/// Which limit a 429 names.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+enum Limit {
+    Rate,
+    Concurrency,
+}
+
+/// Distinct 429 bodies a worker keeps: one per limit value the keys use and
+/// shape, so a handful; past this many, a body is rendered and not kept.
+const LIMITED_BODIES: usize = 256;
+
+/// The JSON body of a 429, rendered once per (limit, value, shape) in this
+/// worker rather than per refusal: formatting the message and serializing it
+/// was per request what a flood of 429s spent beyond nginx's own work
+/// (issue 24). A worker is one thread, so the cache is thread-local; a key's
+/// limit changing by reload only adds an entry.
+fn limited_json(limit: Limit, value: u32, shape: ErrorShape) -> Rc<str> {
+    thread_local! {
+        static BODIES: RefCell<HashMap<(Limit, u32, ErrorShape), Rc<str>>> =
+            RefCell::new(HashMap::new());
+    }
+    let render = || -> Rc<str> {
+        let body = match limit {
+            Limit::Rate => rate_limited_body(value),
+            Limit::Concurrency => concurrency_limited_body(value),
+        };
+        shape.render(429, &body).into()
+    };
+    BODIES.with(|bodies| {
+        let mut bodies = bodies.borrow_mut();
+        if let Some(json) = bodies.get(&(limit, value, shape)) {
+            return json.clone();
+        }
+        let json = render();
+        if bodies.len() < LIMITED_BODIES {
+            bodies.insert((limit, value, shape), json.clone());
+        }
+        json
+    })
 }
 
 /// Sends an OpenAI error response and finalizes the request.

@@ -176,3 +176,29 @@ def test_zone_capacity_is_what_the_readme_says(gateway):
         assert int(held.group(1)) == int(documented.replace(" ", "")), (size, held.group(1))
         gw.stop()
     assert int(table["10m"].replace(" ", "")) >= 100_000
+
+
+def test_each_limit_names_its_own_value_in_the_429_one_worker_renders(gateway):
+    """A worker renders each 429 body once per (limit, value, shape) and keeps it: on one
+    keep-alive connection (one worker), keys of 2 and 3 requests a minute each get theirs."""
+    import json
+
+    a, b = Key("two", rpm=2), Key("three", rpm=3)
+    gw = gateway([a, b])
+    away_from_window_boundary()
+    conn = http.client.HTTPConnection("127.0.0.1", gw.port, timeout=15)
+    messages = {}
+    for key, limit in ((a, 2), (b, 3), (a, 2)):
+        statuses = []
+        for _ in range(limit + 1):
+            conn.request("GET", "/", headers=key.auth)
+            resp = conn.getresponse()
+            body = resp.read()
+            statuses.append(resp.status)
+        assert statuses[-1] == 429, statuses
+        messages.setdefault(key.id, []).append(json.loads(body)["error"]["message"])
+    conn.close()
+    assert messages == {
+        "two": ["Rate limit reached: 2 requests per minute. Retry after the time in the Retry-After header."] * 2,
+        "three": ["Rate limit reached: 3 requests per minute. Retry after the time in the Retry-After header."],
+    }, messages
