@@ -181,18 +181,24 @@ async fn http2_streams_past_the_servers_limit_open_another_http2_connection() {
         "{:?}",
         versions(&mock).await
     );
-    // 4 + 4 + 2: the first connections filled to the server's limit.
+    // 10 streams at 4 a connection need at least three connections, and
+    // none waited for a stream (each would have failed at first_byte). How
+    // many more there were is timing: the requests racing onto a new
+    // connection before its ALPN settles may each open one (hyper-util shares
+    // a connection attempt only with HTTP/2 forced), and the spares go.
     let mut per_connection = std::collections::BTreeMap::<u64, usize>::new();
     for r in &requests {
         *per_connection
             .entry(r["connection"].as_u64().expect("connection"))
             .or_default() += 1;
     }
-    let mut counts: Vec<usize> = per_connection.values().copied().collect();
-    counts.sort_unstable();
-    assert_eq!(counts, [2, 4, 4], "{per_connection:?}");
-    // The streams are given back as they end: the next request takes the
-    // first connection again rather than opening a fourth.
+    assert!(per_connection.len() >= 3, "{per_connection:?}");
+    assert!(
+        per_connection.values().all(|&n| n <= 4),
+        "{per_connection:?}"
+    );
+    // The streams are given back as they end: the next request takes a
+    // connection already open rather than opening another.
     let text = sidecar
         .chat_text(json!({"model": "m", "messages": [{"role": "user", "content": "after"}]}))
         .await;
