@@ -275,4 +275,10 @@ async fn route_dropping_stream_options_still_streams_and_estimates_usage() {
         rows["data"][0]["completion_tokens"].as_u64().unwrap() > 0,
         "{rows}"
     );
+    // The prompt is estimated from the body the relay kept a copy of when it
+    // let go of hyper's buffer (`Accounting::release_body`).
+    assert!(
+        rows["data"][0]["prompt_tokens"].as_u64().unwrap() > 0,
+        "{rows}"
+    );
 }

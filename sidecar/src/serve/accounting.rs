@@ -152,15 +152,25 @@ impl Accounting {
     /// The request's body and its wire, for the prompt estimate, and the
     /// `history` tokens the provider holds of a conversation it continues
     /// (`previous_response_id`), which it bills as input again.
-    ///
-    /// The body is kept as a copy of its own: the bytes hyper hands over are
-    /// a slice of the connection's read buffer, so keeping them kept the
-    /// whole buffer (8 KiB or more) alive for as long as a stream lasted, and
-    /// hyper read the next bytes into a second one (valgrind massif, 300
-    /// streams held: 8 KiB per stream).
-    pub fn prompt(&mut self, body: &[u8], wire: Wire, history: u64) {
-        self.prompt = Some((Bytes::copy_from_slice(body), wire));
+    pub fn prompt(&mut self, body: Bytes, wire: Wire, history: u64) {
+        self.prompt = Some((body, wire));
         self.history = history;
+    }
+
+    /// Lets go of the request body before a stream is relayed: the bytes
+    /// hyper hands over are a slice of the connection's read buffer, so
+    /// keeping them kept the whole buffer (8 KiB or more) alive for as long as
+    /// a stream lasted, and hyper read the next bytes into a second one
+    /// (valgrind massif, 300 streams held: 8 KiB per stream). An estimate
+    /// made already (a reserving key) needs no body; otherwise a copy of its
+    /// own is kept. A non-streamed answer is done with the body as soon as
+    /// it is, so only streams pay for the copy.
+    pub fn release_body(&mut self) {
+        if self.prompt_estimate.is_some() {
+            self.prompt = None;
+        } else if let Some((body, _)) = &mut self.prompt {
+            *body = Bytes::copy_from_slice(body);
+        }
     }
 
     /// Remembers what the provider holds of the conversation up to the

@@ -329,7 +329,7 @@ pub async fn route(
         };
         return reject(&caller, usage, error);
     }
-    usage.prompt(asked.body, asked.prompt_wire, asked.history);
+    usage.prompt(asked.body.clone(), asked.prompt_wire, asked.history);
     if caller.limits.budget.is_some() && request.billed() {
         let unavailable = match gateway.budgets() {
             Budgets::Ready => None,

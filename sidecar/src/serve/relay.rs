@@ -189,7 +189,8 @@ struct Relay {
 /// fed over a channel as before: that task and its channel were ~5.7 KiB of
 /// every stream held (valgrind massif, 300 streams) and a wake-up per event,
 /// for the same metering on the same runtime.
-pub fn respond(start: StreamStart) -> Response<Body> {
+pub fn respond(mut start: StreamStart) -> Response<Body> {
+    start.usage.release_body();
     let now = Instant::now();
     let relay = Relay {
         gateway: start.gateway,
