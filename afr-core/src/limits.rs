@@ -240,6 +240,7 @@ pub fn rfc3339_seconds(unix_s: u64) -> String {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
 
     #[test]
     fn usd_micros_rounds_half_up_to_the_micro_dollar_exactly() {
@@ -253,8 +254,6 @@ mod tests {
         assert_eq!(usd_micros(2_500), "0.000003");
         assert_eq!(usd_micros(u64::MAX), "18446744073.709552");
     }
-
-    use super::*;
 
     #[test]
     fn rfc3339_seconds_in_utc() {

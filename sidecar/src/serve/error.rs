@@ -268,8 +268,8 @@ impl GatewayError {
                 "insufficient_quota",
                 Some("insufficient_quota"),
                 format!(
-                    "This request may cost up to ${:.6} (estimated prompt + its largest possible output at the route's price), more than this key's whole budget of ${} per {}; lower max_tokens or the prompt.",
-                    *requested_nanos as f64 / 1e9,
+                    "This request may cost up to ${} (estimated prompt + its largest possible output at the route's price), more than this key's whole budget of ${} per {}; lower max_tokens or the prompt.",
+                    afr_core::limits::usd_micros(*requested_nanos),
                     budget.usd(),
                     budget.per.as_str()
                 ),
