@@ -102,6 +102,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def sidecar_home(repo: Path, home: Path, secret: str, mock_port: str) -> Path:
+    """Writes the shipped sidecar.toml into `home` in front of the mock at `mock_port` (by
+    scripts/sidecar-config.py, provider keys in the environment left out) and returns it;
+    bench/stream_memory.py uses it too."""
+    subprocess.run(
+        [sys.executable, str(repo / "scripts/sidecar-config.py"), "--shipped",
+         str(repo / "conf/sidecar.toml"), "--home", str(home), "--secret", secret,
+         "--admin-port", str(free_port()), "--mock-port", mock_port],
+        check=True, capture_output=True,
+        env={k: v for k, v in os.environ.items() if not k.endswith("_API_KEY")},
+    )
+    return home / "sidecar.toml"
+
+
 def wait_for(path: Path, seconds: float) -> None:
     deadline = time.monotonic() + seconds
     while not path.exists():
@@ -214,14 +228,7 @@ def main() -> None:
             for n in (args.requests, 3 * args.requests):
                 home = tmp / f"sidecar-{n}"
                 home.mkdir()
-                subprocess.run(
-                    [sys.executable, str(repo / "scripts/sidecar-config.py"), "--shipped",
-                     str(repo / "conf/sidecar.toml"), "--home", str(home), "--secret", SECRET,
-                     "--admin-port", str(free_port()), "--mock-port", mock_port],
-                    check=True, capture_output=True,
-                    env={k: v for k, v in os.environ.items() if not k.endswith("_API_KEY")},
-                )
-                cfg = tomllib.loads((home / "sidecar.toml").read_text())
+                cfg = tomllib.loads(sidecar_home(repo, home, SECRET, mock_port).read_text())
                 price = cfg["models"][MODEL]["routes"][0].get("price")
                 if not price:
                     raise SystemExit(f"cg.py: the {MODEL} route has no price")

@@ -30,7 +30,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -39,14 +38,11 @@ import urllib.request
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "bench"))
+from callgrind import sidecar_home  # noqa: E402  (the same sidecar.toml writer)
+
 SECRET = "stream-memory-secret-0123456789"
 BODY = b'{"model":"gpt-4o-mini","stream":true,"messages":[{"role":"user","content":"Say hello to the benchmark."}]}'
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def rss_mib(pid: int) -> float:
@@ -128,13 +124,7 @@ def run(bin_dir: Path, n: int, http2: bool, massif: Path | None) -> dict:
             urllib.request.urlopen(req, timeout=5).read()
             home = tmp / "home"
             home.mkdir()
-            subprocess.run(
-                [sys.executable, str(REPO / "scripts/sidecar-config.py"), "--shipped",
-                 str(REPO / "conf/sidecar.toml"), "--home", str(home), "--secret", SECRET,
-                 "--admin-port", str(free_port()), "--mock-port", port],
-                check=True, capture_output=True,
-                env={k: v for k, v in os.environ.items() if not k.endswith("_API_KEY")})
-            config = home / "sidecar.toml"
+            config = sidecar_home(REPO, home, SECRET, port)
             if http2:
                 text = config.read_text()
                 plain = f'base_url = "http://127.0.0.1:{port}/v1"'
