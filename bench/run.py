@@ -33,6 +33,7 @@ import datetime as dt
 import json
 import os
 import platform
+import random
 import re
 import resource
 import shutil
@@ -99,9 +100,20 @@ def log(msg: str) -> None:
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A loopback port free now, below the kernel's ephemeral range: a port from bind(0) is
+    in that range, where every outgoing connection (the load generators', the tests' run
+    beside this) takes its local port too, and could take it before nginx binds it."""
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.randrange(max(1024, low - 12_000), low)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free loopback port below {low}")
 
 
 def wait_http(url: str, timeout: float = 30.0, ok=(200, 401, 404, 405)) -> None:
@@ -257,8 +269,11 @@ class Stack:
         (d / "nginx.conf").write_text(conf)
         args = [NGINX, "-p", str(d), "-c", str(d / "nginx.conf"), "-e", str(d / "logs/error.log")]
         r = subprocess.run(args + ["-t", "-q"], capture_output=True, text=True)
-        if r.returncode != 0:
-            raise RuntimeError(f"nginx rejected {d}/nginx.conf: {r.stderr.strip()}")
+        if r.returncode != 0:  # with -e, nginx says why in that file, not on stderr
+            log = d / "logs/error.log"
+            said = log.read_text().strip() if log.exists() else ""
+            raise RuntimeError(f"nginx -t of {d}/nginx.conf exited {r.returncode}: "
+                               f"{r.stderr.strip()}\n{said}")
         subprocess.run(args, check=True)
         self.nginx_pids.append((name, d / "nginx.pid"))
         for _ in range(100):
