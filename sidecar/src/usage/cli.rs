@@ -18,7 +18,7 @@ use serde::Serialize;
 use super::time_arg::{format_ms, now_ms, parse_time_arg};
 use super::{GroupBy, PostgresTarget, UsageQuery, UsageReader, UsageRow};
 
-/// The config `afr serve` runs with (conf/afr-sidecar.service); read when
+/// The config `afr serve` runs with (packaging/afr/debian/afr.service); read when
 /// neither `--db` nor `--config` is given and it exists.
 pub const DEFAULT_CONFIG: &str = "/etc/afr/sidecar.toml";
 
