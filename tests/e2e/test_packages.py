@@ -254,7 +254,9 @@ def test_packages_install_serve_upgrade_remove_and_purge(machine, v1, tmp_path):
     assert Path("/etc/nginx/conf.d/afr.conf").resolve() == Path("/etc/afr/nginx/afr-http.conf")
     assert nginx_t()[0] == 0, nginx_t()[1]
     assert "afr" in run("id", "-nG", "www-data").stdout.split()
-    assert run("stat", "-c", "%U:%G %a", "/etc/afr/sidecar.toml").stdout.split() == ["root:afr", "640"]
+    # the sidecar's config is its user's alone: nginx's workers share only its group
+    assert run("stat", "-c", "%U:%G %a", "/etc/afr/sidecar.toml").stdout.split() == ["afr:root", "440"]
+    assert run("stat", "-c", "%U:%G %a", "/var/lib/afr").stdout.split() == ["afr:afr", "700"]
     assert run("stat", "-c", "%a", "/etc/afr/provider-keys.env", "/etc/afr/afr.env",
                "/etc/afr/upstream-secret.conf").stdout.split() == ["600"] * 3
     verify = run("systemd-analyze", "verify", UNIT, check=False)
@@ -300,8 +302,9 @@ def test_packages_install_serve_upgrade_remove_and_purge(machine, v1, tmp_path):
         # Upgrade to a rebuilt version: keys, config, secret and usage stay.
         secret = Path("/etc/afr/afr.env").read_text()
         v2 = build(tmp_path / "v2", 2)
-        run("dpkg", "-i", "--force-confold", v2["libnginx-mod-http-afr"], v2["afr"])
-        assert installed("afr") == installed("libnginx-mod-http-afr") == "0.1.0-2"
+        run("dpkg", "-i", v2["libnginx-mod-http-afr"], v2["afr"])
+        upstream = run("dpkg-deb", "-f", debs["afr"], "Version").stdout.strip().rsplit("-", 1)[0]
+        assert installed("afr") == installed("libnginx-mod-http-afr") == f"{upstream}-2"
         assert cfg.read_text() == text and "pkg-test" in Path("/etc/afr/keys.toml").read_text()
         assert Path("/etc/afr/afr.env").read_text() == secret
         sidecar = start_as_unit(log)
@@ -312,10 +315,24 @@ def test_packages_install_serve_upgrade_remove_and_purge(machine, v1, tmp_path):
         stop(sidecar)
         assert usage_requests("pkg-test") == 4
 
-        # Remove: the module is disabled before its file goes; the running nginx lives on.
-        run("dpkg", "-r", "afr", "libnginx-mod-http-afr")
-        assert not link.exists() and Path(f"{link}.removed").is_symlink()
-        assert not Path("/usr/lib/nginx/modules/ngx_http_afr_module.so").exists()
+        # Remove the sidecar while a site still includes its server snippet: the http snippet
+        # that snippet needs stays enabled, so nginx -t keeps passing.
+        http_link = Path("/etc/nginx/conf.d/afr.conf")
+        site = Path("/etc/nginx/sites-enabled/afr-package-test")
+        site.write_text(f"server {{ listen 127.0.0.1:{free_port()}; include /etc/afr/nginx/afr-server.conf; }}\n")
+        try:
+            assert nginx_t()[0] == 0, nginx_t()[1]
+            r = run("dpkg", "-r", "afr")
+            assert "stays enabled" in r.stderr, r.stderr
+            assert http_link.is_symlink() and nginx_t()[0] == 0, nginx_t()[1]
+        finally:
+            site.unlink()
+        # Then the module: it, and the snippet needing it, are disabled before its file goes;
+        # the running nginx lives on.
+        run("dpkg", "-r", "libnginx-mod-http-afr")
+        assert not os.path.lexists(link) and os.path.islink(f"{link}.removed")
+        assert not os.path.lexists(http_link) and os.path.islink(f"{http_link}.removed")
+        assert not os.path.lexists("/usr/lib/nginx/modules/ngx_http_afr_module.so")
         assert nginx_t()[0] == 0, nginx_t()[1]
         # still running, and the module it loaded still answers: a request without a key
         r = run("curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", f"{base}/models")
@@ -324,9 +341,10 @@ def test_packages_install_serve_upgrade_remove_and_purge(machine, v1, tmp_path):
 
         # Purge: config and data go.
         run("dpkg", "--purge", "afr", "libnginx-mod-http-afr")
-        for gone in ("/etc/afr", "/var/lib/afr", f"{link}.removed", "/etc/nginx/conf.d/afr.conf.removed"):
-            assert not Path(gone).exists(), gone
+        for gone in ("/etc/afr", "/var/lib/afr", link, f"{link}.removed", http_link, f"{http_link}.removed"):
+            assert not os.path.lexists(gone), gone
     finally:
+        purge()  # on a failure above: the next test starts from a clean slate
         if sidecar:
             stop(sidecar)
         if nginx:  # by PID: `nginx -s stop` parses a config whose includes may be gone
@@ -344,7 +362,7 @@ def test_the_sidecar_package_never_enables_its_snippet_where_nginx_t_would_fail(
     r = run("dpkg", "-i", "--force-depends", v1["afr"])
     try:
         assert not Path("/etc/nginx/conf.d/afr.conf").exists()
-        assert "nginx -t fails with /etc/nginx/conf.d/afr.conf" in r.stderr, r.stderr
+        assert "fails with /etc/nginx/conf.d/afr.conf, so it was not enabled" in r.stderr, r.stderr
         assert nginx_t()[0] == 0
     finally:
         purge()
