@@ -242,3 +242,18 @@ def test_stream_memory_holds_streams_over_http1_and_http2_and_reads_massif_sites
     sites = sm.sites(snapshot, 2)
     assert [size for size, _ in sites] == [16384, 8192], sites
     assert "hyper::proto::h1::io::Buffered" in sites[0][1] and "afr::serve::relay::respond" in sites[1][1], sites
+
+
+def test_callgrind_nginx_counts_what_the_module_adds_to_a_request():
+    """bench/callgrind_nginx.py: instructions per request of nginx with `afr off` and with
+    `afr on` (the same static request, a key checked), and the module's own share."""
+    run = subprocess.run([str(REPO / "bench/callgrind_nginx.py"), "--requests", "50"],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout + run.stderr
+    off = re.search(r"^nginx, afr off: ([\d,]+) instructions per request$", run.stdout, re.M)
+    on = re.search(r"^nginx, afr on:  ([\d,]+) instructions per request \(([\d.]+)x; "
+                   r"the module's own: ([\d,]+)\)$", run.stdout, re.M)
+    assert off and on, run.stdout
+    off_n, on_n, own = (int(x.replace(",", "")) for x in (off.group(1), on.group(1), on.group(3)))
+    # a plain static request is some thousands of instructions; the module adds its own
+    assert 1_000 < off_n < on_n and abs(own - (on_n - off_n)) <= 1, run.stdout  # each rounded
