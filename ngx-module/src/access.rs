@@ -30,7 +30,7 @@ use ngx::http::{HttpModuleLocationConf, HttpModuleMainConf, NgxHttpCoreModule};
 use ngx::ngx_log_error;
 
 use crate::clock::{self, Now};
-use crate::filter::{list_iter, push_header};
+use crate::filter::{list_iter, push_header, HeaderName};
 use crate::fleet::{self, FleetConf};
 use crate::state::{self, copy_str, AfrStatus};
 use crate::variables;
@@ -60,6 +60,15 @@ pub fn register(cf: &mut ngx_conf_t) -> Result<(), ()> {
 /// requests ends cannot be known, so the client is asked to try again soon
 /// (nginx's `limit_conn` sends none; a client needs one to back off).
 const BUSY_RETRY_AFTER_SECS: u64 = 1;
+
+// The headers the access phase adds: to the request the sidecar gets, and to a refusal.
+const KEY_ID: HeaderName = HeaderName::new("X-Afr-Key-Id", "x-afr-key-id");
+const MODELS: HeaderName = HeaderName::new("X-Afr-Models", "x-afr-models");
+const LIMITS: HeaderName = HeaderName::new("X-Afr-Limits", "x-afr-limits");
+const FLEET: HeaderName = HeaderName::new("X-Afr-Fleet", "x-afr-fleet");
+const SECRET: HeaderName = HeaderName::new("X-Afr-Secret", "x-afr-secret");
+const RETRY_AFTER: HeaderName = HeaderName::new("Retry-After", "retry-after");
+const WWW_AUTHENTICATE: HeaderName = HeaderName::new("WWW-Authenticate", "www-authenticate");
 
 /// A recognised key's labels, for `$afr_key_id` / `$afr_key_name`.
 struct Who {
@@ -421,20 +430,20 @@ unsafe fn rewrite_identity(
             slot.write(h);
         }
         (*r).headers_in.authorization = ptr::null_mut();
-        push_header(pool, list, "X-Afr-Key-Id", id.as_bytes())?;
+        push_header(pool, list, &KEY_ID, id.as_bytes())?;
         if let Some(m) = models {
-            push_header(pool, list, "X-Afr-Models", m.as_bytes())?;
+            push_header(pool, list, &MODELS, m.as_bytes())?;
         }
         if let Some(l) = limits {
-            push_header(pool, list, "X-Afr-Limits", l.as_bytes())?;
+            push_header(pool, list, &LIMITS, l.as_bytes())?;
         }
         if let Some(f) = fleet {
             // Where this request's rpm was decided, for the sidecar's
             // `afr_fleet_requests{limits=…}` (global, or local while Redis is down).
-            push_header(pool, list, "X-Afr-Fleet", f.as_bytes())?;
+            push_header(pool, list, &FLEET, f.as_bytes())?;
         }
         if let Some(s) = secret {
-            push_header(pool, list, "X-Afr-Secret", s.as_bytes())?;
+            push_header(pool, list, &SECRET, s.as_bytes())?;
         }
     }
     Ok(())
@@ -540,11 +549,13 @@ fn send_error(
         req.headers_out.content_length_n = json.len() as _;
         let headers = addr_of_mut!(req.headers_out.headers);
         if let Some(secs) = retry_after {
-            if push_header(pool, headers, "Retry-After", secs.to_string().as_bytes()).is_err() {
+            let mut digits = itoa::Buffer::new();
+            let secs = digits.format(secs).as_bytes();
+            if push_header(pool, headers, &RETRY_AFTER, secs).is_err() {
                 return Status::NGX_ERROR.into();
             }
         }
-        if status == 401 && push_header(pool, headers, "WWW-Authenticate", b"Bearer").is_err() {
+        if status == 401 && push_header(pool, headers, &WWW_AUTHENTICATE, b"Bearer").is_err() {
             return Status::NGX_ERROR.into();
         }
         let rc = ngx_http_send_header(r);

@@ -10,7 +10,7 @@ use afr_core::ratelimit::Verdict;
 use ngx::core::Status;
 use ngx::ffi::{
     ngx_http_output_header_filter_pt, ngx_http_request_t, ngx_http_top_header_filter, ngx_int_t,
-    ngx_list_push, ngx_list_t, ngx_pool_t, ngx_table_elt_t,
+    ngx_list_push, ngx_list_t, ngx_pool_t, ngx_str_t, ngx_table_elt_t,
 };
 use ngx::http::HttpModuleMainConf;
 
@@ -57,7 +57,9 @@ unsafe extern "C" fn header_filter(r: *mut ngx_http_request_t) -> ngx_int_t {
 /// Reset counts from the decision's wall clock `unix_ms`. With `anthropic`
 /// (a `/v1/messages…` request) also Anthropic's
 /// `anthropic-ratelimit-requests-{limit,remaining,reset}`, the reset as an
-/// RFC 3339 time (tests/fixtures/README.md records the format).
+/// RFC 3339 time (tests/fixtures/README.md records the format). Each value is
+/// formatted and copied into the pool once, and shared by the headers that
+/// carry it; the names are static ([`HeaderName`]).
 ///
 /// # Safety
 /// `r` must be a valid request whose headers were not sent yet.
@@ -67,6 +69,32 @@ pub unsafe fn add_rate_headers(
     unix_ms: u64,
     anthropic: bool,
 ) -> Result<(), ()> {
+    const LIMIT: HeaderName = HeaderName::new("X-RateLimit-Limit", "x-ratelimit-limit");
+    const REMAINING: HeaderName = HeaderName::new("X-RateLimit-Remaining", "x-ratelimit-remaining");
+    const RESET: HeaderName = HeaderName::new("X-RateLimit-Reset", "x-ratelimit-reset");
+    // OpenAI's names for the same window, which SDKs and tools read.
+    const OPENAI_LIMIT: HeaderName =
+        HeaderName::new("x-ratelimit-limit-requests", "x-ratelimit-limit-requests");
+    const OPENAI_REMAINING: HeaderName = HeaderName::new(
+        "x-ratelimit-remaining-requests",
+        "x-ratelimit-remaining-requests",
+    );
+    const OPENAI_RESET: HeaderName =
+        HeaderName::new("x-ratelimit-reset-requests", "x-ratelimit-reset-requests");
+    const ANTHROPIC: [HeaderName; 3] = [
+        HeaderName::new(
+            "anthropic-ratelimit-requests-limit",
+            "anthropic-ratelimit-requests-limit",
+        ),
+        HeaderName::new(
+            "anthropic-ratelimit-requests-remaining",
+            "anthropic-ratelimit-requests-remaining",
+        ),
+        HeaderName::new(
+            "anthropic-ratelimit-requests-reset",
+            "anthropic-ratelimit-requests-reset",
+        ),
+    ];
     // SAFETY: `r` is valid; the out-headers list belongs to it.
     unsafe {
         let headers = addr_of_mut!((*r).headers_out.headers);
@@ -84,92 +112,102 @@ pub unsafe fn add_rate_headers(
             }
         }
         let pool = (*r).pool;
-        push_header(
-            pool,
-            headers,
-            "X-RateLimit-Limit",
-            v.limit.to_string().as_bytes(),
-        )?;
-        push_header(
-            pool,
-            headers,
-            "X-RateLimit-Remaining",
-            v.remaining.to_string().as_bytes(),
-        )?;
-        push_header(
-            pool,
-            headers,
-            "X-RateLimit-Reset",
-            v.reset_unix(unix_ms).to_string().as_bytes(),
-        )?;
-        // OpenAI's names for the same window, which SDKs and tools read.
-        push_header(
-            pool,
-            headers,
-            "x-ratelimit-limit-requests",
-            v.limit.to_string().as_bytes(),
-        )?;
-        push_header(
-            pool,
-            headers,
-            "x-ratelimit-remaining-requests",
-            v.remaining.to_string().as_bytes(),
-        )?;
-        push_header(
-            pool,
-            headers,
-            "x-ratelimit-reset-requests",
-            afr_core::limits::openai_duration(v.reset_after_ms).as_bytes(),
-        )?;
+        let mut digits = itoa::Buffer::new();
+        let limit = copy_str(pool, digits.format(v.limit).as_bytes())?;
+        let remaining = copy_str(pool, digits.format(v.remaining).as_bytes())?;
+        let reset = copy_str(pool, digits.format(v.reset_unix(unix_ms)).as_bytes())?;
+        push_value(headers, &LIMIT, limit)?;
+        push_value(headers, &REMAINING, remaining)?;
+        push_value(headers, &RESET, reset)?;
+        push_value(headers, &OPENAI_LIMIT, limit)?;
+        push_value(headers, &OPENAI_REMAINING, remaining)?;
+        let after = afr_core::limits::openai_duration(v.reset_after_ms);
+        push_value(headers, &OPENAI_RESET, copy_str(pool, after.as_bytes())?)?;
         if anthropic {
-            let names = [
-                "anthropic-ratelimit-requests-limit",
-                "anthropic-ratelimit-requests-remaining",
-                "anthropic-ratelimit-requests-reset",
-            ];
-            let reset = afr_core::limits::rfc3339_seconds(v.reset_unix(unix_ms));
-            let values = [v.limit.to_string(), v.remaining.to_string(), reset];
-            for (name, value) in names.into_iter().zip(values) {
-                push_header(pool, headers, name, value.as_bytes())?;
+            let at = afr_core::limits::rfc3339_seconds(v.reset_unix(unix_ms));
+            let values = [limit, remaining, copy_str(pool, at.as_bytes())?];
+            for (name, value) in ANTHROPIC.iter().zip(values) {
+                push_value(headers, name, value)?;
             }
         }
     }
     Ok(())
 }
 
-/// Appends `name: value` to a header list, copying both into `pool`.
+/// A header name as nginx keeps it in a header list (`ngx_table_elt_t`): as
+/// sent, lowercased, and hashed, all made at compile time. Before, every
+/// header a request got (five to the sidecar, six or nine on the response)
+/// lowercased its name into a new String and copied both forms and hashed
+/// them, per request.
+pub struct HeaderName {
+    key: &'static str,
+    low: &'static str,
+    hash: ngx::ffi::ngx_uint_t,
+}
+
+impl HeaderName {
+    /// `low` must be `key` lowercased (checked when the constant is made).
+    pub const fn new(key: &'static str, low: &'static str) -> Self {
+        let (k, l) = (key.as_bytes(), low.as_bytes());
+        assert!(
+            k.len() == l.len(),
+            "a header name's lowercase form differs in length"
+        );
+        let mut hash: ngx::ffi::ngx_uint_t = 0;
+        let mut i = 0;
+        while i < k.len() {
+            assert!(
+                k[i].to_ascii_lowercase() == l[i],
+                "not the header name lowercased"
+            );
+            hash = hash
+                .wrapping_mul(31)
+                .wrapping_add(l[i] as ngx::ffi::ngx_uint_t);
+            i += 1;
+        }
+        HeaderName { key, low, hash }
+    }
+}
+
+/// Appends `name: value` to a header list, copying `value` into `pool`.
 ///
 /// # Safety
 /// `pool` and `list` must be valid and belong to the same request.
 pub unsafe fn push_header(
     pool: *mut ngx_pool_t,
     list: *mut ngx_list_t,
-    name: &str,
+    name: &HeaderName,
     value: &[u8],
 ) -> Result<(), ()> {
+    // SAFETY: as the caller promises; the copy lives as long as the request.
+    unsafe { push_value(list, name, copy_str(pool, value)?) }
+}
+
+/// Appends `name: value` to a header list, `value` being in the request's pool.
+///
+/// # Safety
+/// `list` must be valid, and `value` live as long as the request.
+unsafe fn push_value(list: *mut ngx_list_t, name: &HeaderName, value: ngx_str_t) -> Result<(), ()> {
     // SAFETY: the list holds ngx_table_elt_t; zeroing covers every nginx
-    // version's layout (1.23+ adds `next`, which must be null).
+    // version's layout (1.23+ adds `next`, which must be null). The name's
+    // bytes are static and nginx only reads a header's key and lowcase_key
+    // (its own filters set `key` to string literals the same way), so the
+    // `*mut` they are stored as is never written through.
     unsafe {
         let h = ngx_list_push(list).cast::<ngx_table_elt_t>();
         if h.is_null() {
             return Err(());
         }
         ptr::write_bytes(h, 0, 1);
-        let key = copy_str(pool, name.as_bytes())?;
-        let low = copy_str(pool, name.to_ascii_lowercase().as_bytes())?;
-        (*h).key = key;
-        (*h).lowcase_key = low.data;
-        (*h).value = copy_str(pool, value)?;
-        (*h).hash = header_hash(name.as_bytes());
+        (*h).key = ngx_str_t {
+            len: name.key.len(),
+            data: name.key.as_ptr().cast_mut(),
+        };
+        (*h).lowcase_key = name.low.as_ptr().cast_mut();
+        (*h).value = value;
+        (*h).hash = name.hash;
     }
     Ok(())
-}
-
-/// nginx's header-name hash (`ngx_hash(key, c)` over the lowercased name).
-pub fn header_hash(name: &[u8]) -> ngx::ffi::ngx_uint_t {
-    name.iter().fold(0 as ngx::ffi::ngx_uint_t, |h, &c| {
-        h.wrapping_mul(31).wrapping_add(c.to_ascii_lowercase() as _)
-    })
 }
 
 /// Iterates the elements of an `ngx_list_t` of `ngx_table_elt_t`.
