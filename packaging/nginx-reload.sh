@@ -57,3 +57,12 @@ afr_link_restore() {
     rm -f "$1.removed"
     afr_link_enable "$1" "$2" || true
 }
+
+# afr_link_configure LINK TARGET "$1" "$2" (a postinst's arguments): what dh_nginx does
+# with a package's link, nginx -t guarded. A link a removal (or an aborted one) set
+# aside comes back; a fresh install makes it; an upgrade leaves the administrator's choice.
+afr_link_configure() {
+    if ! afr_link_restore "$1" "$2" && [ "$3" = configure ] && [ -z "$4" ]; then
+        afr_link_enable "$1" "$2"
+    fi
+}
