@@ -72,6 +72,8 @@ def main() -> int:
         # as for a loopback TCP listener), so the socket may be world-connectable.
         cfg["server"]["socket_mode"] = "0666"
     cfg["admin"]["listen"] = f"127.0.0.1:{a.admin_port}"
+    # The operator's dashboard page and chart library: this checkout's web/.
+    cfg["admin"]["web"] = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "web")
     cfg["usage"]["path"] = f"{a.home}/usage.db"
     if os.environ.get("AFR_USAGE_POSTGRES_URL"):
         # scripts/run --fleet: every node writes the fleet's one PostgreSQL; the

@@ -200,21 +200,31 @@ pub fn parse_listen(s: &str) -> Result<Listen, String> {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AdminConfig {
-    /// Loopback address for `/metrics` and `/healthz`; empty disables it.
+    /// Loopback address for `/metrics`, `/healthz` and the operator's
+    /// dashboard; empty disables it.
     #[serde(default = "default_admin_listen")]
     pub listen: String,
+    /// The web files directory the operator's dashboard page and its chart
+    /// library are read from (the package installs them here).
+    #[serde(default = "default_admin_web")]
+    pub web: std::path::PathBuf,
 }
 
 impl Default for AdminConfig {
     fn default() -> Self {
         AdminConfig {
             listen: default_admin_listen(),
+            web: default_admin_web(),
         }
     }
 }
 
 fn default_admin_listen() -> String {
     "127.0.0.1:9464".into()
+}
+
+fn default_admin_web() -> std::path::PathBuf {
+    "/usr/share/afr/web".into()
 }
 
 /// `[breaker]` (design §4 defaults).

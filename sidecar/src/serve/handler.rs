@@ -9,7 +9,7 @@ use crate::serve::error::{json_response, Body, GatewayError};
 use crate::serve::messages::{self, anthropic_client, COUNT_TOKENS_PATH};
 use crate::serve::passthrough::passthrough;
 use crate::serve::state::Gateway;
-use crate::usage::http::{parse_query_string, render_key_usage};
+use crate::usage::http::{parse_query_string, render_key_usage, render_limits};
 use afr_core::endpoint::Endpoint;
 use afr_core::error::ErrorShape;
 use afr_core::limits::{openai_duration, usd_micros, KeyLimits};
@@ -319,7 +319,16 @@ async fn usage(gateway: &Gateway, caller: &Caller, query: &str) -> Response<Body
     let rows = tokio::task::spawn_blocking(move || reader.query(&query)).await;
     match rows {
         Ok(Ok(rows)) => {
-            let body = render_key_usage(&caller.key_id, &q, &rows);
+            let mut body = render_key_usage(&caller.key_id, &q, &rows);
+            // The key's own limits, for the dashboard's headroom and burn-down.
+            let now = clock::unix_ms();
+            let left = caller.limits.budget.map(|budget| {
+                let at = gateway.ledger_now(now);
+                gateway
+                    .ledger()
+                    .budget_remaining(&caller.key_id, budget, at)
+            });
+            body["limits"] = render_limits(&caller.limits, left, now);
             json_response(StatusCode::OK, body.to_string(), &caller.request_id)
         }
         Ok(Err(e)) => {

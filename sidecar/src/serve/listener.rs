@@ -1,8 +1,9 @@
 //! Accept loops: the main listener (unix socket or loopback TCP) and the admin
-//! listener (`/metrics`, `/healthz`). HTTP/1.1 with keep-alive; `TCP_NODELAY`
+//! listener (`/metrics`, `/healthz`, and the operator's dashboard: [`admin`]). HTTP/1.1 with keep-alive; `TCP_NODELAY`
 //! on every accepted TCP socket (headers and body go out in separate writes,
 //! and Nagle against delayed ACK would stall each response ~40 ms).
 
+use crate::serve::admin::{self, Admin};
 use crate::serve::error::{full, json_response, Body};
 use crate::serve::handler::handle;
 use crate::serve::state::Gateway;
@@ -148,20 +149,26 @@ fn spawn_api<I>(
     });
 }
 
-/// Serves `/metrics` and `/healthz` until `stop` turns true.
+/// Serves `/metrics`, `/healthz` and the operator's dashboard until `stop`
+/// turns true, sampling the breakers' states for the dashboard meanwhile.
 pub async fn serve_admin(
     listener: TcpListener,
     gateway: Arc<Gateway>,
     mut stop: watch::Receiver<bool>,
 ) {
+    let dashboard = Arc::new(Admin::new(gateway.clone()));
+    let mut sampling = tokio::time::interval(admin::SAMPLE_EVERY);
+    sampling.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     loop {
         tokio::select! {
             _ = stop.changed() => break,
+            _ = sampling.tick() => dashboard.sample(),
             accepted = listener.accept() => {
                 let Ok((stream, _)) = accepted else { continue };
                 let _ = stream.set_nodelay(true);
                 let gateway = gateway.clone();
-                let service = service_fn(move |request| admin(gateway.clone(), request));
+                let dashboard = dashboard.clone();
+                let service = service_fn(move |request| admin(gateway.clone(), dashboard.clone(), request));
                 tokio::spawn(async move {
                     let _ = http1::Builder::new().serve_connection(TokioIo::new(stream), service).await;
                 });
@@ -172,6 +179,7 @@ pub async fn serve_admin(
 
 async fn admin(
     gateway: Arc<Gateway>,
+    dashboard: Arc<Admin>,
     request: Request<Incoming>,
 ) -> Result<Response<Body>, Infallible> {
     Ok(match request.uri().path() {
@@ -186,10 +194,6 @@ async fn admin(
             response
         }
         "/healthz" => json_response(StatusCode::OK, r#"{"status":"ok"}"#, "-"),
-        _ => {
-            let mut response = Response::new(full("not found\n".into()));
-            *response.status_mut() = StatusCode::NOT_FOUND;
-            response
-        }
+        _ => dashboard.route(request).await,
     })
 }

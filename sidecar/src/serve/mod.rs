@@ -8,6 +8,7 @@
 //!   breakers; [`listener`], [`reload`], [`metrics`].
 
 pub mod accounting;
+pub mod admin;
 pub mod chat;
 pub mod clock;
 pub mod error;

@@ -8,7 +8,7 @@ use crate::serve::fleet::Fleet;
 use crate::serve::metrics::Metrics;
 use crate::serve::usage_sink::UsageSink;
 use crate::usage::UsageReader;
-use afr_core::breaker::{Admission, Breaker, BreakerPolicy, Outcome};
+use afr_core::breaker::{Admission, Breaker, BreakerPolicy, BreakerState, Outcome};
 use afr_core::config::{ConfigError, SidecarConfig};
 use afr_core::ledger::{Ledger, Now};
 use afr_core::pins::Pins;
@@ -252,6 +252,18 @@ impl Gateway {
         // A panic while holding this lock cannot leave a breaker half-updated
         // (every update is a single assignment), so a poisoned map is still sound.
         self.breakers.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Every provider's breaker state at `now`, by name: what the admin
+    /// listener's dashboard samples into its history.
+    pub fn breaker_states(&self, now: Instant) -> Vec<(String, BreakerState)> {
+        let mut states: Vec<(String, BreakerState)> = self
+            .lock()
+            .iter()
+            .map(|(name, breaker)| (name.clone(), breaker.state(now)))
+            .collect();
+        states.sort_by(|a, b| a.0.cmp(&b.0));
+        states
     }
 
     /// Asks `provider`'s breaker for admission at `now`.

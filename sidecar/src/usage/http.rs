@@ -13,13 +13,15 @@
 //! | `by` | comma-separated `model`, `provider`, `day` (default `model,day`) |
 //!
 //! The key is always the caller's (`X-Afr-Key-Id`); there is no parameter
-//! for it.
+//! for it. The operator's `GET /api/usage` on the admin listener reads the same
+//! query string with a `key` parameter and `by=key` besides ([`Scope::Operator`]).
 
 use serde_json::{json, Value};
 
 use super::query::GroupByError;
 use super::time_arg::{format_ms, parse_time_arg, TimeArgError};
 use super::{GroupBy, StoreError, UsageQuery, UsageReader, UsageRow};
+use afr_core::limits::{Budget, KeyLimits, NANOS_PER_USD};
 
 /// Why `GET /v1/usage` failed: the client's query string (400) or the store (500).
 #[derive(Debug, thiserror::Error)]
@@ -72,9 +74,9 @@ pub const DEFAULT_GROUP_BY: [GroupBy; 2] = [GroupBy::Model, GroupBy::Day];
 /// `param` is [`UsageParamError::param`].
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum UsageParamError {
-    /// A parameter this endpoint does not have.
-    #[error("unknown query parameter `{0}`: expected since, until, model or by")]
-    Unknown(String),
+    /// A parameter this endpoint does not have; the second field lists those it has.
+    #[error("unknown query parameter `{0}`: expected {1}")]
+    Unknown(String, &'static str),
     /// The same parameter twice.
     #[error("query parameter `{0}` given more than once")]
     Repeated(String),
@@ -86,12 +88,12 @@ pub enum UsageParamError {
         /// What was wrong.
         source: TimeArgError,
     },
-    /// `by` names something else than model, provider or day.
-    #[error("by: `{0}` is not a grouping here: expected model, provider or day")]
-    By(String),
-    /// `model` is empty.
-    #[error("model: must not be empty")]
-    EmptyModel,
+    /// `by` names a grouping this scope does not have; the second field lists those it has.
+    #[error("by: `{0}` is not a grouping here: expected {1}")]
+    By(String, &'static str),
+    /// `model` (or the operator's `key`) is empty.
+    #[error("{0}: must not be empty")]
+    Empty(&'static str),
     /// `since` is not before `until`.
     #[error("since: must be before until")]
     EmptyRange,
@@ -101,11 +103,37 @@ impl UsageParamError {
     /// The query parameter at fault, for the OpenAI error's `param`.
     pub fn param(&self) -> &str {
         match self {
-            UsageParamError::Unknown(name) | UsageParamError::Repeated(name) => name,
+            UsageParamError::Unknown(name, _) | UsageParamError::Repeated(name) => name,
             UsageParamError::Time { param, .. } => param,
-            UsageParamError::By(_) => "by",
-            UsageParamError::EmptyModel => "model",
+            UsageParamError::By(..) => "by",
+            UsageParamError::Empty(param) => param,
             UsageParamError::EmptyRange => "since",
+        }
+    }
+}
+
+/// Whose usage a query string may read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scope<'a> {
+    /// A key holder (`GET /v1/usage`): only this key, never grouped by key.
+    Key(&'a str),
+    /// The operator (the admin listener): every key, filtered with `key`,
+    /// grouped by key too.
+    Operator,
+}
+
+impl Scope<'_> {
+    fn parameters(self) -> &'static str {
+        match self {
+            Scope::Key(_) => "since, until, model or by",
+            Scope::Operator => "since, until, model, key or by",
+        }
+    }
+
+    fn groupings(self) -> &'static str {
+        match self {
+            Scope::Key(_) => "model, provider or day",
+            Scope::Operator => "key, model, provider or day",
         }
     }
 }
@@ -118,9 +146,21 @@ pub fn parse_query_string(
     key_id: &str,
     now_ms: i64,
 ) -> Result<UsageQuery, UsageParamError> {
+    parse_scoped(query, Scope::Key(key_id), now_ms)
+}
+
+/// Parses a usage query string for `scope`; see [`parse_query_string`].
+pub fn parse_scoped(
+    query: &str,
+    scope: Scope<'_>,
+    now_ms: i64,
+) -> Result<UsageQuery, UsageParamError> {
     let query = query.strip_prefix('?').unwrap_or(query);
     let mut q = UsageQuery {
-        key_id: Some(key_id.to_owned()),
+        key_id: match scope {
+            Scope::Key(key_id) => Some(key_id.to_owned()),
+            Scope::Operator => None,
+        },
         ..UsageQuery::default()
     };
     let mut seen: Vec<String> = Vec::new();
@@ -133,10 +173,21 @@ pub fn parse_query_string(
         match name.as_ref() {
             "since" => q.since_ms = Some(time_param("since", &value, now_ms)?),
             "until" => q.until_ms = Some(time_param("until", &value, now_ms)?),
-            "model" if value.trim().is_empty() => return Err(UsageParamError::EmptyModel),
+            "model" if value.trim().is_empty() => return Err(UsageParamError::Empty("model")),
             "model" => q.model = Some(value.trim().to_owned()),
-            "by" => by = Some(parse_by(&value)?),
-            _ => return Err(UsageParamError::Unknown(name.into_owned())),
+            "key" if scope == Scope::Operator => {
+                if value.trim().is_empty() {
+                    return Err(UsageParamError::Empty("key"));
+                }
+                q.key_id = Some(value.trim().to_owned());
+            }
+            "by" => by = Some(parse_by(&value, scope)?),
+            _ => {
+                return Err(UsageParamError::Unknown(
+                    name.into_owned(),
+                    scope.parameters(),
+                ))
+            }
         }
     }
     if let (Some(since), Some(until)) = (q.since_ms, q.until_ms) {
@@ -152,13 +203,15 @@ fn time_param(param: &'static str, value: &str, now_ms: i64) -> Result<i64, Usag
     parse_time_arg(value, now_ms).map_err(|source| UsageParamError::Time { param, source })
 }
 
-fn parse_by(value: &str) -> Result<Vec<GroupBy>, UsageParamError> {
+fn parse_by(value: &str, scope: Scope<'_>) -> Result<Vec<GroupBy>, UsageParamError> {
     value
         .split(',')
         .filter(|part| !part.trim().is_empty())
-        .map(|part| match part.parse::<GroupBy>() {
-            Ok(GroupBy::Key) | Err(GroupByError(_)) => Err(UsageParamError::By(part.to_owned())),
-            Ok(g) => Ok(g),
+        .map(|part| match (part.parse::<GroupBy>(), scope) {
+            (Ok(GroupBy::Key), Scope::Key(_)) | (Err(GroupByError(_)), _) => {
+                Err(UsageParamError::By(part.to_owned(), scope.groupings()))
+            }
+            (Ok(g), _) => Ok(g),
         })
         .collect()
 }
@@ -177,7 +230,8 @@ fn parse_by(value: &str) -> Result<Vec<GroupBy>, UsageParamError> {
 /// ```
 ///
 /// `since`/`until` are RFC 3339 or `null` when open; each `data` item has
-/// the fields of the grouping asked for plus the sums of [`UsageRow`].
+/// the fields of the grouping asked for plus the sums of [`UsageRow`]. The
+/// handler adds the key's `limits` ([`render_limits`]).
 pub fn render_key_usage(key_id: &str, q: &UsageQuery, rows: &[UsageRow]) -> Value {
     let data: Vec<Value> = rows
         .iter()
@@ -195,6 +249,48 @@ pub fn render_key_usage(key_id: &str, q: &UsageQuery, rows: &[UsageRow]) -> Valu
         "until": q.until_ms.map(format_ms),
         "data": data,
     })
+}
+
+/// The operator's list (`GET /api/usage` on the admin listener): the same
+/// shape as [`render_key_usage`] without a `key_id`, each item with its key
+/// when grouped by key.
+pub fn render_usage(q: &UsageQuery, rows: &[UsageRow]) -> Value {
+    json!({
+        "object": "list",
+        "since": q.since_ms.map(format_ms),
+        "until": q.until_ms.map(format_ms),
+        "data": rows,
+    })
+}
+
+/// A key's token and money limits as its holder may see them, for the
+/// dashboard's headroom and budget burn-down:
+///
+/// ```json
+/// {"tpm": 10000,
+///  "budget": {"limit_usd": 5.0, "per": "month",
+///             "period_start": "2026-12-01T00:00:00Z", "period_end": "2027-01-01T00:00:00Z",
+///             "spent_usd": 1.25, "remaining_usd": 3.75}}
+/// ```
+///
+/// `budget_remaining` is the ledger's nano-dollars left this period (what is
+/// reserved by requests in flight counts as spent); `null` for a limit the
+/// key does not have.
+pub fn render_limits(limits: &KeyLimits, budget_remaining: Option<u64>, now_ms: u64) -> Value {
+    let budget = limits.budget.map(|budget: Budget| {
+        let (start, end) = budget.per.bounds(now_ms);
+        let remaining = budget_remaining.unwrap_or(budget.nanos).min(budget.nanos);
+        let usd = |nanos: u64| nanos as f64 / NANOS_PER_USD as f64;
+        json!({
+            "limit_usd": usd(budget.nanos),
+            "per": budget.per.as_str(),
+            "period_start": format_ms(i64::try_from(start).unwrap_or(i64::MAX)),
+            "period_end": format_ms(i64::try_from(end).unwrap_or(i64::MAX)),
+            "spent_usd": usd(budget.nanos - remaining),
+            "remaining_usd": usd(remaining),
+        })
+    });
+    json!({ "tpm": limits.tpm, "budget": budget })
 }
 
 #[cfg(test)]
@@ -245,6 +341,44 @@ mod tests {
             assert_eq!(e.param(), param, "{qs}: {e}");
             assert!(!e.to_string().is_empty());
         }
+    }
+
+    #[test]
+    fn the_operator_reads_every_key_and_groups_by_key() {
+        let q = parse_scoped("by=key,day&since=7d", Scope::Operator, NOW).expect("parse");
+        assert_eq!(q.key_id, None);
+        assert_eq!(q.group_by, vec![GroupBy::Key, GroupBy::Day]);
+        assert_eq!(q.since_ms, Some(NOW - 7 * 86_400_000));
+        let q = parse_scoped("key=team-a", Scope::Operator, NOW).expect("parse");
+        assert_eq!(q.key_id.as_deref(), Some("team-a"));
+        for (qs, param) in [("key=", "key"), ("by=tier", "by"), ("limit=3", "limit")] {
+            let e = parse_scoped(qs, Scope::Operator, NOW).expect_err(qs);
+            assert_eq!(e.param(), param, "{qs}: {e}");
+        }
+        let e = parse_scoped("by=key", Scope::Key("k"), NOW).expect_err("key scope");
+        assert!(
+            e.to_string().contains("expected model, provider or day"),
+            "{e}"
+        );
+        let e = parse_scoped("foo=1", Scope::Operator, NOW).expect_err("unknown");
+        assert!(e.to_string().contains("model, key or by"), "{e}");
+    }
+
+    #[test]
+    fn limits_show_the_budget_period_and_what_is_left() {
+        let limits = KeyLimits::parse_header("tpm=1000;budget=5000000000/month").expect("limits");
+        // NOW is 2026-11-25T10:00:00Z.
+        let v = render_limits(&limits, Some(3_750_000_000), NOW as u64);
+        assert_eq!(v["tpm"], 1000);
+        let b = &v["budget"];
+        assert_eq!(b["per"], "month");
+        assert_eq!(b["limit_usd"], 5.0);
+        assert_eq!(b["spent_usd"], 1.25);
+        assert_eq!(b["remaining_usd"], 3.75);
+        assert_eq!(b["period_start"], "2026-11-01T00:00:00Z");
+        assert_eq!(b["period_end"], "2026-12-01T00:00:00Z");
+        let none = render_limits(&KeyLimits::default(), None, NOW as u64);
+        assert!(none["tpm"].is_null() && none["budget"].is_null());
     }
 
     #[test]

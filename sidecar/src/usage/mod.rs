@@ -23,6 +23,8 @@
 //! - [`spill`]: records SQLite refuses (or past the queue's bound) are
 //!   appended to a capped file beside the database and imported, exactly
 //!   once, when SQLite takes writes again or at the next [`Store::open`].
+//! - [`providers`]: each provider's answers, errors and latency by day, for
+//!   the operator's dashboard on the admin listener.
 //! - [`http`]: `GET /v1/usage`: [`http::key_usage`] (blocking) turns the
 //!   caller's key id and query string into the response body, or an error
 //!   that knows its HTTP status and `param`.
@@ -45,6 +47,7 @@ pub mod cli;
 mod columns;
 pub mod http;
 pub mod postgres;
+pub mod providers;
 pub mod query;
 pub mod reseed;
 mod schema;

@@ -9,7 +9,8 @@
 //! - [`PgRows`]: the writer thread's connection; a batch is one
 //!   `INSERT … SELECT FROM UNNEST(arrays)` (one round trip, one statement
 //!   prepared once), `ON CONFLICT DO NOTHING` against the unique request id.
-//! - [`PgReader`]: the read side of `afr usage` and `GET /v1/usage`.
+//! - [`PgReader`]: the read side of `afr usage`, `GET /v1/usage` and the
+//!   admin listener's dashboard queries.
 //!
 //! Each holds one connection on its own current-thread runtime, driven only
 //! while a call runs, so every call is bounded by a timeout: a database that
@@ -479,6 +480,64 @@ impl PgReader {
     pub(super) fn query(&self, q: &UsageQuery) -> Result<Vec<UsageRow>, StoreError> {
         let (sql, values) = q.to_sql(Dialect::Postgres);
         let groups = q.groups();
+        let rows = self.rows(&sql, values)?;
+        let mut out = Vec::with_capacity(rows.len());
+        for r in rows {
+            let mut row = UsageRow::default();
+            let read = |i: usize| -> Result<i64, StoreError> {
+                r.try_get(i)
+                    .map_err(|e| StoreError::Postgres(format!("reading a result: {e}")))
+            };
+            for (i, g) in groups.iter().enumerate() {
+                let value: Option<String> = r
+                    .try_get(i)
+                    .map_err(|e| StoreError::Postgres(format!("reading a result: {e}")))?;
+                row.set_group(*g, value.unwrap_or_default());
+            }
+            let mut counts = [0i64; super::query::COUNT_COLUMNS];
+            for (i, count) in counts.iter_mut().enumerate() {
+                *count = read(groups.len() + i)?;
+            }
+            row.set_counts(counts);
+            out.push(row);
+        }
+        Ok(out)
+    }
+
+    /// Runs a statement whose result is `texts` text columns then `ints`
+    /// BIGINT columns (see [`super::query::Selected`]).
+    pub(super) fn select(
+        &self,
+        sql: &str,
+        values: Vec<QueryValue>,
+        texts: usize,
+        ints: usize,
+    ) -> Result<Vec<super::query::Selected>, StoreError> {
+        let rows = self.rows(sql, values)?;
+        let read_err =
+            |e: tokio_postgres::Error| StoreError::Postgres(format!("reading a result: {e}"));
+        rows.iter()
+            .map(|r| {
+                let mut row = super::query::Selected::default();
+                for i in 0..texts {
+                    let v: Option<String> = r.try_get(i).map_err(read_err)?;
+                    row.texts.push(v.unwrap_or_default());
+                }
+                for i in texts..texts + ints {
+                    let v: Option<i64> = r.try_get(i).map_err(read_err)?;
+                    row.ints.push(v.unwrap_or(0));
+                }
+                Ok(row)
+            })
+            .collect()
+    }
+
+    /// Checks the schema once, then runs `sql` with `values` bound.
+    fn rows(
+        &self,
+        sql: &str,
+        values: Vec<QueryValue>,
+    ) -> Result<Vec<tokio_postgres::Row>, StoreError> {
         // A panic mid-call leaves at worst a connection the next failure drops.
         let mut session = self.session.lock().unwrap_or_else(|p| p.into_inner());
         let wait = session.target.timeout;
@@ -520,30 +579,9 @@ impl PgReader {
             .iter()
             .map(|p| p.as_ref() as &(dyn ToSql + Sync))
             .collect();
-        let rows = session
-            .run(wait, |c| async move { c.query(&sql, &refs).await })
-            .map_err(|e| StoreError::Postgres(format!("query failed: {e}")))?;
-        let mut out = Vec::with_capacity(rows.len());
-        for r in rows {
-            let mut row = UsageRow::default();
-            let read = |i: usize| -> Result<i64, StoreError> {
-                r.try_get(i)
-                    .map_err(|e| StoreError::Postgres(format!("reading a result: {e}")))
-            };
-            for (i, g) in groups.iter().enumerate() {
-                let value: Option<String> = r
-                    .try_get(i)
-                    .map_err(|e| StoreError::Postgres(format!("reading a result: {e}")))?;
-                row.set_group(*g, value.unwrap_or_default());
-            }
-            let mut counts = [0i64; super::query::COUNT_COLUMNS];
-            for (i, count) in counts.iter_mut().enumerate() {
-                *count = read(groups.len() + i)?;
-            }
-            row.set_counts(counts);
-            out.push(row);
-        }
-        Ok(out)
+        session
+            .run(wait, |c| async move { c.query(sql, &refs).await })
+            .map_err(|e| StoreError::Postgres(format!("query failed: {e}")))
     }
 }
 

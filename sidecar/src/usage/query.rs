@@ -69,7 +69,7 @@ impl GroupBy {
     }
 
     /// The SQL expression grouped on (fixed text, never user input).
-    fn sql(self, dialect: Dialect) -> &'static str {
+    pub(super) fn sql(self, dialect: Dialect) -> &'static str {
         match (self, dialect) {
             (GroupBy::Key, _) => "key_id",
             (GroupBy::Model, _) => "model",
@@ -341,6 +341,60 @@ impl UsageReader {
             ReaderInner::Postgres(pg) => pg.query(q)?,
         };
         Ok(rows.into_iter().filter(|row| row.requests > 0).collect())
+    }
+}
+
+/// One result row of [`UsageReader::select`]: its text columns, then its
+/// integer columns, in statement order.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(super) struct Selected {
+    /// The text columns (NULL read as "").
+    pub(super) texts: Vec<String>,
+    /// The integer columns (NULL read as 0).
+    pub(super) ints: Vec<i64>,
+}
+
+impl UsageReader {
+    /// Runs a statement the other read queries of this module build (the
+    /// dashboard's provider figures): `statement` gives its text in a
+    /// backend's dialect and its bound values; the result is `texts` text
+    /// columns followed by `ints` integer columns (cast to BIGINT, so both
+    /// backends return the same types).
+    pub(super) fn select(
+        &self,
+        statement: impl Fn(Dialect) -> (String, Vec<QueryValue>),
+        texts: usize,
+        ints: usize,
+    ) -> Result<Vec<Selected>, StoreError> {
+        match &*self.inner {
+            ReaderInner::Sqlite { conn, .. } => {
+                let conn = conn.lock().unwrap_or_else(|p| p.into_inner());
+                let (sql, values) = statement(Dialect::Sqlite);
+                let values = values.into_iter().map(|v| match v {
+                    QueryValue::Text(s) => SqliteValue::Text(s),
+                    QueryValue::Int(n) => SqliteValue::Integer(n),
+                });
+                let mut stmt = conn.prepare_cached(&sql).map_err(StoreError::Query)?;
+                let rows = stmt
+                    .query_map(params_from_iter(values), |r| {
+                        let mut row = Selected::default();
+                        for i in 0..texts {
+                            row.texts
+                                .push(r.get::<_, Option<String>>(i)?.unwrap_or_default());
+                        }
+                        for i in texts..texts + ints {
+                            row.ints.push(r.get::<_, Option<i64>>(i)?.unwrap_or(0));
+                        }
+                        Ok(row)
+                    })
+                    .map_err(StoreError::Query)?;
+                rows.collect::<Result<_, _>>().map_err(StoreError::Query)
+            }
+            ReaderInner::Postgres(pg) => {
+                let (sql, values) = statement(Dialect::Postgres);
+                pg.select(&sql, values, texts, ints)
+            }
+        }
     }
 }
 
