@@ -101,14 +101,13 @@ impl Provider for Anthropic {
 
     async fn chat(&self, call: UpstreamCall) -> Result<Reply, ProviderError> {
         let include_usage = call.include_usage;
-        let body = call.body;
         let mut builder = self
             .client
             .post(&self.url)
             .header(http::header::CONTENT_TYPE, "application/json")
             .header("anthropic-version", ANTHROPIC_VERSION)
-            .header("x-request-id", &call.request_id)
-            .body(body);
+            .correlate(&call)
+            .body(call.body.clone());
         if let Some(key) = &self.api_key {
             builder = builder.header("x-api-key", key);
         }
@@ -158,7 +157,7 @@ impl Provider for Anthropic {
             .post(url)
             .header(http::header::CONTENT_TYPE, "application/json")
             .header("anthropic-version", version)
-            .header("x-request-id", &call.request_id)
+            .correlate(&call)
             .body(call.body);
         if let Some(beta) = &client.beta {
             builder = builder.header("anthropic-beta", beta.clone());

@@ -54,7 +54,7 @@ impl Provider for Azure {
             .client_query(call.query.as_deref(), &["api-version"])
             .query(&[("api-version", self.api_version.as_str())])
             .header(http::header::CONTENT_TYPE, "application/json")
-            .header("x-request-id", &call.request_id)
+            .correlate(&call)
             .body(call.body);
         if let Some(key) = &self.api_key {
             request = request.header("api-key", key);
@@ -97,7 +97,7 @@ impl Provider for Azure {
             .client_query(call.query.as_deref(), &["api-version"])
             .query(&[("api-version", self.api_version.as_str())])
             .header(http::header::CONTENT_TYPE, "application/json")
-            .header("x-request-id", &call.request_id)
+            .correlate(&call)
             .body(call.body);
         if let Some(key) = &self.api_key {
             request = request.header("api-key", key);

@@ -9,7 +9,7 @@
 //! connection pool reqwest drives underneath; what this file adds is the
 //! builder (headers, bearer auth, a query string) and the error mapping.
 
-use super::ProviderError;
+use super::{ProviderError, UpstreamCall};
 use afr_core::config::ProviderConfig;
 use bytes::Bytes;
 use http::header::{HeaderValue, IntoHeaderName, AUTHORIZATION};
@@ -250,6 +250,17 @@ impl Outgoing<'_> {
             }
         }
         self
+    }
+
+    /// The headers that tie the call to the gateway's request: its id
+    /// (`x-request-id`) and, when telemetry is on, the attempt's span
+    /// (`traceparent`), so a provider's own traces continue the gateway's.
+    pub fn correlate(self, call: &UpstreamCall) -> Self {
+        let mut this = self.header("x-request-id", &call.request_id);
+        if let Some(traceparent) = &call.traceparent {
+            this.headers.insert("traceparent", traceparent.clone());
+        }
+        this
     }
 
     /// `Authorization: Bearer <key>`, marked sensitive (never logged by hyper).

@@ -173,6 +173,8 @@ pub struct UpstreamCall {
     /// translated call, whose provider would not know the client's
     /// parameters.
     pub query: Option<String>,
+    /// The W3C `traceparent` of this attempt's span, when telemetry is on.
+    pub traceparent: Option<http::HeaderValue>,
 }
 
 /// A configured provider.

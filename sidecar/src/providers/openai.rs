@@ -49,7 +49,7 @@ impl Provider for OpenAi {
             .post(&self.url)
             .client_query(call.query.as_deref(), &[])
             .header(http::header::CONTENT_TYPE, "application/json")
-            .header("x-request-id", &call.request_id)
+            .correlate(&call)
             .body(call.body);
         if let Some(key) = &self.api_key {
             request = request.bearer_auth(key);
@@ -82,7 +82,7 @@ impl Provider for OpenAi {
             .post(format!("{}/{}", self.base_url, endpoint.path()))
             .client_query(call.query.as_deref(), &[])
             .header(http::header::CONTENT_TYPE, "application/json")
-            .header("x-request-id", &call.request_id)
+            .correlate(&call)
             .body(call.body);
         if let Some(key) = &self.api_key {
             request = request.bearer_auth(key);

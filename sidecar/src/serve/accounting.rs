@@ -16,14 +16,16 @@
 
 use crate::serve::fleet::Held;
 use crate::serve::state::Gateway;
+use crate::serve::telemetry::RequestTrace;
 use afr_core::billing::{settle, Billed};
-use afr_core::config::{Price, RouteConfig};
+use afr_core::config::{Price, ProviderConfig, RouteConfig};
 use afr_core::estimate::{prompt_tokens, Wire};
-use afr_core::ledger::{never_fits, Amount, Reserve};
+use afr_core::ledger::{never_fits, Amount, Never, Refusal, Reserve};
 use afr_core::limits::KeyLimits;
 use afr_core::sse::TokenUsage;
 use afr_core::usage::{TokenSource, UsageRecord, ATTEMPT_ROW};
 use bytes::Bytes;
+use http::HeaderValue;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -56,6 +58,8 @@ pub struct Accounting {
     failed_attempts: u32,
     /// What those attempts were billed (their own rows), settled with the request.
     attempts_billed: Amount,
+    /// The request's span, when telemetry is on: ended with the row.
+    trace: Option<Box<RequestTrace>>,
 }
 
 impl Accounting {
@@ -86,7 +90,38 @@ impl Accounting {
             tokens: TokenUsage::default(),
             failed_attempts: 0,
             attempts_billed: Amount::default(),
+            trace: None,
         }
+    }
+
+    /// The request's span (`telemetry`), which ends when the row is recorded.
+    pub fn traced(mut self, trace: Option<RequestTrace>) -> Self {
+        self.trace = trace.map(Box::new);
+        self
+    }
+
+    /// The request's span, when telemetry is on.
+    pub fn trace(&mut self) -> Option<&mut RequestTrace> {
+        self.trace.as_deref_mut()
+    }
+
+    /// Starts the trace of an attempt at `route` (its provider `provider`):
+    /// the `traceparent` to send the provider, when telemetry is on.
+    pub fn trace_attempt(
+        &mut self,
+        route: &RouteConfig,
+        provider: Option<&ProviderConfig>,
+        probe: bool,
+    ) -> Option<HeaderValue> {
+        let trace = self.trace.as_deref_mut()?;
+        let provider = provider?;
+        trace.attempt(
+            &route.provider,
+            provider.kind,
+            &route.model,
+            &provider.base_url,
+            probe,
+        )
     }
 
     /// Reserves the request's worst case (`worst`: estimated prompt tokens
@@ -95,6 +130,9 @@ impl Accounting {
     /// called. Refused: which limit (a 429, see `GatewayError::from`). Called once per request.
     pub async fn reserve(&mut self, limits: &KeyLimits, worst: Amount) -> Result<(), Reserve> {
         if let Some(never) = never_fits(limits, worst) {
+            if let Some(trace) = self.trace() {
+                trace.decision(decision(&Reserve::Never(never)));
+            }
             return Err(Reserve::Never(never));
         }
         let now = self.gateway.ledger_now(self.record.ts_ms as u64);
@@ -106,15 +144,18 @@ impl Accounting {
                 let id = &self.record.request_id;
                 // Boxed: the Redis exchange's future is kilobytes, and
                 // unboxed it sized every request's future, fleet or not.
-                Box::pin(fleet.reserve(&gateway.ledger, store, id, key, limits, worst, now)).await?
+                Box::pin(fleet.reserve(&gateway.ledger, store, id, key, limits, worst, now)).await
             }
-            None => Held::Local(
-                gateway
-                    .ledger()
-                    .reserve(key, limits, worst, now)
-                    .map_err(Reserve::Refused)?,
-            ),
+            None => gateway
+                .ledger()
+                .reserve(key, limits, worst, now)
+                .map(Held::Local)
+                .map_err(Reserve::Refused),
         };
+        if let Some(trace) = self.trace.as_deref_mut() {
+            trace.decision(hold.as_ref().map_or_else(decision, |_| "reserved"));
+        }
+        let hold = hold?;
         // The row is timed in the budget period the ledger charged: a
         // request that started in one a later request has already closed
         // is counted at the start of the next, in both.
@@ -142,6 +183,9 @@ impl Accounting {
     /// Records the time to first token of a stream whose first content
     /// reached the client `at`.
     pub fn first_content(&mut self, at: Instant) {
+        if let Some(trace) = self.trace.as_deref_mut() {
+            trace.first_content(at, &self.record.model);
+        }
         let ttft = at.saturating_duration_since(self.started);
         self.record.ttft_ms = Some(ttft.as_millis() as u64);
         self.gateway
@@ -153,6 +197,9 @@ impl Accounting {
     /// `history` tokens the provider holds of a conversation it continues
     /// (`previous_response_id`), which it bills as input again.
     pub fn prompt(&mut self, body: Bytes, wire: Wire, history: u64) {
+        if let Some(trace) = self.trace() {
+            trace.request_body(&body);
+        }
         self.prompt = Some((body, wire));
         self.history = history;
     }
@@ -320,6 +367,9 @@ impl Accounting {
                 }
             }
         }
+        if let Some(trace) = self.trace.take() {
+            trace.finish(&record, latency);
+        }
         let metrics = &self.gateway.metrics;
         metrics.request(&record.model, &record.provider, status, latency);
         let tokens = (record.token_source != TokenSource::None).then_some(self.tokens);
@@ -334,6 +384,17 @@ impl Drop for Accounting {
             tracing::info!(request_id = %self.record.request_id, "client went away before the answer");
             self.write(CLIENT_CLOSED);
         }
+    }
+}
+
+/// The limits decision a refused reservation is traced as.
+fn decision(refusal: &Reserve) -> &'static str {
+    match refusal {
+        Reserve::Refused(Refusal::Tokens { .. }) => "refused_tpm",
+        Reserve::Refused(_) => "refused_budget",
+        Reserve::Never(Never::Tokens { .. }) => "never_fits_tpm",
+        Reserve::Never(_) => "never_fits_budget",
+        Reserve::Unavailable => "budget_unavailable",
     }
 }
 

@@ -14,6 +14,7 @@ use crate::serve::accounting::Accounting;
 use crate::serve::error::{json_response, Body, GatewayError};
 use crate::serve::relay::{self, excerpt, Meter, StreamStart, Wire};
 use crate::serve::state::{BreakerTicket, Budgets, Gateway, Runtime};
+use crate::serve::telemetry::attempt_error_type;
 use afr_core::attempt::{Attempt, Holding};
 use afr_core::breaker::{Admission, Outcome};
 use afr_core::config::ANTHROPIC_LONG_CONTEXT_ABOVE;
@@ -208,6 +209,7 @@ impl Exchange for ChatExchange {
             request_id: request_id.to_owned(),
             event_idle: route.event_idle(),
             query: self.query.clone(),
+            traceparent: None,
         })
     }
 
@@ -423,13 +425,21 @@ pub async fn route(
                     return None;
                 }
             }
-            Some(gateway.admit(&route.provider, Instant::now()))
+            let admission = gateway.admit(&route.provider, Instant::now());
+            if let (Admission::Rejected { retry_after }, Some(trace), Some(config)) = (
+                admission,
+                usage.trace(),
+                runtime.config.providers.get(&route.provider),
+            ) {
+                trace.breaker_open(&route.provider, config.kind, retry_after);
+            }
+            Some(admission)
         });
         let Some((index, admission)) = next else {
             break;
         };
         let route = &model.routes[index];
-        let (Some(provider), Some(call)) =
+        let (Some(provider), Some(mut call)) =
             (runtime.providers.get(&route.provider), prepared.take())
         else {
             continue;
@@ -439,6 +449,8 @@ pub async fn route(
         }
         last_provider = route.provider.clone();
         usage.route(route, request.output_cap(route));
+        let config = runtime.config.providers.get(&route.provider);
+        call.traceparent = usage.trace_attempt(route, config, admission == Admission::Probe);
 
         let ticket = BreakerTicket::new(gateway.clone(), &route.provider, admission);
         let server = &runtime.config.server;
@@ -454,6 +466,9 @@ pub async fn route(
                 Ok(r) => r,
                 Err(_) => Err(ProviderError::Timeout(expiry.limit.as_str())),
             };
+        if let (Err(error), Some(trace)) = (&outcome, usage.trace()) {
+            trace.attempt_failed(attempt_error_type(error));
+        }
         let reply = match outcome {
             Ok(reply) => reply,
             Err(ProviderError::Local(why)) => {
@@ -493,6 +508,9 @@ pub async fn route(
             } => {
                 ticket.success();
                 request.answered(route, Answer::Body(&body));
+                if let Some(trace) = usage.trace() {
+                    trace.answer_body(&body);
+                }
                 if request.billed() {
                     // A whole answer's usage is final; without one, the
                     // estimate of the text in the answer stands in (an
@@ -550,6 +568,9 @@ pub async fn route(
                 match held_up {
                     Err(reason) => {
                         tracing::warn!(request_id = %caller.request_id, provider = %route.provider, error = %reason, "stream failed before its first content; trying the next route");
+                        if let Some(trace) = usage.trace() {
+                            trace.attempt_failed("stream_failed_before_content".into());
+                        }
                         if request.billed() {
                             // It answered: it may have billed the prompt it read.
                             let mut meter = Meter::new(wire);

@@ -97,6 +97,21 @@ async fn handle_request(
 
     let path = request.uri().path().to_owned();
     let (key_id, limits) = (caller.key_id.clone(), caller.limits);
+    // A span for every request that gets a usage row (the arms below).
+    let accounted = request.method() == Method::POST
+        && matches!(
+            path.as_str(),
+            "/v1/chat/completions"
+                | "/v1/messages"
+                | COUNT_TOKENS_PATH
+                | "/v1/embeddings"
+                | "/v1/completions"
+                | "/v1/responses"
+        );
+    let trace = match &gateway.telemetry {
+        Some(telemetry) if accounted => Some(telemetry.start(request.headers(), &path, started)),
+        _ => None,
+    };
     let response = match (request.method(), path.as_str()) {
         (&Method::POST, "/v1/chat/completions") => {
             // From here on the request owns one usage row, whatever happens.
@@ -106,7 +121,8 @@ async fn handle_request(
                 &caller.key_id,
                 caller.started,
                 caller.ts_ms,
-            );
+            )
+            .traced(trace);
             let limit = runtime.config.server.max_body_bytes;
             match read_body(request, limit).await {
                 Ok(body) => {
@@ -129,7 +145,8 @@ async fn handle_request(
                 &caller.key_id,
                 caller.started,
                 caller.ts_ms,
-            );
+            )
+            .traced(trace);
             let client = anthropic_client(request.headers(), request.uri().query());
             let endpoint = if path == COUNT_TOKENS_PATH {
                 MessagesEndpoint::CountTokens
@@ -160,7 +177,8 @@ async fn handle_request(
                 &caller.key_id,
                 caller.started,
                 caller.ts_ms,
-            );
+            )
+            .traced(trace);
             let limit = runtime.config.server.max_body_bytes;
             // The arm's paths are exactly the passthrough endpoints.
             let endpoint = Endpoint::from_path(&path).unwrap_or(Endpoint::Embeddings);

@@ -199,6 +199,7 @@ impl Exchange for MessagesExchange {
             // A translated call: the Anthropic client's query (`?beta=true`)
             // means nothing to an OpenAI-format provider.
             query: None,
+            traceparent: None,
         })
     }
 

@@ -56,6 +56,12 @@ struct FleetLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OtelLabels {
+    signal: &'static str,
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct FailoverLabels {
     model: String,
     from: String,
@@ -73,6 +79,7 @@ pub struct Metrics {
     spend: Family<SpendLabels, Counter<f64, AtomicU64>>,
     fleet_requests: Family<FleetLabels, Counter>,
     local_exhausted: Counter,
+    otel_dropped: Family<OtelLabels, Counter>,
     /// Handles on the series a request updates, by model and provider.
     routes: Cache<RouteSeries>,
     /// Handles on the spend series, by key and model.
@@ -213,7 +220,14 @@ impl Metrics {
             "Requests answered 503 because the sidecar could not open a connection to a provider for want of its own descriptors or ports (not counted against the provider's breaker)",
             local_exhausted.clone(),
         );
+        let otel_dropped = Family::<OtelLabels, Counter>::default();
+        registry.register(
+            "otel_dropped",
+            "OpenTelemetry data not delivered to the collector, by signal (traces: spans; metrics: exports) and reason (queue_full: the export queue was full; export_failed: the collector did not take it)",
+            otel_dropped.clone(),
+        );
         Metrics {
+            otel_dropped,
             routes: Cache::new(),
             spends: Cache::new(),
             breakers: Cache::new(),
@@ -228,6 +242,14 @@ impl Metrics {
             breaker,
             failovers,
         }
+    }
+
+    /// The counter of OpenTelemetry data of `signal` dropped for `reason`
+    /// (see `telemetry`), shown from the start at 0.
+    pub fn otel_dropped(&self, signal: &'static str, reason: &'static str) -> Counter {
+        self.otel_dropped
+            .get_or_create(&OtelLabels { signal, reason })
+            .clone()
     }
 
     /// Adds a request's cost in nano-dollars to its key's and model's spend.

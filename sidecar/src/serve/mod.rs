@@ -21,6 +21,7 @@ pub mod passthrough;
 pub mod relay;
 pub mod reload;
 pub mod state;
+pub mod telemetry;
 pub mod usage_sink;
 
 use crate::usage::{PostgresTarget, Store, StoreOptions};
@@ -179,6 +180,10 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         gateway.metrics.track_fleet(Arc::clone(fleet));
     }
     gateway.fleet = fleet;
+    gateway.telemetry = telemetry::Telemetry::from_env(&gateway.metrics)?.map(Arc::new);
+    if let Some(t) = &gateway.telemetry {
+        tracing::info!(telemetry = ?t, "OpenTelemetry: exporting traces and metrics over OTLP");
+    }
     let reader = gateway.reader.clone();
     if reader.is_none() {
         gateway.set_budgets(Budgets::NoStore);
@@ -261,6 +266,11 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             ),
         }
     }
+    if let Some(telemetry) = gateway.telemetry.clone() {
+        // The last spans and metric points, to a collector that answers within 2 s.
+        let flushed = tokio::task::spawn_blocking(move || telemetry.shutdown(TELEMETRY_FLUSH));
+        let _ = tokio::time::timeout(TELEMETRY_FLUSH * 3, flushed).await;
+    }
     drop(gateway);
     let (Some(sink_closer), Some(store)) = (sink_closer, store) else {
         tracing::info!("bye");
@@ -289,6 +299,9 @@ async fn shutdown_signal() {
         _ = tokio::signal::ctrl_c() => {}
     }
 }
+
+/// How long the last telemetry export may take at shutdown, per signal.
+const TELEMETRY_FLUSH: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// How often a failed seed of the ledger is retried (and the `Retry-After`
 /// of a budgeted key refused meanwhile).

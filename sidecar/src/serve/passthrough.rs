@@ -228,6 +228,7 @@ impl Exchange for PassthroughExchange {
             request_id: request_id.to_owned(),
             event_idle: route.event_idle(),
             query: self.query.clone(),
+            traceparent: None,
         })
     }
 

@@ -271,6 +271,9 @@ impl Relay {
                     usage.first_content(Instant::now());
                 }
             }
+            if let Some(trace) = self.usage.as_mut().and_then(Accounting::trace) {
+                trace.event(&raw);
+            }
             // The meter sees every event, including the ones stripped below.
             if let Some((id, tokens)) = self.meter.event(&raw) {
                 if let Some(usage) = self.usage.as_ref() {

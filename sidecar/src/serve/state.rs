@@ -139,6 +139,8 @@ pub struct Gateway {
     /// With `[fleet]`: reservations are made in the fleet's Redis, and the
     /// ledger above mirrors its counts (and decides while Redis is down).
     pub fleet: Option<Arc<Fleet>>,
+    /// OpenTelemetry spans and GenAI metrics, when an OTLP endpoint is set.
+    pub telemetry: Option<Arc<crate::serve::telemetry::Telemetry>>,
     /// Which provider created each Responses API response relayed here, so
     /// `previous_response_id` follow-ups go back to it.
     pins: Mutex<Pins>,
@@ -179,6 +181,7 @@ impl Gateway {
             ledger: Mutex::new(Ledger::new()),
             clock: Clock::start(),
             fleet: None,
+            telemetry: None,
             pins: Mutex::new(Pins::new(RESPONSE_PINS, RESPONSE_PIN_TTL)),
             budgets: AtomicU8::new(Budgets::Seeding as u8),
         };
