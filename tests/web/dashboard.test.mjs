@@ -35,6 +35,8 @@ let admin;
 let browser;
 /** What was recorded, per key: `{id, secret, requests: {model: n}, tokens}`. */
 const keys = {};
+/** A key used only by the last test, whose requests fail. */
+let faultKey;
 
 function freePort() {
   return new Promise((resolve, reject) => {
@@ -108,13 +110,13 @@ async function usageOnceStored(secret, requests) {
 /**
  * How many pixels of a screenshot of `locator` are near each series colour: the PNG is
  * decoded by the browser itself (a blank page, so no CSP applies), not just "a canvas
- * exists".
+ * exists". `rows` limits the count to a band of the height (fractions, top is 0).
  */
-async function seriesPixels(locator, name) {
+async function seriesPixels(locator, name, rows = [0, 1]) {
   const png = await locator.screenshot({ path: path.join(ARTIFACTS, `${name}.png`) });
   const page = await browser.newPage();
   try {
-    return await page.evaluate(async ({ b64, colours }) => {
+    return await page.evaluate(async ({ b64, colours, rows }) => {
       const img = new Image();
       img.src = `data:image/png;base64,${b64}`;
       await img.decode();
@@ -125,13 +127,14 @@ async function seriesPixels(locator, name) {
       ctx.drawImage(img, 0, 0);
       const { data } = ctx.getImageData(0, 0, img.width, img.height);
       const counts = colours.map(() => 0);
-      for (let i = 0; i < data.length; i += 4) {
+      const [from, to] = rows.map((f) => Math.round(f * img.height) * img.width * 4);
+      for (let i = from; i < to; i += 4) {
         colours.forEach(([r, g, b], c) => {
           if (Math.abs(data[i] - r) + Math.abs(data[i + 1] - g) + Math.abs(data[i + 2] - b) < 60) counts[c] += 1;
         });
       }
       return counts;
-    }, { b64: png.toString('base64'), colours: SERIES_RGB });
+    }, { b64: png.toString('base64'), colours: SERIES_RGB, rows });
   } finally {
     await page.close();
   }
@@ -154,6 +157,14 @@ async function downloadCsv(page, selector) {
   const columns = header.split(',');
   const rows = lines.map((l) => Object.fromEntries(l.split(',').map((v, i) => [columns[i], v])));
   return { name: download.suggestedFilename(), columns, rows };
+}
+
+/** The mock provider's origin, from the sidecar config scripts/run wrote. */
+function mockOrigin() {
+  const conf = fs.readFileSync(path.join(afrHome, 'sidecar.toml'), 'utf8');
+  const m = /base_url\s*=\s*"http:\/\/127\.0\.0\.1:(\d+)/.exec(conf);
+  assert.ok(m, 'the mock provider is in sidecar.toml');
+  return `http://127.0.0.1:${m[1]}`;
 }
 
 /** An HTTP GET with a chosen Host header (fetch does not let one set it). */
@@ -181,7 +192,8 @@ before(async () => {
   // A budgeted key with a token limit, and a plain one.
   const budgeted = await newKey('dash-budget', ['--rpm', '600', '--tpm', '100000', '--budget-usd', '5', '--budget-per', 'month']);
   const plain = await newKey('dash-plain', ['--rpm', '600']);
-  await Promise.all([waitForKey(budgeted), waitForKey(plain)]);
+  faultKey = await newKey('dash-fault', ['--rpm', '600']);
+  await Promise.all([waitForKey(budgeted), waitForKey(plain), waitForKey(faultKey)]);
   const plan = {
     'dash-budget': { secret: budgeted, models: { 'gpt-4o-mini': 3, 'gpt-5-mini': 2 } },
     'dash-plain': { secret: plain, models: { 'gpt-4o-mini': 4 } },
@@ -357,5 +369,47 @@ describe('operator view (/dashboard/ on the admin listener)', () => {
     // DNS rebinding: a page whose own name points at 127.0.0.1 gets nothing.
     assert.equal(await getWithHost(`${admin}/api/usage`, 'evil.example'), 403);
     assert.equal(await getWithHost(`${admin}/api/usage`, `localhost:${new URL(admin).port}`), 200);
+  });
+
+  // Last: it leaves the mock's breaker open and usage the tests above do not expect.
+  test('a provider in trouble shows as errors and as its breaker opening', async () => {
+    const mock = mockOrigin();
+    const setMock = (knobs) => fetch(`${mock}/_mock/config`, {
+      method: 'POST', headers: { 'Content-Type': 'application/json' }, body: JSON.stringify(knobs),
+    }).then((r) => assert.equal(r.status, 200));
+    await setMock({ status: 500 });
+    try {
+      // Five failures open the breaker (the default); after that it refuses with 503.
+      for (let i = 0; i < 6; i += 1) {
+        const res = await fetch(`${origin}/v1/chat/completions`, {
+          method: 'POST',
+          headers: { Authorization: `Bearer ${faultKey}`, 'Content-Type': 'application/json' },
+          body: JSON.stringify({ model: 'gpt-4o-mini', messages: [{ role: 'user', content: 'fail' }] }),
+        });
+        await res.arrayBuffer();
+        assert.ok(res.status >= 500, `status ${res.status}`);
+      }
+    } finally {
+      await setMock({});
+    }
+    const breakers = await (await fetch(`${admin}/api/breakers`)).json();
+    assert.equal(breakers.samples.at(-1).states.mock, 'open');
+    assert.equal(breakers.samples[0].states.mock, 'closed');
+
+    const { page, problems } = await openPage(`${admin}/dashboard/`);
+    await page.waitForSelector('#report[data-loaded="true"]');
+    // The failures' rows reach the store within the writer's batch interval.
+    await page.waitForFunction(async () => {
+      document.getElementById('load').click();
+      await new Promise((r) => setTimeout(r, 300));
+      return Number(document.getElementById('total-errors').textContent) > 0;
+    }, null, { timeout: 10000, polling: 500 });
+    const errorsCell = await page.$$eval('#providers-table tbody tr', (trs) => trs.map((tr) => Number(tr.children[4].textContent)));
+    assert.ok(errorsCell.reduce((a, b) => a + b, 0) > 0, 'the 5xx column counts the failures');
+    // The breaker's line now reaches "open", the top band of its chart (closed is at the bottom).
+    const [open] = await seriesPixels(page.locator('#chart-breakers canvas'), 'dashboard-operator-breaker-open', [0, 0.3]);
+    assert.ok(open > 10, `pixels at the open level: ${open}`);
+    assert.deepEqual(problems, []);
+    await page.close();
   });
 });
