@@ -224,6 +224,26 @@ def test_without_a_traceparent_nginx_request_id_is_the_trace_id(stack):
     assert span.trace_id.hex() in [m.group(1) for m in ids if m], "the span's trace id is nginx's $request_id"
 
 
+def test_a_trace_the_client_did_not_sample_is_not_recorded_but_still_propagated(stack):
+    trace_id, parent_id = uuid.uuid4().hex, uuid.uuid4().hex[:16]
+    raw = stack.client(stack.key).chat.completions.with_raw_response.create(
+        model="gpt-4o-mini",
+        messages=[{"role": "user", "content": "not sampled"}],
+        extra_headers={"traceparent": f"00-{trace_id}-{parent_id}-00"},
+    )
+    raw.parse()
+    sent = [r for r in stack.mock_requests() if r["headers"].get("x-request-id") == raw.headers["x-request-id"]]
+    assert sent and re.fullmatch(rf"00-{trace_id}-[0-9a-f]{{16}}-00", sent[0]["headers"]["traceparent"])
+    # A sampled request sent after it is exported; the unsampled one never is.
+    after = uuid.uuid4().hex
+    stack.client(stack.key).chat.completions.create(
+        model="gpt-4o-mini", messages=[{"role": "user", "content": "sampled"}],
+        extra_headers={"traceparent": f"00-{after}-{parent_id}-01"},
+    )
+    assert stack.receiver.trace(after, 2)
+    assert stack.receiver.trace(trace_id, 1, timeout=0.5) == []
+
+
 def test_stream_records_time_to_first_chunk_and_its_usage(stack):
     trace_id = uuid.uuid4().hex
     stream = stack.client(stack.key).chat.completions.create(
