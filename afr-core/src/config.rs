@@ -54,6 +54,9 @@ pub struct SidecarConfig {
     /// Token and budget limits shared by a fleet's nodes through Redis.
     #[serde(default)]
     pub fleet: Option<FleetConfig>,
+    /// OpenTelemetry export; the standard `OTEL_*` variables override it.
+    #[serde(default)]
+    pub telemetry: Option<TelemetryConfig>,
     /// Upstream providers by name.
     pub providers: IndexMap<String, ProviderConfig>,
     /// The model catalogue, in the order `GET /v1/models` lists it.
@@ -339,6 +342,44 @@ pub struct FleetConfig {
     /// against (a `rediss://` URL), instead of the system's roots.
     #[serde(default)]
     pub ca_file: Option<PathBuf>,
+}
+
+/// `[telemetry]`: GenAI spans and metrics over OTLP/HTTP (the sidecar's
+/// `serve/telemetry.rs`). Each field has a standard `OTEL_*` variable, which
+/// wins when it is set, so a unit's environment can redirect a packaged
+/// config. Read at start.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TelemetryConfig {
+    /// The collector's OTLP/HTTP base URL (`http://127.0.0.1:4318`); signals
+    /// go to `/v1/traces` and `/v1/metrics` under it
+    /// (`OTEL_EXPORTER_OTLP_ENDPOINT`).
+    pub endpoint: String,
+    /// `service.name` of every span and point (`OTEL_SERVICE_NAME`).
+    #[serde(default = "default_service_name")]
+    pub service_name: String,
+    /// The share of requests traced when the client's `traceparent` does
+    /// not decide (parent-based, trace-id ratio; `OTEL_TRACES_SAMPLER`).
+    #[serde(default = "default_sample_ratio")]
+    pub sample_ratio: f64,
+    /// Export spans (`OTEL_TRACES_EXPORTER=none` turns them off).
+    #[serde(default = "default_true")]
+    pub traces: bool,
+    /// Export the GenAI metrics (`OTEL_METRICS_EXPORTER=none`).
+    #[serde(default = "default_true")]
+    pub metrics: bool,
+}
+
+fn default_service_name() -> String {
+    "afr".to_owned()
+}
+
+fn default_sample_ratio() -> f64 {
+    1.0
+}
+
+fn default_true() -> bool {
+    true
 }
 
 fn default_redis_url_env() -> String {
@@ -896,6 +937,28 @@ impl SidecarConfig {
                 errors.push(ConfigError::new(
                     "fleet.timeout",
                     "must be between 1ms and 10s: requests wait for Redis at most this long",
+                ));
+            }
+        }
+        if let Some(telemetry) = &self.telemetry {
+            let endpoint = telemetry.endpoint.trim();
+            let scheme = endpoint.split_once("://").map(|(scheme, _)| scheme);
+            if !matches!(scheme, Some("http" | "https")) || endpoint.len() <= "https://".len() {
+                errors.push(ConfigError::new(
+                    "telemetry.endpoint",
+                    format!("expected the collector's OTLP/HTTP base URL, such as http://127.0.0.1:4318, got {endpoint:?}"),
+                ));
+            }
+            if !(0.0..=1.0).contains(&telemetry.sample_ratio) {
+                errors.push(ConfigError::new(
+                    "telemetry.sample_ratio",
+                    "must be from 0 (no request traced) to 1 (every request)",
+                ));
+            }
+            if telemetry.service_name.trim().is_empty() {
+                errors.push(ConfigError::new(
+                    "telemetry.service_name",
+                    "must not be empty",
                 ));
             }
         }

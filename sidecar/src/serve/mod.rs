@@ -180,7 +180,10 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         gateway.metrics.track_fleet(Arc::clone(fleet));
     }
     gateway.fleet = fleet;
-    gateway.telemetry = telemetry::Telemetry::from_env(&gateway.metrics)?.map(Arc::new);
+    let telemetry_config = gateway.runtime.load().config.telemetry.clone();
+    gateway.telemetry =
+        telemetry::Telemetry::start_exporting(&gateway.metrics, telemetry_config.as_ref())?
+            .map(Arc::new);
     if let Some(t) = &gateway.telemetry {
         tracing::info!(telemetry = ?t, "OpenTelemetry: exporting traces and metrics over OTLP");
     }

@@ -29,7 +29,7 @@
 //! a span carries the key's id, never its secret.
 
 use crate::serve::metrics::Metrics;
-use afr_core::config::ProviderKind;
+use afr_core::config::{ProviderKind, TelemetryConfig};
 use afr_core::sse::event_data;
 use afr_core::usage::{TokenSource, UsageRecord};
 use async_trait::async_trait;
@@ -166,23 +166,44 @@ impl std::fmt::Debug for Telemetry {
     }
 }
 
-/// Where the OTLP exporters send, read from the standard variables.
-fn endpoint_configured(var: impl Fn(&str) -> Option<String>) -> bool {
-    let set = |name: &str| var(name).is_some_and(|v| !v.trim().is_empty());
-    let disabled = var("OTEL_SDK_DISABLED").is_some_and(|v| v.trim().eq_ignore_ascii_case("true"));
-    !disabled
-        && (set("OTEL_EXPORTER_OTLP_ENDPOINT")
-            || set("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
-            || set("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT"))
+/// What telemetry exports, and where: the `[telemetry]` block with the
+/// standard `OTEL_*` variables over it. `None` fields are left to the SDK,
+/// which reads the variables itself.
+#[derive(Debug, Clone, PartialEq)]
+struct Settings {
+    /// Where spans go when no variable says (`[telemetry] endpoint` + `/v1/traces`).
+    traces_endpoint: Option<String>,
+    /// Where metric points go when no variable says.
+    metrics_endpoint: Option<String>,
+    /// `service.name`, unless a variable names it.
+    service_name: Option<String>,
+    /// A parent-based trace-id ratio, unless `OTEL_TRACES_SAMPLER` decides
+    /// (`None` also for the SDK's default, every request).
+    sample_ratio: Option<f64>,
+    traces: bool,
+    metrics: bool,
+    timeout: Duration,
+    semconv: Semconv,
 }
 
-impl Telemetry {
-    /// Telemetry as the process environment configures it: `None` when no
-    /// OTLP endpoint is set. Must be called inside the sidecar's runtime: the
-    /// exporters' HTTP requests are spawned on it.
-    pub fn from_env(metrics: &Metrics) -> anyhow::Result<Option<Telemetry>> {
-        let var = |name: &str| std::env::var(name).ok();
-        if !endpoint_configured(var) {
+impl Settings {
+    /// The settings from `config` and the variables `var` reads; `None`
+    /// when neither names a collector, or `OTEL_SDK_DISABLED=true`.
+    fn resolve(
+        config: Option<&TelemetryConfig>,
+        var: impl Fn(&str) -> Option<String>,
+    ) -> anyhow::Result<Option<Settings>> {
+        let set = |name: &str| var(name).filter(|v| !v.trim().is_empty());
+        if set("OTEL_SDK_DISABLED").is_some_and(|v| v.trim().eq_ignore_ascii_case("true")) {
+            return Ok(None);
+        }
+        let general = set("OTEL_EXPORTER_OTLP_ENDPOINT").is_some();
+        let from_env = |signal: &str| general || set(signal).is_some();
+        let (env_traces, env_metrics) = (
+            from_env("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"),
+            from_env("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT"),
+        );
+        if config.is_none() && !env_traces && !env_metrics {
             return Ok(None);
         }
         let protocol = var("OTEL_EXPORTER_OTLP_PROTOCOL").unwrap_or_default();
@@ -191,30 +212,72 @@ impl Telemetry {
                 "OTEL_EXPORTER_OTLP_PROTOCOL: this gateway exports http/protobuf only, got {protocol:?}"
             );
         }
-        let timeout = var("OTEL_EXPORTER_OTLP_TIMEOUT")
-            .and_then(|v| v.trim().parse::<u64>().ok())
-            .map_or(DEFAULT_EXPORT_TIMEOUT, Duration::from_millis);
-        let client = OtlpClient::new(timeout)?;
-        let semconv = Semconv::from_opt_in(var("OTEL_SEMCONV_STABILITY_OPT_IN").as_deref());
-
-        let mut resource = Resource::builder();
-        let named = var("OTEL_SERVICE_NAME").is_some_and(|v| !v.trim().is_empty())
+        let base = config.map(|c| c.endpoint.trim().trim_end_matches('/'));
+        let at = |path: &str, from_env: bool| match base {
+            Some(base) if !from_env => Some(format!("{base}{path}")),
+            _ => None,
+        };
+        let named = set("OTEL_SERVICE_NAME").is_some()
             || var("OTEL_RESOURCE_ATTRIBUTES").is_some_and(|v| v.contains("service.name="));
-        if !named {
-            resource = resource.with_service_name("afr");
+        let exporter = |name: &str, configured: Option<bool>| match set(name) {
+            Some(value) => exporter_on(Some(value), name),
+            None => Ok(configured.unwrap_or(true)),
+        };
+        Ok(Some(Settings {
+            traces_endpoint: at("/v1/traces", env_traces),
+            metrics_endpoint: at("/v1/metrics", env_metrics),
+            service_name: (!named)
+                .then(|| config.map_or_else(|| "afr".to_owned(), |c| c.service_name.clone())),
+            sample_ratio: match config {
+                Some(c) if set("OTEL_TRACES_SAMPLER").is_none() && c.sample_ratio < 1.0 => {
+                    Some(c.sample_ratio)
+                }
+                _ => None,
+            },
+            traces: exporter("OTEL_TRACES_EXPORTER", config.map(|c| c.traces))?,
+            metrics: exporter("OTEL_METRICS_EXPORTER", config.map(|c| c.metrics))?,
+            timeout: var("OTEL_EXPORTER_OTLP_TIMEOUT")
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .map_or(DEFAULT_EXPORT_TIMEOUT, Duration::from_millis),
+            semconv: Semconv::from_opt_in(var("OTEL_SEMCONV_STABILITY_OPT_IN").as_deref()),
+        }))
+    }
+}
+
+impl Telemetry {
+    /// Telemetry as the process environment configures it: `None` when no
+    /// OTLP endpoint is set. Must be called inside the sidecar's runtime: the
+    /// exporters' HTTP requests are spawned on it.
+    pub fn start_exporting(
+        metrics: &Metrics,
+        config: Option<&TelemetryConfig>,
+    ) -> anyhow::Result<Option<Telemetry>> {
+        let Some(settings) = Settings::resolve(config, |name| std::env::var(name).ok())? else {
+            return Ok(None);
+        };
+        let client = OtlpClient::new(settings.timeout)?;
+        let mut resource = Resource::builder();
+        if let Some(name) = &settings.service_name {
+            resource = resource.with_service_name(name.clone());
         }
         let resource = resource
             .with_attribute(KeyValue::new("service.version", env!("CARGO_PKG_VERSION")))
             .build();
+        let semconv = settings.semconv;
 
         let dropped = |signal, reason| metrics.otel_dropped(signal, reason);
         let mut tracer_provider = SdkTracerProvider::builder()
             .with_id_generator(Ids::default())
             .with_resource(resource.clone());
-        let traces = exporter_on(var("OTEL_TRACES_EXPORTER"), "OTEL_TRACES_EXPORTER")?;
+        let traces = settings.traces;
         if traces {
-            tracer_provider =
-                tracer_provider.with_span_processor(span_pipeline(&client, &dropped)?);
+            let pipeline = span_pipeline(&client, settings.traces_endpoint.as_deref(), &dropped)?;
+            tracer_provider = tracer_provider.with_span_processor(pipeline);
+            if let Some(ratio) = settings.sample_ratio {
+                tracer_provider = tracer_provider.with_sampler(Sampler::ParentBased(Box::new(
+                    Sampler::TraceIdRatioBased(ratio),
+                )));
+            }
         } else {
             // No spans: the tracer decides "not sampled" and records nothing.
             tracer_provider = tracer_provider.with_sampler(Sampler::AlwaysOff);
@@ -223,11 +286,15 @@ impl Telemetry {
         let tracer = tracer_provider.tracer(SCOPE);
 
         let mut meter_provider = SdkMeterProvider::builder().with_resource(resource);
-        if exporter_on(var("OTEL_METRICS_EXPORTER"), "OTEL_METRICS_EXPORTER")? {
-            let metric_exporter = MetricExporter::builder()
+        if settings.metrics {
+            let mut builder = MetricExporter::builder()
                 .with_http()
                 .with_http_client(client)
-                .with_protocol(Protocol::HttpBinary)
+                .with_protocol(Protocol::HttpBinary);
+            if let Some(endpoint) = &settings.metrics_endpoint {
+                builder = builder.with_endpoint(endpoint.clone());
+            }
+            let metric_exporter = builder
                 .build()
                 .map_err(|e| anyhow::anyhow!("OTLP metric exporter: {e}"))?;
             let reader = PeriodicReader::builder(CountedMetrics {
@@ -385,12 +452,17 @@ fn exporter_on(value: Option<String>, name: &str) -> anyhow::Result<bool> {
 /// own thread, every drop counted.
 fn span_pipeline(
     client: &OtlpClient,
+    endpoint: Option<&str>,
     dropped: &dyn Fn(&'static str, &'static str) -> Counter,
 ) -> anyhow::Result<Bounded<BatchSpanProcessor>> {
-    let spans = SpanExporter::builder()
+    let mut builder = SpanExporter::builder()
         .with_http()
         .with_http_client(client.clone())
-        .with_protocol(Protocol::HttpBinary)
+        .with_protocol(Protocol::HttpBinary);
+    if let Some(endpoint) = endpoint {
+        builder = builder.with_endpoint(endpoint);
+    }
+    let spans = builder
         .build()
         .map_err(|e| anyhow::anyhow!("OTLP span exporter: {e}"))?;
     let batch = BatchConfigBuilder::default();
@@ -1176,33 +1248,91 @@ mod tests {
         );
     }
 
+    fn env(pairs: &'static [(&'static str, &'static str)]) -> impl Fn(&str) -> Option<String> {
+        move |name: &str| {
+            pairs
+                .iter()
+                .find(|(k, _)| *k == name)
+                .map(|(_, v)| (*v).to_owned())
+        }
+    }
+
+    fn block(endpoint: &str) -> TelemetryConfig {
+        TelemetryConfig {
+            endpoint: endpoint.to_owned(),
+            service_name: "gw".to_owned(),
+            sample_ratio: 0.25,
+            traces: true,
+            metrics: false,
+        }
+    }
+
     #[test]
-    fn endpoint_switches_it_on_and_sdk_disabled_off() {
-        let env = |pairs: &'static [(&'static str, &'static str)]| {
-            move |name: &str| {
-                pairs
-                    .iter()
-                    .find(|(k, _)| *k == name)
-                    .map(|(_, v)| (*v).to_owned())
-            }
-        };
-        assert!(!endpoint_configured(env(&[])));
-        assert!(!endpoint_configured(env(&[(
-            "OTEL_EXPORTER_OTLP_ENDPOINT",
-            " "
-        )])));
-        assert!(endpoint_configured(env(&[(
-            "OTEL_EXPORTER_OTLP_ENDPOINT",
-            "http://127.0.0.1:4318"
-        )])));
-        assert!(endpoint_configured(env(&[(
-            "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
-            "http://c/v1/traces"
-        )])));
-        assert!(!endpoint_configured(env(&[
+    fn an_endpoint_switches_it_on_and_sdk_disabled_off() {
+        assert_eq!(Settings::resolve(None, env(&[])).unwrap(), None);
+        assert_eq!(
+            Settings::resolve(None, env(&[("OTEL_EXPORTER_OTLP_ENDPOINT", " ")])).unwrap(),
+            None
+        );
+        let on = Settings::resolve(
+            None,
+            env(&[("OTEL_EXPORTER_OTLP_ENDPOINT", "http://c:4318")]),
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(
+            (on.traces_endpoint, on.service_name.as_deref()),
+            (None, Some("afr"))
+        );
+        assert!(on.traces && on.metrics && on.sample_ratio.is_none());
+        let traces_only = env(&[("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "http://c/v1/traces")]);
+        assert!(Settings::resolve(None, traces_only).unwrap().is_some());
+        let disabled = env(&[
             ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:4318"),
             ("OTEL_SDK_DISABLED", "TRUE"),
-        ])));
+        ]);
+        assert_eq!(
+            Settings::resolve(Some(&block("http://c:4318")), disabled).unwrap(),
+            None
+        );
+    }
+
+    #[test]
+    fn the_block_configures_and_the_variables_override_it() {
+        let config = block("http://collector:4318/");
+        let only = Settings::resolve(Some(&config), env(&[])).unwrap().unwrap();
+        assert_eq!(
+            only.traces_endpoint.as_deref(),
+            Some("http://collector:4318/v1/traces")
+        );
+        assert_eq!(
+            only.metrics_endpoint.as_deref(),
+            Some("http://collector:4318/v1/metrics")
+        );
+        assert_eq!(only.service_name.as_deref(), Some("gw"));
+        assert_eq!(only.sample_ratio, Some(0.25));
+        assert!(only.traces && !only.metrics);
+        let over = Settings::resolve(
+            Some(&config),
+            env(&[
+                ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://other:4318"),
+                ("OTEL_SERVICE_NAME", "edge"),
+                ("OTEL_TRACES_SAMPLER", "always_on"),
+                ("OTEL_METRICS_EXPORTER", "otlp"),
+                ("OTEL_TRACES_EXPORTER", "none"),
+            ]),
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!((over.traces_endpoint, over.metrics_endpoint), (None, None));
+        assert_eq!((over.service_name, over.sample_ratio), (None, None));
+        assert!(!over.traces && over.metrics);
+        let grpc = env(&[("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc")]);
+        let refused = Settings::resolve(Some(&config), grpc).unwrap_err();
+        assert!(
+            refused.to_string().contains("http/protobuf only"),
+            "{refused}"
+        );
     }
 
     #[test]
