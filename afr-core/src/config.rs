@@ -368,6 +368,12 @@ pub struct TelemetryConfig {
     /// Export the GenAI metrics (`OTEL_METRICS_EXPORTER=none`).
     #[serde(default = "default_true")]
     pub metrics: bool,
+    /// Record message contents on sampled spans (`gen_ai.input.messages`,
+    /// `gen_ai.output.messages`, `gen_ai.system_instructions`): the
+    /// clients' prompts and the models' answers, so off unless the operator
+    /// opts in (`OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT`).
+    #[serde(default)]
+    pub capture_content: bool,
 }
 
 fn default_service_name() -> String {

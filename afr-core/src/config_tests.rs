@@ -494,7 +494,10 @@ fn fleet_section_is_optional_and_checked() {
 
 #[test]
 fn telemetry_section_is_optional_and_checked() {
-    assert!(SidecarConfig::parse(MINIMAL, "t").unwrap().telemetry.is_none());
+    assert!(SidecarConfig::parse(MINIMAL, "t")
+        .unwrap()
+        .telemetry
+        .is_none());
     let ok = SidecarConfig::parse(
         &format!("{MINIMAL}\n[telemetry]\nendpoint = \"http://127.0.0.1:4318\"\n"),
         "t",
@@ -504,16 +507,27 @@ fn telemetry_section_is_optional_and_checked() {
     assert_eq!(telemetry.service_name, "afr");
     assert_eq!(telemetry.sample_ratio, 1.0);
     assert!(telemetry.traces && telemetry.metrics);
+    assert!(!telemetry.capture_content, "contents are opt-in");
     let bad = errors(&format!(
         "{MINIMAL}\n[telemetry]\nendpoint = \"127.0.0.1:4318\"\nsample_ratio = 1.5\nservice_name = \" \"\n"
     ));
-    for field in ["telemetry.endpoint", "telemetry.sample_ratio", "telemetry.service_name"] {
+    for field in [
+        "telemetry.endpoint",
+        "telemetry.sample_ratio",
+        "telemetry.service_name",
+    ] {
         assert!(bad.iter().any(|e| e.starts_with(field)), "{field}: {bad:?}");
     }
     let missing = errors(&format!("{MINIMAL}\n[telemetry]\n"));
-    assert!(missing.iter().any(|e| e.contains("endpoint")), "{missing:?}");
+    assert!(
+        missing.iter().any(|e| e.contains("endpoint")),
+        "{missing:?}"
+    );
     let unknown = errors(&format!(
         "{MINIMAL}\n[telemetry]\nendpoint = \"http://c:4318\"\nprotocol = \"grpc\"\n"
     ));
-    assert!(unknown.iter().any(|e| e.contains("protocol")), "{unknown:?}");
+    assert!(
+        unknown.iter().any(|e| e.contains("protocol")),
+        "{unknown:?}"
+    );
 }

@@ -15,6 +15,7 @@ pub mod error;
 pub mod estimate;
 pub mod fleet;
 pub mod fleet_ledger;
+pub mod genai_content;
 pub mod keyfile;
 pub mod keys;
 pub mod ledger;

@@ -128,6 +128,8 @@ def stack():
         "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{port}",
         "OTEL_SEMCONV_STABILITY_OPT_IN": "gen_ai_latest_experimental",
         "OTEL_SERVICE_NAME": "afr-test",
+        # Message contents: off by default, opted in here.
+        "OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT": "true",
         # Export within a fraction of a second, and give up on a gone collector fast.
         "OTEL_BSP_SCHEDULE_DELAY": "100",
         "OTEL_METRIC_EXPORT_INTERVAL": "300",
@@ -195,6 +197,14 @@ def test_plain_request_continues_the_clients_trace_to_the_provider(stack):
     assert a["afr.limits.decision"] == "none"
     assert "error.type" not in a
     assert not any(stack.key in str(v) for v in a.values()), "the key's secret is never recorded"
+    # Opted in: the conventions' message attributes, as JSON.
+    assert json.loads(a["gen_ai.input.messages"]) == [
+        {"role": "user", "parts": [{"type": "text", "content": "hello there"}]}
+    ]
+    assert json.loads(a["gen_ai.output.messages"]) == [
+        {"role": "assistant", "parts": [{"type": "text", "content": answer.choices[0].message.content}],
+         "finish_reason": "stop"}
+    ]
     (attempt,) = children(spans, request)
     assert attempt.kind == SPAN_KIND_CLIENT
     assert attrs(attempt)["server.address"] == "127.0.0.1"
@@ -261,6 +271,9 @@ def test_stream_records_time_to_first_chunk_and_its_usage(stack):
     assert a["gen_ai.usage.output_tokens"] == usage.completion_tokens
     assert a["gen_ai.response.finish_reasons"] == ["stop"]
     assert a["gen_ai.response.id"] == chunks[0].id
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    (message,) = json.loads(a["gen_ai.output.messages"])
+    assert message["parts"] == [{"type": "text", "content": text}] and message["finish_reason"] == "stop"
     names = {}
     deadline = time.monotonic() + 5
     while time.monotonic() < deadline:

@@ -30,6 +30,7 @@
 
 use crate::serve::metrics::Metrics;
 use afr_core::config::{ProviderKind, TelemetryConfig};
+use afr_core::genai_content;
 use afr_core::sse::event_data;
 use afr_core::usage::{TokenSource, UsageRecord};
 use async_trait::async_trait;
@@ -148,6 +149,8 @@ pub fn operation_name(path: &str) -> &'static str {
 pub struct Telemetry {
     /// Whether spans are exported (`OTEL_TRACES_EXPORTER` is not `none`).
     traces: bool,
+    /// Whether sampled spans carry message contents (opt-in).
+    capture_content: bool,
     tracer: SdkTracer,
     tracer_provider: SdkTracerProvider,
     meter_provider: SdkMeterProvider,
@@ -182,6 +185,8 @@ struct Settings {
     sample_ratio: Option<f64>,
     traces: bool,
     metrics: bool,
+    /// Message contents on sampled spans (opt-in).
+    capture_content: bool,
     timeout: Duration,
     semconv: Semconv,
 }
@@ -236,6 +241,16 @@ impl Settings {
             },
             traces: exporter("OTEL_TRACES_EXPORTER", config.map(|c| c.traces))?,
             metrics: exporter("OTEL_METRICS_EXPORTER", config.map(|c| c.metrics))?,
+            capture_content: match set("OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT") {
+                Some(v) => match v.trim().to_ascii_lowercase().as_str() {
+                    "true" => true,
+                    "false" => false,
+                    other => anyhow::bail!(
+                        "OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT: expected true or false, got {other:?}"
+                    ),
+                },
+                None => config.is_some_and(|c| c.capture_content),
+            },
             timeout: var("OTEL_EXPORTER_OTLP_TIMEOUT")
                 .and_then(|v| v.trim().parse::<u64>().ok())
                 .map_or(DEFAULT_EXPORT_TIMEOUT, Duration::from_millis),
@@ -308,7 +323,7 @@ impl Telemetry {
         let meter_provider = meter_provider.build();
         let meter = meter_provider.meter(SCOPE);
         Ok(Some(Telemetry::with(
-            traces,
+            (traces, settings.capture_content),
             tracer,
             tracer_provider,
             meter_provider,
@@ -318,7 +333,7 @@ impl Telemetry {
     }
 
     fn with(
-        traces: bool,
+        (traces, capture_content): (bool, bool),
         tracer: SdkTracer,
         tracer_provider: SdkTracerProvider,
         meter_provider: SdkMeterProvider,
@@ -356,6 +371,7 @@ impl Telemetry {
                 &CHUNK_BUCKETS,
             ),
             traces,
+            capture_content,
             tracer,
             tracer_provider,
             meter_provider,
@@ -416,6 +432,7 @@ impl Telemetry {
             started,
             params: RequestParams::default(),
             response: ResponseInfo::default(),
+            content: None,
             attempt: None,
             attempts: 0,
             provider: None,
@@ -633,6 +650,8 @@ pub struct RequestTrace {
     started: Instant,
     params: RequestParams,
     response: ResponseInfo,
+    /// The messages in and out, when the operator opted in and the span is sampled.
+    content: Option<(genai_content::Input, genai_content::Output)>,
     attempt: Option<AttemptSpan>,
     attempts: u32,
     /// The kind of the provider that served (or was last tried).
@@ -664,6 +683,9 @@ impl RequestTrace {
         }
         if let Ok(params) = serde_json::from_slice(body) {
             self.params = params;
+        }
+        if self.telemetry.capture_content {
+            self.content = Some((genai_content::input(body), genai_content::Output::default()));
         }
     }
 
@@ -784,6 +806,9 @@ impl RequestTrace {
         if let Ok(answer) = serde_json::from_slice::<Answer>(body) {
             self.response.read(answer);
         }
+        if let Some((_, output)) = &mut self.content {
+            output.body(body);
+        }
     }
 
     /// One event relayed to the client: counts the chunks and reads the
@@ -802,10 +827,15 @@ impl RequestTrace {
                         b"response.completed",
                     ],
                 ));
-        if worth_reading {
+        if worth_reading || self.content.is_some() {
             if let Some(data) = event_data(raw) {
-                if let Ok(answer) = serde_json::from_str::<Answer>(&data) {
-                    self.response.read(answer);
+                if worth_reading {
+                    if let Ok(answer) = serde_json::from_str::<Answer>(&data) {
+                        self.response.read(answer);
+                    }
+                }
+                if let Some((_, output)) = &mut self.content {
+                    output.event(&data);
                 }
             }
         }
@@ -948,6 +978,21 @@ impl RequestTrace {
         }
         if record.truncated {
             attributes.push(KeyValue::new("afr.truncated", true));
+        }
+        if let Some((input, output)) = &self.content {
+            let texts = [
+                (
+                    "gen_ai.system_instructions",
+                    input.system_instructions.clone(),
+                ),
+                ("gen_ai.input.messages", input.messages.clone()),
+                ("gen_ai.output.messages", output.render()),
+            ];
+            for (key, text) in texts {
+                if let Some(text) = text {
+                    attributes.push(KeyValue::new(key, text));
+                }
+            }
         }
         span.set_attributes(attributes);
         if let Some(error) = error {
@@ -1264,6 +1309,7 @@ mod tests {
             sample_ratio: 0.25,
             traces: true,
             metrics: false,
+            capture_content: false,
         }
     }
 
@@ -1311,7 +1357,12 @@ mod tests {
         );
         assert_eq!(only.service_name.as_deref(), Some("gw"));
         assert_eq!(only.sample_ratio, Some(0.25));
-        assert!(only.traces && !only.metrics);
+        assert!(only.traces && !only.metrics && !only.capture_content);
+        let opted = env(&[("OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT", "TRUE")]);
+        let opted = Settings::resolve(Some(&config), opted).unwrap().unwrap();
+        assert!(opted.capture_content);
+        let typo = env(&[("OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT", "yes")]);
+        assert!(Settings::resolve(Some(&config), typo).is_err());
         let over = Settings::resolve(
             Some(&config),
             env(&[
