@@ -121,8 +121,12 @@ pub unsafe fn add_rate_headers(
         push_value(headers, &RESET, reset)?;
         push_value(headers, &OPENAI_LIMIT, limit)?;
         push_value(headers, &OPENAI_REMAINING, remaining)?;
-        let after = afr_core::limits::openai_duration(v.reset_after_ms);
-        push_value(headers, &OPENAI_RESET, copy_str(pool, after.as_bytes())?)?;
+        let after = afr_core::limits::DurationText::new(v.reset_after_ms);
+        push_value(
+            headers,
+            &OPENAI_RESET,
+            copy_str(pool, after.as_str().as_bytes())?,
+        )?;
         if anthropic {
             let at = afr_core::limits::rfc3339_seconds(v.reset_unix(unix_ms));
             let values = [limit, remaining, copy_str(pool, at.as_bytes())?];
