@@ -29,5 +29,6 @@ pub mod retry_after;
 pub mod route;
 pub mod splice;
 pub mod sse;
+pub mod tracecontext;
 pub mod usage;
 pub mod validate;

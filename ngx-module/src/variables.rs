@@ -8,6 +8,7 @@
 //! | `$afr_rate_limit` | `X-RateLimit-Limit` of the request |
 //! | `$afr_rate_remaining` | `X-RateLimit-Remaining` of the request |
 //! | `$afr_status` | `admitted`, `unknown`, `disabled`, `expired`, `limited` or `concurrency` |
+//! | `$afr_trace_id` | the request's W3C trace id: its `traceparent`'s, else a fresh one |
 //!
 //! A variable is "not found" (empty; `-` in an access log) where it has no
 //! value: every one on a location with `afr off`, the key's fields when no key
@@ -16,13 +17,16 @@
 
 use afr_core::fleet::Path;
 use afr_core::ratelimit::Verdict;
+use afr_core::tracecontext::{hex128, trace_id};
 use ngx::core::Status;
 use ngx::ffi::{
     ngx_conf_t, ngx_http_add_variable, ngx_http_request_t, ngx_int_t, ngx_str_t, ngx_uint_t,
     ngx_variable_value_t, NGX_HTTP_VAR_NOCACHEABLE,
 };
 use ngx::ngx_string;
+use std::ptr::addr_of_mut;
 
+use crate::filter::list_iter;
 use crate::state::{self, AfrStatus, RequestState};
 
 /// Which variable a get handler call is for (its `data`).
@@ -47,6 +51,16 @@ const VARS: [(ngx_str_t, Var); 6] = [
 
 /// Declares the variables (preconfiguration, so the configuration can use them).
 pub fn add(cf: *mut ngx_conf_t) -> Result<(), ()> {
+    let mut name = ngx_string!("afr_trace_id");
+    // Cacheable (flags 0): one value per request, the same in the header to
+    // the sidecar and in the access log.
+    // SAFETY: `cf` is the configuration being parsed; nginx copies the name.
+    let v = unsafe { ngx_http_add_variable(cf, &mut name, 0) };
+    // SAFETY: a non-null return is the variable's entry in this configuration.
+    let Some(v) = (unsafe { v.as_mut() }) else {
+        return Err(());
+    };
+    v.get_handler = Some(get_trace_id);
     for (name, var) in VARS {
         let mut name = name;
         // SAFETY: `cf` is the configuration being parsed; nginx copies the name.
@@ -108,6 +122,55 @@ unsafe extern "C" fn get_variable(
         None => v.set_not_found(1),
     }
     Status::NGX_OK.into()
+}
+
+/// `$afr_trace_id`: the trace id of the client's `traceparent` when it sent
+/// one valid header, else a fresh random one, as 32 lowercase hex digits.
+/// The sidecar makes it the trace id of the request's span when there is no
+/// `traceparent` (`X-Afr-Trace-Id`), so an access-log line finds its trace.
+///
+/// A fresh id comes from a per-thread non-cryptographic generator
+/// (`fastrand`): a trace id must be unique, not secret. nginx's
+/// `$request_id` draws 16 bytes from OpenSSL's generator, ~6 000
+/// instructions a request (callgrind), what the whole key check costs.
+unsafe extern "C" fn get_trace_id(
+    r: *mut ngx_http_request_t,
+    v: *mut ngx_variable_value_t,
+    _data: usize,
+) -> ngx_int_t {
+    // SAFETY: nginx calls get handlers with a valid request and value slot.
+    let (r, v) = unsafe { (r, &mut *v) };
+    let mut found: Option<&[u8]> = None;
+    let mut count = 0;
+    // SAFETY: the request's header list is valid and not modified here.
+    for h in unsafe { list_iter(addr_of_mut!((*r).headers_in.headers)) } {
+        // SAFETY: list elements are initialised table entries.
+        let (key, value) = unsafe { ((*h).key.as_bytes(), (*h).value.as_bytes()) };
+        if key.eq_ignore_ascii_case(b"traceparent") {
+            count += 1;
+            found = trace_id(value);
+        }
+    }
+    let fresh;
+    let id = match found.filter(|_| count == 1) {
+        Some(id) => id,
+        None => {
+            fresh = hex128(fastrand::u128(1..));
+            &fresh[..]
+        }
+    };
+    // SAFETY: the request pool outlives the variable's use in this request.
+    match unsafe { state::copy_str((*r).pool, id) } {
+        Ok(s) => {
+            v.set_len(s.len as u32);
+            v.set_valid(1);
+            v.set_no_cacheable(0);
+            v.set_not_found(0);
+            v.data = s.data;
+            Status::NGX_OK.into()
+        }
+        Err(()) => Status::NGX_ERROR.into(),
+    }
 }
 
 /// Records the access phase's decision for the header filter and the

@@ -215,7 +215,7 @@ def test_plain_request_continues_the_clients_trace_to_the_provider(stack):
     assert {kv.key: value(kv.value) for kv in resource.attributes}["service.name"] == "afr-test"
 
 
-def test_without_a_traceparent_nginx_request_id_is_the_trace_id(stack):
+def test_without_a_traceparent_the_modules_trace_id_is_the_trace_id(stack):
     marker = f"trace-{uuid.uuid4().hex[:8]}"
     status, headers, _ = http(
         "POST", stack.base + "/v1/chat/completions",
@@ -227,11 +227,11 @@ def test_without_a_traceparent_nginx_request_id_is_the_trace_id(stack):
     deadline = time.monotonic() + 5
     while True:
         lines = (stack.home / "logs" / "nginx-access.log").read_text().splitlines()
-        ids = [re.search(r" id=([0-9a-f]{32})$", l) for l in lines if "key=otel " in l]
+        ids = [re.search(r" trace=([0-9a-f]{32})$", l) for l in lines if "key=otel " in l]
         if span.trace_id.hex() in [m.group(1) for m in ids if m] or time.monotonic() > deadline:
             break
         time.sleep(0.1)
-    assert span.trace_id.hex() in [m.group(1) for m in ids if m], "the span's trace id is nginx's $request_id"
+    assert span.trace_id.hex() in [m.group(1) for m in ids if m], "the span's trace id is the access log's"
 
 
 def test_a_trace_the_client_did_not_sample_is_not_recorded_but_still_propagated(stack):

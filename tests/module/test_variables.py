@@ -48,3 +48,34 @@ def test_variables_in_log_format_map_and_proxy_set_header(gateway, tmp_path):
     ])
     # Never the secret.
     assert ok.token not in access.read_text()
+
+
+def test_afr_trace_id_is_the_clients_trace_or_a_fresh_one_in_header_and_log(gateway):
+    """$afr_trace_id: the trace id of one valid traceparent, else a fresh random id; one
+    value per request, so the header to the upstream and the log line agree."""
+    import re
+
+    ok = Key("k-trace", rpm=100)
+    gw = gateway([ok], extra_http="log_format trace '$afr_trace_id';", extra_server="")
+    access = gw.prefix / "trace.log"
+    gw.stop()
+    gw.extra_server = f"access_log {access} trace;\nproxy_set_header X-Trace $afr_trace_id;"
+    gw.conf.write_text(gw.render())
+    gw.start()
+    tid = "4bf92f3577b34da6a3ce929d0e0e4736"
+    sent = []
+    for extra in (
+        {"traceparent": f"00-{tid}-00f067aa0ba902b7-01"},
+        {},
+        {},
+        {"traceparent": "00-00000000000000000000000000000000-00f067aa0ba902b7-01"},
+    ):
+        r = gw.request("/", {**ok.auth, **extra})
+        assert r.status == 200
+        (trace,) = [v for k, v in r.upstream_headers() if k == "X-Trace"]
+        sent.append(trace)
+    assert sent[0] == tid, "the client's trace continues"
+    assert all(re.fullmatch(r"[0-9a-f]{32}", t) for t in sent[1:]), sent
+    assert len(set(sent[1:])) == 3, "fresh ids differ, and an invalid traceparent gets one too"
+    lines = wait_for(lambda: access.exists() and len(access.read_text().split()) >= 4 and access.read_text().split(), 5)
+    assert sorted(lines) == sorted(sent), "the log line has the id the upstream got"

@@ -381,9 +381,9 @@ impl Telemetry {
 
     /// Starts the span of a request that arrived at `started` with
     /// `headers`, for the endpoint `path`. Its parent is the client's W3C
-    /// `traceparent` (passed through nginx); without one, nginx's
-    /// `$request_id` (`X-Afr-Trace-Id`, 32 hex digits) becomes the trace id,
-    /// so nginx's log and the trace share it.
+    /// `traceparent` (passed through nginx); without one, the module's
+    /// `$afr_trace_id` (`X-Afr-Trace-Id`, 32 hex digits) becomes the trace
+    /// id, so nginx's access log and the trace share it.
     pub fn start(
         self: &Arc<Self>,
         headers: &HeaderMap,
