@@ -311,6 +311,13 @@ describe('operator view (/dashboard/ on the admin listener)', () => {
       const [first] = await seriesPixels(page.locator(`#${id} canvas`), `dashboard-operator-${id}`);
       assert.ok(first > least, `${id}: series pixels ${first}`);
     }
+    // A loopback provider answers in hundredths of a millisecond: the latency axis's
+    // ticks must tell them apart (one decimal drew every tick as "0.1 ms").
+    const ticks = await page.evaluate(async () => {
+      const { ms } = await import('/assets/charts.js');
+      return [0.02, 0.04, 0.06, 0.5, 3.25, 1234].map(ms);
+    });
+    assert.deepEqual(ticks, ['0.02 ms', '0.04 ms', '0.06 ms', '0.5 ms', '3.3 ms', '1,234 ms']);
     await page.screenshot({ path: path.join(ARTIFACTS, 'dashboard-operator.png'), fullPage: true });
     assert.deepEqual(problems, []);
     await page.close();

@@ -36,9 +36,14 @@ export function count(n) {
   return (Number(n) || 0).toLocaleString('en-US');
 }
 
-/** Milliseconds: one decimal below 10 ms, whole above. */
+/**
+ * Milliseconds: two significant digits below 1 ms (a loopback provider answers in
+ * tenths: one decimal drew every axis tick as "0.1 ms"), one decimal below 10 ms, whole
+ * above.
+ */
 export function ms(n) {
   const v = Number(n) || 0;
+  if (v > 0 && v < 1) return `${Number(v.toPrecision(2))} ms`;
   return v < 10 ? `${v.toFixed(1)} ms` : `${count(Math.round(v))} ms`;
 }
 
