@@ -112,16 +112,19 @@ unsafe extern "C" fn get_variable(
         }),
     };
     match value {
-        Some(s) => {
-            v.set_len(s.len as u32);
-            v.set_valid(1);
-            v.set_no_cacheable(0);
-            v.set_not_found(0);
-            v.data = s.data;
-        }
+        Some(s) => set_value(v, s),
         None => v.set_not_found(1),
     }
     Status::NGX_OK.into()
+}
+
+/// Gives the variable the value `s` (bytes that live as long as the request).
+fn set_value(v: &mut ngx_variable_value_t, s: ngx_str_t) {
+    v.set_len(s.len as u32);
+    v.set_valid(1);
+    v.set_no_cacheable(0);
+    v.set_not_found(0);
+    v.data = s.data;
 }
 
 /// `$afr_trace_id`: the trace id of the client's `traceparent` when it sent
@@ -162,11 +165,7 @@ unsafe extern "C" fn get_trace_id(
     // SAFETY: the request pool outlives the variable's use in this request.
     match unsafe { state::copy_str((*r).pool, id) } {
         Ok(s) => {
-            v.set_len(s.len as u32);
-            v.set_valid(1);
-            v.set_no_cacheable(0);
-            v.set_not_found(0);
-            v.data = s.data;
+            set_value(v, s);
             Status::NGX_OK.into()
         }
         Err(()) => Status::NGX_ERROR.into(),
