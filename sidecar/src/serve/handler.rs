@@ -97,32 +97,10 @@ async fn handle_request(
 
     let path = request.uri().path().to_owned();
     let (key_id, limits) = (caller.key_id.clone(), caller.limits);
-    // A span for every request that gets a usage row (the arms below).
-    let accounted = request.method() == Method::POST
-        && matches!(
-            path.as_str(),
-            "/v1/chat/completions"
-                | "/v1/messages"
-                | COUNT_TOKENS_PATH
-                | "/v1/embeddings"
-                | "/v1/completions"
-                | "/v1/responses"
-        );
-    let trace = match &gateway.telemetry {
-        Some(telemetry) if accounted => Some(telemetry.start(request.headers(), &path, started)),
-        _ => None,
-    };
     let response = match (request.method(), path.as_str()) {
         (&Method::POST, "/v1/chat/completions") => {
             // From here on the request owns one usage row, whatever happens.
-            let usage = Accounting::new(
-                gateway.clone(),
-                &caller.request_id,
-                &caller.key_id,
-                caller.started,
-                caller.ts_ms,
-            )
-            .traced(trace);
+            let usage = accounting(&gateway, &caller, &request, &path);
             let limit = runtime.config.server.max_body_bytes;
             match read_body(request, limit).await {
                 Ok(body) => {
@@ -139,14 +117,7 @@ async fn handle_request(
             }
         }
         (&Method::POST, "/v1/messages" | COUNT_TOKENS_PATH) => {
-            let usage = Accounting::new(
-                gateway.clone(),
-                &caller.request_id,
-                &caller.key_id,
-                caller.started,
-                caller.ts_ms,
-            )
-            .traced(trace);
+            let usage = accounting(&gateway, &caller, &request, &path);
             let client = anthropic_client(request.headers(), request.uri().query());
             let endpoint = if path == COUNT_TOKENS_PATH {
                 MessagesEndpoint::CountTokens
@@ -171,14 +142,7 @@ async fn handle_request(
             }
         }
         (&Method::POST, "/v1/embeddings" | "/v1/completions" | "/v1/responses") => {
-            let usage = Accounting::new(
-                gateway.clone(),
-                &caller.request_id,
-                &caller.key_id,
-                caller.started,
-                caller.ts_ms,
-            )
-            .traced(trace);
+            let usage = accounting(&gateway, &caller, &request, &path);
             let limit = runtime.config.server.max_body_bytes;
             // The arm's paths are exactly the passthrough endpoints.
             let endpoint = Endpoint::from_path(&path).unwrap_or(Endpoint::Embeddings);
@@ -283,6 +247,29 @@ fn token_headers(
             headers.insert(BUDGET_REMAINING, v);
         }
     }
+}
+
+/// The accounting of a request that gets a usage row, and its span when
+/// telemetry is on (started from the request's `traceparent`, before the
+/// body is read).
+fn accounting(
+    gateway: &Arc<Gateway>,
+    caller: &Caller,
+    request: &Request<Incoming>,
+    path: &str,
+) -> Accounting {
+    let trace = gateway
+        .telemetry
+        .as_ref()
+        .map(|telemetry| telemetry.start(request.headers(), path, caller.started));
+    Accounting::new(
+        gateway.clone(),
+        &caller.request_id,
+        &caller.key_id,
+        caller.started,
+        caller.ts_ms,
+    )
+    .traced(trace)
 }
 
 /// A fresh id for every request: ids in client-supplied headers are not
