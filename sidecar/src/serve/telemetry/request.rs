@@ -1,0 +1,636 @@
+//! A request's trace: its span, its attempts' spans, and the attributes and
+//! metric points made from the request's usage row when it ends.
+
+use super::*;
+
+impl Telemetry {
+    pub(super) fn request_trace(
+        self: &Arc<Self>,
+        cx: Context,
+        recording: bool,
+        operation: &'static str,
+        started: Instant,
+    ) -> RequestTrace {
+        RequestTrace {
+            telemetry: Arc::clone(self),
+            recording,
+            cx,
+            operation,
+            started,
+            params: RequestParams::default(),
+            response: ResponseInfo::default(),
+            content: None,
+            attempt: None,
+            attempts: 0,
+            provider: None,
+            decision: "none",
+            first_chunk: None,
+            last_chunk: None,
+            chunks: 0,
+        }
+    }
+}
+
+/// The request parameters the conventions name, read off the client's body.
+#[derive(Debug, Default, Deserialize)]
+struct RequestParams {
+    model: Option<String>,
+    max_tokens: Option<u64>,
+    max_completion_tokens: Option<u64>,
+    max_output_tokens: Option<u64>,
+    temperature: Option<f64>,
+    top_p: Option<f64>,
+    top_k: Option<f64>,
+    frequency_penalty: Option<f64>,
+    presence_penalty: Option<f64>,
+    seed: Option<i64>,
+    n: Option<i64>,
+    stop: Option<Stop>,
+    stop_sequences: Option<Vec<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum Stop {
+    One(String),
+    Many(Vec<String>),
+}
+
+/// What the provider's answer says of itself: its id, model, and why it stopped.
+#[derive(Debug, Default)]
+struct ResponseInfo {
+    id: Option<String>,
+    model: Option<String>,
+    finish_reasons: Vec<String>,
+}
+
+/// The members of an answer (a whole body or one event) that carry its id,
+/// model and finish reasons, on every wire: chat completions and their
+/// chunks, Anthropic's message and its `message_start`/`message_delta`
+/// events, the Responses API's response and its `response.*` events.
+#[derive(Debug, Default, Deserialize)]
+struct Answer {
+    id: Option<String>,
+    model: Option<String>,
+    #[serde(default)]
+    choices: Vec<Choice>,
+    stop_reason: Option<String>,
+    status: Option<String>,
+    message: Option<Box<Answer>>,
+    response: Option<Box<Answer>>,
+    delta: Option<Box<Answer>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct Choice {
+    finish_reason: Option<String>,
+}
+
+impl ResponseInfo {
+    fn read(&mut self, answer: Answer) {
+        if let Some(inner) = answer.message.or(answer.response) {
+            self.read(*inner);
+        }
+        if let Some(delta) = answer.delta {
+            self.read(*delta);
+        }
+        if self.id.is_none() {
+            self.id = answer.id;
+        }
+        if self.model.is_none() {
+            self.model = answer.model;
+        }
+        for reason in answer
+            .choices
+            .into_iter()
+            .filter_map(|c| c.finish_reason)
+            .chain(answer.stop_reason)
+            .chain(answer.status.filter(|s| s != "in_progress"))
+        {
+            self.finish_reasons.push(reason);
+        }
+    }
+}
+
+/// A provider attempt's span, open while the attempt lasts.
+struct AttemptSpan {
+    cx: Context,
+}
+
+/// The trace of one request: its span, the open attempt's, and what the
+/// span's attributes are made of at the end. Owned by the request's
+/// [`crate::serve::accounting::Accounting`].
+pub struct RequestTrace {
+    telemetry: Arc<Telemetry>,
+    /// Whether the request's span is sampled: what only a span shows (the
+    /// request's parameters, the answer's id) is read only then.
+    recording: bool,
+    cx: Context,
+    operation: &'static str,
+    started: Instant,
+    params: RequestParams,
+    response: ResponseInfo,
+    /// The messages in and out, when the operator opted in and the span is sampled.
+    content: Option<(genai_content::Input, genai_content::Output)>,
+    attempt: Option<AttemptSpan>,
+    attempts: u32,
+    /// The kind of the provider that served (or was last tried).
+    provider: Option<ProviderKind>,
+    decision: &'static str,
+    first_chunk: Option<Instant>,
+    last_chunk: Option<Instant>,
+    chunks: u64,
+}
+
+/// Why an attempt failed, for its span's `error.type`: the provider's HTTP
+/// status, or the class of failure.
+pub fn attempt_error_type(error: &crate::providers::ProviderError) -> String {
+    use crate::providers::ProviderError;
+    match error {
+        ProviderError::Connect(_) => "connect".into(),
+        ProviderError::Timeout(_) => "timeout".into(),
+        ProviderError::Status { status, .. } => status.to_string(),
+        ProviderError::Protocol(_) => "protocol".into(),
+        ProviderError::Local(_) => "local_resources".into(),
+    }
+}
+
+impl RequestTrace {
+    /// Reads the request parameters the conventions name off the client's body.
+    pub fn request_body(&mut self, body: &[u8]) {
+        if !self.recording {
+            return;
+        }
+        if let Ok(params) = serde_json::from_slice(body) {
+            self.params = params;
+        }
+        if self.telemetry.capture_content {
+            self.content = Some((genai_content::input(body), genai_content::Output::default()));
+        }
+    }
+
+    /// The limits decision (`afr.limits.decision`): `reserved`, or the
+    /// limit that refused the request.
+    pub fn decision(&mut self, decision: &'static str) {
+        self.decision = decision;
+    }
+
+    /// Starts the span of an attempt at `provider` (its config name and
+    /// kind, and the route's `upstream_model`, `base_url`), ending the one
+    /// before. Returns the `traceparent` to send the provider.
+    pub fn attempt(
+        &mut self,
+        provider: &str,
+        kind: ProviderKind,
+        upstream_model: &str,
+        base_url: &str,
+        probe: bool,
+    ) -> Option<HeaderValue> {
+        self.end_attempt(None);
+        self.attempts += 1;
+        self.provider = Some(kind);
+        let tracer = &self.telemetry.tracer;
+        if !self.telemetry.traces {
+            return None;
+        }
+        if !self.recording {
+            // Not sampled: the provider still learns the trace (flags 00).
+            let span = tracer.span_builder("").start_with_context(tracer, &self.cx);
+            let sc = span.span_context().clone();
+            self.attempt = Some(AttemptSpan {
+                cx: self.cx.with_span(span),
+            });
+            return HeaderValue::from_str(&traceparent(&sc)).ok();
+        }
+        let semconv = self.telemetry.semconv;
+        let mut attributes = vec![
+            KeyValue::new("gen_ai.operation.name", self.operation),
+            KeyValue::new(semconv.provider_key(), semconv.provider_value(kind)),
+            KeyValue::new("gen_ai.request.model", upstream_model.to_owned()),
+            KeyValue::new("afr.provider", provider.to_owned()),
+            KeyValue::new("afr.attempt", i64::from(self.attempts)),
+            KeyValue::new("afr.breaker", if probe { "probe" } else { "closed" }),
+        ];
+        if let Ok(uri) = base_url.parse::<http::Uri>() {
+            if let Some(host) = uri.host() {
+                attributes.push(KeyValue::new("server.address", host.to_owned()));
+                let port = uri.port_u16().unwrap_or(match uri.scheme_str() {
+                    Some("http") => 80,
+                    _ => 443,
+                });
+                attributes.push(KeyValue::new("server.port", i64::from(port)));
+            }
+        }
+        let span = self
+            .telemetry
+            .tracer
+            .span_builder(format!("{} {upstream_model}", self.operation))
+            .with_kind(SpanKind::Client)
+            .with_attributes(attributes)
+            .start_with_context(&self.telemetry.tracer, &self.cx);
+        let sc = span.span_context().clone();
+        self.attempt = Some(AttemptSpan {
+            cx: self.cx.with_span(span),
+        });
+        HeaderValue::from_str(&traceparent(&sc)).ok()
+    }
+
+    /// The open attempt failed with `error_type` (and the request moves on,
+    /// or ends with the gateway's error).
+    pub fn attempt_failed(&mut self, error_type: String) {
+        self.end_attempt(Some(error_type));
+    }
+
+    /// A route skipped because its provider's breaker is open: a span of
+    /// no length, so the refusal shows in the trace where an attempt would be.
+    pub fn breaker_open(&mut self, provider: &str, kind: ProviderKind, retry_after: Duration) {
+        if !self.recording {
+            return;
+        }
+        let semconv = self.telemetry.semconv;
+        let mut span = self
+            .telemetry
+            .tracer
+            .span_builder(format!("{} {provider}", self.operation))
+            .with_kind(SpanKind::Client)
+            .with_attributes([
+                KeyValue::new("gen_ai.operation.name", self.operation),
+                KeyValue::new(semconv.provider_key(), semconv.provider_value(kind)),
+                KeyValue::new("afr.provider", provider.to_owned()),
+                KeyValue::new("afr.breaker", "open"),
+                KeyValue::new("afr.breaker.retry_after_s", retry_after.as_secs_f64()),
+                KeyValue::new("error.type", "breaker_open"),
+            ])
+            .start_with_context(&self.telemetry.tracer, &self.cx);
+        span.set_status(Status::error("breaker open"));
+        span.end();
+    }
+
+    fn end_attempt(&mut self, error_type: Option<String>) {
+        let Some(attempt) = self.attempt.take() else {
+            return;
+        };
+        let span = attempt.cx.span();
+        if let Some(error) = error_type {
+            span.set_status(Status::error(error.clone()));
+            span.set_attribute(KeyValue::new("error.type", error));
+        }
+        span.end();
+    }
+
+    /// A whole (non-streamed) answer body.
+    pub fn answer_body(&mut self, body: &[u8]) {
+        if !self.recording {
+            return;
+        }
+        if let Ok(answer) = serde_json::from_slice::<Answer>(body) {
+            self.response.read(answer);
+        }
+        if let Some((_, output)) = &mut self.content {
+            output.body(body);
+        }
+    }
+
+    /// One event relayed to the client: counts the chunks and reads the
+    /// id, model and stop reason off the events that carry them.
+    pub fn event(&mut self, raw: &[u8]) {
+        let now = Instant::now();
+        self.chunks += 1;
+        self.last_chunk = Some(now);
+        let worth_reading = self.recording
+            && (self.response.id.is_none()
+                || memchr_any(
+                    raw,
+                    &[
+                        b"finish_reason\":\"",
+                        b"stop_reason\":\"",
+                        b"response.completed",
+                    ],
+                ));
+        if worth_reading || self.content.is_some() {
+            if let Some(data) = event_data(raw) {
+                if worth_reading {
+                    if let Ok(answer) = serde_json::from_str::<Answer>(&data) {
+                        self.response.read(answer);
+                    }
+                }
+                if let Some((_, output)) = &mut self.content {
+                    output.event(&data);
+                }
+            }
+        }
+    }
+
+    /// The first content of a stream of `model` (the catalogue's name)
+    /// reached the client `at`.
+    pub fn first_content(&mut self, at: Instant, model: &str) {
+        self.first_chunk = Some(at);
+        let ttfc = at.saturating_duration_since(self.started).as_secs_f64();
+        let attributes = self.metric_attributes(model, None);
+        self.telemetry.first_chunk.record(ttfc, &attributes);
+    }
+
+    /// The attributes of the request's metric points: a bounded set (the
+    /// catalogue's model, never the client's free text nor the provider's
+    /// answer), the same whether or not the span is sampled.
+    fn metric_attributes(&self, model: &str, error: Option<&str>) -> Vec<KeyValue> {
+        let semconv = self.telemetry.semconv;
+        let mut attributes = vec![KeyValue::new("gen_ai.operation.name", self.operation)];
+        if let Some(kind) = self.provider {
+            attributes.push(KeyValue::new(
+                semconv.provider_key(),
+                semconv.provider_value(kind),
+            ));
+        }
+        if !model.is_empty() {
+            attributes.push(KeyValue::new("gen_ai.request.model", model.to_owned()));
+        }
+        if let Some(error) = error {
+            attributes.push(KeyValue::new("error.type", error.to_owned()));
+        }
+        attributes
+    }
+
+    /// Ends the request's span (and an open attempt's) with the request's
+    /// usage row, and records its metrics.
+    pub fn finish(mut self, record: &UsageRecord, latency: Duration) {
+        let status = record.status;
+        let error = (status >= 400).then(|| error_type(status));
+        self.end_attempt(error.clone());
+        let telemetry = Arc::clone(&self.telemetry);
+        let mut metric = self.metric_attributes(&record.model, error.as_deref());
+        telemetry.duration.record(latency.as_secs_f64(), &metric);
+        let consumed = record.token_source != TokenSource::None;
+        if consumed {
+            for (kind, count) in [
+                ("input", record.prompt_tokens),
+                ("output", record.completion_tokens),
+            ] {
+                metric.push(KeyValue::new("gen_ai.token.type", kind));
+                telemetry.tokens.record(count, &metric);
+                metric.pop();
+            }
+        }
+        if let (Some(first), Some(last)) = (self.first_chunk, self.last_chunk) {
+            if self.chunks > 1 && last > first {
+                let per = last.duration_since(first).as_secs_f64() / (self.chunks - 1) as f64;
+                telemetry.per_chunk.record(per, &metric);
+            }
+        }
+        if !self.recording {
+            return;
+        }
+
+        let span = self.cx.span();
+        // The catalogue's name, or the client's own when it named none the
+        // catalogue has (the row and the metrics keep no free text; the span may).
+        let model = Some(&record.model)
+            .filter(|m| !m.is_empty())
+            .or(self.params.model.as_ref());
+        let mut attributes = metric;
+        if let Some(model) = model {
+            span.update_name(format!("{} {model}", self.operation));
+            if record.model.is_empty() {
+                attributes.push(KeyValue::new("gen_ai.request.model", model.clone()));
+            }
+        }
+        attributes.extend(self.params.attributes());
+        let r = &self.response;
+        if let Some(response_model) = &r.model {
+            attributes.push(KeyValue::new(
+                "gen_ai.response.model",
+                response_model.clone(),
+            ));
+        }
+        if let Some(id) = &r.id {
+            attributes.push(KeyValue::new("gen_ai.response.id", id.clone()));
+        }
+        if !r.finish_reasons.is_empty() {
+            let reasons: Vec<StringValue> =
+                r.finish_reasons.iter().cloned().map(Into::into).collect();
+            attributes.push(KeyValue::new(
+                "gen_ai.response.finish_reasons",
+                Value::Array(reasons.into()),
+            ));
+        }
+        if consumed {
+            attributes.push(KeyValue::new(
+                "gen_ai.usage.input_tokens",
+                record.prompt_tokens as i64,
+            ));
+            attributes.push(KeyValue::new(
+                "gen_ai.usage.output_tokens",
+                record.completion_tokens as i64,
+            ));
+            let cache_write = record.cache_write_5m_tokens + record.cache_write_1h_tokens;
+            for (key, count) in [
+                ("gen_ai.usage.cache_read.input_tokens", record.cached_tokens),
+                ("gen_ai.usage.cache_creation.input_tokens", cache_write),
+                (
+                    "gen_ai.usage.reasoning.output_tokens",
+                    record.reasoning_tokens,
+                ),
+            ] {
+                if count > 0 {
+                    attributes.push(KeyValue::new(key, count as i64));
+                }
+            }
+            let source = if record.token_source == TokenSource::Estimated {
+                "estimated"
+            } else {
+                "provider"
+            };
+            attributes.push(KeyValue::new("afr.usage.source", source));
+        }
+        attributes.extend([
+            KeyValue::new("afr.key.id", record.key_id.clone()),
+            KeyValue::new("afr.request.id", record.request_id.clone()),
+            KeyValue::new("afr.limits.decision", self.decision),
+            KeyValue::new("afr.attempts", i64::from(self.attempts)),
+            KeyValue::new("afr.stream", record.stream),
+            KeyValue::new("http.response.status_code", i64::from(status)),
+        ]);
+        if !record.provider.is_empty() {
+            attributes.push(KeyValue::new("afr.provider", record.provider.clone()));
+        }
+        if let Some(nanos) = record.cost_nanos.filter(|_| consumed) {
+            attributes.push(KeyValue::new("afr.cost_usd", nanos as f64 / 1e9));
+        }
+        if record.truncated {
+            attributes.push(KeyValue::new("afr.truncated", true));
+        }
+        if let Some((input, output)) = &self.content {
+            let texts = [
+                (
+                    "gen_ai.system_instructions",
+                    input.system_instructions.clone(),
+                ),
+                ("gen_ai.input.messages", input.messages.clone()),
+                ("gen_ai.output.messages", output.render()),
+            ];
+            for (key, text) in texts {
+                if let Some(text) = text {
+                    attributes.push(KeyValue::new(key, text));
+                }
+            }
+        }
+        span.set_attributes(attributes);
+        if let Some(error) = error {
+            span.set_status(Status::error(error));
+        }
+        span.end();
+    }
+}
+
+impl RequestParams {
+    fn attributes(&self) -> Vec<KeyValue> {
+        let mut out = Vec::new();
+        let max = self
+            .max_tokens
+            .or(self.max_completion_tokens)
+            .or(self.max_output_tokens);
+        if let Some(max) = max {
+            out.push(KeyValue::new("gen_ai.request.max_tokens", max as i64));
+        }
+        for (key, value) in [
+            ("gen_ai.request.temperature", self.temperature),
+            ("gen_ai.request.top_p", self.top_p),
+            ("gen_ai.request.top_k", self.top_k),
+            ("gen_ai.request.frequency_penalty", self.frequency_penalty),
+            ("gen_ai.request.presence_penalty", self.presence_penalty),
+        ] {
+            if let Some(v) = value {
+                out.push(KeyValue::new(key, v));
+            }
+        }
+        if let Some(seed) = self.seed {
+            out.push(KeyValue::new("gen_ai.request.seed", seed));
+        }
+        if let Some(n) = self.n.filter(|n| *n != 1) {
+            out.push(KeyValue::new("gen_ai.request.choice.count", n));
+        }
+        let stop = match (&self.stop, &self.stop_sequences) {
+            (Some(Stop::One(s)), _) => Some(vec![s.clone()]),
+            (Some(Stop::Many(v)), _) | (None, Some(v)) => Some(v.clone()),
+            (None, None) => None,
+        };
+        if let Some(stop) = stop {
+            let values: Vec<StringValue> = stop.into_iter().map(Into::into).collect();
+            out.push(KeyValue::new(
+                "gen_ai.request.stop_sequences",
+                Value::Array(values.into()),
+            ));
+        }
+        out
+    }
+}
+
+/// `error.type` of a request that ended with `status`: the class of the
+/// gateway's answer, low-cardinality as the conventions ask.
+pub fn error_type(status: u16) -> String {
+    match status {
+        499 => "client_closed".into(),
+        s => s.to_string(),
+    }
+}
+
+/// The W3C `traceparent` of `sc`.
+fn traceparent(sc: &SpanContext) -> String {
+    tracecontext::traceparent(
+        sc.trace_id().to_bytes(),
+        sc.span_id().to_bytes(),
+        sc.trace_flags().to_u8(),
+    )
+}
+
+fn memchr_any(haystack: &[u8], needles: &[&[u8]]) -> bool {
+    needles
+        .iter()
+        .any(|n| haystack.windows(n.len()).any(|w| w == *n))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use opentelemetry::trace::{TraceFlags, TraceState};
+
+    #[test]
+    fn answers_give_id_model_and_finish_reasons_on_every_wire() {
+        let read = |json: &str| {
+            let mut info = ResponseInfo::default();
+            info.read(serde_json::from_str(json).unwrap());
+            (info.id, info.model, info.finish_reasons)
+        };
+        let chat = r#"{"id":"chatcmpl-1","model":"gpt-4o-2024","choices":[{"index":0,"finish_reason":"stop"},{"index":1,"finish_reason":"length"}]}"#;
+        assert_eq!(
+            read(chat),
+            (
+                Some("chatcmpl-1".into()),
+                Some("gpt-4o-2024".into()),
+                vec!["stop".into(), "length".into()]
+            )
+        );
+        let message = r#"{"id":"msg_1","type":"message","model":"claude-x","stop_reason":"end_turn","content":[]}"#;
+        assert_eq!(read(message).2, vec!["end_turn".to_owned()]);
+        let start = r#"{"type":"message_start","message":{"id":"msg_2","model":"claude-y"}}"#;
+        assert_eq!(read(start).0.as_deref(), Some("msg_2"));
+        let delta = r#"{"type":"message_delta","delta":{"stop_reason":"max_tokens"}}"#;
+        assert_eq!(read(delta).2, vec!["max_tokens".to_owned()]);
+        let done = r#"{"type":"response.completed","response":{"id":"resp_1","model":"gpt-5","status":"completed"}}"#;
+        assert_eq!(
+            read(done),
+            (
+                Some("resp_1".into()),
+                Some("gpt-5".into()),
+                vec!["completed".into()]
+            )
+        );
+    }
+
+    #[test]
+    fn request_parameters_become_the_conventions_attributes() {
+        let params: RequestParams = serde_json::from_str(
+            r#"{"model":"m","max_completion_tokens":50,"temperature":0.5,"stop":"END","n":2,"seed":7,"messages":[]}"#,
+        )
+        .unwrap();
+        let attributes = params.attributes();
+        let get = |k: &str| {
+            attributes
+                .iter()
+                .find(|kv| kv.key.as_str() == k)
+                .map(|kv| kv.value.clone())
+        };
+        assert_eq!(get("gen_ai.request.max_tokens"), Some(Value::I64(50)));
+        assert_eq!(get("gen_ai.request.temperature"), Some(Value::F64(0.5)));
+        assert_eq!(get("gen_ai.request.choice.count"), Some(Value::I64(2)));
+        assert_eq!(get("gen_ai.request.seed"), Some(Value::I64(7)));
+        assert!(get("gen_ai.request.stop_sequences").is_some());
+        assert!(get("gen_ai.request.top_p").is_none());
+        let one: RequestParams = serde_json::from_str(r#"{"n":1}"#).unwrap();
+        assert!(
+            one.attributes().is_empty(),
+            "n = 1 is the default and not recorded"
+        );
+    }
+
+    #[test]
+    fn traceparent_is_w3c() {
+        let sc = SpanContext::new(
+            TraceId::from_hex("4bf92f3577b34da6a3ce929d0e0e4736").unwrap(),
+            opentelemetry::trace::SpanId::from_hex("00f067aa0ba902b7").unwrap(),
+            TraceFlags::SAMPLED,
+            false,
+            TraceState::default(),
+        );
+        assert_eq!(
+            traceparent(&sc),
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+        );
+    }
+
+    #[test]
+    fn error_types_are_low_cardinality() {
+        assert_eq!(error_type(429), "429");
+        assert_eq!(error_type(499), "client_closed");
+    }
+}
