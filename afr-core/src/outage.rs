@@ -70,6 +70,15 @@ pub const LOSS_SPREAD_MS: u64 = 2_000;
 /// timeout.
 pub const RETURN_SPREAD_MS: u64 = 2_000;
 
+/// Phases are kept unwrapped ([`Reach::align`]) and biased by this many
+/// windows' worth, so that they never go below zero: an estimate that moves
+/// across a multiple of the window moves the boundaries by those few ms, not
+/// the windows' numbering by one. (Wrapped modulo the window, a boundary
+/// estimated 1 ms before a multiple and then 1 ms after it renumbered every
+/// window: the window Redis went away in became "a later one", and a node
+/// took a share in it — 2 184 of 1 500 tokens in a chaos run.)
+const PHASE_BIAS_MS: u64 = 1_000 * WINDOW_MS;
+
 /// How long a refusal says to wait when Redis is reachable but was too
 /// slow for this request (no loss, so no share): a second.
 pub const RETRY_SOON_MS: u64 = 1_000;
@@ -132,7 +141,8 @@ pub struct Reach {
     /// node has Redis.
     local_ms: u64,
     /// Redis's window boundaries on the caller's clock: each lies within
-    /// `[phase_ms + k·W, phase_ms + slack_ms + k·W]`.
+    /// `[phase_ms + k·W, phase_ms + slack_ms + k·W]`. Unwrapped, biased by
+    /// [`PHASE_BIAS_MS`] (when `aligned` is not 0).
     phase_ms: u64,
     slack_ms: u64,
     /// 0: not estimated; 1: from the wall clock; 2: from Redis's answers.
@@ -169,9 +179,38 @@ impl Reach {
         if slack > MAX_SLACK_MS {
             return;
         }
-        self.phase_ms = (sent_ms + window_left_ms) % WINDOW_MS;
+        self.set_phase((sent_ms + window_left_ms) % WINDOW_MS);
         self.slack_ms = slack;
         self.aligned = 2;
+    }
+
+    /// Moves the boundaries to `phase` (modulo the window) by the shorter
+    /// way from where they were: the estimate's noise never renumbers the
+    /// windows (see [`PHASE_BIAS_MS`]).
+    fn set_phase(&mut self, phase: u64) {
+        let cur = self.phase();
+        let d = (phase + WINDOW_MS - cur % WINDOW_MS) % WINDOW_MS;
+        let moved = if d <= WINDOW_MS / 2 {
+            cur + d
+        } else {
+            cur.saturating_sub(WINDOW_MS - d)
+        };
+        // Only clocks drifting apart by hundreds of windows in one direction
+        // reach either end: start over there (one renumbering).
+        self.phase_ms = if (WINDOW_MS..2 * PHASE_BIAS_MS).contains(&moved) {
+            moved
+        } else {
+            PHASE_BIAS_MS + phase
+        };
+    }
+
+    /// The unwrapped phase: multiples of the window until one is estimated.
+    fn phase(&self) -> u64 {
+        if self.aligned == 0 {
+            PHASE_BIAS_MS
+        } else {
+            self.phase_ms
+        }
     }
 
     /// Until Redis has answered: boundaries where the wall clock (Redis's
@@ -181,21 +220,25 @@ impl Reach {
         if self.aligned != 0 {
             return;
         }
-        self.phase_ms = (mono_ms + WINDOW_MS - unix_ms % WINDOW_MS) % WINDOW_MS;
+        self.set_phase((mono_ms + WINDOW_MS - unix_ms % WINDOW_MS) % WINDOW_MS);
         self.slack_ms = WALL_SLACK_MS;
         self.aligned = 1;
     }
 
-    /// Where safe parts start, modulo the window.
+    /// Where safe parts start: the unwrapped phase plus the slack (not
+    /// reduced modulo the window either: a slack carrying the phase past a
+    /// multiple would renumber the windows as a wrapped phase did).
     fn offset(&self) -> u64 {
-        (self.phase_ms + self.slack_ms) % WINDOW_MS
+        self.phase() + self.slack_ms
     }
 
     /// The index of the window whose safe part starts last at or before
     /// `now_ms` (≥ 1): windows are `[start, start + W)`, their safe part
     /// `[start, start + W − slack)`.
     fn index(&self, now_ms: u64) -> u64 {
-        (now_ms + WINDOW_MS - self.offset()) / WINDOW_MS + 1
+        let t =
+            i128::from(now_ms) + i128::from(WINDOW_MS + PHASE_BIAS_MS) - i128::from(self.offset());
+        (t.max(0) / i128::from(WINDOW_MS)) as u64 + 1
     }
 
     /// `now_ms` moved so that Redis's windows begin at multiples of the
@@ -205,12 +248,12 @@ impl Reach {
     /// the next one (where a share counted from the safe start then sees
     /// it), never in neither.
     pub fn window_clock(&self, now_ms: u64) -> u64 {
-        now_ms + WINDOW_MS - self.phase_ms % WINDOW_MS
+        (now_ms + WINDOW_MS + PHASE_BIAS_MS).saturating_sub(self.phase())
     }
 
     /// When window `index` starts (caller's clock; it may precede 0).
     fn start(&self, index: u64) -> i128 {
-        i128::from(index * WINDOW_MS + self.offset()) - i128::from(2 * WINDOW_MS)
+        i128::from(index * WINDOW_MS + self.offset()) - i128::from(2 * WINDOW_MS + PHASE_BIAS_MS)
     }
 
     fn window(&self, now_ms: u64) -> ShareWindow {
@@ -406,6 +449,42 @@ mod tests {
     use crate::fleet::Grant;
 
     const W: u64 = WINDOW_MS;
+
+    #[test]
+    fn estimates_either_side_of_a_multiple_keep_the_windows_numbered() {
+        // Redis's boundaries at multiples of the window on the caller's clock
+        // (a fleet sidecar's clock is the wall clock, as Redis's is): the
+        // estimates land a ms either side, and a slack may carry one across.
+        let t = 100 * W + 30_000;
+        let mut r = Reach::default();
+        r.align(t, t + 2, W - 30_000 - 1); // boundary 1 ms before 101·W
+        let clock = r.window_clock(t);
+        assert!(r.went_local(t));
+        assert!(r.shares_from_the_start(t + 5_000).is_err(), "rule 1");
+        for (sent, recv) in [(t + 5_000, t + 5_000), (t + 6_000, t + 6_004)] {
+            // Boundary at 101·W exactly; then 1 ms late with 4 ms of slack.
+            r.align(sent, recv, 101 * W - sent);
+            assert!(
+                r.shares_from_the_start(recv + 1).is_err(),
+                "still the window Redis went away in"
+            );
+            assert!(r.shares(recv + 1).is_err());
+            assert!(
+                r.window_clock(t).abs_diff(clock) <= 1,
+                "the clock does not jump a window"
+            );
+        }
+        // The next window is a later one: the node's share, from its start.
+        let next = r.shares_from_the_start(101 * W + 10).expect("rule 2");
+        assert_eq!(next.next_ms, 102 * W + 4);
+        // And the other way round, from just after a multiple to just before.
+        let mut r = Reach::default();
+        r.align(t, t, W - 30_000 + 1);
+        assert!(r.went_local(t));
+        r.align(t + 5_000, t + 5_000, W - 35_000 - 1);
+        assert!(r.shares_from_the_start(t + 6_000).is_err());
+        assert!(r.shares_from_the_start(101 * W + 10).is_ok());
+    }
 
     #[test]
     fn one_line_per_node_and_outage_however_many_workers() {

@@ -540,6 +540,36 @@ async fn a_redis_restarted_empty_holds_the_node_to_its_share_of_the_window() {
     }
 }
 
+/// Redis back empty after an outage (the usual way its counters are lost:
+/// killed, then started without persistence) is said in the log: once the
+/// node was already without Redis, it used not to be.
+#[tokio::test]
+async fn redis_back_empty_after_an_outage_is_logged_as_having_lost_its_counters() {
+    let mut redis = Redis::start();
+    let mock = Mock::start(&[]);
+    let sidecar = fleet_sidecar(&mock, redis.port, SQLITE, &[]);
+    let tpm = "tpm=100000";
+    assert_eq!(chat(&sidecar, "k", tpm).await.0, 200);
+    redis.signal("-STOP");
+    // No answer within the timeout: the node is on its own.
+    assert_eq!(chat(&sidecar, "k", tpm).await.0, 429);
+    assert!(
+        sidecar.log().contains("Redis unreachable"),
+        "{}",
+        sidecar.log()
+    );
+    redis.signal("-CONT");
+    redis.restart_empty();
+    // The node asks once a second while away; its first answer has another epoch.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !sidecar.log().contains("lost its counters") {
+        assert!(Instant::now() < deadline, "{}", sidecar.log());
+        let _ = chat(&sidecar, "k", tpm).await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(sidecar.log().matches("lost its counters").count(), 1);
+}
+
 /// Issue 22, item 7: the Lua twin of `afr_core::ratelimit::room` (what the
 /// module's lease script and the sidecar's reserve script run) against the
 /// same table of vectors as the Rust rule, evaluated by a real redis-server.

@@ -216,6 +216,20 @@ def windows(results, kind, value):
     return dict(per)
 
 
+def timeline(results, kind, log, fleet) -> str:
+    """What a failed window assertion shows: each admission of `kind` (time, node, tokens)
+    beside the chaos events, and what the sidecars logged about Redis."""
+    t0 = min(r["t0"] for r in results)
+    rows = [(r["t0"] - t0, f"node{r['node'] + 1} +{r['tokens'] or 1}")
+            for r in results if r["kind"] == kind and r["status"] == 200]
+    rows += [(t - t0, f"EVENT {n}") for t, n in log]
+    lines = [f"{t:7.2f} {what}" for t, what in sorted(rows)]
+    for i, node in enumerate(fleet.nodes):
+        log_lines = (node / "logs/sidecar.log").read_text().splitlines()
+        lines += [f"sidecar{i + 1}: {line[:300]}" for line in log_lines if "fleet" in line][-40:]
+    return "\n" + "\n".join(lines)
+
+
 def test_the_fleet_stays_exact_while_redis_is_cut_frozen_read_only_killed_and_restarted():
     redis_port = socket.create_server(("127.0.0.1", 0))
     port = redis_port.getsockname()[1]
@@ -303,7 +317,7 @@ def run(fleet, fwd):
                               and int(r["t0"] // 60) == w and r["t1"] < first for r in results)
                           for i in range(2)]
                 bound = max(limit, sum(max(b, limit // 2) for b in before))
-            assert n <= bound, (kind, w, n, bound, per)
+            assert n <= bound, (kind, w, n, bound, per, timeline(results, kind, chaos.log, fleet))
             if n > limit:
                 print(f"CHAOS {kind} window {w}: {n} of {limit}, within rule 4's bound {bound}")
         if kind != "tpm":

@@ -419,9 +419,11 @@ impl Fleet {
                         let left = (a.epoch_left as u64).min(WINDOW_MS);
                         self.reach().recount(now.mono_ms + left);
                         let until = Instant::now() + Duration::from_millis(left);
-                        if self.health().lost_counters(until) == Some(Change::Lost) {
-                            tracing::error!(redis = %self.target, "fleet: Redis lost its counters (restarted without persistence or failed over); tpm and budgets are held to this node's share until the window ends");
-                        }
+                        self.health().lost_counters(until);
+                        // Once per loss (a new epoch), whether or not the
+                        // node had Redis until now: after an outage, Redis
+                        // back empty is the usual way it is lost.
+                        tracing::error!(redis = %self.target, "fleet: Redis lost its counters (restarted without persistence or failed over); tpm and budgets are held to this node's share until the window ends");
                         break None;
                     }
                     Ok(Ok(a)) if a.verdict() == 5 => {
@@ -704,6 +706,11 @@ impl Fleet {
         let hold_request = self.reach().hold_request(now.mono_ms);
         call.arg(hold_request.map_or(0, |h| h.0))
             .arg(hold_request.map_or(0, |h| h.1));
+        // The call's own send time on the fleet's window clock (the wall
+        // clock, `GatewayState::ledger_now`), not the request's: a call
+        // after a seed query went out later than `now`, and the boundary
+        // estimated from it would be early by the query's time.
+        let sent_ms = clock::unix_ms();
         let sent = Instant::now();
         let mut conn = self.connection().await?;
         let out: Vec<i64> = call.invoke_async(&mut conn).await.inspect_err(|_| {
@@ -716,10 +723,10 @@ impl Fleet {
             .map_err(|v| anyhow::anyhow!("the reserve script answered {v:?}"))?;
         let [verdict, start, prev, curr, spent, epoch, epoch_left, held, left] = all;
         let left = left.clamp(1, WINDOW_MS as i64) as u64;
-        let recv_ms = now.mono_ms + sent.elapsed().as_millis() as u64;
+        let recv_ms = sent_ms + sent.elapsed().as_millis() as u64;
         {
             let mut reach = self.reach();
-            reach.align(now.mono_ms, recv_ms, left);
+            reach.align(sent_ms, recv_ms, left);
             if held == 1 {
                 reach.held(recv_ms, left);
             }
