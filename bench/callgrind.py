@@ -9,7 +9,11 @@ non-streamed chat completions (keep-alive, the nginx -> sidecar headers a module
 would add), and the difference of the two totals divided by 2N is the cost of
 one request (start-up, the ledger-seed wait and shutdown cancel out).
 
-    bench/callgrind.py [--repo WORKTREE] [--requests 1000] [--governed] [--body small|agent] [--keep DIR] [--floor]
+    bench/callgrind.py [--repo WORKTREE] [--requests 1000] [--governed] [--body small|agent] [--keep DIR] [--floor] [--otlp]
+
+--otlp exports traces and metrics (every request traced) to a loopback OTLP/HTTP sink in
+this script that answers 200 to everything: what issue 26's telemetry costs (the SDK's
+export thread is counted with the rest of the process).
 
 --floor counts afr-bench-floor (bench/floor, the bare hyper hop) on the same
 requests instead, so the sidecar's own instructions are its count minus that.
@@ -25,6 +29,8 @@ keeps the shipped price (input 0.15, output 0.60), checked below.
 from __future__ import annotations
 
 import argparse
+import http.server
+import threading
 import json
 import os
 import shutil
@@ -168,11 +174,32 @@ def send(sock_path: Path, n: int, body: bytes, limits: str | None) -> int:
     return tries
 
 
-def run(command: list[str], sock: Path, n: int, out: Path, body: bytes, limits: str | None) -> tuple[int, int]:
+class OtlpSink(http.server.BaseHTTPRequestHandler):
+    """An OTLP/HTTP collector that keeps nothing: 200 and an empty protobuf answer."""
+
+    def do_POST(self):
+        self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        self.send_response(200)
+        self.send_header("Content-Type", "application/x-protobuf")
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *_):
+        pass
+
+
+def otlp_sink() -> str:
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), OtlpSink)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return f"http://127.0.0.1:{server.server_address[1]}"
+
+
+def run(command: list[str], sock: Path, n: int, out: Path, body: bytes, limits: str | None,
+        env: dict[str, str]) -> tuple[int, int]:
     proc = subprocess.Popen(
         ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", *command],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-        env={**os.environ, "AFR_UPSTREAM_SECRET": SECRET},
+        env={**os.environ, "AFR_UPSTREAM_SECRET": SECRET, **env},
     )
     try:
         wait_for(sock, 120)
@@ -202,6 +229,8 @@ def main() -> None:
     ap.add_argument("--keep", type=Path, help="keep the profiles in this directory")
     ap.add_argument("--floor", action="store_true",
                     help="count afr-bench-floor (the bare hyper hop, bench/floor) instead of the sidecar")
+    ap.add_argument("--otlp", action="store_true",
+                    help="export traces and metrics of every request to a loopback OTLP sink")
     args = ap.parse_args()
     repo = args.repo.resolve()
     afr = args.afr or repo / "target/release/afr"
@@ -210,6 +239,7 @@ def main() -> None:
         raise SystemExit("cg.py: needs valgrind (apt-get install valgrind)")
     body = SMALL if args.body == "small" else agent_body()
     limits = GOVERNED if args.governed else None
+    env = {"OTEL_EXPORTER_OTLP_ENDPOINT": otlp_sink()} if args.otlp else {}
 
     with tempfile.TemporaryDirectory(prefix="afr-callgrind-") as tmp:
         tmp = Path(tmp)
@@ -239,12 +269,13 @@ def main() -> None:
                 else:
                     command = [str(afr), "serve", "--config", str(home / "sidecar.toml"), "--threads", "1"]
                     sock = home / "sidecar.sock"
-                totals[n], tries[n] = run(command, sock, n, out_dir / f"{n}.out", body, limits)
+                totals[n], tries[n] = run(command, sock, n, out_dir / f"{n}.out", body, limits, env)
         finally:
             mock.terminate()
             mock.wait(timeout=10)
         per_request = (totals[3 * args.requests] - totals[args.requests]) / (2 * args.requests)
-        print(f"repo {repo} body {args.body} ({len(body)} B) limits {limits or '-'} price {price}")
+        print(f"repo {repo} body {args.body} ({len(body)} B) limits {limits or '-'} price {price}"
+              f"{' telemetry: every request traced, to a loopback OTLP sink' if args.otlp else ''}")
         print(f"{'afr-bench-floor' if args.floor else 'sidecar'} instructions per non-streamed "
               f"chat completion: {per_request:,.0f}")
         print(f"totals: {args.requests} requests {totals[args.requests]:,}; "

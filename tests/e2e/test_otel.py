@@ -43,12 +43,15 @@ class Receiver:
     def __init__(self, port: int):
         self.spans: list = []
         self.points: list[tuple[str, str, object]] = []  # (metric name, unit, data point)
+        self.tenants: set[tuple[str, str]] = set()  # (path, X-Tenant header) of each export
         self.lock = threading.Lock()
         receiver = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self):
                 body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                with receiver.lock:
+                    receiver.tenants.add((self.path, self.headers.get("X-Tenant", "")))
                 if self.path == "/v1/traces":
                     request = ExportTraceServiceRequest.FromString(body)
                     with receiver.lock:
@@ -134,6 +137,8 @@ def stack():
         "OTEL_BSP_SCHEDULE_DELAY": "100",
         "OTEL_METRIC_EXPORT_INTERVAL": "300",
         "OTEL_EXPORTER_OTLP_TIMEOUT": "1000",
+        # The specification's header list, its values URL-encoded.
+        "OTEL_EXPORTER_OTLP_HEADERS": "x-tenant=team%20a",
     })
     gw.original_config = (home / "sidecar.toml").read_text()
     gw.admin = tomllib.loads(gw.original_config)["admin"]["listen"]
@@ -213,6 +218,8 @@ def test_plain_request_continues_the_clients_trace_to_the_provider(stack):
     assert sent and sent[0]["headers"]["traceparent"] == f"00-{trace_id}-{attempt.span_id.hex()}-01"
     resource = next(res for res, s in stack.receiver.spans if s.span_id == request.span_id)
     assert {kv.key: value(kv.value) for kv in resource.attributes}["service.name"] == "afr-test"
+    assert ("/v1/traces", "team a") in stack.receiver.tenants, "OTEL_EXPORTER_OTLP_HEADERS is sent"
+    assert all(tenant == "team a" for _, tenant in stack.receiver.tenants), stack.receiver.tenants
 
 
 def test_without_a_traceparent_the_modules_trace_id_is_the_trace_id(stack):

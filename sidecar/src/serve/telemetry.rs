@@ -49,9 +49,7 @@ use opentelemetry::trace::{
 };
 use opentelemetry::{Context, KeyValue, StringValue, Value};
 use opentelemetry_http::{HttpClient, HttpError};
-use opentelemetry_otlp::{
-    MetricExporter, Protocol, SpanExporter, WithExportConfig, WithHttpConfig,
-};
+use opentelemetry_otlp::{MetricExporter, Protocol, WithExportConfig, WithHttpConfig};
 use opentelemetry_sdk::error::OTelSdkResult;
 use opentelemetry_sdk::metrics::data::ResourceMetrics;
 use opentelemetry_sdk::metrics::exporter::PushMetricExporter;
@@ -70,6 +68,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 mod export;
+mod otlp;
 mod request;
 
 use export::{span_pipeline, CountedMetrics, OtlpClient};
@@ -177,12 +176,19 @@ impl std::fmt::Debug for Telemetry {
 }
 
 /// What telemetry exports, and where: the `[telemetry]` block with the
-/// standard `OTEL_*` variables over it. `None` fields are left to the SDK,
-/// which reads the variables itself.
+/// standard `OTEL_*` variables over it. Spans are ours to send (see
+/// `otlp.rs`), so their endpoint and headers are resolved here; the metric
+/// exporter is the SDK's, and `None` fields are left to it (it reads the
+/// variables itself).
 #[derive(Debug, Clone, PartialEq)]
 struct Settings {
-    /// Where spans go when no variable says (`[telemetry] endpoint` + `/v1/traces`).
-    traces_endpoint: Option<String>,
+    /// Where spans go: `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` as it is, else
+    /// `OTEL_EXPORTER_OTLP_ENDPOINT` or `[telemetry] endpoint` + `/v1/traces`,
+    /// else the specification's default (localhost:4318).
+    traces_endpoint: String,
+    /// Headers on every span export: `OTEL_EXPORTER_OTLP_TRACES_HEADERS`,
+    /// else `OTEL_EXPORTER_OTLP_HEADERS` (`key=value,…`, values URL-encoded).
+    traces_headers: Vec<(String, String)>,
     /// Where metric points go when no variable says.
     metrics_endpoint: Option<String>,
     /// `service.name`, unless a variable names it.
@@ -235,8 +241,29 @@ impl Settings {
             Some(value) => exporter_on(Some(value), name),
             None => Ok(configured.unwrap_or(true)),
         };
+        let traces_endpoint = match (
+            set("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"),
+            set("OTEL_EXPORTER_OTLP_ENDPOINT"),
+        ) {
+            (Some(url), _) => url.trim().to_owned(),
+            (None, Some(base)) => format!("{}/v1/traces", base.trim().trim_end_matches('/')),
+            (None, None) => at("/v1/traces", false)
+                .unwrap_or_else(|| "http://localhost:4318/v1/traces".to_owned()),
+        };
+        let headers = set("OTEL_EXPORTER_OTLP_TRACES_HEADERS")
+            .map(|v| ("OTEL_EXPORTER_OTLP_TRACES_HEADERS", v))
+            .or_else(|| {
+                set("OTEL_EXPORTER_OTLP_HEADERS").map(|v| ("OTEL_EXPORTER_OTLP_HEADERS", v))
+            });
+        let traces_headers = match headers {
+            Some((name, value)) => {
+                otlp_headers(&value).map_err(|e| anyhow::anyhow!("{name}: {e}"))?
+            }
+            None => Vec::new(),
+        };
         Ok(Some(Settings {
-            traces_endpoint: at("/v1/traces", env_traces),
+            traces_endpoint,
+            traces_headers,
             metrics_endpoint: at("/v1/metrics", env_metrics),
             service_name: (!named)
                 .then(|| config.map_or_else(|| "afr".to_owned(), |c| c.service_name.clone())),
@@ -266,6 +293,42 @@ impl Settings {
     }
 }
 
+/// `key=value` pairs separated by commas, each value URL-encoded (the
+/// specification's format for `OTEL_EXPORTER_OTLP_HEADERS`). A pair that is
+/// not one, or a name or value HTTP cannot carry, is refused.
+fn otlp_headers(list: &str) -> anyhow::Result<Vec<(String, String)>> {
+    let mut out = Vec::new();
+    for pair in list.split(',').filter(|p| !p.trim().is_empty()) {
+        let Some((name, value)) = pair.split_once('=') else {
+            anyhow::bail!("expected key=value pairs separated by commas, got {pair:?}");
+        };
+        let name = name.trim();
+        let value = percent_decode(value.trim())
+            .ok_or_else(|| anyhow::anyhow!("{name}: the value is not URL-encoded UTF-8"))?;
+        http::HeaderName::from_bytes(name.as_bytes())
+            .map_err(|_| anyhow::anyhow!("{name:?} is not a header name"))?;
+        http::HeaderValue::from_str(&value)
+            .map_err(|_| anyhow::anyhow!("{name}: the value is not one a header can carry"))?;
+        out.push((name.to_owned(), value));
+    }
+    Ok(out)
+}
+
+/// `%XX` escapes decoded (`+` is left alone: these are not form values).
+fn percent_decode(s: &str) -> Option<String> {
+    let mut out = Vec::with_capacity(s.len());
+    let mut bytes = s.bytes();
+    while let Some(b) = bytes.next() {
+        if b == b'%' {
+            let hex = [bytes.next()?, bytes.next()?];
+            out.push(u8::from_str_radix(std::str::from_utf8(&hex).ok()?, 16).ok()?);
+        } else {
+            out.push(b);
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
 impl Telemetry {
     /// Telemetry as the process environment configures it: `None` when no
     /// OTLP endpoint is set. Must be called inside the sidecar's runtime: the
@@ -293,7 +356,12 @@ impl Telemetry {
             .with_resource(resource.clone());
         let traces = settings.traces;
         if traces {
-            let pipeline = span_pipeline(&client, settings.traces_endpoint.as_deref(), &dropped)?;
+            let pipeline = span_pipeline(
+                &client,
+                &settings.traces_endpoint,
+                &settings.traces_headers,
+                &dropped,
+            )?;
             tracer_provider = tracer_provider.with_span_processor(pipeline);
             if let Some(ratio) = settings.sample_ratio {
                 tracer_provider = tracer_provider.with_sampler(Sampler::ParentBased(Box::new(
@@ -545,12 +613,21 @@ mod tests {
         .unwrap()
         .unwrap();
         assert_eq!(
-            (on.traces_endpoint, on.service_name.as_deref()),
-            (None, Some("afr"))
+            (on.traces_endpoint.as_str(), on.service_name.as_deref()),
+            ("http://c:4318/v1/traces", Some("afr"))
         );
         assert!(on.traces && on.metrics && on.sample_ratio.is_none());
-        let traces_only = env(&[("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "http://c/v1/traces")]);
-        assert!(Settings::resolve(None, traces_only).unwrap().is_some());
+        let traces_only = env(&[("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "http://c/t")]);
+        let traces_only = Settings::resolve(None, traces_only).unwrap().unwrap();
+        assert_eq!(traces_only.traces_endpoint, "http://c/t", "used as it is");
+        let metrics_only = env(&[("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT", "http://c/m")]);
+        assert_eq!(
+            Settings::resolve(None, metrics_only)
+                .unwrap()
+                .unwrap()
+                .traces_endpoint,
+            "http://localhost:4318/v1/traces"
+        );
         let disabled = env(&[
             ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:4318"),
             ("OTEL_SDK_DISABLED", "TRUE"),
@@ -565,10 +642,7 @@ mod tests {
     fn the_block_configures_and_the_variables_override_it() {
         let config = block("http://collector:4318/");
         let only = Settings::resolve(Some(&config), env(&[])).unwrap().unwrap();
-        assert_eq!(
-            only.traces_endpoint.as_deref(),
-            Some("http://collector:4318/v1/traces")
-        );
+        assert_eq!(only.traces_endpoint, "http://collector:4318/v1/traces");
         assert_eq!(
             only.metrics_endpoint.as_deref(),
             Some("http://collector:4318/v1/metrics")
@@ -593,7 +667,10 @@ mod tests {
         )
         .unwrap()
         .unwrap();
-        assert_eq!((over.traces_endpoint, over.metrics_endpoint), (None, None));
+        assert_eq!(
+            (over.traces_endpoint.as_str(), over.metrics_endpoint),
+            ("http://other:4318/v1/traces", None)
+        );
         assert_eq!((over.service_name, over.sample_ratio), (None, None));
         assert!(!over.traces && over.metrics);
         let grpc = env(&[("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc")]);
@@ -602,6 +679,46 @@ mod tests {
             refused.to_string().contains("http/protobuf only"),
             "{refused}"
         );
+    }
+
+    #[test]
+    fn export_headers_are_the_specification_s_list() {
+        let headers = env(&[
+            ("OTEL_EXPORTER_OTLP_HEADERS", "x-general=1"),
+            (
+                "OTEL_EXPORTER_OTLP_TRACES_HEADERS",
+                " api-key = secret%3Dvalue , x-tenant=a%20b,",
+            ),
+        ]);
+        let settings = Settings::resolve(Some(&block("http://c")), headers)
+            .unwrap()
+            .unwrap();
+        let pairs = |v: &[(&str, &str)]| -> Vec<(String, String)> {
+            v.iter()
+                .map(|(a, b)| (a.to_string(), b.to_string()))
+                .collect()
+        };
+        assert_eq!(
+            settings.traces_headers,
+            pairs(&[("api-key", "secret=value"), ("x-tenant", "a b")])
+        );
+        let general = env(&[("OTEL_EXPORTER_OTLP_HEADERS", "authorization=Bearer%20t")]);
+        let settings = Settings::resolve(Some(&block("http://c")), general)
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            settings.traces_headers,
+            pairs(&[("authorization", "Bearer t")])
+        );
+        for bad in ["novalue", "bad name=1", "k=%zz", "k=a%0Ab"] {
+            let var =
+                move |name: &str| (name == "OTEL_EXPORTER_OTLP_HEADERS").then(|| bad.to_owned());
+            let e = Settings::resolve(Some(&block("http://c")), var).unwrap_err();
+            assert!(
+                e.to_string().starts_with("OTEL_EXPORTER_OTLP_HEADERS: "),
+                "{bad}: {e}"
+            );
+        }
     }
 
     #[test]

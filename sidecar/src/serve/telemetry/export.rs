@@ -1,25 +1,37 @@
 //! The way out: our HTTP client for the OTLP exporters, the bounded span
 //! queue, and the counting of what is dropped.
 
+use super::otlp::{export_request, EncodedResource};
 use super::*;
+use opentelemetry_sdk::error::OTelSdkError;
 
 /// The spans' way out: a bounded queue, exported in batches by the SDK's
 /// own thread, every drop counted.
 pub(super) fn span_pipeline(
     client: &OtlpClient,
-    endpoint: Option<&str>,
+    endpoint: &str,
+    headers: &[(String, String)],
     dropped: &dyn Fn(&'static str, &'static str) -> Counter,
 ) -> anyhow::Result<Bounded<BatchSpanProcessor>> {
-    let mut builder = SpanExporter::builder()
-        .with_http()
-        .with_http_client(client.clone())
-        .with_protocol(Protocol::HttpBinary);
-    if let Some(endpoint) = endpoint {
-        builder = builder.with_endpoint(endpoint);
+    let uri: http::Uri = endpoint
+        .parse()
+        .map_err(|e| anyhow::anyhow!("the OTLP traces endpoint {endpoint:?}: {e}"))?;
+    if !matches!(uri.scheme_str(), Some("http" | "https")) || uri.host().is_none() {
+        anyhow::bail!("the OTLP traces endpoint {endpoint:?}: expected an http:// or https:// URL");
     }
-    let spans = builder
-        .build()
-        .map_err(|e| anyhow::anyhow!("OTLP span exporter: {e}"))?;
+    let mut extra = http::HeaderMap::new();
+    for (name, value) in headers {
+        extra.append(
+            http::HeaderName::from_bytes(name.as_bytes())?,
+            http::HeaderValue::from_str(value)?,
+        );
+    }
+    let spans = OtlpSpans {
+        client: client.clone(),
+        endpoint: uri,
+        headers: extra,
+        resource: EncodedResource::default(),
+    };
     let batch = BatchConfigBuilder::default();
     let queue = std::env::var("OTEL_BSP_MAX_QUEUE_SIZE")
         .ok()
@@ -104,6 +116,49 @@ impl HttpClient for OtlpClient {
             Ok(answer) => answer,
             Err(_) => Err(format!("no answer within {timeout:?}").into()),
         }
+    }
+}
+
+/// The span exporter: `otlp::export_request`'s bytes POSTed to the
+/// collector with our client (the SDK's own exporter encodes through a
+/// message tree at several times the cost).
+#[derive(Debug)]
+struct OtlpSpans {
+    client: OtlpClient,
+    endpoint: http::Uri,
+    headers: http::HeaderMap,
+    resource: EncodedResource,
+}
+
+impl opentelemetry_sdk::trace::SpanExporter for OtlpSpans {
+    async fn export(&self, batch: Vec<SpanData>) -> OTelSdkResult {
+        let body = export_request(&self.resource, &batch);
+        drop(batch);
+        let mut request = Request::post(self.endpoint.clone())
+            .body(Bytes::from(body))
+            .map_err(|e| OTelSdkError::InternalFailure(e.to_string()))?;
+        let headers = request.headers_mut();
+        headers.insert(
+            http::header::CONTENT_TYPE,
+            http::HeaderValue::from_static("application/x-protobuf"),
+        );
+        headers.extend(self.headers.clone());
+        match self.client.send_bytes(request).await {
+            Ok(answer) if answer.status().is_success() => Ok(()),
+            Ok(answer) => Err(OTelSdkError::InternalFailure(format!(
+                "the collector answered {}",
+                answer.status()
+            ))),
+            Err(e) => Err(OTelSdkError::InternalFailure(e.to_string())),
+        }
+    }
+
+    fn shutdown_with_timeout(&self, _timeout: Duration) -> OTelSdkResult {
+        Ok(())
+    }
+
+    fn set_resource(&mut self, resource: &Resource) {
+        self.resource = EncodedResource::new(resource);
     }
 }
 
