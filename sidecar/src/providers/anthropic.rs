@@ -126,6 +126,8 @@ impl Provider for Anthropic {
         Ok(Reply::Complete {
             body: Bytes::from(translated.body),
             usage: Some(translated.usage),
+            // The span reads the translated body itself.
+            facts: None,
         })
     }
 
@@ -175,9 +177,9 @@ impl Provider for Anthropic {
         let body = read_success_body(response).await?;
         // A 200 that is not one JSON object (a portal's page) fails over, as
         // on every route; the counts are Anthropic's.
-        super::body_usage(&body)?;
+        let (_, facts) = super::read_answer(&body, call.facts)?;
         let usage = afr_core::messages::response_usage(&body);
-        Ok(Reply::Complete { body, usage })
+        Ok(Reply::Complete { body, usage, facts })
     }
 }
 

@@ -3,8 +3,8 @@
 //! (tests/fixtures/azure-openai-notes.md). The route's `model` names the deployment.
 
 use super::{
-    body_usage, openai_status_error, read_success_body, send_error, send_openai_format, sse_events,
-    Provider, ProviderError, Reply, UpstreamCall,
+    openai_status_error, read_answer, read_success_body, send_error, send_openai_format,
+    sse_events, Provider, ProviderError, Reply, UpstreamCall,
 };
 use afr_core::config::{ProviderConfig, Timeouts};
 use afr_core::endpoint::Endpoint;
@@ -67,8 +67,8 @@ impl Provider for Azure {
             return Ok(Reply::Stream(sse_events(response, call.event_idle)));
         }
         let body = read_success_body(response).await?;
-        let usage = body_usage(&body)?;
-        Ok(Reply::Complete { body, usage })
+        let (usage, facts) = read_answer(&body, call.facts)?;
+        Ok(Reply::Complete { body, usage, facts })
     }
 
     fn serves(&self, endpoint: Endpoint) -> bool {
@@ -102,6 +102,6 @@ impl Provider for Azure {
         if let Some(key) = &self.api_key {
             request = request.header("api-key", key);
         }
-        send_openai_format(request, call.stream, call.event_idle).await
+        send_openai_format(request, call.stream, call.event_idle, call.facts).await
     }
 }

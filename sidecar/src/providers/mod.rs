@@ -21,6 +21,9 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 mod anthropic;
+mod body;
+pub(crate) use body::read_answer;
+pub use body::AnswerFacts;
 pub mod client;
 pub(crate) use client::send_error;
 mod azure;
@@ -37,6 +40,10 @@ pub enum Reply {
         body: Bytes,
         /// Token counts read from the body.
         usage: Option<TokenUsage>,
+        /// What the body says of itself, when the call asked
+        /// ([`UpstreamCall::facts`]) and the provider read it in its usage
+        /// pass; `None` leaves the span to read the body itself.
+        facts: Option<Box<AnswerFacts>>,
     },
     /// A stream of `chat.completion.chunk` events.
     Stream(EventStream),
@@ -175,6 +182,9 @@ pub struct UpstreamCall {
     pub query: Option<String>,
     /// The W3C `traceparent` of this attempt's span, when telemetry is on.
     pub traceparent: Option<http::HeaderValue>,
+    /// Whether the request's span is sampled, so that a whole answer's id,
+    /// model and finish reasons are wanted ([`Reply::Complete`]'s `facts`).
+    pub facts: bool,
 }
 
 /// A configured provider.
@@ -268,6 +278,7 @@ pub(crate) async fn send_openai_format(
     request: client::Outgoing<'_>,
     stream: bool,
     event_idle: Duration,
+    facts: bool,
 ) -> Result<Reply, ProviderError> {
     let response = request.send().await.map_err(send_error)?;
     if !response.status().is_success() {
@@ -279,8 +290,12 @@ pub(crate) async fn send_openai_format(
     let body = read_success_body(response).await?;
     // A 200 that is not a JSON object (a portal's HTML page) fails over;
     // the usage itself is read by the caller in the endpoint's shape.
-    body_usage(&body)?;
-    Ok(Reply::Complete { body, usage: None })
+    let (_, facts) = read_answer(&body, facts)?;
+    Ok(Reply::Complete {
+        body,
+        usage: None,
+        facts,
+    })
 }
 
 /// Builds the provider for a config entry. `api_key` is the resolved secret.
@@ -298,36 +313,6 @@ pub fn build(
         }
     };
     Ok(provider)
-}
-
-/// Reads usage from an OpenAI-shaped completion body, which must be a JSON
-/// object: a 200 whose body is not one (a captive portal's or a misrouted
-/// proxy's HTML page) is a provider failure, failed over like a 5xx, never
-/// relayed to the client as its answer.
-pub(crate) fn body_usage(body: &[u8]) -> Result<Option<TokenUsage>, ProviderError> {
-    /// The usage is read leniently (a usage shape we do not know only loses
-    /// the counts), the body strictly: it must be one JSON object. One pass
-    /// checks the body and borrows the usage's bytes (the other members are
-    /// skipped, and so checked, by serde); the usage is then read from those
-    /// bytes straight into `TokenUsage`, never through a `Value` tree (which
-    /// cost a fifth of a non-streamed request's instructions).
-    #[derive(serde::Deserialize)]
-    struct WithUsage<'a> {
-        #[serde(default, borrow)]
-        usage: Option<&'a serde_json::value::RawValue>,
-    }
-    match serde_json::from_slice::<WithUsage>(body) {
-        Ok(with) => Ok(with
-            .usage
-            .and_then(|raw| serde_json::from_str::<TokenUsage>(raw.get()).ok())),
-        Err(e) => Err(not_an_object(&e.to_string())),
-    }
-}
-
-fn not_an_object(why: &str) -> ProviderError {
-    ProviderError::Protocol(format!(
-        "the provider answered 200 with a body that is not a JSON object ({why})"
-    ))
 }
 
 /// Largest success body read from a provider (a non-streamed completion).
@@ -578,15 +563,19 @@ mod tests {
             b"[1, 2]",
             b"{\"id\":\"chatcmpl-1\",\"choices\":[",
         ] {
-            let error = body_usage(body).expect_err(&String::from_utf8_lossy(body));
+            let error = read_answer(body, false).expect_err(&String::from_utf8_lossy(body));
             assert!(error.is_retryable(), "{error}");
         }
         let ok =
             br#" {"id":"x","usage":{"prompt_tokens":1,"completion_tokens":2,"total_tokens":3}}"#;
-        assert_eq!(body_usage(ok).unwrap().map(|u| u.total_tokens), Some(3));
+        assert_eq!(
+            read_answer(ok, false).unwrap().0.map(|u| u.total_tokens),
+            Some(3)
+        );
         // An unknown usage shape loses only the counts.
-        assert!(body_usage(br#"{"id":"x","usage":"n/a"}"#)
+        assert!(read_answer(br#"{"id":"x","usage":"n/a"}"#, true)
             .unwrap()
+            .0
             .is_none());
     }
 

@@ -2,8 +2,8 @@
 //! mock): the body goes up as is and the answer comes back unchanged.
 
 use super::{
-    body_usage, openai_status_error, read_success_body, send_error, send_openai_format, sse_events,
-    Provider, ProviderError, Reply, UpstreamCall,
+    openai_status_error, read_answer, read_success_body, send_error, send_openai_format,
+    sse_events, Provider, ProviderError, Reply, UpstreamCall,
 };
 use afr_core::config::{ProviderConfig, Timeouts};
 use afr_core::endpoint::Endpoint;
@@ -62,8 +62,8 @@ impl Provider for OpenAi {
             return Ok(Reply::Stream(sse_events(response, call.event_idle)));
         }
         let body = read_success_body(response).await?;
-        let usage = body_usage(&body)?;
-        Ok(Reply::Complete { body, usage })
+        let (usage, facts) = read_answer(&body, call.facts)?;
+        Ok(Reply::Complete { body, usage, facts })
     }
 
     fn serves(&self, _endpoint: Endpoint) -> bool {
@@ -87,6 +87,6 @@ impl Provider for OpenAi {
         if let Some(key) = &self.api_key {
             request = request.bearer_auth(key);
         }
-        send_openai_format(request, call.stream, call.event_idle).await
+        send_openai_format(request, call.stream, call.event_idle, call.facts).await
     }
 }

@@ -210,6 +210,7 @@ impl Exchange for ChatExchange {
             event_idle: route.event_idle(),
             query: self.query.clone(),
             traceparent: None,
+            facts: false,
         })
     }
 
@@ -451,6 +452,7 @@ pub async fn route(
         usage.route(route, request.output_cap(route));
         let config = runtime.config.providers.get(&route.provider);
         call.traceparent = usage.trace_attempt(route, config, admission == Admission::Probe);
+        call.facts = usage.trace().is_some_and(|t| t.recording());
 
         let ticket = BreakerTicket::new(gateway.clone(), &route.provider, admission);
         let server = &runtime.config.server;
@@ -505,11 +507,12 @@ pub async fn route(
             Reply::Complete {
                 body,
                 usage: tokens,
+                facts,
             } => {
                 ticket.success();
                 request.answered(route, Answer::Body(&body));
                 if let Some(trace) = usage.trace() {
-                    trace.answer_body(&body);
+                    trace.answer_body(&body, facts);
                 }
                 if request.billed() {
                     // A whole answer's usage is final; without one, the

@@ -200,6 +200,7 @@ impl Exchange for MessagesExchange {
             // means nothing to an OpenAI-format provider.
             query: None,
             traceparent: None,
+            facts: false,
         })
     }
 
@@ -212,12 +213,13 @@ impl Exchange for MessagesExchange {
             return provider.messages(call, self.endpoint, &self.client).await;
         }
         match provider.chat(call).await? {
-            Reply::Complete { body, .. } => {
+            Reply::Complete { body, facts, .. } => {
                 let translated = response_to_anthropic(&body)
                     .map_err(|e| ProviderError::Protocol(e.to_string()))?;
                 Ok(Reply::Complete {
                     body: Bytes::from(translated.body),
                     usage: translated.usage,
+                    facts,
                 })
             }
             Reply::Stream(events) => Ok(Reply::Stream(translate_stream(events))),

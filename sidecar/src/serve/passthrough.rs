@@ -229,6 +229,7 @@ impl Exchange for PassthroughExchange {
             event_idle: route.event_idle(),
             query: self.query.clone(),
             traceparent: None,
+            facts: false,
         })
     }
 
@@ -238,9 +239,10 @@ impl Exchange for PassthroughExchange {
         call: UpstreamCall,
     ) -> Result<Reply, ProviderError> {
         match provider.forward(self.endpoint, call).await? {
-            Reply::Complete { body, .. } => Ok(Reply::Complete {
+            Reply::Complete { body, facts, .. } => Ok(Reply::Complete {
                 usage: body_usage(self.endpoint, &body),
                 body,
+                facts,
             }),
             stream => Ok(stream),
         }

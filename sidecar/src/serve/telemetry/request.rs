@@ -2,6 +2,7 @@
 //! metric points made from the request's usage row when it ends.
 
 use super::*;
+use crate::providers::AnswerFacts;
 
 impl Telemetry {
     pub(super) fn request_trace(
@@ -278,13 +279,36 @@ impl RequestTrace {
         span.end();
     }
 
-    /// A whole (non-streamed) answer body.
-    pub fn answer_body(&mut self, body: &[u8]) {
+    /// Whether the request's span is sampled (and so wants what only a
+    /// span shows).
+    pub fn recording(&self) -> bool {
+        self.recording
+    }
+
+    /// A whole (non-streamed) answer body, and what the provider read of it
+    /// in its usage pass (`None`: the body is read here).
+    pub fn answer_body(&mut self, body: &[u8], facts: Option<Box<AnswerFacts>>) {
         if !self.recording {
             return;
         }
-        if let Ok(answer) = serde_json::from_slice::<Answer>(body) {
-            self.response.read(answer);
+        match facts {
+            Some(facts) => {
+                let AnswerFacts {
+                    id,
+                    model,
+                    finish_reasons,
+                } = *facts;
+                self.response = ResponseInfo {
+                    id,
+                    model,
+                    finish_reasons,
+                };
+            }
+            None => {
+                if let Ok(answer) = serde_json::from_slice::<Answer>(body) {
+                    self.response.read(answer);
+                }
+            }
         }
         if let Some((_, output)) = &mut self.content {
             output.body(body);
