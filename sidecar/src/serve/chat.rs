@@ -236,6 +236,9 @@ pub async fn chat_completions(
         Ok(r) => r,
         Err(invalid) => return reject(&caller, usage, GatewayError::Invalid(invalid)),
     };
+    if let Some(trace) = usage.trace() {
+        trace.request_params(&body, &request.spans);
+    }
     let admitted = admit_model(
         &runtime,
         &caller,

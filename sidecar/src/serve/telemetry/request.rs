@@ -19,6 +19,7 @@ impl Telemetry {
             operation,
             started,
             params: RequestParams::default(),
+            params_read: false,
             response: ResponseInfo::default(),
             content: None,
             attempt: None,
@@ -130,6 +131,8 @@ pub struct RequestTrace {
     operation: &'static str,
     started: Instant,
     params: RequestParams,
+    /// Whether `params` came from validation's members already.
+    params_read: bool,
     response: ResponseInfo,
     /// The messages in and out, when the operator opted in and the span is sampled.
     content: Option<(genai_content::Input, genai_content::Output)>,
@@ -157,13 +160,28 @@ pub fn attempt_error_type(error: &crate::providers::ProviderError) -> String {
 }
 
 impl RequestTrace {
-    /// Reads the request parameters the conventions name off the client's body.
+    /// The request parameters the conventions name, from the members
+    /// validation found (`spans` of `body`): only their values are read, not
+    /// the body again (on a 20 KB agent turn that second pass was most of a
+    /// traced request's extra cost).
+    pub fn request_params(&mut self, body: &[u8], spans: &afr_core::splice::ObjectSpans) {
+        if !self.recording {
+            return;
+        }
+        self.params = RequestParams::from_members(body, spans);
+        self.params_read = true;
+    }
+
+    /// Reads the request parameters the conventions name off the client's
+    /// body, unless [`RequestTrace::request_params`] did.
     pub fn request_body(&mut self, body: &[u8]) {
         if !self.recording {
             return;
         }
-        if let Ok(params) = serde_json::from_slice(body) {
-            self.params = params;
+        if !self.params_read {
+            if let Ok(params) = serde_json::from_slice(body) {
+                self.params = params;
+            }
         }
         if self.telemetry.capture_content {
             self.content = Some((genai_content::input(body), genai_content::Output::default()));
@@ -507,6 +525,36 @@ impl RequestTrace {
 }
 
 impl RequestParams {
+    /// The parameters from the values of `body`'s members where `spans`
+    /// says they lie (what serde would read off the whole body).
+    fn from_members(body: &[u8], spans: &afr_core::splice::ObjectSpans) -> RequestParams {
+        fn get<T: serde::de::DeserializeOwned>(
+            body: &[u8],
+            spans: &afr_core::splice::ObjectSpans,
+            key: &str,
+        ) -> Option<T> {
+            spans
+                .get(body, key)
+                .and_then(|v| serde_json::from_slice(v).ok())
+        }
+        let get_f64 = |key| get::<f64>(body, spans, key);
+        RequestParams {
+            model: get(body, spans, "model"),
+            max_tokens: get(body, spans, "max_tokens"),
+            max_completion_tokens: get(body, spans, "max_completion_tokens"),
+            max_output_tokens: get(body, spans, "max_output_tokens"),
+            temperature: get_f64("temperature"),
+            top_p: get_f64("top_p"),
+            top_k: get_f64("top_k"),
+            frequency_penalty: get_f64("frequency_penalty"),
+            presence_penalty: get_f64("presence_penalty"),
+            seed: get(body, spans, "seed"),
+            n: get(body, spans, "n"),
+            stop: get(body, spans, "stop"),
+            stop_sequences: get(body, spans, "stop_sequences"),
+        }
+    }
+
     fn attributes(&self) -> Vec<KeyValue> {
         let mut out = Vec::new();
         let max = self
@@ -630,6 +678,26 @@ mod tests {
         assert_eq!(get("gen_ai.request.seed"), Some(Value::I64(7)));
         assert!(get("gen_ai.request.stop_sequences").is_some());
         assert!(get("gen_ai.request.top_p").is_none());
+        // Read from validation's member spans, the same as off the whole body.
+        for body in [
+            r#"{"model":"m","max_completion_tokens":50,"temperature":0.5,"stop":"END","n":2,"seed":7,"messages":[]}"#,
+            r#"{"messages":[{"role":"user","content":"x"}],"max_tokens":9,"top_p":1,"stop":["a","b"],"frequency_penalty":-0.5,"presence_penalty":0.25,"top_k":40}"#,
+            r#"{"model":"m","stop_sequences":["x"],"max_output_tokens":3,"temperature":null}"#,
+        ] {
+            let spans = afr_core::splice::ObjectSpans::parse(body.as_bytes()).unwrap();
+            let whole: RequestParams = serde_json::from_str(body).unwrap_or_default();
+            let members = RequestParams::from_members(body.as_bytes(), &spans);
+            assert_eq!(members.model, whole.model, "{body}");
+            assert_eq!(members.attributes(), whole.attributes(), "{body}");
+        }
+        // One value of an unexpected type loses that value, not the others.
+        let body = br#"{"model":"m","seed":"bad","max_tokens":3}"#;
+        let spans = afr_core::splice::ObjectSpans::parse(body).unwrap();
+        let lenient = RequestParams::from_members(body, &spans);
+        assert_eq!(
+            (lenient.model.as_deref(), lenient.seed, lenient.max_tokens),
+            (Some("m"), None, Some(3))
+        );
         let one: RequestParams = serde_json::from_str(r#"{"n":1}"#).unwrap();
         assert!(
             one.attributes().is_empty(),
