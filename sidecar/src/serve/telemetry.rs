@@ -230,6 +230,15 @@ impl Settings {
                 "OTEL_EXPORTER_OTLP_PROTOCOL: this gateway exports http/protobuf only, got {protocol:?}"
             );
         }
+        for name in [
+            "OTEL_EXPORTER_OTLP_COMPRESSION",
+            "OTEL_EXPORTER_OTLP_TRACES_COMPRESSION",
+            "OTEL_EXPORTER_OTLP_METRICS_COMPRESSION",
+        ] {
+            if let Some(v) = set(name).filter(|v| !v.trim().eq_ignore_ascii_case("none")) {
+                anyhow::bail!("{name}: this gateway sends OTLP uncompressed, got {v:?}");
+            }
+        }
         let base = config.map(|c| c.endpoint.trim().trim_end_matches('/'));
         let at = |path: &str, from_env: bool| match base {
             Some(base) if !from_env => Some(format!("{base}{path}")),
@@ -673,6 +682,11 @@ mod tests {
         );
         assert_eq!((over.service_name, over.sample_ratio), (None, None));
         assert!(!over.traces && over.metrics);
+        let gzip = env(&[("OTEL_EXPORTER_OTLP_COMPRESSION", "gzip")]);
+        let refused = Settings::resolve(Some(&config), gzip).unwrap_err();
+        assert!(refused.to_string().contains("uncompressed"), "{refused}");
+        let none = env(&[("OTEL_EXPORTER_OTLP_TRACES_COMPRESSION", "none")]);
+        assert!(Settings::resolve(Some(&config), none).is_ok());
         let grpc = env(&[("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc")]);
         let refused = Settings::resolve(Some(&config), grpc).unwrap_err();
         assert!(
