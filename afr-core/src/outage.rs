@@ -205,11 +205,14 @@ impl Reach {
     }
 
     /// The unwrapped phase: multiples of the window until one is estimated.
+    /// A phase under one window was written by a module before phases were
+    /// unwrapped (a shared zone outlives a reload): read with the bias, it
+    /// numbers the windows as that module did.
     fn phase(&self) -> u64 {
-        if self.aligned == 0 {
-            PHASE_BIAS_MS
-        } else {
-            self.phase_ms
+        match self.aligned {
+            0 => PHASE_BIAS_MS,
+            _ if self.phase_ms < WINDOW_MS => PHASE_BIAS_MS + self.phase_ms,
+            _ => self.phase_ms,
         }
     }
 
@@ -484,6 +487,30 @@ mod tests {
         r.align(t + 5_000, t + 5_000, W - 35_000 - 1);
         assert!(r.shares_from_the_start(t + 6_000).is_err());
         assert!(r.shares_from_the_start(101 * W + 10).is_ok());
+    }
+
+    #[test]
+    fn a_phase_kept_by_an_earlier_module_numbers_windows_as_it_did() {
+        // Before phases were unwrapped: phase modulo the window, and
+        // `index = (now + W − (phase + slack) % W) / W + 1`.
+        let old = Reach {
+            phase_ms: 20_000,
+            slack_ms: 3,
+            aligned: 2,
+            lost_window: 7,
+            ..Reach::default()
+        };
+        for now in [5 * W, 5 * W + 20_002, 5 * W + 20_003, 9 * W + 59_999] {
+            assert_eq!(old.index(now), (now + W - 20_003) / W + 1, "{now}");
+            assert_eq!(old.window_clock(now), now + W - 20_000, "{now}");
+        }
+        let mut moved = old;
+        moved.align(5 * W, 5 * W + 3, 20_001);
+        assert_eq!(
+            moved.index(6 * W),
+            old.index(6 * W),
+            "a ms later: same numbering"
+        );
     }
 
     #[test]
