@@ -222,6 +222,25 @@ def test_plain_request_continues_the_clients_trace_to_the_provider(stack):
     assert all(tenant == "team a" for _, tenant in stack.receiver.tenants), stack.receiver.tenants
 
 
+def test_messages_translated_from_a_chat_provider_report_the_client_s_answer(stack):
+    """/v1/messages to an OpenAI-format provider: the span's response id and stop reason are
+    those of the Anthropic answer the client got, not of the chat completion under it."""
+    trace_id = uuid.uuid4().hex
+    status, headers, body = http(
+        "POST", stack.base + "/v1/messages",
+        json.dumps({"model": "gpt-4o-mini", "max_tokens": 32,
+                    "messages": [{"role": "user", "content": "hi"}]}).encode(),
+        {"x-api-key": stack.key, "anthropic-version": "2023-06-01", "Content-Type": "application/json",
+         "traceparent": f"00-{trace_id}-{uuid.uuid4().hex[:16]}-01"},
+    )
+    assert status == 200, body
+    answer = json.loads(body)
+    span = stack.receiver.span_with("afr.request.id", headers["x-request-id"])
+    a = attrs(span)
+    assert a["gen_ai.response.id"] == answer["id"] and answer["id"].startswith("msg_"), (a, answer)
+    assert a["gen_ai.response.finish_reasons"] == [answer["stop_reason"]], (a, answer)
+
+
 def test_without_a_traceparent_the_modules_trace_id_is_the_trace_id(stack):
     marker = f"trace-{uuid.uuid4().hex[:8]}"
     status, headers, _ = http(

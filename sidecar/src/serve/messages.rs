@@ -213,13 +213,15 @@ impl Exchange for MessagesExchange {
             return provider.messages(call, self.endpoint, &self.client).await;
         }
         match provider.chat(call).await? {
-            Reply::Complete { body, facts, .. } => {
+            Reply::Complete { body, .. } => {
                 let translated = response_to_anthropic(&body)
                     .map_err(|e| ProviderError::Protocol(e.to_string()))?;
                 Ok(Reply::Complete {
                     body: Bytes::from(translated.body),
                     usage: translated.usage,
-                    facts,
+                    // The client's answer is the translation: the span
+                    // reads its id and stop reason from it.
+                    facts: None,
                 })
             }
             Reply::Stream(events) => Ok(Reply::Stream(translate_stream(events))),
