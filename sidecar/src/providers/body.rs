@@ -38,8 +38,16 @@ pub(crate) fn read_answer(
     /// checks the body and borrows the usage's bytes (the other members are
     /// skipped, and so checked, by serde); the usage is then read from those
     /// bytes straight into `TokenUsage`, never through a `Value` tree (which
-    /// cost a fifth of a non-streamed request's instructions). The members a
-    /// span wants are borrowed in the same pass (as cheap as skipping them).
+    /// cost a fifth of a non-streamed request's instructions).
+    #[derive(serde::Deserialize)]
+    struct WithUsage<'a> {
+        #[serde(default, borrow)]
+        usage: Option<&'a RawValue>,
+    }
+    /// The same pass for a span, borrowing what it wants as well (as cheap
+    /// as skipping it). Stricter than [`WithUsage`] on odd bodies (a
+    /// duplicated `id`, a number out of range among the choices): those are
+    /// read again the plain way, so a span never decides what is an answer.
     #[derive(serde::Deserialize)]
     struct Whole<'a> {
         #[serde(default, borrow)]
@@ -59,16 +67,19 @@ pub(crate) fn read_answer(
     if body.trim_ascii_start().first() != Some(&b'{') {
         return Err(not_an_object("it does not start with {"));
     }
-    let whole = match serde_json::from_slice::<Whole>(body) {
-        Ok(whole) => whole,
-        Err(e) => return Err(not_an_object(&e.to_string())),
+    let read_usage =
+        |raw: Option<&RawValue>| raw.and_then(|r| serde_json::from_str::<TokenUsage>(r.get()).ok());
+    let plain = |body: &[u8]| match serde_json::from_slice::<WithUsage>(body) {
+        Ok(with) => Ok((read_usage(with.usage), None)),
+        Err(e) => Err(not_an_object(&e.to_string())),
     };
-    let usage = whole
-        .usage
-        .and_then(|raw| serde_json::from_str::<TokenUsage>(raw.get()).ok());
     if !facts {
-        return Ok((usage, None));
+        return plain(body);
     }
+    let Ok(whole) = serde_json::from_slice::<Whole>(body) else {
+        return plain(body);
+    };
+    let usage = read_usage(whole.usage);
     let text =
         |raw: Option<&RawValue>| raw.and_then(|r| serde_json::from_str::<String>(r.get()).ok());
     let finish_reasons = whole
@@ -224,6 +235,20 @@ mod tests {
             (facts.id, facts.model.as_deref()),
             (None, Some("text-embedding-3-small"))
         );
+    }
+
+    #[test]
+    fn what_the_plain_pass_accepts_the_span_s_pass_accepts() {
+        for body in [
+            r#"{"id":"a","id":"b","usage":{"total_tokens":1}}"#,
+            r#"{"choices":[1e400],"usage":{"total_tokens":1}}"#,
+            r#"{"choices":[{"\ud800":1,"finish_reason":"stop"}],"usage":{"total_tokens":1}}"#,
+        ] {
+            let (usage, facts) = read_answer(body.as_bytes(), true).expect(body);
+            assert_eq!(usage.map(|u| u.total_tokens), Some(1), "{body}");
+            assert!(facts.is_none(), "{body}");
+            assert!(read_answer(body.as_bytes(), false).is_ok(), "{body}");
+        }
     }
 
     #[test]
