@@ -232,6 +232,11 @@ impl Reach {
     /// reduced modulo the window either: a slack carrying the phase past a
     /// multiple would renumber the windows as a wrapped phase did).
     fn offset(&self) -> u64 {
+        if self.aligned != 0 && self.phase_ms < WINDOW_MS {
+            // An earlier module's phase (see `phase`): its offset was
+            // reduced modulo the window, so its windows were numbered so.
+            return PHASE_BIAS_MS + (self.phase_ms + self.slack_ms) % WINDOW_MS;
+        }
         self.phase() + self.slack_ms
     }
 
@@ -504,6 +509,17 @@ mod tests {
             assert_eq!(old.index(now), (now + W - 20_003) / W + 1, "{now}");
             assert_eq!(old.window_clock(now), now + W - 20_000, "{now}");
         }
+        let late = Reach {
+            phase_ms: 59_999,
+            slack_ms: 3,
+            ..old
+        };
+        let now = 5 * W + 10;
+        assert_eq!(
+            late.index(now),
+            (now + W - 2) / W + 1,
+            "phase + slack past a window"
+        );
         let mut moved = old;
         moved.align(5 * W, 5 * W + 3, 20_001);
         assert_eq!(

@@ -703,14 +703,15 @@ impl Fleet {
             }))
             .arg(seed)
             .arg(HOLD_TTL.as_millis() as u64);
-        let hold_request = self.reach().hold_request(now.mono_ms);
-        call.arg(hold_request.map_or(0, |h| h.0))
-            .arg(hold_request.map_or(0, |h| h.1));
         // The call's own send time on the fleet's window clock (the wall
         // clock, `GatewayState::ledger_now`), not the request's: a call
-        // after a seed query went out later than `now`, and the boundary
-        // estimated from it would be early by the query's time.
-        let sent_ms = clock::unix_ms();
+        // after a seed query goes out later than `now`, and the boundary
+        // estimated from it (and the windows it asks held, counted from
+        // now) would be early by the query's time.
+        let sent_ms = clock::unix_ms().max(now.mono_ms);
+        let hold_request = self.reach().hold_request(sent_ms);
+        call.arg(hold_request.map_or(0, |h| h.0))
+            .arg(hold_request.map_or(0, |h| h.1));
         let sent = Instant::now();
         let mut conn = self.connection().await?;
         let out: Vec<i64> = call.invoke_async(&mut conn).await.inspect_err(|_| {
