@@ -230,13 +230,17 @@ impl Settings {
                 "OTEL_EXPORTER_OTLP_PROTOCOL: this gateway exports http/protobuf only, got {protocol:?}"
             );
         }
-        for name in [
-            "OTEL_EXPORTER_OTLP_COMPRESSION",
+        // Each signal's own variable over the general one.
+        for signal in [
             "OTEL_EXPORTER_OTLP_TRACES_COMPRESSION",
             "OTEL_EXPORTER_OTLP_METRICS_COMPRESSION",
         ] {
-            if let Some(v) = set(name).filter(|v| !v.trim().eq_ignore_ascii_case("none")) {
-                anyhow::bail!("{name}: this gateway sends OTLP uncompressed, got {v:?}");
+            let general = "OTEL_EXPORTER_OTLP_COMPRESSION";
+            let named = set(signal).map(|v| (signal, v));
+            if let Some((name, v)) = named.or_else(|| set(general).map(|v| (general, v))) {
+                if !v.trim().eq_ignore_ascii_case("none") {
+                    anyhow::bail!("{name}: this gateway sends OTLP uncompressed, got {v:?}");
+                }
             }
         }
         let base = config.map(|c| c.endpoint.trim().trim_end_matches('/'));
@@ -330,6 +334,9 @@ fn percent_decode(s: &str) -> Option<String> {
     while let Some(b) = bytes.next() {
         if b == b'%' {
             let hex = [bytes.next()?, bytes.next()?];
+            if !hex.iter().all(u8::is_ascii_hexdigit) {
+                return None;
+            }
             out.push(u8::from_str_radix(std::str::from_utf8(&hex).ok()?, 16).ok()?);
         } else {
             out.push(b);
@@ -685,8 +692,15 @@ mod tests {
         let gzip = env(&[("OTEL_EXPORTER_OTLP_COMPRESSION", "gzip")]);
         let refused = Settings::resolve(Some(&config), gzip).unwrap_err();
         assert!(refused.to_string().contains("uncompressed"), "{refused}");
-        let none = env(&[("OTEL_EXPORTER_OTLP_TRACES_COMPRESSION", "none")]);
-        assert!(Settings::resolve(Some(&config), none).is_ok());
+        let none = env(&[
+            ("OTEL_EXPORTER_OTLP_COMPRESSION", "gzip"),
+            ("OTEL_EXPORTER_OTLP_TRACES_COMPRESSION", "none"),
+            ("OTEL_EXPORTER_OTLP_METRICS_COMPRESSION", "NONE"),
+        ]);
+        assert!(
+            Settings::resolve(Some(&config), none).is_ok(),
+            "each signal's own wins"
+        );
         let grpc = env(&[("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc")]);
         let refused = Settings::resolve(Some(&config), grpc).unwrap_err();
         assert!(
@@ -724,7 +738,7 @@ mod tests {
             settings.traces_headers,
             pairs(&[("authorization", "Bearer t")])
         );
-        for bad in ["novalue", "bad name=1", "k=%zz", "k=a%0Ab"] {
+        for bad in ["novalue", "bad name=1", "k=%zz", "k=a%0Ab", "k=%+9"] {
             let var =
                 move |name: &str| (name == "OTEL_EXPORTER_OTLP_HEADERS").then(|| bad.to_owned());
             let e = Settings::resolve(Some(&block("http://c")), var).unwrap_err();
