@@ -389,8 +389,10 @@ fn interrupted_status() -> u16 {
         .as_u16()
 }
 
-fn contains(haystack: &[u8], needle: &[u8]) -> bool {
-    haystack.windows(needle.len()).any(|w| w == needle)
+/// Whether `needle` occurs in `haystack` (an event's bytes): memchr's
+/// searcher, not a comparison at every offset.
+pub(crate) fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    memchr::memmem::find(haystack, needle).is_some()
 }
 
 /// What a stream's events say the provider billed: the one reader of usage

@@ -3,6 +3,7 @@
 
 use super::*;
 use crate::providers::AnswerFacts;
+use crate::serve::relay::contains;
 
 impl Telemetry {
     pub(super) fn request_trace(
@@ -341,14 +342,13 @@ impl RequestTrace {
         self.last_chunk = Some(now);
         let worth_reading = self.recording
             && (self.response.id.is_none()
-                || memchr_any(
-                    raw,
-                    &[
-                        b"finish_reason\":\"",
-                        b"stop_reason\":\"",
-                        b"response.completed",
-                    ],
-                ));
+                || [
+                    &b"finish_reason\":\""[..],
+                    b"stop_reason\":\"",
+                    b"response.completed",
+                ]
+                .iter()
+                .any(|needle| contains(raw, needle)));
         if worth_reading || self.content.is_some() {
             if let Some(data) = event_data(raw) {
                 if worth_reading {
@@ -613,12 +613,6 @@ fn traceparent(sc: &SpanContext) -> String {
         sc.span_id().to_bytes(),
         sc.trace_flags().to_u8(),
     )
-}
-
-fn memchr_any(haystack: &[u8], needles: &[&[u8]]) -> bool {
-    needles
-        .iter()
-        .any(|n| haystack.windows(n.len()).any(|w| w == *n))
 }
 
 #[cfg(test)]
