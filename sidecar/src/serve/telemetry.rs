@@ -15,11 +15,13 @@
 //! Switched on by the standard `OTEL_EXPORTER_OTLP_ENDPOINT` (or the
 //! per-signal `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` /
 //! `OTEL_EXPORTER_OTLP_METRICS_ENDPOINT`); `OTEL_SDK_DISABLED=true` keeps it
-//! off. The SDK reads the rest of the standard variables itself: headers
-//! (`OTEL_EXPORTER_OTLP_HEADERS`), timeout, `OTEL_SERVICE_NAME` (default
-//! `afr`), `OTEL_RESOURCE_ATTRIBUTES`, the sampler (`OTEL_TRACES_SAMPLER`,
-//! default parent-based always-on), the batch (`OTEL_BSP_*`) and the metric
-//! interval (`OTEL_METRIC_EXPORT_INTERVAL`).
+//! off. Read here: the endpoints, headers (`OTEL_EXPORTER_OTLP_HEADERS` and
+//! the per-signal ones), timeout, compression (none), the metric interval
+//! (`OTEL_METRIC_EXPORT_INTERVAL`) and temporality
+//! (`OTEL_EXPORTER_OTLP_METRICS_TEMPORALITY_PREFERENCE`); the SDK reads
+//! `OTEL_SERVICE_NAME` (default `afr`), `OTEL_RESOURCE_ATTRIBUTES`, the
+//! sampler (`OTEL_TRACES_SAMPLER`, default parent-based always-on) and the
+//! batch (`OTEL_BSP_*`).
 //!
 //! A request never waits for the collector: finished spans go to a bounded
 //! queue that a background thread exports in batches; when the queue is full
@@ -34,30 +36,23 @@ use afr_core::genai_content;
 use afr_core::sse::event_data;
 use afr_core::tracecontext;
 use afr_core::usage::{TokenSource, UsageRecord};
-use async_trait::async_trait;
 use bytes::Bytes;
-use http::{HeaderMap, HeaderValue, Request, Response};
+use http::{HeaderMap, HeaderValue, Request};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
-use opentelemetry::metrics::{Histogram, Meter, MeterProvider as _};
 use opentelemetry::propagation::{Extractor, TextMapPropagator};
 use opentelemetry::trace::{
     Span as _, SpanContext, SpanKind, Status, TraceContextExt, TraceId, Tracer as _,
     TracerProvider as _,
 };
 use opentelemetry::{Context, KeyValue, StringValue, Value};
-use opentelemetry_http::{HttpClient, HttpError};
-use opentelemetry_otlp::{MetricExporter, Protocol, WithExportConfig, WithHttpConfig};
 use opentelemetry_sdk::error::OTelSdkResult;
-use opentelemetry_sdk::metrics::data::ResourceMetrics;
-use opentelemetry_sdk::metrics::exporter::PushMetricExporter;
-use opentelemetry_sdk::metrics::{PeriodicReader, SdkMeterProvider, Temporality};
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::{
     BatchConfigBuilder, BatchSpanProcessor, IdGenerator, RandomIdGenerator, Sampler, SdkTracer,
-    SdkTracerProvider, SpanData, SpanProcessor,
+    SdkTracerProvider, Span as SdkSpan, SpanData, SpanProcessor,
 };
 use opentelemetry_sdk::Resource;
 use prometheus_client::metrics::counter::Counter;
@@ -68,10 +63,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 mod export;
+mod metrics;
 mod otlp;
 mod request;
 
-use export::{span_pipeline, CountedMetrics, OtlpClient};
+use export::{span_pipeline, MetricsExport, OtlpClient, Target};
+use metrics::{Histograms, Instrument, Series};
 pub use request::{attempt_error_type, RequestTrace};
 
 /// The instrumentation scope's name.
@@ -90,6 +87,9 @@ const TOKEN_BUCKETS: [f64; 14] = [
 const CHUNK_BUCKETS: [f64; 13] = [
     0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5,
 ];
+/// How often metric points are exported when `OTEL_METRIC_EXPORT_INTERVAL`
+/// says nothing (the specification's default).
+const DEFAULT_METRIC_INTERVAL: Duration = Duration::from_secs(60);
 /// What one export may take when `OTEL_EXPORTER_OTLP_TIMEOUT` says nothing
 /// (the specification's default).
 const DEFAULT_EXPORT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -159,11 +159,10 @@ pub struct Telemetry {
     capture_content: bool,
     tracer: SdkTracer,
     tracer_provider: SdkTracerProvider,
-    meter_provider: SdkMeterProvider,
-    duration: Histogram<f64>,
-    tokens: Histogram<u64>,
-    first_chunk: Histogram<f64>,
-    per_chunk: Histogram<f64>,
+    /// The GenAI metrics' points (recorded whether or not they are exported).
+    histograms: Arc<Histograms>,
+    /// Their export, unless `OTEL_METRICS_EXPORTER=none`.
+    metrics_export: Option<MetricsExport>,
     semconv: Semconv,
 }
 
@@ -176,10 +175,9 @@ impl std::fmt::Debug for Telemetry {
 }
 
 /// What telemetry exports, and where: the `[telemetry]` block with the
-/// standard `OTEL_*` variables over it. Spans are ours to send (see
-/// `otlp.rs`), so their endpoint and headers are resolved here; the metric
-/// exporter is the SDK's, and `None` fields are left to it (it reads the
-/// variables itself).
+/// standard `OTEL_*` variables over it. Both exports are ours (see
+/// `otlp.rs` and `metrics.rs`), so their endpoints and headers are resolved
+/// here; the SDK's tracer reads the resource, sampler and batch variables.
 #[derive(Debug, Clone, PartialEq)]
 struct Settings {
     /// Where spans go: `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` as it is, else
@@ -189,8 +187,14 @@ struct Settings {
     /// Headers on every span export: `OTEL_EXPORTER_OTLP_TRACES_HEADERS`,
     /// else `OTEL_EXPORTER_OTLP_HEADERS` (`key=value,…`, values URL-encoded).
     traces_headers: Vec<(String, String)>,
-    /// Where metric points go when no variable says.
-    metrics_endpoint: Option<String>,
+    /// Where metric points go, likewise (`…_METRICS_…`, `/v1/metrics`).
+    metrics_endpoint: String,
+    metrics_headers: Vec<(String, String)>,
+    /// `OTEL_METRIC_EXPORT_INTERVAL` (milliseconds).
+    metric_interval: Duration,
+    /// Delta points (`OTEL_EXPORTER_OTLP_METRICS_TEMPORALITY_PREFERENCE`
+    /// `delta` or `lowmemory`: both ask delta for histograms), else cumulative.
+    delta: bool,
     /// `service.name`, unless a variable names it.
     service_name: Option<String>,
     /// A parent-based trace-id ratio, unless `OTEL_TRACES_SAMPLER` decides
@@ -244,40 +248,59 @@ impl Settings {
             }
         }
         let base = config.map(|c| c.endpoint.trim().trim_end_matches('/'));
-        let at = |path: &str, from_env: bool| match base {
-            Some(base) if !from_env => Some(format!("{base}{path}")),
-            _ => None,
-        };
+        let at = |path: &str| base.map(|base| format!("{base}{path}"));
         let named = set("OTEL_SERVICE_NAME").is_some()
             || var("OTEL_RESOURCE_ATTRIBUTES").is_some_and(|v| v.contains("service.name="));
         let exporter = |name: &str, configured: Option<bool>| match set(name) {
             Some(value) => exporter_on(Some(value), name),
             None => Ok(configured.unwrap_or(true)),
         };
-        let traces_endpoint = match (
-            set("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"),
+        // Each signal's own endpoint as it is, else the general one or the
+        // block's with the signal's path, else the specification's default.
+        let endpoint = |signal: &str, path: &str| match (
+            set(&format!("OTEL_EXPORTER_OTLP_{signal}_ENDPOINT")),
             set("OTEL_EXPORTER_OTLP_ENDPOINT"),
         ) {
             (Some(url), _) => url.trim().to_owned(),
-            (None, Some(base)) => format!("{}/v1/traces", base.trim().trim_end_matches('/')),
-            (None, None) => at("/v1/traces", false)
-                .unwrap_or_else(|| "http://localhost:4318/v1/traces".to_owned()),
+            (None, Some(base)) => format!("{}{path}", base.trim().trim_end_matches('/')),
+            (None, None) => at(path).unwrap_or_else(|| format!("http://localhost:4318{path}")),
         };
-        let headers = set("OTEL_EXPORTER_OTLP_TRACES_HEADERS")
-            .map(|v| ("OTEL_EXPORTER_OTLP_TRACES_HEADERS", v))
-            .or_else(|| {
-                set("OTEL_EXPORTER_OTLP_HEADERS").map(|v| ("OTEL_EXPORTER_OTLP_HEADERS", v))
-            });
-        let traces_headers = match headers {
-            Some((name, value)) => {
-                otlp_headers(&value).map_err(|e| anyhow::anyhow!("{name}: {e}"))?
+        let headers = |signal: &str| {
+            let own = format!("OTEL_EXPORTER_OTLP_{signal}_HEADERS");
+            let (name, value) = match set(&own) {
+                Some(v) => (own, v),
+                None => match set("OTEL_EXPORTER_OTLP_HEADERS") {
+                    Some(v) => ("OTEL_EXPORTER_OTLP_HEADERS".to_owned(), v),
+                    None => return Ok(Vec::new()),
+                },
+            };
+            otlp_headers(&value).map_err(|e| anyhow::anyhow!("{name}: {e}"))
+        };
+        let metric_interval = match set("OTEL_METRIC_EXPORT_INTERVAL") {
+            None => DEFAULT_METRIC_INTERVAL,
+            Some(v) => match v.trim().parse::<u64>() {
+                Ok(ms) if ms > 0 => Duration::from_millis(ms),
+                _ => anyhow::bail!(
+                    "OTEL_METRIC_EXPORT_INTERVAL: expected milliseconds (a whole number above 0), got {v:?}"
+                ),
+            },
+        };
+        let temporality = "OTEL_EXPORTER_OTLP_METRICS_TEMPORALITY_PREFERENCE";
+        let delta = match set(temporality).map(|v| v.trim().to_ascii_lowercase()) {
+            None => false,
+            Some(v) if v == "cumulative" => false,
+            Some(v) if v == "delta" || v == "lowmemory" => true,
+            Some(v) => {
+                anyhow::bail!("{temporality}: expected cumulative, delta or lowmemory, got {v:?}")
             }
-            None => Vec::new(),
         };
         Ok(Some(Settings {
-            traces_endpoint,
-            traces_headers,
-            metrics_endpoint: at("/v1/metrics", env_metrics),
+            traces_endpoint: endpoint("TRACES", "/v1/traces"),
+            traces_headers: headers("TRACES")?,
+            metrics_endpoint: endpoint("METRICS", "/v1/metrics"),
+            metrics_headers: headers("METRICS")?,
+            metric_interval,
+            delta,
             service_name: (!named)
                 .then(|| config.map_or_else(|| "afr".to_owned(), |c| c.service_name.clone())),
             sample_ratio: match config {
@@ -391,83 +414,33 @@ impl Telemetry {
         let tracer_provider = tracer_provider.build();
         let tracer = tracer_provider.tracer(SCOPE);
 
-        let mut meter_provider = SdkMeterProvider::builder().with_resource(resource);
-        if settings.metrics {
-            let mut builder = MetricExporter::builder()
-                .with_http()
-                .with_http_client(client)
-                .with_protocol(Protocol::HttpBinary);
-            if let Some(endpoint) = &settings.metrics_endpoint {
-                builder = builder.with_endpoint(endpoint.clone());
-            }
-            let metric_exporter = builder
-                .build()
-                .map_err(|e| anyhow::anyhow!("OTLP metric exporter: {e}"))?;
-            let reader = PeriodicReader::builder(CountedMetrics {
-                inner: metric_exporter,
-                failed: dropped("metrics", "export_failed"),
-                failing: AtomicBool::new(false),
-            })
-            .build();
-            meter_provider = meter_provider.with_reader(reader);
-        }
-        let meter_provider = meter_provider.build();
-        let meter = meter_provider.meter(SCOPE);
-        Ok(Some(Telemetry::with(
-            (traces, settings.capture_content),
-            tracer,
-            tracer_provider,
-            meter_provider,
-            &meter,
-            semconv,
-        )))
-    }
-
-    fn with(
-        (traces, capture_content): (bool, bool),
-        tracer: SdkTracer,
-        tracer_provider: SdkTracerProvider,
-        meter_provider: SdkMeterProvider,
-        meter: &Meter,
-        semconv: Semconv,
-    ) -> Telemetry {
-        let seconds = |name: &'static str, description: &'static str, buckets: &[f64]| {
-            meter
-                .f64_histogram(name)
-                .with_unit("s")
-                .with_description(description)
-                .with_boundaries(buckets.to_vec())
-                .build()
+        let histograms = Arc::new(Histograms::new(SystemTime::now(), settings.delta));
+        let metrics_export = if settings.metrics {
+            let target = Target::new(
+                "metrics",
+                &settings.metrics_endpoint,
+                &settings.metrics_headers,
+            )?;
+            Some(MetricsExport::start(
+                Arc::clone(&histograms),
+                client,
+                target,
+                otlp::EncodedResource::new(&resource),
+                settings.metric_interval,
+                dropped("metrics", "export_failed"),
+            )?)
+        } else {
+            None
         };
-        Telemetry {
-            duration: seconds(
-                "gen_ai.client.operation.duration",
-                "GenAI operation duration.",
-                &DURATION_BUCKETS,
-            ),
-            tokens: meter
-                .u64_histogram("gen_ai.client.token.usage")
-                .with_unit("{token}")
-                .with_description("Number of input and output tokens used.")
-                .with_boundaries(TOKEN_BUCKETS.to_vec())
-                .build(),
-            first_chunk: seconds(
-                "gen_ai.client.operation.time_to_first_chunk",
-                "Time to receive the first chunk, measured from when the client issues the generation request to when the first chunk is received in the response stream.",
-                &DURATION_BUCKETS,
-            ),
-            per_chunk: seconds(
-                "gen_ai.client.operation.time_per_output_chunk",
-                "Time per output chunk, after the first chunk, of a streamed response.",
-                &CHUNK_BUCKETS,
-            ),
+        Ok(Some(Telemetry {
             traces,
-            capture_content,
+            capture_content: settings.capture_content,
             tracer,
             tracer_provider,
-            meter_provider,
+            histograms,
+            metrics_export,
             semconv,
-        }
+        }))
     }
 
     /// Starts the span of a request that arrived at `started` with
@@ -483,7 +456,7 @@ impl Telemetry {
     ) -> RequestTrace {
         let operation = operation_name(path);
         if !self.traces {
-            return self.request_trace(Context::new(), false, operation, started);
+            return self.request_trace(None, Context::new(), operation, started);
         }
         let parent = TraceContextPropagator::new().extract(&Headers(headers));
         let has_parent = parent.span().span_context().is_valid();
@@ -504,8 +477,17 @@ impl Telemetry {
             next.set(None);
             span
         });
-        let recording = span.is_recording();
-        self.request_trace(parent.with_span(span), recording, operation, started)
+        // The attempts' parent: this span's context, as a local (not remote) one.
+        let sc = span.span_context();
+        let own = SpanContext::new(
+            sc.trace_id(),
+            sc.span_id(),
+            sc.trace_flags(),
+            false,
+            sc.trace_state().clone(),
+        );
+        let cx = Context::new().with_remote_span_context(own);
+        self.request_trace(Some(span), cx, operation, started)
     }
 
     /// Exports what is queued and stops the exporters, waiting at most
@@ -514,8 +496,10 @@ impl Telemetry {
         if let Err(e) = self.tracer_provider.shutdown_with_timeout(within) {
             tracing::warn!(error = %e, "OpenTelemetry: traces not flushed at shutdown");
         }
-        if let Err(e) = self.meter_provider.shutdown_with_timeout(within) {
-            tracing::warn!(error = %e, "OpenTelemetry: metrics not flushed at shutdown");
+        if let Some(export) = &self.metrics_export {
+            if !export.shutdown(within) {
+                tracing::warn!("OpenTelemetry: metrics not flushed at shutdown");
+            }
         }
     }
 }

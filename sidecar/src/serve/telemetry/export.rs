@@ -1,9 +1,11 @@
-//! The way out: our HTTP client for the OTLP exporters, the bounded span
-//! queue, and the counting of what is dropped.
+//! The way out: our HTTP client for the OTLP exports, the bounded span
+//! queue, the metrics' export thread, and the counting of what is dropped.
 
+use super::metrics::Histograms;
 use super::otlp::{export_request, EncodedResource};
 use super::*;
 use opentelemetry_sdk::error::OTelSdkError;
+use std::sync::{mpsc, Condvar, Mutex};
 
 /// The spans' way out: a bounded queue, exported in batches by the SDK's
 /// own thread, every drop counted.
@@ -13,23 +15,9 @@ pub(super) fn span_pipeline(
     headers: &[(String, String)],
     dropped: &dyn Fn(&'static str, &'static str) -> Counter,
 ) -> anyhow::Result<Bounded<BatchSpanProcessor>> {
-    let uri: http::Uri = endpoint
-        .parse()
-        .map_err(|e| anyhow::anyhow!("the OTLP traces endpoint {endpoint:?}: {e}"))?;
-    if !matches!(uri.scheme_str(), Some("http" | "https")) || uri.host().is_none() {
-        anyhow::bail!("the OTLP traces endpoint {endpoint:?}: expected an http:// or https:// URL");
-    }
-    let mut extra = http::HeaderMap::new();
-    for (name, value) in headers {
-        extra.append(
-            http::HeaderName::from_bytes(name.as_bytes())?,
-            http::HeaderValue::from_str(value)?,
-        );
-    }
     let spans = OtlpSpans {
         client: client.clone(),
-        endpoint: uri,
-        headers: extra,
+        target: Target::new("traces", endpoint, headers)?,
         resource: EncodedResource::default(),
     };
     let batch = BatchConfigBuilder::default();
@@ -96,26 +84,91 @@ impl OtlpClient {
     }
 }
 
-#[async_trait]
-impl HttpClient for OtlpClient {
-    async fn send_bytes(&self, request: Request<Bytes>) -> Result<Response<Bytes>, HttpError> {
-        let (parts, body) = request.into_parts();
-        let request = Request::from_parts(parts, Full::new(body));
+/// Where one signal's exports go: the collector's URL and the extra headers.
+#[derive(Debug, Clone)]
+pub(super) struct Target {
+    endpoint: http::Uri,
+    headers: http::HeaderMap,
+}
+
+impl Target {
+    pub(super) fn new(
+        signal: &str,
+        endpoint: &str,
+        headers: &[(String, String)],
+    ) -> anyhow::Result<Target> {
+        let uri: http::Uri = endpoint
+            .parse()
+            .map_err(|e| anyhow::anyhow!("the OTLP {signal} endpoint {endpoint:?}: {e}"))?;
+        if !matches!(uri.scheme_str(), Some("http" | "https")) || uri.host().is_none() {
+            anyhow::bail!(
+                "the OTLP {signal} endpoint {endpoint:?}: expected an http:// or https:// URL"
+            );
+        }
+        let mut extra = http::HeaderMap::new();
+        for (name, value) in headers {
+            extra.append(
+                http::HeaderName::from_bytes(name.as_bytes())?,
+                http::HeaderValue::from_str(value)?,
+            );
+        }
+        Ok(Target {
+            endpoint: uri,
+            headers: extra,
+        })
+    }
+}
+
+impl OtlpClient {
+    /// POSTs an export `body` (protobuf) to `target`; `Err` says why it
+    /// was not accepted. The exchange runs on the sidecar's runtime, whose
+    /// reactor drives it, bounded by the export timeout (reading the answer
+    /// included); the caller, on an exporter's own thread, only waits.
+    async fn post(&self, target: &Target, body: Vec<u8>) -> Result<(), String> {
+        let mut request = Request::post(target.endpoint.clone())
+            .body(Full::new(Bytes::from(body)))
+            .map_err(|e| e.to_string())?;
+        let headers = request.headers_mut();
+        headers.insert(
+            http::header::CONTENT_TYPE,
+            http::HeaderValue::from_static("application/x-protobuf"),
+        );
+        headers.extend(target.headers.clone());
         let client = self.client.clone();
         let timeout = self.timeout;
         let exchange = async move {
-            let response = client.request(request).await?;
-            let (parts, body) = response.into_parts();
-            let body = Limited::new(body, MAX_ANSWER).collect().await?.to_bytes();
-            Ok::<_, HttpError>(Response::from_parts(parts, body))
+            let response = client.request(request).await.map_err(|e| e.to_string())?;
+            let status = response.status();
+            // The answer is read whole, so the connection can be used again.
+            Limited::new(response.into_body(), MAX_ANSWER)
+                .collect()
+                .await
+                .map_err(|e| e.to_string())?;
+            if status.is_success() {
+                Ok(())
+            } else {
+                Err(format!("the collector answered {status}"))
+            }
         };
         let task = self
             .runtime
             .spawn(async move { tokio::time::timeout(timeout, exchange).await });
-        match task.await? {
-            Ok(answer) => answer,
-            Err(_) => Err(format!("no answer within {timeout:?}").into()),
+        match task.await {
+            Ok(Ok(answer)) => answer,
+            Ok(Err(_)) => Err(format!("no answer within {timeout:?}")),
+            Err(e) => Err(e.to_string()),
         }
+    }
+
+    /// [`OtlpClient::post`] from a thread that is not the runtime's.
+    fn post_blocking(&self, target: &Target, body: Vec<u8>) -> Result<(), String> {
+        let (tx, rx) = mpsc::channel();
+        let (client, target) = (self.clone(), target.clone());
+        self.runtime.spawn(async move {
+            let _ = tx.send(client.post(&target, body).await);
+        });
+        rx.recv()
+            .unwrap_or_else(|_| Err("the runtime is shutting down".to_owned()))
     }
 }
 
@@ -125,8 +178,7 @@ impl HttpClient for OtlpClient {
 #[derive(Debug)]
 struct OtlpSpans {
     client: OtlpClient,
-    endpoint: http::Uri,
-    headers: http::HeaderMap,
+    target: Target,
     resource: EncodedResource,
 }
 
@@ -134,23 +186,10 @@ impl opentelemetry_sdk::trace::SpanExporter for OtlpSpans {
     async fn export(&self, batch: Vec<SpanData>) -> OTelSdkResult {
         let body = export_request(&self.resource, &batch);
         drop(batch);
-        let mut request = Request::post(self.endpoint.clone())
-            .body(Bytes::from(body))
-            .map_err(|e| OTelSdkError::InternalFailure(e.to_string()))?;
-        let headers = request.headers_mut();
-        headers.insert(
-            http::header::CONTENT_TYPE,
-            http::HeaderValue::from_static("application/x-protobuf"),
-        );
-        headers.extend(self.headers.clone());
-        match self.client.send_bytes(request).await {
-            Ok(answer) if answer.status().is_success() => Ok(()),
-            Ok(answer) => Err(OTelSdkError::InternalFailure(format!(
-                "the collector answered {}",
-                answer.status()
-            ))),
-            Err(e) => Err(OTelSdkError::InternalFailure(e.to_string())),
-        }
+        self.client
+            .post(&self.target, body)
+            .await
+            .map_err(OTelSdkError::InternalFailure)
     }
 
     fn shutdown_with_timeout(&self, _timeout: Duration) -> OTelSdkResult {
@@ -196,11 +235,11 @@ impl<E: opentelemetry_sdk::trace::SpanExporter> opentelemetry_sdk::trace::SpanEx
     }
 }
 
-fn note_result(
+fn note_result<E: std::fmt::Display>(
     failing: &AtomicBool,
     failed: &Counter,
     signal: &str,
-    result: &OTelSdkResult,
+    result: &Result<(), E>,
     n: u64,
 ) {
     match result {
@@ -258,30 +297,63 @@ impl<P: SpanProcessor> SpanProcessor for Bounded<P> {
     }
 }
 
-/// Counts failed metric exports. A failed export loses nothing for good:
-/// the points are cumulative, and the next export carries the totals.
-pub(super) struct CountedMetrics<E> {
-    pub(super) inner: E,
-    pub(super) failed: Counter,
-    pub(super) failing: AtomicBool,
+/// The metrics' way out: a thread of its own that exports the histograms
+/// every `interval`, and once more when stopped. A failed export is counted
+/// in `afr_otel_dropped_total{signal="metrics",reason="export_failed"}`;
+/// cumulative points lose nothing by it (the next export carries the
+/// totals), delta points are lost.
+pub(super) struct MetricsExport {
+    stop: Arc<(Mutex<bool>, Condvar)>,
+    done: Mutex<mpsc::Receiver<()>>,
 }
 
-impl<E: PushMetricExporter> PushMetricExporter for CountedMetrics<E> {
-    async fn export(&self, metrics: &ResourceMetrics) -> OTelSdkResult {
-        let result = self.inner.export(metrics).await;
-        note_result(&self.failing, &self.failed, "metrics", &result, 1);
-        result
+impl MetricsExport {
+    pub(super) fn start(
+        histograms: Arc<Histograms>,
+        client: OtlpClient,
+        target: Target,
+        resource: EncodedResource,
+        interval: Duration,
+        failed: Counter,
+    ) -> anyhow::Result<MetricsExport> {
+        let stop = Arc::new((Mutex::new(false), Condvar::new()));
+        let (done_tx, done) = mpsc::channel();
+        let stopping = Arc::clone(&stop);
+        std::thread::Builder::new()
+            .name("afr-otel-metrics".into())
+            .spawn(move || {
+                let failing = AtomicBool::new(false);
+                loop {
+                    let stopped = {
+                        let (flag, wake) = &*stopping;
+                        let guard = flag.lock().unwrap_or_else(|e| e.into_inner());
+                        let (guard, _) = wake
+                            .wait_timeout_while(guard, interval, |stopped| !*stopped)
+                            .unwrap_or_else(|e| e.into_inner());
+                        *guard
+                    };
+                    if let Some(body) = histograms.export_request(&resource, SystemTime::now()) {
+                        let result = client.post_blocking(&target, body);
+                        note_result(&failing, &failed, "metrics", &result, 1);
+                    }
+                    if stopped {
+                        let _ = done_tx.send(());
+                        return;
+                    }
+                }
+            })?;
+        Ok(MetricsExport {
+            stop,
+            done: Mutex::new(done),
+        })
     }
 
-    fn force_flush(&self) -> OTelSdkResult {
-        self.inner.force_flush()
-    }
-
-    fn shutdown_with_timeout(&self, timeout: Duration) -> OTelSdkResult {
-        self.inner.shutdown_with_timeout(timeout)
-    }
-
-    fn temporality(&self) -> Temporality {
-        self.inner.temporality()
+    /// Exports once more and stops, waiting at most `within`.
+    pub(super) fn shutdown(&self, within: Duration) -> bool {
+        let (flag, wake) = &*self.stop;
+        *flag.lock().unwrap_or_else(|e| e.into_inner()) = true;
+        wake.notify_all();
+        let done = self.done.lock().unwrap_or_else(|e| e.into_inner());
+        done.recv_timeout(within).is_ok()
     }
 }

@@ -22,7 +22,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 /// Protobuf wire types.
 const VARINT: u32 = 0;
-const FIXED64: u32 = 1;
+pub(super) const FIXED64: u32 = 1;
 const LEN: u32 = 2;
 const FIXED32: u32 = 5;
 
@@ -44,6 +44,15 @@ impl EncodedResource {
             body,
             schema_url: resource.schema_url().unwrap_or_default().to_owned(),
         }
+    }
+
+    /// The `Resource` message's body.
+    pub(super) fn body(&self) -> &[u8] {
+        &self.body
+    }
+
+    pub(super) fn schema_url(&self) -> &str {
+        &self.schema_url
     }
 }
 
@@ -152,13 +161,13 @@ fn flags(remote: bool, trace_flags: u8) -> u32 {
     u32::from(trace_flags) | 0x100 | if remote { 0x200 } else { 0 }
 }
 
-fn nanos(t: SystemTime) -> u64 {
+pub(super) fn nanos(t: SystemTime) -> u64 {
     t.duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos() as u64)
 }
 
 /// A `KeyValue`'s fields (the caller wrote its tag and length).
-fn key_value(b: &mut Vec<u8>, key: &str, value: &Value) {
+pub(super) fn key_value(b: &mut Vec<u8>, key: &str, value: &Value) {
     string(b, 1, key);
     message(b, 2, |b| any_value(b, value));
 }
@@ -211,7 +220,7 @@ fn any_string(b: &mut Vec<u8>, v: &str) {
 /// A length-delimited field `field` whose content `body` writes: one byte
 /// is kept for the length, and the content moved up when its length needs
 /// more (only spans and scopes are that long, and moving them is a memmove).
-fn message(b: &mut Vec<u8>, field: u32, body: impl FnOnce(&mut Vec<u8>)) {
+pub(super) fn message(b: &mut Vec<u8>, field: u32, body: impl FnOnce(&mut Vec<u8>)) {
     tag(b, field, LEN);
     let at = b.len();
     b.push(0);
@@ -226,7 +235,7 @@ fn message(b: &mut Vec<u8>, field: u32, body: impl FnOnce(&mut Vec<u8>)) {
     b.splice(at..=at, prefix);
 }
 
-fn tag(b: &mut Vec<u8>, field: u32, wire: u32) {
+pub(super) fn tag(b: &mut Vec<u8>, field: u32, wire: u32) {
     varint(b, u64::from(field << 3 | wire));
 }
 
@@ -239,7 +248,7 @@ fn varint(b: &mut Vec<u8>, mut v: u64) {
 }
 
 /// A string field, left out when empty (proto3's default).
-fn string(b: &mut Vec<u8>, field: u32, s: &str) {
+pub(super) fn string(b: &mut Vec<u8>, field: u32, s: &str) {
     bytes(b, field, s.as_bytes());
 }
 
@@ -252,17 +261,27 @@ fn bytes(b: &mut Vec<u8>, field: u32, v: &[u8]) {
     b.extend_from_slice(v);
 }
 
-fn uint(b: &mut Vec<u8>, field: u32, v: u64) {
+pub(super) fn uint(b: &mut Vec<u8>, field: u32, v: u64) {
     if v != 0 {
         tag(b, field, VARINT);
         varint(b, v);
     }
 }
 
-fn fixed64(b: &mut Vec<u8>, field: u32, v: u64) {
+pub(super) fn fixed64(b: &mut Vec<u8>, field: u32, v: u64) {
     if v != 0 {
         tag(b, field, FIXED64);
         b.extend_from_slice(&v.to_le_bytes());
+    }
+}
+
+/// A packed repeated field of 8-byte values (`fixed64`, `double`), left
+/// out when empty.
+pub(super) fn packed64(b: &mut Vec<u8>, field: u32, vs: impl ExactSizeIterator<Item = [u8; 8]>) {
+    if vs.len() > 0 {
+        tag(b, field, LEN);
+        varint(b, 8 * vs.len() as u64);
+        vs.for_each(|v| b.extend_from_slice(&v));
     }
 }
 

@@ -6,16 +6,19 @@ use crate::providers::AnswerFacts;
 use crate::serve::relay::contains;
 
 impl Telemetry {
+    /// The trace of a request whose span is `span` (`None`: spans are not
+    /// exported) and whose context, for the attempts' spans, is `cx`.
     pub(super) fn request_trace(
         self: &Arc<Self>,
+        span: Option<SdkSpan>,
         cx: Context,
-        recording: bool,
         operation: &'static str,
         started: Instant,
     ) -> RequestTrace {
         RequestTrace {
             telemetry: Arc::clone(self),
-            recording,
+            recording: span.as_ref().is_some_and(|s| s.is_recording()),
+            span,
             cx,
             operation,
             started,
@@ -115,11 +118,6 @@ impl ResponseInfo {
     }
 }
 
-/// A provider attempt's span, open while the attempt lasts.
-struct AttemptSpan {
-    cx: Context,
-}
-
 /// The trace of one request: its span, the open attempt's, and what the
 /// span's attributes are made of at the end. Owned by the request's
 /// [`crate::serve::accounting::Accounting`].
@@ -128,6 +126,10 @@ pub struct RequestTrace {
     /// Whether the request's span is sampled: what only a span shows (the
     /// request's parameters, the answer's id) is read only then.
     recording: bool,
+    /// The request's span, held here rather than in a `Context`: a span in
+    /// a `Context` sits behind a mutex and a `dyn` call for every attribute.
+    span: Option<SdkSpan>,
+    /// The parent of the attempts' spans: the request span's own context.
     cx: Context,
     operation: &'static str,
     started: Instant,
@@ -137,7 +139,8 @@ pub struct RequestTrace {
     response: ResponseInfo,
     /// The messages in and out, when the operator opted in and the span is sampled.
     content: Option<(genai_content::Input, genai_content::Output)>,
-    attempt: Option<AttemptSpan>,
+    /// The open attempt's span.
+    attempt: Option<SdkSpan>,
     attempts: u32,
     /// The kind of the provider that served (or was last tried).
     provider: Option<ProviderKind>,
@@ -215,12 +218,10 @@ impl RequestTrace {
         }
         if !self.recording {
             // Not sampled: the provider still learns the trace (flags 00).
-            let span = tracer.span_builder("").start_with_context(tracer, &self.cx);
-            let sc = span.span_context().clone();
-            self.attempt = Some(AttemptSpan {
-                cx: self.cx.with_span(span),
-            });
-            return HeaderValue::from_str(&traceparent(&sc)).ok();
+            let span = tracer.build_with_context(tracer.span_builder(""), &self.cx);
+            let header = HeaderValue::from_str(&traceparent(span.span_context())).ok();
+            self.attempt = Some(span);
+            return header;
         }
         let semconv = self.telemetry.semconv;
         let mut attributes = vec![
@@ -241,18 +242,14 @@ impl RequestTrace {
                 attributes.push(KeyValue::new("server.port", i64::from(port)));
             }
         }
-        let span = self
-            .telemetry
-            .tracer
+        let builder = tracer
             .span_builder(format!("{} {upstream_model}", self.operation))
             .with_kind(SpanKind::Client)
-            .with_attributes(attributes)
-            .start_with_context(&self.telemetry.tracer, &self.cx);
-        let sc = span.span_context().clone();
-        self.attempt = Some(AttemptSpan {
-            cx: self.cx.with_span(span),
-        });
-        HeaderValue::from_str(&traceparent(&sc)).ok()
+            .with_attributes(attributes);
+        let span = tracer.build_with_context(builder, &self.cx);
+        let header = HeaderValue::from_str(&traceparent(span.span_context())).ok();
+        self.attempt = Some(span);
+        header
     }
 
     /// The open attempt failed with `error_type` (and the request moves on,
@@ -268,9 +265,8 @@ impl RequestTrace {
             return;
         }
         let semconv = self.telemetry.semconv;
-        let mut span = self
-            .telemetry
-            .tracer
+        let tracer = &self.telemetry.tracer;
+        let builder = tracer
             .span_builder(format!("{} {provider}", self.operation))
             .with_kind(SpanKind::Client)
             .with_attributes([
@@ -280,17 +276,16 @@ impl RequestTrace {
                 KeyValue::new("afr.breaker", "open"),
                 KeyValue::new("afr.breaker.retry_after_s", retry_after.as_secs_f64()),
                 KeyValue::new("error.type", "breaker_open"),
-            ])
-            .start_with_context(&self.telemetry.tracer, &self.cx);
+            ]);
+        let mut span = tracer.build_with_context(builder, &self.cx);
         span.set_status(Status::error("breaker open"));
         span.end();
     }
 
     fn end_attempt(&mut self, error_type: Option<String>) {
-        let Some(attempt) = self.attempt.take() else {
+        let Some(mut span) = self.attempt.take() else {
             return;
         };
-        let span = attempt.cx.span();
         if let Some(error) = error_type {
             span.set_status(Status::error(error.clone()));
             span.set_attribute(KeyValue::new("error.type", error));
@@ -368,29 +363,26 @@ impl RequestTrace {
     pub fn first_content(&mut self, at: Instant, model: &str) {
         self.first_chunk = Some(at);
         let ttfc = at.saturating_duration_since(self.started).as_secs_f64();
-        let attributes = self.metric_attributes(model, None);
-        self.telemetry.first_chunk.record(ttfc, &attributes);
+        let series = self.series(model, None);
+        self.telemetry
+            .histograms
+            .record(Instrument::FirstChunk, &series, ttfc);
     }
 
     /// The attributes of the request's metric points: a bounded set (the
     /// catalogue's model, never the client's free text nor the provider's
     /// answer), the same whether or not the span is sampled.
-    fn metric_attributes(&self, model: &str, error: Option<&str>) -> Vec<KeyValue> {
+    fn series(&self, model: &str, error: Option<&str>) -> Series {
         let semconv = self.telemetry.semconv;
-        let mut attributes = vec![KeyValue::new("gen_ai.operation.name", self.operation)];
-        if let Some(kind) = self.provider {
-            attributes.push(KeyValue::new(
-                semconv.provider_key(),
-                semconv.provider_value(kind),
-            ));
+        Series {
+            operation: self.operation,
+            provider: self
+                .provider
+                .map(|kind| (semconv.provider_key(), semconv.provider_value(kind))),
+            model: model.to_owned(),
+            error: error.map(str::to_owned),
+            token_type: None,
         }
-        if !model.is_empty() {
-            attributes.push(KeyValue::new("gen_ai.request.model", model.to_owned()));
-        }
-        if let Some(error) = error {
-            attributes.push(KeyValue::new("error.type", error.to_owned()));
-        }
-        attributes
     }
 
     /// Ends the request's span (and an open attempt's) with the request's
@@ -400,36 +392,37 @@ impl RequestTrace {
         let error = (status >= 400).then(|| error_type(status));
         self.end_attempt(error.clone());
         let telemetry = Arc::clone(&self.telemetry);
-        let mut metric = self.metric_attributes(&record.model, error.as_deref());
-        telemetry.duration.record(latency.as_secs_f64(), &metric);
+        let histograms = &telemetry.histograms;
+        let mut series = self.series(&record.model, error.as_deref());
+        histograms.record(Instrument::Duration, &series, latency.as_secs_f64());
         let consumed = record.token_source != TokenSource::None;
         if consumed {
             for (kind, count) in [
                 ("input", record.prompt_tokens),
                 ("output", record.completion_tokens),
             ] {
-                metric.push(KeyValue::new("gen_ai.token.type", kind));
-                telemetry.tokens.record(count, &metric);
-                metric.pop();
+                series.token_type = Some(kind);
+                histograms.record(Instrument::Tokens, &series, count as f64);
             }
+            series.token_type = None;
         }
         if let (Some(first), Some(last)) = (self.first_chunk, self.last_chunk) {
             if self.chunks > 1 && last > first {
                 let per = last.duration_since(first).as_secs_f64() / (self.chunks - 1) as f64;
-                telemetry.per_chunk.record(per, &metric);
+                histograms.record(Instrument::PerChunk, &series, per);
             }
         }
-        if !self.recording {
+        let Some(mut span) = self.span.take().filter(|_| self.recording) else {
             return;
-        }
-
-        let span = self.cx.span();
+        };
         // The catalogue's name, or the client's own when it named none the
         // catalogue has (the row and the metrics keep no free text; the span may).
         let model = Some(&record.model)
             .filter(|m| !m.is_empty())
             .or(self.params.model.as_ref());
-        let mut attributes = metric;
+        // The metric points' attributes, and the span's own.
+        let mut attributes = Vec::with_capacity(32);
+        attributes.extend(series.attributes().map(|(k, v)| KeyValue::new(k, v)));
         if let Some(model) = model {
             span.update_name(format!("{} {model}", self.operation));
             if record.model.is_empty() {

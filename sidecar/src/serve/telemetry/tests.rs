@@ -61,13 +61,18 @@ fn an_endpoint_switches_it_on_and_sdk_disabled_off() {
     let traces_only = env(&[("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "http://c/t")]);
     let traces_only = Settings::resolve(None, traces_only).unwrap().unwrap();
     assert_eq!(traces_only.traces_endpoint, "http://c/t", "used as it is");
-    let metrics_only = env(&[("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT", "http://c/m")]);
     assert_eq!(
-        Settings::resolve(None, metrics_only)
-            .unwrap()
-            .unwrap()
-            .traces_endpoint,
-        "http://localhost:4318/v1/traces"
+        traces_only.metrics_endpoint,
+        "http://localhost:4318/v1/metrics"
+    );
+    let metrics_only = env(&[("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT", "http://c/m")]);
+    let metrics_only = Settings::resolve(None, metrics_only).unwrap().unwrap();
+    assert_eq!(
+        (
+            metrics_only.traces_endpoint.as_str(),
+            metrics_only.metrics_endpoint.as_str()
+        ),
+        ("http://localhost:4318/v1/traces", "http://c/m")
     );
     let disabled = env(&[
         ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:4318"),
@@ -84,9 +89,10 @@ fn the_block_configures_and_the_variables_override_it() {
     let config = block("http://collector:4318/");
     let only = Settings::resolve(Some(&config), env(&[])).unwrap().unwrap();
     assert_eq!(only.traces_endpoint, "http://collector:4318/v1/traces");
+    assert_eq!(only.metrics_endpoint, "http://collector:4318/v1/metrics");
     assert_eq!(
-        only.metrics_endpoint.as_deref(),
-        Some("http://collector:4318/v1/metrics")
+        (only.metric_interval, only.delta),
+        (DEFAULT_METRIC_INTERVAL, false)
     );
     assert_eq!(only.service_name.as_deref(), Some("gw"));
     assert_eq!(only.sample_ratio, Some(0.25));
@@ -109,8 +115,14 @@ fn the_block_configures_and_the_variables_override_it() {
     .unwrap()
     .unwrap();
     assert_eq!(
-        (over.traces_endpoint.as_str(), over.metrics_endpoint),
-        ("http://other:4318/v1/traces", None)
+        (
+            over.traces_endpoint.as_str(),
+            over.metrics_endpoint.as_str()
+        ),
+        (
+            "http://other:4318/v1/traces",
+            "http://other:4318/v1/metrics"
+        )
     );
     assert_eq!((over.service_name, over.sample_ratio), (None, None));
     assert!(!over.traces && over.metrics);
@@ -155,6 +167,7 @@ fn export_headers_are_the_specification_s_list() {
         settings.traces_headers,
         pairs(&[("api-key", "secret=value"), ("x-tenant", "a b")])
     );
+    assert_eq!(settings.metrics_headers, pairs(&[("x-general", "1")]));
     let general = env(&[("OTEL_EXPORTER_OTLP_HEADERS", "authorization=Bearer%20t")]);
     let settings = Settings::resolve(Some(&block("http://c")), general)
         .unwrap()
@@ -183,4 +196,35 @@ fn exporters_are_otlp_or_none() {
         refused.to_string(),
         "OTEL_TRACES_EXPORTER: expected otlp or none, got \"zipkin\""
     );
+}
+
+#[test]
+fn the_metric_interval_and_temporality_are_the_specification_s_variables() {
+    let resolve = |pairs: &'static [(&'static str, &'static str)]| {
+        Settings::resolve(Some(&block("http://c")), env(pairs))
+    };
+    let set = resolve(&[
+        ("OTEL_METRIC_EXPORT_INTERVAL", " 300 "),
+        ("OTEL_EXPORTER_OTLP_METRICS_TEMPORALITY_PREFERENCE", "Delta"),
+    ])
+    .unwrap()
+    .unwrap();
+    assert_eq!(
+        (set.metric_interval, set.delta),
+        (Duration::from_millis(300), true)
+    );
+    let low = resolve(&[(
+        "OTEL_EXPORTER_OTLP_METRICS_TEMPORALITY_PREFERENCE",
+        "lowmemory",
+    )]);
+    assert!(low.unwrap().unwrap().delta, "low memory: delta histograms");
+    for (name, value) in [
+        ("OTEL_METRIC_EXPORT_INTERVAL", "0"),
+        ("OTEL_METRIC_EXPORT_INTERVAL", "1m"),
+        ("OTEL_EXPORTER_OTLP_METRICS_TEMPORALITY_PREFERENCE", "gauge"),
+    ] {
+        let var = move |n: &str| (n == name).then(|| value.to_owned());
+        let e = Settings::resolve(Some(&block("http://c")), var).unwrap_err();
+        assert!(e.to_string().starts_with(name), "{value}: {e}");
+    }
 }
