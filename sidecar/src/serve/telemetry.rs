@@ -56,10 +56,11 @@ use opentelemetry_sdk::trace::{
 };
 use opentelemetry_sdk::Resource;
 use prometheus_client::metrics::counter::Counter;
+use rustc_hash::FxHashMap;
 use serde::Deserialize;
 use std::cell::Cell;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 mod export;
@@ -87,6 +88,8 @@ const TOKEN_BUCKETS: [f64; 14] = [
 const CHUNK_BUCKETS: [f64; 13] = [
     0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5,
 ];
+/// About as many attributes as a request's span gets, with room to spare.
+const SPAN_ATTRIBUTES: usize = 40;
 /// How often metric points are exported when `OTEL_METRIC_EXPORT_INTERVAL`
 /// says nothing (the specification's default).
 const DEFAULT_METRIC_INTERVAL: Duration = Duration::from_secs(60);
@@ -163,6 +166,9 @@ pub struct Telemetry {
     histograms: Arc<Histograms>,
     /// Their export, unless `OTEL_METRICS_EXPORTER=none`.
     metrics_export: Option<MetricsExport>,
+    /// `server.address` and `server.port` of each provider base URL seen,
+    /// parsed once (a URL parse on every attempt was a fifth of its span's cost).
+    servers: Mutex<FxHashMap<String, Option<(StringValue, i64)>>>,
     semconv: Semconv,
 }
 
@@ -439,6 +445,7 @@ impl Telemetry {
             tracer_provider,
             histograms,
             metrics_export,
+            servers: Mutex::default(),
             semconv,
         }))
     }
@@ -470,7 +477,9 @@ impl Telemetry {
             .tracer
             .span_builder(operation)
             .with_kind(SpanKind::Client)
-            .with_start_time(system_time(started));
+            .with_start_time(system_time(started))
+            // Room for the attributes `finish` sets: the SDK keeps this vector.
+            .with_attributes(Vec::with_capacity(SPAN_ATTRIBUTES));
         let span = NEXT_TRACE_ID.with(|next| {
             next.set(trace_id);
             let span = self.tracer.build_with_context(builder, &parent);

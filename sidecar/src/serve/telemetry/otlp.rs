@@ -167,12 +167,14 @@ pub(super) fn nanos(t: SystemTime) -> u64 {
 }
 
 /// A `KeyValue`'s fields (the caller wrote its tag and length).
+#[inline]
 pub(super) fn key_value(b: &mut Vec<u8>, key: &str, value: &Value) {
     string(b, 1, key);
     message(b, 2, |b| any_value(b, value));
 }
 
 /// An `AnyValue`'s field (its one-of).
+#[inline]
 fn any_value(b: &mut Vec<u8>, value: &Value) {
     match value {
         Value::Bool(v) => any_bool(b, *v),
@@ -195,22 +197,26 @@ fn any_value(b: &mut Vec<u8>, value: &Value) {
     }
 }
 
+#[inline]
 fn any_bool(b: &mut Vec<u8>, v: bool) {
     tag(b, 2, VARINT);
     b.push(u8::from(v));
 }
 
+#[inline]
 fn any_int(b: &mut Vec<u8>, v: i64) {
     tag(b, 3, VARINT);
     varint(b, v as u64);
 }
 
+#[inline]
 fn any_double(b: &mut Vec<u8>, v: f64) {
     tag(b, 4, FIXED64);
     b.extend_from_slice(&v.to_le_bytes());
 }
 
 /// A one-of member is written even when empty (it says which one is set).
+#[inline]
 fn any_string(b: &mut Vec<u8>, v: &str) {
     tag(b, 1, LEN);
     varint(b, v.len() as u64);
@@ -235,10 +241,12 @@ pub(super) fn message(b: &mut Vec<u8>, field: u32, body: impl FnOnce(&mut Vec<u8
     b.splice(at..=at, prefix);
 }
 
+#[inline]
 pub(super) fn tag(b: &mut Vec<u8>, field: u32, wire: u32) {
     varint(b, u64::from(field << 3 | wire));
 }
 
+#[inline]
 fn varint(b: &mut Vec<u8>, mut v: u64) {
     while v >= 0x80 {
         b.push(v as u8 | 0x80);
@@ -248,10 +256,12 @@ fn varint(b: &mut Vec<u8>, mut v: u64) {
 }
 
 /// A string field, left out when empty (proto3's default).
+#[inline]
 pub(super) fn string(b: &mut Vec<u8>, field: u32, s: &str) {
     bytes(b, field, s.as_bytes());
 }
 
+#[inline]
 fn bytes(b: &mut Vec<u8>, field: u32, v: &[u8]) {
     if v.is_empty() {
         return;
@@ -261,6 +271,7 @@ fn bytes(b: &mut Vec<u8>, field: u32, v: &[u8]) {
     b.extend_from_slice(v);
 }
 
+#[inline]
 pub(super) fn uint(b: &mut Vec<u8>, field: u32, v: u64) {
     if v != 0 {
         tag(b, field, VARINT);
@@ -268,6 +279,7 @@ pub(super) fn uint(b: &mut Vec<u8>, field: u32, v: u64) {
     }
 }
 
+#[inline]
 pub(super) fn fixed64(b: &mut Vec<u8>, field: u32, v: u64) {
     if v != 0 {
         tag(b, field, FIXED64);

@@ -6,6 +6,33 @@ use crate::providers::AnswerFacts;
 use crate::serve::relay::contains;
 
 impl Telemetry {
+    /// The host and port of `base_url`, parsed the first time it is seen.
+    fn server(&self, base_url: &str) -> Option<(StringValue, i64)> {
+        /// Base URLs remembered at most (config reloads can add more).
+        const MOST: usize = 256;
+        let mut servers = self
+            .servers
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(known) = servers.get(base_url) {
+            return known.clone();
+        }
+        let parsed = base_url.parse::<http::Uri>().ok().and_then(|uri| {
+            let host = uri.host()?;
+            let port = uri.port_u16().unwrap_or(match uri.scheme_str() {
+                Some("http") => 80,
+                _ => 443,
+            });
+            // Shared, so each span's copy is a reference count.
+            Some((StringValue::from(Arc::<str>::from(host)), i64::from(port)))
+        });
+        if servers.len() >= MOST {
+            servers.clear();
+        }
+        servers.insert(base_url.to_owned(), parsed.clone());
+        parsed
+    }
+
     /// The trace of a request whose span is `span` (`None`: spans are not
     /// exported) and whose context, for the attempts' spans, is `cx`.
     pub(super) fn request_trace(
@@ -232,15 +259,9 @@ impl RequestTrace {
             KeyValue::new("afr.attempt", i64::from(self.attempts)),
             KeyValue::new("afr.breaker", if probe { "probe" } else { "closed" }),
         ];
-        if let Ok(uri) = base_url.parse::<http::Uri>() {
-            if let Some(host) = uri.host() {
-                attributes.push(KeyValue::new("server.address", host.to_owned()));
-                let port = uri.port_u16().unwrap_or(match uri.scheme_str() {
-                    Some("http") => 80,
-                    _ => 443,
-                });
-                attributes.push(KeyValue::new("server.port", i64::from(port)));
-            }
+        if let Some((host, port)) = self.telemetry.server(base_url) {
+            attributes.push(KeyValue::new("server.address", host));
+            attributes.push(KeyValue::new("server.port", port));
         }
         let builder = tracer
             .span_builder(format!("{} {upstream_model}", self.operation))
