@@ -12,7 +12,7 @@
 //! Field numbers: opentelemetry-proto's `metrics/v1/metrics.proto` (stable);
 //! the test decodes our bytes with `opentelemetry-proto`.
 
-use super::otlp::{fixed64, key_value, message, packed64, string, tag, uint};
+use super::otlp::{attribute, fixed64, message, packed64, string, tag, uint};
 use super::otlp::{EncodedResource, FIXED64};
 use opentelemetry::Value;
 use rustc_hash::FxHashMap;
@@ -250,7 +250,7 @@ fn data_point(
     packed64(b, 6, point.buckets.iter().map(|v| v.to_le_bytes()));
     packed64(b, 7, bounds.iter().map(|v| v.to_le_bytes()));
     for (key, value) in series.attributes() {
-        message(b, 9, |b| key_value(b, key, &value));
+        attribute(b, 9, key, &value);
     }
     for (field, v) in [(11, point.min), (12, point.max)] {
         tag(b, field, FIXED64);

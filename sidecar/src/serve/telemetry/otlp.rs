@@ -38,7 +38,7 @@ impl EncodedResource {
     pub(super) fn new(resource: &Resource) -> EncodedResource {
         let mut body = Vec::new();
         for (key, value) in resource.iter() {
-            message(&mut body, 1, |b| key_value(b, key.as_str(), value));
+            attribute(&mut body, 1, key.as_str(), value);
         }
         EncodedResource {
             body,
@@ -74,7 +74,7 @@ pub(super) fn export_request(resource: &EncodedResource, spans: &[SpanData]) -> 
                     string(b, 1, scope.name());
                     string(b, 2, scope.version().unwrap_or_default());
                     for kv in scope.attributes() {
-                        message(b, 3, |b| key_value(b, kv.key.as_str(), &kv.value));
+                        attribute(b, 3, kv.key.as_str(), &kv.value);
                     }
                 });
                 for (i, span) in spans.iter().enumerate().skip(first) {
@@ -112,7 +112,7 @@ fn write_span(b: &mut Vec<u8>, span: &SpanData) {
     fixed64(b, 7, nanos(span.start_time));
     fixed64(b, 8, nanos(span.end_time));
     for kv in &span.attributes {
-        message(b, 9, |b| key_value(b, kv.key.as_str(), &kv.value));
+        attribute(b, 9, kv.key.as_str(), &kv.value);
     }
     uint(b, 10, u64::from(span.dropped_attributes_count));
     for event in span.events.iter() {
@@ -120,7 +120,7 @@ fn write_span(b: &mut Vec<u8>, span: &SpanData) {
             fixed64(b, 1, nanos(event.timestamp));
             string(b, 2, &event.name);
             for kv in &event.attributes {
-                message(b, 3, |b| key_value(b, kv.key.as_str(), &kv.value));
+                attribute(b, 3, kv.key.as_str(), &kv.value);
             }
             uint(b, 4, u64::from(event.dropped_attributes_count));
         });
@@ -133,7 +133,7 @@ fn write_span(b: &mut Vec<u8>, span: &SpanData) {
             bytes(b, 2, &lc.span_id().to_bytes());
             string(b, 3, &lc.trace_state().header());
             for kv in &link.attributes {
-                message(b, 4, |b| key_value(b, kv.key.as_str(), &kv.value));
+                attribute(b, 4, kv.key.as_str(), &kv.value);
             }
             uint(b, 5, u64::from(link.dropped_attributes_count));
             fixed32(b, 6, flags(lc.is_remote(), lc.trace_flags().to_u8()));
@@ -166,9 +166,15 @@ pub(super) fn nanos(t: SystemTime) -> u64 {
         .map_or(0, |d| d.as_nanos() as u64)
 }
 
+/// A `KeyValue` as field `field`.
+#[inline]
+pub(super) fn attribute(b: &mut Vec<u8>, field: u32, key: &str, value: &Value) {
+    message(b, field, |b| key_value(b, key, value));
+}
+
 /// A `KeyValue`'s fields (the caller wrote its tag and length).
 #[inline]
-pub(super) fn key_value(b: &mut Vec<u8>, key: &str, value: &Value) {
+fn key_value(b: &mut Vec<u8>, key: &str, value: &Value) {
     string(b, 1, key);
     message(b, 2, |b| any_value(b, value));
 }
@@ -391,6 +397,9 @@ mod tests {
             KeyValue::new("gen_ai.request.temperature", 0.25),
             KeyValue::new("afr.stream", false),
             KeyValue::new("long", long),
+            // KeyValues of 127 bytes (a one-byte length) and of 128 (two).
+            KeyValue::new("edge127", "y".repeat(114)),
+            KeyValue::new("edge128", "y".repeat(115)),
             KeyValue::new(
                 "gen_ai.response.finish_reasons",
                 Value::Array(vec![StringValue::from("stop"), StringValue::from("length")].into()),
