@@ -22,11 +22,14 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+/// Each export received: its path and its body.
+type Exports = Mutex<Vec<(String, Vec<u8>)>>;
+
 /// An OTLP/HTTP receiver: keeps each export's path and body and answers 200,
 /// or, while stalled, holds every export unanswered.
 struct Receiver {
     port: u16,
-    exports: Arc<Mutex<Vec<(String, Vec<u8>)>>>,
+    exports: Arc<Exports>,
     stalled: Arc<AtomicBool>,
 }
 
@@ -111,7 +114,7 @@ impl Receiver {
 }
 
 /// One connection's exports, kept-alive, until the peer closes it.
-fn serve(conn: std::net::TcpStream, kept: &Mutex<Vec<(String, Vec<u8>)>>, stalled: &AtomicBool) {
+fn serve(conn: std::net::TcpStream, kept: &Exports, stalled: &AtomicBool) {
     let mut reader = BufReader::new(conn.try_clone().expect("clone"));
     let mut writer = conn;
     loop {
