@@ -302,9 +302,12 @@ async fn spans_past_a_full_queue_are_dropped_and_counted_while_requests_go_on() 
     }
     assert_eq!(queue_full(&sidecar).await, 18);
 
-    // The collector answers again: what comes next is exported.
+    // The collector answers again: the held spans go out (the request's may
+    // have waited for a second export), then what comes next is exported.
     receiver.stall(false);
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    let held = receiver.spans_until(|s| s.len() >= 2).await;
+    assert_eq!(held.len(), 2, "the first request's two spans");
+    tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(sidecar.chat(chat_body("m", false)).await.status(), 200);
     let spans = receiver.spans_until(|s| requests(s).len() >= 2).await;
     assert_eq!(requests(&spans).len(), 2, "the first, held, and the last");

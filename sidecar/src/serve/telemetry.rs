@@ -162,8 +162,8 @@ pub struct Telemetry {
     capture_content: bool,
     tracer: SdkTracer,
     tracer_provider: SdkTracerProvider,
-    /// The GenAI metrics' points (recorded whether or not they are exported).
-    histograms: Arc<Histograms>,
+    /// The GenAI metrics' points, unless `OTEL_METRICS_EXPORTER=none`.
+    histograms: Option<Arc<Histograms>>,
     /// Their export, unless `OTEL_METRICS_EXPORTER=none`.
     metrics_export: Option<MetricsExport>,
     /// `server.address` and `server.port` of each provider base URL seen,
@@ -198,6 +198,10 @@ struct Settings {
     metrics_headers: Vec<(String, String)>,
     /// `OTEL_METRIC_EXPORT_INTERVAL` (milliseconds).
     metric_interval: Duration,
+    /// What one export may take: `OTEL_EXPORTER_OTLP_TRACES_TIMEOUT` /
+    /// `…_METRICS_TIMEOUT`, else `OTEL_EXPORTER_OTLP_TIMEOUT` (milliseconds).
+    traces_timeout: Duration,
+    metrics_timeout: Duration,
     /// Delta points (`OTEL_EXPORTER_OTLP_METRICS_TEMPORALITY_PREFERENCE`
     /// `delta` or `lowmemory`: both ask delta for histograms), else cumulative.
     delta: bool,
@@ -210,7 +214,6 @@ struct Settings {
     metrics: bool,
     /// Message contents on sampled spans (opt-in).
     capture_content: bool,
-    timeout: Duration,
     semconv: Semconv,
 }
 
@@ -282,15 +285,23 @@ impl Settings {
             };
             otlp_headers(&value).map_err(|e| anyhow::anyhow!("{name}: {e}"))
         };
-        let metric_interval = match set("OTEL_METRIC_EXPORT_INTERVAL") {
-            None => DEFAULT_METRIC_INTERVAL,
-            Some(v) => match v.trim().parse::<u64>() {
-                Ok(ms) if ms > 0 => Duration::from_millis(ms),
-                _ => anyhow::bail!(
-                    "OTEL_METRIC_EXPORT_INTERVAL: expected milliseconds (a whole number above 0), got {v:?}"
-                ),
-            },
+        // Milliseconds, above 0.
+        let millis = |name: &str| -> anyhow::Result<Option<Duration>> {
+            match set(name) {
+                None => Ok(None),
+                Some(v) => match v.trim().parse::<u64>() {
+                    Ok(ms) if ms > 0 => Ok(Some(Duration::from_millis(ms))),
+                    _ => anyhow::bail!(
+                        "{name}: expected milliseconds (a whole number above 0), got {v:?}"
+                    ),
+                },
+            }
         };
+        let metric_interval =
+            millis("OTEL_METRIC_EXPORT_INTERVAL")?.unwrap_or(DEFAULT_METRIC_INTERVAL);
+        let timeout = millis("OTEL_EXPORTER_OTLP_TIMEOUT")?.unwrap_or(DEFAULT_EXPORT_TIMEOUT);
+        let traces_timeout = millis("OTEL_EXPORTER_OTLP_TRACES_TIMEOUT")?.unwrap_or(timeout);
+        let metrics_timeout = millis("OTEL_EXPORTER_OTLP_METRICS_TIMEOUT")?.unwrap_or(timeout);
         let temporality = "OTEL_EXPORTER_OTLP_METRICS_TEMPORALITY_PREFERENCE";
         let delta = match set(temporality).map(|v| v.trim().to_ascii_lowercase()) {
             None => false,
@@ -306,6 +317,8 @@ impl Settings {
             metrics_endpoint: endpoint("METRICS", "/v1/metrics"),
             metrics_headers: headers("METRICS")?,
             metric_interval,
+            traces_timeout,
+            metrics_timeout,
             delta,
             service_name: (!named)
                 .then(|| config.map_or_else(|| "afr".to_owned(), |c| c.service_name.clone())),
@@ -327,9 +340,6 @@ impl Settings {
                 },
                 None => config.is_some_and(|c| c.capture_content),
             },
-            timeout: var("OTEL_EXPORTER_OTLP_TIMEOUT")
-                .and_then(|v| v.trim().parse::<u64>().ok())
-                .map_or(DEFAULT_EXPORT_TIMEOUT, Duration::from_millis),
             semconv: Semconv::from_opt_in(var("OTEL_SEMCONV_STABILITY_OPT_IN").as_deref()),
         }))
     }
@@ -385,7 +395,7 @@ impl Telemetry {
         let Some(settings) = Settings::resolve(config, |name| std::env::var(name).ok())? else {
             return Ok(None);
         };
-        let client = OtlpClient::new(settings.timeout)?;
+        let client = OtlpClient::new(settings.traces_timeout.max(settings.metrics_timeout))?;
         let mut resource = Resource::builder();
         if let Some(name) = &settings.service_name {
             resource = resource.with_service_name(name.clone());
@@ -401,12 +411,13 @@ impl Telemetry {
             .with_resource(resource.clone());
         let traces = settings.traces;
         if traces {
-            let pipeline = span_pipeline(
-                &client,
+            let target = Target::new(
+                "traces",
                 &settings.traces_endpoint,
                 &settings.traces_headers,
-                &dropped,
+                settings.traces_timeout,
             )?;
+            let pipeline = span_pipeline(&client, target, &dropped)?;
             tracer_provider = tracer_provider.with_span_processor(pipeline);
             if let Some(ratio) = settings.sample_ratio {
                 tracer_provider = tracer_provider.with_sampler(Sampler::ParentBased(Box::new(
@@ -420,15 +431,18 @@ impl Telemetry {
         let tracer_provider = tracer_provider.build();
         let tracer = tracer_provider.tracer(SCOPE);
 
-        let histograms = Arc::new(Histograms::new(SystemTime::now(), settings.delta));
-        let metrics_export = if settings.metrics {
+        let histograms = settings
+            .metrics
+            .then(|| Arc::new(Histograms::new(SystemTime::now(), settings.delta)));
+        let metrics_export = if let Some(histograms) = &histograms {
             let target = Target::new(
                 "metrics",
                 &settings.metrics_endpoint,
                 &settings.metrics_headers,
+                settings.metrics_timeout,
             )?;
             Some(MetricsExport::start(
-                Arc::clone(&histograms),
+                Arc::clone(histograms),
                 client,
                 target,
                 otlp::EncodedResource::new(&resource),
@@ -486,16 +500,9 @@ impl Telemetry {
             next.set(None);
             span
         });
-        // The attempts' parent: this span's context, as a local (not remote) one.
-        let sc = span.span_context();
-        let own = SpanContext::new(
-            sc.trace_id(),
-            sc.span_id(),
-            sc.trace_flags(),
-            false,
-            sc.trace_state().clone(),
-        );
-        let cx = Context::new().with_remote_span_context(own);
+        // The attempts' parent: this span's context (the SDK's own spans'
+        // are local, so the children's parent is not marked remote).
+        let cx = Context::new().with_remote_span_context(span.span_context().clone());
         self.request_trace(Some(span), cx, operation, started)
     }
 
@@ -521,6 +528,12 @@ fn exporter_on(value: Option<String>, name: &str) -> anyhow::Result<bool> {
         Some("none") => Ok(false),
         Some(other) => anyhow::bail!("{name}: expected otlp or none, got {other:?}"),
     }
+}
+
+/// A lock whose holders never leave its value half-updated, so a panic
+/// elsewhere does not stop telemetry.
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 fn system_time(at: Instant) -> SystemTime {

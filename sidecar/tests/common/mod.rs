@@ -297,7 +297,12 @@ impl Sidecar {
             .append(true)
             .open(dir.join("sidecar.log"))
             .expect("log file");
-        let mut child = Command::new(env!("CARGO_BIN_EXE_afr"))
+        let mut command = Command::new(env!("CARGO_BIN_EXE_afr"));
+        // Telemetry is what a test configures, not what the caller's shell says.
+        for (name, _) in std::env::vars().filter(|(k, _)| k.starts_with("OTEL_")) {
+            command.env_remove(name);
+        }
+        let mut child = command
             .arg("serve")
             .arg("--config")
             .arg(dir.join("sidecar.toml"))

@@ -11,13 +11,12 @@ use std::sync::{mpsc, Condvar, Mutex};
 /// own thread, every drop counted.
 pub(super) fn span_pipeline(
     client: &OtlpClient,
-    endpoint: &str,
-    headers: &[(String, String)],
+    target: Target,
     dropped: &dyn Fn(&'static str, &'static str) -> Counter,
 ) -> anyhow::Result<Bounded<BatchSpanProcessor>> {
     let spans = OtlpSpans {
         client: client.clone(),
-        target: Target::new("traces", endpoint, headers)?,
+        target,
         resource: EncodedResource::default(),
     };
     let batch = BatchConfigBuilder::default();
@@ -54,19 +53,19 @@ pub(super) fn span_pipeline(
 pub(super) struct OtlpClient {
     client: Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>,
     runtime: tokio::runtime::Handle,
-    timeout: Duration,
 }
 
 /// The most of a collector's answer read (its body is a small protobuf).
 const MAX_ANSWER: usize = 1 << 20;
 
 impl OtlpClient {
-    pub(super) fn new(timeout: Duration) -> anyhow::Result<OtlpClient> {
+    /// A client whose connections are given up on after `connect_timeout`.
+    pub(super) fn new(connect_timeout: Duration) -> anyhow::Result<OtlpClient> {
         let tls = crate::tls::client_config(None, "OTEL_EXPORTER_OTLP_CERTIFICATE")?;
         let mut tcp = HttpConnector::new();
         tcp.enforce_http(false);
         tcp.set_nodelay(true);
-        tcp.set_connect_timeout(Some(timeout));
+        tcp.set_connect_timeout(Some(connect_timeout));
         let connector = hyper_rustls::HttpsConnectorBuilder::new()
             .with_tls_config(tls)
             .https_or_http()
@@ -79,16 +78,17 @@ impl OtlpClient {
         Ok(OtlpClient {
             client,
             runtime: tokio::runtime::Handle::current(),
-            timeout,
         })
     }
 }
 
-/// Where one signal's exports go: the collector's URL and the extra headers.
+/// Where one signal's exports go: the collector's URL, the extra headers,
+/// and how long one export may take.
 #[derive(Debug, Clone)]
 pub(super) struct Target {
     endpoint: http::Uri,
     headers: http::HeaderMap,
+    timeout: Duration,
 }
 
 impl Target {
@@ -96,6 +96,7 @@ impl Target {
         signal: &str,
         endpoint: &str,
         headers: &[(String, String)],
+        timeout: Duration,
     ) -> anyhow::Result<Target> {
         let uri: http::Uri = endpoint
             .parse()
@@ -115,6 +116,7 @@ impl Target {
         Ok(Target {
             endpoint: uri,
             headers: extra,
+            timeout,
         })
     }
 }
@@ -122,9 +124,9 @@ impl Target {
 impl OtlpClient {
     /// POSTs an export `body` (protobuf) to `target`; `Err` says why it
     /// was not accepted. The exchange runs on the sidecar's runtime, whose
-    /// reactor drives it, bounded by the export timeout (reading the answer
+    /// reactor drives it, bounded by `timeout` (reading the answer
     /// included); the caller, on an exporter's own thread, only waits.
-    async fn post(&self, target: &Target, body: Vec<u8>) -> Result<(), String> {
+    async fn post(&self, target: &Target, body: Vec<u8>, timeout: Duration) -> Result<(), String> {
         let mut request = Request::post(target.endpoint.clone())
             .body(Full::new(Bytes::from(body)))
             .map_err(|e| e.to_string())?;
@@ -133,9 +135,12 @@ impl OtlpClient {
             http::header::CONTENT_TYPE,
             http::HeaderValue::from_static("application/x-protobuf"),
         );
+        headers.insert(
+            http::header::USER_AGENT,
+            http::HeaderValue::from_static(USER_AGENT),
+        );
         headers.extend(target.headers.clone());
         let client = self.client.clone();
-        let timeout = self.timeout;
         let exchange = async move {
             let response = client.request(request).await.map_err(|e| e.to_string())?;
             let status = response.status();
@@ -159,18 +164,10 @@ impl OtlpClient {
             Err(e) => Err(e.to_string()),
         }
     }
-
-    /// [`OtlpClient::post`] from a thread that is not the runtime's.
-    fn post_blocking(&self, target: &Target, body: Vec<u8>) -> Result<(), String> {
-        let (tx, rx) = mpsc::channel();
-        let (client, target) = (self.clone(), target.clone());
-        self.runtime.spawn(async move {
-            let _ = tx.send(client.post(&target, body).await);
-        });
-        rx.recv()
-            .unwrap_or_else(|_| Err("the runtime is shutting down".to_owned()))
-    }
 }
+
+/// What the exports say they are (the SDK's exporter sent its own name).
+const USER_AGENT: &str = concat!("afr/", env!("CARGO_PKG_VERSION"), " (OTLP/HTTP)");
 
 /// The span exporter: `otlp::export_request`'s bytes POSTed to the
 /// collector with our client (the SDK's own exporter encodes through a
@@ -187,7 +184,7 @@ impl opentelemetry_sdk::trace::SpanExporter for OtlpSpans {
         let body = export_request(&self.resource, &batch);
         drop(batch);
         self.client
-            .post(&self.target, body)
+            .post(&self.target, body, self.target.timeout)
             .await
             .map_err(OTelSdkError::InternalFailure)
     }
@@ -303,7 +300,8 @@ impl<P: SpanProcessor> SpanProcessor for Bounded<P> {
 /// cumulative points lose nothing by it (the next export carries the
 /// totals), delta points are lost.
 pub(super) struct MetricsExport {
-    stop: Arc<(Mutex<bool>, Condvar)>,
+    /// `Some(within)` once stopped: the last export's deadline.
+    stop: Arc<(Mutex<Option<Duration>>, Condvar)>,
     done: Mutex<mpsc::Receiver<()>>,
 }
 
@@ -316,7 +314,7 @@ impl MetricsExport {
         interval: Duration,
         failed: Counter,
     ) -> anyhow::Result<MetricsExport> {
-        let stop = Arc::new((Mutex::new(false), Condvar::new()));
+        let stop = Arc::new((Mutex::new(None), Condvar::new()));
         let (done_tx, done) = mpsc::channel();
         let stopping = Arc::clone(&stop);
         std::thread::Builder::new()
@@ -326,17 +324,20 @@ impl MetricsExport {
                 loop {
                     let stopped = {
                         let (flag, wake) = &*stopping;
-                        let guard = flag.lock().unwrap_or_else(|e| e.into_inner());
                         let (guard, _) = wake
-                            .wait_timeout_while(guard, interval, |stopped| !*stopped)
-                            .unwrap_or_else(|e| e.into_inner());
+                            .wait_timeout_while(lock(flag), interval, |stop| stop.is_none())
+                            .unwrap_or_else(std::sync::PoisonError::into_inner);
                         *guard
                     };
+                    // The last export has most of the shutdown's wait.
+                    let timeout = stopped.map_or(target.timeout, |within: Duration| {
+                        (within - within / 10).min(target.timeout)
+                    });
                     if let Some(body) = histograms.export_request(&resource, SystemTime::now()) {
-                        let result = client.post_blocking(&target, body);
+                        let result = client.runtime.block_on(client.post(&target, body, timeout));
                         note_result(&failing, &failed, "metrics", &result, 1);
                     }
-                    if stopped {
+                    if stopped.is_some() {
                         let _ = done_tx.send(());
                         return;
                     }
@@ -348,12 +349,27 @@ impl MetricsExport {
         })
     }
 
-    /// Exports once more and stops, waiting at most `within`.
+    /// Exports once more and stops, waiting at most `within` (an export
+    /// under way when it is called may use the whole of it).
     pub(super) fn shutdown(&self, within: Duration) -> bool {
+        let started = Instant::now();
+        self.signal_stop(within);
+        let done = lock(&self.done);
+        done.recv_timeout(within.saturating_sub(started.elapsed()))
+            .is_ok()
+    }
+
+    fn signal_stop(&self, within: Duration) {
         let (flag, wake) = &*self.stop;
-        *flag.lock().unwrap_or_else(|e| e.into_inner()) = true;
+        lock(flag).get_or_insert(within);
         wake.notify_all();
-        let done = self.done.lock().unwrap_or_else(|e| e.into_inner());
-        done.recv_timeout(within).is_ok()
+    }
+}
+
+impl Drop for MetricsExport {
+    /// Stops the thread (after one last export) when telemetry goes away
+    /// without a shutdown.
+    fn drop(&mut self) {
+        self.signal_stop(Duration::from_secs(1));
     }
 }

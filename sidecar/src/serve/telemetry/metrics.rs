@@ -12,8 +12,9 @@
 //! Field numbers: opentelemetry-proto's `metrics/v1/metrics.proto` (stable);
 //! the test decodes our bytes with `opentelemetry-proto`.
 
-use super::otlp::{attribute, fixed64, message, packed64, string, tag, uint};
-use super::otlp::{EncodedResource, FIXED64};
+use super::lock;
+use super::otlp::EncodedResource;
+use super::otlp::{attribute, double, fixed64, message, packed64, string, uint};
 use opentelemetry::Value;
 use rustc_hash::FxHashMap;
 use std::sync::Mutex;
@@ -245,22 +246,15 @@ fn data_point(
     fixed64(b, 2, super::otlp::nanos(start));
     fixed64(b, 3, super::otlp::nanos(now));
     fixed64(b, 4, point.count);
-    tag(b, 5, FIXED64);
-    b.extend_from_slice(&point.sum.to_le_bytes());
+    // `sum`, `min` and `max` are optional: present even when 0.
+    double(b, 5, point.sum);
     packed64(b, 6, point.buckets.iter().map(|v| v.to_le_bytes()));
     packed64(b, 7, bounds.iter().map(|v| v.to_le_bytes()));
     for (key, value) in series.attributes() {
         attribute(b, 9, key, &value);
     }
-    for (field, v) in [(11, point.min), (12, point.max)] {
-        tag(b, field, FIXED64);
-        b.extend_from_slice(&v.to_le_bytes());
-    }
-}
-
-/// A lock whose holder never panics mid-update (the values stay whole).
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    double(b, 11, point.min);
+    double(b, 12, point.max);
 }
 
 #[cfg(test)]

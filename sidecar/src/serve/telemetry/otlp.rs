@@ -22,7 +22,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 /// Protobuf wire types.
 const VARINT: u32 = 0;
-pub(super) const FIXED64: u32 = 1;
+const FIXED64: u32 = 1;
 const LEN: u32 = 2;
 const FIXED32: u32 = 5;
 
@@ -217,7 +217,14 @@ fn any_int(b: &mut Vec<u8>, v: i64) {
 
 #[inline]
 fn any_double(b: &mut Vec<u8>, v: f64) {
-    tag(b, 4, FIXED64);
+    double(b, 4, v);
+}
+
+/// A `double` field, written even when 0 (the callers' fields are one-of
+/// members or `optional`).
+#[inline]
+pub(super) fn double(b: &mut Vec<u8>, field: u32, v: f64) {
+    tag(b, field, FIXED64);
     b.extend_from_slice(&v.to_le_bytes());
 }
 

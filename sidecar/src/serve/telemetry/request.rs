@@ -10,10 +10,7 @@ impl Telemetry {
     fn server(&self, base_url: &str) -> Option<(StringValue, i64)> {
         /// Base URLs remembered at most (config reloads can add more).
         const MOST: usize = 256;
-        let mut servers = self
-            .servers
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut servers = lock(&self.servers);
         if let Some(known) = servers.get(base_url) {
             return known.clone();
         }
@@ -384,10 +381,10 @@ impl RequestTrace {
     pub fn first_content(&mut self, at: Instant, model: &str) {
         self.first_chunk = Some(at);
         let ttfc = at.saturating_duration_since(self.started).as_secs_f64();
-        let series = self.series(model, None);
-        self.telemetry
-            .histograms
-            .record(Instrument::FirstChunk, &series, ttfc);
+        if let Some(histograms) = &self.telemetry.histograms {
+            let series = self.series(model, None);
+            histograms.record(Instrument::FirstChunk, &series, ttfc);
+        }
     }
 
     /// The attributes of the request's metric points: a bounded set (the
@@ -413,24 +410,25 @@ impl RequestTrace {
         let error = (status >= 400).then(|| error_type(status));
         self.end_attempt(error.clone());
         let telemetry = Arc::clone(&self.telemetry);
-        let histograms = &telemetry.histograms;
-        let mut series = self.series(&record.model, error.as_deref());
-        histograms.record(Instrument::Duration, &series, latency.as_secs_f64());
         let consumed = record.token_source != TokenSource::None;
-        if consumed {
-            for (kind, count) in [
-                ("input", record.prompt_tokens),
-                ("output", record.completion_tokens),
-            ] {
-                series.token_type = Some(kind);
-                histograms.record(Instrument::Tokens, &series, count as f64);
+        let mut series = self.series(&record.model, error.as_deref());
+        if let Some(histograms) = &telemetry.histograms {
+            histograms.record(Instrument::Duration, &series, latency.as_secs_f64());
+            if consumed {
+                for (kind, count) in [
+                    ("input", record.prompt_tokens),
+                    ("output", record.completion_tokens),
+                ] {
+                    series.token_type = Some(kind);
+                    histograms.record(Instrument::Tokens, &series, count as f64);
+                }
+                series.token_type = None;
             }
-            series.token_type = None;
-        }
-        if let (Some(first), Some(last)) = (self.first_chunk, self.last_chunk) {
-            if self.chunks > 1 && last > first {
-                let per = last.duration_since(first).as_secs_f64() / (self.chunks - 1) as f64;
-                histograms.record(Instrument::PerChunk, &series, per);
+            if let (Some(first), Some(last)) = (self.first_chunk, self.last_chunk) {
+                if self.chunks > 1 && last > first {
+                    let per = last.duration_since(first).as_secs_f64() / (self.chunks - 1) as f64;
+                    histograms.record(Instrument::PerChunk, &series, per);
+                }
             }
         }
         let Some(mut span) = self.span.take().filter(|_| self.recording) else {

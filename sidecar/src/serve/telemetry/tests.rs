@@ -199,7 +199,7 @@ fn exporters_are_otlp_or_none() {
 }
 
 #[test]
-fn the_metric_interval_and_temporality_are_the_specification_s_variables() {
+fn the_metric_interval_temporality_and_timeouts_are_the_specification_s_variables() {
     let resolve = |pairs: &'static [(&'static str, &'static str)]| {
         Settings::resolve(Some(&block("http://c")), env(pairs))
     };
@@ -218,7 +218,21 @@ fn the_metric_interval_and_temporality_are_the_specification_s_variables() {
         "lowmemory",
     )]);
     assert!(low.unwrap().unwrap().delta, "low memory: delta histograms");
+    let timeouts = resolve(&[
+        ("OTEL_EXPORTER_OTLP_TIMEOUT", "2500"),
+        ("OTEL_EXPORTER_OTLP_METRICS_TIMEOUT", "700"),
+    ])
+    .unwrap()
+    .unwrap();
+    assert_eq!(
+        (timeouts.traces_timeout, timeouts.metrics_timeout),
+        (Duration::from_millis(2500), Duration::from_millis(700)),
+        "each signal's own over the general one"
+    );
+    assert_eq!(set.traces_timeout, DEFAULT_EXPORT_TIMEOUT);
     for (name, value) in [
+        ("OTEL_EXPORTER_OTLP_TIMEOUT", "10s"),
+        ("OTEL_EXPORTER_OTLP_TRACES_TIMEOUT", "-1"),
         ("OTEL_METRIC_EXPORT_INTERVAL", "0"),
         ("OTEL_METRIC_EXPORT_INTERVAL", "1m"),
         ("OTEL_EXPORTER_OTLP_METRICS_TEMPORALITY_PREFERENCE", "gauge"),
