@@ -18,11 +18,10 @@
 //! off. Read here: the endpoints, headers (`OTEL_EXPORTER_OTLP_HEADERS` and
 //! the per-signal ones), timeout, compression (none), the metric interval
 //! (`OTEL_METRIC_EXPORT_INTERVAL`) and temporality
-//! (`OTEL_EXPORTER_OTLP_METRICS_TEMPORALITY_PREFERENCE`) and the span batch
-//! (`OTEL_BSP_SCHEDULE_DELAY`, `_MAX_QUEUE_SIZE`, `_MAX_EXPORT_BATCH_SIZE`);
-//! the SDK reads `OTEL_SERVICE_NAME` (default `afr`),
-//! `OTEL_RESOURCE_ATTRIBUTES` and the sampler (`OTEL_TRACES_SAMPLER`,
-//! default parent-based always-on).
+//! (`OTEL_EXPORTER_OTLP_METRICS_TEMPORALITY_PREFERENCE`); the SDK reads
+//! `OTEL_SERVICE_NAME` (default `afr`), `OTEL_RESOURCE_ATTRIBUTES`, the
+//! sampler (`OTEL_TRACES_SAMPLER`, default parent-based always-on) and the
+//! batch (`OTEL_BSP_*`).
 //!
 //! A request never waits for the collector: finished spans go to a bounded
 //! queue that a background thread exports in batches; when the queue is full
@@ -52,8 +51,8 @@ use opentelemetry::{Context, KeyValue, StringValue, Value};
 use opentelemetry_sdk::error::OTelSdkResult;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::{
-    IdGenerator, RandomIdGenerator, Sampler, SdkTracer, SdkTracerProvider, Span as SdkSpan,
-    SpanData, SpanProcessor,
+    BatchConfigBuilder, BatchSpanProcessor, IdGenerator, RandomIdGenerator, Sampler, SdkTracer,
+    SdkTracerProvider, Span as SdkSpan, SpanData, SpanProcessor,
 };
 use opentelemetry_sdk::Resource;
 use prometheus_client::metrics::counter::Counter;
@@ -69,7 +68,7 @@ mod metrics;
 mod otlp;
 mod request;
 
-use export::{Batching, MetricsExport, OtlpClient, SpanExport, Target};
+use export::{span_pipeline, MetricsExport, OtlpClient, Target};
 use metrics::{Histograms, Instrument, Series};
 pub use request::{attempt_error_type, RequestTrace};
 
@@ -97,13 +96,9 @@ const DEFAULT_METRIC_INTERVAL: Duration = Duration::from_secs(60);
 /// What one export may take when `OTEL_EXPORTER_OTLP_TIMEOUT` says nothing
 /// (the specification's default).
 const DEFAULT_EXPORT_TIMEOUT: Duration = Duration::from_secs(10);
-/// The span batch when `OTEL_BSP_*` say nothing (the specification's
-/// defaults): every 5 s, or as soon as 512 spans wait; at most 2048 waiting.
-const DEFAULT_BATCHING: Batching = Batching {
-    delay: Duration::from_secs(5),
-    queue: 2048,
-    batch: 512,
-};
+/// Spans finished but not yet exported, at most, when `OTEL_BSP_MAX_QUEUE_SIZE`
+/// says nothing (the specification's default).
+const DEFAULT_QUEUE: usize = 2048;
 
 /// Which version of the GenAI conventions' renamed attributes to emit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -207,8 +202,6 @@ struct Settings {
     /// `…_METRICS_TIMEOUT`, else `OTEL_EXPORTER_OTLP_TIMEOUT` (milliseconds).
     traces_timeout: Duration,
     metrics_timeout: Duration,
-    /// The span batch (`OTEL_BSP_*`).
-    batching: Batching,
     /// Delta points (`OTEL_EXPORTER_OTLP_METRICS_TEMPORALITY_PREFERENCE`
     /// `delta` or `lowmemory`: both ask delta for histograms), else cumulative.
     delta: bool,
@@ -309,24 +302,6 @@ impl Settings {
         let timeout = millis("OTEL_EXPORTER_OTLP_TIMEOUT")?.unwrap_or(DEFAULT_EXPORT_TIMEOUT);
         let traces_timeout = millis("OTEL_EXPORTER_OTLP_TRACES_TIMEOUT")?.unwrap_or(timeout);
         let metrics_timeout = millis("OTEL_EXPORTER_OTLP_METRICS_TIMEOUT")?.unwrap_or(timeout);
-        let count = |name: &str| -> anyhow::Result<Option<usize>> {
-            match set(name) {
-                None => Ok(None),
-                Some(v) => match v.trim().parse::<usize>() {
-                    Ok(n) if n > 0 => Ok(Some(n)),
-                    _ => anyhow::bail!("{name}: expected a whole number above 0, got {v:?}"),
-                },
-            }
-        };
-        let queue = count("OTEL_BSP_MAX_QUEUE_SIZE")?.unwrap_or(DEFAULT_BATCHING.queue);
-        let batching = Batching {
-            delay: millis("OTEL_BSP_SCHEDULE_DELAY")?.unwrap_or(DEFAULT_BATCHING.delay),
-            queue,
-            // The specification: a batch is never larger than the queue.
-            batch: count("OTEL_BSP_MAX_EXPORT_BATCH_SIZE")?
-                .unwrap_or(DEFAULT_BATCHING.batch)
-                .min(queue),
-        };
         let temporality = "OTEL_EXPORTER_OTLP_METRICS_TEMPORALITY_PREFERENCE";
         let delta = match set(temporality).map(|v| v.trim().to_ascii_lowercase()) {
             None => false,
@@ -344,7 +319,6 @@ impl Settings {
             metric_interval,
             traces_timeout,
             metrics_timeout,
-            batching,
             delta,
             service_name: (!named)
                 .then(|| config.map_or_else(|| "afr".to_owned(), |c| c.service_name.clone())),
@@ -443,14 +417,8 @@ impl Telemetry {
                 &settings.traces_headers,
                 settings.traces_timeout,
             )?;
-            let spans = SpanExport::start(
-                client.clone(),
-                target,
-                otlp::EncodedResource::new(&resource),
-                settings.batching,
-                &dropped,
-            )?;
-            tracer_provider = tracer_provider.with_span_processor(spans);
+            let pipeline = span_pipeline(&client, target, &dropped)?;
+            tracer_provider = tracer_provider.with_span_processor(pipeline);
             if let Some(ratio) = settings.sample_ratio {
                 tracer_provider = tracer_provider.with_sampler(Sampler::ParentBased(Box::new(
                     Sampler::TraceIdRatioBased(ratio),

@@ -1,212 +1,48 @@
-//! The way out: our HTTP client for the OTLP exports, the span queue and
-//! its thread, the metrics' thread, and the counting of what is dropped.
+//! The way out: our HTTP client for the OTLP exports, the bounded span
+//! queue, the metrics' export thread, and the counting of what is dropped.
 
 use super::metrics::Histograms;
-use super::otlp::{export_request, span_message, EncodedResource, EncodedSpan};
+use super::otlp::{export_request, EncodedResource};
 use super::*;
 use opentelemetry_sdk::error::OTelSdkError;
 use std::sync::{mpsc, Condvar, Mutex};
 
-/// How the spans are batched: `OTEL_BSP_SCHEDULE_DELAY`,
-/// `OTEL_BSP_MAX_QUEUE_SIZE`, `OTEL_BSP_MAX_EXPORT_BATCH_SIZE`.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub(super) struct Batching {
-    pub(super) delay: Duration,
-    pub(super) queue: usize,
-    pub(super) batch: usize,
-}
-
-/// The spans' way out, in place of the SDK's batch processor: each span is
-/// encoded to its OTLP bytes where it ends, on the thread that built it,
-/// and a thread of ours sends them in batches. The SDK's processor handed
-/// the whole `SpanData` to its own thread, which read it and freed it there:
-/// every attribute crossed cores twice, and the CPU time that cost showed
-/// in no instruction count (callgrind) but in the benchmark's (issue 26).
-/// At most `queue` spans wait (queued or being sent); past that a span is
-/// dropped and counted, never waited for.
-#[derive(Debug)]
-pub(super) struct SpanExport {
-    queue: Arc<SpanQueue>,
-    worker: Worker,
-    batching: Batching,
-    full: Counter,
-}
-
-#[derive(Debug, Default)]
-struct SpanQueue {
-    spans: Mutex<Vec<EncodedSpan>>,
-    /// Spans accepted and not yet sent (queued or in an export).
-    waiting: AtomicUsize,
-}
-
-impl SpanExport {
-    pub(super) fn start(
-        client: OtlpClient,
-        target: Target,
-        resource: EncodedResource,
-        batching: Batching,
-        dropped: &dyn Fn(&'static str, &'static str) -> Counter,
-    ) -> anyhow::Result<SpanExport> {
-        let queue = Arc::new(SpanQueue::default());
-        let failed = dropped("traces", "export_failed");
-        let failing = AtomicBool::new(false);
-        let spans = Arc::clone(&queue);
-        let worker = Worker::start("afr-otel-spans", batching.delay, move |stopped| {
-            // Everything queued, a batch at a time; a stop's deadline bounds
-            // all of it.
-            let deadline = stopped.map(|within| Instant::now() + within - within / 10);
-            loop {
-                let batch: Vec<EncodedSpan> = {
-                    let mut queued = lock(&spans.spans);
-                    let n = queued.len().min(batching.batch);
-                    queued.drain(..n).collect()
-                };
-                if batch.is_empty() {
-                    return;
-                }
-                let n = batch.len();
-                let body = export_request(&resource, &batch);
-                drop(batch);
-                let timeout = match deadline {
-                    Some(at) => at
-                        .saturating_duration_since(Instant::now())
-                        .min(target.timeout),
-                    None => target.timeout,
-                };
-                let result = if timeout.is_zero() {
-                    Err("no time left at shutdown".to_owned())
-                } else {
-                    client.runtime.block_on(client.post(&target, body, timeout))
-                };
-                spans.waiting.fetch_sub(n, Ordering::Relaxed);
-                note_result(&failing, &failed, "traces", &result, n as u64);
-            }
-        })?;
-        Ok(SpanExport {
-            queue,
-            worker,
-            batching,
-            full: dropped("traces", "queue_full"),
-        })
-    }
-}
-
-impl SpanProcessor for SpanExport {
-    fn on_start(&self, _span: &mut opentelemetry_sdk::trace::Span, _cx: &Context) {}
-
-    fn on_end(&self, span: SpanData) {
-        if !span.span_context.is_sampled() {
-            return;
-        }
-        if self.queue.waiting.fetch_add(1, Ordering::Relaxed) >= self.batching.queue {
-            self.queue.waiting.fetch_sub(1, Ordering::Relaxed);
-            self.full.inc();
-            return;
-        }
-        let body = span_message(&span);
-        let encoded = EncodedSpan {
-            scope: span.instrumentation_scope,
-            body,
-        };
-        let queued = {
-            let mut spans = lock(&self.queue.spans);
-            spans.push(encoded);
-            spans.len()
-        };
-        if queued >= self.batching.batch {
-            self.worker.wake();
-        }
-    }
-
-    fn force_flush(&self) -> OTelSdkResult {
-        self.worker.wake();
-        Ok(())
-    }
-
-    fn shutdown_with_timeout(&self, timeout: Duration) -> OTelSdkResult {
-        if self.worker.stop(timeout) {
-            Ok(())
-        } else {
-            Err(OTelSdkError::Timeout(timeout))
-        }
-    }
-}
-
-/// A thread that runs `tick` every `interval` (sooner when woken), and once
-/// more when stopped, with the stop's wait as its deadline.
-#[derive(Debug)]
-struct Worker {
-    state: Arc<(Mutex<WorkerState>, Condvar)>,
-    done: Mutex<mpsc::Receiver<()>>,
-}
-
-#[derive(Debug, Default)]
-struct WorkerState {
-    /// `Some(within)` once stopped.
-    stop: Option<Duration>,
-    woken: bool,
-}
-
-impl Worker {
-    fn start(
-        name: &str,
-        interval: Duration,
-        mut tick: impl FnMut(Option<Duration>) + Send + 'static,
-    ) -> anyhow::Result<Worker> {
-        let state = Arc::new((Mutex::new(WorkerState::default()), Condvar::new()));
-        let (done_tx, done) = mpsc::channel();
-        let shared = Arc::clone(&state);
-        std::thread::Builder::new()
-            .name(name.to_owned())
-            .spawn(move || loop {
-                let stopped = {
-                    let (state, wake) = &*shared;
-                    let (mut guard, _) = wake
-                        .wait_timeout_while(lock(state), interval, |s| s.stop.is_none() && !s.woken)
-                        .unwrap_or_else(std::sync::PoisonError::into_inner);
-                    guard.woken = false;
-                    guard.stop
-                };
-                tick(stopped);
-                if stopped.is_some() {
-                    let _ = done_tx.send(());
-                    return;
-                }
-            })?;
-        Ok(Worker {
-            state,
-            done: Mutex::new(done),
-        })
-    }
-
-    fn wake(&self) {
-        let (state, wake) = &*self.state;
-        lock(state).woken = true;
-        wake.notify_one();
-    }
-
-    /// Runs the last tick and stops, waiting at most `within`.
-    fn stop(&self, within: Duration) -> bool {
-        let started = Instant::now();
-        self.signal_stop(within);
-        lock(&self.done)
-            .recv_timeout(within.saturating_sub(started.elapsed()))
-            .is_ok()
-    }
-
-    fn signal_stop(&self, within: Duration) {
-        let (state, wake) = &*self.state;
-        lock(state).stop.get_or_insert(within);
-        wake.notify_all();
-    }
-}
-
-impl Drop for Worker {
-    /// Stops the thread (after a last tick) when its owner goes away
-    /// without stopping it.
-    fn drop(&mut self) {
-        self.signal_stop(Duration::from_secs(1));
-    }
+/// The spans' way out: a bounded queue, exported in batches by the SDK's
+/// own thread, every drop counted.
+pub(super) fn span_pipeline(
+    client: &OtlpClient,
+    target: Target,
+    dropped: &dyn Fn(&'static str, &'static str) -> Counter,
+) -> anyhow::Result<Bounded<BatchSpanProcessor>> {
+    let spans = OtlpSpans {
+        client: client.clone(),
+        target,
+        resource: EncodedResource::default(),
+    };
+    let batch = BatchConfigBuilder::default();
+    let queue = std::env::var("OTEL_BSP_MAX_QUEUE_SIZE")
+        .ok()
+        .and_then(|v| v.trim().parse::<usize>().ok())
+        .unwrap_or(DEFAULT_QUEUE)
+        .max(1);
+    let inflight = Arc::new(AtomicUsize::new(0));
+    let exporter = Counted {
+        inner: spans,
+        inflight: Arc::clone(&inflight),
+        failed: dropped("traces", "export_failed"),
+        failing: AtomicBool::new(false),
+    };
+    // The batch processor's own queue is one larger than ours, so the
+    // spans it would drop silently are dropped (and counted) here first.
+    let processor = BatchSpanProcessor::builder(exporter)
+        .with_batch_config(batch.with_max_queue_size(queue + 1).build())
+        .build();
+    Ok(Bounded {
+        inner: processor,
+        inflight,
+        capacity: queue,
+        full: dropped("traces", "queue_full"),
+    })
 }
 
 /// The exporters' HTTP client: hyper's, on the sidecar's runtime. The
@@ -333,6 +169,69 @@ impl OtlpClient {
 /// What the exports say they are (the SDK's exporter sent its own name).
 const USER_AGENT: &str = concat!("afr/", env!("CARGO_PKG_VERSION"), " (OTLP/HTTP)");
 
+/// The span exporter: `otlp::export_request`'s bytes POSTed to the
+/// collector with our client (the SDK's own exporter encodes through a
+/// message tree at several times the cost).
+#[derive(Debug)]
+struct OtlpSpans {
+    client: OtlpClient,
+    target: Target,
+    resource: EncodedResource,
+}
+
+impl opentelemetry_sdk::trace::SpanExporter for OtlpSpans {
+    async fn export(&self, batch: Vec<SpanData>) -> OTelSdkResult {
+        let body = export_request(&self.resource, &batch);
+        drop(batch);
+        self.client
+            .post(&self.target, body, self.target.timeout)
+            .await
+            .map_err(OTelSdkError::InternalFailure)
+    }
+
+    fn shutdown_with_timeout(&self, _timeout: Duration) -> OTelSdkResult {
+        Ok(())
+    }
+
+    fn set_resource(&mut self, resource: &Resource) {
+        self.resource = EncodedResource::new(resource);
+    }
+}
+
+/// Counts the spans of every failed export as dropped, and says once in the
+/// log when exports start and stop failing.
+#[derive(Debug)]
+struct Counted<E> {
+    inner: E,
+    inflight: Arc<AtomicUsize>,
+    failed: Counter,
+    failing: AtomicBool,
+}
+
+impl<E: opentelemetry_sdk::trace::SpanExporter> opentelemetry_sdk::trace::SpanExporter
+    for Counted<E>
+{
+    async fn export(&self, batch: Vec<SpanData>) -> OTelSdkResult {
+        let n = batch.len();
+        let result = self.inner.export(batch).await;
+        self.inflight.fetch_sub(n, Ordering::Relaxed);
+        note_result(&self.failing, &self.failed, "traces", &result, n as u64);
+        result
+    }
+
+    fn shutdown_with_timeout(&self, timeout: Duration) -> OTelSdkResult {
+        self.inner.shutdown_with_timeout(timeout)
+    }
+
+    fn force_flush(&self) -> OTelSdkResult {
+        self.inner.force_flush()
+    }
+
+    fn set_resource(&mut self, resource: &Resource) {
+        self.inner.set_resource(resource);
+    }
+}
+
 fn note_result<E: std::fmt::Display>(
     failing: &AtomicBool,
     failed: &Counter,
@@ -355,14 +254,55 @@ fn note_result<E: std::fmt::Display>(
     }
 }
 
+/// Refuses (and counts) a finished span when `capacity` spans wait for
+/// export already, instead of leaving the batch processor to drop it unseen.
+#[derive(Debug)]
+pub(super) struct Bounded<P> {
+    inner: P,
+    inflight: Arc<AtomicUsize>,
+    capacity: usize,
+    full: Counter,
+}
+
+impl<P: SpanProcessor> SpanProcessor for Bounded<P> {
+    fn on_start(&self, span: &mut opentelemetry_sdk::trace::Span, cx: &Context) {
+        self.inner.on_start(span, cx);
+    }
+
+    fn on_end(&self, span: SpanData) {
+        if !span.span_context.is_sampled() {
+            return;
+        }
+        if self.inflight.fetch_add(1, Ordering::Relaxed) >= self.capacity {
+            self.inflight.fetch_sub(1, Ordering::Relaxed);
+            self.full.inc();
+            return;
+        }
+        self.inner.on_end(span);
+    }
+
+    fn force_flush(&self) -> OTelSdkResult {
+        self.inner.force_flush()
+    }
+
+    fn shutdown_with_timeout(&self, timeout: Duration) -> OTelSdkResult {
+        self.inner.shutdown_with_timeout(timeout)
+    }
+
+    fn set_resource(&mut self, resource: &Resource) {
+        self.inner.set_resource(resource);
+    }
+}
+
 /// The metrics' way out: a thread of its own that exports the histograms
 /// every `interval`, and once more when stopped. A failed export is counted
 /// in `afr_otel_dropped_total{signal="metrics",reason="export_failed"}`;
 /// cumulative points lose nothing by it (the next export carries the
 /// totals), delta points are lost.
-#[derive(Debug)]
 pub(super) struct MetricsExport {
-    worker: Worker,
+    /// `Some(within)` once stopped: the last export's deadline.
+    stop: Arc<(Mutex<Option<Duration>>, Condvar)>,
+    done: Mutex<mpsc::Receiver<()>>,
 }
 
 impl MetricsExport {
@@ -374,23 +314,62 @@ impl MetricsExport {
         interval: Duration,
         failed: Counter,
     ) -> anyhow::Result<MetricsExport> {
-        let failing = AtomicBool::new(false);
-        let worker = Worker::start("afr-otel-metrics", interval, move |stopped| {
-            // The last export has most of the shutdown's wait.
-            let timeout = stopped.map_or(target.timeout, |within: Duration| {
-                (within - within / 10).min(target.timeout)
-            });
-            if let Some(body) = histograms.export_request(&resource, SystemTime::now()) {
-                let result = client.runtime.block_on(client.post(&target, body, timeout));
-                note_result(&failing, &failed, "metrics", &result, 1);
-            }
-        })?;
-        Ok(MetricsExport { worker })
+        let stop = Arc::new((Mutex::new(None), Condvar::new()));
+        let (done_tx, done) = mpsc::channel();
+        let stopping = Arc::clone(&stop);
+        std::thread::Builder::new()
+            .name("afr-otel-metrics".into())
+            .spawn(move || {
+                let failing = AtomicBool::new(false);
+                loop {
+                    let stopped = {
+                        let (flag, wake) = &*stopping;
+                        let (guard, _) = wake
+                            .wait_timeout_while(lock(flag), interval, |stop| stop.is_none())
+                            .unwrap_or_else(std::sync::PoisonError::into_inner);
+                        *guard
+                    };
+                    // The last export has most of the shutdown's wait.
+                    let timeout = stopped.map_or(target.timeout, |within: Duration| {
+                        (within - within / 10).min(target.timeout)
+                    });
+                    if let Some(body) = histograms.export_request(&resource, SystemTime::now()) {
+                        let result = client.runtime.block_on(client.post(&target, body, timeout));
+                        note_result(&failing, &failed, "metrics", &result, 1);
+                    }
+                    if stopped.is_some() {
+                        let _ = done_tx.send(());
+                        return;
+                    }
+                }
+            })?;
+        Ok(MetricsExport {
+            stop,
+            done: Mutex::new(done),
+        })
     }
 
     /// Exports once more and stops, waiting at most `within` (an export
     /// under way when it is called may use the whole of it).
     pub(super) fn shutdown(&self, within: Duration) -> bool {
-        self.worker.stop(within)
+        let started = Instant::now();
+        self.signal_stop(within);
+        let done = lock(&self.done);
+        done.recv_timeout(within.saturating_sub(started.elapsed()))
+            .is_ok()
+    }
+
+    fn signal_stop(&self, within: Duration) {
+        let (flag, wake) = &*self.stop;
+        lock(flag).get_or_insert(within);
+        wake.notify_all();
+    }
+}
+
+impl Drop for MetricsExport {
+    /// Stops the thread (after one last export) when telemetry goes away
+    /// without a shutdown.
+    fn drop(&mut self) {
+        self.signal_stop(Duration::from_secs(1));
     }
 }

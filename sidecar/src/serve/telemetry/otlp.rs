@@ -15,7 +15,7 @@
 //! `common/v1/common.proto` and `resource/v1/resource.proto` (v1.x, stable).
 
 use opentelemetry::trace::{SpanId, SpanKind, Status};
-use opentelemetry::{Array, InstrumentationScope, Value};
+use opentelemetry::{Array, Value};
 use opentelemetry_sdk::trace::SpanData;
 use opentelemetry_sdk::Resource;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -56,27 +56,11 @@ impl EncodedResource {
     }
 }
 
-/// A finished span's `Span` message (its body: the caller writes its tag
-/// and length), and its instrumentation scope.
-#[derive(Debug)]
-pub(super) struct EncodedSpan {
-    pub(super) scope: InstrumentationScope,
-    pub(super) body: Vec<u8>,
-}
-
-/// `span`'s `Span` message body.
-pub(super) fn span_message(span: &SpanData) -> Vec<u8> {
-    let mut body = Vec::with_capacity(768);
-    write_span(&mut body, span);
-    body
-}
-
 /// `spans` as one `ExportTraceServiceRequest` from `resource`: one
 /// `ResourceSpans`, one `ScopeSpans` per instrumentation scope (in the
 /// order each first appears).
-pub(super) fn export_request(resource: &EncodedResource, spans: &[EncodedSpan]) -> Vec<u8> {
-    let size: usize = spans.iter().map(|s| s.body.len() + 4).sum();
-    let mut out = Vec::with_capacity(256 + resource.body.len() + size);
+pub(super) fn export_request(resource: &EncodedResource, spans: &[SpanData]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(256 + spans.len() * 768);
     message(&mut out, 1, |b| {
         message(b, 1, |b| b.extend_from_slice(&resource.body));
         let mut done = vec![false; spans.len()];
@@ -84,7 +68,7 @@ pub(super) fn export_request(resource: &EncodedResource, spans: &[EncodedSpan]) 
             if done[first] {
                 continue;
             }
-            let scope = &spans[first].scope;
+            let scope = &spans[first].instrumentation_scope;
             message(b, 2, |b| {
                 message(b, 1, |b| {
                     string(b, 1, scope.name());
@@ -94,9 +78,9 @@ pub(super) fn export_request(resource: &EncodedResource, spans: &[EncodedSpan]) 
                     }
                 });
                 for (i, span) in spans.iter().enumerate().skip(first) {
-                    if !done[i] && span.scope == *scope {
+                    if !done[i] && span.instrumentation_scope == *scope {
                         done[i] = true;
-                        bytes(b, 2, &span.body);
+                        message(b, 2, |b| write_span(b, span));
                     }
                 }
                 string(b, 3, scope.schema_url().unwrap_or_default());
@@ -445,15 +429,8 @@ mod tests {
             ),
         ];
 
-        let encoded: Vec<EncodedSpan> = spans
-            .iter()
-            .map(|span| EncodedSpan {
-                scope: span.instrumentation_scope.clone(),
-                body: span_message(span),
-            })
-            .collect();
         let ours = ExportTraceServiceRequest::decode(
-            export_request(&EncodedResource::new(&resource), &encoded).as_slice(),
+            export_request(&EncodedResource::new(&resource), &spans).as_slice(),
         )
         .expect("our bytes decode");
         let theirs = ExportTraceServiceRequest {

@@ -199,7 +199,7 @@ fn exporters_are_otlp_or_none() {
 }
 
 #[test]
-fn intervals_timeouts_batches_and_temporality_are_the_specification_s_variables() {
+fn the_metric_interval_temporality_and_timeouts_are_the_specification_s_variables() {
     let resolve = |pairs: &'static [(&'static str, &'static str)]| {
         Settings::resolve(Some(&block("http://c")), env(pairs))
     };
@@ -230,29 +230,10 @@ fn intervals_timeouts_batches_and_temporality_are_the_specification_s_variables(
         "each signal's own over the general one"
     );
     assert_eq!(set.traces_timeout, DEFAULT_EXPORT_TIMEOUT);
-    assert_eq!(set.batching, DEFAULT_BATCHING);
-    let batch = resolve(&[
-        ("OTEL_BSP_SCHEDULE_DELAY", "250"),
-        ("OTEL_BSP_MAX_QUEUE_SIZE", "100"),
-        ("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", "512"),
-    ])
-    .unwrap()
-    .unwrap();
-    assert_eq!(
-        batch.batching,
-        Batching {
-            delay: Duration::from_millis(250),
-            queue: 100,
-            batch: 100,
-        },
-        "a batch is never larger than the queue"
-    );
     for (name, value) in [
         ("OTEL_EXPORTER_OTLP_TIMEOUT", "10s"),
         ("OTEL_EXPORTER_OTLP_TRACES_TIMEOUT", "-1"),
         ("OTEL_METRIC_EXPORT_INTERVAL", "0"),
-        ("OTEL_BSP_MAX_QUEUE_SIZE", "0"),
-        ("OTEL_BSP_SCHEDULE_DELAY", "5s"),
         ("OTEL_METRIC_EXPORT_INTERVAL", "1m"),
         ("OTEL_EXPORTER_OTLP_METRICS_TEMPORALITY_PREFERENCE", "gauge"),
     ] {
