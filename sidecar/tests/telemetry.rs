@@ -14,6 +14,7 @@ use common::*;
 use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest;
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
 use opentelemetry_proto::tonic::common::v1::{any_value, KeyValue};
+use opentelemetry_proto::tonic::resource::v1::Resource;
 use opentelemetry_proto::tonic::trace::v1::Span;
 use prost::Message;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -73,11 +74,7 @@ impl Receiver {
                 }
                 let request = ExportTraceServiceRequest::decode(&body[..]).expect("OTLP traces");
                 for rs in request.resource_spans {
-                    let service = rs
-                        .resource
-                        .as_ref()
-                        .and_then(|r| string(&r.attributes, "service.name"))
-                        .unwrap_or_default();
+                    let service = service(rs.resource.as_ref());
                     for ss in rs.scope_spans {
                         spans.extend(ss.spans.into_iter().map(|s| (service.clone(), s)));
                     }
@@ -99,11 +96,7 @@ impl Receiver {
             }
             let request = ExportMetricsServiceRequest::decode(&body[..]).expect("OTLP metrics");
             for rm in request.resource_metrics {
-                let service = rm
-                    .resource
-                    .as_ref()
-                    .and_then(|r| string(&r.attributes, "service.name"))
-                    .unwrap_or_default();
+                let service = service(rm.resource.as_ref());
                 for sm in rm.scope_metrics {
                     out.extend(sm.metrics.into_iter().map(|m| (m.name, service.clone())));
                 }
@@ -152,6 +145,13 @@ fn serve(conn: std::net::TcpStream, kept: &Exports, stalled: &AtomicBool) {
             return;
         }
     }
+}
+
+/// The resource's `service.name`.
+fn service(resource: Option<&Resource>) -> String {
+    resource
+        .and_then(|r| string(&r.attributes, "service.name"))
+        .unwrap_or_default()
 }
 
 fn value<'a>(attributes: &'a [KeyValue], key: &str) -> Option<&'a any_value::Value> {
