@@ -226,7 +226,9 @@ def test_over_http2_a_suspended_stream_is_answered_at_its_deadline_and_a_reset_o
         time.sleep(TIMEOUT_MS / 1000 * 3)
     finally:
         thaw(redis)
-    assert took < TIMEOUT_MS / 1000 + 1.0, took
+    # Answered at its deadline, not left to curl's 5 s: the bound is loose because
+    # it is not a latency figure (1.32 s was seen on a busy 2-core CI machine).
+    assert took < TIMEOUT_MS / 1000 + 2.0, took
     assert path not in EchoHandler.seen, "a reset stream was forwarded"
     assert wait_for(lambda: curl_h2(port, "/h2-after", keys[1], 5).startswith("HTTP/2 200"), 5)
     gw.assert_no_crash()
