@@ -22,6 +22,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 /// An Anthropic endpoint.
 pub struct Anthropic {
+    server: Option<super::Server>,
     url: String,
     api_key: Option<String>,
     timeouts: Timeouts,
@@ -37,6 +38,7 @@ impl Anthropic {
         client: super::client::HttpClient,
     ) -> Self {
         Anthropic {
+            server: super::Server::of(&config.base_url),
             url: format!("{}/messages", config.base_url.trim_end_matches('/')),
             api_key,
             timeouts: config.timeouts,
@@ -61,6 +63,10 @@ fn malformed(e: TranslateError) -> ProviderError {
 impl Provider for Anthropic {
     fn timeouts(&self) -> Timeouts {
         self.timeouts
+    }
+
+    fn server(&self) -> Option<&super::Server> {
+        self.server.as_ref()
     }
 
     fn prepare(&self, mut call: UpstreamCall) -> Result<UpstreamCall, Invalid> {

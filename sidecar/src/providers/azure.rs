@@ -12,6 +12,7 @@ use async_trait::async_trait;
 
 /// An Azure OpenAI resource.
 pub struct Azure {
+    server: Option<super::Server>,
     base_url: String,
     api_version: String,
     api_key: Option<String>,
@@ -28,6 +29,7 @@ impl Azure {
         client: super::client::HttpClient,
     ) -> Self {
         Azure {
+            server: super::Server::of(&config.base_url),
             base_url: config.base_url.trim_end_matches('/').to_owned(),
             api_version: config.api_version.clone().unwrap_or_default(),
             api_key,
@@ -41,6 +43,10 @@ impl Azure {
 impl Provider for Azure {
     fn timeouts(&self) -> Timeouts {
         self.timeouts
+    }
+
+    fn server(&self) -> Option<&super::Server> {
+        self.server.as_ref()
     }
 
     async fn chat(&self, call: UpstreamCall) -> Result<Reply, ProviderError> {

@@ -424,9 +424,47 @@ pub(crate) fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
     message
 }
 
+/// Where a provider's calls go, read off its `base_url` once, when it is
+/// built: an attempt's span names it (`server.address`, `server.port`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Server {
+    pub address: Arc<str>,
+    pub port: u16,
+}
+
+impl Server {
+    /// The host and port of `base_url` (the scheme's port when it names none).
+    pub fn of(base_url: &str) -> Option<Server> {
+        let uri: http::Uri = base_url.parse().ok()?;
+        let port = uri.port_u16().unwrap_or(match uri.scheme_str() {
+            Some("http") => 80,
+            _ => 443,
+        });
+        Some(Server {
+            address: Arc::from(uri.host()?),
+            port,
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_provider_s_server_is_its_base_url_s_host_and_port() {
+        let server = |url: &str| Server::of(url).map(|s| (s.address.to_string(), s.port));
+        assert_eq!(
+            server("https://api.openai.com/v1"),
+            Some(("api.openai.com".into(), 443))
+        );
+        assert_eq!(
+            server("http://127.0.0.1:8080/v1"),
+            Some(("127.0.0.1".into(), 8080))
+        );
+        assert_eq!(server("http://mock/v1"), Some(("mock".into(), 80)));
+        assert_eq!(server("not a url"), None);
+    }
 
     fn config(toml: &str) -> ProviderConfig {
         toml::from_str(toml).expect("a provider config")

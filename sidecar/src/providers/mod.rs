@@ -26,6 +26,7 @@ pub(crate) use body::read_answer;
 pub use body::AnswerFacts;
 pub mod client;
 pub(crate) use client::send_error;
+pub use client::Server;
 mod azure;
 mod openai;
 
@@ -192,6 +193,9 @@ pub struct UpstreamCall {
 pub trait Provider: Send + Sync {
     /// Its timeouts.
     fn timeouts(&self) -> Timeouts;
+
+    /// Where its calls go.
+    fn server(&self) -> Option<&Server>;
 
     /// Turns the OpenAI-shaped call into what this provider is sent. A
     /// request the provider cannot serve (an Anthropic route asked for

@@ -11,6 +11,7 @@ use async_trait::async_trait;
 
 /// An OpenAI-compatible endpoint.
 pub struct OpenAi {
+    server: Option<super::Server>,
     url: String,
     /// `base_url` without its trailing slash; passthrough endpoints hang off it.
     base_url: String,
@@ -28,6 +29,7 @@ impl OpenAi {
         client: super::client::HttpClient,
     ) -> Self {
         OpenAi {
+            server: super::Server::of(&config.base_url),
             url: format!("{}/chat/completions", config.base_url.trim_end_matches('/')),
             base_url: config.base_url.trim_end_matches('/').to_owned(),
             api_key,
@@ -41,6 +43,10 @@ impl OpenAi {
 impl Provider for OpenAi {
     fn timeouts(&self) -> Timeouts {
         self.timeouts
+    }
+
+    fn server(&self) -> Option<&super::Server> {
+        self.server.as_ref()
     }
 
     async fn chat(&self, call: UpstreamCall) -> Result<Reply, ProviderError> {

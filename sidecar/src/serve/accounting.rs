@@ -14,6 +14,7 @@
 //! a request that consumed nothing releases it — so every reservation ends
 //! exactly once too, however the request ends.
 
+use crate::providers::Server;
 use crate::serve::fleet::Held;
 use crate::serve::state::Gateway;
 use crate::serve::telemetry::RequestTrace;
@@ -105,23 +106,18 @@ impl Accounting {
         self.trace.as_deref_mut()
     }
 
-    /// Starts the trace of an attempt at `route` (its provider `provider`):
-    /// the `traceparent` to send the provider, when telemetry is on.
+    /// Starts the trace of an attempt at `route` (its provider's `config`,
+    /// and `server`, where its calls go): the `traceparent` to send the
+    /// provider, when telemetry is on.
     pub fn trace_attempt(
         &mut self,
         route: &RouteConfig,
-        provider: Option<&ProviderConfig>,
+        config: Option<&ProviderConfig>,
+        server: Option<&Server>,
         probe: bool,
     ) -> Option<HeaderValue> {
         let trace = self.trace.as_deref_mut()?;
-        let provider = provider?;
-        trace.attempt(
-            &route.provider,
-            provider.kind,
-            &route.model,
-            &provider.base_url,
-            probe,
-        )
+        trace.attempt(&route.provider, config?.kind, &route.model, server, probe)
     }
 
     /// Reserves the request's worst case (`worst`: estimated prompt tokens

@@ -454,7 +454,8 @@ pub async fn route(
         last_provider = route.provider.clone();
         usage.route(route, request.output_cap(route));
         let config = runtime.config.providers.get(&route.provider);
-        call.traceparent = usage.trace_attempt(route, config, admission == Admission::Probe);
+        let probe = admission == Admission::Probe;
+        call.traceparent = usage.trace_attempt(route, config, provider.server(), probe);
         call.facts = usage.trace().is_some_and(|t| t.recording());
 
         let ticket = BreakerTicket::new(gateway.clone(), &route.provider, admission);

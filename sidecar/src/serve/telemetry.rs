@@ -56,7 +56,6 @@ use opentelemetry_sdk::trace::{
 };
 use opentelemetry_sdk::Resource;
 use prometheus_client::metrics::counter::Counter;
-use rustc_hash::FxHashMap;
 use serde::Deserialize;
 use std::cell::Cell;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -166,9 +165,6 @@ pub struct Telemetry {
     histograms: Option<Arc<Histograms>>,
     /// Their export, unless `OTEL_METRICS_EXPORTER=none`.
     metrics_export: Option<MetricsExport>,
-    /// `server.address` and `server.port` of each provider base URL seen,
-    /// parsed once (a URL parse on every attempt was a fifth of its span's cost).
-    servers: Mutex<FxHashMap<String, Option<(StringValue, i64)>>>,
     semconv: Semconv,
 }
 
@@ -459,7 +455,6 @@ impl Telemetry {
             tracer_provider,
             histograms,
             metrics_export,
-            servers: Mutex::default(),
             semconv,
         }))
     }

@@ -2,37 +2,13 @@
 //! metric points made from the request's usage row when it ends.
 
 use super::*;
-use crate::providers::AnswerFacts;
+use crate::providers::{AnswerFacts, Server};
 use crate::serve::relay::contains;
 use read::{Answer, RequestParams, ResponseInfo};
 
 mod read;
 
 impl Telemetry {
-    /// The host and port of `base_url`, parsed the first time it is seen.
-    fn server(&self, base_url: &str) -> Option<(StringValue, i64)> {
-        /// Base URLs remembered at most (config reloads can add more).
-        const MOST: usize = 256;
-        let mut servers = lock(&self.servers);
-        if let Some(known) = servers.get(base_url) {
-            return known.clone();
-        }
-        let parsed = base_url.parse::<http::Uri>().ok().and_then(|uri| {
-            let host = uri.host()?;
-            let port = uri.port_u16().unwrap_or(match uri.scheme_str() {
-                Some("http") => 80,
-                _ => 443,
-            });
-            // Shared, so each span's copy is a reference count.
-            Some((StringValue::from(Arc::<str>::from(host)), i64::from(port)))
-        });
-        if servers.len() >= MOST {
-            servers.clear();
-        }
-        servers.insert(base_url.to_owned(), parsed.clone());
-        parsed
-    }
-
     /// The trace of a request whose span is `span` (`None`: spans are not
     /// exported) and whose context, for the attempts' spans, is `cx`.
     pub(super) fn request_trace(
@@ -145,14 +121,14 @@ impl RequestTrace {
     }
 
     /// Starts the span of an attempt at `provider` (its config name and
-    /// kind, and the route's `upstream_model`, `base_url`), ending the one
+    /// kind, and the route's `upstream_model`, and where its calls go), ending the one
     /// before. Returns the `traceparent` to send the provider.
     pub fn attempt(
         &mut self,
         provider: &str,
         kind: ProviderKind,
         upstream_model: &str,
-        base_url: &str,
+        server: Option<&Server>,
         probe: bool,
     ) -> Option<HeaderValue> {
         self.end_attempt(None);
@@ -178,9 +154,11 @@ impl RequestTrace {
             KeyValue::new("afr.attempt", i64::from(self.attempts)),
             KeyValue::new("afr.breaker", if probe { "probe" } else { "closed" }),
         ];
-        if let Some((host, port)) = self.telemetry.server(base_url) {
-            attributes.push(KeyValue::new("server.address", host));
-            attributes.push(KeyValue::new("server.port", port));
+        if let Some(server) = server {
+            // Shared, so each span's copy is a reference count.
+            let address = StringValue::from(Arc::clone(&server.address));
+            attributes.push(KeyValue::new("server.address", address));
+            attributes.push(KeyValue::new("server.port", i64::from(server.port)));
         }
         let builder = tracer
             .span_builder(format!("{} {upstream_model}", self.operation))
