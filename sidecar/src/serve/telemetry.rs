@@ -161,10 +161,9 @@ pub struct Telemetry {
     capture_content: bool,
     tracer: SdkTracer,
     tracer_provider: SdkTracerProvider,
-    /// The GenAI metrics' points, unless `OTEL_METRICS_EXPORTER=none`.
-    histograms: Option<Arc<Histograms>>,
-    /// Their export, unless `OTEL_METRICS_EXPORTER=none`.
-    metrics_export: Option<MetricsExport>,
+    /// The GenAI metrics' points and their export, unless
+    /// `OTEL_METRICS_EXPORTER=none`.
+    metrics: Option<MetricsExport>,
     semconv: Semconv,
 }
 
@@ -427,10 +426,7 @@ impl Telemetry {
         let tracer_provider = tracer_provider.build();
         let tracer = tracer_provider.tracer(SCOPE);
 
-        let histograms = settings
-            .metrics
-            .then(|| Arc::new(Histograms::new(SystemTime::now(), settings.delta)));
-        let metrics_export = if let Some(histograms) = &histograms {
+        let metrics = if settings.metrics {
             let target = Target::new(
                 "metrics",
                 &settings.metrics_endpoint,
@@ -438,7 +434,7 @@ impl Telemetry {
                 settings.metrics_timeout,
             )?;
             Some(MetricsExport::start(
-                Arc::clone(histograms),
+                Histograms::new(SystemTime::now(), settings.delta),
                 client,
                 target,
                 otlp::EncodedResource::new(&resource),
@@ -453,8 +449,7 @@ impl Telemetry {
             capture_content: settings.capture_content,
             tracer,
             tracer_provider,
-            histograms,
-            metrics_export,
+            metrics,
             semconv,
         }))
     }
@@ -507,7 +502,7 @@ impl Telemetry {
         if let Err(e) = self.tracer_provider.shutdown_with_timeout(within) {
             tracing::warn!(error = %e, "OpenTelemetry: traces not flushed at shutdown");
         }
-        if let Some(export) = &self.metrics_export {
+        if let Some(export) = &self.metrics {
             if !export.shutdown(within) {
                 tracing::warn!("OpenTelemetry: metrics not flushed at shutdown");
             }

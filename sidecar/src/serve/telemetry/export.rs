@@ -300,6 +300,7 @@ impl<P: SpanProcessor> SpanProcessor for Bounded<P> {
 /// cumulative points lose nothing by it (the next export carries the
 /// totals), delta points are lost.
 pub(super) struct MetricsExport {
+    histograms: Arc<Histograms>,
     /// `Some(within)` once stopped: the last export's deadline.
     stop: Arc<(Mutex<Option<Duration>>, Condvar)>,
     done: Mutex<mpsc::Receiver<()>>,
@@ -307,13 +308,15 @@ pub(super) struct MetricsExport {
 
 impl MetricsExport {
     pub(super) fn start(
-        histograms: Arc<Histograms>,
+        histograms: Histograms,
         client: OtlpClient,
         target: Target,
         resource: EncodedResource,
         interval: Duration,
         failed: Counter,
     ) -> anyhow::Result<MetricsExport> {
+        let histograms = Arc::new(histograms);
+        let exported = Arc::clone(&histograms);
         let stop = Arc::new((Mutex::new(None), Condvar::new()));
         let (done_tx, done) = mpsc::channel();
         let stopping = Arc::clone(&stop);
@@ -333,7 +336,7 @@ impl MetricsExport {
                     let timeout = stopped.map_or(target.timeout, |within: Duration| {
                         (within - within / 10).min(target.timeout)
                     });
-                    if let Some(body) = histograms.export_request(&resource, SystemTime::now()) {
+                    if let Some(body) = exported.export_request(&resource, SystemTime::now()) {
                         let result = client.runtime.block_on(client.post(&target, body, timeout));
                         note_result(&failing, &failed, "metrics", &result, 1);
                     }
@@ -344,9 +347,15 @@ impl MetricsExport {
                 }
             })?;
         Ok(MetricsExport {
+            histograms,
             stop,
             done: Mutex::new(done),
         })
+    }
+
+    /// Where the points are recorded.
+    pub(super) fn histograms(&self) -> &Histograms {
+        &self.histograms
     }
 
     /// Exports once more and stops, waiting at most `within` (an export

@@ -9,6 +9,11 @@ use read::{Answer, RequestParams, ResponseInfo};
 mod read;
 
 impl Telemetry {
+    /// Where a request's metric points go, when metrics are exported.
+    fn histograms(&self) -> Option<&Histograms> {
+        self.metrics.as_ref().map(MetricsExport::histograms)
+    }
+
     /// The trace of a request whose span is `span` (`None`: spans are not
     /// exported) and whose context, for the attempts' spans, is `cx`.
     pub(super) fn request_trace(
@@ -281,7 +286,7 @@ impl RequestTrace {
     pub fn first_content(&mut self, at: Instant, model: &str) {
         self.first_chunk = Some(at);
         let ttfc = at.saturating_duration_since(self.started).as_secs_f64();
-        if let Some(histograms) = &self.telemetry.histograms {
+        if let Some(histograms) = self.telemetry.histograms() {
             let series = self.series(model, None);
             histograms.record(Instrument::FirstChunk, &series, ttfc);
         }
@@ -312,7 +317,7 @@ impl RequestTrace {
         let telemetry = Arc::clone(&self.telemetry);
         let consumed = record.token_source != TokenSource::None;
         let mut series = self.series(&record.model, error.as_deref());
-        if let Some(histograms) = &telemetry.histograms {
+        if let Some(histograms) = telemetry.histograms() {
             histograms.record(Instrument::Duration, &series, latency.as_secs_f64());
             if consumed {
                 for (kind, count) in [
