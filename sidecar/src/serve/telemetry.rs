@@ -197,6 +197,8 @@ struct Settings {
     /// `…_METRICS_TIMEOUT`, else `OTEL_EXPORTER_OTLP_TIMEOUT` (milliseconds).
     traces_timeout: Duration,
     metrics_timeout: Duration,
+    /// Spans waiting for export, at most (`OTEL_BSP_MAX_QUEUE_SIZE`).
+    span_queue: usize,
     /// Delta points (`OTEL_EXPORTER_OTLP_METRICS_TEMPORALITY_PREFERENCE`
     /// `delta` or `lowmemory`: both ask delta for histograms), else cumulative.
     delta: bool,
@@ -297,6 +299,15 @@ impl Settings {
         let timeout = millis("OTEL_EXPORTER_OTLP_TIMEOUT")?.unwrap_or(DEFAULT_EXPORT_TIMEOUT);
         let traces_timeout = millis("OTEL_EXPORTER_OTLP_TRACES_TIMEOUT")?.unwrap_or(timeout);
         let metrics_timeout = millis("OTEL_EXPORTER_OTLP_METRICS_TIMEOUT")?.unwrap_or(timeout);
+        let span_queue = match set("OTEL_BSP_MAX_QUEUE_SIZE") {
+            None => DEFAULT_QUEUE,
+            Some(v) => match v.trim().parse::<usize>() {
+                Ok(n) if n > 0 => n,
+                _ => anyhow::bail!(
+                    "OTEL_BSP_MAX_QUEUE_SIZE: expected a whole number above 0, got {v:?}"
+                ),
+            },
+        };
         let temporality = "OTEL_EXPORTER_OTLP_METRICS_TEMPORALITY_PREFERENCE";
         let delta = match set(temporality).map(|v| v.trim().to_ascii_lowercase()) {
             None => false,
@@ -314,6 +325,7 @@ impl Settings {
             metric_interval,
             traces_timeout,
             metrics_timeout,
+            span_queue,
             delta,
             service_name: (!named)
                 .then(|| config.map_or_else(|| "afr".to_owned(), |c| c.service_name.clone())),
@@ -412,7 +424,7 @@ impl Telemetry {
                 &settings.traces_headers,
                 settings.traces_timeout,
             )?;
-            let pipeline = span_pipeline(&client, target, &dropped)?;
+            let pipeline = span_pipeline(&client, target, settings.span_queue, &dropped);
             tracer_provider = tracer_provider.with_span_processor(pipeline);
             if let Some(ratio) = settings.sample_ratio {
                 tracer_provider = tracer_provider.with_sampler(Sampler::ParentBased(Box::new(

@@ -7,27 +7,19 @@ use super::*;
 use opentelemetry_sdk::error::OTelSdkError;
 use std::sync::{mpsc, Condvar, Mutex};
 
-/// The spans' way out: a bounded queue, exported in batches by the SDK's
-/// own thread, every drop counted.
+/// The spans' way out: a queue of at most `queue` spans, exported in
+/// batches by the SDK's own thread, every drop counted.
 pub(super) fn span_pipeline(
     client: &OtlpClient,
     target: Target,
+    queue: usize,
     dropped: &dyn Fn(&'static str, &'static str) -> Counter,
-) -> anyhow::Result<Bounded<BatchSpanProcessor>> {
-    let spans = OtlpSpans {
+) -> Bounded<BatchSpanProcessor> {
+    let inflight = Arc::new(AtomicUsize::new(0));
+    let exporter = OtlpSpans {
         client: client.clone(),
         target,
         resource: EncodedResource::default(),
-    };
-    let batch = BatchConfigBuilder::default();
-    let queue = std::env::var("OTEL_BSP_MAX_QUEUE_SIZE")
-        .ok()
-        .and_then(|v| v.trim().parse::<usize>().ok())
-        .unwrap_or(DEFAULT_QUEUE)
-        .max(1);
-    let inflight = Arc::new(AtomicUsize::new(0));
-    let exporter = Counted {
-        inner: spans,
         inflight: Arc::clone(&inflight),
         failed: dropped("traces", "export_failed"),
         failing: AtomicBool::new(false),
@@ -35,14 +27,18 @@ pub(super) fn span_pipeline(
     // The batch processor's own queue is one larger than ours, so the
     // spans it would drop silently are dropped (and counted) here first.
     let processor = BatchSpanProcessor::builder(exporter)
-        .with_batch_config(batch.with_max_queue_size(queue + 1).build())
+        .with_batch_config(
+            BatchConfigBuilder::default()
+                .with_max_queue_size(queue + 1)
+                .build(),
+        )
         .build();
-    Ok(Bounded {
+    Bounded {
         inner: processor,
         inflight,
         capacity: queue,
         full: dropped("traces", "queue_full"),
-    })
+    }
 }
 
 /// The exporters' HTTP client: hyper's, on the sidecar's runtime. The
@@ -171,22 +167,32 @@ const USER_AGENT: &str = concat!("afr/", env!("CARGO_PKG_VERSION"), " (OTLP/HTTP
 
 /// The span exporter: `otlp::export_request`'s bytes POSTed to the
 /// collector with our client (the SDK's own exporter encodes through a
-/// message tree at several times the cost).
+/// message tree at several times the cost). The spans of a failed export are
+/// counted as dropped, and the log says once when exports start and stop
+/// failing.
 #[derive(Debug)]
 struct OtlpSpans {
     client: OtlpClient,
     target: Target,
     resource: EncodedResource,
+    /// Spans accepted by [`Bounded`] and not yet exported.
+    inflight: Arc<AtomicUsize>,
+    failed: Counter,
+    failing: AtomicBool,
 }
 
 impl opentelemetry_sdk::trace::SpanExporter for OtlpSpans {
     async fn export(&self, batch: Vec<SpanData>) -> OTelSdkResult {
+        let n = batch.len();
         let body = export_request(&self.resource, &batch);
         drop(batch);
-        self.client
+        let result = self
+            .client
             .post(&self.target, body, self.target.timeout)
-            .await
-            .map_err(OTelSdkError::InternalFailure)
+            .await;
+        self.inflight.fetch_sub(n, Ordering::Relaxed);
+        note_result(&self.failing, &self.failed, "traces", &result, n as u64);
+        result.map_err(OTelSdkError::InternalFailure)
     }
 
     fn shutdown_with_timeout(&self, _timeout: Duration) -> OTelSdkResult {
@@ -195,40 +201,6 @@ impl opentelemetry_sdk::trace::SpanExporter for OtlpSpans {
 
     fn set_resource(&mut self, resource: &Resource) {
         self.resource = EncodedResource::new(resource);
-    }
-}
-
-/// Counts the spans of every failed export as dropped, and says once in the
-/// log when exports start and stop failing.
-#[derive(Debug)]
-struct Counted<E> {
-    inner: E,
-    inflight: Arc<AtomicUsize>,
-    failed: Counter,
-    failing: AtomicBool,
-}
-
-impl<E: opentelemetry_sdk::trace::SpanExporter> opentelemetry_sdk::trace::SpanExporter
-    for Counted<E>
-{
-    async fn export(&self, batch: Vec<SpanData>) -> OTelSdkResult {
-        let n = batch.len();
-        let result = self.inner.export(batch).await;
-        self.inflight.fetch_sub(n, Ordering::Relaxed);
-        note_result(&self.failing, &self.failed, "traces", &result, n as u64);
-        result
-    }
-
-    fn shutdown_with_timeout(&self, timeout: Duration) -> OTelSdkResult {
-        self.inner.shutdown_with_timeout(timeout)
-    }
-
-    fn force_flush(&self) -> OTelSdkResult {
-        self.inner.force_flush()
-    }
-
-    fn set_resource(&mut self, resource: &Resource) {
-        self.inner.set_resource(resource);
     }
 }
 

@@ -230,10 +230,17 @@ fn the_metric_interval_temporality_and_timeouts_are_the_specification_s_variable
         "each signal's own over the general one"
     );
     assert_eq!(set.traces_timeout, DEFAULT_EXPORT_TIMEOUT);
+    assert_eq!(set.span_queue, DEFAULT_QUEUE);
+    let queue = resolve(&[("OTEL_BSP_MAX_QUEUE_SIZE", " 2 ")])
+        .unwrap()
+        .unwrap();
+    assert_eq!(queue.span_queue, 2);
     for (name, value) in [
         ("OTEL_EXPORTER_OTLP_TIMEOUT", "10s"),
         ("OTEL_EXPORTER_OTLP_TRACES_TIMEOUT", "-1"),
         ("OTEL_METRIC_EXPORT_INTERVAL", "0"),
+        ("OTEL_BSP_MAX_QUEUE_SIZE", "0"),
+        ("OTEL_BSP_MAX_QUEUE_SIZE", "many"),
         ("OTEL_METRIC_EXPORT_INTERVAL", "1m"),
         ("OTEL_EXPORTER_OTLP_METRICS_TEMPORALITY_PREFERENCE", "gauge"),
     ] {
