@@ -313,3 +313,80 @@ async fn spans_past_a_full_queue_are_dropped_and_counted_while_requests_go_on() 
     assert_eq!(requests(&spans).len(), 2, "the first, held, and the last");
     assert_eq!(queue_full(&sidecar).await, 18);
 }
+
+#[tokio::test]
+async fn what_is_recorded_since_the_last_export_is_sent_when_the_sidecar_stops() {
+    let receiver = Receiver::start(false);
+    let good = Mock::start(&[]);
+    let body = format!(
+        "[telemetry]\nendpoint = \"{}\"\n{}{}",
+        receiver.endpoint(),
+        openai_provider("good", &good.base(), ""),
+        model("m", &[("good", "y")]),
+    );
+    // The defaults: spans every 5 s, metric points every 60 s. Neither
+    // comes before the stop.
+    let mut sidecar = Sidecar::start_with_usage_env(&body, 5, "path = \"{dir}/usage.db\"", &[]);
+    assert_eq!(sidecar.chat(chat_body("m", false)).await.status(), 200);
+    assert!(
+        receiver.exports.lock().unwrap().is_empty(),
+        "nothing sent yet"
+    );
+    assert!(sidecar.terminate().success());
+    let spans = receiver.spans_until(|s| !requests(s).is_empty()).await;
+    assert_eq!(
+        requests(&spans).len(),
+        1,
+        "the request's span, sent at the stop"
+    );
+    assert!(
+        receiver
+            .metrics()
+            .iter()
+            .any(|(name, _)| name == "gen_ai.client.operation.duration"),
+        "the metric points, sent at the stop"
+    );
+}
+
+#[tokio::test]
+async fn the_block_s_sample_ratio_decides_unless_the_client_s_traceparent_does() {
+    let receiver = Receiver::start(false);
+    let good = Mock::start(&[]);
+    let body = format!(
+        "[telemetry]\nendpoint = \"{}\"\nsample_ratio = 0.0\nmetrics = false\n{}{}",
+        receiver.endpoint(),
+        openai_provider("good", &good.base(), ""),
+        model("m", &[("good", "y")]),
+    );
+    let env = [("OTEL_BSP_SCHEDULE_DELAY", "20")];
+    let sidecar = Sidecar::start_with_usage_env(&body, 5, "path = \"{dir}/usage.db\"", &env);
+    assert_eq!(sidecar.chat(chat_body("m", false)).await.status(), 200);
+    let trace = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let sampled = sidecar
+        .request(reqwest::Method::POST, "/v1/chat/completions")
+        .header("traceparent", format!("00-{trace}-00f067aa0ba902b7-01"))
+        .json(&chat_body("m", false))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(sampled.status(), 200);
+    // The unsampled request ended first: had its span been exported, it
+    // would be there by the time the sampled one's is.
+    let spans = receiver
+        .spans_until(|s| requests(s).iter().any(|r| hex(&r.trace_id) == trace))
+        .await;
+    let traced: Vec<String> = requests(&spans).iter().map(|s| hex(&s.trace_id)).collect();
+    assert_eq!(traced, [trace], "only the request its client sampled");
+    // Both went to the provider with a traceparent; the unsampled one's says so.
+    let sent = good.requests().await;
+    let flags: Vec<String> = sent
+        .iter()
+        .filter_map(|r| r["headers"]["traceparent"].as_str())
+        .map(|t| t.rsplit('-').next().unwrap_or_default().to_owned())
+        .collect();
+    assert_eq!(flags, ["00", "01"]);
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
