@@ -178,6 +178,23 @@ fn requests(spans: &[(String, Span)]) -> Vec<&Span> {
         .collect()
 }
 
+/// `afr serve` with a `[telemetry]` block sending to `receiver` (`extra`:
+/// more lines of the block) and model `m` routed to `provider`, with `env`.
+fn traced_sidecar(
+    receiver: &Receiver,
+    extra: &str,
+    provider: &Mock,
+    env: &[(&str, &str)],
+) -> Sidecar {
+    let body = format!(
+        "[telemetry]\nendpoint = \"{}\"\n{extra}\n{}{}",
+        receiver.endpoint(),
+        openai_provider("good", &provider.base(), ""),
+        model("m", &[("good", "y")]),
+    );
+    Sidecar::start_with_usage_env(&body, 5, "path = \"{dir}/usage.db\"", env)
+}
+
 #[tokio::test]
 async fn the_telemetry_block_exports_and_an_open_breaker_reads_as_a_span() {
     let receiver = Receiver::start(false);
@@ -273,19 +290,13 @@ async fn queue_full(sidecar: &Sidecar) -> u64 {
 async fn spans_past_a_full_queue_are_dropped_and_counted_while_requests_go_on() {
     let receiver = Receiver::start(true);
     let good = Mock::start(&[]);
-    let body = format!(
-        "[telemetry]\nendpoint = \"{}\"\nmetrics = false\n{}{}",
-        receiver.endpoint(),
-        openai_provider("good", &good.base(), ""),
-        model("m", &[("good", "y")]),
-    );
     let env = [
         ("OTEL_BSP_MAX_QUEUE_SIZE", "2"),
         ("OTEL_BSP_SCHEDULE_DELAY", "20"),
         // The stalled export stays in flight for the whole test.
         ("OTEL_EXPORTER_OTLP_TIMEOUT", "60000"),
     ];
-    let sidecar = Sidecar::start_with_usage_env(&body, 5, "path = \"{dir}/usage.db\"", &env);
+    let sidecar = traced_sidecar(&receiver, "metrics = false", &good, &env);
     let served = async {
         for _ in 0..10 {
             assert_eq!(sidecar.chat(chat_body("m", false)).await.status(), 200);
@@ -318,15 +329,9 @@ async fn spans_past_a_full_queue_are_dropped_and_counted_while_requests_go_on() 
 async fn what_is_recorded_since_the_last_export_is_sent_when_the_sidecar_stops() {
     let receiver = Receiver::start(false);
     let good = Mock::start(&[]);
-    let body = format!(
-        "[telemetry]\nendpoint = \"{}\"\n{}{}",
-        receiver.endpoint(),
-        openai_provider("good", &good.base(), ""),
-        model("m", &[("good", "y")]),
-    );
     // The defaults: spans every 5 s, metric points every 60 s. Neither
     // comes before the stop.
-    let mut sidecar = Sidecar::start_with_usage_env(&body, 5, "path = \"{dir}/usage.db\"", &[]);
+    let mut sidecar = traced_sidecar(&receiver, "", &good, &[]);
     assert_eq!(sidecar.chat(chat_body("m", false)).await.status(), 200);
     assert!(
         receiver.exports.lock().unwrap().is_empty(),
@@ -352,14 +357,13 @@ async fn what_is_recorded_since_the_last_export_is_sent_when_the_sidecar_stops()
 async fn the_block_s_sample_ratio_decides_unless_the_client_s_traceparent_does() {
     let receiver = Receiver::start(false);
     let good = Mock::start(&[]);
-    let body = format!(
-        "[telemetry]\nendpoint = \"{}\"\nsample_ratio = 0.0\nmetrics = false\n{}{}",
-        receiver.endpoint(),
-        openai_provider("good", &good.base(), ""),
-        model("m", &[("good", "y")]),
-    );
     let env = [("OTEL_BSP_SCHEDULE_DELAY", "20")];
-    let sidecar = Sidecar::start_with_usage_env(&body, 5, "path = \"{dir}/usage.db\"", &env);
+    let sidecar = traced_sidecar(
+        &receiver,
+        "sample_ratio = 0.0\nmetrics = false",
+        &good,
+        &env,
+    );
     assert_eq!(sidecar.chat(chat_body("m", false)).await.status(), 200);
     let trace = "4bf92f3577b34da6a3ce929d0e0e4736";
     let sampled = sidecar
