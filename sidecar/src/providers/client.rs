@@ -12,7 +12,7 @@
 use super::{ProviderError, UpstreamCall};
 use afr_core::config::ProviderConfig;
 use bytes::Bytes;
-use http::header::{HeaderValue, IntoHeaderName, AUTHORIZATION};
+use http::header::{HeaderValue, IntoHeaderName, AUTHORIZATION, HOST};
 use http::{HeaderMap, Method, Request, Uri};
 use http_body_util::Full;
 use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
@@ -354,6 +354,11 @@ impl Outgoing<'_> {
             Some((pool, stream)) => (Some(pool), Some(stream)),
             None => (None, None),
         };
+        if h2.is_none() && !request.headers().contains_key(HOST) {
+            if let Some(host) = host_header(request.uri()) {
+                request.headers_mut().insert(HOST, host);
+            }
+        }
         let pool = h2.as_ref().unwrap_or(&self.client.inner);
         let response = pool.request(request).await.map_err(SendError::Client)?;
         Ok(response.map(|inner| UpstreamBody {
@@ -361,6 +366,24 @@ impl Outgoing<'_> {
             _stream: stream,
         }))
     }
+}
+
+/// The `Host` header of an HTTP/1.1 request to `uri`: its host, and its port
+/// unless it is the scheme's default. hyper-util's client would write the
+/// same, but with `format!` on every request (~2 500 instructions under
+/// callgrind, 2% of a proxied request); this copies the authority as written.
+/// `None` (hyper-util words it) for an authority with user info.
+fn host_header(uri: &Uri) -> Option<HeaderValue> {
+    let authority = uri.authority()?;
+    if authority.as_str().contains('@') {
+        return None;
+    }
+    let secure = matches!(uri.scheme_str(), Some("https" | "wss"));
+    let value = match (authority.port_u16(), secure) {
+        (None, _) | (Some(443), true) | (Some(80), false) => authority.host(),
+        _ => authority.as_str(),
+    };
+    HeaderValue::from_str(value).ok()
 }
 
 /// Why a request could not be sent or got no answer.
@@ -464,6 +487,32 @@ mod tests {
         );
         assert_eq!(server("http://mock/v1"), Some(("mock".into(), 80)));
         assert_eq!(server("not a url"), None);
+    }
+
+    #[test]
+    fn the_host_header_is_the_authority_less_a_default_port() {
+        let host = |uri: &str| {
+            host_header(&uri.parse().expect("a URI")).map(|v| v.to_str().expect("ASCII").to_owned())
+        };
+        assert_eq!(
+            host("https://api.openai.com/v1/chat").as_deref(),
+            Some("api.openai.com")
+        );
+        assert_eq!(
+            host("https://api.openai.com:443/v1").as_deref(),
+            Some("api.openai.com")
+        );
+        assert_eq!(host("http://127.0.0.1:80/v1").as_deref(), Some("127.0.0.1"));
+        assert_eq!(
+            host("http://127.0.0.1:8080/v1").as_deref(),
+            Some("127.0.0.1:8080")
+        );
+        assert_eq!(host("https://mock:80/v1").as_deref(), Some("mock:80"));
+        assert_eq!(host("http://[::1]:9000/v1").as_deref(), Some("[::1]:9000"));
+        assert_eq!(host("http://[::1]/v1").as_deref(), Some("[::1]"));
+        // User info is left to hyper-util, which drops it.
+        assert_eq!(host("http://user:pw@mock/v1"), None);
+        assert_eq!(host("/v1/chat"), None);
     }
 
     fn config(toml: &str) -> ProviderConfig {

@@ -14,7 +14,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
-use std::collections::HashMap;
+use rustc_hash::FxHashMap;
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, OnceLock, RwLock};
 use std::time::Duration;
@@ -99,13 +99,13 @@ pub struct Metrics {
 /// config and keys from keys.toml (a client's unknown model is never a label),
 /// so the map is as bounded as the families are.
 struct Cache<T> {
-    map: RwLock<HashMap<String, HashMap<String, Arc<T>>>>,
+    map: RwLock<FxHashMap<String, FxHashMap<String, Arc<T>>>>,
 }
 
 impl<T: Default> Cache<T> {
     fn new() -> Self {
         Cache {
-            map: RwLock::new(HashMap::new()),
+            map: RwLock::new(FxHashMap::default()),
         }
     }
 
