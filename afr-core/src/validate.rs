@@ -14,6 +14,8 @@ use serde_json::value::RawValue;
 use serde_json::Value;
 use std::borrow::Cow;
 
+mod messages;
+
 /// Default `temperature` when the client sends none (design §3).
 pub const DEFAULT_TEMPERATURE: f64 = 0.7;
 /// Default `max_tokens` when the client sends none (design §3).
@@ -23,7 +25,7 @@ pub const DEFAULT_MAX_TOKENS: u64 = 4096;
 /// 6.49.0), whose content rules the gateway knows. Another role is not
 /// refused: a chat route's provider judges it, and a route of the other wire
 /// names it when it cannot translate it.
-const ROLES: [&str; 6] = [
+pub(crate) const ROLES: [&str; 6] = [
     "system",
     "developer",
     "user",
@@ -239,7 +241,7 @@ pub fn validate_chat(bytes: &[u8]) -> Result<ChatRequest, Invalid> {
         Some(other) => return Err(type_error("model", "a string", &other)),
     };
 
-    check_messages(find(&body, "messages"))?;
+    messages::check(find(&body, "messages"))?;
 
     let stream = match field(&body, "stream", "stream")? {
         None | Some(Value::Null) => false,
@@ -381,82 +383,7 @@ pub(crate) fn check_int_at_least(
     }
 }
 
-/// Validates `messages` (the prompt's size is `crate::estimate`'s, counted
-/// only when a request needs it).
-fn check_messages(messages: Option<&RawValue>) -> Result<(), Invalid> {
-    let list: Vec<&RawValue> = match messages {
-        None => return Err(missing("messages")),
-        Some(raw) if raw.get() == "null" => return Err(missing("messages")),
-        Some(raw) => serde_json::from_str(raw.get()).map_err(|_| match value("messages", raw) {
-            Ok(other) => type_error("messages", "an array", &other),
-            Err(invalid) => invalid,
-        })?,
-    };
-    if list.is_empty() {
-        return Err(Invalid::field(
-            "messages",
-            "Invalid 'messages': empty array. Expected an array with minimum length 1.",
-        ));
-    }
-    for (i, message) in list.iter().enumerate() {
-        // Named only when refused: formatting the paths of every message up
-        // front cost ~1 300 instructions a message (callgrind).
-        let path = || format!("messages[{i}]");
-        if !message.get().starts_with('{') {
-            let path = path();
-            return Err(type_error(&path, "an object", &value(&path, message)?));
-        }
-        let m = members(message.get().as_bytes()).map_err(|e| Invalid::object(&path(), e))?;
-        // A role without escapes is borrowed as it is; anything else is read
-        // the long way, which words the refusal.
-        let role = match find(&m, "role").map(|r| serde_json::from_str::<&str>(r.get())) {
-            Some(Ok(role)) => std::borrow::Cow::Borrowed(role),
-            _ => {
-                let param = format!("{}.role", path());
-                match field(&m, "role", &param)? {
-                    Some(Value::String(r)) => std::borrow::Cow::Owned(r),
-                    None | Some(Value::Null) => return Err(missing(&param)),
-                    Some(other) => return Err(type_error(&param, "a string", &other)),
-                }
-            }
-        };
-        let content = find(&m, "content");
-        match content.map(|c| c.get().as_bytes()[0]) {
-            Some(b'"') => {
-                let raw = content.map_or("\"\"", |c| c.get());
-                // Without escapes the parser has validated the text already;
-                // with them, decoding is what finds a lone surrogate.
-                if raw.contains('\\') {
-                    serde_json::from_str::<String>(raw).map_err(|e| {
-                        Invalid::field(format!("{}.content", path()), e.to_string())
-                    })?;
-                }
-            }
-            Some(b'[') => {}
-            // An assistant turn that only calls tools carries no content.
-            None | Some(b'n') if role == "assistant" => {}
-            // A function message's content is `string | null`.
-            Some(b'n') if role == "function" => {}
-            // A role the gateway does not know: its provider judges the content.
-            _ if !ROLES.contains(&&*role) => {}
-            None => return Err(missing(&format!("{}.content", path()))),
-            Some(_) => {
-                let param = format!("{}.content", path());
-                return Err(type_error(
-                    &param,
-                    "a string or an array of content parts",
-                    &content
-                        .map(|c| value(&param, c))
-                        .transpose()?
-                        .unwrap_or(Value::Null),
-                ));
-            }
-        }
-    }
-    Ok(())
-}
-
-fn missing(param: &str) -> Invalid {
+pub(crate) fn missing(param: &str) -> Invalid {
     Invalid::field(param, format!("Missing required parameter: '{param}'."))
 }
 
