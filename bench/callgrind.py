@@ -10,6 +10,12 @@ would add), and the difference of the two totals divided by 2N is the cost of
 one request (start-up, the ledger-seed wait and shutdown cancel out).
 
     bench/callgrind.py [--repo WORKTREE] [--requests 1000] [--governed] [--body small|agent] [--keep DIR] [--floor] [--otlp]
+                       [--endpoint chat|messages]
+
+--endpoint messages sends the same bodies in Anthropic's shape to /v1/messages (what
+Claude Code sends) for a model whose route is the mock's Anthropic API (the client's bytes
+are forwarded); messages-to-chat sends them for gpt-4o-mini, whose first route is OpenAI's
+(the gateway translates both ways).
 
 --otlp exports traces and metrics (every request traced) to a loopback OTLP/HTTP sink in
 this script that answers 200 to everything: what issue 26's telemetry costs (the SDK's
@@ -46,6 +52,21 @@ from pathlib import Path
 SECRET = "callgrind-secret-0123456789"
 GOVERNED = "tpm=1000000000;budget=1000000000000/day"
 MODEL = "gpt-4o-mini"
+# A model of the bench's own whose one route is the mock's Anthropic API.
+CLAUDE = "claude-bench"
+CLAUDE_MODEL = """
+[providers.mock-anthropic]
+kind = "anthropic"
+base_url = "http://127.0.0.1:{port}/v1"
+
+[models.{model}]
+tier = "Fast"
+description = "bench/callgrind.py: the mock's Anthropic API"
+[[models.{model}.routes]]
+provider = "mock-anthropic"
+model = "claude-haiku-4-5"
+price = {{ input = 1.00, cached_input = 0.10, output = 5.00 }}
+"""
 SMALL = b'{"model":"gpt-4o-mini","messages":[{"role":"user","content":"Say hello to the benchmark."}]}'
 
 
@@ -102,6 +123,32 @@ def agent_body() -> bytes:
     return json.dumps(body, separators=(",", ":")).encode()
 
 
+def to_messages(chat: bytes) -> bytes:
+    """The chat body in Anthropic's Messages shape: the system prompt apart, tool calls
+    and results as content blocks, tools with `input_schema`."""
+    body = json.loads(chat)
+    system, turns = None, []
+    for m in body["messages"]:
+        if m["role"] == "system":
+            system = m["content"]
+        elif m["role"] == "tool":
+            turns.append({"role": "user", "content": [
+                {"type": "tool_result", "tool_use_id": m["tool_call_id"], "content": m["content"]}]})
+        elif m.get("tool_calls"):
+            turns.append({"role": "assistant", "content": [
+                {"type": "tool_use", "id": c["id"], "name": c["function"]["name"],
+                 "input": json.loads(c["function"]["arguments"])} for c in m["tool_calls"]]})
+        else:
+            turns.append({"role": m["role"], "content": m["content"]})
+    out = {"model": body["model"], "max_tokens": body.get("max_tokens", 1024), "messages": turns}
+    if system:
+        out["system"] = system
+    if body.get("tools"):
+        out["tools"] = [{"name": t["function"]["name"], "description": t["function"]["description"],
+                         "input_schema": t["function"]["parameters"]} for t in body["tools"]]
+    return json.dumps(out, separators=(",", ":")).encode()
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -122,9 +169,12 @@ def sidecar_home(repo: Path, home: Path, secret: str, mock_port: str) -> Path:
     return home / "sidecar.toml"
 
 
-def wait_for(path: Path, seconds: float) -> None:
+def wait_for(path: Path, seconds: float, proc: subprocess.Popen | None = None) -> None:
     deadline = time.monotonic() + seconds
     while not path.exists():
+        if proc is not None and proc.poll() is not None:
+            err = proc.stderr.read() if proc.stderr else ""
+            raise SystemExit(f"cg.py: {proc.args[0]} exited ({proc.returncode}):\n{err[-2000:]}")
         if time.monotonic() > deadline:
             raise SystemExit(f"cg.py: {path} never appeared")
         time.sleep(0.1)
@@ -149,11 +199,11 @@ def exchange(s: socket.socket, f, request: bytes) -> bytes:
     return status
 
 
-def send(sock_path: Path, n: int, body: bytes, limits: str | None) -> int:
+def send(sock_path: Path, n: int, body: bytes, limits: str | None, path: str = "/v1/chat/completions") -> int:
     """One probe retried until 200 (a budgeted key waits for the ledger seed; at
     most 120 tries), then N keep-alive requests; any non-200 stops the run."""
     request = (
-        b"POST /v1/chat/completions HTTP/1.1\r\nHost: afr\r\nContent-Type: application/json\r\n"
+        b"POST " + path.encode() + b" HTTP/1.1\r\nHost: afr\r\nContent-Type: application/json\r\n"
         b"X-Afr-Key-Id: callgrind\r\nX-Afr-Secret: " + SECRET.encode() + b"\r\n"
         + (b"X-Afr-Limits: " + limits.encode() + b"\r\n" if limits else b"")
         + b"Content-Length: %d\r\n\r\n" % len(body)
@@ -195,15 +245,15 @@ def otlp_sink() -> str:
 
 
 def run(command: list[str], sock: Path, n: int, out: Path, body: bytes, limits: str | None,
-        env: dict[str, str]) -> tuple[int, int]:
+        env: dict[str, str], path: str = "/v1/chat/completions") -> tuple[int, int]:
     proc = subprocess.Popen(
         ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", *command],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
         env={**os.environ, "AFR_UPSTREAM_SECRET": SECRET, **env},
     )
     try:
-        wait_for(sock, 120)
-        tries = send(sock, n, body, limits)
+        wait_for(sock, 120, proc)
+        tries = send(sock, n, body, limits, path)
     finally:
         proc.send_signal(signal.SIGINT)
         try:
@@ -226,6 +276,9 @@ def main() -> None:
     ap.add_argument("--mock", type=Path)
     ap.add_argument("--governed", action="store_true", help=f"send X-Afr-Limits: {GOVERNED}")
     ap.add_argument("--body", choices=["small", "agent"], default="small")
+    ap.add_argument("--endpoint", choices=["chat", "messages", "messages-to-chat"], default="chat",
+                    help="messages: the body in Anthropic's shape to /v1/messages, to an "
+                         "Anthropic route; messages-to-chat: to an OpenAI route (translated)")
     ap.add_argument("--keep", type=Path, help="keep the profiles in this directory")
     ap.add_argument("--floor", action="store_true",
                     help="count afr-bench-floor (the bare hyper hop, bench/floor) instead of the sidecar")
@@ -238,6 +291,11 @@ def main() -> None:
     if not shutil.which("valgrind"):
         raise SystemExit("cg.py: needs valgrind (apt-get install valgrind)")
     body = SMALL if args.body == "small" else agent_body()
+    path = "/v1/chat/completions"
+    if args.endpoint != "chat":
+        body, path = to_messages(body), "/v1/messages"
+    if args.endpoint == "messages":
+        body = body.replace(f'"model":"{MODEL}"'.encode(), f'"model":"{CLAUDE}"'.encode(), 1)
     limits = GOVERNED if args.governed else None
     env = {"OTEL_EXPORTER_OTLP_ENDPOINT": otlp_sink()} if args.otlp else {}
 
@@ -258,7 +316,11 @@ def main() -> None:
             for n in (args.requests, 3 * args.requests):
                 home = tmp / f"sidecar-{n}"
                 home.mkdir()
-                cfg = tomllib.loads(sidecar_home(repo, home, SECRET, mock_port).read_text())
+                toml_path = sidecar_home(repo, home, SECRET, mock_port)
+                if args.endpoint == "messages":
+                    toml_path.write_text(toml_path.read_text()
+                                         + CLAUDE_MODEL.format(port=mock_port, model=CLAUDE))
+                cfg = tomllib.loads(toml_path.read_text())
                 price = cfg["models"][MODEL]["routes"][0].get("price")
                 if not price:
                     raise SystemExit(f"cg.py: the {MODEL} route has no price")
@@ -269,15 +331,15 @@ def main() -> None:
                 else:
                     command = [str(afr), "serve", "--config", str(home / "sidecar.toml"), "--threads", "1"]
                     sock = home / "sidecar.sock"
-                totals[n], tries[n] = run(command, sock, n, out_dir / f"{n}.out", body, limits, env)
+                totals[n], tries[n] = run(command, sock, n, out_dir / f"{n}.out", body, limits, env, path)
         finally:
             mock.terminate()
             mock.wait(timeout=10)
         per_request = (totals[3 * args.requests] - totals[args.requests]) / (2 * args.requests)
-        print(f"repo {repo} body {args.body} ({len(body)} B) limits {limits or '-'} price {price}"
+        print(f"repo {repo} {path} body {args.body} ({len(body)} B) limits {limits or '-'} price {price}"
               f"{' telemetry: every request traced, to a loopback OTLP sink' if args.otlp else ''}")
         print(f"{'afr-bench-floor' if args.floor else 'sidecar'} instructions per non-streamed "
-              f"chat completion: {per_request:,.0f}")
+              f"{'chat completion' if args.endpoint == 'chat' else 'message'}: {per_request:,.0f}")
         print(f"totals: {args.requests} requests {totals[args.requests]:,}; "
               f"{3 * args.requests} requests {totals[3 * args.requests]:,}; probe tries {tries}")
         if args.keep:

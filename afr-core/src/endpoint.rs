@@ -11,6 +11,7 @@
 
 use crate::config::RouteConfig;
 use crate::estimate::Wire;
+use crate::readable::readable;
 use crate::splice::{members, ObjectSpans, Splice};
 use crate::sse::{event_data, event_name, TokenUsage};
 use crate::validate::{
@@ -292,7 +293,8 @@ pub fn validate_passthrough(
             check_positive_int(&body, "dimensions")?;
         }
         Endpoint::Completions => {
-            if let Some(raw) = find(&body, "prompt") {
+            // Read as a `Value` (which words the refusal) only if unreadable.
+            if let Some(raw) = find(&body, "prompt").filter(|raw| !readable(raw)) {
                 value("prompt", raw)?;
             }
             // openai-openapi's CreateCompletionRequest: `max_tokens` and
@@ -304,7 +306,9 @@ pub fn validate_passthrough(
             choices = n.max(best_of);
         }
         Endpoint::Responses => {
-            if let Some(raw) = find(&body, "input") {
+            // A Codex session's whole input: read as a `Value` (which words
+            // the refusal) only if it is unreadable.
+            if let Some(raw) = find(&body, "input").filter(|raw| !readable(raw)) {
                 value("input", raw)?;
             }
             output_limit = check_positive_int(&body, "max_output_tokens")?;

@@ -24,6 +24,7 @@ pub mod messages;
 pub mod outage;
 pub mod pins;
 pub mod ratelimit;
+mod readable;
 pub mod redact;
 pub mod retry_after;
 pub mod route;

@@ -17,6 +17,8 @@ use crate::validate::Invalid;
 use serde::Deserialize;
 use serde_json::Value;
 
+mod turns;
+
 /// A Messages request that passed validation; the body stays with the caller.
 #[derive(Debug, Clone, PartialEq)]
 pub struct MessagesRequest {
@@ -95,6 +97,13 @@ pub fn validate_messages(bytes: &[u8], count_tokens: bool) -> Result<MessagesReq
         None | Some(Value::Null) => return Err(invalid("model", "model: Field required")),
         Some(_) => return Err(invalid("model", "model: Input should be a valid string")),
     };
+    // One pass accepts the usual turns; the rest are read as `Value`s below,
+    // which decides and words a refusal.
+    if let Some((_, raw)) = body.iter().find(|(k, _)| k == "messages") {
+        if turns::accepted(raw) {
+            return finish(bytes, &body, model, count_tokens, get);
+        }
+    }
     let messages = match get("messages")? {
         Some(Value::Array(list)) => list,
         None | Some(Value::Null) => return Err(invalid("messages", "messages: Field required")),
@@ -149,6 +158,17 @@ pub fn validate_messages(bytes: &[u8], count_tokens: bool) -> Result<MessagesReq
             }
         }
     }
+    finish(bytes, &body, model, count_tokens, get)
+}
+
+/// Validates the members after `messages` and makes the request.
+fn finish(
+    bytes: &[u8],
+    body: &[(std::borrow::Cow<'_, str>, &serde_json::value::RawValue)],
+    model: String,
+    count_tokens: bool,
+    get: impl Fn(&str) -> Result<Option<Value>, Invalid>,
+) -> Result<MessagesRequest, Invalid> {
     let mut max_tokens = 0;
     if !count_tokens {
         // 0 is allowed: it populates the prompt cache without generating
@@ -186,7 +206,7 @@ pub fn validate_messages(bytes: &[u8], count_tokens: bool) -> Result<MessagesReq
         model,
         stream,
         max_tokens,
-        spans: ObjectSpans::new(bytes, &body),
+        spans: ObjectSpans::new(bytes, body),
     })
 }
 

@@ -257,3 +257,19 @@ def test_callgrind_nginx_counts_what_the_module_adds_to_a_request():
     off_n, on_n, own = (int(x.replace(",", "")) for x in (off.group(1), on.group(1), on.group(3)))
     # a plain static request is some thousands of instructions; the module adds its own
     assert 1_000 < off_n < on_n and abs(own - (on_n - off_n)) <= 1, run.stdout  # each rounded
+
+
+def test_callgrind_counts_a_claude_code_turn_on_an_anthropic_route_and_a_translated_one():
+    """bench/callgrind.py --endpoint: the agent body in Anthropic's shape to /v1/messages,
+    forwarded to the mock's Anthropic API, and translated to an OpenAI route; the
+    translated request costs more (a second wire's body is built both ways)."""
+    counts = {}
+    for endpoint in ("messages", "messages-to-chat"):
+        run = subprocess.run([str(REPO / "bench/callgrind.py"), "--requests", "20", "--body", "agent",
+                              "--endpoint", endpoint], capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0, run.stdout + run.stderr
+        assert "/v1/messages body agent" in run.stdout, run.stdout
+        found = re.search(r"^sidecar instructions per non-streamed message: ([\d,]+)$", run.stdout, re.M)
+        assert found, run.stdout
+        counts[endpoint] = int(found.group(1).replace(",", ""))
+    assert 10_000 < counts["messages"] < counts["messages-to-chat"], counts

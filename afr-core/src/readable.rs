@@ -1,0 +1,106 @@
+//! Whether serde_json would read a value into a [`serde_json::Value`], found
+//! without building it.
+//!
+//! Validation refuses what the gateway cannot read (a lone surrogate in an
+//! escape, a number out of `f64`'s range, nesting past serde_json's limit),
+//! anywhere inside members such as Anthropic's `messages` or the Responses
+//! API's `input`. Building a `Value` tree for that allocated every string and
+//! every object of an agent's prompt; [`Readable`] walks the same values with
+//! the same decoding (strings' escapes decoded, numbers parsed) and keeps
+//! nothing. serde's `IgnoredAny` would not do: it skips escapes and numbers
+//! without checking them.
+
+use serde::de::{DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
+use serde_json::value::RawValue;
+use std::fmt;
+
+/// Whether `raw` reads as a `serde_json::Value`.
+pub(crate) fn readable(raw: &RawValue) -> bool {
+    let mut de = serde_json::Deserializer::from_str(raw.get());
+    Readable.deserialize(&mut de).is_ok() && de.end().is_ok()
+}
+
+/// Any JSON value, read as a `serde_json::Value` would be and dropped.
+#[derive(Clone, Copy)]
+pub(crate) struct Readable;
+
+impl<'de> DeserializeSeed<'de> for Readable {
+    type Value = ();
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for Readable {
+    type Value = ();
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("any JSON value")
+    }
+    fn visit_bool<E>(self, _: bool) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_i64<E>(self, _: i64) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_u64<E>(self, _: u64) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_f64<E>(self, _: f64) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_str<E>(self, _: &str) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_unit<E>(self) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        while seq.next_element_seed(Readable)?.is_some() {}
+        Ok(())
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        while map.next_key_seed(Readable)?.is_some() {
+            map.next_value_seed(Readable)?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn readable_is_what_a_value_reads() {
+        let corpus = [
+            r#""plain""#,
+            r#""\u00e9 \ud83d\ude00 \n""#,
+            r#""\ud800 lone""#,
+            r#""\udc00""#,
+            "1e999",
+            "-1e999",
+            "1e308",
+            "18446744073709551616",
+            "-9223372036854775809",
+            "0.5",
+            r#"[1, "a", null, true, {"k": [{}]}]"#,
+            r#"{"a": 1, "a": 2}"#,
+            r#"{"\ud800": 1}"#,
+            r#"[{"deep": "\ud800"}]"#,
+            &format!("{}{}", "[".repeat(127), "]".repeat(127)),
+            &format!("{}{}", "[".repeat(129), "]".repeat(129)),
+        ];
+        for json in corpus {
+            let raw: Box<RawValue> = serde_json::from_str(json).expect("valid JSON syntax");
+            let value = serde_json::from_str::<serde_json::Value>(raw.get()).is_ok();
+            assert_eq!(readable(&raw), value, "{json}");
+        }
+        // The corpus has both answers, so neither side is constant.
+        assert!(!readable(
+            &serde_json::from_str::<Box<RawValue>>(r#""\ud800""#).expect("raw")
+        ));
+        assert!(readable(
+            &serde_json::from_str::<Box<RawValue>>("[1]").expect("raw")
+        ));
+    }
+}
