@@ -28,6 +28,7 @@
 //! tests): it never under-counts them and stays within 2× for plain text.
 
 use serde::de::{self, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
+use serde_json::value::RawValue;
 use std::fmt;
 
 /// Tokens of an image at full detail: the larger of OpenAI's gpt-4o tile
@@ -95,6 +96,11 @@ pub fn prompt_tokens(body: &[u8], wire: Wire) -> u64 {
     if read.is_err() {
         return (body.len() as u64).div_ceil(4);
     }
+    total(&count, wire)
+}
+
+/// The tokens of a body's count: its text, its whole tokens and the framing.
+fn total(count: &Count, wire: Wire) -> u64 {
     let mut tokens = count.units.div_ceil(4) + count.tokens;
     if wire.framed() {
         tokens += BASE_TOKENS;
@@ -122,7 +128,7 @@ pub fn text_units(text: &str) -> u64 {
 }
 
 #[derive(Default)]
-struct Count {
+pub(crate) struct Count {
     /// Quarter-tokens of text.
     units: u64,
     /// Whole tokens (numbers, images, files).
@@ -170,8 +176,9 @@ impl<'de> Visitor<'de> for Top<'_> {
     }
 }
 
-/// An object key, borrowed from the body when it has no escapes.
-struct Key<'de>(std::borrow::Cow<'de, str>);
+/// An object key (or any string), borrowed from the body when it has no
+/// escapes.
+pub(crate) struct Key<'de>(pub(crate) std::borrow::Cow<'de, str>);
 
 impl<'de> de::Deserialize<'de> for Key<'de> {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
@@ -195,7 +202,7 @@ impl<'de> de::Deserialize<'de> for Key<'de> {
 /// What a string looked like, for its enclosing object to decide whether it
 /// is text or media.
 #[derive(Debug, Default, Clone, Copy)]
-struct Text {
+pub(crate) struct Text {
     /// Quarter-tokens if it is text.
     units: u64,
     /// Its length in bytes.
@@ -261,15 +268,17 @@ impl Text {
 }
 
 /// What one value was: a string (judged by its object) or anything else
-/// (already counted).
-enum Seen {
+/// (already counted): an array, `null`, or another value.
+pub(crate) enum Seen {
     Text(Text),
+    Seq,
+    Unit,
     Other,
 }
 
 /// Any value inside a prompt-bearing member. `image`: it is the value of an
 /// `image_url` key, so media in it is an image.
-struct Node<'c> {
+pub(crate) struct Node<'c> {
     count: &'c mut Count,
     image: bool,
 }
@@ -306,7 +315,7 @@ impl<'de> Visitor<'de> for Node<'_> {
         Ok(Seen::Other)
     }
     fn visit_unit<E>(self) -> Result<Seen, E> {
-        Ok(Seen::Other)
+        Ok(Seen::Unit)
     }
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Seen, A::Error> {
         while let Some(seen) = seq.next_element_seed(Node {
@@ -320,49 +329,143 @@ impl<'de> Visitor<'de> for Node<'_> {
                 }
             }
         }
-        Ok(Seen::Other)
+        Ok(Seen::Seq)
     }
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Seen, A::Error> {
-        let mut image = self.image;
-        let mut low = false;
-        // Media strings wait for the whole object: its `type`, `media_type`
-        // or `detail` may come after them.
-        let mut pending: Option<Text> = None;
-        let mut url_image = false;
+        let mut object = ObjectTally::new(self.count, self.image);
         while let Some(key) = map.next_key::<Key>()? {
             let key = key.0;
-            self.count.units += text_units(&key);
-            let seen = map.next_value_seed(Node {
-                count: &mut *self.count,
-                image: key == "image_url",
-            })?;
-            let Seen::Text(t) = seen else { continue };
-            match t.word {
-                Word::Image | Word::ImageMime if key == "type" || key == "media_type" => {
-                    image = true
-                }
-                Word::Low if key == "detail" => low = true,
-                _ => {}
-            }
-            if t.is_media() || (t.http && (key == "image_url" || key == "url")) {
-                if t.image_mime || key == "image_url" {
-                    image = true;
-                }
-                url_image |= t.http;
-                pending = Some(t);
-            } else {
-                self.count.units += t.units;
-            }
+            object.key(&key);
+            let seen = map.next_value_seed(object.node(&key))?;
+            object.value(&key, seen);
         }
-        if let Some(t) = pending {
-            if t.is_media() || (url_image && image) {
-                media(self.count, &t, image, low);
+        object.finish();
+        Ok(Seen::Other)
+    }
+}
+
+/// The count of one JSON object's members, given key by key and value by
+/// value: what [`Node`] does for every object, and what validation does for
+/// each chat message it reads anyway ([`Tally`]), so the two cannot differ.
+pub(crate) struct ObjectTally<'c> {
+    count: &'c mut Count,
+    /// Media in this object is an image (an `image_url` value, or a `type`
+    /// or `media_type` that says so).
+    image: bool,
+    low: bool,
+    /// Media strings wait for the whole object: its `type`, `media_type` or
+    /// `detail` may come after them.
+    pending: Option<Text>,
+    url_image: bool,
+}
+
+impl<'c> ObjectTally<'c> {
+    fn new(count: &'c mut Count, image: bool) -> Self {
+        ObjectTally {
+            count,
+            image,
+            low: false,
+            pending: None,
+            url_image: false,
+        }
+    }
+
+    /// Counts a key (providers render keys into the prompt too).
+    pub(crate) fn key(&mut self, key: &str) {
+        self.count.units += text_units(key);
+    }
+
+    /// The seed that reads and counts the value of `key`.
+    pub(crate) fn node(&mut self, key: &str) -> Node<'_> {
+        Node {
+            count: &mut *self.count,
+            image: key == "image_url",
+        }
+    }
+
+    /// Judges a value [`ObjectTally::node`] read: a string is text, or media
+    /// counted once the object ends.
+    pub(crate) fn value(&mut self, key: &str, seen: Seen) {
+        let Seen::Text(t) = seen else { return };
+        match t.word {
+            Word::Image | Word::ImageMime if key == "type" || key == "media_type" => {
+                self.image = true
+            }
+            Word::Low if key == "detail" => self.low = true,
+            _ => {}
+        }
+        if t.is_media() || (t.http && (key == "image_url" || key == "url")) {
+            if t.image_mime || key == "image_url" {
+                self.image = true;
+            }
+            self.url_image |= t.http;
+            self.pending = Some(t);
+        } else {
+            self.count.units += t.units;
+        }
+    }
+
+    /// Judges a string value the caller read itself.
+    pub(crate) fn text(&mut self, key: &str, s: &str) {
+        self.value(key, Seen::Text(Text::of(s)));
+    }
+
+    /// Counts the media the object held.
+    pub(crate) fn finish(self) {
+        if let Some(t) = self.pending {
+            if t.is_media() || (self.url_image && self.image) {
+                media(self.count, &t, self.image, self.low);
             } else {
                 // A reference that cannot be sized (a file by URL): its text.
                 self.count.units += text_units_len(t.len);
             }
         }
-        Ok(Seen::Other)
+    }
+}
+
+/// A chat body's estimate counted while validation reads it (see
+/// [`crate::validate`]): each message through an [`ObjectTally`] inside
+/// validation's own pass over `messages`, every other prompt-bearing member
+/// by [`Tally::member`]. The result is [`prompt_tokens`]'s (tested).
+#[derive(Default)]
+pub(crate) struct Tally {
+    count: Count,
+}
+
+impl Tally {
+    /// A message's tally (an object directly inside a prompt member).
+    pub(crate) fn object(&mut self) -> ObjectTally<'_> {
+        ObjectTally::new(&mut self.count, false)
+    }
+
+    /// Counts the top-level member `key` of a `wire` body, if it is one the
+    /// provider bills; `false` if it cannot be read (the caller then leaves
+    /// the estimate to [`prompt_tokens`]).
+    pub(crate) fn member(&mut self, wire: Wire, key: &str, raw: &RawValue) -> bool {
+        if !wire.members().contains(&key) {
+            return true;
+        }
+        let before = (self.count.units, self.count.tokens);
+        let mut de = serde_json::Deserializer::from_str(raw.get());
+        let seen = Node {
+            count: &mut self.count,
+            image: false,
+        }
+        .deserialize(&mut de);
+        match seen {
+            Ok(Seen::Text(text)) => self.count.units += text.units,
+            Ok(_) => {}
+            Err(_) => return false,
+        }
+        if key == "tools" && (self.count.units, self.count.tokens) != before {
+            self.count.tools = true;
+        }
+        true
+    }
+
+    /// The estimated input tokens of what was counted.
+    pub(crate) fn tokens(&self, wire: Wire) -> u64 {
+        total(&self.count, wire)
     }
 }
 

@@ -25,7 +25,7 @@
 //! started, so a request is charged to the period it started in — the one
 //! its usage row's time falls in (see [`Hold::period_start`]).
 
-use std::collections::HashMap;
+use rustc_hash::FxHashMap;
 
 use crate::limits::{Budget, KeyLimits, Period};
 use crate::ratelimit::{room, WINDOW_MS};
@@ -411,14 +411,27 @@ pub enum Reserve {
 pub struct Ledger {
     // Key ids come from nginx's key table (trusted, bounded by keys.toml),
     // and a budget must be remembered for its whole period, so entries are
-    // never evicted.
-    keys: HashMap<String, KeyState>,
+    // never evicted. Not a client's input either, so FxHash (SipHash was
+    // ~300 instructions a lookup, a few lookups a governed request).
+    keys: FxHashMap<String, KeyState>,
 }
 
 impl Ledger {
     /// An empty ledger.
     pub fn new() -> Self {
         Ledger::default()
+    }
+
+    /// `key`'s state, made on first use: found by the borrowed id (`entry`
+    /// would allocate the id on every request for the one time it is new).
+    fn state_mut(&mut self, key: &str) -> &mut KeyState {
+        if !self.keys.contains_key(key) {
+            self.keys.insert(key.to_owned(), KeyState::default());
+        }
+        let Some(state) = self.keys.get_mut(key) else {
+            unreachable!("inserted above");
+        };
+        state
     }
 
     /// Reserves `ask` for `key` at `now` under `limits`, or says which
@@ -439,7 +452,7 @@ impl Ledger {
         if limits.tpm.is_none() && limits.budget.is_none() {
             return Ok(hold);
         }
-        let state = self.keys.entry(key.to_owned()).or_default();
+        let state = self.state_mut(key);
         (hold.tokens, hold.cost) = admit(state, limits, ask, now.into())?;
         Ok(hold)
     }
@@ -461,7 +474,7 @@ impl Ledger {
     /// Adopts the fleet's counts for `key` (what Redis's reserve script read
     /// and wrote): the headers of this node then report the fleet's state.
     pub fn adopt(&mut self, key: &str, shared: Shared) {
-        let state = self.keys.entry(key.to_owned()).or_default();
+        let state = self.state_mut(key);
         state.tokens = TokenWindow {
             start_ms: shared.window_start,
             prev: shared.prev_tokens,
@@ -505,7 +518,7 @@ impl Ledger {
     /// its token window at once, its spend when a reservation first names the
     /// key's budget period. Call before any reservation of the key.
     pub fn seed(&mut self, key: &str, seed: Seed) {
-        let state = self.keys.entry(key.to_owned()).or_default();
+        let state = self.state_mut(key);
         state.tokens = TokenWindow {
             start_ms: seed.window_start,
             prev: seed.prev_tokens,

@@ -4,43 +4,59 @@
 //!
 //! [`check`] reads the array once ([`Fast`]) and accepts what the long way
 //! ([`check_slowly`]) would accept; anything it does not accept at once (a
-//! refusal, an escaped key or role, a repeated key) goes the long way, which
-//! decides and words the refusal. The long way read each message's bytes three
+//! refusal, a repeated key, a number out of range) goes the long way, which
+//! decides and words the refusal. For a key with limits the same pass counts
+//! the messages' prompt estimate ([`crate::estimate::Tally`]), which was a
+//! pass of its own. The long way read each message's bytes three
 //! times more (the array, each message's members, its content's escapes):
 //! ~40% of validating a 20 KB agent body (callgrind).
 
 use super::{field, find, missing, type_error, value, Invalid, ROLES};
+use crate::estimate::{Key, Seen, Tally};
 use crate::splice::members;
 use serde::de::{self, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde_json::value::RawValue;
 use serde_json::Value;
+use std::borrow::Cow;
 use std::fmt;
 
 /// Validates `messages`, the raw value of the body's member (if present).
-pub(super) fn check(messages: Option<&RawValue>) -> Result<(), Invalid> {
+/// With a `tally`, the pass counts the messages' prompt estimate as it reads
+/// them; `Ok(true)` says it did (the long way counts nothing).
+pub(super) fn check(
+    messages: Option<&RawValue>,
+    tally: Option<&mut Tally>,
+) -> Result<bool, Invalid> {
     match messages {
-        Some(raw) if fast(raw) => Ok(()),
-        _ => check_slowly(messages),
+        Some(raw) if fast(raw, tally) => Ok(true),
+        _ => check_slowly(messages).map(|()| false),
     }
 }
 
 /// Whether one pass accepts `messages`; `false` is "not decided here".
-fn fast(raw: &RawValue) -> bool {
+fn fast(raw: &RawValue, tally: Option<&mut Tally>) -> bool {
     let mut de = serde_json::Deserializer::from_str(raw.get());
-    de.deserialize_seq(Fast).is_ok() && de.end().is_ok()
+    de.deserialize_seq(Fast { tally }).is_ok() && de.end().is_ok()
 }
 
 /// The array: at least one message, each accepted by [`Message`].
-struct Fast;
+struct Fast<'t> {
+    tally: Option<&'t mut Tally>,
+}
 
-impl<'de> Visitor<'de> for Fast {
+impl<'de> Visitor<'de> for Fast<'_> {
     type Value = ();
     fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
         f.write_str("an array of messages")
     }
-    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+    fn visit_seq<A: SeqAccess<'de>>(mut self, mut seq: A) -> Result<(), A::Error> {
         let mut count = 0usize;
-        while seq.next_element_seed(Message)?.is_some() {
+        while seq
+            .next_element_seed(Message {
+                tally: self.tally.as_deref_mut(),
+            })?
+            .is_some()
+        {
             count += 1;
         }
         if count == 0 {
@@ -59,39 +75,67 @@ enum Content {
     Other,
 }
 
-/// One message: an object whose keys are plain (unescaped) and unique, with a
-/// plain string `role` and a `content` its role allows.
-struct Message;
+/// One message: an object whose keys are unique, with a string `role` and a
+/// `content` its role allows; counted into `tally` when there is one.
+struct Message<'t> {
+    tally: Option<&'t mut Tally>,
+}
 
-impl<'de> DeserializeSeed<'de> for Message {
+impl<'de> DeserializeSeed<'de> for Message<'_> {
     type Value = ();
     fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
         d.deserialize_map(self)
     }
 }
 
-impl<'de> Visitor<'de> for Message {
+impl<'de> Visitor<'de> for Message<'_> {
     type Value = ();
     fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
         f.write_str("a message object")
     }
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
         // A message has a handful of keys: a list is cheaper than a set.
-        let mut keys: Vec<&'de str> = Vec::new();
-        let mut role: Option<&'de str> = None;
+        let mut keys: Vec<Cow<'de, str>> = Vec::new();
+        let mut role: Option<Cow<'de, str>> = None;
         let mut content: Option<Content> = None;
-        while let Some(key) = map.next_key::<&'de str>()? {
+        let mut object = self.tally.map(Tally::object);
+        while let Some(Key(key)) = map.next_key::<Key<'de>>()? {
             if keys.contains(&key) {
                 return Err(de::Error::custom("a repeated key"));
             }
-            keys.push(key);
-            match key {
-                "role" => role = Some(map.next_value()?),
-                "content" => content = Some(map.next_value_seed(ContentKind)?),
-                _ => {
+            if let Some(object) = &mut object {
+                object.key(&key);
+            }
+            match (key.as_ref(), &mut object) {
+                ("role", object) => {
+                    let Key(text) = map.next_value::<Key<'de>>()?;
+                    if let Some(object) = object {
+                        object.text("role", &text);
+                    }
+                    role = Some(text);
+                }
+                ("content", None) => content = Some(map.next_value_seed(ContentKind)?),
+                ("content", Some(object)) => {
+                    let seen = map.next_value_seed(object.node("content"))?;
+                    content = Some(match seen {
+                        Seen::Text(_) | Seen::Seq => Content::Ok,
+                        Seen::Unit => Content::Null,
+                        Seen::Other => Content::Other,
+                    });
+                    object.value("content", seen);
+                }
+                (_, None) => {
                     map.next_value::<IgnoredAny>()?;
                 }
+                (key, Some(object)) => {
+                    let seen = map.next_value_seed(object.node(key))?;
+                    object.value(key, seen);
+                }
             }
+            keys.push(key);
+        }
+        if let Some(object) = object {
+            object.finish();
         }
         let Some(role) = role else {
             return Err(de::Error::custom("no role"));
@@ -100,7 +144,7 @@ impl<'de> Visitor<'de> for Message {
             Some(Content::Ok) => Ok(()),
             None | Some(Content::Null) if role == "assistant" => Ok(()),
             Some(Content::Null) if role == "function" => Ok(()),
-            _ if !ROLES.contains(&role) => Ok(()),
+            _ if !ROLES.contains(&role.as_ref()) => Ok(()),
             _ => Err(de::Error::custom("a content its role does not allow")),
         }
     }

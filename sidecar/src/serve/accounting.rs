@@ -200,6 +200,12 @@ impl Accounting {
         self.history = history;
     }
 
+    /// The prompt estimate `tokens` of the body given to [`Accounting::prompt`],
+    /// counted already (by validation's pass over it).
+    pub fn prompt_counted(&mut self, tokens: u64) {
+        self.prompt_estimate = Some(tokens.saturating_add(self.history));
+    }
+
     /// Lets go of the request body before a stream is relayed: the bytes
     /// hyper hands over are a slice of the connection's read buffer, so
     /// keeping them kept the whole buffer (8 KiB or more) alive for as long as

@@ -26,7 +26,9 @@ use afr_core::ledger::Amount;
 use afr_core::limits::KeyLimits;
 use afr_core::route::{Exhausted, RouteFailure, RoutePlan};
 use afr_core::sse::{has_data, is_malformed};
-use afr_core::validate::{check_model, validate_chat, ChatRequest, Invalid};
+use afr_core::validate::{
+    check_model, validate_chat, validate_chat_counting, ChatRequest, Invalid,
+};
 use async_trait::async_trait;
 use bytes::Bytes;
 use futures_util::StreamExt;
@@ -132,6 +134,9 @@ pub struct Asked<'a> {
     pub long_context: bool,
     /// Whether the gateway, not the client, asked for the usage chunk.
     pub strip_usage: bool,
+    /// The prompt estimate when validation already counted it (a chat
+    /// request of a key with limits); otherwise it is counted when needed.
+    pub prompt_tokens: Option<u64>,
 }
 
 impl<'a> Asked<'a> {
@@ -152,6 +157,7 @@ impl<'a> Asked<'a> {
             history: 0,
             special_tier: None,
             long_context: false,
+            prompt_tokens: None,
             strip_usage: stream && !include_usage,
         }
     }
@@ -172,6 +178,7 @@ impl Exchange for ChatExchange {
         Asked {
             special_tier: r.special_tier.as_deref(),
             long_context: false,
+            prompt_tokens: r.prompt_tokens,
             ..Asked::openai(
                 &r.model,
                 r.stream,
@@ -232,7 +239,15 @@ pub async fn chat_completions(
     mut usage: Accounting,
     body: Bytes,
 ) -> Response<Body> {
-    let request = match validate_chat(&body) {
+    // A key with limits reserves its prompt estimate: counted in
+    // validation's pass rather than in a pass of its own.
+    let limited = caller.limits.tpm.is_some() || caller.limits.budget.is_some();
+    let validated = if limited {
+        validate_chat_counting(&body)
+    } else {
+        validate_chat(&body)
+    };
+    let request = match validated {
         Ok(r) => r,
         Err(invalid) => return reject(&caller, usage, GatewayError::Invalid(invalid)),
     };
@@ -336,6 +351,9 @@ pub async fn route(
         return reject(&caller, usage, error);
     }
     usage.prompt(asked.body.clone(), asked.prompt_wire, asked.history);
+    if let Some(tokens) = asked.prompt_tokens {
+        usage.prompt_counted(tokens);
+    }
     if caller.limits.budget.is_some() && request.billed() {
         let unavailable = match gateway.budgets() {
             Budgets::Ready => None,

@@ -144,6 +144,7 @@ impl Exchange for MessagesExchange {
                 .as_ref()
                 .is_some_and(|b| b.as_bytes().windows(10).any(|w| w == b"context-1m")),
             strip_usage: false,
+            prompt_tokens: None,
         }
     }
 
