@@ -10,7 +10,7 @@
 //! and fields the gateway does not know reach Anthropic untouched.
 
 use crate::config::RouteConfig;
-use crate::estimate;
+use crate::estimate::{self, Tally, Wire};
 use crate::splice::{members, ObjectError, ObjectSpans};
 use crate::sse::{event_data, event_name, TokenUsage};
 use crate::validate::Invalid;
@@ -31,6 +31,10 @@ pub struct MessagesRequest {
     pub max_tokens: u64,
     /// Where the body's top-level members lie.
     pub spans: ObjectSpans,
+    /// The prompt estimate ([`crate::estimate::prompt_tokens`] of the body),
+    /// when [`validate_messages_counting`] counted it in validation's pass;
+    /// `None` leaves it to be counted when asked for.
+    pub prompt_tokens: Option<u64>,
 }
 
 impl MessagesRequest {
@@ -81,6 +85,20 @@ fn object_error(e: ObjectError) -> Invalid {
 /// Messages follow Anthropic's wording (`field: problem`), since the
 /// Anthropic SDKs show it as is.
 pub fn validate_messages(bytes: &[u8], count_tokens: bool) -> Result<MessagesRequest, Invalid> {
+    validate(bytes, count_tokens, false)
+}
+
+/// [`validate_messages`] for a request that will reserve its prompt estimate
+/// (a key with limits): the estimate is counted in the same pass over the
+/// turns (`prompt_tokens`), which was a second full pass of its own.
+pub fn validate_messages_counting(
+    bytes: &[u8],
+    count_tokens: bool,
+) -> Result<MessagesRequest, Invalid> {
+    validate(bytes, count_tokens, true)
+}
+
+fn validate(bytes: &[u8], count_tokens: bool, count: bool) -> Result<MessagesRequest, Invalid> {
     let body = members(bytes).map_err(object_error)?;
     let get = |key: &str| -> Result<Option<Value>, Invalid> {
         body.iter()
@@ -100,8 +118,16 @@ pub fn validate_messages(bytes: &[u8], count_tokens: bool) -> Result<MessagesReq
     // One pass accepts the usual turns; the rest are read as `Value`s below,
     // which decides and words a refusal.
     if let Some((_, raw)) = body.iter().find(|(k, _)| k == "messages") {
-        if turns::accepted(raw) {
-            return finish(bytes, &body, model, count_tokens, get);
+        let mut tally = count.then(Tally::default);
+        if turns::accepted(raw, tally.as_mut()) {
+            // The other prompt members (system, tools) from their raw values;
+            // one the count cannot read leaves the estimate to `prompt_tokens`.
+            let prompt_tokens = tally.and_then(|mut tally| {
+                body.iter()
+                    .all(|(key, raw)| key == "messages" || tally.member(Wire::Messages, key, raw))
+                    .then(|| tally.tokens(Wire::Messages))
+            });
+            return finish(bytes, &body, model, count_tokens, get, prompt_tokens);
         }
     }
     let messages = match get("messages")? {
@@ -158,7 +184,7 @@ pub fn validate_messages(bytes: &[u8], count_tokens: bool) -> Result<MessagesReq
             }
         }
     }
-    finish(bytes, &body, model, count_tokens, get)
+    finish(bytes, &body, model, count_tokens, get, None)
 }
 
 /// Validates the members after `messages` and makes the request.
@@ -168,6 +194,7 @@ fn finish(
     model: String,
     count_tokens: bool,
     get: impl Fn(&str) -> Result<Option<Value>, Invalid>,
+    prompt_tokens: Option<u64>,
 ) -> Result<MessagesRequest, Invalid> {
     let mut max_tokens = 0;
     if !count_tokens {
@@ -207,6 +234,7 @@ fn finish(
         stream,
         max_tokens,
         spans: ObjectSpans::new(bytes, body),
+        prompt_tokens,
     })
 }
 

@@ -9,27 +9,37 @@
 //! repeats `role` or `content`) is left to the `Value` reading, which decides
 //! and words the refusal.
 
+use crate::estimate::{Key, Seen, Tally};
 use crate::readable::Readable;
 use serde::de::{self, DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde_json::value::RawValue;
 use std::fmt;
 
 /// Whether one pass accepts `messages`; `false` is "not decided here".
-pub(super) fn accepted(messages: &RawValue) -> bool {
+/// With a `tally`, the pass counts the turns' prompt estimate as it reads them
+/// (see [`crate::estimate::Tally`]).
+pub(super) fn accepted(messages: &RawValue, tally: Option<&mut Tally>) -> bool {
     let mut de = serde_json::Deserializer::from_str(messages.get());
-    de.deserialize_seq(Turns).is_ok() && de.end().is_ok()
+    de.deserialize_seq(Turns { tally }).is_ok() && de.end().is_ok()
 }
 
 /// The list of turns (an empty list is Anthropic's to refuse, as before).
-struct Turns;
+struct Turns<'t> {
+    tally: Option<&'t mut Tally>,
+}
 
-impl<'de> Visitor<'de> for Turns {
+impl<'de> Visitor<'de> for Turns<'_> {
     type Value = ();
     fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
         f.write_str("a list of turns")
     }
-    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
-        while seq.next_element_seed(Turn)?.is_some() {}
+    fn visit_seq<A: SeqAccess<'de>>(mut self, mut seq: A) -> Result<(), A::Error> {
+        while seq
+            .next_element_seed(Turn {
+                tally: self.tally.as_deref_mut(),
+            })?
+            .is_some()
+        {}
         Ok(())
     }
 }
@@ -46,57 +56,42 @@ enum Kind {
     Other,
 }
 
-/// A turn's key, told apart without keeping it.
-enum Key {
-    Role,
-    Content,
-    Other,
-}
-
-impl<'de> de::Deserialize<'de> for Key {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Key, D::Error> {
-        struct Name;
-        impl Visitor<'_> for Name {
-            type Value = Key;
-            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("a key")
-            }
-            fn visit_str<E>(self, s: &str) -> Result<Key, E> {
-                Ok(match s {
-                    "role" => Key::Role,
-                    "content" => Key::Content,
-                    _ => Key::Other,
-                })
-            }
-        }
-        d.deserialize_str(Name)
-    }
-}
-
 /// One turn: an object with a string `role` and, for `user` and `assistant`,
-/// a string or list `content`.
-struct Turn;
+/// a string or list `content`; counted into `tally` when there is one.
+struct Turn<'t> {
+    tally: Option<&'t mut Tally>,
+}
 
-impl<'de> DeserializeSeed<'de> for Turn {
+impl<'de> DeserializeSeed<'de> for Turn<'_> {
     type Value = ();
     fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
         d.deserialize_map(self)
     }
 }
 
-impl<'de> Visitor<'de> for Turn {
+impl<'de> Visitor<'de> for Turn<'_> {
     type Value = ();
     fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
         f.write_str("a turn")
     }
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
         let (mut role, mut content) = (None, None);
-        while let Some(key) = map.next_key::<Key>()? {
-            let slot = match key {
-                Key::Role => &mut role,
-                Key::Content => &mut content,
-                Key::Other => {
-                    map.next_value_seed(Readable)?;
+        let mut object = self.tally.map(Tally::object);
+        while let Some(Key(key)) = map.next_key::<Key<'de>>()? {
+            if let Some(object) = &mut object {
+                object.key(&key);
+            }
+            let slot = match key.as_ref() {
+                "role" => &mut role,
+                "content" => &mut content,
+                _ => {
+                    match &mut object {
+                        Some(object) => {
+                            let seen = map.next_value_seed(object.node(&key))?;
+                            object.value(&key, seen);
+                        }
+                        None => map.next_value_seed(Readable)?,
+                    }
                     continue;
                 }
             };
@@ -104,7 +99,33 @@ impl<'de> Visitor<'de> for Turn {
             if slot.is_some() {
                 return Err(de::Error::custom("a repeated key"));
             }
-            *slot = Some(map.next_value_seed(Classify)?);
+            *slot = Some(match (&mut object, key.as_ref()) {
+                (None, _) => map.next_value_seed(Classify)?,
+                // Counted as the estimate counts any string; a role that is
+                // no string fails the pass, as it is refused.
+                (Some(object), "role") => {
+                    let Key(text) = map.next_value::<Key<'de>>()?;
+                    object.text("role", &text);
+                    Kind::String {
+                        user_or_assistant: matches!(text.as_ref(), "user" | "assistant"),
+                    }
+                }
+                (Some(object), _) => {
+                    let seen = map.next_value_seed(object.node("content"))?;
+                    let kind = match &seen {
+                        Seen::Text(_) => Kind::String {
+                            user_or_assistant: false,
+                        },
+                        Seen::Seq => Kind::Array,
+                        Seen::Unit | Seen::Other => Kind::Other,
+                    };
+                    object.value("content", seen);
+                    kind
+                }
+            });
+        }
+        if let Some(object) = object {
+            object.finish();
         }
         let Some(Kind::String {
             user_or_assistant: needs_content,

@@ -69,7 +69,7 @@ const LEFT_TO_THE_VALUE: &[(&str, bool)] = &[
 #[test]
 fn one_pass_accepts_the_usual_turns() {
     for messages in ACCEPTED {
-        assert!(accepted(&raw(messages)), "{messages}");
+        assert!(accepted(&raw(messages), None), "{messages}");
         validate_messages(body(messages).as_bytes(), false).expect(messages);
     }
 }
@@ -77,7 +77,7 @@ fn one_pass_accepts_the_usual_turns() {
 #[test]
 fn one_pass_never_accepts_what_the_value_reading_refuses() {
     for (messages, param) in REFUSED {
-        assert!(!accepted(&raw(messages)), "{messages}");
+        assert!(!accepted(&raw(messages), None), "{messages}");
         let refused = validate_messages(body(messages).as_bytes(), false).expect_err(messages);
         assert_eq!(refused.param.as_deref(), Some(*param), "{messages}");
     }
@@ -86,11 +86,51 @@ fn one_pass_never_accepts_what_the_value_reading_refuses() {
 #[test]
 fn repeated_roles_and_contents_are_the_value_reading_s_to_decide() {
     for (messages, ok) in LEFT_TO_THE_VALUE {
-        assert!(!accepted(&raw(messages)), "{messages}");
+        assert!(!accepted(&raw(messages), None), "{messages}");
         assert_eq!(
             validate_messages(body(messages).as_bytes(), false).is_ok(),
             *ok,
             "{messages}"
         );
+    }
+}
+
+#[test]
+fn the_estimate_counted_in_validation_s_pass_is_prompt_tokens_s() {
+    use crate::estimate::{prompt_tokens, Wire};
+    use crate::messages::validate_messages_counting;
+    let b64 = "iVBORw0KGgo".repeat(100);
+    let mut bodies: Vec<String> = ACCEPTED.iter().map(|m| body(m)).collect();
+    bodies.extend([
+        // Claude Code's shape: a system prompt in blocks, tools, tool use and
+        // results, cache markers, an image whose media type comes after it.
+        format!(
+            r#"{{"model":"claude","max_tokens":64,"system":[{{"type":"text","text":"You are Claude Code.","cache_control":{{"type":"ephemeral"}}}}],"tools":[{{"name":"Read","description":"Reads a file","input_schema":{{"type":"object","properties":{{"path":{{"type":"string"}}}},"required":["path"]}}}}],"tool_choice":{{"type":"auto"}},"metadata":{{"user_id":"u"}},"messages":[{{"role":"user","content":[{{"type":"text","text":"look \u00e9"}},{{"type":"image","source":{{"type":"base64","data":"{b64}","media_type":"image/png"}}}}]}},{{"role":"assistant","content":[{{"type":"tool_use","id":"t1","name":"Read","input":{{"path":"a.rs","n":3}}}}]}},{{"role":"user","content":[{{"type":"tool_result","tool_use_id":"t1","content":"fn main() {{}}\n"}}]}}]}}"#
+        ),
+        format!(
+            r#"{{"model":"claude","max_tokens":5,"system":"plain","messages":[{{"role":"user","content":[{{"type":"document","source":{{"type":"base64","media_type":"application/pdf","data":"{b64}"}}}}]}}]}}"#
+        ),
+        format!(r#"{{"model":"claude","max_tokens":5,"messages":[{{"role":"{b64}"}}]}}"#),
+    ]);
+    for body in bodies {
+        let counted = validate_messages_counting(body.as_bytes(), false).expect(&body);
+        assert_eq!(
+            counted.prompt_tokens,
+            Some(prompt_tokens(body.as_bytes(), Wire::Messages)),
+            "{body}"
+        );
+        let mut plain = validate_messages(body.as_bytes(), false).expect(&body);
+        assert_eq!(plain.prompt_tokens, None, "{body}");
+        plain.prompt_tokens = counted.prompt_tokens;
+        assert_eq!(plain, counted, "{body}");
+    }
+    // What the pass leaves to the `Value` reading, or a value the count
+    // cannot read, leaves the estimate to `prompt_tokens`.
+    for body in [
+        body(r#"[{"role":"user","content":3,"content":"last wins"}]"#),
+        r#"{"model":"claude","max_tokens":5,"messages":[{"role":"user","content":"hi"}],"tools":[{"x":1e999}]}"#.to_owned(),
+    ] {
+        let counted = validate_messages_counting(body.as_bytes(), false).expect(&body);
+        assert_eq!(counted.prompt_tokens, None, "{body}");
     }
 }

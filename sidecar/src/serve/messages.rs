@@ -22,7 +22,9 @@ use crate::serve::state::{Gateway, Runtime};
 use afr_core::anthropic::{request_to_openai, response_to_anthropic, ChatToMessages};
 use afr_core::config::RouteConfig;
 use afr_core::endpoint::Endpoint;
-use afr_core::messages::{estimate_input_tokens, validate_messages, MessagesRequest};
+use afr_core::messages::{
+    estimate_input_tokens, validate_messages, validate_messages_counting, MessagesRequest,
+};
 use afr_core::splice::Splice;
 use afr_core::validate::Invalid;
 use async_trait::async_trait;
@@ -56,7 +58,15 @@ pub async fn messages(
     endpoint: MessagesEndpoint,
 ) -> Response<Body> {
     let count_tokens = endpoint == MessagesEndpoint::CountTokens;
-    let request = match validate_messages(&body, count_tokens) {
+    // A key with limits reserves its prompt estimate: counted in
+    // validation's pass rather than in a pass of its own.
+    let limited = caller.limits.tpm.is_some() || caller.limits.budget.is_some();
+    let validated = if limited {
+        validate_messages_counting(&body, count_tokens)
+    } else {
+        validate_messages(&body, count_tokens)
+    };
+    let request = match validated {
         Ok(r) => r,
         Err(invalid) => return reject(&caller, usage, GatewayError::Invalid(invalid)),
     };
@@ -144,7 +154,7 @@ impl Exchange for MessagesExchange {
                 .as_ref()
                 .is_some_and(|b| b.as_bytes().windows(10).any(|w| w == b"context-1m")),
             strip_usage: false,
-            prompt_tokens: None,
+            prompt_tokens: r.prompt_tokens,
         }
     }
 
