@@ -10,7 +10,7 @@
 //! one the way the relay and the usage tap need it.
 
 use crate::config::RouteConfig;
-use crate::estimate::Wire;
+use crate::estimate::{Tally, Wire};
 use crate::readable::readable;
 use crate::splice::{members, ObjectSpans, Splice};
 use crate::sse::{event_data, event_name, TokenUsage};
@@ -19,6 +19,7 @@ use crate::validate::{
     DEFAULT_MAX_TOKENS,
 };
 use serde::Deserialize;
+use serde_json::value::RawValue;
 use serde_json::Value;
 
 /// An OpenAI endpoint the gateway serves.
@@ -147,6 +148,22 @@ pub struct PassthroughRequest {
     pub special_tier: Option<String>,
     /// Where the body's top-level members lie.
     pub spans: ObjectSpans,
+    /// The prompt estimate ([`crate::estimate::prompt_tokens`] of the body,
+    /// before any conversation a follow-up continues), when
+    /// [`validate_passthrough_counting`] counted it; `None` leaves it to be
+    /// counted when asked for.
+    pub prompt_tokens: Option<u64>,
+}
+
+/// The members of `endpoint`'s bodies the prompt estimate reads.
+fn estimate_wire(endpoint: Endpoint) -> Wire {
+    match endpoint {
+        Endpoint::Embeddings => Wire::Embeddings,
+        Endpoint::Completions => Wire::Completions,
+        Endpoint::ChatCompletions => Wire::Chat,
+        Endpoint::Messages => Wire::Messages,
+        Endpoint::Responses => Wire::Responses,
+    }
 }
 
 /// OpenAI's default `max_tokens` of `/v1/completions` (its API reference),
@@ -185,13 +202,7 @@ impl PassthroughRequest {
 
     /// Which members of the body the provider bills as input (`crate::estimate`).
     pub fn estimate_wire(&self) -> Wire {
-        match self.endpoint {
-            Endpoint::Embeddings => Wire::Embeddings,
-            Endpoint::Completions => Wire::Completions,
-            Endpoint::ChatCompletions => Wire::Chat,
-            Endpoint::Messages => Wire::Messages,
-            Endpoint::Responses => Wire::Responses,
-        }
+        estimate_wire(self.endpoint)
     }
 
     /// The output limit the gateway writes in when the client set none.
@@ -229,7 +240,35 @@ pub fn validate_passthrough(
     endpoint: Endpoint,
     bytes: &[u8],
 ) -> Result<PassthroughRequest, Invalid> {
+    validate(endpoint, bytes, false)
+}
+
+/// [`validate_passthrough`] for a request that will reserve its prompt
+/// estimate (a key with limits). On `/v1/responses` and `/v1/completions`
+/// the estimate's pass over the prompt members (`prompt_tokens`) is also the
+/// check that `input` / `prompt` reads as a `Value`: one pass where there
+/// were two (a Codex turn carries its whole conversation in `input`).
+pub fn validate_passthrough_counting(
+    endpoint: Endpoint,
+    bytes: &[u8],
+) -> Result<PassthroughRequest, Invalid> {
+    validate(endpoint, bytes, true)
+}
+
+fn validate(endpoint: Endpoint, bytes: &[u8], count: bool) -> Result<PassthroughRequest, Invalid> {
     let body = members(bytes).map_err(|e| Invalid::object("", e))?;
+    // Counted from the prompt members' raw values: the estimate reads every
+    // value in them as strictly as a `Value` would, so a count is a check.
+    let wire = estimate_wire(endpoint);
+    let prompt_tokens = (count && matches!(endpoint, Endpoint::Responses | Endpoint::Completions))
+        .then(|| {
+            let mut tally = Tally::default();
+            body.iter()
+                .all(|(key, raw)| tally.member(wire, key, raw))
+                .then(|| tally.tokens(wire))
+        })
+        .flatten();
+    let checked = |raw: &&RawValue| prompt_tokens.is_some() || readable(raw);
     let model = match field(&body, "model", "model")? {
         None | Some(Value::Null) => {
             return Err(Invalid::field(
@@ -294,7 +333,7 @@ pub fn validate_passthrough(
         }
         Endpoint::Completions => {
             // Read as a `Value` (which words the refusal) only if unreadable.
-            if let Some(raw) = find(&body, "prompt").filter(|raw| !readable(raw)) {
+            if let Some(raw) = find(&body, "prompt").filter(|raw| !checked(raw)) {
                 value("prompt", raw)?;
             }
             // openai-openapi's CreateCompletionRequest: `max_tokens` and
@@ -308,7 +347,7 @@ pub fn validate_passthrough(
         Endpoint::Responses => {
             // A Codex session's whole input: read as a `Value` (which words
             // the refusal) only if it is unreadable.
-            if let Some(raw) = find(&body, "input").filter(|raw| !readable(raw)) {
+            if let Some(raw) = find(&body, "input").filter(|raw| !checked(raw)) {
                 value("input", raw)?;
             }
             output_limit = check_positive_int(&body, "max_output_tokens")?;
@@ -330,6 +369,7 @@ pub fn validate_passthrough(
         choices,
         special_tier: crate::validate::special_tier(&body)?,
         spans: ObjectSpans::new(bytes, &body),
+        prompt_tokens,
     })
 }
 

@@ -322,3 +322,55 @@ fn completions_take_max_tokens_and_best_of_zero() {
         assert_eq!(e.message, message, "{bad}");
     }
 }
+
+#[test]
+fn the_estimate_counted_while_validating_is_prompt_tokens_s_and_checks_the_input() {
+    use crate::estimate::prompt_tokens;
+    let responses_fixture =
+        include_str!("../../tests/fixtures/openai-responses-request.json").to_owned();
+    let completions_fixture =
+        include_str!("../../tests/fixtures/openai-completions-request.json").to_owned();
+    let codex = include_str!("../../tests/fixtures/codex-0.171.0-responses-request.json");
+    let cases = [
+        (Endpoint::Responses, responses_fixture),
+        (Endpoint::Responses, codex.to_owned()),
+        (Endpoint::Completions, completions_fixture),
+        (
+            Endpoint::Responses,
+            r#"{"model":"m","instructions":"be brief","input":[{"role":"user","content":[{"type":"input_text","text":"\u4f60\u597d \"q\""},{"type":"input_image","image_url":"https://x/y.png","detail":"low"}]},{"type":"function_call_output","call_id":"c","output":"42"}],"tools":[{"type":"function","name":"f","parameters":{"type":"object"}}],"text":{"format":{"type":"json_schema","schema":{}}},"metadata":{"k":"v"}}"#.to_owned(),
+        ),
+        (Endpoint::Completions, r#"{"model":"m","prompt":[[1,2,3],[4]],"suffix":"end"}"#.to_owned()),
+    ];
+    for (endpoint, body) in cases {
+        let counted = validate_passthrough_counting(endpoint, body.as_bytes()).expect(&body);
+        let wire = counted.estimate_wire();
+        assert_eq!(
+            counted.prompt_tokens,
+            Some(prompt_tokens(body.as_bytes(), wire)),
+            "{body}"
+        );
+        let mut plain = validate_passthrough(endpoint, body.as_bytes()).expect(&body);
+        assert_eq!(plain.prompt_tokens, None, "{body}");
+        plain.prompt_tokens = counted.prompt_tokens;
+        assert_eq!(plain, counted, "{body}");
+    }
+    // Embeddings are left to be counted when asked (their check reads a Value).
+    let embeddings = validate_passthrough_counting(Endpoint::Embeddings, EMBED_REQUEST.as_bytes());
+    assert_eq!(embeddings.expect("valid").prompt_tokens, None);
+    // An input no `Value` reads is refused as before, counted or not.
+    for (endpoint, body) in [
+        (
+            Endpoint::Responses,
+            r#"{"model":"m","input":[{"role":"user","content":"\ud800"}]}"#,
+        ),
+        (Endpoint::Completions, r#"{"model":"m","prompt":[1e999]}"#),
+    ] {
+        let plain = validate_passthrough(endpoint, body.as_bytes()).expect_err(body);
+        let counted = validate_passthrough_counting(endpoint, body.as_bytes()).expect_err(body);
+        assert_eq!(
+            (plain.param, plain.message),
+            (counted.param, counted.message),
+            "{body}"
+        );
+    }
+}

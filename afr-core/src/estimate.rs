@@ -27,7 +27,7 @@
 //! Checked against the recorded provider usage in `tests/fixtures/` (see the
 //! tests): it never under-counts them and stays within 2× for plain text.
 
-use serde::de::{self, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
+use serde::de::{self, DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde_json::value::RawValue;
 use std::fmt;
 
@@ -86,17 +86,18 @@ impl Wire {
 /// The estimated input tokens of `body` for `wire`; a body that is not a
 /// JSON object estimates its bytes as text (validation refuses it anyway).
 pub fn prompt_tokens(body: &[u8], wire: Wire) -> u64 {
-    let mut count = Count::default();
-    let mut de = serde_json::Deserializer::from_slice(body);
-    let read = Top {
-        wire,
-        count: &mut count,
-    }
-    .deserialize(&mut de);
-    if read.is_err() {
+    // Member by member from their raw values, as validation counts them
+    // (`Tally`): the same values at the same depth, so the two agree.
+    let mut tally = Tally::default();
+    let counted = crate::splice::members(body).is_ok_and(|members| {
+        members
+            .iter()
+            .all(|(key, raw)| tally.member(wire, key, raw))
+    });
+    if !counted {
         return (body.len() as u64).div_ceil(4);
     }
-    total(&count, wire)
+    tally.tokens(wire)
 }
 
 /// The tokens of a body's count: its text, its whole tokens and the framing.
@@ -135,45 +136,6 @@ pub(crate) struct Count {
     tokens: u64,
     /// A non-empty `tools` member was seen.
     tools: bool,
-}
-
-struct Top<'c> {
-    wire: Wire,
-    count: &'c mut Count,
-}
-
-impl<'de> DeserializeSeed<'de> for Top<'_> {
-    type Value = ();
-    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
-        d.deserialize_map(self)
-    }
-}
-
-impl<'de> Visitor<'de> for Top<'_> {
-    type Value = ();
-    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-        f.write_str("a JSON object")
-    }
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
-        while let Some(key) = map.next_key::<Key>()? {
-            if self.wire.members().contains(&key.0.as_ref()) {
-                let before = (self.count.units, self.count.tokens);
-                let seen = map.next_value_seed(Node {
-                    count: self.count,
-                    image: false,
-                })?;
-                if let Seen::Text(text) = seen {
-                    self.count.units += text.units;
-                }
-                if key.0 == "tools" && (self.count.units, self.count.tokens) != before {
-                    self.count.tools = true;
-                }
-            } else {
-                map.next_value::<IgnoredAny>()?;
-            }
-        }
-        Ok(())
-    }
 }
 
 /// An object key (or any string), borrowed from the body when it has no
@@ -333,8 +295,10 @@ impl<'de> Visitor<'de> for Node<'_> {
     }
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Seen, A::Error> {
         let mut object = ObjectTally::new(self.count, self.image);
+        let mut first = true;
         while let Some(key) = map.next_key::<Key>()? {
             let key = key.0;
+            crate::readable::refuse_raw_value_token(&key, std::mem::take(&mut first))?;
             object.key(&key);
             let seen = map.next_value_seed(object.node(&key))?;
             object.value(&key, seen);

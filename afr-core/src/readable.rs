@@ -10,9 +10,25 @@
 //! nothing. serde's `IgnoredAny` would not do: it skips escapes and numbers
 //! without checking them.
 
-use serde::de::{DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
+use crate::estimate::Key;
+use serde::de::{self, DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde_json::value::RawValue;
 use std::fmt;
+
+/// The key serde_json's `raw_value` feature (which this crate turns on)
+/// gives a meaning of its own: an object whose first key it is reads as a
+/// `Value` only if its value is a string holding JSON, and then as that JSON
+/// alone. No client sends one; it is refused wherever a `Value` would read
+/// it, so a pass that stands in for a `Value` never accepts more.
+const RAW_VALUE_TOKEN: &str = "$serde_json::private::RawValue";
+
+/// `Err` for an object's `first` key that is [`RAW_VALUE_TOKEN`].
+pub(crate) fn refuse_raw_value_token<E: de::Error>(key: &str, first: bool) -> Result<(), E> {
+    if first && key == RAW_VALUE_TOKEN {
+        return Err(E::custom("serde_json's raw value key"));
+    }
+    Ok(())
+}
 
 /// Whether `raw` reads as a `serde_json::Value`.
 pub(crate) fn readable(raw: &RawValue) -> bool {
@@ -59,6 +75,11 @@ impl<'de> Visitor<'de> for Readable {
         Ok(())
     }
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        let Some(Key(first)) = map.next_key::<Key>()? else {
+            return Ok(());
+        };
+        refuse_raw_value_token(&first, true)?;
+        map.next_value_seed(Readable)?;
         while map.next_key_seed(Readable)?.is_some() {
             map.next_value_seed(Readable)?;
         }
@@ -87,6 +108,10 @@ mod tests {
             r#"{"a": 1, "a": 2}"#,
             r#"{"\ud800": 1}"#,
             r#"[{"deep": "\ud800"}]"#,
+            r#"{"$serde_json::private::RawValue": 0}"#,
+            r#"{"$serde_json::private::RawValue": "1", "k": 2}"#,
+            r#"{"k": 2, "$serde_json::private::RawValue": 0}"#,
+            r#"[{"\u0024serde_json::private::RawValue": 0}]"#,
             &format!("{}{}", "[".repeat(127), "]".repeat(127)),
             &format!("{}{}", "[".repeat(129), "]".repeat(129)),
         ];
@@ -95,6 +120,12 @@ mod tests {
             let value = serde_json::from_str::<serde_json::Value>(raw.get()).is_ok();
             assert_eq!(readable(&raw), value, "{json}");
         }
+        // A raw-value object that a `Value` does read is still refused here:
+        // refusing more sends the body the `Value` way, never accepts more.
+        let raw: Box<RawValue> =
+            serde_json::from_str(r#"{"$serde_json::private::RawValue": "[1]"}"#).expect("raw");
+        assert!(serde_json::from_str::<serde_json::Value>(raw.get()).is_ok());
+        assert!(!readable(&raw));
         // The corpus has both answers, so neither side is constant.
         assert!(!readable(
             &serde_json::from_str::<Box<RawValue>>(r#""\ud800""#).expect("raw")

@@ -77,7 +77,10 @@ impl<'de> Visitor<'de> for Turn<'_> {
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
         let (mut role, mut content) = (None, None);
         let mut object = self.tally.map(Tally::object);
+        let mut first = true;
         while let Some(Key(key)) = map.next_key::<Key<'de>>()? {
+            // A `Value` reads such an object its own way (see `readable`).
+            crate::readable::refuse_raw_value_token(&key, std::mem::take(&mut first))?;
             if let Some(object) = &mut object {
                 object.key(&key);
             }

@@ -80,6 +80,9 @@ fn one_pass_never_accepts_what_the_value_reading_refuses() {
         assert!(!accepted(&raw(messages), None), "{messages}");
         let refused = validate_messages(body(messages).as_bytes(), false).expect_err(messages);
         assert_eq!(refused.param.as_deref(), Some(*param), "{messages}");
+        let counting =
+            crate::messages::validate_messages_counting(body(messages).as_bytes(), false);
+        assert_eq!(counting.expect_err(messages), refused, "{messages}");
     }
 }
 
@@ -111,6 +114,9 @@ fn the_estimate_counted_in_validation_s_pass_is_prompt_tokens_s() {
             r#"{{"model":"claude","max_tokens":5,"system":"plain","messages":[{{"role":"user","content":[{{"type":"document","source":{{"type":"base64","media_type":"application/pdf","data":"{b64}"}}}}]}}]}}"#
         ),
         format!(r#"{{"model":"claude","max_tokens":5,"messages":[{{"role":"{b64}"}}]}}"#),
+        // Nested as deep as serde_json reads: the count and `prompt_tokens`
+        // must meet its limit at the same place.
+        body(&format!(r#"[{{"role":"user","content":{}{}}}]"#, "[".repeat(124), "]".repeat(124))),
     ]);
     for body in bodies {
         let counted = validate_messages_counting(body.as_bytes(), false).expect(&body);

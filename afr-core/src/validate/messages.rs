@@ -99,7 +99,10 @@ impl<'de> Visitor<'de> for Message<'_> {
         let mut role: Option<Cow<'de, str>> = None;
         let mut content: Option<Content> = None;
         let mut object = self.tally.map(Tally::object);
+        let mut first = true;
         while let Some(Key(key)) = map.next_key::<Key<'de>>()? {
+            // A `Value` reads such an object its own way (see `readable`).
+            crate::readable::refuse_raw_value_token(&key, std::mem::take(&mut first))?;
             if keys.contains(&key) {
                 return Err(de::Error::custom("a repeated key"));
             }

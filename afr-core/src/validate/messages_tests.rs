@@ -129,6 +129,33 @@ fn the_estimate_counted_in_validation_s_pass_is_prompt_tokens_s() {
     }
 }
 
+/// Nested to serde_json's depth limit and past it: the count and
+/// `prompt_tokens` meet the limit at the same depth (the count falls back
+/// where `prompt_tokens` does).
+#[test]
+fn the_count_and_prompt_tokens_meet_the_depth_limit_at_one_place() {
+    use crate::estimate::{prompt_tokens, Wire};
+    use crate::validate::validate_chat_counting;
+    let mut fell_back = 0;
+    for depth in 118..=130 {
+        let (open, close) = ("[".repeat(depth), "]".repeat(depth));
+        let body =
+            format!(r#"{{"model":"m","messages":[{{"role":"user","content":{open}{close}}}]}}"#);
+        let Ok(request) = validate_chat_counting(body.as_bytes()) else {
+            continue;
+        };
+        let estimate = prompt_tokens(body.as_bytes(), Wire::Chat);
+        match request.prompt_tokens {
+            Some(counted) => assert_eq!(counted, estimate, "depth {depth}"),
+            None => {
+                fell_back += 1;
+                assert_eq!(estimate, (body.len() as u64).div_ceil(4), "depth {depth}");
+            }
+        }
+    }
+    assert!(fell_back > 0, "the limit was never reached");
+}
+
 #[test]
 fn messages_the_pass_leaves_to_the_long_way_leave_the_estimate_to_prompt_tokens() {
     use crate::validate::validate_chat_counting;

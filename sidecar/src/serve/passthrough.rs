@@ -24,8 +24,8 @@ use crate::serve::relay::Wire;
 use crate::serve::state::{Gateway, Runtime};
 use afr_core::config::RouteConfig;
 use afr_core::endpoint::{
-    body_usage, response_body_id, responses_event, validate_passthrough, Endpoint,
-    PassthroughRequest,
+    body_usage, response_body_id, responses_event, validate_passthrough,
+    validate_passthrough_counting, Endpoint, PassthroughRequest,
 };
 use afr_core::pins::{Pin, Unpinned};
 use afr_core::validate::Invalid;
@@ -45,7 +45,15 @@ pub async fn passthrough(
     endpoint: Endpoint,
     body: Bytes,
 ) -> Response<Body> {
-    let request = match validate_passthrough(endpoint, &body) {
+    // A key with limits reserves its prompt estimate: counted in the pass
+    // that checks the body's prompt rather than in a pass of its own.
+    let limited = caller.limits.tpm.is_some() || caller.limits.budget.is_some();
+    let validated = if limited {
+        validate_passthrough_counting(endpoint, &body)
+    } else {
+        validate_passthrough(endpoint, &body)
+    };
+    let request = match validated {
         Ok(r) => r,
         Err(invalid) => return reject(&caller, usage, GatewayError::Invalid(invalid)),
     };
@@ -163,6 +171,7 @@ impl Exchange for PassthroughExchange {
         Asked {
             history: self.history,
             special_tier: r.special_tier.as_deref(),
+            prompt_tokens: r.prompt_tokens,
             ..Asked::openai(
                 &r.model,
                 r.stream,
