@@ -449,7 +449,7 @@ impl Ledger {
             tokens: None,
             cost: None,
         };
-        if limits.tpm.is_none() && limits.budget.is_none() {
+        if !limits.reserves() {
             return Ok(hold);
         }
         let state = self.state_mut(key);

@@ -133,6 +133,12 @@ pub struct KeyLimits {
 }
 
 impl KeyLimits {
+    /// Whether a request of this key reserves tokens or money (a `tpm` or a
+    /// budget), and so needs its prompt estimate.
+    pub fn reserves(&self) -> bool {
+        self.tpm.is_some() || self.budget.is_some()
+    }
+
     /// The `X-Afr-Limits` value the module sends for this key, `None` when the
     /// sidecar has nothing to enforce. Only what the sidecar needs travels.
     pub fn header_value(&self) -> Option<String> {
@@ -291,6 +297,30 @@ pub fn rfc3339_seconds(unix_s: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_key_reserves_with_a_tpm_or_a_budget_only() {
+        let budget = Some(Budget {
+            nanos: 1,
+            per: Period::Day,
+        });
+        assert!(!KeyLimits::default().reserves());
+        assert!(!KeyLimits {
+            max_concurrent: Some(2),
+            ..KeyLimits::default()
+        }
+        .reserves());
+        assert!(KeyLimits {
+            tpm: Some(1),
+            ..KeyLimits::default()
+        }
+        .reserves());
+        assert!(KeyLimits {
+            budget,
+            ..KeyLimits::default()
+        }
+        .reserves());
+    }
 
     #[test]
     fn usd_micros_rounds_half_up_to_the_micro_dollar_exactly() {

@@ -241,7 +241,7 @@ pub async fn chat_completions(
 ) -> Response<Body> {
     // A key with limits reserves its prompt estimate: counted in
     // validation's pass rather than in a pass of its own.
-    let limited = caller.limits.tpm.is_some() || caller.limits.budget.is_some();
+    let limited = caller.limits.reserves();
     let validated = if limited {
         validate_chat_counting(&body)
     } else {
@@ -375,7 +375,7 @@ pub async fn route(
         }
     }
     // Reserve the worst case before any provider is called (design §3).
-    let limited = caller.limits.tpm.is_some() || caller.limits.budget.is_some();
+    let limited = caller.limits.reserves();
     if limited && request.billed() {
         let prompt = usage.prompt_estimate();
         let worst = worst_case(

@@ -212,7 +212,7 @@ fn token_headers(
     shape: ErrorShape,
     response: &mut Response<Body>,
 ) {
-    if limits.tpm.is_none() && limits.budget.is_none() {
+    if !limits.reserves() {
         return;
     }
     let wall = clock::unix_ms();

@@ -60,7 +60,7 @@ pub async fn messages(
     let count_tokens = endpoint == MessagesEndpoint::CountTokens;
     // A key with limits reserves its prompt estimate: counted in
     // validation's pass rather than in a pass of its own.
-    let limited = caller.limits.tpm.is_some() || caller.limits.budget.is_some();
+    let limited = caller.limits.reserves();
     let validated = if limited {
         validate_messages_counting(&body, count_tokens)
     } else {

@@ -47,7 +47,7 @@ pub async fn passthrough(
 ) -> Response<Body> {
     // A key with limits reserves its prompt estimate: counted in the pass
     // that checks the body's prompt rather than in a pass of its own.
-    let limited = caller.limits.tpm.is_some() || caller.limits.budget.is_some();
+    let limited = caller.limits.reserves();
     let validated = if limited {
         validate_passthrough_counting(endpoint, &body)
     } else {
